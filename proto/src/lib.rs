@@ -1,0 +1,26 @@
+//! ztna wire formats, with no I/O.
+//!
+//! - [`control`]: the messages of the control stream between agents or connectors and the relay.
+//! - [`frame`]: how control messages are framed on the stream: a length prefix, a version byte,
+//!   and a hard size cap, with an incremental decoder that never allocates beyond the cap.
+//! - [`datagram`]: the `[channel id][inner packet]` framing of QUIC DATAGRAM frames that the relay
+//!   forwards without decrypting.
+//! - [`service`]: service definitions and port ranges, shared by the relay, connector and agent.
+//!
+//! Every decoder here takes untrusted bytes and returns an error instead of panicking; the
+//! property tests and the fuzz target in `fuzz/` hold them to that.
+
+pub mod control;
+pub mod datagram;
+pub mod frame;
+pub mod service;
+
+pub use control::{ControlMessage, ErrorCode, Hello, Role, Welcome};
+pub use datagram::{ChannelId, DatagramError};
+pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN, PROTOCOL_VERSION};
+pub use service::{PortRange, ServiceDef};
+
+/// ALPN of the outer connection between an agent or connector and the relay.
+pub const ALPN_RELAY: &[u8] = b"ztna-relay/1";
+/// ALPN of the inner, end-to-end connection between an agent and a connector.
+pub const ALPN_TUNNEL: &[u8] = b"ztna-tunnel/1";
