@@ -151,6 +151,9 @@ pub struct Hello {
     pub role: Role,
     /// Services a connector offers (empty for agents).
     pub services: Vec<ServiceDef>,
+    /// Names of services an agent asks for (empty: every service policy allows). Names that
+    /// policy does not allow come back in [`Welcome::rejected`].
+    pub want: Vec<String>,
     /// Free-form software name and version, for logs.
     pub software: String,
 }
@@ -167,7 +170,8 @@ pub struct Welcome {
     /// For agents: the services policy allows that a connector serves now.
     /// For connectors: the services the relay accepted.
     pub services: Vec<ServiceDef>,
-    /// For connectors: the services the relay refused, with the reason.
+    /// Services the relay refused, with the reason: for connectors, announced services it would
+    /// not register; for agents, wanted services that policy does not allow.
     pub rejected: Vec<Rejected>,
 }
 

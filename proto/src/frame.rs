@@ -151,6 +151,7 @@ mod tests {
             ControlMessage::Hello(Hello {
                 role: Role::Connector,
                 services: vec![svc.clone()],
+                want: vec![],
                 software: "ztna 0.1".into(),
             }),
             ControlMessage::Welcome(Welcome {

@@ -1,0 +1,1 @@
+//! ztna tunnel core.
