@@ -1,1 +1,22 @@
-//! ztna tunnel core.
+//! The ztna tunnel core, shared by the agents and the connector.
+//!
+//! - [`tls`] and [`pki`]: certificates, identities and mutual-TLS configurations.
+//! - [`transport`]: the QUIC transport settings of the outer (relay) and inner (end-to-end)
+//!   connections, with pinned MTUs.
+//! - [`mux`]: the path-multiplexing UDP socket under one quinn endpoint: real UDP to the relay,
+//!   and virtual peer addresses whose packets travel as outer datagrams through relay channels.
+//! - [`session`]: a relay session: the outer connection, its control stream, and datagram
+//!   dispatch into the socket.
+//! - [`agent`]: the platform-neutral agent tunnel: packets in and out through a channel, never a
+//!   TUN device directly.
+//! - [`backoff`]: reconnect delays.
+//!
+//! I/O: [`mux`], [`session`] and [`agent`] own UDP sockets and tokio tasks; the rest is pure.
+
+pub mod agent;
+pub mod backoff;
+pub mod mux;
+pub mod pki;
+pub mod session;
+pub mod tls;
+pub mod transport;

@@ -94,7 +94,14 @@ mod tests {
 
     #[test]
     fn boundaries() {
-        for (v, len) in [(0, 1), (63, 1), (64, 2), (16383, 2), (16384, 4), (ChannelId::MAX, 4)] {
+        for (v, len) in [
+            (0, 1),
+            (63, 1),
+            (64, 2),
+            (16383, 2),
+            (16384, 4),
+            (ChannelId::MAX, 4),
+        ] {
             let id = ChannelId::new(v).unwrap();
             let d = encode(id, b"xyz");
             assert_eq!(d.len(), len + 3);
@@ -103,7 +110,10 @@ mod tests {
         assert_eq!(ChannelId::new(ChannelId::MAX + 1), None);
         assert_eq!(decode(&[]), Err(DatagramError::Truncated));
         assert_eq!(decode(&[0x40]), Err(DatagramError::Truncated));
-        assert_eq!(decode(&[0xc0, 0, 0, 0, 0, 0, 0, 0]), Err(DatagramError::OutOfRange));
+        assert_eq!(
+            decode(&[0xc0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(DatagramError::OutOfRange)
+        );
     }
 
     proptest! {

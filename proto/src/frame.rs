@@ -34,7 +34,8 @@ pub enum FrameError {
 pub fn encode(msg: &ControlMessage) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![0u8; HEADER_LEN];
     out.push(PROTOCOL_VERSION);
-    let mut out = postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let mut out =
+        postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = out.len() - HEADER_LEN;
     if len > MAX_FRAME_LEN {
         return Err(FrameError::Oversized(len));
@@ -143,7 +144,10 @@ mod tests {
             name: "echo".into(),
             address: Ipv4Addr::new(10, 100, 0, 1),
             udp: vec![PortRange::single(7)],
-            tcp: vec![PortRange { first: 80, last: 81 }],
+            tcp: vec![PortRange {
+                first: 80,
+                last: 81,
+            }],
             icmp: true,
             connector: "c1".into(),
         };
@@ -161,7 +165,10 @@ mod tests {
                 services: vec![svc],
                 rejected: vec![],
             }),
-            ControlMessage::OpenChannel { request_id: 9, connector: "c1".into() },
+            ControlMessage::OpenChannel {
+                request_id: 9,
+                connector: "c1".into(),
+            },
             ControlMessage::Error {
                 code: ErrorCode::Unauthorized,
                 request_id: None,
@@ -192,7 +199,10 @@ mod tests {
     fn oversized_is_refused_before_buffering() {
         let mut dec = FrameDecoder::new();
         dec.feed(&((MAX_FRAME_LEN as u32) + 1).to_be_bytes());
-        assert_eq!(dec.next_message(), Err(FrameError::Oversized(MAX_FRAME_LEN + 1)));
+        assert_eq!(
+            dec.next_message(),
+            Err(FrameError::Oversized(MAX_FRAME_LEN + 1))
+        );
         dec.feed(&[0; 100]);
         assert_eq!(dec.buffered(), 0);
         assert!(dec.next_message().is_err());

@@ -18,7 +18,10 @@ pub struct PortRange {
 impl PortRange {
     /// A range holding one port.
     pub fn single(port: u16) -> Self {
-        Self { first: port, last: port }
+        Self {
+            first: port,
+            last: port,
+        }
     }
 
     /// Whether `port` is in the range.
@@ -112,7 +115,10 @@ impl ServiceDef {
         }
         let a = self.address;
         if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
-            return Err(format!("service {}: address {a} is not a unicast address", self.name));
+            return Err(format!(
+                "service {}: address {a} is not a unicast address",
+                self.name
+            ));
         }
         if let Some(r) = self.udp.iter().chain(&self.tcp).find(|r| !r.is_valid()) {
             return Err(format!("service {}: invalid port range {r:?}", self.name));
@@ -143,7 +149,10 @@ mod tests {
         assert_eq!("53".parse::<PortRange>(), Ok(PortRange::single(53)));
         assert_eq!(
             "8000-8010".parse::<PortRange>(),
-            Ok(PortRange { first: 8000, last: 8010 })
+            Ok(PortRange {
+                first: 8000,
+                last: 8010
+            })
         );
         assert!("0".parse::<PortRange>().is_err());
         assert!("10-5".parse::<PortRange>().is_err());

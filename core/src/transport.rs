@@ -1,0 +1,147 @@
+//! QUIC transport settings for the outer and inner connections.
+//!
+//! Both layers pin their MTU (`initial_mtu == min_mtu`, discovery off): quinn's black-hole
+//! detection would otherwise shrink a connection's MTU after a loss burst, and datagrams that
+//! used to fit would start failing with `TooLarge`. The inner MTU is derived from what the outer
+//! connection can carry, and the TUN MTU is checked against what the inner connection can carry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{TransportConfig, VarInt};
+use ztna_proto::ChannelId;
+
+/// UDP payload size of the outer connection (agent or connector to relay). With 28 bytes of
+/// IPv4 and UDP headers this is 1428 bytes on the wire, which fits 1500-byte links with room
+/// for PPPoE or a VLAN tag.
+pub const OUTER_MTU: u16 = 1400;
+/// Default MTU of the TUN device.
+pub const DEFAULT_TUN_MTU: u16 = 1280;
+/// Smallest inner UDP payload QUIC accepts (RFC 9000's 1200-byte Initial).
+pub const MIN_QUIC_MTU: u16 = 1200;
+
+/// Keepalive and idle timing of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// How often an otherwise idle connection sends a PING. Well under NAT mapping timeouts,
+    /// and short enough that a restarted relay is noticed quickly.
+    pub keepalive: Duration,
+    /// How long without any packet from the peer before the connection is dead.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            keepalive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+fn base(mtu: u16, timing: Timing) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.initial_mtu(mtu)
+        .min_mtu(mtu)
+        .mtu_discovery_config(None)
+        .keep_alive_interval(Some(timing.keepalive))
+        .max_idle_timeout(
+            VarInt::try_from(timing.idle_timeout.as_millis() as u64)
+                .ok()
+                .map(Into::into),
+        )
+        .datagram_receive_buffer_size(Some(4 << 20))
+        .datagram_send_buffer_size(2 << 20);
+    t
+}
+
+/// Transport of the outer connection. The control stream is the only stream.
+pub fn outer(timing: Timing) -> Arc<TransportConfig> {
+    let mut t = base(OUTER_MTU, timing);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(2))
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    Arc::new(t)
+}
+
+/// The inner UDP payload size that fits an outer datagram of `outer_max_datagram` bytes with the
+/// longest channel id in front.
+pub fn inner_mtu(outer_max_datagram: usize) -> u16 {
+    u16::try_from(outer_max_datagram.saturating_sub(ChannelId::MAX_LEN)).unwrap_or(u16::MAX)
+}
+
+/// Transport of the inner connection: IP packets as datagrams, no streams.
+pub fn inner(mtu: u16, timing: Timing) -> Arc<TransportConfig> {
+    let mut t = base(mtu, timing);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    Arc::new(t)
+}
+
+/// Why an MTU setting cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MtuError {
+    /// The outer connection cannot carry a full inner QUIC packet.
+    #[error("the relay connection carries datagrams of at most {outer} bytes, but the inner connection needs {needed}: the path to the relay has too small an MTU")]
+    OuterTooSmall {
+        /// Outer max datagram size.
+        outer: usize,
+        /// Bytes needed.
+        needed: usize,
+    },
+    /// The TUN MTU is larger than an inner datagram can carry.
+    #[error("TUN MTU {tun} exceeds the {inner} bytes an inner datagram can carry; lower `mtu` to at most {inner}")]
+    TunTooLarge {
+        /// Configured TUN MTU.
+        tun: u16,
+        /// Largest inner datagram.
+        inner: usize,
+    },
+    /// The TUN MTU is below the IPv4 minimum this product supports.
+    #[error("TUN MTU {0} is below 576")]
+    TunTooSmall(u16),
+}
+
+/// Checks that an inner connection with UDP payload `inner_mtu` fits the outer connection.
+pub fn check_outer(outer_max_datagram: Option<usize>, inner_mtu: u16) -> Result<(), MtuError> {
+    let outer = outer_max_datagram.unwrap_or(0);
+    let needed = usize::from(inner_mtu.max(MIN_QUIC_MTU)) + ChannelId::MAX_LEN;
+    if outer < needed {
+        return Err(MtuError::OuterTooSmall { outer, needed });
+    }
+    Ok(())
+}
+
+/// Checks a TUN MTU against the inner connection's largest datagram.
+pub fn check_tun(tun_mtu: u16, inner_max_datagram: Option<usize>) -> Result<(), MtuError> {
+    if tun_mtu < 576 {
+        return Err(MtuError::TunTooSmall(tun_mtu));
+    }
+    let inner = inner_max_datagram.unwrap_or(0);
+    if usize::from(tun_mtu) > inner {
+        return Err(MtuError::TunTooLarge {
+            tun: tun_mtu,
+            inner,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mtu_arithmetic() {
+        assert_eq!(inner_mtu(1362), 1358);
+        assert!(check_outer(Some(1362), 1358).is_ok());
+        assert!(check_outer(Some(1203), 1200).is_err());
+        assert!(check_outer(None, 1300).is_err());
+        assert!(check_tun(1280, Some(1320)).is_ok());
+        assert!(matches!(
+            check_tun(1400, Some(1320)),
+            Err(MtuError::TunTooLarge { .. })
+        ));
+        assert!(check_tun(500, Some(1320)).is_err());
+    }
+}
