@@ -63,6 +63,17 @@ pub fn outer(timing: Timing) -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
+/// Transport of the relay's side of outer connections: like [`outer`], but forwarding drops
+/// rather than queues when a receiver falls behind (a small datagram send buffer), so one slow
+/// agent adds no delay for the others and queues stay short.
+pub fn relay_side(timing: Timing) -> Arc<TransportConfig> {
+    let mut t = base(OUTER_MTU, timing);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .datagram_send_buffer_size(256 * 1024);
+    Arc::new(t)
+}
+
 /// The inner UDP payload size that fits an outer datagram of `outer_max_datagram` bytes with the
 /// longest channel id in front.
 pub fn inner_mtu(outer_max_datagram: usize) -> u16 {

@@ -1,0 +1,186 @@
+//! The relay's configuration: figment layers built-in defaults < `/etc/ztna/relay.toml` <
+//! `--config FILE` (TOML, or JSON for `.json`) < `ZTNA_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use figment::providers::{Env, Format, Json, Serialized, Toml};
+use figment::Figment;
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use ztna_core::tls::TlsFiles;
+use ztna_core::transport::Timing;
+
+use crate::policy::{AccessRule, ConnectorRule, Policy};
+
+/// Default system-wide config file.
+pub const SYSTEM_CONFIG: &str = "/etc/ztna/relay.toml";
+
+/// Everything the relay reads from configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// UDP address to listen on. The default listens on all IPv4 interfaces, as a public relay
+    /// must; the relay logs that it does.
+    pub bind: SocketAddr,
+    /// Organisation CA certificate.
+    pub ca: Option<PathBuf>,
+    /// The relay's certificate.
+    pub cert: Option<PathBuf>,
+    /// The relay's private key.
+    pub key: Option<PathBuf>,
+    /// Pool of agent tunnel IPs.
+    pub tunnel_pool: Ipv4Net,
+    /// Prometheus endpoint (off unless set).
+    pub metrics: Option<SocketAddr>,
+    /// Keepalive interval of the relay's side of each connection.
+    pub keepalive_secs: u64,
+    /// Idle timeout of each connection.
+    pub idle_timeout_secs: u64,
+    /// Channels one agent may hold open.
+    pub max_channels_per_agent: usize,
+    /// Log filter (`info`, `ztna_relay=debug`, ...).
+    pub log: Option<String>,
+    /// Agent access rules.
+    pub access: Vec<AccessRule>,
+    /// Connector rules.
+    pub connectors: Vec<ConnectorRule>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        let timing = Timing::default();
+        Self {
+            bind: SocketAddr::from(([0, 0, 0, 0], 4433)),
+            ca: None,
+            cert: None,
+            key: None,
+            tunnel_pool: Ipv4Net::new(std::net::Ipv4Addr::new(100, 64, 0, 0), 10)
+                .unwrap_or_default(),
+            metrics: None,
+            keepalive_secs: timing.keepalive.as_secs(),
+            idle_timeout_secs: timing.idle_timeout.as_secs(),
+            max_channels_per_agent: 64,
+            log: None,
+            access: Vec::new(),
+            connectors: Vec::new(),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Loads the layers; `file` is `--config`.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(RelayConfig::default()));
+        if Path::new(SYSTEM_CONFIG).exists() {
+            fig = fig.merge(Toml::file(SYSTEM_CONFIG));
+        }
+        if let Some(f) = file {
+            anyhow::ensure!(f.exists(), "config file {} does not exist", f.display());
+            fig = if f.extension().is_some_and(|e| e == "json") {
+                fig.merge(Json::file(f))
+            } else {
+                fig.merge(Toml::file(f))
+            };
+        }
+        fig = fig.merge(Env::prefixed("ZTNA_").ignore(&["log"]).lowercase(true));
+        let cfg: RelayConfig = fig.extract().context("invalid relay configuration")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.keepalive_secs >= 1,
+            "keepalive_secs must be at least 1"
+        );
+        anyhow::ensure!(
+            self.idle_timeout_secs > self.keepalive_secs,
+            "idle_timeout_secs must exceed keepalive_secs"
+        );
+        anyhow::ensure!(
+            self.tunnel_pool.prefix_len() <= 30,
+            "tunnel_pool {} is too small",
+            self.tunnel_pool
+        );
+        anyhow::ensure!(
+            self.max_channels_per_agent >= 1,
+            "max_channels_per_agent must be at least 1"
+        );
+        Ok(())
+    }
+
+    /// The TLS files; all three are required.
+    pub fn tls_files(&self) -> anyhow::Result<TlsFiles> {
+        let need = |p: &Option<PathBuf>, k: &str| {
+            p.clone()
+                .with_context(|| format!("`{k}` is not set (path to a PEM file)"))
+        };
+        Ok(TlsFiles {
+            ca: need(&self.ca, "ca")?,
+            cert: need(&self.cert, "cert")?,
+            key: need(&self.key, "key")?,
+        })
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            access: self.access.clone(),
+            connectors: self.connectors.clone(),
+        }
+    }
+
+    /// Keepalive and idle timing.
+    pub fn timing(&self) -> Timing {
+        Timing {
+            keepalive: Duration::from_secs(self.keepalive_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_and_json_load_and_unknown_keys_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("relay.toml");
+        std::fs::write(
+            &toml,
+            r#"
+bind = "127.0.0.1:5000"
+ca = "/ca.pem"
+cert = "/r.pem"
+key = "/r.key"
+[[access]]
+services = ["echo"]
+groups = ["eng"]
+[[connectors]]
+identity = "c1"
+services = ["*"]
+"#,
+        )
+        .unwrap();
+        let cfg = RelayConfig::load(Some(&toml)).unwrap();
+        assert_eq!(cfg.bind, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(cfg.access.len(), 1);
+        assert_eq!(cfg.tunnel_pool.to_string(), "100.64.0.0/10");
+        let json = dir.path().join("relay.json");
+        std::fs::write(
+            &json,
+            r#"{"bind": "127.0.0.1:6000", "metrics": "127.0.0.1:9433"}"#,
+        )
+        .unwrap();
+        let cfg = RelayConfig::load(Some(&json)).unwrap();
+        assert_eq!(cfg.metrics, Some("127.0.0.1:9433".parse().unwrap()));
+        assert!(cfg.tls_files().is_err());
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "bnd = \"1.2.3.4:5\"\n").unwrap();
+        assert!(RelayConfig::load(Some(&bad)).is_err());
+    }
+}

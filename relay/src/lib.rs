@@ -1,0 +1,10 @@
+//! The ztna relay: authenticates agents and connectors with mutual TLS, keeps the service
+//! registry and the access policy, tells each peer its observed address, and forwards the
+//! end-to-end encrypted datagrams of agent–connector channels without being able to read them.
+//!
+//! [`policy`] and [`registry`] are pure; [`server`] owns the UDP socket and the tokio tasks.
+
+pub mod config;
+pub mod policy;
+pub mod registry;
+pub mod server;

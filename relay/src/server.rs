@@ -1,0 +1,865 @@
+//! The relay server: accepts agents and connectors, runs their control streams against the
+//! registry and policy, and forwards channel datagrams between them without decrypting.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use ztna_core::metrics_http::metric;
+use ztna_core::session::{ControlReader, ControlWriter, SessionError};
+use ztna_core::tls::{Credentials, PeerIdentity};
+use ztna_core::transport;
+use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role, Welcome};
+use ztna_proto::{datagram, ChannelId, ServiceDef, ALPN_RELAY};
+
+use crate::config::RelayConfig;
+use crate::policy::Policy;
+use crate::registry::{denied_wants, Pool, Registry};
+
+/// Time a new peer has to open its control stream and say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control messages queued towards one peer before it counts as stuck and is disconnected.
+const CONTROL_QUEUE: usize = 256;
+/// How often the observed address of each peer is checked for changes.
+const OBSERVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Socket buffer sizes asked of the kernel.
+const SOCKET_BUFFER: usize = 16 << 20;
+
+/// The relay's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Sessions up now.
+    pub sessions_active: AtomicU64,
+    /// Sessions established.
+    pub sessions_total: AtomicU64,
+    /// Peers refused after the handshake (bad hello, role mismatch, pool exhausted).
+    pub sessions_rejected: AtomicU64,
+    /// Handshakes that failed (TLS: unknown CA, no certificate, wrong ALPN, ...).
+    pub handshakes_failed: AtomicU64,
+    /// Datagrams forwarded between the ends of a channel.
+    pub datagrams_forwarded: AtomicU64,
+    /// Bytes forwarded.
+    pub bytes_forwarded: AtomicU64,
+    /// Datagrams dropped (malformed, unknown channel, not a member, send failed).
+    pub datagrams_dropped: AtomicU64,
+    /// Sessions closed for a malformed, oversized or out-of-place control message.
+    pub control_errors: AtomicU64,
+    /// Channels open now.
+    pub channels_active: AtomicU64,
+    /// Channels opened.
+    pub channels_opened: AtomicU64,
+    /// Channel requests refused.
+    pub channels_refused: AtomicU64,
+    /// Services registered now.
+    pub services_registered: AtomicU64,
+    /// Service announcements refused.
+    pub services_rejected: AtomicU64,
+}
+
+impl Metrics {
+    /// Prometheus text.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        metric(
+            &mut s,
+            "ztna_relay_sessions_active",
+            "gauge",
+            "Sessions up now.",
+            g(&self.sessions_active),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_sessions_total",
+            "counter",
+            "Sessions established.",
+            g(&self.sessions_total),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_sessions_rejected_total",
+            "counter",
+            "Peers refused after the handshake.",
+            g(&self.sessions_rejected),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_handshakes_failed_total",
+            "counter",
+            "QUIC/TLS handshakes that failed.",
+            g(&self.handshakes_failed),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_datagrams_forwarded_total",
+            "counter",
+            "Channel datagrams forwarded.",
+            g(&self.datagrams_forwarded),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_bytes_forwarded_total",
+            "counter",
+            "Channel bytes forwarded.",
+            g(&self.bytes_forwarded),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_datagrams_dropped_total",
+            "counter",
+            "Channel datagrams dropped.",
+            g(&self.datagrams_dropped),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_control_errors_total",
+            "counter",
+            "Sessions closed for bad control messages.",
+            g(&self.control_errors),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_channels_active",
+            "gauge",
+            "Channels open now.",
+            g(&self.channels_active),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_channels_opened_total",
+            "counter",
+            "Channels opened.",
+            g(&self.channels_opened),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_channels_refused_total",
+            "counter",
+            "Channel requests refused.",
+            g(&self.channels_refused),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_services_registered",
+            "gauge",
+            "Services registered now.",
+            g(&self.services_registered),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_services_rejected_total",
+            "counter",
+            "Service announcements refused.",
+            g(&self.services_rejected),
+        );
+        s
+    }
+}
+
+struct Session {
+    identity: PeerIdentity,
+    conn: quinn::Connection,
+    ctrl: mpsc::Sender<ControlMessage>,
+    want: Vec<String>,
+    catalog: Vec<ServiceDef>,
+    channels: HashSet<u32>,
+}
+
+struct Channel {
+    agent: u64,
+    connector: u64,
+    agent_conn: quinn::Connection,
+    connector_conn: quinn::Connection,
+}
+
+struct State {
+    next_session: u64,
+    next_channel: u32,
+    sessions: HashMap<u64, Session>,
+    by_identity: HashMap<(Role, String), u64>,
+    registry: Registry,
+    pool: Pool,
+    channels: HashMap<u32, Channel>,
+}
+
+/// The relay's shared state.
+pub struct Relay {
+    policy: Policy,
+    max_channels: usize,
+    state: Mutex<State>,
+    /// Counters.
+    pub metrics: Metrics,
+}
+
+/// Why a peer is refused, as sent to it.
+type Refusal = (ErrorCode, String);
+
+impl Relay {
+    /// A relay with no sessions.
+    pub fn new(cfg: &RelayConfig) -> Self {
+        Self {
+            policy: cfg.policy(),
+            max_channels: cfg.max_channels_per_agent,
+            state: Mutex::new(State {
+                next_session: 1,
+                next_channel: 1,
+                sessions: HashMap::new(),
+                by_identity: HashMap::new(),
+                registry: Registry::default(),
+                pool: Pool::new(cfg.tunnel_pool),
+                channels: HashMap::new(),
+            }),
+            metrics: Metrics::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a peer that said hello: registers it and builds its welcome.
+    fn admit(
+        &self,
+        peer: &PeerIdentity,
+        conn: &quinn::Connection,
+        hello: Hello,
+        ctrl: mpsc::Sender<ControlMessage>,
+    ) -> Result<(u64, Welcome), Refusal> {
+        if hello.role != peer.role {
+            return Err((
+                ErrorCode::RoleMismatch,
+                format!(
+                    "certificate is for a {}, hello says {}",
+                    peer.role, hello.role
+                ),
+            ));
+        }
+        let mut st = self.lock();
+        let key = (peer.role, peer.name.clone());
+        if let Some(old) = st.by_identity.get(&key).copied() {
+            if let Some(s) = st.sessions.get(&old) {
+                tracing::info!(peer = %peer, "a new session replaces the existing one");
+                s.conn.close(
+                    ErrorCode::Replaced.to_quic().into(),
+                    b"replaced by a newer session",
+                );
+            }
+            self.end_session_locked(&mut st, old);
+        }
+        let (tunnel_ip, services, rejected) = match peer.role {
+            Role::Agent => {
+                let ip = st.pool.assign(&peer.name).ok_or((
+                    ErrorCode::PoolExhausted,
+                    "no tunnel address left in the pool".into(),
+                ))?;
+                let catalog = st.registry.catalog_for(peer, &hello.want, &self.policy);
+                (
+                    Some(ip),
+                    catalog,
+                    denied_wants(peer, &hello.want, &self.policy),
+                )
+            }
+            Role::Connector => {
+                let (ok, bad) = st
+                    .registry
+                    .register(&peer.name, hello.services, &self.policy);
+                self.metrics
+                    .services_rejected
+                    .fetch_add(bad.len() as u64, Ordering::Relaxed);
+                for r in &bad {
+                    tracing::warn!(connector = %peer.name, service = %r.name, code = %r.code, "refused service: {}", r.message);
+                }
+                (None, ok, bad)
+            }
+            Role::Relay => {
+                return Err((
+                    ErrorCode::RoleMismatch,
+                    "relays do not connect to relays".into(),
+                ))
+            }
+        };
+        let id = st.next_session;
+        st.next_session += 1;
+        st.by_identity.insert(key, id);
+        st.sessions.insert(
+            id,
+            Session {
+                identity: peer.clone(),
+                conn: conn.clone(),
+                ctrl,
+                want: hello.want,
+                catalog: if peer.role == Role::Agent {
+                    services.clone()
+                } else {
+                    Vec::new()
+                },
+                channels: HashSet::new(),
+            },
+        );
+        if peer.role == Role::Connector {
+            self.push_catalogs_locked(&mut st);
+        }
+        self.metrics
+            .services_registered
+            .store(st.registry.services_len() as u64, Ordering::Relaxed);
+        let welcome = Welcome {
+            identity: peer.name.clone(),
+            observed_addr: conn.remote_address(),
+            tunnel_ip,
+            services,
+            rejected,
+        };
+        Ok((id, welcome))
+    }
+
+    /// Sends each agent its catalog if it changed.
+    fn push_catalogs_locked(&self, st: &mut State) {
+        let State {
+            sessions, registry, ..
+        } = st;
+        for s in sessions
+            .values_mut()
+            .filter(|s| s.identity.role == Role::Agent)
+        {
+            let catalog = registry.catalog_for(&s.identity, &s.want, &self.policy);
+            if catalog != s.catalog {
+                s.catalog = catalog.clone();
+                if s.ctrl.try_send(ControlMessage::Catalog(catalog)).is_err() {
+                    s.conn.close(
+                        ErrorCode::Limit.to_quic().into(),
+                        b"control stream not read",
+                    );
+                }
+            }
+        }
+    }
+
+    /// Removes a session, its channels and its services.
+    fn end_session_locked(&self, st: &mut State, id: u64) {
+        let Some(s) = st.sessions.remove(&id) else {
+            return;
+        };
+        let key = (s.identity.role, s.identity.name.clone());
+        if st.by_identity.get(&key) == Some(&id) {
+            st.by_identity.remove(&key);
+        }
+        for ch in s.channels {
+            self.close_channel_locked(st, ch, ErrorCode::PeerGone, Some(id));
+        }
+        if s.identity.role == Role::Connector && st.registry.unregister(&s.identity.name) {
+            self.push_catalogs_locked(st);
+        }
+        self.metrics
+            .services_registered
+            .store(st.registry.services_len() as u64, Ordering::Relaxed);
+        self.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Closes a channel and tells the end that did not close it.
+    fn close_channel_locked(
+        &self,
+        st: &mut State,
+        ch: u32,
+        code: ErrorCode,
+        closed_by: Option<u64>,
+    ) {
+        let Some(c) = st.channels.remove(&ch) else {
+            return;
+        };
+        self.metrics.channels_active.fetch_sub(1, Ordering::Relaxed);
+        for end in [c.agent, c.connector] {
+            if let Some(s) = st.sessions.get_mut(&end) {
+                s.channels.remove(&ch);
+                if Some(end) != closed_by {
+                    let _ = s.ctrl.try_send(ControlMessage::ChannelClosed {
+                        channel_id: ch,
+                        code,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Handles one control message from session `id`. An error closes the session.
+    fn on_message(&self, id: u64, msg: ControlMessage) -> Result<(), Refusal> {
+        let mut st = self.lock();
+        match msg {
+            ControlMessage::OpenChannel {
+                request_id,
+                connector,
+            } => {
+                let reply = self.open_channel_locked(&mut st, id, request_id, &connector);
+                if let Err((code, message)) = reply {
+                    self.metrics
+                        .channels_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Some(s) = st.sessions.get(&id) {
+                        tracing::info!(agent = %s.identity.name, %connector, %code, "channel refused: {message}");
+                        let _ = s.ctrl.try_send(ControlMessage::Error {
+                            code,
+                            request_id: Some(request_id),
+                            message,
+                        });
+                    }
+                }
+                Ok(())
+            }
+            ControlMessage::ChannelClosed { channel_id, code } => {
+                let member = st
+                    .channels
+                    .get(&channel_id)
+                    .is_some_and(|c| c.agent == id || c.connector == id);
+                if member {
+                    self.close_channel_locked(&mut st, channel_id, code, Some(id));
+                }
+                Ok(())
+            }
+            other => Err((
+                ErrorCode::Malformed,
+                format!("unexpected {} message from a client", other.kind()),
+            )),
+        }
+    }
+
+    fn open_channel_locked(
+        &self,
+        st: &mut State,
+        id: u64,
+        request_id: u32,
+        connector: &str,
+    ) -> Result<(), Refusal> {
+        let agent = st
+            .sessions
+            .get(&id)
+            .ok_or((ErrorCode::Internal, "session gone".into()))?;
+        if agent.identity.role != Role::Agent {
+            return Err((ErrorCode::Unauthorized, "only agents open channels".into()));
+        }
+        if agent.channels.len() >= self.max_channels {
+            return Err((
+                ErrorCode::Limit,
+                format!("at most {} channels per agent", self.max_channels),
+            ));
+        }
+        if !st
+            .registry
+            .agent_may_use_connector(&agent.identity, connector, &self.policy)
+        {
+            let code = if st
+                .by_identity
+                .contains_key(&(Role::Connector, connector.to_owned()))
+            {
+                ErrorCode::Unauthorized
+            } else {
+                ErrorCode::ConnectorOffline
+            };
+            return Err((
+                code,
+                format!(
+                    "no service of connector {connector} is available to {}",
+                    agent.identity.name
+                ),
+            ));
+        }
+        let cid = *st
+            .by_identity
+            .get(&(Role::Connector, connector.to_owned()))
+            .ok_or((
+                ErrorCode::ConnectorOffline,
+                format!("connector {connector} is not connected"),
+            ))?;
+        let tunnel_ip: Ipv4Addr = st
+            .pool
+            .assign(&agent.identity.name)
+            .ok_or((ErrorCode::PoolExhausted, "no tunnel address".into()))?;
+        let agent_name = agent.identity.name.clone();
+        let agent_conn = agent.conn.clone();
+        let conn_session = st
+            .sessions
+            .get(&cid)
+            .ok_or((ErrorCode::ConnectorOffline, "connector gone".into()))?;
+        let connector_conn = conn_session.conn.clone();
+        // Channel ids are unique among open channels; wrap within the varint range.
+        let mut ch = st.next_channel;
+        for _ in 0..=st.channels.len() {
+            if !st.channels.contains_key(&ch) {
+                break;
+            }
+            ch = if ch >= ChannelId::MAX { 1 } else { ch + 1 };
+        }
+        st.next_channel = if ch >= ChannelId::MAX { 1 } else { ch + 1 };
+        if conn_session
+            .ctrl
+            .try_send(ControlMessage::IncomingChannel {
+                channel_id: ch,
+                agent: agent_name.clone(),
+                agent_tunnel_ip: tunnel_ip,
+            })
+            .is_err()
+        {
+            return Err((
+                ErrorCode::ConnectorOffline,
+                "connector is not reading its control stream".into(),
+            ));
+        }
+        st.channels.insert(
+            ch,
+            Channel {
+                agent: id,
+                connector: cid,
+                agent_conn,
+                connector_conn,
+            },
+        );
+        for end in [id, cid] {
+            if let Some(s) = st.sessions.get_mut(&end) {
+                s.channels.insert(ch);
+            }
+        }
+        if let Some(a) = st.sessions.get(&id) {
+            let _ = a.ctrl.try_send(ControlMessage::ChannelOpened {
+                request_id,
+                channel_id: ch,
+                connector: connector.to_owned(),
+            });
+        }
+        self.metrics.channels_opened.fetch_add(1, Ordering::Relaxed);
+        self.metrics.channels_active.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(agent = %agent_name, %connector, channel = ch, "channel open");
+        Ok(())
+    }
+
+    /// Where a datagram from session `id` on channel `ch` goes.
+    fn forward_target(&self, id: u64, ch: ChannelId) -> Option<quinn::Connection> {
+        let st = self.lock();
+        let c = st.channels.get(&ch.get())?;
+        if c.agent == id {
+            Some(c.connector_conn.clone())
+        } else if c.connector == id {
+            Some(c.agent_conn.clone())
+        } else {
+            None
+        }
+    }
+
+    fn forward(&self, id: u64, d: Bytes) {
+        let target = datagram::decode(&d)
+            .ok()
+            .and_then(|(ch, _)| self.forward_target(id, ch));
+        let len = d.len() as u64;
+        match target.map(|t| t.send_datagram(d)) {
+            Some(Ok(())) => {
+                self.metrics
+                    .datagrams_forwarded
+                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .bytes_forwarded
+                    .fetch_add(len, Ordering::Relaxed);
+            }
+            _ => {
+                self.metrics
+                    .datagrams_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Derives the stateless-reset key from the relay's private key, so that a restarted relay can
+/// reset its clients' stale connections at once instead of leaving them to time out.
+fn reset_key(key_file: &std::path::Path) -> anyhow::Result<ring::hmac::Key> {
+    let key = std::fs::read(key_file).with_context(|| format!("reading {}", key_file.display()))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"ztna relay stateless reset key v1\0");
+    ctx.update(&key);
+    Ok(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        ctx.finish().as_ref(),
+    ))
+}
+
+/// A bound relay endpoint, ready to serve.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    relay: Arc<Relay>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+impl Server {
+    /// Loads credentials and binds. Must be called inside a tokio runtime.
+    pub fn bind(cfg: &RelayConfig) -> anyhow::Result<Self> {
+        let files = cfg.tls_files()?;
+        let creds = Credentials::load(&files).context("loading the relay's TLS files")?;
+        anyhow::ensure!(
+            creds.identity().role == Role::Relay,
+            "certificate {} is for {}, not a relay",
+            files.cert.display(),
+            creds.identity()
+        );
+        let mut server_cfg = quinn::ServerConfig::with_crypto(creds.server_config(ALPN_RELAY)?);
+        server_cfg.transport_config(transport::relay_side(cfg.timing()));
+        server_cfg.migration(true);
+        let endpoint_cfg = quinn::EndpointConfig::new(Arc::new(reset_key(&files.key)?));
+        let domain = if cfg.bind.is_ipv4() {
+            socket2::Domain::IPV4
+        } else {
+            socket2::Domain::IPV6
+        };
+        let sock =
+            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+        sock.bind(&cfg.bind.into())
+            .with_context(|| format!("binding UDP {}", cfg.bind))?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_cfg,
+            Some(server_cfg),
+            sock.into(),
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let local = endpoint.local_addr()?;
+        if local.ip().is_unspecified() {
+            tracing::warn!(addr = %local, "relay listening on ALL interfaces (set `bind` to restrict)");
+        } else {
+            tracing::info!(addr = %local, "relay listening");
+        }
+        tracing::info!(identity = %creds.identity().name, access_rules = cfg.access.len(), connector_rules = cfg.connectors.len(), pool = %cfg.tunnel_pool, "relay ready");
+        Ok(Self {
+            endpoint,
+            relay: Arc::new(Relay::new(cfg)),
+            metrics_addr: cfg.metrics,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The shared state and counters.
+    pub fn relay(&self) -> &Arc<Relay> {
+        &self.relay
+    }
+
+    /// Serves until `shutdown` resolves, then closes every connection.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let metrics_task = self.metrics_addr.map(|addr| {
+            let relay = self.relay.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    ztna_core::metrics_http::serve(addr, Arc::new(move || relay.metrics.render()))
+                        .await
+                {
+                    tracing::error!(%addr, error = %e, "metrics endpoint failed");
+                }
+            })
+        });
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    tokio::spawn(serve_peer(self.relay.clone(), incoming));
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        tracing::info!("relay shutting down");
+        self.endpoint.close(0u32.into(), b"relay shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        Ok(())
+    }
+}
+
+fn refuse(relay: &Relay, conn: &quinn::Connection, who: &str, code: ErrorCode, message: &str) {
+    relay
+        .metrics
+        .sessions_rejected
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(peer = %who, remote = %conn.remote_address(), %code, "refusing session: {message}");
+    conn.close(code.to_quic().into(), message.as_bytes());
+}
+
+async fn serve_peer(relay: Arc<Relay>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            relay
+                .metrics
+                .handshakes_failed
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%remote, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let peer = match PeerIdentity::from_connection(&conn) {
+        Ok(p) => p,
+        Err(e) => return refuse(&relay, &conn, "?", ErrorCode::Unauthorized, &e.to_string()),
+    };
+    let who = peer.to_string();
+    let (send, recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return tracing::info!(peer = %who, error = %e, "connection ended before hello")
+        }
+        Err(_) => {
+            return refuse(
+                &relay,
+                &conn,
+                &who,
+                ErrorCode::Malformed,
+                "no control stream within 5 s",
+            )
+        }
+    };
+    let mut reader = ControlReader::new(recv);
+    let mut writer = ControlWriter::new(send);
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
+        Ok(Ok(Some(ControlMessage::Hello(h)))) => h,
+        Ok(Ok(Some(other))) => {
+            return refuse(
+                &relay,
+                &conn,
+                &who,
+                ErrorCode::Malformed,
+                &format!("expected hello, got {}", other.kind()),
+            )
+        }
+        Ok(Ok(None)) => {
+            return refuse(
+                &relay,
+                &conn,
+                &who,
+                ErrorCode::Malformed,
+                "control stream closed before hello",
+            )
+        }
+        Ok(Err(e)) => {
+            relay.metrics.control_errors.fetch_add(1, Ordering::Relaxed);
+            return refuse(&relay, &conn, &who, ErrorCode::Malformed, &e.to_string());
+        }
+        Err(_) => {
+            return refuse(
+                &relay,
+                &conn,
+                &who,
+                ErrorCode::Malformed,
+                "no hello within 5 s",
+            )
+        }
+    };
+    let (ctrl_tx, mut ctrl_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (id, welcome) = match relay.admit(&peer, &conn, hello, ctrl_tx) {
+        Ok(x) => x,
+        Err((code, message)) => {
+            let _ = writer
+                .send(&ControlMessage::Error {
+                    code,
+                    request_id: None,
+                    message: message.clone(),
+                })
+                .await;
+            return refuse(&relay, &conn, &who, code, &message);
+        }
+    };
+    relay.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
+    relay
+        .metrics
+        .sessions_active
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::info!(peer = %who, session = id, remote = %conn.remote_address(), tunnel_ip = ?welcome.tunnel_ip, services = welcome.services.len(), rejected = welcome.rejected.len(), "session up");
+    let end = session_loop(
+        &relay,
+        id,
+        &conn,
+        welcome,
+        &mut reader,
+        &mut writer,
+        &mut ctrl_rx,
+    )
+    .await;
+    match &end {
+        Ok(()) => tracing::info!(peer = %who, session = id, "session closed"),
+        Err(SessionEnd::Refused(code, message)) => {
+            relay.metrics.control_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %who, session = id, %code, "closing session: {message}");
+            conn.close(code.to_quic().into(), message.as_bytes());
+        }
+        Err(SessionEnd::Lost(e)) => {
+            tracing::info!(peer = %who, session = id, reason = %e, "session ended")
+        }
+    }
+    let mut st = relay.lock();
+    relay.end_session_locked(&mut st, id);
+}
+
+enum SessionEnd {
+    Refused(ErrorCode, String),
+    Lost(String),
+}
+
+async fn session_loop(
+    relay: &Arc<Relay>,
+    id: u64,
+    conn: &quinn::Connection,
+    welcome: Welcome,
+    reader: &mut ControlReader,
+    writer: &mut ControlWriter,
+    ctrl_rx: &mut mpsc::Receiver<ControlMessage>,
+) -> Result<(), SessionEnd> {
+    writer
+        .send(&ControlMessage::Welcome(welcome))
+        .await
+        .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+    let dgram_relay = relay.clone();
+    let dgram_conn = conn.clone();
+    let forwarder = tokio::spawn(async move {
+        while let Ok(d) = dgram_conn.read_datagram().await {
+            dgram_relay.forward(id, d);
+        }
+    });
+    let _abort = AbortOnDrop(forwarder);
+    let mut observed = conn.remote_address();
+    let mut tick = tokio::time::interval(OBSERVE_INTERVAL);
+    loop {
+        tokio::select! {
+            msg = reader.next() => match msg {
+                Ok(Some(m)) => relay.on_message(id, m).map_err(|(c, m)| SessionEnd::Refused(c, m))?,
+                Ok(None) => return Ok(()),
+                Err(SessionError::Connection(e)) => return Err(SessionEnd::Lost(e.to_string())),
+                Err(e @ (SessionError::Frame(_) | SessionError::Protocol(_))) => return Err(SessionEnd::Refused(ErrorCode::Malformed, e.to_string())),
+                Err(e) => return Err(SessionEnd::Lost(e.to_string())),
+            },
+            out = ctrl_rx.recv() => {
+                let Some(out) = out else { return Ok(()) };
+                writer.send(&out).await.map_err(|e| SessionEnd::Lost(e.to_string()))?;
+            }
+            _ = tick.tick() => {
+                let now = conn.remote_address();
+                if now != observed {
+                    tracing::info!(session = id, old = %observed, new = %now, "peer address changed");
+                    observed = now;
+                    writer.send(&ControlMessage::ObservedAddress(now)).await.map_err(|e| SessionEnd::Lost(e.to_string()))?;
+                }
+            }
+            e = conn.closed() => return Err(SessionEnd::Lost(e.to_string())),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
