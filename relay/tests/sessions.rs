@@ -1,0 +1,472 @@
+//! The relay in-process on loopback: registration and policy, channels and forwarding, and
+//! hostile clients that must lose only their own session.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ztna_core::pki::{self, CertificateAuthority};
+use ztna_core::session::{Node, RelaySession, RelayTarget, SessionError};
+use ztna_core::tls::{Credentials, TlsFiles};
+use ztna_core::transport::{self, Timing};
+use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role};
+use ztna_proto::{datagram, ChannelId, PortRange, ServiceDef, ALPN_RELAY};
+use ztna_relay::config::RelayConfig;
+use ztna_relay::policy::{AccessRule, ConnectorRule};
+use ztna_relay::server::{Relay, Server};
+
+const T: Duration = Duration::from_secs(10);
+
+fn issue(
+    ca: &CertificateAuthority,
+    dir: &Path,
+    role: Role,
+    name: &str,
+    groups: &[&str],
+) -> TlsFiles {
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}.key")),
+    };
+    if files.cert.exists() {
+        return files;
+    }
+    let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+    let i = ca.issue(role, name, &groups, &[]).unwrap();
+    pki::write_new(&dir.join(format!("{name}.pem")), &i.cert_pem, false).unwrap();
+    pki::write_new(&dir.join(format!("{name}.key")), &i.key_pem, true).unwrap();
+    TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}.key")),
+    }
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    ca: CertificateAuthority,
+    relay: Arc<Relay>,
+    target: RelayTarget,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl World {
+    async fn start() -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        let ca = CertificateAuthority::generate("Test").unwrap();
+        pki::write_new(&dir.join("ca.pem"), &ca.cert_pem(), false).unwrap();
+        let files = issue(&ca, &dir, Role::Relay, "relay", &[]);
+        let cfg = RelayConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            ca: Some(files.ca),
+            cert: Some(files.cert),
+            key: Some(files.key),
+            access: vec![AccessRule {
+                services: vec!["echo".into()],
+                groups: vec!["eng".into()],
+                identities: vec![],
+            }],
+            connectors: vec![ConnectorRule {
+                identity: "conn1".into(),
+                services: vec!["echo".into()],
+            }],
+            ..RelayConfig::default()
+        };
+        let server = Server::bind(&cfg).unwrap();
+        let addr = server.local_addr().unwrap();
+        let relay = server.relay().clone();
+        let server = tokio::spawn(server.run(std::future::pending()));
+        World {
+            _dir: tmp,
+            dir,
+            ca,
+            relay,
+            target: RelayTarget {
+                addr,
+                server_name: "relay".into(),
+            },
+            server,
+        }
+    }
+
+    fn node(&self, role: Role, name: &str, groups: &[&str]) -> Node {
+        let files = issue(&self.ca, &self.dir, role, name, groups);
+        Node::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Credentials::load(&files).unwrap(),
+            Timing::default(),
+        )
+        .unwrap()
+    }
+
+    async fn agent(&self, name: &str, want: &[&str]) -> RelaySession {
+        let node = self.node(Role::Agent, name, &["eng"]);
+        let hello = Hello {
+            role: Role::Agent,
+            services: vec![],
+            want: want.iter().map(|s| s.to_string()).collect(),
+            software: "test".into(),
+        };
+        let s = node.connect_relay(&self.target, hello).await.unwrap();
+        std::mem::forget(node); // keep the endpoint alive with the session
+        s
+    }
+}
+
+fn svc(name: &str, last: u8) -> ServiceDef {
+    ServiceDef {
+        name: name.into(),
+        address: [10, 100, 0, last].into(),
+        udp: vec![PortRange::single(7)],
+        tcp: vec![],
+        icmp: true,
+        connector: String::new(),
+    }
+}
+
+async fn next(s: &mut RelaySession) -> ControlMessage {
+    tokio::time::timeout(T, s.recv())
+        .await
+        .expect("control message in time")
+        .expect("session alive")
+}
+
+/// A raw client with a valid agent certificate that can write anything on the control stream.
+async fn raw_client(
+    w: &World,
+    name: &str,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let files = issue(&w.ca, &w.dir, Role::Agent, name, &["eng"]);
+    let creds = Credentials::load(&files).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut cfg = quinn::ClientConfig::new(creds.client_config(ALPN_RELAY).unwrap());
+    cfg.transport_config(transport::outer(Timing::default()));
+    ep.set_default_client_config(cfg);
+    let conn = ep.connect(w.target.addr, "relay").unwrap().await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (ep, conn, send, recv)
+}
+
+async fn closed_with(conn: &quinn::Connection) -> u64 {
+    match tokio::time::timeout(T, conn.closed())
+        .await
+        .expect("relay closes the session in time")
+    {
+        quinn::ConnectionError::ApplicationClosed(c) => c.error_code.into_inner(),
+        other => panic!("unexpected close: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn registration_policy_channels_and_forwarding() {
+    let w = World::start().await;
+    let mut alice = w.agent("alice", &["echo", "secret"]).await;
+    let welcome = alice.welcome().clone();
+    assert!(welcome.tunnel_ip.is_some_and(|ip| ip.octets()[0] == 100));
+    assert!(welcome.services.is_empty(), "no connector yet");
+    assert_eq!(welcome.rejected.len(), 1);
+    assert_eq!(welcome.rejected[0].name, "secret");
+    assert_eq!(welcome.rejected[0].code, ErrorCode::Unauthorized);
+
+    // A channel to a connector that is not there is refused with a clear code.
+    alice
+        .send(ControlMessage::OpenChannel {
+            request_id: 1,
+            connector: "conn1".into(),
+        })
+        .unwrap();
+    match next(&mut alice).await {
+        ControlMessage::Error {
+            code, request_id, ..
+        } => {
+            assert_eq!(code, ErrorCode::ConnectorOffline);
+            assert_eq!(request_id, Some(1));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // The connector registers echo (allowed) and secret (not allowed).
+    let cnode = w.node(Role::Connector, "conn1", &[]);
+    let hello = Hello {
+        role: Role::Connector,
+        services: vec![svc("echo", 1), svc("secret", 3)],
+        want: vec![],
+        software: "test".into(),
+    };
+    let mut conn1 = cnode.connect_relay(&w.target, hello).await.unwrap();
+    let cw = conn1.welcome().clone();
+    assert_eq!(
+        cw.services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["echo"]
+    );
+    assert_eq!(cw.rejected[0].name, "secret");
+    assert_eq!(cw.rejected[0].code, ErrorCode::NotAllowedToServe);
+
+    // The agent hears about echo, served by conn1.
+    match next(&mut alice).await {
+        ControlMessage::Catalog(c) => {
+            assert_eq!(c.len(), 1);
+            assert_eq!(c[0].name, "echo");
+            assert_eq!(c[0].connector, "conn1");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // A channel opens at both ends with the same id, naming the agent to the connector.
+    alice
+        .send(ControlMessage::OpenChannel {
+            request_id: 2,
+            connector: "conn1".into(),
+        })
+        .unwrap();
+    let ch = match next(&mut alice).await {
+        ControlMessage::ChannelOpened {
+            request_id: 2,
+            channel_id,
+            connector,
+        } => {
+            assert_eq!(connector, "conn1");
+            channel_id
+        }
+        other => panic!("unexpected {other:?}"),
+    };
+    match next(&mut conn1).await {
+        ControlMessage::IncomingChannel {
+            channel_id,
+            agent,
+            agent_tunnel_ip,
+        } => {
+            assert_eq!(channel_id, ch);
+            assert_eq!(agent, "alice");
+            assert_eq!(Some(agent_tunnel_ip), welcome.tunnel_ip);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // Datagrams on the channel are forwarded; on another channel id they are dropped.
+    let id = ChannelId::new(ch).unwrap();
+    let before = w.relay.metrics.datagrams_forwarded.load(Ordering::Relaxed);
+    for _ in 0..10 {
+        alice
+            .send_raw_datagram(Bytes::from(datagram::encode(id, b"opaque")))
+            .unwrap();
+    }
+    let bogus = ChannelId::new(ch + 100).unwrap();
+    alice
+        .send_raw_datagram(Bytes::from(datagram::encode(bogus, b"opaque")))
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    while w.relay.metrics.datagrams_forwarded.load(Ordering::Relaxed) < before + 10
+        || w.relay.metrics.datagrams_dropped.load(Ordering::Relaxed) < 1
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "datagrams not forwarded/dropped in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The connector leaving closes the channel and empties the agent's catalog.
+    drop(conn1);
+    let mut saw_closed = false;
+    let mut saw_empty = false;
+    while !(saw_closed && saw_empty) {
+        match next(&mut alice).await {
+            ControlMessage::ChannelClosed { channel_id, code } => {
+                assert_eq!(channel_id, ch);
+                assert_eq!(code, ErrorCode::PeerGone);
+                saw_closed = true;
+            }
+            ControlMessage::Catalog(c) => {
+                assert!(c.is_empty());
+                saw_empty = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    w.server.abort();
+}
+
+#[tokio::test]
+async fn hostile_control_messages_close_only_that_session() {
+    let w = World::start().await;
+    let mut good = w.agent("alice", &[]).await;
+
+    // An oversized length prefix.
+    let (_ep1, c1, mut s1, _r1) = raw_client(&w, "mallory1").await;
+    s1.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    assert_eq!(
+        closed_with(&c1).await,
+        u64::from(ErrorCode::Malformed.to_quic())
+    );
+
+    // A frame of the right size whose body is garbage.
+    let (_ep2, c2, mut s2, _r2) = raw_client(&w, "mallory2").await;
+    s2.write_all(&[0, 0, 0, 6, 1, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    assert_eq!(
+        closed_with(&c2).await,
+        u64::from(ErrorCode::Malformed.to_quic())
+    );
+
+    // A wrong protocol version.
+    let (_ep3, c3, mut s3, _r3) = raw_client(&w, "mallory3").await;
+    s3.write_all(&[0, 0, 0, 2, 99, 0]).await.unwrap();
+    assert_eq!(
+        closed_with(&c3).await,
+        u64::from(ErrorCode::Malformed.to_quic())
+    );
+
+    // A valid hello claiming the wrong role.
+    let (_ep4, c4, mut s4, _r4) = raw_client(&w, "mallory4").await;
+    let hello = ControlMessage::Hello(Hello {
+        role: Role::Connector,
+        services: vec![svc("echo", 1)],
+        want: vec![],
+        software: "x".into(),
+    });
+    s4.write_all(&ztna_proto::frame::encode(&hello).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        closed_with(&c4).await,
+        u64::from(ErrorCode::RoleMismatch.to_quic())
+    );
+
+    // A good hello, then an out-of-place message after the welcome.
+    let (_ep5, c5, mut s5, _r5) = raw_client(&w, "mallory5").await;
+    let hello = ControlMessage::Hello(Hello {
+        role: Role::Agent,
+        services: vec![],
+        want: vec![],
+        software: "x".into(),
+    });
+    s5.write_all(&ztna_proto::frame::encode(&hello).unwrap())
+        .await
+        .unwrap();
+    s5.write_all(&ztna_proto::frame::encode(&hello).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        closed_with(&c5).await,
+        u64::from(ErrorCode::Malformed.to_quic())
+    );
+
+    let errors = w.relay.metrics.control_errors.load(Ordering::Relaxed);
+    let rejected = w.relay.metrics.sessions_rejected.load(Ordering::Relaxed);
+    assert!(
+        errors >= 4 && rejected >= 1,
+        "control errors {errors}, rejected {rejected}"
+    );
+    // The well-behaved session is still served.
+    good.send(ControlMessage::OpenChannel {
+        request_id: 7,
+        connector: "nobody".into(),
+    })
+    .unwrap();
+    match next(&mut good).await {
+        ControlMessage::Error {
+            request_id: Some(7),
+            code,
+            ..
+        } => assert_eq!(code, ErrorCode::ConnectorOffline),
+        other => panic!("unexpected {other:?}"),
+    }
+    w.server.abort();
+}
+
+#[tokio::test]
+async fn other_ca_and_wrong_roles_are_refused() {
+    let w = World::start().await;
+    // A certificate from another CA fails the handshake.
+    let other = CertificateAuthority::generate("Other").unwrap();
+    let odir = tempfile::tempdir().unwrap();
+    pki::write_new(&odir.path().join("ca.pem"), &other.cert_pem(), false).unwrap();
+    let mut files = issue(&other, odir.path(), Role::Agent, "eve", &["eng"]);
+    // Eve trusts the real CA (so she can verify the relay), but her certificate is not from it.
+    files.ca = w.dir.join("ca.pem");
+    let node = Node::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        Credentials::load(&files).unwrap(),
+        Timing::default(),
+    )
+    .unwrap();
+    let hello = Hello {
+        role: Role::Agent,
+        services: vec![],
+        want: vec![],
+        software: "x".into(),
+    };
+    let err = node
+        .connect_relay(&w.target, hello.clone())
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            err,
+            SessionError::Connection(_) | SessionError::Stream(_) | SessionError::Protocol(_)
+        ),
+        "{err}"
+    );
+    let deadline = tokio::time::Instant::now() + T;
+    while w.relay.metrics.handshakes_failed.load(Ordering::Relaxed) < 1 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(w.relay.metrics.sessions_total.load(Ordering::Relaxed), 0);
+
+    // A client that expects a relay under another name refuses the relay's certificate.
+    let node = w.node(Role::Agent, "alice", &["eng"]);
+    let wrong = RelayTarget {
+        addr: w.target.addr,
+        server_name: "not-the-relay".into(),
+    };
+    assert!(node.connect_relay(&wrong, hello).await.is_err());
+
+    // A connector that is not allowed anything still connects, with everything refused.
+    let c = w.node(Role::Connector, "rogue", &[]);
+    let h = Hello {
+        role: Role::Connector,
+        services: vec![svc("echo", 1)],
+        want: vec![],
+        software: "x".into(),
+    };
+    let s = c.connect_relay(&w.target, h).await.unwrap();
+    assert!(s.welcome().services.is_empty());
+    assert_eq!(s.welcome().rejected[0].code, ErrorCode::NotAllowedToServe);
+    w.server.abort();
+}
+
+#[tokio::test]
+async fn a_second_session_of_one_identity_replaces_the_first() {
+    let w = World::start().await;
+    let first = w.agent("alice", &[]).await;
+    let ip1 = first.welcome().tunnel_ip;
+    let second = w.agent("alice", &[]).await;
+    assert_eq!(
+        second.welcome().tunnel_ip,
+        ip1,
+        "tunnel IP is stable per identity"
+    );
+    let code = closed_with(first.connection()).await;
+    assert_eq!(code, u64::from(ErrorCode::Replaced.to_quic()));
+    let _ = SocketAddr::from(([127, 0, 0, 1], 0));
+    w.server.abort();
+}
