@@ -114,6 +114,8 @@ pub struct AgentStatus {
     pub connectors: Vec<ConnectorStatus>,
     /// Packets from the platform with no service route (or not IPv4).
     pub dropped_no_route: u64,
+    /// Packets to a routed service whose connector tunnel is not up (yet).
+    pub dropped_tunnel_down: u64,
     /// Packets towards the platform dropped because it was not reading.
     pub dropped_to_platform: u64,
     /// Relay sessions established since start.
@@ -153,6 +155,7 @@ struct Shared {
     control: Mutex<HashMap<String, LinkControl>>,
     info: Mutex<Info>,
     dropped_no_route: AtomicU64,
+    dropped_tunnel_down: AtomicU64,
     dropped_to_platform: AtomicU64,
     to_platform: mpsc::Sender<Bytes>,
     state_tx: watch::Sender<TunnelState>,
@@ -205,6 +208,7 @@ impl Agent {
             control: Mutex::default(),
             info: Mutex::default(),
             dropped_no_route: AtomicU64::new(0),
+            dropped_tunnel_down: AtomicU64::new(0),
             dropped_to_platform: AtomicU64::new(0),
             to_platform,
             state_tx,
@@ -235,7 +239,9 @@ impl Agent {
                 tracing::trace!(connector = %link.name, error = %e, "inner send failed")
             }
             None => {
-                self.shared.dropped_no_route.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .dropped_tunnel_down
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -299,6 +305,7 @@ impl Agent {
             rejected: info.rejected.clone(),
             connectors,
             dropped_no_route: sh.dropped_no_route.load(Ordering::Relaxed),
+            dropped_tunnel_down: sh.dropped_tunnel_down.load(Ordering::Relaxed),
             dropped_to_platform: sh.dropped_to_platform.load(Ordering::Relaxed),
             relay_sessions: info.relay_sessions,
             last_error: info.last_error.clone(),

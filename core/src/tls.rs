@@ -28,7 +28,7 @@ pub const GROUP_URI_PREFIX: &str = "urn:ztna:group:";
 #[non_exhaustive]
 pub enum TlsError {
     /// A file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         /// The file.
         path: PathBuf,

@@ -18,6 +18,19 @@ use crate::policy::{AccessRule, ConnectorRule, Policy};
 /// Default system-wide config file.
 pub const SYSTEM_CONFIG: &str = "/etc/ztna/relay.toml";
 
+/// Keys that `ZTNA_<KEY>` environment variables may set (`ZTNA_LOG` is read by the logger).
+const ENV_KEYS: [&str; 9] = [
+    "bind",
+    "ca",
+    "cert",
+    "key",
+    "tunnel_pool",
+    "metrics",
+    "keepalive_secs",
+    "idle_timeout_secs",
+    "max_channels_per_agent",
+];
+
 /// Everything the relay reads from configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,7 +98,8 @@ impl RelayConfig {
                 fig.merge(Toml::file(f))
             };
         }
-        fig = fig.merge(Env::prefixed("ZTNA_").ignore(&["log"]).lowercase(true));
+        // Only this program's keys: other ztna programs' variables may share the environment.
+        fig = fig.merge(Env::prefixed("ZTNA_").only(&ENV_KEYS).lowercase(true));
         let cfg: RelayConfig = fig.extract().context("invalid relay configuration")?;
         cfg.validate()?;
         Ok(cfg)
@@ -182,5 +196,14 @@ services = ["*"]
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "bnd = \"1.2.3.4:5\"\n").unwrap();
         assert!(RelayConfig::load(Some(&bad)).is_err());
+        // Another program's variables do not break the relay.
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ZTNA_CONFIG", "/elsewhere.toml");
+            jail.set_env("ZTNA_RELAY", "10.0.0.1:4433");
+            jail.set_env("ZTNA_METRICS", "127.0.0.1:9999");
+            let cfg = RelayConfig::load(Some(&json)).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.metrics, Some("127.0.0.1:9999".parse().unwrap()));
+            Ok(())
+        });
     }
 }

@@ -1,0 +1,618 @@
+//! The agent's configuration: figment layering and validation.
+//!
+//! Sources, lowest first: built-in defaults, `/etc/ztna/agent.toml` (or `/etc/ztna/agent.json`)
+//! if it exists, the `--config` file (TOML, or JSON when its name ends in `.json`), `ZTNA_*`
+//! environment variables (only the keys below; other `ZTNA_*` variables belong to other
+//! programs), and finally command-line flags. Unknown keys in a file are an error.
+//!
+//! Keys: `relay` (required), `relay_name`, `bind`, `ca`, `cert`, `key` (required), `tun`, `mtu`,
+//! `services`, `status_socket`, `log`. No I/O here apart from reading the config files.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use figment::providers::{Env, Format as _, Json, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+use ztna_core::tls::{Credentials, TlsFiles};
+use ztna_core::transport::DEFAULT_TUN_MTU;
+use ztna_proto::Role;
+
+/// The system-wide config file, read when it exists.
+pub(crate) const SYSTEM_CONFIG: &str = "/etc/ztna/agent.toml";
+/// The JSON alternative to [`SYSTEM_CONFIG`], read when the TOML file does not exist.
+pub(crate) const SYSTEM_CONFIG_JSON: &str = "/etc/ztna/agent.json";
+/// Prefix of the environment variables that set config keys.
+pub(crate) const ENV_PREFIX: &str = "ZTNA_";
+/// Default path of the status socket.
+pub(crate) const DEFAULT_STATUS_SOCKET: &str = "/run/ztna/agent.sock";
+/// Default name of the TUN device.
+pub(crate) const DEFAULT_TUN: &str = "ztna0";
+/// Smallest TUN MTU accepted (the IPv4 minimum reassembly size the core insists on).
+pub(crate) const MIN_MTU: u16 = 576;
+
+/// Every config key; the only ones read from the environment.
+const KEYS: &[&str] = &[
+    "relay",
+    "relay_name",
+    "bind",
+    "ca",
+    "cert",
+    "key",
+    "tun",
+    "mtu",
+    "services",
+    "status_socket",
+    "log",
+];
+
+/// Command-line flags that override config keys (each also read from `ZTNA_<KEY>`).
+#[derive(Debug, Default, Clone, clap::Args, Serialize)]
+pub(crate) struct Overrides {
+    /// Relay UDP address (key `relay`).
+    #[arg(long, env = "ZTNA_RELAY", value_name = "ADDR:PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) relay: Option<SocketAddr>,
+    /// DNS name in the relay's certificate (key `relay_name`, default "relay").
+    #[arg(long, env = "ZTNA_RELAY_NAME", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) relay_name: Option<String>,
+    /// Local UDP address to bind (key `bind`, default 0.0.0.0:0).
+    #[arg(long, env = "ZTNA_BIND", value_name = "ADDR:PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) bind: Option<SocketAddr>,
+    /// Organisation CA certificate, PEM (key `ca`).
+    #[arg(long, env = "ZTNA_CA", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ca: Option<PathBuf>,
+    /// This agent's certificate, PEM (key `cert`).
+    #[arg(long, env = "ZTNA_CERT", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cert: Option<PathBuf>,
+    /// This agent's private key, PEM (key `key`).
+    #[arg(long, env = "ZTNA_KEY", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) key: Option<PathBuf>,
+    /// TUN device name (key `tun`, default "ztna0").
+    #[arg(long, env = "ZTNA_TUN", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) tun: Option<String>,
+    /// TUN MTU (key `mtu`, default 1280).
+    #[arg(long, env = "ZTNA_MTU")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) mtu: Option<u16>,
+    /// Services to ask for, comma separated (key `services`; default: all that policy allows).
+    #[arg(
+        long,
+        env = "ZTNA_SERVICES",
+        value_delimiter = ',',
+        value_name = "NAME,..."
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) services: Option<Vec<String>>,
+    /// Path of the status socket (key `status_socket`, default /run/ztna/agent.sock).
+    #[arg(long, env = "ZTNA_STATUS_SOCKET", value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) status_socket: Option<PathBuf>,
+    /// Log filter, tracing `EnvFilter` syntax (key `log`; else RUST_LOG; else "info").
+    #[arg(long, env = "ZTNA_LOG", value_name = "FILTER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) log: Option<String>,
+}
+
+/// The config as read, before validation. Defaults are the built-in layer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    relay: Option<SocketAddr>,
+    #[serde(default = "default_relay_name")]
+    relay_name: String,
+    #[serde(default = "default_bind")]
+    bind: SocketAddr,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default = "default_tun")]
+    tun: String,
+    #[serde(default = "default_mtu")]
+    mtu: u16,
+    #[serde(default, deserialize_with = "names")]
+    services: Vec<String>,
+    #[serde(default = "default_status_socket")]
+    status_socket: PathBuf,
+    #[serde(default)]
+    log: Option<String>,
+}
+
+fn default_relay_name() -> String {
+    "relay".into()
+}
+
+fn default_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+fn default_tun() -> String {
+    DEFAULT_TUN.into()
+}
+
+fn default_mtu() -> u16 {
+    DEFAULT_TUN_MTU
+}
+
+fn default_status_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_STATUS_SOCKET)
+}
+
+/// A list of names, given as a list or as one comma-separated string (as environment variables
+/// give it).
+fn names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Names {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Names::deserialize(d)? {
+        Names::List(v) => v,
+        Names::Text(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+/// The validated configuration of `ztna-agent up`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Config {
+    /// The relay's UDP address.
+    pub(crate) relay: SocketAddr,
+    /// The DNS name the relay's certificate must carry.
+    pub(crate) relay_name: String,
+    /// Local UDP address to bind.
+    pub(crate) bind: SocketAddr,
+    /// CA, certificate and key files.
+    pub(crate) tls: TlsFiles,
+    /// TUN device name.
+    pub(crate) tun: String,
+    /// TUN MTU.
+    pub(crate) mtu: u16,
+    /// Services asked for; empty means all that policy allows.
+    pub(crate) services: Vec<String>,
+    /// Path of the status socket.
+    pub(crate) status_socket: PathBuf,
+    /// Log filter, if configured.
+    pub(crate) log: Option<String>,
+}
+
+/// Where configuration comes from; [`Sources::standard`] in production, other values in tests.
+#[derive(Debug, Clone)]
+pub(crate) struct Sources<'a> {
+    /// System config files, the first that exists is read.
+    pub(crate) system: Vec<PathBuf>,
+    /// The `--config` file, which must exist.
+    pub(crate) file: Option<&'a Path>,
+    /// Environment variable prefix.
+    pub(crate) env_prefix: &'a str,
+    /// Command-line flags.
+    pub(crate) overrides: &'a Overrides,
+}
+
+impl<'a> Sources<'a> {
+    /// The production sources: `/etc/ztna/agent.toml`, `--config`, `ZTNA_*`, flags.
+    pub(crate) fn standard(file: Option<&'a Path>, overrides: &'a Overrides) -> Self {
+        Self {
+            system: vec![SYSTEM_CONFIG.into(), SYSTEM_CONFIG_JSON.into()],
+            file,
+            env_prefix: ENV_PREFIX,
+            overrides,
+        }
+    }
+
+    /// The layered figment. Fails if the `--config` file does not exist.
+    fn figment(&self) -> anyhow::Result<Figment> {
+        let mut fig = Figment::new();
+        if let Some(system) = self.system.iter().find(|p| p.exists()) {
+            fig = merge_file(fig, system);
+        }
+        if let Some(file) = self.file {
+            if !file.exists() {
+                bail!("config file {} does not exist", file.display());
+            }
+            fig = merge_file(fig, file);
+        }
+        Ok(fig
+            .merge(Env::prefixed(self.env_prefix).only(KEYS))
+            .merge(Serialized::defaults(self.overrides)))
+    }
+
+    /// Loads and validates the configuration.
+    pub(crate) fn load(&self) -> anyhow::Result<Config> {
+        let raw: RawConfig = self
+            .figment()?
+            .extract()
+            .map_err(|e| anyhow::anyhow!("{e}").context(describe_source(&e)))?;
+        raw.validate()
+    }
+
+    /// Only the status socket path, for `ztna-agent status`: other keys may be missing or
+    /// invalid, since the client needs none of them.
+    pub(crate) fn status_socket(&self) -> anyhow::Result<PathBuf> {
+        #[derive(Deserialize)]
+        struct StatusOnly {
+            #[serde(default = "default_status_socket")]
+            status_socket: PathBuf,
+        }
+        let s: StatusOnly = self
+            .figment()?
+            .extract()
+            .map_err(|e| anyhow::anyhow!("{e}").context(describe_source(&e)))?;
+        Ok(s.status_socket)
+    }
+}
+
+/// Merges a config file: TOML, or JSON when its name ends in `.json`.
+fn merge_file(fig: Figment, path: &Path) -> Figment {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+    {
+        fig.merge(Json::file_exact(path))
+    } else {
+        fig.merge(Toml::file_exact(path))
+    }
+}
+
+/// "loading config from FILE" (or the environment or flags), from a figment error's metadata.
+fn describe_source(e: &figment::Error) -> String {
+    match e.metadata.as_ref() {
+        Some(m) => match &m.source {
+            Some(src) => format!("loading config from {src}"),
+            None => format!("loading config from {}", m.name),
+        },
+        None => "loading config".into(),
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> anyhow::Result<Config> {
+        let relay = self.relay.context(
+            "missing `relay`: the relay's UDP address, e.g. relay = \"203.0.113.10:4433\" (or --relay, ZTNA_RELAY)",
+        )?;
+        if relay.ip().is_unspecified() || relay.port() == 0 {
+            bail!("`relay` = {relay} is not an address one can connect to");
+        }
+        if relay.is_ipv4() != self.bind.is_ipv4() {
+            bail!(
+                "`bind` = {} and `relay` = {relay} are in different address families",
+                self.bind
+            );
+        }
+        if self.relay_name.is_empty() {
+            bail!("`relay_name` is empty: give the DNS name in the relay's certificate");
+        }
+        let need = |v: Option<PathBuf>, key: &str, what: &str| {
+            v.with_context(|| format!("missing `{key}`: path to {what} (PEM)"))
+        };
+        let tls = TlsFiles {
+            ca: need(self.ca, "ca", "the organisation CA certificate")?,
+            cert: need(self.cert, "cert", "this agent's certificate")?,
+            key: need(self.key, "key", "this agent's private key")?,
+        };
+        validate_ifname(&self.tun)?;
+        if self.mtu < MIN_MTU {
+            bail!("`mtu` = {} is below the minimum of {MIN_MTU}", self.mtu);
+        }
+        let mut seen = BTreeSet::new();
+        let mut services = Vec::new();
+        for s in self.services {
+            if !ztna_proto::service::is_valid_name(&s) {
+                bail!("`services`: {s:?} is not a valid service name");
+            }
+            if seen.insert(s.clone()) {
+                services.push(s);
+            }
+        }
+        if self.status_socket.as_os_str().is_empty() {
+            bail!("`status_socket` is empty");
+        }
+        Ok(Config {
+            relay,
+            relay_name: self.relay_name,
+            bind: self.bind,
+            tls,
+            tun: self.tun,
+            mtu: self.mtu,
+            services,
+            status_socket: self.status_socket,
+            log: self.log.filter(|l| !l.trim().is_empty()),
+        })
+    }
+}
+
+/// Checks a Linux interface name: 1 to 15 bytes, no '/', ':' or whitespace, not "." or "..".
+fn validate_ifname(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if !ok {
+        bail!(
+            "`tun` = {name:?} is not a valid interface name (1 to {} characters, no '/', ':' or spaces)",
+            libc::IFNAMSIZ - 1
+        );
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Loads the CA, certificate and key, and checks that the certificate is an agent's.
+    pub(crate) fn credentials(&self) -> anyhow::Result<Credentials> {
+        // TlsError's message already names its cause; format it once instead of chaining it.
+        let credentials = Credentials::load(&self.tls)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| {
+                format!(
+                    "loading credentials (ca {}, cert {}, key {})",
+                    self.tls.ca.display(),
+                    self.tls.cert.display(),
+                    self.tls.key.display()
+                )
+            })?;
+        let identity = credentials.identity();
+        if identity.role != Role::Agent {
+            bail!(
+                "certificate {} belongs to {identity}; the agent needs an agent certificate",
+                self.tls.cert.display()
+            );
+        }
+        Ok(credentials)
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "relay {} ({}), tun {} mtu {}, services {}",
+            self.relay,
+            self.relay_name,
+            self.tun,
+            self.mtu,
+            if self.services.is_empty() {
+                "all allowed".to_owned()
+            } else {
+                self.services.join(",")
+            }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+relay = "192.0.2.1:4433"
+ca = "/etc/ztna/ca.pem"
+cert = "/etc/ztna/agent.pem"
+key = "/etc/ztna/agent.key"
+"#;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn sources<'a>(file: Option<&'a Path>, overrides: &'a Overrides) -> Sources<'a> {
+        Sources {
+            system: vec![],
+            file,
+            // A prefix nothing sets, so the tests do not see the caller's environment.
+            env_prefix: "ZTNA_TEST_UNSET_PREFIX_",
+            overrides,
+        }
+    }
+
+    #[test]
+    fn defaults_fill_everything_optional() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(dir.path(), "agent.toml", MINIMAL);
+        let o = Overrides::default();
+        let cfg = sources(Some(&f), &o).load().unwrap();
+        assert_eq!(cfg, example());
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let system = write(
+            dir.path(),
+            "system.toml",
+            &format!("{MINIMAL}\ntun = \"sys0\"\nmtu = 1300\nrelay_name = \"sys\"\n"),
+        );
+        let file = write(dir.path(), "agent.toml", "mtu = 1320\nlog = \"debug\"\n");
+        let prefix = "ZTNA_TEST_LAYERS_";
+        std::env::set_var(format!("{prefix}MTU"), "1340");
+        std::env::set_var(format!("{prefix}SERVICES"), "web, db");
+        std::env::set_var(format!("{prefix}UNRELATED_THING"), "ignored");
+        let overrides = Overrides {
+            relay_name: Some("flag".into()),
+            ..Overrides::default()
+        };
+        let s = Sources {
+            system: vec![dir.path().join("missing.toml"), system],
+            file: Some(&file),
+            env_prefix: prefix,
+            overrides: &overrides,
+        };
+        let cfg = s.load().unwrap();
+        assert_eq!(cfg.tun, "sys0", "system file");
+        assert_eq!(cfg.log.as_deref(), Some("debug"), "--config file");
+        assert_eq!(cfg.mtu, 1340, "environment beats files");
+        assert_eq!(cfg.services, ["web", "db"], "comma-separated list from env");
+        assert_eq!(cfg.relay_name, "flag", "flags beat everything");
+
+        let overrides = Overrides {
+            mtu: Some(1360),
+            services: Some(vec!["ssh".into()]),
+            ..Overrides::default()
+        };
+        let cfg = Sources {
+            overrides: &overrides,
+            ..s
+        }
+        .load()
+        .unwrap();
+        assert_eq!(cfg.mtu, 1360);
+        assert_eq!(cfg.services, ["ssh"]);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(dir.path(), "agent.toml", &format!("{MINIMAL}\nrealy = 1\n"));
+        let o = Overrides::default();
+        let err = format!("{:#}", sources(Some(&f), &o).load().unwrap_err());
+        assert!(err.contains("realy"), "{err}");
+        assert!(
+            err.contains(&format!("loading config from {}", f.display())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn json_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "agent.json",
+            r#"{"relay": "[2001:db8::1]:4433", "bind": "[::]:0", "ca": "ca.pem",
+                "cert": "a.pem", "key": "a.key", "services": ["web", "web", "db"], "mtu": 1300}"#,
+        );
+        let o = Overrides::default();
+        let cfg = sources(Some(&f), &o).load().unwrap();
+        assert_eq!(cfg.relay, "[2001:db8::1]:4433".parse().unwrap());
+        assert_eq!(cfg.mtu, 1300);
+        assert_eq!(cfg.services, ["web", "db"], "duplicates dropped");
+    }
+
+    #[test]
+    fn clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overrides::default();
+        let check = |text: &str, want: &str| {
+            let f = write(dir.path(), "x.toml", text);
+            let err = format!("{:#}", sources(Some(&f), &o).load().unwrap_err());
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        };
+        check("ca = \"a\"\ncert = \"b\"\nkey = \"c\"\n", "missing `relay`");
+        check("relay = \"192.0.2.1:4433\"\n", "missing `ca`");
+        check(&format!("{MINIMAL}\nmtu = 500\n"), "below the minimum");
+        check(
+            &format!("{MINIMAL}\ntun = \"a/b\"\n"),
+            "not a valid interface name",
+        );
+        check(
+            &format!("{MINIMAL}\ntun = \"sixteen-chars-xx\"\n"),
+            "not a valid interface name",
+        );
+        check(
+            &format!("{MINIMAL}\nbind = \"[::]:0\"\n"),
+            "address families",
+        );
+        check(
+            &format!("{MINIMAL}\nservices = [\"a b\"]\n"),
+            "not a valid service",
+        );
+        check("relay = \"nope\"\n", "loading config from");
+        let missing = dir.path().join("nope.toml");
+        let err = format!("{:#}", sources(Some(&missing), &o).load().unwrap_err());
+        assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn credentials_must_be_an_agents() {
+        use ztna_core::pki::CertificateAuthority;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("Test Org").unwrap();
+        let ca_pem = write(dir.path(), "ca.pem", &ca.cert_pem());
+        let load = |role: Role, name: &str| {
+            let issued = ca.issue(role, name, &[], &[]).unwrap();
+            let cfg = Config {
+                tls: TlsFiles {
+                    ca: ca_pem.clone(),
+                    cert: write(dir.path(), &format!("{name}.pem"), &issued.cert_pem),
+                    key: write(dir.path(), &format!("{name}.key"), &issued.key_pem),
+                },
+                ..example()
+            };
+            cfg.credentials()
+        };
+        let creds = load(Role::Agent, "alice").unwrap();
+        assert_eq!(creds.identity().name, "alice");
+        let err = format!("{:#}", load(Role::Relay, "relay").unwrap_err());
+        assert!(err.contains("needs an agent certificate"), "{err}");
+
+        let missing = Config {
+            tls: TlsFiles {
+                ca: dir.path().join("nope.pem"),
+                ..example().tls
+            },
+            ..example()
+        };
+        let err = format!("{:#}", missing.credentials().unwrap_err());
+        assert!(err.starts_with("loading credentials (ca "), "{err}");
+        assert!(err.contains("nope.pem"), "{err}");
+    }
+
+    fn example() -> Config {
+        Config {
+            relay: "192.0.2.1:4433".parse().unwrap(),
+            relay_name: "relay".into(),
+            bind: "0.0.0.0:0".parse().unwrap(),
+            tls: TlsFiles {
+                ca: "/etc/ztna/ca.pem".into(),
+                cert: "/etc/ztna/agent.pem".into(),
+                key: "/etc/ztna/agent.key".into(),
+            },
+            tun: "ztna0".into(),
+            mtu: 1280,
+            services: vec![],
+            status_socket: "/run/ztna/agent.sock".into(),
+            log: None,
+        }
+    }
+
+    #[test]
+    fn status_socket_needs_no_other_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Overrides::default();
+        assert_eq!(
+            sources(None, &o).status_socket().unwrap(),
+            PathBuf::from(DEFAULT_STATUS_SOCKET)
+        );
+        let f = write(dir.path(), "a.toml", "status_socket = \"/tmp/x.sock\"\n");
+        assert_eq!(
+            sources(Some(&f), &o).status_socket().unwrap(),
+            PathBuf::from("/tmp/x.sock")
+        );
+        let o = Overrides {
+            status_socket: Some("/tmp/y.sock".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            sources(Some(&f), &o).status_socket().unwrap(),
+            PathBuf::from("/tmp/y.sock")
+        );
+    }
+}

@@ -1,0 +1,630 @@
+//! The TUN device's link, address and routes, over rtnetlink (never by running `ip`).
+//!
+//! The agent gives its device one address, the tunnel IP as a `/32`, and one `/32` route per
+//! service address through the device, with the tunnel IP as preferred source. Every route it
+//! installs carries the route protocol [`RTPROT_ZTNA`], so the routes it owns can be found again,
+//! also after a crash, without touching anyone else's.
+//!
+//! The decisions are pure and tested ([`desired_routes`], [`diff_routes`], [`diff_addresses`]);
+//! [`Netlink`] reads what the kernel has, applies the differences, and does I/O on a netlink
+//! socket only.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{anyhow, Context as _};
+use futures::TryStreamExt as _;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{Handle, IpVersion};
+use ztna_core::agent::TunnelState;
+
+/// Route protocol number (`rtm_protocol`) of every route the agent installs: 0x7a (122, 'z').
+/// Unassigned in `/etc/iproute2/rt_protos`; `ip route` shows it as `proto 122`, and
+/// `ip route flush proto 122` removes ztna routes by hand.
+pub(crate) const RTPROT_ZTNA: u8 = 0x7a;
+
+/// Prefix length of the tunnel address and of every service route.
+const HOST_PREFIX: u8 = 32;
+
+const ESRCH: i32 = libc::ESRCH;
+const EEXIST: i32 = libc::EEXIST;
+const ENODEV: i32 = libc::ENODEV;
+const EADDRNOTAVAIL: i32 = libc::EADDRNOTAVAIL;
+
+/// An IPv4 route as far as the agent cares: destination, output device, preferred source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct RouteKey {
+    /// Destination network address.
+    pub(crate) dst: Ipv4Addr,
+    /// Destination prefix length.
+    pub(crate) prefix_len: u8,
+    /// Output interface index.
+    pub(crate) oif: Option<u32>,
+    /// Preferred source address.
+    pub(crate) src: Option<Ipv4Addr>,
+}
+
+/// What to change to get from the installed routes to the desired ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RouteDiff {
+    /// Routes to add, in order.
+    pub(crate) add: Vec<RouteKey>,
+    /// Indices into the installed list of routes to delete.
+    pub(crate) remove: Vec<usize>,
+}
+
+/// What to change to get from the installed IPv4 addresses of the device to the desired one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct AddrDiff {
+    /// Address to add as a `/32`.
+    pub(crate) add: Option<Ipv4Addr>,
+    /// Indices into the installed list of addresses to delete.
+    pub(crate) remove: Vec<usize>,
+}
+
+/// Whether `a` can be a service address worth a route: a unicast address, not on this host.
+fn routable(a: Ipv4Addr) -> bool {
+    !(a.is_unspecified()
+        || a.is_loopback()
+        || a.is_multicast()
+        || a.is_broadcast()
+        || a.is_link_local())
+}
+
+/// The routes a tunnel state asks for: one `/32` per distinct service address through device
+/// `oif`, from the tunnel IP. None until the tunnel IP is known, since packets sent before then
+/// would leave with another source address and be dropped by the connector anyway.
+pub(crate) fn desired_routes(state: &TunnelState, oif: u32) -> BTreeSet<RouteKey> {
+    let Some(tunnel_ip) = state.tunnel_ip else {
+        return BTreeSet::new();
+    };
+    state
+        .services
+        .iter()
+        .map(|s| s.address)
+        .filter(|a| *a != tunnel_ip && routable(*a))
+        .map(|dst| RouteKey {
+            dst,
+            prefix_len: HOST_PREFIX,
+            oif: Some(oif),
+            src: Some(tunnel_ip),
+        })
+        .collect()
+}
+
+/// Which of our `installed` routes to delete and which `desired` ones to add. An installed route
+/// that is not exactly desired (other device, other source, other prefix, or a duplicate) goes.
+pub(crate) fn diff_routes(desired: &BTreeSet<RouteKey>, installed: &[RouteKey]) -> RouteDiff {
+    let mut kept = BTreeSet::new();
+    let mut remove = Vec::new();
+    for (i, r) in installed.iter().enumerate() {
+        if desired.contains(r) && kept.insert(*r) {
+            continue;
+        }
+        remove.push(i);
+    }
+    let add = desired.difference(&kept).copied().collect();
+    RouteDiff { add, remove }
+}
+
+/// Which installed addresses of the device to delete, and whether to add the desired one.
+pub(crate) fn diff_addresses(desired: Option<Ipv4Addr>, installed: &[(Ipv4Addr, u8)]) -> AddrDiff {
+    let want = desired.map(|a| (a, HOST_PREFIX));
+    let present = want.is_some_and(|w| installed.contains(&w));
+    AddrDiff {
+        add: if present { None } else { desired },
+        remove: installed
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| Some(**a) != want)
+            .map(|(i, _)| i)
+            .collect(),
+    }
+}
+
+/// The positive errno of a netlink error, if it is one.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| c.get().abs()),
+        _ => None,
+    }
+}
+
+/// Wraps a netlink error, pointing at the missing privilege when that is the cause.
+fn nl_error(e: rtnetlink::Error, what: String) -> anyhow::Error {
+    match errno(&e) {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            anyhow!("{what}: {e} (ztna-agent up needs root or CAP_NET_ADMIN)")
+        }
+        _ => anyhow::Error::new(e).context(what),
+    }
+}
+
+/// What one reconciliation changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Changes {
+    /// Routes added.
+    pub(crate) added: usize,
+    /// Routes removed.
+    pub(crate) removed: usize,
+    /// Routes wanted in all.
+    pub(crate) routes: usize,
+}
+
+/// A netlink route socket.
+#[derive(Clone)]
+pub(crate) struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens the socket and spawns its connection task on the current runtime.
+    pub(crate) fn connect() -> anyhow::Result<Self> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().context("opening a netlink route socket")?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// The link named `name`, if there is one.
+    pub(crate) async fn link_by_name(&self, name: &str) -> anyhow::Result<Option<LinkMessage>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(link) => Ok(link),
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+            Err(e) => Err(nl_error(e, format!("looking up link {name}"))),
+        }
+    }
+
+    /// Deletes a leftover link named `name` (a persistent TUN device from an earlier run, or one
+    /// made with `ip tuntap add`). Refuses to delete a link that is not a TUN device. Returns
+    /// whether one was deleted.
+    pub(crate) async fn remove_stale_link(&self, name: &str) -> anyhow::Result<bool> {
+        let Some(link) = self.link_by_name(name).await? else {
+            return Ok(false);
+        };
+        let is_tun = link.attributes.iter().any(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos
+                .iter()
+                .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Tun))),
+            _ => false,
+        });
+        if !is_tun {
+            anyhow::bail!(
+                "a link named {name} exists and is not a TUN device; refusing to delete it (choose another `tun` name)"
+            );
+        }
+        tracing::warn!(
+            tun = name,
+            index = link.header.index,
+            "deleting a leftover TUN device"
+        );
+        self.delete_link(link.header.index, name).await?;
+        Ok(true)
+    }
+
+    /// Deletes link `index` (named `name`, for messages). A link that is already gone is fine.
+    pub(crate) async fn delete_link(&self, index: u32, name: &str) -> anyhow::Result<()> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(()),
+            Err(e) => Err(nl_error(e, format!("deleting link {name}"))),
+        }
+    }
+
+    /// Sets the MTU of link `index` and brings it up.
+    pub(crate) async fn set_mtu_up(&self, index: u32, name: &str, mtu: u16) -> anyhow::Result<()> {
+        self.handle
+            .link()
+            .set(index)
+            .mtu(u32::from(mtu))
+            .up()
+            .execute()
+            .await
+            .map_err(|e| nl_error(e, format!("setting MTU {mtu} on {name} and bringing it up")))
+    }
+
+    /// Makes the device's address and the routes match `state`: first the address (the routes
+    /// name it as their source), then the routes.
+    pub(crate) async fn apply(&self, state: &TunnelState, ifindex: u32) -> anyhow::Result<Changes> {
+        self.sync_address(ifindex, state.tunnel_ip).await?;
+        self.sync_routes(&desired_routes(state, ifindex)).await
+    }
+
+    /// The IPv4 addresses of link `ifindex`, with their prefix lengths.
+    async fn addresses(&self, ifindex: u32) -> anyhow::Result<Vec<(Ipv4Addr, u8)>> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_error(e, "listing addresses".into()))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.family == AddressFamily::Inet)
+            .filter_map(|m| {
+                let local = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(IpAddr::V4(v)) => Some(*v),
+                    _ => None,
+                });
+                let address = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                    _ => None,
+                });
+                local.or(address).map(|a| (a, m.header.prefix_len))
+            })
+            .collect())
+    }
+
+    /// Gives link `ifindex` exactly the address `want` (as a `/32`), or none.
+    pub(crate) async fn sync_address(
+        &self,
+        ifindex: u32,
+        want: Option<Ipv4Addr>,
+    ) -> anyhow::Result<()> {
+        let installed = self.addresses(ifindex).await?;
+        let diff = diff_addresses(want, &installed);
+        if let Some(ip) = diff.add {
+            let mut req = self
+                .handle
+                .address()
+                .add(ifindex, IpAddr::V4(ip), HOST_PREFIX);
+            // A /32 has no broadcast address; rtnetlink would set it to the address itself.
+            req.message_mut()
+                .attributes
+                .retain(|a| !matches!(a, AddressAttribute::Broadcast(_)));
+            req.replace()
+                .execute()
+                .await
+                .map_err(|e| nl_error(e, format!("assigning tunnel IP {ip}/32")))?;
+            tracing::info!(tunnel_ip = %ip, "tunnel address assigned");
+        }
+        for i in diff.remove {
+            let (ip, prefix) = installed[i];
+            self.delete_address(ifindex, ip, prefix).await?;
+            tracing::info!(address = %format!("{ip}/{prefix}"), "old tunnel address removed");
+        }
+        Ok(())
+    }
+
+    async fn delete_address(&self, ifindex: u32, ip: Ipv4Addr, prefix: u8) -> anyhow::Result<()> {
+        let mut msgs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .set_address_filter(IpAddr::V4(ip))
+            .set_prefix_length_filter(prefix)
+            .execute();
+        while let Some(msg) = msgs
+            .try_next()
+            .await
+            .map_err(|e| nl_error(e, "listing addresses".into()))?
+        {
+            match self.handle.address().del(msg).execute().await {
+                Ok(()) => {}
+                Err(e) if errno(&e) == Some(EADDRNOTAVAIL) => {}
+                Err(e) => return Err(nl_error(e, format!("removing address {ip}/{prefix}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Our routes (protocol [`RTPROT_ZTNA`], IPv4, main table), with their messages for deletion.
+    async fn our_routes(&self) -> anyhow::Result<Vec<(RouteKey, RouteMessage)>> {
+        let msgs: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_error(e, "listing routes".into()))?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| route_key(&m).map(|k| (k, m)))
+            .collect())
+    }
+
+    /// Makes our routes exactly `desired`: deletes the others first (a stale route to the same
+    /// destination would block the new one), then adds what is missing. Routes of other
+    /// protocols are never touched; if one is in the way, adding ours fails and is reported.
+    pub(crate) async fn sync_routes(
+        &self,
+        desired: &BTreeSet<RouteKey>,
+    ) -> anyhow::Result<Changes> {
+        let installed = self.our_routes().await?;
+        let keys: Vec<RouteKey> = installed.iter().map(|(k, _)| *k).collect();
+        let diff = diff_routes(desired, &keys);
+        let mut changes = Changes {
+            routes: desired.len(),
+            ..Changes::default()
+        };
+        let mut failed = None;
+        for i in diff.remove {
+            let (key, msg) = &installed[i];
+            match self.handle.route().del(msg.clone()).execute().await {
+                Ok(()) => {
+                    tracing::debug!(dst = %key.dst, prefix = key.prefix_len, "route removed");
+                    changes.removed += 1;
+                }
+                Err(e) if errno(&e) == Some(ESRCH) => {}
+                Err(e) => {
+                    let e = nl_error(
+                        e,
+                        format!("removing route to {}/{}", key.dst, key.prefix_len),
+                    );
+                    tracing::warn!(error = %format!("{e:#}"), "route not removed");
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        for key in diff.add {
+            match self.add_route(&key).await {
+                Ok(()) => {
+                    tracing::debug!(dst = %key.dst, "route added");
+                    changes.added += 1;
+                }
+                Err(e) => {
+                    let e = if errno(&e) == Some(EEXIST) {
+                        anyhow!(
+                            "adding route to {}/32: another route to this address exists (not one of ztna's); remove it to reach the service through the tunnel",
+                            key.dst
+                        )
+                    } else {
+                        nl_error(e, format!("adding route to {}/32", key.dst))
+                    };
+                    tracing::warn!(error = %format!("{e:#}"), "route not added");
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(changes),
+        }
+    }
+
+    async fn add_route(&self, key: &RouteKey) -> Result<(), rtnetlink::Error> {
+        let mut req = self
+            .handle
+            .route()
+            .add()
+            .v4()
+            .destination_prefix(key.dst, key.prefix_len)
+            .protocol(RouteProtocol::Other(RTPROT_ZTNA))
+            .scope(RouteScope::Link);
+        if let Some(oif) = key.oif {
+            req = req.output_interface(oif);
+        }
+        if let Some(src) = key.src {
+            req = req.pref_source(src);
+        }
+        req.execute().await
+    }
+}
+
+/// The key of a route message if it is one of ours (protocol [`RTPROT_ZTNA`], IPv4, main table).
+fn route_key(m: &RouteMessage) -> Option<RouteKey> {
+    let table = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table));
+    if m.header.protocol != RouteProtocol::Other(RTPROT_ZTNA)
+        || m.header.address_family != AddressFamily::Inet
+        || table != u32::from(RouteHeader::RT_TABLE_MAIN)
+    {
+        return None;
+    }
+    let mut key = RouteKey {
+        dst: Ipv4Addr::UNSPECIFIED,
+        prefix_len: m.header.destination_prefix_length,
+        oif: None,
+        src: None,
+    };
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => key.dst = *d,
+            RouteAttribute::Oif(i) => key.oif = Some(*i),
+            RouteAttribute::PrefSource(RouteAddress::Inet(s)) => key.src = Some(*s),
+            _ => {}
+        }
+    }
+    Some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ztna_proto::ServiceDef;
+
+    fn svc(name: &str, address: [u8; 4]) -> ServiceDef {
+        ServiceDef {
+            name: name.into(),
+            address: address.into(),
+            udp: vec![],
+            tcp: vec![],
+            icmp: true,
+            connector: "c1".into(),
+        }
+    }
+
+    fn route(dst: [u8; 4], oif: u32, src: [u8; 4]) -> RouteKey {
+        RouteKey {
+            dst: dst.into(),
+            prefix_len: 32,
+            oif: Some(oif),
+            src: Some(src.into()),
+        }
+    }
+
+    #[test]
+    fn no_routes_before_the_tunnel_ip() {
+        let st = TunnelState {
+            tunnel_ip: None,
+            services: vec![svc("web", [10, 100, 0, 1])],
+        };
+        assert!(desired_routes(&st, 7).is_empty());
+    }
+
+    #[test]
+    fn one_route_per_distinct_sane_address() {
+        let st = TunnelState {
+            tunnel_ip: Some([100, 64, 0, 2].into()),
+            services: vec![
+                svc("web", [10, 100, 0, 1]),
+                svc("web-alt", [10, 100, 0, 1]),
+                svc("db", [10, 100, 0, 2]),
+                svc("bad", [0, 0, 0, 0]),
+                svc("lo", [127, 0, 0, 1]),
+                svc("mc", [224, 0, 0, 1]),
+                svc("self", [100, 64, 0, 2]),
+            ],
+        };
+        let want: BTreeSet<_> = [
+            route([10, 100, 0, 1], 7, [100, 64, 0, 2]),
+            route([10, 100, 0, 2], 7, [100, 64, 0, 2]),
+        ]
+        .into();
+        assert_eq!(desired_routes(&st, 7), want);
+    }
+
+    #[test]
+    fn route_diff() {
+        let a = route([10, 100, 0, 1], 7, [100, 64, 0, 2]);
+        let b = route([10, 100, 0, 2], 7, [100, 64, 0, 2]);
+        let c = route([10, 100, 0, 3], 7, [100, 64, 0, 2]);
+        let desired: BTreeSet<_> = [a, b].into();
+
+        // Nothing installed: add everything, in order.
+        assert_eq!(
+            diff_routes(&desired, &[]),
+            RouteDiff {
+                add: vec![a, b],
+                remove: vec![]
+            }
+        );
+        // Already right: nothing to do.
+        assert_eq!(diff_routes(&desired, &[b, a]), RouteDiff::default());
+        // A service left, one came: remove c, add b.
+        assert_eq!(
+            diff_routes(&desired, &[a, c]),
+            RouteDiff {
+                add: vec![b],
+                remove: vec![1]
+            }
+        );
+        // Stale routes from a crashed run (old device index, old source), and a duplicate.
+        let stale_dev = route([10, 100, 0, 1], 3, [100, 64, 0, 2]);
+        let stale_src = route([10, 100, 0, 2], 7, [100, 64, 0, 9]);
+        assert_eq!(
+            diff_routes(&desired, &[stale_dev, a, stale_src, a]),
+            RouteDiff {
+                add: vec![b],
+                remove: vec![0, 2, 3]
+            }
+        );
+        // Wrong prefix length is not ours to keep.
+        let wide = RouteKey {
+            prefix_len: 24,
+            ..a
+        };
+        assert_eq!(
+            diff_routes(&desired, &[wide, b]),
+            RouteDiff {
+                add: vec![a],
+                remove: vec![0]
+            }
+        );
+        // Shutdown: everything goes.
+        assert_eq!(
+            diff_routes(&BTreeSet::new(), &[a, b, c]),
+            RouteDiff {
+                add: vec![],
+                remove: vec![0, 1, 2]
+            }
+        );
+    }
+
+    #[test]
+    fn address_diff() {
+        let ip1: Ipv4Addr = [100, 64, 0, 2].into();
+        let ip2: Ipv4Addr = [100, 64, 0, 3].into();
+        assert_eq!(diff_addresses(None, &[]), AddrDiff::default());
+        assert_eq!(
+            diff_addresses(Some(ip1), &[]),
+            AddrDiff {
+                add: Some(ip1),
+                remove: vec![]
+            }
+        );
+        assert_eq!(diff_addresses(Some(ip1), &[(ip1, 32)]), AddrDiff::default());
+        // The relay assigned a new address: add it, drop the old one.
+        assert_eq!(
+            diff_addresses(Some(ip2), &[(ip1, 32)]),
+            AddrDiff {
+                add: Some(ip2),
+                remove: vec![0]
+            }
+        );
+        // Someone added a wider address to our device: it goes, ours stays.
+        assert_eq!(
+            diff_addresses(Some(ip1), &[(ip1, 24), (ip1, 32)]),
+            AddrDiff {
+                add: None,
+                remove: vec![0]
+            }
+        );
+        assert_eq!(
+            diff_addresses(None, &[(ip1, 32)]),
+            AddrDiff {
+                add: None,
+                remove: vec![0]
+            }
+        );
+    }
+
+    #[test]
+    fn route_messages_are_recognised_as_ours() {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.protocol = RouteProtocol::Other(RTPROT_ZTNA);
+        m.header.destination_prefix_length = 32;
+        m.attributes = vec![
+            RouteAttribute::Destination(RouteAddress::Inet([10, 100, 0, 1].into())),
+            RouteAttribute::Oif(7),
+            RouteAttribute::PrefSource(RouteAddress::Inet([100, 64, 0, 2].into())),
+        ];
+        assert_eq!(
+            route_key(&m),
+            Some(route([10, 100, 0, 1], 7, [100, 64, 0, 2]))
+        );
+        let mut other = m.clone();
+        other.header.protocol = RouteProtocol::Static;
+        assert_eq!(route_key(&other), None);
+        let mut other = m.clone();
+        other.header.table = 100;
+        assert_eq!(route_key(&other), None);
+        let mut other = m;
+        other.attributes.push(RouteAttribute::Table(1000));
+        assert_eq!(route_key(&other), None);
+    }
+}

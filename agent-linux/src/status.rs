@@ -1,0 +1,444 @@
+//! The status socket: a Unix socket on which the running agent answers every connection with
+//! the JSON of [`AgentStatus`] and closes it; the `ztna-agent status` client; and the
+//! human-readable rendering of a status.
+//!
+//! I/O: the socket file and its parent directory. [`render`] is pure.
+
+use std::fmt::Write as _;
+use std::io::{self, Read as _};
+use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::UnixListener;
+use ztna_core::agent::AgentStatus;
+
+/// How long a client may take to be served.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the client waits for the agent.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest status document the client accepts.
+const MAX_STATUS: u64 = 16 << 20;
+
+/// Makes `path` free for a new socket: fails if an agent answers there, removes a stale socket
+/// left by a crash, and refuses to remove anything that is not a socket.
+pub(crate) fn clear_stale(path: &Path) -> anyhow::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+    };
+    if !meta.file_type().is_socket() {
+        bail!(
+            "{} exists and is not a socket; refusing to replace it (set `status_socket` elsewhere)",
+            path.display()
+        );
+    }
+    if StdUnixStream::connect(path).is_ok() {
+        bail!(
+            "another ztna-agent is running (its status socket {} answers); stop it first",
+            path.display()
+        );
+    }
+    tracing::info!(socket = %path.display(), "removing a stale status socket");
+    std::fs::remove_file(path)
+        .with_context(|| format!("removing stale status socket {}", path.display()))
+}
+
+/// Binds the status socket at `path`: creates the parent directory (0755) if needed and makes
+/// the socket 0660, owned by the user running the agent (root).
+pub(crate) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .with_context(|| format!("creating directory {}", parent.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding status socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting permissions of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Answers every connection with `snapshot()` as one line of JSON, forever.
+pub(crate) async fn serve(listener: UnixListener, snapshot: impl Fn() -> AgentStatus) {
+    loop {
+        let mut stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "status socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let mut body = match serde_json::to_vec(&snapshot()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not serialise the status");
+                continue;
+            }
+        };
+        body.push(b'\n');
+        let write = async {
+            stream.write_all(&body).await?;
+            stream.shutdown().await
+        };
+        match tokio::time::timeout(SERVE_TIMEOUT, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "status client went away"),
+            Err(_) => tracing::debug!("status client too slow; dropped"),
+        }
+    }
+}
+
+/// Reads the JSON status document from the agent's socket at `path`.
+pub(crate) fn fetch(path: &Path) -> anyhow::Result<String> {
+    let stream = match StdUnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            bail!(
+                "ztna-agent is not running (no status socket at {})",
+                path.display()
+            )
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            bail!(
+                "ztna-agent is not running (stale status socket at {})",
+                path.display()
+            )
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            bail!(
+                "permission denied connecting to {} (run as root, or as a member of the socket's group)",
+                path.display()
+            )
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("connecting to {}", path.display()));
+        }
+    };
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .context("setting a read timeout")?;
+    let mut text = String::new();
+    stream
+        .take(MAX_STATUS)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading the status from {}", path.display()))?;
+    if text.trim().is_empty() {
+        bail!("the agent at {} sent an empty status", path.display());
+    }
+    Ok(text)
+}
+
+/// Parses a status document.
+pub(crate) fn parse(text: &str) -> anyhow::Result<AgentStatus> {
+    serde_json::from_str(text)
+        .context("the agent sent a status this version of ztna-agent does not understand")
+}
+
+/// Bytes with a binary unit.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+fn rtt(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "-".into(), |v| format!("{v:.1}"))
+}
+
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// Formats rows as left-aligned columns separated by two spaces, the last column unpadded.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::from("  ");
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A human-readable summary of a status.
+pub(crate) fn render(s: &AgentStatus) -> String {
+    let mut out = String::new();
+    let state = if s.connected {
+        "connected"
+    } else {
+        "not connected"
+    };
+    let _ = writeln!(out, "relay:        {} ({state})", s.relay);
+    if s.connected {
+        let _ = writeln!(out, "relay rtt:    {} ms", rtt(s.relay_rtt_ms));
+    }
+    let _ = writeln!(out, "observed as:  {}", or_dash(s.observed_addr));
+    let _ = writeln!(out, "identity:     {}", s.identity);
+    let _ = writeln!(out, "tunnel ip:    {}", or_dash(s.tunnel_ip));
+    let _ = writeln!(out, "mtu:          {}", s.mtu);
+    let _ = writeln!(out, "sessions:     {}", s.relay_sessions);
+    if let Some(e) = &s.last_error {
+        let _ = writeln!(out, "last error:   {e}");
+    }
+    if !s.rejected.is_empty() {
+        let _ = writeln!(out, "\nrejected services:");
+        let rows: Vec<Vec<String>> = s
+            .rejected
+            .iter()
+            .map(|r| vec![r.name.clone(), r.code.clone(), r.message.clone()])
+            .collect();
+        out.push_str(&table(&rows));
+    }
+    if s.connectors.is_empty() {
+        let _ = writeln!(out, "\nconnectors:   none");
+    } else {
+        let _ = writeln!(out, "\nconnectors:");
+        let mut rows = vec![[
+            "NAME",
+            "PATH",
+            "RTT ms",
+            "TX",
+            "TX pkts",
+            "RX",
+            "RX pkts",
+            "SERVICES",
+            "LAST ERROR",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for c in &s.connectors {
+            rows.push(vec![
+                c.name.clone(),
+                c.path.clone(),
+                rtt(c.rtt_ms),
+                human_bytes(c.tx_bytes),
+                c.tx_packets.to_string(),
+                human_bytes(c.rx_bytes),
+                c.rx_packets.to_string(),
+                if c.services.is_empty() {
+                    "-".into()
+                } else {
+                    c.services.join(",")
+                },
+                c.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    let _ = writeln!(
+        out,
+        "\ndropped:      {} outbound with no service route, {} outbound while the tunnel was not up, {} inbound (TUN device not reading)",
+        s.dropped_no_route, s.dropped_tunnel_down, s.dropped_to_platform
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ztna_core::agent::{ConnectorStatus, RejectedService};
+
+    fn down() -> AgentStatus {
+        AgentStatus {
+            relay: "10.99.0.1:4433".into(),
+            connected: false,
+            identity: "alice".into(),
+            tunnel_ip: None,
+            observed_addr: None,
+            relay_rtt_ms: None,
+            mtu: 1280,
+            rejected: vec![],
+            connectors: vec![],
+            dropped_no_route: 3,
+            dropped_tunnel_down: 0,
+            dropped_to_platform: 0,
+            relay_sessions: 0,
+            last_error: Some("the relay did not answer within 5s".into()),
+        }
+    }
+
+    fn up() -> AgentStatus {
+        AgentStatus {
+            connected: true,
+            tunnel_ip: Some([100, 64, 0, 2].into()),
+            observed_addr: Some("198.51.100.7:53211".parse().unwrap()),
+            relay_rtt_ms: Some(12.345),
+            rejected: vec![RejectedService {
+                name: "payroll".into(),
+                code: "not-authorised".into(),
+                message: "alice may not reach payroll".into(),
+            }],
+            connectors: vec![
+                ConnectorStatus {
+                    name: "dc1".into(),
+                    path: "relay".into(),
+                    channel_id: Some(4),
+                    rtt_ms: Some(20.04),
+                    tx_bytes: 1536,
+                    rx_bytes: 3 * 1024 * 1024,
+                    tx_packets: 12,
+                    rx_packets: 2400,
+                    services: vec!["web".into(), "db".into()],
+                    last_error: None,
+                },
+                ConnectorStatus {
+                    name: "lab".into(),
+                    path: "connecting".into(),
+                    channel_id: None,
+                    rtt_ms: None,
+                    tx_bytes: 0,
+                    rx_bytes: 0,
+                    tx_packets: 0,
+                    rx_packets: 0,
+                    services: vec!["ssh".into()],
+                    last_error: Some("inner handshake timed out".into()),
+                },
+            ],
+            relay_sessions: 2,
+            last_error: None,
+            ..down()
+        }
+    }
+
+    #[test]
+    fn renders_a_disconnected_agent() {
+        let text = render(&down());
+        assert_eq!(
+            text,
+            "relay:        10.99.0.1:4433 (not connected)\n\
+             observed as:  -\n\
+             identity:     alice\n\
+             tunnel ip:    -\n\
+             mtu:          1280\n\
+             sessions:     0\n\
+             last error:   the relay did not answer within 5s\n\
+             \n\
+             connectors:   none\n\
+             \n\
+             dropped:      3 outbound with no service route, 0 outbound while the tunnel was not up, 0 inbound (TUN device not reading)\n"
+        );
+    }
+
+    #[test]
+    fn renders_connectors_as_a_table() {
+        let text = render(&up());
+        assert!(text.starts_with(
+            "relay:        10.99.0.1:4433 (connected)\nrelay rtt:    12.3 ms\nobserved as:  198.51.100.7:53211\n"
+        ), "{text}");
+        assert!(text.contains("tunnel ip:    100.64.0.2\n"), "{text}");
+        assert!(
+            text.contains(
+                "rejected services:\n  payroll  not-authorised  alice may not reach payroll\n"
+            ),
+            "{text}"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        let head = lines.iter().position(|l| l.contains("NAME")).unwrap();
+        assert_eq!(
+            lines[head],
+            "  NAME  PATH        RTT ms  TX       TX pkts  RX       RX pkts  SERVICES  LAST ERROR"
+        );
+        assert_eq!(
+            lines[head + 1],
+            "  dc1   relay       20.0    1.5 KiB  12       3.0 MiB  2400     web,db    -"
+        );
+        assert_eq!(
+            lines[head + 2],
+            "  lab   connecting  -       0 B      0        0 B      0        ssh       inner handshake timed out"
+        );
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
+    }
+
+    #[tokio::test]
+    async fn socket_round_trip_and_stale_cleanup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/agent.sock");
+        let err = fetch(&path).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "ztna-agent is not running (no status socket at {})",
+                path.display()
+            )
+        );
+
+        clear_stale(&path).unwrap();
+        let listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        let server = tokio::spawn(serve(listener, up));
+        let text = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || fetch(&path)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(parse(&text).unwrap(), up());
+        assert!(clear_stale(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("another ztna-agent is running"));
+
+        // A crash leaves the socket file behind: it is refused, then cleared.
+        server.abort();
+        let _ = server.await;
+        assert!(path.exists());
+        let err = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || fetch(&path)
+        })
+        .await
+        .unwrap()
+        .unwrap_err();
+        assert!(err.to_string().contains("stale status socket"), "{err}");
+        clear_stale(&path).unwrap();
+        assert!(!path.exists());
+
+        std::fs::write(&path, "not a socket").unwrap();
+        assert!(clear_stale(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("is not a socket"));
+    }
+}

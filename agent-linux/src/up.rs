@@ -1,0 +1,217 @@
+//! `ztna-agent up`: the lifecycle of a running agent.
+//!
+//! Start: load the credentials, clear what a crashed run may have left (a live agent on the
+//! status socket stops us; a stale socket file, a leftover TUN device and leftover ztna routes
+//! are removed), create the TUN device, set its MTU and bring it up, bind the status socket and
+//! start the tunnel core. Run: two packet loops, the address and route reconciler, and the
+//! status server, until SIGINT or SIGTERM (or a fatal device error). Stop: remove the routes,
+//! delete the device over netlink and close it, remove the status socket, shut the tunnel down.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use ztna_core::agent::{Agent, AgentConfig, TunnelState};
+use ztna_core::session::RelayTarget;
+use ztna_core::tls::Credentials;
+use ztna_core::transport::Timing;
+
+use crate::config::Config;
+use crate::netlink::{desired_routes, Netlink};
+use crate::status;
+use crate::tun::{self, Tun};
+
+/// Wait before retrying an address or route change that failed.
+const RECONCILE_RETRY: Duration = Duration::from_secs(2);
+
+/// What has been set up and must be taken down.
+#[derive(Default)]
+struct Running {
+    tasks: JoinSet<anyhow::Result<()>>,
+    agent: Option<Arc<Agent>>,
+    socket_bound: bool,
+}
+
+/// Runs the agent until a signal or a fatal error, then cleans up. Returns the fatal error, if
+/// any; a signal is a clean exit.
+pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
+    let credentials = cfg.credentials()?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+
+    status::clear_stale(&cfg.status_socket)?;
+    let nl = Netlink::connect()?;
+    nl.remove_stale_link(&cfg.tun).await?;
+    let tun = tun::create(&cfg.tun)?;
+    tracing::info!(tun = %tun.name, index = tun.index, "TUN device created");
+
+    let mut running = Running::default();
+    let outcome = serve(
+        &cfg,
+        credentials,
+        &nl,
+        &tun,
+        &mut running,
+        &mut sigint,
+        &mut sigterm,
+    )
+    .await;
+
+    // Take everything down, whatever happened; report problems but carry on.
+    running.tasks.shutdown().await;
+    match nl.sync_routes(&BTreeSet::new()).await {
+        Ok(c) => tracing::debug!(removed = c.removed, "routes removed"),
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove all routes"),
+    }
+    if let Err(e) = nl.delete_link(tun.index, &tun.name).await {
+        tracing::warn!(error = %format!("{e:#}"), "could not delete the TUN device");
+    }
+    let tun_name = tun.name.clone();
+    drop(tun);
+    if running.socket_bound {
+        if let Err(e) = std::fs::remove_file(&cfg.status_socket) {
+            tracing::warn!(socket = %cfg.status_socket.display(), error = %e, "could not remove the status socket");
+        }
+    }
+    if let Some(agent) = running.agent.take() {
+        match Arc::try_unwrap(agent) {
+            Ok(agent) => agent.shutdown().await,
+            Err(_) => tracing::warn!("the tunnel is still in use; not waiting for it to close"),
+        }
+    }
+    match &outcome {
+        Ok(()) => {
+            tracing::info!(tun = %tun_name, "ztna-agent stopped; routes, device and status socket removed")
+        }
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "ztna-agent stopped after an error"),
+    }
+    outcome
+}
+
+/// Sets the device up, starts the tunnel and its tasks, and waits for a signal or a failure.
+async fn serve(
+    cfg: &Config,
+    credentials: Credentials,
+    nl: &Netlink,
+    tun: &Tun,
+    running: &mut Running,
+    sigint: &mut Signal,
+    sigterm: &mut Signal,
+) -> anyhow::Result<()> {
+    let stale = nl.sync_routes(&BTreeSet::new()).await?;
+    if stale.removed > 0 {
+        tracing::warn!(
+            removed = stale.removed,
+            "removed leftover ztna routes from an earlier run"
+        );
+    }
+    tun::disable_ipv6(&tun.name);
+    nl.set_mtu_up(tun.index, &tun.name, cfg.mtu).await?;
+
+    let listener = status::bind(&cfg.status_socket)?;
+    running.socket_bound = true;
+
+    let (agent, from_tunnel) = Agent::start(AgentConfig {
+        relay: RelayTarget {
+            addr: cfg.relay,
+            server_name: cfg.relay_name.clone(),
+        },
+        bind: cfg.bind,
+        credentials,
+        timing: Timing::default(),
+        tun_mtu: cfg.mtu,
+        want: cfg.services.clone(),
+    })
+    .with_context(|| format!("starting the tunnel on UDP {}", cfg.bind))?;
+    let agent = Arc::new(agent);
+    running.agent = Some(agent.clone());
+
+    running
+        .tasks
+        .spawn(tun::device_to_tunnel(tun.dev.clone(), agent.clone()));
+    running
+        .tasks
+        .spawn(tun::tunnel_to_device(tun.dev.clone(), from_tunnel));
+    running
+        .tasks
+        .spawn(reconcile(nl.clone(), agent.state(), tun.index));
+    let status_agent = agent.clone();
+    running.tasks.spawn(async move {
+        status::serve(listener, move || status_agent.status()).await;
+        Ok(())
+    });
+    tracing::info!(
+        relay = %cfg.relay,
+        identity = %agent.status().identity,
+        tun = %tun.name,
+        mtu = cfg.mtu,
+        socket = %cfg.status_socket.display(),
+        "ztna-agent up"
+    );
+    drop(agent);
+
+    tokio::select! {
+        _ = sigint.recv() => {
+            tracing::info!("SIGINT received; shutting down");
+            Ok(())
+        }
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM received; shutting down");
+            Ok(())
+        }
+        Some(done) = running.tasks.join_next() => match done {
+            Ok(Ok(())) => Err(anyhow!("the tunnel stopped unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow!("an agent task failed: {e}")),
+        },
+    }
+}
+
+/// Applies every tunnel state the core publishes (tunnel address, service routes), retrying
+/// after a failure. Ends only when the tunnel is dropped.
+async fn reconcile(
+    nl: Netlink,
+    mut state: watch::Receiver<TunnelState>,
+    ifindex: u32,
+) -> anyhow::Result<()> {
+    loop {
+        let st = state.borrow_and_update().clone();
+        let applied = match nl.apply(&st, ifindex).await {
+            Ok(c) => {
+                if c.added + c.removed > 0 {
+                    tracing::info!(
+                        services = st.services.len(),
+                        routes = c.routes,
+                        added = c.added,
+                        removed = c.removed,
+                        "service routes updated"
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    routes = desired_routes(&st, ifindex).len(),
+                    "could not apply the tunnel address and routes; retrying"
+                );
+                false
+            }
+        };
+        let changed = if applied {
+            state.changed().await
+        } else {
+            tokio::select! {
+                r = state.changed() => r,
+                _ = tokio::time::sleep(RECONCILE_RETRY) => Ok(()),
+            }
+        };
+        if changed.is_err() {
+            return Ok(());
+        }
+    }
+}
