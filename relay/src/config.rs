@@ -161,6 +161,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature
     fn toml_and_json_load_and_unknown_keys_fail() {
         let dir = tempfile::tempdir().unwrap();
         let toml = dir.path().join("relay.toml");
