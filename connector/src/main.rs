@@ -1,1 +1,119 @@
-fn main() {}
+//! `ztna-connector`: terminates agents' end-to-end tunnels next to private services and forwards
+//! their packets to the real backends.
+//!
+//! `config` reads the configuration; `tunnel` holds the relay session and the inner connections;
+//! `dataplane` forwards UDP and ICMP (its `packet` and `flows` modules are pure); `metrics`
+//! counts what happens.
+
+mod config;
+mod dataplane;
+mod metrics;
+mod tunnel;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use ztna_core::session::Node;
+use ztna_core::tls::Credentials;
+use ztna_proto::Role;
+
+use crate::config::ConnectorConfig;
+use crate::dataplane::Dataplane;
+use crate::metrics::Metrics;
+use crate::tunnel::Tunnel;
+
+#[derive(Parser)]
+#[command(
+    name = "ztna-connector",
+    version,
+    about = "ztna connector: forwards agents' tunnelled packets to private services"
+)]
+struct Cli {
+    /// Config file (TOML, or JSON if it ends in .json).
+    #[arg(long, short, env = "ZTNA_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn init_logging(filter: Option<&str>) {
+    let filter = std::env::var("ZTNA_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .or_else(|| filter.map(str::to_owned))
+        .unwrap_or_else(|| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
+    let files = cfg.tls_files()?;
+    let creds = Credentials::load(&files).context("loading the connector's TLS files")?;
+    anyhow::ensure!(
+        creds.identity().role == Role::Connector,
+        "certificate {} is for {}, not a connector",
+        files.cert.display(),
+        creds.identity()
+    );
+    let relay = cfg.relay_target()?;
+    let backends = cfg.backends()?;
+    anyhow::ensure!(!backends.is_empty(), "no [[services]] configured");
+    let services = backends.iter().map(|b| b.def.clone()).collect();
+    let metrics = Arc::new(Metrics::default());
+    let dataplane = Dataplane::new(backends, cfg.dataplane(), metrics.clone())?;
+    let node = Node::bind(cfg.bind, creds.clone(), cfg.timing())
+        .with_context(|| format!("binding UDP {}", cfg.bind))?;
+    let local = node.endpoint().local_addr()?;
+    if local.ip().is_unspecified() {
+        tracing::info!(addr = %local, "UDP socket on all interfaces (relay connection; direct paths later); set `bind` to restrict");
+    }
+    tracing::info!(identity = %creds.identity().name, relay = %relay.addr, "connector starting");
+    let metrics_task = cfg.metrics.map(|addr| {
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ztna_core::metrics_http::serve(addr, Arc::new(move || m.render())).await
+            {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        })
+    });
+    let endpoint = node.endpoint().clone();
+    let tunnel = Tunnel::new(node, relay, services, dataplane, metrics);
+    tokio::select! {
+        () = tunnel.run() => {}
+        () = shutdown_signal() => tracing::info!("connector shutting down"),
+    }
+    endpoint.close(0u32.into(), b"connector shutting down");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let cfg = ConnectorConfig::load(cli.config.as_deref())?;
+    init_logging(cfg.log.as_deref());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(cfg))
+}

@@ -1,0 +1,315 @@
+//! The connector's configuration: figment layers built-in defaults < `/etc/ztna/connector.toml`
+//! < `--config FILE` (TOML, or JSON for `.json`) < `ZTNA_*` environment variables.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use figment::providers::{Env, Format, Json, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use ztna_core::session::RelayTarget;
+use ztna_core::tls::TlsFiles;
+use ztna_core::transport::Timing;
+use ztna_proto::{PortRange, ServiceDef};
+
+use crate::dataplane::{BackendService, DataplaneConfig, IcmpMode};
+
+/// Default system-wide config file.
+pub(crate) const SYSTEM_CONFIG: &str = "/etc/ztna/connector.toml";
+
+/// One service as configured.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServiceConfig {
+    /// Name policy refers to.
+    pub(crate) name: String,
+    /// Virtual IPv4 address agents use.
+    pub(crate) address: Ipv4Addr,
+    /// Real backend: `IP` (same ports) or `IP:PORT` (every port maps to PORT).
+    pub(crate) backend: String,
+    /// UDP ports: `"53"` or `"5000-5010"`.
+    #[serde(default)]
+    pub(crate) udp: Vec<String>,
+    /// TCP ports (not supported yet: the userspace TCP stack is a separate issue).
+    #[serde(default)]
+    pub(crate) tcp: Vec<String>,
+    /// Answer ICMP echo to the address.
+    #[serde(default = "yes")]
+    pub(crate) icmp: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Keys that `ZTNA_<KEY>` environment variables may set (`ZTNA_LOG` is read by the logger).
+const ENV_KEYS: [&str; 12] = [
+    "relay",
+    "relay_name",
+    "bind",
+    "ca",
+    "cert",
+    "key",
+    "icmp",
+    "udp_idle_timeout_secs",
+    "max_flows_per_agent",
+    "metrics",
+    "keepalive_secs",
+    "idle_timeout_secs",
+];
+
+/// Everything the connector reads from configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConnectorConfig {
+    /// The relay's UDP address.
+    pub(crate) relay: Option<SocketAddr>,
+    /// DNS name in the relay's certificate.
+    pub(crate) relay_name: String,
+    /// Local UDP address: one socket carries the relay connection and (later) direct paths.
+    pub(crate) bind: SocketAddr,
+    /// Organisation CA certificate.
+    pub(crate) ca: Option<PathBuf>,
+    /// The connector's certificate.
+    pub(crate) cert: Option<PathBuf>,
+    /// The connector's private key.
+    pub(crate) key: Option<PathBuf>,
+    /// How ICMP echo is answered.
+    pub(crate) icmp: IcmpMode,
+    /// Idle timeout of UDP and ICMP flows.
+    pub(crate) udp_idle_timeout_secs: u64,
+    /// Flows one agent may hold.
+    pub(crate) max_flows_per_agent: usize,
+    /// Prometheus endpoint (off unless set).
+    pub(crate) metrics: Option<SocketAddr>,
+    /// Keepalive of the relay and inner connections.
+    pub(crate) keepalive_secs: u64,
+    /// Idle timeout of the relay and inner connections.
+    pub(crate) idle_timeout_secs: u64,
+    /// Log filter.
+    pub(crate) log: Option<String>,
+    /// Services offered.
+    pub(crate) services: Vec<ServiceConfig>,
+}
+
+impl Default for ConnectorConfig {
+    fn default() -> Self {
+        let t = Timing::default();
+        Self {
+            relay: None,
+            relay_name: "relay".into(),
+            bind: SocketAddr::from(([0, 0, 0, 0], 4434)),
+            ca: None,
+            cert: None,
+            key: None,
+            icmp: IcmpMode::Auto,
+            udp_idle_timeout_secs: 60,
+            max_flows_per_agent: 4096,
+            metrics: None,
+            keepalive_secs: t.keepalive.as_secs(),
+            idle_timeout_secs: t.idle_timeout.as_secs(),
+            log: None,
+            services: Vec::new(),
+        }
+    }
+}
+
+fn parse_ports(service: &str, proto: &str, list: &[String]) -> anyhow::Result<Vec<PortRange>> {
+    list.iter()
+        .map(|p| {
+            p.parse::<PortRange>()
+                .with_context(|| format!("service {service}: {proto} ports"))
+        })
+        .collect()
+}
+
+impl ConnectorConfig {
+    /// Loads the layers; `file` is `--config`.
+    pub(crate) fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut fig = Figment::from(Serialized::defaults(ConnectorConfig::default()));
+        if Path::new(SYSTEM_CONFIG).exists() {
+            fig = fig.merge(Toml::file(SYSTEM_CONFIG));
+        }
+        if let Some(f) = file {
+            anyhow::ensure!(f.exists(), "config file {} does not exist", f.display());
+            fig = if f.extension().is_some_and(|e| e == "json") {
+                fig.merge(Json::file(f))
+            } else {
+                fig.merge(Toml::file(f))
+            };
+        }
+        // Only this program's keys: other ztna programs' variables may share the environment.
+        fig = fig.merge(Env::prefixed("ZTNA_").only(&ENV_KEYS).lowercase(true));
+        let cfg: ConnectorConfig = fig.extract().context("invalid connector configuration")?;
+        cfg.backends()?;
+        anyhow::ensure!(
+            cfg.idle_timeout_secs > cfg.keepalive_secs && cfg.keepalive_secs >= 1,
+            "idle_timeout_secs must exceed keepalive_secs (>= 1)"
+        );
+        anyhow::ensure!(
+            cfg.max_flows_per_agent >= 1,
+            "max_flows_per_agent must be at least 1"
+        );
+        Ok(cfg)
+    }
+
+    /// The relay to connect to.
+    pub(crate) fn relay_target(&self) -> anyhow::Result<RelayTarget> {
+        let addr = self
+            .relay
+            .context("`relay` is not set (the relay's IP:PORT)")?;
+        Ok(RelayTarget {
+            addr,
+            server_name: self.relay_name.clone(),
+        })
+    }
+
+    /// The TLS files; all three are required.
+    pub(crate) fn tls_files(&self) -> anyhow::Result<TlsFiles> {
+        let need = |p: &Option<PathBuf>, k: &str| {
+            p.clone()
+                .with_context(|| format!("`{k}` is not set (path to a PEM file)"))
+        };
+        Ok(TlsFiles {
+            ca: need(&self.ca, "ca")?,
+            cert: need(&self.cert, "cert")?,
+            key: need(&self.key, "key")?,
+        })
+    }
+
+    /// Keepalive and idle timing.
+    pub(crate) fn timing(&self) -> Timing {
+        Timing {
+            keepalive: Duration::from_secs(self.keepalive_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+        }
+    }
+
+    /// Data plane settings.
+    pub(crate) fn dataplane(&self) -> DataplaneConfig {
+        DataplaneConfig {
+            udp_idle_timeout: Duration::from_secs(self.udp_idle_timeout_secs),
+            max_flows_per_agent: self.max_flows_per_agent,
+            icmp: self.icmp,
+        }
+    }
+
+    /// The services with their backends, validated.
+    pub(crate) fn backends(&self) -> anyhow::Result<Vec<BackendService>> {
+        let mut out: Vec<BackendService> = Vec::new();
+        for s in &self.services {
+            anyhow::ensure!(
+                s.tcp.is_empty(),
+                "service {}: TCP services are not supported yet (the userspace TCP stack is planned); remove `tcp`",
+                s.name
+            );
+            let (backend, backend_port) = match s.backend.parse::<SocketAddrV4>() {
+                Ok(sa) => (*sa.ip(), Some(sa.port())),
+                Err(_) => (
+                    s.backend.parse::<Ipv4Addr>().with_context(|| {
+                        format!(
+                            "service {}: backend {:?} is not IPv4 or IPv4:PORT",
+                            s.name, s.backend
+                        )
+                    })?,
+                    None,
+                ),
+            };
+            let def = ServiceDef {
+                name: s.name.clone(),
+                address: s.address,
+                udp: parse_ports(&s.name, "udp", &s.udp)?,
+                tcp: parse_ports(&s.name, "tcp", &s.tcp)?,
+                icmp: s.icmp,
+                connector: String::new(),
+            };
+            def.validate().map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(
+                !out.iter().any(|o| o.def.name == def.name),
+                "service {} is defined twice",
+                def.name
+            );
+            anyhow::ensure!(
+                !out.iter().any(|o| o.def.address == def.address),
+                "address {} is used by two services",
+                def.address
+            );
+            out.push(BackendService {
+                def,
+                backend,
+                backend_port,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, ext: &str) -> anyhow::Result<ConnectorConfig> {
+        let dir = std::env::temp_dir().join(format!(
+            "ztna-conn-cfg-{}-{}",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join(format!("c.{ext}"));
+        std::fs::write(&f, text).unwrap();
+        let r = ConnectorConfig::load(Some(&f));
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    #[test]
+    fn services_parse_and_validate() {
+        let cfg = load(
+            r#"
+relay = "10.10.0.1:4433"
+ca = "/ca"
+cert = "/c"
+key = "/k"
+[[services]]
+name = "echo"
+address = "10.100.0.1"
+backend = "10.10.3.2"
+udp = ["7", "9000-9010"]
+[[services]]
+name = "dns"
+address = "10.100.0.2"
+backend = "10.10.3.2:5353"
+udp = ["53"]
+icmp = false
+"#,
+            "toml",
+        )
+        .unwrap();
+        let b = cfg.backends().unwrap();
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].backend_port, None);
+        assert_eq!(b[1].backend_port, Some(5353));
+        assert!(b[0].def.allows_udp(9005) && !b[0].def.allows_udp(8));
+        assert_eq!(cfg.bind.port(), 4434);
+        assert_eq!(cfg.icmp, IcmpMode::Auto);
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        assert!(load("relay = \"1.2.3.4:1\"\nbogus = 1\n", "toml").is_err());
+        let svc = |extra: &str| {
+            format!("[[services]]\nname = \"x\"\naddress = \"10.100.0.1\"\nbackend = \"10.0.0.1\"\n{extra}\n")
+        };
+        assert!(load(&svc("udp = [\"0\"]"), "toml").is_err());
+        assert!(load(&svc("tcp = [\"80\"]"), "toml").is_err());
+        assert!(load(&svc("udp = [\"7\"]\nbackend2 = 1"), "toml").is_err());
+        assert!(load(
+            &format!("{}{}", svc("udp = [\"7\"]"), svc("udp = [\"8\"]")),
+            "toml"
+        )
+        .is_err());
+        assert!(load(r#"{"relay": "10.0.0.1:4433", "icmp": "local"}"#, "json").is_ok());
+    }
+}

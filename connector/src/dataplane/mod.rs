@@ -1,0 +1,1194 @@
+//! The connector's data plane for UDP and ICMP: checks every IPv4 packet an agent sends through
+//! its tunnel, forwards UDP datagrams and ICMP echo requests to the services' backends, and
+//! turns what comes back into IPv4 packets for the agent.
+//!
+//! Layout: [`packet`] (pure: parse and check agent packets, build reply packets) and [`flows`]
+//! (pure: the flow table with idle timeout and per-agent cap, time injected) hold the logic;
+//! [`udp`] and [`icmp`] are thin tokio shells that own the backend sockets and one task per
+//! flow; this module glues them together behind [`Dataplane`].
+//!
+//! Bounds: no queues at all (every send is a non-blocking syscall or the agent's non-blocking
+//! sink, and drops when full), at most `max_flows_per_agent` flows (one socket and one task
+//! each) per agent, and a fixed-size receive buffer per runtime thread.
+
+mod flows;
+mod icmp;
+mod packet;
+mod udp;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use bytes::Bytes;
+use tokio::task::AbortHandle;
+use tracing::{debug, info, trace, warn};
+use ztna_proto::ServiceDef;
+
+use crate::metrics::{gauge_dec, gauge_inc, Metrics};
+use flows::{FlowId, FlowKey, FlowTable, InsertError};
+use packet::{AgentPacket, DropReason, EchoRequest, Quote, UdpDatagram};
+use udp::BackendSocket;
+
+/// A service as the connector serves it: its public definition and where its backend is.
+#[derive(Debug, Clone)]
+pub(crate) struct BackendService {
+    /// The service as agents see it (address, ports, ICMP).
+    pub(crate) def: ServiceDef,
+    /// Address of the backend host that traffic to the service address goes to.
+    pub(crate) backend: Ipv4Addr,
+    /// Backend port for every UDP port of the service; `None` keeps the destination port.
+    pub(crate) backend_port: Option<u16>,
+}
+
+/// How ICMP echo requests to services are answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum IcmpMode {
+    /// Forward them to the backend through unprivileged ICMP sockets, so ping shows the backend's
+    /// reachability. The data plane fails to start if such sockets are not allowed.
+    Backend,
+    /// Answer them in the connector.
+    Local,
+    /// `Backend` if unprivileged ICMP sockets are allowed, otherwise `Local` with a warning.
+    Auto,
+}
+
+/// Settings of the data plane.
+#[derive(Debug, Clone)]
+pub(crate) struct DataplaneConfig {
+    /// A flow with no traffic in either direction for this long is closed. Must be non-zero.
+    pub(crate) udp_idle_timeout: Duration,
+    /// Most flows (UDP and ICMP echo together) an agent may have open. When an agent is at the
+    /// cap, packets that would open another flow are dropped (and counted in
+    /// `dropped_flow_limit`) until one of its flows idles out; open flows are never evicted.
+    /// Must be non-zero.
+    pub(crate) max_flows_per_agent: usize,
+    /// How ICMP echo requests are answered.
+    pub(crate) icmp: IcmpMode,
+}
+
+/// Where packets for one agent go (implemented by main.rs over a quinn::Connection::send_datagram;
+/// non-blocking, may drop).
+///
+/// The data plane counts every packet it hands over in `packets_to_agents`; an implementation
+/// that drops one should count it in `dropped_to_agent`.
+pub(crate) trait ToAgent: Send + Sync + 'static {
+    /// Sends one IPv4 packet to the agent, or drops it. Must not block.
+    fn send(&self, packet: Bytes);
+}
+
+/// One connected agent.
+pub(crate) struct Agent {
+    /// The agent's id, as main.rs numbers them.
+    pub(crate) id: u64,
+    /// The agent's identity (from its certificate), for logs.
+    identity: String,
+    /// The tunnel address the agent was assigned; the only source address accepted from it.
+    pub(crate) tunnel_ip: Ipv4Addr,
+    /// Where its packets go.
+    sink: Arc<dyn ToAgent>,
+    /// Set (under the flow table's lock, before its flows are removed) when the agent is
+    /// removed, so a packet being handled concurrently can't open a flow that outlives it.
+    closed: AtomicBool,
+}
+
+/// Which kind of flow a [`Flow`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlowKind {
+    Udp,
+    Echo,
+}
+
+/// A flow's I/O handle in the table: its socket, the task reading it, and (UDP) the quote of
+/// the agent's last datagram. Dropping it aborts the task, which closes the socket.
+pub(crate) struct Flow {
+    kind: FlowKind,
+    socket: Arc<BackendSocket>,
+    quote: Quote,
+    task: AbortHandle,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.task.abort();
+        match self.kind {
+            FlowKind::Udp => gauge_dec(&self.metrics.udp_flows_active),
+            FlowKind::Echo => gauge_dec(&self.metrics.icmp_flows_active),
+        }
+    }
+}
+
+/// Why flows were closed.
+#[derive(Debug, Clone, Copy)]
+enum CloseReason {
+    Idle,
+    AgentRemoved,
+    Failing,
+}
+
+/// Lets at most [`LogLimiter::PER_SECOND`] drop explanations through per second, so a flood of
+/// bad packets can't flood the log (the counters still count every one).
+struct LogLimiter {
+    window_start: Option<Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    const PER_SECOND: u32 = 20;
+
+    fn new() -> Self {
+        Self {
+            window_start: None,
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log now; if so, how many messages were suppressed since the last one logged.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        let fresh = self
+            .window_start
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
+        if fresh {
+            self.window_start = Some(now);
+            self.used = 0;
+        }
+        if self.used < Self::PER_SECOND {
+            self.used += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// The data plane: agents, services, the flow table and its sockets. See the module docs.
+pub(crate) struct Dataplane {
+    services: HashMap<Ipv4Addr, BackendService>,
+    agents: RwLock<HashMap<u64, Arc<Agent>>>,
+    flows: Mutex<FlowTable<Flow>>,
+    metrics: Arc<Metrics>,
+    /// Whether echo requests go to backends (else they are answered locally).
+    icmp_backend: bool,
+    runtime: tokio::runtime::Handle,
+    me: Weak<Dataplane>,
+    sweeper: AbortHandle,
+    drop_log: Mutex<LogLimiter>,
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.sweeper.abort();
+        // The flow table drops with the struct, aborting every flow's task and closing sockets.
+    }
+}
+
+/// Locks a mutex, carrying on if a panicking thread poisoned it (the data stays consistent:
+/// every critical section here is a handful of map operations).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Dataplane {
+    /// Must be called inside a tokio runtime (current-thread or multi-thread); spawns an idle-flow sweeper task.
+    ///
+    /// Fails if the configuration or a service is invalid (zero timeout or cap, two services on
+    /// one address, an invalid service definition, backend port 0), if there is no runtime, or
+    /// if `icmp` is [`IcmpMode::Backend`], a service has ICMP enabled, and unprivileged ICMP
+    /// sockets are not allowed. With [`IcmpMode::Auto`] the latter logs a warning explaining
+    /// the sysctl to change and answers pings locally.
+    pub(crate) fn new(
+        services: Vec<BackendService>,
+        cfg: DataplaneConfig,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .context("the data plane must be created inside a tokio runtime")?;
+        if cfg.udp_idle_timeout.is_zero() {
+            bail!("the UDP idle timeout must be greater than zero");
+        }
+        if cfg.max_flows_per_agent == 0 {
+            bail!("the maximum number of flows per agent must be greater than zero");
+        }
+        let mut by_address = HashMap::with_capacity(services.len());
+        for svc in services {
+            svc.def.validate().map_err(|e| anyhow!(e))?;
+            if svc.backend_port == Some(0) {
+                bail!("service {}: backend port 0", svc.def.name);
+            }
+            let b = svc.backend;
+            if b.is_unspecified() || b.is_broadcast() || b.is_multicast() {
+                bail!(
+                    "service {}: backend {b} is not a unicast address",
+                    svc.def.name
+                );
+            }
+            let name = svc.def.name.clone();
+            if let Some(other) = by_address.insert(svc.def.address, svc) {
+                bail!(
+                    "services {} and {name} have the same address {}",
+                    other.def.name,
+                    other.def.address
+                );
+            }
+        }
+
+        let icmp_backend = resolve_icmp_mode(cfg.icmp, by_address.values().any(|s| s.def.icmp))?;
+        let table = FlowTable::new(cfg.udp_idle_timeout, cfg.max_flows_per_agent);
+        let period =
+            (cfg.udp_idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+        info!(
+            services = by_address.len(),
+            idle_timeout_ms = cfg.udp_idle_timeout.as_millis() as u64,
+            max_flows_per_agent = cfg.max_flows_per_agent,
+            icmp = if icmp_backend { "backend" } else { "local" },
+            "data plane ready"
+        );
+        Ok(Arc::new_cyclic(|me: &Weak<Dataplane>| {
+            let sweeper = runtime.spawn(sweep_loop(me.clone(), period)).abort_handle();
+            Dataplane {
+                services: by_address,
+                agents: RwLock::new(HashMap::new()),
+                flows: Mutex::new(table),
+                metrics,
+                icmp_backend,
+                runtime,
+                me: me.clone(),
+                sweeper,
+                drop_log: Mutex::new(LogLimiter::new()),
+            }
+        }))
+    }
+
+    /// Registers an agent whose tunnel address is `tunnel_ip`; its packets go to `to_agent`.
+    /// Replaces (and closes the flows of) an agent already registered under `id`.
+    pub(crate) fn add_agent(
+        &self,
+        id: u64,
+        identity: String,
+        tunnel_ip: Ipv4Addr,
+        to_agent: Arc<dyn ToAgent>,
+    ) {
+        debug!(agent = id, %identity, %tunnel_ip, "agent added to the data plane");
+        let agent = Arc::new(Agent {
+            id,
+            identity,
+            tunnel_ip,
+            sink: to_agent,
+            closed: AtomicBool::new(false),
+        });
+        // Close the old registration's flows before anyone can look up the new one, so that
+        // no flow of the new registration is caught by the cleanup.
+        let closed = {
+            let mut agents = self.agents.write().unwrap_or_else(PoisonError::into_inner);
+            agents
+                .insert(id, agent)
+                .map(|old| self.detach_agent_flows(&old))
+        };
+        if let Some(closed) = closed {
+            debug!(
+                agent = id,
+                flows = closed.len(),
+                "agent re-added; closed the previous registration's flows"
+            );
+            self.closed(closed, CloseReason::AgentRemoved);
+        }
+    }
+
+    /// Removes an agent and closes all its flows.
+    pub(crate) fn remove_agent(&self, id: u64) {
+        // Detach under the agents' lock, like add_agent, so a concurrent re-add of `id` can't
+        // lose its new flows to this cleanup.
+        let removed = {
+            let mut agents = self.agents.write().unwrap_or_else(PoisonError::into_inner);
+            agents
+                .remove(&id)
+                .map(|agent| (self.detach_agent_flows(&agent), agent))
+        };
+        match removed {
+            Some((closed, agent)) => {
+                debug!(agent = id, identity = %agent.identity, flows = closed.len(), "agent removed; flows closed");
+                self.closed(closed, CloseReason::AgentRemoved);
+            }
+            None => debug!(agent = id, "remove_agent: no such agent"),
+        }
+    }
+
+    /// Marks an agent registration closed and takes its flows out of the table (for the caller
+    /// to drop outside the locks). Under the table's lock, so a packet from this registration
+    /// that is being handled concurrently can't open a flow afterwards.
+    fn detach_agent_flows(&self, agent: &Agent) -> Vec<(FlowKey, Flow)> {
+        let mut flows = lock(&self.flows);
+        agent.closed.store(true, Ordering::Relaxed);
+        flows.remove_agent(agent.id)
+    }
+
+    /// Called for every packet from agent `id`'s tunnel. Synchronous and non-blocking (use try_send on sockets / spawn), never panics.
+    pub(crate) fn handle_from_agent(&self, id: u64, packet: &[u8]) {
+        let m = &self.metrics;
+        m.packets_from_agents.fetch_add(1, Ordering::Relaxed);
+        m.bytes_from_agents
+            .fetch_add(packet.len() as u64, Ordering::Relaxed);
+        trace!(agent = id, len = packet.len(), "packet from agent");
+        let agent = self
+            .agents
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned();
+        let Some(agent) = agent else {
+            m.dropped_unknown_agent.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = lock(&self.drop_log).allow(Instant::now()) {
+                debug!(
+                    agent = id,
+                    suppressed, "dropped packet from an unknown agent"
+                );
+            }
+            return;
+        };
+        let verdict = packet::inspect(packet, agent.tunnel_ip, |a| {
+            self.services.get(&a).map(|s| &s.def)
+        });
+        match verdict {
+            Ok(AgentPacket::Udp(d)) => self.udp_from_agent(&agent, d),
+            Ok(AgentPacket::Echo(e)) => self.echo_from_agent(&agent, e),
+            Err(reason) => self.dropped(&agent, reason),
+        }
+    }
+
+    /// Counts a dropped packet and explains it at DEBUG (rate-limited).
+    fn dropped(&self, agent: &Agent, reason: DropReason) {
+        let m = &self.metrics;
+        let counter = match reason {
+            DropReason::Malformed(_) => &m.dropped_malformed,
+            DropReason::SpoofedSource { .. } => &m.dropped_spoofed_source,
+            DropReason::NoSuchService { .. }
+            | DropReason::PortNotServed { .. }
+            | DropReason::ProtocolNotServed { .. } => &m.dropped_not_service,
+            DropReason::Unsupported(_) => &m.dropped_unsupported,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = lock(&self.drop_log).allow(Instant::now()) {
+            debug!(agent = agent.id, identity = %agent.identity, %reason, suppressed, "dropped packet from agent");
+        }
+    }
+
+    fn udp_from_agent(&self, agent: &Arc<Agent>, d: UdpDatagram<'_>) {
+        let Some(svc) = self.services.get(d.dst.ip()) else {
+            return; // inspect() only accepts service addresses
+        };
+        let key = FlowKey::Udp {
+            agent: agent.id,
+            agent_port: d.src.port(),
+            service: *d.dst.ip(),
+            port: d.dst.port(),
+        };
+        let backend = SocketAddrV4::new(svc.backend, svc.backend_port.unwrap_or(d.dst.port()));
+        let socket = self.route(agent, key, d.quote, |id| {
+            let socket = Arc::new(udp::open(backend)?);
+            let ctx = udp::UdpFlowCtx {
+                key,
+                id,
+                agent: agent.clone(),
+                service: d.dst,
+                agent_addr: d.src,
+                dataplane: self.me.clone(),
+            };
+            let task = self
+                .runtime
+                .spawn(udp::reply_loop(socket.clone(), ctx))
+                .abort_handle();
+            self.metrics
+                .udp_flows_opened
+                .fetch_add(1, Ordering::Relaxed);
+            gauge_inc(&self.metrics.udp_flows_active);
+            debug!(
+                agent = agent.id, identity = %agent.identity, service = %svc.def.name,
+                agent_port = d.src.port(), port = d.dst.port(), %backend, "UDP flow opened"
+            );
+            Ok(Flow {
+                kind: FlowKind::Udp,
+                socket,
+                quote: Quote::new(d.quote),
+                task,
+                metrics: self.metrics.clone(),
+            })
+        });
+        let Some(socket) = socket else { return };
+        match socket.try_send(d.payload) {
+            Ok(_) => trace!(
+                agent = agent.id,
+                len = d.payload.len(),
+                "UDP datagram to backend"
+            ),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.metrics
+                    .dropped_to_backend
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = lock(&self.drop_log).allow(Instant::now()) {
+                    debug!(agent = agent.id, %backend, suppressed, "dropped UDP datagram: backend socket buffer full");
+                }
+            }
+            // A refusal of an earlier datagram, reported on this send (which did not go out).
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                self.send_port_unreachable(agent, *d.dst.ip(), d.quote);
+            }
+            Err(e) => self.backend_error(agent, &e),
+        }
+    }
+
+    fn echo_from_agent(&self, agent: &Arc<Agent>, e: EchoRequest<'_>) {
+        if !self.icmp_backend {
+            match packet::build_echo_reply(e.dst, e.src, e.ident, e.seq, e.payload) {
+                Ok(reply) => {
+                    self.metrics.icmp_echo_local.fetch_add(1, Ordering::Relaxed);
+                    trace!(
+                        agent = agent.id,
+                        seq = e.seq,
+                        "answered echo request locally"
+                    );
+                    self.send_to_agent(agent, reply);
+                }
+                Err(err) => self.backend_error(agent, &err),
+            }
+            return;
+        }
+        let Some(svc) = self.services.get(&e.dst) else {
+            return; // inspect() only accepts service addresses
+        };
+        let key = FlowKey::Echo {
+            agent: agent.id,
+            ident: e.ident,
+            service: e.dst,
+        };
+        let backend = svc.backend;
+        let socket = self.route(agent, key, &[], |id| {
+            let socket = Arc::new(icmp::open(backend)?);
+            let ctx = icmp::EchoFlowCtx {
+                key,
+                id,
+                agent: agent.clone(),
+                service: e.dst,
+                ident: e.ident,
+                dataplane: self.me.clone(),
+            };
+            let task = self
+                .runtime
+                .spawn(icmp::reply_loop(socket.clone(), ctx))
+                .abort_handle();
+            self.metrics
+                .icmp_flows_opened
+                .fetch_add(1, Ordering::Relaxed);
+            gauge_inc(&self.metrics.icmp_flows_active);
+            debug!(
+                agent = agent.id, identity = %agent.identity, service = %svc.def.name,
+                ident = e.ident, %backend, "ICMP echo flow opened"
+            );
+            Ok(Flow {
+                kind: FlowKind::Echo,
+                socket,
+                quote: Quote::new(&[]),
+                task,
+                metrics: self.metrics.clone(),
+            })
+        });
+        let Some(socket) = socket else { return };
+        match socket.try_send(&packet::build_echo_request_message(e.seq, e.payload)) {
+            Ok(_) => {
+                self.metrics
+                    .icmp_echo_backend
+                    .fetch_add(1, Ordering::Relaxed);
+                trace!(agent = agent.id, seq = e.seq, "echo request to backend");
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                self.metrics
+                    .dropped_to_backend
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => self.backend_error(agent, &err),
+        }
+    }
+
+    /// Finds the live flow for `key` (refreshing it and its quote) or opens one with `make`,
+    /// and returns its socket; `None` when the packet must be dropped (counted here).
+    fn route(
+        &self,
+        agent: &Arc<Agent>,
+        key: FlowKey,
+        quote: &[u8],
+        make: impl FnOnce(FlowId) -> io::Result<Flow>,
+    ) -> Option<Arc<BackendSocket>> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let outcome = {
+            let mut flows = lock(&self.flows);
+            if let Some((_, flow)) = flows.get_mut(&key, now) {
+                flow.quote.set(quote);
+                Ok(flow.socket.clone())
+            } else if agent.closed.load(Ordering::Relaxed) {
+                Err(None) // removed while this packet was in flight
+            } else {
+                // Enter the runtime: registering a socket and spawning need it, and main.rs
+                // may call from outside.
+                let _entered = self.runtime.enter();
+                match flows.insert_with(key, now, &mut expired, make) {
+                    Ok(id) => flows.peek(&key, id).map(|f| f.socket.clone()).ok_or(None),
+                    Err(e) => Err(Some(e)),
+                }
+            }
+        };
+        self.closed(expired, CloseReason::Idle);
+        match outcome {
+            Ok(socket) => Some(socket),
+            Err(None) | Err(Some(InsertError::Exists)) => None,
+            Err(Some(InsertError::AgentFull)) => {
+                self.metrics
+                    .dropped_flow_limit
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = lock(&self.drop_log).allow(now) {
+                    debug!(agent = agent.id, identity = %agent.identity, ?key, suppressed, "dropped packet: agent is at its flow limit");
+                }
+                None
+            }
+            Err(Some(InsertError::Make(e))) => {
+                self.backend_error(agent, &e);
+                None
+            }
+        }
+    }
+
+    /// Closes flows the table handed back (dropping a [`Flow`] aborts its task and closes its
+    /// socket), counting idle expiries.
+    fn closed(&self, flows: Vec<(FlowKey, Flow)>, reason: CloseReason) {
+        for (key, flow) in flows {
+            if matches!(reason, CloseReason::Idle) {
+                let counter = match flow.kind {
+                    FlowKind::Udp => &self.metrics.udp_flows_expired,
+                    FlowKind::Echo => &self.metrics.icmp_flows_expired,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            debug!(?key, ?reason, "flow closed");
+            drop(flow);
+        }
+    }
+
+    /// Removes idle flows; the sweeper task calls this periodically.
+    fn sweep(&self, now: Instant) {
+        let (expired, remaining) = {
+            let mut flows = lock(&self.flows);
+            let expired = flows.expire(now);
+            (expired, flows.len())
+        };
+        if !expired.is_empty() {
+            debug!(expired = expired.len(), remaining, "closing idle flows");
+        }
+        self.closed(expired, CloseReason::Idle);
+    }
+
+    /// Marks a flow active because of a reply from its backend.
+    fn touch_flow(&self, key: &FlowKey, id: FlowId) {
+        lock(&self.flows).touch(key, id, Instant::now());
+    }
+
+    /// The quote of the agent's last datagram on a flow.
+    fn flow_quote(&self, key: &FlowKey, id: FlowId) -> Option<Quote> {
+        lock(&self.flows).peek(key, id).map(|f| f.quote)
+    }
+
+    /// Closes one flow (its task gave up).
+    fn close_flow(&self, key: &FlowKey, id: FlowId) {
+        let removed = lock(&self.flows).remove(key, id);
+        self.closed(
+            removed.map(|f| (*key, f)).into_iter().collect(),
+            CloseReason::Failing,
+        );
+    }
+
+    /// Hands a packet to an agent's sink, counting it.
+    fn send_to_agent(&self, agent: &Agent, packet: Vec<u8>) {
+        self.metrics
+            .packets_to_agents
+            .fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .bytes_to_agents
+            .fetch_add(packet.len() as u64, Ordering::Relaxed);
+        agent.sink.send(Bytes::from(packet));
+    }
+
+    /// Tells an agent that a service port refused its datagram (ICMP port unreachable from the
+    /// service address, quoting the datagram).
+    fn send_port_unreachable(&self, agent: &Agent, service: Ipv4Addr, quote: &[u8]) {
+        match packet::build_port_unreachable(service, agent.tunnel_ip, quote) {
+            Ok(icmp) => {
+                self.metrics
+                    .icmp_unreachable_sent
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = lock(&self.drop_log).allow(Instant::now()) {
+                    debug!(agent = agent.id, %service, suppressed, "backend refused a UDP datagram; sent port unreachable");
+                }
+                self.send_to_agent(agent, icmp);
+            }
+            Err(e) => self.backend_error(agent, &e),
+        }
+    }
+
+    /// Counts and explains an error on the backend side.
+    fn backend_error(&self, agent: &Agent, error: &dyn std::fmt::Display) {
+        self.metrics.backend_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = lock(&self.drop_log).allow(Instant::now()) {
+            debug!(agent = agent.id, %error, suppressed, "backend error");
+        }
+    }
+}
+
+/// Decides whether echo requests go to backends, probing for unprivileged ICMP sockets when
+/// it matters.
+fn resolve_icmp_mode(mode: IcmpMode, any_icmp_service: bool) -> anyhow::Result<bool> {
+    if !any_icmp_service || mode == IcmpMode::Local {
+        return Ok(false);
+    }
+    match (icmp::probe(), mode) {
+        (Ok(()), _) => Ok(true),
+        (Err(e), IcmpMode::Backend) => Err(anyhow!(
+            "icmp = \"backend\" is configured, but {}; or set icmp = \"local\" or \"auto\"",
+            icmp::explain_probe_failure(&e)
+        )),
+        (Err(e), _) => {
+            warn!(
+                "answering ICMP echo to services locally, so ping shows that the connector is \
+                 up but not whether the backend is: {}",
+                icmp::explain_probe_failure(&e)
+            );
+            Ok(false)
+        }
+    }
+}
+
+/// Periodically removes idle flows until the data plane is dropped.
+async fn sweep_loop(dataplane: Weak<Dataplane>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(dp) = dataplane.upgrade() else {
+            return;
+        };
+        dp.sweep(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{
+        Icmpv4Slice, Icmpv4Type, Ipv4HeaderSlice, PacketBuilder, SlicedPacket, TransportSlice,
+        UdpHeader,
+    };
+    use std::sync::atomic::AtomicU64;
+    use tokio::sync::mpsc;
+    use ztna_proto::PortRange;
+
+    const AGENT_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+    const SVC_IP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+    const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    /// A sink that collects packets into a bounded channel.
+    struct Collect(mpsc::Sender<Bytes>);
+
+    impl ToAgent for Collect {
+        fn send(&self, packet: Bytes) {
+            let _ = self.0.try_send(packet);
+        }
+    }
+
+    fn service(udp: Vec<PortRange>, icmp: bool, backend_port: Option<u16>) -> BackendService {
+        BackendService {
+            def: ServiceDef {
+                name: "svc".into(),
+                address: SVC_IP,
+                udp,
+                tcp: vec![PortRange::single(443)],
+                icmp,
+                connector: String::new(),
+            },
+            backend: LOCALHOST,
+            backend_port,
+        }
+    }
+
+    fn config(icmp: IcmpMode) -> DataplaneConfig {
+        DataplaneConfig {
+            udp_idle_timeout: Duration::from_secs(30),
+            max_flows_per_agent: 8,
+            icmp,
+        }
+    }
+
+    fn dataplane(
+        services: Vec<BackendService>,
+        cfg: DataplaneConfig,
+    ) -> (Arc<Dataplane>, Arc<Metrics>, mpsc::Receiver<Bytes>) {
+        let metrics = Arc::new(Metrics::default());
+        let dp = Dataplane::new(services, cfg, metrics.clone()).expect("data plane");
+        let (tx, rx) = mpsc::channel(64);
+        dp.add_agent(
+            1,
+            "alice@example.org".into(),
+            AGENT_IP,
+            Arc::new(Collect(tx)),
+        );
+        (dp, metrics, rx)
+    }
+
+    fn agent_udp(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64).udp(sport, dport);
+        let mut v = Vec::new();
+        b.write(&mut v, data).expect("build");
+        v
+    }
+
+    fn agent_echo(ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64)
+            .icmpv4_echo_request(ident, seq);
+        let mut v = Vec::new();
+        b.write(&mut v, data).expect("build");
+        v
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Bytes>) -> Bytes {
+        tokio::time::timeout(LIMIT, rx.recv())
+            .await
+            .expect("no packet for the agent in time")
+            .expect("channel open")
+    }
+
+    /// Checks addresses, TTL and IPv4 checksum of a packet to the agent; returns its header.
+    fn check_ip(packet: &[u8]) -> etherparse::Ipv4Header {
+        let h = Ipv4HeaderSlice::from_slice(packet)
+            .expect("ipv4")
+            .to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum());
+        assert_eq!(Ipv4Addr::from(h.source), SVC_IP);
+        assert_eq!(Ipv4Addr::from(h.destination), AGENT_IP);
+        assert_eq!(h.time_to_live, 64);
+        assert_eq!(usize::from(h.total_len), packet.len());
+        h
+    }
+
+    fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `cond` holds, polling.
+    async fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let wait = async {
+            while !cond() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(LIMIT, wait)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    /// CPU time (user + system, in clock ticks) used so far by the calling thread.
+    fn thread_cpu_ticks() -> u64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("comm")
+            .1
+            .split_whitespace()
+            .collect();
+        // Fields 14 and 15 of stat(5), counting from the state (field 3) at index 0.
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+    }
+
+    /// A UDP server on loopback that answers every datagram with "echo:" + the datagram.
+    async fn echo_server() -> (u16, tokio::task::JoinHandle<()>) {
+        let sock = tokio::net::UdpSocket::bind((LOCALHOST, 0))
+            .await
+            .expect("bind");
+        let port = sock.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+                let mut reply = b"echo:".to_vec();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = sock.send_to(&reply, peer).await;
+            }
+        });
+        (port, task)
+    }
+
+    async fn udp_round_trip() {
+        let (port, server) = echo_server().await;
+        // The service's port 7000 maps to the server's port.
+        let (dp, m, mut rx) = dataplane(
+            vec![service(vec![PortRange::single(7000)], false, Some(port))],
+            config(IcmpMode::Local),
+        );
+        for (i, data) in [&b"hello"[..], b"again"].into_iter().enumerate() {
+            dp.handle_from_agent(1, &agent_udp(40000, 7000, data));
+            let reply = next(&mut rx).await;
+            let ip = check_ip(&reply);
+            let sliced = SlicedPacket::from_ip(&reply).expect("parse");
+            let Some(TransportSlice::Udp(udp)) = sliced.transport else {
+                panic!("not UDP")
+            };
+            assert_eq!((udp.source_port(), udp.destination_port()), (7000, 40000));
+            let mut want = b"echo:".to_vec();
+            want.extend_from_slice(data);
+            assert_eq!(udp.payload(), &want[..]);
+            let h = udp.to_header();
+            assert_eq!(
+                h.checksum,
+                UdpHeader::calc_checksum_ipv4(&h, &ip, udp.payload()).expect("sum")
+            );
+            assert_eq!(get(&m.udp_flows_opened), 1, "round {i} reuses the flow");
+        }
+        assert_eq!(get(&m.udp_flows_active), 1);
+        assert_eq!(get(&m.packets_from_agents), 2);
+        assert_eq!(get(&m.packets_to_agents), 2);
+        // A second source port is a second flow.
+        dp.handle_from_agent(1, &agent_udp(40001, 7000, b"x"));
+        next(&mut rx).await;
+        assert_eq!(get(&m.udp_flows_active), 2);
+        dp.remove_agent(1);
+        assert_eq!(get(&m.udp_flows_active), 0);
+        assert_eq!(lock(&dp.flows).len(), 0);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn udp_round_trip_current_thread() {
+        tokio::time::timeout(LIMIT, udp_round_trip())
+            .await
+            .expect("in time");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn udp_round_trip_multi_thread() {
+        tokio::time::timeout(LIMIT, udp_round_trip())
+            .await
+            .expect("in time");
+    }
+
+    #[tokio::test]
+    async fn refused_port_yields_icmp_port_unreachable() {
+        let run = async {
+            // A port nobody listens on: bind, note it, close.
+            let closed = std::net::UdpSocket::bind((LOCALHOST, 0)).expect("bind");
+            let port = closed.local_addr().expect("addr").port();
+            drop(closed);
+            let (dp, m, mut rx) = dataplane(
+                vec![service(vec![PortRange::single(53)], false, Some(port))],
+                config(IcmpMode::Local),
+            );
+            let original = agent_udp(40000, 53, b"is anyone there?");
+            dp.handle_from_agent(1, &original);
+            let icmp = next(&mut rx).await;
+            let ip = check_ip(&icmp);
+            let msg = Icmpv4Slice::from_slice(&icmp[ip.header_len()..]).expect("icmp");
+            assert_eq!((msg.type_u8(), msg.code_u8()), (3, 3));
+            assert_eq!(msg.payload(), &original[..28], "quotes header + 8 bytes");
+            let want = etherparse::Icmpv4Header::with_checksum(msg.icmp_type(), msg.payload());
+            assert_eq!(msg.checksum(), want.checksum);
+            assert_eq!(get(&m.icmp_unreachable_sent), 1);
+            assert_eq!(get(&m.backend_errors), 0);
+            // The flow stays; another datagram is refused again.
+            dp.handle_from_agent(1, &agent_udp(40000, 53, b"still?"));
+            let again = next(&mut rx).await;
+            let ip = check_ip(&again);
+            let msg = Icmpv4Slice::from_slice(&again[ip.header_len()..]).expect("icmp");
+            assert_eq!((msg.type_u8(), msg.code_u8()), (3, 3));
+            assert_eq!(get(&m.icmp_unreachable_sent), 2);
+            assert_eq!(get(&m.udp_flows_opened), 1);
+            // The flow's task waits quietly after the error (a regression test: a task that
+            // keeps seeing error readiness spins and starves this current-thread runtime).
+            let before = thread_cpu_ticks();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let used = thread_cpu_ticks() - before;
+            assert!(used < 10, "busy while idle: {used} ticks of CPU in 300 ms");
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    #[tokio::test]
+    async fn local_echo_reply() {
+        let run = async {
+            let (dp, m, mut rx) =
+                dataplane(vec![service(vec![], true, None)], config(IcmpMode::Local));
+            dp.handle_from_agent(1, &agent_echo(0x4242, 3, b"ping data"));
+            let reply = next(&mut rx).await;
+            let ip = check_ip(&reply);
+            let msg = Icmpv4Slice::from_slice(&reply[ip.header_len()..]).expect("icmp");
+            let Icmpv4Type::EchoReply(echo) = msg.icmp_type() else {
+                panic!("not an echo reply")
+            };
+            assert_eq!((echo.id, echo.seq), (0x4242, 3));
+            assert_eq!(msg.payload(), b"ping data");
+            let want = etherparse::Icmpv4Header::with_checksum(msg.icmp_type(), msg.payload());
+            assert_eq!(msg.checksum(), want.checksum);
+            assert_eq!(get(&m.icmp_echo_local), 1);
+            assert_eq!(get(&m.icmp_flows_opened), 0);
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    /// Needs unprivileged ICMP sockets (net.ipv4.ping_group_range); skipped where they are not
+    /// allowed. Run it with: `unshare -n sh -c 'ip link set lo up;
+    /// sysctl -w net.ipv4.ping_group_range="0 2147483647"; cargo test -p ztna-connector backend_echo'`.
+    #[tokio::test]
+    async fn backend_echo_reply() {
+        let run = async {
+            let metrics = Arc::new(Metrics::default());
+            let dp = match Dataplane::new(
+                vec![service(vec![], true, None)],
+                config(IcmpMode::Backend),
+                metrics.clone(),
+            ) {
+                Ok(dp) => dp,
+                Err(e) => {
+                    eprintln!("skipping backend_echo_reply: {e:#}");
+                    return;
+                }
+            };
+            let (tx, mut rx) = mpsc::channel(8);
+            dp.add_agent(1, "alice".into(), AGENT_IP, Arc::new(Collect(tx)));
+            for seq in 1..=2 {
+                dp.handle_from_agent(1, &agent_echo(0x4242, seq, b"ping data"));
+                let reply = next(&mut rx).await;
+                let ip = check_ip(&reply);
+                let msg = Icmpv4Slice::from_slice(&reply[ip.header_len()..]).expect("icmp");
+                let Icmpv4Type::EchoReply(echo) = msg.icmp_type() else {
+                    panic!("not an echo reply")
+                };
+                assert_eq!((echo.id, echo.seq), (0x4242, seq));
+                assert_eq!(msg.payload(), b"ping data");
+                let want = etherparse::Icmpv4Header::with_checksum(msg.icmp_type(), msg.payload());
+                assert_eq!(msg.checksum(), want.checksum);
+            }
+            assert_eq!(get(&metrics.icmp_echo_backend), 2);
+            assert_eq!(get(&metrics.icmp_flows_opened), 1);
+            assert_eq!(get(&metrics.icmp_flows_active), 1);
+            dp.remove_agent(1);
+            assert_eq!(get(&metrics.icmp_flows_active), 0);
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    #[tokio::test]
+    async fn auto_mode_starts_either_way() {
+        let metrics = Arc::new(Metrics::default());
+        let dp = Dataplane::new(
+            vec![service(vec![], true, None)],
+            config(IcmpMode::Auto),
+            metrics,
+        )
+        .expect("auto never fails over ICMP");
+        assert_eq!(dp.icmp_backend, icmp::probe().is_ok());
+    }
+
+    #[tokio::test]
+    async fn flow_limit_refuses_new_flows() {
+        let run = async {
+            let (port, server) = echo_server().await;
+            let mut cfg = config(IcmpMode::Local);
+            cfg.max_flows_per_agent = 2;
+            let (dp, m, mut rx) = dataplane(
+                vec![service(vec![PortRange::single(7000)], false, Some(port))],
+                cfg,
+            );
+            for sport in [1000, 1001, 1002] {
+                dp.handle_from_agent(1, &agent_udp(sport, 7000, b"x"));
+            }
+            next(&mut rx).await;
+            next(&mut rx).await;
+            assert_eq!(get(&m.dropped_flow_limit), 1);
+            assert_eq!(get(&m.udp_flows_active), 2);
+            // Existing flows still work.
+            dp.handle_from_agent(1, &agent_udp(1000, 7000, b"y"));
+            let reply = next(&mut rx).await;
+            assert!(reply.ends_with(b"echo:y"));
+            server.abort();
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    #[tokio::test]
+    async fn idle_flows_expire() {
+        let run = async {
+            let (port, server) = echo_server().await;
+            let mut cfg = config(IcmpMode::Local);
+            cfg.udp_idle_timeout = Duration::from_millis(150);
+            let (dp, m, mut rx) = dataplane(
+                vec![service(vec![PortRange::single(7000)], false, Some(port))],
+                cfg,
+            );
+            dp.handle_from_agent(1, &agent_udp(1000, 7000, b"x"));
+            next(&mut rx).await;
+            assert_eq!(get(&m.udp_flows_active), 1);
+            eventually("the flow to expire", || get(&m.udp_flows_expired) == 1).await;
+            assert_eq!(get(&m.udp_flows_active), 0);
+            assert_eq!(lock(&dp.flows).len(), 0);
+            dp.handle_from_agent(1, &agent_udp(1000, 7000, b"y"));
+            next(&mut rx).await;
+            assert_eq!(get(&m.udp_flows_opened), 2);
+            server.abort();
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    #[tokio::test]
+    async fn drops_are_counted() {
+        let (dp, m, mut rx) = dataplane(
+            vec![service(vec![PortRange::single(53)], false, None)],
+            config(IcmpMode::Local),
+        );
+        dp.handle_from_agent(1, b"\x45garbage");
+        dp.handle_from_agent(1, &[]);
+        let mut spoofed = agent_udp(1, 53, b"");
+        spoofed[15] ^= 1; // source address
+        let mut h = Ipv4HeaderSlice::from_slice(&spoofed)
+            .expect("ip")
+            .to_header();
+        h.header_checksum = h.calc_header_checksum();
+        spoofed[..20].copy_from_slice(&h.to_bytes());
+        dp.handle_from_agent(1, &spoofed);
+        dp.handle_from_agent(1, &agent_udp(1, 54, b""));
+        dp.handle_from_agent(1, &agent_echo(1, 1, b"")); // icmp: false
+        let tcp = {
+            let b =
+                PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64).tcp(1000, 443, 1, 100);
+            let mut v = Vec::new();
+            b.write(&mut v, &[]).expect("build");
+            v
+        };
+        dp.handle_from_agent(1, &tcp);
+        dp.handle_from_agent(2, &agent_udp(1, 53, b"")); // unknown agent
+        assert_eq!(get(&m.dropped_malformed), 2);
+        assert_eq!(get(&m.dropped_spoofed_source), 1);
+        assert_eq!(get(&m.dropped_not_service), 2);
+        assert_eq!(get(&m.dropped_unsupported), 1);
+        assert_eq!(get(&m.dropped_unknown_agent), 1);
+        assert_eq!(get(&m.packets_from_agents), 7);
+        assert_eq!(get(&m.udp_flows_opened), 0);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_dataplane_closes_flows() {
+        let run = async {
+            let (port, server) = echo_server().await;
+            let (dp, m, mut rx) = dataplane(
+                vec![service(vec![PortRange::single(7000)], false, Some(port))],
+                config(IcmpMode::Local),
+            );
+            dp.handle_from_agent(1, &agent_udp(1000, 7000, b"x"));
+            next(&mut rx).await;
+            assert_eq!(get(&m.udp_flows_active), 1);
+            drop(dp);
+            assert_eq!(get(&m.udp_flows_active), 0);
+            // The flow's task ends, dropping the agent's sink: the channel closes.
+            assert!(tokio::time::timeout(LIMIT, rx.recv())
+                .await
+                .expect("in time")
+                .is_none());
+            server.abort();
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    #[tokio::test]
+    async fn re_adding_an_agent_closes_its_old_flows() {
+        let run = async {
+            let (port, server) = echo_server().await;
+            let (dp, m, mut rx) = dataplane(
+                vec![service(vec![PortRange::single(7000)], false, Some(port))],
+                config(IcmpMode::Local),
+            );
+            dp.handle_from_agent(1, &agent_udp(1000, 7000, b"x"));
+            next(&mut rx).await;
+            let (tx2, mut rx2) = mpsc::channel(8);
+            dp.add_agent(1, "alice".into(), AGENT_IP, Arc::new(Collect(tx2)));
+            assert_eq!(get(&m.udp_flows_active), 0);
+            dp.handle_from_agent(1, &agent_udp(1000, 7000, b"y"));
+            assert!(next(&mut rx2).await.ends_with(b"echo:y"));
+            server.abort();
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    #[test]
+    fn new_needs_a_runtime_and_valid_config() {
+        let metrics = Arc::new(Metrics::default());
+        let svc = || vec![service(vec![PortRange::single(53)], false, None)];
+        assert!(Dataplane::new(svc(), config(IcmpMode::Local), metrics.clone()).is_err());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _entered = rt.enter();
+        let mut zero = config(IcmpMode::Local);
+        zero.max_flows_per_agent = 0;
+        assert!(Dataplane::new(svc(), zero, metrics.clone()).is_err());
+        let mut zero = config(IcmpMode::Local);
+        zero.udp_idle_timeout = Duration::ZERO;
+        assert!(Dataplane::new(svc(), zero, metrics.clone()).is_err());
+        let twice = [svc(), svc()].concat();
+        assert!(Dataplane::new(twice, config(IcmpMode::Local), metrics.clone()).is_err());
+        let port0 = vec![service(vec![PortRange::single(53)], false, Some(0))];
+        assert!(Dataplane::new(port0, config(IcmpMode::Local), metrics.clone()).is_err());
+        assert!(Dataplane::new(svc(), config(IcmpMode::Local), metrics).is_ok());
+    }
+
+    #[test]
+    fn handle_from_agent_outside_the_runtime() {
+        // main.rs may call from a thread that is not a runtime thread: flows still open.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (port, server) = rt.block_on(echo_server());
+        let (dp, m, mut rx) = {
+            let _entered = rt.enter();
+            dataplane(
+                vec![service(vec![PortRange::single(7000)], false, Some(port))],
+                config(IcmpMode::Local),
+            )
+        };
+        let dp2 = dp.clone();
+        std::thread::spawn(move || dp2.handle_from_agent(1, &agent_udp(1000, 7000, b"x")))
+            .join()
+            .expect("no panic");
+        let reply = rt.block_on(next(&mut rx));
+        assert!(reply.ends_with(b"echo:x"));
+        assert_eq!(get(&m.udp_flows_opened), 1);
+        server.abort();
+    }
+
+    #[test]
+    fn log_limiter_allows_a_burst_per_second() {
+        let t0 = Instant::now();
+        let mut l = LogLimiter::new();
+        for _ in 0..LogLimiter::PER_SECOND {
+            assert_eq!(l.allow(t0), Some(0));
+        }
+        assert_eq!(l.allow(t0 + Duration::from_millis(999)), None);
+        assert_eq!(l.allow(t0 + Duration::from_millis(999)), None);
+        assert_eq!(l.allow(t0 + Duration::from_secs(1)), Some(2));
+        assert_eq!(l.allow(t0 + Duration::from_secs(1)), Some(0));
+    }
+}

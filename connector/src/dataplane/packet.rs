@@ -1,0 +1,790 @@
+//! Pure packet logic of the data plane: checks one IPv4 packet from an agent against the agent's
+//! tunnel address and the service catalog and turns it into a typed [`AgentPacket`] or a
+//! [`DropReason`], and builds the packets the connector sends back to agents (UDP replies, ICMP
+//! echo replies, ICMP port unreachable). No I/O, no clock.
+//!
+//! Parsing uses etherparse's checked slices, so no input can make it panic (property-tested
+//! below). Checksums of incoming IPv4 headers, UDP datagrams and ICMP messages are verified;
+//! agents' kernels always fill them in, so a bad one means corruption or a forged packet.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use etherparse::checksum::Sum16BitWords;
+use etherparse::icmpv4::DestUnreachableHeader;
+use etherparse::{
+    ip_number, Icmpv4Slice, Icmpv4Type, Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice,
+    UdpHeaderSlice,
+};
+use ztna_proto::ServiceDef;
+
+/// TTL of every packet the connector sends to an agent.
+pub(crate) const TTL: u8 = 64;
+
+/// Longest quote an ICMP error carries here: a maximal IPv4 header (60 bytes with options) plus
+/// the first 8 bytes of its payload.
+pub(crate) const MAX_QUOTE: usize = 60 + 8;
+
+/// ICMP type of an echo request.
+const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// Why a packet from an agent was dropped. Each variant maps to one drop counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum DropReason {
+    /// The bytes are not a well-formed, unfragmented IPv4 packet with a valid transport header.
+    #[error("malformed packet: {0}")]
+    Malformed(&'static str),
+    /// The source address is not the agent's tunnel address.
+    #[error("source {claimed} is not the agent's tunnel address")]
+    SpoofedSource {
+        /// The source address the packet claimed.
+        claimed: Ipv4Addr,
+    },
+    /// The destination is not a registered service address.
+    #[error("destination {destination} is not a service address")]
+    NoSuchService {
+        /// The destination address of the packet.
+        destination: Ipv4Addr,
+    },
+    /// The service does not list this protocol and port.
+    #[error("service does not serve {protocol} port {port}")]
+    PortNotServed {
+        /// "UDP" or "TCP".
+        protocol: &'static str,
+        /// Destination port.
+        port: u16,
+    },
+    /// The service does not serve this IP protocol at all (ICMP on a service without `icmp`,
+    /// or a protocol other than UDP, TCP and ICMP).
+    #[error("service does not serve IP protocol {protocol}")]
+    ProtocolNotServed {
+        /// IP protocol number.
+        protocol: u8,
+    },
+    /// Allowed by the service, but not handled by this data plane (TCP, ICMP other than echo).
+    #[error("not handled by the connector: {0}")]
+    Unsupported(&'static str),
+}
+
+/// A packet from an agent that passed every check, ready to forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AgentPacket<'a> {
+    /// A UDP datagram to a served port.
+    Udp(UdpDatagram<'a>),
+    /// An ICMP echo request to a service with ICMP enabled.
+    Echo(EchoRequest<'a>),
+}
+
+/// A UDP datagram from an agent to a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UdpDatagram<'a> {
+    /// Agent tunnel address and source port.
+    pub(crate) src: SocketAddrV4,
+    /// Service address and destination port.
+    pub(crate) dst: SocketAddrV4,
+    /// The datagram's payload.
+    pub(crate) payload: &'a [u8],
+    /// The IPv4 header (with options) and the UDP header: what an ICMP error about this
+    /// datagram quotes.
+    pub(crate) quote: &'a [u8],
+}
+
+/// An ICMP echo request from an agent to a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EchoRequest<'a> {
+    /// Agent tunnel address.
+    pub(crate) src: Ipv4Addr,
+    /// Service address.
+    pub(crate) dst: Ipv4Addr,
+    /// Echo identifier chosen by the agent.
+    pub(crate) ident: u16,
+    /// Echo sequence number.
+    pub(crate) seq: u16,
+    /// Data after the 8-byte ICMP header.
+    pub(crate) payload: &'a [u8],
+}
+
+/// Checks a packet from the agent whose tunnel address is `agent_ip`, looking destination
+/// addresses up with `service`.
+///
+/// Order of checks: IPv4 header (version, lengths, checksum, not a fragment), source address,
+/// destination service, protocol and port, transport header and checksum. Bytes past the IPv4
+/// total length are ignored.
+pub(crate) fn inspect<'a, 's>(
+    packet: &'a [u8],
+    agent_ip: Ipv4Addr,
+    service: impl FnOnce(Ipv4Addr) -> Option<&'s ServiceDef>,
+) -> Result<AgentPacket<'a>, DropReason> {
+    use DropReason::*;
+    match packet.first() {
+        None => return Err(Malformed("empty")),
+        Some(b) if b >> 4 != 4 => return Err(Malformed("not IPv4")),
+        Some(_) => {}
+    }
+    let ip = Ipv4HeaderSlice::from_slice(packet).map_err(|_| Malformed("bad IPv4 header"))?;
+    let header = ip.slice();
+    let total = usize::from(ip.total_len());
+    if total < header.len() || total > packet.len() {
+        return Err(Malformed("IPv4 total length does not match"));
+    }
+    if !sum_is_valid(Sum16BitWords::new().add_slice(header)) {
+        return Err(Malformed("bad IPv4 header checksum"));
+    }
+    if ip.more_fragments() || ip.fragments_offset().value() != 0 {
+        return Err(Malformed("fragment"));
+    }
+    let src = ip.source_addr();
+    if src != agent_ip {
+        return Err(SpoofedSource { claimed: src });
+    }
+    let dst = ip.destination_addr();
+    let svc = service(dst).ok_or(NoSuchService { destination: dst })?;
+    let body = &packet[header.len()..total];
+
+    match ip.protocol() {
+        ip_number::UDP => {
+            let udp =
+                UdpHeaderSlice::from_slice(body).map_err(|_| Malformed("short UDP header"))?;
+            if usize::from(udp.length()) != body.len() {
+                return Err(Malformed("UDP length does not match the IPv4 length"));
+            }
+            if udp.source_port() == 0 {
+                return Err(Malformed("UDP source port 0"));
+            }
+            let port = udp.destination_port();
+            if !svc.allows_udp(port) {
+                return Err(PortNotServed {
+                    protocol: "UDP",
+                    port,
+                });
+            }
+            let payload = &body[8..];
+            if udp.checksum() != 0 {
+                let sum = Sum16BitWords::new()
+                    .add_4bytes(ip.source())
+                    .add_4bytes(ip.destination())
+                    .add_2bytes([0, ip_number::UDP.0])
+                    .add_2bytes(udp.length().to_be_bytes())
+                    .add_slice(body);
+                if !sum_is_valid(sum) {
+                    return Err(Malformed("bad UDP checksum"));
+                }
+            }
+            Ok(AgentPacket::Udp(UdpDatagram {
+                src: SocketAddrV4::new(src, udp.source_port()),
+                dst: SocketAddrV4::new(dst, port),
+                payload,
+                quote: &packet[..header.len() + 8],
+            }))
+        }
+        ip_number::ICMP => {
+            if !svc.icmp {
+                return Err(ProtocolNotServed { protocol: 1 });
+            }
+            let icmp = Icmpv4Slice::from_slice(body).map_err(|_| Malformed("short ICMP header"))?;
+            if !sum_is_valid(Sum16BitWords::new().add_slice(body)) {
+                return Err(Malformed("bad ICMP checksum"));
+            }
+            match icmp.icmp_type() {
+                Icmpv4Type::EchoRequest(echo) => Ok(AgentPacket::Echo(EchoRequest {
+                    src,
+                    dst,
+                    ident: echo.id,
+                    seq: echo.seq,
+                    payload: icmp.payload(),
+                })),
+                _ => Err(Unsupported("ICMP other than echo request")),
+            }
+        }
+        ip_number::TCP => {
+            let tcp = TcpHeaderSlice::from_slice(body).map_err(|_| Malformed("bad TCP header"))?;
+            let port = tcp.destination_port();
+            if svc.allows_tcp(port) {
+                Err(Unsupported("TCP"))
+            } else {
+                Err(PortNotServed {
+                    protocol: "TCP",
+                    port,
+                })
+            }
+        }
+        other => Err(ProtocolNotServed { protocol: other.0 }),
+    }
+}
+
+/// Whether a one's complement sum over data that includes its checksum field is all ones.
+fn sum_is_valid(sum: Sum16BitWords) -> bool {
+    sum.ones_complement() == 0
+}
+
+/// Why the connector could not build a packet for an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BuildError {
+    /// The payload does not fit into one IPv4 packet.
+    #[error("a payload of {0} bytes does not fit into an IPv4 packet")]
+    TooLarge(usize),
+}
+
+/// Serializes an etherparse packet builder step into a vector of exactly the right size.
+fn finish(
+    size: usize,
+    payload_len: usize,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), etherparse::err::packet::BuildWriteError>,
+) -> Result<Vec<u8>, BuildError> {
+    if size > usize::from(u16::MAX) {
+        return Err(BuildError::TooLarge(payload_len));
+    }
+    let mut out = Vec::with_capacity(size);
+    write(&mut out).map_err(|_| BuildError::TooLarge(payload_len))?;
+    Ok(out)
+}
+
+/// Builds the IPv4/UDP packet carrying a backend's reply to an agent: from `src` (the service
+/// address and port) to `dst` (the agent's tunnel address and port), TTL 64, with valid IPv4
+/// header and UDP checksums.
+pub(crate) fn build_udp(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    payload: &[u8],
+) -> Result<Vec<u8>, BuildError> {
+    let builder =
+        PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), TTL).udp(src.port(), dst.port());
+    finish(builder.size(payload.len()), payload.len(), |out| {
+        builder.write(out, payload)
+    })
+}
+
+/// Builds an ICMP echo reply to an agent: from `src` (the service address) to `dst` (the agent's
+/// tunnel address), with the agent's identifier, sequence number and data.
+pub(crate) fn build_echo_reply(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ident: u16,
+    seq: u16,
+    payload: &[u8],
+) -> Result<Vec<u8>, BuildError> {
+    let builder =
+        PacketBuilder::ipv4(src.octets(), dst.octets(), TTL).icmpv4_echo_reply(ident, seq);
+    finish(builder.size(payload.len()), payload.len(), |out| {
+        builder.write(out, payload)
+    })
+}
+
+/// Builds an ICMP destination unreachable, code 3 (port unreachable), from `src` (the service
+/// address) to `dst` (the agent's tunnel address), quoting `quote` (the IPv4 header and first 8
+/// payload bytes of the agent's datagram; longer quotes are cut to [`MAX_QUOTE`]).
+pub(crate) fn build_port_unreachable(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    quote: &[u8],
+) -> Result<Vec<u8>, BuildError> {
+    let quote = &quote[..quote.len().min(MAX_QUOTE)];
+    let builder = PacketBuilder::ipv4(src.octets(), dst.octets(), TTL).icmpv4(
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+    );
+    finish(builder.size(quote.len()), quote.len(), |out| {
+        builder.write(out, quote)
+    })
+}
+
+/// Builds the ICMP message (no IP header) to write to an unprivileged ICMP socket for an echo
+/// request. The kernel replaces the identifier with the socket's own and fills in the checksum.
+pub(crate) fn build_echo_request_message(seq: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + payload.len());
+    out.extend_from_slice(&[ICMP_ECHO_REQUEST, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Reads an ICMP message received on an unprivileged ICMP socket (no IP header): if it is an
+/// echo reply, returns its sequence number and data.
+pub(crate) fn parse_backend_echo_reply(message: &[u8]) -> Option<(u16, &[u8])> {
+    let icmp = Icmpv4Slice::from_slice(message).ok()?;
+    match icmp.icmp_type() {
+        Icmpv4Type::EchoReply(echo) => Some((echo.seq, icmp.payload())),
+        _ => None,
+    }
+}
+
+/// A copy of the start of an agent's last datagram on a flow (IPv4 header with options and the
+/// first 8 payload bytes), kept so an ICMP error can quote it. Fixed size, no allocation.
+#[derive(Clone, Copy)]
+pub(crate) struct Quote {
+    buf: [u8; MAX_QUOTE],
+    len: u8,
+}
+
+impl Quote {
+    /// A quote of `bytes`, cut to [`MAX_QUOTE`].
+    pub(crate) fn new(bytes: &[u8]) -> Self {
+        let mut q = Self {
+            buf: [0; MAX_QUOTE],
+            len: 0,
+        };
+        q.set(bytes);
+        q
+    }
+
+    /// Replaces the quote with `bytes`, cut to [`MAX_QUOTE`].
+    pub(crate) fn set(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(MAX_QUOTE);
+        self.buf[..n].copy_from_slice(&bytes[..n]);
+        // n <= 68, so it fits in a u8.
+        self.len = n as u8;
+    }
+
+    /// The quoted bytes.
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for Quote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Quote({} bytes)", self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{Ipv4Header, NetSlice, SlicedPacket, TransportSlice, UdpHeader};
+    use proptest::prelude::*;
+    use ztna_proto::PortRange;
+
+    const AGENT: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+    const SVC: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+
+    fn service(icmp: bool) -> ServiceDef {
+        ServiceDef {
+            name: "dns".into(),
+            address: SVC,
+            udp: vec![
+                PortRange::single(53),
+                PortRange {
+                    first: 8000,
+                    last: 8010,
+                },
+            ],
+            tcp: vec![PortRange::single(443)],
+            icmp,
+            connector: String::new(),
+        }
+    }
+
+    fn check(packet: &[u8], icmp: bool) -> Result<AgentPacket<'_>, DropReason> {
+        let svc = service(icmp);
+        inspect(packet, AGENT, |a| (a == SVC).then_some(&svc))
+    }
+
+    fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(src.octets(), dst.octets(), 64).udp(sport, dport);
+        let mut v = Vec::new();
+        b.write(&mut v, data).expect("build");
+        v
+    }
+
+    fn tcp_packet(dport: u16) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(AGENT.octets(), SVC.octets(), 64).tcp(40000, dport, 1, 1000);
+        let mut v = Vec::new();
+        b.write(&mut v, b"x").expect("build");
+        v
+    }
+
+    fn echo_request(ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+        let b =
+            PacketBuilder::ipv4(AGENT.octets(), SVC.octets(), 64).icmpv4_echo_request(ident, seq);
+        let mut v = Vec::new();
+        b.write(&mut v, data).expect("build");
+        v
+    }
+
+    /// Re-parses `packet` with etherparse and checks the IPv4 header checksum and TTL.
+    fn parse_ok(packet: &[u8]) -> SlicedPacket<'_> {
+        let sliced = SlicedPacket::from_ip(packet).expect("reparses");
+        let Some(NetSlice::Ipv4(ip)) = &sliced.net else {
+            panic!("not IPv4")
+        };
+        let h = ip.header().to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 checksum");
+        assert_eq!(h.time_to_live, TTL);
+        assert_eq!(usize::from(h.total_len), packet.len());
+        sliced
+    }
+
+    fn ipv4_header(packet: &[u8]) -> Ipv4Header {
+        Ipv4HeaderSlice::from_slice(packet)
+            .expect("ipv4")
+            .to_header()
+    }
+
+    fn assert_udp_checksum(packet: &[u8]) {
+        let ip = ipv4_header(packet);
+        let udp = UdpHeader::from_slice(&packet[ip.header_len()..])
+            .expect("udp")
+            .0;
+        let payload = &packet[ip.header_len() + 8..];
+        assert_ne!(udp.checksum, 0);
+        assert_eq!(
+            udp.checksum,
+            udp.calc_checksum_ipv4(&ip, payload).expect("sum")
+        );
+    }
+
+    fn assert_icmp_checksum(packet: &[u8]) {
+        let ip = ipv4_header(packet);
+        let icmp = Icmpv4Slice::from_slice(&packet[ip.header_len()..]).expect("icmp");
+        let expected = etherparse::Icmpv4Header::with_checksum(icmp.icmp_type(), icmp.payload());
+        assert_eq!(icmp.checksum(), expected.checksum, "ICMP checksum");
+    }
+
+    #[test]
+    fn accepts_udp_to_served_port() {
+        let p = udp_packet(AGENT, SVC, 40000, 53, b"query");
+        let Ok(AgentPacket::Udp(d)) = check(&p, false) else {
+            panic!("{:?}", check(&p, false))
+        };
+        assert_eq!(d.src, SocketAddrV4::new(AGENT, 40000));
+        assert_eq!(d.dst, SocketAddrV4::new(SVC, 53));
+        assert_eq!(d.payload, b"query");
+        assert_eq!(d.quote, &p[..28]);
+        // Port ranges, empty payloads, and no checksum are fine.
+        let mut p = udp_packet(AGENT, SVC, 1, 8010, b"");
+        p[26] = 0;
+        p[27] = 0;
+        assert!(matches!(check(&p, false), Ok(AgentPacket::Udp(_))));
+    }
+
+    #[test]
+    fn quote_includes_ip_options() {
+        let mut h =
+            Ipv4Header::new(8 + 3, 64, ip_number::UDP, AGENT.octets(), SVC.octets()).expect("hdr");
+        h.options = [1, 1, 1, 0].into(); // NOP NOP NOP EOL
+        h.set_payload_len(8 + 3).expect("length");
+        let udp = UdpHeader::with_ipv4_checksum(5000, 53, &h, b"abc").expect("udp");
+        h.header_checksum = h.calc_header_checksum();
+        let mut p = Vec::new();
+        h.write(&mut p).expect("write");
+        udp.write(&mut p).expect("write");
+        p.extend_from_slice(b"abc");
+        let Ok(AgentPacket::Udp(d)) = check(&p, false) else {
+            panic!("{:?}", check(&p, false))
+        };
+        assert_eq!(d.quote.len(), 24 + 8);
+        assert_eq!(d.payload, b"abc");
+    }
+
+    #[test]
+    fn drops_with_reasons() {
+        use DropReason::*;
+        let good = udp_packet(AGENT, SVC, 40000, 53, b"q");
+        assert_eq!(check(&[], false), Err(Malformed("empty")));
+        assert_eq!(check(&good[..10], false), Err(Malformed("bad IPv4 header")));
+        assert!(matches!(check(&good[..25], false), Err(Malformed(_))));
+        let mut v6 = good.clone();
+        v6[0] = 0x60;
+        assert_eq!(check(&v6, false), Err(Malformed("not IPv4")));
+        let mut bad_sum = good.clone();
+        bad_sum[10] ^= 1;
+        assert_eq!(
+            check(&bad_sum, false),
+            Err(Malformed("bad IPv4 header checksum"))
+        );
+        let mut bad_udp = good.clone();
+        *bad_udp.last_mut().expect("byte") ^= 0xff;
+        assert_eq!(check(&bad_udp, false), Err(Malformed("bad UDP checksum")));
+
+        // Fragments: MF set, or a non-zero offset.
+        for (mf, offset) in [(true, 0), (false, 8)] {
+            let mut h = ipv4_header(&good);
+            h.more_fragments = mf;
+            h.fragment_offset = etherparse::IpFragOffset::try_new(offset).expect("offset");
+            h.header_checksum = h.calc_header_checksum();
+            let mut p = h.to_bytes().to_vec();
+            p.extend_from_slice(&good[20..]);
+            assert_eq!(check(&p, false), Err(Malformed("fragment")));
+        }
+
+        let other = Ipv4Addr::new(100, 64, 0, 3);
+        assert_eq!(
+            check(&udp_packet(other, SVC, 1, 53, b""), false),
+            Err(SpoofedSource { claimed: other })
+        );
+        let elsewhere = Ipv4Addr::new(10, 100, 0, 9);
+        assert_eq!(
+            check(&udp_packet(AGENT, elsewhere, 1, 53, b""), false),
+            Err(NoSuchService {
+                destination: elsewhere
+            })
+        );
+        assert_eq!(
+            check(&udp_packet(AGENT, SVC, 1, 54, b""), false),
+            Err(PortNotServed {
+                protocol: "UDP",
+                port: 54
+            })
+        );
+        assert_eq!(check(&tcp_packet(443), false), Err(Unsupported("TCP")));
+        assert_eq!(
+            check(&tcp_packet(80), false),
+            Err(PortNotServed {
+                protocol: "TCP",
+                port: 80
+            })
+        );
+        assert_eq!(
+            check(&echo_request(1, 1, b"x"), false),
+            Err(ProtocolNotServed { protocol: 1 })
+        );
+
+        // Another ICMP type to an ICMP service.
+        let b = PacketBuilder::ipv4(AGENT.octets(), SVC.octets(), 64).icmpv4(
+            Icmpv4Type::TimestampRequest(etherparse::icmpv4::TimestampMessage {
+                id: 1,
+                seq: 1,
+                originate_timestamp: 0,
+                receive_timestamp: 0,
+                transmit_timestamp: 0,
+            }),
+        );
+        let mut ts = Vec::new();
+        b.write(&mut ts, &[]).expect("build");
+        assert_eq!(
+            check(&ts, true),
+            Err(Unsupported("ICMP other than echo request"))
+        );
+        let mut bad_icmp = echo_request(1, 1, b"ping");
+        *bad_icmp.last_mut().expect("byte") ^= 1;
+        assert_eq!(check(&bad_icmp, true), Err(Malformed("bad ICMP checksum")));
+
+        // GRE to a service address.
+        let mut gre = good.clone();
+        let mut h = ipv4_header(&gre);
+        h.protocol = ip_number::GRE;
+        h.header_checksum = h.calc_header_checksum();
+        gre[..20].copy_from_slice(&h.to_bytes());
+        assert_eq!(check(&gre, false), Err(ProtocolNotServed { protocol: 47 }));
+    }
+
+    #[test]
+    fn trailing_bytes_are_ignored() {
+        let mut p = udp_packet(AGENT, SVC, 40000, 53, b"q");
+        p.extend_from_slice(&[0xde, 0xad]);
+        let Ok(AgentPacket::Udp(d)) = check(&p, false) else {
+            panic!()
+        };
+        assert_eq!(d.payload, b"q");
+    }
+
+    #[test]
+    fn accepts_echo_request() {
+        let p = echo_request(0x1234, 7, b"abcdefgh");
+        assert_eq!(
+            check(&p, true),
+            Ok(AgentPacket::Echo(EchoRequest {
+                src: AGENT,
+                dst: SVC,
+                ident: 0x1234,
+                seq: 7,
+                payload: b"abcdefgh",
+            }))
+        );
+    }
+
+    #[test]
+    fn udp_reply_is_valid() {
+        let p = build_udp(
+            SocketAddrV4::new(SVC, 53),
+            SocketAddrV4::new(AGENT, 40000),
+            b"answer",
+        )
+        .expect("build");
+        let s = parse_ok(&p);
+        let Some(TransportSlice::Udp(udp)) = &s.transport else {
+            panic!()
+        };
+        assert_eq!((udp.source_port(), udp.destination_port()), (53, 40000));
+        assert_eq!(udp.payload(), b"answer");
+        assert_udp_checksum(&p);
+        let h = ipv4_header(&p);
+        assert_eq!(
+            (Ipv4Addr::from(h.source), Ipv4Addr::from(h.destination)),
+            (SVC, AGENT)
+        );
+    }
+
+    #[test]
+    fn oversized_reply_is_an_error() {
+        let big = vec![0u8; 65536];
+        assert_eq!(
+            build_udp(SocketAddrV4::new(SVC, 1), SocketAddrV4::new(AGENT, 1), &big),
+            Err(BuildError::TooLarge(65536))
+        );
+        let max = vec![0u8; 65535 - 28];
+        let p = build_udp(SocketAddrV4::new(SVC, 1), SocketAddrV4::new(AGENT, 1), &max)
+            .expect("largest fits");
+        assert_eq!(p.len(), 65535);
+    }
+
+    #[test]
+    fn echo_reply_is_valid() {
+        let p = build_echo_reply(SVC, AGENT, 0x1234, 9, b"payload").expect("build");
+        let s = parse_ok(&p);
+        let Some(TransportSlice::Icmpv4(icmp)) = &s.transport else {
+            panic!()
+        };
+        let Icmpv4Type::EchoReply(echo) = icmp.icmp_type() else {
+            panic!()
+        };
+        assert_eq!((echo.id, echo.seq), (0x1234, 9));
+        assert_eq!(icmp.payload(), b"payload");
+        assert_icmp_checksum(&p);
+    }
+
+    #[test]
+    fn port_unreachable_quotes_the_datagram() {
+        let original = udp_packet(AGENT, SVC, 40000, 53, b"query that was refused");
+        let Ok(AgentPacket::Udp(d)) = check(&original, false) else {
+            panic!()
+        };
+        let p = build_port_unreachable(SVC, AGENT, d.quote).expect("build");
+        let s = parse_ok(&p);
+        let Some(TransportSlice::Icmpv4(icmp)) = &s.transport else {
+            panic!()
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port)
+        );
+        assert_eq!((icmp.type_u8(), icmp.code_u8()), (3, 3));
+        assert_eq!(icmp.payload(), &original[..28]);
+        assert_icmp_checksum(&p);
+        let h = ipv4_header(&p);
+        assert_eq!(Ipv4Addr::from(h.source), SVC);
+        assert_eq!(Ipv4Addr::from(h.destination), AGENT);
+    }
+
+    #[test]
+    fn backend_echo_messages() {
+        let m = build_echo_request_message(5, b"data");
+        assert_eq!(&m[..8], &[8, 0, 0, 0, 0, 0, 0, 5]);
+        // A reply as the kernel hands it over: type 0, kernel's identifier, valid checksum.
+        let hdr = etherparse::Icmpv4Header::with_checksum(
+            Icmpv4Type::EchoReply(etherparse::IcmpEchoHeader { id: 999, seq: 5 }),
+            b"data",
+        );
+        let mut reply = hdr.to_bytes().to_vec();
+        reply.extend_from_slice(b"data");
+        assert_eq!(parse_backend_echo_reply(&reply), Some((5, &b"data"[..])));
+        assert_eq!(parse_backend_echo_reply(&m), None); // a request is not a reply
+        assert_eq!(parse_backend_echo_reply(&reply[..7]), None);
+    }
+
+    #[test]
+    fn quote_keeps_at_most_68_bytes() {
+        let q = Quote::new(&[7u8; 100]);
+        assert_eq!(q.as_slice(), &[7u8; MAX_QUOTE][..]);
+        let mut q = Quote::new(b"abc");
+        assert_eq!(q.as_slice(), b"abc");
+        q.set(b"");
+        assert!(q.as_slice().is_empty());
+    }
+
+    fn arb_addr() -> impl Strategy<Value = Ipv4Addr> {
+        any::<u32>().prop_map(Ipv4Addr::from)
+    }
+
+    proptest! {
+        #[test]
+        fn inspect_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = check(&bytes, true);
+            let _ = check(&bytes, false);
+        }
+
+        #[test]
+        fn inspect_never_panics_on_mutated_packets(
+            kind in 0..3u8,
+            data in proptest::collection::vec(any::<u8>(), 0..64),
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+            cut in any::<usize>(),
+        ) {
+            let mut p = match kind {
+                0 => udp_packet(AGENT, SVC, 40000, 53, &data),
+                1 => echo_request(1, 2, &data),
+                _ => tcp_packet(443),
+            };
+            for (i, b) in edits {
+                let i = i % p.len();
+                p[i] = b;
+            }
+            let cut = cut % (p.len() + 1);
+            let _ = check(&p[..cut], true);
+            let _ = check(&p, true);
+        }
+
+        #[test]
+        fn valid_udp_is_accepted_exactly(
+            sport in 1..=u16::MAX,
+            dport in 8000..=8010u16,
+            data in proptest::collection::vec(any::<u8>(), 0..1500),
+        ) {
+            let p = udp_packet(AGENT, SVC, sport, dport, &data);
+            let verdict = check(&p, false);
+            let Ok(AgentPacket::Udp(d)) = verdict else { panic!("{verdict:?}") };
+            prop_assert_eq!(d.src, SocketAddrV4::new(AGENT, sport));
+            prop_assert_eq!(d.dst, SocketAddrV4::new(SVC, dport));
+            prop_assert_eq!(d.payload, &data[..]);
+        }
+
+        #[test]
+        fn built_udp_reparses_with_valid_checksums(
+            src in arb_addr(), dst in arb_addr(), sport in any::<u16>(), dport in any::<u16>(),
+            data in proptest::collection::vec(any::<u8>(), 0..2000),
+        ) {
+            let p = build_udp(SocketAddrV4::new(src, sport), SocketAddrV4::new(dst, dport), &data)
+                .expect("build");
+            let s = parse_ok(&p);
+            let Some(TransportSlice::Udp(udp)) = &s.transport else { panic!() };
+            prop_assert_eq!(udp.payload(), &data[..]);
+            prop_assert_eq!((udp.source_port(), udp.destination_port()), (sport, dport));
+            assert_udp_checksum(&p);
+            // And what we build, we accept (when it goes the other way).
+            if dport != 0 && (8000..=8010).contains(&sport) {
+                let back = build_udp(SocketAddrV4::new(AGENT, dport), SocketAddrV4::new(SVC, sport), &data)
+                    .expect("build");
+                prop_assert!(matches!(check(&back, false), Ok(AgentPacket::Udp(_))));
+            }
+        }
+
+        #[test]
+        fn built_icmp_reparses_with_valid_checksums(
+            src in arb_addr(), dst in arb_addr(), ident in any::<u16>(), seq in any::<u16>(),
+            data in proptest::collection::vec(any::<u8>(), 0..1500),
+        ) {
+            let p = build_echo_reply(src, dst, ident, seq, &data).expect("build");
+            let s = parse_ok(&p);
+            let Some(TransportSlice::Icmpv4(icmp)) = &s.transport else { panic!() };
+            prop_assert_eq!(icmp.icmp_type(), Icmpv4Type::EchoReply(etherparse::IcmpEchoHeader { id: ident, seq }));
+            prop_assert_eq!(icmp.payload(), &data[..]);
+            assert_icmp_checksum(&p);
+
+            let quote = &data[..data.len().min(100)];
+            let u = build_port_unreachable(src, dst, quote).expect("build");
+            let s = parse_ok(&u);
+            let Some(TransportSlice::Icmpv4(icmp)) = &s.transport else { panic!() };
+            prop_assert_eq!(icmp.payload(), &quote[..quote.len().min(MAX_QUOTE)]);
+            assert_icmp_checksum(&u);
+        }
+
+        #[test]
+        fn echo_request_round_trips(
+            ident in any::<u16>(), seq in any::<u16>(),
+            data in proptest::collection::vec(any::<u8>(), 0..1500),
+        ) {
+            let p = echo_request(ident, seq, &data);
+            let verdict = check(&p, true);
+            let Ok(AgentPacket::Echo(e)) = verdict else { panic!("{verdict:?}") };
+            prop_assert_eq!((e.ident, e.seq, e.payload), (ident, seq, &data[..]));
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Tokio shell for UDP flows: the connected, non-blocking backend socket shared with ICMP echo
+//! flows ([`BackendSocket`]), opening a UDP flow's socket, and the per-flow task that turns
+//! backend replies into packets for the agent.
+
+use std::cell::RefCell;
+use std::io::{self, Read as _};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, Weak};
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::Interest;
+use tracing::{debug, trace};
+
+use super::flows::{FlowId, FlowKey};
+use super::packet;
+use super::{Agent, Dataplane};
+
+/// Largest datagram a backend socket can return (UDP: 65507 bytes; ICMP: 65515).
+const RECV_BUF_LEN: usize = 65536;
+
+/// Consecutive receive errors (other than a refused port) after which a flow gives up.
+pub(super) const MAX_CONSECUTIVE_ERRORS: u32 = 16;
+
+thread_local! {
+    /// One receive buffer per runtime thread rather than one per flow: a flow's task reads a
+    /// datagram into it and copies it into the packet for the agent before yielding.
+    static RECV_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; RECV_BUF_LEN]);
+}
+
+/// A connected, non-blocking datagram socket to a backend (UDP, or an unprivileged ICMP
+/// socket), registered with the tokio reactor. Closed when dropped.
+///
+/// Both kinds are held as a `tokio::net::UdpSocket`: at the syscall level an ICMP datagram
+/// socket is used exactly like a UDP one (send, recv, readiness), and only those operations are
+/// used here, so this needs no `unsafe` fd registration.
+pub(crate) struct BackendSocket {
+    socket: tokio::net::UdpSocket,
+}
+
+impl BackendSocket {
+    /// Registers `socket` (already connected) with the reactor. Must run inside a runtime.
+    pub(super) fn new(socket: Socket) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        let socket = tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(socket))?;
+        Ok(Self { socket })
+    }
+
+    /// Sends one datagram without waiting: `WouldBlock` when the send buffer is full, and a
+    /// pending asynchronous error (such as `ECONNREFUSED`) if there is one.
+    ///
+    /// This is a direct syscall and deliberately bypasses tokio's readiness tracking: a fresh
+    /// socket is writable before the reactor has said so, and a full buffer means the datagram
+    /// is dropped anyway.
+    pub(crate) fn try_send(&self, datagram: &[u8]) -> io::Result<usize> {
+        SockRef::from(&self.socket).send(datagram)
+    }
+
+    /// Waits for one datagram or socket error and passes it to `f` (called exactly once).
+    ///
+    /// Also wakes on error readiness: Linux reports an ICMP error on a connected socket as
+    /// EPOLLERR without EPOLLIN, which a plain readable wait (`recv`) would miss.
+    pub(crate) async fn recv_with<R>(&self, mut f: impl FnMut(io::Result<&[u8]>) -> R) -> R {
+        loop {
+            let ready = match self
+                .socket
+                .ready(Interest::READABLE | Interest::ERROR)
+                .await
+            {
+                Ok(ready) => ready,
+                Err(e) => return f(Err(e)),
+            };
+            // `try_io` needs a single interest (tokio ignores the readiness of combined ones).
+            // A pending error is returned by the read before any queued datagram.
+            let interest = if ready.is_error() {
+                Interest::ERROR
+            } else {
+                Interest::READABLE
+            };
+            let done = RECV_BUF.with_borrow_mut(|buf| {
+                let read = self.socket.try_io(interest, || {
+                    let socket = SockRef::from(&self.socket);
+                    (&*socket).read(buf)
+                });
+                match read {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                    Ok(n) => Some(f(Ok(&buf[..n]))),
+                    Err(e) => Some(f(Err(e))),
+                }
+            });
+            match done {
+                Some(out) => return out,
+                // A spurious wake-up: tokio cleared the readiness, so the next wait is real.
+                // Yield anyway, so that no readiness state can turn this into a busy loop that
+                // starves the runtime.
+                None => tokio::task::yield_now().await,
+            }
+        }
+    }
+}
+
+/// Opens a UDP socket bound to an ephemeral port and connected to `backend`.
+/// Must run inside a runtime.
+pub(super) fn open(backend: SocketAddrV4) -> io::Result<BackendSocket> {
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0).into())?;
+    socket.connect(&backend.into())?;
+    BackendSocket::new(socket)
+}
+
+/// What a UDP flow's task needs to know about its flow.
+pub(super) struct UdpFlowCtx {
+    /// The flow's key in the table.
+    pub(super) key: FlowKey,
+    /// The flow's id in the table.
+    pub(super) id: FlowId,
+    /// The agent the flow belongs to.
+    pub(super) agent: Arc<Agent>,
+    /// Service address and port: the source of replies to the agent.
+    pub(super) service: SocketAddrV4,
+    /// Agent tunnel address and port: the destination of replies.
+    pub(super) agent_addr: SocketAddrV4,
+    /// The data plane, to refresh, report and close the flow. Weak, so flows don't keep it alive.
+    pub(super) dataplane: Weak<Dataplane>,
+}
+
+/// One step of a flow's task.
+enum Received {
+    /// A reply, already built into a packet for the agent.
+    Reply(Result<Vec<u8>, packet::BuildError>),
+    /// The socket reported an error.
+    Error(io::Error),
+}
+
+/// A UDP flow's task: reads backend replies until the flow is closed (which aborts it), the
+/// data plane is dropped, or errors persist.
+pub(super) async fn reply_loop(socket: Arc<BackendSocket>, ctx: UdpFlowCtx) {
+    let mut errors = 0u32;
+    loop {
+        let received = socket
+            .recv_with(|r| match r {
+                Ok(datagram) => {
+                    Received::Reply(packet::build_udp(ctx.service, ctx.agent_addr, datagram))
+                }
+                Err(e) => Received::Error(e),
+            })
+            .await;
+        let Some(dp) = ctx.dataplane.upgrade() else {
+            return;
+        };
+        match received {
+            Received::Reply(Ok(packet)) => {
+                errors = 0;
+                trace!(
+                    agent = ctx.agent.id,
+                    len = packet.len(),
+                    "UDP reply to agent"
+                );
+                dp.touch_flow(&ctx.key, ctx.id);
+                dp.send_to_agent(&ctx.agent, packet);
+            }
+            Received::Reply(Err(e)) => {
+                // Can't happen for UDP (65507 bytes fit), but never panic over it.
+                dp.backend_error(&ctx.agent, &e);
+            }
+            Received::Error(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                errors = 0;
+                if let Some(quote) = dp.flow_quote(&ctx.key, ctx.id) {
+                    dp.send_port_unreachable(&ctx.agent, *ctx.service.ip(), quote.as_slice());
+                }
+            }
+            Received::Error(e) => {
+                dp.backend_error(&ctx.agent, &e);
+                errors += 1;
+                if errors >= MAX_CONSECUTIVE_ERRORS {
+                    debug!(agent = ctx.agent.id, key = ?ctx.key, error = %e, "UDP flow failing; closing it");
+                    dp.close_flow(&ctx.key, ctx.id);
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The connector's counters and gauges, rendered in the Prometheus text exposition format.
+//!
+//! `main.rs` serves [`Metrics::render`] on its opt-in metrics address through the workspace's
+//! shared responder, `ztna_core::metrics_http::serve`.
+//!
+//! Every field is a plain [`AtomicU64`]: increment counters with
+//! `metrics.x.fetch_add(n, Ordering::Relaxed)`; move gauges with [`gauge_inc`] and [`gauge_dec`]
+//! (which never wraps below zero).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Prefix of every metric name.
+const PREFIX: &str = "ztna_connector_";
+
+/// What kind of Prometheus metric a field is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Only ever goes up; rendered with a `_total` suffix.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+}
+
+/// Declares the [`Metrics`] struct and the table `render` walks, from one list, so the two can't
+/// drift apart. The doc comment of each field is also its Prometheus `# HELP` text.
+macro_rules! metrics {
+    ($( $(#[doc = $doc:literal])+ $name:ident : $kind:ident, )*) => {
+        /// The connector's counters and gauges. Shared as `Arc<Metrics>` by the data plane,
+        /// `main.rs` and the metrics endpoint.
+        #[derive(Debug, Default)]
+        pub(crate) struct Metrics {
+            $( $(#[doc = $doc])+ pub(crate) $name: AtomicU64, )*
+        }
+
+        impl Metrics {
+            /// `(name without prefix or suffix, help text, kind, current value)` of every metric.
+            fn entries(&self) -> Vec<(&'static str, &'static str, Kind, u64)> {
+                vec![$(
+                    (
+                        stringify!($name),
+                        concat!($($doc),+),
+                        Kind::$kind,
+                        self.$name.load(Ordering::Relaxed),
+                    ),
+                )*]
+            }
+        }
+    };
+}
+
+metrics! {
+    /// IP packets received from agents' tunnels.
+    packets_from_agents: Counter,
+    /// Bytes of IP packets received from agents' tunnels.
+    bytes_from_agents: Counter,
+    /// IP packets handed to agents' tunnels (including ICMP the connector generates).
+    packets_to_agents: Counter,
+    /// Bytes of IP packets handed to agents' tunnels.
+    bytes_to_agents: Counter,
+    /// Packets from agents dropped as malformed: unparsable, not IPv4, fragmented, bad checksum.
+    dropped_malformed: Counter,
+    /// Packets from agents dropped because the source was not the agent's tunnel address.
+    dropped_spoofed_source: Counter,
+    /// Packets from agents dropped because the destination address, protocol or port is not a service.
+    dropped_not_service: Counter,
+    /// Packets from agents to a service that the connector does not handle (TCP for now, ICMP other than echo).
+    dropped_unsupported: Counter,
+    /// Packets from agents dropped because the agent already had the maximum number of flows.
+    dropped_flow_limit: Counter,
+    /// Packets for an agent dropped because its tunnel could not take them (incremented by the tunnel's sink).
+    dropped_to_agent: Counter,
+    /// Packets from agents dropped because a backend socket's send buffer was full.
+    dropped_to_backend: Counter,
+    /// Packets dropped because they came from an agent the data plane does not know.
+    dropped_unknown_agent: Counter,
+    /// UDP flows opened to backends.
+    udp_flows_opened: Counter,
+    /// UDP flows closed after their idle timeout.
+    udp_flows_expired: Counter,
+    /// UDP flows currently open.
+    udp_flows_active: Gauge,
+    /// ICMP echo flows opened to backends.
+    icmp_flows_opened: Counter,
+    /// ICMP echo flows closed after their idle timeout.
+    icmp_flows_expired: Counter,
+    /// ICMP echo flows currently open.
+    icmp_flows_active: Gauge,
+    /// ICMP echo requests forwarded to backends.
+    icmp_echo_backend: Counter,
+    /// ICMP echo requests answered by the connector itself.
+    icmp_echo_local: Counter,
+    /// ICMP destination unreachable (port unreachable) messages sent to agents.
+    icmp_unreachable_sent: Counter,
+    /// Errors from backend sockets (creation, send or receive) other than a refused port.
+    backend_errors: Counter,
+    /// Agents currently connected.
+    agents_connected: Gauge,
+    /// End-to-end handshakes rejected (agent identity did not match the relay's claim).
+    inner_handshakes_rejected: Counter,
+    /// Connections established to the relay.
+    relay_connects: Counter,
+}
+
+/// Adds one to a gauge.
+pub(crate) fn gauge_inc(gauge: &AtomicU64) {
+    gauge.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Subtracts one from a gauge, stopping at zero rather than wrapping.
+pub(crate) fn gauge_dec(gauge: &AtomicU64) {
+    // The closure never returns None, so this can't fail; ignoring the Result is fine.
+    let _ = gauge.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(1))
+    });
+}
+
+impl Metrics {
+    /// Renders every metric in the Prometheus text exposition format (version 0.0.4): a `# HELP`
+    /// and a `# TYPE` line, then the sample. Names are prefixed `ztna_connector_`; counters end
+    /// in `_total`.
+    pub(crate) fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::with_capacity(4096);
+        for (name, help, kind, value) in self.entries() {
+            let (suffix, ty) = match kind {
+                Kind::Counter => ("_total", "counter"),
+                Kind::Gauge => ("", "gauge"),
+            };
+            let help = help.trim().replace('\\', "\\\\").replace('\n', "\\n");
+            // Writing to a String can't fail.
+            let _ = writeln!(out, "# HELP {PREFIX}{name}{suffix} {help}");
+            let _ = writeln!(out, "# TYPE {PREFIX}{name}{suffix} {ty}");
+            let _ = writeln!(out, "{PREFIX}{name}{suffix} {value}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.packets_from_agents.fetch_add(3, Ordering::Relaxed);
+        gauge_inc(&m.udp_flows_active);
+        gauge_inc(&m.udp_flows_active);
+        gauge_dec(&m.udp_flows_active);
+        gauge_dec(&m.agents_connected); // stays at 0
+        let text = m.render();
+        assert!(text.contains(
+            "# TYPE ztna_connector_packets_from_agents_total counter\n\
+             ztna_connector_packets_from_agents_total 3\n"
+        ));
+        assert!(text.contains(
+            "# TYPE ztna_connector_udp_flows_active gauge\nztna_connector_udp_flows_active 1\n"
+        ));
+        assert!(text.contains("ztna_connector_agents_connected 0\n"));
+        assert!(text.contains("# HELP ztna_connector_relay_connects_total Connections"));
+        // Every sample line is `name value`, every name is prefixed, and counters end in _total.
+        let mut samples = 0;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.split_once(' ').expect("name value");
+            assert!(name.starts_with(PREFIX), "{name}");
+            value.parse::<u64>().expect("numeric value");
+            samples += 1;
+        }
+        assert_eq!(samples, m.entries().len());
+        for (name, _, kind, _) in m.entries() {
+            let full = match kind {
+                Kind::Counter => format!("{PREFIX}{name}_total"),
+                Kind::Gauge => format!("{PREFIX}{name}"),
+            };
+            assert!(text.contains(&format!("# TYPE {full} ")), "{full}");
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The connector's tunnel side: its relay session (registering services, taking incoming
+//! channels) and the inner connections agents open over those channels.
+//!
+//! An inner connection is accepted only from the virtual address of a channel the relay
+//! announced, and only if the agent's certificate names the identity the relay gave for that
+//! channel. Its packets then go to the data plane, which enforces the agent's tunnel IP as the
+//! only source and registered services as the only destinations.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use ztna_core::backoff::{jitter_seed, Backoff};
+use ztna_core::session::{Node, RelaySession, RelayTarget, SessionError};
+use ztna_core::tls::PeerIdentity;
+use ztna_core::transport;
+use ztna_proto::control::{ControlMessage, Hello, Role};
+use ztna_proto::{ChannelId, ServiceDef, ALPN_TUNNEL};
+
+use crate::dataplane::{Dataplane, ToAgent};
+use crate::metrics::{gauge_dec, gauge_inc, Metrics};
+
+/// What the relay told us to expect on a channel.
+#[derive(Debug, Clone)]
+struct Expected {
+    channel: ChannelId,
+    agent: String,
+    tunnel_ip: Ipv4Addr,
+    /// The accepted inner connection, once there is one.
+    conn: Option<quinn::Connection>,
+}
+
+/// Channels by virtual peer address.
+type Channels = Arc<Mutex<HashMap<SocketAddr, Expected>>>;
+
+fn lock(c: &Channels) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Expected>> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Packets to one agent, over its inner connection.
+struct InnerSink {
+    conn: quinn::Connection,
+    metrics: Arc<Metrics>,
+}
+
+impl ToAgent for InnerSink {
+    fn send(&self, packet: Bytes) {
+        if self.conn.send_datagram(packet).is_err() {
+            self.metrics
+                .dropped_to_agent
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The connector's tunnel: relay session plus inner connections.
+pub(crate) struct Tunnel {
+    node: Node,
+    relay: RelayTarget,
+    services: Vec<ServiceDef>,
+    dataplane: Arc<Dataplane>,
+    metrics: Arc<Metrics>,
+    channels: Channels,
+}
+
+impl Tunnel {
+    /// A tunnel over `node`, offering `services`.
+    pub(crate) fn new(
+        node: Node,
+        relay: RelayTarget,
+        services: Vec<ServiceDef>,
+        dataplane: Arc<Dataplane>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            node,
+            relay,
+            services,
+            dataplane,
+            metrics,
+            channels: Arc::default(),
+        }
+    }
+
+    /// Runs forever: keeps a relay session up (reconnecting with backoff) and accepts inner
+    /// connections.
+    pub(crate) async fn run(self) {
+        let _accept = AbortOnDrop(tokio::spawn(accept_loop(
+            self.node.clone(),
+            self.channels.clone(),
+            self.dataplane.clone(),
+            self.metrics.clone(),
+        )));
+        let mut backoff = Backoff::default();
+        let mut seed = jitter_seed();
+        let hello = Hello {
+            role: Role::Connector,
+            services: self.services.clone(),
+            want: vec![],
+            software: format!("ztna-connector/{}", env!("CARGO_PKG_VERSION")),
+        };
+        loop {
+            match self.node.connect_relay(&self.relay, hello.clone()).await {
+                Ok(session) => {
+                    backoff.reset();
+                    self.metrics.relay_connects.fetch_add(1, Ordering::Relaxed);
+                    let err = self.run_session(session).await;
+                    tracing::warn!(error = %err, "relay session ended; reconnecting");
+                }
+                Err(e) => {
+                    tracing::error!(relay = %self.relay.addr, error = %e, attempt = backoff.attempts() + 1, "could not connect to the relay")
+                }
+            }
+            self.drop_all_channels("relay session lost");
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            tokio::time::sleep(backoff.next_delay(seed >> 33)).await;
+        }
+    }
+
+    fn drop_all_channels(&self, why: &str) {
+        let gone: Vec<Expected> = lock(&self.channels).drain().map(|(_, e)| e).collect();
+        for e in gone {
+            if let Some(c) = e.conn {
+                c.close(0u32.into(), why.as_bytes());
+            }
+        }
+    }
+
+    async fn run_session(&self, mut session: RelaySession) -> SessionError {
+        let welcome = session.welcome().clone();
+        let inner_mtu = transport::inner_mtu(session.max_datagram_size().unwrap_or(0));
+        if let Err(e) = transport::check_outer(session.max_datagram_size(), inner_mtu) {
+            tracing::error!(error = %e, "the relay path cannot carry the tunnel");
+            return SessionError::Protocol(e.to_string());
+        }
+        match self.node.credentials().server_config(ALPN_TUNNEL) {
+            Ok(crypto) => {
+                let mut server = quinn::ServerConfig::with_crypto(crypto);
+                server.transport_config(transport::inner(inner_mtu, self.node.timing()));
+                server.migration(true);
+                self.node.endpoint().set_server_config(Some(server));
+            }
+            Err(e) => return SessionError::Tls(e),
+        }
+        let names: Vec<&str> = welcome.services.iter().map(|s| s.name.as_str()).collect();
+        tracing::info!(identity = %welcome.identity, observed = %welcome.observed_addr, services = ?names, inner_mtu, "connected to the relay");
+        for r in &welcome.rejected {
+            tracing::error!(service = %r.name, code = %r.code, "relay refused to register service: {}", r.message);
+        }
+        loop {
+            let msg = match session.recv().await {
+                Ok(m) => m,
+                Err(e) => return e,
+            };
+            match msg {
+                ControlMessage::IncomingChannel {
+                    channel_id,
+                    agent,
+                    agent_tunnel_ip,
+                } => {
+                    let Some(channel) = ChannelId::new(channel_id) else {
+                        return SessionError::Protocol(format!(
+                            "channel id {channel_id} out of range"
+                        ));
+                    };
+                    let vaddr = session.attach_channel(channel);
+                    tracing::info!(%agent, channel = channel_id, "incoming channel");
+                    tracing::debug!(%agent, tunnel_ip = %agent_tunnel_ip, %vaddr, "channel details");
+                    lock(&self.channels).insert(
+                        vaddr,
+                        Expected {
+                            channel,
+                            agent,
+                            tunnel_ip: agent_tunnel_ip,
+                            conn: None,
+                        },
+                    );
+                }
+                ControlMessage::ChannelClosed { channel_id, code } => {
+                    let gone = {
+                        let mut ch = lock(&self.channels);
+                        let addr = ch
+                            .iter()
+                            .find(|(_, e)| e.channel.get() == channel_id)
+                            .map(|(a, _)| *a);
+                        addr.and_then(|a| ch.remove(&a).map(|e| (a, e)))
+                    };
+                    if let Some((addr, e)) = gone {
+                        tracing::info!(agent = %e.agent, channel = channel_id, %code, "channel closed");
+                        session.detach(addr);
+                        if let Some(c) = e.conn {
+                            c.close(0u32.into(), b"channel closed");
+                        }
+                    }
+                }
+                ControlMessage::ObservedAddress(a) => {
+                    tracing::info!(observed = %a, "relay observed a new address for this connector")
+                }
+                ControlMessage::Error { code, message, .. } => {
+                    tracing::error!(%code, "relay reported an error: {message}")
+                }
+                other => tracing::warn!(
+                    kind = other.kind(),
+                    "unexpected control message from the relay; ignored"
+                ),
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+static NEXT_AGENT: AtomicU64 = AtomicU64::new(1);
+
+async fn accept_loop(
+    node: Node,
+    channels: Channels,
+    dataplane: Arc<Dataplane>,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(incoming) = node.endpoint().accept().await {
+        let remote = incoming.remote_address();
+        if !lock(&channels).contains_key(&remote) {
+            // Not the virtual address of a channel the relay announced: nobody may handshake
+            // with the connector directly.
+            metrics
+                .inner_handshakes_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%remote, "refusing an inner handshake from outside any channel");
+            incoming.refuse();
+            continue;
+        }
+        tokio::spawn(serve_agent(
+            incoming,
+            remote,
+            channels.clone(),
+            dataplane.clone(),
+            metrics.clone(),
+        ));
+    }
+}
+
+async fn serve_agent(
+    incoming: quinn::Incoming,
+    vaddr: SocketAddr,
+    channels: Channels,
+    dataplane: Arc<Dataplane>,
+    metrics: Arc<Metrics>,
+) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            metrics
+                .inner_handshakes_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "inner handshake failed");
+            return;
+        }
+    };
+    let peer = PeerIdentity::from_connection(&conn);
+    let expected = lock(&channels).get(&vaddr).cloned();
+    let (expected, peer) = match (expected, peer) {
+        (Some(e), Ok(p)) if p.role == Role::Agent && p.name == e.agent => (e, p),
+        (e, p) => {
+            metrics
+                .inner_handshakes_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            let expected = e
+                .map(|e| e.agent)
+                .unwrap_or_else(|| "<channel gone>".into());
+            let got = p.map(|p| p.to_string()).unwrap_or_else(|e| e.to_string());
+            tracing::warn!(%expected, %got, "inner handshake rejected: the certificate is not the agent the relay named");
+            conn.close(
+                ztna_proto::ErrorCode::Unauthorized.to_quic().into(),
+                b"identity does not match the channel",
+            );
+            return;
+        }
+    };
+    {
+        let mut ch = lock(&channels);
+        match ch.get_mut(&vaddr) {
+            Some(e) => {
+                if let Some(old) = e.conn.replace(conn.clone()) {
+                    old.close(0u32.into(), b"replaced");
+                }
+            }
+            None => return,
+        }
+    }
+    let id = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(agent = %peer.name, channel = %expected.channel, "agent tunnel up");
+    gauge_inc(&metrics.agents_connected);
+    dataplane.add_agent(
+        id,
+        peer.name.clone(),
+        expected.tunnel_ip,
+        Arc::new(InnerSink {
+            conn: conn.clone(),
+            metrics: metrics.clone(),
+        }),
+    );
+    let reason = loop {
+        match conn.read_datagram().await {
+            Ok(pkt) => dataplane.handle_from_agent(id, &pkt),
+            Err(e) => break e,
+        }
+    };
+    dataplane.remove_agent(id);
+    gauge_dec(&metrics.agents_connected);
+    tracing::info!(agent = %peer.name, reason = %reason, "agent tunnel down");
+}

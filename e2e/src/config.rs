@@ -1,0 +1,363 @@
+//! The daemons' configuration files, written as TOML (the format `deploy/config/*.toml` show).
+//! The `demo` constructors give the values of the demo topology; tests change fields before
+//! writing.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::addr;
+use crate::pki::CertPaths;
+
+/// A TOML basic string.
+fn q(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn qp(p: &Path) -> String {
+    q(&p.to_string_lossy())
+}
+
+fn list(items: &[String]) -> String {
+    format!(
+        "[{}]",
+        items.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ")
+    )
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// One `[[access]]` rule of the relay: these groups or identities may reach these services.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// Service names.
+    pub services: Vec<String>,
+    /// Agent certificate groups.
+    pub groups: Vec<String>,
+    /// Agent identities.
+    pub identities: Vec<String>,
+}
+
+/// One `[[connectors]]` entry of the relay: which services a connector identity may serve.
+#[derive(Debug, Clone)]
+pub struct ConnectorGrant {
+    /// The connector's certificate name.
+    pub identity: String,
+    /// Service names it may serve.
+    pub services: Vec<String>,
+}
+
+/// `ztna-relay` configuration.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// QUIC listen address.
+    pub bind: String,
+    /// Organisation CA.
+    pub ca: PathBuf,
+    /// The relay's certificate.
+    pub cert: PathBuf,
+    /// The relay's key.
+    pub key: PathBuf,
+    /// Pool of agent tunnel addresses.
+    pub tunnel_pool: String,
+    /// Prometheus listen address, if any.
+    pub metrics: Option<String>,
+    /// Keepalive interval.
+    pub keepalive_secs: u64,
+    /// Idle timeout of outer connections.
+    pub idle_timeout_secs: u64,
+    /// Who may reach what.
+    pub access: Vec<Access>,
+    /// Which connector may serve what.
+    pub connectors: Vec<ConnectorGrant>,
+}
+
+impl RelayConfig {
+    /// The demo relay: group `eng` may reach `echo` and `dns`; `conn1` may serve `echo`, `dns`
+    /// and `secret`; metrics on 127.0.0.1:9433.
+    pub fn demo(ca: &Path, relay: &CertPaths) -> Self {
+        Self {
+            bind: format!("{}:{}", addr::RELAY, addr::RELAY_PORT),
+            ca: ca.to_path_buf(),
+            cert: relay.cert.clone(),
+            key: relay.key.clone(),
+            tunnel_pool: "100.64.0.0/10".to_owned(),
+            metrics: Some(addr::RELAY_METRICS.to_owned()),
+            keepalive_secs: 10,
+            idle_timeout_secs: 30,
+            access: vec![Access {
+                services: strings(&["echo", "dns"]),
+                groups: strings(&["eng"]),
+                identities: vec![],
+            }],
+            connectors: vec![ConnectorGrant {
+                identity: "conn1".to_owned(),
+                services: strings(&["echo", "dns", "secret"]),
+            }],
+        }
+    }
+
+    /// The TOML text.
+    pub fn to_toml(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "bind = {}", q(&self.bind));
+        let _ = writeln!(s, "ca = {}", qp(&self.ca));
+        let _ = writeln!(s, "cert = {}", qp(&self.cert));
+        let _ = writeln!(s, "key = {}", qp(&self.key));
+        let _ = writeln!(s, "tunnel_pool = {}", q(&self.tunnel_pool));
+        if let Some(m) = &self.metrics {
+            let _ = writeln!(s, "metrics = {}", q(m));
+        }
+        let _ = writeln!(s, "keepalive_secs = {}", self.keepalive_secs);
+        let _ = writeln!(s, "idle_timeout_secs = {}", self.idle_timeout_secs);
+        for a in &self.access {
+            let _ = writeln!(s, "\n[[access]]");
+            let _ = writeln!(s, "services = {}", list(&a.services));
+            let _ = writeln!(s, "groups = {}", list(&a.groups));
+            let _ = writeln!(s, "identities = {}", list(&a.identities));
+        }
+        for c in &self.connectors {
+            let _ = writeln!(s, "\n[[connectors]]");
+            let _ = writeln!(s, "identity = {}", q(&c.identity));
+            let _ = writeln!(s, "services = {}", list(&c.services));
+        }
+        s
+    }
+}
+
+/// One `[[services]]` entry of the connector.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Name, as policy refers to it.
+    pub name: String,
+    /// Virtual IP agents use.
+    pub address: String,
+    /// Real IP (or IP:PORT).
+    pub backend: String,
+    /// UDP ports or `first-last` ranges.
+    pub udp: Vec<String>,
+    /// Whether ICMP echo is allowed.
+    pub icmp: bool,
+}
+
+/// `ztna-connector` configuration.
+#[derive(Debug, Clone)]
+pub struct ConnectorConfig {
+    /// The relay's address.
+    pub relay: String,
+    /// DNS name in the relay's certificate.
+    pub relay_name: String,
+    /// Local UDP address.
+    pub bind: String,
+    /// Organisation CA.
+    pub ca: PathBuf,
+    /// The connector's certificate.
+    pub cert: PathBuf,
+    /// The connector's key.
+    pub key: PathBuf,
+    /// `backend`, `local` or `auto`.
+    pub icmp: String,
+    /// Idle timeout of UDP flows.
+    pub udp_idle_timeout_secs: u64,
+    /// Cap on flows per agent.
+    pub max_flows_per_agent: u64,
+    /// Prometheus listen address, if any.
+    pub metrics: Option<String>,
+    /// Services announced to the relay.
+    pub services: Vec<ServiceConfig>,
+}
+
+impl ConnectorConfig {
+    /// The demo connector `conn1`: services `echo` (10.100.0.1: UDP 7, ICMP), `dns`
+    /// (10.100.0.2: UDP 53) and `secret` (10.100.0.3: UDP 9, ICMP), all on the backend
+    /// 10.10.3.2; metrics on 127.0.0.1:9434.
+    pub fn demo(ca: &Path, conn: &CertPaths) -> Self {
+        let svc = |name: &str, address: &str, udp: &str, icmp: bool| ServiceConfig {
+            name: name.to_owned(),
+            address: address.to_owned(),
+            backend: addr::BACKEND.to_owned(),
+            udp: vec![udp.to_owned()],
+            icmp,
+        };
+        Self {
+            relay: format!("{}:{}", addr::RELAY, addr::RELAY_PORT),
+            relay_name: "relay".to_owned(),
+            bind: "0.0.0.0:4434".to_owned(),
+            ca: ca.to_path_buf(),
+            cert: conn.cert.clone(),
+            key: conn.key.clone(),
+            icmp: "auto".to_owned(),
+            udp_idle_timeout_secs: 60,
+            max_flows_per_agent: 4096,
+            metrics: Some(addr::CONN_METRICS.to_owned()),
+            services: vec![
+                svc("echo", addr::ECHO, "7", true),
+                svc("dns", addr::DNS, "53", false),
+                svc("secret", addr::SECRET, "9", true),
+            ],
+        }
+    }
+
+    /// The TOML text.
+    pub fn to_toml(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "relay = {}", q(&self.relay));
+        let _ = writeln!(s, "relay_name = {}", q(&self.relay_name));
+        let _ = writeln!(s, "bind = {}", q(&self.bind));
+        let _ = writeln!(s, "ca = {}", qp(&self.ca));
+        let _ = writeln!(s, "cert = {}", qp(&self.cert));
+        let _ = writeln!(s, "key = {}", qp(&self.key));
+        let _ = writeln!(s, "icmp = {}", q(&self.icmp));
+        let _ = writeln!(s, "udp_idle_timeout_secs = {}", self.udp_idle_timeout_secs);
+        let _ = writeln!(s, "max_flows_per_agent = {}", self.max_flows_per_agent);
+        if let Some(m) = &self.metrics {
+            let _ = writeln!(s, "metrics = {}", q(m));
+        }
+        for svc in &self.services {
+            let _ = writeln!(s, "\n[[services]]");
+            let _ = writeln!(s, "name = {}", q(&svc.name));
+            let _ = writeln!(s, "address = {}", q(&svc.address));
+            let _ = writeln!(s, "backend = {}", q(&svc.backend));
+            let _ = writeln!(s, "udp = {}", list(&svc.udp));
+            let _ = writeln!(s, "icmp = {}", svc.icmp);
+        }
+        s
+    }
+}
+
+/// `ztna-agent up` configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The relay's address.
+    pub relay: String,
+    /// DNS name in the relay's certificate.
+    pub relay_name: String,
+    /// Organisation CA (the one the relay's certificate must chain to).
+    pub ca: PathBuf,
+    /// The agent's certificate.
+    pub cert: PathBuf,
+    /// The agent's key.
+    pub key: PathBuf,
+    /// TUN device name.
+    pub tun: String,
+    /// TUN MTU.
+    pub mtu: u32,
+    /// Wanted services (empty: all that policy allows).
+    pub services: Vec<String>,
+    /// The status socket.
+    pub status_socket: PathBuf,
+}
+
+impl AgentConfig {
+    /// The demo agent: TUN `ztna0`, MTU 1280, every allowed service, status socket `socket`.
+    pub fn demo(ca: &Path, agent: &CertPaths, socket: &Path) -> Self {
+        Self {
+            relay: format!("{}:{}", addr::RELAY, addr::RELAY_PORT),
+            relay_name: "relay".to_owned(),
+            ca: ca.to_path_buf(),
+            cert: agent.cert.clone(),
+            key: agent.key.clone(),
+            tun: "ztna0".to_owned(),
+            mtu: 1280,
+            services: vec![],
+            status_socket: socket.to_path_buf(),
+        }
+    }
+
+    /// The TOML text.
+    pub fn to_toml(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "relay = {}", q(&self.relay));
+        let _ = writeln!(s, "relay_name = {}", q(&self.relay_name));
+        let _ = writeln!(s, "ca = {}", qp(&self.ca));
+        let _ = writeln!(s, "cert = {}", qp(&self.cert));
+        let _ = writeln!(s, "key = {}", qp(&self.key));
+        let _ = writeln!(s, "tun = {}", q(&self.tun));
+        let _ = writeln!(s, "mtu = {}", self.mtu);
+        let _ = writeln!(s, "services = {}", list(&self.services));
+        let _ = writeln!(s, "status_socket = {}", qp(&self.status_socket));
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_toml_strings() {
+        assert_eq!(q(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(list(&strings(&["echo", "dns"])), r#"["echo", "dns"]"#);
+    }
+
+    fn pki(name: &str) -> CertPaths {
+        CertPaths {
+            cert: format!("/etc/ztna/pki/{name}.pem").into(),
+            key: format!("/etc/ztna/pki/{name}.key").into(),
+        }
+    }
+
+    fn parse(text: &str, what: &str) -> toml::Value {
+        match text.parse::<toml::Value>() {
+            Ok(v) => v,
+            Err(e) => panic!("{what} is not valid TOML: {e}\n{text}"),
+        }
+    }
+
+    /// `deploy/config/*.toml` (used by scripts/demo.sh) and the configs the tests write hold the
+    /// same keys and values, so the demo and the tests exercise the same configuration.
+    #[test]
+    fn deploy_configs_match_the_harness() {
+        let dir = crate::workspace_root().join("deploy/config");
+        let ca = Path::new("/etc/ztna/pki/ca.pem");
+        let cases = [
+            ("relay.toml", RelayConfig::demo(ca, &pki("relay")).to_toml()),
+            (
+                "connector.toml",
+                ConnectorConfig::demo(ca, &pki("conn1")).to_toml(),
+            ),
+            (
+                "agent.toml",
+                AgentConfig::demo(ca, &pki("alice"), Path::new("/run/ztna/agent.sock")).to_toml(),
+            ),
+        ];
+        for (file, generated) in cases {
+            let path = dir.join(file);
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+            assert_eq!(
+                parse(&text, file),
+                parse(&generated, "generated"),
+                "{file} differs from what the e2e harness writes:\n{generated}"
+            );
+        }
+    }
+
+    #[test]
+    fn demo_relay_config_has_policy_tables() {
+        let certs = CertPaths {
+            cert: "/p/relay.pem".into(),
+            key: "/p/relay.key".into(),
+        };
+        let t = RelayConfig::demo(Path::new("/p/ca.pem"), &certs).to_toml();
+        assert!(t.contains("bind = \"10.10.0.1:4433\""));
+        assert!(t.contains("[[access]]\nservices = [\"echo\", \"dns\"]\ngroups = [\"eng\"]"));
+        assert!(t.contains("[[connectors]]\nidentity = \"conn1\""));
+    }
+}

@@ -1,0 +1,389 @@
+//! The demo deployment on a [`Topology`]: PKI, backends (UDP echo, dnsmasq), relay, connector
+//! `conn1` and agent `alice` (group `eng`), with readiness checks and accessors for status,
+//! metrics and routes. Tests change the public config fields before starting a daemon.
+
+use std::cell::RefCell;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::{AgentConfig, ConnectorConfig, RelayConfig};
+use crate::metrics::Metrics;
+use crate::pki::{path_str, PkiDir, Role};
+use crate::status::AgentStatus;
+use crate::topology::{DaemonId, Node, Topology};
+use crate::wait::wait_until;
+use crate::{addr, bin};
+
+/// How long an agent may take to be connected with a tunnel IP and `conn1` on the relay path.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the first ping through a ready tunnel may take to succeed.
+pub const FIRST_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The demo deployment. See the module docs.
+pub struct Stack<'t> {
+    t: &'t Topology,
+    /// The organisation PKI (`<dir>/pki`), with `relay`, `conn1` and `alice` issued.
+    pub pki: PkiDir,
+    /// Relay config used by [`Stack::start_relay`].
+    pub relay_cfg: RelayConfig,
+    /// Connector config used by [`Stack::start_connector`].
+    pub conn_cfg: ConnectorConfig,
+    /// Agent config used by [`Stack::start_agent`].
+    pub agent_cfg: AgentConfig,
+    /// The running relay.
+    pub relay: Option<DaemonId>,
+    /// The running connector.
+    pub connector: Option<DaemonId>,
+    /// The running agent.
+    pub agent: Option<DaemonId>,
+}
+
+impl<'t> Stack<'t> {
+    /// Mints the PKI and prepares the demo configs; starts nothing.
+    pub fn new(t: &'t Topology) -> Result<Self> {
+        t.step("minting the PKI (ztna-relay pki init/issue)");
+        let pki = PkiDir::init(&t.dir().join("pki"), Some("ztna e2e"))?;
+        let relay = pki.issue(Role::Relay, "relay", &[])?;
+        let conn = pki.issue(Role::Connector, "conn1", &[])?;
+        let alice = pki.issue(Role::Agent, "alice", &["eng"])?;
+        let ca = pki.ca();
+        Ok(Self {
+            t,
+            relay_cfg: RelayConfig::demo(&ca, &relay),
+            conn_cfg: ConnectorConfig::demo(&ca, &conn),
+            agent_cfg: AgentConfig::demo(&ca, &alice, &t.dir().join("agent.sock")),
+            pki,
+            relay: None,
+            connector: None,
+            agent: None,
+        })
+    }
+
+    /// The topology.
+    pub fn topology(&self) -> &'t Topology {
+        self.t
+    }
+
+    /// Starts the backends in the backend namespace and checks them from the connector's:
+    /// a UDP echo server on 10.10.3.2:7 and :9, and dnsmasq on 10.10.3.2:53 answering
+    /// `backend.ztna.test` with 10.10.3.2.
+    pub fn start_backends(&mut self) -> Result<()> {
+        let t = self.t;
+        let echo = t.spawn(
+            Node::Backend,
+            "udp-echo",
+            &t.helpers().udp_echo,
+            [
+                format!("{}:7", addr::BACKEND),
+                format!("{}:9", addr::BACKEND),
+                "--exit-after".into(),
+                "900".into(),
+            ],
+        )?;
+        let pid_file = path_str(&t.dir().join("dnsmasq.pid"))?;
+        let dns = t.spawn(
+            Node::Backend,
+            "dnsmasq",
+            "dnsmasq",
+            [
+                "--keep-in-foreground".to_owned(),
+                "--log-facility=-".to_owned(),
+                "--no-resolv".to_owned(),
+                "--no-hosts".to_owned(),
+                format!("--listen-address={}", addr::BACKEND),
+                "--bind-interfaces".to_owned(),
+                format!("--address=/backend.ztna.test/{}", addr::BACKEND),
+                "--port=53".to_owned(),
+                format!("--pid-file={pid_file}"),
+            ],
+        )?;
+        let echo_target = format!("{}:7", addr::BACKEND);
+        let check = t.helpers().udp_check.clone();
+        wait_until(
+            "the UDP echo server to answer from the connector namespace",
+            Duration::from_secs(5),
+            || {
+                !t.is_running(echo)
+                    || t.run(
+                        Node::Conn,
+                        5,
+                        [
+                            check.as_os_str(),
+                            echo_target.as_ref(),
+                            "--count".as_ref(),
+                            "3".as_ref(),
+                            "--timeout-ms".as_ref(),
+                            "300".as_ref(),
+                            "--quiet".as_ref(),
+                        ],
+                    )
+                    .is_ok_and(|o| o.success())
+            },
+        )?;
+        t.ensure_running(echo)?;
+        let server = format!("@{}", addr::BACKEND);
+        wait_until(
+            "dnsmasq to answer from the connector namespace",
+            Duration::from_secs(5),
+            || {
+                !t.is_running(dns)
+                    || t.run(
+                        Node::Conn,
+                        5,
+                        [
+                            "dig",
+                            "+short",
+                            "+time=1",
+                            "+tries=1",
+                            &server,
+                            "backend.ztna.test",
+                        ],
+                    )
+                    .is_ok_and(|o| o.stdout.trim() == addr::BACKEND)
+            },
+        )?;
+        t.ensure_running(dns)?;
+        t.step("backends up: UDP echo on 10.10.3.2:7 and :9, dnsmasq on 10.10.3.2:53");
+        Ok(())
+    }
+
+    /// Writes `relay.toml` from [`Stack::relay_cfg`] and starts the relay (again, if it ran
+    /// before); waits for its metrics endpoint when one is configured.
+    pub fn start_relay(&mut self) -> Result<DaemonId> {
+        let t = self.t;
+        let cfg = t.write_file("relay.toml", &self.relay_cfg.to_toml())?;
+        let id = t.spawn(
+            Node::Relay,
+            "relay",
+            bin("ztna-relay")?,
+            ["--config".as_ref(), cfg.as_os_str()],
+        )?;
+        self.relay = Some(id);
+        if let Some(m) = self.relay_cfg.metrics.clone() {
+            self.wait_metrics(Node::Relay, id, &m, "relay")?;
+        } else {
+            std::thread::sleep(Duration::from_millis(300));
+            t.ensure_running(id)?;
+        }
+        Ok(id)
+    }
+
+    /// Writes `connector.toml` from [`Stack::conn_cfg`] and starts the connector; waits for its
+    /// metrics endpoint when one is configured.
+    pub fn start_connector(&mut self) -> Result<DaemonId> {
+        let t = self.t;
+        let cfg = t.write_file("connector.toml", &self.conn_cfg.to_toml())?;
+        let id = t.spawn(
+            Node::Conn,
+            "connector",
+            bin("ztna-connector")?,
+            ["--config".as_ref(), cfg.as_os_str()],
+        )?;
+        self.connector = Some(id);
+        if let Some(m) = self.conn_cfg.metrics.clone() {
+            self.wait_metrics(Node::Conn, id, &m, "connector")?;
+        } else {
+            std::thread::sleep(Duration::from_millis(300));
+            t.ensure_running(id)?;
+        }
+        Ok(id)
+    }
+
+    /// Starts the main agent from [`Stack::agent_cfg`] (config `agent.toml`, log `agent.log`).
+    pub fn start_agent(&mut self) -> Result<DaemonId> {
+        let cfg = self.agent_cfg.clone();
+        let id = self.spawn_agent("agent", &cfg)?;
+        self.agent = Some(id);
+        Ok(id)
+    }
+
+    /// Writes `<name>.toml` and starts `ztna-agent up --config` with it in the agent namespace.
+    pub fn spawn_agent(&self, name: &str, cfg: &AgentConfig) -> Result<DaemonId> {
+        let t = self.t;
+        let file = t.write_file(&format!("{name}.toml"), &cfg.to_toml())?;
+        t.spawn(
+            Node::Agent,
+            name,
+            bin("ztna-agent")?,
+            ["up".as_ref(), "--config".as_ref(), file.as_os_str()],
+        )
+    }
+
+    /// Backends, relay, connector and agent, then [`Stack::wait_ready`].
+    pub fn start_all(&mut self) -> Result<AgentStatus> {
+        self.start_backends()?;
+        self.start_relay()?;
+        self.start_connector()?;
+        let agent = self.start_agent()?;
+        let cfg = self.agent_cfg.clone();
+        self.wait_ready(agent, &cfg)
+    }
+
+    /// Waits until the agent's status says connected, with a tunnel IP in 100.64.0.0/10 and
+    /// `conn1` on the relay path (at most [`READY_TIMEOUT`]), and then until a first
+    /// `ping -c 1 -W 1 10.100.0.1` succeeds (at most [`FIRST_PING_TIMEOUT`]).
+    pub fn wait_ready(&self, agent: DaemonId, cfg: &AgentConfig) -> Result<AgentStatus> {
+        let t = self.t;
+        let last = RefCell::new(String::from("(no answer yet)"));
+        let took = wait_until(
+            "the agent to be connected with conn1 on the relay path",
+            READY_TIMEOUT,
+            || {
+                if !t.is_running(agent) {
+                    return true;
+                }
+                match self.status(&cfg.status_socket) {
+                    Ok(st) => {
+                        *last.borrow_mut() = st.json.to_string();
+                        st.is_ready("conn1")
+                    }
+                    Err(e) => {
+                        *last.borrow_mut() = format!("{e:#}");
+                        false
+                    }
+                }
+            },
+        )
+        .with_context(|| format!("last status: {}", last.borrow()))?;
+        t.ensure_running(agent)?;
+        t.step(&format!(
+            "agent ready after {:.2} s: {}",
+            took.as_secs_f64(),
+            last.borrow()
+        ));
+        let took = wait_until(
+            "a first ping through the tunnel to 10.100.0.1",
+            FIRST_PING_TIMEOUT,
+            || !t.is_running(agent) || self.ping_once(addr::ECHO),
+        )?;
+        t.ensure_running(agent)?;
+        t.step(&format!(
+            "first ping answered after {:.2} s",
+            took.as_secs_f64()
+        ));
+        self.status(&cfg.status_socket)
+    }
+
+    /// `ztna-agent status --socket SOCKET --json`, parsed.
+    pub fn status(&self, socket: &Path) -> Result<AgentStatus> {
+        let out = self.t.run(
+            Node::Agent,
+            5,
+            [
+                bin("ztna-agent")?.as_os_str(),
+                "status".as_ref(),
+                "--socket".as_ref(),
+                socket.as_os_str(),
+                "--json".as_ref(),
+            ],
+        )?;
+        if !out.success() {
+            bail!("{out}");
+        }
+        AgentStatus::parse(&out.stdout)
+    }
+
+    /// One `ping -c 1 -W 1 TARGET` from the agent namespace; whether it got an answer.
+    pub fn ping_once(&self, target: &str) -> bool {
+        self.t
+            .run(Node::Agent, 3, ["ping", "-n", "-c", "1", "-W", "1", target])
+            .is_ok_and(|o| o.success())
+    }
+
+    /// The relay's metrics.
+    pub fn relay_metrics(&self) -> Result<Metrics> {
+        let m = self
+            .relay_cfg
+            .metrics
+            .as_deref()
+            .context("the relay config has no metrics address")?;
+        self.metrics(Node::Relay, m)
+    }
+
+    /// The connector's metrics.
+    pub fn conn_metrics(&self) -> Result<Metrics> {
+        let m = self
+            .conn_cfg
+            .metrics
+            .as_deref()
+            .context("the connector config has no metrics address")?;
+        self.metrics(Node::Conn, m)
+    }
+
+    /// The device the agent namespace routes `dst` through (`ip route get`), or `None` when it
+    /// has no route.
+    pub fn agent_route_dev(&self, dst: &str) -> Result<Option<String>> {
+        let out = self.t.host(
+            5,
+            [
+                "ip",
+                "-n",
+                &self.t.ns(Node::Agent),
+                "-4",
+                "route",
+                "get",
+                dst,
+            ],
+        )?;
+        if !out.success() {
+            return Ok(None);
+        }
+        let mut words = out.stdout.split_whitespace();
+        while let Some(w) = words.next() {
+            if w == "dev" {
+                return Ok(words.next().map(str::to_owned));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `ip -4 route show table all` in the agent namespace, without the kernel's local and
+    /// broadcast entries.
+    pub fn agent_routes(&self) -> Result<String> {
+        let out = self.t.host(
+            5,
+            [
+                "ip",
+                "-n",
+                &self.t.ns(Node::Agent),
+                "-4",
+                "route",
+                "show",
+                "table",
+                "all",
+            ],
+        )?;
+        if !out.success() {
+            bail!("{out}");
+        }
+        Ok(out
+            .stdout
+            .lines()
+            .filter(|l| !l.starts_with("local ") && !l.starts_with("broadcast "))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
+    fn metrics(&self, node: Node, address: &str) -> Result<Metrics> {
+        let url = format!("http://{address}/metrics");
+        let out = self
+            .t
+            .run(node, 5, ["curl", "-sS", "-f", "-m", "3", &url])?;
+        if !out.success() {
+            bail!("{out}");
+        }
+        Ok(Metrics::parse(&out.stdout))
+    }
+
+    fn wait_metrics(&self, node: Node, id: DaemonId, address: &str, what: &str) -> Result<()> {
+        let t = self.t;
+        wait_until(
+            &format!("the {what} to serve metrics at {address}"),
+            Duration::from_secs(10),
+            || !t.is_running(id) || self.metrics(node, address).is_ok(),
+        )?;
+        t.ensure_running(id)
+    }
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Install everything ztna's demo and test suite need on a fresh Debian 12, as root.
+# Idempotent: packages already present are left alone; a second run is quick.
+set -euo pipefail
+
+PACKAGES=(
+    iproute2        # ip netns, veth, bridge
+    iputils-ping    # ping
+    dnsutils        # dig
+    dnsmasq-base    # dnsmasq binary only (no system service is started)
+    tcpdump         # the relay_is_blind capture
+    nftables        # NAT routers in later topologies
+    curl            # Prometheus metrics
+    socat           # UDP echo round trip in the demo
+    netcat-openbsd  # nc -u / nc -z
+    iperf3          # benchmarks (planned)
+    jq              # status JSON in scripts
+    procps          # sysctl, pkill
+    psmisc          # killall, fuser
+    ca-certificates
+    build-essential # cc for crates that build C
+    pkg-config
+)
+
+log() { printf '[setup] %s\n' "$*"; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "setup.sh: must run as root (try: sudo $0)" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$p")
+    fi
+done
+
+if ((${#missing[@]})); then
+    log "apt-get update"
+    apt-get update -qq
+    installable=()
+    for p in "${missing[@]}"; do
+        # `apt-cache policy` prints "Candidate: (none)" (or nothing) for a name the archive lacks.
+        cand=$(apt-cache policy "$p" 2>/dev/null | awk '/Candidate:/ {print $2}')
+        if [[ -z $cand || $cand == "(none)" ]]; then
+            echo "setup.sh: package '$p' has no installation candidate in the configured archives" >&2
+            exit 1
+        fi
+        installable+=("$p")
+    done
+    log "apt-get install ${installable[*]}"
+    apt-get install -y -qq --no-install-recommends "${installable[@]}" >/dev/null
+else
+    log "system packages already installed"
+fi
+
+# The toolchain (pinned by rust-toolchain.toml) is preinstalled; rustup here cannot download
+# toolchains, only the components that ship with the installed one may be added.
+if command -v rustup >/dev/null 2>&1; then
+    cd "$(dirname "$0")/.."
+    comps=$(rustup component list --installed 2>/dev/null || true)
+    for c in rustfmt clippy; do
+        if ! grep -q "^$c" <<<"$comps"; then
+            log "rustup component add $c"
+            rustup component add "$c"
+        fi
+    done
+else
+    command -v cargo >/dev/null 2>&1 || {
+        echo "setup.sh: neither rustup nor cargo found; install the Rust toolchain 1.95.0 first" >&2
+        exit 1
+    }
+fi
+
+log "done"

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The full ztna test suite on a fresh Debian 12 machine, as root (CI runs it through .ci/run):
+#   setup -> rustfmt -> clippy -> release build -> unit + end-to-end tests -> fuzz smoke.
+# Exits non-zero on the first failing step. The end-to-end tests (e2e/) need root: they build
+# network namespaces and TUN devices, and run the release binaries built here.
+#
+# Environment: CARGO_TARGET_DIR is honoured; ZTNA_E2E_LOG sets the daemons' log filter in the
+# end-to-end tests; extra arguments are passed to `cargo test` (e.g. `-- tunnel_basics`).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+STEP_START=$SECONDS
+step() {
+    printf '\n==> [%4ds] %s\n' "$((SECONDS - STEP_START))" "$*"
+}
+on_exit() {
+    local rc=$?
+    if ((rc != 0)); then
+        printf '\n==> FAILED (exit %d) after %d s\n' "$rc" "$((SECONDS - STEP_START))" >&2
+    fi
+}
+trap on_exit EXIT
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "test.sh: run as root (sudo scripts/test.sh): it installs packages and the end-to-end tests need network namespaces" >&2
+    exit 1
+fi
+
+step "setup (scripts/setup.sh)"
+bash scripts/setup.sh
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets --locked -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# The release binaries the end-to-end tests run. `cargo test --release` below compiles the test
+# targets against the same release dependencies, so nothing is built twice.
+step "cargo build --release --workspace --bins --locked"
+cargo build --release --workspace --bins --locked
+export ZTNA_BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+
+step "cargo test --release --workspace --locked (unit and end-to-end tests)"
+cargo test --release --workspace --locked --no-fail-fast "$@"
+
+# ---------------------------------------------------------------------------------------------
+# FUZZ SMOKE: a short replay/run of the fuzz targets in fuzz/. The script belongs to the fuzz
+# work; until it exists this step says so and passes.
+# ---------------------------------------------------------------------------------------------
+if [[ -f scripts/fuzz-smoke.sh ]]; then
+    step "fuzz smoke (scripts/fuzz-smoke.sh)"
+    bash scripts/fuzz-smoke.sh
+else
+    step "fuzz smoke: scripts/fuzz-smoke.sh does not exist yet, skipped"
+fi
+
+step "all steps passed"
