@@ -238,7 +238,8 @@ impl Netlink {
     /// name it as their source), then the routes.
     pub(crate) async fn apply(&self, state: &TunnelState, ifindex: u32) -> anyhow::Result<Changes> {
         self.sync_address(ifindex, state.tunnel_ip).await?;
-        self.sync_routes(&desired_routes(state, ifindex)).await
+        self.sync_routes(ifindex, &desired_routes(state, ifindex))
+            .await
     }
 
     /// The IPv4 addresses of link `ifindex`, with their prefix lengths.
@@ -323,8 +324,10 @@ impl Netlink {
         Ok(())
     }
 
-    /// Our routes (protocol [`RTPROT_ZTNA`], IPv4, main table), with their messages for deletion.
-    async fn our_routes(&self) -> anyhow::Result<Vec<(RouteKey, RouteMessage)>> {
+    /// Our routes (protocol [`RTPROT_ZTNA`], IPv4, main table, through device `ifindex`), with
+    /// their messages for deletion. Routes through other devices belong to other agents (another
+    /// organisation's, say) and are never touched; ours on a dead device went with the device.
+    async fn our_routes(&self, ifindex: u32) -> anyhow::Result<Vec<(RouteKey, RouteMessage)>> {
         let msgs: Vec<RouteMessage> = self
             .handle
             .route()
@@ -336,6 +339,7 @@ impl Netlink {
         Ok(msgs
             .into_iter()
             .filter_map(|m| route_key(&m).map(|k| (k, m)))
+            .filter(|(k, _)| k.oif == Some(ifindex))
             .collect())
     }
 
@@ -344,9 +348,10 @@ impl Netlink {
     /// protocols are never touched; if one is in the way, adding ours fails and is reported.
     pub(crate) async fn sync_routes(
         &self,
+        ifindex: u32,
         desired: &BTreeSet<RouteKey>,
     ) -> anyhow::Result<Changes> {
-        let installed = self.our_routes().await?;
+        let installed = self.our_routes(ifindex).await?;
         let keys: Vec<RouteKey> = installed.iter().map(|(k, _)| *k).collect();
         let diff = diff_routes(desired, &keys);
         let mut changes = Changes {

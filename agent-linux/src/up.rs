@@ -63,7 +63,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
 
     // Take everything down, whatever happened; report problems but carry on.
     running.tasks.shutdown().await;
-    match nl.sync_routes(&BTreeSet::new()).await {
+    match nl.sync_routes(tun.index, &BTreeSet::new()).await {
         Ok(c) => tracing::debug!(removed = c.removed, "routes removed"),
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove all routes"),
     }
@@ -102,7 +102,7 @@ async fn serve(
     sigint: &mut Signal,
     sigterm: &mut Signal,
 ) -> anyhow::Result<()> {
-    let stale = nl.sync_routes(&BTreeSet::new()).await?;
+    let stale = nl.sync_routes(tun.index, &BTreeSet::new()).await?;
     if stale.removed > 0 {
         tracing::warn!(
             removed = stale.removed,

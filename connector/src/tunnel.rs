@@ -179,6 +179,9 @@ impl Tunnel {
                             conn: None,
                         },
                     );
+                    if let Err(e) = session.send(ControlMessage::ChannelAccepted { channel_id }) {
+                        return e;
+                    }
                 }
                 ControlMessage::ChannelClosed { channel_id, code } => {
                     let gone = {

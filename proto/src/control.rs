@@ -223,6 +223,13 @@ pub enum ControlMessage {
         /// The agent's tunnel IP; the only source address accepted from that agent.
         agent_tunnel_ip: Ipv4Addr,
     },
+    /// Connector → relay: the connector is ready for datagrams on the channel. Only then does
+    /// the relay answer the agent's request with `ChannelOpened`, so the agent's first inner
+    /// packet never arrives before the connector knows the channel.
+    ChannelAccepted {
+        /// The channel from `IncomingChannel`.
+        channel_id: u32,
+    },
     /// Either direction: a channel is closed.
     ChannelClosed {
         /// The channel.
@@ -252,6 +259,7 @@ impl ControlMessage {
             ControlMessage::OpenChannel { .. } => "open-channel",
             ControlMessage::ChannelOpened { .. } => "channel-opened",
             ControlMessage::IncomingChannel { .. } => "incoming-channel",
+            ControlMessage::ChannelAccepted { .. } => "channel-accepted",
             ControlMessage::ChannelClosed { .. } => "channel-closed",
             ControlMessage::Error { .. } => "error",
         }

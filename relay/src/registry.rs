@@ -187,6 +187,12 @@ impl Pool {
         // Bounded: at most one pass over the pool.
         for i in 0..hosts {
             let ip = Ipv4Addr::from((base + offset_of((start + i) % hosts)) as u32);
+            // x.y.z.0 and x.y.z.255 are valid hosts in a large pool, but some software takes
+            // them for network or broadcast addresses; skip them while the pool is large enough.
+            let last = ip.octets()[3];
+            if hosts > 512 && (last == 0 || last == 255) {
+                continue;
+            }
             if !self.taken.contains(&ip) {
                 self.taken.insert(ip);
                 self.by_identity.insert(identity.to_owned(), ip);
@@ -301,6 +307,10 @@ mod tests {
         let mut b = Pool::new("100.64.0.0/10".parse().unwrap());
         let ip = a.assign("alice").unwrap();
         assert_eq!(b.assign("alice"), Some(ip));
+        for n in 0..2000 {
+            let last = a.assign(&format!("agent{n}")).unwrap().octets()[3];
+            assert!(last != 0 && last != 255);
+        }
         assert_eq!(a.assign("alice"), Some(ip));
         let mut small = Pool::new("10.0.0.0/30".parse().unwrap());
         let x = small.assign("a").unwrap();

@@ -175,6 +175,9 @@ struct Channel {
     connector: u64,
     agent_conn: quinn::Connection,
     connector_conn: quinn::Connection,
+    /// The agent's request, until the connector accepts the channel.
+    pending_request: Option<u32>,
+    connector_name: String,
 }
 
 struct State {
@@ -375,12 +378,22 @@ impl Relay {
         for end in [c.agent, c.connector] {
             if let Some(s) = st.sessions.get_mut(&end) {
                 s.channels.remove(&ch);
-                if Some(end) != closed_by {
-                    let _ = s.ctrl.try_send(ControlMessage::ChannelClosed {
+                if Some(end) == closed_by {
+                    continue;
+                }
+                // An agent still waiting for the channel knows it only by its request.
+                let msg = match c.pending_request {
+                    Some(request_id) if end == c.agent => ControlMessage::Error {
+                        code,
+                        request_id: Some(request_id),
+                        message: format!("connector {} did not take the channel", c.connector_name),
+                    },
+                    _ => ControlMessage::ChannelClosed {
                         channel_id: ch,
                         code,
-                    });
-                }
+                    },
+                };
+                let _ = s.ctrl.try_send(msg);
             }
         }
     }
@@ -408,6 +421,9 @@ impl Relay {
                     }
                 }
                 Ok(())
+            }
+            ControlMessage::ChannelAccepted { channel_id } => {
+                self.accept_channel_locked(&mut st, id, channel_id)
             }
             ControlMessage::ChannelClosed { channel_id, code } => {
                 let member = st
@@ -514,6 +530,8 @@ impl Relay {
                 connector: cid,
                 agent_conn,
                 connector_conn,
+                pending_request: Some(request_id),
+                connector_name: connector.to_owned(),
             },
         );
         for end in [id, cid] {
@@ -521,16 +539,36 @@ impl Relay {
                 s.channels.insert(ch);
             }
         }
-        if let Some(a) = st.sessions.get(&id) {
+        self.metrics.channels_opened.fetch_add(1, Ordering::Relaxed);
+        self.metrics.channels_active.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(agent = %agent_name, %connector, channel = ch, "channel offered to the connector");
+        Ok(())
+    }
+
+    /// The connector accepted channel `ch`: tell the agent it is open.
+    fn accept_channel_locked(&self, st: &mut State, id: u64, ch: u32) -> Result<(), Refusal> {
+        let Some(c) = st.channels.get_mut(&ch) else {
+            // Closed in the meantime; the close already went to both ends.
+            return Ok(());
+        };
+        if c.connector != id {
+            return Err((
+                ErrorCode::Malformed,
+                format!("channel {ch} is not this connector's"),
+            ));
+        }
+        let Some(request_id) = c.pending_request.take() else {
+            return Err((ErrorCode::Malformed, format!("channel {ch} accepted twice")));
+        };
+        let (agent, connector) = (c.agent, c.connector_name.clone());
+        if let Some(a) = st.sessions.get(&agent) {
+            tracing::info!(agent = %a.identity.name, %connector, channel = ch, "channel open");
             let _ = a.ctrl.try_send(ControlMessage::ChannelOpened {
                 request_id,
                 channel_id: ch,
-                connector: connector.to_owned(),
+                connector,
             });
         }
-        self.metrics.channels_opened.fetch_add(1, Ordering::Relaxed);
-        self.metrics.channels_active.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(agent = %agent_name, %connector, channel = ch, "channel open");
         Ok(())
     }
 

@@ -227,34 +227,69 @@ async fn registration_policy_channels_and_forwarding() {
         other => panic!("unexpected {other:?}"),
     }
 
-    // A channel opens at both ends with the same id, naming the agent to the connector.
+    // The connector hears of the channel first, with the agent's identity and tunnel IP; the
+    // agent hears it is open only once the connector accepted it.
     alice
         .send(ControlMessage::OpenChannel {
             request_id: 2,
             connector: "conn1".into(),
         })
         .unwrap();
-    let ch = match next(&mut alice).await {
+    let ch = match next(&mut conn1).await {
+        ControlMessage::IncomingChannel {
+            channel_id,
+            agent,
+            agent_tunnel_ip,
+        } => {
+            assert_eq!(agent, "alice");
+            assert_eq!(Some(agent_tunnel_ip), welcome.tunnel_ip);
+            channel_id
+        }
+        other => panic!("unexpected {other:?}"),
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), alice.recv())
+            .await
+            .is_err(),
+        "no answer before the connector accepts"
+    );
+    conn1
+        .send(ControlMessage::ChannelAccepted { channel_id: ch })
+        .unwrap();
+    match next(&mut alice).await {
         ControlMessage::ChannelOpened {
             request_id: 2,
             channel_id,
             connector,
         } => {
             assert_eq!(connector, "conn1");
-            channel_id
+            assert_eq!(channel_id, ch);
         }
         other => panic!("unexpected {other:?}"),
+    }
+    // A connector that never accepts leaves the agent with a clear error when it goes.
+    alice
+        .send(ControlMessage::OpenChannel {
+            request_id: 3,
+            connector: "conn1".into(),
+        })
+        .unwrap();
+    let pending = match next(&mut conn1).await {
+        ControlMessage::IncomingChannel { channel_id, .. } => channel_id,
+        other => panic!("unexpected {other:?}"),
     };
-    match next(&mut conn1).await {
-        ControlMessage::IncomingChannel {
-            channel_id,
-            agent,
-            agent_tunnel_ip,
-        } => {
-            assert_eq!(channel_id, ch);
-            assert_eq!(agent, "alice");
-            assert_eq!(Some(agent_tunnel_ip), welcome.tunnel_ip);
-        }
+    conn1
+        .send(ControlMessage::ChannelClosed {
+            channel_id: pending,
+            code: ErrorCode::Limit,
+        })
+        .unwrap();
+    match next(&mut alice).await {
+        ControlMessage::Error {
+            request_id: Some(3),
+            code,
+            ..
+        } => assert_eq!(code, ErrorCode::Limit),
         other => panic!("unexpected {other:?}"),
     }
 
