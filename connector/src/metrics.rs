@@ -69,6 +69,8 @@ metrics! {
     dropped_flow_limit: Counter,
     /// Packets for an agent dropped because its tunnel could not take them (incremented by the tunnel's sink).
     dropped_to_agent: Counter,
+    /// Packets to agents that were larger than the tunnel carries and went as IPv4 fragments.
+    fragmented_to_agents: Counter,
     /// Packets from agents dropped because a backend socket's send buffer was full.
     dropped_to_backend: Counter,
     /// Packets dropped because they came from an agent the data plane does not know.

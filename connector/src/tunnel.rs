@@ -19,6 +19,7 @@ use ztna_core::transport;
 use ztna_proto::control::{ControlMessage, Hello, Role};
 use ztna_proto::{ChannelId, ServiceDef, ALPN_TUNNEL};
 
+use crate::dataplane::fragment::fragment_ipv4;
 use crate::dataplane::{Dataplane, ToAgent};
 use crate::metrics::{gauge_dec, gauge_inc, Metrics};
 
@@ -47,10 +48,35 @@ struct InnerSink {
 
 impl ToAgent for InnerSink {
     fn send(&self, packet: Bytes) {
-        if self.conn.send_datagram(packet).is_err() {
-            self.metrics
-                .dropped_to_agent
-                .fetch_add(1, Ordering::Relaxed);
+        let max = self.conn.max_datagram_size().unwrap_or(0);
+        if packet.len() <= max {
+            if self.conn.send_datagram(packet).is_err() {
+                self.metrics
+                    .dropped_to_agent
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        // Larger than the tunnel carries (a big backend reply): fragment, as a router would.
+        match fragment_ipv4(&packet, max) {
+            Ok(frags) => {
+                self.metrics
+                    .fragmented_to_agents
+                    .fetch_add(1, Ordering::Relaxed);
+                for f in frags {
+                    if self.conn.send_datagram(Bytes::from(f)).is_err() {
+                        self.metrics
+                            .dropped_to_agent
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(len = packet.len(), max, error = %e, "packet to agent dropped: too large for the tunnel");
+                self.metrics
+                    .dropped_to_agent
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }

@@ -59,6 +59,38 @@ fn tunnel_basics() {
                 - icmp_before.value("ztna_connector_icmp_echo_local_total")
         );
 
+        t.step(
+            "ping shows the backend's real reachability: a backend that ignores echo gets no reply",
+        );
+        t.run_ok(
+            Node::Backend,
+            10,
+            ["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1"],
+        )?;
+        let out = t.run(
+            Node::Agent,
+            10,
+            ["ping", "-n", "-c", "2", "-W", "1", addr::ECHO],
+        )?;
+        t.run_ok(
+            Node::Backend,
+            10,
+            ["sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=0"],
+        )?;
+        ensure!(
+            !out.status.success() && out.stdout.contains(" 0 received"),
+            "the connector answered pings although the backend ignores them:\n{out}"
+        );
+        let out = t.run_ok(
+            Node::Agent,
+            10,
+            ["ping", "-n", "-c", "1", "-W", "2", addr::ECHO],
+        )?;
+        ensure!(
+            out.stdout.contains("1 received"),
+            "ping did not come back:\n{out}"
+        );
+
         t.step("1000 UDP datagrams of 1..=1232 bytes, echoed byte for byte");
         let target = format!("{}:7", addr::ECHO);
         let out = t.run_ok(

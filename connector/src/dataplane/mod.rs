@@ -12,6 +12,7 @@
 //! each) per agent, and a fixed-size receive buffer per runtime thread.
 
 mod flows;
+pub(crate) mod fragment;
 mod icmp;
 mod packet;
 mod udp;

@@ -240,14 +240,19 @@ fn finish(
 
 /// Builds the IPv4/UDP packet carrying a backend's reply to an agent: from `src` (the service
 /// address and port) to `dst` (the agent's tunnel address and port), TTL 64, with valid IPv4
-/// header and UDP checksums.
+/// header and UDP checksums. DF is clear, so a reply larger than the tunnel carries can be sent
+/// as fragments.
 pub(crate) fn build_udp(
     src: SocketAddrV4,
     dst: SocketAddrV4,
     payload: &[u8],
 ) -> Result<Vec<u8>, BuildError> {
-    let builder =
-        PacketBuilder::ipv4(src.ip().octets(), dst.ip().octets(), TTL).udp(src.port(), dst.port());
+    let mut ip =
+        etherparse::Ipv4Header::new(0, TTL, ip_number::UDP, src.ip().octets(), dst.ip().octets())
+            .map_err(|_| BuildError::TooLarge(payload.len()))?;
+    ip.dont_fragment = false;
+    let builder = PacketBuilder::ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+        .udp(src.port(), dst.port());
     finish(builder.size(payload.len()), payload.len(), |out| {
         builder.write(out, payload)
     })
