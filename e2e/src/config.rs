@@ -99,8 +99,8 @@ impl RelayConfig {
             key: relay.key.clone(),
             tunnel_pool: "100.64.0.0/10".to_owned(),
             metrics: Some(addr::RELAY_METRICS.to_owned()),
-            keepalive_secs: 10,
-            idle_timeout_secs: 30,
+            keepalive_secs: 5,
+            idle_timeout_secs: 20,
             access: vec![Access {
                 services: strings(&["echo", "dns"]),
                 groups: strings(&["eng"]),
