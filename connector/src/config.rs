@@ -60,6 +60,31 @@ const ENV_KEYS: [&str; 12] = [
     "idle_timeout_secs",
 ];
 
+/// Keys given as command-line flags: the top layer. `None` leaves the lower layers' value.
+#[derive(Debug, Default, Clone, Serialize, clap::Args)]
+pub(crate) struct Flags {
+    /// The relay's UDP address.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) relay: Option<SocketAddr>,
+    /// DNS name in the relay's certificate (default "relay").
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) relay_name: Option<String>,
+    /// Local UDP address (default 0.0.0.0:4434).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) bind: Option<SocketAddr>,
+    /// Serve Prometheus metrics on this address.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) metrics: Option<SocketAddr>,
+    /// Log filter (`info`, `ztna_connector=debug`, ...).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) log: Option<String>,
+}
+
 /// Everything the connector reads from configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,7 +152,7 @@ fn parse_ports(service: &str, proto: &str, list: &[String]) -> anyhow::Result<Ve
 
 impl ConnectorConfig {
     /// Loads the layers; `file` is `--config`.
-    pub(crate) fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+    pub(crate) fn load(file: Option<&Path>, flags: &Flags) -> anyhow::Result<Self> {
         let mut fig = Figment::from(Serialized::defaults(ConnectorConfig::default()));
         if Path::new(SYSTEM_CONFIG).exists() {
             fig = fig.merge(Toml::file(SYSTEM_CONFIG));
@@ -142,6 +167,7 @@ impl ConnectorConfig {
         }
         // Only this program's keys: other ztna programs' variables may share the environment.
         fig = fig.merge(Env::prefixed("ZTNA_").only(&ENV_KEYS).lowercase(true));
+        fig = fig.merge(Serialized::defaults(flags));
         let cfg: ConnectorConfig = fig.extract().context("invalid connector configuration")?;
         cfg.backends()?;
         anyhow::ensure!(
@@ -259,7 +285,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join(format!("c.{ext}"));
         std::fs::write(&f, text).unwrap();
-        let r = ConnectorConfig::load(Some(&f));
+        let r = ConnectorConfig::load(Some(&f), &Flags::default());
         let _ = std::fs::remove_dir_all(&dir);
         r
     }

@@ -19,7 +19,7 @@ use ztna_core::session::Node;
 use ztna_core::tls::Credentials;
 use ztna_proto::Role;
 
-use crate::config::ConnectorConfig;
+use crate::config::{ConnectorConfig, Flags};
 use crate::dataplane::Dataplane;
 use crate::metrics::Metrics;
 use crate::tunnel::Tunnel;
@@ -34,6 +34,8 @@ struct Cli {
     /// Config file (TOML, or JSON if it ends in .json).
     #[arg(long, short, env = "ZTNA_CONFIG")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: Flags,
 }
 
 fn init_logging(filter: Option<&str>) {
@@ -110,7 +112,7 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let cfg = ConnectorConfig::load(cli.config.as_deref())?;
+    let cfg = ConnectorConfig::load(cli.config.as_deref(), &cli.flags)?;
     init_logging(cfg.log.as_deref());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -31,6 +31,23 @@ const ENV_KEYS: [&str; 9] = [
     "max_channels_per_agent",
 ];
 
+/// Keys given as command-line flags: the top layer. `None` leaves the lower layers' value.
+#[derive(Debug, Default, Clone, Serialize, clap::Args)]
+pub struct Flags {
+    /// UDP address to listen on (default 0.0.0.0:4433).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<SocketAddr>,
+    /// Serve Prometheus metrics on this address.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
+    /// Log filter (`info`, `ztna_relay=debug`, ...).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+}
+
 /// Everything the relay reads from configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,8 +101,8 @@ impl Default for RelayConfig {
 }
 
 impl RelayConfig {
-    /// Loads the layers; `file` is `--config`.
-    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+    /// Loads the layers; `file` is `--config`, `flags` the other command-line flags.
+    pub fn load(file: Option<&Path>, flags: &Flags) -> anyhow::Result<Self> {
         let mut fig = Figment::from(Serialized::defaults(RelayConfig::default()));
         if Path::new(SYSTEM_CONFIG).exists() {
             fig = fig.merge(Toml::file(SYSTEM_CONFIG));
@@ -100,6 +117,7 @@ impl RelayConfig {
         }
         // Only this program's keys: other ztna programs' variables may share the environment.
         fig = fig.merge(Env::prefixed("ZTNA_").only(&ENV_KEYS).lowercase(true));
+        fig = fig.merge(Serialized::defaults(flags));
         let cfg: RelayConfig = fig.extract().context("invalid relay configuration")?;
         cfg.validate()?;
         Ok(cfg)
@@ -181,7 +199,7 @@ services = ["*"]
 "#,
         )
         .unwrap();
-        let cfg = RelayConfig::load(Some(&toml)).unwrap();
+        let cfg = RelayConfig::load(Some(&toml), &Flags::default()).unwrap();
         assert_eq!(cfg.bind, "127.0.0.1:5000".parse().unwrap());
         assert_eq!(cfg.access.len(), 1);
         assert_eq!(cfg.tunnel_pool.to_string(), "100.64.0.0/10");
@@ -191,18 +209,27 @@ services = ["*"]
             r#"{"bind": "127.0.0.1:6000", "metrics": "127.0.0.1:9433"}"#,
         )
         .unwrap();
-        let cfg = RelayConfig::load(Some(&json)).unwrap();
+        let cfg = RelayConfig::load(Some(&json), &Flags::default()).unwrap();
         assert_eq!(cfg.metrics, Some("127.0.0.1:9433".parse().unwrap()));
         assert!(cfg.tls_files().is_err());
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "bnd = \"1.2.3.4:5\"\n").unwrap();
-        assert!(RelayConfig::load(Some(&bad)).is_err());
+        assert!(RelayConfig::load(Some(&bad), &Flags::default()).is_err());
         // Another program's variables do not break the relay.
         figment::Jail::expect_with(|jail| {
             jail.set_env("ZTNA_CONFIG", "/elsewhere.toml");
             jail.set_env("ZTNA_RELAY", "10.0.0.1:4433");
             jail.set_env("ZTNA_METRICS", "127.0.0.1:9999");
-            let cfg = RelayConfig::load(Some(&json)).map_err(|e| e.to_string())?;
+            let cfg =
+                RelayConfig::load(Some(&json), &Flags::default()).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.metrics, Some("127.0.0.1:9999".parse().unwrap()));
+            // Flags beat the environment and the file.
+            let flags = Flags {
+                bind: Some("127.0.0.2:7000".parse().unwrap()),
+                ..Flags::default()
+            };
+            let cfg = RelayConfig::load(Some(&json), &flags).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.bind, "127.0.0.2:7000".parse().unwrap());
             assert_eq!(cfg.metrics, Some("127.0.0.1:9999".parse().unwrap()));
             Ok(())
         });

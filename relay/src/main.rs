@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ztna_core::pki::{self, CertificateAuthority};
 use ztna_proto::Role;
-use ztna_relay::config::RelayConfig;
+use ztna_relay::config::{Flags, RelayConfig};
 use ztna_relay::server::Server;
 
 #[derive(Parser)]
@@ -20,6 +20,8 @@ struct Cli {
     /// Config file (TOML, or JSON if it ends in .json).
     #[arg(long, short, global = true, env = "ZTNA_CONFIG")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: Flags,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -147,7 +149,7 @@ fn main() -> anyhow::Result<()> {
                 },
         } => pki_issue(&dir, role, &name, &groups, &ips),
         Command::Run => {
-            let cfg = RelayConfig::load(cli.config.as_deref())?;
+            let cfg = RelayConfig::load(cli.config.as_deref(), &cli.flags)?;
             init_logging(cfg.log.as_deref());
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
