@@ -38,33 +38,6 @@ struct Cli {
     flags: Flags,
 }
 
-fn init_logging(filter: Option<&str>) {
-    let filter = std::env::var("ZTNA_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .or_else(|| filter.map(str::to_owned))
-        .unwrap_or_else(|| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
     let files = cfg.tls_files()?;
     let creds = Credentials::load(&files).context("loading the connector's TLS files")?;
@@ -100,7 +73,7 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
     let tunnel = Tunnel::new(node, relay, services, dataplane, metrics);
     tokio::select! {
         () = tunnel.run() => {}
-        () = shutdown_signal() => tracing::info!("connector shutting down"),
+        () = ztna_core::daemon::shutdown_signal() => tracing::info!("connector shutting down"),
     }
     endpoint.close(0u32.into(), b"connector shutting down");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
@@ -113,7 +86,7 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cfg = ConnectorConfig::load(cli.config.as_deref(), &cli.flags)?;
-    init_logging(cfg.log.as_deref());
+    ztna_core::daemon::init_logging(cli.flags.log.as_deref(), cfg.log.as_deref());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

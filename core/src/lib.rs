@@ -10,12 +10,14 @@
 //! - [`agent`]: the platform-neutral agent tunnel: packets in and out through a channel, never a
 //!   TUN device directly.
 //! - [`backoff`]: reconnect delays.
+//! - [`daemon`]: layered configuration, logging, signals and sockets of the daemons.
 //! - [`metrics_http`]: the opt-in Prometheus endpoint of the relay and the connector.
 //!
 //! I/O: [`mux`], [`session`] and [`agent`] own UDP sockets and tokio tasks; the rest is pure.
 
 pub mod agent;
 pub mod backoff;
+pub mod daemon;
 pub mod metrics_http;
 pub mod mux;
 pub mod pki;

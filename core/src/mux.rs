@@ -89,19 +89,7 @@ impl fmt::Debug for MuxSocket {
 impl MuxSocket {
     /// Binds the UDP socket. Must be called inside a tokio runtime.
     pub fn bind(addr: SocketAddr) -> io::Result<Arc<Self>> {
-        let domain = if addr.is_ipv4() {
-            socket2::Domain::IPV4
-        } else {
-            socket2::Domain::IPV6
-        };
-        let sock =
-            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-        // Best effort: the kernel caps these at net.core.{r,w}mem_max.
-        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-        let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
-        sock.bind(&addr.into())?;
-        sock.set_nonblocking(true)?;
-        let std_sock: std::net::UdpSocket = sock.into();
+        let std_sock = crate::daemon::bind_udp(addr, SOCKET_BUFFER)?;
         let state = UdpSocketState::new((&std_sock).into())?;
         let io = tokio::net::UdpSocket::from_std(std_sock)?;
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);

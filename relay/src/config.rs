@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use figment::providers::{Env, Format, Json, Serialized, Toml};
-use figment::Figment;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use ztna_core::tls::TlsFiles;
@@ -103,22 +101,14 @@ impl Default for RelayConfig {
 impl RelayConfig {
     /// Loads the layers; `file` is `--config`, `flags` the other command-line flags.
     pub fn load(file: Option<&Path>, flags: &Flags) -> anyhow::Result<Self> {
-        let mut fig = Figment::from(Serialized::defaults(RelayConfig::default()));
-        if Path::new(SYSTEM_CONFIG).exists() {
-            fig = fig.merge(Toml::file(SYSTEM_CONFIG));
-        }
-        if let Some(f) = file {
-            anyhow::ensure!(f.exists(), "config file {} does not exist", f.display());
-            fig = if f.extension().is_some_and(|e| e == "json") {
-                fig.merge(Json::file(f))
-            } else {
-                fig.merge(Toml::file(f))
-            };
-        }
-        // Only this program's keys: other ztna programs' variables may share the environment.
-        fig = fig.merge(Env::prefixed("ZTNA_").only(&ENV_KEYS).lowercase(true));
-        fig = fig.merge(Serialized::defaults(flags));
-        let cfg: RelayConfig = fig.extract().context("invalid relay configuration")?;
+        let cfg: RelayConfig = ztna_core::daemon::layered_config(
+            &RelayConfig::default(),
+            Path::new(SYSTEM_CONFIG),
+            file,
+            &ENV_KEYS,
+            flags,
+        )
+        .context("loading the relay configuration")?;
         cfg.validate()?;
         Ok(cfg)
     }

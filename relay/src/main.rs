@@ -72,21 +72,6 @@ fn parse_role(s: &str) -> Result<Role, String> {
     Role::parse(s).ok_or_else(|| format!("unknown role {s:?}: use relay, connector or agent"))
 }
 
-fn init_logging(filter: Option<&str>) {
-    let filter = std::env::var("ZTNA_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .or_else(|| filter.map(str::to_owned))
-        .unwrap_or_else(|| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn pki_init(dir: &Path, org: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca = CertificateAuthority::generate(org)?;
@@ -120,18 +105,6 @@ fn pki_issue(
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
@@ -150,13 +123,13 @@ fn main() -> anyhow::Result<()> {
         } => pki_issue(&dir, role, &name, &groups, &ips),
         Command::Run => {
             let cfg = RelayConfig::load(cli.config.as_deref(), &cli.flags)?;
-            init_logging(cfg.log.as_deref());
+            ztna_core::daemon::init_logging(cli.flags.log.as_deref(), cfg.log.as_deref());
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async {
                 let server = Server::bind(&cfg)?;
-                server.run(shutdown_signal()).await
+                server.run(ztna_core::daemon::shutdown_signal()).await
             })
         }
     }

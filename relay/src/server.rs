@@ -662,21 +662,12 @@ impl Server {
         server_cfg.transport_config(transport::relay_side(cfg.timing()));
         server_cfg.migration(true);
         let endpoint_cfg = endpoint_config(&files.key)?;
-        let domain = if cfg.bind.is_ipv4() {
-            socket2::Domain::IPV4
-        } else {
-            socket2::Domain::IPV6
-        };
-        let sock =
-            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-        let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
-        sock.bind(&cfg.bind.into())
+        let sock = ztna_core::daemon::bind_udp(cfg.bind, SOCKET_BUFFER)
             .with_context(|| format!("binding UDP {}", cfg.bind))?;
         let endpoint = quinn::Endpoint::new(
             endpoint_cfg,
             Some(server_cfg),
-            sock.into(),
+            sock,
             Arc::new(quinn::TokioRuntime),
         )?;
         let local = endpoint.local_addr()?;
