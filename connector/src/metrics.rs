@@ -63,6 +63,8 @@ metrics! {
     dropped_spoofed_source: Counter,
     /// Packets from agents dropped because the destination address, protocol or port is not a service.
     dropped_not_service: Counter,
+    /// Packets from agents to a service address policy does not let that agent reach.
+    dropped_not_allowed: Counter,
     /// Packets from agents to a service that the connector does not handle (TCP for now, ICMP other than echo).
     dropped_unsupported: Counter,
     /// Packets from agents dropped because the agent already had the maximum number of flows.

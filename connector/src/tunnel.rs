@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use ztna_core::backoff::{jitter_seed, Backoff};
+use ztna_core::mux::MuxSocket;
 use ztna_core::session::{Node, RelaySession, RelayTarget, SessionError};
 use ztna_core::tls::PeerIdentity;
 use ztna_core::transport;
@@ -29,6 +30,8 @@ struct Expected {
     channel: ChannelId,
     agent: String,
     tunnel_ip: Ipv4Addr,
+    /// Service addresses policy lets this agent reach (from the relay).
+    allowed: Vec<Ipv4Addr>,
     /// The accepted inner connection, once there is one.
     conn: Option<quinn::Connection>,
 }
@@ -167,7 +170,10 @@ impl Tunnel {
             Ok(crypto) => {
                 let mut server = quinn::ServerConfig::with_crypto(crypto);
                 server.transport_config(transport::inner(inner_mtu, self.node.timing()));
-                server.migration(true);
+                // The path under an inner connection is the socket's business (virtual peer
+                // addresses); letting quinn migrate would let a peer move a connection that
+                // was admitted through a relay channel onto a path the relay never vetted.
+                server.migration(false);
                 self.node.endpoint().set_server_config(Some(server));
             }
             Err(e) => return SessionError::Tls(e),
@@ -187,6 +193,7 @@ impl Tunnel {
                     channel_id,
                     agent,
                     agent_tunnel_ip,
+                    services,
                 } => {
                     let Some(channel) = ChannelId::new(channel_id) else {
                         return SessionError::Protocol(format!(
@@ -202,6 +209,7 @@ impl Tunnel {
                             channel,
                             agent,
                             tunnel_ip: agent_tunnel_ip,
+                            allowed: services,
                             conn: None,
                         },
                     );
@@ -272,6 +280,7 @@ async fn accept_loop(
         tokio::spawn(serve_agent(
             incoming,
             remote,
+            node.mux().clone(),
             channels.clone(),
             dataplane.clone(),
             metrics.clone(),
@@ -279,9 +288,20 @@ async fn accept_loop(
     }
 }
 
+/// The destination of an IPv4 packet (the data plane classifies anything else).
+fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
+    match packet {
+        [v, _, _, _, _, _, _, _, _, _, _, _, _, _, _, _, a, b, c, d, ..] if v >> 4 == 4 => {
+            Some(Ipv4Addr::new(*a, *b, *c, *d))
+        }
+        _ => None,
+    }
+}
+
 async fn serve_agent(
     incoming: quinn::Incoming,
     vaddr: SocketAddr,
+    mux: Arc<MuxSocket>,
     channels: Channels,
     dataplane: Arc<Dataplane>,
     metrics: Arc<Metrics>,
@@ -341,11 +361,48 @@ async fn serve_agent(
     );
     let reason = loop {
         match conn.read_datagram().await {
-            Ok(pkt) => dataplane.handle_from_agent(id, &pkt),
+            Ok(pkt) => match ipv4_destination(&pkt) {
+                Some(dst) if !expected.allowed.contains(&dst) => {
+                    metrics.dropped_not_allowed.fetch_add(1, Ordering::Relaxed);
+                    tracing::trace!(agent = %peer.name, "packet to a service policy does not allow; dropped");
+                }
+                _ => dataplane.handle_from_agent(id, &pkt),
+            },
             Err(e) => break e,
         }
     };
     dataplane.remove_agent(id);
+    // Forget the channel: the agent opens a new one for its next tunnel.
+    let gone = {
+        let mut ch = lock(&channels);
+        let ours = ch
+            .get(&vaddr)
+            .and_then(|e| e.conn.as_ref())
+            .is_some_and(|c| c.stable_id() == conn.stable_id());
+        if ours {
+            ch.remove(&vaddr);
+        }
+        ours
+    };
+    if gone {
+        mux.remove_route(vaddr);
+    }
     gauge_dec(&metrics.agents_connected);
     tracing::info!(agent = %peer.name, reason = %reason, "agent tunnel down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations() {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x45;
+        p[16..20].copy_from_slice(&[10, 100, 0, 3]);
+        assert_eq!(ipv4_destination(&p), Some(Ipv4Addr::new(10, 100, 0, 3)));
+        p[0] = 0x60;
+        assert_eq!(ipv4_destination(&p), None);
+        assert_eq!(ipv4_destination(&p[..19]), None);
+    }
 }

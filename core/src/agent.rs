@@ -26,6 +26,8 @@ use crate::transport::{self, Timing};
 
 /// Packets queued towards the platform before new ones are dropped.
 const TO_PLATFORM_QUEUE: usize = 4096;
+/// How long the relay may take to answer a channel request before the agent asks again.
+const CHANNEL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Wait before asking again for a channel the relay could not open.
 const CHANNEL_RETRY: Duration = Duration::from_secs(1);
 
@@ -254,9 +256,10 @@ impl Agent {
     /// A status snapshot.
     pub fn status(&self) -> AgentStatus {
         let sh = &self.shared;
-        let info = lock(&sh.info);
-        let control = lock(&sh.control);
+        // Lock order everywhere: links, routes, control, info.
         let links = sh.links.read().unwrap_or_else(|p| p.into_inner());
+        let control = lock(&sh.control);
+        let info = lock(&sh.info);
         let mut connectors: Vec<ConnectorStatus> = links
             .values()
             .map(|l| {
@@ -339,6 +342,10 @@ enum Event {
     },
     Retry {
         connector: String,
+    },
+    RequestTimeout {
+        connector: String,
+        request_id: u32,
     },
 }
 
@@ -444,7 +451,13 @@ async fn run_session(sh: &Arc<Shared>, node: &Node, mut session: RelaySession) -
     }
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(256);
     let mut next_request = 1u32;
-    apply_catalog(sh, &session, welcome.services.clone(), &mut next_request);
+    apply_catalog(
+        sh,
+        &session,
+        welcome.services.clone(),
+        &mut next_request,
+        &ev_tx,
+    );
     loop {
         tokio::select! {
             msg = session.recv() => {
@@ -455,7 +468,7 @@ async fn run_session(sh: &Arc<Shared>, node: &Node, mut session: RelaySession) -
                 match msg {
                     ControlMessage::Catalog(services) => {
                         tracing::info!(services = services.len(), "service catalog updated");
-                        apply_catalog(sh, &session, services, &mut next_request);
+                        apply_catalog(sh, &session, services, &mut next_request, &ev_tx);
                     }
                     ControlMessage::ObservedAddress(a) => {
                         tracing::info!(observed = %a, "relay observed a new address for this agent");
@@ -535,7 +548,14 @@ async fn run_session(sh: &Arc<Shared>, node: &Node, mut session: RelaySession) -
                     let wanted = sh.links.read().unwrap_or_else(|p| p.into_inner()).contains_key(&connector);
                     let idle = lock(&sh.control).get(&connector).is_some_and(|c| c.request_id.is_none() && c.channel.is_none());
                     if wanted && idle {
-                        open_channel(sh, &session, &connector, &mut next_request);
+                        open_channel(sh, &session, &connector, &mut next_request, &ev_tx);
+                    }
+                }
+                Event::RequestTimeout { connector, request_id } => {
+                    let pending = lock(&sh.control).get(&connector).is_some_and(|c| c.request_id == Some(request_id));
+                    if pending {
+                        tracing::warn!(%connector, request_id, "the relay did not answer a channel request; asking again");
+                        link_down(sh, &session, &connector, "channel request timed out".into(), &ev_tx);
                     }
                 }
             }
@@ -586,7 +606,13 @@ fn link_down(
     });
 }
 
-fn open_channel(sh: &Shared, session: &RelaySession, connector: &str, next_request: &mut u32) {
+fn open_channel(
+    sh: &Shared,
+    session: &RelaySession,
+    connector: &str,
+    next_request: &mut u32,
+    ev_tx: &mpsc::Sender<Event>,
+) {
     let request_id = *next_request;
     *next_request = next_request.wrapping_add(1);
     lock(&sh.control)
@@ -600,6 +626,18 @@ fn open_channel(sh: &Shared, session: &RelaySession, connector: &str, next_reque
     }) {
         tracing::warn!(%connector, error = %e, "could not ask for a channel");
     }
+    // A request the relay never answers must not leave the connector unreachable for good.
+    let tx = ev_tx.clone();
+    let connector = connector.to_owned();
+    tokio::spawn(async move {
+        tokio::time::sleep(CHANNEL_REQUEST_TIMEOUT).await;
+        let _ = tx
+            .send(Event::RequestTimeout {
+                connector,
+                request_id,
+            })
+            .await;
+    });
 }
 
 /// Installs a new catalog: routes, links, channels.
@@ -608,6 +646,7 @@ fn apply_catalog(
     session: &RelaySession,
     services: Vec<ServiceDef>,
     next_request: &mut u32,
+    ev_tx: &mpsc::Sender<Event>,
 ) {
     let mut new_links = Vec::new();
     {
@@ -669,7 +708,7 @@ fn apply_catalog(
         }
     }
     for name in new_links {
-        open_channel(sh, session, &name, next_request);
+        open_channel(sh, session, &name, next_request, ev_tx);
     }
     let tunnel_ip = {
         let mut info = lock(&sh.info);

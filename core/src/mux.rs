@@ -51,6 +51,8 @@ pub struct MuxStats {
     pub unroutable: AtomicU64,
     /// Channel packets dropped because quinn was not reading fast enough.
     pub inbound_dropped: AtomicU64,
+    /// Real UDP datagrams dropped because their source claimed a virtual peer address.
+    pub spoofed_dropped: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -274,10 +276,20 @@ impl MuxSocket {
     ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.io.poll_recv_ready(cx))?;
-            if let Ok(res) = self.io.try_io(Interest::READABLE, || {
+            if let Ok(n) = self.io.try_io(Interest::READABLE, || {
                 self.state.recv((&self.io).into(), bufs, meta)
             }) {
-                return Poll::Ready(Ok(res));
+                // Virtual peer addresses are reachable only through relay channels; a real
+                // datagram claiming one as its source is spoofed. quinn skips empty datagrams.
+                for m in meta
+                    .iter_mut()
+                    .take(n)
+                    .filter(|m| Self::is_virtual(&m.addr))
+                {
+                    m.len = 0;
+                    self.stats.spoofed_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                return Poll::Ready(Ok(n));
             }
         }
     }

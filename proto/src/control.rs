@@ -222,6 +222,9 @@ pub enum ControlMessage {
         agent: String,
         /// The agent's tunnel IP; the only source address accepted from that agent.
         agent_tunnel_ip: Ipv4Addr,
+        /// Addresses of this connector's services that policy lets the agent reach; the
+        /// connector drops the agent's packets to any other address.
+        services: Vec<Ipv4Addr>,
     },
     /// Connector → relay: the connector is ready for datagrams on the channel. Only then does
     /// the relay answer the agent's request with `ChannelOpened`, so the agent's first inner

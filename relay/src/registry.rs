@@ -111,6 +111,20 @@ impl Registry {
         self.services.len()
     }
 
+    /// Addresses of `connector`'s services that `agent` may reach (the connector enforces them).
+    pub fn reachable_at(
+        &self,
+        agent: &PeerIdentity,
+        connector: &str,
+        policy: &Policy,
+    ) -> Vec<std::net::Ipv4Addr> {
+        self.services
+            .values()
+            .filter(|s| s.connector == connector && policy.agent_may_reach(agent, &s.name))
+            .map(|s| s.address)
+            .collect()
+    }
+
     /// Whether `agent` may reach at least one service of `connector`.
     pub fn agent_may_use_connector(
         &self,
@@ -281,6 +295,13 @@ mod tests {
             1
         );
         assert!(r.agent_may_use_connector(&alice, "c1", &p));
+        // secret (10.100.0.3) is served by c1 but not allowed to alice.
+        let mut reach = r.reachable_at(&alice, "c1", &p);
+        reach.sort();
+        assert_eq!(
+            reach,
+            vec![Ipv4Addr::new(10, 100, 0, 1), Ipv4Addr::new(10, 100, 0, 2)]
+        );
         assert!(r.unregister("c1"));
         assert!(r.catalog_for(&alice, &[], &p).is_empty());
     }

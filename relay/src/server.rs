@@ -30,6 +30,33 @@ const OBSERVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Socket buffer sizes asked of the kernel.
 const SOCKET_BUFFER: usize = 16 << 20;
 
+/// Refused services listed in a welcome (the rest are logged).
+const MAX_REJECTED: usize = 64;
+/// Bytes of a control frame a service list may fill, leaving room for the rest of a welcome
+/// (identity, address, `MAX_REJECTED` refusals).
+const CATALOG_BUDGET: usize = ztna_proto::MAX_FRAME_LEN - 24 * 1024;
+
+/// Trims a service list to what one control frame carries. Without this, a catalog that does
+/// not fit would end the agent's session on every reconnect; trimmed, the agent reaches most
+/// services and the log says why it can't reach the rest.
+fn fit_catalog(mut services: Vec<ServiceDef>, who: &PeerIdentity) -> Vec<ServiceDef> {
+    let size = |v: &[ServiceDef]| {
+        ztna_proto::frame::encode(&ControlMessage::Catalog(v.to_vec()))
+            .map_or(usize::MAX, |f| f.len())
+    };
+    let total = services.len();
+    if size(&services) <= CATALOG_BUDGET {
+        return services;
+    }
+    // Bounded: each round drops at least one entry.
+    while !services.is_empty() && size(&services) > CATALOG_BUDGET {
+        let keep = (services.len() * 9 / 10).min(services.len() - 1);
+        services.truncate(keep);
+    }
+    tracing::error!(peer = %who, total, kept = services.len(), "service list too large for one control message; trimmed");
+    services
+}
+
 /// The relay's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -170,6 +197,20 @@ struct Session {
     channels: HashSet<u32>,
 }
 
+impl Session {
+    /// Queues a control message. A peer that does not read its control stream fast enough to
+    /// take it is disconnected: a lost message would leave the two sides out of step.
+    fn send(&self, msg: ControlMessage) {
+        if self.ctrl.try_send(msg).is_err() {
+            tracing::warn!(peer = %self.identity, "control stream not read; closing the session");
+            self.conn.close(
+                ErrorCode::Limit.to_quic().into(),
+                b"control stream not read",
+            );
+        }
+    }
+}
+
 struct Channel {
     agent: u64,
     connector: u64,
@@ -260,12 +301,13 @@ impl Relay {
                     ErrorCode::PoolExhausted,
                     "no tunnel address left in the pool".into(),
                 ))?;
-                let catalog = st.registry.catalog_for(peer, &hello.want, &self.policy);
-                (
-                    Some(ip),
-                    catalog,
-                    denied_wants(peer, &hello.want, &self.policy),
-                )
+                let catalog = fit_catalog(
+                    st.registry.catalog_for(peer, &hello.want, &self.policy),
+                    peer,
+                );
+                let mut denied = denied_wants(peer, &hello.want, &self.policy);
+                denied.truncate(MAX_REJECTED);
+                (Some(ip), catalog, denied)
             }
             Role::Connector => {
                 let (ok, bad) = st
@@ -277,7 +319,9 @@ impl Relay {
                 for r in &bad {
                     tracing::warn!(connector = %peer.name, service = %r.name, code = %r.code, "refused service: {}", r.message);
                 }
-                (None, ok, bad)
+                let mut bad = bad;
+                bad.truncate(MAX_REJECTED);
+                (None, fit_catalog(ok, peer), bad)
             }
             Role::Relay => {
                 return Err((
@@ -329,15 +373,13 @@ impl Relay {
             .values_mut()
             .filter(|s| s.identity.role == Role::Agent)
         {
-            let catalog = registry.catalog_for(&s.identity, &s.want, &self.policy);
+            let catalog = fit_catalog(
+                registry.catalog_for(&s.identity, &s.want, &self.policy),
+                &s.identity,
+            );
             if catalog != s.catalog {
                 s.catalog = catalog.clone();
-                if s.ctrl.try_send(ControlMessage::Catalog(catalog)).is_err() {
-                    s.conn.close(
-                        ErrorCode::Limit.to_quic().into(),
-                        b"control stream not read",
-                    );
-                }
+                s.send(ControlMessage::Catalog(catalog));
             }
         }
     }
@@ -393,7 +435,7 @@ impl Relay {
                         code,
                     },
                 };
-                let _ = s.ctrl.try_send(msg);
+                s.send(msg);
             }
         }
     }
@@ -413,7 +455,7 @@ impl Relay {
                         .fetch_add(1, Ordering::Relaxed);
                     if let Some(s) = st.sessions.get(&id) {
                         tracing::info!(agent = %s.identity.name, %connector, %code, "channel refused: {message}");
-                        let _ = s.ctrl.try_send(ControlMessage::Error {
+                        s.send(ControlMessage::Error {
                             code,
                             request_id: Some(request_id),
                             message,
@@ -493,6 +535,9 @@ impl Relay {
             .pool
             .assign(&agent.identity.name)
             .ok_or((ErrorCode::PoolExhausted, "no tunnel address".into()))?;
+        let allowed = st
+            .registry
+            .reachable_at(&agent.identity, connector, &self.policy);
         let agent_name = agent.identity.name.clone();
         let agent_conn = agent.conn.clone();
         let conn_session = st
@@ -515,9 +560,14 @@ impl Relay {
                 channel_id: ch,
                 agent: agent_name.clone(),
                 agent_tunnel_ip: tunnel_ip,
+                services: allowed,
             })
             .is_err()
         {
+            conn_session.conn.close(
+                ErrorCode::Limit.to_quic().into(),
+                b"control stream not read",
+            );
             return Err((
                 ErrorCode::ConnectorOffline,
                 "connector is not reading its control stream".into(),
@@ -563,7 +613,7 @@ impl Relay {
         let (agent, connector) = (c.agent, c.connector_name.clone());
         if let Some(a) = st.sessions.get(&agent) {
             tracing::info!(agent = %a.identity.name, %connector, channel = ch, "channel open");
-            let _ = a.ctrl.try_send(ControlMessage::ChannelOpened {
+            a.send(ControlMessage::ChannelOpened {
                 request_id,
                 channel_id: ch,
                 connector,
@@ -909,5 +959,37 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ztna_proto::PortRange;
+
+    use super::*;
+
+    #[test]
+    fn oversized_catalogs_are_trimmed_to_one_frame() {
+        let who = PeerIdentity {
+            name: "alice".into(),
+            role: Role::Agent,
+            groups: vec![],
+        };
+        let svc = |i: u32| ServiceDef {
+            name: format!("{i:0>200}"),
+            address: std::net::Ipv4Addr::from(0x0a64_0000 + i),
+            udp: vec![PortRange::single(7)],
+            tcp: vec![],
+            icmp: true,
+            connector: "c".repeat(200),
+        };
+        let small: Vec<_> = (0..10).map(svc).collect();
+        assert_eq!(fit_catalog(small.clone(), &who), small);
+        let big: Vec<_> = (0..1024).map(svc).collect();
+        let fitted = fit_catalog(big.clone(), &who);
+        assert!(!fitted.is_empty() && fitted.len() < big.len());
+        assert_eq!(fitted[..], big[..fitted.len()]);
+        let frame = ztna_proto::frame::encode(&ControlMessage::Catalog(fitted)).unwrap();
+        assert!(frame.len() <= CATALOG_BUDGET);
     }
 }

@@ -240,8 +240,11 @@ async fn registration_policy_channels_and_forwarding() {
             channel_id,
             agent,
             agent_tunnel_ip,
+            services,
         } => {
             assert_eq!(agent, "alice");
+            // Only what policy allows alice at this connector: echo, not the refused secret.
+            assert_eq!(services, vec![std::net::Ipv4Addr::new(10, 100, 0, 1)]);
             assert_eq!(Some(agent_tunnel_ip), welcome.tunnel_ip);
             channel_id
         }
