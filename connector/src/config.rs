@@ -14,7 +14,7 @@ use ztna_core::tls::TlsFiles;
 use ztna_core::transport::Timing;
 use ztna_proto::{PortRange, ServiceDef};
 
-use crate::dataplane::{BackendService, DataplaneConfig, IcmpMode};
+use crate::dataplane::{BackendService, DataplaneConfig, IcmpMode, TcpConfig};
 
 /// Default system-wide config file.
 pub(crate) const SYSTEM_CONFIG: &str = "/etc/ztna/connector.toml";
@@ -32,7 +32,7 @@ pub(crate) struct ServiceConfig {
     /// UDP ports: `"53"` or `"5000-5010"`.
     #[serde(default)]
     pub(crate) udp: Vec<String>,
-    /// TCP ports (not supported yet: the userspace TCP stack is a separate issue).
+    /// TCP ports: `"80"` or `"8000-8010"`; terminated by the connector's userspace TCP stack.
     #[serde(default)]
     pub(crate) tcp: Vec<String>,
     /// Answer ICMP echo to the address.
@@ -45,7 +45,7 @@ fn yes() -> bool {
 }
 
 /// Keys that `ZTNA_<KEY>` environment variables may set (`ZTNA_LOG` is read by the logger).
-const ENV_KEYS: [&str; 12] = [
+const ENV_KEYS: [&str; 16] = [
     "relay",
     "relay_name",
     "bind",
@@ -55,6 +55,10 @@ const ENV_KEYS: [&str; 12] = [
     "icmp",
     "udp_idle_timeout_secs",
     "max_flows_per_agent",
+    "tcp_connect_timeout_secs",
+    "tcp_idle_timeout_secs",
+    "max_tcp_per_agent",
+    "tcp_buffer_bytes",
     "metrics",
     "keepalive_secs",
     "idle_timeout_secs",
@@ -107,6 +111,14 @@ pub(crate) struct ConnectorConfig {
     pub(crate) udp_idle_timeout_secs: u64,
     /// Flows one agent may hold.
     pub(crate) max_flows_per_agent: usize,
+    /// How long a backend TCP connect may take before the agent's SYN is answered with RST.
+    pub(crate) tcp_connect_timeout_secs: u64,
+    /// Idle timeout of TCP connections (reset after this long without traffic).
+    pub(crate) tcp_idle_timeout_secs: u64,
+    /// TCP connections one agent may hold (connecting or open); more SYNs are dropped.
+    pub(crate) max_tcp_per_agent: usize,
+    /// Size of each TCP connection's receive and transmit buffer in the connector's stack.
+    pub(crate) tcp_buffer_bytes: usize,
     /// Prometheus endpoint (off unless set).
     pub(crate) metrics: Option<SocketAddr>,
     /// Keepalive of the relay and inner connections.
@@ -122,6 +134,7 @@ pub(crate) struct ConnectorConfig {
 impl Default for ConnectorConfig {
     fn default() -> Self {
         let t = Timing::default();
+        let tcp = TcpConfig::default();
         Self {
             relay: None,
             relay_name: "relay".into(),
@@ -132,6 +145,10 @@ impl Default for ConnectorConfig {
             icmp: IcmpMode::Auto,
             udp_idle_timeout_secs: 60,
             max_flows_per_agent: 4096,
+            tcp_connect_timeout_secs: tcp.connect_timeout.as_secs(),
+            tcp_idle_timeout_secs: tcp.idle_timeout.as_secs(),
+            max_tcp_per_agent: tcp.max_per_agent,
+            tcp_buffer_bytes: tcp.buffer_bytes,
             metrics: None,
             keepalive_secs: t.keepalive.as_secs(),
             idle_timeout_secs: t.idle_timeout.as_secs(),
@@ -178,6 +195,11 @@ impl ConnectorConfig {
             cfg.max_flows_per_agent >= 1,
             "max_flows_per_agent must be at least 1"
         );
+        cfg.dataplane()
+            .tcp
+            .validate()
+            .map_err(anyhow::Error::msg)
+            .context("invalid TCP settings (tcp_connect_timeout_secs, tcp_idle_timeout_secs, max_tcp_per_agent, tcp_buffer_bytes)")?;
         Ok(cfg)
     }
 
@@ -219,6 +241,12 @@ impl ConnectorConfig {
             udp_idle_timeout: Duration::from_secs(self.udp_idle_timeout_secs),
             max_flows_per_agent: self.max_flows_per_agent,
             icmp: self.icmp,
+            tcp: TcpConfig {
+                connect_timeout: Duration::from_secs(self.tcp_connect_timeout_secs),
+                idle_timeout: Duration::from_secs(self.tcp_idle_timeout_secs),
+                max_per_agent: self.max_tcp_per_agent,
+                buffer_bytes: self.tcp_buffer_bytes,
+            },
         }
     }
 
@@ -226,11 +254,6 @@ impl ConnectorConfig {
     pub(crate) fn backends(&self) -> anyhow::Result<Vec<BackendService>> {
         let mut out: Vec<BackendService> = Vec::new();
         for s in &self.services {
-            anyhow::ensure!(
-                s.tcp.is_empty(),
-                "service {}: TCP services are not supported yet (the userspace TCP stack is planned); remove `tcp`",
-                s.name
-            );
             let (backend, backend_port) = match s.backend.parse::<SocketAddrV4>() {
                 Ok(sa) => (*sa.ip(), Some(sa.port())),
                 Err(_) => (
@@ -309,12 +332,24 @@ address = "10.100.0.2"
 backend = "10.10.3.2:5353"
 udp = ["53"]
 icmp = false
+[[services]]
+name = "web"
+address = "10.100.0.3"
+backend = "10.10.3.3"
+tcp = ["80", "5432", "8000-8010"]
 "#,
             "toml",
         )
         .unwrap();
         let b = cfg.backends().unwrap();
-        assert_eq!(b.len(), 2);
+        assert_eq!(b.len(), 3);
+        assert!(b[2].def.allows_tcp(80) && b[2].def.allows_tcp(5432) && b[2].def.allows_tcp(8005));
+        assert!(!b[2].def.allows_tcp(81) && !b[2].def.allows_udp(80));
+        let dp = cfg.dataplane();
+        assert_eq!(dp.tcp.connect_timeout, Duration::from_secs(5));
+        assert_eq!(dp.tcp.idle_timeout, Duration::from_secs(300));
+        assert_eq!(dp.tcp.max_per_agent, 1024);
+        assert_eq!(dp.tcp.buffer_bytes, 256 * 1024);
         assert_eq!(b[0].backend_port, None);
         assert_eq!(b[1].backend_port, Some(5353));
         assert!(b[0].def.allows_udp(9005) && !b[0].def.allows_udp(8));
@@ -329,7 +364,16 @@ icmp = false
             format!("[[services]]\nname = \"x\"\naddress = \"10.100.0.1\"\nbackend = \"10.0.0.1\"\n{extra}\n")
         };
         assert!(load(&svc("udp = [\"0\"]"), "toml").is_err());
-        assert!(load(&svc("tcp = [\"80\"]"), "toml").is_err());
+        assert!(load(&svc("tcp = [\"80\"]"), "toml").is_ok());
+        assert!(load(&svc("tcp = [\"0\"]"), "toml").is_err());
+        assert!(load("max_tcp_per_agent = 0\n", "toml").is_err());
+        assert!(load("tcp_connect_timeout_secs = 0\n", "toml").is_err());
+        assert!(load("tcp_buffer_bytes = 100\n", "toml").is_err());
+        assert!(load(
+            "tcp_idle_timeout_secs = 60\ntcp_buffer_bytes = 1048576\n",
+            "toml"
+        )
+        .is_ok());
         assert!(load(&svc("udp = [\"7\"]\nbackend2 = 1"), "toml").is_err());
         assert!(load(
             &format!("{}{}", svc("udp = [\"7\"]"), svc("udp = [\"8\"]")),

@@ -65,9 +65,9 @@ metrics! {
     dropped_not_service: Counter,
     /// Packets from agents to a service address policy does not let that agent reach.
     dropped_not_allowed: Counter,
-    /// Packets from agents to a service that the connector does not handle (TCP for now, ICMP other than echo).
+    /// Packets from agents to a service that the connector does not handle (ICMP other than echo).
     dropped_unsupported: Counter,
-    /// Packets from agents dropped because the agent already had the maximum number of flows.
+    /// Packets from agents dropped because the agent already had the maximum number of flows (UDP and ICMP) or TCP connections (SYNs).
     dropped_flow_limit: Counter,
     /// Packets for an agent dropped because its tunnel could not take them (incremented by the tunnel's sink).
     dropped_to_agent: Counter,
@@ -95,6 +95,24 @@ metrics! {
     icmp_echo_local: Counter,
     /// ICMP destination unreachable (port unreachable) messages sent to agents.
     icmp_unreachable_sent: Counter,
+    /// TCP connections accepted from agents (backend connected, agent's SYN taken).
+    tcp_flows_opened: Counter,
+    /// TCP connections currently open.
+    tcp_flows_active: Gauge,
+    /// TCP connections reset after their idle timeout.
+    tcp_flows_expired: Counter,
+    /// Agents' SYNs answered with RST because the backend connect failed (refused, unreachable or timed out).
+    tcp_refused: Counter,
+    /// Backend connects that did not finish within the connect timeout (also counted in tcp_refused).
+    tcp_connect_timeouts: Counter,
+    /// Open TCP connections ended by a reset: from the agent, from the backend or a backend error, or the idle timeout.
+    tcp_reset: Counter,
+    /// TCP segments from agents dropped because the agent's TCP queue was full.
+    tcp_dropped_queue_full: Counter,
+    /// Bytes of TCP payload written to backends.
+    tcp_bytes_to_backends: Counter,
+    /// Bytes of TCP payload read from backends.
+    tcp_bytes_from_backends: Counter,
     /// Errors from backend sockets (creation, send or receive) other than a refused port.
     backend_errors: Counter,
     /// Agents currently connected.

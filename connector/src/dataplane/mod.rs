@@ -1,20 +1,24 @@
-//! The connector's data plane for UDP and ICMP: checks every IPv4 packet an agent sends through
-//! its tunnel, forwards UDP datagrams and ICMP echo requests to the services' backends, and
-//! turns what comes back into IPv4 packets for the agent.
+//! The connector's data plane for UDP, TCP and ICMP: checks every IPv4 packet an agent sends
+//! through its tunnel, forwards UDP datagrams and ICMP echo requests to the services' backends,
+//! terminates TCP in a userspace stack ([`tcp`]) piped to backend connections, and turns what
+//! comes back into IPv4 packets for the agent.
 //!
 //! Layout: [`packet`] (pure: parse and check agent packets, build reply packets) and [`flows`]
 //! (pure: the flow table with idle timeout and per-agent cap, time injected) hold the logic;
 //! [`udp`] and [`icmp`] are thin tokio shells that own the backend sockets and one task per
-//! flow; this module glues them together behind [`Dataplane`].
+//! flow; [`tcp`] runs one smoltcp stack and task per agent; this module glues them together
+//! behind [`Dataplane`].
 //!
 //! Bounds: no queues at all (every send is a non-blocking syscall or the agent's non-blocking
 //! sink, and drops when full), at most `max_flows_per_agent` flows (one socket and one task
-//! each) per agent, and a fixed-size receive buffer per runtime thread.
+//! each) per agent, and a fixed-size receive buffer per runtime thread. TCP has its own bounds
+//! (a packet queue per agent, `max_tcp_per_agent` connections with two buffers each): see [`tcp`].
 
 mod flows;
 pub(crate) mod fragment;
 mod icmp;
 mod packet;
+mod tcp;
 mod udp;
 
 use std::collections::HashMap;
@@ -35,6 +39,8 @@ use flows::{FlowId, FlowKey, FlowTable, InsertError};
 use packet::{AgentPacket, DropReason, EchoRequest, Quote, UdpDatagram};
 use udp::BackendSocket;
 
+pub(crate) use tcp::TcpConfig;
+
 /// A service as the connector serves it: its public definition and where its backend is.
 #[derive(Debug, Clone)]
 pub(crate) struct BackendService {
@@ -42,7 +48,7 @@ pub(crate) struct BackendService {
     pub(crate) def: ServiceDef,
     /// Address of the backend host that traffic to the service address goes to.
     pub(crate) backend: Ipv4Addr,
-    /// Backend port for every UDP port of the service; `None` keeps the destination port.
+    /// Backend port for every UDP and TCP port of the service; `None` keeps the destination port.
     pub(crate) backend_port: Option<u16>,
 }
 
@@ -71,6 +77,8 @@ pub(crate) struct DataplaneConfig {
     pub(crate) max_flows_per_agent: usize,
     /// How ICMP echo requests are answered.
     pub(crate) icmp: IcmpMode,
+    /// TCP settings (connect and idle timeouts, per-agent cap, buffer sizes).
+    pub(crate) tcp: TcpConfig,
 }
 
 /// Where packets for one agent go (implemented by main.rs over a quinn::Connection::send_datagram;
@@ -96,6 +104,9 @@ pub(crate) struct Agent {
     /// Set (under the flow table's lock, before its flows are removed) when the agent is
     /// removed, so a packet being handled concurrently can't open a flow that outlives it.
     closed: AtomicBool,
+    /// The agent's TCP stack and task, started by its first TCP packet; taken (which aborts
+    /// the task and closes its connections) when the agent is removed.
+    tcp: Mutex<Option<tcp::AgentTcp>>,
 }
 
 /// Which kind of flow a [`Flow`] is.
@@ -174,6 +185,9 @@ impl LogLimiter {
 /// The data plane: agents, services, the flow table and its sockets. See the module docs.
 pub(crate) struct Dataplane {
     services: HashMap<Ipv4Addr, BackendService>,
+    /// Backends by service address, shared with the agents' TCP tasks.
+    tcp_backends: Arc<tcp::Backends>,
+    tcp_cfg: TcpConfig,
     agents: RwLock<HashMap<u64, Arc<Agent>>>,
     flows: Mutex<FlowTable<Flow>>,
     metrics: Arc<Metrics>,
@@ -188,6 +202,15 @@ pub(crate) struct Dataplane {
 impl Drop for Dataplane {
     fn drop(&mut self) {
         self.sweeper.abort();
+        // Abort the agents' TCP tasks now (an agent may outlive this struct in a flow's task).
+        for agent in self
+            .agents
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            drop(lock(&agent.tcp).take());
+        }
         // The flow table drops with the struct, aborting every flow's task and closing sockets.
     }
 }
@@ -219,6 +242,7 @@ impl Dataplane {
         if cfg.max_flows_per_agent == 0 {
             bail!("the maximum number of flows per agent must be greater than zero");
         }
+        cfg.tcp.validate().map_err(|e| anyhow!(e))?;
         let mut by_address = HashMap::with_capacity(services.len());
         for svc in services {
             svc.def.validate().map_err(|e| anyhow!(e))?;
@@ -251,12 +275,24 @@ impl Dataplane {
             idle_timeout_ms = cfg.udp_idle_timeout.as_millis() as u64,
             max_flows_per_agent = cfg.max_flows_per_agent,
             icmp = if icmp_backend { "backend" } else { "local" },
+            tcp_connect_timeout_ms = cfg.tcp.connect_timeout.as_millis() as u64,
+            tcp_idle_timeout_ms = cfg.tcp.idle_timeout.as_millis() as u64,
+            max_tcp_per_agent = cfg.tcp.max_per_agent,
+            tcp_buffer_bytes = cfg.tcp.buffer_bytes,
             "data plane ready"
+        );
+        let tcp_backends = Arc::new(
+            by_address
+                .iter()
+                .map(|(addr, s)| (*addr, (s.backend, s.backend_port)))
+                .collect(),
         );
         Ok(Arc::new_cyclic(|me: &Weak<Dataplane>| {
             let sweeper = runtime.spawn(sweep_loop(me.clone(), period)).abort_handle();
             Dataplane {
                 services: by_address,
+                tcp_backends,
+                tcp_cfg: cfg.tcp,
                 agents: RwLock::new(HashMap::new()),
                 flows: Mutex::new(table),
                 metrics,
@@ -285,6 +321,7 @@ impl Dataplane {
             tunnel_ip,
             sink: to_agent,
             closed: AtomicBool::new(false),
+            tcp: Mutex::new(None),
         });
         // Close the old registration's flows before anyone can look up the new one, so that
         // no flow of the new registration is caught by the cleanup.
@@ -329,6 +366,8 @@ impl Dataplane {
     fn detach_agent_flows(&self, agent: &Agent) -> Vec<(FlowKey, Flow)> {
         let mut flows = lock(&self.flows);
         agent.closed.store(true, Ordering::Relaxed);
+        // Aborts the agent's TCP task: its connections close as the task is dropped.
+        drop(lock(&agent.tcp).take());
         flows.remove_agent(agent.id)
     }
 
@@ -361,6 +400,7 @@ impl Dataplane {
         match verdict {
             Ok(AgentPacket::Udp(d)) => self.udp_from_agent(&agent, d),
             Ok(AgentPacket::Echo(e)) => self.echo_from_agent(&agent, e),
+            Ok(AgentPacket::Tcp { .. }) => self.tcp_from_agent(&agent, packet),
             Err(reason) => self.dropped(&agent, reason),
         }
     }
@@ -379,6 +419,36 @@ impl Dataplane {
         counter.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = lock(&self.drop_log).allow(Instant::now()) {
             debug!(agent = agent.id, identity = %agent.identity, %reason, suppressed, "dropped packet from agent");
+        }
+    }
+
+    /// Queues a checked TCP segment for the agent's TCP task, starting the task if needed.
+    fn tcp_from_agent(&self, agent: &Agent, packet: &[u8]) {
+        let mut slot = lock(&agent.tcp);
+        if agent.closed.load(Ordering::Relaxed) {
+            return; // removed while this packet was in flight
+        }
+        let engine = slot.get_or_insert_with(|| {
+            let _entered = self.runtime.enter();
+            debug!(agent = agent.id, identity = %agent.identity, "starting the agent's TCP stack");
+            tcp::AgentTcp::spawn(tcp::AgentCtx {
+                agent: agent.id,
+                sink: agent.sink.clone(),
+                metrics: self.metrics.clone(),
+                backends: self.tcp_backends.clone(),
+                cfg: self.tcp_cfg.clone(),
+            })
+        });
+        if !engine.push(packet) {
+            self.metrics
+                .tcp_dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = lock(&self.drop_log).allow(Instant::now()) {
+                debug!(
+                    agent = agent.id,
+                    suppressed, "dropped TCP segment: the agent's TCP queue is full"
+                );
+            }
         }
     }
 
@@ -732,6 +802,7 @@ mod tests {
             udp_idle_timeout: Duration::from_secs(30),
             max_flows_per_agent: 8,
             icmp,
+            tcp: TcpConfig::default(),
         }
     }
 
@@ -1071,17 +1142,17 @@ mod tests {
         dp.handle_from_agent(1, &agent_echo(1, 1, b"")); // icmp: false
         let tcp = {
             let b =
-                PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64).tcp(1000, 443, 1, 100);
+                PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64).tcp(1000, 444, 1, 100);
             let mut v = Vec::new();
             b.write(&mut v, &[]).expect("build");
             v
         };
-        dp.handle_from_agent(1, &tcp);
+        dp.handle_from_agent(1, &tcp); // TCP to a port the service does not list
         dp.handle_from_agent(2, &agent_udp(1, 53, b"")); // unknown agent
         assert_eq!(get(&m.dropped_malformed), 2);
         assert_eq!(get(&m.dropped_spoofed_source), 1);
-        assert_eq!(get(&m.dropped_not_service), 2);
-        assert_eq!(get(&m.dropped_unsupported), 1);
+        assert_eq!(get(&m.dropped_not_service), 3);
+        assert_eq!(get(&m.dropped_unsupported), 0);
         assert_eq!(get(&m.dropped_unknown_agent), 1);
         assert_eq!(get(&m.packets_from_agents), 7);
         assert_eq!(get(&m.udp_flows_opened), 0);
@@ -1149,6 +1220,12 @@ mod tests {
         assert!(Dataplane::new(svc(), zero, metrics.clone()).is_err());
         let twice = [svc(), svc()].concat();
         assert!(Dataplane::new(twice, config(IcmpMode::Local), metrics.clone()).is_err());
+        let mut zero = config(IcmpMode::Local);
+        zero.tcp.max_per_agent = 0;
+        assert!(Dataplane::new(svc(), zero, metrics.clone()).is_err());
+        let mut small = config(IcmpMode::Local);
+        small.tcp.buffer_bytes = 100;
+        assert!(Dataplane::new(svc(), small, metrics.clone()).is_err());
         let port0 = vec![service(vec![PortRange::single(53)], false, Some(0))];
         assert!(Dataplane::new(port0, config(IcmpMode::Local), metrics.clone()).is_err());
         assert!(Dataplane::new(svc(), config(IcmpMode::Local), metrics).is_ok());

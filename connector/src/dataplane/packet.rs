@@ -72,6 +72,11 @@ pub(crate) enum AgentPacket<'a> {
     Udp(UdpDatagram<'a>),
     /// An ICMP echo request to a service with ICMP enabled.
     Echo(EchoRequest<'a>),
+    /// A TCP segment to a served port, for the TCP stack (which checks its checksum).
+    Tcp {
+        /// Service address and destination port.
+        dst: SocketAddrV4,
+    },
 }
 
 /// A UDP datagram from an agent to a service.
@@ -199,7 +204,9 @@ pub(crate) fn inspect<'a, 's>(
             let tcp = TcpHeaderSlice::from_slice(body).map_err(|_| Malformed("bad TCP header"))?;
             let port = tcp.destination_port();
             if svc.allows_tcp(port) {
-                Err(Unsupported("TCP"))
+                Ok(AgentPacket::Tcp {
+                    dst: SocketAddrV4::new(dst, port),
+                })
             } else {
                 Err(PortNotServed {
                     protocol: "TCP",
@@ -529,7 +536,12 @@ mod tests {
                 port: 54
             })
         );
-        assert_eq!(check(&tcp_packet(443), false), Err(Unsupported("TCP")));
+        assert_eq!(
+            check(&tcp_packet(443), false),
+            Ok(AgentPacket::Tcp {
+                dst: SocketAddrV4::new(SVC, 443)
+            })
+        );
         assert_eq!(
             check(&tcp_packet(80), false),
             Err(PortNotServed {

@@ -1,0 +1,1682 @@
+//! TCP from agents, terminated in userspace by smoltcp and piped to backend `TcpStream`s.
+//!
+//! One [`AgentTcp`] per agent (spawned on its first TCP packet) owns one task, which owns a
+//! smoltcp [`Interface`] whose [`TunnelDevice`] reads a bounded queue of the agent's packets and
+//! writes to the agent's [`ToAgent`] sink. The interface accepts any destination address
+//! (`any_ip`); `packet::inspect` has already checked the source (the agent's tunnel address) and
+//! the destination (a service address and one of its TCP ports) before a packet gets here.
+//!
+//! Connections: a SYN for a new (agent port, service address, port) starts a connect to the
+//! backend and is held. When the connect succeeds, a smoltcp socket is created listening on
+//! exactly that endpoint and the SYN is fed to it, so no listener exists in advance and the
+//! agent's handshake completes only when the backend is there. When the connect fails (refused,
+//! unreachable, or not done within `connect_timeout`), the agent gets an RST for its SYN, which
+//! its applications report as "connection refused".
+//!
+//! Data: bytes move between the smoltcp socket and the backend stream with backpressure both
+//! ways: the backend is read only while the socket's transmit buffer has room, and the socket's
+//! receive buffer is drained only while the backend stream takes bytes (a full receive buffer
+//! closes the window on the agent). FIN and half-close go both ways (agent FIN →
+//! `shutdown(Write)` on the backend; backend EOF → `close()` of the socket, which still
+//! receives). A reset on either side resets the other; so does the idle timeout.
+//!
+//! Bounds: the inbound queue holds [`QUEUE_PACKETS`] packets (more are dropped and counted:
+//! TCP retransmits), an agent has at most `max_per_agent` connections (connecting ones
+//! included; SYNs beyond are dropped and counted), and each connection has two buffers of
+//! `buffer_bytes` (allocated zeroed, so untouched pages cost no memory).
+
+use std::collections::hash_map::{Entry, RandomState};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use etherparse::{Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, Ipv4Address};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+use tracing::{debug, trace};
+
+use super::packet::TTL;
+use super::ToAgent;
+use crate::metrics::{gauge_dec, gauge_inc, Metrics};
+
+/// Packets from one agent waiting for its TCP task; more are dropped.
+pub(crate) const QUEUE_PACKETS: usize = 2048;
+
+/// Largest IPv4 packet the connector's TCP sends to an agent (the tunnel's default inner MTU);
+/// smoltcp advertises an MSS of this minus 40 and never sends more than the agent's MSS.
+const MTU: usize = 1280;
+
+/// Most packets taken from the queue per wake-up before the task polls the stack.
+const BATCH: usize = 256;
+
+/// Address the interface owns for routing only (RFC 7600's dummy address): the default route
+/// points at it, so replies to the agent's address are routed without an address of its own.
+const PLACEHOLDER: Ipv4Address = Ipv4Address::new(192, 0, 0, 8);
+
+/// Settings of the TCP part of the data plane.
+#[derive(Debug, Clone)]
+pub(crate) struct TcpConfig {
+    /// How long a backend connect may take before the agent's SYN is answered with RST.
+    pub(crate) connect_timeout: Duration,
+    /// A connection with no bytes or packets either way for this long is reset.
+    pub(crate) idle_timeout: Duration,
+    /// Most connections (connecting or open) one agent may have.
+    pub(crate) max_per_agent: usize,
+    /// Size of each smoltcp socket buffer (receive and transmit, each).
+    pub(crate) buffer_bytes: usize,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(300),
+            max_per_agent: 1024,
+            buffer_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl TcpConfig {
+    /// Smallest and largest accepted `buffer_bytes`.
+    pub(crate) const BUFFER_RANGE: std::ops::RangeInclusive<usize> = 4096..=(64 << 20);
+
+    /// Checks the settings.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.connect_timeout.is_zero() {
+            return Err("the TCP connect timeout must be greater than zero".into());
+        }
+        if self.idle_timeout.is_zero() {
+            return Err("the TCP idle timeout must be greater than zero".into());
+        }
+        if self.max_per_agent == 0 {
+            return Err(
+                "the maximum number of TCP connections per agent must be at least 1".into(),
+            );
+        }
+        if !Self::BUFFER_RANGE.contains(&self.buffer_bytes) {
+            return Err(format!(
+                "the TCP buffer size must be between {} and {} bytes",
+                Self::BUFFER_RANGE.start(),
+                Self::BUFFER_RANGE.end()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where a service's TCP goes: the backend address and an optional port override.
+pub(crate) type Backends = HashMap<Ipv4Addr, (Ipv4Addr, Option<u16>)>;
+
+/// Everything an agent's TCP task needs.
+pub(crate) struct AgentCtx {
+    /// The agent's id, for logs.
+    pub(crate) agent: u64,
+    /// Where the agent's packets go.
+    pub(crate) sink: Arc<dyn ToAgent>,
+    /// Counters.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Backends by service address.
+    pub(crate) backends: Arc<Backends>,
+    /// Settings.
+    pub(crate) cfg: TcpConfig,
+}
+
+/// An agent's TCP engine: the queue into its task. Dropping it aborts the task, which closes
+/// every connection of the agent (backend streams are dropped, agents see nothing more).
+pub(crate) struct AgentTcp {
+    queue: mpsc::Sender<Bytes>,
+    task: AbortHandle,
+}
+
+impl Drop for AgentTcp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl AgentTcp {
+    /// Spawns the agent's TCP task. Must be called inside a tokio runtime.
+    pub(crate) fn spawn(ctx: AgentCtx) -> Self {
+        let (queue, rx) = mpsc::channel(QUEUE_PACKETS);
+        let engine = Engine::new(ctx);
+        let task = tokio::spawn(engine.run(rx)).abort_handle();
+        Self { queue, task }
+    }
+
+    /// Queues one packet (already checked by `packet::inspect`) for the task; `false` if the
+    /// queue is full or the task is gone (the packet is dropped).
+    pub(crate) fn push(&self, packet: &[u8]) -> bool {
+        self.queue.try_send(Bytes::copy_from_slice(packet)).is_ok()
+    }
+}
+
+/// A connection as the agent sees it (the agent's address is implied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    agent_port: u16,
+    service: Ipv4Addr,
+    port: u16,
+}
+
+/// What the engine needs from a TCP segment's headers before handing it to smoltcp.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    key: Key,
+    syn: bool,
+    ack: bool,
+    rst: bool,
+}
+
+impl Segment {
+    fn parse(packet: &[u8]) -> Option<Self> {
+        let ip = Ipv4HeaderSlice::from_slice(packet).ok()?;
+        let tcp = TcpHeaderSlice::from_slice(packet.get(ip.slice().len()..)?).ok()?;
+        Some(Self {
+            key: Key {
+                agent_port: tcp.source_port(),
+                service: ip.destination_addr(),
+                port: tcp.destination_port(),
+            },
+            syn: tcp.syn(),
+            ack: tcp.ack(),
+            rst: tcp.rst(),
+        })
+    }
+}
+
+/// Builds the RST+ACK that refuses the connection a SYN asks for (as a host with nothing
+/// listening on the port would).
+fn refusal(syn: &[u8]) -> Option<Vec<u8>> {
+    let ip = Ipv4HeaderSlice::from_slice(syn).ok()?;
+    let tcp = TcpHeaderSlice::from_slice(syn.get(ip.slice().len()..)?).ok()?;
+    let builder = PacketBuilder::ipv4(ip.destination(), ip.source(), TTL)
+        .tcp(tcp.destination_port(), tcp.source_port(), 0, 0)
+        .rst()
+        .ack(tcp.sequence_number().wrapping_add(1));
+    let mut out = Vec::with_capacity(builder.size(0));
+    builder.write(&mut out, &[]).ok()?;
+    Some(out)
+}
+
+/// The smoltcp device: packets in from the agent's queue, packets out to its sink.
+struct TunnelDevice {
+    rx: VecDeque<Bytes>,
+    sink: Arc<dyn ToAgent>,
+    metrics: Arc<Metrics>,
+}
+
+struct RxTok(Bytes);
+
+impl phy::RxToken for RxTok {
+    fn consume<R, F>(self, f: F) -> R
+    where
+        F: FnOnce(&[u8]) -> R,
+    {
+        f(&self.0)
+    }
+}
+
+struct TxTok<'a> {
+    sink: &'a dyn ToAgent,
+    metrics: &'a Metrics,
+}
+
+impl phy::TxToken for TxTok<'_> {
+    fn consume<R, F>(self, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        self.metrics
+            .packets_to_agents
+            .fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .bytes_to_agents
+            .fetch_add(len as u64, Ordering::Relaxed);
+        trace!(len, "TCP segment to agent");
+        self.sink.send(Bytes::from(buf));
+        r
+    }
+}
+
+impl Device for TunnelDevice {
+    type RxToken<'a> = RxTok;
+    type TxToken<'a> = TxTok<'a>;
+
+    fn receive(
+        &mut self,
+        _timestamp: smoltcp::time::Instant,
+    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let packet = self.rx.pop_front()?;
+        Some((
+            RxTok(packet),
+            TxTok {
+                sink: &*self.sink,
+                metrics: &self.metrics,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        Some(TxTok {
+            sink: &*self.sink,
+            metrics: &self.metrics,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = MTU;
+        caps
+    }
+}
+
+/// One open connection: its smoltcp socket and the backend stream.
+struct Conn {
+    handle: SocketHandle,
+    /// `None` once the connection was reset (the socket is removed after its RST went out).
+    stream: Option<TcpStream>,
+    /// The backend sent EOF (and the socket was closed).
+    backend_eof: bool,
+    /// The agent sent FIN (seen in the socket's state).
+    agent_fin: bool,
+    /// The backend stream's write half was shut down.
+    shut_wr: bool,
+    /// Waiting for the backend to become readable / writable.
+    want_read: bool,
+    want_write: bool,
+    last_active: Instant,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        gauge_dec(&self.metrics.tcp_flows_active);
+    }
+}
+
+/// A connection's slot in the table.
+enum Slot {
+    /// Connecting to the backend; the agent's SYN waits here.
+    Connecting {
+        syn: Bytes,
+    },
+    Open(Box<Conn>),
+}
+
+/// What a connection's pump decided.
+enum Verdict {
+    Keep,
+    Remove,
+}
+
+/// Result of one backend connect.
+type Connected = (Key, io::Result<TcpStream>);
+
+/// What woke the task.
+enum Wake {
+    Packet(Option<Bytes>),
+    Connected(Option<Result<(tokio::task::Id, Connected), tokio::task::JoinError>>),
+    Ready,
+    Timer,
+}
+
+/// One agent's TCP stack and connections. Runs in its own task (see [`Engine::run`]).
+struct Engine {
+    ctx: AgentCtx,
+    iface: Interface,
+    device: TunnelDevice,
+    sockets: SocketSet<'static>,
+    conns: HashMap<Key, Slot>,
+    connecting: JoinSet<Connected>,
+    /// Which connection each connect task is for (to clean up if one panicked).
+    connect_tasks: HashMap<tokio::task::Id, Key>,
+    epoch: Instant,
+}
+
+impl Engine {
+    fn new(ctx: AgentCtx) -> Self {
+        let mut device = TunnelDevice {
+            rx: VecDeque::new(),
+            sink: ctx.sink.clone(),
+            metrics: ctx.metrics.clone(),
+        };
+        let mut config = IfaceConfig::new(HardwareAddress::Ip);
+        config.random_seed = RandomState::new().build_hasher().finish();
+        let epoch = Instant::now();
+        let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::ZERO);
+        iface.set_any_ip(true);
+        iface.update_ip_addrs(|addrs| {
+            // Capacity is at least one address; nothing else is added.
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(PLACEHOLDER), 32));
+        });
+        // Fails only when the route table is full; it is empty here.
+        let _ = iface.routes_mut().add_default_ipv4_route(PLACEHOLDER);
+        Self {
+            ctx,
+            iface,
+            device,
+            sockets: SocketSet::new(Vec::new()),
+            conns: HashMap::new(),
+            connecting: JoinSet::new(),
+            connect_tasks: HashMap::new(),
+            epoch,
+        }
+    }
+
+    fn stamp(&self, now: Instant) -> smoltcp::time::Instant {
+        let micros = now.saturating_duration_since(self.epoch).as_micros();
+        smoltcp::time::Instant::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
+    }
+
+    /// The task: ingest packets, poll the stack, move bytes, wait for the next event.
+    async fn run(mut self, mut rx: mpsc::Receiver<Bytes>) {
+        let sweep_period = (self.ctx.cfg.idle_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(5));
+        let mut sweep_at = Instant::now() + sweep_period;
+        loop {
+            let now = Instant::now();
+            for _ in 0..BATCH {
+                match rx.try_recv() {
+                    Ok(p) => self.ingest(p, now),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+            }
+            self.poll(now);
+            self.pump(now);
+            self.poll(now);
+            if now >= sweep_at {
+                self.sweep(now);
+                self.poll(now);
+                sweep_at = now + sweep_period;
+            }
+            let stamp = self.stamp(now);
+            let deadline = match self.iface.poll_delay(stamp, &self.sockets) {
+                Some(d) => (now + Duration::from_micros(d.total_micros())).min(sweep_at),
+                None => sweep_at,
+            };
+            let wake = {
+                let conns = &self.conns;
+                let connecting = &mut self.connecting;
+                tokio::select! {
+                    p = rx.recv() => Wake::Packet(p),
+                    c = connecting.join_next_with_id(), if !connecting.is_empty() => Wake::Connected(c),
+                    () = std::future::poll_fn(|cx| backends_ready(conns, cx)) => Wake::Ready,
+                    () = tokio::time::sleep_until(deadline) => Wake::Timer,
+                }
+            };
+            match wake {
+                Wake::Packet(Some(p)) => self.ingest(p, Instant::now()),
+                Wake::Packet(None) => return,
+                Wake::Connected(Some(Ok((id, (key, result))))) => {
+                    self.connect_tasks.remove(&id);
+                    self.connected(key, result);
+                }
+                Wake::Connected(Some(Err(e))) => {
+                    // Cannot happen (the task neither panics nor is aborted while we run).
+                    if let Some(key) = self.connect_tasks.remove(&e.id()) {
+                        self.conns.remove(&key);
+                    }
+                }
+                Wake::Connected(None) | Wake::Ready | Wake::Timer => {}
+            }
+        }
+    }
+
+    /// Polls the stack: feeds it the queued packets and sends what it has to send.
+    fn poll(&mut self, now: Instant) {
+        let stamp = self.stamp(now);
+        self.iface.poll(stamp, &mut self.device, &mut self.sockets);
+    }
+
+    /// Takes one packet from the agent.
+    fn ingest(&mut self, packet: Bytes, now: Instant) {
+        let Some(seg) = Segment::parse(&packet) else {
+            return; // inspect() already checked it
+        };
+        match self.conns.get_mut(&seg.key) {
+            Some(Slot::Connecting { .. }) => {
+                trace!(
+                    agent = self.ctx.agent,
+                    "segment while connecting to the backend"
+                );
+            }
+            Some(Slot::Open(conn)) => {
+                conn.last_active = now;
+                self.device.rx.push_back(packet);
+            }
+            None if seg.syn && !seg.ack && !seg.rst => self.open(seg.key, packet),
+            // Not a connection we have: smoltcp answers with RST (and ignores an RST).
+            None => self.device.rx.push_back(packet),
+        }
+    }
+
+    /// A SYN for a new connection: connect to the backend (within the per-agent cap).
+    fn open(&mut self, key: Key, syn: Bytes) {
+        let m = &self.ctx.metrics;
+        if self.conns.len() >= self.ctx.cfg.max_per_agent {
+            m.dropped_flow_limit.fetch_add(1, Ordering::Relaxed);
+            trace!(
+                agent = self.ctx.agent,
+                "SYN dropped: agent at its TCP connection limit"
+            );
+            return;
+        }
+        let Some(&(backend, backend_port)) = self.ctx.backends.get(&key.service) else {
+            return; // inspect() only accepts service addresses
+        };
+        let addr = SocketAddrV4::new(backend, backend_port.unwrap_or(key.port));
+        let timeout = self.ctx.cfg.connect_timeout;
+        let task = self.connecting.spawn(async move {
+            let result = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "backend connect timed out",
+                )),
+            };
+            (key, result)
+        });
+        self.connect_tasks.insert(task.id(), key);
+        debug!(agent = self.ctx.agent, %addr, port = key.port, "TCP connect to backend");
+        self.conns.insert(key, Slot::Connecting { syn });
+    }
+
+    /// A backend connect finished: accept the held SYN, or refuse it with RST.
+    fn connected(&mut self, key: Key, result: io::Result<TcpStream>) {
+        let now = Instant::now();
+        let Entry::Occupied(entry) = self.conns.entry(key) else {
+            return;
+        };
+        if !matches!(entry.get(), Slot::Connecting { .. }) {
+            return;
+        }
+        let Slot::Connecting { syn } = entry.remove() else {
+            return;
+        };
+        let m = self.ctx.metrics.clone();
+        let stream = match result {
+            Ok(stream) => stream,
+            Err(e) => {
+                m.tcp_refused.fetch_add(1, Ordering::Relaxed);
+                if e.kind() == io::ErrorKind::TimedOut {
+                    m.tcp_connect_timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                debug!(agent = self.ctx.agent, port = key.port, error = %e, "backend connect failed; refusing with RST");
+                if let Some(rst) = refusal(&syn) {
+                    m.packets_to_agents.fetch_add(1, Ordering::Relaxed);
+                    m.bytes_to_agents
+                        .fetch_add(rst.len() as u64, Ordering::Relaxed);
+                    self.ctx.sink.send(Bytes::from(rst));
+                }
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let size = self.ctx.cfg.buffer_bytes;
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; size]),
+            tcp::SocketBuffer::new(vec![0u8; size]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_congestion_control(tcp::CongestionControl::Cubic);
+        let endpoint = IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(key.service)),
+            port: key.port,
+        };
+        if socket.listen(endpoint).is_err() {
+            return; // port 0: inspect() never lets one through
+        }
+        // Drain anything queued first, so the SYN meets this listener and no other.
+        self.poll(now);
+        let handle = self.sockets.add(socket);
+        self.device.rx.push_back(syn);
+        self.poll(now);
+        let socket = self.sockets.get::<tcp::Socket>(handle);
+        if socket.state() == tcp::State::Listen {
+            // smoltcp did not take the SYN (a bad checksum): forget it; the agent retries.
+            self.sockets.remove(handle);
+            return;
+        }
+        m.tcp_flows_opened.fetch_add(1, Ordering::Relaxed);
+        gauge_inc(&m.tcp_flows_active);
+        debug!(
+            agent = self.ctx.agent,
+            port = key.port,
+            "TCP connection accepted"
+        );
+        self.conns.insert(
+            key,
+            Slot::Open(Box::new(Conn {
+                handle,
+                stream: Some(stream),
+                backend_eof: false,
+                agent_fin: false,
+                shut_wr: false,
+                want_read: false,
+                want_write: false,
+                last_active: now,
+                metrics: m,
+            })),
+        );
+    }
+
+    /// Moves bytes for every open connection and removes finished ones.
+    fn pump(&mut self, now: Instant) {
+        let mut finished = Vec::new();
+        for (key, slot) in &mut self.conns {
+            let Slot::Open(conn) = slot else { continue };
+            let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
+            if let Verdict::Remove = pump_one(conn, socket, now) {
+                finished.push(*key);
+            }
+        }
+        for key in finished {
+            if let Some(Slot::Open(conn)) = self.conns.remove(&key) {
+                self.sockets.remove(conn.handle);
+                debug!(
+                    agent = self.ctx.agent,
+                    port = key.port,
+                    "TCP connection closed"
+                );
+            }
+        }
+    }
+
+    /// Resets connections idle for longer than the idle timeout.
+    fn sweep(&mut self, now: Instant) {
+        let idle = self.ctx.cfg.idle_timeout;
+        for slot in self.conns.values_mut() {
+            let Slot::Open(conn) = slot else { continue };
+            if conn.stream.is_some() && now.saturating_duration_since(conn.last_active) >= idle {
+                let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
+                conn.metrics
+                    .tcp_flows_expired
+                    .fetch_add(1, Ordering::Relaxed);
+                reset(conn, socket);
+            }
+        }
+    }
+}
+
+/// Resets a connection on both sides: RST to the agent (sent by the next poll, after which the
+/// socket is removed) and to the backend (linger 0, then close).
+fn reset(conn: &mut Conn, socket: &mut tcp::Socket<'_>) {
+    socket.abort();
+    if let Some(stream) = conn.stream.take() {
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    }
+    conn.metrics.tcp_reset.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What a non-blocking read or write in a socket buffer callback did.
+enum Io {
+    Moved(usize),
+    Eof,
+    /// The buffer had no room (send) or nothing (recv).
+    Nothing,
+    Err(io::Error),
+}
+
+/// Moves bytes between one socket and its backend stream; see the module docs.
+fn pump_one(conn: &mut Conn, socket: &mut tcp::Socket<'_>, now: Instant) -> Verdict {
+    conn.want_read = false;
+    conn.want_write = false;
+    let Some(stream) = conn.stream.as_ref() else {
+        // Reset earlier; its RST has gone out with the last poll.
+        return Verdict::Remove;
+    };
+    let mut moved = 0usize;
+    let mut failed = None;
+
+    // Agent → backend, while the backend takes bytes.
+    while socket.can_recv() {
+        let r = socket.recv(|buf| match stream.try_write(buf) {
+            Ok(n) => (n, Io::Moved(n)),
+            Err(e) => (0, Io::Err(e)),
+        });
+        match r {
+            Ok(Io::Moved(n)) if n > 0 => {
+                moved += n;
+                conn.metrics
+                    .tcp_bytes_to_backends
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Ok(Io::Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                conn.want_write = true;
+                break;
+            }
+            Ok(Io::Err(e)) => {
+                failed = Some(e);
+                break;
+            }
+            _ => break,
+        }
+    }
+
+    use tcp::State::*;
+    let state = socket.state();
+    if matches!(state, CloseWait | LastAck | Closing | TimeWait) {
+        conn.agent_fin = true;
+    }
+    // Agent FIN → backend half-close, once everything before it was written.
+    if failed.is_none() && conn.agent_fin && !conn.shut_wr && !socket.can_recv() {
+        conn.shut_wr = true;
+        if let Err(e) = shutdown_write(stream) {
+            failed = Some(e);
+        }
+    }
+
+    // Backend → agent, while the socket's transmit buffer has room.
+    while failed.is_none() && !conn.backend_eof && socket.may_send() {
+        if socket.send_queue() >= socket.send_capacity() {
+            break; // full: the backend waits (backpressure)
+        }
+        let r = socket.send(|buf| {
+            if buf.is_empty() {
+                return (0, Io::Nothing);
+            }
+            match stream.try_read(buf) {
+                Ok(0) => (0, Io::Eof),
+                Ok(n) => (n, Io::Moved(n)),
+                Err(e) => (0, Io::Err(e)),
+            }
+        });
+        match r {
+            Ok(Io::Moved(n)) => {
+                moved += n;
+                conn.metrics
+                    .tcp_bytes_from_backends
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Ok(Io::Eof) => {
+                conn.backend_eof = true;
+                socket.close();
+            }
+            Ok(Io::Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                conn.want_read = true;
+                break;
+            }
+            Ok(Io::Err(e)) => failed = Some(e),
+            _ => break,
+        }
+    }
+    if moved > 0 {
+        conn.last_active = now;
+    }
+
+    if let Some(e) = failed {
+        trace!(error = %e, "backend stream failed; resetting the connection");
+        reset(conn, socket);
+        return Verdict::Keep; // removed on the next pump, after the RST went out
+    }
+    match socket.state() {
+        Closed | TimeWait => {
+            let graceful = conn.agent_fin && conn.backend_eof;
+            if !graceful {
+                // The agent reset the connection: reset the backend too.
+                reset(conn, socket);
+                Verdict::Remove
+            } else if socket.can_recv() {
+                Verdict::Keep // still writing the agent's last bytes to the backend
+            } else {
+                Verdict::Remove
+            }
+        }
+        _ => Verdict::Keep,
+    }
+}
+
+/// Shuts down the write half of a backend stream (tokio's `shutdown` needs `&mut` and an await).
+fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(stream).shutdown(Shutdown::Write)
+}
+
+/// Ready when a backend stream the engine waits on became readable or writable.
+fn backends_ready(conns: &HashMap<Key, Slot>, cx: &mut Context<'_>) -> Poll<()> {
+    let mut ready = false;
+    for slot in conns.values() {
+        let Slot::Open(conn) = slot else { continue };
+        let Some(stream) = conn.stream.as_ref() else {
+            continue;
+        };
+        if conn.want_read && stream.poll_read_ready(cx).is_ready() {
+            ready = true;
+        }
+        if conn.want_write && stream.poll_write_ready(cx).is_ready() {
+            ready = true;
+        }
+    }
+    if ready {
+        Poll::Ready(())
+    } else {
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{BackendService, Dataplane, DataplaneConfig, IcmpMode};
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use ztna_proto::{PortRange, ServiceDef};
+
+    const AGENT_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+    const SVC_IP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    /// The agent's tunnel: packets for the agent go into an unbounded channel.
+    struct Feed(mpsc::UnboundedSender<Bytes>);
+
+    impl ToAgent for Feed {
+        fn send(&self, packet: Bytes) {
+            let _ = self.0.send(packet);
+        }
+    }
+
+    /// The client's smoltcp device: what the client sends is collected for the data plane.
+    #[derive(Default)]
+    struct ClientDevice {
+        rx: VecDeque<Bytes>,
+        tx: Vec<Vec<u8>>,
+    }
+
+    struct ClientTx<'a>(&'a mut Vec<Vec<u8>>);
+
+    impl phy::TxToken for ClientTx<'_> {
+        fn consume<R, F>(self, len: usize, f: F) -> R
+        where
+            F: FnOnce(&mut [u8]) -> R,
+        {
+            let mut buf = vec![0u8; len];
+            let r = f(&mut buf);
+            self.0.push(buf);
+            r
+        }
+    }
+
+    impl Device for ClientDevice {
+        type RxToken<'a> = RxTok;
+        type TxToken<'a> = ClientTx<'a>;
+
+        fn receive(
+            &mut self,
+            _: smoltcp::time::Instant,
+        ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+            let p = self.rx.pop_front()?;
+            Some((RxTok(p), ClientTx(&mut self.tx)))
+        }
+
+        fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+            Some(ClientTx(&mut self.tx))
+        }
+
+        fn capabilities(&self) -> DeviceCapabilities {
+            let mut caps = DeviceCapabilities::default();
+            caps.medium = Medium::Ip;
+            caps.max_transmission_unit = MTU;
+            caps
+        }
+    }
+
+    /// The agent's side: a smoltcp stack wired to the data plane.
+    struct Client {
+        iface: Interface,
+        dev: ClientDevice,
+        sockets: SocketSet<'static>,
+        dp: Arc<Dataplane>,
+        metrics: Arc<Metrics>,
+        from_dp: mpsc::UnboundedReceiver<Bytes>,
+        epoch: Instant,
+        next_port: u16,
+    }
+
+    impl Client {
+        fn new(backend_port: u16, tcp: TcpConfig) -> Self {
+            Self::with_backend(Ipv4Addr::LOCALHOST, Some(backend_port), tcp)
+        }
+
+        fn with_backend(backend: Ipv4Addr, backend_port: Option<u16>, tcp: TcpConfig) -> Self {
+            let metrics = Arc::new(Metrics::default());
+            let service = BackendService {
+                def: ServiceDef {
+                    name: "web".into(),
+                    address: SVC_IP,
+                    udp: vec![],
+                    tcp: vec![PortRange::single(80), PortRange::single(443)],
+                    icmp: false,
+                    connector: String::new(),
+                },
+                backend,
+                backend_port,
+            };
+            let cfg = DataplaneConfig {
+                udp_idle_timeout: Duration::from_secs(30),
+                max_flows_per_agent: 8,
+                icmp: IcmpMode::Local,
+                tcp,
+            };
+            let dp = Dataplane::new(vec![service], cfg, metrics.clone()).expect("data plane");
+            let (tx, from_dp) = mpsc::unbounded_channel();
+            dp.add_agent(1, "alice".into(), AGENT_IP, Arc::new(Feed(tx)));
+            let mut dev = ClientDevice::default();
+            let mut iface = Interface::new(
+                IfaceConfig::new(HardwareAddress::Ip),
+                &mut dev,
+                smoltcp::time::Instant::ZERO,
+            );
+            iface.update_ip_addrs(|a| {
+                a.push(IpCidr::new(IpAddress::Ipv4(AGENT_IP), 32))
+                    .expect("address");
+            });
+            iface
+                .routes_mut()
+                .add_default_ipv4_route(AGENT_IP)
+                .expect("route");
+            Self {
+                iface,
+                dev,
+                sockets: SocketSet::new(Vec::new()),
+                dp,
+                metrics,
+                from_dp,
+                epoch: Instant::now(),
+                next_port: 40000,
+            }
+        }
+
+        fn stamp(&self) -> smoltcp::time::Instant {
+            smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+        }
+
+        fn connect(&mut self, port: u16, buffer: usize) -> SocketHandle {
+            let mut s = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0u8; buffer]),
+                tcp::SocketBuffer::new(vec![0u8; buffer]),
+            );
+            self.next_port += 1;
+            s.connect(
+                self.iface.context(),
+                (IpAddress::Ipv4(SVC_IP), port),
+                self.next_port,
+            )
+            .expect("connect");
+            self.sockets.add(s)
+        }
+
+        fn sock(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+            self.sockets.get_mut::<tcp::Socket>(h)
+        }
+
+        /// Polls the client stack and hands what it sent to the data plane.
+        fn poll(&mut self) {
+            let stamp = self.stamp();
+            self.iface.poll(stamp, &mut self.dev, &mut self.sockets);
+            for p in self.dev.tx.drain(..) {
+                self.dp.handle_from_agent(1, &p);
+            }
+        }
+
+        /// Polls, then waits for a packet from the data plane or the client's next timer.
+        async fn step(&mut self) {
+            self.poll();
+            let stamp = self.stamp();
+            let delay = self
+                .iface
+                .poll_delay(stamp, &self.sockets)
+                .map_or(Duration::from_millis(20), |d| {
+                    Duration::from_micros(d.total_micros())
+                })
+                .min(Duration::from_millis(20));
+            tokio::select! {
+                p = self.from_dp.recv() => {
+                    if let Some(p) = p {
+                        self.dev.rx.push_back(p);
+                    }
+                    while let Ok(p) = self.from_dp.try_recv() {
+                        self.dev.rx.push_back(p);
+                    }
+                }
+                () = tokio::time::sleep(delay) => {}
+            }
+            self.poll();
+        }
+
+        /// Steps until `cond` holds.
+        async fn until(&mut self, what: &str, mut cond: impl FnMut(&mut Self) -> bool) {
+            let deadline = Instant::now() + LIMIT;
+            while !cond(self) {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                self.step().await;
+            }
+        }
+
+        /// Reads what the socket has into `out`.
+        fn read(&mut self, h: SocketHandle, out: &mut Vec<u8>) {
+            let s = self.sock(h);
+            while s.can_recv() {
+                let _ = s.recv(|b| {
+                    out.extend_from_slice(b);
+                    (b.len(), ())
+                });
+            }
+        }
+    }
+
+    fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    /// A backend on loopback that echoes everything and closes after the client's EOF.
+    async fn echo_backend() -> (u16, tokio::task::JoinHandle<()>) {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        (port, task)
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    async fn in_time<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(LIMIT + Duration::from_secs(5), f)
+            .await
+            .expect("test in time")
+    }
+
+    #[tokio::test]
+    async fn request_response_and_half_close() {
+        in_time(async {
+            let (port, server) = echo_backend().await;
+            let mut c = Client::new(port, TcpConfig::default());
+            let h = c.connect(80, 65536);
+            c.until("established", |c| c.sock(h).may_send()).await;
+            assert_eq!(get(&c.metrics.tcp_flows_opened), 1);
+            assert_eq!(get(&c.metrics.tcp_flows_active), 1);
+            // Request, response, on an open connection.
+            c.sock(h)
+                .send_slice(b"GET / HTTP/1.0\r\n\r\n")
+                .expect("send");
+            let mut got = Vec::new();
+            c.until("the response", |c| {
+                c.read(h, &mut got);
+                got.len() >= 18
+            })
+            .await;
+            assert_eq!(got, b"GET / HTTP/1.0\r\n\r\n");
+            // Half-close: the client shuts its write side and still reads everything.
+            c.sock(h).send_slice(b"last words").expect("send");
+            c.sock(h).close();
+            let mut rest = Vec::new();
+            c.until("the backend's FIN", |c| {
+                c.read(h, &mut rest);
+                !c.sock(h).may_recv()
+            })
+            .await;
+            assert_eq!(rest, b"last words");
+            c.until("the connection to close", |c| {
+                get(&c.metrics.tcp_flows_active) == 0
+            })
+            .await;
+            assert_eq!(get(&c.metrics.tcp_reset), 0);
+            assert_eq!(get(&c.metrics.tcp_bytes_to_backends), 28);
+            assert_eq!(get(&c.metrics.dropped_unsupported), 0);
+            server.abort();
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn half_closed_client_still_reads_a_large_response() {
+        in_time(async {
+            // Like an HTTP/1.0 or psql exchange: the backend answers only after the client's
+            // FIN, then closes.
+            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .expect("bind");
+            let port = l.local_addr().expect("addr").port();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.expect("accept");
+                let mut request = Vec::new();
+                s.read_to_end(&mut request).await.expect("read");
+                s.write_all(&pattern(1 << 20)).await.expect("write");
+                request
+            });
+            let mut c = Client::new(port, TcpConfig::default());
+            let h = c.connect(80, 64 * 1024);
+            c.until("established", |c| c.sock(h).may_send()).await;
+            c.sock(h).send_slice(b"SELECT 1;").expect("send");
+            c.sock(h).close();
+            let mut got = Vec::new();
+            c.until("the whole response and FIN", |c| {
+                c.read(h, &mut got);
+                !c.sock(h).may_recv()
+            })
+            .await;
+            assert_eq!(server.await.expect("server"), b"SELECT 1;");
+            assert!(got == pattern(1 << 20), "content differs");
+            c.until("the connection to close", |c| {
+                get(&c.metrics.tcp_flows_active) == 0
+            })
+            .await;
+            assert_eq!(get(&c.metrics.tcp_reset), 0);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn backend_close_reaches_the_client_as_fin() {
+        in_time(async {
+            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .expect("bind");
+            let port = l.local_addr().expect("addr").port();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.expect("accept");
+                s.write_all(b"hello\n").await.expect("write");
+                s.shutdown().await.expect("shutdown");
+                // The client can still talk to us after our FIN.
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf).await.expect("read");
+                buf
+            });
+            let mut c = Client::new(port, TcpConfig::default());
+            let h = c.connect(443, 65536);
+            let mut got = Vec::new();
+            c.until("the backend's FIN", |c| {
+                c.read(h, &mut got);
+                c.sock(h).state() == tcp::State::CloseWait
+            })
+            .await;
+            assert_eq!(got, b"hello\n");
+            c.sock(h).send_slice(b"bye").expect("send");
+            c.sock(h).close();
+            c.until("the connection to close", |c| {
+                get(&c.metrics.tcp_flows_active) == 0 && !c.sock(h).is_open()
+            })
+            .await;
+            assert_eq!(server.await.expect("server"), b"bye");
+            assert_eq!(get(&c.metrics.tcp_reset), 0);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn refused_backend_resets_at_once() {
+        in_time(async {
+            let closed = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+            let port = closed.local_addr().expect("addr").port();
+            drop(closed);
+            let mut c = Client::new(port, TcpConfig::default());
+            let h = c.connect(80, 4096);
+            let start = Instant::now();
+            c.until("the RST", |c| c.sock(h).state() == tcp::State::Closed)
+                .await;
+            assert!(
+                start.elapsed() < Duration::from_millis(900),
+                "{:?}",
+                start.elapsed()
+            );
+            assert_eq!(get(&c.metrics.tcp_refused), 1);
+            assert_eq!(get(&c.metrics.tcp_flows_opened), 0);
+            assert_eq!(get(&c.metrics.tcp_flows_active), 0);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn unreachable_backend_resets_after_the_timeout() {
+        in_time(async {
+            // TEST-NET-1 (192.0.2.1) is not on loopback: the connect either fails at once (no
+            // route) or times out; either way the client sees an RST within the bound.
+            let cfg = TcpConfig {
+                connect_timeout: Duration::from_millis(300),
+                ..TcpConfig::default()
+            };
+            let mut c = Client::with_backend(Ipv4Addr::new(192, 0, 2, 1), None, cfg);
+            let h = c.connect(80, 4096);
+            let start = Instant::now();
+            c.until("the RST", |c| c.sock(h).state() == tcp::State::Closed)
+                .await;
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                start.elapsed()
+            );
+            assert_eq!(get(&c.metrics.tcp_refused), 1);
+            assert_eq!(get(&c.metrics.tcp_flows_opened), 0);
+        })
+        .await;
+    }
+
+    async fn transfer(len: usize) {
+        let (port, server) = echo_backend().await;
+        let mut c = Client::new(port, TcpConfig::default());
+        let h = c.connect(80, 256 * 1024);
+        c.until("established", |c| c.sock(h).may_send()).await;
+        let data = pattern(len);
+        let mut sent = 0;
+        let mut got = Vec::with_capacity(len);
+        let start = Instant::now();
+        c.until("the echo of everything", |c| {
+            if sent < len {
+                sent += c.sock(h).send_slice(&data[sent..]).expect("send");
+                if sent == len {
+                    c.sock(h).close();
+                }
+            }
+            c.read(h, &mut got);
+            !c.sock(h).may_recv()
+        })
+        .await;
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "echoed {} MiB in {secs:.2} s: {:.0} Mbit/s each way",
+            len >> 20,
+            len as f64 * 8.0 / secs / 1e6
+        );
+        assert_eq!(got.len(), len);
+        assert!(got == data, "content differs");
+        assert_eq!(get(&c.metrics.tcp_bytes_to_backends), len as u64);
+        assert_eq!(get(&c.metrics.tcp_bytes_from_backends), len as u64);
+        c.until("the connection to close", |c| {
+            get(&c.metrics.tcp_flows_active) == 0
+        })
+        .await;
+        assert_eq!(get(&c.metrics.tcp_reset), 0);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn transfer_of_mebibytes_current_thread() {
+        in_time(transfer(4 << 20)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transfer_of_mebibytes_multi_thread() {
+        in_time(transfer(4 << 20)).await;
+    }
+
+    #[tokio::test]
+    async fn backend_is_not_read_faster_than_the_agent_reads() {
+        in_time(async {
+            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .expect("bind");
+            let port = l.local_addr().expect("addr").port();
+            let len = 8 << 20;
+            let server = tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.expect("accept");
+                let _ = s.write_all(&pattern(len)).await;
+                let _ = s.shutdown().await;
+            });
+            let cfg = TcpConfig {
+                buffer_bytes: 16 * 1024,
+                ..TcpConfig::default()
+            };
+            let mut c = Client::new(port, cfg);
+            let h = c.connect(80, 16 * 1024);
+            c.until("established", |c| c.sock(h).may_send()).await;
+            // The client reads nothing for a while: the connector stops reading the backend
+            // once its buffer and the client's window are full.
+            let until = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < until {
+                c.step().await;
+            }
+            let read = get(&c.metrics.tcp_bytes_from_backends);
+            assert!(read <= 64 * 1024, "read {read} bytes from the backend");
+            let mut got = Vec::new();
+            c.until("everything", |c| {
+                c.read(h, &mut got);
+                !c.sock(h).may_recv()
+            })
+            .await;
+            assert!(got == pattern(len), "content differs");
+            server.await.expect("server");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn agent_is_stopped_while_the_backend_does_not_read() {
+        in_time(async {
+            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .expect("bind");
+            let port = l.local_addr().expect("addr").port();
+            let (go, wait) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.expect("accept");
+                let _ = wait.await;
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.expect("read");
+                got
+            });
+            let cfg = TcpConfig {
+                buffer_bytes: 16 * 1024,
+                ..TcpConfig::default()
+            };
+            let mut c = Client::new(port, cfg);
+            let h = c.connect(80, 64 * 1024);
+            c.until("established", |c| c.sock(h).may_send()).await;
+            let len = 64 << 20;
+            let data = pattern(len);
+            let mut sent = 0;
+            // The backend reads nothing: once the kernel's buffers and the connector's receive
+            // buffer are full, the window closes and the client cannot send more.
+            let until = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < until {
+                sent += c.sock(h).send_slice(&data[sent..]).expect("send");
+                c.step().await;
+            }
+            eprintln!("stalled backend: the client got {sent} bytes out before the window closed");
+            assert!(
+                sent < 32 << 20,
+                "the client sent {sent} bytes into a stalled backend"
+            );
+            let _ = go.send(());
+            c.until("everything sent", |c| {
+                if sent < len {
+                    sent += c.sock(h).send_slice(&data[sent..]).expect("send");
+                    if sent == len {
+                        c.sock(h).close();
+                    }
+                }
+                sent == len && c.sock(h).send_queue() == 0
+            })
+            .await;
+            let got = server.await.expect("server");
+            assert!(got == data, "content differs");
+        })
+        .await;
+    }
+
+    /// CPU time (user + system, in clock ticks) used so far by the calling thread.
+    fn thread_cpu_ticks() -> u64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("comm")
+            .1
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+    }
+
+    #[tokio::test]
+    async fn concurrent_connections_to_one_port_keep_their_own_bytes() {
+        in_time(async {
+            let (port, server) = echo_backend().await;
+            let mut c = Client::new(port, TcpConfig::default());
+            // All SYNs go out in one poll, so their backend connects finish together.
+            let handles: Vec<_> = (0..8).map(|_| c.connect(80, 8192)).collect();
+            c.until("all established", |c| {
+                handles.iter().all(|&h| c.sock(h).may_send())
+            })
+            .await;
+            for (i, &h) in handles.iter().enumerate() {
+                let msg = format!("connection {i}");
+                c.sock(h).send_slice(msg.as_bytes()).expect("send");
+                c.sock(h).close();
+            }
+            let mut got = vec![Vec::new(); handles.len()];
+            c.until("every echo", |c| {
+                for (i, &h) in handles.iter().enumerate() {
+                    c.read(h, &mut got[i]);
+                }
+                handles.iter().all(|&h| !c.sock(h).may_recv())
+            })
+            .await;
+            for (i, g) in got.iter().enumerate() {
+                assert_eq!(g, format!("connection {i}").as_bytes());
+            }
+            assert_eq!(get(&c.metrics.tcp_flows_opened), 8);
+            server.abort();
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn idle_connections_cost_no_cpu() {
+        in_time(async {
+            let (port, server) = echo_backend().await;
+            let mut c = Client::new(port, TcpConfig::default());
+            let h = c.connect(80, 8192);
+            c.until("established", |c| c.sock(h).may_send()).await;
+            c.sock(h).send_slice(b"x").expect("send");
+            let mut got = Vec::new();
+            c.until("the echo", |c| {
+                c.read(h, &mut got);
+                !got.is_empty()
+            })
+            .await;
+            // Let delayed ACKs go, then measure an idle stretch (no busy loop in the engine).
+            for _ in 0..5 {
+                c.step().await;
+            }
+            let before = thread_cpu_ticks();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let used = thread_cpu_ticks() - before;
+            assert!(used < 10, "busy while idle: {used} ticks of CPU in 300 ms");
+            server.abort();
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn per_agent_cap() {
+        in_time(async {
+            let (port, server) = echo_backend().await;
+            let cfg = TcpConfig {
+                max_per_agent: 2,
+                ..TcpConfig::default()
+            };
+            let mut c = Client::new(port, cfg);
+            let a = c.connect(80, 4096);
+            let b = c.connect(80, 4096);
+            c.until("two connections", |c| {
+                c.sock(a).may_send() && c.sock(b).may_send()
+            })
+            .await;
+            let third = c.connect(443, 4096);
+            c.until("the third SYN to be dropped", |c| {
+                get(&c.metrics.dropped_flow_limit) >= 1
+            })
+            .await;
+            assert_eq!(c.sock(third).state(), tcp::State::SynSent);
+            assert_eq!(get(&c.metrics.tcp_flows_active), 2);
+            // Closing one makes room: the third's retransmitted SYN gets through.
+            c.sock(a).close();
+            c.until("the third connection", |c| c.sock(third).may_send())
+                .await;
+            assert_eq!(get(&c.metrics.tcp_flows_opened), 3);
+            server.abort();
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_reset_and_agent_resets_reach_the_backend() {
+        in_time(async {
+            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .expect("bind");
+            let port = l.local_addr().expect("addr").port();
+            let server = tokio::spawn(async move {
+                let mut results = Vec::new();
+                for _ in 0..2 {
+                    let (mut s, _) = l.accept().await.expect("accept");
+                    let mut buf = [0u8; 16];
+                    results.push(s.read(&mut buf).await.map_err(|e| e.kind()));
+                }
+                results
+            });
+            let cfg = TcpConfig {
+                idle_timeout: Duration::from_millis(300),
+                ..TcpConfig::default()
+            };
+            let mut c = Client::new(port, cfg);
+            let h = c.connect(80, 4096);
+            c.until("established", |c| c.sock(h).may_send()).await;
+            c.until("the idle reset", |c| {
+                c.sock(h).state() == tcp::State::Closed
+            })
+            .await;
+            assert_eq!(get(&c.metrics.tcp_flows_expired), 1);
+            // The client resets the next one: the backend sees a reset too.
+            let h = c.connect(80, 4096);
+            c.until("established", |c| c.sock(h).may_send()).await;
+            c.sock(h).abort();
+            c.until("the connection to go", |c| {
+                get(&c.metrics.tcp_flows_active) == 0
+            })
+            .await;
+            assert_eq!(get(&c.metrics.tcp_reset), 2);
+            let results = server.await.expect("server");
+            assert_eq!(
+                results,
+                vec![
+                    Err(io::ErrorKind::ConnectionReset),
+                    Err(io::ErrorKind::ConnectionReset)
+                ]
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn stray_segments_get_rst_and_agent_removal_closes_connections() {
+        in_time(async {
+            let (port, server) = echo_backend().await;
+            let mut c = Client::new(port, TcpConfig::default());
+            // An ACK for no connection: smoltcp answers with RST.
+            let stray = {
+                let b = PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64)
+                    .tcp(1000, 80, 1, 100)
+                    .ack(5);
+                let mut v = Vec::new();
+                b.write(&mut v, &[]).expect("build");
+                v
+            };
+            c.dp.handle_from_agent(1, &stray);
+            let rst = tokio::time::timeout(LIMIT, c.from_dp.recv())
+                .await
+                .expect("in time")
+                .expect("open");
+            let ip = Ipv4HeaderSlice::from_slice(&rst).expect("ip");
+            let tcp = TcpHeaderSlice::from_slice(&rst[ip.slice().len()..]).expect("tcp");
+            assert!(tcp.rst());
+            assert_eq!((tcp.source_port(), tcp.destination_port()), (80, 1000));
+            let h = c.connect(80, 4096);
+            c.until("established", |c| c.sock(h).may_send()).await;
+            c.dp.remove_agent(1);
+            c.until("the connection to close", |c| {
+                get(&c.metrics.tcp_flows_active) == 0
+            })
+            .await;
+            server.abort();
+        })
+        .await;
+    }
+
+    /// Linux's own TCP as the agent, through a TUN device: run as root in a fresh network
+    /// namespace, e.g. `cargo test -p ztna-connector --no-run` and then
+    /// `unshare -n sh -c 'ip link set lo up; TEST_BINARY linux_kernel_client --ignored'`.
+    #[test]
+    #[ignore = "needs root and a network namespace (creates a TUN device)"]
+    fn linux_kernel_client() {
+        use std::io::{Read, Write};
+        use std::os::fd::{AsRawFd, FromRawFd};
+        use std::process::Command;
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("open /dev/net/tun");
+        // struct ifreq: name[16], flags: i16, padding.
+        let mut ifr = [0u8; 40];
+        ifr[..8].copy_from_slice(b"ztnatcp0");
+        let flags: i16 = 0x0001 | 0x1000; // IFF_TUN | IFF_NO_PI
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifr` is big enough for.
+        let rc = unsafe { libc::ioctl(tun.as_raw_fd(), 0x400454ca, ifr.as_mut_ptr()) };
+        assert_eq!(rc, 0, "TUNSETIFF: {}", io::Error::last_os_error());
+        for args in [
+            "link set ztnatcp0 mtu 1280 up",
+            "addr add 100.64.0.2/32 dev ztnatcp0",
+            "route add 10.100.0.0/24 dev ztnatcp0",
+        ] {
+            let ok = Command::new("ip")
+                .args(args.split(' '))
+                .status()
+                .expect("ip");
+            assert!(ok.success(), "ip {args}");
+        }
+        let backend = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let port = backend.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            while let Ok((mut s, _)) = backend.accept() {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 || s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let (dp, metrics) = {
+            let _e = rt.enter();
+            let metrics = Arc::new(Metrics::default());
+            let service = BackendService {
+                def: ServiceDef {
+                    name: "web".into(),
+                    address: SVC_IP,
+                    udp: vec![],
+                    tcp: vec![PortRange::single(80)],
+                    icmp: false,
+                    connector: String::new(),
+                },
+                backend: Ipv4Addr::LOCALHOST,
+                backend_port: Some(port),
+            };
+            let cfg = DataplaneConfig {
+                udp_idle_timeout: Duration::from_secs(30),
+                max_flows_per_agent: 8,
+                icmp: IcmpMode::Local,
+                tcp: TcpConfig::default(),
+            };
+            let closed = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+            let closed_port = closed.local_addr().expect("addr").port();
+            drop(closed);
+            let refusing = BackendService {
+                def: ServiceDef {
+                    name: "closed".into(),
+                    address: Ipv4Addr::new(10, 100, 0, 2),
+                    udp: vec![],
+                    tcp: vec![PortRange::single(80)],
+                    icmp: false,
+                    connector: String::new(),
+                },
+                backend: Ipv4Addr::LOCALHOST,
+                backend_port: Some(closed_port),
+            };
+            let dp = Dataplane::new(vec![service, refusing], cfg, metrics.clone()).expect("dp");
+            (dp, metrics)
+        };
+        // TUN → data plane (a thread feeding the runtime), data plane → TUN (the sink writes).
+        struct TunSink(std::sync::Mutex<std::fs::File>);
+        impl ToAgent for TunSink {
+            fn send(&self, packet: Bytes) {
+                let _ = self
+                    .0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .write(&packet);
+            }
+        }
+        // SAFETY: dup() returns a new descriptor that the File then owns.
+        let writer = unsafe { std::fs::File::from_raw_fd(libc::dup(tun.as_raw_fd())) };
+        dp.add_agent(
+            1,
+            "kernel".into(),
+            AGENT_IP,
+            Arc::new(TunSink(std::sync::Mutex::new(writer))),
+        );
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let mut reader = tun;
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = reader.read(&mut buf) {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let dp2 = dp.clone();
+        rt.spawn(async move {
+            while let Some(p) = rx.recv().await {
+                dp2.handle_from_agent(1, &p);
+            }
+        });
+        let client = std::thread::spawn(move || {
+            let len = 32 << 20;
+            let mut s = std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from((SVC_IP, 80)),
+                Duration::from_secs(5),
+            )
+            .expect("connect through the tunnel");
+            let mut r = s.try_clone().expect("clone");
+            let start = std::time::Instant::now();
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::with_capacity(len);
+                r.read_to_end(&mut got).expect("read");
+                got
+            });
+            s.write_all(&pattern(len)).expect("write");
+            s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            let got = reader.join().expect("reader");
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "kernel client: echoed {} MiB in {secs:.2} s: {:.0} Mbit/s each way",
+                len >> 20,
+                len as f64 * 8.0 / secs / 1e6
+            );
+            assert!(got == pattern(len), "content differs");
+            let start = std::time::Instant::now();
+            let refused = std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([10, 100, 0, 2], 80)),
+                Duration::from_secs(5),
+            )
+            .expect_err("a closed backend port");
+            eprintln!("kernel client: {refused} after {:?}", start.elapsed());
+            assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        });
+        rt.block_on(async {
+            while !client.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        client.join().expect("client");
+        eprintln!(
+            "opened {} reset {} active {}",
+            get(&metrics.tcp_flows_opened),
+            get(&metrics.tcp_reset),
+            get(&metrics.tcp_flows_active)
+        );
+    }
+}
