@@ -11,7 +11,11 @@ PACKAGES=(
     tcpdump         # the relay_is_blind capture
     nftables        # NAT routers in later topologies
     curl            # Prometheus metrics
-    socat           # UDP echo round trip in the demo
+    socat           # UDP echo round trip in the demo; TCP sinks/sources in e2e/tests/tcp.rs
+    nginx-light     # HTTP backend of e2e/tests/tcp.rs (run with a temporary config, no service)
+    postgresql      # PostgreSQL server + psql for e2e/tests/tcp.rs (throwaway cluster per test)
+    coreutils       # sha256sum, timeout
+    util-linux      # setpriv (PostgreSQL runs as the postgres user)
     netcat-openbsd  # nc -u / nc -z
     iperf3          # benchmarks (planned)
     jq              # status JSON in scripts

@@ -83,7 +83,30 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Allocations at least this large are served by mmap and returned to the system when freed.
+///
+/// Each TCP connection allocates two socket buffers (256 KiB by default). glibc's adaptive mmap
+/// threshold rises after the first such buffer is freed, after which later buffers come from
+/// the heap and their pages are never given back: 1000 connections left the connector 300 MiB
+/// larger after they closed (e2e `tcp_no_leaks_after_1000_connections`). A fixed threshold keeps
+/// buffers in their own mappings, zero-filled on demand and unmapped on free.
+const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn pin_mmap_threshold() {
+    // SAFETY: mallopt only changes allocator tuning; it is called once, before any thread or
+    // large allocation exists.
+    let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+    if ok != 1 {
+        eprintln!("ztna-connector: could not set the malloc mmap threshold; memory of closed TCP connections may not be returned");
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn pin_mmap_threshold() {}
+
 fn main() -> anyhow::Result<()> {
+    pin_mmap_threshold();
     let cli = Cli::parse();
     let cfg = ConnectorConfig::load(cli.config.as_deref(), &cli.flags)?;
     ztna_core::daemon::init_logging(cli.flags.log.as_deref(), cfg.log.as_deref());

@@ -89,8 +89,8 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
-    /// The demo relay: group `eng` may reach `echo` and `dns`; `conn1` may serve `echo`, `dns`
-    /// and `secret`; metrics on 127.0.0.1:9433.
+    /// The demo relay: group `eng` may reach `echo`, `dns` and `web`; `conn1` may serve `echo`,
+    /// `dns`, `secret` and `web`; metrics on 127.0.0.1:9433.
     pub fn demo(ca: &Path, relay: &CertPaths) -> Self {
         Self {
             bind: format!("{}:{}", addr::RELAY, addr::RELAY_PORT),
@@ -102,13 +102,13 @@ impl RelayConfig {
             keepalive_secs: 5,
             idle_timeout_secs: 20,
             access: vec![Access {
-                services: strings(&["echo", "dns"]),
+                services: strings(&["echo", "dns", "web"]),
                 groups: strings(&["eng"]),
                 identities: vec![],
             }],
             connectors: vec![ConnectorGrant {
                 identity: "conn1".to_owned(),
-                services: strings(&["echo", "dns", "secret"]),
+                services: strings(&["echo", "dns", "secret", "web"]),
             }],
         }
     }
@@ -150,10 +150,27 @@ pub struct ServiceConfig {
     pub address: String,
     /// Real IP (or IP:PORT).
     pub backend: String,
-    /// UDP ports or `first-last` ranges.
+    /// UDP ports or `first-last` ranges (written only when non-empty).
     pub udp: Vec<String>,
+    /// TCP ports or `first-last` ranges (written only when non-empty).
+    pub tcp: Vec<String>,
     /// Whether ICMP echo is allowed.
     pub icmp: bool,
+}
+
+impl ServiceConfig {
+    /// Service `web` (10.100.0.4): TCP 80 (nginx), 5432 (PostgreSQL), 5001 (nothing listens:
+    /// refused) and 9000 (whatever a test runs) on the backend 10.10.3.2, plus ICMP.
+    pub fn web() -> Self {
+        Self {
+            name: "web".to_owned(),
+            address: addr::WEB.to_owned(),
+            backend: addr::BACKEND.to_owned(),
+            udp: vec![],
+            tcp: strings(&["80", "5432", "5001", "9000"]),
+            icmp: true,
+        }
+    }
 }
 
 /// `ztna-connector` configuration.
@@ -179,20 +196,28 @@ pub struct ConnectorConfig {
     pub max_flows_per_agent: u64,
     /// Prometheus listen address, if any.
     pub metrics: Option<String>,
+    /// How long the connector waits for a backend TCP connect (`tcp_connect_timeout_secs`);
+    /// written only when set.
+    pub tcp_connect_timeout_secs: Option<u64>,
+    /// Idle timeout of proxied TCP connections (`tcp_idle_timeout_secs`); written only when set.
+    pub tcp_idle_timeout_secs: Option<u64>,
+    /// Cap on TCP connections per agent (`max_tcp_per_agent`); written only when set.
+    pub max_tcp_per_agent: Option<u64>,
     /// Services announced to the relay.
     pub services: Vec<ServiceConfig>,
 }
 
 impl ConnectorConfig {
     /// The demo connector `conn1`: services `echo` (10.100.0.1: UDP 7, ICMP), `dns`
-    /// (10.100.0.2: UDP 53) and `secret` (10.100.0.3: UDP 9, ICMP), all on the backend
-    /// 10.10.3.2; metrics on 127.0.0.1:9434.
+    /// (10.100.0.2: UDP 53), `secret` (10.100.0.3: UDP 9, ICMP) and `web` (10.100.0.4: TCP 80,
+    /// 5432, 5001, 9000, ICMP), all on the backend 10.10.3.2; metrics on 127.0.0.1:9434.
     pub fn demo(ca: &Path, conn: &CertPaths) -> Self {
         let svc = |name: &str, address: &str, udp: &str, icmp: bool| ServiceConfig {
             name: name.to_owned(),
             address: address.to_owned(),
             backend: addr::BACKEND.to_owned(),
             udp: vec![udp.to_owned()],
+            tcp: vec![],
             icmp,
         };
         Self {
@@ -206,10 +231,14 @@ impl ConnectorConfig {
             udp_idle_timeout_secs: 60,
             max_flows_per_agent: 4096,
             metrics: Some(addr::CONN_METRICS.to_owned()),
+            tcp_connect_timeout_secs: None,
+            tcp_idle_timeout_secs: None,
+            max_tcp_per_agent: None,
             services: vec![
                 svc("echo", addr::ECHO, "7", true),
                 svc("dns", addr::DNS, "53", false),
                 svc("secret", addr::SECRET, "9", true),
+                ServiceConfig::web(),
             ],
         }
     }
@@ -229,12 +258,27 @@ impl ConnectorConfig {
         if let Some(m) = &self.metrics {
             let _ = writeln!(s, "metrics = {}", q(m));
         }
+        let optional = [
+            ("tcp_connect_timeout_secs", self.tcp_connect_timeout_secs),
+            ("tcp_idle_timeout_secs", self.tcp_idle_timeout_secs),
+            ("max_tcp_per_agent", self.max_tcp_per_agent),
+        ];
+        for (key, value) in optional {
+            if let Some(v) = value {
+                let _ = writeln!(s, "{key} = {v}");
+            }
+        }
         for svc in &self.services {
             let _ = writeln!(s, "\n[[services]]");
             let _ = writeln!(s, "name = {}", q(&svc.name));
             let _ = writeln!(s, "address = {}", q(&svc.address));
             let _ = writeln!(s, "backend = {}", q(&svc.backend));
-            let _ = writeln!(s, "udp = {}", list(&svc.udp));
+            if !svc.udp.is_empty() {
+                let _ = writeln!(s, "udp = {}", list(&svc.udp));
+            }
+            if !svc.tcp.is_empty() {
+                let _ = writeln!(s, "tcp = {}", list(&svc.tcp));
+            }
             let _ = writeln!(s, "icmp = {}", svc.icmp);
         }
         s
@@ -350,6 +394,31 @@ mod tests {
     }
 
     #[test]
+    fn tcp_keys_are_written_only_when_set() {
+        let certs = CertPaths {
+            cert: "/p/conn1.pem".into(),
+            key: "/p/conn1.key".into(),
+        };
+        let mut c = ConnectorConfig::demo(Path::new("/p/ca.pem"), &certs);
+        let t = c.to_toml();
+        assert!(!t.contains("tcp_"), "{t}");
+        assert_eq!(
+            t.matches("tcp = ").count(),
+            1,
+            "only web has TCP ports:\n{t}"
+        );
+        c.tcp_connect_timeout_secs = Some(2);
+        c.max_tcp_per_agent = Some(2000);
+        let v = parse(&c.to_toml(), "generated");
+        assert_eq!(v["tcp_connect_timeout_secs"].as_integer(), Some(2));
+        assert_eq!(v["max_tcp_per_agent"].as_integer(), Some(2000));
+        assert!(v.get("tcp_idle_timeout_secs").is_none());
+        let web = &v["services"][3];
+        assert_eq!(web["address"].as_str(), Some("10.100.0.4"));
+        assert_eq!(web["tcp"].as_array().map(Vec::len), Some(4));
+    }
+
+    #[test]
     fn demo_relay_config_has_policy_tables() {
         let certs = CertPaths {
             cert: "/p/relay.pem".into(),
@@ -357,7 +426,9 @@ mod tests {
         };
         let t = RelayConfig::demo(Path::new("/p/ca.pem"), &certs).to_toml();
         assert!(t.contains("bind = \"10.10.0.1:4433\""));
-        assert!(t.contains("[[access]]\nservices = [\"echo\", \"dns\"]\ngroups = [\"eng\"]"));
+        assert!(
+            t.contains("[[access]]\nservices = [\"echo\", \"dns\", \"web\"]\ngroups = [\"eng\"]")
+        );
         assert!(t.contains("[[connectors]]\nidentity = \"conn1\""));
     }
 }

@@ -26,6 +26,7 @@ pub mod config;
 pub mod metrics;
 pub mod pcap;
 pub mod pki;
+pub mod proc_stats;
 pub mod stack;
 pub mod status;
 pub mod topology;
@@ -40,6 +41,7 @@ pub use config::{
 };
 pub use metrics::Metrics;
 pub use pki::{CertPaths, PkiDir, Role};
+pub use proc_stats::{fd_count, rss_kib};
 pub use stack::Stack;
 pub use status::AgentStatus;
 pub use topology::{CmdOutput, DaemonId, Node, Signal, Topology};
@@ -63,6 +65,8 @@ pub mod addr {
     pub const DNS: &str = "10.100.0.2";
     /// Service `secret`: UDP 9 and ICMP on the backend; the test agent may not reach it.
     pub const SECRET: &str = "10.100.0.3";
+    /// Service `web` (added by `Stack::enable_web`): TCP 80, 5432, 5001, 9000 on the backend.
+    pub const WEB: &str = "10.100.0.4";
     /// The relay's QUIC port.
     pub const RELAY_PORT: u16 = 4433;
     /// Relay metrics (inside the relay namespace).
@@ -79,6 +83,10 @@ pub struct HelperBins {
     pub udp_echo: PathBuf,
     /// `ztna-test-udp-check`.
     pub udp_check: PathBuf,
+    /// `ztna-test-impair`: UDP impairment forwarder (delay, jitter, reordering, loss).
+    pub impair: PathBuf,
+    /// `ztna-test-tcp`: TCP client and server modes (hold, half-close, connect, listen).
+    pub tcp: PathBuf,
 }
 
 /// The [`HelperBins`] of this package, for use in `tests/*.rs`.
@@ -88,6 +96,8 @@ macro_rules! helper_bins {
         $crate::HelperBins {
             udp_echo: ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_ztna-test-udp-echo")),
             udp_check: ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_ztna-test-udp-check")),
+            impair: ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_ztna-test-impair")),
+            tcp: ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_ztna-test-tcp")),
         }
     };
 }

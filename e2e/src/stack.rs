@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::{AgentConfig, ConnectorConfig, RelayConfig};
+use crate::config::{AgentConfig, ConnectorConfig, RelayConfig, ServiceConfig};
 use crate::metrics::Metrics;
 use crate::pki::{path_str, PkiDir, Role};
 use crate::status::AgentStatus;
@@ -32,6 +32,8 @@ pub struct Stack<'t> {
     pub conn_cfg: ConnectorConfig,
     /// Agent config used by [`Stack::start_agent`].
     pub agent_cfg: AgentConfig,
+    /// Extra environment of the connector process (e.g. `MALLOC_ARENA_MAX` in an experiment).
+    pub conn_env: Vec<(String, String)>,
     /// The running relay.
     pub relay: Option<DaemonId>,
     /// The running connector.
@@ -54,11 +56,37 @@ impl<'t> Stack<'t> {
             relay_cfg: RelayConfig::demo(&ca, &relay),
             conn_cfg: ConnectorConfig::demo(&ca, &conn),
             agent_cfg: AgentConfig::demo(&ca, &alice, &t.dir().join("agent.sock")),
+            conn_env: vec![],
             pki,
             relay: None,
             connector: None,
             agent: None,
         })
+    }
+
+    /// Makes sure the TCP service `web` ([`ServiceConfig::web`], 10.100.0.4 → 10.10.3.2, TCP 80,
+    /// 5432, 5001, 9000) is among the connector's services, what `conn1` may serve and what group
+    /// `eng` may reach (the demo configs have it; a test that changed them gets it back). Call
+    /// before starting the relay and the connector.
+    pub fn enable_web(&mut self) {
+        if !self.conn_cfg.services.iter().any(|s| s.name == "web") {
+            self.conn_cfg.services.push(ServiceConfig::web());
+        }
+        let add = |list: &mut Vec<String>| {
+            if !list.iter().any(|s| s == "web") {
+                list.push("web".to_owned());
+            }
+        };
+        for a in self.relay_cfg.access.iter_mut() {
+            if a.groups.iter().any(|g| g == "eng") {
+                add(&mut a.services);
+            }
+        }
+        for c in self.relay_cfg.connectors.iter_mut() {
+            if c.identity == "conn1" {
+                add(&mut c.services);
+            }
+        }
     }
 
     /// The topology.
@@ -175,11 +203,17 @@ impl<'t> Stack<'t> {
     pub fn start_connector(&mut self) -> Result<DaemonId> {
         let t = self.t;
         let cfg = t.write_file("connector.toml", &self.conn_cfg.to_toml())?;
-        let id = t.spawn(
+        let env: Vec<(&str, &str)> = self
+            .conn_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let id = t.spawn_with_env(
             Node::Conn,
             "connector",
             bin("ztna-connector")?,
             ["--config".as_ref(), cfg.as_os_str()],
+            &env,
         )?;
         self.connector = Some(id);
         if let Some(m) = self.conn_cfg.metrics.clone() {
