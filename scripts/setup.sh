@@ -17,7 +17,7 @@ PACKAGES=(
     coreutils       # sha256sum, timeout
     util-linux      # setpriv (PostgreSQL runs as the postgres user)
     netcat-openbsd  # nc -u / nc -z
-    iperf3          # benchmarks (planned)
+    iperf3          # throughput checks and benchmarks
     jq              # status JSON in scripts
     procps          # sysctl, pkill
     psmisc          # killall, fuser
