@@ -9,15 +9,12 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tracing::{debug, trace};
 
-use super::flows::{FlowId, FlowKey};
 use super::packet;
-use super::udp::{BackendSocket, MAX_CONSECUTIVE_ERRORS};
-use super::{Agent, Dataplane};
+use super::udp::{reply_loop, BackendSocket, FlowRef, Reply};
 
 /// Opens an unprivileged ICMP socket, without registering it anywhere.
 fn raw_open() -> io::Result<Socket> {
@@ -68,78 +65,26 @@ fn effective_gid() -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
-/// What an ICMP echo flow's task needs to know about its flow.
-pub(super) struct EchoFlowCtx {
-    /// The flow's key in the table.
-    pub(super) key: FlowKey,
-    /// The flow's id in the table.
-    pub(super) id: FlowId,
-    /// The agent the flow belongs to.
-    pub(super) agent: Arc<Agent>,
-    /// The service address: the source of replies to the agent.
-    pub(super) service: Ipv4Addr,
-    /// The agent's echo identifier, restored in replies.
-    pub(super) ident: u16,
-    /// The data plane, to refresh and close the flow. Weak, so flows don't keep it alive.
-    pub(super) dataplane: Weak<Dataplane>,
-}
-
-/// One step of an echo flow's task.
-enum Received {
-    /// An echo reply, already rewritten into a packet for the agent.
-    Reply(Result<Vec<u8>, packet::BuildError>),
-    /// Some other ICMP message, ignored.
-    Other,
-    /// The socket reported an error.
-    Error(io::Error),
-}
-
-/// An ICMP echo flow's task: reads echo replies from the backend and hands them to the agent
-/// with the agent's identifier and the service address as source, until the flow is closed
-/// (which aborts it), the data plane is dropped, or errors persist.
-pub(super) async fn reply_loop(socket: Arc<BackendSocket>, ctx: EchoFlowCtx) {
-    let mut errors = 0u32;
-    loop {
-        let received = socket
-            .recv_with(|r| match r {
-                Ok(message) => match packet::parse_backend_echo_reply(message) {
-                    Some((seq, data)) => Received::Reply(packet::build_echo_reply(
-                        ctx.service,
-                        ctx.agent.tunnel_ip,
-                        ctx.ident,
-                        seq,
-                        data,
-                    )),
-                    None => Received::Other,
-                },
-                Err(e) => Received::Error(e),
-            })
-            .await;
-        let Some(dp) = ctx.dataplane.upgrade() else {
-            return;
-        };
-        match received {
-            Received::Reply(Ok(packet)) => {
-                errors = 0;
-                trace!(
-                    agent = ctx.agent.id,
-                    len = packet.len(),
-                    "ICMP echo reply to agent"
-                );
-                dp.touch_flow(&ctx.key, ctx.id);
-                dp.send_to_agent(&ctx.agent, packet);
-            }
-            Received::Reply(Err(e)) => dp.backend_error(&ctx.agent, &e),
-            Received::Other => trace!(agent = ctx.agent.id, "ignored ICMP message from backend"),
-            Received::Error(e) => {
-                dp.backend_error(&ctx.agent, &e);
-                errors += 1;
-                if errors >= MAX_CONSECUTIVE_ERRORS {
-                    debug!(agent = ctx.agent.id, key = ?ctx.key, error = %e, "ICMP flow failing; closing it");
-                    dp.close_flow(&ctx.key, ctx.id);
-                    return;
-                }
-            }
-        }
-    }
+/// An ICMP echo flow's task: backend echo replies go to the agent with the agent's identifier
+/// `ident` and the service address as source; other ICMP messages are ignored.
+pub(super) async fn echo_replies(
+    socket: Arc<BackendSocket>,
+    flow: FlowRef,
+    service: Ipv4Addr,
+    ident: u16,
+) {
+    let agent_ip = flow.agent.tunnel_ip;
+    reply_loop(
+        socket,
+        flow,
+        "ICMP echo",
+        None,
+        |message| match packet::parse_backend_echo_reply(message) {
+            Some((seq, data)) => Reply::Packet(packet::build_echo_reply(
+                service, agent_ip, ident, seq, data,
+            )),
+            None => Reply::Ignore,
+        },
+    )
+    .await;
 }

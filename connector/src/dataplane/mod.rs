@@ -452,6 +452,16 @@ impl Dataplane {
         }
     }
 
+    /// What a flow's task needs to know about its flow.
+    fn flow_ref(&self, agent: &Arc<Agent>, key: FlowKey, id: FlowId) -> udp::FlowRef {
+        udp::FlowRef {
+            key,
+            id,
+            agent: agent.clone(),
+            dataplane: self.me.clone(),
+        }
+    }
+
     fn udp_from_agent(&self, agent: &Arc<Agent>, d: UdpDatagram<'_>) {
         let Some(svc) = self.services.get(d.dst.ip()) else {
             return; // inspect() only accepts service addresses
@@ -465,17 +475,14 @@ impl Dataplane {
         let backend = SocketAddrV4::new(svc.backend, svc.backend_port.unwrap_or(d.dst.port()));
         let socket = self.route(agent, key, d.quote, |id| {
             let socket = Arc::new(udp::open(backend)?);
-            let ctx = udp::UdpFlowCtx {
-                key,
-                id,
-                agent: agent.clone(),
-                service: d.dst,
-                agent_addr: d.src,
-                dataplane: self.me.clone(),
-            };
             let task = self
                 .runtime
-                .spawn(udp::reply_loop(socket.clone(), ctx))
+                .spawn(udp::udp_replies(
+                    socket.clone(),
+                    self.flow_ref(agent, key, id),
+                    d.dst,
+                    d.src,
+                ))
                 .abort_handle();
             self.metrics
                 .udp_flows_opened
@@ -543,17 +550,14 @@ impl Dataplane {
         let backend = svc.backend;
         let socket = self.route(agent, key, &[], |id| {
             let socket = Arc::new(icmp::open(backend)?);
-            let ctx = icmp::EchoFlowCtx {
-                key,
-                id,
-                agent: agent.clone(),
-                service: e.dst,
-                ident: e.ident,
-                dataplane: self.me.clone(),
-            };
             let task = self
                 .runtime
-                .spawn(icmp::reply_loop(socket.clone(), ctx))
+                .spawn(icmp::echo_replies(
+                    socket.clone(),
+                    self.flow_ref(agent, key, id),
+                    e.dst,
+                    e.ident,
+                ))
                 .abort_handle();
             self.metrics
                 .icmp_flows_opened

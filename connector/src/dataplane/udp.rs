@@ -108,76 +108,94 @@ pub(super) fn open(backend: SocketAddrV4) -> io::Result<BackendSocket> {
     BackendSocket::new(socket)
 }
 
-/// What a UDP flow's task needs to know about its flow.
-pub(super) struct UdpFlowCtx {
+/// The flow a backend socket's task serves.
+pub(super) struct FlowRef {
     /// The flow's key in the table.
     pub(super) key: FlowKey,
     /// The flow's id in the table.
     pub(super) id: FlowId,
     /// The agent the flow belongs to.
     pub(super) agent: Arc<Agent>,
-    /// Service address and port: the source of replies to the agent.
-    pub(super) service: SocketAddrV4,
-    /// Agent tunnel address and port: the destination of replies.
-    pub(super) agent_addr: SocketAddrV4,
     /// The data plane, to refresh, report and close the flow. Weak, so flows don't keep it alive.
     pub(super) dataplane: Weak<Dataplane>,
 }
 
-/// One step of a flow's task.
-enum Received {
-    /// A reply, already built into a packet for the agent.
-    Reply(Result<Vec<u8>, packet::BuildError>),
-    /// The socket reported an error.
-    Error(io::Error),
+/// What one datagram from a backend means for the agent.
+pub(super) enum Reply {
+    /// A packet for the agent (or why it could not be built).
+    Packet(Result<Vec<u8>, packet::BuildError>),
+    /// Nothing for the agent (say, an ICMP message that is not an echo reply).
+    Ignore,
 }
 
-/// A UDP flow's task: reads backend replies until the flow is closed (which aborts it), the
-/// data plane is dropped, or errors persist.
-pub(super) async fn reply_loop(socket: Arc<BackendSocket>, ctx: UdpFlowCtx) {
+/// A flow's task: reads the backend socket until the flow is closed (which aborts it), the data
+/// plane is dropped, or errors persist, and hands what `to_agent` makes of each datagram to the
+/// agent. `kind` names the flow in logs. With `port_unreachable_from`, a refused port (the
+/// backend answered ICMP port unreachable) becomes a port unreachable to the agent from that
+/// address; without, it counts as an error like any other.
+pub(super) async fn reply_loop(
+    socket: Arc<BackendSocket>,
+    flow: FlowRef,
+    kind: &'static str,
+    port_unreachable_from: Option<Ipv4Addr>,
+    mut to_agent: impl FnMut(&[u8]) -> Reply,
+) {
     let mut errors = 0u32;
     loop {
-        let received = socket
-            .recv_with(|r| match r {
-                Ok(datagram) => {
-                    Received::Reply(packet::build_udp(ctx.service, ctx.agent_addr, datagram))
-                }
-                Err(e) => Received::Error(e),
-            })
-            .await;
-        let Some(dp) = ctx.dataplane.upgrade() else {
+        let received = socket.recv_with(|r| r.map(&mut to_agent)).await;
+        let Some(dp) = flow.dataplane.upgrade() else {
             return;
         };
         match received {
-            Received::Reply(Ok(packet)) => {
+            Ok(Reply::Packet(Ok(packet))) => {
                 errors = 0;
                 trace!(
-                    agent = ctx.agent.id,
+                    agent = flow.agent.id,
                     len = packet.len(),
-                    "UDP reply to agent"
+                    kind,
+                    "reply to agent"
                 );
-                dp.touch_flow(&ctx.key, ctx.id);
-                dp.send_to_agent(&ctx.agent, packet);
+                dp.touch_flow(&flow.key, flow.id);
+                dp.send_to_agent(&flow.agent, packet);
             }
-            Received::Reply(Err(e)) => {
-                // Can't happen for UDP (65507 bytes fit), but never panic over it.
-                dp.backend_error(&ctx.agent, &e);
+            // Can't happen for UDP (65507 bytes fit), but never panic over it.
+            Ok(Reply::Packet(Err(e))) => dp.backend_error(&flow.agent, &e),
+            Ok(Reply::Ignore) => {
+                trace!(agent = flow.agent.id, kind, "ignored message from backend")
             }
-            Received::Error(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ECONNREFUSED)
+                    && port_unreachable_from.is_some() =>
+            {
                 errors = 0;
-                if let Some(quote) = dp.flow_quote(&ctx.key, ctx.id) {
-                    dp.send_port_unreachable(&ctx.agent, *ctx.service.ip(), quote.as_slice());
+                if let (Some(src), Some(quote)) =
+                    (port_unreachable_from, dp.flow_quote(&flow.key, flow.id))
+                {
+                    dp.send_port_unreachable(&flow.agent, src, quote.as_slice());
                 }
             }
-            Received::Error(e) => {
-                dp.backend_error(&ctx.agent, &e);
+            Err(e) => {
+                dp.backend_error(&flow.agent, &e);
                 errors += 1;
                 if errors >= MAX_CONSECUTIVE_ERRORS {
-                    debug!(agent = ctx.agent.id, key = ?ctx.key, error = %e, "UDP flow failing; closing it");
-                    dp.close_flow(&ctx.key, ctx.id);
+                    debug!(agent = flow.agent.id, key = ?flow.key, error = %e, kind, "flow failing; closing it");
+                    dp.close_flow(&flow.key, flow.id);
                     return;
                 }
             }
         }
     }
+}
+
+/// A UDP flow's task: backend datagrams go to the agent from `service` to `agent_addr`.
+pub(super) async fn udp_replies(
+    socket: Arc<BackendSocket>,
+    flow: FlowRef,
+    service: SocketAddrV4,
+    agent_addr: SocketAddrV4,
+) {
+    reply_loop(socket, flow, "UDP", Some(*service.ip()), |datagram| {
+        Reply::Packet(packet::build_udp(service, agent_addr, datagram))
+    })
+    .await;
 }
