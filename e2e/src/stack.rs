@@ -177,6 +177,24 @@ impl<'t> Stack<'t> {
         Ok(())
     }
 
+    /// Waits until a daemon serves its metrics endpoint, or (without one) that it is still
+    /// running shortly after its start.
+    fn wait_started(
+        &self,
+        node: Node,
+        id: DaemonId,
+        metrics: Option<String>,
+        what: &str,
+    ) -> Result<()> {
+        match metrics {
+            Some(m) => self.wait_metrics(node, id, &m, what),
+            None => {
+                std::thread::sleep(Duration::from_millis(300));
+                self.t.ensure_running(id)
+            }
+        }
+    }
+
     /// Writes `relay.toml` from [`Stack::relay_cfg`] and starts the relay (again, if it ran
     /// before); waits for its metrics endpoint when one is configured.
     pub fn start_relay(&mut self) -> Result<DaemonId> {
@@ -189,12 +207,7 @@ impl<'t> Stack<'t> {
             ["--config".as_ref(), cfg.as_os_str()],
         )?;
         self.relay = Some(id);
-        if let Some(m) = self.relay_cfg.metrics.clone() {
-            self.wait_metrics(Node::Relay, id, &m, "relay")?;
-        } else {
-            std::thread::sleep(Duration::from_millis(300));
-            t.ensure_running(id)?;
-        }
+        self.wait_started(Node::Relay, id, self.relay_cfg.metrics.clone(), "relay")?;
         Ok(id)
     }
 
@@ -216,12 +229,7 @@ impl<'t> Stack<'t> {
             &env,
         )?;
         self.connector = Some(id);
-        if let Some(m) = self.conn_cfg.metrics.clone() {
-            self.wait_metrics(Node::Conn, id, &m, "connector")?;
-        } else {
-            std::thread::sleep(Duration::from_millis(300));
-            t.ensure_running(id)?;
-        }
+        self.wait_started(Node::Conn, id, self.conn_cfg.metrics.clone(), "connector")?;
         Ok(id)
     }
 

@@ -491,6 +491,21 @@ impl Topology {
         Ok(out)
     }
 
+    /// Pings `target` from `node` `count` times (1 s apart, 2 s wait each) and fails unless every
+    /// ping was answered.
+    pub fn ping_all(&self, node: Node, target: &str, count: u32) -> Result<CmdOutput> {
+        let n = count.to_string();
+        let out = self.run_ok(
+            node,
+            15 + 3 * count,
+            ["ping", "-n", "-c", &n, "-W", "2", target],
+        )?;
+        if !out.stdout.contains(&format!("{count} received")) {
+            bail!("pings to {target} were lost:\n{out}");
+        }
+        Ok(out)
+    }
+
     /// Runs a command in the root namespace (e.g. `ip -n NS route`) under `timeout`.
     pub fn host<I, S>(&self, timeout_secs: u32, args: I) -> Result<CmdOutput>
     where

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use ztna_e2e::{addr, helper_bins, run, wait_until, Metrics, Node, Stack};
 
 const SPOOFED: &str = "ztna_connector_dropped_spoofed_source_total";
@@ -180,15 +180,8 @@ fn connector_drops_counted() {
         )?;
 
         t.step("the tunnel still works");
-        let out = t.run_ok(
-            Node::Agent,
-            15,
-            ["ping", "-n", "-c", "3", "-W", "2", addr::ECHO],
-        )?;
-        ensure!(
-            out.stdout.contains("3 received"),
-            "pings to echo were lost:\n{out}"
-        );
+        t.ping_all(Node::Agent, addr::ECHO, 3)
+            .context("pings to echo were lost")?;
         Ok(())
     });
 }

@@ -82,15 +82,8 @@ fn teardown_on_sigint() {
         let cfg = s.agent_cfg.clone();
         let again = s.spawn_agent("agent-again", &cfg)?;
         s.wait_ready(again, &cfg)?;
-        let out = t.run_ok(
-            Node::Agent,
-            15,
-            ["ping", "-n", "-c", "3", "-W", "2", addr::ECHO],
-        )?;
-        ensure!(
-            out.stdout.contains("3 received"),
-            "pings after restarting the agent were lost:\n{out}"
-        );
+        t.ping_all(Node::Agent, addr::ECHO, 3)
+            .context("pings after restarting the agent were lost")?;
         Ok(())
     });
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure};
+use anyhow::{bail, ensure, Context};
 use ztna_e2e::{
     addr, helper_bins, log_has_line, run, wait_until, Metrics, Node, PkiDir, Role, Stack,
 };
@@ -111,15 +111,8 @@ fn trust_other_ca() {
         ));
 
         t.step("alice still gets through");
-        let out = t.run_ok(
-            Node::Agent,
-            15,
-            ["ping", "-n", "-c", "3", "-W", "2", addr::ECHO],
-        )?;
-        ensure!(
-            out.stdout.contains("3 received"),
-            "alice's pings were lost:\n{out}"
-        );
+        t.ping_all(Node::Agent, addr::ECHO, 3)
+            .context("alice's pings were lost")?;
         Ok(())
     });
 }
@@ -168,15 +161,8 @@ fn trust_policy() {
             addr::DNS
         );
 
-        let out = t.run_ok(
-            Node::Agent,
-            15,
-            ["ping", "-n", "-c", "3", "-W", "2", addr::ECHO],
-        )?;
-        ensure!(
-            out.stdout.contains("3 received"),
-            "pings to echo were lost:\n{out}"
-        );
+        t.ping_all(Node::Agent, addr::ECHO, 3)
+            .context("pings to echo were lost")?;
         let out = t.run(
             Node::Agent,
             10,
@@ -239,15 +225,8 @@ fn trust_connector_not_allowed() {
             );
         }
 
-        let out = t.run_ok(
-            Node::Agent,
-            15,
-            ["ping", "-n", "-c", "3", "-W", "2", addr::ECHO],
-        )?;
-        ensure!(
-            out.stdout.contains("3 received"),
-            "pings to echo were lost:\n{out}"
-        );
+        t.ping_all(Node::Agent, addr::ECHO, 3)
+            .context("pings to echo were lost")?;
         let server = format!("@{}", addr::DNS);
         let out = t.run(
             Node::Agent,
