@@ -296,14 +296,7 @@ impl RawConfig {
         if self.relay_name.is_empty() {
             bail!("`relay_name` is empty: give the DNS name in the relay's certificate");
         }
-        let need = |v: Option<PathBuf>, key: &str, what: &str| {
-            v.with_context(|| format!("missing `{key}`: path to {what} (PEM)"))
-        };
-        let tls = TlsFiles {
-            ca: need(self.ca, "ca", "the organisation CA certificate")?,
-            cert: need(self.cert, "cert", "this agent's certificate")?,
-            key: need(self.key, "key", "this agent's private key")?,
-        };
+        let tls = TlsFiles::from_config(self.ca, self.cert, self.key)?;
         validate_ifname(&self.tun)?;
         if self.mtu < MIN_MTU {
             bail!("`mtu` = {} is below the minimum of {MIN_MTU}", self.mtu);

@@ -216,15 +216,7 @@ impl ConnectorConfig {
 
     /// The TLS files; all three are required.
     pub(crate) fn tls_files(&self) -> anyhow::Result<TlsFiles> {
-        let need = |p: &Option<PathBuf>, k: &str| {
-            p.clone()
-                .with_context(|| format!("`{k}` is not set (path to a PEM file)"))
-        };
-        Ok(TlsFiles {
-            ca: need(&self.ca, "ca")?,
-            cert: need(&self.cert, "cert")?,
-            key: need(&self.key, "key")?,
-        })
+        TlsFiles::from_config(self.ca.clone(), self.cert.clone(), self.key.clone())
     }
 
     /// Keepalive and idle timing.

@@ -65,6 +65,26 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+impl TlsFiles {
+    /// The three paths from optional configuration values; the error names the first missing
+    /// key and what it should point at.
+    pub fn from_config(
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let need = |v: Option<PathBuf>, key: &str, what: &str| {
+            v.with_context(|| format!("missing `{key}`: path to {what} (PEM)"))
+        };
+        Ok(Self {
+            ca: need(ca, "ca", "the organisation CA certificate")?,
+            cert: need(cert, "cert", "this node's certificate")?,
+            key: need(key, "key", "this node's private key")?,
+        })
+    }
+}
+
 /// Who a certificate says its holder is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
