@@ -24,7 +24,7 @@ mod udp;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -126,13 +126,45 @@ pub(crate) struct Flow {
     metrics: Arc<Metrics>,
 }
 
+impl Flow {
+    /// Spawns the flow's reply task on `runtime` and counts the flow as opened and active (the
+    /// gauge goes down again when the flow is dropped).
+    fn start(
+        kind: FlowKind,
+        socket: Arc<BackendSocket>,
+        quote: &[u8],
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+        runtime: &tokio::runtime::Handle,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let task = runtime.spawn(task).abort_handle();
+        let opened = match kind {
+            FlowKind::Udp => &metrics.udp_flows_opened,
+            FlowKind::Echo => &metrics.icmp_flows_opened,
+        };
+        opened.fetch_add(1, Ordering::Relaxed);
+        gauge_inc(Self::active(kind, metrics));
+        Flow {
+            kind,
+            socket,
+            quote: Quote::new(quote),
+            task,
+            metrics: metrics.clone(),
+        }
+    }
+
+    fn active(kind: FlowKind, metrics: &Metrics) -> &AtomicU64 {
+        match kind {
+            FlowKind::Udp => &metrics.udp_flows_active,
+            FlowKind::Echo => &metrics.icmp_flows_active,
+        }
+    }
+}
+
 impl Drop for Flow {
     fn drop(&mut self) {
         self.task.abort();
-        match self.kind {
-            FlowKind::Udp => gauge_dec(&self.metrics.udp_flows_active),
-            FlowKind::Echo => gauge_dec(&self.metrics.icmp_flows_active),
-        }
+        gauge_dec(Self::active(self.kind, &self.metrics));
     }
 }
 
@@ -475,30 +507,20 @@ impl Dataplane {
         let backend = SocketAddrV4::new(svc.backend, svc.backend_port.unwrap_or(d.dst.port()));
         let socket = self.route(agent, key, d.quote, |id| {
             let socket = Arc::new(udp::open(backend)?);
-            let task = self
-                .runtime
-                .spawn(udp::udp_replies(
-                    socket.clone(),
-                    self.flow_ref(agent, key, id),
-                    d.dst,
-                    d.src,
-                ))
-                .abort_handle();
-            self.metrics
-                .udp_flows_opened
-                .fetch_add(1, Ordering::Relaxed);
-            gauge_inc(&self.metrics.udp_flows_active);
+            let task =
+                udp::udp_replies(socket.clone(), self.flow_ref(agent, key, id), d.dst, d.src);
             debug!(
                 agent = agent.id, identity = %agent.identity, service = %svc.def.name,
                 agent_port = d.src.port(), port = d.dst.port(), %backend, "UDP flow opened"
             );
-            Ok(Flow {
-                kind: FlowKind::Udp,
+            Ok(Flow::start(
+                FlowKind::Udp,
                 socket,
-                quote: Quote::new(d.quote),
+                d.quote,
                 task,
-                metrics: self.metrics.clone(),
-            })
+                &self.runtime,
+                &self.metrics,
+            ))
         });
         let Some(socket) = socket else { return };
         match socket.try_send(d.payload) {
@@ -550,30 +572,24 @@ impl Dataplane {
         let backend = svc.backend;
         let socket = self.route(agent, key, &[], |id| {
             let socket = Arc::new(icmp::open(backend)?);
-            let task = self
-                .runtime
-                .spawn(icmp::echo_replies(
-                    socket.clone(),
-                    self.flow_ref(agent, key, id),
-                    e.dst,
-                    e.ident,
-                ))
-                .abort_handle();
-            self.metrics
-                .icmp_flows_opened
-                .fetch_add(1, Ordering::Relaxed);
-            gauge_inc(&self.metrics.icmp_flows_active);
+            let task = icmp::echo_replies(
+                socket.clone(),
+                self.flow_ref(agent, key, id),
+                e.dst,
+                e.ident,
+            );
             debug!(
                 agent = agent.id, identity = %agent.identity, service = %svc.def.name,
                 ident = e.ident, %backend, "ICMP echo flow opened"
             );
-            Ok(Flow {
-                kind: FlowKind::Echo,
+            Ok(Flow::start(
+                FlowKind::Echo,
                 socket,
-                quote: Quote::new(&[]),
+                &[],
                 task,
-                metrics: self.metrics.clone(),
-            })
+                &self.runtime,
+                &self.metrics,
+            ))
         });
         let Some(socket) = socket else { return };
         match socket.try_send(&packet::build_echo_request_message(e.seq, e.payload)) {
