@@ -47,6 +47,7 @@ const KEYS: &[&str] = &[
     "services",
     "status_socket",
     "log",
+    "direct_paths",
 ];
 
 /// Command-line flags that override config keys (each also read from `ZTNA_<KEY>`).
@@ -97,6 +98,11 @@ pub(crate) struct Overrides {
     #[arg(long, env = "ZTNA_STATUS_SOCKET", value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) status_socket: Option<PathBuf>,
+    /// Look for direct paths to connectors (key `direct_paths`, default true); false sends
+    /// everything through the relay.
+    #[arg(long, env = "ZTNA_DIRECT_PATHS", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) direct_paths: Option<bool>,
     /// Log filter, tracing `EnvFilter` syntax (key `log`; else RUST_LOG; else "info").
     #[arg(long, env = "ZTNA_LOG", value_name = "FILTER")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -125,6 +131,12 @@ struct RawConfig {
     status_socket: PathBuf,
     #[serde(default)]
     log: Option<String>,
+    #[serde(default = "default_direct_paths")]
+    direct_paths: bool,
+}
+
+fn default_direct_paths() -> bool {
+    true
 }
 
 fn default_relay_name() -> String {
@@ -188,6 +200,8 @@ pub(crate) struct Config {
     pub(crate) status_socket: PathBuf,
     /// Log filter, if configured.
     pub(crate) log: Option<String>,
+    /// Whether to look for direct paths to connectors (false: everything via the relay).
+    pub(crate) direct_paths: bool,
 }
 
 /// Where configuration comes from; [`Sources::standard`] in production, other values in tests.
@@ -324,6 +338,7 @@ impl RawConfig {
             services,
             status_socket: self.status_socket,
             log: self.log.filter(|l| !l.trim().is_empty()),
+            direct_paths: self.direct_paths,
         })
     }
 }
@@ -583,6 +598,7 @@ key = "/etc/ztna/agent.key"
             services: vec![],
             status_socket: "/run/ztna/agent.sock".into(),
             log: None,
+            direct_paths: true,
         }
     }
 

@@ -14,7 +14,8 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::UnixListener;
-use ztna_core::agent::AgentStatus;
+use ztna_core::agent::{AgentStatus, ConnectorStatus};
+use ztna_proto::CandidateKind;
 
 /// How long a client may take to be served.
 const SERVE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -193,6 +194,69 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The paths of one connector: packets per path, the active direct path, this end's candidates
+/// and the peer's probed addresses.
+fn render_paths(out: &mut String, c: &ConnectorStatus) {
+    let [rtx, rrx] = c.relay_packets;
+    let [dtx, drx] = c.direct_packets;
+    let _ = writeln!(
+        out,
+        "\n{} paths: relay {rtx} pkts out / {rrx} in, direct {dtx} out / {drx} in",
+        c.name
+    );
+    let Some(d) = &c.direct else {
+        return;
+    };
+    match (d.addr, d.class) {
+        (Some(a), Some(class)) => {
+            let _ = writeln!(
+                out,
+                "  active:     direct {class} {a}, probe rtt {} ms",
+                rtt(d.rtt_ms)
+            );
+        }
+        _ => {
+            let _ = writeln!(out, "  active:     relay");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  switches:   {} to direct, {} back to the relay",
+        d.upgrades, d.fallbacks
+    );
+    let local: Vec<String> = d
+        .local_candidates
+        .iter()
+        .map(|c| format!("{} ({})", c.addr, kind_name(c.kind)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  candidates: {}",
+        if local.is_empty() {
+            "-".into()
+        } else {
+            local.join(", ")
+        }
+    );
+    for t in &d.targets {
+        let _ = writeln!(
+            out,
+            "  peer:       {} {} {}, rtt {} ms",
+            t.addr,
+            t.kind,
+            t.state,
+            rtt(t.rtt_ms)
+        );
+    }
+}
+
+fn kind_name(k: CandidateKind) -> &'static str {
+    match k {
+        CandidateKind::Host => "host",
+        CandidateKind::Reflexive => "reflexive",
+    }
+}
+
 /// A human-readable summary of a status.
 pub(crate) fn render(s: &AgentStatus) -> String {
     let mut out = String::new();
@@ -257,6 +321,9 @@ pub(crate) fn render(s: &AgentStatus) -> String {
             ]);
         }
         out.push_str(&table(&rows));
+        for c in &s.connectors {
+            render_paths(&mut out, c);
+        }
     }
     let _ = writeln!(
         out,
@@ -269,7 +336,10 @@ pub(crate) fn render(s: &AgentStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ztna_core::agent::{ConnectorStatus, RejectedService};
+    use ztna_core::agent::RejectedService;
+    use ztna_core::direct::DirectStatus;
+    use ztna_core::path::{PathClass, TargetKind, TargetState, TargetStatus};
+    use ztna_proto::Candidate;
 
     fn down() -> AgentStatus {
         AgentStatus {
@@ -313,6 +383,25 @@ mod tests {
                     rx_packets: 2400,
                     services: vec!["web".into(), "db".into()],
                     last_error: None,
+                    relay_packets: [3, 4],
+                    direct_packets: [9, 2396],
+                    direct: Some(DirectStatus {
+                        addr: Some("192.0.2.9:4434".parse().unwrap()),
+                        class: Some(PathClass::Wan),
+                        rtt_ms: Some(1.25),
+                        local_candidates: vec![Candidate {
+                            addr: "198.51.100.7:53211".parse().unwrap(),
+                            kind: CandidateKind::Reflexive,
+                        }],
+                        targets: vec![TargetStatus {
+                            addr: "192.0.2.9:4434".parse().unwrap(),
+                            kind: TargetKind::Reflexive,
+                            state: TargetState::Confirmed,
+                            rtt_ms: Some(1.25),
+                        }],
+                        upgrades: 1,
+                        fallbacks: 0,
+                    }),
                 },
                 ConnectorStatus {
                     name: "lab".into(),
@@ -325,6 +414,9 @@ mod tests {
                     rx_packets: 0,
                     services: vec!["ssh".into()],
                     last_error: Some("inner handshake timed out".into()),
+                    relay_packets: [0, 0],
+                    direct_packets: [0, 0],
+                    direct: None,
                 },
             ],
             relay_sessions: 2,
@@ -379,6 +471,17 @@ mod tests {
             lines[head + 2],
             "  lab   connecting  -       0 B      0        0 B      0        ssh       inner handshake timed out"
         );
+        assert!(
+            text.contains(
+                "dc1 paths: relay 3 pkts out / 4 in, direct 9 out / 2396 in\n  \
+                 active:     direct wan 192.0.2.9:4434, probe rtt 1.2 ms\n  \
+                 switches:   1 to direct, 0 back to the relay\n  \
+                 candidates: 198.51.100.7:53211 (reflexive)\n  \
+                 peer:       192.0.2.9:4434 reflexive confirmed, rtt 1.2 ms\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("lab paths: relay 0 pkts out / 0 in, direct 0 out / 0 in\n"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use ztna_core::agent::{Agent, AgentConfig, TunnelState};
+use ztna_core::direct::DirectOptions;
 use ztna_core::session::RelayTarget;
 use ztna_core::tls::Credentials;
 use ztna_core::transport::Timing;
@@ -125,6 +126,10 @@ async fn serve(
         timing: Timing::default(),
         tun_mtu: cfg.mtu,
         want: cfg.services.clone(),
+        direct: DirectOptions {
+            enabled: cfg.direct_paths,
+            ..DirectOptions::default()
+        },
     })
     .with_context(|| format!("starting the tunnel on UDP {}", cfg.bind))?;
     let agent = Arc::new(agent);

@@ -45,7 +45,7 @@ fn yes() -> bool {
 }
 
 /// Keys that `ZTNA_<KEY>` environment variables may set (`ZTNA_LOG` is read by the logger).
-const ENV_KEYS: [&str; 16] = [
+const ENV_KEYS: [&str; 17] = [
     "relay",
     "relay_name",
     "bind",
@@ -62,6 +62,7 @@ const ENV_KEYS: [&str; 16] = [
     "metrics",
     "keepalive_secs",
     "idle_timeout_secs",
+    "direct_paths",
 ];
 
 /// Keys given as command-line flags: the top layer. `None` leaves the lower layers' value.
@@ -127,6 +128,9 @@ pub(crate) struct ConnectorConfig {
     pub(crate) idle_timeout_secs: u64,
     /// Log filter.
     pub(crate) log: Option<String>,
+    /// Whether agents may reach this connector over direct paths (hole punching); false keeps
+    /// every agent's traffic on the relay.
+    pub(crate) direct_paths: bool,
     /// Services offered.
     pub(crate) services: Vec<ServiceConfig>,
 }
@@ -153,6 +157,7 @@ impl Default for ConnectorConfig {
             keepalive_secs: t.keepalive.as_secs(),
             idle_timeout_secs: t.idle_timeout.as_secs(),
             log: None,
+            direct_paths: true,
             services: Vec::new(),
         }
     }

@@ -23,6 +23,7 @@ use crate::config::{ConnectorConfig, Flags};
 use crate::dataplane::Dataplane;
 use crate::metrics::Metrics;
 use crate::tunnel::Tunnel;
+use ztna_core::direct::DirectOptions;
 
 #[derive(Parser)]
 #[command(
@@ -57,20 +58,25 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding UDP {}", cfg.bind))?;
     let local = node.endpoint().local_addr()?;
     if local.ip().is_unspecified() {
-        tracing::info!(addr = %local, "UDP socket on all interfaces (relay connection; direct paths later); set `bind` to restrict");
+        tracing::info!(addr = %local, direct_paths = cfg.direct_paths, "UDP socket on all interfaces (relay connection and direct paths); set `bind` to restrict");
     }
     tracing::info!(identity = %creds.identity().name, relay = %relay.addr, "connector starting");
     let metrics_task = cfg.metrics.map(|addr| {
         let m = metrics.clone();
+        let mux = node.mux().clone();
+        let render = move || m.render() + &metrics::render_paths(mux.stats());
         tokio::spawn(async move {
-            if let Err(e) = ztna_core::metrics_http::serve(addr, Arc::new(move || m.render())).await
-            {
+            if let Err(e) = ztna_core::metrics_http::serve(addr, Arc::new(render)).await {
                 tracing::error!(%addr, error = %e, "metrics endpoint failed");
             }
         })
     });
     let endpoint = node.endpoint().clone();
-    let tunnel = Tunnel::new(node, relay, services, dataplane, metrics);
+    let direct = DirectOptions {
+        enabled: cfg.direct_paths,
+        ..DirectOptions::default()
+    };
+    let tunnel = Tunnel::new(node, relay, services, dataplane, metrics, direct);
     tokio::select! {
         () = tunnel.run() => {}
         () = ztna_core::daemon::shutdown_signal() => tracing::info!("connector shutting down"),

@@ -9,6 +9,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ztna_core::mux::MuxStats;
+
 /// Prefix of every metric name.
 const PREFIX: &str = "ztna_connector_";
 
@@ -134,6 +136,29 @@ pub(crate) fn gauge_dec(gauge: &AtomicU64) {
     let _ = gauge.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
         Some(v.saturating_sub(1))
     });
+}
+
+/// The socket's per-path counters: packets through the relay versus on direct paths, and
+/// direct-path probes, in the same format as [`Metrics::render`].
+pub(crate) fn render_paths(stats: &MuxStats) -> String {
+    use std::fmt::Write as _;
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let rows = [
+        ("relay_tx_packets", "Tunnel packets sent through the relay.", g(&stats.relay_tx_packets)),
+        ("relay_rx_packets", "Tunnel packets received through the relay.", g(&stats.relay_rx_packets)),
+        ("direct_tx_packets", "Tunnel packets sent on direct paths.", g(&stats.direct_tx_packets)),
+        ("direct_rx_packets", "Tunnel packets received on direct paths.", g(&stats.direct_rx_packets)),
+        ("probes_received", "Direct-path probes received for a known tunnel.", g(&stats.probes_received)),
+        ("probes_rejected", "Direct-path probes dropped: malformed, unknown tunnel, failed authentication or unexpected.", g(&stats.probes_rejected)),
+    ];
+    let mut out = String::new();
+    for (name, help, value) in rows {
+        // Writing to a String can't fail.
+        let _ = writeln!(out, "# HELP {PREFIX}{name}_total {help}");
+        let _ = writeln!(out, "# TYPE {PREFIX}{name}_total counter");
+        let _ = writeln!(out, "{PREFIX}{name}_total {value}");
+    }
+    out
 }
 
 impl Metrics {

@@ -13,12 +13,13 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use ztna_core::backoff::{jitter_seed, Backoff};
+use ztna_core::direct::{DirectContext, DirectOptions, DirectPath};
 use ztna_core::mux::MuxSocket;
-use ztna_core::session::{Node, RelaySession, RelayTarget, SessionError};
+use ztna_core::session::{ControlSender, Node, RelaySession, RelayTarget, SessionError};
 use ztna_core::tls::PeerIdentity;
 use ztna_core::transport;
 use ztna_proto::control::{ControlMessage, Hello, Role};
-use ztna_proto::{ChannelId, ServiceDef, ALPN_TUNNEL};
+use ztna_proto::{Candidate, ChannelId, ServiceDef, ALPN_TUNNEL};
 
 use crate::dataplane::fragment::fragment_ipv4;
 use crate::dataplane::{Dataplane, ToAgent};
@@ -39,9 +40,26 @@ struct Expected {
 /// Channels by virtual peer address.
 type Channels = Arc<Mutex<HashMap<SocketAddr, Expected>>>;
 
-fn lock(c: &Channels) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Expected>> {
+fn lock<T>(c: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     c.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Direct paths of the current relay session's agents.
+#[derive(Default)]
+struct DirectState {
+    /// The session that carries candidates.
+    control: Option<ControlSender>,
+    /// This connector's address as the relay sees it.
+    observed: Option<SocketAddr>,
+    /// Full probe size (the inner UDP payload size).
+    full_probe_len: usize,
+    /// One driver per agent tunnel, by virtual address.
+    paths: HashMap<SocketAddr, DirectPath>,
+    /// Candidates that arrived before their tunnel was up, by virtual address.
+    pending: HashMap<SocketAddr, Vec<Candidate>>,
+}
+
+type Direct = Arc<Mutex<DirectState>>;
 
 /// Packets to one agent, over its inner connection.
 struct InnerSink {
@@ -92,6 +110,8 @@ pub(crate) struct Tunnel {
     dataplane: Arc<Dataplane>,
     metrics: Arc<Metrics>,
     channels: Channels,
+    direct: Direct,
+    direct_opts: DirectOptions,
 }
 
 impl Tunnel {
@@ -102,6 +122,7 @@ impl Tunnel {
         services: Vec<ServiceDef>,
         dataplane: Arc<Dataplane>,
         metrics: Arc<Metrics>,
+        direct_opts: DirectOptions,
     ) -> Self {
         Self {
             node,
@@ -110,6 +131,8 @@ impl Tunnel {
             dataplane,
             metrics,
             channels: Arc::default(),
+            direct: Arc::default(),
+            direct_opts,
         }
     }
 
@@ -121,6 +144,8 @@ impl Tunnel {
             self.channels.clone(),
             self.dataplane.clone(),
             self.metrics.clone(),
+            self.direct.clone(),
+            self.direct_opts.clone(),
         )));
         let mut backoff = Backoff::default();
         let mut seed = jitter_seed();
@@ -151,6 +176,12 @@ impl Tunnel {
     }
 
     fn drop_all_channels(&self, why: &str) {
+        {
+            let mut d = lock(&self.direct);
+            d.paths.clear();
+            d.pending.clear();
+            d.control = None;
+        }
         let gone: Vec<Expected> = lock(&self.channels).drain().map(|(_, e)| e).collect();
         for e in gone {
             if let Some(c) = e.conn {
@@ -177,6 +208,12 @@ impl Tunnel {
                 self.node.endpoint().set_server_config(Some(server));
             }
             Err(e) => return SessionError::Tls(e),
+        }
+        {
+            let mut d = lock(&self.direct);
+            d.control = Some(session.control_sender());
+            d.observed = Some(welcome.observed_addr);
+            d.full_probe_len = usize::from(inner_mtu);
         }
         let names: Vec<&str> = welcome.services.iter().map(|s| s.name.as_str()).collect();
         tracing::info!(identity = %welcome.identity, observed = %welcome.observed_addr, services = ?names, inner_mtu, "connected to the relay");
@@ -228,6 +265,11 @@ impl Tunnel {
                     };
                     if let Some((addr, e)) = gone {
                         tracing::info!(agent = %e.agent, channel = channel_id, %code, "channel closed");
+                        {
+                            let mut d = lock(&self.direct);
+                            d.paths.remove(&addr);
+                            d.pending.remove(&addr);
+                        }
                         session.detach(addr);
                         if let Some(c) = e.conn {
                             c.close(0u32.into(), b"channel closed");
@@ -235,7 +277,37 @@ impl Tunnel {
                     }
                 }
                 ControlMessage::ObservedAddress(a) => {
-                    tracing::info!(observed = %a, "relay observed a new address for this connector")
+                    tracing::info!("relay observed a new address for this connector");
+                    tracing::debug!(observed = %a, "new observed address");
+                    let mut d = lock(&self.direct);
+                    d.observed = Some(a);
+                    for p in d.paths.values() {
+                        p.set_observed(a);
+                    }
+                }
+                ControlMessage::Candidates {
+                    channel_id,
+                    candidates,
+                } => {
+                    let vaddr = lock(&self.channels)
+                        .iter()
+                        .find(|(_, e)| e.channel.get() == channel_id)
+                        .map(|(a, _)| *a);
+                    let mut d = lock(&self.direct);
+                    match vaddr {
+                        Some(v) if d.paths.contains_key(&v) => {
+                            if let Some(p) = d.paths.get(&v) {
+                                p.set_peer_candidates(candidates);
+                            }
+                        }
+                        Some(v) => {
+                            d.pending.insert(v, candidates);
+                        }
+                        None => tracing::debug!(
+                            channel = channel_id,
+                            "candidates for an unknown channel; ignored"
+                        ),
+                    }
                 }
                 ControlMessage::Error { code, message, .. } => {
                     tracing::error!(%code, "relay reported an error: {message}")
@@ -264,6 +336,8 @@ async fn accept_loop(
     channels: Channels,
     dataplane: Arc<Dataplane>,
     metrics: Arc<Metrics>,
+    direct: Direct,
+    direct_opts: DirectOptions,
 ) {
     while let Some(incoming) = node.endpoint().accept().await {
         let remote = incoming.remote_address();
@@ -284,6 +358,7 @@ async fn accept_loop(
             channels.clone(),
             dataplane.clone(),
             metrics.clone(),
+            (direct.clone(), direct_opts.clone()),
         ));
     }
 }
@@ -305,6 +380,7 @@ async fn serve_agent(
     channels: Channels,
     dataplane: Arc<Dataplane>,
     metrics: Arc<Metrics>,
+    (direct, direct_opts): (Direct, DirectOptions),
 ) {
     let conn = match incoming.await {
         Ok(c) => c,
@@ -347,6 +423,9 @@ async fn serve_agent(
             None => return,
         }
     }
+    if direct_opts.enabled {
+        start_direct(&direct, &direct_opts, &conn, &mux, vaddr, &expected);
+    }
     let id = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
     tracing::info!(agent = %peer.name, channel = %expected.channel, "agent tunnel up");
     gauge_inc(&metrics.agents_connected);
@@ -385,10 +464,49 @@ async fn serve_agent(
         ours
     };
     if gone {
+        let mut d = lock(&direct);
+        d.paths.remove(&vaddr);
+        d.pending.remove(&vaddr);
+        drop(d);
         mux.remove_route(vaddr);
     }
     gauge_dec(&metrics.agents_connected);
     tracing::info!(agent = %peer.name, reason = %reason, "agent tunnel down");
+}
+
+/// Starts looking for a direct path to the agent of a new tunnel.
+fn start_direct(
+    direct: &Direct,
+    opts: &DirectOptions,
+    conn: &quinn::Connection,
+    mux: &Arc<MuxSocket>,
+    vaddr: SocketAddr,
+    expected: &Expected,
+) {
+    let mut d = lock(direct);
+    let Some(control) = d.control.clone() else {
+        return;
+    };
+    let ctx = DirectContext {
+        mux: mux.clone(),
+        vaddr,
+        channel: expected.channel,
+        control,
+        observed: d.observed,
+        full_probe_len: d.full_probe_len,
+        peer: expected.agent.clone(),
+    };
+    match DirectPath::start(conn, ctx, opts) {
+        Ok(p) => {
+            if let Some(c) = d.pending.remove(&vaddr) {
+                p.set_peer_candidates(c);
+            }
+            d.paths.insert(vaddr, p);
+        }
+        Err(e) => {
+            tracing::warn!(agent = %expected.agent, error = %e, "no direct path for this tunnel")
+        }
+    }
 }
 
 #[cfg(test)]

@@ -17,9 +17,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role};
-use ztna_proto::{ChannelId, ServiceDef, ALPN_TUNNEL};
+use ztna_proto::{Candidate, ChannelId, ServiceDef, ALPN_TUNNEL};
 
 use crate::backoff::{jitter_seed, Backoff};
+use crate::direct::{DirectContext, DirectOptions, DirectPath, DirectStatus};
 use crate::session::{Node, RelaySession, RelayTarget, SessionError};
 use crate::tls::{Credentials, PeerIdentity};
 use crate::transport::{self, Timing};
@@ -46,6 +47,8 @@ pub struct AgentConfig {
     pub tun_mtu: u16,
     /// Service names asked for (empty: all that policy allows).
     pub want: Vec<String>,
+    /// Direct paths to connectors (hole punching); off sends everything through the relay.
+    pub direct: DirectOptions,
 }
 
 /// What the platform must configure: the tunnel address and one route per service address.
@@ -73,7 +76,8 @@ pub struct RejectedService {
 pub struct ConnectorStatus {
     /// Connector identity.
     pub name: String,
-    /// `relay` (inner connection up over the relay channel), `connecting`, or `down`.
+    /// `direct-lan` or `direct-wan` (inner connection up over a direct path), `relay` (up over
+    /// the relay channel), `connecting`, or `down`.
     pub path: String,
     /// Relay channel id, when one is open.
     pub channel_id: Option<u32>,
@@ -91,6 +95,12 @@ pub struct ConnectorStatus {
     pub services: Vec<String>,
     /// Last error on this connector's path.
     pub last_error: Option<String>,
+    /// Packets sent and received through the relay channel: `[tx, rx]`.
+    pub relay_packets: [u64; 2],
+    /// Packets sent and received on direct paths: `[tx, rx]`.
+    pub direct_packets: [u64; 2],
+    /// Direct-path state: candidates, probed addresses, the active one and its RTT.
+    pub direct: Option<DirectStatus>,
 }
 
 /// A snapshot for `ztna-agent status`.
@@ -148,6 +158,20 @@ struct LinkControl {
     vaddr: Option<SocketAddr>,
     last_error: Option<String>,
     reader: Option<JoinHandle<()>>,
+    direct: Option<DirectPath>,
+    /// Candidates that arrived before the inner connection was up.
+    pending_candidates: Option<Vec<Candidate>>,
+}
+
+impl LinkControl {
+    /// Forgets the channel's path state (the channel is gone or going).
+    fn clear_path(&mut self) {
+        if let Some(r) = self.reader.take() {
+            r.abort();
+        }
+        self.direct = None;
+        self.pending_candidates = None;
+    }
 }
 
 struct Shared {
@@ -265,13 +289,26 @@ impl Agent {
             .map(|l| {
                 let conn = l.conn.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let ctl = control.get(&l.name);
+                let direct = ctl.and_then(|c| c.direct.as_ref()).map(|d| d.status());
                 let path = match (
                     &conn,
                     ctl.and_then(|c| c.request_id.or(c.channel.map(|c| c.get()))),
                 ) {
-                    (Some(_), _) => "relay",
+                    (Some(_), _) => match direct.as_ref().and_then(|d| d.class) {
+                        Some(crate::path::PathClass::Lan) => "direct-lan",
+                        Some(crate::path::PathClass::Wan) => "direct-wan",
+                        None => "relay",
+                    },
                     (None, Some(_)) => "connecting",
                     (None, None) => "down",
+                };
+                let counters = ctl
+                    .and_then(|c| c.vaddr)
+                    .and_then(|v| self.node.mux().route_counters(v));
+                let get = |f: fn(&crate::mux::RouteCounters) -> &AtomicU64| {
+                    counters
+                        .as_ref()
+                        .map_or(0, |c| f(c).load(Ordering::Relaxed))
                 };
                 ConnectorStatus {
                     name: l.name.clone(),
@@ -289,6 +326,9 @@ impl Agent {
                         .map(|s| s.name.clone())
                         .collect(),
                     last_error: ctl.and_then(|c| c.last_error.clone()),
+                    relay_packets: [get(|c| &c.relay_tx), get(|c| &c.relay_rx)],
+                    direct_packets: [get(|c| &c.direct_tx), get(|c| &c.direct_rx)],
+                    direct,
                 }
             })
             .collect();
@@ -403,9 +443,7 @@ fn close_all_links(sh: &Shared, why: &str) {
     }
     let mut control = lock(&sh.control);
     for (_, c) in control.iter_mut() {
-        if let Some(r) = c.reader.take() {
-            r.abort();
-        }
+        c.clear_path();
         c.request_id = None;
         c.channel = None;
         c.vaddr = None;
@@ -471,8 +509,22 @@ async fn run_session(sh: &Arc<Shared>, node: &Node, mut session: RelaySession) -
                         apply_catalog(sh, &session, services, &mut next_request, &ev_tx);
                     }
                     ControlMessage::ObservedAddress(a) => {
-                        tracing::info!(observed = %a, "relay observed a new address for this agent");
+                        tracing::info!("relay observed a new address for this agent");
+                        tracing::debug!(observed = %a, "new observed address");
                         lock(&sh.info).observed_addr = Some(a);
+                        for d in lock(&sh.control).values().filter_map(|c| c.direct.as_ref()) {
+                            d.set_observed(a);
+                        }
+                    }
+                    ControlMessage::Candidates { channel_id, candidates } => {
+                        let mut control = lock(&sh.control);
+                        match control.values_mut().find(|c| c.channel.map(|c| c.get()) == Some(channel_id)) {
+                            Some(ctl) => match &ctl.direct {
+                                Some(d) => d.set_peer_candidates(candidates),
+                                None => ctl.pending_candidates = Some(candidates),
+                            },
+                            None => tracing::debug!(channel_id, "candidates for an unknown channel; ignored"),
+                        }
                     }
                     ControlMessage::ChannelOpened { request_id, channel_id, connector } => {
                         let Some(channel) = ChannelId::new(channel_id) else {
@@ -526,11 +578,38 @@ async fn run_session(sh: &Arc<Shared>, node: &Node, mut session: RelaySession) -
                         (true, Some(link)) => {
                             tracing::info!(%connector, %channel, rtt_ms = conn.rtt().as_millis() as u64, "tunnel to connector up (relay path)");
                             *link.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
-                            let reader = tokio::spawn(read_inner(sh.clone(), link, conn, channel, ev_tx.clone()));
+                            let reader = tokio::spawn(read_inner(sh.clone(), link, conn.clone(), channel, ev_tx.clone()));
+                            let (observed, tunnel_ip) = {
+                                let info = lock(&sh.info);
+                                (info.observed_addr, info.tunnel_ip)
+                            };
                             if let Some(ctl) = lock(&sh.control).get_mut(&connector) {
                                 ctl.last_error = None;
                                 if let Some(old) = ctl.reader.replace(reader) {
                                     old.abort();
+                                }
+                                ctl.direct = None;
+                                if let (true, Some(vaddr)) = (sh.cfg.direct.enabled, ctl.vaddr) {
+                                    let mut opts = sh.cfg.direct.clone();
+                                    opts.exclude.extend(tunnel_ip.map(std::net::IpAddr::V4));
+                                    let ctx = DirectContext {
+                                        mux: node.mux().clone(),
+                                        vaddr,
+                                        channel,
+                                        control: session.control_sender(),
+                                        observed,
+                                        full_probe_len: usize::from(inner_mtu),
+                                        peer: connector.clone(),
+                                    };
+                                    match DirectPath::start(&conn, ctx, &opts) {
+                                        Ok(d) => {
+                                            if let Some(c) = ctl.pending_candidates.take() {
+                                                d.set_peer_candidates(c);
+                                            }
+                                            ctl.direct = Some(d);
+                                        }
+                                        Err(e) => tracing::warn!(%connector, error = %e, "no direct path for this tunnel"),
+                                    }
                                 }
                             }
                         }
@@ -589,11 +668,9 @@ fn link_down(
                 code: ErrorCode::PeerGone,
             });
         }
+        ctl.clear_path();
         if let Some(v) = ctl.vaddr.take() {
             session.detach(v);
-        }
-        if let Some(r) = ctl.reader.take() {
-            r.abort();
         }
         ctl.request_id = None;
         ctl.last_error = Some(error);
@@ -694,9 +771,7 @@ fn apply_catalog(
                         code: ErrorCode::PeerGone,
                     });
                 }
-                if let Some(r) = c.reader.take() {
-                    r.abort();
-                }
+                c.clear_path();
             }
             keep
         });

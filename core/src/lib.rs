@@ -7,19 +7,25 @@
 //!   and virtual peer addresses whose packets travel as outer datagrams through relay channels.
 //! - [`session`]: a relay session: the outer connection, its control stream, and datagram
 //!   dispatch into the socket.
+//! - [`path`]: direct-path selection for one end-to-end connection (candidates, probing,
+//!   selection, fallback) as a pure state machine with injected time.
+//! - [`direct`]: the driver that runs [`path`] over the socket: probes, candidate exchange,
+//!   and switching the socket's route between the relay channel and the direct path.
 //! - [`agent`]: the platform-neutral agent tunnel: packets in and out through a channel, never a
 //!   TUN device directly.
 //! - [`backoff`]: reconnect delays.
 //! - [`daemon`]: layered configuration, logging, signals and sockets of the daemons.
 //! - [`metrics_http`]: the opt-in Prometheus endpoint of the relay and the connector.
 //!
-//! I/O: [`mux`], [`session`] and [`agent`] own UDP sockets and tokio tasks; the rest is pure.
+//! I/O: [`mux`], [`session`], [`direct`] and [`agent`] own UDP sockets and tokio tasks; the rest is pure.
 
 pub mod agent;
 pub mod backoff;
 pub mod daemon;
+pub mod direct;
 pub mod metrics_http;
 pub mod mux;
+pub mod path;
 pub mod pki;
 pub mod session;
 pub mod tls;

@@ -8,8 +8,12 @@
 //!   `[channel id][packet]` DATAGRAM frames on the outer relay connection; datagrams that arrive
 //!   on a channel are handed to quinn as if they came from that virtual address.
 //!
-//! The inner connection is bound to the virtual address, so the path under it can change (relay
-//! channel now, a direct UDP path later) without quinn noticing and without a reconnect. Lock
+//! The inner connection is bound to the virtual address, so the path under it can change without
+//! quinn noticing and without a reconnect: a virtual address may also have a **direct route**
+//! (set by [`crate::direct`] once probes confirmed a path), and then its packets go out as plain
+//! UDP to the peer's real address, and packets from the peer's confirmed addresses come back to
+//! quinn as if from the virtual address. Probe packets ([`ztna_proto::probe`]) are taken out of
+//! the UDP stream before quinn sees them and handed to the driver registered for their tag. Lock
 //! order: an inner connection's send holds its own lock and takes the outer connection's lock in
 //! `send_datagram`; the outer connection never calls back into an inner one.
 
@@ -27,12 +31,15 @@ use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::io::Interest;
 use tokio::sync::mpsc;
+use ztna_proto::probe::{self, Tag};
 use ztna_proto::{datagram, ChannelId};
 
 /// Packets received on relay channels that wait for quinn to read them.
 const INBOUND_QUEUE: usize = 4096;
 /// Socket buffer sizes asked of the kernel.
 const SOCKET_BUFFER: usize = 8 << 20;
+/// Probes waiting for their connection's driver.
+pub const PROBE_QUEUE: usize = 256;
 
 /// Counters of the socket, for status and metrics.
 #[derive(Debug, Default)]
@@ -53,18 +60,57 @@ pub struct MuxStats {
     pub inbound_dropped: AtomicU64,
     /// Real UDP datagrams dropped because their source claimed a virtual peer address.
     pub spoofed_dropped: AtomicU64,
+    /// Inner packets sent straight to a peer (direct path).
+    pub direct_tx_packets: AtomicU64,
+    /// Bytes of those.
+    pub direct_tx_bytes: AtomicU64,
+    /// Inner packets received straight from a peer.
+    pub direct_rx_packets: AtomicU64,
+    /// Bytes of those.
+    pub direct_rx_bytes: AtomicU64,
+    /// Probes received and handed to their connection's driver.
+    pub probes_received: AtomicU64,
+    /// Probes dropped: malformed, unknown tag, failed authentication, or unexpected pongs.
+    pub probes_rejected: AtomicU64,
+}
+
+/// Packet counters of one virtual peer address, by path.
+#[derive(Debug, Default)]
+pub struct RouteCounters {
+    /// Packets sent through the relay channel.
+    pub relay_tx: AtomicU64,
+    /// Packets received from the relay channel.
+    pub relay_rx: AtomicU64,
+    /// Packets sent on the direct path.
+    pub direct_tx: AtomicU64,
+    /// Packets received on the direct path.
+    pub direct_rx: AtomicU64,
 }
 
 #[derive(Clone)]
-struct RelayRoute {
+struct Route {
     channel: ChannelId,
     conn: quinn::Connection,
+    /// The peer's real address while a direct path is active.
+    direct: Option<SocketAddr>,
+    counters: Arc<RouteCounters>,
 }
 
 #[derive(Default)]
 struct Routes {
-    by_addr: HashMap<SocketAddr, RelayRoute>,
+    by_addr: HashMap<SocketAddr, Route>,
     by_channel: HashMap<(usize, ChannelId), SocketAddr>,
+    /// Confirmed direct addresses of peers → their virtual address.
+    direct_in: HashMap<SocketAddr, SocketAddr>,
+}
+
+impl Routes {
+    fn remove(&mut self, addr: SocketAddr) {
+        if let Some(r) = self.by_addr.remove(&addr) {
+            self.by_channel.remove(&(r.conn.stable_id(), r.channel));
+        }
+        self.direct_in.retain(|_, v| *v != addr);
+    }
 }
 
 /// The socket. Create with [`MuxSocket::bind`], give it to [`quinn::Endpoint::new_with_abstract_socket`].
@@ -74,6 +120,7 @@ pub struct MuxSocket {
     v4: bool,
     next_virtual: AtomicU32,
     routes: RwLock<Routes>,
+    probes: RwLock<HashMap<Tag, mpsc::Sender<(SocketAddr, Bytes)>>>,
     inbound_tx: mpsc::Sender<(SocketAddr, Bytes)>,
     inbound_rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
     channel_first: AtomicBool,
@@ -101,6 +148,7 @@ impl MuxSocket {
             v4: addr.is_ipv4(),
             next_virtual: AtomicU32::new(1),
             routes: RwLock::default(),
+            probes: RwLock::default(),
             inbound_tx,
             inbound_rx: Mutex::new(inbound_rx),
             channel_first: AtomicBool::new(false),
@@ -145,9 +193,11 @@ impl MuxSocket {
         }
         routes.by_addr.insert(
             addr,
-            RelayRoute {
+            Route {
                 channel,
                 conn: conn.clone(),
+                direct: None,
+                counters: Arc::default(),
             },
         );
         addr
@@ -155,19 +205,94 @@ impl MuxSocket {
 
     /// Removes a virtual address's route; later packets to it are dropped and counted.
     pub fn remove_route(&self, addr: SocketAddr) {
-        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(r) = routes.by_addr.remove(&addr) {
-            routes.by_channel.remove(&(r.conn.stable_id(), r.channel));
-        }
+        self.routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(addr);
     }
 
     /// Removes every route over the outer connection with `stable_id`.
     pub fn remove_routes_of(&self, stable_id: usize) {
         let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        routes
+        let gone: Vec<SocketAddr> = routes
             .by_addr
-            .retain(|_, r| r.conn.stable_id() != stable_id);
-        routes.by_channel.retain(|(id, _), _| *id != stable_id);
+            .iter()
+            .filter(|(_, r)| r.conn.stable_id() == stable_id)
+            .map(|(a, _)| *a)
+            .collect();
+        for a in gone {
+            routes.remove(a);
+        }
+    }
+
+    /// Sets the direct path of virtual address `vaddr`: packets to it go to `send_to` (or the
+    /// relay channel if None), and packets from any address in `accept_from` are taken as the
+    /// peer's. Returns false if `vaddr` has no route.
+    pub fn set_direct(
+        &self,
+        vaddr: SocketAddr,
+        send_to: Option<SocketAddr>,
+        accept_from: &[SocketAddr],
+    ) -> bool {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = routes.by_addr.get_mut(&vaddr) else {
+            return false;
+        };
+        r.direct = send_to;
+        routes.direct_in.retain(|_, v| *v != vaddr);
+        for a in accept_from {
+            if !Self::is_virtual(a) {
+                routes.direct_in.insert(*a, vaddr);
+            }
+        }
+        true
+    }
+
+    /// The packet counters of virtual address `vaddr`.
+    pub fn route_counters(&self, vaddr: SocketAddr) -> Option<Arc<RouteCounters>> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes.by_addr.get(&vaddr).map(|r| r.counters.clone())
+    }
+
+    /// Delivers probes carrying `tag` to `tx` from now on (replacing an earlier registration).
+    pub fn register_probes(&self, tag: Tag, tx: mpsc::Sender<(SocketAddr, Bytes)>) {
+        self.probes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tag, tx);
+    }
+
+    /// Stops delivering probes carrying `tag`.
+    pub fn unregister_probes(&self, tag: &Tag) {
+        self.probes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tag);
+    }
+
+    /// Sends a probe as plain UDP. A full socket buffer drops it (probes are retried).
+    pub fn send_probe(&self, to: SocketAddr, pkt: &[u8]) -> io::Result<()> {
+        self.io.try_send_to(pkt, to).map(|_| ())
+    }
+
+    /// Hands one received probe to its driver, or counts it as rejected.
+    fn dispatch_probe(&self, from: SocketAddr, pkt: &[u8]) {
+        let tx = probe::peek_tag(pkt).ok().and_then(|tag| {
+            self.probes
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&tag)
+                .cloned()
+        });
+        match tx.map(|tx| tx.try_send((from, Bytes::copy_from_slice(pkt)))) {
+            Some(Ok(())) => {
+                self.stats.probes_received.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.stats.probes_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(%from, len = pkt.len(), "probe dropped: malformed, unknown connection or queue full");
+            }
+        }
     }
 
     /// Hands a datagram received on the outer connection `stable_id` to quinn. Returns false if
@@ -177,11 +302,14 @@ impl MuxSocket {
             self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
             return false;
         };
-        let addr = {
+        let found = {
             let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-            routes.by_channel.get(&(stable_id, channel)).copied()
+            routes
+                .by_channel
+                .get(&(stable_id, channel))
+                .and_then(|a| routes.by_addr.get(a).map(|r| (*a, r.counters.clone())))
         };
-        let Some(addr) = addr else {
+        let Some((addr, counters)) = found else {
             self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
             tracing::trace!(%channel, "datagram for an unknown channel");
             return false;
@@ -189,6 +317,7 @@ impl MuxSocket {
         let len = (dgram.len() - offset) as u64;
         match self.inbound_tx.try_send((addr, dgram.slice(offset..))) {
             Ok(()) => {
+                counters.relay_rx.fetch_add(1, Ordering::Relaxed);
                 self.stats.relay_rx_packets.fetch_add(1, Ordering::Relaxed);
                 self.stats.relay_rx_bytes.fetch_add(len, Ordering::Relaxed);
                 true
@@ -200,7 +329,7 @@ impl MuxSocket {
         }
     }
 
-    fn send_relay(&self, route: &RelayRoute, transmit: &Transmit<'_>) {
+    fn send_relay(&self, route: &Route, transmit: &Transmit<'_>) {
         let seg = transmit
             .segment_size
             .unwrap_or(transmit.contents.len())
@@ -209,6 +338,7 @@ impl MuxSocket {
             let dgram = Bytes::from(datagram::encode(route.channel, chunk));
             match route.conn.send_datagram(dgram) {
                 Ok(()) => {
+                    route.counters.relay_tx.fetch_add(1, Ordering::Relaxed);
                     self.stats.relay_tx_packets.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .relay_tx_bytes
@@ -279,19 +409,77 @@ impl MuxSocket {
             if let Ok(n) = self.io.try_io(Interest::READABLE, || {
                 self.state.recv((&self.io).into(), bufs, meta)
             }) {
-                // Virtual peer addresses are reachable only through relay channels; a real
-                // datagram claiming one as its source is spoofed. quinn skips empty datagrams.
-                for m in meta
-                    .iter_mut()
-                    .take(n)
-                    .filter(|m| Self::is_virtual(&m.addr))
-                {
-                    m.len = 0;
-                    self.stats.spoofed_dropped.fetch_add(1, Ordering::Relaxed);
-                }
+                self.classify_udp(&bufs[..n], &mut meta[..n]);
                 return Poll::Ready(Ok(n));
             }
         }
+    }
+}
+
+impl MuxSocket {
+    /// Sorts received UDP datagrams before quinn sees them (quinn skips zero-length ones):
+    /// probes go to their drivers; packets from a peer's confirmed direct address are relabelled
+    /// with its virtual address; a datagram claiming a virtual source address is spoofed
+    /// (those are reachable only through relay channels).
+    fn classify_udp(&self, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]) {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        for (buf, m) in bufs.iter().zip(meta.iter_mut()) {
+            let data = &buf[..m.len.min(buf.len())];
+            let stride = m.stride.max(1);
+            if probe::is_probe(data) {
+                // GRO only coalesces datagrams of one flow and one size: all are probes.
+                for seg in data.chunks(stride) {
+                    self.dispatch_probe(m.addr, seg);
+                }
+                m.len = 0;
+            } else if let Some(vaddr) = routes.direct_in.get(&m.addr) {
+                let segments = data.len().div_ceil(stride) as u64;
+                self.stats
+                    .direct_rx_packets
+                    .fetch_add(segments, Ordering::Relaxed);
+                self.stats
+                    .direct_rx_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                if let Some(r) = routes.by_addr.get(vaddr) {
+                    r.counters.direct_rx.fetch_add(segments, Ordering::Relaxed);
+                }
+                m.addr = *vaddr;
+            } else if Self::is_virtual(&m.addr) {
+                m.len = 0;
+                self.stats.spoofed_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn send_direct(
+        &self,
+        route: &Route,
+        to: SocketAddr,
+        transmit: &Transmit<'_>,
+    ) -> io::Result<()> {
+        let direct = Transmit {
+            destination: to,
+            ecn: transmit.ecn,
+            contents: transmit.contents,
+            segment_size: transmit.segment_size,
+            src_ip: None,
+        };
+        let res = self.io.try_io(Interest::WRITABLE, || {
+            self.state.send((&self.io).into(), &direct)
+        });
+        if res.is_ok() {
+            let seg = transmit
+                .segment_size
+                .unwrap_or(transmit.contents.len())
+                .max(1);
+            let n = transmit.contents.len().div_ceil(seg) as u64;
+            route.counters.direct_tx.fetch_add(n, Ordering::Relaxed);
+            self.stats.direct_tx_packets.fetch_add(n, Ordering::Relaxed);
+            self.stats
+                .direct_tx_bytes
+                .fetch_add(transmit.contents.len() as u64, Ordering::Relaxed);
+        }
+        res
     }
 }
 
@@ -310,7 +498,11 @@ impl AsyncUdpSocket for MuxSocket {
                 routes.by_addr.get(&transmit.destination).cloned()
             };
             match route {
-                Some(route) => self.send_relay(&route, transmit),
+                Some(route) => match route.direct {
+                    // A direct send error (e.g. a full buffer) is quinn's to see, as on any socket.
+                    Some(to) => return self.send_direct(&route, to, transmit),
+                    None => self.send_relay(&route, transmit),
+                },
                 None => {
                     self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
                 }

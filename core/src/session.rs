@@ -147,8 +147,12 @@ impl Node {
     /// config with [`quinn::Endpoint::set_server_config`] once it knows the inner MTU).
     pub fn bind(addr: SocketAddr, creds: Credentials, timing: Timing) -> std::io::Result<Self> {
         let mux = MuxSocket::bind(addr)?;
+        // Never grease the QUIC fixed bit: a clear fixed bit is how direct-path probes are told
+        // apart from QUIC packets on the shared socket.
+        let mut endpoint_cfg = quinn::EndpointConfig::default();
+        endpoint_cfg.grease_quic_bit(false);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
+            endpoint_cfg,
             None,
             mux.clone(),
             Arc::new(quinn::TokioRuntime),
@@ -240,6 +244,20 @@ impl Node {
     }
 }
 
+/// Queues control messages on a relay session; fails once the session is gone.
+#[derive(Debug, Clone)]
+pub struct ControlSender(mpsc::Sender<ControlMessage>);
+
+impl ControlSender {
+    /// Queues `msg` without waiting.
+    pub fn send(&self, msg: ControlMessage) -> Result<(), SessionError> {
+        self.0.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SessionError::Stream("control queue full".into()),
+            mpsc::error::TrySendError::Closed(_) => SessionError::Closed,
+        })
+    }
+}
+
 /// An established session with the relay. Dropping it closes the connection and removes its
 /// channel routes from the socket.
 pub struct RelaySession {
@@ -325,10 +343,7 @@ impl RelaySession {
 
     /// Queues a control message.
     pub fn send(&self, msg: ControlMessage) -> Result<(), SessionError> {
-        self.tx.try_send(msg).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SessionError::Stream("control queue full".into()),
-            mpsc::error::TrySendError::Closed(_) => SessionError::Closed,
-        })
+        ControlSender(self.tx.clone()).send(msg)
     }
 
     /// The next control message from the relay; an error means the session is over.
@@ -341,6 +356,12 @@ impl RelaySession {
                 .map(SessionError::Connection)
                 .unwrap_or(SessionError::Closed)),
         }
+    }
+
+    /// A handle that queues control messages on this session from elsewhere (the direct-path
+    /// drivers send their candidates with it).
+    pub fn control_sender(&self) -> ControlSender {
+        ControlSender(self.tx.clone())
     }
 
     /// Routes a new virtual peer address through `channel`.

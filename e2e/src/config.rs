@@ -306,6 +306,8 @@ pub struct AgentConfig {
     pub services: Vec<String>,
     /// The status socket.
     pub status_socket: PathBuf,
+    /// `direct_paths` (written only when set; the agent's default is true).
+    pub direct_paths: Option<bool>,
 }
 
 impl AgentConfig {
@@ -321,6 +323,7 @@ impl AgentConfig {
             mtu: 1280,
             services: vec![],
             status_socket: socket.to_path_buf(),
+            direct_paths: None,
         }
     }
 
@@ -336,6 +339,9 @@ impl AgentConfig {
         let _ = writeln!(s, "mtu = {}", self.mtu);
         let _ = writeln!(s, "services = {}", list(&self.services));
         let _ = writeln!(s, "status_socket = {}", qp(&self.status_socket));
+        if let Some(d) = self.direct_paths {
+            let _ = writeln!(s, "direct_paths = {d}");
+        }
         s
     }
 }

@@ -51,11 +51,17 @@ impl<'t> Stack<'t> {
         let conn = pki.issue(Role::Connector, "conn1", &[])?;
         let alice = pki.issue(Role::Agent, "alice", &["eng"])?;
         let ca = pki.ca();
+        let mut agent_cfg = AgentConfig::demo(&ca, &alice, &t.dir().join("agent.sock"));
+        // Agent and connector share a LAN in the test topology, so with direct paths on the
+        // tunnel would leave the relay at once. Most tests are about the relay path (its
+        // blindness, impairment on the agent→relay link, restarts); tests of direct paths turn
+        // them back on (`agent_cfg.direct_paths = None`).
+        agent_cfg.direct_paths = Some(false);
         Ok(Self {
             t,
             relay_cfg: RelayConfig::demo(&ca, &relay),
             conn_cfg: ConnectorConfig::demo(&ca, &conn),
-            agent_cfg: AgentConfig::demo(&ca, &alice, &t.dir().join("agent.sock")),
+            agent_cfg,
             conn_env: vec![],
             pki,
             relay: None,
@@ -264,13 +270,13 @@ impl<'t> Stack<'t> {
     }
 
     /// Waits until the agent's status says connected, with a tunnel IP in 100.64.0.0/10 and
-    /// `conn1` on the relay path (at most [`READY_TIMEOUT`]), and then until a first
+    /// `conn1`'s tunnel up (relay or direct path) (at most [`READY_TIMEOUT`]), and then until a first
     /// `ping -c 1 -W 1 10.100.0.1` succeeds (at most [`FIRST_PING_TIMEOUT`]).
     pub fn wait_ready(&self, agent: DaemonId, cfg: &AgentConfig) -> Result<AgentStatus> {
         let t = self.t;
         let last = RefCell::new(String::from("(no answer yet)"));
         let took = wait_until(
-            "the agent to be connected with conn1 on the relay path",
+            "the agent to be connected with conn1's tunnel up",
             READY_TIMEOUT,
             || {
                 if !t.is_running(agent) {

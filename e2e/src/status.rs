@@ -107,12 +107,14 @@ impl AgentStatus {
             .collect()
     }
 
-    /// Ready for traffic: connected, a tunnel IP in 100.64.0.0/10, and `connector` on the relay
-    /// path.
+    /// Ready for traffic: connected, a tunnel IP in 100.64.0.0/10, and `connector`'s tunnel up
+    /// (on the relay or a direct path).
     pub fn is_ready(&self, connector: &str) -> bool {
         self.connected()
             && self.tunnel_ip().is_some_and(in_tunnel_pool)
-            && self.connector_path(connector) == Some("relay")
+            && self
+                .connector_path(connector)
+                .is_some_and(|p| p == "relay" || p.starts_with("direct-"))
     }
 }
 

@@ -186,6 +186,27 @@ pub struct Rejected {
     pub message: String,
 }
 
+/// Most candidates one [`ControlMessage::Candidates`] may carry; the relay refuses more.
+pub const MAX_CANDIDATES: usize = 16;
+
+/// Where a candidate address comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CandidateKind {
+    /// An address of one of the sender's own interfaces (reachable on its LAN).
+    Host,
+    /// The sender's address as the relay observes it (its NAT's mapping).
+    Reflexive,
+}
+
+/// An address at which the sender may be reachable directly, over its one UDP socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Candidate {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Where it comes from.
+    pub kind: CandidateKind,
+}
+
 /// Every message of the control stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlMessage {
@@ -240,6 +261,15 @@ pub enum ControlMessage {
         /// Why.
         code: ErrorCode,
     },
+    /// Either direction: the sender's direct-path candidates for a channel. The relay checks
+    /// that the sender is an end of the channel, adds the sender's observed address as a
+    /// reflexive candidate if it is missing, and forwards the list to the other end.
+    Candidates {
+        /// The channel.
+        channel_id: u32,
+        /// At most [`MAX_CANDIDATES`].
+        candidates: Vec<Candidate>,
+    },
     /// Relay → client: a request failed, or the session is being closed.
     Error {
         /// What went wrong.
@@ -264,6 +294,7 @@ impl ControlMessage {
             ControlMessage::IncomingChannel { .. } => "incoming-channel",
             ControlMessage::ChannelAccepted { .. } => "channel-accepted",
             ControlMessage::ChannelClosed { .. } => "channel-closed",
+            ControlMessage::Candidates { .. } => "candidates",
             ControlMessage::Error { .. } => "error",
         }
     }

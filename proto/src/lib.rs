@@ -5,6 +5,7 @@
 //!   and a hard size cap, with an incremental decoder that never allocates beyond the cap.
 //! - [`datagram`]: the `[channel id][inner packet]` framing of QUIC DATAGRAM frames that the relay
 //!   forwards without decrypting.
+//! - [`probe`]: the authenticated UDP probes that open and test direct agent–connector paths.
 //! - [`service`]: service definitions and port ranges, shared by the relay, connector and agent.
 //!
 //! Every decoder here takes untrusted bytes and returns an error instead of panicking; the
@@ -13,9 +14,10 @@
 pub mod control;
 pub mod datagram;
 pub mod frame;
+pub mod probe;
 pub mod service;
 
-pub use control::{ControlMessage, ErrorCode, Hello, Role, Welcome};
+pub use control::{Candidate, CandidateKind, ControlMessage, ErrorCode, Hello, Role, Welcome};
 pub use datagram::{ChannelId, DatagramError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use service::{PortRange, ServiceDef};

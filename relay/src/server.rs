@@ -14,7 +14,9 @@ use ztna_core::metrics_http::metric;
 use ztna_core::session::{ControlReader, ControlWriter, SessionError};
 use ztna_core::tls::{Credentials, PeerIdentity};
 use ztna_core::transport;
-use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role, Welcome};
+use ztna_proto::control::{
+    Candidate, CandidateKind, ControlMessage, ErrorCode, Hello, Role, Welcome, MAX_CANDIDATES,
+};
 use ztna_proto::{datagram, ChannelId, ServiceDef, ALPN_RELAY};
 
 use crate::config::RelayConfig;
@@ -86,6 +88,8 @@ pub struct Metrics {
     pub services_registered: AtomicU64,
     /// Service announcements refused.
     pub services_rejected: AtomicU64,
+    /// Direct-path candidate lists forwarded between the ends of a channel.
+    pub candidates_forwarded: AtomicU64,
 }
 
 impl Metrics {
@@ -134,6 +138,13 @@ impl Metrics {
             "counter",
             "Channel bytes forwarded.",
             g(&self.bytes_forwarded),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_candidates_forwarded_total",
+            "counter",
+            "Direct-path candidate lists forwarded (hole punching brokered).",
+            g(&self.candidates_forwarded),
         );
         metric(
             &mut s,
@@ -477,6 +488,10 @@ impl Relay {
                 }
                 Ok(())
             }
+            ControlMessage::Candidates {
+                channel_id,
+                candidates,
+            } => self.forward_candidates_locked(&mut st, id, channel_id, candidates),
             other => Err((
                 ErrorCode::Malformed,
                 format!("unexpected {} message from a client", other.kind()),
@@ -618,6 +633,67 @@ impl Relay {
                 channel_id: ch,
                 connector,
             });
+        }
+        Ok(())
+    }
+
+    /// Brokers hole punching: forwards one end's direct-path candidates to the other end of
+    /// channel `ch`, adding the sender's observed address (its NAT mapping) if it is missing.
+    fn forward_candidates_locked(
+        &self,
+        st: &mut State,
+        id: u64,
+        ch: u32,
+        mut candidates: Vec<Candidate>,
+    ) -> Result<(), Refusal> {
+        if candidates.len() > MAX_CANDIDATES {
+            return Err((
+                ErrorCode::Malformed,
+                format!("{} candidates (at most {MAX_CANDIDATES})", candidates.len()),
+            ));
+        }
+        let Some(c) = st.channels.get(&ch) else {
+            // Closed in the meantime.
+            return Ok(());
+        };
+        let (from, to) = if c.agent == id {
+            (&c.agent_conn, c.connector)
+        } else if c.connector == id {
+            (&c.connector_conn, c.agent)
+        } else {
+            return Err((
+                ErrorCode::Malformed,
+                format!("channel {ch} is not this session's"),
+            ));
+        };
+        if c.pending_request.is_some() {
+            // Not open yet: nobody has an end-to-end connection to probe with.
+            return Ok(());
+        }
+        let observed = from.remote_address();
+        if !candidates.iter().any(|x| x.addr == observed) {
+            candidates.insert(
+                0,
+                Candidate {
+                    addr: observed,
+                    kind: CandidateKind::Reflexive,
+                },
+            );
+            candidates.truncate(MAX_CANDIDATES);
+        }
+        if let Some(peer) = st.sessions.get(&to) {
+            tracing::debug!(
+                channel = ch,
+                count = candidates.len(),
+                "forwarding direct-path candidates"
+            );
+            peer.send(ControlMessage::Candidates {
+                channel_id: ch,
+                candidates,
+            });
+            self.metrics
+                .candidates_forwarded
+                .fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }

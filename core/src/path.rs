@@ -1,0 +1,740 @@
+//! Path selection for one end-to-end connection, as a pure state machine with injected time.
+//!
+//! The peer's candidates (host addresses and its relay-observed address, exchanged through the
+//! relay) become *targets*. Each target is probed with authenticated pings ([`Action::Ping`]);
+//! the caller sends them, feeds back pings and pongs it receives ([`PathSet::on_ping`],
+//! [`PathSet::on_pong`]) and calls [`PathSet::poll`] at [`PathSet::next_deadline`].
+//!
+//! - **Probing:** a new target is pinged every `punch_interval` for `punch_window`. Both ends do
+//!   this at once, so each end's NAT sees outbound traffic to the other before the other's
+//!   pings arrive (simultaneous open). A target is *confirmed* by a pong to a full-size ping, so
+//!   a confirmed path carries full-size tunnel packets.
+//! - **Failed:** a target that never answered, or a confirmed one that stopped answering, is
+//!   tried again after a delay that doubles from `retry_min` to `retry_max`.
+//! - **Confirmed:** pinged with small keepalives (often on the active path, rarely on the
+//!   others), which also hold NAT mappings open. No pong for `dead_after` fails it.
+//! - **Selection:** direct LAN (the peer's host address) > direct WAN (reflexive or
+//!   peer-reflexive) > the relay (no active target); by RTT within a class, switching only for
+//!   a clearly better RTT so the path does not flap.
+//! - **Peer-reflexive:** an authenticated ping from an address that is not a target (the peer's
+//!   NAT gave it another mapping for us) becomes a target too.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use ztna_proto::{Candidate, CandidateKind};
+
+/// Most targets from the peer's candidate list.
+pub const MAX_LISTED: usize = ztna_proto::control::MAX_CANDIDATES;
+/// Most peer-reflexive targets; the oldest unconfirmed one makes room for a new one.
+pub const MAX_PEER_REFLEXIVE: usize = 8;
+/// Pings remembered per target while waiting for their pongs.
+const MAX_PENDING: usize = 16;
+
+/// The timing of probing and selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathTiming {
+    /// Ping interval while punching.
+    pub punch_interval: Duration,
+    /// How long a target is punched before it counts as failed.
+    pub punch_window: Duration,
+    /// First delay before a failed target is tried again.
+    pub retry_min: Duration,
+    /// Longest such delay.
+    pub retry_max: Duration,
+    /// Keepalive interval on the active path.
+    pub keepalive_active: Duration,
+    /// Keepalive interval on confirmed paths that are not active.
+    pub keepalive_standby: Duration,
+    /// Silence after which the active path is abandoned.
+    pub dead_after: Duration,
+}
+
+impl Default for PathTiming {
+    fn default() -> Self {
+        Self {
+            punch_interval: Duration::from_millis(200),
+            punch_window: Duration::from_secs(5),
+            retry_min: Duration::from_secs(4),
+            retry_max: Duration::from_secs(16),
+            keepalive_active: Duration::from_millis(200),
+            keepalive_standby: Duration::from_secs(1),
+            dead_after: Duration::from_millis(1000),
+        }
+    }
+}
+
+impl PathTiming {
+    /// Silence after which a standby (confirmed, not active) path is abandoned.
+    fn standby_dead_after(&self) -> Duration {
+        self.keepalive_standby * 3 + self.dead_after
+    }
+}
+
+/// A direct path's class; LAN ranks above WAN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathClass {
+    /// To one of the peer's own interface addresses.
+    Lan,
+    /// To the peer's NAT mapping.
+    Wan,
+}
+
+impl fmt::Display for PathClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PathClass::Lan => "lan",
+            PathClass::Wan => "wan",
+        })
+    }
+}
+
+/// Where a target address came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetKind {
+    /// The peer's host candidate.
+    Host,
+    /// The peer's address as the relay saw it.
+    Reflexive,
+    /// An address an authenticated ping came from.
+    PeerReflexive,
+}
+
+impl TargetKind {
+    fn class(self) -> PathClass {
+        match self {
+            TargetKind::Host => PathClass::Lan,
+            TargetKind::Reflexive | TargetKind::PeerReflexive => PathClass::Wan,
+        }
+    }
+}
+
+impl fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TargetKind::Host => "host",
+            TargetKind::Reflexive => "reflexive",
+            TargetKind::PeerReflexive => "peer-reflexive",
+        })
+    }
+}
+
+/// A target's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetState {
+    /// Being punched.
+    Probing,
+    /// Answers full-size pings.
+    Confirmed,
+    /// Did not answer; tried again later.
+    Failed,
+}
+
+impl fmt::Display for TargetState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TargetState::Probing => "probing",
+            TargetState::Confirmed => "confirmed",
+            TargetState::Failed => "failed",
+        })
+    }
+}
+
+/// What the caller must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send a ping to `to`. `full`: pad it to a full-size tunnel packet.
+    Ping {
+        /// Destination.
+        to: SocketAddr,
+        /// Transaction id for the pong.
+        txid: u64,
+        /// Full-size (confirming) or small (keepalive).
+        full: bool,
+    },
+}
+
+/// The chosen direct path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selected {
+    /// The peer's address on it.
+    pub addr: SocketAddr,
+    /// Its class.
+    pub class: PathClass,
+    /// Its smoothed RTT.
+    pub rtt: Duration,
+}
+
+/// One target, for status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetStatus {
+    /// The peer's address.
+    pub addr: SocketAddr,
+    /// Where it came from.
+    pub kind: TargetKind,
+    /// State.
+    pub state: TargetState,
+    /// Smoothed RTT, once measured.
+    pub rtt_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+struct Target {
+    addr: SocketAddr,
+    kind: TargetKind,
+    listed: bool,
+    state: TargetState,
+    rtt: Option<Duration>,
+    last_pong: Option<Instant>,
+    window_start: Instant,
+    next_ping: Instant,
+    retry_delay: Duration,
+    pending: VecDeque<(u64, Instant, bool)>,
+    added: Instant,
+}
+
+impl Target {
+    fn new(addr: SocketAddr, kind: TargetKind, listed: bool, now: Instant, t: &PathTiming) -> Self {
+        Self {
+            addr,
+            kind,
+            listed,
+            state: TargetState::Probing,
+            rtt: None,
+            last_pong: None,
+            window_start: now,
+            next_ping: now,
+            retry_delay: t.retry_min,
+            pending: VecDeque::new(),
+            added: now,
+        }
+    }
+
+    fn restart_probing(&mut self, now: Instant) {
+        self.state = TargetState::Probing;
+        self.window_start = now;
+        self.next_ping = now;
+    }
+
+    fn fail(&mut self, now: Instant, t: &PathTiming) {
+        self.state = TargetState::Failed;
+        self.next_ping = now + self.retry_delay;
+        self.retry_delay = (self.retry_delay * 2).min(t.retry_max);
+        self.pending.clear();
+    }
+}
+
+/// The direct-path state of one end-to-end connection.
+#[derive(Debug, Clone)]
+pub struct PathSet {
+    timing: PathTiming,
+    targets: Vec<Target>,
+    active: Option<SocketAddr>,
+    next_txid: u64,
+}
+
+impl PathSet {
+    /// No targets yet (the relay path). `txid_seed` should be unpredictable.
+    pub fn new(timing: PathTiming, txid_seed: u64) -> Self {
+        Self {
+            timing,
+            targets: Vec::new(),
+            active: None,
+            next_txid: txid_seed,
+        }
+    }
+
+    /// Replaces the peer's candidate list. Known targets keep their state (failed ones are
+    /// tried again at once: new information may make them work); targets the peer no longer
+    /// lists are dropped, except peer-reflexive ones.
+    pub fn set_candidates(&mut self, candidates: &[Candidate], now: Instant) {
+        for t in &mut self.targets {
+            t.listed = false;
+        }
+        for c in candidates.iter().take(MAX_LISTED) {
+            if !usable(&c.addr) {
+                continue;
+            }
+            let kind = match c.kind {
+                CandidateKind::Host => TargetKind::Host,
+                CandidateKind::Reflexive => TargetKind::Reflexive,
+            };
+            match self.targets.iter_mut().find(|t| t.addr == c.addr) {
+                Some(t) => {
+                    t.listed = true;
+                    // A host candidate outranks the same address learnt another way.
+                    if kind == TargetKind::Host || t.kind == TargetKind::PeerReflexive {
+                        t.kind = kind;
+                    }
+                    if t.state == TargetState::Failed {
+                        t.retry_delay = self.timing.retry_min;
+                        t.restart_probing(now);
+                    }
+                }
+                None => self
+                    .targets
+                    .push(Target::new(c.addr, kind, true, now, &self.timing)),
+            }
+        }
+        self.targets
+            .retain(|t| t.listed || t.kind == TargetKind::PeerReflexive);
+        self.reselect(now);
+    }
+
+    /// An authenticated ping arrived from `from`. Returns true if `from` became a new
+    /// (peer-reflexive) target.
+    pub fn on_ping(&mut self, from: SocketAddr, now: Instant) -> bool {
+        if let Some(t) = self.targets.iter_mut().find(|t| t.addr == from) {
+            match t.state {
+                // The peer reaches us from there: answer its punch with ours now.
+                TargetState::Probing => t.next_ping = t.next_ping.min(now),
+                TargetState::Failed => {
+                    t.retry_delay = self.timing.retry_min;
+                    t.restart_probing(now);
+                }
+                TargetState::Confirmed => {}
+            }
+            return false;
+        }
+        if !usable(&from) {
+            return false;
+        }
+        let prflx: Vec<usize> = (0..self.targets.len())
+            .filter(|&i| self.targets[i].kind == TargetKind::PeerReflexive)
+            .collect();
+        if prflx.len() >= MAX_PEER_REFLEXIVE {
+            let oldest = prflx
+                .into_iter()
+                .filter(|&i| self.targets[i].state != TargetState::Confirmed)
+                .min_by_key(|&i| self.targets[i].added);
+            match oldest {
+                Some(i) => {
+                    self.targets.remove(i);
+                }
+                None => return false,
+            }
+        }
+        self.targets.push(Target::new(
+            from,
+            TargetKind::PeerReflexive,
+            false,
+            now,
+            &self.timing,
+        ));
+        true
+    }
+
+    /// An authenticated pong arrived from `from`. Returns false if it answers no ping sent there
+    /// (late, duplicated, or from elsewhere).
+    pub fn on_pong(&mut self, from: SocketAddr, txid: u64, now: Instant) -> bool {
+        let Some(t) = self.targets.iter_mut().find(|t| t.addr == from) else {
+            return false;
+        };
+        let Some(i) = t.pending.iter().position(|p| p.0 == txid) else {
+            return false;
+        };
+        let (_, sent, full) = t.pending.remove(i).unwrap_or((txid, now, false));
+        let sample = now.saturating_duration_since(sent);
+        t.rtt = Some(match t.rtt {
+            Some(r) => (r * 7 + sample) / 8,
+            None => sample,
+        });
+        t.last_pong = Some(now);
+        if t.state != TargetState::Confirmed && full {
+            t.state = TargetState::Confirmed;
+            t.retry_delay = self.timing.retry_min;
+            t.next_ping = now + self.timing.keepalive_standby;
+        }
+        self.reselect(now);
+        true
+    }
+
+    /// Advances time: fails silent targets, retries failed ones, and returns the pings to send.
+    pub fn poll(&mut self, now: Instant) -> Vec<Action> {
+        let timing = self.timing;
+        let mut actions = Vec::new();
+        for t in &mut self.targets {
+            let is_active = self.active == Some(t.addr);
+            match t.state {
+                TargetState::Probing if now >= t.window_start + timing.punch_window => {
+                    t.fail(now, &timing)
+                }
+                TargetState::Failed if now >= t.next_ping => t.restart_probing(now),
+                TargetState::Confirmed => {
+                    let limit = if is_active {
+                        timing.dead_after
+                    } else {
+                        timing.standby_dead_after()
+                    };
+                    if t.last_pong
+                        .is_none_or(|p| now.saturating_duration_since(p) > limit)
+                    {
+                        t.fail(now, &timing);
+                    }
+                }
+                _ => {}
+            }
+            if t.state != TargetState::Failed && now >= t.next_ping {
+                let full = t.state == TargetState::Probing;
+                let txid = self.next_txid;
+                self.next_txid = self.next_txid.wrapping_add(1);
+                if t.pending.len() >= MAX_PENDING {
+                    t.pending.pop_front();
+                }
+                t.pending.push_back((txid, now, full));
+                t.next_ping = now
+                    + match (full, is_active) {
+                        (true, _) => timing.punch_interval,
+                        (false, true) => timing.keepalive_active,
+                        (false, false) => timing.keepalive_standby,
+                    };
+                actions.push(Action::Ping {
+                    to: t.addr,
+                    txid,
+                    full,
+                });
+            }
+        }
+        self.reselect(now);
+        actions
+    }
+
+    /// When [`PathSet::poll`] should run next (None: no targets).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.targets
+            .iter()
+            .map(|t| match t.state {
+                TargetState::Probing => t.next_ping.min(t.window_start + self.timing.punch_window),
+                TargetState::Failed => t.next_ping,
+                TargetState::Confirmed => {
+                    let limit = if self.active == Some(t.addr) {
+                        self.timing.dead_after
+                    } else {
+                        self.timing.standby_dead_after()
+                    };
+                    let dead = t.last_pong.map_or(t.next_ping, |p| p + limit);
+                    t.next_ping.min(dead)
+                }
+            })
+            .min()
+    }
+
+    /// The active direct path, if any (otherwise traffic goes through the relay).
+    pub fn selected(&self) -> Option<Selected> {
+        let a = self.active?;
+        let t = self.targets.iter().find(|t| t.addr == a)?;
+        Some(Selected {
+            addr: a,
+            class: t.kind.class(),
+            rtt: t.rtt.unwrap_or_default(),
+        })
+    }
+
+    /// Addresses that answered full-size pings: inner packets from them are the peer's.
+    pub fn confirmed(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.targets
+            .iter()
+            .filter(|t| t.state == TargetState::Confirmed)
+            .map(|t| t.addr)
+    }
+
+    /// Every target, for status.
+    pub fn snapshot(&self) -> Vec<TargetStatus> {
+        self.targets
+            .iter()
+            .map(|t| TargetStatus {
+                addr: t.addr,
+                kind: t.kind,
+                state: t.state,
+                rtt_ms: t.rtt.map(|r| r.as_secs_f64() * 1000.0),
+            })
+            .collect()
+    }
+
+    fn reselect(&mut self, now: Instant) {
+        let rank = |t: &Target| (t.kind.class(), t.rtt.unwrap_or(Duration::MAX));
+        let best = self
+            .targets
+            .iter()
+            .filter(|t| t.state == TargetState::Confirmed)
+            .min_by_key(|t| rank(t));
+        let current = self
+            .active
+            .and_then(|a| self.targets.iter().find(|t| t.addr == a))
+            .filter(|t| t.state == TargetState::Confirmed);
+        let next = match (current, best) {
+            (_, None) => None,
+            (None, Some(b)) => Some(b.addr),
+            (Some(c), Some(b)) => {
+                let (cc, cr) = rank(c);
+                let (bc, br) = rank(b);
+                // Switch for a better class, or for an RTT at least 30% and 2 ms better.
+                let better =
+                    bc < cc || (bc == cc && br * 10 < cr * 7 && br + Duration::from_millis(2) < cr);
+                Some(if better { b.addr } else { c.addr })
+            }
+        };
+        if next != self.active {
+            self.active = next;
+            // Keep the new active path's keepalive on the fast schedule from now on.
+            if let Some(t) = self.targets.iter_mut().find(|t| Some(t.addr) == next) {
+                t.next_ping = t.next_ping.min(now);
+            }
+        }
+    }
+}
+
+/// Whether a candidate address can be probed at all.
+fn usable(addr: &SocketAddr) -> bool {
+    let ip = addr.ip();
+    addr.port() != 0 && !ip.is_unspecified() && !ip.is_multicast() && !ip.is_loopback() && {
+        match ip {
+            std::net::IpAddr::V4(v4) => !v4.is_broadcast() && v4.octets()[0] < 240,
+            std::net::IpAddr::V6(_) => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn cand(s: &str, kind: CandidateKind) -> Candidate {
+        Candidate {
+            addr: s.parse().unwrap(),
+            kind,
+        }
+    }
+
+    fn pings(actions: &[Action]) -> Vec<(SocketAddr, u64, bool)> {
+        actions
+            .iter()
+            .map(|a| match *a {
+                Action::Ping { to, txid, full } => (to, txid, full),
+            })
+            .collect()
+    }
+
+    /// Runs `poll` every 10 ms from `from` for `span`, answering every ping to an address in
+    /// `answer` after `rtt`.
+    fn run(
+        p: &mut PathSet,
+        from: Instant,
+        span: Duration,
+        answer: &[SocketAddr],
+        rtt: Duration,
+    ) -> Instant {
+        let mut now = from;
+        let mut inflight: Vec<(Instant, SocketAddr, u64)> = Vec::new();
+        while now < from + span {
+            for (to, txid, _) in pings(&p.poll(now)) {
+                if answer.contains(&to) {
+                    inflight.push((now + rtt, to, txid));
+                }
+            }
+            inflight.retain(|&(at, to, txid)| {
+                if at <= now {
+                    p.on_pong(to, txid, now);
+                    false
+                } else {
+                    true
+                }
+            });
+            now += ms(10);
+        }
+        now
+    }
+
+    #[test]
+    fn punches_and_confirms_with_full_size_pings() {
+        let t0 = Instant::now();
+        let mut p = PathSet::new(PathTiming::default(), 7);
+        assert_eq!(p.next_deadline(), None);
+        p.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
+        let a = pings(&p.poll(t0));
+        assert_eq!(a.len(), 1);
+        assert!(a[0].2, "punching pings are full size");
+        assert!(p.selected().is_none());
+        assert!(p.on_pong(a[0].0, a[0].1, t0 + ms(20)));
+        let s = p.selected().expect("confirmed");
+        assert_eq!(s.class, PathClass::Wan);
+        assert_eq!(s.rtt, ms(20));
+        assert_eq!(p.confirmed().count(), 1);
+        // A pong for an unknown txid or from elsewhere is refused.
+        assert!(!p.on_pong(a[0].0, 999, t0 + ms(30)));
+        assert!(!p.on_pong("198.51.100.1:1".parse().unwrap(), a[0].1, t0 + ms(30)));
+        // Keepalives on the active path are small and frequent.
+        let k = pings(&p.poll(t0 + ms(40)));
+        assert_eq!(k.len(), 1);
+        assert!(!k[0].2);
+    }
+
+    #[test]
+    fn lan_beats_wan_and_rtt_decides_within_a_class() {
+        let t0 = Instant::now();
+        let mut p = PathSet::new(PathTiming::default(), 0);
+        let lan: SocketAddr = "192.168.1.3:4434".parse().unwrap();
+        let wan: SocketAddr = "203.0.113.5:4434".parse().unwrap();
+        p.set_candidates(
+            &[
+                cand("203.0.113.5:4434", CandidateKind::Reflexive),
+                cand("192.168.1.3:4434", CandidateKind::Host),
+            ],
+            t0,
+        );
+        let a = pings(&p.poll(t0));
+        let txid = |addr| a.iter().find(|x| x.0 == addr).unwrap().1;
+        // WAN answers first and faster: it is used until LAN answers.
+        p.on_pong(wan, txid(wan), t0 + ms(1));
+        assert_eq!(p.selected().unwrap().addr, wan);
+        p.on_pong(lan, txid(lan), t0 + ms(5));
+        assert_eq!(p.selected().unwrap().addr, lan);
+        assert_eq!(p.selected().unwrap().class, PathClass::Lan);
+
+        // Within a class: a clearly better RTT wins, a slightly better one does not.
+        let mut q = PathSet::new(PathTiming::default(), 0);
+        let r1: SocketAddr = "203.0.113.5:4434".parse().unwrap();
+        let r2: SocketAddr = "198.51.100.9:5000".parse().unwrap();
+        q.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
+        let a = pings(&q.poll(t0));
+        q.on_pong(r1, a[0].1, t0 + ms(20));
+        assert!(q.on_ping(r2, t0 + ms(21)), "new peer-reflexive target");
+        let b = pings(&q.poll(t0 + ms(21)));
+        let t2 = b.iter().find(|x| x.0 == r2).unwrap().1;
+        q.on_pong(r2, t2, t0 + ms(21) + ms(18));
+        assert_eq!(
+            q.selected().unwrap().addr,
+            r1,
+            "18 ms is not clearly better than 20"
+        );
+        let mut r = q.clone();
+        let mut r3 = PathSet::new(PathTiming::default(), 0);
+        r3.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
+        let a = pings(&r3.poll(t0));
+        r3.on_pong(r1, a[0].1, t0 + ms(20));
+        r3.on_ping(r2, t0 + ms(21));
+        let b = pings(&r3.poll(t0 + ms(21)));
+        let t2 = b.iter().find(|x| x.0 == r2).unwrap().1;
+        r3.on_pong(r2, t2, t0 + ms(21) + ms(5));
+        assert_eq!(
+            r3.selected().unwrap().addr,
+            r2,
+            "5 ms is clearly better than 20"
+        );
+        r.set_candidates(&[], t0 + ms(50));
+        assert_eq!(
+            r.selected().unwrap().addr,
+            r2,
+            "unlisting drops listed targets but keeps peer-reflexive ones"
+        );
+    }
+
+    #[test]
+    fn unanswered_targets_fail_and_are_retried_with_backoff() {
+        let t = PathTiming::default();
+        let t0 = Instant::now();
+        let mut p = PathSet::new(t, 0);
+        p.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
+        let end = run(&mut p, t0, t.punch_window + ms(20), &[], ms(1));
+        let s = p.snapshot();
+        assert_eq!(s[0].state, TargetState::Failed);
+        // Pinged at the punch interval during the window, then quiet until the retry.
+        assert!(pings(&p.poll(end)).is_empty());
+        assert!(p.next_deadline().unwrap() >= end + t.retry_min - ms(30));
+        let retry = p.next_deadline().unwrap();
+        assert_eq!(pings(&p.poll(retry)).len(), 1, "retried");
+        // The second failure waits twice as long.
+        let end2 = run(&mut p, retry, t.punch_window + ms(20), &[], ms(1));
+        assert!(p.next_deadline().unwrap() >= end2 + t.retry_min * 2 - ms(30));
+    }
+
+    #[test]
+    fn silent_active_path_fails_within_dead_after_and_recovers() {
+        let t = PathTiming::default();
+        let t0 = Instant::now();
+        let addr: SocketAddr = "203.0.113.5:4434".parse().unwrap();
+        let mut p = PathSet::new(t, 0);
+        p.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
+        let now = run(&mut p, t0, ms(3000), &[addr], ms(2));
+        assert!(p.selected().is_some());
+        // The path goes silent: abandoned after dead_after (plus one poll step).
+        let mut at = now;
+        while p.selected().is_some() {
+            run(&mut p, at, ms(10), &[], ms(2));
+            at += ms(10);
+            assert!(at - now <= t.dead_after + ms(50), "not abandoned in time");
+        }
+        assert!(at - now >= t.dead_after - ms(250));
+        // It answers again: back within retry_min + a punch.
+        let back = run(&mut p, at, t.retry_min + ms(500), &[addr], ms(2));
+        assert_eq!(p.selected().map(|s| s.addr), Some(addr));
+        assert!(back - at <= t.retry_min + ms(500));
+    }
+
+    #[test]
+    fn a_ping_from_a_failed_target_retries_it_at_once() {
+        let t = PathTiming::default();
+        let t0 = Instant::now();
+        let addr: SocketAddr = "203.0.113.5:4434".parse().unwrap();
+        let mut p = PathSet::new(t, 0);
+        p.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
+        let end = run(&mut p, t0, t.punch_window + ms(20), &[], ms(1));
+        assert!(!p.on_ping(addr, end));
+        assert_eq!(pings(&p.poll(end)).len(), 1);
+    }
+
+    #[test]
+    fn peer_reflexive_targets_are_bounded_and_unusable_addresses_ignored() {
+        let t0 = Instant::now();
+        let mut p = PathSet::new(PathTiming::default(), 0);
+        for i in 0..100u16 {
+            p.on_ping(SocketAddr::from(([198, 51, 100, 1], 1000 + i)), t0);
+        }
+        assert_eq!(p.snapshot().len(), MAX_PEER_REFLEXIVE);
+        let mut q = PathSet::new(PathTiming::default(), 0);
+        let bad = [
+            "0.0.0.0:1",
+            "127.0.0.1:5",
+            "224.0.0.1:5",
+            "240.0.0.1:5",
+            "255.255.255.255:5",
+            "10.0.0.1:0",
+        ];
+        let cands: Vec<Candidate> = bad.iter().map(|a| cand(a, CandidateKind::Host)).collect();
+        q.set_candidates(&cands, t0);
+        assert!(q.snapshot().is_empty());
+        let many: Vec<Candidate> = (0..100u16)
+            .map(|i| Candidate {
+                addr: SocketAddr::from(([10, 0, 0, 1], 1000 + i)),
+                kind: CandidateKind::Host,
+            })
+            .collect();
+        q.set_candidates(&many, t0);
+        assert_eq!(q.snapshot().len(), MAX_LISTED);
+    }
+
+    #[test]
+    fn pings_stay_bounded_over_a_long_run() {
+        let t0 = Instant::now();
+        let mut p = PathSet::new(PathTiming::default(), 0);
+        p.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
+        let mut sent = 0;
+        let mut now = t0;
+        for _ in 0..60_000 {
+            sent += p.poll(now).len();
+            now += ms(10);
+        }
+        // 10 minutes of a target that never answers: punches of 25 pings every ~16 s at most.
+        assert!(sent < 1200, "{sent} pings");
+    }
+}
