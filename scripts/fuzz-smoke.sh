@@ -12,7 +12,7 @@ fi
 # cargo-fuzz passes nightly-only flags (-Zsanitizer); the stable toolchain accepts them with
 # RUSTC_BOOTSTRAP. The decoders are safe Rust, so no sanitizer is needed to find panics.
 export RUSTC_BOOTSTRAP=1
-for target in control datagram; do
+for target in control datagram probe; do
   echo "== fuzzing $target for ${seconds}s"
   cargo fuzz run --sanitizer none "$target" -- -max_total_time="$seconds" -rss_limit_mb=1024 -print_final_stats=0 2>&1 | tail -n 3
 done

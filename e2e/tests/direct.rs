@@ -5,8 +5,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use ztna_e2e::nat::NatType;
 use ztna_e2e::wait::wait_until_every;
-use ztna_e2e::{addr, helper_bins, run, Stack};
+use ztna_e2e::{addr, helper_bins, run, Stack, Topology};
 
 /// How long a direct path may take to come up where one is possible.
 const DIRECT_BUDGET: Duration = Duration::from_secs(15);
@@ -71,4 +72,413 @@ fn direct_lan_path_and_the_relay_leaves_the_data_path() {
             Ok(())
         },
     );
+}
+
+/// The probe magic and version (`ztna_proto::probe`), to find and forge probes in raw bytes.
+const PROBE_HEAD: [u8; 5] = [0x00, b'z', b't', b'p', 1];
+
+/// A probe of 64 bytes with `tag` and a MAC that can't be right (random bytes).
+fn forged_probe(kind: u8, tag: &[u8]) -> Result<Vec<u8>> {
+    let mut p = PROBE_HEAD.to_vec();
+    p.push(kind);
+    p.extend_from_slice(tag);
+    let noise = hex(&ztna_e2e::random_hex(8 + 32)?)?;
+    p.extend_from_slice(&noise[..8]);
+    p.resize(64 - 32, 0);
+    p.extend_from_slice(&noise[8..]);
+    Ok(p)
+}
+
+fn hex(s: &str) -> Result<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("hex"))
+        .collect()
+}
+
+#[test]
+fn forged_probes_are_counted_and_change_nothing() {
+    run("forged_probes_are_counted_and_change_nothing", helper_bins!(), |t| {
+        let mut s = Stack::new(t)?;
+        s.agent_cfg.direct_paths = None;
+        s.start_all()?;
+        wait_path(&s, "a direct LAN path", DIRECT_BUDGET, |p| p == "direct-lan")?;
+
+        t.step("capture the agent's probes on the connector's link to learn a real tag");
+        let pcap = t.dir().join("probes.pcap");
+        let filter = format!("udp and src host {} and udp[8:4] = 0x007a7470", addr::AGENT);
+        t.run_ok(
+            ztna_e2e::Node::Conn,
+            10,
+            ["tcpdump", "-i", "wan0", "-c", "3", "-w", pcap.to_str().context("path")?, &filter],
+        )?;
+        let bytes = std::fs::read(&pcap)?;
+        let at = bytes
+            .windows(PROBE_HEAD.len())
+            .position(|w| w == PROBE_HEAD)
+            .context("no probe in the capture")?;
+        let tag = bytes[at + 6..at + 14].to_vec();
+
+        let before = s.conn_metrics()?.value("ztna_connector_probes_rejected_total");
+        let forged = [
+            ("ping with the real tag and a wrong MAC", forged_probe(1, &tag)?),
+            ("pong with the real tag and a wrong MAC", forged_probe(2, &tag)?),
+            ("ping for an unknown connection", forged_probe(1, b"\x01\x02\x03\x04\x05\x06\x07\x08")?),
+            ("truncated probe", PROBE_HEAD.to_vec()),
+        ];
+        const EACH: usize = 5;
+        for (what, bytes) in &forged {
+            t.step(&format!("inject {EACH} × {what} from the relay's host"));
+            let file = t.dir().join("forged.bin");
+            std::fs::write(&file, bytes)?;
+            for _ in 0..EACH {
+                t.run_ok(
+                    ztna_e2e::Node::Relay,
+                    5,
+                    [
+                        "socat".to_owned(),
+                        "-u".to_owned(),
+                        format!("OPEN:{}", file.display()),
+                        format!("UDP-SENDTO:{}:4434", addr::CONN),
+                    ],
+                )?;
+            }
+        }
+        let want = (forged.len() * EACH) as f64;
+        let took = wait_until_every(
+            "the connector to count the forged probes",
+            Duration::from_secs(5),
+            Duration::from_millis(100),
+            || {
+                s.conn_metrics()
+                    .map(|m| m.value("ztna_connector_probes_rejected_total") - before >= want)
+                    .unwrap_or(false)
+            },
+        )?;
+        let rejected = s.conn_metrics()?.value("ztna_connector_probes_rejected_total") - before;
+        t.step(&format!("{rejected} probes rejected (after {:.2} s)", took.as_secs_f64()));
+        let st = s.status(&s.agent_cfg.status_socket)?;
+        ensure!(path(&s) == "direct-lan", "the path changed: {}", st.json);
+        t.ping_all(ztna_e2e::Node::Agent, addr::ECHO, 3)?;
+        Ok(())
+    });
+}
+
+/// Whether the design expects a direct path between an agent behind `a` and a connector behind
+/// `c`: everything punches except an endpoint-dependent mapping (symmetric) against a
+/// port-restricted or symmetric NAT. Symmetric against full-cone or address-restricted works
+/// through a peer-reflexive candidate: the symmetric side's pings come from a new port, which
+/// the other side's filter lets in and answers.
+fn expect_direct(a: NatType, c: NatType) -> bool {
+    use NatType::{Port, Sym};
+    !matches!((a, c), (Sym, Port) | (Port, Sym) | (Sym, Sym))
+}
+
+/// Builds a NAT topology (`nat.sh ARGS...`), runs `body`, and returns its result; the topology
+/// prints its logs on failure when dropped.
+fn with_nat<T>(name: &str, args: &[&str], body: impl FnOnce(&Topology) -> Result<T>) -> Result<T> {
+    let t = Topology::with_script(name, helper_bins!(), "deploy/netns/nat.sh", args)?;
+    let r = body(&t);
+    if r.is_ok() {
+        t.mark_passed();
+    }
+    r
+}
+
+/// `nat.sh CMD PREFIX` for the topology `t` (block, unblock).
+fn nat_cmd(t: &Topology, cmd: &str) -> Result<()> {
+    let script = ztna_e2e::workspace_root().join("deploy/netns/nat.sh");
+    let out = t.host(20, ["bash", script.to_str().context("path")?, cmd, t.prefix()])?;
+    ensure!(out.success(), "nat.sh {cmd} failed: {out}");
+    Ok(())
+}
+
+/// Starts the demo stack with direct paths on; returns it and when the agent was started.
+fn start_direct_stack(t: &Topology) -> Result<(Stack<'_>, Instant)> {
+    let mut s = Stack::new(t)?;
+    s.agent_cfg.direct_paths = None;
+    s.enable_web();
+    s.start_backends()?;
+    s.start_relay()?;
+    s.start_connector()?;
+    let started = Instant::now();
+    let agent = s.start_agent()?;
+    let cfg = s.agent_cfg.clone();
+    s.wait_ready(agent, &cfg)?;
+    Ok((s, started))
+}
+
+/// `ERROR` lines in the relay's, connector's and agent's logs.
+fn error_lines(t: &Topology, s: &Stack<'_>) -> Vec<String> {
+    [s.relay, s.connector, s.agent]
+        .into_iter()
+        .flatten()
+        .flat_map(|id| {
+            t.log(id)
+                .lines()
+                .filter(|l| l.contains(" ERROR "))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn nat_matrix() {
+    if std::env::var_os("ZTNA_E2E_SKIP").is_some_and(|v| v == "1") {
+        return;
+    }
+    let mut cells = Vec::new();
+    for a in NatType::ALL {
+        for c in NatType::ALL {
+            let direct = expect_direct(a, c);
+            let name = format!("nat_matrix_{}_{}", a.as_arg(), c.as_arg());
+            let result = with_nat(&name, &["up", a.as_arg(), c.as_arg()], |t| {
+                let (s, started) = start_direct_stack(t)?;
+                let outcome = if direct {
+                    wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| p == "direct-wan")?;
+                    format!("direct {:.1} s", started.elapsed().as_secs_f64())
+                } else {
+                    // Longer than a punch window: the path must stay on the relay throughout.
+                    let until = Instant::now() + Duration::from_secs(6);
+                    while Instant::now() < until {
+                        let p = path(&s);
+                        ensure!(p == "relay", "expected the relay path, got {p}");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    "relay".to_owned()
+                };
+                t.run_ok(
+                    ztna_e2e::Node::Agent,
+                    10,
+                    ["ping", "-n", "-c", "5", "-i", "0.2", "-W", "2", addr::ECHO],
+                )
+                .and_then(|o| {
+                    ensure!(o.stdout.contains("5 received"), "pings lost: {o}");
+                    Ok(())
+                })?;
+                let errors = error_lines(t, &s);
+                ensure!(errors.is_empty(), "errors in the logs:\n{}", errors.join("\n"));
+                Ok(outcome)
+            });
+            let shown = match &result {
+                Ok(o) => o.clone(),
+                Err(e) => format!("FAILED: {e:#}"),
+            };
+            eprintln!("[nat_matrix] agent {a:<5} × connector {c:<5}: {shown}");
+            cells.push((a, c, direct, result));
+        }
+    }
+    let mut table = String::from("| agent \\ connector |");
+    for c in NatType::ALL {
+        table.push_str(&format!(" {c} |"));
+    }
+    table.push_str("\n|---|");
+    for _ in NatType::ALL {
+        table.push_str("---|");
+    }
+    for a in NatType::ALL {
+        table.push_str(&format!("\n| **{a}** |"));
+        for c in NatType::ALL {
+            let (_, _, _, r) = cells
+                .iter()
+                .find(|x| x.0 == a && x.1 == c)
+                .expect("every cell ran");
+            match r {
+                Ok(o) => table.push_str(&format!(" {o} |")),
+                Err(_) => table.push_str(" **failed** |"),
+            }
+        }
+    }
+    eprintln!("\nNAT matrix (time from agent start to the direct path):\n{table}\n");
+    let failed: Vec<String> = cells
+        .iter()
+        .filter_map(|(a, c, d, r)| {
+            r.as_ref().err().map(|e| {
+                let want = if *d { "direct" } else { "relay" };
+                format!("{a} × {c} (want {want}): {e:#}")
+            })
+        })
+        .collect();
+    assert!(failed.is_empty(), "cells failed:\n{}", failed.join("\n"));
+}
+
+#[test]
+fn lan_behind_one_nat_takes_the_direct_lan_path() {
+    let r = with_nat("lan_behind_one_nat", &["lan", NatType::Port.as_arg()], |t| {
+        let (s, started) = start_direct_stack(t)?;
+        wait_path(&s, "a direct LAN path", DIRECT_BUDGET, |p| p == "direct-lan")?;
+        t.step(&format!(
+            "direct-lan {:.2} s after the agent started",
+            started.elapsed().as_secs_f64()
+        ));
+        let st = s.status(&s.agent_cfg.status_socket)?;
+        let active = st.connector("conn1").map(|c| c["direct"]["addr"].clone());
+        ensure!(
+            active.as_ref().and_then(|a| a.as_str()) == Some("192.168.1.3:4434"),
+            "the active path is not the connector's LAN address: {}",
+            st.json
+        );
+        t.ping_all(ztna_e2e::Node::Agent, addr::ECHO, 3)?;
+        Ok(())
+    });
+    if let Err(e) = r {
+        panic!("lan_behind_one_nat_takes_the_direct_lan_path failed: {e:#}");
+    }
+}
+
+/// Parses `ping -D -O` output into the sequence numbers answered.
+fn answered_seqs(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("icmp_seq="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect()
+}
+
+/// The longest run of unanswered sequence numbers in `1..=sent`.
+fn longest_gap(answered: &[u64], sent: u64) -> u64 {
+    let mut got = vec![false; sent as usize + 1];
+    for &s in answered {
+        if let Some(g) = got.get_mut(s as usize) {
+            *g = true;
+        }
+    }
+    let (mut best, mut run) = (0, 0);
+    for g in got.iter().skip(1) {
+        run = if *g { 0 } else { run + 1 };
+        best = best.max(run);
+    }
+    best
+}
+
+#[test]
+fn fallback_to_the_relay_and_back() {
+    let port = NatType::Port.as_arg();
+    let r = with_nat("fallback_to_the_relay_and_back", &["up", port, port], |t| {
+        let (s, _) = start_direct_stack(t)?;
+        wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| p == "direct-wan")?;
+
+        t.step("relay stops carrying data once the path is direct");
+        let before = relay_forwarded(&s)?;
+        t.run_ok(
+            ztna_e2e::Node::Agent,
+            10,
+            ["ping", "-n", "-c", "20", "-i", "0.05", "-W", "2", addr::ECHO],
+        )?;
+        let relayed = relay_forwarded(&s)? - before;
+        ensure!(relayed == 0.0, "the relay forwarded {relayed} datagrams on a direct path");
+
+        t.step("ping every 100 ms; block the direct path after 3 s, lift the block after 8 s");
+        let ping = t.spawn(
+            ztna_e2e::Node::Agent,
+            "ping",
+            "ping",
+            ["-n", "-D", "-O", "-i", "0.1", "-c", "250", "-W", "1", addr::ECHO],
+        )?;
+        std::thread::sleep(Duration::from_secs(3));
+        nat_cmd(t, "block")?;
+        let blocked = Instant::now();
+        let to_relay = wait_path(&s, "the fallback to the relay", Duration::from_secs(5), |p| p == "relay")?;
+        t.step(&format!("on the relay {:.2} s after the block", to_relay.as_secs_f64()));
+        std::thread::sleep(Duration::from_secs(8).saturating_sub(blocked.elapsed()));
+        nat_cmd(t, "unblock")?;
+        let back = wait_path(&s, "the return to the direct path", Duration::from_secs(30), |p| {
+            p == "direct-wan"
+        })?;
+        t.step(&format!("direct again {:.2} s after the block was lifted", back.as_secs_f64()));
+        t.wait_exit(ping, Duration::from_secs(40))?;
+        let out = std::fs::read_to_string(t.log_path(ping).context("ping log")?)?;
+        let answered = answered_seqs(&out);
+        let gap = longest_gap(&answered, 250);
+        t.step(&format!(
+            "{} of 250 pings answered; longest gap {} pings ({} ms)",
+            answered.len(),
+            gap,
+            gap * 100
+        ));
+        ensure!(gap * 100 < 2000, "traffic stopped for {} ms during the fallback", gap * 100);
+
+        t.step("iperf3 TCP across a fallback and a return to the direct path");
+        let srv = t.spawn(
+            ztna_e2e::Node::Backend,
+            "iperf3-server",
+            "iperf3",
+            ["-s", "-p", "5001", "-1", "--forceflush"],
+        )?;
+        std::thread::sleep(Duration::from_millis(300));
+        let client = t.spawn(
+            ztna_e2e::Node::Agent,
+            "iperf3-client",
+            "iperf3",
+            ["-c", addr::WEB, "-p", "5001", "-t", "30", "-i", "5", "--connect-timeout", "5000"],
+        )?;
+        std::thread::sleep(Duration::from_secs(3));
+        nat_cmd(t, "block")?;
+        wait_path(&s, "the fallback under load", Duration::from_secs(5), |p| p == "relay")?;
+        std::thread::sleep(Duration::from_secs(3));
+        nat_cmd(t, "unblock")?;
+        let back = wait_path(&s, "the return under load", Duration::from_secs(22), |p| p == "direct-wan")?;
+        t.step(&format!("direct again {:.2} s after the block was lifted, under load", back.as_secs_f64()));
+        let st = t.wait_exit(client, Duration::from_secs(45))?;
+        let out = std::fs::read_to_string(t.log_path(client).context("iperf3 log")?)?;
+        t.step(&format!("iperf3:\n{}", ztna_e2e::topology::tail(&out, 6)));
+        ensure!(st.success() && out.contains("receiver"), "iperf3 did not complete: {st}\n{out}");
+        let _ = t.wait_exit(srv, Duration::from_secs(5));
+        Ok(())
+    });
+    if let Err(e) = r {
+        panic!("fallback_to_the_relay_and_back failed: {e:#}");
+    }
+}
+
+#[test]
+fn roaming_agent_recovers_without_a_restart() {
+    let port = NatType::Port.as_arg();
+    let r = with_nat("roaming_agent_recovers", &["up", port, port], |t| {
+        let (s, _) = start_direct_stack(t)?;
+        wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| p == "direct-wan")?;
+        let sessions = s.status(&s.agent_cfg.status_socket)?.json["relay_sessions"].clone();
+
+        t.step("re-address the agent's NAT router: 10.10.0.11 → 10.10.0.21");
+        let nata = format!("{}-nata", t.prefix());
+        t.host(5, ["ip", "-n", &nata, "addr", "add", "10.10.0.21/24", "dev", "wan0"])?;
+        t.host(5, ["ip", "-n", &nata, "addr", "del", "10.10.0.11/24", "dev", "wan0"])?;
+        let moved = Instant::now();
+        let took = wait_until_every(
+            "pings through the tunnel after the move",
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            || s.ping_once(addr::ECHO),
+        )
+        .map(|_| moved.elapsed())?;
+        t.step(&format!("tunnel carries pings {:.2} s after the move", took.as_secs_f64()));
+        ensure!(took <= Duration::from_secs(10), "recovery took {:.2} s", took.as_secs_f64());
+        let direct = wait_path(&s, "a direct path again", Duration::from_secs(30), |p| p == "direct-wan");
+        let st = s.status(&s.agent_cfg.status_socket)?;
+        t.step(&format!(
+            "path {} ({}); observed address {}; relay sessions {} before, {} now",
+            path(&s),
+            match &direct {
+                Ok(d) => format!("direct {:.2} s after the move", (d.as_secs_f64() + took.as_secs_f64())),
+                Err(_) => "no direct path within 30 s".into(),
+            },
+            st.json["observed_addr"],
+            sessions,
+            st.json["relay_sessions"]
+        ));
+        direct?;
+        ensure!(
+            st.json["observed_addr"].as_str().is_some_and(|a| a.starts_with("10.10.0.21:")),
+            "the relay did not see the new address: {}",
+            st.json
+        );
+        Ok(())
+    });
+    if let Err(e) = r {
+        panic!("roaming_agent_recovers_without_a_restart failed: {e:#}");
+    }
 }

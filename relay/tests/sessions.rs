@@ -13,7 +13,7 @@ use ztna_core::pki::{self, CertificateAuthority};
 use ztna_core::session::{Node, RelaySession, RelayTarget, SessionError};
 use ztna_core::tls::{Credentials, TlsFiles};
 use ztna_core::transport::{self, Timing};
-use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role};
+use ztna_proto::control::{Candidate, CandidateKind, ControlMessage, ErrorCode, Hello, Role};
 use ztna_proto::{datagram, ChannelId, PortRange, ServiceDef, ALPN_RELAY};
 use ztna_relay::config::RelayConfig;
 use ztna_relay::policy::{AccessRule, ConnectorRule};
@@ -319,6 +319,36 @@ async fn registration_policy_channels_and_forwarding() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // Candidates are brokered: forwarded to the other end with the sender's observed address
+    // added as a reflexive candidate.
+    let host: SocketAddr = "192.0.2.44:5000".parse().unwrap();
+    alice
+        .send(ControlMessage::Candidates {
+            channel_id: ch,
+            candidates: vec![Candidate {
+                addr: host,
+                kind: CandidateKind::Host,
+            }],
+        })
+        .unwrap();
+    match next(&mut conn1).await {
+        ControlMessage::Candidates {
+            channel_id,
+            candidates,
+        } => {
+            assert_eq!(channel_id, ch);
+            assert_eq!(candidates.len(), 2);
+            assert_eq!(candidates[0].kind, CandidateKind::Reflexive);
+            assert_eq!(candidates[0].addr, welcome.observed_addr);
+            assert_eq!(candidates[1].addr, host);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(
+        w.relay.metrics.candidates_forwarded.load(Ordering::Relaxed),
+        1
+    );
+
     // The connector leaving closes the channel and empties the agent's catalog.
     drop(conn1);
     let mut saw_closed = false;
@@ -403,6 +433,25 @@ async fn hostile_control_messages_close_only_that_session() {
         .unwrap();
     assert_eq!(
         closed_with(&c5).await,
+        u64::from(ErrorCode::Malformed.to_quic())
+    );
+
+    // A good session that sends an oversized candidate list.
+    let mut flood = w.agent("mallory6", &[]).await;
+    let many = (0..100u16)
+        .map(|p| Candidate {
+            addr: SocketAddr::from(([192, 0, 2, 1], 1000 + p)),
+            kind: CandidateKind::Host,
+        })
+        .collect();
+    flood
+        .send(ControlMessage::Candidates {
+            channel_id: 1,
+            candidates: many,
+        })
+        .unwrap();
+    assert_eq!(
+        closed_with(flood.connection()).await,
         u64::from(ErrorCode::Malformed.to_quic())
     );
 
