@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use ztna_e2e::nat::NatType;
+use ztna_e2e::nat::{self, NatType, Side};
 use ztna_e2e::wait::wait_until_every;
 use ztna_e2e::{addr, helper_bins, run, Stack, Topology};
 
@@ -174,23 +174,18 @@ fn expect_direct(a: NatType, c: NatType) -> bool {
     !matches!((a, c), (Sym, Port) | (Port, Sym) | (Sym, Sym))
 }
 
-/// Builds a NAT topology (`nat.sh ARGS...`), runs `body`, and returns its result; the topology
-/// prints its logs on failure when dropped.
-fn with_nat<T>(name: &str, args: &[&str], body: impl FnOnce(&Topology) -> Result<T>) -> Result<T> {
-    let t = Topology::with_script(name, helper_bins!(), "deploy/netns/nat.sh", args)?;
+/// Runs `body` in a topology built by `build`, and returns its result; the topology prints its
+/// logs on failure when dropped.
+fn with_nat<T>(
+    build: Result<Topology>,
+    body: impl FnOnce(&Topology) -> Result<T>,
+) -> Result<T> {
+    let t = build?;
     let r = body(&t);
     if r.is_ok() {
         t.mark_passed();
     }
     r
-}
-
-/// `nat.sh CMD PREFIX` for the topology `t` (block, unblock).
-fn nat_cmd(t: &Topology, cmd: &str) -> Result<()> {
-    let script = ztna_e2e::workspace_root().join("deploy/netns/nat.sh");
-    let out = t.host(20, ["bash", script.to_str().context("path")?, cmd, t.prefix()])?;
-    ensure!(out.success(), "nat.sh {cmd} failed: {out}");
-    Ok(())
 }
 
 /// Starts the demo stack with direct paths on; returns it and when the agent was started.
@@ -223,17 +218,20 @@ fn error_lines(t: &Topology, s: &Stack<'_>) -> Vec<String> {
         .collect()
 }
 
+/// The four NAT behaviours of the matrix.
+const NATS: [NatType; 4] = [NatType::Full, NatType::Addr, NatType::Port, NatType::Sym];
+
 #[test]
 fn nat_matrix() {
     if std::env::var_os("ZTNA_E2E_SKIP").is_some_and(|v| v == "1") {
         return;
     }
     let mut cells = Vec::new();
-    for a in NatType::ALL {
-        for c in NatType::ALL {
+    for a in NATS {
+        for c in NATS {
             let direct = expect_direct(a, c);
             let name = format!("nat_matrix_{}_{}", a.as_arg(), c.as_arg());
-            let result = with_nat(&name, &["up", a.as_arg(), c.as_arg()], |t| {
+            let result = with_nat(nat::up(&name, helper_bins!(), a, c), |t| {
                 let (s, started) = start_direct_stack(t)?;
                 let outcome = if direct {
                     wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| p == "direct-wan")?;
@@ -270,16 +268,16 @@ fn nat_matrix() {
         }
     }
     let mut table = String::from("| agent \\ connector |");
-    for c in NatType::ALL {
+    for c in NATS {
         table.push_str(&format!(" {c} |"));
     }
     table.push_str("\n|---|");
-    for _ in NatType::ALL {
+    for _ in NATS {
         table.push_str("---|");
     }
-    for a in NatType::ALL {
+    for a in NATS {
         table.push_str(&format!("\n| **{a}** |"));
-        for c in NatType::ALL {
+        for c in NATS {
             let (_, _, _, r) = cells
                 .iter()
                 .find(|x| x.0 == a && x.1 == c)
@@ -305,7 +303,8 @@ fn nat_matrix() {
 
 #[test]
 fn lan_behind_one_nat_takes_the_direct_lan_path() {
-    let r = with_nat("lan_behind_one_nat", &["lan", NatType::Port.as_arg()], |t| {
+    let name = "lan_behind_one_nat_takes_the_direct_lan_path";
+    let r = with_nat(nat::lan(name, helper_bins!(), NatType::Port), |t| {
         let (s, started) = start_direct_stack(t)?;
         wait_path(&s, "a direct LAN path", DIRECT_BUDGET, |p| p == "direct-lan")?;
         t.step(&format!(
@@ -315,7 +314,8 @@ fn lan_behind_one_nat_takes_the_direct_lan_path() {
         let st = s.status(&s.agent_cfg.status_socket)?;
         let active = st.connector("conn1").map(|c| c["direct"]["addr"].clone());
         ensure!(
-            active.as_ref().and_then(|a| a.as_str()) == Some("192.168.1.3:4434"),
+            active.as_ref().and_then(|a| a.as_str())
+                == Some(format!("{}:4434", nat::addr::CONN_SHARED_LAN).as_str()),
             "the active path is not the connector's LAN address: {}",
             st.json
         );
@@ -357,8 +357,8 @@ fn longest_gap(answered: &[u64], sent: u64) -> u64 {
 
 #[test]
 fn fallback_to_the_relay_and_back() {
-    let port = NatType::Port.as_arg();
-    let r = with_nat("fallback_to_the_relay_and_back", &["up", port, port], |t| {
+    let name = "fallback_to_the_relay_and_back";
+    let r = with_nat(nat::up(name, helper_bins!(), NatType::Port, NatType::Port), |t| {
         let (s, _) = start_direct_stack(t)?;
         wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| p == "direct-wan")?;
 
@@ -380,12 +380,12 @@ fn fallback_to_the_relay_and_back() {
             ["-n", "-D", "-O", "-i", "0.1", "-c", "250", "-W", "1", addr::ECHO],
         )?;
         std::thread::sleep(Duration::from_secs(3));
-        nat_cmd(t, "block")?;
+        nat::block(t)?;
         let blocked = Instant::now();
         let to_relay = wait_path(&s, "the fallback to the relay", Duration::from_secs(5), |p| p == "relay")?;
         t.step(&format!("on the relay {:.2} s after the block", to_relay.as_secs_f64()));
         std::thread::sleep(Duration::from_secs(8).saturating_sub(blocked.elapsed()));
-        nat_cmd(t, "unblock")?;
+        nat::unblock(t)?;
         let back = wait_path(&s, "the return to the direct path", Duration::from_secs(30), |p| {
             p == "direct-wan"
         })?;
@@ -417,10 +417,10 @@ fn fallback_to_the_relay_and_back() {
             ["-c", addr::WEB, "-p", "5001", "-t", "30", "-i", "5", "--connect-timeout", "5000"],
         )?;
         std::thread::sleep(Duration::from_secs(3));
-        nat_cmd(t, "block")?;
+        nat::block(t)?;
         wait_path(&s, "the fallback under load", Duration::from_secs(5), |p| p == "relay")?;
         std::thread::sleep(Duration::from_secs(3));
-        nat_cmd(t, "unblock")?;
+        nat::unblock(t)?;
         let back = wait_path(&s, "the return under load", Duration::from_secs(22), |p| p == "direct-wan")?;
         t.step(&format!("direct again {:.2} s after the block was lifted, under load", back.as_secs_f64()));
         let st = t.wait_exit(client, Duration::from_secs(45))?;
@@ -437,16 +437,14 @@ fn fallback_to_the_relay_and_back() {
 
 #[test]
 fn roaming_agent_recovers_without_a_restart() {
-    let port = NatType::Port.as_arg();
-    let r = with_nat("roaming_agent_recovers", &["up", port, port], |t| {
+    let name = "roaming_agent_recovers_without_a_restart";
+    let r = with_nat(nat::up(name, helper_bins!(), NatType::Port, NatType::Port), |t| {
         let (s, _) = start_direct_stack(t)?;
         wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| p == "direct-wan")?;
         let sessions = s.status(&s.agent_cfg.status_socket)?.json["relay_sessions"].clone();
 
-        t.step("re-address the agent's NAT router: 10.10.0.11 → 10.10.0.21");
-        let nata = format!("{}-nata", t.prefix());
-        t.host(5, ["ip", "-n", &nata, "addr", "add", "10.10.0.21/24", "dev", "wan0"])?;
-        t.host(5, ["ip", "-n", &nata, "addr", "del", "10.10.0.11/24", "dev", "wan0"])?;
+        t.step("re-address the agent's NAT router: its mappings now leave from a new address");
+        nat::readdress(t, Side::Agent, nat::addr::NATA_WAN_ROAMED)?;
         let moved = Instant::now();
         let took = wait_until_every(
             "pings through the tunnel after the move",
@@ -472,7 +470,9 @@ fn roaming_agent_recovers_without_a_restart() {
         ));
         direct?;
         ensure!(
-            st.json["observed_addr"].as_str().is_some_and(|a| a.starts_with("10.10.0.21:")),
+            st.json["observed_addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(&format!("{}:", nat::addr::NATA_WAN_ROAMED))),
             "the relay did not see the new address: {}",
             st.json
         );
