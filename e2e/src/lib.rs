@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod nat;
 pub mod pcap;
 pub mod pki;
 pub mod proc_stats;
@@ -87,6 +88,8 @@ pub struct HelperBins {
     pub impair: PathBuf,
     /// `ztna-test-tcp`: TCP client and server modes (hold, half-close, connect, listen).
     pub tcp: PathBuf,
+    /// `ztna-test-nat-probe`: STUN-like UDP probe for the NAT topology tests.
+    pub nat_probe: PathBuf,
 }
 
 /// The [`HelperBins`] of this package, for use in `tests/*.rs`.
@@ -98,6 +101,7 @@ macro_rules! helper_bins {
             udp_check: ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_ztna-test-udp-check")),
             impair: ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_ztna-test-impair")),
             tcp: ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_ztna-test-tcp")),
+            nat_probe: ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_ztna-test-nat-probe")),
         }
     };
 }
@@ -160,11 +164,22 @@ pub fn require_root() -> Result<()> {
 /// With `ZTNA_E2E_SKIP=1` in the environment the test prints that it was skipped and returns.
 #[track_caller]
 pub fn run(test_name: &str, helpers: HelperBins, body: impl FnOnce(&Topology) -> Result<()>) {
+    run_with(test_name, helpers, Topology::new, body)
+}
+
+/// [`run`] with the topology built by `build` (e.g. [`nat::up`]) instead of [`Topology::new`].
+#[track_caller]
+pub fn run_with(
+    test_name: &str,
+    helpers: HelperBins,
+    build: impl FnOnce(&str, HelperBins) -> Result<Topology>,
+    body: impl FnOnce(&Topology) -> Result<()>,
+) {
     if std::env::var_os("ZTNA_E2E_SKIP").is_some_and(|v| v == "1") {
         eprintln!("SKIPPED {test_name}: ZTNA_E2E_SKIP=1");
         return;
     }
-    let topo = match Topology::new(test_name, helpers) {
+    let topo = match build(test_name, helpers) {
         Ok(t) => t,
         Err(e) => panic!("{test_name}: could not set up: {e:#}"),
     };

@@ -154,9 +154,53 @@ impl Topology {
     /// Checks root and the binaries, picks a short unused prefix (`zt` + 6 hex digits), makes the
     /// test's directory and runs `topo.sh up PREFIX`.
     pub fn new(test_name: &str, helpers: HelperBins) -> Result<Self> {
+        Self::build(test_name, helpers, "deploy/netns/topo.sh", &["up"], true)
+    }
+
+    /// Like [`Topology::new`], but the topology is built by `bash <workspace>/SCRIPT ARGS...`
+    /// with the prefix inserted as the second argument, e.g.
+    /// `with_script(name, helpers, "deploy/netns/nat.sh", &["up", "full", "sym"])` runs
+    /// `nat.sh up PREFIX full sym`. Dropping it still runs `topo.sh down PREFIX`, which removes
+    /// every namespace of the prefix.
+    pub fn with_script(
+        test_name: &str,
+        helpers: HelperBins,
+        script: &str,
+        args: &[&str],
+    ) -> Result<Self> {
+        Self::build(test_name, helpers, script, args, true)
+    }
+
+    /// [`Topology::with_script`] for tests that run only the helper programs of this package
+    /// (not ztna-relay, ztna-connector, ztna-agent), so it doesn't require those binaries.
+    pub fn network_only(
+        test_name: &str,
+        helpers: HelperBins,
+        script: &str,
+        args: &[&str],
+    ) -> Result<Self> {
+        Self::build(test_name, helpers, script, args, false)
+    }
+
+    fn build(
+        test_name: &str,
+        helpers: HelperBins,
+        script: &str,
+        args: &[&str],
+        ztna_bins: bool,
+    ) -> Result<Self> {
         crate::require_root()?;
-        for b in ["ztna-relay", "ztna-connector", "ztna-agent"] {
-            crate::bin(b)?;
+        if ztna_bins {
+            for b in ["ztna-relay", "ztna-connector", "ztna-agent"] {
+                crate::bin(b)?;
+            }
+        }
+        let Some((verb, rest)) = args.split_first() else {
+            bail!("{script}: no arguments (the first one is the verb, e.g. `up`)");
+        };
+        let build_sh = crate::workspace_root().join(script);
+        if !build_sh.is_file() {
+            bail!("{} is missing", build_sh.display());
         }
         for h in [&helpers.udp_echo, &helpers.udp_check] {
             if !h.is_file() {
@@ -210,19 +254,19 @@ impl Topology {
             _serial: serial,
         };
         topo.step(&format!(
-            "topology {} up (test dir {})",
+            "topology {} up: {script} {} (test dir {})",
             topo.prefix,
+            args.join(" "),
             topo.dir.display()
         ));
-        let out = topo.host(
-            30,
-            [
-                OsStr::new("bash"),
-                topo.topo_sh.as_os_str(),
-                OsStr::new("up"),
-                OsStr::new(&topo.prefix),
-            ],
-        )?;
+        let mut cmd = vec![
+            OsStr::new("bash"),
+            build_sh.as_os_str(),
+            OsStr::new(verb),
+            OsStr::new(&topo.prefix),
+        ];
+        cmd.extend(rest.iter().map(OsStr::new));
+        let out = topo.host(30, cmd)?;
         if !out.success() {
             bail!("building the topology failed: {out}");
         }

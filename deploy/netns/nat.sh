@@ -1,0 +1,346 @@
+#!/usr/bin/env bash
+# ztna test topology with simulated NAT routers (nftables), built on topo.sh.
+#
+#   nat.sh up PREFIX AGENT_NAT CONN_NAT   agent and connector each behind its own NAT
+#                                         (type none|full|addr|port|sym; none = on the WAN)
+#   nat.sh lan PREFIX TYPE                agent and connector on one LAN behind one NAT
+#   nat.sh readdress PREFIX SIDE ADDR     give NAT router SIDE (agent|conn) the WAN address
+#                                         ADDR instead of its current one; drops its mappings
+#   nat.sh block PREFIX                   drop direct UDP (anything not to/from the relay)
+#   nat.sh unblock PREFIX                 undo block
+#   nat.sh down PREFIX                    tear down (same as topo.sh down)
+#
+# NAT types (UDP; TCP and ICMP go out through the same masquerade):
+#   full  endpoint-independent mapping and filtering (full cone)
+#   addr  endpoint-independent mapping, address-dependent filtering
+#   port  endpoint-independent mapping (port preservation), address-and-port-dependent filtering
+#   sym   endpoint-dependent mapping (a random external port per destination), APDF
+#
+# Layout (see README.md next to this file): ${P}-wan bridge br0 10.10.0.0/24 with ${P}-relay
+# 10.10.0.1 and ${P}-pub2 10.10.0.5 (a second public host for the tests); routers ${P}-nata
+# (wan0 10.10.0.11, lan0 192.168.1.1/24) and ${P}-natc (wan0 10.10.0.13, lan0 192.168.2.1/24);
+# ${P}-agent eth0 192.168.1.2, ${P}-conn eth0 192.168.2.2 (or wan0 10.10.0.2 / 10.10.0.3 for
+# type none); in `lan` mode ${P}-lan holds bridge br0 for agent 192.168.1.2 and conn
+# 192.168.1.3 behind ${P}-nata. ${P}-conn back0 10.10.3.1 <-> ${P}-backend eth0 10.10.3.2.
+
+# shellcheck source=deploy/netns/topo.sh
+source "$(dirname "${BASH_SOURCE[0]}")/topo.sh"
+
+# shellcheck disable=SC2034
+NAT_PUB2_ADDR=10.10.0.5
+NAT_A_WAN_ADDR=10.10.0.11
+NAT_C_WAN_ADDR=10.10.0.13
+NAT_A_LAN_ADDR=192.168.1.1
+NAT_C_LAN_ADDR=192.168.2.1
+NAT_AGENT_LAN_ADDR=192.168.1.2
+NAT_CONN_LAN_ADDR=192.168.2.2
+NAT_CONN_SHARED_LAN_ADDR=192.168.1.3
+# Lifetime of a full/addr mapping entry after the last outbound packet: the kernel's UDP
+# conntrack timeout for a flow that saw replies (nf_conntrack_udp_timeout_stream).
+NAT_MAP_TIMEOUT=120s
+
+_nat_err() { printf 'nat.sh: %s\n' "$*" >&2; }
+
+_nat_check_type() {
+    case $1 in
+        none | full | addr | port | sym) ;;
+        *) _nat_err "bad NAT type '$1' (none|full|addr|port|sym)"; return 2 ;;
+    esac
+}
+
+# nat_bridge P NODE: namespace P-NODE with bridge br0 (STP off).
+nat_bridge() {
+    local ns
+    ns=$(topo_ns "$1" "$2")
+    topo_node "$1" "$2" || return
+    _topo ip -n "$ns" link add br0 type bridge stp_state 0 || return
+    _topo ip -n "$ns" link set br0 up || return
+}
+
+# nat_bridge_port P BRIDGE_NODE NODE IFNAME ADDR/LEN: like topo_wan_port, for any bridge node.
+nat_bridge_port() {
+    local p=$1 br=$2 node=$3 ifname=$4 addr=$5 ns brns
+    ns=$(topo_ns "$p" "$node")
+    brns=$(topo_ns "$p" "$br")
+    _topo ip -n "$ns" link add "$ifname" type veth peer name "$node" netns "$brns" || return
+    _topo ip -n "$brns" link set "$node" master br0 || return
+    _topo ip -n "$brns" link set "$node" up || return
+    _topo ip -n "$ns" addr add "$addr" dev "$ifname" || return
+    _topo ip -n "$ns" link set "$ifname" up || return
+}
+
+# nat_rules TYPE: the nftables ruleset of a router (wan0 outside, lan0 inside) on stdout.
+#
+# Every type: masquerade on wan0 (so a new wan0 address is used for new mappings), a forward
+# chain that lets LAN->WAN through and WAN->LAN only for established flows (and, for full/addr,
+# flows the prerouting DNAT accepted), and an input chain that silently drops everything
+# unsolicited on wan0 (no ICMP port unreachable from the router).
+#
+# full/addr: a filter chain after the masquerade (postrouting, priority srcnat + 10) sees the
+# translated source port and records external port -> inside address . port in the dynamic map
+# @mapped (refreshed by every outbound packet, entries expire NAT_MAP_TIMEOUT after the last).
+# addr also records (external port . remote address) in @peers. New inbound UDP flows on wan0
+# are DNATed to the inside host through @mapped: full for any source, addr only when
+# (port . source address) is in @peers. Nothing depends on the wan0 address.
+nat_rules() {
+    local type=$1 masq="masquerade" track="" pre="" peers=""
+    case $type in
+        sym) masq="masquerade fully-random" ;;
+        full | addr)
+            if [[ $type == addr ]]; then
+                peers="oifname \"wan0\" update @peers { udp sport . ip daddr }"
+            fi
+            track="
+    chain track {
+        type filter hook postrouting priority srcnat + 10; policy accept;
+        oifname \"wan0\" ct direction original update @mapped { udp sport : ct original ip saddr . ct original proto-src }
+        oifname \"wan0\" ct direction reply update @mapped { udp sport : ct reply ip saddr . ct reply proto-src }
+        $peers
+    }"
+            if [[ $type == full ]]; then
+                pre="iifname \"wan0\" udp dport @mapped dnat ip to udp dport map @mapped"
+            else
+                pre="iifname \"wan0\" udp dport . ip saddr @peers dnat ip to udp dport map @mapped"
+            fi
+            ;;
+    esac
+    cat <<EOF
+table ip ztna_nat {
+    map mapped {
+        type inet_service : ipv4_addr . inet_service
+        flags dynamic,timeout
+        timeout $NAT_MAP_TIMEOUT
+    }
+    set peers {
+        type inet_service . ipv4_addr
+        flags dynamic,timeout
+        timeout $NAT_MAP_TIMEOUT
+    }
+    chain prerouting {
+        type nat hook prerouting priority dstnat; policy accept;
+        $pre
+    }
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan0" $masq
+    }$track
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname "lan0" oifname "wan0" accept
+        iifname "wan0" oifname "lan0" ct status dnat accept
+    }
+    chain input {
+        type filter hook input priority filter; policy accept;
+        iifname "wan0" ct state established,related accept
+        iifname "wan0" drop
+    }
+}
+EOF
+    # The conntrack zone of every packet: `readdress` moves to a new zone, which forgets every
+    # flow at once (also DNATed ones, which the kernel's masquerade flush does not remove).
+    _nat_zone_rules 1
+}
+
+_nat_zone_rules() {
+    cat <<EOF
+table ip ztna_zone {
+    chain prerouting {
+        type filter hook prerouting priority raw; policy accept;
+        ct zone set $1
+    }
+    chain output {
+        type filter hook output priority raw; policy accept;
+        ct zone set $1
+    }
+}
+EOF
+}
+
+# nat_router P NODE WAN_ADDR/LEN TYPE: router namespace with wan0 on the WAN bridge,
+# forwarding on, rp_filter off, secondary addresses promoted, and the rules of TYPE. The caller
+# adds lan0.
+nat_router() {
+    local p=$1 node=$2 wan=$3 type=$4
+    topo_node "$p" "$node" || return
+    topo_wan_port "$p" "$node" wan0 "$wan" || return
+    topo_sysctl "$p" "$node" net.ipv4.ip_forward=1 || return
+    topo_sysctl "$p" "$node" net.ipv4.conf.all.rp_filter=0 || return
+    topo_sysctl "$p" "$node" net.ipv4.conf.default.rp_filter=0 || return
+    # Deleting the primary address of a subnet deletes its secondaries too unless they are
+    # promoted: without this, `ip addr add NEW/24; ip addr del OLD/24` would leave no address.
+    topo_sysctl "$p" "$node" net.ipv4.conf.all.promote_secondaries=1 || return
+    topo_sysctl "$p" "$node" net.ipv4.conf.wan0.promote_secondaries=1 || return
+    nat_rules "$type" | _topo ip netns exec "$(topo_ns "$p" "$node")" nft -f - || return
+}
+
+nat_pub2() {
+    topo_node "$1" pub2 || return
+    topo_wan_port "$1" pub2 wan0 "$NAT_PUB2_ADDR/24" || return
+}
+
+_nat_ping_group() {
+    if [[ ${TOPO_NO_PING_GROUP:-0} != 1 ]]; then
+        topo_sysctl "$1" conn 'net.ipv4.ping_group_range=0 2147483647' || return
+    fi
+}
+
+_nat_build_up() {
+    local p=$1 ta=$2 tc=$3
+    topo_wan "$p" && topo_relay "$p" && nat_pub2 "$p" || return
+    if [[ $ta == none ]]; then
+        topo_agent "$p" || return
+    else
+        nat_router "$p" nata "$NAT_A_WAN_ADDR/24" "$ta" || return
+        topo_node "$p" agent || return
+        topo_link "$p" nata lan0 "$NAT_A_LAN_ADDR/24" agent eth0 "$NAT_AGENT_LAN_ADDR/24" || return
+        topo_route "$p" agent default "$NAT_A_LAN_ADDR" || return
+    fi
+    if [[ $tc == none ]]; then
+        topo_conn "$p" || return
+    else
+        nat_router "$p" natc "$NAT_C_WAN_ADDR/24" "$tc" || return
+        topo_node "$p" conn || return
+        topo_link "$p" natc lan0 "$NAT_C_LAN_ADDR/24" conn eth0 "$NAT_CONN_LAN_ADDR/24" || return
+        topo_route "$p" conn default "$NAT_C_LAN_ADDR" || return
+        _nat_ping_group "$p" || return
+    fi
+    topo_backend "$p" || return
+}
+
+_nat_build_lan() {
+    local p=$1 t=$2
+    topo_wan "$p" && topo_relay "$p" && nat_pub2 "$p" || return
+    nat_router "$p" nata "$NAT_A_WAN_ADDR/24" "$t" || return
+    nat_bridge "$p" lan || return
+    nat_bridge_port "$p" lan nata lan0 "$NAT_A_LAN_ADDR/24" || return
+    topo_node "$p" agent || return
+    nat_bridge_port "$p" lan agent eth0 "$NAT_AGENT_LAN_ADDR/24" || return
+    topo_route "$p" agent default "$NAT_A_LAN_ADDR" || return
+    topo_node "$p" conn || return
+    nat_bridge_port "$p" lan conn eth0 "$NAT_CONN_SHARED_LAN_ADDR/24" || return
+    topo_route "$p" conn default "$NAT_A_LAN_ADDR" || return
+    _nat_ping_group "$p" || return
+    topo_backend "$p" || return
+}
+
+# nat_up P AGENT_TYPE CONN_TYPE / nat_lan P TYPE: build, tearing down an old one first and what
+# was built on failure.
+nat_up() {
+    _topo_check_prefix "$1" || return
+    _nat_check_type "$2" && _nat_check_type "$3" || return
+    topo_down "$1" || return
+    if ! _nat_build_up "$@"; then
+        _nat_err "building NAT topology '$1' ($2/$3) failed; tearing down what was built"
+        topo_down "$1"
+        return 1
+    fi
+}
+
+nat_lan() {
+    _topo_check_prefix "$1" || return
+    _nat_check_type "$2" || return
+    if [[ $2 == none ]]; then _nat_err "lan needs a NAT type other than none"; return 2; fi
+    topo_down "$1" || return
+    if ! _nat_build_lan "$@"; then
+        _nat_err "building NAT LAN topology '$1' ($2) failed; tearing down what was built"
+        topo_down "$1"
+        return 1
+    fi
+}
+
+# nat_readdress P SIDE ADDR[/LEN]: the router of SIDE (agent -> nata, conn -> natc) gets ADDR on
+# wan0 (default /24) and loses its other IPv4 addresses there. Then it forgets every flow and
+# mapping (new conntrack zone, @mapped and @peers flushed), as a NAT whose public address changed
+# would: new flows from inside leave from ADDR.
+nat_readdress() {
+    local p=$1 side=$2 addr=$3 node ns old zone
+    _topo_check_prefix "$p" || return
+    case $side in
+        agent) node=nata ;;
+        conn) node=natc ;;
+        *) _nat_err "bad SIDE '$side' (agent|conn)"; return 2 ;;
+    esac
+    [[ $addr == */* ]] || addr+=/24
+    ns=$(topo_ns "$p" "$node")
+    ip netns list | grep -qx "$ns\( .*\)\?" || { _nat_err "no router $ns"; return 1; }
+    mapfile -t old < <(ip -n "$ns" -4 -o addr show dev wan0 | awk '{print $4}')
+    _topo ip -n "$ns" addr replace "$addr" dev wan0 || return
+    for a in "${old[@]}"; do
+        [[ $a == "$addr" ]] || _topo ip -n "$ns" addr del "$a" dev wan0 || return
+    done
+    zone=$(ip netns exec "$ns" nft list chain ip ztna_zone prerouting |
+        sed -n 's/.*ct zone set \([0-9]*\).*/\1/p')
+    zone=$(((${zone:-1} % 65000) + 1))
+    {
+        printf 'flush table ip ztna_zone\n'
+        _nat_zone_rules "$zone"
+        printf 'flush map ip ztna_nat mapped\nflush set ip ztna_nat peers\n'
+    } | _topo ip netns exec "$ns" nft -f - || return
+}
+
+# nat_block P: drop UDP that is neither to nor from the relay, wherever a direct path would run:
+# in the forward chain of each NAT router (WAN side), and on the LAN/WAN interface (not back0)
+# of the agent and the connector (inbound only, so sending still succeeds and the packets
+# vanish, as on a broken path). Relay traffic (10.10.0.1) is untouched. Table ip ztna_block.
+nat_block() {
+    local p=$1 node ns rules
+    _topo_check_prefix "$p" || return
+    nat_unblock "$p" || return
+    for node in nata natc agent conn; do
+        ns=$(topo_ns "$p" "$node")
+        ip netns list | grep -qx "$ns\( .*\)\?" || continue
+        case $node in
+            nat?) rules="chain forward {
+        type filter hook forward priority filter - 10; policy accept;
+        iifname \"wan0\" meta l4proto udp ip saddr != $TOPO_RELAY_ADDR drop
+        oifname \"wan0\" meta l4proto udp ip daddr != $TOPO_RELAY_ADDR drop
+    }" ;;
+            *) rules="chain input {
+        type filter hook input priority filter - 10; policy accept;
+        iifname { \"wan0\", \"eth0\" } meta l4proto udp ip saddr != $TOPO_RELAY_ADDR drop
+    }" ;;
+        esac
+        printf 'table ip ztna_block {\n    %s\n}\n' "$rules" |
+            _topo ip netns exec "$ns" nft -f - || return
+    done
+}
+
+nat_unblock() {
+    local p=$1 node ns
+    _topo_check_prefix "$p" || return
+    for node in nata natc agent conn; do
+        ns=$(topo_ns "$p" "$node")
+        ip netns list | grep -qx "$ns\( .*\)\?" || continue
+        if ip netns exec "$ns" nft list table ip ztna_block >/dev/null 2>&1; then
+            _topo ip netns exec "$ns" nft delete table ip ztna_block || return
+        fi
+    done
+}
+
+_nat_usage() {
+    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+}
+
+_nat_main() {
+    set -euo pipefail
+    local cmd=${1:-}
+    if [[ $(id -u) -ne 0 ]]; then
+        _nat_err "must run as root (network namespaces)"
+        exit 1
+    fi
+    case $cmd in
+        up) [[ $# -eq 4 ]] || { _nat_usage; exit 2; }; nat_up "$2" "$3" "$4" ;;
+        lan) [[ $# -eq 3 ]] || { _nat_usage; exit 2; }; nat_lan "$2" "$3" ;;
+        readdress) [[ $# -eq 4 ]] || { _nat_usage; exit 2; }; nat_readdress "$2" "$3" "$4" ;;
+        block) [[ $# -eq 2 ]] || { _nat_usage; exit 2; }; nat_block "$2" ;;
+        unblock) [[ $# -eq 2 ]] || { _nat_usage; exit 2; }; nat_unblock "$2" ;;
+        down) [[ $# -eq 2 ]] || { _nat_usage; exit 2; }; topo_down "$2" ;;
+        -h | --help | help) _nat_usage ;;
+        *) _nat_usage; exit 2 ;;
+    esac
+}
+
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    _nat_main "$@"
+fi

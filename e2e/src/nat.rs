@@ -1,0 +1,194 @@
+//! The NAT topologies of `deploy/netns/nat.sh` (see `deploy/netns/README.md`): NAT types, node
+//! names, fixed addresses, and wrappers for the script's verbs.
+//!
+//! ```ignore
+//! use ztna_e2e::nat::{self, NatType};
+//! ztna_e2e::run_with("direct_full_sym", helper_bins!(),
+//!     |name, h| nat::up(name, h, NatType::Full, NatType::Sym), |t| { /* ... */ Ok(()) });
+//! ```
+
+use std::ffi::OsStr;
+use std::fmt;
+
+use anyhow::{bail, Result};
+
+use crate::{HelperBins, Node, Topology};
+
+/// The script, relative to the workspace root.
+pub const NAT_SH: &str = "deploy/netns/nat.sh";
+
+/// The agent side's NAT router (`${P}-nata`; also the one router of `nat.sh lan`).
+pub const NATA: Node = Node::Other("nata");
+/// The connector side's NAT router (`${P}-natc`).
+pub const NATC: Node = Node::Other("natc");
+/// A second public host on the WAN bridge (`${P}-pub2`, [`addr::PUB2`]).
+pub const PUB2: Node = Node::Other("pub2");
+/// The LAN bridge of `nat.sh lan` (`${P}-lan`, bridge `br0`).
+pub const LAN: Node = Node::Other("lan");
+
+/// Fixed addresses of the NAT topologies (the relay, backend and `none` sides keep those of
+/// [`crate::addr`]).
+pub mod addr {
+    /// `${P}-nata` wan0: the agent side's public address.
+    pub const NATA_WAN: &str = "10.10.0.11";
+    /// `${P}-natc` wan0: the connector side's public address.
+    pub const NATC_WAN: &str = "10.10.0.13";
+    /// A free WAN address to move `${P}-nata` to (`nat.sh readdress PREFIX agent ...`).
+    pub const NATA_WAN_ROAMED: &str = "10.10.0.21";
+    /// `${P}-nata` lan0 (the agent's default gateway).
+    pub const NATA_LAN: &str = "192.168.1.1";
+    /// `${P}-natc` lan0 (the connector's default gateway).
+    pub const NATC_LAN: &str = "192.168.2.1";
+    /// The agent (eth0) behind `${P}-nata`, in `up` and `lan`.
+    pub const AGENT_LAN: &str = "192.168.1.2";
+    /// The connector (eth0) behind `${P}-natc` in `up`.
+    pub const CONN_LAN: &str = "192.168.2.2";
+    /// The connector (eth0) on the shared LAN of `lan`, next to the agent.
+    pub const CONN_SHARED_LAN: &str = "192.168.1.3";
+    /// `${P}-pub2` wan0: a second public host.
+    pub const PUB2: &str = "10.10.0.5";
+}
+
+/// A NAT behaviour of `nat.sh` (RFC 4787 terms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NatType {
+    /// No NAT: the host sits on the WAN bridge itself.
+    None,
+    /// Endpoint-independent mapping and filtering (full cone).
+    Full,
+    /// Endpoint-independent mapping, address-dependent filtering (restricted cone).
+    Addr,
+    /// Endpoint-independent mapping, address-and-port-dependent filtering (port-restricted
+    /// cone; plain Linux masquerade).
+    Port,
+    /// Endpoint-dependent mapping (a random external port per destination), address-and-port-
+    /// dependent filtering (symmetric).
+    Sym,
+}
+
+impl NatType {
+    /// Every type, `None` first.
+    pub const ALL: [NatType; 5] = [
+        NatType::None,
+        NatType::Full,
+        NatType::Addr,
+        NatType::Port,
+        NatType::Sym,
+    ];
+
+    /// The argument of `nat.sh`: `none`, `full`, `addr`, `port`, `sym`.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            NatType::None => "none",
+            NatType::Full => "full",
+            NatType::Addr => "addr",
+            NatType::Port => "port",
+            NatType::Sym => "sym",
+        }
+    }
+
+    /// Whether the same external port is used for every destination.
+    pub fn endpoint_independent_mapping(self) -> bool {
+        self != NatType::Sym
+    }
+
+    /// The agent's own address with this NAT on the agent side (`nat.sh up`).
+    pub fn agent_addr(self) -> &'static str {
+        match self {
+            NatType::None => crate::addr::AGENT,
+            _ => addr::AGENT_LAN,
+        }
+    }
+
+    /// The address the agent's packets carry on the WAN (`nat.sh up`).
+    pub fn agent_public_addr(self) -> &'static str {
+        match self {
+            NatType::None => crate::addr::AGENT,
+            _ => addr::NATA_WAN,
+        }
+    }
+
+    /// The connector's own WAN/LAN address with this NAT on the connector side (`nat.sh up`).
+    pub fn conn_addr(self) -> &'static str {
+        match self {
+            NatType::None => crate::addr::CONN,
+            _ => addr::CONN_LAN,
+        }
+    }
+
+    /// The address the connector's packets carry on the WAN (`nat.sh up`).
+    pub fn conn_public_addr(self) -> &'static str {
+        match self {
+            NatType::None => crate::addr::CONN,
+            _ => addr::NATC_WAN,
+        }
+    }
+}
+
+impl fmt::Display for NatType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_arg())
+    }
+}
+
+/// `nat.sh up PREFIX AGENT CONN` (requires the ztna binaries, like [`Topology::new`]).
+pub fn up(test_name: &str, helpers: HelperBins, agent: NatType, conn: NatType) -> Result<Topology> {
+    Topology::with_script(
+        test_name,
+        helpers,
+        NAT_SH,
+        &["up", agent.as_arg(), conn.as_arg()],
+    )
+}
+
+/// `nat.sh lan PREFIX TYPE` (requires the ztna binaries). `TYPE` must not be `None`.
+pub fn lan(test_name: &str, helpers: HelperBins, nat: NatType) -> Result<Topology> {
+    Topology::with_script(test_name, helpers, NAT_SH, &["lan", nat.as_arg()])
+}
+
+/// Which NAT router [`readdress`] moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `${P}-nata`.
+    Agent,
+    /// `${P}-natc`.
+    Conn,
+}
+
+fn nat_sh(t: &Topology, verb: &str, extra: &[&str]) -> Result<()> {
+    let script = crate::workspace_root().join(NAT_SH);
+    let mut args = vec![
+        OsStr::new("bash"),
+        script.as_os_str(),
+        OsStr::new(verb),
+        OsStr::new(t.prefix()),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    let out = t.host(20, args)?;
+    if !out.success() {
+        bail!("{out}");
+    }
+    t.step(&format!("nat.sh {verb} {}", extra.join(" ")));
+    Ok(())
+}
+
+/// `nat.sh readdress PREFIX SIDE ADDR`: the router gets `addr` on wan0 instead of its old
+/// address and forgets every mapping and flow, so new flows leave from `addr`.
+pub fn readdress(t: &Topology, side: Side, addr: &str) -> Result<()> {
+    let side = match side {
+        Side::Agent => "agent",
+        Side::Conn => "conn",
+    };
+    nat_sh(t, "readdress", &[side, addr])
+}
+
+/// `nat.sh block PREFIX`: drop every UDP datagram that is not to or from the relay on the
+/// direct paths (both routers' forward chains, the agent's and connector's inbound).
+pub fn block(t: &Topology) -> Result<()> {
+    nat_sh(t, "block", &[])
+}
+
+/// `nat.sh unblock PREFIX`: undo [`block`].
+pub fn unblock(t: &Topology) -> Result<()> {
+    nat_sh(t, "unblock", &[])
+}
