@@ -48,27 +48,6 @@ _nat_check_type() {
     esac
 }
 
-# nat_bridge P NODE: namespace P-NODE with bridge br0 (STP off).
-nat_bridge() {
-    local ns
-    ns=$(topo_ns "$1" "$2")
-    topo_node "$1" "$2" || return
-    _topo ip -n "$ns" link add br0 type bridge stp_state 0 || return
-    _topo ip -n "$ns" link set br0 up || return
-}
-
-# nat_bridge_port P BRIDGE_NODE NODE IFNAME ADDR/LEN: like topo_wan_port, for any bridge node.
-nat_bridge_port() {
-    local p=$1 br=$2 node=$3 ifname=$4 addr=$5 ns brns
-    ns=$(topo_ns "$p" "$node")
-    brns=$(topo_ns "$p" "$br")
-    _topo ip -n "$ns" link add "$ifname" type veth peer name "$node" netns "$brns" || return
-    _topo ip -n "$brns" link set "$node" master br0 || return
-    _topo ip -n "$brns" link set "$node" up || return
-    _topo ip -n "$ns" addr add "$addr" dev "$ifname" || return
-    _topo ip -n "$ns" link set "$ifname" up || return
-}
-
 # nat_rules TYPE: the nftables ruleset of a router (wan0 outside, lan0 inside) on stdout.
 #
 # Every type: masquerade on wan0 (so a new wan0 address is used for new mappings), a forward
@@ -185,26 +164,30 @@ _nat_ping_group() {
     fi
 }
 
+# _nat_side P TYPE ROUTER WAN_ADDR LAN_ADDR HOST HOST_ADDR PLAIN: HOST behind ROUTER (LAN
+# ROUTER lan0 LAN_ADDR/24 <-> HOST eth0 HOST_ADDR/24, default route via LAN_ADDR), or for type
+# none the function PLAIN (topo_agent, topo_conn) puts HOST on the WAN bridge.
+_nat_side() {
+    local p=$1 type=$2 router=$3 wan=$4 lan=$5 host=$6 addr=$7 plain=$8
+    if [[ $type == none ]]; then
+        "$plain" "$p" || return
+        return
+    fi
+    nat_router "$p" "$router" "$wan/24" "$type" || return
+    topo_node "$p" "$host" || return
+    topo_link "$p" "$router" lan0 "$lan/24" "$host" eth0 "$addr/24" || return
+    topo_route "$p" "$host" default "$lan" || return
+}
+
 _nat_build_up() {
     local p=$1 ta=$2 tc=$3
     topo_wan "$p" && topo_relay "$p" && nat_pub2 "$p" || return
-    if [[ $ta == none ]]; then
-        topo_agent "$p" || return
-    else
-        nat_router "$p" nata "$NAT_A_WAN_ADDR/24" "$ta" || return
-        topo_node "$p" agent || return
-        topo_link "$p" nata lan0 "$NAT_A_LAN_ADDR/24" agent eth0 "$NAT_AGENT_LAN_ADDR/24" || return
-        topo_route "$p" agent default "$NAT_A_LAN_ADDR" || return
-    fi
-    if [[ $tc == none ]]; then
-        topo_conn "$p" || return
-    else
-        nat_router "$p" natc "$NAT_C_WAN_ADDR/24" "$tc" || return
-        topo_node "$p" conn || return
-        topo_link "$p" natc lan0 "$NAT_C_LAN_ADDR/24" conn eth0 "$NAT_CONN_LAN_ADDR/24" || return
-        topo_route "$p" conn default "$NAT_C_LAN_ADDR" || return
-        _nat_ping_group "$p" || return
-    fi
+    _nat_side "$p" "$ta" nata "$NAT_A_WAN_ADDR" "$NAT_A_LAN_ADDR" agent "$NAT_AGENT_LAN_ADDR" \
+        topo_agent || return
+    _nat_side "$p" "$tc" natc "$NAT_C_WAN_ADDR" "$NAT_C_LAN_ADDR" conn "$NAT_CONN_LAN_ADDR" \
+        topo_conn || return
+    # topo_conn sets it for type none; a connector behind a NAT needs it too.
+    if [[ $tc != none ]]; then _nat_ping_group "$p" || return; fi
     topo_backend "$p" || return
 }
 
@@ -212,13 +195,13 @@ _nat_build_lan() {
     local p=$1 t=$2
     topo_wan "$p" && topo_relay "$p" && nat_pub2 "$p" || return
     nat_router "$p" nata "$NAT_A_WAN_ADDR/24" "$t" || return
-    nat_bridge "$p" lan || return
-    nat_bridge_port "$p" lan nata lan0 "$NAT_A_LAN_ADDR/24" || return
+    topo_bridge "$p" lan || return
+    topo_bridge_port "$p" lan nata lan0 "$NAT_A_LAN_ADDR/24" || return
     topo_node "$p" agent || return
-    nat_bridge_port "$p" lan agent eth0 "$NAT_AGENT_LAN_ADDR/24" || return
+    topo_bridge_port "$p" lan agent eth0 "$NAT_AGENT_LAN_ADDR/24" || return
     topo_route "$p" agent default "$NAT_A_LAN_ADDR" || return
     topo_node "$p" conn || return
-    nat_bridge_port "$p" lan conn eth0 "$NAT_CONN_SHARED_LAN_ADDR/24" || return
+    topo_bridge_port "$p" lan conn eth0 "$NAT_CONN_SHARED_LAN_ADDR/24" || return
     topo_route "$p" conn default "$NAT_A_LAN_ADDR" || return
     _nat_ping_group "$p" || return
     topo_backend "$p" || return

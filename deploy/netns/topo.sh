@@ -65,26 +65,37 @@ topo_node() {
     _topo ip -n "$ns" link set lo up || return
 }
 
-# topo_wan PREFIX: the WAN namespace with bridge br0 (STP off, so ports forward at once).
-topo_wan() {
+# topo_bridge PREFIX NODE: namespace ${PREFIX}-${NODE} with bridge br0 (STP off, so ports
+# forward at once).
+topo_bridge() {
     local ns
-    ns=$(topo_ns "$1" wan)
-    topo_node "$1" wan || return
+    ns=$(topo_ns "$1" "$2")
+    topo_node "$1" "$2" || return
     _topo ip -n "$ns" link add br0 type bridge stp_state 0 || return
     _topo ip -n "$ns" link set br0 up || return
 }
 
-# topo_wan_port PREFIX NODE IFNAME ADDR/LEN: a veth from NODE (named IFNAME there) to a port of
-# br0 in ${PREFIX}-wan (named NODE there), with ADDR/LEN on the NODE side.
-topo_wan_port() {
-    local p=$1 node=$2 ifname=$3 addr=$4 ns wan
+# topo_wan PREFIX: the WAN namespace with bridge br0.
+topo_wan() {
+    topo_bridge "$1" wan || return
+}
+
+# topo_bridge_port PREFIX BRIDGE_NODE NODE IFNAME ADDR/LEN: a veth from NODE (named IFNAME there)
+# to a port of br0 in ${PREFIX}-${BRIDGE_NODE} (named NODE there), with ADDR/LEN on the NODE side.
+topo_bridge_port() {
+    local p=$1 br=$2 node=$3 ifname=$4 addr=$5 ns brns
     ns=$(topo_ns "$p" "$node")
-    wan=$(topo_ns "$p" wan)
-    _topo ip -n "$ns" link add "$ifname" type veth peer name "$node" netns "$wan" || return
-    _topo ip -n "$wan" link set "$node" master br0 || return
-    _topo ip -n "$wan" link set "$node" up || return
+    brns=$(topo_ns "$p" "$br")
+    _topo ip -n "$ns" link add "$ifname" type veth peer name "$node" netns "$brns" || return
+    _topo ip -n "$brns" link set "$node" master br0 || return
+    _topo ip -n "$brns" link set "$node" up || return
     _topo ip -n "$ns" addr add "$addr" dev "$ifname" || return
     _topo ip -n "$ns" link set "$ifname" up || return
+}
+
+# topo_wan_port PREFIX NODE IFNAME ADDR/LEN: topo_bridge_port on the WAN bridge ${PREFIX}-wan.
+topo_wan_port() {
+    topo_bridge_port "$1" wan "$2" "$3" "$4" || return
 }
 
 # topo_link PREFIX NODE_A IF_A ADDR_A/LEN NODE_B IF_B ADDR_B/LEN: a point-to-point veth.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use ztna_e2e::nat::{self, addr as nat_addr, NatType, Side, NAT_SH, PUB2};
 use ztna_e2e::wait::wait_until;
-use ztna_e2e::{addr, helper_bins, run_with, HelperBins, Node, Topology};
+use ztna_e2e::{addr, helper_bins, run_with, DaemonId, HelperBins, Node, Topology};
 
 /// The probe servers' two ports (the second one answers "from the other port").
 const PORT_A: u16 = 3478;
@@ -22,7 +22,7 @@ fn network(args: &'static [&'static str]) -> impl FnOnce(&str, HelperBins) -> Re
 }
 
 /// Starts `ztna-test-nat-probe serve` in `node` and waits until it listens.
-fn serve(t: &Topology, node: Node, args: &[&str]) -> Result<()> {
+fn serve(t: &Topology, node: Node, args: &[&str]) -> Result<DaemonId> {
     let probe = t.helpers().nat_probe.clone();
     let mut full = vec!["serve", "--for-secs", "30"];
     full.extend_from_slice(args);
@@ -30,7 +30,8 @@ fn serve(t: &Topology, node: Node, args: &[&str]) -> Result<()> {
     wait_until("the probe server to listen", Duration::from_secs(5), || {
         t.log(id).contains("serving on")
     })?;
-    t.ensure_running(id)
+    t.ensure_running(id)?;
+    Ok(id)
 }
 
 /// Starts the public probe servers: the relay's (ports A and B, forwarding to pub2) and pub2's.
@@ -48,7 +49,8 @@ fn serve_public(t: &Topology) -> Result<()> {
         t,
         Node::Relay,
         &["--bind", &ra, "--bind", &rb, "--peer", &pa],
-    )
+    )?;
+    Ok(())
 }
 
 /// What one `ztna-test-nat-probe probe` run printed.
@@ -294,24 +296,11 @@ fn readdressed_router_sends_new_flows_from_the_new_address() {
 
             // Full cone: pub2 reaches the agent's mapped port first, so the router holds a DNATed
             // flow pub2:45000 <-> agent:43000 that masquerade's own flush would not remove.
-            let agent_port = format!("0.0.0.0:{}", 43000);
-            let agent_srv = t.spawn(
+            let agent_srv = serve(
+                t,
                 Node::Agent,
-                "probe-serve-agent",
-                &t.helpers().nat_probe,
-                [
-                    "serve",
-                    "--bind",
-                    &agent_port,
-                    "--hello",
-                    &relay,
-                    "--for-secs",
-                    "30",
-                ],
+                &["--bind", "0.0.0.0:43000", "--hello", &relay],
             )?;
-            wait_until("the agent's probe server", Duration::from_secs(5), || {
-                t.log(agent_srv).contains("serving on")
-            })?;
             let p = probe(
                 t,
                 PUB2,
