@@ -98,70 +98,102 @@ fn hex(s: &str) -> Result<Vec<u8>> {
 
 #[test]
 fn forged_probes_are_counted_and_change_nothing() {
-    run("forged_probes_are_counted_and_change_nothing", helper_bins!(), |t| {
-        let mut s = Stack::new(t)?;
-        s.agent_cfg.direct_paths = None;
-        s.start_all()?;
-        wait_path(&s, "a direct LAN path", DIRECT_BUDGET, |p| p == "direct-lan")?;
+    run(
+        "forged_probes_are_counted_and_change_nothing",
+        helper_bins!(),
+        |t| {
+            let mut s = Stack::new(t)?;
+            s.agent_cfg.direct_paths = None;
+            s.start_all()?;
+            wait_path(&s, "a direct LAN path", DIRECT_BUDGET, |p| {
+                p == "direct-lan"
+            })?;
 
-        t.step("capture the agent's probes on the connector's link to learn a real tag");
-        let pcap = t.dir().join("probes.pcap");
-        let filter = format!("udp and src host {} and udp[8:4] = 0x007a7470", addr::AGENT);
-        t.run_ok(
-            ztna_e2e::Node::Conn,
-            10,
-            ["tcpdump", "-i", "wan0", "-c", "3", "-w", pcap.to_str().context("path")?, &filter],
-        )?;
-        let bytes = std::fs::read(&pcap)?;
-        let at = bytes
-            .windows(PROBE_HEAD.len())
-            .position(|w| w == PROBE_HEAD)
-            .context("no probe in the capture")?;
-        let tag = bytes[at + 6..at + 14].to_vec();
+            t.step("capture the agent's probes on the connector's link to learn a real tag");
+            let pcap = t.dir().join("probes.pcap");
+            let filter = format!("udp and src host {} and udp[8:4] = 0x007a7470", addr::AGENT);
+            t.run_ok(
+                ztna_e2e::Node::Conn,
+                10,
+                [
+                    "tcpdump",
+                    "-i",
+                    "wan0",
+                    "-c",
+                    "3",
+                    "-w",
+                    pcap.to_str().context("path")?,
+                    &filter,
+                ],
+            )?;
+            let bytes = std::fs::read(&pcap)?;
+            let at = bytes
+                .windows(PROBE_HEAD.len())
+                .position(|w| w == PROBE_HEAD)
+                .context("no probe in the capture")?;
+            let tag = bytes[at + 6..at + 14].to_vec();
 
-        let before = s.conn_metrics()?.value("ztna_connector_probes_rejected_total");
-        let forged = [
-            ("ping with the real tag and a wrong MAC", forged_probe(1, &tag)?),
-            ("pong with the real tag and a wrong MAC", forged_probe(2, &tag)?),
-            ("ping for an unknown connection", forged_probe(1, b"\x01\x02\x03\x04\x05\x06\x07\x08")?),
-            ("truncated probe", PROBE_HEAD.to_vec()),
-        ];
-        const EACH: usize = 5;
-        for (what, bytes) in &forged {
-            t.step(&format!("inject {EACH} × {what} from the relay's host"));
-            let file = t.dir().join("forged.bin");
-            std::fs::write(&file, bytes)?;
-            for _ in 0..EACH {
-                t.run_ok(
-                    ztna_e2e::Node::Relay,
-                    5,
-                    [
-                        "socat".to_owned(),
-                        "-u".to_owned(),
-                        format!("OPEN:{}", file.display()),
-                        format!("UDP-SENDTO:{}:4434", addr::CONN),
-                    ],
-                )?;
+            let before = s
+                .conn_metrics()?
+                .value("ztna_connector_probes_rejected_total");
+            let forged = [
+                (
+                    "ping with the real tag and a wrong MAC",
+                    forged_probe(1, &tag)?,
+                ),
+                (
+                    "pong with the real tag and a wrong MAC",
+                    forged_probe(2, &tag)?,
+                ),
+                (
+                    "ping for an unknown connection",
+                    forged_probe(1, b"\x01\x02\x03\x04\x05\x06\x07\x08")?,
+                ),
+                ("truncated probe", PROBE_HEAD.to_vec()),
+            ];
+            const EACH: usize = 5;
+            for (what, bytes) in &forged {
+                t.step(&format!("inject {EACH} × {what} from the relay's host"));
+                let file = t.dir().join("forged.bin");
+                std::fs::write(&file, bytes)?;
+                for _ in 0..EACH {
+                    t.run_ok(
+                        ztna_e2e::Node::Relay,
+                        5,
+                        [
+                            "socat".to_owned(),
+                            "-u".to_owned(),
+                            format!("OPEN:{}", file.display()),
+                            format!("UDP-SENDTO:{}:4434", addr::CONN),
+                        ],
+                    )?;
+                }
             }
-        }
-        let want = (forged.len() * EACH) as f64;
-        let took = wait_until_every(
-            "the connector to count the forged probes",
-            Duration::from_secs(5),
-            Duration::from_millis(100),
-            || {
-                s.conn_metrics()
-                    .map(|m| m.value("ztna_connector_probes_rejected_total") - before >= want)
-                    .unwrap_or(false)
-            },
-        )?;
-        let rejected = s.conn_metrics()?.value("ztna_connector_probes_rejected_total") - before;
-        t.step(&format!("{rejected} probes rejected (after {:.2} s)", took.as_secs_f64()));
-        let st = s.status(&s.agent_cfg.status_socket)?;
-        ensure!(path(&s) == "direct-lan", "the path changed: {}", st.json);
-        t.ping_all(ztna_e2e::Node::Agent, addr::ECHO, 3)?;
-        Ok(())
-    });
+            let want = (forged.len() * EACH) as f64;
+            let took = wait_until_every(
+                "the connector to count the forged probes",
+                Duration::from_secs(5),
+                Duration::from_millis(100),
+                || {
+                    s.conn_metrics()
+                        .map(|m| m.value("ztna_connector_probes_rejected_total") - before >= want)
+                        .unwrap_or(false)
+                },
+            )?;
+            let rejected = s
+                .conn_metrics()?
+                .value("ztna_connector_probes_rejected_total")
+                - before;
+            t.step(&format!(
+                "{rejected} probes rejected (after {:.2} s)",
+                took.as_secs_f64()
+            ));
+            let st = s.status(&s.agent_cfg.status_socket)?;
+            ensure!(path(&s) == "direct-lan", "the path changed: {}", st.json);
+            t.ping_all(ztna_e2e::Node::Agent, addr::ECHO, 3)?;
+            Ok(())
+        },
+    );
 }
 
 /// Whether the design expects a direct path between an agent behind `a` and a connector behind
@@ -176,10 +208,7 @@ fn expect_direct(a: NatType, c: NatType) -> bool {
 
 /// Runs `body` in a topology built by `build`, and returns its result; the topology prints its
 /// logs on failure when dropped.
-fn with_nat<T>(
-    build: Result<Topology>,
-    body: impl FnOnce(&Topology) -> Result<T>,
-) -> Result<T> {
+fn with_nat<T>(build: Result<Topology>, body: impl FnOnce(&Topology) -> Result<T>) -> Result<T> {
     let t = build?;
     let r = body(&t);
     if r.is_ok() {
@@ -234,7 +263,9 @@ fn nat_matrix() {
             let result = with_nat(nat::up(&name, helper_bins!(), a, c), |t| {
                 let (s, started) = start_direct_stack(t)?;
                 let outcome = if direct {
-                    wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| p == "direct-wan")?;
+                    wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| {
+                        p == "direct-wan"
+                    })?;
                     format!("direct {:.1} s", started.elapsed().as_secs_f64())
                 } else {
                     // Longer than a punch window: the path must stay on the relay throughout.
@@ -256,7 +287,11 @@ fn nat_matrix() {
                     Ok(())
                 })?;
                 let errors = error_lines(t, &s);
-                ensure!(errors.is_empty(), "errors in the logs:\n{}", errors.join("\n"));
+                ensure!(
+                    errors.is_empty(),
+                    "errors in the logs:\n{}",
+                    errors.join("\n")
+                );
                 Ok(outcome)
             });
             let shown = match &result {
@@ -306,7 +341,9 @@ fn lan_behind_one_nat_takes_the_direct_lan_path() {
     let name = "lan_behind_one_nat_takes_the_direct_lan_path";
     let r = with_nat(nat::lan(name, helper_bins!(), NatType::Port), |t| {
         let (s, started) = start_direct_stack(t)?;
-        wait_path(&s, "a direct LAN path", DIRECT_BUDGET, |p| p == "direct-lan")?;
+        wait_path(&s, "a direct LAN path", DIRECT_BUDGET, |p| {
+            p == "direct-lan"
+        })?;
         t.step(&format!(
             "direct-lan {:.2} s after the agent started",
             started.elapsed().as_secs_f64()
@@ -358,78 +395,146 @@ fn longest_gap(answered: &[u64], sent: u64) -> u64 {
 #[test]
 fn fallback_to_the_relay_and_back() {
     let name = "fallback_to_the_relay_and_back";
-    let r = with_nat(nat::up(name, helper_bins!(), NatType::Port, NatType::Port), |t| {
-        let (s, _) = start_direct_stack(t)?;
-        wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| p == "direct-wan")?;
+    let r = with_nat(
+        nat::up(name, helper_bins!(), NatType::Port, NatType::Port),
+        |t| {
+            let (s, _) = start_direct_stack(t)?;
+            wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| {
+                p == "direct-wan"
+            })?;
 
-        t.step("relay stops carrying data once the path is direct");
-        let before = relay_forwarded(&s)?;
-        t.run_ok(
-            ztna_e2e::Node::Agent,
-            10,
-            ["ping", "-n", "-c", "20", "-i", "0.05", "-W", "2", addr::ECHO],
-        )?;
-        let relayed = relay_forwarded(&s)? - before;
-        ensure!(relayed == 0.0, "the relay forwarded {relayed} datagrams on a direct path");
+            t.step("relay stops carrying data once the path is direct");
+            let before = relay_forwarded(&s)?;
+            t.run_ok(
+                ztna_e2e::Node::Agent,
+                10,
+                [
+                    "ping",
+                    "-n",
+                    "-c",
+                    "20",
+                    "-i",
+                    "0.05",
+                    "-W",
+                    "2",
+                    addr::ECHO,
+                ],
+            )?;
+            let relayed = relay_forwarded(&s)? - before;
+            ensure!(
+                relayed == 0.0,
+                "the relay forwarded {relayed} datagrams on a direct path"
+            );
 
-        t.step("ping every 100 ms; block the direct path after 3 s, lift the block after 8 s");
-        let ping = t.spawn(
-            ztna_e2e::Node::Agent,
-            "ping",
-            "ping",
-            ["-n", "-D", "-O", "-i", "0.1", "-c", "250", "-W", "1", addr::ECHO],
-        )?;
-        std::thread::sleep(Duration::from_secs(3));
-        nat::block(t)?;
-        let blocked = Instant::now();
-        let to_relay = wait_path(&s, "the fallback to the relay", Duration::from_secs(5), |p| p == "relay")?;
-        t.step(&format!("on the relay {:.2} s after the block", to_relay.as_secs_f64()));
-        std::thread::sleep(Duration::from_secs(8).saturating_sub(blocked.elapsed()));
-        nat::unblock(t)?;
-        let back = wait_path(&s, "the return to the direct path", Duration::from_secs(30), |p| {
-            p == "direct-wan"
-        })?;
-        t.step(&format!("direct again {:.2} s after the block was lifted", back.as_secs_f64()));
-        t.wait_exit(ping, Duration::from_secs(40))?;
-        let out = std::fs::read_to_string(t.log_path(ping).context("ping log")?)?;
-        let answered = answered_seqs(&out);
-        let gap = longest_gap(&answered, 250);
-        t.step(&format!(
-            "{} of 250 pings answered; longest gap {} pings ({} ms)",
-            answered.len(),
-            gap,
-            gap * 100
-        ));
-        ensure!(gap * 100 < 2000, "traffic stopped for {} ms during the fallback", gap * 100);
+            t.step("ping every 100 ms; block the direct path after 3 s, lift the block after 8 s");
+            let ping = t.spawn(
+                ztna_e2e::Node::Agent,
+                "ping",
+                "ping",
+                [
+                    "-n",
+                    "-D",
+                    "-O",
+                    "-i",
+                    "0.1",
+                    "-c",
+                    "250",
+                    "-W",
+                    "1",
+                    addr::ECHO,
+                ],
+            )?;
+            std::thread::sleep(Duration::from_secs(3));
+            nat::block(t)?;
+            let blocked = Instant::now();
+            let to_relay = wait_path(
+                &s,
+                "the fallback to the relay",
+                Duration::from_secs(5),
+                |p| p == "relay",
+            )?;
+            t.step(&format!(
+                "on the relay {:.2} s after the block",
+                to_relay.as_secs_f64()
+            ));
+            std::thread::sleep(Duration::from_secs(8).saturating_sub(blocked.elapsed()));
+            nat::unblock(t)?;
+            let back = wait_path(
+                &s,
+                "the return to the direct path",
+                Duration::from_secs(30),
+                |p| p == "direct-wan",
+            )?;
+            t.step(&format!(
+                "direct again {:.2} s after the block was lifted",
+                back.as_secs_f64()
+            ));
+            t.wait_exit(ping, Duration::from_secs(40))?;
+            let out = std::fs::read_to_string(t.log_path(ping).context("ping log")?)?;
+            let answered = answered_seqs(&out);
+            let gap = longest_gap(&answered, 250);
+            t.step(&format!(
+                "{} of 250 pings answered; longest gap {} pings ({} ms)",
+                answered.len(),
+                gap,
+                gap * 100
+            ));
+            ensure!(
+                gap * 100 < 2000,
+                "traffic stopped for {} ms during the fallback",
+                gap * 100
+            );
 
-        t.step("iperf3 TCP across a fallback and a return to the direct path");
-        let srv = t.spawn(
-            ztna_e2e::Node::Backend,
-            "iperf3-server",
-            "iperf3",
-            ["-s", "-p", "5001", "-1", "--forceflush"],
-        )?;
-        std::thread::sleep(Duration::from_millis(300));
-        let client = t.spawn(
-            ztna_e2e::Node::Agent,
-            "iperf3-client",
-            "iperf3",
-            ["-c", addr::WEB, "-p", "5001", "-t", "30", "-i", "5", "--connect-timeout", "5000"],
-        )?;
-        std::thread::sleep(Duration::from_secs(3));
-        nat::block(t)?;
-        wait_path(&s, "the fallback under load", Duration::from_secs(5), |p| p == "relay")?;
-        std::thread::sleep(Duration::from_secs(3));
-        nat::unblock(t)?;
-        let back = wait_path(&s, "the return under load", Duration::from_secs(22), |p| p == "direct-wan")?;
-        t.step(&format!("direct again {:.2} s after the block was lifted, under load", back.as_secs_f64()));
-        let st = t.wait_exit(client, Duration::from_secs(45))?;
-        let out = std::fs::read_to_string(t.log_path(client).context("iperf3 log")?)?;
-        t.step(&format!("iperf3:\n{}", ztna_e2e::topology::tail(&out, 6)));
-        ensure!(st.success() && out.contains("receiver"), "iperf3 did not complete: {st}\n{out}");
-        let _ = t.wait_exit(srv, Duration::from_secs(5));
-        Ok(())
-    });
+            t.step("iperf3 TCP across a fallback and a return to the direct path");
+            let srv = t.spawn(
+                ztna_e2e::Node::Backend,
+                "iperf3-server",
+                "iperf3",
+                ["-s", "-p", "5001", "-1", "--forceflush"],
+            )?;
+            std::thread::sleep(Duration::from_millis(300));
+            let client = t.spawn(
+                ztna_e2e::Node::Agent,
+                "iperf3-client",
+                "iperf3",
+                [
+                    "-c",
+                    addr::WEB,
+                    "-p",
+                    "5001",
+                    "-t",
+                    "30",
+                    "-i",
+                    "5",
+                    "--connect-timeout",
+                    "5000",
+                ],
+            )?;
+            std::thread::sleep(Duration::from_secs(3));
+            nat::block(t)?;
+            wait_path(&s, "the fallback under load", Duration::from_secs(5), |p| {
+                p == "relay"
+            })?;
+            std::thread::sleep(Duration::from_secs(3));
+            nat::unblock(t)?;
+            let back = wait_path(&s, "the return under load", Duration::from_secs(22), |p| {
+                p == "direct-wan"
+            })?;
+            t.step(&format!(
+                "direct again {:.2} s after the block was lifted, under load",
+                back.as_secs_f64()
+            ));
+            let st = t.wait_exit(client, Duration::from_secs(45))?;
+            let out = std::fs::read_to_string(t.log_path(client).context("iperf3 log")?)?;
+            t.step(&format!("iperf3:\n{}", ztna_e2e::topology::tail(&out, 6)));
+            ensure!(
+                st.success() && out.contains("receiver"),
+                "iperf3 did not complete: {st}\n{out}"
+            );
+            let _ = t.wait_exit(srv, Duration::from_secs(5));
+            Ok(())
+        },
+    );
     if let Err(e) = r {
         panic!("fallback_to_the_relay_and_back failed: {e:#}");
     }
@@ -438,46 +543,63 @@ fn fallback_to_the_relay_and_back() {
 #[test]
 fn roaming_agent_recovers_without_a_restart() {
     let name = "roaming_agent_recovers_without_a_restart";
-    let r = with_nat(nat::up(name, helper_bins!(), NatType::Port, NatType::Port), |t| {
-        let (s, _) = start_direct_stack(t)?;
-        wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| p == "direct-wan")?;
-        let sessions = s.status(&s.agent_cfg.status_socket)?.json["relay_sessions"].clone();
+    let r = with_nat(
+        nat::up(name, helper_bins!(), NatType::Port, NatType::Port),
+        |t| {
+            let (s, _) = start_direct_stack(t)?;
+            wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| {
+                p == "direct-wan"
+            })?;
+            let sessions = s.status(&s.agent_cfg.status_socket)?.json["relay_sessions"].clone();
 
-        t.step("re-address the agent's NAT router: its mappings now leave from a new address");
-        nat::readdress(t, Side::Agent, nat::addr::NATA_WAN_ROAMED)?;
-        let moved = Instant::now();
-        let took = wait_until_every(
-            "pings through the tunnel after the move",
-            Duration::from_secs(20),
-            Duration::from_millis(200),
-            || s.ping_once(addr::ECHO),
-        )
-        .map(|_| moved.elapsed())?;
-        t.step(&format!("tunnel carries pings {:.2} s after the move", took.as_secs_f64()));
-        ensure!(took <= Duration::from_secs(10), "recovery took {:.2} s", took.as_secs_f64());
-        let direct = wait_path(&s, "a direct path again", Duration::from_secs(30), |p| p == "direct-wan");
-        let st = s.status(&s.agent_cfg.status_socket)?;
-        t.step(&format!(
-            "path {} ({}); observed address {}; relay sessions {} before, {} now",
-            path(&s),
-            match &direct {
-                Ok(d) => format!("direct {:.2} s after the move", (d.as_secs_f64() + took.as_secs_f64())),
-                Err(_) => "no direct path within 30 s".into(),
-            },
-            st.json["observed_addr"],
-            sessions,
-            st.json["relay_sessions"]
-        ));
-        direct?;
-        ensure!(
-            st.json["observed_addr"]
-                .as_str()
-                .is_some_and(|a| a.starts_with(&format!("{}:", nat::addr::NATA_WAN_ROAMED))),
-            "the relay did not see the new address: {}",
-            st.json
-        );
-        Ok(())
-    });
+            t.step("re-address the agent's NAT router: its mappings now leave from a new address");
+            nat::readdress(t, Side::Agent, nat::addr::NATA_WAN_ROAMED)?;
+            let moved = Instant::now();
+            let took = wait_until_every(
+                "pings through the tunnel after the move",
+                Duration::from_secs(20),
+                Duration::from_millis(200),
+                || s.ping_once(addr::ECHO),
+            )
+            .map(|_| moved.elapsed())?;
+            t.step(&format!(
+                "tunnel carries pings {:.2} s after the move",
+                took.as_secs_f64()
+            ));
+            ensure!(
+                took <= Duration::from_secs(10),
+                "recovery took {:.2} s",
+                took.as_secs_f64()
+            );
+            let direct = wait_path(&s, "a direct path again", Duration::from_secs(30), |p| {
+                p == "direct-wan"
+            });
+            let st = s.status(&s.agent_cfg.status_socket)?;
+            t.step(&format!(
+                "path {} ({}); observed address {}; relay sessions {} before, {} now",
+                path(&s),
+                match &direct {
+                    Ok(d) => format!(
+                        "direct {:.2} s after the move",
+                        (d.as_secs_f64() + took.as_secs_f64())
+                    ),
+                    Err(_) => "no direct path within 30 s".into(),
+                },
+                st.json["observed_addr"],
+                sessions,
+                st.json["relay_sessions"]
+            ));
+            direct?;
+            ensure!(
+                st.json["observed_addr"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(&format!("{}:", nat::addr::NATA_WAN_ROAMED))),
+                "the relay did not see the new address: {}",
+                st.json
+            );
+            Ok(())
+        },
+    );
     if let Err(e) = r {
         panic!("roaming_agent_recovers_without_a_restart failed: {e:#}");
     }

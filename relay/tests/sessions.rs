@@ -437,7 +437,7 @@ async fn hostile_control_messages_close_only_that_session() {
     );
 
     // A good session that sends an oversized candidate list.
-    let mut flood = w.agent("mallory6", &[]).await;
+    let flood = w.agent("mallory6", &[]).await;
     let many = (0..100u16)
         .map(|p| Candidate {
             addr: SocketAddr::from(([192, 0, 2, 1], 1000 + p)),
