@@ -486,6 +486,39 @@ key = "/etc/ztna/agent.key"
     }
 
     #[test]
+    fn direct_paths_can_be_switched_off_by_file_env_or_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "a.toml",
+            &format!("{MINIMAL}\ndirect_paths = false\n"),
+        );
+        let o = Overrides::default();
+        assert!(!sources(Some(&f), &o).load().unwrap().direct_paths);
+        let prefix = "ZTNA_TEST_DIRECT_";
+        std::env::set_var(format!("{prefix}DIRECT_PATHS"), "true");
+        let s = Sources {
+            system: vec![],
+            file: Some(&f),
+            env_prefix: prefix,
+            overrides: &o,
+        };
+        assert!(s.load().unwrap().direct_paths, "environment beats the file");
+        let off = Overrides {
+            direct_paths: Some(false),
+            ..Overrides::default()
+        };
+        let s = Sources {
+            overrides: &off,
+            ..s
+        };
+        assert!(
+            !s.load().unwrap().direct_paths,
+            "the flag beats the environment"
+        );
+    }
+
+    #[test]
     fn unknown_key_is_rejected_with_the_file_named() {
         let dir = tempfile::tempdir().unwrap();
         let f = write(dir.path(), "agent.toml", &format!("{MINIMAL}\nrealy = 1\n"));

@@ -203,6 +203,8 @@ pub struct ConnectorConfig {
     pub tcp_idle_timeout_secs: Option<u64>,
     /// Cap on TCP connections per agent (`max_tcp_per_agent`); written only when set.
     pub max_tcp_per_agent: Option<u64>,
+    /// `direct_paths`; written only when set (the connector's default is true).
+    pub direct_paths: Option<bool>,
     /// Services announced to the relay.
     pub services: Vec<ServiceConfig>,
 }
@@ -234,6 +236,7 @@ impl ConnectorConfig {
             tcp_connect_timeout_secs: None,
             tcp_idle_timeout_secs: None,
             max_tcp_per_agent: None,
+            direct_paths: None,
             services: vec![
                 svc("echo", addr::ECHO, "7", true),
                 svc("dns", addr::DNS, "53", false),
@@ -267,6 +270,9 @@ impl ConnectorConfig {
             if let Some(v) = value {
                 let _ = writeln!(s, "{key} = {v}");
             }
+        }
+        if let Some(d) = self.direct_paths {
+            let _ = writeln!(s, "direct_paths = {d}");
         }
         for svc in &self.services {
             let _ = writeln!(s, "\n[[services]]");

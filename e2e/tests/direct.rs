@@ -604,3 +604,38 @@ fn roaming_agent_recovers_without_a_restart() {
         panic!("roaming_agent_recovers_without_a_restart failed: {e:#}");
     }
 }
+
+#[test]
+fn direct_paths_off_at_the_connector_keeps_the_relay() {
+    run(
+        "direct_paths_off_at_the_connector_keeps_the_relay",
+        helper_bins!(),
+        |t| {
+            let mut s = Stack::new(t)?;
+            s.agent_cfg.direct_paths = None;
+            s.conn_cfg.direct_paths = Some(false);
+            s.start_all()?;
+            // Longer than a punch window: nothing may leave the relay.
+            let until = Instant::now() + Duration::from_secs(6);
+            while Instant::now() < until {
+                let p = path(&s);
+                ensure!(p == "relay", "expected the relay path, got {p}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let before = relay_forwarded(&s)?;
+            t.ping_all(ztna_e2e::Node::Agent, addr::ECHO, 3)?;
+            ensure!(
+                relay_forwarded(&s)? > before,
+                "pings did not cross the relay"
+            );
+            let direct = s
+                .conn_metrics()?
+                .value("ztna_connector_direct_tx_packets_total");
+            ensure!(
+                direct == 0.0,
+                "the connector sent {direct} packets directly"
+            );
+            Ok(())
+        },
+    );
+}
