@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use ztna_e2e::nat::{self, NatType, Side};
 use ztna_e2e::wait::wait_until_every;
-use ztna_e2e::{addr, helper_bins, run, Stack, Topology};
+use ztna_e2e::{addr, helper_bins, run, run_with, Stack, Topology};
 
 /// How long a direct path may take to come up where one is possible.
 const DIRECT_BUDGET: Duration = Duration::from_secs(15);
@@ -232,6 +232,20 @@ fn start_direct_stack(t: &Topology) -> Result<(Stack<'_>, Instant)> {
     Ok((s, started))
 }
 
+/// Agent and connector each behind a port-restricted NAT (Linux masquerade).
+fn behind_port_nats(name: &str, helpers: ztna_e2e::HelperBins) -> Result<Topology> {
+    nat::up(name, helpers, NatType::Port, NatType::Port)
+}
+
+/// [`start_direct_stack`], then waits for the direct WAN path.
+fn direct_wan_stack(t: &Topology) -> Result<Stack<'_>> {
+    let (s, _) = start_direct_stack(t)?;
+    wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| {
+        p == "direct-wan"
+    })?;
+    Ok(s)
+}
+
 /// `ERROR` lines in the relay's, connector's and agent's logs.
 fn error_lines(t: &Topology, s: &Stack<'_>) -> Vec<String> {
     [s.relay, s.connector, s.agent]
@@ -339,7 +353,8 @@ fn nat_matrix() {
 #[test]
 fn lan_behind_one_nat_takes_the_direct_lan_path() {
     let name = "lan_behind_one_nat_takes_the_direct_lan_path";
-    let r = with_nat(nat::lan(name, helper_bins!(), NatType::Port), |t| {
+    let lan = |n: &str, h| nat::lan(n, h, NatType::Port);
+    run_with(name, helper_bins!(), lan, |t| {
         let (s, started) = start_direct_stack(t)?;
         wait_path(&s, "a direct LAN path", DIRECT_BUDGET, |p| {
             p == "direct-lan"
@@ -359,9 +374,6 @@ fn lan_behind_one_nat_takes_the_direct_lan_path() {
         t.ping_all(ztna_e2e::Node::Agent, addr::ECHO, 3)?;
         Ok(())
     });
-    if let Err(e) = r {
-        panic!("lan_behind_one_nat_takes_the_direct_lan_path failed: {e:#}");
-    }
 }
 
 /// Parses `ping -D -O` output into the sequence numbers answered.
@@ -394,14 +406,12 @@ fn longest_gap(answered: &[u64], sent: u64) -> u64 {
 
 #[test]
 fn fallback_to_the_relay_and_back() {
-    let name = "fallback_to_the_relay_and_back";
-    let r = with_nat(
-        nat::up(name, helper_bins!(), NatType::Port, NatType::Port),
+    run_with(
+        "fallback_to_the_relay_and_back",
+        helper_bins!(),
+        behind_port_nats,
         |t| {
-            let (s, _) = start_direct_stack(t)?;
-            wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| {
-                p == "direct-wan"
-            })?;
+            let s = direct_wan_stack(t)?;
 
             t.step("relay stops carrying data once the path is direct");
             let before = relay_forwarded(&s)?;
@@ -535,21 +545,16 @@ fn fallback_to_the_relay_and_back() {
             Ok(())
         },
     );
-    if let Err(e) = r {
-        panic!("fallback_to_the_relay_and_back failed: {e:#}");
-    }
 }
 
 #[test]
 fn roaming_agent_recovers_without_a_restart() {
-    let name = "roaming_agent_recovers_without_a_restart";
-    let r = with_nat(
-        nat::up(name, helper_bins!(), NatType::Port, NatType::Port),
+    run_with(
+        "roaming_agent_recovers_without_a_restart",
+        helper_bins!(),
+        behind_port_nats,
         |t| {
-            let (s, _) = start_direct_stack(t)?;
-            wait_path(&s, "a direct WAN path", DIRECT_BUDGET, |p| {
-                p == "direct-wan"
-            })?;
+            let s = direct_wan_stack(t)?;
             let sessions = s.status(&s.agent_cfg.status_socket)?.json["relay_sessions"].clone();
 
             t.step("re-address the agent's NAT router: its mappings now leave from a new address");
@@ -600,9 +605,6 @@ fn roaming_agent_recovers_without_a_restart() {
             Ok(())
         },
     );
-    if let Err(e) = r {
-        panic!("roaming_agent_recovers_without_a_restart failed: {e:#}");
-    }
 }
 
 #[test]
