@@ -32,6 +32,9 @@ const EXPORTER_LABEL: &[u8] = b"EXPORTER-ztna-direct-path-probe";
 const HOST_REFRESH: Duration = Duration::from_secs(5);
 /// Size of a keepalive probe.
 const SMALL_PROBE: usize = 64;
+/// Least time between two candidate lists sent (the relay drops lists that come faster than
+/// one per 100 ms from one end of a channel).
+const CANDIDATES_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Settings of direct paths.
 #[derive(Debug, Clone)]
@@ -151,6 +154,8 @@ impl DirectPath {
             paths: PathSet::new(opts.timing, seed()),
             applied: (None, Vec::new()),
             sent: Vec::new(),
+            sent_at: None,
+            send_due: None,
         };
         let task = tokio::spawn(driver.run(peer_rx, observed_rx, probe_rx));
         Ok(Self {
@@ -214,8 +219,11 @@ struct Driver {
     paths: PathSet,
     /// What the socket was last told: the active address and the accepted ones.
     applied: (Option<SocketAddr>, Vec<SocketAddr>),
-    /// The candidates last sent.
+    /// The candidates last sent, and when.
     sent: Vec<Candidate>,
+    sent_at: Option<Instant>,
+    /// A changed list waits until then, so lists are never sent faster than the relay takes them.
+    send_due: Option<Instant>,
 }
 
 impl Driver {
@@ -235,9 +243,16 @@ impl Driver {
                 .paths
                 .next_deadline()
                 .map(Instant::from_std)
+                .into_iter()
+                .chain(self.send_due)
+                .min()
                 .unwrap_or_else(|| Instant::now() + HOST_REFRESH);
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    if self.send_due.is_some_and(|d| d <= Instant::now()) {
+                        self.send_candidates(*observed_rx.borrow());
+                    }
+                }
                 Some((from, pkt)) = probe_rx.recv() => self.on_probe(from, &pkt),
                 r = peer_rx.changed() => {
                     if r.is_err() { return; }
@@ -323,6 +338,12 @@ impl Driver {
         }
         list.truncate(MAX_CANDIDATES);
         if list == self.sent {
+            self.send_due = None;
+            return;
+        }
+        let now = Instant::now();
+        if let Some(at) = self.sent_at.filter(|at| now < *at + CANDIDATES_INTERVAL) {
+            self.send_due = Some(at + CANDIDATES_INTERVAL);
             return;
         }
         tracing::debug!(peer = %self.ctx.peer, candidates = ?list, "sending candidates");
@@ -334,6 +355,8 @@ impl Driver {
             Ok(()) => {
                 self.status().local_candidates = list.clone();
                 self.sent = list;
+                self.sent_at = Some(now);
+                self.send_due = None;
             }
             Err(e) => tracing::debug!(error = %e, "candidates not sent"),
         }

@@ -27,6 +27,9 @@ use crate::registry::{denied_wants, Pool, Registry};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Control messages queued towards one peer before it counts as stuck and is disconnected.
 const CONTROL_QUEUE: usize = 256;
+/// Least time between two candidate lists forwarded from one end of a channel.
+pub const CANDIDATES_MIN_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How often the observed address of each peer is checked for changes.
 const OBSERVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Socket buffer sizes asked of the kernel.
@@ -90,6 +93,9 @@ pub struct Metrics {
     pub services_rejected: AtomicU64,
     /// Direct-path candidate lists forwarded between the ends of a channel.
     pub candidates_forwarded: AtomicU64,
+    /// Candidate lists dropped because one end sent them faster than one per
+    /// [`CANDIDATES_MIN_INTERVAL`].
+    pub candidates_dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -145,6 +151,13 @@ impl Metrics {
             "counter",
             "Direct-path candidate lists forwarded (hole punching brokered).",
             g(&self.candidates_forwarded),
+        );
+        metric(
+            &mut s,
+            "ztna_relay_candidates_dropped_total",
+            "counter",
+            "Candidate lists dropped for coming faster than one per 100 ms from one end of a channel.",
+            g(&self.candidates_dropped),
         );
         metric(
             &mut s,
@@ -230,6 +243,8 @@ struct Channel {
     /// The agent's request, until the connector accepts the channel.
     pending_request: Option<u32>,
     connector_name: String,
+    /// When each end (agent, connector) last had candidates forwarded.
+    last_candidates: [Option<std::time::Instant>; 2],
 }
 
 struct State {
@@ -597,6 +612,7 @@ impl Relay {
                 connector_conn,
                 pending_request: Some(request_id),
                 connector_name: connector.to_owned(),
+                last_candidates: [None, None],
             },
         );
         for end in [id, cid] {
@@ -652,14 +668,14 @@ impl Relay {
                 format!("{} candidates (at most {MAX_CANDIDATES})", candidates.len()),
             ));
         }
-        let Some(c) = st.channels.get(&ch) else {
+        let Some(c) = st.channels.get_mut(&ch) else {
             // Closed in the meantime.
             return Ok(());
         };
-        let (from, to) = if c.agent == id {
-            (&c.agent_conn, c.connector)
+        let (from, to, end) = if c.agent == id {
+            (&c.agent_conn, c.connector, 0)
         } else if c.connector == id {
-            (&c.connector_conn, c.agent)
+            (&c.connector_conn, c.agent, 1)
         } else {
             return Err((
                 ErrorCode::Malformed,
@@ -670,6 +686,16 @@ impl Relay {
             // Not open yet: nobody has an end-to-end connection to probe with.
             return Ok(());
         }
+        // Candidates change rarely (a new address); a flood would fill the other end's control
+        // queue, which disconnects it. Drop what comes too fast instead.
+        let now = std::time::Instant::now();
+        if c.last_candidates[end].is_some_and(|t| now.duration_since(t) < CANDIDATES_MIN_INTERVAL) {
+            self.metrics
+                .candidates_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        c.last_candidates[end] = Some(now);
         let observed = from.remote_address();
         if !candidates.iter().any(|x| x.addr == observed) {
             candidates.insert(

@@ -348,6 +348,18 @@ async fn registration_policy_channels_and_forwarding() {
         w.relay.metrics.candidates_forwarded.load(Ordering::Relaxed),
         1
     );
+    // A second list right away is dropped (and counted), not queued towards the connector.
+    alice
+        .send(ControlMessage::Candidates {
+            channel_id: ch,
+            candidates: vec![],
+        })
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    while w.relay.metrics.candidates_dropped.load(Ordering::Relaxed) < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "not dropped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // The connector leaving closes the channel and empties the agent's catalog.
     drop(conn1);
