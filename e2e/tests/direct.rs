@@ -56,7 +56,22 @@ fn direct_lan_path_and_the_relay_leaves_the_data_path() {
             t.step(&format!("status: {}", st.json["connectors"]));
 
             let before = relay_forwarded(&s)?;
-            t.ping_all(ztna_e2e::Node::Agent, addr::ECHO, 20)?;
+            let out = t.run_ok(
+                ztna_e2e::Node::Agent,
+                10,
+                [
+                    "ping",
+                    "-n",
+                    "-c",
+                    "20",
+                    "-i",
+                    "0.05",
+                    "-W",
+                    "2",
+                    addr::ECHO,
+                ],
+            )?;
+            ensure!(out.stdout.contains("20 received"), "pings lost: {out}");
             let after = relay_forwarded(&s)?;
             ensure!(
                 after == before,
