@@ -41,7 +41,7 @@ pub use config::{
 };
 pub use metrics::Metrics;
 pub use pki::{CertPaths, PkiDir, Role};
-pub use proc_stats::{fd_count, rss_kib};
+pub use proc_stats::{cpu_seconds, fd_count, peak_rss_kib, rss_kib};
 pub use stack::Stack;
 pub use status::AgentStatus;
 pub use topology::{CmdOutput, DaemonId, Node, Signal, Topology};
