@@ -95,6 +95,8 @@ pub(crate) struct ScaleRun {
     pub(crate) forward_mbps: f64,
     /// Relay CPU in the forwarding phase, % of one core.
     pub(crate) relay_cpu_forward_percent: f64,
+    /// Relay CPU time per forwarded datagram in the forwarding phase, µs.
+    pub(crate) relay_us_per_packet: f64,
 }
 
 /// The PKI of the simulation: CA, relay, connector and agent certificates as PEM.
@@ -460,16 +462,16 @@ async fn simulate(
         .map(|(s, ch)| (s.conn.clone(), packet(*ch)))
         .collect();
 
-    // Steady phase: one datagram per agent per second, spread over ten ticks a second.
+    // Steady phase: one datagram per agent per second, spread over 100 ticks a second.
     let rx0 = received.packets.load(Ordering::Relaxed);
     let cpu0 = cpu(relay_pid);
     let t2 = Instant::now();
     let mut sent = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    for k in 0..plan.steady_secs * 10 {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for k in 0..plan.steady_secs * 100 {
         tick.tick().await;
         for (i, (conn, frame)) in frames.iter().enumerate() {
-            if i as u64 % 10 == k % 10 && conn.send_datagram(frame.clone()).is_ok() {
+            if i as u64 % 100 == k % 100 && conn.send_datagram(frame.clone()).is_ok() {
                 sent += 1;
             }
         }
@@ -517,7 +519,9 @@ async fn simulate(
     tokio::time::sleep(Duration::from_secs(plan.blast_secs)).await;
     let secs = t3.elapsed().as_secs_f64();
     let got = received.packets.load(Ordering::Relaxed) - rx0;
-    r.relay_cpu_forward_percent = 100.0 * (cpu(relay_pid) - cpu0) / secs;
+    let relay_cpu = cpu(relay_pid) - cpu0;
+    r.relay_cpu_forward_percent = 100.0 * relay_cpu / secs;
+    r.relay_us_per_packet = 1e6 * relay_cpu / (got.max(1) as f64);
     while set.join_next().await.is_some() {}
     r.blast_sent = sent_total.load(Ordering::Relaxed);
     r.blast_received = got;
@@ -549,16 +553,16 @@ impl RelayScale {
         );
         let _ = writeln!(
             s,
-            "| agents | connected | setup (conn/s) | channels/s | relay CPU, setup (%) | relay RSS idle → loaded (MiB) | per session (KiB) | relay CPU, steady (%) | steady recv/sent | forwarded (pkt/s) | forwarded (Mbit/s) | relay CPU, forwarding (%) |"
+            "| agents | connected | setup (conn/s) | channels/s | relay CPU, setup (%) | relay RSS idle → loaded (MiB) | per session (KiB) | relay CPU, steady (%) | steady recv/sent | forwarded (pkt/s) | forwarded (Mbit/s) | relay CPU, forwarding (%) | relay CPU per forwarded packet (µs) |"
         );
         let _ = writeln!(
             s,
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for r in &self.runs {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.1} → {:.1} | {:.1} | {:.1} | {}/{} | {:.0} | {:.0} | {:.0} |{}",
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.1} → {:.1} | {:.1} | {:.1} | {}/{} | {:.0} | {:.0} | {:.0} | {:.1} |{}",
                 r.agents,
                 r.connected,
                 r.setup_per_s,
@@ -573,6 +577,7 @@ impl RelayScale {
                 r.forward_pps,
                 r.forward_mbps,
                 r.relay_cpu_forward_percent,
+                r.relay_us_per_packet,
                 r.error
                     .as_deref()
                     .map(|e| format!(" error: {}", e.lines().next().unwrap_or_default()))
