@@ -59,7 +59,7 @@ def scale(axes, rs):
     panels = [
         ("setup_per_s", "setup (connections/s)"),
         ("rss_per_session_kib", "relay memory per session (KiB)"),
-        ("forward_mbps", "forwarded (Mbit/s, 1200-byte datagrams)"),
+        ("forward_mbps", "forwarded Mbit/s (1200-B datagrams)"),
     ]
     for ax, (key, title) in zip(axes, panels):
         values = [r[key] for r in runs]
