@@ -342,6 +342,15 @@ fn wg_interface(t: &Topology, node: Node, ifname: &str, wg: Wg) -> Result<Option
     }))
 }
 
+/// `wg set IFNAME private-key KEY ARGS...` in `node`.
+fn wg_set(t: &Topology, node: Node, ifname: &str, key: &Path, args: &[&str]) -> Result<()> {
+    let key = key.to_string_lossy();
+    let mut full = vec!["wg", "set", ifname, "private-key", &key];
+    full.extend_from_slice(args);
+    t.run_ok(node, 10, full)?;
+    Ok(())
+}
+
 /// Addresses `ifname` with `addr/24`, sets the tunnel MTU and brings it up.
 fn wg_up(t: &Topology, node: Node, ifname: &str, addr: &str) -> Result<()> {
     ip(
@@ -364,16 +373,12 @@ fn wireguard(t: &Topology, wg: Wg) -> Result<PathUp> {
     let mut daemons = Vec::new();
 
     daemons.extend(wg_interface(t, Node::Conn, &conn_if, wg)?);
-    let conn_key = conn_key.to_string_lossy().into_owned();
-    t.run_ok(
+    wg_set(
+        t,
         Node::Conn,
-        10,
-        [
-            "wg",
-            "set",
-            &conn_if,
-            "private-key",
-            &conn_key,
+        &conn_if,
+        &conn_key,
+        &[
             "listen-port",
             &port,
             "peer",
@@ -386,16 +391,12 @@ fn wireguard(t: &Topology, wg: Wg) -> Result<PathUp> {
 
     let start = Instant::now();
     daemons.extend(wg_interface(t, Node::Agent, &agent_if, wg)?);
-    let agent_key = agent_key.to_string_lossy().into_owned();
-    t.run_ok(
+    wg_set(
+        t,
         Node::Agent,
-        10,
-        [
-            "wg",
-            "set",
-            &agent_if,
-            "private-key",
-            &agent_key,
+        &agent_if,
+        &agent_key,
+        &[
             "peer",
             &conn_pub,
             "allowed-ips",

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::measure::Iperf;
 use crate::paths::REFERENCE;
 use crate::relay_scale::RelayScale;
 use crate::runner::{Plan, Run};
@@ -56,33 +57,31 @@ fn cpu_sum(r: &Run, test: &str) -> Option<f64> {
         .map(|m| m.values().sum())
 }
 
+fn mbps(x: &Option<Iperf>) -> Option<f64> {
+    x.as_ref().map(|x| x.mbps)
+}
+
+fn retransmits(x: &Option<Iperf>) -> Option<f64> {
+    x.as_ref().and_then(|x| x.retransmits).map(|n| n as f64)
+}
+
 /// Every metric of the summary, by JSON key.
 const METRICS: &[Metric] = &[
     Metric {
         key: "tcp1_mbps",
-        get: |r| r.tcp1.as_ref().map(|x| x.mbps),
+        get: |r| mbps(&r.tcp1),
     },
     Metric {
         key: "tcp1_retransmits",
-        get: |r| {
-            r.tcp1
-                .as_ref()
-                .and_then(|x| x.retransmits)
-                .map(|x| x as f64)
-        },
+        get: |r| retransmits(&r.tcp1),
     },
     Metric {
         key: "tcp4_mbps",
-        get: |r| r.tcp4.as_ref().map(|x| x.mbps),
+        get: |r| mbps(&r.tcp4),
     },
     Metric {
         key: "tcp4_retransmits",
-        get: |r| {
-            r.tcp4
-                .as_ref()
-                .and_then(|x| x.retransmits)
-                .map(|x| x as f64)
-        },
+        get: |r| retransmits(&r.tcp4),
     },
     Metric {
         key: "udp_ok_mbps",
@@ -439,7 +438,7 @@ mod tests {
     fn ratios_divide_medians_by_the_reference() {
         let run = |path: &str, mbps: f64| Run {
             path: path.into(),
-            tcp1: Some(crate::measure::Iperf {
+            tcp1: Some(Iperf {
                 mbps,
                 ..Default::default()
             }),
