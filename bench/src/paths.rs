@@ -425,13 +425,15 @@ fn wireguard(t: &Topology, wg: Wg) -> Result<PathUp> {
 }
 
 fn ztna_relay(t: &Topology) -> Result<PathUp> {
-    ztna(t, |_| {})
+    ztna(t, "relay", |_| {})
 }
 
 /// ztna with the demo configs plus the iperf3 port (TCP and UDP 5201) on service `web`
 /// (10.100.0.4 → the backend), after `tweak` changed the configs: relay, connector, then the
-/// agent, timed from its start to the first datagram echoed by service `echo`.
-fn ztna(t: &Topology, tweak: impl FnOnce(&mut Stack<'_>)) -> Result<PathUp> {
+/// agent, timed from its start to the first datagram echoed by service `echo`. Then waits until
+/// `ztna-agent status` shows `conn1` on `path` (`relay`, or `direct` once that lands), so the
+/// tests measure that path.
+fn ztna(t: &Topology, path: &str, tweak: impl FnOnce(&mut Stack<'_>)) -> Result<PathUp> {
     let mut s = Stack::new(t)?;
     s.enable_web();
     let port = crate::measure::IPERF_PORT.to_string();
@@ -452,8 +454,24 @@ fn ztna(t: &Topology, tweak: impl FnOnce(&mut Stack<'_>)) -> Result<PathUp> {
     let first = first_echo(t, &format!("{}:7", addr::ECHO), start, || {
         t.is_running(agent)
     })?;
-    let cfg = s.agent_cfg.clone();
-    s.wait_ready(agent, &cfg)?;
+    let socket = s.agent_cfg.status_socket.clone();
+    let last = std::cell::RefCell::new(String::new());
+    wait_until(
+        &format!("conn1 on the {path} path"),
+        ztna_e2e::stack::READY_TIMEOUT,
+        || match s.status(&socket) {
+            Ok(st) => {
+                *last.borrow_mut() = st.json.to_string();
+                st.connector_path("conn1") == Some(path)
+            }
+            Err(e) => {
+                *last.borrow_mut() = format!("{e:#}");
+                false
+            }
+        },
+    )
+    .with_context(|| format!("last status: {}", last.borrow()))?;
+    t.ensure_running(agent)?;
     Ok(PathUp {
         target: addr::WEB,
         daemons: vec![
