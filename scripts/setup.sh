@@ -24,6 +24,15 @@ PACKAGES=(
     ca-certificates
     build-essential # cc for crates that build C
     pkg-config
+    wireguard-go    # bench/: userspace WireGuard in Go
+    wireguard-tools # bench/: `wg` configures boringtun and wireguard-go
+    python3-matplotlib # bench/chart.py draws the PNG chart
+)
+
+# Cargo-installed tools: name, version, binary. boringtun-cli is bench/'s userspace WireGuard in
+# Rust (about 50 s to build on 2 cores).
+CARGO_TOOLS=(
+    "boringtun-cli 0.7.1 boringtun-cli"
 )
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -78,5 +87,16 @@ else
         exit 1
     }
 fi
+
+# ~/.cargo/bin may not be on root's PATH (sudo): look there too.
+CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
+for tool in "${CARGO_TOOLS[@]}"; do
+    read -r name version binary <<<"$tool"
+    have=$(PATH=$PATH:$CARGO_BIN "$binary" --version 2>/dev/null || true)
+    if [[ $have != *" $version"* ]]; then
+        log "cargo install --locked $name@$version"
+        cargo install --locked --quiet "$name@$version"
+    fi
+done
 
 log "done"

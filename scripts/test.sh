@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The full ztna test suite on a fresh Debian 12 machine, as root (CI runs it through .ci/run):
-#   setup -> rustfmt -> clippy -> release build -> unit + end-to-end tests -> fuzz smoke.
+#   setup -> rustfmt -> clippy -> release build -> unit + end-to-end tests -> fuzz smoke
+#   -> bench smoke.
 # Exits non-zero on the first failing step. The end-to-end tests (e2e/) need root: they build
 # network namespaces and TUN devices, and run the release binaries built here.
 #
@@ -56,5 +57,11 @@ if [[ -f scripts/fuzz-smoke.sh ]]; then
 else
     step "fuzz smoke: scripts/fuzz-smoke.sh does not exist yet, skipped"
 fi
+
+# One short iteration of every benchmark path and a small relay-scale run, on the binaries built
+# above, so the harness can't rot. It reports numbers but asserts none; its results stay in
+# the target directory.
+step "bench smoke (bench/run.sh --smoke --no-build)"
+bash bench/run.sh --smoke --no-build
 
 step "all steps passed"

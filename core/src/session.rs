@@ -208,32 +208,7 @@ impl Node {
             .endpoint
             .connect_with(cfg, target.addr, &target.server_name)?
             .await?;
-        let peer = PeerIdentity::from_connection(&conn)?;
-        if peer.role != Role::Relay {
-            conn.close(ErrorCode::RoleMismatch.to_quic().into(), b"not a relay");
-            return Err(SessionError::Protocol(format!("{peer} is not a relay")));
-        }
-        let (send, recv) = conn.open_bi().await?;
-        let mut writer = ControlWriter::new(send);
-        let mut reader = ControlReader::new(recv);
-        writer.send(&ControlMessage::Hello(hello)).await?;
-        let welcome = match reader.next().await? {
-            Some(ControlMessage::Welcome(w)) => w,
-            Some(ControlMessage::Error { code, message, .. }) => {
-                return Err(SessionError::Refused { code, message })
-            }
-            Some(other) => {
-                return Err(SessionError::Protocol(format!(
-                    "expected welcome, got {}",
-                    other.kind()
-                )))
-            }
-            None => {
-                return Err(SessionError::Protocol(
-                    "relay closed the control stream".into(),
-                ))
-            }
-        };
+        let (reader, writer, welcome) = open_control(&conn, hello).await?;
         Ok(RelaySession::start(
             conn,
             welcome,
@@ -256,6 +231,42 @@ impl ControlSender {
             mpsc::error::TrySendError::Closed(_) => SessionError::Closed,
         })
     }
+}
+
+/// Checks that the peer of `conn` is a relay, opens the control stream, sends `hello` and waits
+/// for the welcome. [`Node::connect_relay`] uses it; so do tools that hold many outer
+/// connections on one endpoint (the relay-scale benchmark in `bench/`).
+pub async fn open_control(
+    conn: &quinn::Connection,
+    hello: Hello,
+) -> Result<(ControlReader, ControlWriter, Welcome), SessionError> {
+    let peer = PeerIdentity::from_connection(conn)?;
+    if peer.role != Role::Relay {
+        conn.close(ErrorCode::RoleMismatch.to_quic().into(), b"not a relay");
+        return Err(SessionError::Protocol(format!("{peer} is not a relay")));
+    }
+    let (send, recv) = conn.open_bi().await?;
+    let mut writer = ControlWriter::new(send);
+    let mut reader = ControlReader::new(recv);
+    writer.send(&ControlMessage::Hello(hello)).await?;
+    let welcome = match reader.next().await? {
+        Some(ControlMessage::Welcome(w)) => w,
+        Some(ControlMessage::Error { code, message, .. }) => {
+            return Err(SessionError::Refused { code, message })
+        }
+        Some(other) => {
+            return Err(SessionError::Protocol(format!(
+                "expected welcome, got {}",
+                other.kind()
+            )))
+        }
+        None => {
+            return Err(SessionError::Protocol(
+                "relay closed the control stream".into(),
+            ))
+        }
+    };
+    Ok((reader, writer, welcome))
 }
 
 /// An established session with the relay. Dropping it closes the connection and removes its

@@ -42,7 +42,7 @@ pub use config::{
 };
 pub use metrics::Metrics;
 pub use pki::{CertPaths, PkiDir, Role};
-pub use proc_stats::{fd_count, rss_kib};
+pub use proc_stats::{cpu_seconds, fd_count, peak_rss_kib, rss_kib};
 pub use stack::Stack;
 pub use status::AgentStatus;
 pub use topology::{CmdOutput, DaemonId, Node, Signal, Topology};
@@ -90,6 +90,20 @@ pub struct HelperBins {
     pub tcp: PathBuf,
     /// `ztna-test-nat-probe`: STUN-like UDP probe for the NAT topology tests.
     pub nat_probe: PathBuf,
+}
+
+impl HelperBins {
+    /// The helper programs as installed next to each other in `dir` (e.g. [`bin_dir`]), for
+    /// programs outside this package's tests (the benchmarks).
+    pub fn in_dir(dir: &std::path::Path) -> Self {
+        Self {
+            udp_echo: dir.join("ztna-test-udp-echo"),
+            udp_check: dir.join("ztna-test-udp-check"),
+            impair: dir.join("ztna-test-impair"),
+            tcp: dir.join("ztna-test-tcp"),
+            nat_probe: dir.join("ztna-test-nat-probe"),
+        }
+    }
 }
 
 /// The [`HelperBins`] of this package, for use in `tests/*.rs`.

@@ -1,0 +1,156 @@
+//! `ztna-bench`: measures every path of [`paths::PATHS`] (raw veth, WireGuard implementations,
+//! ztna) on the namespace topology of `deploy/netns/topo.sh`, then the relay-scale simulation,
+//! and writes JSON and markdown under `--out` (and the PNG chart, through `bench/chart.py`,
+//! when `bench/run.sh` runs it). Needs root; `bench/run.sh` builds and installs what it needs.
+//! See `bench/README.md`.
+
+mod measure;
+mod paths;
+mod relay_scale;
+mod report;
+mod runner;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+/// Benchmarks ztna against a raw veth, boringtun and wireguard-go, and the relay at scale.
+#[derive(Debug, Parser)]
+#[command(name = "ztna-bench")]
+struct Args {
+    /// One short iteration of every path and a small relay-scale run (what CI runs).
+    #[arg(long)]
+    smoke: bool,
+    /// Runs of every path (default 3; 1 with --smoke).
+    #[arg(long)]
+    iterations: Option<u32>,
+    /// Seconds of each TCP test and of the unlimited-rate UDP test (default 10; 2 with --smoke).
+    #[arg(long)]
+    secs: Option<u32>,
+    /// Only these paths (comma-separated names).
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
+    /// Agent counts of the relay-scale benchmark (default 100,1000,5000; 50 with --smoke).
+    #[arg(long, value_delimiter = ',')]
+    agents: Vec<usize>,
+    /// Skip the path benchmark.
+    #[arg(long)]
+    no_paths: bool,
+    /// Skip the relay-scale benchmark.
+    #[arg(long)]
+    no_relay_scale: bool,
+    /// Where the results go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    ztna_e2e::require_root()?;
+    let smoke = args.smoke;
+    let plan = runner::Plan {
+        iterations: args.iterations.unwrap_or(if smoke { 1 } else { 3 }),
+        secs: args.secs.unwrap_or(if smoke { 2 } else { 10 }),
+        udp_steps: if smoke { 2 } else { 5 },
+        udp_step_secs: if smoke { 1 } else { 3 },
+        pings: if smoke { 10 } else { 100 },
+        quiet_threshold: 0.25,
+        quiet_max_wait_s: if smoke { 3 } else { 15 },
+    };
+    for p in &args.paths {
+        if !paths::PATHS.iter().any(|s| s.name == p) {
+            bail!(
+                "unknown path {p:?}; the paths are: {}",
+                paths::PATHS
+                    .iter()
+                    .map(|s| s.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let started_utc = report::now_utc();
+    let mut skipped = Vec::new();
+    let mut selected = Vec::new();
+    if !args.no_paths {
+        for spec in paths::PATHS {
+            if !args.paths.is_empty() && !args.paths.iter().any(|p| p == spec.name) {
+                continue;
+            }
+            match (spec.unavailable)() {
+                Some(reason) => {
+                    eprintln!("==> skipping {}: {reason}", spec.name);
+                    skipped.push(report::Skipped {
+                        path: spec.name.into(),
+                        reason,
+                    });
+                }
+                None => selected.push(spec),
+            }
+        }
+    }
+    let runs = runner::run_all(&selected, &plan);
+    let names: Vec<&str> = selected.iter().map(|s| s.name).collect();
+    let summary = report::summarise(&names, &runs);
+    let ratios = report::ratios(&summary);
+
+    let relay_scale = if args.no_relay_scale {
+        None
+    } else {
+        let plan = relay_scale::ScalePlan {
+            agents: if !args.agents.is_empty() {
+                args.agents.clone()
+            } else if smoke {
+                vec![50]
+            } else {
+                vec![100, 1000, 5000]
+            },
+            steady_secs: if smoke { 2 } else { 10 },
+            blast_secs: if smoke { 1 } else { 5 },
+            blast_agents: 10,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("ztna-bench-scale-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        Some(relay_scale::run(&plan, dir.path())?)
+    };
+
+    let report = report::Report {
+        started_utc,
+        finished_utc: report::now_utc(),
+        smoke,
+        machine: report::Machine::read(),
+        plan,
+        reference: paths::REFERENCE,
+        paths: selected
+            .iter()
+            .map(|s| report::PathInfo {
+                name: s.name.into(),
+                hops: s.hops.into(),
+            })
+            .collect(),
+        skipped,
+        runs,
+        summary,
+        ratios,
+        relay_scale,
+    };
+    let file = report.write(&args.out)?;
+    println!("{}", report.markdown());
+    eprintln!(
+        "==> wrote {} and {}",
+        file.display(),
+        args.out.join("latest.md").display()
+    );
+    let failed = report.runs.iter().filter(|r| r.error.is_some()).count()
+        + report
+            .relay_scale
+            .as_ref()
+            .map_or(0, |r| r.runs.iter().filter(|r| r.error.is_some()).count());
+    if failed > 0 {
+        bail!("{failed} run(s) failed; see the report");
+    }
+    Ok(())
+}

@@ -1,0 +1,589 @@
+//! Relay scale: one real `ztna-relay` on loopback, one simulated connector and N simulated
+//! agents in this process, all speaking the real control protocol over real quinn connections
+//! with their own certificates (the relay replaces a session of the same identity, so each agent
+//! needs its own).
+//!
+//! For each N: the connector connects and accepts every incoming channel; the agents connect
+//! (at most [`CONNECT_CONCURRENCY`] handshakes at a time) and each opens a channel to the
+//! connector; then every agent sends one 1200-byte datagram a second for the steady phase
+//! (quinn sends keepalives every 5 s on top); then a few agents send 1200-byte datagrams as fast
+//! as quinn lets them and the connector counts what the relay forwarded. The relay's CPU comes
+//! from `/proc/PID/stat`, its memory from `/proc/PID/status`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use ztna_core::pki::CertificateAuthority;
+use ztna_core::session::{open_control, ControlReader, ControlWriter};
+use ztna_core::tls::Credentials;
+use ztna_core::transport::{self, Timing};
+use ztna_e2e::{Access, ConnectorGrant, RelayConfig};
+use ztna_proto::control::{ControlMessage, Hello, Role, Welcome};
+use ztna_proto::{ChannelId, PortRange, ServiceDef, ALPN_RELAY};
+
+/// Handshakes in flight at once while the agents connect.
+const CONNECT_CONCURRENCY: usize = 100;
+/// Payload of every datagram (an inner packet's worth).
+const PAYLOAD: usize = 1200;
+/// Longest a single handshake, hello/welcome or channel opening may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What to run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ScalePlan {
+    /// Numbers of agents, one relay run each.
+    pub(crate) agents: Vec<usize>,
+    /// Seconds of the steady phase (one datagram per agent per second).
+    pub(crate) steady_secs: u64,
+    /// Seconds of the forwarding phase.
+    pub(crate) blast_secs: u64,
+    /// Agents that send as fast as they can in the forwarding phase.
+    pub(crate) blast_agents: usize,
+}
+
+/// The results of every N.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct RelayScale {
+    pub(crate) plan: ScalePlan,
+    pub(crate) runs: Vec<ScaleRun>,
+}
+
+/// The results of one N.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct ScaleRun {
+    pub(crate) agents: usize,
+    pub(crate) error: Option<String>,
+    /// Agents that got a welcome.
+    pub(crate) connected: usize,
+    /// Agents whose handshake, hello or channel failed.
+    pub(crate) failed: usize,
+    /// Seconds from the first connect to the last welcome.
+    pub(crate) setup_s: f64,
+    /// Connections per second to welcome.
+    pub(crate) setup_per_s: f64,
+    /// Channels per second (open-channel → channel-opened, through the connector).
+    pub(crate) channels_per_s: f64,
+    /// Relay CPU while the agents connected, % of one core.
+    pub(crate) relay_cpu_setup_percent: f64,
+    /// Relay RSS with only the connector connected, KiB.
+    pub(crate) relay_rss_idle_kib: u64,
+    /// Relay RSS with every agent connected and a channel open, after the steady phase, KiB.
+    pub(crate) relay_rss_loaded_kib: u64,
+    /// (loaded − idle) / connected, KiB.
+    pub(crate) rss_per_session_kib: f64,
+    /// Relay peak RSS (VmHWM) at the end, KiB.
+    pub(crate) relay_peak_rss_kib: u64,
+    /// Relay CPU in the steady phase, % of one core.
+    pub(crate) relay_cpu_steady_percent: f64,
+    /// Datagrams the agents sent / the connector received in the steady phase.
+    pub(crate) steady_sent: u64,
+    pub(crate) steady_received: u64,
+    /// Forwarding phase: agents blasting, datagrams sent and received, rates at the connector.
+    pub(crate) blast_agents: usize,
+    pub(crate) blast_sent: u64,
+    pub(crate) blast_received: u64,
+    pub(crate) forward_pps: f64,
+    pub(crate) forward_mbps: f64,
+    /// Relay CPU in the forwarding phase, % of one core.
+    pub(crate) relay_cpu_forward_percent: f64,
+    /// Relay CPU time per forwarded datagram in the forwarding phase, µs.
+    pub(crate) relay_us_per_packet: f64,
+}
+
+/// The PKI of the simulation: CA, relay, connector and agent certificates as PEM.
+struct Pki {
+    ca_pem: String,
+    connector: (String, String),
+    agents: Vec<(String, String)>,
+}
+
+/// Runs every N of `plan` against a fresh relay each; `dir` holds PKI, configs and logs.
+pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayScale> {
+    let max = plan.agents.iter().copied().max().unwrap_or(0);
+    eprintln!("==> relay scale: minting {max} agent certificates");
+    let ca = CertificateAuthority::generate("ztna bench").context("minting the CA")?;
+    let relay = ca.issue(Role::Relay, "relay", &[], &[Ipv4Addr::LOCALHOST.into()])?;
+    let connector = ca.issue(Role::Connector, "conn1", &[], &[])?;
+    let eng = ["eng".to_owned()];
+    let agents = (0..max)
+        .map(|i| {
+            ca.issue(Role::Agent, &format!("agent{i}"), &eng, &[])
+                .map(|c| (c.cert_pem, c.key_pem))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .context("minting agent certificates")?;
+    let write = |name: &str, text: &str| -> Result<std::path::PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+        Ok(p)
+    };
+    let ca_path = write("ca.pem", &ca.cert_pem())?;
+    let relay_cert = write("relay.pem", &relay.cert_pem)?;
+    let relay_key = write("relay.key", &relay.key_pem)?;
+    let pki = Pki {
+        ca_pem: ca.cert_pem(),
+        connector: (connector.cert_pem, connector.key_pem),
+        agents,
+    };
+    let mut runs = Vec::new();
+    for &n in &plan.agents {
+        eprintln!("==> relay scale: {n} agents");
+        let port = free_udp_port()?;
+        let cfg = RelayConfig {
+            bind: format!("127.0.0.1:{port}"),
+            ca: ca_path.clone(),
+            cert: relay_cert.clone(),
+            key: relay_key.clone(),
+            tunnel_pool: "100.64.0.0/10".into(),
+            metrics: None,
+            keepalive_secs: 5,
+            idle_timeout_secs: 20,
+            access: vec![Access {
+                services: vec!["bench".into()],
+                groups: vec!["eng".into()],
+                identities: vec![],
+            }],
+            connectors: vec![ConnectorGrant {
+                identity: "conn1".into(),
+                services: vec!["bench".into()],
+            }],
+        };
+        let cfg_path = write(&format!("relay-{n}.toml"), &cfg.to_toml())?;
+        let log = dir.join(format!("relay-{n}.log"));
+        let mut r = ScaleRun {
+            agents: n,
+            ..ScaleRun::default()
+        };
+        let relay = RelayProcess::start(&cfg_path, &log)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let result = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")?
+            .block_on(simulate(&pki, addr, relay.pid, n, plan, &mut r));
+        if let Err(e) = result {
+            eprintln!("==> relay scale with {n} agents failed: {e:#}");
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            eprintln!("{}", ztna_e2e::topology::tail(&tail, 20));
+            r.error = Some(format!("{e:#}"));
+        }
+        drop(relay);
+        eprintln!(
+            "==> {n} agents: {:.0} conn/s, {:.1} KiB/session, {:.0} pkt/s ({:.0} Mbit/s) forwarded",
+            r.setup_per_s, r.rss_per_session_kib, r.forward_pps, r.forward_mbps
+        );
+        runs.push(r);
+    }
+    Ok(RelayScale {
+        plan: plan.clone(),
+        runs,
+    })
+}
+
+/// A free UDP port on loopback (bound and released; the relay binds it right after).
+fn free_udp_port() -> Result<u16> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("binding a probe socket")?;
+    Ok(s.local_addr()?.port())
+}
+
+/// The relay child process, killed and reaped on drop.
+struct RelayProcess {
+    child: Child,
+    pid: u32,
+}
+
+impl RelayProcess {
+    fn start(cfg: &Path, log: &Path) -> Result<Self> {
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(ztna_e2e::bin("ztna-relay")?);
+        cmd.arg("--config").arg(cfg);
+        for (k, _) in std::env::vars_os() {
+            if k.to_str()
+                .is_some_and(|k| k.starts_with("ZTNA_") || k == "RUST_LOG")
+            {
+                cmd.env_remove(&k);
+            }
+        }
+        let child = cmd
+            .env("ZTNA_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .context("starting ztna-relay")?;
+        let pid = child.id();
+        Ok(Self { child, pid })
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Counters of what the simulated connector received.
+#[derive(Default)]
+struct Received {
+    packets: AtomicU64,
+}
+
+/// A simulated client's session: connection and control stream.
+struct Session {
+    conn: quinn::Connection,
+    writer: ControlWriter,
+    reader: ControlReader,
+    welcome: Welcome,
+}
+
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    relay: SocketAddr,
+    (cert, key): &(String, String),
+    ca_pem: &str,
+    hello: Hello,
+) -> Result<Session> {
+    let creds = Credentials::from_pem(ca_pem.as_bytes(), cert.as_bytes(), key.as_bytes())?;
+    let mut cfg = quinn::ClientConfig::new(creds.client_config(ALPN_RELAY)?);
+    cfg.transport_config(transport::outer(Timing::default()));
+    let fut = async {
+        let conn = endpoint.connect_with(cfg, relay, "relay")?.await?;
+        let (reader, writer, welcome) = open_control(&conn, hello).await?;
+        Ok(Session {
+            conn,
+            writer,
+            reader,
+            welcome,
+        })
+    };
+    tokio::time::timeout(STEP_TIMEOUT, fut)
+        .await
+        .context("handshake timed out")?
+}
+
+fn hello(role: Role, services: Vec<ServiceDef>) -> Hello {
+    Hello {
+        role,
+        services,
+        want: vec![],
+        software: "ztna-bench relay-scale".into(),
+    }
+}
+
+/// The simulated connector: accepts every incoming channel and counts datagrams.
+async fn run_connector(mut s: Session, rx: Arc<Received>) {
+    let conn = s.conn.clone();
+    tokio::spawn(async move {
+        while conn.read_datagram().await.is_ok() {
+            rx.packets.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    while let Ok(Some(msg)) = s.reader.next().await {
+        if let ControlMessage::IncomingChannel { channel_id, .. } = msg {
+            if s.writer
+                .send(&ControlMessage::ChannelAccepted { channel_id })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+}
+
+/// Opens a channel to `conn1` and returns its id.
+async fn open_channel(s: &mut Session) -> Result<ChannelId> {
+    s.writer
+        .send(&ControlMessage::OpenChannel {
+            request_id: 1,
+            connector: "conn1".into(),
+        })
+        .await?;
+    let fut = async {
+        loop {
+            match s.reader.next().await? {
+                Some(ControlMessage::ChannelOpened { channel_id, .. }) => {
+                    return ChannelId::new(channel_id).context("channel id out of range")
+                }
+                Some(ControlMessage::Error { code, message, .. }) => {
+                    bail!("relay refused the channel: {code}: {message}")
+                }
+                Some(_) => {}
+                None => bail!("the relay closed the control stream"),
+            }
+        }
+    };
+    tokio::time::timeout(STEP_TIMEOUT, fut)
+        .await
+        .context("opening the channel timed out")?
+}
+
+fn cpu(pid: u32) -> f64 {
+    ztna_e2e::cpu_seconds(pid).unwrap_or(0.0)
+}
+
+fn rss(pid: u32) -> u64 {
+    ztna_e2e::rss_kib(pid).unwrap_or(0)
+}
+
+async fn simulate(
+    pki: &Pki,
+    relay: SocketAddr,
+    relay_pid: u32,
+    n: usize,
+    plan: &ScalePlan,
+    r: &mut ScaleRun,
+) -> Result<()> {
+    let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .context("binding the simulation's endpoint")?;
+    let conn_endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .context("binding the connector's endpoint")?;
+    let service = ServiceDef {
+        name: "bench".into(),
+        address: Ipv4Addr::new(10, 100, 0, 9),
+        udp: vec![PortRange::single(9)],
+        tcp: vec![],
+        icmp: false,
+        connector: String::new(),
+    };
+    // The relay may still be starting: retry the connector for a few seconds.
+    let start = Instant::now();
+    let connector = loop {
+        match connect(
+            &conn_endpoint,
+            relay,
+            &pki.connector,
+            &pki.ca_pem,
+            hello(Role::Connector, vec![service.clone()]),
+        )
+        .await
+        {
+            Ok(s) => break s,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                return Err(e.context("the simulated connector could not connect"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    if connector.welcome.services.is_empty() {
+        bail!(
+            "the relay did not accept the connector's service: {:?}",
+            connector.welcome.rejected
+        );
+    }
+    let received = Arc::new(Received::default());
+    tokio::spawn(run_connector(connector, received.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    r.relay_rss_idle_kib = rss(relay_pid);
+
+    // Setup: N handshakes, hello and welcome.
+    let sem = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let mut set = JoinSet::new();
+    let cpu0 = cpu(relay_pid);
+    let t0 = Instant::now();
+    for i in 0..n {
+        let sem = sem.clone();
+        let endpoint = endpoint.clone();
+        let creds = pki.agents[i].clone();
+        let ca = pki.ca_pem.clone();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            connect(&endpoint, relay, &creds, &ca, hello(Role::Agent, vec![])).await
+        });
+    }
+    let mut sessions = Vec::with_capacity(n);
+    let mut first_error = None;
+    while let Some(res) = set.join_next().await {
+        match res.context("agent task panicked")? {
+            Ok(s) => sessions.push(s),
+            Err(e) => {
+                r.failed += 1;
+                first_error.get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+    let setup = t0.elapsed().as_secs_f64();
+    r.relay_cpu_setup_percent = 100.0 * (cpu(relay_pid) - cpu0) / setup.max(1e-3);
+    r.connected = sessions.len();
+    r.setup_s = setup;
+    r.setup_per_s = sessions.len() as f64 / setup.max(1e-3);
+    if let Some(e) = &first_error {
+        eprintln!(
+            "==> {} of {n} agents failed to connect; first: {e}",
+            r.failed
+        );
+    }
+
+    // Channels.
+    let t1 = Instant::now();
+    let mut set = JoinSet::new();
+    for mut s in sessions {
+        let sem = sem.clone();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let ch = open_channel(&mut s).await;
+            (s, ch)
+        });
+    }
+    let mut agents = Vec::with_capacity(n);
+    while let Some(res) = set.join_next().await {
+        let (s, ch) = res.context("agent task panicked")?;
+        match ch {
+            Ok(ch) => agents.push((s, ch)),
+            Err(e) => {
+                r.failed += 1;
+                first_error.get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+    r.channels_per_s = agents.len() as f64 / t1.elapsed().as_secs_f64().max(1e-3);
+    if agents.is_empty() {
+        bail!(
+            "no agent opened a channel; first error: {}",
+            first_error.unwrap_or_default()
+        );
+    }
+    let packet = |ch: ChannelId| Bytes::from(ztna_proto::datagram::encode(ch, &[0x5a; PAYLOAD]));
+    let frames: Vec<(quinn::Connection, Bytes)> = agents
+        .iter()
+        .map(|(s, ch)| (s.conn.clone(), packet(*ch)))
+        .collect();
+
+    // Steady phase: one datagram per agent per second, spread over 100 ticks a second.
+    let rx0 = received.packets.load(Ordering::Relaxed);
+    let cpu0 = cpu(relay_pid);
+    let t2 = Instant::now();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for k in 0..plan.steady_secs * 100 {
+        tick.tick().await;
+        for (i, (conn, frame)) in frames.iter().enumerate() {
+            if i as u64 % 100 == k % 100 && conn.send_datagram(frame.clone()).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r.relay_cpu_steady_percent =
+        100.0 * (cpu(relay_pid) - cpu0) / t2.elapsed().as_secs_f64().max(1e-3);
+    r.steady_sent = sent;
+    r.steady_received = received.packets.load(Ordering::Relaxed) - rx0;
+    r.relay_rss_loaded_kib = rss(relay_pid);
+    r.rss_per_session_kib =
+        (r.relay_rss_loaded_kib as f64 - r.relay_rss_idle_kib as f64) / agents.len() as f64;
+
+    // Forwarding phase: a few agents send as fast as quinn lets them.
+    let blasters = plan.blast_agents.min(frames.len());
+    r.blast_agents = blasters;
+    let sent_total = Arc::new(AtomicU64::new(0));
+    let deadline =
+        Instant::now() + Duration::from_secs(plan.blast_secs) + Duration::from_millis(500);
+    let mut set = JoinSet::new();
+    for (conn, frame) in frames.iter().take(blasters) {
+        let (conn, frame) = (conn.clone(), frame.clone());
+        let sent_total = sent_total.clone();
+        set.spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                if conn.send_datagram_wait(frame.clone()).await.is_err() {
+                    break;
+                }
+                n += 1;
+                if n.is_multiple_of(64) {
+                    // send_datagram_wait is ready at once while the buffer has room: let the
+                    // connection drivers and the other senders run.
+                    tokio::task::yield_now().await;
+                }
+            }
+            sent_total.fetch_add(n, Ordering::Relaxed);
+        });
+    }
+    // Measure after a 500 ms warm-up, for `blast_secs`.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rx0 = received.packets.load(Ordering::Relaxed);
+    let cpu0 = cpu(relay_pid);
+    let t3 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(plan.blast_secs)).await;
+    let secs = t3.elapsed().as_secs_f64();
+    let got = received.packets.load(Ordering::Relaxed) - rx0;
+    let relay_cpu = cpu(relay_pid) - cpu0;
+    r.relay_cpu_forward_percent = 100.0 * relay_cpu / secs;
+    r.relay_us_per_packet = 1e6 * relay_cpu / (got.max(1) as f64);
+    while set.join_next().await.is_some() {}
+    r.blast_sent = sent_total.load(Ordering::Relaxed);
+    r.blast_received = got;
+    r.forward_pps = got as f64 / secs;
+    r.forward_mbps = r.forward_pps * (PAYLOAD * 8) as f64 / 1e6;
+    r.relay_peak_rss_kib = ztna_e2e::peak_rss_kib(relay_pid).unwrap_or(0);
+
+    for (s, _) in &agents {
+        s.conn.close(0u32.into(), b"bench done");
+    }
+    endpoint.close(0u32.into(), b"bench done");
+    conn_endpoint.close(0u32.into(), b"bench done");
+    Ok(())
+}
+
+impl RelayScale {
+    /// The markdown section of `latest.md`.
+    pub(crate) fn markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "## Relay scale\n\nOne `ztna-relay` on loopback; one simulated connector and N simulated agents in \
+             one process (real quinn connections, real certificates, the real control protocol). \
+             Steady phase: {} s, one {PAYLOAD}-byte datagram per agent per second plus quinn keepalives. \
+             Forwarding phase: {} agents send {PAYLOAD}-byte datagrams as fast as quinn lets them for {} s; \
+             rates are what the connector received. The simulator shares the two cores with the relay.\n",
+            self.plan.steady_secs, self.plan.blast_agents, self.plan.blast_secs
+        );
+        let _ = writeln!(
+            s,
+            "| agents | connected | setup (conn/s) | channels/s | relay CPU, setup (%) | relay RSS idle → loaded (MiB) | per session (KiB) | relay CPU, steady (%) | steady recv/sent | forwarded (pkt/s) | forwarded (Mbit/s) | relay CPU, forwarding (%) | relay CPU per forwarded packet (µs) |"
+        );
+        let _ = writeln!(
+            s,
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for r in &self.runs {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.1} → {:.1} | {:.1} | {:.1} | {}/{} | {:.0} | {:.0} | {:.0} | {:.1} |{}",
+                r.agents,
+                r.connected,
+                r.setup_per_s,
+                r.channels_per_s,
+                r.relay_cpu_setup_percent,
+                r.relay_rss_idle_kib as f64 / 1024.0,
+                r.relay_rss_loaded_kib as f64 / 1024.0,
+                r.rss_per_session_kib,
+                r.relay_cpu_steady_percent,
+                r.steady_received,
+                r.steady_sent,
+                r.forward_pps,
+                r.forward_mbps,
+                r.relay_cpu_forward_percent,
+                r.relay_us_per_packet,
+                r.error
+                    .as_deref()
+                    .map(|e| format!(" error: {}", e.lines().next().unwrap_or_default()))
+                    .unwrap_or_default()
+            );
+        }
+        s
+    }
+}
