@@ -11,6 +11,8 @@ use ztna_e2e::{Node, Topology};
 pub(crate) const IPERF_PORT: u16 = 5201;
 /// UDP payload of the UDP tests: a 1228-byte IP packet fits the 1280-byte tunnel MTU.
 pub(crate) const UDP_PAYLOAD: u32 = 1200;
+/// UDP payload of the small-packet test (packet rate rather than bytes).
+pub(crate) const SMALL_PAYLOAD: u32 = 64;
 /// Loss below which a UDP rate counts as carried.
 pub(crate) const UDP_LOSS_OK_PERCENT: f64 = 1.0;
 
@@ -106,6 +108,9 @@ pub(crate) enum IperfKind {
     Tcp { streams: u32 },
     /// UDP with 1200-byte payloads at this rate in Mbit/s (0: as fast as iperf3 can send).
     Udp { mbps: f64 },
+    /// UDP from the backend to the agent (`-R`) with `len`-byte payloads, as fast as iperf3 can
+    /// send: the direction of backend replies, which the connector's XDP fast path carries.
+    UdpDown { len: u32 },
 }
 
 /// Runs iperf3 from the agent namespace to `target` for `secs` seconds and parses its JSON.
@@ -133,6 +138,14 @@ pub(crate) fn iperf(t: &Topology, target: &str, kind: IperfKind, secs: u32) -> R
             UDP_PAYLOAD.to_string(),
             "-b".into(),
             format!("{}", (mbps * 1e6) as u64),
+        ]),
+        IperfKind::UdpDown { len } => args.extend([
+            "-u".into(),
+            "-R".into(),
+            "-l".into(),
+            len.to_string(),
+            "-b".into(),
+            "0".into(),
         ]),
     }
     let out = t.run(Node::Agent, secs + 20, &args)?;

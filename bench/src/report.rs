@@ -101,6 +101,34 @@ const METRICS: &[Metric] = &[
         get: |r| r.udp.as_ref().and_then(|u| u.unlimited.loss_percent),
     },
     Metric {
+        key: "udp_down_mbps",
+        get: |r| mbps(&r.udp_down),
+    },
+    Metric {
+        key: "udp_down_loss_percent",
+        get: |r| r.udp_down.as_ref().and_then(|x| x.loss_percent),
+    },
+    Metric {
+        key: "udp_small_kpps",
+        get: |r| {
+            r.udp_small
+                .as_ref()
+                .map(|x| x.mbps * 1e3 / f64::from(crate::measure::SMALL_PAYLOAD * 8))
+        },
+    },
+    Metric {
+        key: "udp_small_loss_percent",
+        get: |r| r.udp_small.as_ref().and_then(|x| x.loss_percent),
+    },
+    Metric {
+        key: "cpu_udp_down_percent",
+        get: |r| cpu_sum(r, "udp_down"),
+    },
+    Metric {
+        key: "cpu_udp_small_percent",
+        get: |r| cpu_sum(r, "udp_small"),
+    },
+    Metric {
         key: "ping_avg_ms",
         get: |r| r.ping.as_ref().map(|p| p.avg_ms),
     },
@@ -135,6 +163,8 @@ const RATIO_METRICS: &[&str] = &[
     "tcp4_mbps",
     "udp_ok_mbps",
     "udp_unlimited_mbps",
+    "udp_down_mbps",
+    "udp_small_kpps",
 ];
 
 /// Per path: metric key → stat.
@@ -315,6 +345,34 @@ impl Report {
                 fmt_ratio(ratio("udp_ok_mbps")),
                 fmt_stat(get("udp_unlimited_mbps"), 0),
                 fmt_stat(get("udp_unlimited_loss_percent"), 1),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n## UDP backend → agent at -b 0 (the direction of backend replies; the connector's XDP fast path)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| path | 1200-byte payloads (Mbit/s) | × {r} | loss (%) | daemons' CPU (% of a core) | 64-byte payloads (kpkt/s) | × {r} | loss (%) | daemons' CPU |",
+            r = REFERENCE
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for p in &self.paths {
+            let st = self.summary.get(&p.name);
+            let get = |k: &str| st.and_then(|m| m.get(k));
+            let ratio = |k: &str| self.ratios.get(&p.name).and_then(|m| m.get(k));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.name,
+                fmt_stat(get("udp_down_mbps"), 0),
+                fmt_ratio(ratio("udp_down_mbps")),
+                fmt_stat(get("udp_down_loss_percent"), 1),
+                fmt_stat(get("cpu_udp_down_percent"), 0),
+                fmt_stat(get("udp_small_kpps"), 1),
+                fmt_ratio(ratio("udp_small_kpps")),
+                fmt_stat(get("udp_small_loss_percent"), 1),
+                fmt_stat(get("cpu_udp_small_percent"), 0),
             );
         }
         let _ = writeln!(s, "\n## Latency, setup and cost\n");

@@ -48,6 +48,10 @@ pub(crate) struct Run {
     pub(crate) tcp4: Option<Iperf>,
     /// iperf3 UDP with 1200-byte payloads.
     pub(crate) udp: Option<UdpResult>,
+    /// iperf3 UDP backend → agent (`-R`) at `-b 0`, 1200-byte payloads.
+    pub(crate) udp_down: Option<Iperf>,
+    /// The same with 64-byte payloads (the packet rate).
+    pub(crate) udp_small: Option<Iperf>,
     /// 100 pings.
     pub(crate) ping: Option<Ping>,
     /// Per test (`tcp1`, `tcp4`, `udp`): each daemon's CPU in percent of one core.
@@ -163,6 +167,27 @@ fn measure_path(t: &Topology, spec: &PathSpec, plan: &Plan, run: &mut Run) -> Re
     ));
     run.udp = Some(r);
     record_cpu(run, "udp", cpu);
+
+    for (test, len) in [
+        ("udp_down", measure::UDP_PAYLOAD),
+        ("udp_small", measure::SMALL_PAYLOAD),
+    ] {
+        quiet(run, test)?;
+        let (r, cpu) = measure::with_cpu(&daemons, || {
+            measure::iperf(t, target, IperfKind::UdpDown { len }, plan.secs)
+        })?;
+        t.step(&format!(
+            "{test}: {:.0} Mbit/s ({:.0} kpkt/s) backend → agent at -b 0, {:.1} % loss",
+            r.mbps,
+            r.mbps * 1e3 / f64::from(len * 8),
+            r.loss_percent.unwrap_or(f64::NAN)
+        ));
+        match len {
+            measure::UDP_PAYLOAD => run.udp_down = Some(r),
+            _ => run.udp_small = Some(r),
+        }
+        record_cpu(run, test, cpu);
+    }
 
     quiet(run, "ping")?;
     let p = measure::ping(t, target, plan.pings)?;
