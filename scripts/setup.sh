@@ -19,6 +19,7 @@ PACKAGES=(
     netcat-openbsd  # nc -u / nc -z
     iperf3          # throughput checks and benchmarks
     jq              # status JSON in scripts
+    bpftool         # e2e/tests/xdp.rs: no XDP program left on the interface
     procps          # sysctl, pkill
     psmisc          # killall, fuser
     ca-certificates
@@ -66,7 +67,8 @@ fi
 if command -v rustup >/dev/null 2>&1; then
     cd "$(dirname "$0")/.."
     comps=$(rustup component list --installed 2>/dev/null || true)
-    for c in rustfmt clippy; do
+    # rust-src: the connector's XDP program is built with -Z build-std=core (connector/build.rs).
+    for c in rustfmt clippy rust-src; do
         if ! grep -q "^$c" <<<"$comps"; then
             log "rustup component add $c"
             rustup component add "$c"
@@ -77,6 +79,16 @@ else
         echo "setup.sh: neither rustup nor cargo found; install the Rust toolchain 1.95.0 first" >&2
         exit 1
     }
+fi
+
+# bpf-linker links the connector's XDP program (connector-ebpf/xdp). 0.10.4 uses the Rust
+# toolchain's own LLVM; newer releases want a newer LLVM than the pinned toolchain has.
+BPF_LINKER_VERSION=0.10.4
+if bpf-linker --version 2>/dev/null | grep -qw "$BPF_LINKER_VERSION"; then
+    log "bpf-linker $BPF_LINKER_VERSION already installed"
+else
+    log "cargo install --locked bpf-linker@$BPF_LINKER_VERSION"
+    cargo install --locked "bpf-linker@$BPF_LINKER_VERSION"
 fi
 
 log "done"

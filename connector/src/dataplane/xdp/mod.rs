@@ -1,0 +1,613 @@
+//! The UDP fast path (XDP): the loader of the XDP program in `connector-ebpf/xdp`, the flow map
+//! it reads, one raw socket for datagrams to backends, and the AF_XDP sockets replies arrive on.
+//!
+//! With the fast path, a UDP flow has no socket of its own: it gets a local port from the
+//! configured range ([`ports`]) and entries in the kernel's flow map. Datagrams to the backend
+//! leave through one `IPPROTO_RAW` socket from the interface's address and that port. The XDP
+//! program on the interface rewrites each reply into the tunnel-side packet (the same as the
+//! socket path builds; [`rewrite`] is its userspace twin) and redirects it to the AF_XDP socket
+//! of its RX queue ([`afxdp`]), whose thread hands it to the agent. UDP to the range that is
+//! no flow's is dropped in the kernel and counted.
+//!
+//! [`start`] picks the attach mode: `auto` tries native (driver) XDP, then generic (SKB), and
+//! falls back to sockets with a warning; `native`/`generic` fail startup instead.
+
+mod afxdp;
+pub(crate) mod ports;
+#[cfg(test)]
+pub(crate) mod rewrite;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+
+use anyhow::{anyhow, bail, Context as _};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, XskMap};
+use aya::programs::{Xdp, XdpMode as AyaMode};
+use aya::Ebpf;
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{debug, info, warn};
+use ztna_connector_ebpf_common as common;
+
+use super::flows::{FlowId, FlowKey as TableKey};
+use super::{lock, Agent, Dataplane};
+use crate::metrics::Metrics;
+use ports::PortPool;
+
+/// The XDP program, built from source by `build.rs`.
+#[cfg(ztna_xdp_object)]
+static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/ztna-xdp.o"
+)));
+/// Built without the XDP program (no `bpf-linker` or `rust-src` at build time).
+#[cfg(not(ztna_xdp_object))]
+static OBJECT: Option<&[u8]> = None;
+
+/// How the connector runs its UDP data plane (config key `xdp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum XdpMode {
+    /// Native XDP, else generic XDP, else per-flow sockets (logged).
+    Auto,
+    /// Native (driver) XDP or a startup error.
+    Native,
+    /// Generic (SKB) XDP or a startup error.
+    Generic,
+    /// Per-flow sockets.
+    Off,
+}
+
+/// Settings of the fast path.
+#[derive(Clone, Debug)]
+pub(crate) struct XdpSettings {
+    /// Mode.
+    pub(crate) mode: XdpMode,
+    /// Backend-facing interface; `None`: the interface of the route to the first backend.
+    pub(crate) interface: Option<String>,
+    /// Local UDP ports of flows (inclusive).
+    pub(crate) ports: (u16, u16),
+}
+
+/// Which attachment the program got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Attached {
+    /// Driver mode.
+    Native,
+    /// SKB mode.
+    Generic,
+}
+
+impl Attached {
+    fn aya(self) -> AyaMode {
+        match self {
+            Attached::Native => AyaMode::Driver,
+            Attached::Generic => AyaMode::Skb,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Attached::Native => "native",
+            Attached::Generic => "generic",
+        }
+    }
+}
+
+/// Where a rewritten reply goes: (agent tunnel address, agent port, service address, service
+/// port), exactly the reply's destination and source.
+type ReplyKey = (Ipv4Addr, u16, Ipv4Addr, u16);
+
+/// The data-plane flow a reply belongs to.
+struct Target {
+    agent: Arc<Agent>,
+    key: TableKey,
+    id: FlowId,
+}
+
+/// Userspace flow state, under one lock.
+struct State {
+    ports: PortPool,
+    flows: BpfHashMap<MapData, common::FlowKey, common::FlowValue>,
+    stats: PerCpuHashMap<MapData, common::FlowKey, common::FlowStats>,
+    replies: HashMap<ReplyKey, Target>,
+}
+
+/// The fast path: program, maps, raw socket and AF_XDP receivers. See the module docs.
+pub(crate) struct FastPath {
+    attached: Attached,
+    interface: String,
+    local: Ipv4Addr,
+    raw: Socket,
+    state: Mutex<State>,
+    counters: PerCpuArray<MapData, u64>,
+    /// The program and its link; `None` once detached.
+    program: Mutex<Option<(Ebpf, aya::programs::xdp::XdpLinkId)>>,
+    xsks: Mutex<XskMap<MapData>>,
+    receivers: Mutex<Option<afxdp::Receivers>>,
+    metrics: Arc<Metrics>,
+}
+
+/// A flow's lease on the fast path: its port and map entries, released on drop.
+pub(crate) struct XdpFlow {
+    fast: Arc<FastPath>,
+    map_key: common::FlowKey,
+    reply: ReplyKey,
+    /// Local port of the flow.
+    pub(crate) port: u16,
+    /// The backend.
+    pub(crate) backend: SocketAddrV4,
+}
+
+impl XdpFlow {
+    /// Sends one datagram to the backend through the fast path's raw socket, without waiting.
+    pub(crate) fn send(&self, payload: &[u8]) -> std::io::Result<()> {
+        self.fast.send(self, payload)
+    }
+}
+
+impl Drop for XdpFlow {
+    fn drop(&mut self) {
+        let stats = self.fast.flow_stats(self);
+        debug!(
+            local_port = self.port,
+            packets = stats.packets,
+            bytes = stats.bytes,
+            "XDP flow closed"
+        );
+        let mut st = lock(&self.fast.state);
+        let _ = st.flows.remove(&self.map_key);
+        let _ = st.stats.remove(&self.map_key);
+        st.replies.remove(&self.reply);
+        st.ports.free(self.port);
+    }
+}
+
+/// Starts the fast path as `settings` say: `Ok(None)` means sockets (mode `off`, or `auto`
+/// when XDP is unavailable, with a warning saying why).
+pub(crate) fn start(
+    settings: &XdpSettings,
+    first_backend: Option<Ipv4Addr>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<FastPath>>> {
+    let modes: &[Attached] = match settings.mode {
+        XdpMode::Off => {
+            info!("UDP data plane: per-flow sockets (xdp = \"off\")");
+            return Ok(None);
+        }
+        XdpMode::Auto => &[Attached::Native, Attached::Generic],
+        XdpMode::Native => &[Attached::Native],
+        XdpMode::Generic => &[Attached::Generic],
+    };
+    match try_start(settings, first_backend, modes, metrics) {
+        Ok(fp) => {
+            info!(
+                mode = fp.attached.name(),
+                interface = %fp.interface,
+                local = %fp.local,
+                ports = %format!("{}-{}", settings.ports.0, settings.ports.1),
+                "UDP data plane: XDP fast path"
+            );
+            Ok(Some(fp))
+        }
+        Err(e) if settings.mode == XdpMode::Auto => {
+            warn!(
+                "UDP data plane: per-flow sockets, because the XDP fast path is unavailable: {e:#}"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.context(format!(
+            "xdp = \"{}\" is configured but the XDP fast path could not start (set xdp = \"auto\" to fall back to sockets)",
+            match settings.mode {
+                XdpMode::Native => "native",
+                _ => "generic",
+            }
+        ))),
+    }
+}
+
+fn try_start(
+    settings: &XdpSettings,
+    first_backend: Option<Ipv4Addr>,
+    modes: &[Attached],
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Arc<FastPath>> {
+    let object = OBJECT.context(
+        "this connector was built without its XDP program (bpf-linker or rust-src were missing at build time)",
+    )?;
+    let (first, last) = settings.ports;
+    if first == 0 || first > last {
+        bail!("xdp_port_range {first}-{last} is empty or starts at 0");
+    }
+    let backend = first_backend.context("no backend to route towards")?;
+    let interface = match &settings.interface {
+        Some(i) => i.clone(),
+        None => route_interface(backend)?
+            .with_context(|| format!("no route to the backend {backend}; set xdp_interface"))?,
+    };
+    let local = local_addr_towards(backend)?;
+    warn_if_ephemeral(first, last);
+
+    let mut ebpf = Ebpf::load(object).context("loading the XDP object")?;
+    let program: &mut Xdp = ebpf
+        .program_mut(common::PROGRAM)
+        .context("the object has no XDP program")?
+        .try_into()
+        .context("the program is not XDP")?;
+    program.load().context(
+        "loading the XDP program into the kernel (verifier, or missing CAP_BPF/CAP_NET_ADMIN)",
+    )?;
+    let mut config: Array<MapData, common::Config> = take(&mut ebpf, common::MAP_CONFIG)?;
+    config
+        .set(
+            0,
+            common::Config {
+                first_port: first,
+                last_port: last,
+            },
+            0,
+        )
+        .context("writing the program's configuration")?;
+    let flows = take(&mut ebpf, common::MAP_FLOWS)?;
+    let stats = take(&mut ebpf, common::MAP_FLOW_STATS)?;
+    let counters = take(&mut ebpf, common::MAP_COUNTERS)?;
+    let xsks: XskMap<MapData> = take(&mut ebpf, common::MAP_XSKS)?;
+
+    let mut errors = Vec::new();
+    let mut attached = None;
+    for &mode in modes {
+        let program: &mut Xdp = ebpf
+            .program_mut(common::PROGRAM)
+            .context("the object has no XDP program")?
+            .try_into()?;
+        match program.attach(&interface, mode.aya()) {
+            Ok(link) => {
+                attached = Some((mode, link));
+                break;
+            }
+            Err(e) => {
+                let e = anyhow::Error::from(e);
+                debug!(mode = mode.name(), %interface, error = %format!("{e:#}"), "XDP attach failed");
+                errors.push(format!("{} on {interface}: {e:#}", mode.name()));
+            }
+        }
+    }
+    let Some((mode, link)) = attached else {
+        bail!("attaching the XDP program failed: {}", errors.join("; "));
+    };
+    let raw = Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(libc::IPPROTO_RAW)),
+    )
+    .context("opening the raw socket for datagrams to backends")?;
+    raw.set_nonblocking(true)?;
+    let fp = Arc::new(FastPath {
+        attached: mode,
+        interface,
+        local,
+        raw,
+        state: Mutex::new(State {
+            ports: PortPool::new(first, last),
+            flows,
+            stats,
+            replies: HashMap::new(),
+        }),
+        counters,
+        program: Mutex::new(Some((ebpf, link))),
+        xsks: Mutex::new(xsks),
+        receivers: Mutex::new(None),
+        metrics: metrics.clone(),
+    });
+    metrics.xdp_mode.store(
+        if mode == Attached::Native { 2 } else { 1 },
+        Ordering::Relaxed,
+    );
+    Ok(fp)
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> anyhow::Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the XDP object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl FastPath {
+    /// Opens the AF_XDP sockets and starts their threads; replies go to `dataplane`.
+    pub(crate) fn start_receivers(
+        self: &Arc<Self>,
+        dataplane: Weak<Dataplane>,
+    ) -> anyhow::Result<()> {
+        let queues = afxdp::rx_queues(&self.interface);
+        let me = Arc::downgrade(self);
+        let on_packet: afxdp::OnPacket = Arc::new(move |p: &[u8]| {
+            if let (Some(fp), Some(dp)) = (me.upgrade(), dataplane.upgrade()) {
+                fp.reply(&dp, p);
+            }
+        });
+        let receivers = afxdp::Receivers::start(
+            &self.interface,
+            queues,
+            |q, fd| {
+                lock(&self.xsks)
+                    .set(q, fd, 0)
+                    .with_context(|| format!("registering the AF_XDP socket of queue {q}"))
+            },
+            on_packet,
+        )?;
+        info!(queues, interface = %self.interface, "AF_XDP sockets ready");
+        *lock(&self.receivers) = Some(receivers);
+        Ok(())
+    }
+
+    /// Which attachment the program got.
+    pub(crate) fn attached(&self) -> Attached {
+        self.attached
+    }
+
+    /// Opens the fast-path side of a UDP flow: a local port and the map entries that make the
+    /// kernel rewrite `backend`'s replies into packets from `service` to `agent_addr`.
+    pub(crate) fn open_flow(
+        self: &Arc<Self>,
+        agent: &Arc<Agent>,
+        key: TableKey,
+        id: FlowId,
+        backend: SocketAddrV4,
+        service: SocketAddrV4,
+        agent_addr: SocketAddrV4,
+    ) -> std::io::Result<XdpFlow> {
+        let mut st = lock(&self.state);
+        let port = st.ports.alloc().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "the XDP flow port range is exhausted",
+            )
+        })?;
+        let map_key = common::FlowKey {
+            backend_addr: backend.ip().octets(),
+            backend_port: backend.port().to_be_bytes(),
+            local_port: port.to_be_bytes(),
+        };
+        let value = common::FlowValue {
+            service_addr: service.ip().octets(),
+            agent_addr: agent_addr.ip().octets(),
+            service_port: service.port().to_be_bytes(),
+            agent_port: agent_addr.port().to_be_bytes(),
+        };
+        let zero = aya::maps::PerCpuValues::try_from(vec![
+            common::FlowStats::default();
+            aya::util::nr_cpus()
+                .map_err(|(_, e)| e)?
+        ])
+        .map_err(std::io::Error::other)?;
+        let inserted = st
+            .stats
+            .insert(map_key, zero, 0)
+            .and_then(|()| st.flows.insert(map_key, value, 0));
+        if let Err(e) = inserted {
+            let _ = st.stats.remove(&map_key);
+            st.ports.free(port);
+            return Err(std::io::Error::other(format!("XDP flow map: {e}")));
+        }
+        let reply = (
+            *agent_addr.ip(),
+            agent_addr.port(),
+            *service.ip(),
+            service.port(),
+        );
+        st.replies.insert(
+            reply,
+            Target {
+                agent: agent.clone(),
+                key,
+                id,
+            },
+        );
+        Ok(XdpFlow {
+            fast: self.clone(),
+            map_key,
+            reply,
+            port,
+            backend,
+        })
+    }
+
+    /// Sends one datagram to the flow's backend through the raw socket, without waiting.
+    pub(crate) fn send(&self, flow: &XdpFlow, payload: &[u8]) -> std::io::Result<()> {
+        let builder = etherparse::PacketBuilder::ipv4(
+            self.local.octets(),
+            flow.backend.ip().octets(),
+            super::packet::TTL,
+        )
+        .udp(flow.port, flow.backend.port());
+        let mut packet = Vec::with_capacity(builder.size(payload.len()));
+        builder
+            .write(&mut packet, payload)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let to = SocketAddrV4::new(*flow.backend.ip(), 0);
+        self.raw.send_to(&packet, &to.into())?;
+        Ok(())
+    }
+
+    /// Handles one packet from an AF_XDP socket: the rewritten reply goes to its agent.
+    fn reply(&self, dp: &Dataplane, packet: &[u8]) {
+        let Some(key) = reply_key(packet) else {
+            self.metrics
+                .xdp_rx_unmatched
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+        let target = lock(&self.state)
+            .replies
+            .get(&key)
+            .map(|t| (t.agent.clone(), t.key, t.id));
+        let Some((agent, key, id)) = target else {
+            self.metrics
+                .xdp_rx_unmatched
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.metrics.xdp_to_agents.fetch_add(1, Ordering::Relaxed);
+        dp.touch_flow(&key, id);
+        dp.send_to_agent(&agent, packet[..total].to_vec());
+    }
+
+    /// The kernel's global counters, summed over CPUs, by `COUNTER_*` index.
+    pub(crate) fn counters(&self) -> [u64; common::COUNTERS as usize] {
+        let mut out = [0u64; common::COUNTERS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(v) = self.counters.get(&(i as u32), 0) {
+                *slot = v.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// A flow's replies (packets and bytes) the kernel handled, summed over CPUs.
+    fn flow_stats(&self, flow: &XdpFlow) -> common::FlowStats {
+        let st = lock(&self.state);
+        st.stats.get(&flow.map_key, 0).map_or_else(
+            |_| common::FlowStats::default(),
+            |v| common::FlowStats {
+                packets: v.iter().map(|s| s.packets).sum(),
+                bytes: v.iter().map(|s| s.bytes).sum(),
+            },
+        )
+    }
+
+    /// Copies the kernel's counters into the metrics.
+    pub(crate) fn sync_metrics(&self) {
+        let c = self.counters();
+        let m = &self.metrics;
+        let dropped = c[common::COUNTER_DROPPED_UNSOLICITED as usize]
+            + c[common::COUNTER_DROPPED_NO_SOCKET as usize]
+            + c[common::COUNTER_DROPPED_MALFORMED as usize];
+        m.xdp_handled
+            .store(c[common::COUNTER_HANDLED as usize], Ordering::Relaxed);
+        m.xdp_passed
+            .store(c[common::COUNTER_PASSED as usize], Ordering::Relaxed);
+        m.xdp_dropped.store(dropped, Ordering::Relaxed);
+        m.xdp_dropped_unsolicited.store(
+            c[common::COUNTER_DROPPED_UNSOLICITED as usize],
+            Ordering::Relaxed,
+        );
+        m.xdp_dropped_no_socket.store(
+            c[common::COUNTER_DROPPED_NO_SOCKET as usize],
+            Ordering::Relaxed,
+        );
+        m.xdp_dropped_malformed.store(
+            c[common::COUNTER_DROPPED_MALFORMED as usize],
+            Ordering::Relaxed,
+        );
+        m.xdp_flow_ports_in_use
+            .store(lock(&self.state).ports.in_use() as u64, Ordering::Relaxed);
+    }
+
+    /// Stops the AF_XDP threads and detaches the program from the interface. Idempotent; also
+    /// done on drop.
+    pub(crate) fn shutdown(&self) {
+        if let Some(mut r) = lock(&self.receivers).take() {
+            r.stop();
+        }
+        if let Some((mut ebpf, link)) = lock(&self.program).take() {
+            self.sync_metrics();
+            let detached = ebpf
+                .program_mut(common::PROGRAM)
+                .ok_or_else(|| anyhow!("program missing"))
+                .and_then(|p| <&mut Xdp>::try_from(p).map_err(anyhow::Error::from))
+                .and_then(|p| p.detach(link).map_err(anyhow::Error::from));
+            match detached {
+                Ok(()) => info!(interface = %self.interface, "XDP program detached"),
+                Err(e) => warn!(interface = %self.interface, "detaching the XDP program: {e:#}"),
+            }
+        }
+    }
+}
+
+impl Drop for FastPath {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// (destination address, destination port, source address, source port) of an IPv4/UDP packet.
+fn reply_key(p: &[u8]) -> Option<ReplyKey> {
+    if p.len() < 28 || p[0] >> 4 != 4 || p[9] != 17 {
+        return None;
+    }
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+    if ihl < 20 || total > p.len() || total < ihl + 8 {
+        return None;
+    }
+    let port = |at: usize| u16::from_be_bytes([p[at], p[at + 1]]);
+    Some((
+        Ipv4Addr::new(p[16], p[17], p[18], p[19]),
+        port(ihl + 2),
+        Ipv4Addr::new(p[12], p[13], p[14], p[15]),
+        port(ihl),
+    ))
+}
+
+/// The interface of the longest-prefix IPv4 route to `dst` (from `/proc/net/route`).
+fn route_interface(dst: Ipv4Addr) -> anyhow::Result<Option<String>> {
+    let table = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
+    Ok(best_route(&table, dst))
+}
+
+/// Parses `/proc/net/route` text (addresses in host-order hex of the network-order bytes).
+fn best_route(table: &str, dst: Ipv4Addr) -> Option<String> {
+    let dst = u32::from_ne_bytes(dst.octets());
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let dest = u32::from_str_radix(f.get(1)?, 16).ok()?;
+            let mask = u32::from_str_radix(f.get(7)?, 16).ok()?;
+            (dst & mask == dest).then(|| (mask.count_ones(), f[0].to_owned()))
+        })
+        .max_by_key(|(bits, _)| *bits)
+        .map(|(_, name)| name)
+}
+
+/// The source address the kernel picks towards `dst`.
+fn local_addr_towards(dst: Ipv4Addr) -> anyhow::Result<Ipv4Addr> {
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("probing the local address")?;
+    s.connect((dst, 9))
+        .with_context(|| format!("no route to the backend {dst}"))?;
+    match s.local_addr()? {
+        std::net::SocketAddr::V4(a) => Ok(*a.ip()),
+        std::net::SocketAddr::V6(_) => bail!("no IPv4 address towards {dst}"),
+    }
+}
+
+/// Warns if the flow range overlaps the kernel's ephemeral ports, where other sockets' replies
+/// would be dropped as unsolicited.
+fn warn_if_ephemeral(first: u16, last: u16) {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let mut it = text
+        .split_whitespace()
+        .filter_map(|s| s.parse::<u16>().ok());
+    if let (Some(lo), Some(hi)) = (it.next(), it.next()) {
+        if first <= hi && lo <= last {
+            warn!(
+                "xdp_port_range {first}-{last} overlaps the kernel's ephemeral ports {lo}-{hi} \
+                 (net.ipv4.ip_local_port_range): UDP replies to other sockets on those ports \
+                 will be dropped as unsolicited; pick a range outside it"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

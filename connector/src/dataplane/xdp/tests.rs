@@ -1,0 +1,145 @@
+//! Tests of the loader's pure helpers, and of the real XDP program against its twin
+//! ([`rewrite`]) through `BPF_PROG_TEST_RUN` (needs root; skipped otherwise, or when the
+//! connector was built without the program).
+
+use super::rewrite::tests::{frame, lookup, value, BACKEND, CFG};
+use super::rewrite::{classify, Verdict};
+use super::*;
+use aya::programs::{TestRun, TestRunOptions};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+#[test]
+fn best_route_is_the_longest_prefix() {
+    let table =
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
+                 wan0\t00000000\t01000A0A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                 back0\t00030A0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+    assert_eq!(
+        best_route(table, Ipv4Addr::new(10, 10, 3, 2)).as_deref(),
+        Some("back0")
+    );
+    assert_eq!(
+        best_route(table, Ipv4Addr::new(8, 8, 8, 8)).as_deref(),
+        Some("wan0")
+    );
+    assert_eq!(best_route("Iface\n", Ipv4Addr::new(8, 8, 8, 8)), None);
+}
+
+#[test]
+fn reply_keys() {
+    let Verdict::Redirect { packet, .. } = classify(&frame(7, 20001, 64, b"hi"), &CFG, lookup)
+    else {
+        panic!("not redirected")
+    };
+    assert_eq!(
+        reply_key(&packet),
+        Some((
+            Ipv4Addr::new(100, 64, 0, 2),
+            40000,
+            Ipv4Addr::new(10, 100, 0, 1),
+            7
+        ))
+    );
+    assert_eq!(reply_key(&packet[..20]), None);
+    assert_eq!(reply_key(&[]), None);
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn kernel_rewrite_matches_the_twin() {
+    let Some(object) = OBJECT else {
+        eprintln!("skipping kernel_rewrite_matches_the_twin: built without the XDP program");
+        return;
+    };
+    if !is_root() {
+        eprintln!("skipping kernel_rewrite_matches_the_twin: needs root (CAP_BPF)");
+        return;
+    }
+    let mut ebpf = Ebpf::load(object).expect("load object");
+    let program: &mut Xdp = ebpf
+        .program_mut(common::PROGRAM)
+        .expect("program")
+        .try_into()
+        .expect("xdp");
+    program.load().expect("the verifier accepts the program");
+    let mut config: Array<MapData, common::Config> =
+        take(&mut ebpf, common::MAP_CONFIG).expect("config");
+    config.set(0, CFG, 0).expect("set config");
+    let mut flows: BpfHashMap<MapData, common::FlowKey, common::FlowValue> =
+        take(&mut ebpf, common::MAP_FLOWS).expect("flows");
+    let key = common::FlowKey {
+        backend_addr: BACKEND,
+        backend_port: 7u16.to_be_bytes(),
+        local_port: 20001u16.to_be_bytes(),
+    };
+    flows.insert(key, value(), 0).expect("insert flow");
+    let counters: PerCpuArray<MapData, u64> =
+        take(&mut ebpf, common::MAP_COUNTERS).expect("counters");
+    let program: &Xdp = ebpf
+        .program(common::PROGRAM)
+        .expect("program")
+        .try_into()
+        .expect("xdp");
+
+    let mut cases = vec![
+        frame(7, 20001, 64, b"echo:hello"),
+        frame(7, 20001, 1, &[0xab; 1400]),
+        frame(7, 20001, 200, b""),
+        frame(7, 20002, 64, b"unsolicited"),
+        frame(7, 19999, 64, b"outside the range"),
+    ];
+    let mut zero_sum = frame(7, 20001, 64, b"no udp checksum");
+    zero_sum[40..42].fill(0);
+    cases.push(zero_sum);
+    let mut fragment = frame(7, 20001, 64, b"first fragment");
+    fragment[20] |= 0x20;
+    cases.push(fragment);
+    for (i, payload_len) in [0usize, 1, 2, 3, 17, 255, 1000].into_iter().enumerate() {
+        let payload: Vec<u8> = (0..payload_len).map(|b| (b * 7 + i) as u8).collect();
+        cases.push(frame(7, 20001, 64 + i as u8, &payload));
+    }
+
+    let sum = |i: u32| -> u64 { counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+    for (n, input) in cases.iter().enumerate() {
+        let want = classify(input, &CFG, |k| (*k == key).then(value));
+        let before = (
+            sum(common::COUNTER_DROPPED_NO_SOCKET),
+            sum(common::COUNTER_DROPPED_UNSOLICITED),
+            sum(common::COUNTER_PASSED),
+        );
+        let mut out = vec![0u8; input.len() + 256];
+        let r = program
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("test run");
+        let got = &out[..r.data_size_out as usize];
+        match want {
+            Verdict::Redirect { packet, .. } => {
+                // No AF_XDP socket in the map: the rewritten frame is dropped and counted.
+                assert_eq!(r.return_value, XDP_DROP, "case {n}");
+                assert_eq!(got, &packet[..], "case {n}: kernel and twin differ");
+                super::rewrite::tests::check(&packet);
+                assert_eq!(sum(common::COUNTER_DROPPED_NO_SOCKET), before.0 + 1);
+            }
+            Verdict::DropUnsolicited => {
+                assert_eq!(r.return_value, XDP_DROP, "case {n}");
+                assert_eq!(sum(common::COUNTER_DROPPED_UNSOLICITED), before.1 + 1);
+            }
+            Verdict::DropMalformed => assert_eq!(r.return_value, XDP_DROP, "case {n}"),
+            Verdict::Pass => {
+                assert_eq!(r.return_value, XDP_PASS, "case {n}");
+                assert_eq!(got, &input[..], "case {n}: a passed frame is unchanged");
+                assert_eq!(sum(common::COUNTER_PASSED), before.2 + 1);
+            }
+        }
+    }
+}
