@@ -181,8 +181,26 @@ fn pin_mmap_threshold() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn pin_mmap_threshold() {}
 
+/// Raises the soft limit of open files to the hard limit: on the socket data plane every UDP
+/// flow holds a socket (up to `max_flows_per_agent` per agent), and the common soft limit of
+/// 1024 would refuse flows long before that.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     pin_mmap_threshold();
+    raise_nofile_limit();
     let cli = Cli::parse();
     let cfg = ConnectorConfig::load(cli.config.as_deref(), &cli.flags)?;
     ztna_core::daemon::init_logging(cli.flags.log.as_deref(), cfg.log.as_deref());

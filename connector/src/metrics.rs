@@ -137,6 +137,8 @@ metrics! {
     xdp_passed: Counter,
     /// Rewritten replies read from AF_XDP sockets and handed to agents.
     xdp_to_agents: Counter,
+    /// Rewritten replies whose UDP checksum userspace completed: the sender had left it to checksum offload (a veth peer or a local sender), which XDP can't see.
+    xdp_checksums_completed: Counter,
     /// Packets read from AF_XDP sockets that matched no open flow (the flow closed meanwhile) and were dropped.
     xdp_rx_unmatched: Counter,
     /// Local ports of the XDP flow port range in use (one per fast-path UDP flow).

@@ -203,6 +203,12 @@ pub struct ConnectorConfig {
     pub tcp_idle_timeout_secs: Option<u64>,
     /// Cap on TCP connections per agent (`max_tcp_per_agent`); written only when set.
     pub max_tcp_per_agent: Option<u64>,
+    /// UDP data plane: `auto`, `native`, `generic` (XDP fast path) or `off` (per-flow sockets).
+    pub xdp: String,
+    /// Interface the XDP program attaches to (`xdp_interface`); written only when set.
+    pub xdp_interface: Option<String>,
+    /// Local ports of fast-path flows (`xdp_port_range`, "FIRST-LAST"); written only when set.
+    pub xdp_port_range: Option<String>,
     /// Services announced to the relay.
     pub services: Vec<ServiceConfig>,
 }
@@ -234,6 +240,9 @@ impl ConnectorConfig {
             tcp_connect_timeout_secs: None,
             tcp_idle_timeout_secs: None,
             max_tcp_per_agent: None,
+            xdp: "off".to_owned(),
+            xdp_interface: None,
+            xdp_port_range: None,
             services: vec![
                 svc("echo", addr::ECHO, "7", true),
                 svc("dns", addr::DNS, "53", false),
@@ -266,6 +275,16 @@ impl ConnectorConfig {
         for (key, value) in optional {
             if let Some(v) = value {
                 let _ = writeln!(s, "{key} = {v}");
+            }
+        }
+        let _ = writeln!(s, "xdp = {}", q(&self.xdp));
+        let optional = [
+            ("xdp_interface", &self.xdp_interface),
+            ("xdp_port_range", &self.xdp_port_range),
+        ];
+        for (key, value) in optional {
+            if let Some(v) = value {
+                let _ = writeln!(s, "{key} = {}", q(v));
             }
         }
         for svc in &self.services {

@@ -230,7 +230,9 @@ fn try_start(
     let local = local_addr_towards(backend)?;
     warn_if_ephemeral(first, last);
 
-    let mut ebpf = Ebpf::load(object).context("loading the XDP object")?;
+    let mut ebpf = Ebpf::load(object).context(
+        "loading the XDP object (creating its maps needs CAP_BPF and CAP_NET_ADMIN, or root)",
+    )?;
     let program: &mut Xdp = ebpf
         .program_mut(common::PROGRAM)
         .context("the object has no XDP program")?
@@ -454,9 +456,15 @@ impl FastPath {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
+        let mut packet = packet[..total].to_vec();
+        if finish_udp_checksum(&mut packet) {
+            self.metrics
+                .xdp_checksums_completed
+                .fetch_add(1, Ordering::Relaxed);
+        }
         self.metrics.xdp_to_agents.fetch_add(1, Ordering::Relaxed);
         dp.touch_flow(&key, id);
-        dp.send_to_agent(&agent, packet[..total].to_vec());
+        dp.send_to_agent(&agent, packet);
     }
 
     /// The kernel's global counters, summed over CPUs, by `COUNTER_*` index.
@@ -554,6 +562,50 @@ fn reply_key(p: &[u8]) -> Option<ReplyKey> {
         Ipv4Addr::new(p[12], p[13], p[14], p[15]),
         port(ihl),
     ))
+}
+
+/// Makes the UDP checksum of a rewritten reply (IPv4 packet, UDP length within it) valid and
+/// returns whether it had to change it.
+///
+/// The XDP program updates the checksum field incrementally, which is right when the sender
+/// filled it in. A sender on the same host or a veth peer that leaves the checksum to "hardware"
+/// (CHECKSUM_PARTIAL) puts only the pseudo-header sum there, and XDP can't tell the two apart;
+/// such a reply reaches userspace with an invalid checksum, and the agent's kernel would drop
+/// it. A zero checksum (none) is left alone.
+fn finish_udp_checksum(p: &mut [u8]) -> bool {
+    let ihl = usize::from(p.first().map_or(0, |b| b & 0x0f)) * 4;
+    if ihl < 20 || p.len() < ihl + 8 {
+        return false;
+    }
+    let udp_len = usize::from(u16::from_be_bytes([p[ihl + 4], p[ihl + 5]]));
+    let field = u16::from_be_bytes([p[ihl + 6], p[ihl + 7]]);
+    if field == 0 || udp_len < 8 || ihl + udp_len > p.len() {
+        return false;
+    }
+    let sum = |data: &[u8]| -> u32 {
+        data.chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+            .sum()
+    };
+    let pseudo = sum(&p[12..20]) + 17 + udp_len as u32;
+    let mut total = pseudo + sum(&p[ihl..ihl + udp_len]);
+    while total > 0xffff {
+        total = (total & 0xffff) + (total >> 16);
+    }
+    if total == 0xffff {
+        return false; // valid
+    }
+    p[ihl + 6..ihl + 8].fill(0);
+    let mut total = pseudo + sum(&p[ihl..ihl + udp_len]);
+    while total > 0xffff {
+        total = (total & 0xffff) + (total >> 16);
+    }
+    let check = match !(total as u16) {
+        0 => 0xffff,
+        c => c,
+    };
+    p[ihl + 6..ihl + 8].copy_from_slice(&check.to_be_bytes());
+    true
 }
 
 /// The interface of the longest-prefix IPv4 route to `dst` (from `/proc/net/route`).

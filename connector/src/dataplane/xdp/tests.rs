@@ -46,6 +46,28 @@ fn reply_keys() {
     assert_eq!(reply_key(&[]), None);
 }
 
+#[test]
+fn udp_checksums_are_completed() {
+    let Verdict::Redirect { packet, .. } =
+        classify(&frame(7, 20001, 64, b"payload!"), &CFG, lookup)
+    else {
+        panic!("not redirected")
+    };
+    let mut p = packet.clone();
+    assert!(!finish_udp_checksum(&mut p), "a valid checksum is kept");
+    assert_eq!(p, packet);
+    // A partial (pseudo-header only) checksum, as an offloading sender leaves it.
+    p[26..28].copy_from_slice(&[0x12, 0x34]);
+    assert!(finish_udp_checksum(&mut p));
+    assert_eq!(p, packet);
+    super::rewrite::tests::check(&p);
+    let mut none = packet.clone();
+    none[26..28].fill(0);
+    assert!(!finish_udp_checksum(&mut none), "no checksum stays none");
+    assert!(!finish_udp_checksum(&mut []));
+    assert!(!finish_udp_checksum(&mut packet[..24].to_vec()));
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
