@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod nginx;
 pub mod pcap;
 pub mod pki;
 pub mod proc_stats;

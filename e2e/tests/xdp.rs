@@ -4,7 +4,7 @@
 //! and counted while ping and TCP to the connector host still work; 5000 concurrent flows are
 //! all answered without the connector's open files growing; without the capabilities `auto`
 //! falls back to sockets (and `native` refuses to start); the program is detached on SIGTERM
-//! and gone after SIGKILL, and a restart attaches again.
+//! and gone after SIGKILL, and a restart attaches again. Generic (SKB) mode gives the same results.
 
 use std::time::Duration;
 
@@ -194,7 +194,12 @@ fn xdp_native_same_results_drops_and_clean_exit() {
                 out.stdout.contains("3 received"),
                 "ping to the connector host failed:\n{out}"
             );
-            let nginx = start_nginx(t)?;
+            let root = t.dir().join("www");
+            std::fs::create_dir_all(&root).context("creating the web root")?;
+            std::fs::write(root.join("index.html"), "ztna xdp test\n")
+                .context("writing index.html")?;
+            let nginx =
+                ztna_e2e::nginx::start(t, Node::Conn, &format!("{}:8080", addr::CONN_BACK), &root)?;
             let url = format!("http://{}:8080/", addr::CONN_BACK);
             let out = t.run_ok(Node::Backend, 15, ["curl", "-s", "-m", "5", &url])?;
             ensure!(
@@ -272,54 +277,6 @@ fn xdp_native_same_results_drops_and_clean_exit() {
             Ok(())
         },
     );
-}
-
-/// nginx in the connector's namespace on 10.10.3.1:8080 (a TCP service of the connector host).
-fn start_nginx(t: &Topology) -> Result<ztna_e2e::DaemonId> {
-    let dir = t.dir().join("nginx");
-    std::fs::create_dir_all(dir.join("tmp")).context("creating the nginx directory")?;
-    std::fs::write(dir.join("index.html"), "ztna xdp test\n").context("writing index.html")?;
-    let d = dir.to_str().context("non-UTF-8 path")?;
-    let conf = format!(
-        "daemon off;\nmaster_process off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\n\
-         error_log stderr warn;\nevents {{ worker_connections 64; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body;\n\
-           proxy_temp_path {d}/tmp/proxy;\n  fastcgi_temp_path {d}/tmp/fastcgi;\n\
-           uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n\
-           server {{\n    listen {}:8080;\n    root {d};\n  }}\n}}\n",
-        addr::CONN_BACK
-    );
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf).context("writing nginx.conf")?;
-    let id = t.spawn(
-        Node::Conn,
-        "nginx",
-        "nginx",
-        [
-            "-p",
-            d,
-            "-e",
-            "stderr",
-            "-c",
-            conf_path.to_str().context("path")?,
-        ],
-    )?;
-    let url = format!("http://{}:8080/", addr::CONN_BACK);
-    wait_until(
-        "nginx to answer in the connector namespace",
-        Duration::from_secs(10),
-        || {
-            !t.is_running(id)
-                || t.run(
-                    Node::Conn,
-                    5,
-                    ["curl", "-s", "-o", "/dev/null", "-m", "2", &url],
-                )
-                .is_ok_and(|o| o.success())
-        },
-    )?;
-    t.ensure_running(id)?;
-    Ok(id)
 }
 
 /// What one run of 5000 flows measured.
@@ -480,4 +437,28 @@ fn xdp_falls_back_to_sockets_without_capabilities() {
             Ok(())
         },
     );
+}
+
+#[test]
+fn xdp_generic_same_results() {
+    run("xdp_generic_same_results", helper_bins!(), |t| {
+        let mut s = Stack::new(t)?;
+        s.conn_cfg.xdp = "generic".to_owned();
+        s.conn_cfg.xdp_interface = Some("back0".to_owned());
+        s.start_all()?;
+        wait_log(t, &s, "UDP data plane: XDP fast path")?;
+        ensure!(
+            s.conn_metrics()?.value(MODE) == 1.0,
+            "xdp_mode is not 1 (generic)"
+        );
+        let before = s.conn_metrics()?;
+        echo_and_dig(t)?;
+        let after = s.conn_metrics()?;
+        let handled = delta(&after, &before, HANDLED);
+        ensure!(
+            handled >= 201.0,
+            "generic XDP handled {handled} replies, expected >= 201"
+        );
+        Ok(())
+    });
 }
