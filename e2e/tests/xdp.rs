@@ -134,7 +134,12 @@ fn xdp_native_same_results_drops_and_clean_exit() {
             let handled = delta(&after, &before, HANDLED);
             let to_agents = delta(&after, &before, TO_AGENTS);
             t.step(&format!(
-                "xdp_handled +{handled}, xdp_to_agents +{to_agents}"
+                "xdp_handled +{handled}, xdp_to_agents +{to_agents}, xdp_checksums_completed +{}",
+                delta(
+                    &after,
+                    &before,
+                    "ztna_connector_xdp_checksums_completed_total"
+                )
             ));
             ensure!(
                 handled >= 201.0,

@@ -13,6 +13,7 @@
 //! falls back to sockets with a warning; `native`/`generic` fail startup instead.
 
 mod afxdp;
+mod netlink;
 pub(crate) mod ports;
 #[cfg(test)]
 pub(crate) mod rewrite;
@@ -260,17 +261,12 @@ fn try_start(
     let mut errors = Vec::new();
     let mut attached = None;
     for &mode in modes {
-        let program: &mut Xdp = ebpf
-            .program_mut(common::PROGRAM)
-            .context("the object has no XDP program")?
-            .try_into()?;
-        match program.attach(&interface, mode.aya()) {
+        match attach(&mut ebpf, &interface, mode) {
             Ok(link) => {
                 attached = Some((mode, link));
                 break;
             }
             Err(e) => {
-                let e = anyhow::Error::from(e);
                 debug!(mode = mode.name(), %interface, error = %format!("{e:#}"), "XDP attach failed");
                 errors.push(format!("{} on {interface}: {e:#}", mode.name()));
             }
@@ -308,6 +304,58 @@ fn try_start(
         Ordering::Relaxed,
     );
     Ok(fp)
+}
+
+/// Attaches the program to `interface` in `mode`. A program already attached through netlink
+/// (left by a crashed process on a kernel without XDP links, or by `ip link set ... xdp`) makes
+/// the attach fail with EBUSY: it is removed, with a warning, and the attach tried once more.
+fn attach(
+    ebpf: &mut Ebpf,
+    interface: &str,
+    mode: Attached,
+) -> anyhow::Result<aya::programs::xdp::XdpLinkId> {
+    let program: &mut Xdp = ebpf
+        .program_mut(common::PROGRAM)
+        .context("the object has no XDP program")?
+        .try_into()?;
+    match program.attach(interface, mode.aya()) {
+        Ok(link) => Ok(link),
+        Err(e) if is_busy(&e) => {
+            warn!(
+                %interface,
+                "another XDP program is attached to the interface (left by a crashed process, or \
+                 attached with `ip link`); replacing it"
+            );
+            let index = if_index(interface)?;
+            for flags in [netlink::XDP_FLAGS_DRV_MODE, netlink::XDP_FLAGS_SKB_MODE] {
+                if let Err(e) = netlink::set_xdp_fd(index, -1, flags) {
+                    debug!(%interface, flags, error = %e, "removing an XDP program");
+                }
+            }
+            program
+                .attach(interface, mode.aya())
+                .context("attaching after removing the program that was there")
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether an attach failed because another program holds the interface.
+fn is_busy(e: &aya::programs::ProgramError) -> bool {
+    matches!(
+        e,
+        aya::programs::ProgramError::SyscallError(s)
+            if matches!(s.io_error.raw_os_error(), Some(libc::EBUSY | libc::EEXIST))
+    )
+}
+
+/// The index of `interface`.
+fn if_index(interface: &str) -> anyhow::Result<u32> {
+    let name = std::ffi::CString::new(interface).context("interface name")?;
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    anyhow::ensure!(index != 0, "no interface {interface}");
+    Ok(index)
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
