@@ -106,6 +106,7 @@ struct Target {
     agent: Arc<Agent>,
     key: TableKey,
     id: FlowId,
+    backend: SocketAddrV4,
 }
 
 /// Userspace flow state, under one lock.
@@ -114,6 +115,8 @@ struct State {
     flows: BpfHashMap<MapData, common::FlowKey, common::FlowValue>,
     stats: PerCpuHashMap<MapData, common::FlowKey, common::FlowStats>,
     replies: HashMap<ReplyKey, Target>,
+    /// Local port → the flow's reply key, for ICMP errors quoting a datagram of the flow.
+    by_port: HashMap<u16, ReplyKey>,
 }
 
 /// The fast path: program, maps, raw socket and AF_XDP receivers. See the module docs.
@@ -128,6 +131,9 @@ pub(crate) struct FastPath {
     program: Mutex<Option<(Ebpf, aya::programs::xdp::XdpLinkId)>>,
     xsks: Mutex<XskMap<MapData>>,
     receivers: Mutex<Option<afxdp::Receivers>>,
+    /// The thread reading ICMP errors about flows, and its stop flag.
+    icmp: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
     metrics: Arc<Metrics>,
 }
 
@@ -162,6 +168,7 @@ impl Drop for XdpFlow {
         let _ = st.flows.remove(&self.map_key);
         let _ = st.stats.remove(&self.map_key);
         st.replies.remove(&self.reply);
+        st.by_port.remove(&self.port);
         st.ports.free(self.port);
     }
 }
@@ -292,11 +299,14 @@ fn try_start(
             flows,
             stats,
             replies: HashMap::new(),
+            by_port: HashMap::new(),
         }),
         counters,
         program: Mutex::new(Some((ebpf, link))),
         xsks: Mutex::new(xsks),
         receivers: Mutex::new(None),
+        icmp: Mutex::new(None),
+        stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         metrics: metrics.clone(),
     });
     metrics.xdp_mode.store(
@@ -374,6 +384,7 @@ impl FastPath {
         self: &Arc<Self>,
         dataplane: Weak<Dataplane>,
     ) -> anyhow::Result<()> {
+        let dataplane_for_icmp = dataplane.clone();
         let queues = afxdp::rx_queues(&self.interface);
         let me = Arc::downgrade(self);
         let on_packet: afxdp::OnPacket = Arc::new(move |p: &[u8]| {
@@ -393,7 +404,58 @@ impl FastPath {
         )?;
         info!(queues, interface = %self.interface, "AF_XDP sockets ready");
         *lock(&self.receivers) = Some(receivers);
+        self.start_icmp(dataplane_for_icmp)?;
         Ok(())
+    }
+
+    /// Starts the thread that turns a backend's ICMP port unreachable about a flow's datagram
+    /// into one for the agent, as the socket path does: XDP passes ICMP to the kernel, which
+    /// has no socket for the flow's port, so a raw ICMP socket reads a copy.
+    fn start_icmp(self: &Arc<Self>, dataplane: Weak<Dataplane>) -> anyhow::Result<()> {
+        let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+            .context("opening the raw ICMP socket for port unreachable messages")?;
+        socket.set_read_timeout(Some(std::time::Duration::from_millis(100)))?;
+        let me = Arc::downgrade(self);
+        let stop = self.stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("xdp-icmp".into())
+            .spawn(move || {
+                let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(n) = socket.recv(&mut buf) else {
+                        continue;
+                    };
+                    // SAFETY: recv initialised the first n bytes.
+                    let bytes: &[u8] =
+                        unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
+                    if let (Some(fp), Some(dp)) = (me.upgrade(), dataplane.upgrade()) {
+                        fp.icmp_error(&dp, bytes);
+                    }
+                }
+            })
+            .context("spawning the ICMP thread")?;
+        *lock(&self.icmp) = Some(thread);
+        Ok(())
+    }
+
+    /// Handles one ICMP message (with its IPv4 header) read by the ICMP thread.
+    fn icmp_error(&self, dp: &Dataplane, packet: &[u8]) {
+        let Some((local_port, backend)) = port_unreachable_about(packet, self.local) else {
+            return;
+        };
+        let target = {
+            let st = lock(&self.state);
+            st.by_port
+                .get(&local_port)
+                .and_then(|k| st.replies.get(k).map(|t| (k.2, t)))
+                .filter(|(_, t)| t.backend == backend)
+                .map(|(service, t)| (service, t.agent.clone(), t.key, t.id))
+        };
+        if let Some((service, agent, key, id)) = target {
+            if let Some(quote) = dp.flow_quote(&key, id) {
+                dp.send_port_unreachable(&agent, service, quote.as_slice());
+            }
+        }
     }
 
     /// Which attachment the program got.
@@ -457,8 +519,10 @@ impl FastPath {
                 agent: agent.clone(),
                 key,
                 id,
+                backend,
             },
         );
+        st.by_port.insert(port, reply);
         Ok(XdpFlow {
             fast: self.clone(),
             map_key,
@@ -572,6 +636,10 @@ impl FastPath {
         if let Some(mut r) = lock(&self.receivers).take() {
             r.stop();
         }
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = lock(&self.icmp).take() {
+            let _ = t.join();
+        }
         if let Some((mut ebpf, link)) = lock(&self.program).take() {
             self.sync_metrics();
             let detached = ebpf
@@ -654,6 +722,34 @@ fn finish_udp_checksum(p: &mut [u8]) -> bool {
     };
     p[ihl + 6..ihl + 8].copy_from_slice(&check.to_be_bytes());
     true
+}
+
+/// If `p` (an IPv4 packet) is an ICMP port unreachable quoting a UDP datagram from `local`,
+/// the datagram's source port and destination.
+fn port_unreachable_about(p: &[u8], local: Ipv4Addr) -> Option<(u16, SocketAddrV4)> {
+    let ihl = usize::from(*p.first()? & 0x0f) * 4;
+    let icmp = p.get(ihl..)?;
+    if ihl < 20
+        || p.len() < 20
+        || p[9] != 1
+        || icmp.len() < 8 + 20 + 8
+        || icmp[0] != 3
+        || icmp[1] != 3
+    {
+        return None;
+    }
+    let quoted = &icmp[8..];
+    let qihl = usize::from(quoted[0] & 0x0f) * 4;
+    if qihl < 20 || quoted[9] != 17 || quoted.len() < qihl + 4 {
+        return None;
+    }
+    let src = Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]);
+    if src != local {
+        return None;
+    }
+    let dst = Ipv4Addr::new(quoted[16], quoted[17], quoted[18], quoted[19]);
+    let port = |at: usize| u16::from_be_bytes([quoted[at], quoted[at + 1]]);
+    Some((port(qihl), SocketAddrV4::new(dst, port(qihl + 2))))
 }
 
 /// The interface of the longest-prefix IPv4 route to `dst` (from `/proc/net/route`).

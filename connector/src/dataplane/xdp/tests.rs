@@ -47,6 +47,35 @@ fn reply_keys() {
 }
 
 #[test]
+fn port_unreachable_is_recognised() {
+    let local = Ipv4Addr::new(10, 10, 3, 1);
+    // The datagram the connector sent: 10.10.3.1:20001 -> 10.10.3.2:5999.
+    let mut sent = Vec::new();
+    etherparse::PacketBuilder::ipv4(local.octets(), BACKEND, 64)
+        .udp(20001, 5999)
+        .write(&mut sent, b"hello")
+        .expect("build");
+    let mut icmp = Vec::new();
+    etherparse::PacketBuilder::ipv4(BACKEND, local.octets(), 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ))
+        .write(&mut icmp, &sent[..28])
+        .expect("build");
+    assert_eq!(
+        port_unreachable_about(&icmp, local),
+        Some((20001, SocketAddrV4::new(Ipv4Addr::from(BACKEND), 5999)))
+    );
+    assert_eq!(
+        port_unreachable_about(&icmp, Ipv4Addr::new(10, 10, 3, 9)),
+        None
+    );
+    assert_eq!(port_unreachable_about(&icmp[..40], local), None);
+    assert_eq!(port_unreachable_about(&sent, local), None);
+    assert_eq!(port_unreachable_about(&[], local), None);
+}
+
+#[test]
 fn udp_checksums_are_completed() {
     let Verdict::Redirect { packet, .. } =
         classify(&frame(7, 20001, 64, b"payload!"), &CFG, lookup)
