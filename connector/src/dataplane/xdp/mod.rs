@@ -23,7 +23,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{bail, Context as _};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, XskMap};
 use aya::programs::{Xdp, XdpMode as AyaMode};
 use aya::Ebpf;
@@ -238,17 +238,7 @@ fn try_start(
     let local = local_addr_towards(backend)?;
     warn_if_ephemeral(first, last);
 
-    let mut ebpf = Ebpf::load(object).context(
-        "loading the XDP object (creating its maps needs CAP_BPF and CAP_NET_ADMIN, or root)",
-    )?;
-    let program: &mut Xdp = ebpf
-        .program_mut(common::PROGRAM)
-        .context("the object has no XDP program")?
-        .try_into()
-        .context("the program is not XDP")?;
-    program.load().context(
-        "loading the XDP program into the kernel (verifier, or missing CAP_BPF/CAP_NET_ADMIN)",
-    )?;
+    let mut ebpf = load(object)?;
     let mut config: Array<MapData, common::Config> = take(&mut ebpf, common::MAP_CONFIG)?;
     config
         .set(
@@ -316,6 +306,25 @@ fn try_start(
     Ok(fp)
 }
 
+/// Loads the object (creating its maps) and its XDP program (the verifier runs here).
+fn load(object: &[u8]) -> anyhow::Result<Ebpf> {
+    let mut ebpf = Ebpf::load(object).context(
+        "loading the XDP object (creating its maps needs CAP_BPF and CAP_NET_ADMIN, or root)",
+    )?;
+    xdp_program(&mut ebpf)?.load().context(
+        "loading the XDP program into the kernel (verifier, or missing CAP_BPF/CAP_NET_ADMIN)",
+    )?;
+    Ok(ebpf)
+}
+
+/// The object's XDP program.
+fn xdp_program(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
+    ebpf.program_mut(common::PROGRAM)
+        .context("the object has no XDP program")?
+        .try_into()
+        .context("the program is not XDP")
+}
+
 /// Attaches the program to `interface` in `mode`. A program already attached through netlink
 /// (left by a crashed process on a kernel without XDP links, or by `ip link set ... xdp`) makes
 /// the attach fail with EBUSY: it is removed, with a warning, and the attach tried once more.
@@ -324,10 +333,7 @@ fn attach(
     interface: &str,
     mode: Attached,
 ) -> anyhow::Result<aya::programs::xdp::XdpLinkId> {
-    let program: &mut Xdp = ebpf
-        .program_mut(common::PROGRAM)
-        .context("the object has no XDP program")?
-        .try_into()?;
+    let program = xdp_program(ebpf)?;
     match program.attach(interface, mode.aya()) {
         Ok(link) => Ok(link),
         Err(e) if is_busy(&e) => {
@@ -642,11 +648,8 @@ impl FastPath {
         }
         if let Some((mut ebpf, link)) = lock(&self.program).take() {
             self.sync_metrics();
-            let detached = ebpf
-                .program_mut(common::PROGRAM)
-                .ok_or_else(|| anyhow!("program missing"))
-                .and_then(|p| <&mut Xdp>::try_from(p).map_err(anyhow::Error::from))
-                .and_then(|p| p.detach(link).map_err(anyhow::Error::from));
+            let detached =
+                xdp_program(&mut ebpf).and_then(|p| p.detach(link).map_err(anyhow::Error::from));
             match detached {
                 Ok(()) => info!(interface = %self.interface, "XDP program detached"),
                 Err(e) => warn!(interface = %self.interface, "detaching the XDP program: {e:#}"),

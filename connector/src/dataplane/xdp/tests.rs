@@ -127,27 +127,17 @@ fn a_stale_netlink_program_is_replaced() {
         assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
         let index = if_index("lo").expect("lo");
         // A program attached through netlink by a process that then died.
-        let mut stale = Ebpf::load(object).expect("load");
-        let program: &mut Xdp = stale
-            .program_mut(common::PROGRAM)
-            .expect("program")
-            .try_into()
-            .expect("xdp");
-        program.load().expect("load program");
+        let mut stale = load(object).expect("load");
         let fd = {
             use std::os::fd::{AsFd, AsRawFd};
+            let program = xdp_program(&mut stale).expect("program");
             program.fd().expect("fd").as_fd().as_raw_fd()
         };
         netlink::set_xdp_fd(index, fd, netlink::XDP_FLAGS_SKB_MODE).expect("netlink attach");
         drop(stale); // the program stays attached: netlink holds it, not this process
-        let mut fresh = Ebpf::load(object).expect("load");
-        let program: &mut Xdp = fresh
-            .program_mut(common::PROGRAM)
+        let mut fresh = load(object).expect("load");
+        let err = xdp_program(&mut fresh)
             .expect("program")
-            .try_into()
-            .expect("xdp");
-        program.load().expect("load program");
-        let err = program
             .attach("lo", AyaMode::Skb)
             .expect_err("attaching over a netlink program fails");
         assert!(is_busy(&err), "{err}");
@@ -162,13 +152,7 @@ fn kernel_rewrite_matches_the_twin() {
     let Some(object) = object_for("kernel_rewrite_matches_the_twin") else {
         return;
     };
-    let mut ebpf = Ebpf::load(object).expect("load object");
-    let program: &mut Xdp = ebpf
-        .program_mut(common::PROGRAM)
-        .expect("program")
-        .try_into()
-        .expect("xdp");
-    program.load().expect("the verifier accepts the program");
+    let mut ebpf = load(object).expect("the verifier accepts the program");
     let mut config: Array<MapData, common::Config> =
         take(&mut ebpf, common::MAP_CONFIG).expect("config");
     config.set(0, CFG, 0).expect("set config");
