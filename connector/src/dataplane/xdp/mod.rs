@@ -5,7 +5,7 @@
 //! configured range ([`ports`]) and entries in the kernel's flow map. Datagrams to the backend
 //! leave through one `IPPROTO_RAW` socket from the interface's address and that port. The XDP
 //! program on the interface rewrites each reply into the tunnel-side packet (the same as the
-//! socket path builds; [`rewrite`] is its userspace twin) and redirects it to the AF_XDP socket
+//! socket path builds; `rewrite.rs` is its userspace twin) and redirects it to the AF_XDP socket
 //! of its RX queue ([`afxdp`]), whose thread hands it to the agent. UDP to the range that is
 //! no flow's is dropped in the kernel and counted.
 //!

@@ -3,7 +3,7 @@
 //! Given an Ethernet frame, the program's configuration and the flow map, [`classify`] returns
 //! what the kernel does with the frame and, for a reply to a flow, the IPv4 packet it hands to
 //! the AF_XDP socket. The kernel updates checksums incrementally; this twin recomputes them
-//! from scratch, so comparing the two (`tests` here and in [`super::loader`]) checks the
+//! from scratch, so comparing the two (`kernel_rewrite_matches_the_twin` in `tests.rs`) checks the
 //! kernel's arithmetic. Frames are classified by the same raw-byte rules as in the kernel.
 
 use ztna_connector_ebpf_common::{Config, FlowKey, FlowValue, REWRITE_TTL};
