@@ -89,7 +89,21 @@ fn build(crate_dir: &Path, out: &Path) -> Result<(), String> {
         .map_err(|e| format!("could not run cargo for the eBPF crate: {e}"))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(25).collect();
+        // The last lines that say something (not cargo's progress).
+        let progress = [
+            "Compiling",
+            "Downloaded",
+            "Downloading",
+            "Locking",
+            "Updating",
+            "Blocking",
+        ];
+        let tail: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !progress.iter().any(|p| l.trim_start().starts_with(p)))
+            .rev()
+            .take(25)
+            .collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(format!(
             "`cargo build` of {} for bpfel-unknown-none failed ({}); it needs `rustup component add rust-src` and `cargo install --locked bpf-linker@0.10.4` (scripts/setup.sh):\n{}",
