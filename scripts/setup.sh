@@ -19,6 +19,7 @@ PACKAGES=(
     netcat-openbsd  # nc -u / nc -z
     iperf3          # throughput checks and benchmarks
     jq              # status JSON in scripts
+    bpftool         # e2e/tests/xdp.rs: no XDP program left on the interface
     procps          # sysctl, pkill
     psmisc          # killall, fuser
     ca-certificates
@@ -33,6 +34,9 @@ PACKAGES=(
 # Rust (about 50 s to build on 2 cores).
 CARGO_TOOLS=(
     "boringtun-cli 0.7.1 boringtun-cli"
+    # Links the connector's XDP program (connector-ebpf/xdp). 0.10.4 uses the Rust toolchain's
+    # own LLVM; newer releases want a newer LLVM than the pinned toolchain has.
+    "bpf-linker 0.10.4 bpf-linker"
 )
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -75,7 +79,8 @@ fi
 if command -v rustup >/dev/null 2>&1; then
     cd "$(dirname "$0")/.."
     comps=$(rustup component list --installed 2>/dev/null || true)
-    for c in rustfmt clippy; do
+    # rust-src: the connector's XDP program is built with -Z build-std=core (connector/build.rs).
+    for c in rustfmt clippy rust-src; do
         if ! grep -q "^$c" <<<"$comps"; then
             log "rustup component add $c"
             rustup component add "$c"

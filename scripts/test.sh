@@ -32,6 +32,9 @@ fi
 step "setup (scripts/setup.sh)"
 bash scripts/setup.sh
 
+# The connector's build.rs must build the XDP program here, not warn and skip it.
+export ZTNA_REQUIRE_EBPF=1
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 

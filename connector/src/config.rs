@@ -14,6 +14,7 @@ use ztna_core::tls::TlsFiles;
 use ztna_core::transport::Timing;
 use ztna_proto::{PortRange, ServiceDef};
 
+use crate::dataplane::xdp::{XdpMode, XdpSettings};
 use crate::dataplane::{BackendService, DataplaneConfig, IcmpMode, TcpConfig};
 
 /// Default system-wide config file.
@@ -45,7 +46,7 @@ fn yes() -> bool {
 }
 
 /// Keys that `ZTNA_<KEY>` environment variables may set (`ZTNA_LOG` is read by the logger).
-const ENV_KEYS: [&str; 17] = [
+const ENV_KEYS: [&str; 20] = [
     "relay",
     "relay_name",
     "bind",
@@ -63,6 +64,9 @@ const ENV_KEYS: [&str; 17] = [
     "keepalive_secs",
     "idle_timeout_secs",
     "direct_paths",
+    "xdp",
+    "xdp_interface",
+    "xdp_port_range",
 ];
 
 /// Keys given as command-line flags: the top layer. `None` leaves the lower layers' value.
@@ -131,6 +135,14 @@ pub(crate) struct ConnectorConfig {
     /// Whether agents may reach this connector over direct paths (hole punching); false keeps
     /// every agent's traffic on the relay.
     pub(crate) direct_paths: bool,
+    /// UDP data plane: `auto`, `native`, `generic` (XDP fast path) or `off` (per-flow sockets).
+    pub(crate) xdp: XdpMode,
+    /// Backend-facing interface the XDP program attaches to; default: the interface of the
+    /// route to the first service's backend.
+    pub(crate) xdp_interface: Option<String>,
+    /// Local UDP ports of fast-path flows, `"FIRST-LAST"`; UDP to them that is no flow's is
+    /// dropped on `xdp_interface`.
+    pub(crate) xdp_port_range: String,
     /// Services offered.
     pub(crate) services: Vec<ServiceConfig>,
 }
@@ -158,6 +170,9 @@ impl Default for ConnectorConfig {
             idle_timeout_secs: t.idle_timeout.as_secs(),
             log: None,
             direct_paths: true,
+            xdp: XdpMode::Off,
+            xdp_interface: None,
+            xdp_port_range: "20000-29999".into(),
             services: Vec::new(),
         }
     }
@@ -200,6 +215,7 @@ impl ConnectorConfig {
             cfg.max_flows_per_agent >= 1,
             "max_flows_per_agent must be at least 1"
         );
+        cfg.xdp_settings()?;
         cfg.dataplane()
             .tcp
             .validate()
@@ -245,6 +261,23 @@ impl ConnectorConfig {
                 buffer_bytes: self.tcp_buffer_bytes,
             },
         }
+    }
+
+    /// Settings of the UDP fast path.
+    pub(crate) fn xdp_settings(&self) -> anyhow::Result<XdpSettings> {
+        let range: PortRange = self
+            .xdp_port_range
+            .parse()
+            .context("xdp_port_range (\"FIRST-LAST\")")?;
+        anyhow::ensure!(
+            range.first >= 1024,
+            "xdp_port_range must start at 1024 or above"
+        );
+        Ok(XdpSettings {
+            mode: self.xdp,
+            interface: self.xdp_interface.clone(),
+            ports: (range.first, range.last),
+        })
     }
 
     /// The services with their backends, validated.
@@ -352,6 +385,11 @@ tcp = ["80", "5432", "8000-8010"]
         assert!(b[0].def.allows_udp(9005) && !b[0].def.allows_udp(8));
         assert_eq!(cfg.bind.port(), 4434);
         assert_eq!(cfg.icmp, IcmpMode::Auto);
+        let x = cfg.xdp_settings().unwrap();
+        assert_eq!(
+            (x.mode, x.interface, x.ports),
+            (XdpMode::Off, None, (20000, 29999))
+        );
     }
 
     #[test]
@@ -378,5 +416,18 @@ tcp = ["80", "5432", "8000-8010"]
         )
         .is_err());
         assert!(load(r#"{"relay": "10.0.0.1:4433", "icmp": "local"}"#, "json").is_ok());
+        assert!(load("xdp = \"fast\"\n", "toml").is_err());
+        assert!(load("xdp_port_range = \"100-200\"\n", "toml").is_err());
+        assert!(load("xdp_port_range = \"30000-20000\"\n", "toml").is_err());
+        let c = load(
+            "xdp = \"native\"\nxdp_interface = \"back0\"\nxdp_port_range = \"40000-40010\"\n",
+            "toml",
+        )
+        .unwrap();
+        let x = c.xdp_settings().unwrap();
+        assert_eq!(
+            (x.mode, x.interface.as_deref(), x.ports),
+            (XdpMode::Native, Some("back0"), (40000, 40010))
+        );
     }
 }

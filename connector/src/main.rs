@@ -11,6 +11,7 @@ mod metrics;
 mod tunnel;
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -20,6 +21,7 @@ use ztna_core::tls::Credentials;
 use ztna_proto::Role;
 
 use crate::config::{ConnectorConfig, Flags};
+use crate::dataplane::xdp::{FastPath, XdpMode, XdpSettings};
 use crate::dataplane::Dataplane;
 use crate::metrics::Metrics;
 use crate::tunnel::Tunnel;
@@ -53,7 +55,10 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
     anyhow::ensure!(!backends.is_empty(), "no [[services]] configured");
     let services = backends.iter().map(|b| b.def.clone()).collect();
     let metrics = Arc::new(Metrics::default());
+    let first_backend = backends.first().map(|b| b.backend);
+    let xdp = cfg.xdp_settings()?;
     let dataplane = Dataplane::new(backends, cfg.dataplane(), metrics.clone())?;
+    let fast_path = start_fast_path(&xdp, first_backend, &dataplane, &metrics)?;
     let node = Node::bind(cfg.bind, creds.clone(), cfg.timing())
         .with_context(|| format!("binding UDP {}", cfg.bind))?;
     let local = node.endpoint().local_addr()?;
@@ -63,9 +68,15 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
     tracing::info!(identity = %creds.identity().name, relay = %relay.addr, "connector starting");
     let metrics_task = cfg.metrics.map(|addr| {
         let m = metrics.clone();
+        let fp = fast_path.clone();
         let mux = node.mux().clone();
-        let render = move || m.render() + &metrics::render_paths(mux.stats());
         tokio::spawn(async move {
+            let render = move || {
+                if let Some(fp) = &fp {
+                    fp.sync_metrics();
+                }
+                m.render() + &metrics::render_paths(mux.stats())
+            };
             if let Err(e) = ztna_core::metrics_http::serve(addr, Arc::new(render)).await {
                 tracing::error!(%addr, error = %e, "metrics endpoint failed");
             }
@@ -76,10 +87,16 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
         enabled: cfg.direct_paths,
         ..DirectOptions::default()
     };
-    let tunnel = Tunnel::new(node, relay, services, dataplane, metrics, direct);
+    let tunnel = Tunnel::new(node, relay, services, dataplane, metrics.clone(), direct);
+    let status = status_loop(fast_path.clone(), metrics.clone());
     tokio::select! {
         () = tunnel.run() => {}
+        () = status => {}
         () = ztna_core::daemon::shutdown_signal() => tracing::info!("connector shutting down"),
+    }
+    if let Some(fp) = &fast_path {
+        fp.shutdown();
+        log_xdp_status(fp, &metrics);
     }
     endpoint.close(0u32.into(), b"connector shutting down");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
@@ -87,6 +104,65 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
         t.abort();
     }
     Ok(())
+}
+
+/// Starts the UDP fast path as configured and attaches it to the data plane; `None` when the
+/// data plane uses per-flow sockets (see `dataplane::xdp::start` for the mode rules).
+fn start_fast_path(
+    settings: &XdpSettings,
+    first_backend: Option<std::net::Ipv4Addr>,
+    dataplane: &Arc<Dataplane>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<FastPath>>> {
+    let Some(fp) = dataplane::xdp::start(settings, first_backend, metrics.clone())? else {
+        return Ok(None);
+    };
+    match fp.start_receivers(Arc::downgrade(dataplane)) {
+        Ok(()) => {
+            dataplane.set_fast_path(fp.clone());
+            Ok(Some(fp))
+        }
+        Err(e) if settings.mode == XdpMode::Auto => {
+            fp.shutdown();
+            metrics.xdp_mode.store(0, Ordering::Relaxed);
+            tracing::warn!("UDP data plane: per-flow sockets, because the AF_XDP sockets could not start: {e:#}");
+            Ok(None)
+        }
+        Err(e) => {
+            fp.shutdown();
+            Err(e.context("starting the AF_XDP sockets of the XDP fast path"))
+        }
+    }
+}
+
+/// The fast path's status line (the connector has no status command: this line and the
+/// metrics endpoint are its status).
+fn log_xdp_status(fp: &FastPath, metrics: &Metrics) {
+    fp.sync_metrics();
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    tracing::info!(
+        mode = ?fp.attached(),
+        handled = get(&metrics.xdp_handled),
+        dropped = get(&metrics.xdp_dropped),
+        dropped_unsolicited = get(&metrics.xdp_dropped_unsolicited),
+        passed = get(&metrics.xdp_passed),
+        to_agents = get(&metrics.xdp_to_agents),
+        flows = get(&metrics.xdp_flow_ports_in_use),
+        "XDP status"
+    );
+}
+
+/// Logs the fast path's status every minute while it runs; never ends.
+async fn status_loop(fast_path: Option<Arc<FastPath>>, metrics: Arc<Metrics>) {
+    let Some(fp) = fast_path else {
+        return std::future::pending().await;
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        log_xdp_status(&fp, &metrics);
+    }
 }
 
 /// Allocations at least this large are served by mmap and returned to the system when freed.
@@ -111,8 +187,26 @@ fn pin_mmap_threshold() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn pin_mmap_threshold() {}
 
+/// Raises the soft limit of open files to the hard limit: on the socket data plane every UDP
+/// flow holds a socket (up to `max_flows_per_agent` per agent), and the common soft limit of
+/// 1024 would refuse flows long before that.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     pin_mmap_threshold();
+    raise_nofile_limit();
     let cli = Cli::parse();
     let cfg = ConnectorConfig::load(cli.config.as_deref(), &cli.flags)?;
     ztna_core::daemon::init_logging(cli.flags.log.as_deref(), cfg.log.as_deref());

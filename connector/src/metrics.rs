@@ -123,6 +123,28 @@ metrics! {
     inner_handshakes_rejected: Counter,
     /// Connections established to the relay.
     relay_connects: Counter,
+    /// UDP data plane: 0 per-flow sockets, 1 generic XDP, 2 native XDP.
+    xdp_mode: Gauge,
+    /// Backend replies the XDP program matched to a flow, rewrote and redirected to an AF_XDP socket (kernel counter).
+    xdp_handled: Counter,
+    /// Packets the XDP program dropped: the sum of the three xdp_dropped_* reasons (kernel counter).
+    xdp_dropped: Counter,
+    /// UDP to the flow port range that matched no flow, dropped by the XDP program (kernel counter).
+    xdp_dropped_unsolicited: Counter,
+    /// Replies to flows dropped by the XDP program because their RX queue had no AF_XDP socket (kernel counter).
+    xdp_dropped_no_socket: Counter,
+    /// Fragmented UDP to the flow port range, dropped by the XDP program (kernel counter).
+    xdp_dropped_malformed: Counter,
+    /// Packets the XDP program passed to the kernel's stack: everything not UDP to the flow port range (kernel counter).
+    xdp_passed: Counter,
+    /// Rewritten replies read from AF_XDP sockets and handed to agents.
+    xdp_to_agents: Counter,
+    /// Rewritten replies whose UDP checksum userspace completed: the sender had left it to checksum offload (a veth peer or a local sender), which XDP can't see.
+    xdp_checksums_completed: Counter,
+    /// Packets read from AF_XDP sockets that matched no open flow (the flow closed meanwhile) and were dropped.
+    xdp_rx_unmatched: Counter,
+    /// Local ports of the XDP flow port range in use (one per fast-path UDP flow).
+    xdp_flow_ports_in_use: Gauge,
 }
 
 /// Adds one to a gauge.

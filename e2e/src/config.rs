@@ -205,6 +205,12 @@ pub struct ConnectorConfig {
     pub max_tcp_per_agent: Option<u64>,
     /// `direct_paths`; written only when set (the connector's default is true).
     pub direct_paths: Option<bool>,
+    /// UDP data plane: `auto`, `native`, `generic` (XDP fast path) or `off` (per-flow sockets).
+    pub xdp: String,
+    /// Interface the XDP program attaches to (`xdp_interface`); written only when set.
+    pub xdp_interface: Option<String>,
+    /// Local ports of fast-path flows (`xdp_port_range`, "FIRST-LAST"); written only when set.
+    pub xdp_port_range: Option<String>,
     /// Services announced to the relay.
     pub services: Vec<ServiceConfig>,
 }
@@ -237,6 +243,9 @@ impl ConnectorConfig {
             tcp_idle_timeout_secs: None,
             max_tcp_per_agent: None,
             direct_paths: None,
+            xdp: "off".to_owned(),
+            xdp_interface: None,
+            xdp_port_range: None,
             services: vec![
                 svc("echo", addr::ECHO, "7", true),
                 svc("dns", addr::DNS, "53", false),
@@ -273,6 +282,16 @@ impl ConnectorConfig {
         }
         if let Some(d) = self.direct_paths {
             let _ = writeln!(s, "direct_paths = {d}");
+        }
+        let _ = writeln!(s, "xdp = {}", q(&self.xdp));
+        let optional = [
+            ("xdp_interface", &self.xdp_interface),
+            ("xdp_port_range", &self.xdp_port_range),
+        ];
+        for (key, value) in optional {
+            if let Some(v) = value {
+                let _ = writeln!(s, "{key} = {}", q(v));
+            }
         }
         for svc in &self.services {
             let _ = writeln!(s, "\n[[services]]");

@@ -25,6 +25,7 @@
 pub mod config;
 pub mod metrics;
 pub mod nat;
+pub mod nginx;
 pub mod pcap;
 pub mod pki;
 pub mod proc_stats;

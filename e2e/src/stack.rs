@@ -34,6 +34,9 @@ pub struct Stack<'t> {
     pub agent_cfg: AgentConfig,
     /// Extra environment of the connector process (e.g. `MALLOC_ARENA_MAX` in an experiment).
     pub conn_env: Vec<(String, String)>,
+    /// A command the connector is started through, e.g. `setpriv --bounding-set=-bpf ...`
+    /// (empty: started directly).
+    pub conn_wrapper: Vec<String>,
     /// The running relay.
     pub relay: Option<DaemonId>,
     /// The running connector.
@@ -63,6 +66,7 @@ impl<'t> Stack<'t> {
             conn_cfg: ConnectorConfig::demo(&ca, &conn),
             agent_cfg,
             conn_env: vec![],
+            conn_wrapper: vec![],
             pki,
             relay: None,
             connector: None,
@@ -227,13 +231,14 @@ impl<'t> Stack<'t> {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let id = t.spawn_with_env(
-            Node::Conn,
-            "connector",
-            bin("ztna-connector")?,
-            ["--config".as_ref(), cfg.as_os_str()],
-            &env,
-        )?;
+        let connector = bin("ztna-connector")?;
+        let mut argv: Vec<std::ffi::OsString> = self.conn_wrapper.iter().map(Into::into).collect();
+        argv.extend([
+            connector.into_os_string(),
+            "--config".into(),
+            cfg.into_os_string(),
+        ]);
+        let id = t.spawn_with_env(Node::Conn, "connector", &argv[0], &argv[1..], &env)?;
         self.connector = Some(id);
         self.wait_started(Node::Conn, id, self.conn_cfg.metrics.clone(), "connector")?;
         Ok(id)

@@ -94,50 +94,9 @@ fn field_u64(line: &str, key: &str) -> Result<u64> {
         .with_context(|| format!("no {key}= in {line:?}"))
 }
 
-/// nginx in the backend namespace on 10.10.3.2:80, serving `root`; waits until it answers from
-/// the connector's namespace.
+/// nginx in the backend namespace on 10.10.3.2:80, serving `root`.
 fn start_nginx(t: &Topology, root: &Path) -> Result<DaemonId> {
-    let dir = t.dir().join("nginx");
-    std::fs::create_dir_all(dir.join("tmp")).context("creating the nginx directory")?;
-    let d = path(&dir)?;
-    let conf = format!(
-        "daemon off;\nmaster_process on;\nuser root;\nworker_processes 1;\n\
-         pid {d}/nginx.pid;\nerror_log stderr warn;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  default_type application/octet-stream;\n\
-           sendfile on;\n  keepalive_requests 100000;\n\
-           client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
-           fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n\
-           scgi_temp_path {d}/tmp/scgi;\n\
-           server {{\n    listen {}:80 backlog=4096;\n    root {};\n  }}\n}}\n",
-        addr::BACKEND,
-        path(root)?
-    );
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf).context("writing nginx.conf")?;
-    let id = t.spawn(
-        Node::Backend,
-        "nginx",
-        "nginx",
-        ["-p", d, "-e", "stderr", "-c", path(&conf_path)?],
-    )?;
-    let url = format!("http://{}/", addr::BACKEND);
-    wait_until(
-        "nginx to answer from the connector namespace",
-        Duration::from_secs(10),
-        || {
-            !t.is_running(id)
-                || t.run(
-                    Node::Conn,
-                    5,
-                    ["curl", "-s", "-o", "/dev/null", "-m", "2", &url],
-                )
-                .is_ok_and(|o| o.success())
-        },
-    )?;
-    t.ensure_running(id)?;
-    t.step("nginx up on 10.10.3.2:80");
-    Ok(id)
+    ztna_e2e::nginx::start(t, Node::Backend, &format!("{}:80", addr::BACKEND), root)
 }
 
 /// A web root with `index.html` (returned, with its body) and, when `big` is set, `big.bin` of

@@ -20,12 +20,13 @@ mod icmp;
 mod packet;
 mod tcp;
 mod udp;
+pub(crate) mod xdp;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -116,13 +117,23 @@ enum FlowKind {
     Echo,
 }
 
-/// A flow's I/O handle in the table: its socket, the task reading it, and (UDP) the quote of
-/// the agent's last datagram. Dropping it aborts the task, which closes the socket.
+/// How a flow reaches its backend.
+#[derive(Clone)]
+enum Route {
+    /// Its own connected socket (read by the flow's task).
+    Socket(Arc<BackendSocket>),
+    /// The XDP fast path: a local port and kernel map entries, no socket.
+    Xdp(Arc<xdp::XdpFlow>),
+}
+
+/// A flow's I/O handle in the table: its route to the backend, the task reading its socket
+/// (socket flows only), and (UDP) the quote of the agent's last datagram. Dropping it aborts
+/// the task, which closes the socket, or releases the fast-path port and map entries.
 pub(crate) struct Flow {
     kind: FlowKind,
-    socket: Arc<BackendSocket>,
+    route: Route,
     quote: Quote,
-    task: AbortHandle,
+    task: Option<AbortHandle>,
     metrics: Arc<Metrics>,
 }
 
@@ -138,6 +149,28 @@ impl Flow {
         metrics: &Arc<Metrics>,
     ) -> Self {
         let task = runtime.spawn(task).abort_handle();
+        Self::counted(kind, Route::Socket(socket), quote, Some(task), metrics)
+    }
+
+    /// A UDP flow on the XDP fast path (no task: replies arrive through AF_XDP), counted as
+    /// opened and active.
+    fn xdp(flow: xdp::XdpFlow, quote: &[u8], metrics: &Arc<Metrics>) -> Self {
+        Self::counted(
+            FlowKind::Udp,
+            Route::Xdp(Arc::new(flow)),
+            quote,
+            None,
+            metrics,
+        )
+    }
+
+    fn counted(
+        kind: FlowKind,
+        route: Route,
+        quote: &[u8],
+        task: Option<AbortHandle>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
         let opened = match kind {
             FlowKind::Udp => &metrics.udp_flows_opened,
             FlowKind::Echo => &metrics.icmp_flows_opened,
@@ -146,7 +179,7 @@ impl Flow {
         gauge_inc(Self::active(kind, metrics));
         Flow {
             kind,
-            socket,
+            route,
             quote: Quote::new(quote),
             task,
             metrics: metrics.clone(),
@@ -163,7 +196,9 @@ impl Flow {
 
 impl Drop for Flow {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
         gauge_dec(Self::active(self.kind, &self.metrics));
     }
 }
@@ -229,6 +264,8 @@ pub(crate) struct Dataplane {
     me: Weak<Dataplane>,
     sweeper: AbortHandle,
     drop_log: Mutex<LogLimiter>,
+    /// The XDP fast path for UDP flows, if it runs; set once, before the first agent.
+    fast_path: OnceLock<Arc<xdp::FastPath>>,
 }
 
 impl Drop for Dataplane {
@@ -333,8 +370,15 @@ impl Dataplane {
                 me: me.clone(),
                 sweeper,
                 drop_log: Mutex::new(LogLimiter::new()),
+                fast_path: OnceLock::new(),
             }
         }))
+    }
+
+    /// Puts UDP flows opened from now on onto the XDP fast path (main.rs calls this once,
+    /// before agents connect). Returns false if a fast path was already set.
+    pub(crate) fn set_fast_path(&self, fast_path: Arc<xdp::FastPath>) -> bool {
+        self.fast_path.set(fast_path).is_ok()
     }
 
     /// Registers an agent whose tunnel address is `tunnel_ip`; its packets go to `to_agent`.
@@ -505,7 +549,16 @@ impl Dataplane {
             port: d.dst.port(),
         };
         let backend = SocketAddrV4::new(svc.backend, svc.backend_port.unwrap_or(d.dst.port()));
-        let socket = self.route(agent, key, d.quote, |id| {
+        let route = self.route(agent, key, d.quote, |id| {
+            if let Some(fast) = self.fast_path.get() {
+                let flow = fast.open_flow(agent, key, id, backend, d.dst, d.src)?;
+                debug!(
+                    agent = agent.id, identity = %agent.identity, service = %svc.def.name,
+                    agent_port = d.src.port(), port = d.dst.port(), %backend,
+                    local_port = flow.port, "UDP flow opened on the XDP fast path"
+                );
+                return Ok(Flow::xdp(flow, d.quote, &self.metrics));
+            }
             let socket = Arc::new(udp::open(backend)?);
             let task =
                 udp::udp_replies(socket.clone(), self.flow_ref(agent, key, id), d.dst, d.src);
@@ -522,9 +575,13 @@ impl Dataplane {
                 &self.metrics,
             ))
         });
-        let Some(socket) = socket else { return };
-        match socket.try_send(d.payload) {
-            Ok(_) => trace!(
+        let sent = match route {
+            Some(Route::Socket(socket)) => socket.try_send(d.payload).map(drop),
+            Some(Route::Xdp(flow)) => flow.send(d.payload),
+            None => return,
+        };
+        match sent {
+            Ok(()) => trace!(
                 agent = agent.id,
                 len = d.payload.len(),
                 "UDP datagram to backend"
@@ -591,7 +648,9 @@ impl Dataplane {
                 &self.metrics,
             ))
         });
-        let Some(socket) = socket else { return };
+        let Some(Route::Socket(socket)) = socket else {
+            return;
+        };
         match socket.try_send(&packet::build_echo_request_message(e.seq, e.payload)) {
             Ok(_) => {
                 self.metrics
@@ -616,14 +675,14 @@ impl Dataplane {
         key: FlowKey,
         quote: &[u8],
         make: impl FnOnce(FlowId) -> io::Result<Flow>,
-    ) -> Option<Arc<BackendSocket>> {
+    ) -> Option<Route> {
         let now = Instant::now();
         let mut expired = Vec::new();
         let outcome = {
             let mut flows = lock(&self.flows);
             if let Some((_, flow)) = flows.get_mut(&key, now) {
                 flow.quote.set(quote);
-                Ok(flow.socket.clone())
+                Ok(flow.route.clone())
             } else if agent.closed.load(Ordering::Relaxed) {
                 Err(None) // removed while this packet was in flight
             } else {
@@ -631,7 +690,7 @@ impl Dataplane {
                 // may call from outside.
                 let _entered = self.runtime.enter();
                 match flows.insert_with(key, now, &mut expired, make) {
-                    Ok(id) => flows.peek(&key, id).map(|f| f.socket.clone()).ok_or(None),
+                    Ok(id) => flows.peek(&key, id).map(|f| f.route.clone()).ok_or(None),
                     Err(e) => Err(Some(e)),
                 }
             }
