@@ -17,6 +17,8 @@
 //!   the backend (the inner connection is end to end agent ↔ connector).
 //! - `ztna-direct`: the same inner connection on the direct path agent → connector (the two
 //!   share the bridge, so it is the direct LAN path), the relay only brokering it.
+//! - `ztna-direct-xdp`: `ztna-direct` with the connector's XDP fast path (`xdp = "native"`),
+//!   which carries backend UDP replies (the `-R` UDP tests) without per-flow sockets.
 //!
 //! To add a path, write its setup function and add one entry to [`PATHS`].
 
@@ -90,6 +92,13 @@ pub(crate) const PATHS: &[PathSpec] = &[
                only brokers it), connector → backend",
         unavailable: always_available,
         setup: ztna_direct,
+    },
+    PathSpec {
+        name: "ztna-direct-xdp",
+        hops: "as ztna-direct, with the connector's XDP fast path (native on the backend veth) \
+               carrying backend UDP replies",
+        unavailable: always_available,
+        setup: ztna_direct_xdp,
     },
 ];
 
@@ -439,7 +448,15 @@ fn ztna_relay(t: &Topology) -> Result<PathUp> {
 }
 
 fn ztna_direct(t: &Topology) -> Result<PathUp> {
+    // The connector's default data plane: per-flow UDP sockets (`xdp = "off"`).
     ztna(t, "direct-lan", |s| s.agent_cfg.direct_paths = None)
+}
+
+fn ztna_direct_xdp(t: &Topology) -> Result<PathUp> {
+    ztna(t, "direct-lan", |s| {
+        s.agent_cfg.direct_paths = None;
+        s.conn_cfg.xdp = "native".into();
+    })
 }
 
 /// ztna with the demo configs plus the iperf3 port (TCP and UDP 5201) on service `web`
