@@ -33,6 +33,21 @@ fn wait_path(
     Ok(started.elapsed())
 }
 
+/// `count` pings from the agent to the echo service, 50 ms apart; every one must be answered.
+fn quick_pings(t: &Topology, count: u32) -> Result<()> {
+    let n = count.to_string();
+    let out = t.run_ok(
+        ztna_e2e::Node::Agent,
+        10 + count / 10,
+        ["ping", "-n", "-c", &n, "-i", "0.05", "-W", "2", addr::ECHO],
+    )?;
+    ensure!(
+        out.stdout.contains(&format!("{count} received")),
+        "pings lost: {out}"
+    );
+    Ok(())
+}
+
 /// The relay's count of forwarded channel datagrams.
 fn relay_forwarded(s: &Stack<'_>) -> Result<f64> {
     Ok(s.relay_metrics()?
@@ -56,22 +71,7 @@ fn direct_lan_path_and_the_relay_leaves_the_data_path() {
             t.step(&format!("status: {}", st.json["connectors"]));
 
             let before = relay_forwarded(&s)?;
-            let out = t.run_ok(
-                ztna_e2e::Node::Agent,
-                10,
-                [
-                    "ping",
-                    "-n",
-                    "-c",
-                    "20",
-                    "-i",
-                    "0.05",
-                    "-W",
-                    "2",
-                    addr::ECHO,
-                ],
-            )?;
-            ensure!(out.stdout.contains("20 received"), "pings lost: {out}");
+            quick_pings(t, 20)?;
             let after = relay_forwarded(&s)?;
             ensure!(
                 after == before,
@@ -306,15 +306,7 @@ fn nat_matrix() {
                     }
                     "relay".to_owned()
                 };
-                t.run_ok(
-                    ztna_e2e::Node::Agent,
-                    10,
-                    ["ping", "-n", "-c", "5", "-i", "0.2", "-W", "2", addr::ECHO],
-                )
-                .and_then(|o| {
-                    ensure!(o.stdout.contains("5 received"), "pings lost: {o}");
-                    Ok(())
-                })?;
+                quick_pings(t, 5)?;
                 let errors = error_lines(t, &s);
                 ensure!(
                     errors.is_empty(),
@@ -430,21 +422,7 @@ fn fallback_to_the_relay_and_back() {
 
             t.step("relay stops carrying data once the path is direct");
             let before = relay_forwarded(&s)?;
-            t.run_ok(
-                ztna_e2e::Node::Agent,
-                10,
-                [
-                    "ping",
-                    "-n",
-                    "-c",
-                    "20",
-                    "-i",
-                    "0.05",
-                    "-W",
-                    "2",
-                    addr::ECHO,
-                ],
-            )?;
+            quick_pings(t, 20)?;
             let relayed = relay_forwarded(&s)? - before;
             ensure!(
                 relayed == 0.0,
