@@ -287,6 +287,16 @@ pub(crate) fn now_utc() -> String {
     )
 }
 
+/// One column of a per-path table.
+enum Col {
+    /// A metric's median (and range) with this many decimals.
+    Stat(&'static str, usize),
+    /// A metric's ratio to the reference path.
+    Ratio(&'static str),
+    /// Two metrics' medians as `a / b`, without decimals.
+    Pair(&'static str, &'static str),
+}
+
 fn fmt_stat(s: Option<&Stat>, digits: usize) -> String {
     match s {
         None => "—".into(),
@@ -304,6 +314,27 @@ fn fmt_ratio(r: Option<&f64>) -> String {
 
 impl Report {
     /// The markdown tables of `bench/results/latest.md`.
+    /// A markdown table with a row per path: `title`, then the `path` column and `headers`,
+    /// with one cell per column of `cols`.
+    fn path_table(&self, s: &mut String, title: &str, headers: &[String], cols: &[Col]) {
+        let _ = writeln!(s, "{title}\n");
+        let _ = writeln!(s, "| path | {} |", headers.join(" | "));
+        let _ = writeln!(s, "|---|{}", "---:|".repeat(headers.len()));
+        for p in &self.paths {
+            let st = self.summary.get(&p.name);
+            let get = |k: &str| st.and_then(|m| m.get(k));
+            let cells: Vec<String> = cols
+                .iter()
+                .map(|c| match *c {
+                    Col::Stat(k, digits) => fmt_stat(get(k), digits),
+                    Col::Ratio(k) => fmt_ratio(self.ratios.get(&p.name).and_then(|m| m.get(k))),
+                    Col::Pair(a, b) => format!("{} / {}", fmt_stat(get(a), 0), fmt_stat(get(b), 0)),
+                })
+                .collect();
+            let _ = writeln!(s, "| {} | {} |", p.name, cells.join(" | "));
+        }
+    }
+
     pub(crate) fn markdown(&self) -> String {
         let mut s = String::new();
         let m = &self.machine;
@@ -322,82 +353,77 @@ impl Report {
             m.kernel,
             self.plan.iterations
         );
-        let _ = writeln!(s, "## Throughput (Mbit/s received)\n");
-        let _ = writeln!(
-            s,
-            "| path | TCP 1 stream | × {r} | TCP 4 streams | × {r} | UDP, < 1 % loss | × {r} | UDP at -b 0 | loss at -b 0 (%) |",
-            r = REFERENCE
+        let r = REFERENCE;
+        self.path_table(
+            &mut s,
+            "## Throughput (Mbit/s received)",
+            &[
+                "TCP 1 stream".into(),
+                format!("× {r}"),
+                "TCP 4 streams".into(),
+                format!("× {r}"),
+                "UDP, < 1 % loss".into(),
+                format!("× {r}"),
+                "UDP at -b 0".into(),
+                "loss at -b 0 (%)".into(),
+            ],
+            &[
+                Col::Stat("tcp1_mbps", 0),
+                Col::Ratio("tcp1_mbps"),
+                Col::Stat("tcp4_mbps", 0),
+                Col::Ratio("tcp4_mbps"),
+                Col::Stat("udp_ok_mbps", 0),
+                Col::Ratio("udp_ok_mbps"),
+                Col::Stat("udp_unlimited_mbps", 0),
+                Col::Stat("udp_unlimited_loss_percent", 1),
+            ],
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for p in &self.paths {
-            let st = self.summary.get(&p.name);
-            let get = |k: &str| st.and_then(|m| m.get(k));
-            let ratio = |k: &str| self.ratios.get(&p.name).and_then(|m| m.get(k));
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                p.name,
-                fmt_stat(get("tcp1_mbps"), 0),
-                fmt_ratio(ratio("tcp1_mbps")),
-                fmt_stat(get("tcp4_mbps"), 0),
-                fmt_ratio(ratio("tcp4_mbps")),
-                fmt_stat(get("udp_ok_mbps"), 0),
-                fmt_ratio(ratio("udp_ok_mbps")),
-                fmt_stat(get("udp_unlimited_mbps"), 0),
-                fmt_stat(get("udp_unlimited_loss_percent"), 1),
-            );
-        }
-        let _ = writeln!(
-            s,
-            "\n## UDP backend → agent at -b 0 (the direction of backend replies; the connector's XDP fast path)\n"
+        self.path_table(
+            &mut s,
+            "\n## UDP backend → agent at -b 0 (the direction of backend replies; the connector's XDP fast path)",
+            &[
+                "1200-byte payloads (Mbit/s)".into(),
+                format!("× {r}"),
+                "loss (%)".into(),
+                "daemons' CPU (% of a core)".into(),
+                "64-byte payloads (kpkt/s)".into(),
+                format!("× {r}"),
+                "loss (%)".into(),
+                "daemons' CPU".into(),
+            ],
+            &[
+                Col::Stat("udp_down_mbps", 0),
+                Col::Ratio("udp_down_mbps"),
+                Col::Stat("udp_down_loss_percent", 1),
+                Col::Stat("cpu_udp_down_percent", 0),
+                Col::Stat("udp_small_kpps", 1),
+                Col::Ratio("udp_small_kpps"),
+                Col::Stat("udp_small_loss_percent", 1),
+                Col::Stat("cpu_udp_small_percent", 0),
+            ],
         );
-        let _ = writeln!(
-            s,
-            "| path | 1200-byte payloads (Mbit/s) | × {r} | loss (%) | daemons' CPU (% of a core) | 64-byte payloads (kpkt/s) | × {r} | loss (%) | daemons' CPU |",
-            r = REFERENCE
+        self.path_table(
+            &mut s,
+            "\n## Latency, setup and cost",
+            &[
+                "ping avg (ms)".into(),
+                "ping p99 (ms)".into(),
+                "up → first echo (s)".into(),
+                "TCP retransmits 1 / 4 streams".into(),
+                "daemons' CPU, TCP 1 stream (% of a core)".into(),
+                "daemons' CPU, TCP 4 streams".into(),
+                "daemons' peak RSS (MiB)".into(),
+            ],
+            &[
+                Col::Stat("ping_avg_ms", 3),
+                Col::Stat("ping_p99_ms", 3),
+                Col::Stat("first_packet_s", 2),
+                Col::Pair("tcp1_retransmits", "tcp4_retransmits"),
+                Col::Stat("cpu_tcp1_percent", 0),
+                Col::Stat("cpu_tcp4_percent", 0),
+                Col::Stat("peak_rss_mib", 1),
+            ],
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for p in &self.paths {
-            let st = self.summary.get(&p.name);
-            let get = |k: &str| st.and_then(|m| m.get(k));
-            let ratio = |k: &str| self.ratios.get(&p.name).and_then(|m| m.get(k));
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                p.name,
-                fmt_stat(get("udp_down_mbps"), 0),
-                fmt_ratio(ratio("udp_down_mbps")),
-                fmt_stat(get("udp_down_loss_percent"), 1),
-                fmt_stat(get("cpu_udp_down_percent"), 0),
-                fmt_stat(get("udp_small_kpps"), 1),
-                fmt_ratio(ratio("udp_small_kpps")),
-                fmt_stat(get("udp_small_loss_percent"), 1),
-                fmt_stat(get("cpu_udp_small_percent"), 0),
-            );
-        }
-        let _ = writeln!(s, "\n## Latency, setup and cost\n");
-        let _ = writeln!(
-            s,
-            "| path | ping avg (ms) | ping p99 (ms) | up → first echo (s) | TCP retransmits 1 / 4 streams | daemons' CPU, TCP 1 stream (% of a core) | daemons' CPU, TCP 4 streams | daemons' peak RSS (MiB) |"
-        );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
-        for p in &self.paths {
-            let st = self.summary.get(&p.name);
-            let get = |k: &str| st.and_then(|m| m.get(k));
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} / {} | {} | {} | {} |",
-                p.name,
-                fmt_stat(get("ping_avg_ms"), 3),
-                fmt_stat(get("ping_p99_ms"), 3),
-                fmt_stat(get("first_packet_s"), 2),
-                fmt_stat(get("tcp1_retransmits"), 0),
-                fmt_stat(get("tcp4_retransmits"), 0),
-                fmt_stat(get("cpu_tcp1_percent"), 0),
-                fmt_stat(get("cpu_tcp4_percent"), 0),
-                fmt_stat(get("peak_rss_mib"), 1),
-            );
-        }
         let _ = writeln!(s, "\n## Paths\n");
         for p in &self.paths {
             let _ = writeln!(s, "- `{}`: {}", p.name, p.hops);
@@ -418,6 +444,24 @@ impl Report {
                     .unwrap_or_default();
                 let _ = writeln!(s, "- `{}` iteration {}: {}", r.path, r.iteration + 1, first);
             }
+        }
+        let test_errors: Vec<String> = self
+            .runs
+            .iter()
+            .flat_map(|r| {
+                r.test_errors.iter().map(move |(test, e)| {
+                    let first = e.lines().next().unwrap_or_default();
+                    format!(
+                        "- `{}` iteration {}, {test}: {first}",
+                        r.path,
+                        r.iteration + 1
+                    )
+                })
+            })
+            .collect();
+        if !test_errors.is_empty() {
+            let _ = writeln!(s, "\n## Tests left out (failed twice; the run went on)\n");
+            let _ = writeln!(s, "{}", test_errors.join("\n"));
         }
         let _ = writeln!(s, "\n## Background load\n");
         let loads: Vec<_> = self.runs.iter().flat_map(|r| r.load.values()).collect();
