@@ -59,6 +59,15 @@ struct DirectState {
     pending: HashMap<SocketAddr, Vec<Candidate>>,
 }
 
+impl DirectState {
+    /// Stops the driver of the tunnel at `vaddr` (back onto the relay) and forgets its
+    /// candidates.
+    fn forget(&mut self, vaddr: &SocketAddr) {
+        self.paths.remove(vaddr);
+        self.pending.remove(vaddr);
+    }
+}
+
 type Direct = Arc<Mutex<DirectState>>;
 
 /// Packets to one agent, over its inner connection.
@@ -265,11 +274,7 @@ impl Tunnel {
                     };
                     if let Some((addr, e)) = gone {
                         tracing::info!(agent = %e.agent, channel = channel_id, %code, "channel closed");
-                        {
-                            let mut d = lock(&self.direct);
-                            d.paths.remove(&addr);
-                            d.pending.remove(&addr);
-                        }
+                        lock(&self.direct).forget(&addr);
                         session.detach(addr);
                         if let Some(c) = e.conn {
                             c.close(0u32.into(), b"channel closed");
@@ -464,10 +469,7 @@ async fn serve_agent(
         ours
     };
     if gone {
-        let mut d = lock(&direct);
-        d.paths.remove(&vaddr);
-        d.pending.remove(&vaddr);
-        drop(d);
+        lock(&direct).forget(&vaddr);
         mux.remove_route(vaddr);
     }
     gauge_dec(&metrics.agents_connected);
