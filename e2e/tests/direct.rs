@@ -383,6 +383,34 @@ fn lan_behind_one_nat_takes_the_direct_lan_path() {
     });
 }
 
+/// Blocks the direct path (`nat.sh block`), waits (at most 5 s) for the fallback to the relay,
+/// lifts the block `hold` after it was set, and waits (at most `budget`) for the direct WAN path
+/// to return.
+fn block_and_lift(t: &Topology, s: &Stack<'_>, hold: Duration, budget: Duration) -> Result<()> {
+    nat::block(t)?;
+    let blocked = Instant::now();
+    let to_relay = wait_path(
+        s,
+        "the fallback to the relay",
+        Duration::from_secs(5),
+        |p| p == "relay",
+    )?;
+    t.step(&format!(
+        "on the relay {:.2} s after the block",
+        to_relay.as_secs_f64()
+    ));
+    std::thread::sleep(hold.saturating_sub(blocked.elapsed()));
+    nat::unblock(t)?;
+    let back = wait_path(s, "the return to the direct path", budget, |p| {
+        p == "direct-wan"
+    })?;
+    t.step(&format!(
+        "direct again {:.2} s after the block was lifted",
+        back.as_secs_f64()
+    ));
+    Ok(())
+}
+
 /// Parses `ping -D -O` output into the sequence numbers answered.
 fn answered_seqs(out: &str) -> Vec<u64> {
     out.lines()
@@ -448,30 +476,7 @@ fn fallback_to_the_relay_and_back() {
                 ],
             )?;
             std::thread::sleep(Duration::from_secs(3));
-            nat::block(t)?;
-            let blocked = Instant::now();
-            let to_relay = wait_path(
-                &s,
-                "the fallback to the relay",
-                Duration::from_secs(5),
-                |p| p == "relay",
-            )?;
-            t.step(&format!(
-                "on the relay {:.2} s after the block",
-                to_relay.as_secs_f64()
-            ));
-            std::thread::sleep(Duration::from_secs(8).saturating_sub(blocked.elapsed()));
-            nat::unblock(t)?;
-            let back = wait_path(
-                &s,
-                "the return to the direct path",
-                Duration::from_secs(30),
-                |p| p == "direct-wan",
-            )?;
-            t.step(&format!(
-                "direct again {:.2} s after the block was lifted",
-                back.as_secs_f64()
-            ));
+            block_and_lift(t, &s, Duration::from_secs(8), Duration::from_secs(30))?;
             t.wait_exit(ping, Duration::from_secs(40))?;
             let out = std::fs::read_to_string(t.log_path(ping).context("ping log")?)?;
             let answered = answered_seqs(&out);
@@ -514,19 +519,7 @@ fn fallback_to_the_relay_and_back() {
                 ],
             )?;
             std::thread::sleep(Duration::from_secs(3));
-            nat::block(t)?;
-            wait_path(&s, "the fallback under load", Duration::from_secs(5), |p| {
-                p == "relay"
-            })?;
-            std::thread::sleep(Duration::from_secs(3));
-            nat::unblock(t)?;
-            let back = wait_path(&s, "the return under load", Duration::from_secs(22), |p| {
-                p == "direct-wan"
-            })?;
-            t.step(&format!(
-                "direct again {:.2} s after the block was lifted, under load",
-                back.as_secs_f64()
-            ));
+            block_and_lift(t, &s, Duration::from_secs(4), Duration::from_secs(22))?;
             let st = t.wait_exit(client, Duration::from_secs(45))?;
             let out = std::fs::read_to_string(t.log_path(client).context("iperf3 log")?)?;
             t.step(&format!("iperf3:\n{}", ztna_e2e::topology::tail(&out, 6)));
