@@ -276,6 +276,24 @@ impl MuxSocket {
         self.io.try_send_to(pkt, to).map(|_| ())
     }
 
+    /// Sends a probe as plain UDP, with `ttl` (the IPv6 hop limit on an IPv6 socket) instead of
+    /// the socket's default when given: an opening probe that must leave this end's NAT but
+    /// not reach the peer's router. The TTL rides on this one datagram (a control message), so
+    /// packets that quinn sends at the same time keep the default.
+    pub fn send_probe_with_ttl(
+        &self,
+        to: SocketAddr,
+        pkt: &[u8],
+        ttl: Option<u8>,
+    ) -> io::Result<()> {
+        let Some(ttl) = ttl else {
+            return self.send_probe(to, pkt);
+        };
+        self.io.try_io(Interest::WRITABLE, || {
+            send_with_ttl(&self.io, self.v4, to, pkt, ttl)
+        })
+    }
+
     /// Hands one received probe to its driver, or counts it as rejected.
     fn dispatch_probe(&self, from: SocketAddr, pkt: &[u8]) {
         let tx = probe::peek_tag(pkt).ok().and_then(|tag| {
@@ -513,6 +531,48 @@ fn disable_gro(sock: &std::net::UdpSocket) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// One datagram to `to` with its own TTL / hop limit (IP_TTL or IPV6_HOPLIMIT in a control
+/// message of `sendmsg`).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn send_with_ttl(
+    sock: &tokio::net::UdpSocket,
+    v4: bool,
+    to: SocketAddr,
+    pkt: &[u8],
+    ttl: u8,
+) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let hops = libc::c_int::from(ttl);
+    let cmsg = if v4 {
+        ControlMessage::Ipv4Ttl(&hops)
+    } else {
+        ControlMessage::Ipv6HopLimit(&hops)
+    };
+    let dest = SockaddrStorage::from(to);
+    sendmsg(
+        sock.as_raw_fd(),
+        &[io::IoSlice::new(pkt)],
+        &[cmsg],
+        MsgFlags::MSG_DONTWAIT,
+        Some(&dest),
+    )
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
+/// Elsewhere, a per-packet TTL is not offered: the probe goes out with the default TTL.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn send_with_ttl(
+    sock: &tokio::net::UdpSocket,
+    _v4: bool,
+    to: SocketAddr,
+    pkt: &[u8],
+    _ttl: u8,
+) -> io::Result<()> {
+    sock.try_send_to(pkt, to).map(|_| ())
 }
 
 #[cfg(not(target_os = "linux"))]
