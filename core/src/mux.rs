@@ -697,6 +697,50 @@ mod tests {
         assert!(!MuxSocket::is_virtual(&"[fd00::5]:1".parse().unwrap()));
     }
 
+    /// An opening probe leaves with its own TTL; the next datagram, like quinn's packets, with
+    /// the socket's default.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_probe_carries_its_own_ttl_and_the_socket_keeps_the_default() {
+        use nix::sys::socket::{
+            recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage,
+        };
+        use std::os::fd::AsRawFd;
+        let s = MuxSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        setsockopt(&rx, sockopt::Ipv4RecvTtl, &true).unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let to = rx.local_addr().unwrap();
+        // A fresh socket is not known to be writable until the reactor has seen it.
+        s.io.writable().await.unwrap();
+        s.send_probe_with_ttl(to, b"opening", Some(3)).unwrap();
+        s.send_probe_with_ttl(to, b"default", None).unwrap();
+        s.send_probe_with_ttl(to, b"opening", Some(2)).unwrap();
+        let mut ttls = Vec::new();
+        for _ in 0..3 {
+            let mut buf = [0u8; 16];
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let mut cmsg = nix::cmsg_space!(libc::c_int);
+            let msg = recvmsg::<SockaddrStorage>(
+                rx.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::empty(),
+            )
+            .unwrap();
+            ttls.push(msg.cmsgs().unwrap().find_map(|c| match c {
+                ControlMessageOwned::Ipv4Ttl(t) => Some(t),
+                _ => None,
+            }));
+        }
+        let default: i32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_default_ttl")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(64);
+        assert_eq!(ttls, vec![Some(3), Some(default), Some(2)]);
+    }
+
     #[tokio::test]
     async fn allocated_addresses_are_virtual_and_distinct() {
         let s = MuxSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
