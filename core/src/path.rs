@@ -918,11 +918,13 @@ mod tests {
         }
     }
 
-    /// Two ends behind two routers `hops` apart, each end's pings delivered after 5 ms, time
-    /// advanced in 5 ms steps. Returns when both ends have a direct path, if within `limit`.
+    /// Two ends behind two routers (`bare[i]`: end i's router answers unsolicited packets) two
+    /// hops apart; end 1 starts `start_skew` after end 0 (so a long skew is an ordering: end 0
+    /// goes first); pings are delivered after 5 ms, time advances in 5 ms steps. Returns when
+    /// both ends have a direct path, if within `limit`.
     fn punch(
         timing: PathTiming,
-        bare: bool,
+        bare: [bool; 2],
         start_skew: Duration,
         limit: Duration,
     ) -> Option<Duration> {
@@ -930,8 +932,8 @@ mod tests {
         const HOPS: u8 = 2;
         let t0 = Instant::now();
         let mut r = [
-            Router::new([203, 0, 113, 1], bare),
-            Router::new([198, 51, 100, 1], bare),
+            Router::new([203, 0, 113, 1], bare[0]),
+            Router::new([198, 51, 100, 1], bare[1]),
         ];
         let public = [
             SocketAddr::from(([203, 0, 113, 1], PORT)),
@@ -1013,15 +1015,45 @@ mod tests {
         };
         for skew in [ms(0), ms(20), ms(150)] {
             // Routers that drop: direct either way.
-            assert!(punch(none, false, skew, ms(2000)).is_some(), "{skew:?}");
-            let took = punch(t, false, skew, ms(2000)).expect("direct with opening probes");
+            assert!(
+                punch(none, [false; 2], skew, ms(2000)).is_some(),
+                "{skew:?}"
+            );
+            let took = punch(t, [false; 2], skew, ms(2000)).expect("direct with opening probes");
             assert!(took <= t.open_phase + skew + ms(50), "{took:?}");
             // Routers that answer: without opening probes the first ping poisons the other
             // router and the pair never goes direct (within a minute here); with them it does.
-            assert_eq!(punch(none, true, skew, ms(60_000)), None, "{skew:?}");
-            let took = punch(t, true, skew, ms(2000)).expect("direct through bare routers");
+            assert_eq!(punch(none, [true; 2], skew, ms(60_000)), None, "{skew:?}");
+            let took = punch(t, [true; 2], skew, ms(2000)).expect("direct through bare routers");
             assert!(took <= t.open_phase + skew + ms(50), "{took:?}");
         }
+    }
+
+    #[test]
+    fn an_ordering_alone_works_only_when_the_answering_side_goes_first() {
+        let none = PathTiming {
+            open_phase: Duration::ZERO,
+            ..PathTiming::default()
+        };
+        // End 0 goes first (end 1 starts 1 s later), no opening probes.
+        let first = ms(1000);
+        let limit = ms(30_000);
+        // End 0's router answers, end 1's drops: end 0's pings die at end 1's firewall without
+        // a trace; end 1's first ping is an answer at end 0's router.
+        assert!(punch(none, [true, false], first, limit).is_some());
+        // The other way round, end 0's first ping poisons end 1's router.
+        assert_eq!(punch(none, [false, true], first, limit), None);
+        // Both answer: whoever goes first poisons the other; no ordering helps.
+        assert_eq!(punch(none, [true, true], first, limit), None);
+        // Opening probes need no ordering, as long as the ends start within the opening phase
+        // of each other (each starts when the other's candidates arrive through the relay, so
+        // the skew is about one relay transit); an end that starts later than that finds its
+        // answering router already poisoned by the other's full-TTL pings.
+        let t = PathTiming::default();
+        for bare in [[true, false], [false, true], [true, true]] {
+            assert!(punch(t, bare, ms(250), limit).is_some(), "{bare:?}");
+        }
+        assert_eq!(punch(t, [false, true], first, limit), None);
     }
 
     #[test]
