@@ -390,7 +390,8 @@ nat_lan() {
     fi
 }
 
-# nat_readdress P SIDE ADDR[/LEN]: the router of SIDE (agent -> nata, conn -> natc) gets ADDR on
+# nat_readdress P SIDE ADDR[/LEN] (not for cloud routers or hairpin topologies, whose rules name
+# the old address): the router of SIDE (agent -> nata, conn -> natc) gets ADDR on
 # wan0 (default /24) and loses its other IPv4 addresses there. Then it forgets every flow and
 # mapping (new conntrack zone, @mapped and @peers flushed), as a NAT whose public address changed
 # would: new flows from inside leave from ADDR.
