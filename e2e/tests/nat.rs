@@ -607,22 +607,17 @@ fn short_udp_mapping_timeout_expires_the_mapping() {
                 Node::Agent,
                 &["--bind", "0.0.0.0:43000", "--hello", &relay],
             )?;
-            let opened = std::time::Instant::now();
             let to = format!("{}:43000", nat_addr::NATA_WAN);
             let p = probe(t, PUB2, 45000, &[&to], &["--wait-ms", "800"])?;
             ensure!(
                 p.seen[0].1.is_some(),
                 "the fresh mapping did not let pub2 in: {p:?}"
             );
-            let first = opened.elapsed();
             // The answer refreshed the mapping; stay idle past the timeout.
             std::thread::sleep(Duration::from_millis(4500));
             let p = probe(t, PUB2, 45001, &[&to], &["--wait-ms", "800"])?;
             ensure!(p.seen[0].1.is_none(), "the mapping outlived its 3 s: {p:?}");
-            t.step(&format!(
-                "full cone with udp-timeout=3: pub2 in after {:.1} s, refused after 4.5 s idle",
-                first.as_secs_f64()
-            ));
+            t.step("full cone with udp-timeout=3: pub2 let in at once, no longer after 4.5 s idle");
             Ok(())
         },
     );
