@@ -268,7 +268,13 @@ impl Driver {
                 _ = &mut closed => return,
             }
             let now = Instant::now().into_std();
-            for Action::Ping { to, txid, full } in self.paths.poll(now) {
+            for Action::Ping {
+                to,
+                txid,
+                full,
+                ttl,
+            } in self.paths.poll(now)
+            {
                 let len = if full {
                     self.ctx.full_probe_len
                 } else {
@@ -279,7 +285,10 @@ impl Driver {
                     tag: self.tag,
                     txid,
                 };
-                self.send(to, &probe::encode(&ping, &self.key, len));
+                let pkt = probe::encode(&ping, &self.key, len);
+                if let Err(e) = self.ctx.mux.send_probe_with_ttl(to, &pkt, ttl) {
+                    tracing::trace!(%to, ?ttl, error = %e, "probe not sent");
+                }
             }
             self.apply();
         }

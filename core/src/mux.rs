@@ -276,6 +276,24 @@ impl MuxSocket {
         self.io.try_send_to(pkt, to).map(|_| ())
     }
 
+    /// Sends a probe as plain UDP, with `ttl` (the IPv6 hop limit on an IPv6 socket) instead of
+    /// the socket's default when given: an opening probe that must leave this end's NAT but
+    /// not reach the peer's router. The TTL rides on this one datagram (a control message), so
+    /// packets that quinn sends at the same time keep the default.
+    pub fn send_probe_with_ttl(
+        &self,
+        to: SocketAddr,
+        pkt: &[u8],
+        ttl: Option<u8>,
+    ) -> io::Result<()> {
+        let Some(ttl) = ttl else {
+            return self.send_probe(to, pkt);
+        };
+        self.io.try_io(Interest::WRITABLE, || {
+            send_with_ttl(&self.io, self.v4, to, pkt, ttl)
+        })
+    }
+
     /// Hands one received probe to its driver, or counts it as rejected.
     fn dispatch_probe(&self, from: SocketAddr, pkt: &[u8]) {
         let tx = probe::peek_tag(pkt).ok().and_then(|tag| {
@@ -515,6 +533,48 @@ fn disable_gro(sock: &std::net::UdpSocket) -> io::Result<()> {
     }
 }
 
+/// One datagram to `to` with its own TTL / hop limit (IP_TTL or IPV6_HOPLIMIT in a control
+/// message of `sendmsg`).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn send_with_ttl(
+    sock: &tokio::net::UdpSocket,
+    v4: bool,
+    to: SocketAddr,
+    pkt: &[u8],
+    ttl: u8,
+) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let hops = libc::c_int::from(ttl);
+    let cmsg = if v4 {
+        ControlMessage::Ipv4Ttl(&hops)
+    } else {
+        ControlMessage::Ipv6HopLimit(&hops)
+    };
+    let dest = SockaddrStorage::from(to);
+    sendmsg(
+        sock.as_raw_fd(),
+        &[io::IoSlice::new(pkt)],
+        &[cmsg],
+        MsgFlags::MSG_DONTWAIT,
+        Some(&dest),
+    )
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
+/// Elsewhere, a per-packet TTL is not offered: the probe goes out with the default TTL.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn send_with_ttl(
+    sock: &tokio::net::UdpSocket,
+    _v4: bool,
+    to: SocketAddr,
+    pkt: &[u8],
+    _ttl: u8,
+) -> io::Result<()> {
+    sock.try_send_to(pkt, to).map(|_| ())
+}
+
 #[cfg(not(target_os = "linux"))]
 fn disable_gro(_sock: &std::net::UdpSocket) -> io::Result<()> {
     Ok(())
@@ -635,6 +695,50 @@ mod tests {
             &"[fd00:7a74:6e61::5]:1".parse().unwrap()
         ));
         assert!(!MuxSocket::is_virtual(&"[fd00::5]:1".parse().unwrap()));
+    }
+
+    /// An opening probe leaves with its own TTL; the next datagram, like quinn's packets, with
+    /// the socket's default.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_probe_carries_its_own_ttl_and_the_socket_keeps_the_default() {
+        use nix::sys::socket::{
+            recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage,
+        };
+        use std::os::fd::AsRawFd;
+        let s = MuxSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        setsockopt(&rx, sockopt::Ipv4RecvTtl, &true).unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let to = rx.local_addr().unwrap();
+        // A fresh socket is not known to be writable until the reactor has seen it.
+        s.io.writable().await.unwrap();
+        s.send_probe_with_ttl(to, b"opening", Some(3)).unwrap();
+        s.send_probe_with_ttl(to, b"default", None).unwrap();
+        s.send_probe_with_ttl(to, b"opening", Some(2)).unwrap();
+        let mut ttls = Vec::new();
+        for _ in 0..3 {
+            let mut buf = [0u8; 16];
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let mut cmsg = nix::cmsg_space!(libc::c_int);
+            let msg = recvmsg::<SockaddrStorage>(
+                rx.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::empty(),
+            )
+            .unwrap();
+            ttls.push(msg.cmsgs().unwrap().find_map(|c| match c {
+                ControlMessageOwned::Ipv4Ttl(t) => Some(t),
+                _ => None,
+            }));
+        }
+        let default: i32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_default_ttl")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(64);
+        assert_eq!(ttls, vec![Some(3), Some(default), Some(2)]);
     }
 
     #[tokio::test]

@@ -18,6 +18,18 @@
 //!   a clearly better RTT so the path does not flap.
 //! - **Peer-reflexive:** an authenticated ping from an address that is not a target (the peer's
 //!   NAT gave it another mapping for us) becomes a target too.
+//! - **Opening probes:** each punch window of a listed target starts with `open_phase` of pings
+//!   sent with a low TTL ([`PathSet::open_ttl`]): enough hops to leave this end's own NAT(s) and
+//!   open its mapping, too few to reach the peer's router. A router with no firewall answers an
+//!   unsolicited packet with ICMP port unreachable and records that flow in conntrack; the
+//!   inside host's own later packet to the same remote endpoint then finds the tuple taken and
+//!   leaves from another port, and the punch fails. With opening probes first, each end's
+//!   full-TTL pings arrive at the other's router after the other's opening probes went out, as
+//!   answers to them. The TTL starts at [`OPEN_TTL_MIN`] (one NAT) and steps up to
+//!   [`OPEN_TTL_MAX`] (then back) whenever a WAN target's window ends with no ping from the
+//!   peer at all (our mapping may not have been opened: a carrier-grade NAT behind the home
+//!   NAT needs one more hop); it stays where a path was confirmed. A ping from the peer on a
+//!   target ends its opening phase at once (the peer's router has a mapping toward us).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -33,6 +45,11 @@ pub const MAX_LISTED: usize = ztna_proto::control::MAX_CANDIDATES;
 pub const MAX_PEER_REFLEXIVE: usize = 8;
 /// Pings remembered per target while waiting for their pongs.
 const MAX_PENDING: usize = 16;
+/// The first TTL of opening probes: leaves one NAT (the host's own router), no further.
+pub const OPEN_TTL_MIN: u8 = 2;
+/// The highest TTL opening probes step up to (a home NAT behind a carrier-grade NAT and one
+/// more router inside the carrier).
+pub const OPEN_TTL_MAX: u8 = 4;
 
 /// The timing of probing and selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +68,9 @@ pub struct PathTiming {
     pub keepalive_standby: Duration,
     /// Silence after which the active path is abandoned.
     pub dead_after: Duration,
+    /// How long each punch window of a listed target starts with low-TTL opening probes
+    /// (zero: none).
+    pub open_phase: Duration,
 }
 
 impl Default for PathTiming {
@@ -63,6 +83,7 @@ impl Default for PathTiming {
             keepalive_active: Duration::from_millis(200),
             keepalive_standby: Duration::from_secs(1),
             dead_after: Duration::from_millis(1000),
+            open_phase: Duration::from_millis(300),
         }
     }
 }
@@ -157,6 +178,8 @@ pub enum Action {
         txid: u64,
         /// Full-size (confirming) or small (keepalive).
         full: bool,
+        /// An opening probe: send it with this TTL (hop limit) instead of the default.
+        ttl: Option<u8>,
     },
 }
 
@@ -197,6 +220,10 @@ struct Target {
     retry_delay: Duration,
     pending: VecDeque<(u64, Instant, bool)>,
     added: Instant,
+    /// Until then, pings go out with the opening TTL.
+    open_until: Option<Instant>,
+    /// A ping from the peer arrived on this target during the current window.
+    heard: bool,
 }
 
 impl Target {
@@ -213,13 +240,21 @@ impl Target {
             retry_delay: t.retry_min,
             pending: VecDeque::new(),
             added: now,
+            open_until: (kind != TargetKind::PeerReflexive && !t.open_phase.is_zero())
+                .then_some(now + t.open_phase),
+            heard: false,
         }
     }
 
-    fn restart_probing(&mut self, now: Instant) {
+    /// Starts a punch window; `open`: with an opening phase.
+    fn restart_probing(&mut self, now: Instant, open: Option<Duration>) {
         self.state = TargetState::Probing;
         self.window_start = now;
         self.next_ping = now;
+        self.heard = false;
+        self.open_until = open
+            .filter(|d| !d.is_zero() && self.kind != TargetKind::PeerReflexive)
+            .map(|d| now + d);
     }
 
     fn fail(&mut self, now: Instant, t: &PathTiming) {
@@ -237,6 +272,7 @@ pub struct PathSet {
     targets: Vec<Target>,
     active: Option<SocketAddr>,
     next_txid: u64,
+    open_ttl: u8,
 }
 
 impl PathSet {
@@ -247,7 +283,13 @@ impl PathSet {
             targets: Vec::new(),
             active: None,
             next_txid: txid_seed,
+            open_ttl: OPEN_TTL_MIN,
         }
+    }
+
+    /// The TTL of opening probes now.
+    pub fn open_ttl(&self) -> u8 {
+        self.open_ttl
     }
 
     /// Replaces the peer's candidate list. Known targets keep their state (failed ones are
@@ -274,7 +316,7 @@ impl PathSet {
                     }
                     if t.state == TargetState::Failed {
                         t.retry_delay = self.timing.retry_min;
-                        t.restart_probing(now);
+                        t.restart_probing(now, Some(self.timing.open_phase));
                     }
                 }
                 None => self
@@ -292,14 +334,19 @@ impl PathSet {
     pub fn on_ping(&mut self, from: SocketAddr, now: Instant) -> bool {
         if let Some(t) = self.targets.iter_mut().find(|t| t.addr == from) {
             match t.state {
-                // The peer reaches us from there: answer its punch with ours now.
-                TargetState::Probing => t.next_ping = t.next_ping.min(now),
+                // The peer reaches us from there: answer its punch with ours now, at full TTL
+                // (its router has a mapping toward us, so our ping is no longer unsolicited).
+                TargetState::Probing => {
+                    t.next_ping = t.next_ping.min(now);
+                    t.open_until = None;
+                }
                 TargetState::Failed => {
                     t.retry_delay = self.timing.retry_min;
-                    t.restart_probing(now);
+                    t.restart_probing(now, None);
                 }
                 TargetState::Confirmed => {}
             }
+            t.heard = true;
             return false;
         }
         if !usable(&from) {
@@ -359,13 +406,18 @@ impl PathSet {
     pub fn poll(&mut self, now: Instant) -> Vec<Action> {
         let timing = self.timing;
         let mut actions = Vec::new();
+        let heard_any = self.targets.iter().any(|t| t.heard);
+        let mut unheard_wan_failure = false;
         for t in &mut self.targets {
             let is_active = self.active == Some(t.addr);
             match t.state {
                 TargetState::Probing if now >= t.window_start + timing.punch_window => {
+                    unheard_wan_failure |= t.kind == TargetKind::Reflexive && !heard_any;
                     t.fail(now, &timing)
                 }
-                TargetState::Failed if now >= t.next_ping => t.restart_probing(now),
+                TargetState::Failed if now >= t.next_ping => {
+                    t.restart_probing(now, Some(timing.open_phase))
+                }
                 TargetState::Confirmed => {
                     let limit = if is_active {
                         timing.dead_after
@@ -382,6 +434,7 @@ impl PathSet {
             }
             if t.state != TargetState::Failed && now >= t.next_ping {
                 let full = t.state == TargetState::Probing;
+                let opening = full && t.open_until.is_some_and(|u| now < u);
                 let txid = self.next_txid;
                 self.next_txid = self.next_txid.wrapping_add(1);
                 if t.pending.len() >= MAX_PENDING {
@@ -394,12 +447,24 @@ impl PathSet {
                         (false, true) => timing.keepalive_active,
                         (false, false) => timing.keepalive_standby,
                     };
+                if let Some(u) = t.open_until.filter(|_| opening) {
+                    // The first full-TTL ping goes out right when the opening phase ends.
+                    t.next_ping = t.next_ping.min(u);
+                }
                 actions.push(Action::Ping {
                     to: t.addr,
                     txid,
                     full,
+                    ttl: opening.then_some(self.open_ttl),
                 });
             }
+        }
+        if unheard_wan_failure && self.active.is_none() {
+            self.open_ttl = if self.open_ttl >= OPEN_TTL_MAX {
+                OPEN_TTL_MIN
+            } else {
+                self.open_ttl + 1
+            };
         }
         self.reselect(now);
         actions
@@ -520,7 +585,7 @@ mod tests {
         actions
             .iter()
             .map(|a| match *a {
-                Action::Ping { to, txid, full } => (to, txid, full),
+                Action::Ping { to, txid, full, .. } => (to, txid, full),
             })
             .collect()
     }
@@ -721,6 +786,274 @@ mod tests {
             .collect();
         q.set_candidates(&many, t0);
         assert_eq!(q.snapshot().len(), MAX_LISTED);
+    }
+
+    fn ping_ttls(actions: &[Action]) -> Vec<(SocketAddr, Option<u8>)> {
+        actions
+            .iter()
+            .map(|a| match *a {
+                Action::Ping { to, ttl, .. } => (to, ttl),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn windows_start_with_low_ttl_opening_probes() {
+        let t = PathTiming::default();
+        let t0 = Instant::now();
+        let wan: SocketAddr = "203.0.113.5:4434".parse().unwrap();
+        let prflx: SocketAddr = "198.51.100.1:7000".parse().unwrap();
+        let mut p = PathSet::new(t, 0);
+        p.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
+        assert_eq!(ping_ttls(&p.poll(t0)), vec![(wan, Some(OPEN_TTL_MIN))]);
+        assert_eq!(p.next_deadline(), Some(t0 + t.punch_interval));
+        assert_eq!(
+            ping_ttls(&p.poll(t0 + t.punch_interval)),
+            vec![(wan, Some(OPEN_TTL_MIN))]
+        );
+        // The first full-TTL ping goes out when the opening phase ends, not a whole interval on.
+        assert_eq!(p.next_deadline(), Some(t0 + t.open_phase));
+        assert_eq!(ping_ttls(&p.poll(t0 + t.open_phase)), vec![(wan, None)]);
+        // A peer-reflexive target needs no opening: the peer already reached us from there.
+        assert!(p.on_ping(prflx, t0 + ms(310)));
+        let a = ping_ttls(&p.poll(t0 + ms(310)));
+        assert_eq!(a, vec![(prflx, None)]);
+        // No opening phase at all when it is zero.
+        let mut q = PathSet::new(
+            PathTiming {
+                open_phase: Duration::ZERO,
+                ..t
+            },
+            0,
+        );
+        q.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
+        assert_eq!(ping_ttls(&q.poll(t0)), vec![(wan, None)]);
+    }
+
+    #[test]
+    fn a_ping_from_the_peer_ends_the_opening_phase_at_once() {
+        let t0 = Instant::now();
+        let wan: SocketAddr = "203.0.113.5:4434".parse().unwrap();
+        let mut p = PathSet::new(PathTiming::default(), 0);
+        p.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
+        assert_eq!(ping_ttls(&p.poll(t0)), vec![(wan, Some(OPEN_TTL_MIN))]);
+        assert!(!p.on_ping(wan, t0 + ms(50)));
+        assert_eq!(ping_ttls(&p.poll(t0 + ms(50))), vec![(wan, None)]);
+    }
+
+    #[test]
+    fn opening_ttl_steps_up_only_when_the_peer_was_never_heard() {
+        let t = PathTiming::default();
+        let t0 = Instant::now();
+        let wan: SocketAddr = "203.0.113.5:4434".parse().unwrap();
+        let mut p = PathSet::new(t, 0);
+        p.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
+        let mut now = t0;
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            run(&mut p, now, t.punch_window + ms(20), &[], ms(1));
+            seen.push(p.open_ttl());
+            now = p.next_deadline().unwrap();
+        }
+        assert_eq!(
+            seen,
+            vec![3, 4, OPEN_TTL_MIN, 3],
+            "steps up per silent window, wraps"
+        );
+        // A window in which the peer's pings arrived (only ours are lost) keeps the TTL.
+        let before = p.open_ttl();
+        p.poll(now);
+        p.on_ping(wan, now + ms(100));
+        run(&mut p, now + ms(100), t.punch_window, &[], ms(1));
+        assert_eq!(p.open_ttl(), before);
+    }
+
+    /// A NAT router of the zoo in miniature: endpoint-independent, port-preserving mapping,
+    /// address-and-port-dependent filtering; `bare`: no firewall, so an unsolicited packet is
+    /// answered and recorded, and a later outbound flow to that remote endpoint gets another
+    /// port (as Linux masquerade does).
+    struct Router {
+        public: std::net::Ipv4Addr,
+        bare: bool,
+        /// (inside port, remote) -> external port.
+        out: std::collections::HashMap<(u16, SocketAddr), u16>,
+        /// (external port, remote) recorded from unsolicited inbound packets.
+        poisoned: std::collections::HashSet<(u16, SocketAddr)>,
+    }
+
+    impl Router {
+        fn new(public: [u8; 4], bare: bool) -> Self {
+            Self {
+                public: public.into(),
+                bare,
+                out: Default::default(),
+                poisoned: Default::default(),
+            }
+        }
+
+        /// Outbound from inside port `port` to `to`: the external source address.
+        fn send(&mut self, port: u16, to: SocketAddr) -> SocketAddr {
+            let poisoned = &self.poisoned;
+            let ext = *self.out.entry((port, to)).or_insert_with(|| {
+                if poisoned.contains(&(port, to)) {
+                    port.wrapping_add(1000)
+                } else {
+                    port
+                }
+            });
+            SocketAddr::from((self.public, ext))
+        }
+
+        /// Inbound from `from` to external `port`: the inside port, if it passes.
+        fn recv(&mut self, from: SocketAddr, port: u16) -> Option<u16> {
+            let inside = self
+                .out
+                .iter()
+                .find(|((_, r), e)| *r == from && **e == port)
+                .map(|((p, _), _)| *p);
+            if inside.is_none() && self.bare {
+                self.poisoned.insert((port, from));
+            }
+            inside
+        }
+    }
+
+    /// Two ends behind two routers (`bare[i]`: end i's router answers unsolicited packets) two
+    /// hops apart; end 1 starts `start_skew` after end 0 (so a long skew is an ordering: end 0
+    /// goes first); pings are delivered after 5 ms, time advances in 5 ms steps. Returns when
+    /// both ends have a direct path, if within `limit`.
+    fn punch(
+        timing: PathTiming,
+        bare: [bool; 2],
+        start_skew: Duration,
+        limit: Duration,
+    ) -> Option<Duration> {
+        const PORT: u16 = 4434;
+        const HOPS: u8 = 2;
+        let t0 = Instant::now();
+        let mut r = [
+            Router::new([203, 0, 113, 1], bare[0]),
+            Router::new([198, 51, 100, 1], bare[1]),
+        ];
+        let public = [
+            SocketAddr::from(([203, 0, 113, 1], PORT)),
+            SocketAddr::from(([198, 51, 100, 1], PORT)),
+        ];
+        let mut ends = [PathSet::new(timing, 1), PathSet::new(timing, 1 << 32)];
+        let starts = [t0, t0 + start_skew];
+        let mut started = [false, false];
+        // (deliver at, to end, from, txid, ping?)
+        let mut wire: Vec<(Instant, usize, SocketAddr, u64, bool)> = Vec::new();
+        let mut now = t0;
+        while now < t0 + limit {
+            for i in 0..2 {
+                if !started[i] && now >= starts[i] {
+                    started[i] = true;
+                    let c = cand(&public[1 - i].to_string(), CandidateKind::Reflexive);
+                    ends[i].set_candidates(&[c], now);
+                }
+            }
+            let mut due = Vec::new();
+            wire.retain(|m| {
+                if m.0 <= now {
+                    due.push(*m);
+                    false
+                } else {
+                    true
+                }
+            });
+            let mut replies = Vec::new();
+            for (_, to, from, txid, ping) in due {
+                if ping {
+                    ends[to].on_ping(from, now);
+                    replies.push((to, from, txid));
+                } else {
+                    ends[to].on_pong(from, txid, now);
+                }
+            }
+            for i in 0..2 {
+                let mut out: Vec<(SocketAddr, u64, bool, Option<u8>)> = ends[i]
+                    .poll(now)
+                    .into_iter()
+                    .map(|Action::Ping { to, txid, ttl, .. }| (to, txid, true, ttl))
+                    .collect();
+                out.extend(
+                    replies
+                        .iter()
+                        .filter(|x| x.0 == i)
+                        .map(|x| (x.1, x.2, false, None)),
+                );
+                for (to, txid, ping, ttl) in out {
+                    if ttl.is_some_and(|ttl| ttl <= 1) {
+                        continue; // expires in the own router, before its NAT
+                    }
+                    let src = r[i].send(PORT, to);
+                    // The router takes one hop; the WAN between the routers HOPS more.
+                    if ttl.is_some_and(|ttl| ttl.saturating_sub(1) <= HOPS) {
+                        continue;
+                    }
+                    let j = 1 - i;
+                    if to == public[j] && r[j].recv(src, PORT).is_some() {
+                        wire.push((now + ms(5), j, src, txid, ping));
+                    }
+                }
+            }
+            if ends.iter().all(|e| e.selected().is_some()) {
+                return Some(now - t0);
+            }
+            now += ms(5);
+        }
+        None
+    }
+
+    #[test]
+    fn opening_probes_punch_through_routers_that_answer_unsolicited_packets() {
+        let t = PathTiming::default();
+        let none = PathTiming {
+            open_phase: Duration::ZERO,
+            ..t
+        };
+        for skew in [ms(0), ms(20), ms(150)] {
+            // Routers that drop: direct either way.
+            assert!(
+                punch(none, [false; 2], skew, ms(2000)).is_some(),
+                "{skew:?}"
+            );
+            let took = punch(t, [false; 2], skew, ms(2000)).expect("direct with opening probes");
+            assert!(took <= t.open_phase + skew + ms(50), "{took:?}");
+            // Routers that answer: without opening probes the first ping poisons the other
+            // router and the pair never goes direct (within a minute here); with them it does.
+            assert_eq!(punch(none, [true; 2], skew, ms(60_000)), None, "{skew:?}");
+            let took = punch(t, [true; 2], skew, ms(2000)).expect("direct through bare routers");
+            assert!(took <= t.open_phase + skew + ms(50), "{took:?}");
+        }
+    }
+
+    #[test]
+    fn an_ordering_alone_works_only_when_the_answering_side_goes_first() {
+        let none = PathTiming {
+            open_phase: Duration::ZERO,
+            ..PathTiming::default()
+        };
+        // End 0 goes first (end 1 starts 1 s later), no opening probes.
+        let first = ms(1000);
+        let limit = ms(30_000);
+        // End 0's router answers, end 1's drops: end 0's pings die at end 1's firewall without
+        // a trace; end 1's first ping is an answer at end 0's router.
+        assert!(punch(none, [true, false], first, limit).is_some());
+        // The other way round, end 0's first ping poisons end 1's router.
+        assert_eq!(punch(none, [false, true], first, limit), None);
+        // Both answer: whoever goes first poisons the other; no ordering helps.
+        assert_eq!(punch(none, [true, true], first, limit), None);
+        // Opening probes need no ordering, as long as the ends start within the opening phase
+        // of each other (each starts when the other's candidates arrive through the relay, so
+        // the skew is about one relay transit); an end that starts later than that finds its
+        // answering router already poisoned by the other's full-TTL pings.
+        let t = PathTiming::default();
+        for bare in [[true, false], [false, true], [true, true]] {
+            assert!(punch(t, bare, ms(250), limit).is_some(), "{bare:?}");
+        }
+        assert_eq!(punch(t, [false, true], first, limit), None);
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub const NAT_SH: &str = "deploy/netns/nat.sh";
 pub const NATA: Node = Node::Other("nata");
 /// The connector side's NAT router (`${P}-natc`).
 pub const NATC: Node = Node::Other("natc");
+/// The carrier-grade NAT in front of `${P}-nata` in `nat.sh cgnat` (`${P}-cgna`).
+pub const CGNA: Node = Node::Other("cgna");
 /// A second public host on the WAN bridge (`${P}-pub2`, [`addr::PUB2`]).
 pub const PUB2: Node = Node::Other("pub2");
 /// The LAN bridge of `nat.sh lan` (`${P}-lan`, bridge `br0`).
@@ -47,6 +49,8 @@ pub mod addr {
     pub const CONN_SHARED_LAN: &str = "192.168.1.3";
     /// `${P}-pub2` wan0: a second public host.
     pub const PUB2: &str = "10.10.0.5";
+    /// `${P}-nata` wan0 behind the CGN in `nat.sh cgnat` (the CGN's lan0 is 100.64.0.1).
+    pub const HOME_WAN: &str = "100.64.0.2";
 }
 
 /// A NAT behaviour of `nat.sh` (RFC 4787 terms).
@@ -64,16 +68,25 @@ pub enum NatType {
     /// Endpoint-dependent mapping (a random external port per destination), address-and-port-
     /// dependent filtering (symmetric).
     Sym,
+    /// [`NatType::Port`] on a bare router with no firewall: unsolicited UDP is answered with
+    /// ICMP port unreachable and recorded, so a later outbound flow to that remote endpoint
+    /// leaves from another port.
+    Bare,
+    /// A cloud NAT gateway: endpoint-independent mapping without port preservation, address-
+    /// and-port-dependent filtering, no inbound at all.
+    Cloud,
 }
 
 impl NatType {
     /// Every type, `None` first.
-    pub const ALL: [NatType; 5] = [
+    pub const ALL: [NatType; 7] = [
         NatType::None,
         NatType::Full,
         NatType::Addr,
         NatType::Port,
         NatType::Sym,
+        NatType::Bare,
+        NatType::Cloud,
     ];
 
     /// The argument of `nat.sh`: `none`, `full`, `addr`, `port`, `sym`.
@@ -84,12 +97,19 @@ impl NatType {
             NatType::Addr => "addr",
             NatType::Port => "port",
             NatType::Sym => "sym",
+            NatType::Bare => "bare",
+            NatType::Cloud => "cloud",
         }
     }
 
     /// Whether the same external port is used for every destination.
     pub fn endpoint_independent_mapping(self) -> bool {
         self != NatType::Sym
+    }
+
+    /// Whether an endpoint-independent mapping keeps the inside port.
+    pub fn port_preserving(self) -> bool {
+        !matches!(self, NatType::Sym | NatType::Cloud)
     }
 
     /// The agent's own address with this NAT on the agent side (`nat.sh up`).
@@ -139,6 +159,61 @@ pub fn up(test_name: &str, helpers: HelperBins, agent: NatType, conn: NatType) -
         NAT_SH,
         &["up", agent.as_arg(), conn.as_arg()],
     )
+}
+
+/// [`up`] with options of `nat.sh` (`udp-timeout=SECONDS`, `wan-hops=N`).
+pub fn up_with(
+    test_name: &str,
+    helpers: HelperBins,
+    agent: NatType,
+    conn: NatType,
+    opts: &[&str],
+) -> Result<Topology> {
+    let mut args = vec!["up", agent.as_arg(), conn.as_arg()];
+    args.extend_from_slice(opts);
+    Topology::with_script(test_name, helpers, NAT_SH, &args)
+}
+
+/// `nat.sh cgnat PREFIX HOME CGN CONN`: the agent behind a home NAT behind a carrier-grade NAT
+/// (requires the ztna binaries).
+pub fn cgnat(
+    test_name: &str,
+    helpers: HelperBins,
+    home: NatType,
+    cgn: NatType,
+    conn: NatType,
+) -> Result<Topology> {
+    let args = ["cgnat", home.as_arg(), cgn.as_arg(), conn.as_arg()];
+    Topology::with_script(test_name, helpers, NAT_SH, &args)
+}
+
+/// `nat.sh hairpin PREFIX TYPE on|off`: agent and connector on two isolated LANs behind one NAT
+/// (requires the ztna binaries).
+pub fn hairpin(test_name: &str, helpers: HelperBins, nat: NatType, on: bool) -> Result<Topology> {
+    let args = ["hairpin", nat.as_arg(), if on { "on" } else { "off" }];
+    Topology::with_script(test_name, helpers, NAT_SH, &args)
+}
+
+/// `nat.sh spent PREFIX`: UDP packets the NAT routers on the WAN let out to anyone but the relay
+/// (probes and direct-path traffic) since the topology was built.
+pub fn spent(t: &Topology) -> Result<u64> {
+    let script = crate::workspace_root().join(NAT_SH);
+    let out = t.host(
+        10,
+        [
+            OsStr::new("bash"),
+            script.as_os_str(),
+            OsStr::new("spent"),
+            OsStr::new(t.prefix()),
+        ],
+    )?;
+    if !out.success() {
+        bail!("{out}");
+    }
+    out.stdout
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("nat.sh spent printed {:?}: {e}", out.stdout))
 }
 
 /// `nat.sh lan PREFIX TYPE` (requires the ztna binaries). `TYPE` must not be `None`.

@@ -1,10 +1,15 @@
-//! Issue #5: the simulated NAT routers of `deploy/netns/nat.sh` behave as documented.
+//! Issues #5 and #16: the simulated NAT routers of `deploy/netns/nat.sh` (the NAT zoo) behave
+//! as documented.
 //!
 //! With real UDP in the namespaces (the `ztna-test-nat-probe` helper, a small STUN-like probe):
 //! the mapping of each NAT type (same external port for every destination, or a new one per
-//! destination), its filtering (does a datagram from the contacted server's other port, or from
-//! another public host, reach the inside host?), the shared LAN, re-addressing a router, and
-//! `nat.sh block`/`unblock`. These tests run no ztna daemon, so they don't need its binaries.
+//! destination; port preserved or not), its filtering (does a datagram from the contacted
+//! server's other port, or from another public host, reach the inside host?), the shared LAN,
+//! re-addressing a router, `nat.sh block`/`unblock`; and the zoo of #16: a bare router that
+//! answers unsolicited UDP and then remaps the next flow, the emulated WAN hops that stop
+//! low-TTL packets past the own NAT, a short UDP mapping timeout, a carrier-grade NAT in front
+//! of a home NAT, and hairpinning on and off. These tests run no ztna daemon, so they don't
+//! need its binaries.
 
 use std::time::Duration;
 
@@ -62,6 +67,8 @@ struct Probe {
     alt: Vec<String>,
     /// Senders of `PEER` (the other public host) that got through.
     peer: Vec<String>,
+    /// An ICMP port unreachable came back (`--connect` only).
+    refused: bool,
 }
 
 impl Probe {
@@ -90,6 +97,7 @@ fn probe(t: &Topology, node: Node, bind_port: u16, to: &[&str], extra: &[&str]) 
             ["NOSEEN", to] => p.seen.push(((*to).into(), None)),
             ["ALT", from] => p.alt.push((*from).into()),
             ["PEER", from] => p.peer.push((*from).into()),
+            ["REFUSED", _] => p.refused = true,
             _ => bail!("unexpected probe output line {line:?} in:\n{out}"),
         }
     }
@@ -164,7 +172,7 @@ fn nat_types_map_and_filter_as_documented() {
         return;
     }
     let mut rows = Vec::new();
-    let pairs: [(&str, &'static [&'static str], NatType, NatType); 3] = [
+    let pairs: [(&str, &'static [&'static str], NatType, NatType); 4] = [
         (
             "nat_full_addr",
             &["up", "full", "addr"],
@@ -182,6 +190,12 @@ fn nat_types_map_and_filter_as_documented() {
             &["up", "none", "none"],
             NatType::None,
             NatType::None,
+        ),
+        (
+            "nat_bare_cloud",
+            &["up", "bare", "cloud"],
+            NatType::Bare,
+            NatType::Cloud,
         ),
     ];
     for (name, args, a, c) in pairs {
@@ -225,13 +239,20 @@ fn nat_types_map_and_filter_as_documented() {
         let (want_port, want_host) = match r.nat {
             NatType::None | NatType::Full => (true, true),
             NatType::Addr => (true, false),
-            NatType::Port | NatType::Sym => (false, false),
+            NatType::Port | NatType::Sym | NatType::Bare | NatType::Cloud => (false, false),
         };
         if r.nat.endpoint_independent_mapping() {
-            if !same || r.ports[0] != r.local_port {
+            if !same || (r.ports[0] == r.local_port) != r.nat.port_preserving() {
                 failures.push(format!(
-                    "{}: expected the local port {} for every destination, got {:?}",
-                    r.nat, r.local_port, r.ports
+                    "{}: expected {} port for every destination (local {}), got {:?}",
+                    r.nat,
+                    if r.nat.port_preserving() {
+                        "the local"
+                    } else {
+                        "one other"
+                    },
+                    r.local_port,
+                    r.ports
                 ));
             }
         } else if !distinct {
@@ -428,4 +449,272 @@ fn block_drops_the_direct_path_but_not_the_relay() {
             Ok(())
         },
     );
+}
+
+/// `pub2` sends from `from_port` to `to`, with a connected socket: was it answered with ICMP
+/// port unreachable?
+fn unsolicited_from_pub2(t: &Topology, from_port: u16, to: &str) -> Result<bool> {
+    let p = probe(
+        t,
+        PUB2,
+        from_port,
+        &[to],
+        &["--connect", "--wait-ms", "800"],
+    )?;
+    ensure!(
+        p.seen[0].1.is_none(),
+        "an unsolicited packet got an answer: {p:?}"
+    );
+    Ok(p.refused)
+}
+
+#[test]
+fn bare_router_answers_unsolicited_udp_and_remaps_the_next_flow() {
+    run_with(
+        "nat_bare",
+        helper_bins!(),
+        network(&["up", "bare", "port"]),
+        |t| {
+            for (node, router, public, bare) in [
+                (Node::Agent, "nata (bare)", nat_addr::NATA_WAN, true),
+                (
+                    Node::Conn,
+                    "natc (port, firewall)",
+                    nat_addr::NATC_WAN,
+                    false,
+                ),
+            ] {
+                // pub2:3490 -> router:47000 before anything inside sent there.
+                let refused = unsolicited_from_pub2(t, 3490, &format!("{public}:47000"))?;
+                ensure!(
+                    refused == bare,
+                    "{router}: ICMP port unreachable {}, expected {}",
+                    yes(refused),
+                    yes(bare)
+                );
+                let srv = serve(t, PUB2, &["--bind", &format!("{}:3490", nat_addr::PUB2)])?;
+                let to = format!("{}:3490", nat_addr::PUB2);
+                let first = probe(t, node, 47000, &[&to], &[])?;
+                let other = probe(t, node, 47001, &[&to], &[])?;
+                t.kill(srv)?;
+                let (_, p1) = split(first.seen(0)?)?;
+                let (_, p2) = split(other.seen(0)?)?;
+                t.step(&format!(
+                    "{router}: unsolicited answered: {}; inside 47000 -> pub2:3490 left as port {p1}, 47001 as {p2}",
+                    yes(refused)
+                ));
+                ensure!(
+                    p2 == 47001,
+                    "{router}: an untouched port was not preserved: {p2}"
+                );
+                if bare {
+                    ensure!(
+                        p1 != 47000,
+                        "{router}: the flow recorded from the unsolicited packet did not move the inside host's flow to another port"
+                    );
+                } else {
+                    ensure!(p1 == 47000, "{router}: the port moved to {p1}");
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+/// The router's `@mapped` map: `external port expires T : inside address . inside port` for
+/// each UDP flow that left its wan0 translated.
+fn mapped_ports(t: &Topology, router: Node) -> Result<String> {
+    let ns = t.ns(router);
+    let out = t.host(
+        5,
+        [
+            "ip", "netns", "exec", &ns, "nft", "list", "map", "ip", "ztna_nat", "mapped",
+        ],
+    )?;
+    ensure!(out.success(), "{out}");
+    Ok(out.stdout)
+}
+
+#[test]
+fn wan_hops_stop_low_ttl_packets_after_the_own_nat() {
+    run_with(
+        "nat_wan_hops",
+        helper_bins!(),
+        network(&["up", "port", "full"]),
+        |t| {
+            // The connector's full cone lets anyone in on its mapping 4000.
+            let relay = format!("{}:{PORT_A}", addr::RELAY);
+            serve(t, Node::Relay, &["--bind", &relay])?;
+            serve(
+                t,
+                Node::Conn,
+                &["--bind", "0.0.0.0:4000", "--hello", &relay],
+            )?;
+            let target = format!("{}:4000", nat_addr::NATC_WAN);
+            let wait = ["--wait-ms", "800"];
+            let mut row = Vec::new();
+            for (port, ttl) in [
+                (47002u16, 1u8),
+                (47003, 2),
+                (47004, 3),
+                (47005, 4),
+                (47006, 64),
+            ] {
+                let ttl_s = ttl.to_string();
+                let p = probe(
+                    t,
+                    Node::Agent,
+                    port,
+                    &[&target],
+                    &[&wait[..], &["--ttl", &ttl_s]].concat(),
+                )?;
+                let mapped = mapped_ports(t, nat::NATA)?.contains(&format!(". {port}"));
+                row.push(format!(
+                    "TTL {ttl}: left the agent's NAT {}, reached the peer {}",
+                    yes(mapped),
+                    yes(p.seen[0].1.is_some())
+                ));
+                // TTL 1 dies in the own router; 2 and 3 leave it (NAT_WAN_HOPS=2) and die on
+                // the way; 4 and more arrive.
+                ensure!(
+                    mapped == (ttl >= 2),
+                    "TTL {ttl}: left the NAT: {}",
+                    yes(mapped)
+                );
+                ensure!(
+                    p.seen[0].1.is_some() == (ttl >= 4),
+                    "TTL {ttl}: answered {p:?}"
+                );
+            }
+            t.step(&row.join("; "));
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn short_udp_mapping_timeout_expires_the_mapping() {
+    // 3 s here to keep the test short; the zoo's matrix and CI cell use 30 s.
+    run_with(
+        "nat_udp_timeout",
+        helper_bins!(),
+        network(&["up", "full", "port", "udp-timeout=3"]),
+        |t| {
+            let relay = format!("{}:{PORT_A}", addr::RELAY);
+            serve(t, Node::Relay, &["--bind", &relay])?;
+            serve(
+                t,
+                Node::Agent,
+                &["--bind", "0.0.0.0:43000", "--hello", &relay],
+            )?;
+            let to = format!("{}:43000", nat_addr::NATA_WAN);
+            let p = probe(t, PUB2, 45000, &[&to], &["--wait-ms", "800"])?;
+            ensure!(
+                p.seen[0].1.is_some(),
+                "the fresh mapping did not let pub2 in: {p:?}"
+            );
+            // The answer refreshed the mapping; stay idle past the timeout.
+            std::thread::sleep(Duration::from_millis(4500));
+            let p = probe(t, PUB2, 45001, &[&to], &["--wait-ms", "800"])?;
+            ensure!(p.seen[0].1.is_none(), "the mapping outlived its 3 s: {p:?}");
+            t.step("full cone with udp-timeout=3: pub2 let in at once, no longer after 4.5 s idle");
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn cgnat_in_front_of_a_home_nat_maps_endpoint_independently() {
+    run_with(
+        "nat_cgnat",
+        helper_bins!(),
+        network(&["cgnat", "port", "port", "port"]),
+        |t| {
+            serve_public(t)?;
+            let row = probe_side(t, Node::Agent, NatType::Port, nat_addr::NATA_WAN)?;
+            t.step(&format!(
+                "agent behind home NAT + CGN: ports {:?} (local {}), from relay:B {}, from pub2 {}",
+                row.ports,
+                row.local_port,
+                yes(row.from_other_port),
+                yes(row.from_other_host)
+            ));
+            ensure!(
+                row.ports.iter().all(|p| *p == row.local_port),
+                "two endpoint-independent, port-preserving layers should keep {}: {:?}",
+                row.local_port,
+                row.ports
+            );
+            ensure!(
+                !row.from_other_port && !row.from_other_host,
+                "filtering leaked"
+            );
+            // The home router is not on the WAN: its own public side is the CGN's inside.
+            let ns = t.ns(nat::NATA);
+            let out = t.host(
+                5,
+                ["ip", "-n", &ns, "-4", "-o", "addr", "show", "dev", "wan0"],
+            )?;
+            ensure!(
+                out.stdout.contains(nat_addr::HOME_WAN),
+                "home router wan0: {out}"
+            );
+            t.ping_all(Node::Agent, addr::RELAY, 1)?;
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn hairpinning_on_reflects_to_the_neighbour_and_off_does_not() {
+    for on in [true, false] {
+        let name = if on {
+            "nat_hairpin_on"
+        } else {
+            "nat_hairpin_off"
+        };
+        let args: &'static [&'static str] = if on {
+            &["hairpin", "port", "on"]
+        } else {
+            &["hairpin", "port", "off"]
+        };
+        run_with(name, helper_bins!(), network(args), |t| {
+            let relay = format!("{}:{PORT_A}", addr::RELAY);
+            serve(t, Node::Relay, &["--bind", &relay])?;
+            // The connector's mapping 4000 on the shared public address.
+            serve(
+                t,
+                Node::Conn,
+                &["--bind", "0.0.0.0:4000", "--hello", &relay],
+            )?;
+            let public = format!("{}:4000", nat_addr::NATA_WAN);
+            let wait = ["--wait-ms", "800"];
+            let p = probe(t, Node::Agent, 47010, &[&public], &wait)?;
+            let lan = format!("{}:4000", nat_addr::CONN_LAN);
+            let direct = probe(t, Node::Agent, 47011, &[&lan], &wait)?;
+            ensure!(
+                direct.seen[0].1.is_none(),
+                "the two LANs are not isolated: {direct:?}"
+            );
+            t.step(&format!(
+                "hairpin {}: agent -> {public} answered {}{}",
+                if on { "on" } else { "off" },
+                yes(p.seen[0].1.is_some()),
+                p.seen[0]
+                    .1
+                    .as_ref()
+                    .map(|s| format!(", the connector saw {s}"))
+                    .unwrap_or_default()
+            ));
+            if on {
+                ensure!(
+                    p.seen(0)? == format!("{}:47010", nat_addr::NATA_WAN),
+                    "the reflected packet should come from the agent's public mapping: {p:?}"
+                );
+            } else {
+                ensure!(p.seen[0].1.is_none(), "reflected with hairpin off: {p:?}");
+            }
+            Ok(())
+        });
+    }
 }

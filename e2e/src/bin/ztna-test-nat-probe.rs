@@ -4,7 +4,7 @@
 //! ztna-test-nat-probe serve --bind IP:PORT [--bind IP:PORT] [--peer IP:PORT] [--hello IP:PORT]
 //!                           [--for-secs N]
 //! ztna-test-nat-probe probe --bind IP:PORT --to IP:PORT [--to IP:PORT ...] [--filter]
-//!                           [--wait-ms N]
+//!                           [--wait-ms N] [--ttl N] [--connect]
 //! ```
 //!
 //! `serve` answers on every bound socket: `ECHO n` gets `SEEN n SRC` back from the same socket
@@ -18,7 +18,9 @@
 //! resending every 200 ms until answered, and listens for `--wait-ms` (default 1000; with
 //! `--filter` it always listens that long unless SEEN, ALT and PEER all arrived). It prints one
 //! line per result: `SEEN TARGET SRC` or `NOSEEN TARGET`, and `ALT FROM` / `PEER FROM` for every
-//! distinct sender of those. Exit 0 unless arguments or sockets fail (2).
+//! distinct sender of those. `--ttl N` sends with that IP TTL. `--connect` (one target) uses a
+//! connected socket, which learns of an ICMP port unreachable: then it prints `REFUSED TARGET`
+//! too. Exit 0 unless arguments or sockets fail (2).
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, UdpSocket};
@@ -27,7 +29,7 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: ztna-test-nat-probe serve --bind IP:PORT [--bind IP:PORT] \
 [--peer IP:PORT] [--hello IP:PORT] [--for-secs N] | probe --bind IP:PORT --to IP:PORT... \
-[--filter] [--wait-ms N]";
+[--filter] [--wait-ms N] [--ttl N] [--connect]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,6 +56,8 @@ struct Opts {
     for_secs: u64,
     wait_ms: u64,
     filter: bool,
+    ttl: Option<u32>,
+    connect: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -68,6 +72,10 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             o.filter = true;
             continue;
         }
+        if a == "--connect" {
+            o.connect = true;
+            continue;
+        }
         let v = it
             .next()
             .ok_or_else(|| format!("{a} needs a value\n{USAGE}"))?;
@@ -80,6 +88,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--hello" => o.hello = Some(addr()?),
             "--for-secs" => o.for_secs = num()?,
             "--wait-ms" => o.wait_ms = num()?,
+            "--ttl" => o.ttl = Some(u32::try_from(num()?).map_err(|e| format!("--ttl: {e}"))?),
             _ => return Err(format!("unknown option {a}\n{USAGE}")),
         }
     }
@@ -160,6 +169,16 @@ fn probe(args: &[String]) -> Result<(), String> {
         return Err(format!("probe needs --bind and --to\n{USAGE}"));
     };
     let s = bind(local)?;
+    if let Some(ttl) = o.ttl {
+        s.set_ttl(ttl).map_err(|e| format!("set_ttl: {e}"))?;
+    }
+    if o.connect {
+        if o.to.len() != 1 {
+            return Err(format!("--connect takes one --to\n{USAGE}"));
+        }
+        s.connect(o.to[0]).map_err(|e| format!("connect: {e}"))?;
+    }
+    let mut refused = false;
     let kind = if o.filter { "PROBE" } else { "ECHO" };
     let mut seen: Vec<Option<String>> = vec![None; o.to.len()];
     let (mut alt, mut peer) = (BTreeSet::new(), BTreeSet::new());
@@ -170,12 +189,33 @@ fn probe(args: &[String]) -> Result<(), String> {
         if Instant::now() >= next_send {
             for (i, to) in o.to.iter().enumerate() {
                 if seen[i].is_none() {
-                    send(&s, &format!("{kind} {i}"), *to);
+                    // A connected socket reports a pending ICMP error on the next call, which
+                    // may be this one.
+                    match s.send_to(format!("{kind} {i}").as_bytes(), to) {
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            refused = true
+                        }
+                        Err(e) => eprintln!("send to {to}: {e}"),
+                        Ok(_) => {}
+                    }
                 }
             }
             next_send = Instant::now() + Duration::from_millis(200);
         }
-        if let Some((msg, from)) = recv(&s) {
+        let got = if o.connect {
+            let mut buf = [0u8; 512];
+            match s.recv(&mut buf) {
+                Ok(n) => Some((String::from_utf8_lossy(&buf[..n]).into_owned(), o.to[0])),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    refused = true;
+                    None
+                }
+                Err(_) => None,
+            }
+        } else {
+            recv(&s)
+        };
+        if let Some((msg, from)) = got {
             let w: Vec<&str> = msg.split_whitespace().collect();
             match w.as_slice() {
                 ["SEEN", n, src] => {
@@ -204,6 +244,9 @@ fn probe(args: &[String]) -> Result<(), String> {
             Some(src) => println!("SEEN {to} {src}"),
             None => println!("NOSEEN {to}"),
         }
+    }
+    if refused {
+        println!("REFUSED {}", o.to[0]);
     }
     for a in &alt {
         println!("ALT {a}");
