@@ -28,6 +28,13 @@ PACKAGES=(
     wireguard-go    # bench/: userspace WireGuard in Go
     wireguard-tools # bench/: `wg` configures boringtun and wireguard-go
     python3-matplotlib # bench/chart.py draws the PNG chart
+    # deploy/check.sh: images, systemd units, cloud-init user-data, PyPI validators
+    podman          # builds and runs the images (as root, with runc)
+    buildah
+    runc            # crun fails on this machine's cgroup setup
+    mmdebstrap      # the local base image, from Debian's packages (no registry is reachable)
+    cloud-init      # `cloud-init schema` (disabled as a service below, before it is installed)
+    python3-venv    # the venvs of the PyPI validators
 )
 
 # Cargo-installed tools: name, version, binary. boringtun-cli is bench/'s userspace WireGuard in
@@ -47,6 +54,11 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+
+# cloud-init is installed only for `cloud-init schema`: it must never configure this machine at
+# boot. The marker file disables every cloud-init stage.
+mkdir -p /etc/cloud
+[[ -e /etc/cloud/cloud-init.disabled ]] || touch /etc/cloud/cloud-init.disabled
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -103,5 +115,37 @@ for tool in "${CARGO_TOOLS[@]}"; do
         cargo install --locked --quiet "$name@$version"
     fi
 done
+
+# kubectl renders the Kubernetes overlays (`kubectl kustomize`). The machine image ships one;
+# otherwise Debian's kubernetes-client provides it.
+if ! command -v kubectl >/dev/null 2>&1; then
+    log "apt-get install kubernetes-client (kubectl)"
+    apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+fi
+
+# PyPI validators of deploy/check.sh, pinned, in two venvs: checkov brings its own fork of the
+# HCL parser (bc-python-hcl2), which would replace python-hcl2's `hcl2` module in a shared one.
+VENV_ROOT=${ZTNA_VENV_ROOT:-/opt/ztna-venv}
+pip_venv() {
+    local venv=$1
+    shift
+    if [[ ! -x $venv/bin/python ]]; then
+        log "python3 -m venv $venv"
+        /usr/bin/python3 -m venv "$venv"
+    fi
+    local want=()
+    for spec in "$@"; do
+        local name=${spec%%==*} version=${spec##*==}
+        if [[ $("$venv/bin/python" -m pip show "$name" 2>/dev/null | awk '/^Version:/ {print $2}') != "$version" ]]; then
+            want+=("$spec")
+        fi
+    done
+    if ((${#want[@]})); then
+        log "pip install (in $venv) ${want[*]}"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${want[@]}"
+    fi
+}
+pip_venv "$VENV_ROOT/validate" kubernetes-validate==1.37.0 python-hcl2==8.1.4 PyYAML==6.0.3
+pip_venv "$VENV_ROOT/checkov" checkov==3.3.30
 
 log "done"

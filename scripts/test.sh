@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full ztna test suite on a fresh Debian 12 machine, as root (CI runs it through .ci/run):
-#   setup -> rustfmt -> clippy -> release build -> unit + end-to-end tests -> fuzz smoke
-#   -> bench smoke.
+#   setup -> rustfmt -> clippy -> release build -> unit + end-to-end tests -> deploy checks
+#   -> fuzz smoke -> bench smoke.
 # Exits non-zero on the first failing step. The end-to-end tests (e2e/) need root: they build
 # network namespaces and TUN devices, and run the release binaries built here.
 #
@@ -49,6 +49,12 @@ export ZTNA_BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 
 step "cargo test --release --workspace --locked (unit and end-to-end tests)"
 cargo test --release --workspace --locked --no-fail-fast "$@"
+
+# Deployment artefacts (deploy/): systemd units, Kubernetes overlays, EC2 Terraform and
+# cloud-init validated offline; the images built from the release binaries above and run under
+# podman with traffic through them; the units run under systemd in a container.
+step "deploy checks (deploy/check.sh)"
+bash deploy/check.sh
 
 # ---------------------------------------------------------------------------------------------
 # FUZZ SMOKE: a short replay/run of the fuzz targets in fuzz/. The script belongs to the fuzz

@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
-use figment::providers::{Env, Format as _, Json, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 use ztna_core::tls::{Credentials, TlsFiles};
@@ -228,29 +227,22 @@ impl<'a> Sources<'a> {
         }
     }
 
-    /// The layered figment. Fails if the `--config` file does not exist.
+    /// The layered figment (`ztna_core::daemon`'s loader, shared with the relay and the
+    /// connector). Fails if the `--config` file does not exist.
     fn figment(&self) -> anyhow::Result<Figment> {
-        let mut fig = Figment::new();
-        if let Some(system) = self.system.iter().find(|p| p.exists()) {
-            fig = merge_file(fig, system);
+        let system: Vec<&Path> = self.system.iter().map(PathBuf::as_path).collect();
+        ztna_core::daemon::ConfigSources {
+            system: &system,
+            file: self.file,
+            env_prefix: self.env_prefix,
+            env_keys: KEYS,
         }
-        if let Some(file) = self.file {
-            if !file.exists() {
-                bail!("config file {} does not exist", file.display());
-            }
-            fig = merge_file(fig, file);
-        }
-        Ok(fig
-            .merge(Env::prefixed(self.env_prefix).only(KEYS))
-            .merge(Serialized::defaults(self.overrides)))
+        .figment(self.overrides)
     }
 
     /// Loads and validates the configuration.
     pub(crate) fn load(&self) -> anyhow::Result<Config> {
-        let raw: RawConfig = self
-            .figment()?
-            .extract()
-            .map_err(|e| anyhow::anyhow!("{e}").context(describe_source(&e)))?;
+        let raw: RawConfig = ztna_core::daemon::extract(&self.figment()?)?;
         raw.validate()
     }
 
@@ -262,34 +254,8 @@ impl<'a> Sources<'a> {
             #[serde(default = "default_status_socket")]
             status_socket: PathBuf,
         }
-        let s: StatusOnly = self
-            .figment()?
-            .extract()
-            .map_err(|e| anyhow::anyhow!("{e}").context(describe_source(&e)))?;
+        let s: StatusOnly = ztna_core::daemon::extract(&self.figment()?)?;
         Ok(s.status_socket)
-    }
-}
-
-/// Merges a config file: TOML, or JSON when its name ends in `.json`.
-fn merge_file(fig: Figment, path: &Path) -> Figment {
-    if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
-    {
-        fig.merge(Json::file_exact(path))
-    } else {
-        fig.merge(Toml::file_exact(path))
-    }
-}
-
-/// "loading config from FILE" (or the environment or flags), from a figment error's metadata.
-fn describe_source(e: &figment::Error) -> String {
-    match e.metadata.as_ref() {
-        Some(m) => match &m.source {
-            Some(src) => format!("loading config from {src}"),
-            None => format!("loading config from {}", m.name),
-        },
-        None => "loading config".into(),
     }
 }
 
@@ -655,6 +621,29 @@ key = "/etc/ztna/agent.key"
         assert_eq!(
             sources(Some(&f), &o).status_socket().unwrap(),
             PathBuf::from("/tmp/y.sock")
+        );
+    }
+
+    /// `docs/config.md` lists exactly the keys of the code.
+    #[test]
+    fn docs_config_md_lists_every_key() {
+        use std::collections::BTreeSet;
+        use ztna_core::daemon::{documented_keys, struct_fields};
+        let md = include_str!("../../docs/config.md");
+        let documented: BTreeSet<String> = documented_keys(md, "Agent").into_iter().collect();
+        let code: BTreeSet<String> = struct_fields::<RawConfig>()
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        assert!(!code.is_empty());
+        assert_eq!(
+            documented, code,
+            "docs/config.md, section \"Agent\", must list exactly the keys of the code"
+        );
+        // Every key may come from the environment too.
+        assert_eq!(
+            KEYS.iter().map(|k| k.to_string()).collect::<BTreeSet<_>>(),
+            code
         );
     }
 }

@@ -77,18 +77,14 @@ fn main() -> ExitCode {
         Command::Up(args) => up(*args),
         Command::Status(args) => status(args),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ztna-agent: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    ztna_core::daemon::exit_code("ztna-agent", result)
 }
 
 /// `ztna-agent up`.
 fn up(args: UpArgs) -> anyhow::Result<()> {
-    let cfg = Sources::standard(args.config.as_deref(), &args.overrides).load()?;
+    let cfg = Sources::standard(args.config.as_deref(), &args.overrides)
+        .load()
+        .map_err(|e| e.context(ztna_core::daemon::InvalidConfig))?;
     init_tracing(cfg.log.as_deref())?;
     tracing::debug!(config = %cfg, "configuration loaded");
     // One thread: the design measured a multi-thread runtime slower on 2 cores.
@@ -96,7 +92,10 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(up::run(cfg))
+    rt.block_on(async {
+        tokio::spawn(ztna_core::daemon::watchdog());
+        up::run(cfg).await
+    })
 }
 
 /// `ztna-agent status`.

@@ -157,6 +157,7 @@ async fn serve(
         socket = %cfg.status_socket.display(),
         "ztna-agent up"
     );
+    ztna_core::daemon::notify_ready(&format!("{} up; relay {}", tun.name, cfg.relay));
     drop(agent);
 
     tokio::select! {

@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use figment::providers::{Env, Format, Json, Serialized, Toml};
-use figment::Figment;
 use serde::{Deserialize, Serialize};
 use ztna_core::session::RelayTarget;
 use ztna_core::tls::TlsFiles;
@@ -30,11 +28,12 @@ pub(crate) struct ServiceConfig {
     pub(crate) address: Ipv4Addr,
     /// Real backend: `IP` (same ports) or `IP:PORT` (every port maps to PORT).
     pub(crate) backend: String,
-    /// UDP ports: `"53"` or `"5000-5010"`.
-    #[serde(default)]
+    /// UDP ports: `53`, `"53"` or `"5000-5010"`.
+    #[serde(default, deserialize_with = "ztna_core::daemon::port_list")]
     pub(crate) udp: Vec<String>,
-    /// TCP ports: `"80"` or `"8000-8010"`; terminated by the connector's userspace TCP stack.
-    #[serde(default)]
+    /// TCP ports: `80`, `"80"` or `"8000-8010"`; terminated by the connector's userspace TCP
+    /// stack.
+    #[serde(default, deserialize_with = "ztna_core::daemon::port_list")]
     pub(crate) tcp: Vec<String>,
     /// Answer ICMP echo to the address.
     #[serde(default = "yes")]
@@ -190,22 +189,16 @@ fn parse_ports(service: &str, proto: &str, list: &[String]) -> anyhow::Result<Ve
 impl ConnectorConfig {
     /// Loads the layers; `file` is `--config`.
     pub(crate) fn load(file: Option<&Path>, flags: &Flags) -> anyhow::Result<Self> {
-        let mut fig = Figment::from(Serialized::defaults(ConnectorConfig::default()));
-        if Path::new(SYSTEM_CONFIG).exists() {
-            fig = fig.merge(Toml::file(SYSTEM_CONFIG));
-        }
-        if let Some(f) = file {
-            anyhow::ensure!(f.exists(), "config file {} does not exist", f.display());
-            fig = if f.extension().is_some_and(|e| e == "json") {
-                fig.merge(Json::file(f))
-            } else {
-                fig.merge(Toml::file(f))
-            };
-        }
-        // Only this program's keys: other ztna programs' variables may share the environment.
-        fig = fig.merge(Env::prefixed("ZTNA_").only(&ENV_KEYS).lowercase(true));
-        fig = fig.merge(Serialized::defaults(flags));
-        let cfg: ConnectorConfig = fig.extract().context("invalid connector configuration")?;
+        let system: [&Path; 1] = [Path::new(SYSTEM_CONFIG)];
+        let sources = ztna_core::daemon::ConfigSources {
+            system: &system,
+            file,
+            env_prefix: "ZTNA_",
+            env_keys: &ENV_KEYS,
+        };
+        let cfg: ConnectorConfig =
+            ztna_core::daemon::layered_config(&ConnectorConfig::default(), &sources, flags)
+                .context("invalid connector configuration")?;
         cfg.backends()?;
         anyhow::ensure!(
             cfg.idle_timeout_secs > cfg.keepalive_secs && cfg.keepalive_secs >= 1,
@@ -429,5 +422,47 @@ tcp = ["80", "5432", "8000-8010"]
             (x.mode, x.interface.as_deref(), x.ports),
             (XdpMode::Native, Some("back0"), (40000, 40010))
         );
+    }
+
+    /// `docs/config.md` lists exactly the keys of the code, section by section.
+    #[test]
+    fn docs_config_md_lists_every_key() {
+        use std::collections::BTreeSet;
+        use ztna_core::daemon::{documented_keys, struct_fields};
+        let md = include_str!("../../docs/config.md");
+        for (section, fields) in [
+            ("Connector", struct_fields::<ConnectorConfig>()),
+            ("Connector services", struct_fields::<ServiceConfig>()),
+        ] {
+            let documented: BTreeSet<String> = documented_keys(md, section).into_iter().collect();
+            let code: BTreeSet<String> = fields.iter().map(|f| f.to_string()).collect();
+            assert!(!code.is_empty(), "{section}: no fields");
+            assert_eq!(
+                documented, code,
+                "docs/config.md, section \"{section}\", must list exactly the keys of the code"
+            );
+        }
+    }
+
+    /// Ports may be integers or strings, alone or in lists (a templated manifest or an
+    /// environment variable gives `53`, a hand-written file `"53"`).
+    #[test]
+    fn ports_as_integers_or_strings() {
+        let cfg = load(
+            "[[services]]\nname = \"x\"\naddress = \"10.100.0.1\"\nbackend = \"10.0.0.1\"\n\
+             udp = [53, \"9000-9010\"]\ntcp = 80\n",
+            "toml",
+        )
+        .unwrap();
+        let b = cfg.backends().unwrap();
+        assert!(b[0].def.allows_udp(53) && b[0].def.allows_udp(9005) && b[0].def.allows_tcp(80));
+        let json = load(
+            r#"{"services": [{"name": "x", "address": "10.100.0.1", "backend": "10.0.0.1", "udp": [7, "9"], "tcp": "80,443"}]}"#,
+            "json",
+        )
+        .unwrap();
+        let b = json.backends().unwrap();
+        assert!(b[0].def.allows_udp(7) && b[0].def.allows_udp(9) && b[0].def.allows_tcp(443));
+        assert!(load("[[services]]\nname = \"x\"\naddress = \"10.100.0.1\"\nbackend = \"10.0.0.1\"\nudp = [70000]\n", "toml").is_err());
     }
 }

@@ -71,13 +71,18 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
         let fp = fast_path.clone();
         let mux = node.mux().clone();
         tokio::spawn(async move {
+            let connected = m.clone();
             let render = move || {
                 if let Some(fp) = &fp {
                     fp.sync_metrics();
                 }
-                m.render() + &metrics::render_paths(mux.stats())
+                metrics::render(&m, mux.stats())
             };
-            if let Err(e) = ztna_core::metrics_http::serve(addr, Arc::new(render)).await {
+            // Ready while registered with the relay: only then can agents reach its services.
+            let ready = move || connected.relay_connected.load(Ordering::Relaxed) > 0;
+            if let Err(e) =
+                ztna_core::metrics_http::serve(addr, Arc::new(render), Arc::new(ready)).await
+            {
                 tracing::error!(%addr, error = %e, "metrics endpoint failed");
             }
         })
@@ -87,12 +92,20 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
         enabled: cfg.direct_paths,
         ..DirectOptions::default()
     };
+    let relay_addr = relay.addr;
     let tunnel = Tunnel::new(node, relay, services, dataplane, metrics.clone(), direct);
     let status = status_loop(fast_path.clone(), metrics.clone());
+    ztna_core::daemon::notify_ready(&format!(
+        "UDP {local}; connecting to the relay {relay_addr}"
+    ));
     tokio::select! {
         () = tunnel.run() => {}
         () = status => {}
-        () = ztna_core::daemon::shutdown_signal() => tracing::info!("connector shutting down"),
+        () = ztna_core::daemon::watchdog() => {}
+        () = ztna_core::daemon::shutdown_signal() => {
+            ztna_core::daemon::notify_stopping();
+            tracing::info!("connector shutting down")
+        }
     }
     if let Some(fp) = &fast_path {
         fp.shutdown();
@@ -204,11 +217,15 @@ fn raise_nofile_limit() {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     pin_mmap_threshold();
     raise_nofile_limit();
-    let cli = Cli::parse();
-    let cfg = ConnectorConfig::load(cli.config.as_deref(), &cli.flags)?;
+    ztna_core::daemon::exit_code("ztna-connector", start(Cli::parse()))
+}
+
+fn start(cli: Cli) -> anyhow::Result<()> {
+    let cfg = ConnectorConfig::load(cli.config.as_deref(), &cli.flags)
+        .map_err(|e| e.context(ztna_core::daemon::InvalidConfig))?;
     ztna_core::daemon::init_logging(cli.flags.log.as_deref(), cfg.log.as_deref());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,7 +1,7 @@
-//! The connector's counters and gauges, rendered in the Prometheus text exposition format.
+//! The connector's counters and gauges, exposed to Prometheus.
 //!
-//! `main.rs` serves [`Metrics::render`] on its opt-in metrics address through the workspace's
-//! shared responder, `ztna_core::metrics_http::serve`.
+//! `main.rs` serves [`render`] on its opt-in metrics address through the workspace's shared
+//! responder, `ztna_core::metrics_http::serve`, which encodes them with `prometheus-client`.
 //!
 //! Every field is a plain [`AtomicU64`]: increment counters with
 //! `metrics.x.fetch_add(n, Ordering::Relaxed)`; move gauges with [`gauge_inc`] and [`gauge_dec`]
@@ -9,19 +9,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ztna_core::metrics_http::{Kind, Sample};
 use ztna_core::mux::MuxStats;
 
-/// Prefix of every metric name.
-const PREFIX: &str = "ztna_connector_";
-
-/// What kind of Prometheus metric a field is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// Only ever goes up; rendered with a `_total` suffix.
-    Counter,
-    /// Goes up and down.
-    Gauge,
-}
+/// Prefix of every metric name (`ztna_connector_`).
+const PREFIX: &str = "ztna_connector";
 
 /// Declares the [`Metrics`] struct and the table `render` walks, from one list, so the two can't
 /// drift apart. The doc comment of each field is also its Prometheus `# HELP` text.
@@ -123,6 +115,8 @@ metrics! {
     inner_handshakes_rejected: Counter,
     /// Connections established to the relay.
     relay_connects: Counter,
+    /// 1 while the connector is registered with the relay (its readiness, `/readyz`), else 0.
+    relay_connected: Gauge,
     /// UDP data plane: 0 per-flow sockets, 1 generic XDP, 2 native XDP.
     xdp_mode: Gauge,
     /// Backend replies the XDP program matched to a flow, rewrote and redirected to an AF_XDP socket (kernel counter).
@@ -161,48 +155,35 @@ pub(crate) fn gauge_dec(gauge: &AtomicU64) {
 }
 
 /// The socket's per-path counters: packets through the relay versus on direct paths, and
-/// direct-path probes, in the same format as [`Metrics::render`].
-pub(crate) fn render_paths(stats: &MuxStats) -> String {
-    use std::fmt::Write as _;
+/// direct-path probes.
+fn path_samples(stats: &MuxStats, out: &mut Vec<Sample>) {
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let rows = [
-        ("relay_tx_packets", "Tunnel packets sent through the relay.", g(&stats.relay_tx_packets)),
-        ("relay_rx_packets", "Tunnel packets received through the relay.", g(&stats.relay_rx_packets)),
-        ("direct_tx_packets", "Tunnel packets sent on direct paths.", g(&stats.direct_tx_packets)),
-        ("direct_rx_packets", "Tunnel packets received on direct paths.", g(&stats.direct_rx_packets)),
-        ("probes_received", "Direct-path probes received for a known tunnel.", g(&stats.probes_received)),
-        ("probes_rejected", "Direct-path probes dropped: malformed, unknown tunnel, failed authentication or unexpected.", g(&stats.probes_rejected)),
-    ];
-    let mut out = String::new();
-    for (name, help, value) in rows {
-        // Writing to a String can't fail.
-        let _ = writeln!(out, "# HELP {PREFIX}{name}_total {help}");
-        let _ = writeln!(out, "# TYPE {PREFIX}{name}_total counter");
-        let _ = writeln!(out, "{PREFIX}{name}_total {value}");
-    }
-    out
+    #[rustfmt::skip]
+    out.extend([
+        Sample::counter("relay_tx_packets", "Tunnel packets sent through the relay.", g(&stats.relay_tx_packets)),
+        Sample::counter("relay_rx_packets", "Tunnel packets received through the relay.", g(&stats.relay_rx_packets)),
+        Sample::counter("direct_tx_packets", "Tunnel packets sent on direct paths.", g(&stats.direct_tx_packets)),
+        Sample::counter("direct_rx_packets", "Tunnel packets received on direct paths.", g(&stats.direct_rx_packets)),
+        Sample::counter("probes_received", "Direct-path probes received for a known tunnel.", g(&stats.probes_received)),
+        Sample::counter("probes_rejected", "Direct-path probes dropped: malformed, unknown tunnel, failed authentication or unexpected.", g(&stats.probes_rejected)),
+    ]);
 }
 
-impl Metrics {
-    /// Renders every metric in the Prometheus text exposition format (version 0.0.4): a `# HELP`
-    /// and a `# TYPE` line, then the sample. Names are prefixed `ztna_connector_`; counters end
-    /// in `_total`.
-    pub(crate) fn render(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::with_capacity(4096);
-        for (name, help, kind, value) in self.entries() {
-            let (suffix, ty) = match kind {
-                Kind::Counter => ("_total", "counter"),
-                Kind::Gauge => ("", "gauge"),
-            };
-            let help = help.trim().replace('\\', "\\\\").replace('\n', "\\n");
-            // Writing to a String can't fail.
-            let _ = writeln!(out, "# HELP {PREFIX}{name}{suffix} {help}");
-            let _ = writeln!(out, "# TYPE {PREFIX}{name}{suffix} {ty}");
-            let _ = writeln!(out, "{PREFIX}{name}{suffix} {value}");
-        }
-        out
-    }
+/// Every metric of the connector and of its socket (`stats`), in the OpenMetrics text format:
+/// names are prefixed `ztna_connector_`, counters end in `_total`.
+pub(crate) fn render(metrics: &Metrics, stats: &MuxStats) -> String {
+    let mut samples: Vec<Sample> = metrics
+        .entries()
+        .into_iter()
+        .map(|(name, help, kind, value)| Sample {
+            name,
+            help: help.trim(),
+            kind,
+            value,
+        })
+        .collect();
+    path_samples(stats, &mut samples);
+    ztna_core::metrics_http::encode(PREFIX, samples)
 }
 
 #[cfg(test)]
@@ -217,31 +198,35 @@ mod tests {
         gauge_inc(&m.udp_flows_active);
         gauge_dec(&m.udp_flows_active);
         gauge_dec(&m.agents_connected); // stays at 0
-        let text = m.render();
+        let stats = MuxStats::default();
+        stats.relay_tx_packets.fetch_add(5, Ordering::Relaxed);
+        let text = render(&m, &stats);
         assert!(text.contains(
-            "# TYPE ztna_connector_packets_from_agents_total counter\n\
+            "# TYPE ztna_connector_packets_from_agents counter\n\
              ztna_connector_packets_from_agents_total 3\n"
         ));
         assert!(text.contains(
             "# TYPE ztna_connector_udp_flows_active gauge\nztna_connector_udp_flows_active 1\n"
         ));
         assert!(text.contains("ztna_connector_agents_connected 0\n"));
-        assert!(text.contains("# HELP ztna_connector_relay_connects_total Connections"));
-        // Every sample line is `name value`, every name is prefixed, and counters end in _total.
+        assert!(text.contains("ztna_connector_relay_tx_packets_total 5\n"));
+        assert!(text.contains("# HELP ztna_connector_relay_connects Connections"));
+        // Every sample line is `name value`, every name is prefixed, counters end in _total, and
+        // every field and path counter is there exactly once.
         let mut samples = 0;
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.split_once(' ').expect("name value");
-            assert!(name.starts_with(PREFIX), "{name}");
+            assert!(name.starts_with("ztna_connector_"), "{name}");
             value.parse::<u64>().expect("numeric value");
             samples += 1;
         }
-        assert_eq!(samples, m.entries().len());
+        assert_eq!(samples, m.entries().len() + 6);
         for (name, _, kind, _) in m.entries() {
             let full = match kind {
-                Kind::Counter => format!("{PREFIX}{name}_total"),
-                Kind::Gauge => format!("{PREFIX}{name}"),
+                Kind::Counter => format!("ztna_connector_{name}_total "),
+                Kind::Gauge => format!("ztna_connector_{name} "),
             };
-            assert!(text.contains(&format!("# TYPE {full} ")), "{full}");
+            assert_eq!(text.matches(&format!("\n{full}")).count(), 1, "{full}");
         }
     }
 }

@@ -169,7 +169,9 @@ impl Tunnel {
                 Ok(session) => {
                     backoff.reset();
                     self.metrics.relay_connects.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.relay_connected.store(1, Ordering::Relaxed);
                     let err = self.run_session(session).await;
+                    self.metrics.relay_connected.store(0, Ordering::Relaxed);
                     tracing::warn!(error = %err, "relay session ended; reconnecting");
                 }
                 Err(e) => {

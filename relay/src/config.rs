@@ -101,14 +101,16 @@ impl Default for RelayConfig {
 impl RelayConfig {
     /// Loads the layers; `file` is `--config`, `flags` the other command-line flags.
     pub fn load(file: Option<&Path>, flags: &Flags) -> anyhow::Result<Self> {
-        let cfg: RelayConfig = ztna_core::daemon::layered_config(
-            &RelayConfig::default(),
-            Path::new(SYSTEM_CONFIG),
+        let system: [&Path; 1] = [Path::new(SYSTEM_CONFIG)];
+        let sources = ztna_core::daemon::ConfigSources {
+            system: &system,
             file,
-            &ENV_KEYS,
-            flags,
-        )
-        .context("loading the relay configuration")?;
+            env_prefix: "ZTNA_",
+            env_keys: &ENV_KEYS,
+        };
+        let cfg: RelayConfig =
+            ztna_core::daemon::layered_config(&RelayConfig::default(), &sources, flags)
+                .context("loading the relay configuration")?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -215,5 +217,26 @@ services = ["*"]
             assert_eq!(cfg.metrics, Some("127.0.0.1:9999".parse().unwrap()));
             Ok(())
         });
+    }
+
+    /// `docs/config.md` lists exactly the keys of the code, section by section.
+    #[test]
+    fn docs_config_md_lists_every_key() {
+        use std::collections::BTreeSet;
+        use ztna_core::daemon::{documented_keys, struct_fields};
+        let md = include_str!("../../docs/config.md");
+        for (section, fields) in [
+            ("Relay", struct_fields::<RelayConfig>()),
+            ("Relay access rules", struct_fields::<AccessRule>()),
+            ("Relay connector rules", struct_fields::<ConnectorRule>()),
+        ] {
+            let documented: BTreeSet<String> = documented_keys(md, section).into_iter().collect();
+            let code: BTreeSet<String> = fields.iter().map(|f| f.to_string()).collect();
+            assert!(!code.is_empty(), "{section}: no fields");
+            assert_eq!(
+                documented, code,
+                "docs/config.md, section \"{section}\", must list exactly the keys of the code"
+            );
+        }
     }
 }

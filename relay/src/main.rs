@@ -105,8 +105,11 @@ fn pki_issue(
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    ztna_core::daemon::exit_code("ztna-relay", run(Cli::parse()))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Pki {
             command: PkiCommand::Init { dir, org },
@@ -122,14 +125,24 @@ fn main() -> anyhow::Result<()> {
                 },
         } => pki_issue(&dir, role, &name, &groups, &ips),
         Command::Run => {
-            let cfg = RelayConfig::load(cli.config.as_deref(), &cli.flags)?;
+            let cfg = RelayConfig::load(cli.config.as_deref(), &cli.flags)
+                .map_err(|e| e.context(ztna_core::daemon::InvalidConfig))?;
             ztna_core::daemon::init_logging(cli.flags.log.as_deref(), cfg.log.as_deref());
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async {
                 let server = Server::bind(&cfg)?;
-                server.run(ztna_core::daemon::shutdown_signal()).await
+                ztna_core::daemon::notify_ready(&format!(
+                    "listening on UDP {}",
+                    server.local_addr()?
+                ));
+                tokio::spawn(ztna_core::daemon::watchdog());
+                let stop = async {
+                    ztna_core::daemon::shutdown_signal().await;
+                    ztna_core::daemon::notify_stopping();
+                };
+                server.run(stop).await
             })
         }
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use ztna_core::metrics_http::metric;
+use ztna_core::metrics_http::Sample;
 use ztna_core::session::{ControlReader, ControlWriter, SessionError};
 use ztna_core::tls::{Credentials, PeerIdentity};
 use ztna_core::transport;
@@ -99,116 +99,29 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Prometheus text.
+    /// Prometheus text (OpenMetrics, through `prometheus-client`); names are prefixed
+    /// `ztna_relay_`, counters end in `_total`.
     pub fn render(&self) -> String {
-        let mut s = String::new();
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        metric(
-            &mut s,
-            "ztna_relay_sessions_active",
-            "gauge",
-            "Sessions up now.",
-            g(&self.sessions_active),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_sessions_total",
-            "counter",
-            "Sessions established.",
-            g(&self.sessions_total),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_sessions_rejected_total",
-            "counter",
-            "Peers refused after the handshake.",
-            g(&self.sessions_rejected),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_handshakes_failed_total",
-            "counter",
-            "QUIC/TLS handshakes that failed.",
-            g(&self.handshakes_failed),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_datagrams_forwarded_total",
-            "counter",
-            "Channel datagrams forwarded.",
-            g(&self.datagrams_forwarded),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_bytes_forwarded_total",
-            "counter",
-            "Channel bytes forwarded.",
-            g(&self.bytes_forwarded),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_candidates_forwarded_total",
-            "counter",
-            "Direct-path candidate lists forwarded (hole punching brokered).",
-            g(&self.candidates_forwarded),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_candidates_dropped_total",
-            "counter",
-            "Candidate lists dropped for coming faster than one per 100 ms from one end of a channel.",
-            g(&self.candidates_dropped),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_datagrams_dropped_total",
-            "counter",
-            "Channel datagrams dropped.",
-            g(&self.datagrams_dropped),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_control_errors_total",
-            "counter",
-            "Sessions closed for bad control messages.",
-            g(&self.control_errors),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_channels_active",
-            "gauge",
-            "Channels open now.",
-            g(&self.channels_active),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_channels_opened_total",
-            "counter",
-            "Channels opened.",
-            g(&self.channels_opened),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_channels_refused_total",
-            "counter",
-            "Channel requests refused.",
-            g(&self.channels_refused),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_services_registered",
-            "gauge",
-            "Services registered now.",
-            g(&self.services_registered),
-        );
-        metric(
-            &mut s,
-            "ztna_relay_services_rejected_total",
-            "counter",
-            "Service announcements refused.",
-            g(&self.services_rejected),
-        );
-        s
+        #[rustfmt::skip]
+        let samples = vec![
+            Sample::gauge("sessions_active", "Sessions up now.", g(&self.sessions_active)),
+            Sample::counter("sessions", "Sessions established.", g(&self.sessions_total)),
+            Sample::counter("sessions_rejected", "Peers refused after the handshake.", g(&self.sessions_rejected)),
+            Sample::counter("handshakes_failed", "QUIC/TLS handshakes that failed.", g(&self.handshakes_failed)),
+            Sample::counter("datagrams_forwarded", "Channel datagrams forwarded.", g(&self.datagrams_forwarded)),
+            Sample::counter("bytes_forwarded", "Channel bytes forwarded.", g(&self.bytes_forwarded)),
+            Sample::counter("candidates_forwarded", "Direct-path candidate lists forwarded (hole punching brokered).", g(&self.candidates_forwarded)),
+            Sample::counter("candidates_dropped", "Candidate lists dropped for coming faster than one per 100 ms from one end of a channel.", g(&self.candidates_dropped)),
+            Sample::counter("datagrams_dropped", "Channel datagrams dropped.", g(&self.datagrams_dropped)),
+            Sample::counter("control_errors", "Sessions closed for bad control messages.", g(&self.control_errors)),
+            Sample::gauge("channels_active", "Channels open now.", g(&self.channels_active)),
+            Sample::counter("channels_opened", "Channels opened.", g(&self.channels_opened)),
+            Sample::counter("channels_refused", "Channel requests refused.", g(&self.channels_refused)),
+            Sample::gauge("services_registered", "Services registered now.", g(&self.services_registered)),
+            Sample::counter("services_rejected", "Service announcements refused.", g(&self.services_rejected)),
+        ];
+        ztna_core::metrics_http::encode("ztna_relay", samples)
     }
 }
 
@@ -851,9 +764,11 @@ impl Server {
         let metrics_task = self.metrics_addr.map(|addr| {
             let relay = self.relay.clone();
             tokio::spawn(async move {
+                // The endpoint exists only once the UDP socket is bound: the relay is listening,
+                // hence ready, for as long as it serves.
+                let render = Arc::new(move || relay.metrics.render());
                 if let Err(e) =
-                    ztna_core::metrics_http::serve(addr, Arc::new(move || relay.metrics.render()))
-                        .await
+                    ztna_core::metrics_http::serve(addr, render, Arc::new(|| true)).await
                 {
                     tracing::error!(%addr, error = %e, "metrics endpoint failed");
                 }

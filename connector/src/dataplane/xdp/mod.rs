@@ -15,6 +15,7 @@
 mod afxdp;
 mod netlink;
 pub(crate) mod ports;
+mod preflight;
 #[cfg(test)]
 pub(crate) mod rewrite;
 
@@ -257,7 +258,18 @@ fn try_start(
 
     let mut errors = Vec::new();
     let mut attached = None;
+    // Native XDP where the interface's settings can't have it: say what to change.
+    let problems = if modes.contains(&Attached::Native) {
+        preflight::native_problems(&preflight::Facts::read(&interface))
+    } else {
+        Vec::new()
+    };
     for &mode in modes {
+        if mode == Attached::Native && !problems.is_empty() {
+            warn!(%interface, "native XDP is not possible: {}", problems.join("; "));
+            errors.push(format!("native on {interface}: {}", problems.join("; ")));
+            continue;
+        }
         match attach(&mut ebpf, &interface, mode) {
             Ok(link) => {
                 attached = Some((mode, link));
