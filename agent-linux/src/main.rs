@@ -6,6 +6,11 @@
 //!   CAP_NET_ADMIN).
 //! - `ztna-agent status [--socket PATH] [--json]` asks the running agent how it is doing.
 //!
+//! Exit codes of `up`: 0 after SIGINT or SIGTERM; 1 for any other error (config, privileges,
+//! device); 2 for a usage error; and when the relay refuses the agent for good (after three
+//! attempts): 3 the relay rejected this agent's certificate (unknown CA, expired, revoked),
+//! 4 this agent does not trust the relay's certificate, 5 the relay's policy denies this identity.
+//!
 //! Modules: [`config`] (figment layering and validation), [`tun`] (the device and the packet
 //! loops), [`netlink`] (address and routes), [`status`](mod@status) (status socket, client and printer),
 //! [`up`](mod@up) (the lifecycle that ties them together).
@@ -81,7 +86,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ztna-agent: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<up::Refused>() {
+                Some(r) => ExitCode::from(r.0.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

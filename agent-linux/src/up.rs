@@ -2,10 +2,13 @@
 //!
 //! Start: load the credentials, clear what a crashed run may have left (a live agent on the
 //! status socket stops us; a stale socket file, a leftover TUN device and leftover ztna routes
-//! are removed), create the TUN device, set its MTU and bring it up, bind the status socket and
-//! start the tunnel core. Run: two packet loops, the address and route reconciler, and the
-//! status server, until SIGINT or SIGTERM (or a fatal device error). Stop: remove the routes,
-//! delete the device over netlink and close it, remove the status socket, shut the tunnel down.
+//! are removed), create the TUN device, set its MTU and bring it up, install the policy rule
+//! that keeps the agent's own (marked) socket out of the service routes' table, bind the status
+//! socket and start the tunnel core. Run: two packet loops, the address and route reconciler,
+//! and the status server, until SIGINT or SIGTERM, a fatal device error, or a permanent refusal
+//! by the relay ([`Refused`], which `main` turns into its exit code). Stop: remove the routes
+//! and the rule, delete the device over netlink and close it, remove the status socket, shut
+//! the tunnel down.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -15,19 +18,37 @@ use anyhow::{anyhow, Context as _};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use ztna_core::agent::{Agent, AgentConfig, TunnelState};
+use ztna_core::agent::{Agent, AgentConfig, AgentOptions, TunnelState};
+use ztna_core::agent_machine::Refusal;
 use ztna_core::direct::DirectOptions;
 use ztna_core::session::RelayTarget;
 use ztna_core::tls::Credentials;
 use ztna_core::transport::Timing;
 
 use crate::config::Config;
-use crate::netlink::{desired_routes, Netlink};
+use crate::netlink::{desired_routes, Netlink, RuleKey, RULE_PRIORITY};
 use crate::status;
 use crate::tun::{self, Tun};
 
 /// Wait before retrying an address or route change that failed.
 const RECONCILE_RETRY: Duration = Duration::from_secs(2);
+
+/// The relay refused this agent for good; `main` exits with [`Refusal::exit_code`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Refused(pub(crate) Refusal);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}; giving up (exit code {})",
+            self.0,
+            self.0.exit_code()
+        )
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// What has been set up and must be taken down.
 #[derive(Default)]
@@ -45,7 +66,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     status::clear_stale(&cfg.status_socket)?;
-    let nl = Netlink::connect()?;
+    let nl = Netlink::connect(cfg.route_table)?;
     nl.remove_stale_link(&cfg.tun).await?;
     let tun = tun::create(&cfg.tun)?;
     tracing::info!(tun = %tun.name, index = tun.index, "TUN device created");
@@ -67,6 +88,9 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     match nl.sync_routes(tun.index, &BTreeSet::new()).await {
         Ok(c) => tracing::debug!(removed = c.removed, "routes removed"),
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove all routes"),
+    }
+    if let Err(e) = nl.sync_rule(None).await {
+        tracing::warn!(error = %format!("{e:#}"), "could not remove the policy rule");
     }
     if let Err(e) = nl.delete_link(tun.index, &tun.name).await {
         tracing::warn!(error = %format!("{e:#}"), "could not delete the TUN device");
@@ -112,6 +136,13 @@ async fn serve(
     }
     tun::disable_ipv6(&tun.name);
     nl.set_mtu_up(tun.index, &tun.name, cfg.mtu).await?;
+    // Service routes live in their own table; the agent's socket is marked and skips it.
+    nl.sync_rule(Some(RuleKey {
+        table: cfg.route_table,
+        mark: cfg.route_table,
+        priority: RULE_PRIORITY,
+    }))
+    .await?;
 
     let listener = status::bind(&cfg.status_socket)?;
     running.socket_bound = true;
@@ -130,10 +161,16 @@ async fn serve(
             enabled: cfg.direct_paths,
             ..DirectOptions::default()
         },
+        options: AgentOptions {
+            withdraw_grace: cfg.withdraw_grace,
+            fwmark: Some(cfg.route_table),
+            ..AgentOptions::default()
+        },
     })
     .with_context(|| format!("starting the tunnel on UDP {}", cfg.bind))?;
     let agent = Arc::new(agent);
     running.agent = Some(agent.clone());
+    let mut refused = agent.refused();
 
     running
         .tasks
@@ -168,6 +205,10 @@ async fn serve(
             tracing::info!("SIGTERM received; shutting down");
             Ok(())
         }
+        r = refused.wait_for(Option::is_some) => match r.ok().and_then(|r| *r) {
+            Some(r) => Err(Refused(r).into()),
+            None => Err(anyhow!("the tunnel stopped unexpectedly")),
+        },
         Some(done) = running.tasks.join_next() => match done {
             Ok(Ok(())) => Err(anyhow!("the tunnel stopped unexpectedly")),
             Ok(Err(e)) => Err(e),
