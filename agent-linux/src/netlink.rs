@@ -240,48 +240,68 @@ impl Netlink {
             .collect())
     }
 
-    /// Makes our policy rules exactly `want` (none: remove them). Returns how many changed.
-    pub(crate) async fn sync_rule(&self, want: Option<RuleKey>) -> anyhow::Result<usize> {
-        let mut changed = 0;
-        let mut have = false;
-        for (key, msg) in self.our_rules().await? {
-            if Some(key) == want && !have {
-                have = true;
+    /// Installs the rule `key` unless it is there already (another agent of the same table, or
+    /// a crashed run, may have left it; it is the same rule). Returns whether it added one.
+    pub(crate) async fn ensure_rule(&self, key: RuleKey) -> anyhow::Result<bool> {
+        if self.our_rules().await?.iter().any(|(k, _)| *k == key) {
+            return Ok(false);
+        }
+        let mut req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .table_id(key.table)
+            .priority(key.priority)
+            .fw_mark(key.mark)
+            .action(RuleAction::ToTable);
+        let msg = req.message_mut();
+        msg.header.flags.push(RuleFlag::Invert);
+        msg.attributes.push(RuleAttribute::FwMask(u32::MAX));
+        msg.attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::Other(RTPROT_ZTNA)));
+        match req.execute().await {
+            Ok(()) => Ok(true),
+            // Another agent added it at the same moment.
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
+            Err(e) => Err(nl_error(
+                e,
+                format!(
+                    "adding policy rule `not fwmark {:#x} lookup {}`",
+                    key.mark, key.table
+                ),
+            )),
+        }
+    }
+
+    /// Removes the rule `key` unless ztna routes of another device (another agent) are still in
+    /// its table. Call after removing this agent's routes. Returns whether it removed one.
+    pub(crate) async fn remove_rule_if_unused(&self, key: RuleKey) -> anyhow::Result<bool> {
+        let in_use = self
+            .handle
+            .route()
+            .get(IpVersion::V4)
+            .execute()
+            .try_collect::<Vec<RouteMessage>>()
+            .await
+            .map_err(|e| nl_error(e, "listing routes".into()))?
+            .iter()
+            .any(|m| route_key(m, key.table).is_some());
+        if in_use {
+            return Ok(false);
+        }
+        let mut removed = false;
+        for (k, msg) in self.our_rules().await? {
+            if k != key {
                 continue;
             }
             match self.handle.rule().del(msg).execute().await {
-                Ok(()) => changed += 1,
+                Ok(()) => removed = true,
                 Err(e) if errno(&e) == Some(libc::ENOENT) => {}
-                Err(e) => return Err(nl_error(e, "removing a policy rule".into())),
+                Err(e) => return Err(nl_error(e, "removing the policy rule".into())),
             }
         }
-        if let (Some(key), false) = (want, have) {
-            let mut req = self
-                .handle
-                .rule()
-                .add()
-                .v4()
-                .table_id(key.table)
-                .priority(key.priority)
-                .fw_mark(key.mark)
-                .action(RuleAction::ToTable);
-            let msg = req.message_mut();
-            msg.header.flags.push(RuleFlag::Invert);
-            msg.attributes.push(RuleAttribute::FwMask(u32::MAX));
-            msg.attributes
-                .push(RuleAttribute::Protocol(RouteProtocol::Other(RTPROT_ZTNA)));
-            req.execute().await.map_err(|e| {
-                nl_error(
-                    e,
-                    format!(
-                        "adding policy rule `not fwmark {:#x} lookup {}`",
-                        key.mark, key.table
-                    ),
-                )
-            })?;
-            changed += 1;
-        }
-        Ok(changed)
+        Ok(removed)
     }
 
     /// The link named `name`, if there is one.

@@ -58,6 +58,16 @@ struct Running {
     socket_bound: bool,
 }
 
+/// The policy rule that sends everything but the agent's own (marked) socket to the service
+/// routes' table. Agents with the same table share it.
+fn rule_key(cfg: &Config) -> RuleKey {
+    RuleKey {
+        table: cfg.route_table,
+        mark: cfg.route_table,
+        priority: RULE_PRIORITY,
+    }
+}
+
 /// Runs the agent until a signal or a fatal error, then cleans up. Returns the fatal error, if
 /// any; a signal is a clean exit.
 pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -89,8 +99,9 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         Ok(c) => tracing::debug!(removed = c.removed, "routes removed"),
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove all routes"),
     }
-    if let Err(e) = nl.sync_rule(None).await {
-        tracing::warn!(error = %format!("{e:#}"), "could not remove the policy rule");
+    match nl.remove_rule_if_unused(rule_key(&cfg)).await {
+        Ok(removed) => tracing::debug!(removed, "policy rule checked"),
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove the policy rule"),
     }
     if let Err(e) = nl.delete_link(tun.index, &tun.name).await {
         tracing::warn!(error = %format!("{e:#}"), "could not delete the TUN device");
@@ -137,12 +148,9 @@ async fn serve(
     tun::disable_ipv6(&tun.name);
     nl.set_mtu_up(tun.index, &tun.name, cfg.mtu).await?;
     // Service routes live in their own table; the agent's socket is marked and skips it.
-    nl.sync_rule(Some(RuleKey {
-        table: cfg.route_table,
-        mark: cfg.route_table,
-        priority: RULE_PRIORITY,
-    }))
-    .await?;
+    if nl.ensure_rule(rule_key(cfg)).await? {
+        tracing::debug!(table = cfg.route_table, "policy rule added");
+    }
 
     let listener = status::bind(&cfg.status_socket)?;
     running.socket_bound = true;
@@ -178,9 +186,12 @@ async fn serve(
     running
         .tasks
         .spawn(tun::tunnel_to_device(tun.dev.clone(), from_tunnel));
-    running
-        .tasks
-        .spawn(reconcile(nl.clone(), agent.state(), tun.index));
+    running.tasks.spawn(reconcile(
+        nl.clone(),
+        agent.state(),
+        tun.index,
+        rule_key(cfg),
+    ));
     let status_agent = agent.clone();
     running.tasks.spawn(async move {
         status::serve(listener, move || status_agent.status()).await;
@@ -218,15 +229,22 @@ async fn serve(
 }
 
 /// Applies every tunnel state the core publishes (tunnel address, service routes), retrying
-/// after a failure. Ends only when the tunnel is dropped.
+/// after a failure. Ends only when the tunnel is dropped. Makes sure the policy rule is there
+/// each time (another agent sharing the table may have removed it when it stopped).
 async fn reconcile(
     nl: Netlink,
     mut state: watch::Receiver<TunnelState>,
     ifindex: u32,
+    rule: RuleKey,
 ) -> anyhow::Result<()> {
     loop {
         let st = state.borrow_and_update().clone();
-        let applied = match nl.apply(&st, ifindex).await {
+        let applied = match async {
+            nl.ensure_rule(rule).await?;
+            nl.apply(&st, ifindex).await
+        }
+        .await
+        {
             Ok(c) => {
                 if c.added + c.removed > 0 {
                     tracing::info!(
