@@ -108,13 +108,14 @@ fn download_across_relay_restart(
     let size = std::fs::metadata(&got).map(|m| m.len()).unwrap_or(0);
     let st = s.status(&s.agent_cfg.status_socket)?;
     t.step(&format!(
-        "RESULT relay restart ({} path): 200 MiB download finished {:.1} s after the restart, sha256 {}, {} MiB moved while the relay was dead; agent relay sessions {}, conn1 path {:?}",
+        "RESULT relay restart ({} path): 200 MiB download finished {:.1} s after the restart, sha256 {}, {} MiB moved while the relay was dead; agent relay sessions {}, conn1 path {:?}, inbound drops {}",
         if direct { "direct" } else { "relay" },
         restarted.elapsed().as_secs_f64(),
         if want == have { "matches" } else { "DIFFERS" },
         (during - at) / MIB,
         st.json["relay_sessions"],
         st.connector_path("conn1"),
+        st.json["dropped_inbound"],
     ));
     ensure!(
         want == have && size == SIZE,
@@ -123,6 +124,12 @@ fn download_across_relay_restart(
     ensure!(
         st.json["relay_sessions"].as_u64() >= Some(2),
         "the agent never reconnected: {}",
+        st.json
+    );
+    // The inbound source check let all of the genuine traffic through.
+    ensure!(
+        st.json["dropped_inbound"].as_u64() == Some(0),
+        "the inbound check dropped genuine packets: {}",
         st.json
     );
     Ok(())
