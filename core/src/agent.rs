@@ -29,7 +29,8 @@ use tokio::task::JoinHandle;
 use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role};
 use ztna_proto::{Candidate, ChannelId, ServiceDef, ALPN_TUNNEL};
 
-use crate::agent_machine::{AgentMachine, Command, Input, MachineConfig, Refusal};
+pub use crate::agent_machine::Refusal;
+use crate::agent_machine::{AgentMachine, Command, Input, MachineConfig};
 use crate::backoff::jitter_seed;
 use crate::direct::{DirectContext, DirectOptions, DirectPath, DirectStatus};
 use crate::session::{Node, RelaySession, RelayTarget, SessionError};
