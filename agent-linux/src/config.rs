@@ -6,7 +6,7 @@
 //! programs), and finally command-line flags. Unknown keys in a file are an error.
 //!
 //! Keys: `relay` (required), `relay_name`, `bind`, `ca`, `cert`, `key` (required), `tun`, `mtu`,
-//! `services`, `status_socket`, `log`. No I/O here apart from reading the config files.
+//! `services`, `status_socket`, `log`, `direct_paths`, `withdraw_grace_secs`, `route_table`. No I/O here apart from reading the config files.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -47,7 +47,12 @@ const KEYS: &[&str] = &[
     "status_socket",
     "log",
     "direct_paths",
+    "withdraw_grace_secs",
+    "route_table",
 ];
+
+/// Default routing table of the service routes, also the `SO_MARK` of the agent's socket.
+pub(crate) const DEFAULT_ROUTE_TABLE: u32 = 0x7a7a;
 
 /// Command-line flags that override config keys (each also read from `ZTNA_<KEY>`).
 #[derive(Debug, Default, Clone, clap::Args, Serialize)]
@@ -132,6 +137,18 @@ struct RawConfig {
     log: Option<String>,
     #[serde(default = "default_direct_paths")]
     direct_paths: bool,
+    #[serde(default = "default_withdraw_grace_secs")]
+    withdraw_grace_secs: u64,
+    #[serde(default = "default_route_table")]
+    route_table: u32,
+}
+
+fn default_withdraw_grace_secs() -> u64 {
+    30
+}
+
+fn default_route_table() -> u32 {
+    DEFAULT_ROUTE_TABLE
 }
 
 fn default_direct_paths() -> bool {
@@ -201,6 +218,11 @@ pub(crate) struct Config {
     pub(crate) log: Option<String>,
     /// Whether to look for direct paths to connectors (false: everything via the relay).
     pub(crate) direct_paths: bool,
+    /// How long a service the relay's catalog withdrew keeps its route.
+    pub(crate) withdraw_grace: std::time::Duration,
+    /// Routing table of the service routes; also the fwmark of the agent's socket, which a
+    /// policy rule exempts from that table.
+    pub(crate) route_table: u32,
 }
 
 /// Where configuration comes from; [`Sources::standard`] in production, other values in tests.
@@ -294,6 +316,19 @@ impl RawConfig {
         if self.status_socket.as_os_str().is_empty() {
             bail!("`status_socket` is empty");
         }
+        if self.withdraw_grace_secs > 86_400 {
+            bail!(
+                "`withdraw_grace_secs` = {} is more than a day",
+                self.withdraw_grace_secs
+            );
+        }
+        // 0 is unspec; 253 to 255 are the kernel's default, main and local tables.
+        if self.route_table == 0 || (253..=255).contains(&self.route_table) {
+            bail!(
+                "`route_table` = {} is reserved; choose another table number (default {DEFAULT_ROUTE_TABLE})",
+                self.route_table
+            );
+        }
         Ok(Config {
             relay,
             relay_name: self.relay_name,
@@ -305,6 +340,8 @@ impl RawConfig {
             status_socket: self.status_socket,
             log: self.log.filter(|l| !l.trim().is_empty()),
             direct_paths: self.direct_paths,
+            withdraw_grace: std::time::Duration::from_secs(self.withdraw_grace_secs),
+            route_table: self.route_table,
         })
     }
 }
@@ -598,6 +635,8 @@ key = "/etc/ztna/agent.key"
             status_socket: "/run/ztna/agent.sock".into(),
             log: None,
             direct_paths: true,
+            withdraw_grace: std::time::Duration::from_secs(30),
+            route_table: DEFAULT_ROUTE_TABLE,
         }
     }
 

@@ -6,6 +6,11 @@
 //!   CAP_NET_ADMIN).
 //! - `ztna-agent status [--socket PATH] [--json]` asks the running agent how it is doing.
 //!
+//! Exit codes of `up`: 0 after SIGINT or SIGTERM; 1 for any other error (config, privileges,
+//! device); 2 for a usage error; and when the relay refuses the agent for good (after three
+//! attempts): 3 the relay rejected this agent's certificate (unknown CA, expired, revoked),
+//! 4 this agent does not trust the relay's certificate, 5 the relay's policy denies this identity.
+//!
 //! Modules: [`config`] (figment layering and validation), [`tun`] (the device and the packet
 //! loops), [`netlink`] (address and routes), [`status`](mod@status) (status socket, client and printer),
 //! [`up`](mod@up) (the lifecycle that ties them together).
@@ -77,6 +82,14 @@ fn main() -> ExitCode {
         Command::Up(args) => up(*args),
         Command::Status(args) => status(args),
     };
+    // A permanent refusal by the relay has its own exit code (3, 4 or 5); everything else goes
+    // through the daemons' shared mapping (78 for an invalid configuration, 1 otherwise).
+    if let Err(e) = &result {
+        if let Some(r) = e.downcast_ref::<up::Refused>() {
+            eprintln!("ztna-agent: {e:#}");
+            return ExitCode::from(r.0.exit_code());
+        }
+    }
     ztna_core::daemon::exit_code("ztna-agent", result)
 }
 

@@ -5,6 +5,13 @@
 //! installs carries the route protocol [`RTPROT_ZTNA`], so the routes it owns can be found again,
 //! also after a crash, without touching anyone else's.
 //!
+//! The service routes live in their own table (`route_table`, default 0x7a7a = 31354), reached
+//! through one policy rule, `not fwmark TABLE lookup TABLE` at priority [`RULE_PRIORITY`] (before
+//! the main table). The agent's UDP socket carries that fwmark (`SO_MARK`), so the outer
+//! traffic (to the relay and to direct-path peers) never consults the tunnel's table: a catalog
+//! that lists the relay's address, or a peer's, cannot capture it. Everything else on the host
+//! reaches service addresses through the tunnel. The rule carries protocol [`RTPROT_ZTNA`] too.
+//!
 //! The decisions are pure and tested ([`desired_routes`], [`diff_routes`], [`diff_addresses`]);
 //! [`Netlink`] reads what the kernel has, applies the differences, and does I/O on a netlink
 //! socket only.
@@ -17,8 +24,9 @@ use futures::TryStreamExt as _;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
 };
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlag, RuleMessage};
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, IpVersion};
 use ztna_core::agent::TunnelState;
@@ -27,6 +35,10 @@ use ztna_core::agent::TunnelState;
 /// Unassigned in `/etc/iproute2/rt_protos`; `ip route` shows it as `proto 122`, and
 /// `ip route flush proto 122` removes ztna routes by hand.
 pub(crate) const RTPROT_ZTNA: u8 = 0x7a;
+
+/// Priority of the policy rule that sends unmarked traffic to the service routes' table: before
+/// the main table (32766), after the local table (0).
+pub(crate) const RULE_PRIORITY: u32 = 31354;
 
 /// Prefix length of the tunnel address and of every service route.
 const HOST_PREFIX: u8 = 32;
@@ -156,19 +168,140 @@ pub(crate) struct Changes {
     pub(crate) routes: usize,
 }
 
-/// A netlink route socket.
+/// The policy rule as the agent wants it: `not fwmark MARK/0xffffffff lookup TABLE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RuleKey {
+    /// Table looked up by unmarked packets.
+    pub(crate) table: u32,
+    /// The mark that exempts a packet (the agent's socket's).
+    pub(crate) mark: u32,
+    /// Rule priority.
+    pub(crate) priority: u32,
+}
+
+/// The key of a rule message if it is one of ours (protocol [`RTPROT_ZTNA`], IPv4).
+fn rule_key(m: &RuleMessage) -> Option<RuleKey> {
+    if m.header.family != AddressFamily::Inet
+        || !m.attributes.iter().any(|a| {
+            matches!(
+                a,
+                RuleAttribute::Protocol(RouteProtocol::Other(RTPROT_ZTNA))
+            )
+        })
+    {
+        return None;
+    }
+    let mut key = RuleKey {
+        table: u32::from(m.header.table),
+        mark: 0,
+        priority: 0,
+    };
+    for a in &m.attributes {
+        match a {
+            RuleAttribute::Table(t) => key.table = *t,
+            RuleAttribute::FwMark(v) => key.mark = *v,
+            RuleAttribute::Priority(p) => key.priority = *p,
+            _ => {}
+        }
+    }
+    Some(key)
+}
+
+/// A netlink route socket, and the table the service routes go into.
 #[derive(Clone)]
 pub(crate) struct Netlink {
     handle: Handle,
+    table: u32,
 }
 
 impl Netlink {
-    /// Opens the socket and spawns its connection task on the current runtime.
-    pub(crate) fn connect() -> anyhow::Result<Self> {
+    /// Opens the socket and spawns its connection task on the current runtime. Service routes
+    /// go into `table`.
+    pub(crate) fn connect(table: u32) -> anyhow::Result<Self> {
         let (conn, handle, _) =
             rtnetlink::new_connection().context("opening a netlink route socket")?;
         tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self { handle, table })
+    }
+
+    /// Our policy rules (protocol [`RTPROT_ZTNA`]), with their messages for deletion.
+    async fn our_rules(&self) -> anyhow::Result<Vec<(RuleKey, RuleMessage)>> {
+        let msgs: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_error(e, "listing policy rules".into()))?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| rule_key(&m).map(|k| (k, m)))
+            .collect())
+    }
+
+    /// Installs the rule `key` unless it is there already (another agent of the same table, or
+    /// a crashed run, may have left it; it is the same rule). Returns whether it added one.
+    pub(crate) async fn ensure_rule(&self, key: RuleKey) -> anyhow::Result<bool> {
+        if self.our_rules().await?.iter().any(|(k, _)| *k == key) {
+            return Ok(false);
+        }
+        let mut req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .table_id(key.table)
+            .priority(key.priority)
+            .fw_mark(key.mark)
+            .action(RuleAction::ToTable);
+        let msg = req.message_mut();
+        msg.header.flags.push(RuleFlag::Invert);
+        msg.attributes.push(RuleAttribute::FwMask(u32::MAX));
+        msg.attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::Other(RTPROT_ZTNA)));
+        match req.execute().await {
+            Ok(()) => Ok(true),
+            // Another agent added it at the same moment.
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
+            Err(e) => Err(nl_error(
+                e,
+                format!(
+                    "adding policy rule `not fwmark {:#x} lookup {}`",
+                    key.mark, key.table
+                ),
+            )),
+        }
+    }
+
+    /// Removes the rule `key` unless ztna routes of another device (another agent) are still in
+    /// its table. Call after removing this agent's routes. Returns whether it removed one.
+    pub(crate) async fn remove_rule_if_unused(&self, key: RuleKey) -> anyhow::Result<bool> {
+        let in_use = self
+            .handle
+            .route()
+            .get(IpVersion::V4)
+            .execute()
+            .try_collect::<Vec<RouteMessage>>()
+            .await
+            .map_err(|e| nl_error(e, "listing routes".into()))?
+            .iter()
+            .any(|m| route_key(m, key.table).is_some());
+        if in_use {
+            return Ok(false);
+        }
+        let mut removed = false;
+        for (k, msg) in self.our_rules().await? {
+            if k != key {
+                continue;
+            }
+            match self.handle.rule().del(msg).execute().await {
+                Ok(()) => removed = true,
+                Err(e) if errno(&e) == Some(libc::ENOENT) => {}
+                Err(e) => return Err(nl_error(e, "removing the policy rule".into())),
+            }
+        }
+        Ok(removed)
     }
 
     /// The link named `name`, if there is one.
@@ -324,7 +457,7 @@ impl Netlink {
         Ok(())
     }
 
-    /// Our routes (protocol [`RTPROT_ZTNA`], IPv4, main table, through device `ifindex`), with
+    /// Our routes (protocol [`RTPROT_ZTNA`], IPv4, our table, through device `ifindex`), with
     /// their messages for deletion. Routes through other devices belong to other agents (another
     /// organisation's, say) and are never touched; ours on a dead device went with the device.
     async fn our_routes(&self, ifindex: u32) -> anyhow::Result<Vec<(RouteKey, RouteMessage)>> {
@@ -338,7 +471,7 @@ impl Netlink {
             .map_err(|e| nl_error(e, "listing routes".into()))?;
         Ok(msgs
             .into_iter()
-            .filter_map(|m| route_key(&m).map(|k| (k, m)))
+            .filter_map(|m| route_key(&m, self.table).map(|k| (k, m)))
             .filter(|(k, _)| k.oif == Some(ifindex))
             .collect())
     }
@@ -410,6 +543,7 @@ impl Netlink {
             .add()
             .v4()
             .destination_prefix(key.dst, key.prefix_len)
+            .table_id(self.table)
             .protocol(RouteProtocol::Other(RTPROT_ZTNA))
             .scope(RouteScope::Link);
         if let Some(oif) = key.oif {
@@ -422,9 +556,9 @@ impl Netlink {
     }
 }
 
-/// The key of a route message if it is one of ours (protocol [`RTPROT_ZTNA`], IPv4, main table).
-fn route_key(m: &RouteMessage) -> Option<RouteKey> {
-    let table = m
+/// The key of a route message if it is one of ours (protocol [`RTPROT_ZTNA`], IPv4, `table`).
+fn route_key(m: &RouteMessage, table: u32) -> Option<RouteKey> {
+    let route_table = m
         .attributes
         .iter()
         .find_map(|a| match a {
@@ -434,7 +568,7 @@ fn route_key(m: &RouteMessage) -> Option<RouteKey> {
         .unwrap_or(u32::from(m.header.table));
     if m.header.protocol != RouteProtocol::Other(RTPROT_ZTNA)
         || m.header.address_family != AddressFamily::Inet
-        || table != u32::from(RouteHeader::RT_TABLE_MAIN)
+        || route_table != table
     {
         return None;
     }
@@ -607,10 +741,34 @@ mod tests {
     }
 
     #[test]
+    fn rule_messages_are_recognised_as_ours() {
+        let mut m = RuleMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.flags.push(RuleFlag::Invert);
+        m.attributes = vec![
+            RuleAttribute::Table(0x7a7a),
+            RuleAttribute::FwMark(0x7a7a),
+            RuleAttribute::Priority(RULE_PRIORITY),
+            RuleAttribute::Protocol(RouteProtocol::Other(RTPROT_ZTNA)),
+        ];
+        assert_eq!(
+            rule_key(&m),
+            Some(RuleKey {
+                table: 0x7a7a,
+                mark: 0x7a7a,
+                priority: RULE_PRIORITY
+            })
+        );
+        let mut other = m.clone();
+        other.attributes.pop();
+        assert_eq!(rule_key(&other), None, "another program's rule");
+    }
+
+    #[test]
     fn route_messages_are_recognised_as_ours() {
         let mut m = RouteMessage::default();
         m.header.address_family = AddressFamily::Inet;
-        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.table = 254;
         m.header.protocol = RouteProtocol::Other(RTPROT_ZTNA);
         m.header.destination_prefix_length = 32;
         m.attributes = vec![
@@ -619,17 +777,18 @@ mod tests {
             RouteAttribute::PrefSource(RouteAddress::Inet([100, 64, 0, 2].into())),
         ];
         assert_eq!(
-            route_key(&m),
+            route_key(&m, 254),
             Some(route([10, 100, 0, 1], 7, [100, 64, 0, 2]))
         );
         let mut other = m.clone();
         other.header.protocol = RouteProtocol::Static;
-        assert_eq!(route_key(&other), None);
+        assert_eq!(route_key(&other, 254), None);
         let mut other = m.clone();
         other.header.table = 100;
-        assert_eq!(route_key(&other), None);
+        assert_eq!(route_key(&other, 254), None);
         let mut other = m;
-        other.attributes.push(RouteAttribute::Table(1000));
-        assert_eq!(route_key(&other), None);
+        other.attributes.push(RouteAttribute::Table(0x7a7a));
+        assert_eq!(route_key(&other, 254), None);
+        assert!(route_key(&other, 0x7a7a).is_some());
     }
 }

@@ -325,10 +325,20 @@ pub(crate) fn render(s: &AgentStatus) -> String {
             render_paths(&mut out, c);
         }
     }
+    if !s.withdrawing.is_empty() {
+        let _ = writeln!(
+            out,
+            "withdrawing:  {} (routes kept until the grace period ends)",
+            s.withdrawing.join(",")
+        );
+    }
+    if let Some(r) = &s.refused {
+        let _ = writeln!(out, "refused:      {r}");
+    }
     let _ = writeln!(
         out,
-        "\ndropped:      {} outbound with no service route, {} outbound while the tunnel was not up, {} inbound (TUN device not reading)",
-        s.dropped_no_route, s.dropped_tunnel_down, s.dropped_to_platform
+        "\ndropped:      {} outbound with no service route, {} outbound while the tunnel was not up, {} tunnel packets with no path (relay away), {} inbound failing the source check, {} inbound (TUN device not reading)",
+        s.dropped_no_route, s.dropped_tunnel_down, s.dropped_no_path, s.dropped_inbound, s.dropped_to_platform
     );
     out
 }
@@ -354,7 +364,11 @@ mod tests {
             connectors: vec![],
             dropped_no_route: 3,
             dropped_tunnel_down: 0,
+            dropped_no_path: 0,
+            dropped_inbound: 0,
             dropped_to_platform: 0,
+            withdrawing: vec![],
+            refused: None,
             relay_sessions: 0,
             last_error: Some("the relay did not answer within 5s".into()),
         }
@@ -440,7 +454,7 @@ mod tests {
              \n\
              connectors:   none\n\
              \n\
-             dropped:      3 outbound with no service route, 0 outbound while the tunnel was not up, 0 inbound (TUN device not reading)\n"
+             dropped:      3 outbound with no service route, 0 outbound while the tunnel was not up, 0 tunnel packets with no path (relay away), 0 inbound failing the source check, 0 inbound (TUN device not reading)\n"
         );
     }
 

@@ -2,10 +2,13 @@
 //!
 //! Start: load the credentials, clear what a crashed run may have left (a live agent on the
 //! status socket stops us; a stale socket file, a leftover TUN device and leftover ztna routes
-//! are removed), create the TUN device, set its MTU and bring it up, bind the status socket and
-//! start the tunnel core. Run: two packet loops, the address and route reconciler, and the
-//! status server, until SIGINT or SIGTERM (or a fatal device error). Stop: remove the routes,
-//! delete the device over netlink and close it, remove the status socket, shut the tunnel down.
+//! are removed), create the TUN device, set its MTU and bring it up, install the policy rule
+//! that keeps the agent's own (marked) socket out of the service routes' table, bind the status
+//! socket and start the tunnel core. Run: two packet loops, the address and route reconciler,
+//! and the status server, until SIGINT or SIGTERM, a fatal device error, or a permanent refusal
+//! by the relay ([`Refused`], which `main` turns into its exit code). Stop: remove the routes
+//! and the rule, delete the device over netlink and close it, remove the status socket, shut
+//! the tunnel down.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -15,19 +18,37 @@ use anyhow::{anyhow, Context as _};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use ztna_core::agent::{Agent, AgentConfig, TunnelState};
+use ztna_core::agent::{Agent, AgentConfig, AgentOptions, TunnelState};
+use ztna_core::agent_machine::Refusal;
 use ztna_core::direct::DirectOptions;
 use ztna_core::session::RelayTarget;
 use ztna_core::tls::Credentials;
 use ztna_core::transport::Timing;
 
 use crate::config::Config;
-use crate::netlink::{desired_routes, Netlink};
+use crate::netlink::{desired_routes, Netlink, RuleKey, RULE_PRIORITY};
 use crate::status;
 use crate::tun::{self, Tun};
 
 /// Wait before retrying an address or route change that failed.
 const RECONCILE_RETRY: Duration = Duration::from_secs(2);
+
+/// The relay refused this agent for good; `main` exits with [`Refusal::exit_code`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Refused(pub(crate) Refusal);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}; giving up (exit code {})",
+            self.0,
+            self.0.exit_code()
+        )
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// What has been set up and must be taken down.
 #[derive(Default)]
@@ -35,6 +56,16 @@ struct Running {
     tasks: JoinSet<anyhow::Result<()>>,
     agent: Option<Arc<Agent>>,
     socket_bound: bool,
+}
+
+/// The policy rule that sends everything but the agent's own (marked) socket to the service
+/// routes' table. Agents with the same table share it.
+fn rule_key(cfg: &Config) -> RuleKey {
+    RuleKey {
+        table: cfg.route_table,
+        mark: cfg.route_table,
+        priority: RULE_PRIORITY,
+    }
 }
 
 /// Runs the agent until a signal or a fatal error, then cleans up. Returns the fatal error, if
@@ -45,7 +76,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     status::clear_stale(&cfg.status_socket)?;
-    let nl = Netlink::connect()?;
+    let nl = Netlink::connect(cfg.route_table)?;
     nl.remove_stale_link(&cfg.tun).await?;
     let tun = tun::create(&cfg.tun)?;
     tracing::info!(tun = %tun.name, index = tun.index, "TUN device created");
@@ -67,6 +98,10 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     match nl.sync_routes(tun.index, &BTreeSet::new()).await {
         Ok(c) => tracing::debug!(removed = c.removed, "routes removed"),
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove all routes"),
+    }
+    match nl.remove_rule_if_unused(rule_key(&cfg)).await {
+        Ok(removed) => tracing::debug!(removed, "policy rule checked"),
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove the policy rule"),
     }
     if let Err(e) = nl.delete_link(tun.index, &tun.name).await {
         tracing::warn!(error = %format!("{e:#}"), "could not delete the TUN device");
@@ -112,6 +147,10 @@ async fn serve(
     }
     tun::disable_ipv6(&tun.name);
     nl.set_mtu_up(tun.index, &tun.name, cfg.mtu).await?;
+    // Service routes live in their own table; the agent's socket is marked and skips it.
+    if nl.ensure_rule(rule_key(cfg)).await? {
+        tracing::debug!(table = cfg.route_table, "policy rule added");
+    }
 
     let listener = status::bind(&cfg.status_socket)?;
     running.socket_bound = true;
@@ -130,10 +169,16 @@ async fn serve(
             enabled: cfg.direct_paths,
             ..DirectOptions::default()
         },
+        options: AgentOptions {
+            withdraw_grace: cfg.withdraw_grace,
+            fwmark: Some(cfg.route_table),
+            ..AgentOptions::default()
+        },
     })
     .with_context(|| format!("starting the tunnel on UDP {}", cfg.bind))?;
     let agent = Arc::new(agent);
     running.agent = Some(agent.clone());
+    let mut refused = agent.refused();
 
     running
         .tasks
@@ -141,9 +186,12 @@ async fn serve(
     running
         .tasks
         .spawn(tun::tunnel_to_device(tun.dev.clone(), from_tunnel));
-    running
-        .tasks
-        .spawn(reconcile(nl.clone(), agent.state(), tun.index));
+    running.tasks.spawn(reconcile(
+        nl.clone(),
+        agent.state(),
+        tun.index,
+        rule_key(cfg),
+    ));
     let status_agent = agent.clone();
     running.tasks.spawn(async move {
         status::serve(listener, move || status_agent.status()).await;
@@ -169,6 +217,10 @@ async fn serve(
             tracing::info!("SIGTERM received; shutting down");
             Ok(())
         }
+        r = refused.wait_for(Option::is_some) => match r.ok().and_then(|r| *r) {
+            Some(r) => Err(Refused(r).into()),
+            None => Err(anyhow!("the tunnel stopped unexpectedly")),
+        },
         Some(done) = running.tasks.join_next() => match done {
             Ok(Ok(())) => Err(anyhow!("the tunnel stopped unexpectedly")),
             Ok(Err(e)) => Err(e),
@@ -178,15 +230,22 @@ async fn serve(
 }
 
 /// Applies every tunnel state the core publishes (tunnel address, service routes), retrying
-/// after a failure. Ends only when the tunnel is dropped.
+/// after a failure. Ends only when the tunnel is dropped. Makes sure the policy rule is there
+/// each time (another agent sharing the table may have removed it when it stopped).
 async fn reconcile(
     nl: Netlink,
     mut state: watch::Receiver<TunnelState>,
     ifindex: u32,
+    rule: RuleKey,
 ) -> anyhow::Result<()> {
     loop {
         let st = state.borrow_and_update().clone();
-        let applied = match nl.apply(&st, ifindex).await {
+        let applied = match async {
+            nl.ensure_rule(rule).await?;
+            nl.apply(&st, ifindex).await
+        }
+        .await
+        {
             Ok(c) => {
                 if c.added + c.removed > 0 {
                     tracing::info!(

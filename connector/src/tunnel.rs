@@ -5,11 +5,21 @@
 //! announced, and only if the agent's certificate names the identity the relay gave for that
 //! channel. Its packets then go to the data plane, which enforces the agent's tunnel IP as the
 //! only source and registered services as the only destinations.
+//!
+//! One inner connection per agent identity: a second handshake from the same identity replaces
+//! (closes) the first, so the data plane's per-connection limits are per-identity limits.
+//!
+//! Inner connections outlive the relay session: when it ends, the connections stay (their
+//! virtual addresses lose only their relay channel, direct paths keep working), and an
+//! `IncomingChannel` of the next session from the same agent identity with the same tunnel IP
+//! re-points that agent's live connection at the new channel instead of waiting for a new
+//! handshake. The relay names the identity of every channel and the connection's TLS already
+//! proved it, so the connection is still the agent's.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use ztna_core::backoff::{jitter_seed, Backoff};
@@ -28,11 +38,13 @@ use crate::metrics::{gauge_dec, gauge_inc, Metrics};
 /// What the relay told us to expect on a channel.
 #[derive(Debug, Clone)]
 struct Expected {
-    channel: ChannelId,
+    /// The relay channel now under it (none between relay sessions).
+    channel: Option<ChannelId>,
     agent: String,
     tunnel_ip: Ipv4Addr,
-    /// Service addresses policy lets this agent reach (from the relay).
-    allowed: Vec<Ipv4Addr>,
+    /// Service addresses policy lets this agent reach (from the relay; a resumed channel brings
+    /// the current list).
+    allowed: Arc<RwLock<Vec<Ipv4Addr>>>,
     /// The accepted inner connection, once there is one.
     conn: Option<quinn::Connection>,
 }
@@ -186,19 +198,36 @@ impl Tunnel {
         }
     }
 
+    /// The relay session ended: channels without an inner connection are forgotten; live inner
+    /// connections stay (with their direct paths) for the next session to resume.
     fn drop_all_channels(&self, why: &str) {
-        {
-            let mut d = lock(&self.direct);
-            d.paths.clear();
-            d.pending.clear();
-            d.control = None;
-        }
-        let gone: Vec<Expected> = lock(&self.channels).drain().map(|(_, e)| e).collect();
-        for e in gone {
-            if let Some(c) = e.conn {
-                c.close(0u32.into(), why.as_bytes());
+        let gone: Vec<SocketAddr> = {
+            let mut ch = lock(&self.channels);
+            let gone = ch
+                .iter()
+                .filter(|(_, e)| !e.conn.as_ref().is_some_and(alive))
+                .map(|(a, _)| *a)
+                .collect::<Vec<_>>();
+            for (a, e) in ch.iter_mut() {
+                e.channel = None;
+                if gone.contains(a) {
+                    if let Some(c) = e.conn.take() {
+                        c.close(0u32.into(), why.as_bytes());
+                    }
+                }
             }
+            for a in &gone {
+                ch.remove(a);
+            }
+            gone
+        };
+        let mut d = lock(&self.direct);
+        for a in &gone {
+            d.forget(a);
+            self.node.mux().remove_route(*a);
         }
+        d.pending.clear();
+        d.control = None;
     }
 
     async fn run_session(&self, mut session: RelaySession) -> SessionError {
@@ -248,19 +277,40 @@ impl Tunnel {
                             "channel id {channel_id} out of range"
                         ));
                     };
-                    let vaddr = session.attach_channel(channel);
-                    tracing::info!(%agent, channel = channel_id, "incoming channel");
-                    tracing::debug!(%agent, tunnel_ip = %agent_tunnel_ip, %vaddr, "channel details");
-                    lock(&self.channels).insert(
-                        vaddr,
-                        Expected {
-                            channel,
-                            agent,
-                            tunnel_ip: agent_tunnel_ip,
-                            allowed: services,
-                            conn: None,
-                        },
-                    );
+                    if let Some((vaddr, conn)) =
+                        self.resume(&session, channel, &agent, agent_tunnel_ip, &services)
+                    {
+                        tracing::info!(%agent, channel = channel_id, "incoming channel resumes the agent's inner connection");
+                        tracing::debug!(%agent, tunnel_ip = %agent_tunnel_ip, %vaddr, "channel details");
+                        if self.direct_opts.enabled {
+                            let expected = lock(&self.channels).get(&vaddr).cloned();
+                            if let Some(e) = expected {
+                                lock(&self.direct).forget(&vaddr);
+                                start_direct(
+                                    &self.direct,
+                                    &self.direct_opts,
+                                    &conn,
+                                    self.node.mux(),
+                                    vaddr,
+                                    &e,
+                                );
+                            }
+                        }
+                    } else {
+                        let vaddr = session.attach_channel(channel);
+                        tracing::info!(%agent, channel = channel_id, "incoming channel");
+                        tracing::debug!(%agent, tunnel_ip = %agent_tunnel_ip, %vaddr, "channel details");
+                        lock(&self.channels).insert(
+                            vaddr,
+                            Expected {
+                                channel: Some(channel),
+                                agent,
+                                tunnel_ip: agent_tunnel_ip,
+                                allowed: Arc::new(RwLock::new(services)),
+                                conn: None,
+                            },
+                        );
+                    }
                     if let Err(e) = session.send(ControlMessage::ChannelAccepted { channel_id }) {
                         return e;
                     }
@@ -270,7 +320,7 @@ impl Tunnel {
                         let mut ch = lock(&self.channels);
                         let addr = ch
                             .iter()
-                            .find(|(_, e)| e.channel.get() == channel_id)
+                            .find(|(_, e)| e.channel.map(|c| c.get()) == Some(channel_id))
                             .map(|(a, _)| *a);
                         addr.and_then(|a| ch.remove(&a).map(|e| (a, e)))
                     };
@@ -298,7 +348,7 @@ impl Tunnel {
                 } => {
                     let vaddr = lock(&self.channels)
                         .iter()
-                        .find(|(_, e)| e.channel.get() == channel_id)
+                        .find(|(_, e)| e.channel.map(|c| c.get()) == Some(channel_id))
                         .map(|(a, _)| *a);
                     let mut d = lock(&self.direct);
                     match vaddr {
@@ -326,6 +376,35 @@ impl Tunnel {
             }
         }
     }
+}
+
+impl Tunnel {
+    /// Re-points the live inner connection of `agent` (same tunnel IP) at `channel` of the new
+    /// session. Returns its virtual address and connection, or `None` when there is none to
+    /// resume (the agent will handshake).
+    fn resume(
+        &self,
+        session: &RelaySession,
+        channel: ChannelId,
+        agent: &str,
+        tunnel_ip: Ipv4Addr,
+        services: &[Ipv4Addr],
+    ) -> Option<(SocketAddr, quinn::Connection)> {
+        let mut ch = lock(&self.channels);
+        let (vaddr, e) = ch.iter_mut().find(|(_, e)| {
+            e.agent == agent && e.tunnel_ip == tunnel_ip && e.conn.as_ref().is_some_and(alive)
+        })?;
+        let conn = e.conn.clone()?;
+        session.reattach_channel(*vaddr, channel);
+        e.channel = Some(channel);
+        *e.allowed.write().unwrap_or_else(|p| p.into_inner()) = services.to_vec();
+        Some((*vaddr, conn))
+    }
+}
+
+/// Whether an inner connection is still open.
+fn alive(c: &quinn::Connection) -> bool {
+    c.close_reason().is_none()
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -419,7 +498,7 @@ async fn serve_agent(
             return;
         }
     };
-    {
+    let replaced = {
         let mut ch = lock(&channels);
         match ch.get_mut(&vaddr) {
             Some(e) => {
@@ -429,12 +508,29 @@ async fn serve_agent(
             }
             None => return,
         }
+        // One inner connection per agent identity: older ones (on other channels) go.
+        let mut replaced = 0;
+        for (a, e) in ch.iter_mut() {
+            if *a != vaddr && e.agent == peer.name {
+                if let Some(old) = e.conn.take() {
+                    old.close(
+                        ztna_proto::ErrorCode::Replaced.to_quic().into(),
+                        b"replaced by a newer inner connection of the same agent",
+                    );
+                    replaced += 1;
+                }
+            }
+        }
+        replaced
+    };
+    if replaced > 0 {
+        tracing::info!(agent = %peer.name, replaced, "a new inner connection replaced the agent's older one");
     }
     if direct_opts.enabled {
         start_direct(&direct, &direct_opts, &conn, &mux, vaddr, &expected);
     }
     let id = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(agent = %peer.name, channel = %expected.channel, "agent tunnel up");
+    tracing::info!(agent = %peer.name, channel = ?expected.channel.map(|c| c.get()), "agent tunnel up");
     gauge_inc(&metrics.agents_connected);
     dataplane.add_agent(
         id,
@@ -448,7 +544,13 @@ async fn serve_agent(
     let reason = loop {
         match conn.read_datagram().await {
             Ok(pkt) => match ipv4_destination(&pkt) {
-                Some(dst) if !expected.allowed.contains(&dst) => {
+                Some(dst)
+                    if !expected
+                        .allowed
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&dst) =>
+                {
                     metrics.dropped_not_allowed.fetch_add(1, Ordering::Relaxed);
                     tracing::trace!(agent = %peer.name, "packet to a service policy does not allow; dropped");
                 }
@@ -461,10 +563,13 @@ async fn serve_agent(
     // Forget the channel: the agent opens a new one for its next tunnel.
     let gone = {
         let mut ch = lock(&channels);
-        let ours = ch
-            .get(&vaddr)
-            .and_then(|e| e.conn.as_ref())
-            .is_some_and(|c| c.stable_id() == conn.stable_id());
+        // Ours, or taken away by a newer connection of the same agent (then nothing uses
+        // this channel any more).
+        let ours = ch.get(&vaddr).is_some_and(|e| {
+            e.conn
+                .as_ref()
+                .is_none_or(|c| c.stable_id() == conn.stable_id())
+        });
         if ours {
             ch.remove(&vaddr);
         }
@@ -488,13 +593,13 @@ fn start_direct(
     expected: &Expected,
 ) {
     let mut d = lock(direct);
-    let Some(control) = d.control.clone() else {
+    let (Some(control), Some(channel)) = (d.control.clone(), expected.channel) else {
         return;
     };
     let ctx = DirectContext {
         mux: mux.clone(),
         vaddr,
-        channel: expected.channel,
+        channel,
         control,
         observed: d.observed,
         full_probe_len: d.full_probe_len,

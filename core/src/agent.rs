@@ -2,13 +2,23 @@
 //! through the receiver [`Agent::start`] returns; the platform (a Linux TUN device, the macOS
 //! packet flow) only moves them and applies [`TunnelState`] (address and routes).
 //!
-//! The agent holds one relay session at a time (reconnecting with backoff), opens one channel
-//! per connector in its catalog, and runs one inner QUIC connection (ALPN `ztna-tunnel/1`,
-//! mutual TLS, IP packets as datagrams) over each channel's virtual peer address.
+//! This is the I/O shell over [`AgentMachine`], which holds the session logic (relay reconnects
+//! with backoff, permanent refusals, the catalog and the routes it asks for, one relay channel
+//! per connector, resuming inner connections): one task feeds it what the relay session, the
+//! inner connections and the clock say, and carries out its commands. The inner connection to a
+//! connector (ALPN `ztna-tunnel/1`, mutual TLS, IP packets as datagrams) runs over that
+//! connector's virtual peer address, which stays the same for the connector's whole life in the
+//! catalog: a new channel (after a relay restart) re-points it, and the connection continues.
+//!
+//! Fail closed: routes stay while the relay is away (packets to services are dropped and counted
+//! here, never handed back to the platform's other routes), and packets from a connector reach
+//! the platform only if [`crate::inbound::check`] passes.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -19,7 +29,9 @@ use tokio::task::JoinHandle;
 use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role};
 use ztna_proto::{Candidate, ChannelId, ServiceDef, ALPN_TUNNEL};
 
-use crate::backoff::{jitter_seed, Backoff};
+pub use crate::agent_machine::Refusal;
+use crate::agent_machine::{AgentMachine, Command, Input, MachineConfig};
+use crate::backoff::jitter_seed;
 use crate::direct::{DirectContext, DirectOptions, DirectPath, DirectStatus};
 use crate::session::{Node, RelaySession, RelayTarget, SessionError};
 use crate::tls::{Credentials, PeerIdentity};
@@ -27,10 +39,33 @@ use crate::transport::{self, Timing};
 
 /// Packets queued towards the platform before new ones are dropped.
 const TO_PLATFORM_QUEUE: usize = 4096;
-/// How long the relay may take to answer a channel request before the agent asks again.
-const CHANNEL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Wait before asking again for a channel the relay could not open.
-const CHANNEL_RETRY: Duration = Duration::from_secs(1);
+/// Events from the inner connections' tasks waiting for the session task.
+const EVENT_QUEUE: usize = 256;
+/// How long an inner handshake may take.
+const INNER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Fail-closed and refusal settings of the agent (defaults suit most deployments).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentOptions {
+    /// How long a service that a live catalog no longer lists keeps its route (default 30 s).
+    pub withdraw_grace: Duration,
+    /// Consecutive permanent refusals (certificate rejected, relay untrusted, identity denied)
+    /// after which the agent stops (default 3).
+    pub max_refusals: u32,
+    /// Linux: the `SO_MARK` of the agent's UDP socket, so that the platform can exempt the
+    /// outer traffic from the tunnel's routes (a policy rule). `None` sets no mark.
+    pub fwmark: Option<u32>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            withdraw_grace: Duration::from_secs(30),
+            max_refusals: 3,
+            fwmark: None,
+        }
+    }
+}
 
 /// What the agent needs to run.
 #[derive(Debug, Clone)]
@@ -49,6 +84,8 @@ pub struct AgentConfig {
     pub want: Vec<String>,
     /// Direct paths to connectors (hole punching); off sends everything through the relay.
     pub direct: DirectOptions,
+    /// Fail-closed and refusal settings.
+    pub options: AgentOptions,
 }
 
 /// What the platform must configure: the tunnel address and one route per service address.
@@ -77,7 +114,8 @@ pub struct ConnectorStatus {
     /// Connector identity.
     pub name: String,
     /// `direct-lan` or `direct-wan` (inner connection up over a direct path), `relay` (up over
-    /// the relay channel), `connecting`, or `down`.
+    /// the relay channel), `resuming` (inner connection up, waiting for a new relay channel),
+    /// `connecting`, or `down`.
     pub path: String,
     /// Relay channel id, when one is open.
     pub channel_id: Option<u32>,
@@ -126,8 +164,24 @@ pub struct AgentStatus {
     pub connectors: Vec<ConnectorStatus>,
     /// Packets from the platform with no service route (or not IPv4).
     pub dropped_no_route: u64,
-    /// Packets to a routed service whose connector tunnel is not up (yet).
+    /// Packets to a routed service whose connector tunnel is not up (yet): dropped, never sent
+    /// in the clear (fail closed).
     pub dropped_tunnel_down: u64,
+    /// Inner packets dropped because their connector had neither a relay channel nor a direct
+    /// path at that moment (the relay session was down).
+    #[serde(default)]
+    pub dropped_no_path: u64,
+    /// Packets from a connector dropped by the inbound check: a source that is not one of that
+    /// connector's services (or a port or protocol it does not serve), or a destination that is
+    /// not the tunnel IP.
+    #[serde(default)]
+    pub dropped_inbound: u64,
+    /// Services the catalog withdrew that keep their route until their grace period ends.
+    #[serde(default)]
+    pub withdrawing: Vec<String>,
+    /// Why the agent gave up, if it did (a permanent refusal).
+    #[serde(default)]
+    pub refused: Option<String>,
     /// Packets towards the platform dropped because it was not reading.
     pub dropped_to_platform: u64,
     /// Relay sessions established since start.
@@ -148,26 +202,35 @@ struct LinkCounters {
 struct Link {
     name: String,
     conn: RwLock<Option<quinn::Connection>>,
+    /// The catalog's services of this connector, for the inbound check.
+    services: RwLock<Vec<ServiceDef>>,
     counters: LinkCounters,
 }
 
+/// What the session task keeps about one connector.
 #[derive(Default)]
 struct LinkControl {
+    /// The channel request in flight (for status).
     request_id: Option<u32>,
     channel: Option<ChannelId>,
+    /// The connector's virtual peer address, kept across channels.
     vaddr: Option<SocketAddr>,
     last_error: Option<String>,
     reader: Option<JoinHandle<()>>,
+    handshake: Option<JoinHandle<()>>,
     direct: Option<DirectPath>,
     /// Candidates that arrived before the inner connection was up.
     pending_candidates: Option<Vec<Candidate>>,
 }
 
 impl LinkControl {
-    /// Forgets the channel's path state (the channel is gone or going).
-    fn clear_path(&mut self) {
+    /// Forgets everything about the inner connection (it is gone or going).
+    fn stop_inner(&mut self) {
         if let Some(r) = self.reader.take() {
             r.abort();
+        }
+        if let Some(h) = self.handshake.take() {
+            h.abort();
         }
         self.direct = None;
         self.pending_candidates = None;
@@ -180,11 +243,15 @@ struct Shared {
     links: RwLock<HashMap<String, Arc<Link>>>,
     control: Mutex<HashMap<String, LinkControl>>,
     info: Mutex<Info>,
+    /// The tunnel IP as a number, 0 while there is none (read per inbound packet).
+    tunnel_ip: AtomicU32,
     dropped_no_route: AtomicU64,
     dropped_tunnel_down: AtomicU64,
     dropped_to_platform: AtomicU64,
+    dropped_inbound: AtomicU64,
     to_platform: mpsc::Sender<Bytes>,
     state_tx: watch::Sender<TunnelState>,
+    refused_tx: watch::Sender<Option<Refusal>>,
 }
 
 #[derive(Default)]
@@ -194,13 +261,22 @@ struct Info {
     observed_addr: Option<SocketAddr>,
     tunnel_ip: Option<Ipv4Addr>,
     rejected: Vec<RejectedService>,
-    services: Vec<ServiceDef>,
+    withdrawing: Vec<String>,
     relay_sessions: u64,
     last_error: Option<String>,
+    refused: Option<Refusal>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The destination of an IPv4 packet, if it is one.
@@ -225,36 +301,56 @@ impl Agent {
     /// and the receiver of packets for the platform's tunnel device.
     pub fn start(cfg: AgentConfig) -> std::io::Result<(Agent, mpsc::Receiver<Bytes>)> {
         let node = Node::bind(cfg.bind, cfg.credentials.clone(), cfg.timing)?;
+        if let Some(mark) = cfg.options.fwmark {
+            node.mux().set_mark(mark)?;
+        }
         let (to_platform, rx) = mpsc::channel(TO_PLATFORM_QUEUE);
         let (state_tx, _) = watch::channel(TunnelState::default());
+        let (refused_tx, _) = watch::channel(None);
+        let machine_cfg = MachineConfig {
+            withdraw_grace: cfg.options.withdraw_grace,
+            max_refusals: cfg.options.max_refusals.max(1),
+            ..MachineConfig::default()
+        };
         let shared = Arc::new(Shared {
             cfg,
             routes: RwLock::default(),
             links: RwLock::default(),
             control: Mutex::default(),
             info: Mutex::default(),
+            tunnel_ip: AtomicU32::new(0),
             dropped_no_route: AtomicU64::new(0),
             dropped_tunnel_down: AtomicU64::new(0),
             dropped_to_platform: AtomicU64::new(0),
+            dropped_inbound: AtomicU64::new(0),
             to_platform,
             state_tx,
+            refused_tx,
         });
-        let task = tokio::spawn(supervise(shared.clone(), node.clone()));
+        let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+        let driver = Driver {
+            sh: shared.clone(),
+            node: node.clone(),
+            machine: AgentMachine::new(machine_cfg, Instant::now(), jitter_seed()),
+            session: None,
+            connecting: None,
+            inner_mtu: 0,
+            ev_tx,
+        };
+        let task = tokio::spawn(driver.run(ev_rx));
         Ok((Agent { shared, node, task }, rx))
     }
 
     /// Sends one IP packet from the platform into the tunnel. Never blocks; packets with no
-    /// route are dropped and counted.
+    /// route, or whose connector tunnel is down, are dropped and counted.
     pub fn send_packet(&self, packet: Bytes) {
-        let link = ipv4_destination(&packet).and_then(|dst| {
-            let routes = self.shared.routes.read().unwrap_or_else(|p| p.into_inner());
-            routes.get(&dst).cloned()
-        });
+        let link =
+            ipv4_destination(&packet).and_then(|dst| read(&self.shared.routes).get(&dst).cloned());
         let Some(link) = link else {
             self.shared.dropped_no_route.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let conn = link.conn.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let conn = read(&link.conn).clone();
         let len = packet.len() as u64;
         match conn.map(|c| c.send_datagram(packet)) {
             Some(Ok(())) => {
@@ -277,30 +373,35 @@ impl Agent {
         self.shared.state_tx.subscribe()
     }
 
+    /// Watches for a permanent refusal: once it is `Some`, the tunnel has stopped for good and
+    /// the platform should tear down and report it (`ztna-agent up` exits with
+    /// [`Refusal::exit_code`]).
+    pub fn refused(&self) -> watch::Receiver<Option<Refusal>> {
+        self.shared.refused_tx.subscribe()
+    }
+
     /// A status snapshot.
     pub fn status(&self) -> AgentStatus {
         let sh = &self.shared;
         // Lock order everywhere: links, routes, control, info.
-        let links = sh.links.read().unwrap_or_else(|p| p.into_inner());
+        let links = read(&sh.links);
         let control = lock(&sh.control);
         let info = lock(&sh.info);
         let mut connectors: Vec<ConnectorStatus> = links
             .values()
             .map(|l| {
-                let conn = l.conn.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let conn = read(&l.conn).clone();
                 let ctl = control.get(&l.name);
                 let direct = ctl.and_then(|c| c.direct.as_ref()).map(|d| d.status());
-                let path = match (
-                    &conn,
-                    ctl.and_then(|c| c.request_id.or(c.channel.map(|c| c.get()))),
-                ) {
-                    (Some(_), _) => match direct.as_ref().and_then(|d| d.class) {
-                        Some(crate::path::PathClass::Lan) => "direct-lan",
-                        Some(crate::path::PathClass::Wan) => "direct-wan",
-                        None => "relay",
-                    },
-                    (None, Some(_)) => "connecting",
-                    (None, None) => "down",
+                let channel = ctl.and_then(|c| c.channel);
+                let pending = ctl.and_then(|c| c.request_id).is_some() || channel.is_some();
+                let path = match (&conn, direct.as_ref().and_then(|d| d.class)) {
+                    (Some(_), Some(crate::path::PathClass::Lan)) => "direct-lan",
+                    (Some(_), Some(crate::path::PathClass::Wan)) => "direct-wan",
+                    (Some(_), None) if channel.is_some() => "relay",
+                    (Some(_), None) => "resuming",
+                    (None, _) if pending => "connecting",
+                    (None, _) => "down",
                 };
                 let counters = ctl
                     .and_then(|c| c.vaddr)
@@ -313,18 +414,13 @@ impl Agent {
                 ConnectorStatus {
                     name: l.name.clone(),
                     path: path.into(),
-                    channel_id: ctl.and_then(|c| c.channel).map(|c| c.get()),
+                    channel_id: channel.map(|c| c.get()),
                     rtt_ms: conn.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0),
                     tx_bytes: l.counters.tx_bytes.load(Ordering::Relaxed),
                     rx_bytes: l.counters.rx_bytes.load(Ordering::Relaxed),
                     tx_packets: l.counters.tx_packets.load(Ordering::Relaxed),
                     rx_packets: l.counters.rx_packets.load(Ordering::Relaxed),
-                    services: info
-                        .services
-                        .iter()
-                        .filter(|s| s.connector == l.name)
-                        .map(|s| s.name.clone())
-                        .collect(),
+                    services: read(&l.services).iter().map(|s| s.name.clone()).collect(),
                     last_error: ctl.and_then(|c| c.last_error.clone()),
                     relay_packets: [get(|c| &c.relay_tx), get(|c| &c.relay_rx)],
                     direct_packets: [get(|c| &c.direct_tx), get(|c| &c.direct_rx)],
@@ -349,7 +445,11 @@ impl Agent {
             connectors,
             dropped_no_route: sh.dropped_no_route.load(Ordering::Relaxed),
             dropped_tunnel_down: sh.dropped_tunnel_down.load(Ordering::Relaxed),
+            dropped_no_path: self.node.mux().stats().unroutable.load(Ordering::Relaxed),
+            dropped_inbound: sh.dropped_inbound.load(Ordering::Relaxed),
             dropped_to_platform: sh.dropped_to_platform.load(Ordering::Relaxed),
+            withdrawing: info.withdrawing.clone(),
+            refused: info.refused.map(|r| r.to_string()),
             relay_sessions: info.relay_sessions,
             last_error: info.last_error.clone(),
         }
@@ -360,7 +460,7 @@ impl Agent {
     pub async fn shutdown(self) {
         self.task.abort();
         let _ = self.task.await;
-        close_all_links(&self.shared, "agent shutting down");
+        close_all_inner(&self.shared, "agent shutting down");
         self.node
             .endpoint()
             .close(0u32.into(), b"agent shutting down");
@@ -369,58 +469,64 @@ impl Agent {
     }
 }
 
+fn close_all_inner(sh: &Shared, why: &str) {
+    let links: Vec<Arc<Link>> = read(&sh.links).values().cloned().collect();
+    for l in links {
+        if let Some(c) = write(&l.conn).take() {
+            c.close(0u32.into(), why.as_bytes());
+        }
+    }
+    for c in lock(&sh.control).values_mut() {
+        c.stop_inner();
+    }
+}
+
+/// What the inner connections' tasks report.
 enum Event {
     InnerUp {
         connector: String,
-        channel: ChannelId,
         conn: quinn::Connection,
     },
     InnerDown {
         connector: String,
-        channel: ChannelId,
+        /// The connection that ended; `None` for a failed handshake.
+        stable_id: Option<usize>,
         error: String,
-    },
-    Retry {
-        connector: String,
-    },
-    RequestTimeout {
-        connector: String,
-        request_id: u32,
     },
 }
 
-async fn supervise(sh: Arc<Shared>, node: Node) {
-    let mut backoff = Backoff::default();
-    let mut seed = jitter_seed();
-    let hello = Hello {
-        role: Role::Agent,
-        services: vec![],
-        want: sh.cfg.want.clone(),
-        software: software(),
-    };
-    loop {
-        tracing::debug!(relay = %sh.cfg.relay.addr, "connecting to the relay");
-        match node.connect_relay(&sh.cfg.relay, hello.clone()).await {
-            Ok(session) => {
-                backoff.reset();
-                let err = run_session(&sh, &node, session).await;
-                tracing::warn!(error = %err, "relay session ended; reconnecting");
-                lock(&sh.info).last_error = Some(err.to_string());
-            }
-            Err(e) => {
-                tracing::error!(relay = %sh.cfg.relay.addr, error = %e, attempt = backoff.attempts() + 1, "could not connect to the relay");
-                lock(&sh.info).last_error = Some(e.to_string());
-            }
-        }
-        {
-            let mut info = lock(&sh.info);
-            info.connected = false;
-        }
-        close_all_links(&sh, "relay session lost");
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        tokio::time::sleep(backoff.next_delay(seed >> 33)).await;
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<RelaySession, SessionError>> + Send>>;
+
+/// The session task: feeds the machine and carries out its commands.
+struct Driver {
+    sh: Arc<Shared>,
+    node: Node,
+    machine: AgentMachine,
+    session: Option<RelaySession>,
+    connecting: Option<ConnectFuture>,
+    /// The inner UDP payload size the current session carries.
+    inner_mtu: u16,
+    ev_tx: mpsc::Sender<Event>,
+}
+
+async fn next_connect(c: &mut Option<ConnectFuture>) -> Result<RelaySession, SessionError> {
+    match c {
+        Some(f) => f.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_message(s: &mut Option<RelaySession>) -> Result<ControlMessage, SessionError> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -428,378 +534,506 @@ fn software() -> String {
     format!("ztna-agent/{}", env!("CARGO_PKG_VERSION"))
 }
 
-fn close_all_links(sh: &Shared, why: &str) {
-    let links: Vec<Arc<Link>> = sh
-        .links
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .cloned()
-        .collect();
-    for l in links {
-        if let Some(c) = l.conn.write().unwrap_or_else(|p| p.into_inner()).take() {
-            c.close(0u32.into(), why.as_bytes());
+impl Driver {
+    async fn run(mut self, mut events: mpsc::Receiver<Event>) {
+        loop {
+            self.execute();
+            if self.machine.exited() {
+                return;
+            }
+            let deadline = self.machine.poll_timeout();
+            tokio::select! {
+                r = next_connect(&mut self.connecting) => {
+                    self.connecting = None;
+                    self.on_connect(r);
+                }
+                m = next_message(&mut self.session) => self.on_message(m),
+                Some(ev) = events.recv() => self.on_event(ev),
+                _ = sleep_until(deadline) => self.machine.handle_timeout(Instant::now()),
+            }
         }
     }
-    let mut control = lock(&sh.control);
-    for (_, c) in control.iter_mut() {
-        c.clear_path();
-        c.request_id = None;
-        c.channel = None;
-        c.vaddr = None;
-    }
-}
 
-async fn run_session(sh: &Arc<Shared>, node: &Node, mut session: RelaySession) -> SessionError {
-    let welcome = session.welcome().clone();
-    let outer_max = session.max_datagram_size();
-    let inner_mtu = transport::inner_mtu(outer_max.unwrap_or(0));
-    if let Err(e) = transport::check_outer(outer_max, inner_mtu) {
-        tracing::error!(error = %e, "the relay path cannot carry the tunnel");
-        return SessionError::Protocol(e.to_string());
-    }
-    {
-        let mut info = lock(&sh.info);
-        info.connected = true;
-        info.relay_sessions += 1;
-        info.session_conn = Some(session.connection().clone());
-        info.observed_addr = Some(welcome.observed_addr);
-        info.tunnel_ip = welcome.tunnel_ip;
-        info.last_error = None;
-        info.rejected = welcome
-            .rejected
-            .iter()
-            .map(|r| RejectedService {
-                name: r.name.clone(),
-                code: r.code.to_string(),
-                message: r.message.clone(),
-            })
-            .collect();
-    }
-    tracing::info!(
-        identity = %welcome.identity,
-        tunnel_ip = ?welcome.tunnel_ip,
-        observed = %welcome.observed_addr,
-        services = welcome.services.len(),
-        inner_mtu,
-        "connected to the relay"
-    );
-    for r in &welcome.rejected {
-        tracing::error!(service = %r.name, code = %r.code, "relay refused service: {}", r.message);
-    }
-    let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(256);
-    let mut next_request = 1u32;
-    apply_catalog(
-        sh,
-        &session,
-        welcome.services.clone(),
-        &mut next_request,
-        &ev_tx,
-    );
-    loop {
-        tokio::select! {
-            msg = session.recv() => {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => return e,
-                };
-                match msg {
-                    ControlMessage::Catalog(services) => {
-                        tracing::info!(services = services.len(), "service catalog updated");
-                        apply_catalog(sh, &session, services, &mut next_request, &ev_tx);
-                    }
-                    ControlMessage::ObservedAddress(a) => {
-                        tracing::info!("relay observed a new address for this agent");
-                        tracing::debug!(observed = %a, "new observed address");
-                        lock(&sh.info).observed_addr = Some(a);
-                        for d in lock(&sh.control).values().filter_map(|c| c.direct.as_ref()) {
-                            d.set_observed(a);
+    /// Carries out every pending command of the machine.
+    fn execute(&mut self) {
+        while let Some(cmd) = self.machine.poll_command() {
+            match cmd {
+                Command::Connect => {
+                    tracing::debug!(relay = %self.sh.cfg.relay.addr, "connecting to the relay");
+                    let node = self.node.clone();
+                    let target = self.sh.cfg.relay.clone();
+                    let hello = Hello {
+                        role: Role::Agent,
+                        services: vec![],
+                        want: self.sh.cfg.want.clone(),
+                        software: software(),
+                    };
+                    self.connecting =
+                        Some(Box::pin(
+                            async move { node.connect_relay(&target, hello).await },
+                        ));
+                }
+                Command::Exit(r) => {
+                    tracing::error!(refusal = %r, exit_code = r.exit_code(), "giving up: {r}");
+                    lock(&self.sh.info).refused = Some(r);
+                    close_all_inner(&self.sh, "agent refused");
+                    self.sh.refused_tx.send_replace(Some(r));
+                }
+                Command::Publish(state) => self.publish(state),
+                Command::OpenChannel {
+                    connector,
+                    request_id,
+                } => {
+                    lock(&self.sh.control)
+                        .entry(connector.clone())
+                        .or_default()
+                        .request_id = Some(request_id);
+                    tracing::debug!(%connector, request_id, "asking the relay for a channel");
+                    if let Some(s) = &self.session {
+                        if let Err(e) = s.send(ControlMessage::OpenChannel {
+                            request_id,
+                            connector: connector.clone(),
+                        }) {
+                            tracing::warn!(%connector, error = %e, "could not ask for a channel");
                         }
                     }
-                    ControlMessage::Candidates { channel_id, candidates } => {
-                        let mut control = lock(&sh.control);
-                        match control.values_mut().find(|c| c.channel.map(|c| c.get()) == Some(channel_id)) {
-                            Some(ctl) => match &ctl.direct {
-                                Some(d) => d.set_peer_candidates(candidates),
-                                None => ctl.pending_candidates = Some(candidates),
-                            },
-                            None => tracing::debug!(channel_id, "candidates for an unknown channel; ignored"),
-                        }
-                    }
-                    ControlMessage::ChannelOpened { request_id, channel_id, connector } => {
-                        let Some(channel) = ChannelId::new(channel_id) else {
-                            return SessionError::Protocol(format!("channel id {channel_id} out of range"));
-                        };
-                        let mut control = lock(&sh.control);
-                        let Some(ctl) = control.get_mut(&connector).filter(|c| c.request_id == Some(request_id)) else {
-                            tracing::debug!(%connector, request_id, "stale channel answer; closing it");
-                            let _ = session.send(ControlMessage::ChannelClosed { channel_id, code: ErrorCode::PeerGone });
-                            continue;
-                        };
-                        let vaddr = session.attach_channel(channel);
-                        ctl.request_id = None;
-                        ctl.channel = Some(channel);
-                        ctl.vaddr = Some(vaddr);
-                        drop(control);
-                        tracing::debug!(%connector, %channel, "channel open; starting the inner connection");
-                        tokio::spawn(connect_inner(node.clone(), connector, channel, vaddr, inner_mtu, sh.cfg.tun_mtu, ev_tx.clone()));
-                    }
-                    ControlMessage::ChannelClosed { channel_id, code } => {
-                        let connector = {
-                            let control = lock(&sh.control);
-                            control.iter().find(|(_, c)| c.channel.map(|c| c.get()) == Some(channel_id)).map(|(n, _)| n.clone())
-                        };
-                        if let Some(connector) = connector {
-                            tracing::warn!(%connector, channel_id, %code, "relay closed the channel");
-                            link_down(sh, &session, &connector, format!("channel closed: {code}"), &ev_tx);
-                        }
-                    }
-                    ControlMessage::Error { code, request_id, message } => {
-                        let connector = request_id.and_then(|id| {
-                            let control = lock(&sh.control);
-                            control.iter().find(|(_, c)| c.request_id == Some(id)).map(|(n, _)| n.clone())
+                }
+                Command::CloseChannel { channel } => {
+                    if let Some(s) = &self.session {
+                        let _ = s.send(ControlMessage::ChannelClosed {
+                            channel_id: channel.get(),
+                            code: ErrorCode::PeerGone,
                         });
-                        match connector {
-                            Some(connector) => {
-                                tracing::warn!(%connector, %code, "relay could not open a channel: {message}");
-                                link_down(sh, &session, &connector, format!("{code}: {message}"), &ev_tx);
-                            }
-                            None => tracing::error!(%code, "relay reported an error: {message}"),
+                    }
+                }
+                Command::Attach {
+                    connector,
+                    channel,
+                    handshake,
+                } => self.attach(connector, channel, handshake),
+                Command::Detach { connector } => {
+                    if let Some(ctl) = lock(&self.sh.control).get_mut(&connector) {
+                        ctl.channel = None;
+                        ctl.request_id = None;
+                        if let Some(v) = ctl.vaddr {
+                            self.node.mux().clear_relay_route(v);
                         }
                     }
-                    other => tracing::warn!(kind = other.kind(), "unexpected control message from the relay; ignored"),
                 }
-            }
-            Some(ev) = ev_rx.recv() => match ev {
-                Event::InnerUp { connector, channel, conn } => {
-                    let current = lock(&sh.control).get(&connector).and_then(|c| c.channel) == Some(channel);
-                    let link = sh.links.read().unwrap_or_else(|p| p.into_inner()).get(&connector).cloned();
-                    match (current, link) {
-                        (true, Some(link)) => {
-                            tracing::info!(%connector, %channel, rtt_ms = conn.rtt().as_millis() as u64, "tunnel to connector up (relay path)");
-                            *link.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
-                            let reader = tokio::spawn(read_inner(sh.clone(), link, conn.clone(), channel, ev_tx.clone()));
-                            let (observed, tunnel_ip) = {
-                                let info = lock(&sh.info);
-                                (info.observed_addr, info.tunnel_ip)
-                            };
-                            if let Some(ctl) = lock(&sh.control).get_mut(&connector) {
-                                ctl.last_error = None;
-                                if let Some(old) = ctl.reader.replace(reader) {
-                                    old.abort();
-                                }
-                                ctl.direct = None;
-                                if let (true, Some(vaddr)) = (sh.cfg.direct.enabled, ctl.vaddr) {
-                                    let mut opts = sh.cfg.direct.clone();
-                                    opts.exclude.extend(tunnel_ip.map(std::net::IpAddr::V4));
-                                    let ctx = DirectContext {
-                                        mux: node.mux().clone(),
-                                        vaddr,
-                                        channel,
-                                        control: session.control_sender(),
-                                        observed,
-                                        full_probe_len: usize::from(inner_mtu),
-                                        peer: connector.clone(),
-                                    };
-                                    match DirectPath::start(&conn, ctx, &opts) {
-                                        Ok(d) => {
-                                            if let Some(c) = ctl.pending_candidates.take() {
-                                                d.set_peer_candidates(c);
-                                            }
-                                            ctl.direct = Some(d);
-                                        }
-                                        Err(e) => tracing::warn!(%connector, error = %e, "no direct path for this tunnel"),
-                                    }
-                                }
-                            }
+                Command::CloseInner { connector } => self.close_inner(&connector, "tunnel reset"),
+                Command::Forget { connector } => {
+                    self.close_inner(&connector, "connector left the catalog");
+                    if let Some(ctl) = lock(&self.sh.control).remove(&connector) {
+                        if let Some(v) = ctl.vaddr {
+                            self.node.mux().remove_route(v);
                         }
-                        _ => conn.close(0u32.into(), b"channel gone"),
-                    }
-                }
-                Event::InnerDown { connector, channel, error } => {
-                    let current = lock(&sh.control).get(&connector).and_then(|c| c.channel) == Some(channel);
-                    if current {
-                        tracing::warn!(%connector, %channel, %error, "tunnel to connector down");
-                        link_down(sh, &session, &connector, error, &ev_tx);
-                    }
-                }
-                Event::Retry { connector } => {
-                    let wanted = sh.links.read().unwrap_or_else(|p| p.into_inner()).contains_key(&connector);
-                    let idle = lock(&sh.control).get(&connector).is_some_and(|c| c.request_id.is_none() && c.channel.is_none());
-                    if wanted && idle {
-                        open_channel(sh, &session, &connector, &mut next_request, &ev_tx);
-                    }
-                }
-                Event::RequestTimeout { connector, request_id } => {
-                    let pending = lock(&sh.control).get(&connector).is_some_and(|c| c.request_id == Some(request_id));
-                    if pending {
-                        tracing::warn!(%connector, request_id, "the relay did not answer a channel request; asking again");
-                        link_down(sh, &session, &connector, "channel request timed out".into(), &ev_tx);
                     }
                 }
             }
         }
+        lock(&self.sh.info).withdrawing = self.machine.withdrawing();
     }
-}
 
-/// Tears a connector's path down and schedules a new channel request.
-fn link_down(
-    sh: &Arc<Shared>,
-    session: &RelaySession,
-    connector: &str,
-    error: String,
-    ev_tx: &mpsc::Sender<Event>,
-) {
-    if let Some(link) = sh
-        .links
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(connector)
-    {
-        if let Some(c) = link.conn.write().unwrap_or_else(|p| p.into_inner()).take() {
-            c.close(0u32.into(), b"path down");
-        }
-    }
-    let mut control = lock(&sh.control);
-    if let Some(ctl) = control.get_mut(connector) {
-        if let Some(ch) = ctl.channel.take() {
-            let _ = session.send(ControlMessage::ChannelClosed {
-                channel_id: ch.get(),
-                code: ErrorCode::PeerGone,
-            });
-        }
-        ctl.clear_path();
-        if let Some(v) = ctl.vaddr.take() {
-            session.detach(v);
-        }
-        ctl.request_id = None;
-        ctl.last_error = Some(error);
-    }
-    let tx = ev_tx.clone();
-    let connector = connector.to_owned();
-    tokio::spawn(async move {
-        tokio::time::sleep(CHANNEL_RETRY).await;
-        let _ = tx.send(Event::Retry { connector }).await;
-    });
-}
-
-fn open_channel(
-    sh: &Shared,
-    session: &RelaySession,
-    connector: &str,
-    next_request: &mut u32,
-    ev_tx: &mpsc::Sender<Event>,
-) {
-    let request_id = *next_request;
-    *next_request = next_request.wrapping_add(1);
-    lock(&sh.control)
-        .entry(connector.to_owned())
-        .or_default()
-        .request_id = Some(request_id);
-    tracing::debug!(%connector, request_id, "asking the relay for a channel");
-    if let Err(e) = session.send(ControlMessage::OpenChannel {
-        request_id,
-        connector: connector.to_owned(),
-    }) {
-        tracing::warn!(%connector, error = %e, "could not ask for a channel");
-    }
-    // A request the relay never answers must not leave the connector unreachable for good.
-    let tx = ev_tx.clone();
-    let connector = connector.to_owned();
-    tokio::spawn(async move {
-        tokio::time::sleep(CHANNEL_REQUEST_TIMEOUT).await;
-        let _ = tx
-            .send(Event::RequestTimeout {
-                connector,
-                request_id,
-            })
-            .await;
-    });
-}
-
-/// Installs a new catalog: routes, links, channels.
-fn apply_catalog(
-    sh: &Shared,
-    session: &RelaySession,
-    services: Vec<ServiceDef>,
-    next_request: &mut u32,
-    ev_tx: &mpsc::Sender<Event>,
-) {
-    let mut new_links = Vec::new();
-    {
-        let mut links = sh.links.write().unwrap_or_else(|p| p.into_inner());
-        let wanted: std::collections::HashSet<&str> =
-            services.iter().map(|s| s.connector.as_str()).collect();
-        links.retain(|name, link| {
-            let keep = wanted.contains(name.as_str());
-            if !keep {
-                if let Some(c) = link.conn.write().unwrap_or_else(|p| p.into_inner()).take() {
-                    c.close(0u32.into(), b"connector left the catalog");
-                }
+    /// Applies a new tunnel state: links, routes and the inbound check's services, then tells
+    /// the platform.
+    fn publish(&self, state: TunnelState) {
+        {
+            let mut links = write(&self.sh.links);
+            let mut by_connector: HashMap<&str, Vec<ServiceDef>> = HashMap::new();
+            for s in &state.services {
+                by_connector
+                    .entry(s.connector.as_str())
+                    .or_default()
+                    .push(s.clone());
             }
-            keep
-        });
-        for name in wanted {
-            if !links.contains_key(name) {
-                links.insert(
-                    name.to_owned(),
+            links.retain(|name, _| by_connector.contains_key(name.as_str()));
+            for (name, services) in by_connector {
+                let link = links.entry(name.to_owned()).or_insert_with(|| {
                     Arc::new(Link {
                         name: name.to_owned(),
                         conn: RwLock::new(None),
+                        services: RwLock::default(),
                         counters: LinkCounters::default(),
-                    }),
+                    })
+                });
+                *write(&link.services) = services;
+            }
+            let mut routes = write(&self.sh.routes);
+            routes.clear();
+            for s in &state.services {
+                if let Some(l) = links.get(&s.connector) {
+                    routes.insert(s.address, l.clone());
+                }
+            }
+        }
+        self.sh
+            .tunnel_ip
+            .store(state.tunnel_ip.map_or(0, u32::from), Ordering::Relaxed);
+        lock(&self.sh.info).tunnel_ip = state.tunnel_ip;
+        tracing::debug!(services = state.services.len(), "routes published");
+        self.sh.state_tx.send_replace(state);
+    }
+
+    fn attach(&self, connector: String, channel: ChannelId, handshake: bool) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        // Lock order: links before control.
+        let conn = read(&self.sh.links)
+            .get(&connector)
+            .and_then(|l| read(&l.conn).clone());
+        let mut control = lock(&self.sh.control);
+        let ctl = control.entry(connector.clone()).or_default();
+        ctl.request_id = None;
+        ctl.channel = Some(channel);
+        let vaddr = match ctl.vaddr {
+            Some(v) => {
+                session.reattach_channel(v, channel);
+                v
+            }
+            None => {
+                let v = session.attach_channel(channel);
+                ctl.vaddr = Some(v);
+                v
+            }
+        };
+        if handshake {
+            tracing::debug!(%connector, %channel, "channel open; starting the inner connection");
+            if let Some(h) = ctl.handshake.take() {
+                h.abort();
+            }
+            ctl.handshake = Some(tokio::spawn(connect_inner(
+                self.node.clone(),
+                connector,
+                vaddr,
+                self.inner_mtu,
+                self.sh.cfg.tun_mtu,
+                self.ev_tx.clone(),
+            )));
+            return;
+        }
+        tracing::info!(%connector, %channel, "inner connection resumed over a new relay channel");
+        // The direct-path driver speaks through the old session and channel: start it again
+        // (dropping the old one first, which unregisters the probe tag they share).
+        ctl.direct = None;
+        if let Some(conn) = conn {
+            self.start_direct(ctl, &connector, &conn, channel, vaddr);
+        }
+    }
+
+    fn start_direct(
+        &self,
+        ctl: &mut LinkControl,
+        connector: &str,
+        conn: &quinn::Connection,
+        channel: ChannelId,
+        vaddr: SocketAddr,
+    ) {
+        let (true, Some(session)) = (self.sh.cfg.direct.enabled, &self.session) else {
+            return;
+        };
+        let (observed, tunnel_ip) = {
+            let info = lock(&self.sh.info);
+            (info.observed_addr, info.tunnel_ip)
+        };
+        let mut opts = self.sh.cfg.direct.clone();
+        opts.exclude.extend(tunnel_ip.map(std::net::IpAddr::V4));
+        let ctx = DirectContext {
+            mux: self.node.mux().clone(),
+            vaddr,
+            channel,
+            control: session.control_sender(),
+            observed,
+            full_probe_len: usize::from(self.inner_mtu),
+            peer: connector.to_owned(),
+        };
+        match DirectPath::start(conn, ctx, &opts) {
+            Ok(d) => {
+                if let Some(c) = ctl.pending_candidates.take() {
+                    d.set_peer_candidates(c);
+                }
+                ctl.direct = Some(d);
+            }
+            Err(e) => {
+                tracing::warn!(%connector, error = %e, "no direct path for this tunnel")
+            }
+        }
+    }
+
+    fn close_inner(&self, connector: &str, why: &str) {
+        if let Some(link) = read(&self.sh.links).get(connector) {
+            if let Some(c) = write(&link.conn).take() {
+                c.close(0u32.into(), why.as_bytes());
+            }
+        }
+        if let Some(ctl) = lock(&self.sh.control).get_mut(connector) {
+            ctl.stop_inner();
+        }
+    }
+
+    fn on_connect(&mut self, result: Result<RelaySession, SessionError>) {
+        let now = Instant::now();
+        let session = match result {
+            Ok(s) => s,
+            Err(e) => {
+                self.session_failed(&e, "could not connect to the relay");
+                return;
+            }
+        };
+        let welcome = session.welcome().clone();
+        let outer_max = session.max_datagram_size();
+        let inner_mtu = transport::inner_mtu(outer_max.unwrap_or(0));
+        if let Err(e) = transport::check_outer(outer_max, inner_mtu) {
+            tracing::error!(error = %e, "the relay path cannot carry the tunnel");
+            lock(&self.sh.info).last_error = Some(e.to_string());
+            self.machine
+                .handle(now, Input::Disconnected { refusal: None });
+            return;
+        }
+        self.inner_mtu = inner_mtu;
+        {
+            let mut info = lock(&self.sh.info);
+            info.connected = true;
+            info.relay_sessions += 1;
+            info.session_conn = Some(session.connection().clone());
+            info.observed_addr = Some(welcome.observed_addr);
+            info.last_error = None;
+            info.rejected = welcome
+                .rejected
+                .iter()
+                .map(|r| RejectedService {
+                    name: r.name.clone(),
+                    code: r.code.to_string(),
+                    message: r.message.clone(),
+                })
+                .collect();
+        }
+        tracing::info!(
+            identity = %welcome.identity,
+            tunnel_ip = ?welcome.tunnel_ip,
+            observed = %welcome.observed_addr,
+            services = welcome.services.len(),
+            inner_mtu,
+            "connected to the relay"
+        );
+        for r in &welcome.rejected {
+            tracing::error!(service = %r.name, code = %r.code, "relay refused service: {}", r.message);
+        }
+        self.session = Some(session);
+        self.machine.handle(
+            now,
+            Input::Connected {
+                tunnel_ip: welcome.tunnel_ip,
+                services: welcome.services,
+            },
+        );
+    }
+
+    /// A connection attempt failed or the session ended.
+    fn session_failed(&mut self, e: &SessionError, what: &str) {
+        self.session = None;
+        let refusal = e.refusal();
+        {
+            let mut info = lock(&self.sh.info);
+            info.connected = false;
+            info.last_error = Some(e.to_string());
+        }
+        for ctl in lock(&self.sh.control).values_mut() {
+            ctl.channel = None;
+            ctl.request_id = None;
+        }
+        match refusal {
+            Some(r) => {
+                tracing::error!(relay = %self.sh.cfg.relay.addr, error = %e, refusal = %r, "{what}: refused")
+            }
+            None => {
+                tracing::warn!(relay = %self.sh.cfg.relay.addr, error = %e, "{what}; retrying (routes stay, packets to services are dropped meanwhile)")
+            }
+        }
+        self.machine
+            .handle(Instant::now(), Input::Disconnected { refusal });
+    }
+
+    fn on_message(&mut self, msg: Result<ControlMessage, SessionError>) {
+        let now = Instant::now();
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                self.session_failed(&e, "relay session ended");
+                return;
+            }
+        };
+        match msg {
+            ControlMessage::Catalog(services) => {
+                tracing::info!(services = services.len(), "service catalog updated");
+                self.machine.handle(now, Input::Catalog(services));
+            }
+            ControlMessage::ObservedAddress(a) => {
+                tracing::info!("relay observed a new address for this agent");
+                tracing::debug!(observed = %a, "new observed address");
+                lock(&self.sh.info).observed_addr = Some(a);
+                for d in lock(&self.sh.control)
+                    .values()
+                    .filter_map(|c| c.direct.as_ref())
+                {
+                    d.set_observed(a);
+                }
+            }
+            ControlMessage::Candidates {
+                channel_id,
+                candidates,
+            } => {
+                let mut control = lock(&self.sh.control);
+                match control
+                    .values_mut()
+                    .find(|c| c.channel.map(|c| c.get()) == Some(channel_id))
+                {
+                    Some(ctl) => match &ctl.direct {
+                        Some(d) => d.set_peer_candidates(candidates),
+                        None => ctl.pending_candidates = Some(candidates),
+                    },
+                    None => {
+                        tracing::debug!(channel_id, "candidates for an unknown channel; ignored")
+                    }
+                }
+            }
+            ControlMessage::ChannelOpened {
+                request_id,
+                channel_id,
+                connector,
+            } => {
+                let Some(channel) = ChannelId::new(channel_id) else {
+                    let e = SessionError::Protocol(format!("channel id {channel_id} out of range"));
+                    self.session_failed(&e, "relay session ended");
+                    return;
+                };
+                self.machine.handle(
+                    now,
+                    Input::ChannelOpened {
+                        request_id,
+                        channel,
+                        connector,
+                    },
                 );
             }
-        }
-        let mut routes = sh.routes.write().unwrap_or_else(|p| p.into_inner());
-        routes.clear();
-        for s in &services {
-            if let Some(l) = links.get(&s.connector) {
-                routes.insert(s.address, l.clone());
-            }
-        }
-        let mut control = lock(&sh.control);
-        control.retain(|name, c| {
-            let keep = links.contains_key(name);
-            if !keep {
-                if let Some(v) = c.vaddr.take() {
-                    session.detach(v);
+            ControlMessage::ChannelClosed { channel_id, code } => {
+                let connector = lock(&self.sh.control)
+                    .iter()
+                    .find(|(_, c)| c.channel.map(|c| c.get()) == Some(channel_id))
+                    .map(|(n, _)| n.clone());
+                if let Some(connector) = connector {
+                    tracing::warn!(%connector, channel_id, %code, "relay closed the channel");
+                    if let Some(ctl) = lock(&self.sh.control).get_mut(&connector) {
+                        ctl.last_error = Some(format!("channel closed: {code}"));
+                    }
                 }
-                if let Some(ch) = c.channel.take() {
-                    let _ = session.send(ControlMessage::ChannelClosed {
-                        channel_id: ch.get(),
-                        code: ErrorCode::PeerGone,
-                    });
-                }
-                c.clear_path();
+                self.machine.handle(
+                    now,
+                    Input::ChannelClosed {
+                        channel: channel_id,
+                    },
+                );
             }
-            keep
-        });
-        for name in links.keys() {
-            let ctl = control.entry(name.clone()).or_default();
-            if ctl.request_id.is_none() && ctl.channel.is_none() {
-                new_links.push(name.clone());
+            ControlMessage::Error {
+                code,
+                request_id,
+                message,
+            } => {
+                let connector = request_id.and_then(|id| {
+                    lock(&self.sh.control)
+                        .iter_mut()
+                        .find(|(_, c)| c.request_id == Some(id))
+                        .map(|(n, c)| {
+                            c.request_id = None;
+                            c.last_error = Some(format!("{code}: {message}"));
+                            n.clone()
+                        })
+                });
+                match (connector, request_id) {
+                    (Some(connector), Some(request_id)) => {
+                        tracing::warn!(%connector, %code, "relay could not open a channel: {message}");
+                        self.machine
+                            .handle(now, Input::ChannelRefused { request_id });
+                    }
+                    _ => tracing::error!(%code, "relay reported an error: {message}"),
+                }
+            }
+            other => tracing::warn!(
+                kind = other.kind(),
+                "unexpected control message from the relay; ignored"
+            ),
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        let now = Instant::now();
+        match ev {
+            Event::InnerUp { connector, conn } => {
+                let link = read(&self.sh.links).get(&connector).cloned();
+                let mut control = lock(&self.sh.control);
+                let ctl = control
+                    .get_mut(&connector)
+                    .filter(|c| c.vaddr == Some(conn.remote_address()));
+                let (Some(ctl), Some(link)) = (ctl, link) else {
+                    conn.close(0u32.into(), b"connector gone");
+                    return;
+                };
+                tracing::info!(%connector, rtt_ms = conn.rtt().as_millis() as u64, "tunnel to connector up");
+                ctl.handshake = None;
+                ctl.last_error = None;
+                if let Some(old) = write(&link.conn).replace(conn.clone()) {
+                    old.close(0u32.into(), b"replaced");
+                }
+                let reader = tokio::spawn(read_inner(
+                    self.sh.clone(),
+                    link,
+                    conn.clone(),
+                    self.ev_tx.clone(),
+                ));
+                if let Some(old) = ctl.reader.replace(reader) {
+                    old.abort();
+                }
+                ctl.direct = None;
+                if let (Some(channel), Some(vaddr)) = (ctl.channel, ctl.vaddr) {
+                    self.start_direct(ctl, &connector, &conn, channel, vaddr);
+                }
+                drop(control);
+                self.machine.handle(now, Input::InnerUp { connector });
+            }
+            Event::InnerDown {
+                connector,
+                stable_id,
+                error,
+            } => {
+                let link = read(&self.sh.links).get(&connector).cloned();
+                let current = link.as_ref().is_some_and(|l| {
+                    let conn = read(&l.conn);
+                    match (stable_id, conn.as_ref()) {
+                        (Some(id), Some(c)) => c.stable_id() == id,
+                        (None, None) => true,
+                        _ => false,
+                    }
+                });
+                if !current {
+                    return;
+                }
+                tracing::warn!(%connector, %error, "tunnel to connector down");
+                if let Some(c) = link.and_then(|l| write(&l.conn).take()) {
+                    c.close(0u32.into(), b"down");
+                }
+                if let Some(ctl) = lock(&self.sh.control).get_mut(&connector) {
+                    ctl.stop_inner();
+                    ctl.last_error = Some(error);
+                }
+                self.machine.handle(now, Input::InnerDown { connector });
             }
         }
     }
-    for name in new_links {
-        open_channel(sh, session, &name, next_request, ev_tx);
-    }
-    let tunnel_ip = {
-        let mut info = lock(&sh.info);
-        info.services = services.clone();
-        info.tunnel_ip
-    };
-    sh.state_tx.send_replace(TunnelState {
-        tunnel_ip,
-        services,
-    });
 }
 
 async fn connect_inner(
     node: Node,
     connector: String,
-    channel: ChannelId,
     vaddr: SocketAddr,
     inner_mtu: u16,
     tun_mtu: u16,
@@ -816,7 +1050,7 @@ async fn connect_inner(
             .endpoint()
             .connect_with(cfg, vaddr, &connector)
             .map_err(|e| e.to_string())?;
-        let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+        let conn = tokio::time::timeout(INNER_HANDSHAKE_TIMEOUT, connecting)
             .await
             .map_err(|_| "inner handshake timed out".to_owned())?
             .map_err(|e| format!("inner handshake: {e}"))?;
@@ -836,14 +1070,10 @@ async fn connect_inner(
     }
     .await;
     let ev = match result {
-        Ok(conn) => Event::InnerUp {
-            connector,
-            channel,
-            conn,
-        },
+        Ok(conn) => Event::InnerUp { connector, conn },
         Err(error) => Event::InnerDown {
             connector,
-            channel,
+            stable_id: None,
             error,
         },
     };
@@ -854,7 +1084,6 @@ async fn read_inner(
     sh: Arc<Shared>,
     link: Arc<Link>,
     conn: quinn::Connection,
-    channel: ChannelId,
     ev_tx: mpsc::Sender<Event>,
 ) {
     let started = Instant::now();
@@ -865,6 +1094,16 @@ async fn read_inner(
                 link.counters
                     .rx_bytes
                     .fetch_add(pkt.len() as u64, Ordering::Relaxed);
+                let tunnel_ip = match sh.tunnel_ip.load(Ordering::Relaxed) {
+                    0 => None,
+                    ip => Some(Ipv4Addr::from(ip)),
+                };
+                let verdict = crate::inbound::check(&pkt, &read(&link.services), tunnel_ip);
+                if let Err(why) = verdict {
+                    sh.dropped_inbound.fetch_add(1, Ordering::Relaxed);
+                    tracing::trace!(connector = %link.name, ?why, "packet from the connector dropped by the inbound check");
+                    continue;
+                }
                 if sh.to_platform.try_send(pkt).is_err() {
                     sh.dropped_to_platform.fetch_add(1, Ordering::Relaxed);
                 }
@@ -876,7 +1115,7 @@ async fn read_inner(
     let _ = ev_tx
         .send(Event::InnerDown {
             connector: link.name.clone(),
-            channel,
+            stable_id: Some(conn.stable_id()),
             error: error.to_string(),
         })
         .await;

@@ -12,7 +12,11 @@
 //! - [`direct`]: the driver that runs [`path`] over the socket: probes, candidate exchange,
 //!   and switching the socket's route between the relay channel and the direct path.
 //! - [`agent`]: the platform-neutral agent tunnel: packets in and out through a channel, never a
-//!   TUN device directly.
+//!   TUN device directly; the I/O shell over [`agent_machine`].
+//! - [`agent_machine`]: the agent's session logic (relay reconnects and refusals, catalog and
+//!   routes with a withdrawal grace period, channels, resuming inner connections) as a pure
+//!   state machine with injected time.
+//! - [`inbound`]: the agent's check of packets from a connector (source, port, destination).
 //! - [`backoff`]: reconnect delays.
 //! - [`daemon`]: layered configuration, logging, signals and sockets of the daemons.
 //! - [`metrics_http`]: the opt-in Prometheus endpoint of the relay and the connector.
@@ -20,9 +24,11 @@
 //! I/O: [`mux`], [`session`], [`direct`] and [`agent`] own UDP sockets and tokio tasks; the rest is pure.
 
 pub mod agent;
+pub mod agent_machine;
 pub mod backoff;
 pub mod daemon;
 pub mod direct;
+pub mod inbound;
 pub mod metrics_http;
 pub mod mux;
 pub mod path;

@@ -87,10 +87,19 @@ pub struct RouteCounters {
     pub direct_rx: AtomicU64,
 }
 
+/// A relay channel: the outer connection it lives on and its number there.
 #[derive(Clone)]
-struct Route {
+struct RelayPath {
     channel: ChannelId,
     conn: quinn::Connection,
+}
+
+#[derive(Clone)]
+struct Route {
+    /// The relay channel, while there is one. A route without one (its relay session is gone,
+    /// the next one not yet attached) keeps its direct path and counters; packets with no path
+    /// at all are dropped and counted as unroutable.
+    relay: Option<RelayPath>,
     /// The peer's real address while a direct path is active.
     direct: Option<SocketAddr>,
     counters: Arc<RouteCounters>,
@@ -107,9 +116,35 @@ struct Routes {
 impl Routes {
     fn remove(&mut self, addr: SocketAddr) {
         if let Some(r) = self.by_addr.remove(&addr) {
-            self.by_channel.remove(&(r.conn.stable_id(), r.channel));
+            if let Some(p) = r.relay {
+                self.by_channel.remove(&(p.conn.stable_id(), p.channel));
+            }
         }
         self.direct_in.retain(|_, v| *v != addr);
+    }
+
+    /// Points `addr` at `relay` (creating the route if needed), dropping its old channel.
+    fn set_relay(&mut self, addr: SocketAddr, relay: Option<RelayPath>) {
+        let route = self.by_addr.entry(addr).or_insert_with(|| Route {
+            relay: None,
+            direct: None,
+            counters: Arc::default(),
+        });
+        let old = std::mem::replace(&mut route.relay, relay.clone());
+        if let Some(p) = old {
+            self.by_channel.remove(&(p.conn.stable_id(), p.channel));
+        }
+        if let Some(p) = relay {
+            let key = (p.conn.stable_id(), p.channel);
+            if let Some(prev) = self.by_channel.insert(key, addr) {
+                // The channel number was another address's: that one loses its relay path.
+                if prev != addr {
+                    if let Some(r) = self.by_addr.get_mut(&prev) {
+                        r.relay = None;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -157,6 +192,24 @@ impl MuxSocket {
         }))
     }
 
+    /// Sets `SO_MARK` on the socket (needs CAP_NET_ADMIN): a policy rule can then send the
+    /// outer traffic (relay and direct paths) around the tunnel's own routes, so that no
+    /// catalog entry can capture it.
+    #[cfg(target_os = "linux")]
+    pub fn set_mark(&self, mark: u32) -> io::Result<()> {
+        nix::sys::socket::setsockopt(&self.io, nix::sys::socket::sockopt::Mark, &mark)
+            .map_err(io::Error::from)
+    }
+
+    /// `SO_MARK` exists on Linux only.
+    #[cfg(not(target_os = "linux"))]
+    pub fn set_mark(&self, _mark: u32) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "SO_MARK is Linux only",
+        ))
+    }
+
     /// The socket's counters.
     pub fn stats(&self) -> &MuxStats {
         &self.stats
@@ -188,20 +241,33 @@ impl MuxSocket {
     /// Routes a new virtual peer address through `channel` on the outer connection `conn`.
     pub fn add_relay_route(&self, conn: &quinn::Connection, channel: ChannelId) -> SocketAddr {
         let addr = self.allocate_virtual();
-        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = routes.by_channel.insert((conn.stable_id(), channel), addr) {
-            routes.by_addr.remove(&old);
-        }
-        routes.by_addr.insert(
-            addr,
-            Route {
-                channel,
-                conn: conn.clone(),
-                direct: None,
-                counters: Arc::default(),
-            },
-        );
+        self.set_relay_route(addr, conn, channel);
         addr
+    }
+
+    /// Re-points virtual address `addr` (new or existing) at `channel` on the outer connection
+    /// `conn`. An inner connection bound to `addr` continues over the new channel without
+    /// noticing: this is how it outlives a relay session.
+    pub fn set_relay_route(&self, addr: SocketAddr, conn: &quinn::Connection, channel: ChannelId) {
+        self.routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_relay(
+                addr,
+                Some(RelayPath {
+                    channel,
+                    conn: conn.clone(),
+                }),
+            );
+    }
+
+    /// Takes the relay channel away from `addr` but keeps its route (direct path, counters):
+    /// packets that would go through the relay are dropped until a new channel is attached.
+    pub fn clear_relay_route(&self, addr: SocketAddr) {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        if routes.by_addr.contains_key(&addr) {
+            routes.set_relay(addr, None);
+        }
     }
 
     /// Removes a virtual address's route; later packets to it are dropped and counted.
@@ -212,18 +278,29 @@ impl MuxSocket {
             .remove(addr);
     }
 
-    /// Removes every route over the outer connection with `stable_id`.
-    pub fn remove_routes_of(&self, stable_id: usize) {
+    /// Takes every relay channel over the outer connection with `stable_id` away from its
+    /// virtual address (the session is gone); the addresses and their direct paths stay, so
+    /// the inner connections on them can continue over a later session's channels.
+    pub fn clear_relay_routes_of(&self, stable_id: usize) {
         let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
         let gone: Vec<SocketAddr> = routes
-            .by_addr
+            .by_channel
             .iter()
-            .filter(|(_, r)| r.conn.stable_id() == stable_id)
-            .map(|(a, _)| *a)
+            .filter(|((id, _), _)| *id == stable_id)
+            .map(|(_, a)| *a)
             .collect();
         for a in gone {
-            routes.remove(a);
+            routes.set_relay(a, None);
         }
+    }
+
+    /// Whether virtual address `addr` has a route.
+    pub fn has_route(&self, addr: SocketAddr) -> bool {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_addr
+            .contains_key(&addr)
     }
 
     /// Sets the direct path of virtual address `vaddr`: packets to it go to `send_to` (or the
@@ -348,14 +425,14 @@ impl MuxSocket {
         }
     }
 
-    fn send_relay(&self, route: &Route, transmit: &Transmit<'_>) {
+    fn send_relay(&self, route: &Route, relay: &RelayPath, transmit: &Transmit<'_>) {
         let seg = transmit
             .segment_size
             .unwrap_or(transmit.contents.len())
             .max(1);
         for chunk in transmit.contents.chunks(seg) {
-            let dgram = Bytes::from(datagram::encode(route.channel, chunk));
-            match route.conn.send_datagram(dgram) {
+            let dgram = Bytes::from(datagram::encode(relay.channel, chunk));
+            match relay.conn.send_datagram(dgram) {
                 Ok(()) => {
                     route.counters.relay_tx.fetch_add(1, Ordering::Relaxed);
                     self.stats.relay_tx_packets.fetch_add(1, Ordering::Relaxed);
@@ -366,7 +443,7 @@ impl MuxSocket {
                 Err(e) => {
                     self.stats.relay_tx_dropped.fetch_add(1, Ordering::Relaxed);
                     if let quinn::SendDatagramError::TooLarge = e {
-                        tracing::warn!(len = chunk.len(), max = ?route.conn.max_datagram_size(), "inner packet does not fit the relay connection; dropped");
+                        tracing::warn!(len = chunk.len(), max = ?relay.conn.max_datagram_size(), "inner packet does not fit the relay connection; dropped");
                     } else {
                         tracing::trace!(error = %e, "relay channel send failed");
                     }
@@ -595,10 +672,13 @@ impl AsyncUdpSocket for MuxSocket {
                 routes.by_addr.get(&transmit.destination).cloned()
             };
             match route {
-                Some(route) => match route.direct {
+                Some(route) => match (route.direct, &route.relay) {
                     // A direct send error (e.g. a full buffer) is quinn's to see, as on any socket.
-                    Some(to) => return self.send_direct(&route, to, transmit),
-                    None => self.send_relay(&route, transmit),
+                    (Some(to), _) => return self.send_direct(&route, to, transmit),
+                    (None, Some(relay)) => self.send_relay(&route, relay, transmit),
+                    (None, None) => {
+                        self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
+                    }
                 },
                 None => {
                     self.stats.unroutable.fetch_add(1, Ordering::Relaxed);

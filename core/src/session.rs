@@ -15,6 +15,7 @@ use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role, Welcome};
 use ztna_proto::frame::{self, FrameDecoder, FrameError};
 use ztna_proto::{ChannelId, ALPN_RELAY};
 
+use crate::agent_machine::Refusal;
 use crate::mux::MuxSocket;
 use crate::tls::{Credentials, PeerIdentity, TlsError};
 use crate::transport::{self, Timing};
@@ -60,6 +61,58 @@ pub enum SessionError {
     /// The session was closed locally.
     #[error("session closed")]
     Closed,
+}
+
+/// TLS alerts that mean a certificate will not be accepted however often one retries:
+/// bad_certificate, unsupported_certificate, certificate_revoked, certificate_expired,
+/// certificate_unknown, unknown_ca, access_denied, certificate_required (RFC 8446 §6).
+const PERMANENT_ALERTS: [u8; 8] = [42, 43, 44, 45, 46, 48, 49, 116];
+
+/// The TLS alert inside a QUIC CRYPTO_ERROR code (0x100 + alert), if it is one.
+fn tls_alert(code: quinn::TransportErrorCode) -> Option<u8> {
+    let code = u64::from(code);
+    (0x100..0x200)
+        .contains(&code)
+        .then_some((code & 0xff) as u8)
+}
+
+impl SessionError {
+    /// Whether retrying cannot help: the relay rejected this node's certificate (its TLS alert
+    /// names a certificate problem), this node rejected the relay's, or the relay refused the
+    /// identity (`unauthorized` or `role mismatch`). `None` for everything transient (timeouts,
+    /// resets, a relay restarting, a full address pool).
+    pub fn refusal(&self) -> Option<Refusal> {
+        let permanent = |code| tls_alert(code).is_some_and(|a| PERMANENT_ALERTS.contains(&a));
+        let denied = |code: u64| {
+            [ErrorCode::Unauthorized, ErrorCode::RoleMismatch]
+                .iter()
+                .any(|c| u64::from(c.to_quic()) == code)
+        };
+        match self {
+            // Our own TLS stack rejected the relay's certificate.
+            SessionError::Connection(quinn::ConnectionError::TransportError(e))
+                if permanent(e.code) =>
+            {
+                Some(Refusal::RelayUntrusted)
+            }
+            // The relay's TLS stack rejected ours.
+            SessionError::Connection(quinn::ConnectionError::ConnectionClosed(c))
+                if permanent(c.error_code) =>
+            {
+                Some(Refusal::CertificateRejected)
+            }
+            SessionError::Connection(quinn::ConnectionError::ApplicationClosed(c))
+                if denied(c.error_code.into_inner()) =>
+            {
+                Some(Refusal::Denied)
+            }
+            SessionError::Refused { code, .. } if denied(u64::from(code.to_quic())) => {
+                Some(Refusal::Denied)
+            }
+            SessionError::Tls(_) => Some(Refusal::RelayUntrusted),
+            _ => None,
+        }
+    }
 }
 
 /// Reads framed control messages from a QUIC receive stream.
@@ -269,8 +322,8 @@ pub async fn open_control(
     Ok((reader, writer, welcome))
 }
 
-/// An established session with the relay. Dropping it closes the connection and removes its
-/// channel routes from the socket.
+/// An established session with the relay. Dropping it closes the connection and takes its
+/// channels away from their virtual addresses (which stay, see [`MuxSocket::clear_relay_routes_of`]).
 pub struct RelaySession {
     conn: quinn::Connection,
     welcome: Welcome,
@@ -380,6 +433,12 @@ impl RelaySession {
         self.mux.add_relay_route(&self.conn, channel)
     }
 
+    /// Routes the existing virtual peer address `vaddr` through `channel` (the inner connection
+    /// bound to it continues over this session).
+    pub fn reattach_channel(&self, vaddr: SocketAddr, channel: ChannelId) {
+        self.mux.set_relay_route(vaddr, &self.conn, channel);
+    }
+
     /// Removes a channel's virtual address.
     pub fn detach(&self, addr: SocketAddr) {
         self.mux.remove_route(addr);
@@ -398,10 +457,69 @@ impl RelaySession {
 
 impl Drop for RelaySession {
     fn drop(&mut self) {
-        self.mux.remove_routes_of(self.conn.stable_id());
+        // The virtual addresses stay (with their direct paths): inner connections on them
+        // continue over a later session's channels.
+        self.mux.clear_relay_routes_of(self.conn.stable_id());
         for t in &self.tasks {
             t.abort();
         }
         self.conn.close(0u32.into(), b"session closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permanent_refusals_are_told_from_transient_errors() {
+        let closed = |alert: u8| {
+            SessionError::Connection(quinn::ConnectionError::ConnectionClosed(
+                quinn::ConnectionClose {
+                    error_code: quinn::TransportErrorCode::crypto(alert),
+                    frame_type: None,
+                    reason: Bytes::new(),
+                },
+            ))
+        };
+        // unknown_ca, certificate_expired, certificate_revoked from the relay.
+        for alert in [48, 45, 44] {
+            assert_eq!(closed(alert).refusal(), Some(Refusal::CertificateRejected));
+        }
+        // internal_error, handshake_failure: maybe the relay's own trouble.
+        assert_eq!(closed(80).refusal(), None);
+        assert_eq!(closed(40).refusal(), None);
+        let app = |code: ErrorCode| {
+            SessionError::Connection(quinn::ConnectionError::ApplicationClosed(
+                quinn::ApplicationClose {
+                    error_code: code.to_quic().into(),
+                    reason: Bytes::new(),
+                },
+            ))
+        };
+        assert_eq!(
+            app(ErrorCode::Unauthorized).refusal(),
+            Some(Refusal::Denied)
+        );
+        assert_eq!(
+            app(ErrorCode::RoleMismatch).refusal(),
+            Some(Refusal::Denied)
+        );
+        assert_eq!(app(ErrorCode::Replaced).refusal(), None);
+        assert_eq!(app(ErrorCode::PoolExhausted).refusal(), None);
+        let refused = SessionError::Refused {
+            code: ErrorCode::Unauthorized,
+            message: "denied".into(),
+        };
+        assert_eq!(refused.refusal(), Some(Refusal::Denied));
+        assert_eq!(SessionError::Timeout(CONNECT_TIMEOUT).refusal(), None);
+        assert_eq!(
+            SessionError::Connection(quinn::ConnectionError::TimedOut).refusal(),
+            None
+        );
+        assert_eq!(
+            SessionError::Connection(quinn::ConnectionError::Reset).refusal(),
+            None
+        );
     }
 }

@@ -333,6 +333,10 @@ pub struct AgentConfig {
     pub status_socket: PathBuf,
     /// `direct_paths` (written only when set; the agent's default is true).
     pub direct_paths: Option<bool>,
+    /// `withdraw_grace_secs` (written only when set; the agent's default is 30): how long a
+    /// service the catalog withdrew keeps its route. Tests that expect a withdrawn service to
+    /// leave the routing table promptly set it low.
+    pub withdraw_grace_secs: Option<u64>,
 }
 
 impl AgentConfig {
@@ -349,6 +353,7 @@ impl AgentConfig {
             services: vec![],
             status_socket: socket.to_path_buf(),
             direct_paths: None,
+            withdraw_grace_secs: None,
         }
     }
 
@@ -366,6 +371,9 @@ impl AgentConfig {
         let _ = writeln!(s, "status_socket = {}", qp(&self.status_socket));
         if let Some(d) = self.direct_paths {
             let _ = writeln!(s, "direct_paths = {d}");
+        }
+        if let Some(g) = self.withdraw_grace_secs {
+            let _ = writeln!(s, "withdraw_grace_secs = {g}");
         }
         s
     }

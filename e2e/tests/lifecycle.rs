@@ -1,5 +1,5 @@
-//! Issue #2: the tunnel comes back after the relay restarts, and the agent cleans up its TUN
-//! device and routes on SIGINT.
+//! Issue #2: the tunnel comes back after the relay restarts (and after the connector restarts),
+//! and the agent cleans up its TUN device and routes on SIGINT.
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,30 @@ fn recovery_after_relay_restart() {
         );
         let st = s.status(&s.agent_cfg.status_socket)?;
         ensure!(st.is_ready("conn1"), "status after recovery: {}", st.json);
+
+        // The connector's side: its inner connections die with it, so the relay closes the
+        // channel and the agent must start a new handshake (not resume).
+        t.step("SIGKILL the connector and start it again");
+        t.kill(s.connector.context("connector not started")?)?;
+        let restarted = Instant::now();
+        s.start_connector()?;
+        let took = wait_until_every(
+            "a ping through the tunnel after the connector restart",
+            RECOVERY_BUDGET + Duration::from_secs(20),
+            Duration::from_millis(100),
+            || s.ping_once(addr::ECHO),
+        )
+        .map(|_| restarted.elapsed())?;
+        t.step(&format!(
+            "tunnel back {:.2} s after the connector restart",
+            took.as_secs_f64()
+        ));
+        ensure!(
+            took <= RECOVERY_BUDGET,
+            "the tunnel came back only {:.2} s after the connector restart (budget {} s)",
+            took.as_secs_f64(),
+            RECOVERY_BUDGET.as_secs()
+        );
         Ok(())
     });
 }

@@ -1,0 +1,212 @@
+//! The agent's check of packets that arrive from a connector, pure.
+//!
+//! A connector may only answer for its own services: a packet reaches the platform's tunnel
+//! device only when its source is one of *that connector's* service addresses, with a port and
+//! protocol the service offers, and its destination is the agent's tunnel IP. Everything else
+//! (another connector's address, the agent's LAN address as destination, a port the service
+//! does not serve) is dropped and counted. Later IPv4 fragments carry no ports; they are
+//! accepted on their addresses and protocol alone (the connector fragments large replies).
+
+use std::net::Ipv4Addr;
+
+use ztna_proto::ServiceDef;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const ICMP: u8 = 1;
+
+/// Why a packet from a connector was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundDrop {
+    /// Not a well-formed IPv4 packet.
+    Malformed,
+    /// The destination is not the agent's tunnel IP (or the agent has none yet).
+    Destination,
+    /// The source is not an address this connector serves.
+    Source,
+    /// The source is the connector's, but not with a port or protocol its service offers.
+    PortOrProtocol,
+}
+
+/// Checks one packet from the connector serving `services` (only that connector's entries of
+/// the catalog) to the agent with tunnel IP `tunnel_ip`.
+pub fn check(
+    packet: &[u8],
+    services: &[ServiceDef],
+    tunnel_ip: Option<Ipv4Addr>,
+) -> Result<(), InboundDrop> {
+    let [vihl, _, _, _, _, _, f0, f1, _, proto, _, _, s0, s1, s2, s3, d0, d1, d2, d3, ..] = *packet
+    else {
+        return Err(InboundDrop::Malformed);
+    };
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < 20 || packet.len() < ihl {
+        return Err(InboundDrop::Malformed);
+    }
+    let dst = Ipv4Addr::new(d0, d1, d2, d3);
+    if tunnel_ip != Some(dst) {
+        return Err(InboundDrop::Destination);
+    }
+    let src = Ipv4Addr::new(s0, s1, s2, s3);
+    let mut ours = services.iter().filter(|s| s.address == src).peekable();
+    if ours.peek().is_none() {
+        return Err(InboundDrop::Source);
+    }
+    let later_fragment = u16::from_be_bytes([f0 & 0x1f, f1]) != 0;
+    let l4 = &packet[ihl..];
+    let src_port = match l4 {
+        [a, b, ..] => Some(u16::from_be_bytes([*a, *b])),
+        _ => None,
+    };
+    let allowed = |s: &ServiceDef| match proto {
+        TCP if later_fragment => !s.tcp.is_empty(),
+        UDP if later_fragment => !s.udp.is_empty(),
+        TCP => src_port.is_some_and(|p| s.allows_tcp(p)),
+        UDP => src_port.is_some_and(|p| s.allows_udp(p)),
+        // Echo replies where the service answers ICMP; destination unreachable and time
+        // exceeded from any service (the connector reports a refused port or backend that way).
+        ICMP => match l4.first() {
+            Some(0) => s.icmp,
+            Some(3) | Some(11) => true,
+            _ => later_fragment && s.icmp,
+        },
+        _ => false,
+    };
+    if ours.any(allowed) {
+        Ok(())
+    } else {
+        Err(InboundDrop::PortOrProtocol)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ztna_proto::service::PortRange;
+
+    use super::*;
+
+    const TIP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+
+    fn svc(last: u8, tcp: &[u16], udp: &[u16], icmp: bool) -> ServiceDef {
+        ServiceDef {
+            name: format!("s{last}"),
+            address: Ipv4Addr::new(10, 100, 0, last),
+            udp: udp.iter().map(|p| PortRange::single(*p)).collect(),
+            tcp: tcp.iter().map(|p| PortRange::single(*p)).collect(),
+            icmp,
+            connector: "c1".into(),
+        }
+    }
+
+    fn packet(proto: u8, src: [u8; 4], dst: Ipv4Addr, l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, proto, 0, 0];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(l4);
+        p
+    }
+
+    fn ports(src: u16, dst: u16) -> Vec<u8> {
+        let mut v = src.to_be_bytes().to_vec();
+        v.extend_from_slice(&dst.to_be_bytes());
+        v.extend_from_slice(&[0; 16]);
+        v
+    }
+
+    #[test]
+    fn answers_from_own_services_pass() {
+        let mine = [svc(1, &[80], &[53], true), svc(2, &[], &[7], false)];
+        let ok = |p: &[u8]| check(p, &mine, Some(TIP));
+        assert_eq!(
+            ok(&packet(TCP, [10, 100, 0, 1], TIP, &ports(80, 40000))),
+            Ok(())
+        );
+        assert_eq!(
+            ok(&packet(UDP, [10, 100, 0, 1], TIP, &ports(53, 40000))),
+            Ok(())
+        );
+        assert_eq!(
+            ok(&packet(UDP, [10, 100, 0, 2], TIP, &ports(7, 40000))),
+            Ok(())
+        );
+        assert_eq!(
+            ok(&packet(ICMP, [10, 100, 0, 1], TIP, &[0, 0, 0, 0])),
+            Ok(())
+        );
+        // Port unreachable from a service without ICMP echo.
+        assert_eq!(
+            ok(&packet(ICMP, [10, 100, 0, 2], TIP, &[3, 3, 0, 0])),
+            Ok(())
+        );
+        // A later fragment of a UDP reply.
+        let mut frag = packet(UDP, [10, 100, 0, 2], TIP, &[1, 2, 3, 4]);
+        frag[6] = 0x00;
+        frag[7] = 0xb9;
+        assert_eq!(ok(&frag), Ok(()));
+    }
+
+    #[test]
+    fn spoofed_or_misdirected_packets_are_dropped() {
+        let mine = [svc(1, &[80], &[53], true), svc(2, &[], &[7], false)];
+        let check = |p: &[u8]| check(p, &mine, Some(TIP));
+        // Another connector's service address as source.
+        assert_eq!(
+            check(&packet(TCP, [10, 100, 0, 9], TIP, &ports(80, 40000))),
+            Err(InboundDrop::Source)
+        );
+        // To the agent's LAN address instead of its tunnel IP.
+        assert_eq!(
+            check(&packet(
+                TCP,
+                [10, 100, 0, 1],
+                Ipv4Addr::new(10, 10, 0, 2),
+                &ports(80, 1)
+            )),
+            Err(InboundDrop::Destination)
+        );
+        // A port or protocol the service does not offer.
+        assert_eq!(
+            check(&packet(TCP, [10, 100, 0, 1], TIP, &ports(22, 40000))),
+            Err(InboundDrop::PortOrProtocol)
+        );
+        assert_eq!(
+            check(&packet(TCP, [10, 100, 0, 2], TIP, &ports(7, 40000))),
+            Err(InboundDrop::PortOrProtocol)
+        );
+        assert_eq!(
+            check(&packet(ICMP, [10, 100, 0, 2], TIP, &[0, 0, 0, 0])),
+            Err(InboundDrop::PortOrProtocol)
+        );
+        assert_eq!(
+            check(&packet(ICMP, [10, 100, 0, 1], TIP, &[8, 0, 0, 0])),
+            Err(InboundDrop::PortOrProtocol)
+        );
+        assert_eq!(
+            check(&packet(47, [10, 100, 0, 1], TIP, &[0; 8])),
+            Err(InboundDrop::PortOrProtocol)
+        );
+        // Garbage.
+        assert_eq!(check(&[0x45; 10]), Err(InboundDrop::Malformed));
+        assert_eq!(check(&[0x60; 40]), Err(InboundDrop::Malformed));
+        let mut bad_ihl = packet(TCP, [10, 100, 0, 1], TIP, &[]);
+        bad_ihl[0] = 0x4f;
+        assert_eq!(check(&bad_ihl), Err(InboundDrop::Malformed));
+        // No tunnel IP yet: nothing passes.
+        assert_eq!(
+            super::check(
+                &packet(TCP, [10, 100, 0, 1], TIP, &ports(80, 1)),
+                &mine,
+                None
+            ),
+            Err(InboundDrop::Destination)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
+            let mine = [svc(1, &[80], &[53], true)];
+            let _ = check(&bytes, &mine, Some(TIP));
+        }
+    }
+}
