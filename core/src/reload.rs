@@ -150,18 +150,28 @@ impl Reloader {
     }
 }
 
-/// Keeps `revocation` in step with a deny-list file and CRL files: reloads them on SIGHUP and
-/// when one changes (polled every `poll`), until the task is dropped. A reload that fails
-/// (unreadable file, bad entry, unparsable CRL) keeps the lists in force and logs why. Used by
-/// the connector; the relay reloads them with its policy.
-pub async fn watch_revocation(
+/// Returns a future that keeps `revocation` in step with a deny-list file and CRL files:
+/// reloads them on SIGHUP and when one changes (polled every `poll`), until it is dropped. A
+/// reload that fails (unreadable file, bad entry, unparsable CRL) keeps the lists in force and
+/// logs why. The SIGHUP handler is installed before this returns (SIGHUP's default action would
+/// end the process). Used by the connector; the relay reloads them with its policy.
+pub fn watch_revocation(
     revocation: std::sync::Arc<crate::tls::Revocation>,
     deny_list: Option<PathBuf>,
     crls: Vec<PathBuf>,
     poll: Option<Duration>,
-) {
+) -> impl std::future::Future<Output = ()> {
     let files: Vec<PathBuf> = deny_list.iter().chain(&crls).cloned().collect();
-    let mut reloader = Reloader::new(files, poll);
+    let reloader = Reloader::new(files, poll);
+    revocation_loop(revocation, reloader, deny_list, crls)
+}
+
+async fn revocation_loop(
+    revocation: std::sync::Arc<crate::tls::Revocation>,
+    mut reloader: Reloader,
+    deny_list: Option<PathBuf>,
+    crls: Vec<PathBuf>,
+) {
     loop {
         let trigger = reloader.next().await;
         let result = crate::tls::RevocationList::load(deny_list.as_deref(), &crls)

@@ -205,15 +205,12 @@ fn main() -> anyhow::Result<()> {
                         .filter(|p| p.exists())
                         .collect();
                 let (file, flags) = (cli.config.clone(), cli.flags.clone());
-                let reload = tokio::spawn({
-                    let relay = server.relay().clone();
-                    async move {
-                        ztna_relay::reload::run(relay, config_files, &cfg, || {
-                            RelayConfig::load(file.as_deref(), &flags)
-                        })
-                        .await
-                    }
-                });
+                let reload = tokio::spawn(ztna_relay::reload::run(
+                    server.relay().clone(),
+                    config_files,
+                    &cfg,
+                    move || RelayConfig::load(file.as_deref(), &flags),
+                ));
                 let result = server.run(ztna_core::daemon::shutdown_signal()).await;
                 reload.abort();
                 result

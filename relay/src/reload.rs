@@ -26,14 +26,21 @@ pub fn reload_once(relay: &Relay, cfg: &RelayConfig) -> anyhow::Result<ReloadSum
     Ok(relay.apply_policy(policy))
 }
 
-/// Reloads on every trigger until the task is dropped. `config_files` are the configuration
-/// files to watch (the `--config` file and `/etc/ztna/relay.toml` when present); `load` reads
-/// the whole configuration again.
-pub async fn run<F>(relay: Arc<Relay>, config_files: Vec<PathBuf>, initial: &RelayConfig, load: F)
+/// Returns a future that reloads on every trigger until it is dropped. `config_files` are the
+/// configuration files to watch (the `--config` file and `/etc/ztna/relay.toml` when present);
+/// `load` reads the whole configuration again. The SIGHUP handler is installed before this
+/// returns (SIGHUP's default action would end the relay), so call it inside the runtime before
+/// serving.
+pub fn run<F>(
+    relay: Arc<Relay>,
+    config_files: Vec<PathBuf>,
+    initial: &RelayConfig,
+    load: F,
+) -> impl std::future::Future<Output = ()>
 where
     F: Fn() -> anyhow::Result<RelayConfig>,
 {
-    let watched = |cfg: &RelayConfig| -> Vec<PathBuf> {
+    let watched = move |cfg: &RelayConfig| -> Vec<PathBuf> {
         config_files
             .iter()
             .cloned()
@@ -41,7 +48,15 @@ where
             .collect()
     };
     let poll = Some(Duration::from_secs(initial.reload_poll_secs)).filter(|p| !p.is_zero());
-    let mut reloader = Reloader::new(watched(initial), poll);
+    let reloader = Reloader::new(watched(initial), poll);
+    watch(relay, reloader, watched, load)
+}
+
+async fn watch<F, W>(relay: Arc<Relay>, mut reloader: Reloader, watched: W, load: F)
+where
+    F: Fn() -> anyhow::Result<RelayConfig>,
+    W: Fn(&RelayConfig) -> Vec<PathBuf>,
+{
     loop {
         let trigger = reloader.next().await;
         let result = load().and_then(|cfg| {

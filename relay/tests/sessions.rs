@@ -879,10 +879,12 @@ async fn policy_file_changes_are_reloaded() {
             Ok(serde_json::from_str::<RelayConfig>(&text)?)
         }
     };
-    let watcher = tokio::spawn({
-        let (relay, cfg, file) = (w.relay.clone(), cfg.clone(), file.clone());
-        async move { ztna_relay::reload::run(relay, vec![file], &cfg, load).await }
-    });
+    let watcher = tokio::spawn(ztna_relay::reload::run(
+        w.relay.clone(),
+        vec![file.clone()],
+        &cfg,
+        load,
+    ));
     let mut alice = w.agent("alice", &[]).await;
     let _conn1 = connector(&w, "conn1", vec![svc("echo", 1)]).await;
     match next(&mut alice).await {
