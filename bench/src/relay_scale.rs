@@ -26,7 +26,7 @@ use ztna_core::pki::CertificateAuthority;
 use ztna_core::session::{open_control, ControlReader, ControlWriter};
 use ztna_core::tls::Credentials;
 use ztna_core::transport::{self, Timing};
-use ztna_e2e::{Access, ConnectorGrant, RelayConfig};
+use ztna_e2e::{Access, ConnectorGrant, PolicyService, RelayConfig};
 use ztna_proto::control::{ControlMessage, Hello, Role, Welcome};
 use ztna_proto::{ChannelId, PortRange, ServiceDef, ALPN_RELAY};
 
@@ -156,6 +156,11 @@ pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayScale> {
                 identity: "conn1".into(),
                 services: vec!["bench".into()],
             }],
+            services: vec![PolicyService::new("bench", "10.100.0.9")],
+            reserved: vec![],
+            deny_list: None,
+            crls: vec![],
+            reload_poll_secs: None,
         };
         let cfg_path = write(&format!("relay-{n}.toml"), &cfg.to_toml())?;
         let log = dir.join(format!("relay-{n}.log"));

@@ -45,7 +45,8 @@ fn yes() -> bool {
 }
 
 /// Keys that `ZTNA_<KEY>` environment variables may set (`ZTNA_LOG` is read by the logger).
-const ENV_KEYS: [&str; 20] = [
+const ENV_KEYS: [&str; 21] = [
+    "deny_list",
     "relay",
     "relay_name",
     "bind",
@@ -142,7 +143,13 @@ pub(crate) struct ConnectorConfig {
     /// Local UDP ports of fast-path flows, `"FIRST-LAST"`; UDP to them that is no flow's is
     /// dropped on `xdp_interface`.
     pub(crate) xdp_port_range: String,
-    /// Services offered.
+    /// Deny list file (TOML: `identities = [...]`, `serials = ["1f:2a:..."]`): agents refused in
+    /// the inner handshake. Reloaded on SIGHUP and when it changes.
+    pub(crate) deny_list: Option<PathBuf>,
+    /// CRL files (PEM or DER) of the organisation CA, checked in the inner handshake.
+    pub(crate) crls: Vec<PathBuf>,
+    /// Services offered. The relay's policy owns each name's address: an announcement whose
+    /// address (or ports) differs from it is refused.
     pub(crate) services: Vec<ServiceConfig>,
 }
 
@@ -172,6 +179,8 @@ impl Default for ConnectorConfig {
             xdp: XdpMode::Off,
             xdp_interface: None,
             xdp_port_range: "20000-29999".into(),
+            deny_list: None,
+            crls: Vec::new(),
             services: Vec::new(),
         }
     }
@@ -226,6 +235,12 @@ impl ConnectorConfig {
             addr,
             server_name: self.relay_name.clone(),
         })
+    }
+
+    /// The deny list and CRLs.
+    pub(crate) fn revocation_list(&self) -> anyhow::Result<ztna_core::tls::RevocationList> {
+        ztna_core::tls::RevocationList::load(self.deny_list.as_deref(), &self.crls)
+            .context("loading the deny list and CRLs")
     }
 
     /// The TLS files; all three are required.

@@ -50,6 +50,17 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
         files.cert.display(),
         creds.identity()
     );
+    creds
+        .revocation()
+        .update(cfg.revocation_list()?)
+        .context("loading the CRLs")?;
+    // Ends with the runtime.
+    tokio::spawn(ztna_core::reload::watch_revocation(
+        creds.revocation().clone(),
+        cfg.deny_list.clone(),
+        cfg.crls.clone(),
+        Some(std::time::Duration::from_secs(2)),
+    ));
     let relay = cfg.relay_target()?;
     let backends = cfg.backends()?;
     anyhow::ensure!(!backends.is_empty(), "no [[services]] configured");

@@ -20,6 +20,7 @@
 //! - [`backoff`]: reconnect delays.
 //! - [`daemon`]: layered configuration, logging, signals and sockets of the daemons.
 //! - [`metrics_http`]: the opt-in Prometheus endpoint of the relay and the connector.
+//! - [`reload`]: reload triggers (SIGHUP, a poll of watched files) for policy and deny lists.
 //!
 //! I/O: [`mux`], [`session`], [`direct`] and [`agent`] own UDP sockets and tokio tasks; the rest is pure.
 
@@ -33,6 +34,7 @@ pub mod metrics_http;
 pub mod mux;
 pub mod path;
 pub mod pki;
+pub mod reload;
 pub mod session;
 pub mod tls;
 pub mod transport;

@@ -6,17 +6,26 @@
 //! `urn:ztna:role:<role>`, and (for agents) its groups in SAN URIs `urn:ztna:group:<group>`.
 //! Relay and connector certificates also carry their name as a DNS SAN, which clients verify as
 //! the server name.
+//!
+//! Servers (the relay, and the connector for inner connections) verify client certificates with
+//! [`Revocation`]: the CA chain and validity (webpki, with CRLs when configured), a valid ztna
+//! identity, and a hot-reloadable deny list of identities and serial numbers. What a refused
+//! client learns is the TLS alert (see `ztna_proto::control::Refusal`).
 
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
 use ztna_proto::control::Role;
+use ztna_proto::service::{check_name, escape_for_log};
 
 /// SAN URI prefix that carries the role.
 pub const ROLE_URI_PREFIX: &str = "urn:ztna:role:";
@@ -109,11 +118,7 @@ impl PeerIdentity {
             .and_then(|cn| cn.as_str().ok())
             .ok_or_else(|| TlsError::Identity("no subject common name".into()))?
             .to_owned();
-        if !ztna_proto::service::is_valid_name(&name) {
-            return Err(TlsError::Identity(format!(
-                "invalid identity name {name:?}"
-            )));
-        }
+        check_name("identity name", &name).map_err(TlsError::Identity)?;
         let mut role = None;
         let mut groups = Vec::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -122,6 +127,7 @@ impl PeerIdentity {
                     if let Some(r) = uri.strip_prefix(ROLE_URI_PREFIX) {
                         role = Role::parse(r);
                     } else if let Some(g) = uri.strip_prefix(GROUP_URI_PREFIX) {
+                        check_name("group", g).map_err(TlsError::Identity)?;
                         groups.push(g.to_owned());
                     }
                 }
@@ -152,13 +158,345 @@ impl fmt::Display for PeerIdentity {
     }
 }
 
-/// Loaded credentials: trust roots, own chain and key, and own identity.
+/// The serial number of a DER certificate: big-endian, without leading zero bytes (the form
+/// [`RevocationList::serials`] holds and [`format_serial`] prints).
+pub fn cert_serial(der: &[u8]) -> Result<Vec<u8>, TlsError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| TlsError::Identity(format!("unparsable certificate: {e}")))?;
+    Ok(normalize_serial(cert.raw_serial()))
+}
+
+/// The serial of the peer certificate of an established connection.
+pub fn peer_serial(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())?;
+    cert_serial(certs.first()?).ok()
+}
+
+fn normalize_serial(raw: &[u8]) -> Vec<u8> {
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    raw[start..].to_vec()
+}
+
+/// A serial as lowercase hex bytes joined by `:` (what `ztna-relay pki issue` prints and the
+/// deny list takes).
+pub fn format_serial(serial: &[u8]) -> String {
+    serial
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses a serial written as hex, with optional `:` separators and `0x` prefix.
+pub fn parse_serial(s: &str) -> Option<Vec<u8>> {
+    let hex: String = s
+        .trim()
+        .trim_start_matches("0x")
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    if hex.is_empty() || hex.len() > 42 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let padded = if hex.len() % 2 == 1 {
+        format!("0{hex}")
+    } else {
+        hex
+    };
+    let bytes = (0..padded.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    Some(normalize_serial(&bytes))
+}
+
+/// Why a certificate that chains to the CA is refused anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// Its identity is on the deny list.
+    Identity,
+    /// Its serial is on the deny list.
+    Serial,
+    /// Its serial is on a configured CRL.
+    Crl,
+}
+
+impl Denied {
+    /// The control-protocol code a live session closed for this reason carries.
+    pub fn error_code(self) -> ztna_proto::ErrorCode {
+        match self {
+            Denied::Identity => ztna_proto::ErrorCode::IdentityDenied,
+            Denied::Serial | Denied::Crl => ztna_proto::ErrorCode::Revoked,
+        }
+    }
+}
+
+impl fmt::Display for Denied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Denied::Identity => "identity on the deny list",
+            Denied::Serial => "certificate serial on the deny list",
+            Denied::Crl => "certificate serial on a CRL",
+        })
+    }
+}
+
+/// A deny list and CRLs, as loaded from files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevocationList {
+    /// Identities (certificate common names) refused whatever their certificate.
+    pub identities: BTreeSet<String>,
+    /// Certificate serial numbers refused (normalized as [`cert_serial`] returns them).
+    pub serials: BTreeSet<Vec<u8>>,
+    /// CRLs (DER) checked by webpki for the end-entity certificate.
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+}
+
+/// The deny-list file: `identities = ["mallory"]`, `serials = ["1f:2a:..."]`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DenyFile {
+    #[serde(default)]
+    identities: Vec<String>,
+    #[serde(default)]
+    serials: Vec<String>,
+}
+
+impl RevocationList {
+    /// Parses a deny-list file's TOML text.
+    pub fn parse_deny_list(text: &str) -> Result<Self, TlsError> {
+        use figment::providers::{Format, Toml};
+        let bad = |detail: String| TlsError::Pem {
+            what: "deny list",
+            detail,
+        };
+        let f: DenyFile = figment::Figment::from(Toml::string(text))
+            .extract()
+            .map_err(|e| bad(e.to_string()))?;
+        let mut out = Self::default();
+        for i in f.identities {
+            check_name("identity", &i).map_err(bad)?;
+            out.identities.insert(i);
+        }
+        for s in f.serials {
+            let serial = parse_serial(&s).ok_or_else(|| {
+                bad(format!(
+                    "serial \"{}\" is not hex (like 1f:2a:03)",
+                    escape_for_log(&s)
+                ))
+            })?;
+            out.serials.insert(serial);
+        }
+        Ok(out)
+    }
+
+    /// Loads the deny list (if any) and the CRL files (PEM or DER). A missing file is an error:
+    /// a revocation that silently stopped applying would be worse than a failed reload.
+    pub fn load(deny_list: Option<&Path>, crls: &[PathBuf]) -> Result<Self, TlsError> {
+        let mut out = match deny_list {
+            Some(p) => {
+                let text = read(p)?;
+                Self::parse_deny_list(&String::from_utf8_lossy(&text))?
+            }
+            None => Self::default(),
+        };
+        for p in crls {
+            let bytes = read(p)?;
+            let pem: Result<Vec<_>, _> =
+                CertificateRevocationListDer::pem_slice_iter(&bytes).collect();
+            match pem {
+                Ok(list) if !list.is_empty() => out.crls.extend(list),
+                _ => out.crls.push(CertificateRevocationListDer::from(bytes)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct RevocationState {
+    list: RevocationList,
+    crl_serials: HashSet<Vec<u8>>,
+    webpki: Arc<dyn ClientCertVerifier>,
+}
+
+/// The client-certificate policy of a server: CA, CRLs and deny list, replaceable while it
+/// runs. Every server config built from one [`Credentials`] shares it, so an update applies to
+/// the next handshake of each.
+pub struct Revocation {
+    roots: Arc<RootCertStore>,
+    state: RwLock<Arc<RevocationState>>,
+}
+
+impl fmt::Debug for Revocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.current();
+        f.debug_struct("Revocation")
+            .field("identities", &st.list.identities.len())
+            .field("serials", &st.list.serials.len())
+            .field("crls", &st.list.crls.len())
+            .finish()
+    }
+}
+
+impl Revocation {
+    fn new(roots: Arc<RootCertStore>) -> Result<Self, TlsError> {
+        let state = Self::prepare(&roots, RevocationList::default())?;
+        Ok(Self {
+            roots,
+            state: RwLock::new(Arc::new(state)),
+        })
+    }
+
+    fn prepare(
+        roots: &Arc<RootCertStore>,
+        list: RevocationList,
+    ) -> Result<RevocationState, TlsError> {
+        let mut builder = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
+        if !list.crls.is_empty() {
+            // Only the leaf is checked (the CA is the trust anchor), and a CRL from another
+            // issuer does not lock everyone out.
+            builder = builder
+                .with_crls(list.crls.clone())
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status();
+        }
+        let webpki = builder
+            .build()
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(format!("CRLs: {e}"))))?;
+        let mut crl_serials = HashSet::new();
+        for crl in &list.crls {
+            use x509_parser::prelude::*;
+            let (_, parsed) =
+                CertificateRevocationList::from_der(crl).map_err(|e| TlsError::Pem {
+                    what: "CRL",
+                    detail: e.to_string(),
+                })?;
+            for r in parsed.iter_revoked_certificates() {
+                crl_serials.insert(normalize_serial(r.raw_serial()));
+            }
+        }
+        Ok(RevocationState {
+            list,
+            crl_serials,
+            webpki,
+        })
+    }
+
+    fn current(&self) -> Arc<RevocationState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the deny list and CRLs, atomically: on error (an unparsable CRL) the old ones
+    /// stay in force.
+    pub fn update(&self, list: RevocationList) -> Result<(), TlsError> {
+        let state = Arc::new(Self::prepare(&self.roots, list)?);
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
+        Ok(())
+    }
+
+    /// The lists in force.
+    pub fn list(&self) -> RevocationList {
+        self.current().list.clone()
+    }
+
+    /// Whether the holder of a certificate with this identity name and serial is refused now
+    /// (for sessions that were admitted before an update).
+    pub fn denied(&self, name: &str, serial: &[u8]) -> Option<Denied> {
+        let st = self.current();
+        if st.list.identities.contains(name) {
+            Some(Denied::Identity)
+        } else if st.list.serials.contains(serial) {
+            Some(Denied::Serial)
+        } else if st.crl_serials.contains(serial) {
+            Some(Denied::Crl)
+        } else {
+            None
+        }
+    }
+}
+
+/// Verifies client certificates against [`Revocation`]: webpki (CA, validity, CRLs), then a
+/// valid ztna identity, then the deny list.
+#[derive(Debug)]
+struct ClientVerifier {
+    revocation: Arc<Revocation>,
+    hints: Vec<DistinguishedName>,
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let st = self.revocation.current();
+        st.webpki
+            .verify_client_cert(end_entity, intermediates, now)?;
+        // A certificate without a valid identity (bad characters in the name or a group) is
+        // refused in the handshake: access_denied, and nothing of it is logged.
+        let who = PeerIdentity::from_cert(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+        })?;
+        let serial = cert_serial(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        drop(st);
+        match self.revocation.denied(&who.name, &serial) {
+            None => Ok(ClientCertVerified::assertion()),
+            Some(Denied::Identity) => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+            Some(Denied::Serial | Denied::Crl) => {
+                Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.revocation
+            .current()
+            .webpki
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.revocation
+            .current()
+            .webpki
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.revocation.current().webpki.supported_verify_schemes()
+    }
+}
+
+/// Loaded credentials: trust roots, own chain and key, own identity, and the client-certificate
+/// policy of the servers built from them.
 #[derive(Clone)]
 pub struct Credentials {
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     identity: PeerIdentity,
+    revocation: Arc<Revocation>,
 }
 
 impl fmt::Debug for Credentials {
@@ -220,12 +558,20 @@ impl Credentials {
         })?;
         let identity = PeerIdentity::from_cert(leaf)?;
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(pem_err("private key"))?;
+        let roots = Arc::new(roots);
         Ok(Self {
-            roots: Arc::new(roots),
+            revocation: Arc::new(Revocation::new(roots.clone())?),
+            roots,
             chain,
             key: Arc::new(key),
             identity,
         })
+    }
+
+    /// The deny list and CRLs that servers built from these credentials apply (shared by every
+    /// clone; update it to revoke without a restart).
+    pub fn revocation(&self) -> &Arc<Revocation> {
+        &self.revocation
     }
 
     /// This node's own identity, from its certificate.
@@ -233,11 +579,13 @@ impl Credentials {
         &self.identity
     }
 
-    /// A quinn server crypto config that requires a client certificate issued by the CA.
+    /// A quinn server crypto config that requires a client certificate issued by the CA, valid
+    /// now, with a valid ztna identity, and not refused by [`Credentials::revocation`].
     pub fn server_config(&self, alpn: &[u8]) -> Result<Arc<QuicServerConfig>, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let verifier = Arc::new(ClientVerifier {
+            revocation: self.revocation.clone(),
+            hints: self.roots.subjects(),
+        });
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -298,6 +646,147 @@ mod tests {
         assert_eq!(creds.identity().role, Role::Relay);
         assert!(creds.server_config(b"x").is_ok());
         assert!(!format!("{creds:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn serials_parse_and_print() {
+        assert_eq!(parse_serial("0x1F:2a"), Some(vec![0x1f, 0x2a]));
+        assert_eq!(parse_serial("00:ff"), Some(vec![0xff]));
+        assert_eq!(parse_serial("abc"), Some(vec![0x0a, 0xbc]));
+        assert_eq!(parse_serial("zz"), None);
+        assert_eq!(parse_serial(""), None);
+        assert_eq!(parse_serial(&"1".repeat(60)), None);
+        assert_eq!(format_serial(&[0x0a, 0xbc]), "0a:bc");
+        assert_eq!(
+            parse_serial(&format_serial(&[1, 2, 3])),
+            Some(vec![1, 2, 3])
+        );
+    }
+
+    #[test]
+    fn deny_lists_parse_strictly() {
+        let l = RevocationList::parse_deny_list(
+            "identities = [\"mallory\"]\nserials = [\"0a:bc\", \"0xDEAD\"]\n",
+        )
+        .unwrap();
+        assert!(l.identities.contains("mallory"));
+        assert!(l.serials.contains(&vec![0x0a, 0xbc]) && l.serials.contains(&vec![0xde, 0xad]));
+        assert_eq!(
+            RevocationList::parse_deny_list("").unwrap(),
+            RevocationList::default()
+        );
+        for bad in [
+            "identities = [\"Bad Name\"]",
+            "serials = [\"xyz\"]",
+            "ids = []",
+            "identities = [",
+        ] {
+            let e = RevocationList::parse_deny_list(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains('\u{1b}'), "{e}");
+        }
+        assert!(RevocationList::load(Some(Path::new("/nonexistent/deny.toml")), &[]).is_err());
+    }
+
+    /// The verifier a server uses, straight: each refusal maps to its own TLS error (and so
+    /// its own alert), and an update applies to the next verification.
+    #[test]
+    fn client_certificates_are_refused_for_each_reason() {
+        use rustls::server::danger::ClientCertVerifier;
+        let ca = pki::CertificateAuthority::generate("Org").unwrap();
+        let relay = ca.issue(Role::Relay, "relay", &[], &[]).unwrap();
+        let creds = Credentials::from_pem(
+            ca.cert_pem().as_bytes(),
+            relay.cert_pem.as_bytes(),
+            relay.key_pem.as_bytes(),
+        )
+        .unwrap();
+        let v = ClientVerifier {
+            revocation: creds.revocation().clone(),
+            hints: vec![],
+        };
+        let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let check = |cert: &CertificateDer<'_>| {
+            v.verify_client_cert(cert, &[], UnixTime::now())
+                .map(|_| ())
+                .map_err(|e| match e {
+                    rustls::Error::InvalidCertificate(c) => rustls::AlertDescription::from(c),
+                    other => panic!("unexpected {other:?}"),
+                })
+        };
+        let alice = ca
+            .issue(Role::Agent, "alice", &["eng".into()], &[])
+            .unwrap();
+        let bob = ca.issue(Role::Agent, "bob", &[], &[]).unwrap();
+        let carol = ca.issue(Role::Agent, "carol", &[], &[]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let old = ca
+            .issue_with_validity(
+                Role::Agent,
+                "old",
+                &[],
+                &[],
+                pki::Validity {
+                    not_before: now - time::Duration::days(40),
+                    not_after: now - time::Duration::days(10),
+                },
+            )
+            .unwrap();
+        let other = pki::CertificateAuthority::generate("Other").unwrap();
+        let eve = other.issue(Role::Agent, "eve", &[], &[]).unwrap();
+        assert_eq!(check(&der(&alice.cert_pem)), Ok(()));
+        assert_eq!(
+            check(&der(&old.cert_pem)),
+            Err(rustls::AlertDescription::CertificateExpired)
+        );
+        assert_eq!(
+            check(&der(&eve.cert_pem)),
+            Err(rustls::AlertDescription::UnknownCA)
+        );
+        let crl = ca.crl(std::slice::from_ref(&carol.serial), 7).unwrap();
+        let crl = CertificateRevocationListDer::from_pem_slice(crl.as_bytes()).unwrap();
+        creds
+            .revocation()
+            .update(RevocationList {
+                identities: ["bob".to_owned()].into(),
+                serials: [alice.serial.clone()].into(),
+                crls: vec![crl],
+            })
+            .unwrap();
+        assert_eq!(
+            check(&der(&alice.cert_pem)),
+            Err(rustls::AlertDescription::CertificateRevoked)
+        );
+        assert_eq!(
+            check(&der(&bob.cert_pem)),
+            Err(rustls::AlertDescription::AccessDenied)
+        );
+        assert_eq!(
+            check(&der(&carol.cert_pem)),
+            Err(rustls::AlertDescription::CertificateRevoked)
+        );
+        let r = creds.revocation();
+        assert_eq!(r.denied("bob", &bob.serial), Some(Denied::Identity));
+        assert_eq!(r.denied("alice", &alice.serial), Some(Denied::Serial));
+        assert_eq!(r.denied("carol", &carol.serial), Some(Denied::Crl));
+        assert_eq!(r.denied("dave", &[1, 2]), None);
+        // A broken CRL is refused and the lists in force stay.
+        let broken = RevocationList {
+            crls: vec![CertificateRevocationListDer::from(vec![
+                0x30, 0x03, 1, 2, 3,
+            ])],
+            ..RevocationList::default()
+        };
+        assert!(creds.revocation().update(broken).is_err());
+        assert_eq!(r.denied("bob", &bob.serial), Some(Denied::Identity));
+        // Lifting the lists lets everyone with a valid certificate in again.
+        creds
+            .revocation()
+            .update(RevocationList::default())
+            .unwrap();
+        assert_eq!(check(&der(&bob.cert_pem)), Ok(()));
+        assert_eq!(check(&der(&carol.cert_pem)), Ok(()));
     }
 
     #[test]

@@ -63,6 +63,35 @@ pub struct ConnectorGrant {
     pub services: Vec<String>,
 }
 
+/// One `[[services]]` entry of the relay's policy: the address a service name has, and
+/// optionally the ports and protocols a connector may serve it on (`None`: not restricted).
+#[derive(Debug, Clone)]
+pub struct PolicyService {
+    /// Service name.
+    pub name: String,
+    /// Its virtual IP.
+    pub address: String,
+    /// UDP ports or ranges a connector may serve (written only when set).
+    pub udp: Option<Vec<String>>,
+    /// TCP ports or ranges a connector may serve (written only when set).
+    pub tcp: Option<Vec<String>>,
+    /// Whether ICMP may be served (written only when set).
+    pub icmp: Option<bool>,
+}
+
+impl PolicyService {
+    /// `name` at `address`, ports not restricted by policy.
+    pub fn new(name: &str, address: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            address: address.to_owned(),
+            udp: None,
+            tcp: None,
+            icmp: None,
+        }
+    }
+}
+
 /// `ztna-relay` configuration.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -86,11 +115,30 @@ pub struct RelayConfig {
     pub access: Vec<Access>,
     /// Which connector may serve what.
     pub connectors: Vec<ConnectorGrant>,
+    /// The service catalog: each name's address.
+    pub services: Vec<PolicyService>,
+    /// Ranges no service address may use (written only when non-empty).
+    pub reserved: Vec<String>,
+    /// Deny-list file (written only when set).
+    pub deny_list: Option<PathBuf>,
+    /// CRL files (written only when non-empty).
+    pub crls: Vec<PathBuf>,
+    /// How often the relay polls its files for changes (written only when set; default 2 s).
+    pub reload_poll_secs: Option<u64>,
 }
 
 impl RelayConfig {
-    /// The demo relay: group `eng` may reach `echo`, `dns` and `web`; `conn1` may serve `echo`,
-    /// `dns`, `secret` and `web`; metrics on 127.0.0.1:9433.
+    /// Adds `name` at `address` to the catalog (replacing an entry of that name), ports not
+    /// restricted by policy. A test that gives the connector a new service calls this too.
+    pub fn add_service(&mut self, name: &str, address: &str) {
+        self.services.retain(|s| s.name != name);
+        self.services.push(PolicyService::new(name, address));
+    }
+
+    /// The demo relay: the catalog has `echo` (10.100.0.1), `dns` (10.100.0.2, UDP 53 only),
+    /// `secret` (10.100.0.3, UDP 9 and ICMP only) and `web` (10.100.0.4); `reserved` holds the
+    /// demo's underlay 10.10.0.0/16; group `eng` may reach `echo`, `dns` and `web`; `conn1` may
+    /// serve `echo`, `dns`, `secret` and `web`; metrics on 127.0.0.1:9433.
     pub fn demo(ca: &Path, relay: &CertPaths) -> Self {
         Self {
             bind: format!("{}:{}", addr::RELAY, addr::RELAY_PORT),
@@ -110,6 +158,26 @@ impl RelayConfig {
                 identity: "conn1".to_owned(),
                 services: strings(&["echo", "dns", "secret", "web"]),
             }],
+            services: vec![
+                PolicyService::new("echo", addr::ECHO),
+                PolicyService {
+                    udp: Some(strings(&["53"])),
+                    tcp: Some(vec![]),
+                    icmp: Some(false),
+                    ..PolicyService::new("dns", addr::DNS)
+                },
+                PolicyService {
+                    udp: Some(strings(&["9"])),
+                    tcp: Some(vec![]),
+                    icmp: Some(true),
+                    ..PolicyService::new("secret", addr::SECRET)
+                },
+                PolicyService::new("web", addr::WEB),
+            ],
+            reserved: strings(&["10.10.0.0/16"]),
+            deny_list: None,
+            crls: vec![],
+            reload_poll_secs: None,
         }
     }
 
@@ -126,6 +194,37 @@ impl RelayConfig {
         }
         let _ = writeln!(s, "keepalive_secs = {}", self.keepalive_secs);
         let _ = writeln!(s, "idle_timeout_secs = {}", self.idle_timeout_secs);
+        if !self.reserved.is_empty() {
+            let _ = writeln!(s, "reserved = {}", list(&self.reserved));
+        }
+        if let Some(d) = &self.deny_list {
+            let _ = writeln!(s, "deny_list = {}", qp(d));
+        }
+        if !self.crls.is_empty() {
+            let crls: Vec<String> = self
+                .crls
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
+            let _ = writeln!(s, "crls = {}", list(&crls));
+        }
+        if let Some(p) = self.reload_poll_secs {
+            let _ = writeln!(s, "reload_poll_secs = {p}");
+        }
+        for svc in &self.services {
+            let _ = writeln!(s, "\n[[services]]");
+            let _ = writeln!(s, "name = {}", q(&svc.name));
+            let _ = writeln!(s, "address = {}", q(&svc.address));
+            if let Some(u) = &svc.udp {
+                let _ = writeln!(s, "udp = {}", list(u));
+            }
+            if let Some(t) = &svc.tcp {
+                let _ = writeln!(s, "tcp = {}", list(t));
+            }
+            if let Some(i) = svc.icmp {
+                let _ = writeln!(s, "icmp = {i}");
+            }
+        }
         for a in &self.access {
             let _ = writeln!(s, "\n[[access]]");
             let _ = writeln!(s, "services = {}", list(&a.services));
@@ -211,6 +310,8 @@ pub struct ConnectorConfig {
     pub xdp_interface: Option<String>,
     /// Local ports of fast-path flows (`xdp_port_range`, "FIRST-LAST"); written only when set.
     pub xdp_port_range: Option<String>,
+    /// Deny-list file (`deny_list`); written only when set.
+    pub deny_list: Option<PathBuf>,
     /// Services announced to the relay.
     pub services: Vec<ServiceConfig>,
 }
@@ -246,6 +347,7 @@ impl ConnectorConfig {
             xdp: "off".to_owned(),
             xdp_interface: None,
             xdp_port_range: None,
+            deny_list: None,
             services: vec![
                 svc("echo", addr::ECHO, "7", true),
                 svc("dns", addr::DNS, "53", false),
@@ -292,6 +394,9 @@ impl ConnectorConfig {
             if let Some(v) = value {
                 let _ = writeln!(s, "{key} = {}", q(v));
             }
+        }
+        if let Some(d) = &self.deny_list {
+            let _ = writeln!(s, "deny_list = {}", qp(d));
         }
         for svc in &self.services {
             let _ = writeln!(s, "\n[[services]]");
@@ -469,5 +574,8 @@ mod tests {
             t.contains("[[access]]\nservices = [\"echo\", \"dns\", \"web\"]\ngroups = [\"eng\"]")
         );
         assert!(t.contains("[[connectors]]\nidentity = \"conn1\""));
+        assert!(
+            t.contains("[[services]]\nname = \"dns\"\naddress = \"10.100.0.2\"\nudp = [\"53\"]")
+        );
     }
 }

@@ -39,7 +39,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 
 pub use config::{
-    Access, AgentConfig, ConnectorConfig, ConnectorGrant, RelayConfig, ServiceConfig,
+    Access, AgentConfig, ConnectorConfig, ConnectorGrant, PolicyService, RelayConfig, ServiceConfig,
 };
 pub use metrics::Metrics;
 pub use pki::{CertPaths, PkiDir, Role};

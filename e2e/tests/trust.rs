@@ -1,11 +1,12 @@
 //! Issue #2: trust. Certificates from another CA are refused, policy limits what an agent gets,
-//! and the relay limits what a connector may serve.
+//! and the relay limits what a connector may serve. Issue #10: the relay's policy owns the
+//! catalog, reloads without a restart, and revokes at the relay and the connector.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use ztna_e2e::{
-    addr, helper_bins, log_has_line, run, wait_until, Metrics, Node, PkiDir, Role, Stack,
+    addr, helper_bins, log_has_line, run, wait_until, Metrics, Node, PkiDir, Role, Signal, Stack,
 };
 
 /// Sessions the relay refused: after the handshake (`sessions_rejected`) or in it (a certificate
@@ -244,6 +245,200 @@ fn trust_connector_not_allowed() {
             out.stdout.trim() != addr::BACKEND,
             "dns answered through the tunnel:\n{out}"
         );
+        Ok(())
+    });
+}
+
+/// SIGHUP to a daemon (its reload signal).
+fn hup(t: &ztna_e2e::Topology, id: ztna_e2e::DaemonId) -> anyhow::Result<()> {
+    let pid = t.pid(id)?.to_string();
+    let out = t.host(5, ["kill", "-HUP", pid.as_str()])?;
+    ensure!(out.success(), "kill -HUP {pid}: {out}");
+    Ok(())
+}
+
+/// How many lines of `log` contain `needle`.
+fn count_lines(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Issue #10: the relay's policy owns the service catalog, reloads without a restart, and
+/// revocation works at the relay and the connector. One topology:
+/// 1. conn1 announces `web` at the relay's own address (10.10.0.1): refused (before: the agent
+///    routed the relay's address into its tunnel);
+/// 2. the connector's deny list names alice (SIGHUP): her next inner handshake is refused; back
+///    off the list, she gets in again;
+/// 3. a policy reload (SIGHUP) takes echo from group eng: pings to echo stop;
+/// 4. a policy that does not validate is refused, and the relay keeps running;
+/// 5. the relay's deny list names alice (SIGHUP): her live session is closed.
+#[test]
+fn trust_catalog_reload_and_revocation() {
+    run("trust_catalog_reload_and_revocation", helper_bins!(), |t| {
+        let mut s = Stack::new(t)?;
+        for svc in s.conn_cfg.services.iter_mut().filter(|x| x.name == "web") {
+            svc.address = addr::RELAY.to_owned();
+        }
+        // SIGHUP only, so each reload below has one known trigger.
+        s.relay_cfg.reload_poll_secs = Some(0);
+        let conn_deny = t.write_file("conn-deny.toml", "identities = []\n")?;
+        s.conn_cfg.deny_list = Some(conn_deny.clone());
+        let relay_deny = t.write_file("relay-deny.toml", "identities = []\n")?;
+        s.relay_cfg.deny_list = Some(relay_deny.clone());
+        s.start_all()?;
+        let relay = s.relay.context("relay not started")?;
+        let conn = s.connector.context("connector not started")?;
+
+        t.step("1. web announced at the relay's address is refused; nothing routes 10.10.0.1 into the tunnel");
+        let rejected = s
+            .relay_metrics()?
+            .value("ztna_relay_services_rejected_total");
+        ensure!(rejected >= 1.0, "services_rejected is {rejected}");
+        ensure!(
+            s.agent_route_dev(addr::RELAY)?.as_deref() != Some("ztna0"),
+            "the relay's address is routed into the tunnel:\n{}",
+            s.agent_routes()?
+        );
+        wait_until(
+            "the connector to log that web was refused",
+            Duration::from_secs(5),
+            || log_has_line(&t.log(conn), "web", &["differs from policy", "refused"]),
+        )?;
+        t.ping_all(Node::Agent, addr::ECHO, 3)
+            .context("echo stopped answering")?;
+
+        t.step("2. the connector's deny list names alice: her next inner handshake is refused");
+        let reloads = |log: &str| count_lines(log, "deny list reloaded");
+        let before = reloads(&t.log(conn));
+        std::fs::write(&conn_deny, "identities = [\"alice\"]\n")?;
+        hup(t, conn)?;
+        wait_until(
+            "the connector to reload its deny list",
+            Duration::from_secs(5),
+            || reloads(&t.log(conn)) > before,
+        )?;
+        let rejected_before = s
+            .conn_metrics()?
+            .value("ztna_connector_inner_handshakes_rejected_total");
+        let agent = s.agent.context("agent not started")?;
+        t.signal(agent, Signal::Term)?;
+        t.wait_exit(agent, Duration::from_secs(10))?;
+        s.start_agent()?;
+        let took = wait_until(
+            "the connector to refuse alice's inner handshake",
+            Duration::from_secs(20),
+            || {
+                s.conn_metrics()
+                    .map(|m| m.value("ztna_connector_inner_handshakes_rejected_total"))
+                    .unwrap_or(0.0)
+                    > rejected_before
+            },
+        )?;
+        t.step(&format!(
+            "inner handshake refused {:.2} s after the agent restarted",
+            took.as_secs_f64()
+        ));
+        ensure!(!s.ping_once(addr::ECHO), "echo answered a denied agent");
+        let before = reloads(&t.log(conn));
+        std::fs::write(&conn_deny, "identities = []\n")?;
+        hup(t, conn)?;
+        wait_until(
+            "the connector to reload its deny list",
+            Duration::from_secs(5),
+            || reloads(&t.log(conn)) > before,
+        )?;
+        let agent = s.agent.context("agent not started")?;
+        t.signal(agent, Signal::Term)?;
+        t.wait_exit(agent, Duration::from_secs(10))?;
+        let agent = s.start_agent()?;
+        let cfg = s.agent_cfg.clone();
+        s.wait_ready(agent, &cfg)
+            .context("alice did not get back in after leaving the deny list")?;
+
+        t.step("3. policy reload by SIGHUP: group eng loses echo; pings to echo stop");
+        s.relay_cfg.access[0].services.retain(|x| x != "echo");
+        t.write_file("relay.toml", &s.relay_cfg.to_toml())?;
+        hup(t, relay)?;
+        let took = wait_until("pings to echo to stop", Duration::from_secs(15), || {
+            !s.ping_once(addr::ECHO)
+        })?;
+        let m = s.relay_metrics()?;
+        t.step(&format!(
+            "echo unreachable {:.2} s after SIGHUP; reloads {}, channels closed by policy {}",
+            took.as_secs_f64(),
+            m.value("ztna_relay_policy_reloads_total"),
+            m.value("ztna_relay_channels_closed_by_policy_total")
+        ));
+        ensure!(m.value("ztna_relay_policy_reloads_total") == 1.0);
+        ensure!(m.value("ztna_relay_channels_closed_by_policy_total") >= 1.0);
+        for _ in 0..3 {
+            ensure!(!s.ping_once(addr::ECHO), "echo answered after the reload");
+        }
+
+        t.step("4. a policy with overlapping services is refused; the relay keeps the old one");
+        let mut bad = s.relay_cfg.clone();
+        bad.services[1].address = addr::ECHO.to_owned();
+        t.write_file("relay.toml", &bad.to_toml())?;
+        hup(t, relay)?;
+        wait_until(
+            "the relay to refuse the policy",
+            Duration::from_secs(5),
+            || {
+                s.relay_metrics()
+                    .map(|m| m.value("ztna_relay_policy_reload_errors_total") >= 1.0)
+                    .unwrap_or(false)
+            },
+        )?;
+        t.ensure_running(relay)?;
+        ensure!(
+            log_has_line(
+                &t.log(relay),
+                "policy reload failed",
+                &["also used by service"]
+            ),
+            "the relay's log does not say why:\n{}",
+            ztna_e2e::topology::tail(&t.log(relay), 10)
+        );
+        ensure!(s.relay_metrics()?.value("ztna_relay_policy_reloads_total") == 1.0);
+        t.write_file("relay.toml", &s.relay_cfg.to_toml())?;
+
+        t.step("5. the relay's deny list names alice: her live session is closed");
+        std::fs::write(&relay_deny, "identities = [\"alice\"]\n")?;
+        hup(t, relay)?;
+        let took = wait_until(
+            "the relay to close alice's session",
+            Duration::from_secs(5),
+            || {
+                s.relay_metrics()
+                    .map(|m| m.value("ztna_relay_sessions_revoked_total") >= 1.0)
+                    .unwrap_or(false)
+            },
+        )?;
+        t.step(&format!(
+            "session closed {:.2} s after SIGHUP",
+            took.as_secs_f64()
+        ));
+        wait_until(
+            "alice's agent to be disconnected",
+            Duration::from_secs(10),
+            || {
+                !t.is_running(agent)
+                    || s.status(&cfg.status_socket)
+                        .map(|st| !st.connected())
+                        .unwrap_or(true)
+            },
+        )?;
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            if let Ok(st) = s.status(&cfg.status_socket) {
+                ensure!(!st.connected(), "alice got back in: {}", st.json);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let m = s.relay_metrics()?;
+        t.step(&format!(
+            "alice stays out; handshakes refused so far: {}",
+            m.value("ztna_relay_handshakes_failed_total")
+        ));
         Ok(())
     });
 }

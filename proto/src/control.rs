@@ -80,6 +80,16 @@ pub enum ErrorCode {
     Limit,
     /// Something failed inside the relay.
     Internal,
+    /// A connector's announcement differs from the relay's policy for that service name (its
+    /// address, or ports and protocols beyond what policy lists). Policy owns the catalog.
+    PolicyMismatch,
+    /// The relay's policy changed and this channel no longer matches it; open a new channel
+    /// (the catalog that came with the change says what is still reachable).
+    PolicyChanged,
+    /// The certificate was revoked (its serial is on the deny list or a CRL). Permanent.
+    Revoked,
+    /// The identity is on the deny list. Permanent.
+    IdentityDenied,
 }
 
 impl ErrorCode {
@@ -99,6 +109,10 @@ impl ErrorCode {
             ErrorCode::PeerGone => 11,
             ErrorCode::Limit => 12,
             ErrorCode::Internal => 13,
+            ErrorCode::PolicyMismatch => 14,
+            ErrorCode::PolicyChanged => 15,
+            ErrorCode::Revoked => 16,
+            ErrorCode::IdentityDenied => 17,
         }
     }
 
@@ -118,6 +132,10 @@ impl ErrorCode {
             11 => ErrorCode::PeerGone,
             12 => ErrorCode::Limit,
             13 => ErrorCode::Internal,
+            14 => ErrorCode::PolicyMismatch,
+            15 => ErrorCode::PolicyChanged,
+            16 => ErrorCode::Revoked,
+            17 => ErrorCode::IdentityDenied,
             _ => return None,
         })
     }
@@ -139,8 +157,97 @@ impl fmt::Display for ErrorCode {
             ErrorCode::PeerGone => "peer gone",
             ErrorCode::Limit => "limit reached",
             ErrorCode::Internal => "internal error",
+            ErrorCode::PolicyMismatch => "announcement differs from policy",
+            ErrorCode::PolicyChanged => "policy changed",
+            ErrorCode::Revoked => "certificate revoked",
+            ErrorCode::IdentityDenied => "identity denied",
         };
         f.write_str(s)
+    }
+}
+
+/// Why the relay (or a connector) refuses a certificate for good: retrying with the same
+/// certificate cannot succeed. Clients classify a closed connection with
+/// [`Refusal::from_tls_alert`] (refusals in the TLS handshake) and [`Refusal::from_app_code`]
+/// (refusals of a live session, as QUIC application close codes).
+///
+/// What a client can learn: in the handshake the server can only send one TLS alert, so
+/// "unknown CA" (`unknown_ca`, 48; also a CRL the server can't match), "expired or not yet
+/// valid" (`certificate_expired`, 45), "revoked" (`certificate_revoked`, 44: serial on the deny
+/// list or a CRL) and "identity denied" (`access_denied`, 49: identity on the deny list, or a
+/// certificate without a valid ztna identity) are distinct, but the alert carries no text. A
+/// session closed after a reload carries [`ErrorCode::Revoked`] or
+/// [`ErrorCode::IdentityDenied`] as its application close code, with a short reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The certificate does not chain to the organisation CA (or names another issuer).
+    UnknownCa,
+    /// The certificate is expired or not yet valid.
+    Expired,
+    /// The certificate is revoked (deny list by serial, or a CRL).
+    Revoked,
+    /// The identity is denied (deny list by name), or the certificate carries no valid
+    /// ztna identity.
+    IdentityDenied,
+    /// Some other certificate problem (malformed, wrong key usage, bad signature).
+    BadCertificate,
+}
+
+impl Refusal {
+    /// TLS alert `certificate_revoked`.
+    pub const ALERT_REVOKED: u8 = 44;
+    /// TLS alert `certificate_expired`.
+    pub const ALERT_EXPIRED: u8 = 45;
+    /// TLS alert `unknown_ca`.
+    pub const ALERT_UNKNOWN_CA: u8 = 48;
+    /// TLS alert `access_denied`.
+    pub const ALERT_ACCESS_DENIED: u8 = 49;
+
+    /// The refusal a TLS alert (the low byte of a QUIC `CRYPTO_ERROR`, 0x100 + alert) stands
+    /// for; `None` for alerts that are not about the client's certificate.
+    pub fn from_tls_alert(alert: u8) -> Option<Self> {
+        Some(match alert {
+            Self::ALERT_REVOKED => Refusal::Revoked,
+            Self::ALERT_EXPIRED => Refusal::Expired,
+            Self::ALERT_UNKNOWN_CA => Refusal::UnknownCa,
+            Self::ALERT_ACCESS_DENIED => Refusal::IdentityDenied,
+            // bad_certificate, unsupported_certificate, certificate_unknown
+            42 | 43 | 46 => Refusal::BadCertificate,
+            _ => return None,
+        })
+    }
+
+    /// The refusal a QUIC transport error code stands for, if it is a `CRYPTO_ERROR`
+    /// (0x100..=0x1ff) carrying a certificate alert.
+    pub fn from_quic_transport_code(code: u64) -> Option<Self> {
+        if (0x100..=0x1ff).contains(&code) {
+            Self::from_tls_alert((code - 0x100) as u8)
+        } else {
+            None
+        }
+    }
+
+    /// The refusal a QUIC application close code stands for (a live session closed by the
+    /// relay after a deny-list or CRL reload).
+    pub fn from_app_code(code: u64) -> Option<Self> {
+        match ErrorCode::from_quic(code)? {
+            ErrorCode::Revoked => Some(Refusal::Revoked),
+            ErrorCode::IdentityDenied => Some(Refusal::IdentityDenied),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Refusal::UnknownCa => "certificate not issued by the organisation CA",
+            Refusal::Expired => "certificate expired or not yet valid",
+            Refusal::Revoked => "certificate revoked",
+            Refusal::IdentityDenied => "identity denied",
+            Refusal::BadCertificate => "certificate refused",
+        })
     }
 }
 
@@ -312,5 +419,43 @@ mod tests {
             }
         }
         assert_eq!(ErrorCode::from_quic(0), None);
+        let all = (0..64u64).filter_map(ErrorCode::from_quic).count();
+        assert_eq!(all, 17, "every code has a distinct QUIC number");
+    }
+
+    #[test]
+    fn refusals_are_distinct() {
+        use Refusal::*;
+        let got: Vec<_> = [44u8, 45, 48, 49]
+            .iter()
+            .map(|a| Refusal::from_tls_alert(*a))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                Some(Revoked),
+                Some(Expired),
+                Some(UnknownCa),
+                Some(IdentityDenied)
+            ]
+        );
+        assert_eq!(Refusal::from_tls_alert(40), None); // handshake_failure: not a cert verdict
+        assert_eq!(
+            Refusal::from_quic_transport_code(0x100 + 48),
+            Some(UnknownCa)
+        );
+        assert_eq!(Refusal::from_quic_transport_code(0x0a), None);
+        assert_eq!(
+            Refusal::from_app_code(ErrorCode::Revoked.to_quic().into()),
+            Some(Revoked)
+        );
+        assert_eq!(
+            Refusal::from_app_code(ErrorCode::IdentityDenied.to_quic().into()),
+            Some(IdentityDenied)
+        );
+        assert_eq!(
+            Refusal::from_app_code(ErrorCode::Replaced.to_quic().into()),
+            None
+        );
     }
 }

@@ -17,7 +17,9 @@ pub mod frame;
 pub mod probe;
 pub mod service;
 
-pub use control::{Candidate, CandidateKind, ControlMessage, ErrorCode, Hello, Role, Welcome};
+pub use control::{
+    Candidate, CandidateKind, ControlMessage, ErrorCode, Hello, Refusal, Role, Welcome,
+};
 pub use datagram::{ChannelId, DatagramError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use service::{PortRange, ServiceDef};

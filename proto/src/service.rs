@@ -110,9 +110,7 @@ impl ServiceDef {
     /// Checks the fields that a peer could get wrong: a usable name, valid port ranges, and a
     /// unicast address.
     pub fn validate(&self) -> Result<(), String> {
-        if !is_valid_name(&self.name) {
-            return Err(format!("invalid service name {:?}", self.name));
-        }
+        check_name("service name", &self.name)?;
         let a = self.address;
         if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
             return Err(format!(
@@ -130,14 +128,59 @@ impl ServiceDef {
     }
 }
 
-/// Whether `name` is acceptable as a service or identity name: 1 to 253 characters of ASCII
-/// letters, digits, `.`, `-`, `_` and `@`.
+/// Whether `name` is acceptable as a name that crosses the network: a service name, an
+/// identity (certificate common name), a group or a connector name.
+///
+/// The one rule, used by the relay, the connector, the agent and `pki issue`: 1 to
+/// [`MAX_NAME_LEN`] bytes, the first a lowercase ASCII letter or digit, the rest lowercase ASCII
+/// letters, digits, `.`, `-`, `_` or `@` (`[a-z0-9][a-z0-9._@-]{0,252}`). Lowercase only, so two
+/// identities can't differ by case alone; no spaces, control characters or escapes, so a name
+/// that passes is safe to log as is. A name that fails is logged only through
+/// [`escape_for_log`].
 pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'@'))
+    let lower_alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    match name.as_bytes() {
+        [] => false,
+        [first, rest @ ..] => {
+            name.len() <= MAX_NAME_LEN
+                && lower_alnum(*first)
+                && rest
+                    .iter()
+                    .all(|&b| lower_alnum(b) || matches!(b, b'.' | b'-' | b'_' | b'@'))
+        }
+    }
+}
+
+/// Most characters of an untrusted string that [`escape_for_log`] keeps.
+pub const LOG_ESCAPE_MAX: usize = 64;
+
+/// An untrusted string made safe for a log line or an error message: at most
+/// [`LOG_ESCAPE_MAX`] characters, with every control character, quote and backslash escaped
+/// (Rust `escape_debug`), and `...` when cut. Nothing of it can start a new line or a terminal
+/// escape sequence.
+pub fn escape_for_log(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(LOG_ESCAPE_MAX)
+        .flat_map(char::escape_debug)
+        .collect();
+    if s.chars().nth(LOG_ESCAPE_MAX).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// Checks a name from the network with [`is_valid_name`]; the error carries the name escaped
+/// with [`escape_for_log`].
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid {what} \"{}\" (names are [a-z0-9][a-z0-9._@-]*, at most {MAX_NAME_LEN} bytes)",
+            escape_for_log(name)
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -164,8 +207,47 @@ mod tests {
     #[test]
     fn names() {
         assert!(is_valid_name("alice@example.org"));
+        assert!(is_valid_name("conn1.example.org"));
+        assert!(is_valid_name("0day_svc-1"));
         assert!(!is_valid_name(""));
         assert!(!is_valid_name("a b"));
+        assert!(!is_valid_name("Alice"));
+        assert!(!is_valid_name(".hidden"));
+        assert!(!is_valid_name("-x"));
+        assert!(!is_valid_name("x\u{1b}[31m"));
+        assert!(!is_valid_name("x\ny"));
+        assert!(!is_valid_name("caf\u{e9}"));
+        assert!(is_valid_name(&"x".repeat(253)));
         assert!(!is_valid_name(&"x".repeat(254)));
+    }
+
+    #[test]
+    fn escaping_for_logs() {
+        assert_eq!(escape_for_log("plain"), "plain");
+        let evil = "\u{1b}[2J\nINFO fake line\r\"quoted\"";
+        let e = escape_for_log(evil);
+        assert!(!e.chars().any(char::is_control), "{e}");
+        assert!(e.contains("\\u{1b}") && e.contains("\\n"));
+        let long = escape_for_log(&"a".repeat(1000));
+        assert_eq!(long.len(), LOG_ESCAPE_MAX + 3);
+        let err = check_name("service name", evil).unwrap_err();
+        assert!(!err.chars().any(char::is_control), "{err}");
+        assert!(check_name("service name", "ok").is_ok());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn escaped_strings_have_no_control_characters(s in "\\PC*|[\\x00-\\x1f\\x7f\\u{80}-\\u{9f}]*") {
+            let e = escape_for_log(&s);
+            proptest::prop_assert!(!e.chars().any(char::is_control));
+            proptest::prop_assert!(e.chars().count() <= LOG_ESCAPE_MAX * 10 + 3);
+        }
+
+        #[test]
+        fn valid_names_are_printable_ascii(s in "\\PC{0,80}") {
+            if is_valid_name(&s) {
+                proptest::prop_assert!(s.bytes().all(|b| b.is_ascii_graphic()));
+            }
+        }
     }
 }

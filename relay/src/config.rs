@@ -1,7 +1,11 @@
 //! The relay's configuration: figment layers built-in defaults < `/etc/ztna/relay.toml` <
 //! `--config FILE` (TOML, or JSON for `.json`) < `ZTNA_*` environment variables.
+//!
+//! The policy (`[[services]]`, `[[access]]`, `[[connectors]]`, `reserved`) and the revocation
+//! files (`deny_list`, `crls`) are re-read on SIGHUP and when a watched file changes
+//! (`crate::reload`); the other keys take effect at the next start.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -11,13 +15,17 @@ use serde::{Deserialize, Serialize};
 use ztna_core::tls::TlsFiles;
 use ztna_core::transport::Timing;
 
-use crate::policy::{AccessRule, ConnectorRule, Policy};
+use ztna_core::tls::RevocationList;
+
+use crate::policy::{AccessRule, ConnectorRule, Policy, PolicySource, Reserved, ServiceRule};
 
 /// Default system-wide config file.
 pub const SYSTEM_CONFIG: &str = "/etc/ztna/relay.toml";
 
 /// Keys that `ZTNA_<KEY>` environment variables may set (`ZTNA_LOG` is read by the logger).
-const ENV_KEYS: [&str; 9] = [
+const ENV_KEYS: [&str; 11] = [
+    "deny_list",
+    "reload_poll_secs",
     "bind",
     "ca",
     "cert",
@@ -71,10 +79,22 @@ pub struct RelayConfig {
     pub max_channels_per_agent: usize,
     /// Log filter (`info`, `ztna_relay=debug`, ...).
     pub log: Option<String>,
+    /// The service catalog: each service name's address (and optionally its ports).
+    pub services: Vec<ServiceRule>,
     /// Agent access rules.
     pub access: Vec<AccessRule>,
     /// Connector rules.
     pub connectors: Vec<ConnectorRule>,
+    /// Ranges no service address may fall in (the relay's public address behind NAT, the
+    /// networks of its hosts, ...), besides the tunnel pool and the relay's own addresses.
+    pub reserved: Vec<Ipv4Net>,
+    /// Deny list file (TOML: `identities = [...]`, `serials = ["1f:2a:..."]`); off unless set.
+    pub deny_list: Option<PathBuf>,
+    /// CRL files (PEM or DER) of the organisation CA.
+    pub crls: Vec<PathBuf>,
+    /// How often the config, deny list and CRL files are checked for changes (seconds; 0: only
+    /// on SIGHUP).
+    pub reload_poll_secs: u64,
 }
 
 impl Default for RelayConfig {
@@ -92,8 +112,13 @@ impl Default for RelayConfig {
             idle_timeout_secs: timing.idle_timeout.as_secs(),
             max_channels_per_agent: 64,
             log: None,
+            services: Vec::new(),
             access: Vec::new(),
             connectors: Vec::new(),
+            reserved: Vec::new(),
+            deny_list: None,
+            crls: Vec::new(),
+            reload_poll_secs: 2,
         }
     }
 }
@@ -133,6 +158,7 @@ impl RelayConfig {
             self.max_channels_per_agent >= 1,
             "max_channels_per_agent must be at least 1"
         );
+        self.policy()?;
         Ok(())
     }
 
@@ -141,12 +167,51 @@ impl RelayConfig {
         TlsFiles::from_config(self.ca.clone(), self.cert.clone(), self.key.clone())
     }
 
-    /// The policy.
-    pub fn policy(&self) -> Policy {
-        Policy {
+    /// The relay's own IPv4 addresses: the bind address, or every interface address when it
+    /// binds all of them.
+    pub fn relay_addresses(&self) -> Vec<Ipv4Addr> {
+        match self.bind.ip() {
+            IpAddr::V4(a) if !a.is_unspecified() => vec![a],
+            IpAddr::V6(a) if !a.is_unspecified() => vec![],
+            _ => if_addrs::get_if_addrs()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|i| match i.ip() {
+                    IpAddr::V4(a) => Some(a),
+                    IpAddr::V6(_) => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// What service addresses must stay clear of.
+    pub fn reserved(&self) -> Reserved {
+        Reserved {
+            tunnel_pool: Some(self.tunnel_pool),
+            relay: self.relay_addresses(),
+            ranges: self.reserved.clone(),
+        }
+    }
+
+    /// The policy, validated against [`RelayConfig::reserved`].
+    pub fn policy(&self) -> anyhow::Result<Policy> {
+        let src = PolicySource {
             access: self.access.clone(),
             connectors: self.connectors.clone(),
-        }
+            services: self.services.clone(),
+        };
+        Ok(Policy::build(src, &self.reserved())?)
+    }
+
+    /// The deny list and CRLs.
+    pub fn revocation_list(&self) -> anyhow::Result<RevocationList> {
+        RevocationList::load(self.deny_list.as_deref(), &self.crls)
+            .context("loading the deny list and CRLs")
+    }
+
+    /// Files whose change triggers a reload, besides the config file itself.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        self.deny_list.iter().chain(&self.crls).cloned().collect()
     }
 
     /// Keepalive and idle timing.
@@ -174,6 +239,12 @@ bind = "127.0.0.1:5000"
 ca = "/ca.pem"
 cert = "/r.pem"
 key = "/r.key"
+reserved = ["192.168.0.0/16"]
+deny_list = "/etc/ztna/deny.toml"
+[[services]]
+name = "echo"
+address = "10.100.0.1"
+udp = ["7"]
 [[access]]
 services = ["echo"]
 groups = ["eng"]
@@ -187,6 +258,38 @@ services = ["*"]
         assert_eq!(cfg.bind, "127.0.0.1:5000".parse().unwrap());
         assert_eq!(cfg.access.len(), 1);
         assert_eq!(cfg.tunnel_pool.to_string(), "100.64.0.0/10");
+        assert_eq!(cfg.services[0].udp, Some(vec!["7".to_owned()]));
+        assert_eq!(cfg.relay_addresses(), vec![Ipv4Addr::new(127, 0, 0, 1)]);
+        assert_eq!(
+            cfg.watched_files(),
+            vec![PathBuf::from("/etc/ztna/deny.toml")]
+        );
+        assert_eq!(cfg.reload_poll_secs, 2);
+        // A catalog entry on the relay's own address, or in a reserved range, does not load.
+        for (addr, why) in [("127.0.0.1", "unicast"), ("192.168.7.7", "reserved range")] {
+            let bad = dir.path().join("clash.toml");
+            std::fs::write(
+                &bad,
+                format!("bind = \"127.0.0.1:5000\"\nreserved = [\"192.168.0.0/16\"]\n[[services]]\nname = \"x\"\naddress = \"{addr}\"\n"),
+            )
+            .unwrap();
+            let e = format!(
+                "{:#}",
+                RelayConfig::load(Some(&bad), &Flags::default()).unwrap_err()
+            );
+            assert!(e.contains(why), "{e}");
+        }
+        let own = dir.path().join("own.toml");
+        std::fs::write(
+            &own,
+            "bind = \"10.9.8.7:5000\"\n[[services]]\nname = \"x\"\naddress = \"10.9.8.7\"\n",
+        )
+        .unwrap();
+        let e = format!(
+            "{:#}",
+            RelayConfig::load(Some(&own), &Flags::default()).unwrap_err()
+        );
+        assert!(e.contains("relay itself"), "{e}");
         let json = dir.path().join("relay.json");
         std::fs::write(
             &json,
@@ -229,6 +332,7 @@ services = ["*"]
             ("Relay", struct_fields::<RelayConfig>()),
             ("Relay access rules", struct_fields::<AccessRule>()),
             ("Relay connector rules", struct_fields::<ConnectorRule>()),
+            ("Relay services", struct_fields::<ServiceRule>()),
         ] {
             let documented: BTreeSet<String> = documented_keys(md, section).into_iter().collect();
             let code: BTreeSet<String> = fields.iter().map(|f| f.to_string()).collect();

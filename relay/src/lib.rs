@@ -2,9 +2,11 @@
 //! registry and the access policy, tells each peer its observed address, and forwards the
 //! end-to-end encrypted datagrams of agent–connector channels without being able to read them.
 //!
-//! [`policy`] and [`registry`] are pure; [`server`] owns the UDP socket and the tokio tasks.
+//! [`policy`] and [`registry`] are pure; [`server`] owns the UDP socket and the tokio tasks;
+//! [`reload`] re-reads the policy, deny list and CRLs on SIGHUP or when their files change.
 
 pub mod config;
 pub mod policy;
 pub mod registry;
+pub mod reload;
 pub mod server;

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ztna_core::pki::{self, CertificateAuthority};
 use ztna_proto::Role;
-use ztna_relay::config::{Flags, RelayConfig};
+use ztna_relay::config::{Flags, RelayConfig, SYSTEM_CONFIG};
 use ztna_relay::server::Server;
 
 #[derive(Parser)]
@@ -65,6 +65,25 @@ enum PkiCommand {
         /// Extra IP address SAN (repeatable).
         #[arg(long = "ip")]
         ips: Vec<IpAddr>,
+        /// Validity in days (default: 30 for agents, 397 for relays and connectors).
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..=pki::MAX_VALIDITY_DAYS))]
+        days: Option<i64>,
+    },
+    /// Write a CRL signed by DIR/ca.* that revokes the given serials (as `issue` printed them);
+    /// name it in `crls = [...]` of the relay and the connector.
+    Crl {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Serial to revoke (hex, colons optional; repeatable).
+        #[arg(long = "serial")]
+        serials: Vec<String>,
+        /// Days until the CRL's next update.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(i64).range(1..=pki::MAX_VALIDITY_DAYS))]
+        days: i64,
+        /// File to write (replaced if it exists).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -85,22 +104,52 @@ fn pki_init(dir: &Path, org: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pki_issue(
-    dir: &Path,
+struct IssueArgs<'a> {
     role: Role,
-    name: &str,
-    groups: &[String],
-    ips: &[IpAddr],
-) -> anyhow::Result<()> {
+    name: &'a str,
+    groups: &'a [String],
+    ips: &'a [IpAddr],
+    days: Option<i64>,
+}
+
+fn pki_issue(dir: &Path, a: IssueArgs<'_>) -> anyhow::Result<()> {
     let ca = CertificateAuthority::load(dir)
         .context("loading the CA (run `ztna-relay pki init` first)")?;
-    let issued = ca.issue(role, name, groups, ips)?;
+    let days = a.days.unwrap_or_else(|| pki::default_validity_days(a.role));
+    let issued = ca.issue_for_days(a.role, a.name, a.groups, a.ips, days)?;
+    let name = a.name;
     pki::write_new(&dir.join(format!("{name}.pem")), &issued.cert_pem, false)?;
     pki::write_new(&dir.join(format!("{name}.key")), &issued.key_pem, true)?;
     println!(
-        "wrote {}/{name}.pem and {}/{name}.key ({role})",
+        "wrote {}/{name}.pem and {}/{name}.key ({}, valid {days} days until {}, serial {})",
         dir.display(),
-        dir.display()
+        dir.display(),
+        a.role,
+        issued.not_after.date(),
+        ztna_core::tls::format_serial(&issued.serial)
+    );
+    Ok(())
+}
+
+fn pki_crl(dir: &Path, serials: &[String], days: i64, out: &Path) -> anyhow::Result<()> {
+    let ca = CertificateAuthority::load(dir)
+        .context("loading the CA (run `ztna-relay pki init` first)")?;
+    let serials = serials
+        .iter()
+        .map(|s| {
+            ztna_core::tls::parse_serial(s)
+                .with_context(|| format!("serial {s:?} is not hex (like 1f:2a:03)"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pem = ca.crl(&serials, days)?;
+    // Written whole then renamed, so a relay polling the file never reads half of it.
+    let tmp = out.with_extension("crl.tmp");
+    std::fs::write(&tmp, pem).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "wrote {} revoking {} certificate(s), next update in {days} days",
+        out.display(),
+        serials.len()
     );
     Ok(())
 }
@@ -122,8 +171,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     name,
                     groups,
                     ips,
+                    days,
                 },
-        } => pki_issue(&dir, role, &name, &groups, &ips),
+        } => pki_issue(
+            &dir,
+            IssueArgs {
+                role,
+                name: &name,
+                groups: &groups,
+                ips: &ips,
+                days,
+            },
+        ),
+        Command::Pki {
+            command:
+                PkiCommand::Crl {
+                    dir,
+                    serials,
+                    days,
+                    out,
+                },
+        } => pki_crl(&dir, &serials, days, &out),
         Command::Run => {
             let cfg = RelayConfig::load(cli.config.as_deref(), &cli.flags)
                 .map_err(|e| e.context(ztna_core::daemon::InvalidConfig))?;
@@ -133,6 +201,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(async {
                 let server = Server::bind(&cfg)?;
+                // The files whose change reloads the policy: the config layers that exist.
+                let config_files: Vec<PathBuf> =
+                    [Some(PathBuf::from(SYSTEM_CONFIG)), cli.config.clone()]
+                        .into_iter()
+                        .flatten()
+                        .filter(|p| p.exists())
+                        .collect();
+                let (file, flags) = (cli.config.clone(), cli.flags.clone());
+                let reload = tokio::spawn(ztna_relay::reload::run(
+                    server.relay().clone(),
+                    config_files,
+                    &cfg,
+                    move || RelayConfig::load(file.as_deref(), &flags),
+                ));
                 ztna_core::daemon::notify_ready(&format!(
                     "listening on UDP {}",
                     server.local_addr()?
@@ -142,7 +224,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ztna_core::daemon::shutdown_signal().await;
                     ztna_core::daemon::notify_stopping();
                 };
-                server.run(stop).await
+                let result = server.run(stop).await;
+                reload.abort();
+                result
             })
         }
     }

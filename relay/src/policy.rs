@@ -1,9 +1,23 @@
-//! Access policy, pure: which agents may reach which services, and which connectors may serve
-//! which services.
+//! Access policy and the service catalog, pure: which address (and ports) each service name
+//! has, which agents may reach which services, and which connectors may serve which services.
+//!
+//! The policy owns the catalog. A connector announces the names it serves; the relay registers
+//! an announcement only if policy lets that connector serve that name and the announcement
+//! matches the policy's entry (same address; ports and protocols within what policy lists). A
+//! policy is built with [`Policy::build`], which refuses a catalog whose entries overlap each
+//! other, the tunnel pool, the relay's own addresses or a reserved range.
 
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use ztna_core::tls::PeerIdentity;
+use ztna_proto::control::{ErrorCode, Rejected};
+use ztna_proto::service::{check_name, escape_for_log, is_valid_name};
+use ztna_proto::{PortRange, ServiceDef};
 
 /// Grants the agents matching `groups` or `identities` access to `services` (`"*"`: all).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,20 +43,248 @@ pub struct ConnectorRule {
     pub services: Vec<String>,
 }
 
-/// The whole policy. Nothing is allowed unless a rule allows it.
+/// One `[[services]]` entry as configured: a service name and the address it has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRule {
+    /// The service name connectors announce and access rules name.
+    pub name: String,
+    /// Its virtual IPv4 address. Only this address is ever registered for the name.
+    pub address: Ipv4Addr,
+    /// UDP ports (`"53"`, `"5000-5010"`) a connector may serve; absent: whatever it announces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<Vec<String>>,
+    /// TCP ports a connector may serve; absent: whatever it announces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<Vec<String>>,
+    /// Whether ICMP echo may be served; absent: whatever the connector announces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<bool>,
+}
+
+impl Default for ServiceRule {
+    /// No name, the unspecified address (invalid until both are set), ports not restricted.
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            address: Ipv4Addr::UNSPECIFIED,
+            udp: None,
+            tcp: None,
+            icmp: None,
+        }
+    }
+}
+
+/// A catalog entry, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogEntry {
+    /// The service name.
+    pub name: String,
+    /// Its address.
+    pub address: Ipv4Addr,
+    /// UDP ports a connector may serve (merged, sorted); `None`: not restricted.
+    pub udp: Option<Vec<PortRange>>,
+    /// TCP ports a connector may serve (merged, sorted); `None`: not restricted.
+    pub tcp: Option<Vec<PortRange>>,
+    /// Whether ICMP may be served; `None`: not restricted.
+    pub icmp: Option<bool>,
+}
+
+/// What the policy's addresses must stay clear of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reserved {
+    /// The agents' tunnel address pool.
+    pub tunnel_pool: Option<Ipv4Net>,
+    /// The relay's own addresses (its bind address, or every interface address when it binds
+    /// all of them).
+    pub relay: Vec<Ipv4Addr>,
+    /// Ranges the relay's config reserves (`reserved = [...]`).
+    pub ranges: Vec<Ipv4Net>,
+}
+
+/// The policy as configured, before validation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicySource {
+    /// `[[access]]`.
+    pub access: Vec<AccessRule>,
+    /// `[[connectors]]`.
+    pub connectors: Vec<ConnectorRule>,
+    /// `[[services]]`: the catalog.
+    pub services: Vec<ServiceRule>,
+}
+
+/// Why a policy was refused: every problem found, one per entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PolicyError(pub Vec<String>);
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid policy: {}", self.0.join("; "))
+    }
+}
+
+/// The whole policy, validated. Nothing is allowed unless a rule allows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
-    /// Agent access rules.
-    pub access: Vec<AccessRule>,
-    /// Connector rules.
-    pub connectors: Vec<ConnectorRule>,
+    access: Vec<AccessRule>,
+    connectors: Vec<ConnectorRule>,
+    services: BTreeMap<String, CatalogEntry>,
 }
 
 fn names(list: &[String], name: &str) -> bool {
     list.iter().any(|s| s == "*" || s == name)
 }
 
+/// Sorted, merged (overlapping or adjacent ranges joined) copy of `ranges`.
+fn merge(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
+    ranges.sort_by_key(|r| (r.first, r.last));
+    let mut out: Vec<PortRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(l) if u32::from(r.first) <= u32::from(l.last) + 1 => l.last = l.last.max(r.last),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Whether every port of `announced` is in `allowed` (merged).
+fn within(announced: &[PortRange], allowed: &[PortRange]) -> bool {
+    announced.iter().all(|a| {
+        allowed
+            .iter()
+            .any(|p| p.first <= a.first && a.last <= p.last)
+    })
+}
+
+fn is_unicast(a: Ipv4Addr) -> bool {
+    !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback())
+}
+
 impl Policy {
+    /// Validates `src` against `reserved`: service names valid and unique; each address a
+    /// unicast address used by one service only, outside the tunnel pool, not a relay address
+    /// and outside every reserved range; port lists valid; every name an access or connector
+    /// rule lists defined in the catalog (or `"*"`); identities and groups valid names.
+    pub fn build(src: PolicySource, reserved: &Reserved) -> Result<Self, PolicyError> {
+        let mut problems = Vec::new();
+        let mut services: BTreeMap<String, CatalogEntry> = BTreeMap::new();
+        let mut by_address: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+        for s in src.services {
+            if let Err(e) = check_name("service name", &s.name) {
+                problems.push(e);
+                continue;
+            }
+            let who = format!("service {} ({})", s.name, s.address);
+            let a = s.address;
+            if !is_unicast(a) {
+                problems.push(format!("{who}: not a unicast address"));
+            }
+            if let Some(other) = by_address.get(&a) {
+                problems.push(format!("{who}: address also used by service {other}"));
+            }
+            if reserved.tunnel_pool.is_some_and(|p| p.contains(&a)) {
+                problems.push(format!("{who}: inside the tunnel pool"));
+            }
+            if reserved.relay.contains(&a) {
+                problems.push(format!("{who}: an address of the relay itself"));
+            }
+            if let Some(r) = reserved.ranges.iter().find(|r| r.contains(&a)) {
+                problems.push(format!("{who}: inside the reserved range {r}"));
+            }
+            let ports = |proto: &str, list: &Option<Vec<String>>, problems: &mut Vec<String>| {
+                list.as_ref().map(|l| {
+                    merge(
+                        l.iter()
+                            .filter_map(|p| match p.parse::<PortRange>() {
+                                Ok(r) => Some(r),
+                                Err(e) => {
+                                    problems.push(format!("{who}: {proto} ports: {e}"));
+                                    None
+                                }
+                            })
+                            .collect(),
+                    )
+                })
+            };
+            let udp = ports("udp", &s.udp, &mut problems);
+            let tcp = ports("tcp", &s.tcp, &mut problems);
+            let serves_nothing = udp.as_ref().is_some_and(Vec::is_empty)
+                && tcp.as_ref().is_some_and(Vec::is_empty)
+                && s.icmp == Some(false);
+            if serves_nothing {
+                problems.push(format!("{who}: no ports and no ICMP"));
+            }
+            if services.contains_key(&s.name) {
+                problems.push(format!("service {} is defined twice", s.name));
+                continue;
+            }
+            by_address.insert(a, s.name.clone());
+            services.insert(
+                s.name.clone(),
+                CatalogEntry {
+                    name: s.name,
+                    address: a,
+                    udp,
+                    tcp,
+                    icmp: s.icmp,
+                },
+            );
+        }
+        let known = |what: &str, list: &[String], problems: &mut Vec<String>| {
+            for n in list.iter().filter(|n| n.as_str() != "*") {
+                if !services.contains_key(n) {
+                    problems.push(format!(
+                        "{what} names service \"{}\", which [[services]] does not define",
+                        escape_for_log(n)
+                    ));
+                }
+            }
+        };
+        for (i, r) in src.access.iter().enumerate() {
+            let what = format!("access rule {}", i + 1);
+            known(&what, &r.services, &mut problems);
+            if r.groups.is_empty() && r.identities.is_empty() {
+                problems.push(format!("{what} lists no groups and no identities"));
+            }
+            for n in r.groups.iter().chain(&r.identities) {
+                if let Err(e) = check_name("group or identity", n) {
+                    problems.push(format!("{what}: {e}"));
+                }
+            }
+        }
+        for r in &src.connectors {
+            if let Err(e) = check_name("connector identity", &r.identity) {
+                problems.push(e);
+                continue;
+            }
+            known(
+                &format!("connector rule {}", r.identity),
+                &r.services,
+                &mut problems,
+            );
+        }
+        if problems.is_empty() {
+            Ok(Self {
+                access: src.access,
+                connectors: src.connectors,
+                services,
+            })
+        } else {
+            Err(PolicyError(problems))
+        }
+    }
+
+    /// The catalog entry of `service`.
+    pub fn service(&self, service: &str) -> Option<&CatalogEntry> {
+        self.services.get(service)
+    }
+
+    /// Number of catalog entries.
+    pub fn services_len(&self) -> usize {
+        self.services.len()
+    }
+
     /// Whether `agent` may reach the service called `service`.
     pub fn agent_may_reach(&self, agent: &PeerIdentity, service: &str) -> bool {
         self.access.iter().any(|r| {
@@ -58,15 +300,109 @@ impl Policy {
             .iter()
             .any(|r| r.identity == connector && names(&r.services, service))
     }
+
+    /// Checks one service `connector` announces against the policy. On success, returns the
+    /// definition to register: the announced ports and protocols (within policy's), at the
+    /// policy's address, served by `connector`. The refusal's name is escaped for logs.
+    pub fn check_announcement(
+        &self,
+        connector: &str,
+        mut def: ServiceDef,
+    ) -> Result<ServiceDef, Rejected> {
+        let reject = |name: &str, code, message: String| Rejected {
+            name: escape_for_log(name),
+            code,
+            message,
+        };
+        def.validate()
+            .map_err(|e| reject(&def.name, ErrorCode::Malformed, e))?;
+        let name = def.name.clone();
+        let entry = self.services.get(&name).ok_or_else(|| {
+            reject(
+                &name,
+                ErrorCode::UnknownService,
+                format!("the relay's policy has no service {name}"),
+            )
+        })?;
+        if !self.connector_may_serve(connector, &name) {
+            return Err(reject(
+                &name,
+                ErrorCode::NotAllowedToServe,
+                format!("policy does not let connector {connector} serve {name}"),
+            ));
+        }
+        if def.address != entry.address {
+            return Err(reject(
+                &name,
+                ErrorCode::PolicyMismatch,
+                format!(
+                    "service {name} has address {} in the relay's policy, not {}",
+                    entry.address, def.address
+                ),
+            ));
+        }
+        for (proto, announced, allowed) in
+            [("udp", &def.udp, &entry.udp), ("tcp", &def.tcp, &entry.tcp)]
+        {
+            if let Some(allowed) = allowed {
+                if !within(announced, allowed) {
+                    let list: Vec<String> = allowed.iter().map(ToString::to_string).collect();
+                    return Err(reject(
+                        &name,
+                        ErrorCode::PolicyMismatch,
+                        format!(
+                            "service {name}: policy allows {proto} ports [{}] only",
+                            list.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        if def.icmp && entry.icmp == Some(false) {
+            return Err(reject(
+                &name,
+                ErrorCode::PolicyMismatch,
+                format!("service {name}: policy does not allow ICMP"),
+            ));
+        }
+        def.connector = connector.to_owned();
+        Ok(def)
+    }
+
+    /// Wanted service names that the agent may not have: invalid names (`Malformed`) and names
+    /// policy denies it (`Unauthorized`), each once.
+    pub fn denied_wants(&self, agent: &PeerIdentity, want: &[String]) -> Vec<Rejected> {
+        let mut seen = HashSet::new();
+        want.iter()
+            .filter(|w| seen.insert(w.as_str()))
+            .filter_map(|w| {
+                if !is_valid_name(w) {
+                    Some(Rejected {
+                        name: escape_for_log(w),
+                        code: ErrorCode::Malformed,
+                        message: check_name("service name", w).err().unwrap_or_default(),
+                    })
+                } else if !self.agent_may_reach(agent, w) {
+                    Some(Rejected {
+                        name: w.clone(),
+                        code: ErrorCode::Unauthorized,
+                        message: format!("policy does not allow {} to reach {w}", agent.name),
+                    })
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use ztna_proto::Role;
 
     use super::*;
 
-    fn agent(name: &str, groups: &[&str]) -> PeerIdentity {
+    pub(crate) fn agent(name: &str, groups: &[&str]) -> PeerIdentity {
         PeerIdentity {
             name: name.into(),
             role: Role::Agent,
@@ -74,9 +410,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rules() {
-        let p = Policy {
+    pub(crate) fn rule(name: &str, last: u8) -> ServiceRule {
+        ServiceRule {
+            name: name.into(),
+            address: Ipv4Addr::new(10, 100, 0, last),
+            ..ServiceRule::default()
+        }
+    }
+
+    pub(crate) fn reserved() -> Reserved {
+        Reserved {
+            tunnel_pool: Some("100.64.0.0/10".parse().unwrap()),
+            relay: vec![Ipv4Addr::new(10, 10, 0, 1)],
+            ranges: vec!["192.168.0.0/16".parse().unwrap()],
+        }
+    }
+
+    fn src() -> PolicySource {
+        PolicySource {
             access: vec![
                 AccessRule {
                     services: vec!["echo".into(), "dns".into()],
@@ -93,7 +444,13 @@ mod tests {
                 identity: "c1".into(),
                 services: vec!["echo".into()],
             }],
-        };
+            services: vec![rule("echo", 1), rule("dns", 2), rule("secret", 3)],
+        }
+    }
+
+    #[test]
+    fn rules() {
+        let p = Policy::build(src(), &reserved()).unwrap();
         assert!(p.agent_may_reach(&agent("alice", &["eng"]), "echo"));
         assert!(!p.agent_may_reach(&agent("alice", &["eng"]), "secret"));
         assert!(!p.agent_may_reach(&agent("bob", &["ops"]), "echo"));
@@ -102,5 +459,142 @@ mod tests {
         assert!(!p.connector_may_serve("c1", "dns"));
         assert!(!p.connector_may_serve("c2", "echo"));
         assert!(!Policy::default().agent_may_reach(&agent("x", &["eng"]), "echo"));
+        let denied = p.denied_wants(
+            &agent("alice", &["eng"]),
+            &[
+                "echo".into(),
+                "secret".into(),
+                "secret".into(),
+                "\u{1b}[31mx".into(),
+            ],
+        );
+        let codes: Vec<_> = denied.iter().map(|r| r.code).collect();
+        assert_eq!(codes, vec![ErrorCode::Unauthorized, ErrorCode::Malformed]);
+        assert!(!denied[1].name.chars().any(char::is_control));
+    }
+
+    /// Every way a catalog can collide is refused at load, each named in the error.
+    #[test]
+    fn overlapping_catalogs_are_refused_at_load() {
+        let bad = |services: Vec<ServiceRule>, needle: &str| {
+            let mut s = src();
+            s.services = services;
+            s.access.clear();
+            s.connectors.clear();
+            let e = Policy::build(s, &reserved()).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} should mention {needle}");
+        };
+        bad(vec![rule("a", 1), rule("b", 1)], "also used by service a");
+        bad(vec![rule("a", 1), rule("a", 2)], "defined twice");
+        let mut pool = rule("a", 1);
+        pool.address = Ipv4Addr::new(100, 64, 0, 7);
+        bad(vec![pool], "tunnel pool");
+        let mut relay = rule("a", 1);
+        relay.address = Ipv4Addr::new(10, 10, 0, 1);
+        bad(vec![relay], "relay itself");
+        let mut lan = rule("a", 1);
+        lan.address = Ipv4Addr::new(192, 168, 1, 1);
+        bad(vec![lan], "reserved range 192.168.0.0/16");
+        let mut lo = rule("a", 1);
+        lo.address = Ipv4Addr::LOCALHOST;
+        bad(vec![lo], "not a unicast");
+        let mut ports = rule("a", 1);
+        ports.udp = Some(vec!["0".into()]);
+        bad(vec![ports], "udp ports");
+        let mut nothing = rule("a", 1);
+        nothing.udp = Some(vec![]);
+        nothing.tcp = Some(vec![]);
+        nothing.icmp = Some(false);
+        bad(vec![nothing], "no ports and no ICMP");
+        bad(vec![rule("Bad Name", 1)], "invalid service name");
+        // Rules must name defined services and someone.
+        let mut s = src();
+        s.access[0].services.push("typo".into());
+        s.access.push(AccessRule {
+            services: vec!["echo".into()],
+            ..AccessRule::default()
+        });
+        s.connectors[0].identity = "evil\nname".into();
+        let e = Policy::build(s, &reserved()).unwrap_err();
+        assert_eq!(e.0.len(), 3, "{e}");
+        assert!(!e.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn announcements_must_match_policy() {
+        let mut s = src();
+        s.services[0].udp = Some(vec!["7".into(), "9000-9010".into(), "9011".into()]);
+        s.services[0].icmp = Some(false);
+        let p = Policy::build(s, &reserved()).unwrap();
+        let def = |name: &str, last: u8, udp: Vec<PortRange>, icmp: bool| ServiceDef {
+            name: name.into(),
+            address: Ipv4Addr::new(10, 100, 0, last),
+            udp,
+            tcp: vec![],
+            icmp,
+            connector: "ignored".into(),
+        };
+        let ok = p
+            .check_announcement(
+                "c1",
+                def(
+                    "echo",
+                    1,
+                    vec![
+                        PortRange::single(7),
+                        PortRange {
+                            first: 9005,
+                            last: 9011,
+                        },
+                    ],
+                    false,
+                ),
+            )
+            .unwrap();
+        assert_eq!(ok.connector, "c1");
+        let code = |r: Result<ServiceDef, Rejected>| r.unwrap_err().code;
+        // Another service's address, or any address but its own.
+        assert_eq!(
+            code(p.check_announcement("c1", def("echo", 2, vec![PortRange::single(7)], false))),
+            ErrorCode::PolicyMismatch
+        );
+        // Ports and ICMP beyond policy.
+        assert_eq!(
+            code(p.check_announcement("c1", def("echo", 1, vec![PortRange::single(22)], false))),
+            ErrorCode::PolicyMismatch
+        );
+        assert_eq!(
+            code(p.check_announcement("c1", def("echo", 1, vec![PortRange::single(7)], true))),
+            ErrorCode::PolicyMismatch
+        );
+        assert_eq!(
+            code(p.check_announcement("c1", def("dns", 2, vec![PortRange::single(53)], false))),
+            ErrorCode::NotAllowedToServe
+        );
+        assert_eq!(
+            code(p.check_announcement("c1", def("nope", 9, vec![PortRange::single(53)], false))),
+            ErrorCode::UnknownService
+        );
+        let evil = p
+            .check_announcement(
+                "c1",
+                def("\u{1b}]0;x\u{7}", 1, vec![PortRange::single(7)], false),
+            )
+            .unwrap_err();
+        assert_eq!(evil.code, ErrorCode::Malformed);
+        assert!(!evil.name.chars().any(char::is_control));
+        assert!(!evil.message.chars().any(char::is_control));
+    }
+
+    #[test]
+    fn port_ranges_merge() {
+        let r = |a, b| PortRange { first: a, last: b };
+        assert_eq!(
+            merge(vec![r(5, 9), r(1, 3), r(4, 4), r(20, 30)]),
+            vec![r(1, 9), r(20, 30)]
+        );
+        assert!(within(&[r(2, 8)], &merge(vec![r(1, 3), r(4, 9)])));
+        assert!(!within(&[r(2, 10)], &merge(vec![r(1, 3), r(4, 9)])));
+        assert_eq!(merge(vec![r(65535, 65535), r(1, 65535)]), vec![r(1, 65535)]);
     }
 }

@@ -10,19 +10,31 @@ use ztna_proto::ServiceDef;
 
 use crate::policy::Policy;
 
-/// Services connectors have registered, by name.
+/// Services connectors have registered, by name, and what each connector announced (so a
+/// policy reload can register again what the new policy allows).
 #[derive(Debug, Default)]
 pub struct Registry {
     services: BTreeMap<String, ServiceDef>,
+    announced: BTreeMap<String, Vec<ServiceDef>>,
 }
 
 /// Most services one connector may announce.
 pub const MAX_SERVICES_PER_CONNECTOR: usize = 1024;
 
+/// A service refused at registration, and the connector that announced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The connector.
+    pub connector: String,
+    /// The refusal (name escaped for logs).
+    pub rejected: Rejected,
+}
+
 impl Registry {
-    /// Registers what `connector` announces: each service must be valid, allowed by policy, and
-    /// not clash (by name or address) with another connector's service. Replaces whatever the
-    /// connector had registered before.
+    /// Registers what `connector` announces: each service must be valid, in the policy's
+    /// catalog, allowed for that connector, match the policy's entry (address, ports) and not
+    /// be served by another connector already. Replaces whatever the connector had registered
+    /// before.
     pub fn register(
         &mut self,
         connector: &str,
@@ -30,62 +42,100 @@ impl Registry {
         policy: &Policy,
     ) -> (Vec<ServiceDef>, Vec<Rejected>) {
         self.unregister(connector);
+        if announced.len() > MAX_SERVICES_PER_CONNECTOR {
+            let rejected = vec![Rejected {
+                name: "*".into(),
+                code: ErrorCode::Limit,
+                message: format!("more than {MAX_SERVICES_PER_CONNECTOR} services announced"),
+            }];
+            return (Vec::new(), rejected);
+        }
+        let (accepted, rejected) = self.try_register(connector, &announced, policy);
+        self.announced.insert(connector.to_owned(), announced);
+        (accepted, rejected)
+    }
+
+    fn try_register(
+        &mut self,
+        connector: &str,
+        announced: &[ServiceDef],
+        policy: &Policy,
+    ) -> (Vec<ServiceDef>, Vec<Rejected>) {
         let mut accepted = Vec::new();
         let mut rejected = Vec::new();
-        let reject = |name: &str, code, message: String| Rejected {
-            name: name.to_owned(),
-            code,
-            message,
-        };
-        if announced.len() > MAX_SERVICES_PER_CONNECTOR {
-            rejected.push(reject(
-                "*",
-                ErrorCode::Limit,
-                format!("more than {MAX_SERVICES_PER_CONNECTOR} services announced"),
-            ));
-            return (accepted, rejected);
-        }
-        for mut def in announced {
-            def.connector = connector.to_owned();
-            if let Err(e) = def.validate() {
-                rejected.push(reject(&def.name, ErrorCode::Malformed, e));
-            } else if !policy.connector_may_serve(connector, &def.name) {
-                rejected.push(reject(
-                    &def.name,
-                    ErrorCode::NotAllowedToServe,
-                    format!(
-                        "policy does not let connector {connector} serve {}",
-                        def.name
-                    ),
-                ));
-            } else if let Some(other) = self.services.get(&def.name) {
-                rejected.push(reject(
-                    &def.name,
-                    ErrorCode::Conflict,
-                    format!(
-                        "service {} is already served by {}",
-                        def.name, other.connector
-                    ),
-                ));
-            } else if let Some(other) = self.services.values().find(|s| s.address == def.address) {
-                rejected.push(reject(
-                    &def.name,
-                    ErrorCode::Conflict,
-                    format!(
-                        "address {} is already used by service {}",
-                        def.address, other.name
-                    ),
-                ));
-            } else {
-                self.services.insert(def.name.clone(), def.clone());
-                accepted.push(def);
+        for def in announced {
+            if self
+                .services
+                .get(&def.name)
+                .is_some_and(|s| s.connector == connector)
+            {
+                continue; // kept across a reload
+            }
+            match policy.check_announcement(connector, def.clone()) {
+                Err(r) => rejected.push(r),
+                Ok(def) => {
+                    if let Some(other) = self.services.get(&def.name) {
+                        rejected.push(Rejected {
+                            name: def.name.clone(),
+                            code: ErrorCode::Conflict,
+                            message: format!(
+                                "service {} is already served by {}",
+                                def.name, other.connector
+                            ),
+                        });
+                    } else if let Some(other) =
+                        self.services.values().find(|s| s.address == def.address)
+                    {
+                        // Policy gives each address to one name; this only guards that.
+                        rejected.push(Rejected {
+                            name: def.name.clone(),
+                            code: ErrorCode::Conflict,
+                            message: format!(
+                                "address {} is already used by service {}",
+                                def.address, other.name
+                            ),
+                        });
+                    } else {
+                        self.services.insert(def.name.clone(), def.clone());
+                        accepted.push(def);
+                    }
+                }
             }
         }
         (accepted, rejected)
     }
 
+    /// Applies a new policy: keeps each registered service the new policy still allows its
+    /// connector (unchanged), drops the rest, then registers what connectors announced and the
+    /// new policy now allows. Returns the services that were registered and are not any more.
+    pub fn reapply(&mut self, policy: &Policy) -> Vec<Refused> {
+        let before = std::mem::take(&mut self.services);
+        let mut dropped = Vec::new();
+        for (name, def) in &before {
+            let mut announced = def.clone();
+            announced.connector.clear();
+            match policy.check_announcement(&def.connector, announced) {
+                Ok(now) if now == *def => {
+                    self.services.insert(name.clone(), def.clone());
+                }
+                Ok(_) => {}
+                Err(rejected) => dropped.push(Refused {
+                    connector: def.connector.clone(),
+                    rejected,
+                }),
+            }
+        }
+        let announced = std::mem::take(&mut self.announced);
+        for (connector, defs) in &announced {
+            let _ = self.try_register(connector, defs, policy);
+        }
+        self.announced = announced;
+        dropped
+    }
+
     /// Removes every service of `connector`. Returns whether anything was removed.
     pub fn unregister(&mut self, connector: &str) -> bool {
+        self.announced.remove(connector);
         let before = self.services.len();
         self.services.retain(|_, s| s.connector != connector);
         before != self.services.len()
@@ -109,6 +159,15 @@ impl Registry {
     /// Number of registered services.
     pub fn services_len(&self) -> usize {
         self.services.len()
+    }
+
+    /// The services `connector` has registered now.
+    pub fn served_by(&self, connector: &str) -> Vec<ServiceDef> {
+        self.services
+            .values()
+            .filter(|s| s.connector == connector)
+            .cloned()
+            .collect()
     }
 
     /// Addresses of `connector`'s services that `agent` may reach (the connector enforces them).
@@ -136,20 +195,6 @@ impl Registry {
             .values()
             .any(|s| s.connector == connector && policy.agent_may_reach(agent, &s.name))
     }
-}
-
-/// Wanted service names that policy denies the agent.
-pub fn denied_wants(agent: &PeerIdentity, want: &[String], policy: &Policy) -> Vec<Rejected> {
-    let mut seen = HashSet::new();
-    want.iter()
-        .filter(|w| seen.insert(w.as_str()))
-        .filter(|w| !policy.agent_may_reach(agent, w))
-        .map(|w| Rejected {
-            name: w.clone(),
-            code: ErrorCode::Unauthorized,
-            message: format!("policy does not allow {} to reach {w}", agent.name),
-        })
-        .collect()
 }
 
 /// Assigns tunnel IPs from a pool, stable per identity: an identity starts probing at a hash of
@@ -220,10 +265,11 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use ztna_proto::{PortRange, Role};
+    use ztna_proto::PortRange;
 
     use super::*;
-    use crate::policy::{AccessRule, ConnectorRule};
+    use crate::policy::tests::{agent, reserved, rule};
+    use crate::policy::{AccessRule, ConnectorRule, PolicySource, ServiceRule};
 
     fn svc(name: &str, last: u8) -> ServiceDef {
         ServiceDef {
@@ -236,8 +282,8 @@ mod tests {
         }
     }
 
-    fn policy() -> Policy {
-        Policy {
+    fn source() -> PolicySource {
+        PolicySource {
             access: vec![AccessRule {
                 services: vec!["echo".into(), "dns".into()],
                 groups: vec!["eng".into()],
@@ -253,7 +299,12 @@ mod tests {
                     services: vec!["echo".into()],
                 },
             ],
+            services: vec![rule("echo", 1), rule("dns", 2), rule("secret", 3)],
         }
+    }
+
+    fn policy() -> Policy {
+        Policy::build(source(), &reserved()).unwrap()
     }
 
     #[test]
@@ -267,17 +318,13 @@ mod tests {
         );
         assert_eq!(ok.len(), 3);
         assert!(bad.is_empty());
-        let (ok, bad) = r.register("c2", vec![svc("echo", 9), svc("dns", 8)], &p);
+        let (ok, bad) = r.register("c2", vec![svc("echo", 1), svc("dns", 2)], &p);
         assert!(ok.is_empty());
         assert_eq!(
             bad.iter().map(|b| b.code).collect::<Vec<_>>(),
             vec![ErrorCode::Conflict, ErrorCode::NotAllowedToServe]
         );
-        let alice = PeerIdentity {
-            name: "alice".into(),
-            role: Role::Agent,
-            groups: vec!["eng".into()],
-        };
+        let alice = agent("alice", &["eng"]);
         let names: Vec<_> = r
             .catalog_for(&alice, &[], &p)
             .into_iter()
@@ -290,10 +337,6 @@ mod tests {
             .map(|s| s.name)
             .collect();
         assert_eq!(names, vec!["echo"]);
-        assert_eq!(
-            denied_wants(&alice, &["echo".into(), "secret".into()], &p).len(),
-            1
-        );
         assert!(r.agent_may_use_connector(&alice, "c1", &p));
         // secret (10.100.0.3) is served by c1 but not allowed to alice.
         let mut reach = r.reachable_at(&alice, "c1", &p);
@@ -306,20 +349,74 @@ mod tests {
         assert!(r.catalog_for(&alice, &[], &p).is_empty());
     }
 
+    /// The round-1 hole: a connector allowed one service could announce it at any address
+    /// (another service's, the relay's own) and take over another connector's address while
+    /// that one restarted. Policy now fixes each name's address.
     #[test]
-    fn address_conflicts_and_invalid_services() {
+    fn a_connector_cannot_choose_or_move_an_address() {
         let p = policy();
         let mut r = Registry::default();
-        r.register("c1", vec![svc("echo", 1)], &p);
-        let mut dup = svc("dns", 1);
-        dup.connector = "ignored".into();
-        let (_, bad) = r.register("c1", vec![svc("echo", 1), dup], &p);
-        assert_eq!(bad[0].code, ErrorCode::Conflict);
-        let mut empty = svc("dns", 5);
+        // c1 (allowed "*") restarts: while it is gone, c2 (allowed echo) announces echo at
+        // dns's address, and a name of its own at the relay's address.
+        let mut relay_addr = svc("echo", 0);
+        relay_addr.address = Ipv4Addr::new(10, 10, 0, 1);
+        let (ok, bad) = r.register("c2", vec![svc("echo", 2), relay_addr], &p);
+        assert!(ok.is_empty());
+        assert_eq!(bad[0].code, ErrorCode::PolicyMismatch);
+        assert_eq!(bad[1].code, ErrorCode::PolicyMismatch);
+        let (ok, bad) = r.register("c2", vec![svc("grab", 2)], &p);
+        assert!(ok.is_empty());
+        assert_eq!(bad[0].code, ErrorCode::UnknownService);
+        let (ok, _) = r.register("c1", vec![svc("dns", 2)], &p);
+        assert_eq!(ok.len(), 1);
+        assert_eq!(r.served_by("c1")[0].address, Ipv4Addr::new(10, 100, 0, 2));
+    }
+
+    #[test]
+    fn invalid_services_are_refused() {
+        let p = policy();
+        let mut r = Registry::default();
+        let mut empty = svc("dns", 2);
         empty.udp.clear();
         empty.icmp = false;
         let (_, bad) = r.register("c1", vec![empty], &p);
         assert_eq!(bad[0].code, ErrorCode::Malformed);
+        let many: Vec<_> = (0..=MAX_SERVICES_PER_CONNECTOR)
+            .map(|_| svc("echo", 1))
+            .collect();
+        let (ok, bad) = r.register("c1", many, &p);
+        assert!(ok.is_empty());
+        assert_eq!(bad[0].code, ErrorCode::Limit);
+    }
+
+    #[test]
+    fn reapply_keeps_what_is_still_allowed_and_adds_what_now_is() {
+        let mut r = Registry::default();
+        let (ok, bad) = r.register("c2", vec![svc("echo", 1), svc("dns", 2)], &policy());
+        assert_eq!((ok.len(), bad.len()), (1, 1));
+        // New policy: c2 may serve dns too, but no longer echo; echo moves to another address.
+        let mut src = source();
+        src.connectors[1].services = vec!["dns".into()];
+        let p2 = Policy::build(src.clone(), &reserved()).unwrap();
+        let dropped = r.reapply(&p2);
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].connector, "c2");
+        assert_eq!(dropped[0].rejected.code, ErrorCode::NotAllowedToServe);
+        let names: Vec<_> = r.served_by("c2").into_iter().map(|s| s.name).collect();
+        assert_eq!(names, vec!["dns"]);
+        // echo back for c2, but at a new address: the old announcement no longer matches.
+        src.connectors[1].services = vec!["*".into()];
+        src.services[0] = ServiceRule {
+            address: Ipv4Addr::new(10, 100, 0, 9),
+            ..rule("echo", 1)
+        };
+        let p3 = Policy::build(src, &reserved()).unwrap();
+        assert!(r.reapply(&p3).is_empty());
+        let names: Vec<_> = r.served_by("c2").into_iter().map(|s| s.name).collect();
+        assert_eq!(names, vec!["dns"]);
+        // The same policy again changes nothing.
+        assert!(r.reapply(&p3).is_empty());
+        assert_eq!(r.services_len(), 1);
     }
 
     #[test]

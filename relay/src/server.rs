@@ -12,16 +12,17 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use ztna_core::metrics_http::Sample;
 use ztna_core::session::{ControlReader, ControlWriter, SessionError};
-use ztna_core::tls::{Credentials, PeerIdentity};
+use ztna_core::tls::{Credentials, PeerIdentity, Revocation};
 use ztna_core::transport;
 use ztna_proto::control::{
     Candidate, CandidateKind, ControlMessage, ErrorCode, Hello, Role, Welcome, MAX_CANDIDATES,
 };
+use ztna_proto::service::{check_name, escape_for_log};
 use ztna_proto::{datagram, ChannelId, ServiceDef, ALPN_RELAY};
 
 use crate::config::RelayConfig;
 use crate::policy::Policy;
-use crate::registry::{denied_wants, Pool, Registry};
+use crate::registry::{Pool, Registry};
 
 /// Time a new peer has to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -91,6 +92,14 @@ pub struct Metrics {
     pub services_registered: AtomicU64,
     /// Service announcements refused.
     pub services_rejected: AtomicU64,
+    /// Policy reloads applied.
+    pub policy_reloads: AtomicU64,
+    /// Policy reloads refused (the old policy stayed in force).
+    pub policy_reload_errors: AtomicU64,
+    /// Live sessions closed because a reload denied or revoked their certificate.
+    pub sessions_revoked: AtomicU64,
+    /// Channels closed because a reload changed what they may reach.
+    pub channels_closed_by_policy: AtomicU64,
     /// Direct-path candidate lists forwarded between the ends of a channel.
     pub candidates_forwarded: AtomicU64,
     /// Candidate lists dropped because one end sent them faster than one per
@@ -120,6 +129,10 @@ impl Metrics {
             Sample::counter("channels_refused", "Channel requests refused.", g(&self.channels_refused)),
             Sample::gauge("services_registered", "Services registered now.", g(&self.services_registered)),
             Sample::counter("services_rejected", "Service announcements refused.", g(&self.services_rejected)),
+            Sample::counter("policy_reloads", "Policy reloads applied.", g(&self.policy_reloads)),
+            Sample::counter("policy_reload_errors", "Policy reloads refused (the old policy stayed in force).", g(&self.policy_reload_errors)),
+            Sample::counter("sessions_revoked", "Live sessions closed because a reload denied or revoked their certificate.", g(&self.sessions_revoked)),
+            Sample::counter("channels_closed_by_policy", "Channels closed because a policy reload changed what they may reach.", g(&self.channels_closed_by_policy)),
         ];
         ztna_core::metrics_http::encode("ztna_relay", samples)
     }
@@ -127,6 +140,8 @@ impl Metrics {
 
 struct Session {
     identity: PeerIdentity,
+    /// Serial of the peer's certificate (checked against the deny list on reload).
+    serial: Vec<u8>,
     conn: quinn::Connection,
     ctrl: mpsc::Sender<ControlMessage>,
     want: Vec<String>,
@@ -156,11 +171,15 @@ struct Channel {
     /// The agent's request, until the connector accepts the channel.
     pending_request: Option<u32>,
     connector_name: String,
+    /// The service addresses the connector was told the agent may reach (sorted); a reload
+    /// that changes them closes the channel.
+    allowed: Vec<Ipv4Addr>,
     /// When each end (agent, connector) last had candidates forwarded.
     last_candidates: [Option<std::time::Instant>; 2],
 }
 
 struct State {
+    policy: Arc<Policy>,
     next_session: u64,
     next_channel: u32,
     sessions: HashMap<u64, Session>,
@@ -172,7 +191,7 @@ struct State {
 
 /// The relay's shared state.
 pub struct Relay {
-    policy: Policy,
+    revocation: Arc<Revocation>,
     max_channels: usize,
     state: Mutex<State>,
     /// Counters.
@@ -182,13 +201,28 @@ pub struct Relay {
 /// Why a peer is refused, as sent to it.
 type Refusal = (ErrorCode, String);
 
+/// What a policy reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// Catalog entries in the new policy.
+    pub services: usize,
+    /// Registered services the new policy no longer allows.
+    pub services_dropped: usize,
+    /// Sessions closed (identity or certificate denied).
+    pub sessions_closed: usize,
+    /// Channels closed (what they may reach changed).
+    pub channels_closed: usize,
+}
+
 impl Relay {
-    /// A relay with no sessions.
-    pub fn new(cfg: &RelayConfig) -> Self {
+    /// A relay with no sessions, enforcing `policy` and the deny list and CRLs of
+    /// `revocation` (the handle its TLS server config verifies client certificates with).
+    pub fn new(cfg: &RelayConfig, policy: Policy, revocation: Arc<Revocation>) -> Self {
         Self {
-            policy: cfg.policy(),
+            revocation,
             max_channels: cfg.max_channels_per_agent,
             state: Mutex::new(State {
+                policy: Arc::new(policy),
                 next_session: 1,
                 next_channel: 1,
                 sessions: HashMap::new(),
@@ -203,6 +237,111 @@ impl Relay {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The deny list and CRLs that handshakes and [`Relay::apply_policy`] check.
+    pub fn revocation(&self) -> &Arc<Revocation> {
+        &self.revocation
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.lock().policy.clone()
+    }
+
+    /// Puts `policy` in force (after the deny list and CRLs were updated): closes the sessions
+    /// of identities or certificates now denied, registers again what connectors announced
+    /// (telling each connector what it may no longer serve), re-sends each agent its catalog if
+    /// it changed, and closes channels whose reachable services changed (`Unauthorized` when
+    /// the agent may reach nothing at that connector any more, else `PolicyChanged`; the agent
+    /// opens a new one). Sessions still allowed are kept.
+    pub fn apply_policy(&self, policy: Policy) -> ReloadSummary {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let policy = Arc::new(policy);
+        st.policy = policy.clone();
+        let mut summary = ReloadSummary {
+            services: policy.services_len(),
+            ..ReloadSummary::default()
+        };
+        // Denied or revoked identities lose their sessions.
+        let denied: Vec<(u64, ztna_core::tls::Denied)> = st
+            .sessions
+            .iter()
+            .filter_map(|(id, s)| {
+                self.revocation
+                    .denied(&s.identity.name, &s.serial)
+                    .map(|d| (*id, d))
+            })
+            .collect();
+        for (id, why) in denied {
+            if let Some(s) = st.sessions.get(&id) {
+                tracing::warn!(peer = %s.identity, reason = %why, "closing the session: certificate no longer accepted");
+                s.conn.close(
+                    why.error_code().to_quic().into(),
+                    why.to_string().as_bytes(),
+                );
+            }
+            self.metrics
+                .sessions_revoked
+                .fetch_add(1, Ordering::Relaxed);
+            summary.sessions_closed += 1;
+            self.end_session_locked(st, id);
+        }
+        // Registrations under the new policy.
+        let dropped = st.registry.reapply(&policy);
+        for d in dropped {
+            tracing::warn!(connector = %d.connector, service = %d.rejected.name, code = %d.rejected.code, "service no longer registered after the policy reload");
+            tracing::debug!(connector = %d.connector, service = %d.rejected.name, "reason: {}", d.rejected.message);
+            summary.services_dropped += 1;
+            let session = st
+                .by_identity
+                .get(&(Role::Connector, d.connector.clone()))
+                .and_then(|id| st.sessions.get(id));
+            if let Some(s) = session {
+                s.send(ControlMessage::Error {
+                    code: d.rejected.code,
+                    request_id: None,
+                    message: format!(
+                        "service {} is no longer registered: {}",
+                        d.rejected.name, d.rejected.message
+                    ),
+                });
+            }
+        }
+        self.metrics
+            .services_registered
+            .store(st.registry.services_len() as u64, Ordering::Relaxed);
+        // Channels whose reachable set changed.
+        let mut changed = Vec::new();
+        for (ch, c) in &st.channels {
+            let Some(agent) = st.sessions.get(&c.agent) else {
+                continue;
+            };
+            let mut now = st
+                .registry
+                .reachable_at(&agent.identity, &c.connector_name, &policy);
+            now.sort();
+            if now != c.allowed {
+                let code = if now.is_empty() {
+                    ErrorCode::Unauthorized
+                } else {
+                    ErrorCode::PolicyChanged
+                };
+                changed.push((*ch, code));
+            }
+        }
+        for (ch, code) in changed {
+            tracing::info!(channel = ch, %code, "closing a channel: the policy reload changed what it may reach");
+            self.metrics
+                .channels_closed_by_policy
+                .fetch_add(1, Ordering::Relaxed);
+            summary.channels_closed += 1;
+            self.close_channel_locked(st, ch, code, None);
+        }
+        self.push_catalogs_locked(st);
+        self.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
+        summary
     }
 
     /// Admits a peer that said hello: registers it and builds its welcome.
@@ -222,7 +361,22 @@ impl Relay {
                 ),
             ));
         }
-        let mut st = self.lock();
+        let serial = conn
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|c| ztna_core::tls::cert_serial(c.first()?).ok())
+            .unwrap_or_default();
+        // The handshake already refused denied certificates; this catches a deny list updated
+        // between the handshake and the hello.
+        if let Some(why) = self.revocation.denied(&peer.name, &serial) {
+            return Err((why.error_code(), why.to_string()));
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let policy = st.policy.clone();
         let key = (peer.role, peer.name.clone());
         if let Some(old) = st.by_identity.get(&key).copied() {
             if let Some(s) = st.sessions.get(&old) {
@@ -232,7 +386,7 @@ impl Relay {
                     b"replaced by a newer session",
                 );
             }
-            self.end_session_locked(&mut st, old);
+            self.end_session_locked(st, old);
         }
         let (tunnel_ip, services, rejected) = match peer.role {
             Role::Agent => {
@@ -240,23 +394,21 @@ impl Relay {
                     ErrorCode::PoolExhausted,
                     "no tunnel address left in the pool".into(),
                 ))?;
-                let catalog = fit_catalog(
-                    st.registry.catalog_for(peer, &hello.want, &self.policy),
-                    peer,
-                );
-                let mut denied = denied_wants(peer, &hello.want, &self.policy);
+                let catalog =
+                    fit_catalog(st.registry.catalog_for(peer, &hello.want, &policy), peer);
+                let mut denied = policy.denied_wants(peer, &hello.want);
                 denied.truncate(MAX_REJECTED);
                 (Some(ip), catalog, denied)
             }
             Role::Connector => {
-                let (ok, bad) = st
-                    .registry
-                    .register(&peer.name, hello.services, &self.policy);
+                let (ok, bad) = st.registry.register(&peer.name, hello.services, &policy);
                 self.metrics
                     .services_rejected
                     .fetch_add(bad.len() as u64, Ordering::Relaxed);
+                // Names are escaped; messages may hold service addresses, so DEBUG only.
                 for r in &bad {
-                    tracing::warn!(connector = %peer.name, service = %r.name, code = %r.code, "refused service: {}", r.message);
+                    tracing::warn!(connector = %peer.name, service = %r.name, code = %r.code, "refused service");
+                    tracing::debug!(connector = %peer.name, service = %r.name, "refused service: {}", r.message);
                 }
                 let mut bad = bad;
                 bad.truncate(MAX_REJECTED);
@@ -276,6 +428,7 @@ impl Relay {
             id,
             Session {
                 identity: peer.clone(),
+                serial,
                 conn: conn.clone(),
                 ctrl,
                 want: hello.want,
@@ -288,7 +441,7 @@ impl Relay {
             },
         );
         if peer.role == Role::Connector {
-            self.push_catalogs_locked(&mut st);
+            self.push_catalogs_locked(st);
         }
         self.metrics
             .services_registered
@@ -306,14 +459,17 @@ impl Relay {
     /// Sends each agent its catalog if it changed.
     fn push_catalogs_locked(&self, st: &mut State) {
         let State {
-            sessions, registry, ..
+            sessions,
+            registry,
+            policy,
+            ..
         } = st;
         for s in sessions
             .values_mut()
             .filter(|s| s.identity.role == Role::Agent)
         {
             let catalog = fit_catalog(
-                registry.catalog_for(&s.identity, &s.want, &self.policy),
+                registry.catalog_for(&s.identity, &s.want, policy),
                 &s.identity,
             );
             if catalog != s.catalog {
@@ -393,7 +549,7 @@ impl Relay {
                         .channels_refused
                         .fetch_add(1, Ordering::Relaxed);
                     if let Some(s) = st.sessions.get(&id) {
-                        tracing::info!(agent = %s.identity.name, %connector, %code, "channel refused: {message}");
+                        tracing::info!(agent = %s.identity.name, connector = %escape_for_log(&connector), %code, "channel refused: {message}");
                         s.send(ControlMessage::Error {
                             code,
                             request_id: Some(request_id),
@@ -434,6 +590,8 @@ impl Relay {
         request_id: u32,
         connector: &str,
     ) -> Result<(), Refusal> {
+        check_name("connector name", connector).map_err(|e| (ErrorCode::Malformed, e))?;
+        let policy = st.policy.clone();
         let agent = st
             .sessions
             .get(&id)
@@ -449,7 +607,7 @@ impl Relay {
         }
         if !st
             .registry
-            .agent_may_use_connector(&agent.identity, connector, &self.policy)
+            .agent_may_use_connector(&agent.identity, connector, &policy)
         {
             let code = if st
                 .by_identity
@@ -478,9 +636,10 @@ impl Relay {
             .pool
             .assign(&agent.identity.name)
             .ok_or((ErrorCode::PoolExhausted, "no tunnel address".into()))?;
-        let allowed = st
+        let mut allowed = st
             .registry
-            .reachable_at(&agent.identity, connector, &self.policy);
+            .reachable_at(&agent.identity, connector, &policy);
+        allowed.sort();
         let agent_name = agent.identity.name.clone();
         let agent_conn = agent.conn.clone();
         let conn_session = st
@@ -503,7 +662,7 @@ impl Relay {
                 channel_id: ch,
                 agent: agent_name.clone(),
                 agent_tunnel_ip: tunnel_ip,
-                services: allowed,
+                services: allowed.clone(),
             })
             .is_err()
         {
@@ -525,6 +684,7 @@ impl Relay {
                 connector_conn,
                 pending_request: Some(request_id),
                 connector_name: connector.to_owned(),
+                allowed,
                 last_candidates: [None, None],
             },
         );
@@ -723,6 +883,11 @@ impl Server {
             files.cert.display(),
             creds.identity()
         );
+        let policy = cfg.policy()?;
+        creds
+            .revocation()
+            .update(cfg.revocation_list()?)
+            .context("loading the CRLs")?;
         let mut server_cfg = quinn::ServerConfig::with_crypto(creds.server_config(ALPN_RELAY)?);
         server_cfg.transport_config(transport::relay_side(cfg.timing()));
         server_cfg.migration(true);
@@ -741,10 +906,11 @@ impl Server {
         } else {
             tracing::info!(addr = %local, "relay listening");
         }
-        tracing::info!(identity = %creds.identity().name, access_rules = cfg.access.len(), connector_rules = cfg.connectors.len(), pool = %cfg.tunnel_pool, "relay ready");
+        let list = creds.revocation().list();
+        tracing::info!(identity = %creds.identity().name, services = policy.services_len(), access_rules = cfg.access.len(), connector_rules = cfg.connectors.len(), denied_identities = list.identities.len(), denied_serials = list.serials.len(), crls = list.crls.len(), pool = %cfg.tunnel_pool, "relay ready");
         Ok(Self {
             endpoint,
-            relay: Arc::new(Relay::new(cfg)),
+            relay: Arc::new(Relay::new(cfg, policy, creds.revocation().clone())),
             metrics_addr: cfg.metrics,
         })
     }
@@ -799,7 +965,8 @@ fn refuse(relay: &Relay, conn: &quinn::Connection, who: &str, code: ErrorCode, m
         .metrics
         .sessions_rejected
         .fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(peer = %who, remote = %conn.remote_address(), %code, "refusing session: {message}");
+    tracing::warn!(peer = %who, %code, "refusing session: {message}");
+    tracing::debug!(peer = %who, remote = %conn.remote_address(), "refused session's address");
     conn.close(code.to_quic().into(), message.as_bytes());
 }
 
@@ -812,7 +979,8 @@ async fn serve_peer(relay: Arc<Relay>, incoming: quinn::Incoming) {
                 .metrics
                 .handshakes_failed
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%remote, error = %e, "handshake failed");
+            tracing::info!(error = %e, "handshake failed");
+            tracing::debug!(%remote, "failed handshake's address");
             return;
         }
     };
@@ -891,7 +1059,8 @@ async fn serve_peer(relay: Arc<Relay>, incoming: quinn::Incoming) {
         .metrics
         .sessions_active
         .fetch_add(1, Ordering::Relaxed);
-    tracing::info!(peer = %who, session = id, remote = %conn.remote_address(), tunnel_ip = ?welcome.tunnel_ip, services = welcome.services.len(), rejected = welcome.rejected.len(), "session up");
+    tracing::info!(peer = %who, session = id, services = welcome.services.len(), rejected = welcome.rejected.len(), "session up");
+    tracing::debug!(peer = %who, session = id, remote = %conn.remote_address(), tunnel_ip = ?welcome.tunnel_ip, "session addresses");
     let end = session_loop(
         &relay,
         id,
@@ -961,7 +1130,8 @@ async fn session_loop(
             _ = tick.tick() => {
                 let now = conn.remote_address();
                 if now != observed {
-                    tracing::info!(session = id, old = %observed, new = %now, "peer address changed");
+                    tracing::info!(session = id, "peer address changed");
+                    tracing::debug!(session = id, old = %observed, new = %now, "peer addresses");
                     observed = now;
                     writer.send(&ControlMessage::ObservedAddress(now)).await.map_err(|e| SessionEnd::Lost(e.to_string()))?;
                 }

@@ -9,14 +9,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use rustls::pki_types::pem::PemObject;
 use ztna_core::pki::{self, CertificateAuthority};
 use ztna_core::session::{Node, RelaySession, RelayTarget, SessionError};
 use ztna_core::tls::{Credentials, TlsFiles};
 use ztna_core::transport::{self, Timing};
-use ztna_proto::control::{Candidate, CandidateKind, ControlMessage, ErrorCode, Hello, Role};
+use ztna_proto::control::{
+    Candidate, CandidateKind, ControlMessage, ErrorCode, Hello, Refusal, Role,
+};
 use ztna_proto::{datagram, ChannelId, PortRange, ServiceDef, ALPN_RELAY};
 use ztna_relay::config::RelayConfig;
-use ztna_relay::policy::{AccessRule, ConnectorRule};
+use ztna_relay::policy::{AccessRule, ConnectorRule, ServiceRule};
 use ztna_relay::server::{Relay, Server};
 
 const T: Duration = Duration::from_secs(10);
@@ -51,34 +54,61 @@ struct World {
     _dir: tempfile::TempDir,
     dir: std::path::PathBuf,
     ca: CertificateAuthority,
+    cfg: RelayConfig,
     relay: Arc<Relay>,
     target: RelayTarget,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
+fn catalog_entry(name: &str, last: u8) -> ServiceRule {
+    ServiceRule {
+        name: name.into(),
+        address: [10, 100, 0, last].into(),
+        ..ServiceRule::default()
+    }
+}
+
 impl World {
+    /// A relay whose catalog has echo (10.100.0.1), secret (10.100.0.3) and web (10.100.0.4);
+    /// group eng may reach echo; conn1 may serve echo, conn2 web.
     async fn start() -> World {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(change: impl FnOnce(&mut RelayConfig)) -> World {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_owned();
         let ca = CertificateAuthority::generate("Test").unwrap();
         pki::write_new(&dir.join("ca.pem"), &ca.cert_pem(), false).unwrap();
         let files = issue(&ca, &dir, Role::Relay, "relay", &[]);
-        let cfg = RelayConfig {
+        let mut cfg = RelayConfig {
             bind: "127.0.0.1:0".parse().unwrap(),
             ca: Some(files.ca),
             cert: Some(files.cert),
             key: Some(files.key),
+            services: vec![
+                catalog_entry("echo", 1),
+                catalog_entry("secret", 3),
+                catalog_entry("web", 4),
+            ],
             access: vec![AccessRule {
                 services: vec!["echo".into()],
                 groups: vec!["eng".into()],
                 identities: vec![],
             }],
-            connectors: vec![ConnectorRule {
-                identity: "conn1".into(),
-                services: vec!["echo".into()],
-            }],
+            connectors: vec![
+                ConnectorRule {
+                    identity: "conn1".into(),
+                    services: vec!["echo".into()],
+                },
+                ConnectorRule {
+                    identity: "conn2".into(),
+                    services: vec!["web".into()],
+                },
+            ],
             ..RelayConfig::default()
         };
+        change(&mut cfg);
         let server = Server::bind(&cfg).unwrap();
         let addr = server.local_addr().unwrap();
         let relay = server.relay().clone();
@@ -87,6 +117,7 @@ impl World {
             _dir: tmp,
             dir,
             ca,
+            cfg,
             relay,
             target: RelayTarget {
                 addr,
@@ -567,5 +598,575 @@ async fn a_second_session_of_one_identity_replaces_the_first() {
     let code = closed_with(first.connection()).await;
     assert_eq!(code, u64::from(ErrorCode::Replaced.to_quic()));
     let _ = SocketAddr::from(([127, 0, 0, 1], 0));
+    w.server.abort();
+}
+
+fn conn_hello(services: Vec<ServiceDef>) -> Hello {
+    Hello {
+        role: Role::Connector,
+        services,
+        want: vec![],
+        software: "test".into(),
+    }
+}
+
+/// Connects connector `name` announcing `services`; the node is kept alive with the session.
+async fn connector(w: &World, name: &str, services: Vec<ServiceDef>) -> RelaySession {
+    let node = w.node(Role::Connector, name, &[]);
+    let s = node
+        .connect_relay(&w.target, conn_hello(services))
+        .await
+        .unwrap();
+    std::mem::forget(node);
+    s
+}
+
+/// An agent in `groups`.
+async fn agent_in(w: &World, name: &str, groups: &[&str]) -> RelaySession {
+    let node = w.node(Role::Agent, name, groups);
+    let hello = Hello {
+        role: Role::Agent,
+        services: vec![],
+        want: vec![],
+        software: "test".into(),
+    };
+    let s = node.connect_relay(&w.target, hello).await.unwrap();
+    std::mem::forget(node);
+    s
+}
+
+/// Opens a channel from `agent` to `conn` (which accepts it); returns the channel id and the
+/// service addresses the connector was told the agent may reach.
+async fn open_channel(
+    agent: &mut RelaySession,
+    conn: &mut RelaySession,
+    name: &str,
+    request_id: u32,
+) -> (u32, Vec<std::net::Ipv4Addr>) {
+    agent
+        .send(ControlMessage::OpenChannel {
+            request_id,
+            connector: name.into(),
+        })
+        .unwrap();
+    let (ch, allowed) = match next(conn).await {
+        ControlMessage::IncomingChannel {
+            channel_id,
+            services,
+            ..
+        } => (channel_id, services),
+        other => panic!("unexpected {other:?}"),
+    };
+    conn.send(ControlMessage::ChannelAccepted { channel_id: ch })
+        .unwrap();
+    match next(agent).await {
+        ControlMessage::ChannelOpened { channel_id, .. } => assert_eq!(channel_id, ch),
+        other => panic!("unexpected {other:?}"),
+    }
+    (ch, allowed)
+}
+
+async fn quiet(s: &mut RelaySession, what: &str) {
+    if let Ok(m) = tokio::time::timeout(Duration::from_millis(300), s.recv()).await {
+        panic!("{what}: expected nothing, got {m:?}");
+    }
+}
+
+/// The round-1 hole: a connector allowed one service announced it at any address and took over
+/// another connector's address while that one restarted (here: conn2, allowed only `web`,
+/// announces web at echo's address while conn1 is away). Policy now owns every name's address.
+#[tokio::test]
+async fn a_connector_cannot_move_or_take_over_an_address() {
+    let w = World::start_with(|c| c.access[0].services = vec!["*".into()]).await;
+    let mut alice = w.agent("alice", &[]).await;
+    assert!(alice.welcome().services.is_empty());
+
+    let c2 = connector(
+        &w,
+        "conn2",
+        vec![svc("web", 1), svc("echo", 1), svc("grab", 9)],
+    )
+    .await;
+    let got: Vec<(String, ErrorCode)> = c2
+        .welcome()
+        .rejected
+        .iter()
+        .map(|r| (r.name.clone(), r.code))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("web".to_owned(), ErrorCode::PolicyMismatch),
+            ("echo".to_owned(), ErrorCode::NotAllowedToServe),
+            ("grab".to_owned(), ErrorCode::UnknownService),
+        ]
+    );
+    assert!(c2.welcome().services.is_empty());
+    quiet(&mut alice, "alice's catalog after refused announcements").await;
+    assert_eq!(w.relay.metrics.services_rejected.load(Ordering::Relaxed), 3);
+
+    // At its own address web is accepted, served by conn2.
+    let c2 = connector(&w, "conn2", vec![svc("web", 4)]).await;
+    assert_eq!(c2.welcome().services.len(), 1);
+    match next(&mut alice).await {
+        ControlMessage::Catalog(c) => {
+            assert_eq!(c.len(), 1);
+            assert_eq!(
+                (c[0].name.as_str(), c[0].address, c[0].connector.as_str()),
+                ("web", [10, 100, 0, 4].into(), "conn2")
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // conn1 comes back to echo's address.
+    let c1 = connector(&w, "conn1", vec![svc("echo", 1)]).await;
+    assert_eq!(c1.welcome().services.len(), 1);
+    match next(&mut alice).await {
+        ControlMessage::Catalog(c) => {
+            let got: Vec<_> = c.iter().map(|s| (s.name.as_str(), s.address)).collect();
+            assert_eq!(
+                got,
+                vec![
+                    ("echo", [10, 100, 0, 1].into()),
+                    ("web", [10, 100, 0, 4].into())
+                ]
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    drop((c1, c2));
+    w.server.abort();
+}
+
+/// Reloading the policy keeps what is still allowed and closes the rest; a policy that does not
+/// validate changes nothing; a deny list closes live sessions, and the handshake refuses them
+/// from then on.
+#[tokio::test]
+async fn policy_reload_keeps_allowed_sessions_and_closes_the_rest() {
+    let w = World::start_with(|c| {
+        c.access = vec![
+            AccessRule {
+                services: vec!["echo".into(), "web".into()],
+                groups: vec!["eng".into()],
+                identities: vec![],
+            },
+            AccessRule {
+                services: vec!["web".into()],
+                groups: vec![],
+                identities: vec!["bob".into()],
+            },
+        ];
+        c.connectors[0].services = vec!["echo".into(), "web".into()];
+    })
+    .await;
+    let mut conn1 = connector(&w, "conn1", vec![svc("echo", 1), svc("web", 4)]).await;
+    assert_eq!(conn1.welcome().services.len(), 2);
+    let mut alice = w.agent("alice", &[]).await;
+    let mut bob = agent_in(&w, "bob", &["ops"]).await;
+    assert_eq!(alice.welcome().services.len(), 2);
+    assert_eq!(bob.welcome().services.len(), 1);
+    let (ch_a, allowed) = open_channel(&mut alice, &mut conn1, "conn1", 1).await;
+    assert_eq!(allowed.len(), 2);
+    let (ch_b, _) = open_channel(&mut bob, &mut conn1, "conn1", 1).await;
+
+    // 1. eng loses echo: alice's channel no longer matches and is closed, and she gets her new
+    //    catalog; bob's channel is untouched.
+    let mut cfg = w.cfg.clone();
+    cfg.access[0].services = vec!["web".into()];
+    let sum = ztna_relay::reload::reload_once(&w.relay, &cfg).unwrap();
+    assert_eq!((sum.channels_closed, sum.sessions_closed), (1, 0));
+    let (mut closed, mut catalog) = (false, false);
+    while !(closed && catalog) {
+        match next(&mut alice).await {
+            ControlMessage::ChannelClosed { channel_id, code } => {
+                assert_eq!((channel_id, code), (ch_a, ErrorCode::PolicyChanged));
+                closed = true;
+            }
+            ControlMessage::Catalog(c) => {
+                let names: Vec<_> = c.iter().map(|s| s.name.as_str()).collect();
+                assert_eq!(names, vec!["web"]);
+                catalog = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    match next(&mut conn1).await {
+        ControlMessage::ChannelClosed { channel_id, code } => {
+            assert_eq!((channel_id, code), (ch_a, ErrorCode::PolicyChanged))
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    quiet(&mut bob, "bob after a reload that keeps his access").await;
+    // A new channel carries only what alice may reach now.
+    let (_, allowed) = open_channel(&mut alice, &mut conn1, "conn1", 2).await;
+    assert_eq!(allowed, vec![std::net::Ipv4Addr::new(10, 100, 0, 4)]);
+
+    // 2. A policy that does not validate (web inside the tunnel pool) is refused whole.
+    let mut bad = cfg.clone();
+    bad.services[2].address = [100, 64, 0, 9].into();
+    let e = ztna_relay::reload::reload_once(&w.relay, &bad).unwrap_err();
+    assert!(format!("{e:#}").contains("tunnel pool"), "{e:#}");
+    assert_eq!(
+        w.relay.policy().service("web").unwrap().address,
+        std::net::Ipv4Addr::new(10, 100, 0, 4)
+    );
+    quiet(&mut bob, "bob after a refused reload").await;
+
+    // 3. bob is denied: his live session is closed with IdentityDenied and his channel with
+    //    it; alice is untouched.
+    let deny = w.dir.join("deny.toml");
+    std::fs::write(&deny, "identities = [\"bob\"]\n").unwrap();
+    cfg.deny_list = Some(deny.clone());
+    let sum = ztna_relay::reload::reload_once(&w.relay, &cfg).unwrap();
+    assert_eq!(sum.sessions_closed, 1);
+    assert_eq!(
+        closed_with(bob.connection()).await,
+        u64::from(ErrorCode::IdentityDenied.to_quic())
+    );
+    match next(&mut conn1).await {
+        ControlMessage::ChannelClosed { channel_id, code } => {
+            assert_eq!((channel_id, code), (ch_b, ErrorCode::PeerGone))
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    quiet(&mut alice, "alice after bob was denied").await;
+    let files = issue(&w.ca, &w.dir, Role::Agent, "bob", &["ops"]);
+    assert_eq!(refusal(&w, &files).await, Some(Refusal::IdentityDenied));
+
+    // 4. alice's certificate serial is revoked: Revoked, live and at the next handshake.
+    let alice_files = issue(&w.ca, &w.dir, Role::Agent, "alice", &["eng"]);
+    let serial = ztna_core::tls::cert_serial(
+        &rustls::pki_types::CertificateDer::from_pem_file(&alice_files.cert).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        &deny,
+        format!(
+            "identities = [\"bob\"]\nserials = [\"{}\"]\n",
+            ztna_core::tls::format_serial(&serial)
+        ),
+    )
+    .unwrap();
+    ztna_relay::reload::reload_once(&w.relay, &cfg).unwrap();
+    assert_eq!(
+        closed_with(alice.connection()).await,
+        u64::from(ErrorCode::Revoked.to_quic())
+    );
+    assert_eq!(refusal(&w, &alice_files).await, Some(Refusal::Revoked));
+    assert_eq!(w.relay.metrics.sessions_revoked.load(Ordering::Relaxed), 2);
+    w.server.abort();
+}
+
+/// The watch: a changed config file is reloaded without a signal; a broken one is refused and
+/// counted, and the old policy stays.
+#[tokio::test]
+async fn policy_file_changes_are_reloaded() {
+    let w = World::start().await;
+    let file = w.dir.join("relay.json");
+    let write = |cfg: &RelayConfig| {
+        // Written whole and renamed, as an editor or a config manager does.
+        let tmp = w.dir.join("relay.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string(cfg).unwrap()).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    let mut cfg = w.cfg.clone();
+    cfg.reload_poll_secs = 1;
+    write(&cfg);
+    let load = {
+        let file = file.clone();
+        move || {
+            let text = std::fs::read_to_string(&file)?;
+            Ok(serde_json::from_str::<RelayConfig>(&text)?)
+        }
+    };
+    let watcher = tokio::spawn(ztna_relay::reload::run(
+        w.relay.clone(),
+        vec![file.clone()],
+        &cfg,
+        load,
+    ));
+    let mut alice = w.agent("alice", &[]).await;
+    let _conn1 = connector(&w, "conn1", vec![svc("echo", 1)]).await;
+    match next(&mut alice).await {
+        ControlMessage::Catalog(c) => assert_eq!(c.len(), 1),
+        other => panic!("unexpected {other:?}"),
+    }
+    // eng loses echo in the file: the catalog empties within a few polls.
+    cfg.access[0].identities = vec!["nobody".into()];
+    cfg.access[0].groups.clear();
+    write(&cfg);
+    let started = tokio::time::Instant::now();
+    match next(&mut alice).await {
+        ControlMessage::Catalog(c) => assert!(c.is_empty()),
+        other => panic!("unexpected {other:?}"),
+    }
+    eprintln!(
+        "catalog withdrawn {:.2} s after the file changed",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(w.relay.metrics.policy_reloads.load(Ordering::Relaxed), 1);
+    // A broken file is refused, counted, and changes nothing.
+    std::fs::write(&file, "{ not json").unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    while w.relay.metrics.policy_reload_errors.load(Ordering::Relaxed) < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "broken file not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(w.relay.metrics.policy_reloads.load(Ordering::Relaxed), 1);
+    assert!(w.relay.policy().service("echo").is_some());
+    watcher.abort();
+    w.server.abort();
+}
+
+/// A client with `files` that the relay refuses in the handshake: what it can learn from the
+/// close (the TLS alert as a QUIC CRYPTO_ERROR, or an application code). `None` if it was let
+/// in (the relay then closes it after 5 s for sending no hello).
+async fn refusal(w: &World, files: &TlsFiles) -> Option<Refusal> {
+    // Built by hand: `Credentials` refuses to load a certificate without a valid identity.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(&files.ca).unwrap())
+        .unwrap();
+    let chain = vec![rustls::pki_types::CertificateDer::from_pem_file(&files.cert).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files.key).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    tls.alpn_protocols = vec![ALPN_RELAY.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport::outer(Timing::default()));
+    ep.set_default_client_config(cfg);
+    let classify = |e: &quinn::ConnectionError| match e {
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            Refusal::from_quic_transport_code(u64::from(c.error_code))
+        }
+        quinn::ConnectionError::TransportError(t) => {
+            Refusal::from_quic_transport_code(u64::from(t.code))
+        }
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            Refusal::from_app_code(c.error_code.into_inner())
+        }
+        _ => None,
+    };
+    // The server judges the client's certificate after the client's side of the handshake is
+    // done, so the verdict may come as a close of an "established" connection.
+    let r = match ep.connect(w.target.addr, "relay").unwrap().await {
+        Err(e) => classify(&e),
+        Ok(conn) => {
+            let e = tokio::time::timeout(T, conn.closed())
+                .await
+                .expect("closed in time");
+            classify(&e)
+        }
+    };
+    ep.close(0u32.into(), b"");
+    r
+}
+
+/// What a refused client can tell apart: unknown CA, expired, revoked (deny list or CRL) and
+/// identity denied arrive as distinct TLS alerts.
+#[tokio::test]
+async fn refused_certificates_get_distinct_alerts() {
+    let w = World::start().await;
+    // Expired an hour ago.
+    let now = time::OffsetDateTime::now_utc();
+    let old =
+        w.ca.issue_with_validity(
+            Role::Agent,
+            "olda",
+            &["eng".into()],
+            &[],
+            pki::Validity {
+                not_before: now - time::Duration::days(31),
+                not_after: now - time::Duration::hours(1),
+            },
+        )
+        .unwrap();
+    let write = |name: &str, i: &pki::Issued| {
+        pki::write_new(&w.dir.join(format!("{name}.pem")), &i.cert_pem, false).unwrap();
+        pki::write_new(&w.dir.join(format!("{name}.key")), &i.key_pem, true).unwrap();
+        TlsFiles {
+            ca: w.dir.join("ca.pem"),
+            cert: w.dir.join(format!("{name}.pem")),
+            key: w.dir.join(format!("{name}.key")),
+        }
+    };
+    let expired = write("olda", &old);
+    assert_eq!(refusal(&w, &expired).await, Some(Refusal::Expired));
+
+    // Another CA.
+    let other = CertificateAuthority::generate("Other").unwrap();
+    let mut foreign = write(
+        "eve",
+        &other
+            .issue(Role::Agent, "eve", &["eng".into()], &[])
+            .unwrap(),
+    );
+    foreign.ca = w.dir.join("ca.pem");
+    assert_eq!(refusal(&w, &foreign).await, Some(Refusal::UnknownCa));
+
+    // Revoked by a CRL (`pki crl`'s code path), then denied by name.
+    let carol =
+        w.ca.issue(Role::Agent, "carol", &["eng".into()], &[])
+            .unwrap();
+    let carol_files = write("carol", &carol);
+    let crl = w.dir.join("ca.crl");
+    std::fs::write(
+        &crl,
+        w.ca.crl(std::slice::from_ref(&carol.serial), 7).unwrap(),
+    )
+    .unwrap();
+    let mut cfg = w.cfg.clone();
+    cfg.crls = vec![crl];
+    ztna_relay::reload::reload_once(&w.relay, &cfg).unwrap();
+    assert_eq!(refusal(&w, &carol_files).await, Some(Refusal::Revoked));
+    let dave = write(
+        "dave",
+        &w.ca
+            .issue(Role::Agent, "dave", &["eng".into()], &[])
+            .unwrap(),
+    );
+    let deny = w.dir.join("deny.toml");
+    std::fs::write(&deny, "identities = [\"dave\"]\n").unwrap();
+    cfg.deny_list = Some(deny);
+    ztna_relay::reload::reload_once(&w.relay, &cfg).unwrap();
+    assert_eq!(refusal(&w, &dave).await, Some(Refusal::IdentityDenied));
+    // Everyone else still gets in.
+    let s = w.agent("alice", &[]).await;
+    assert!(s.welcome().tunnel_ip.is_some());
+    // A CRL file that does not parse is refused and the old lists stay.
+    let bad = w.dir.join("bad.crl");
+    std::fs::write(
+        &bad,
+        "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+    )
+    .unwrap();
+    cfg.crls.push(bad);
+    assert!(ztna_relay::reload::reload_once(&w.relay, &cfg).is_err());
+    assert_eq!(refusal(&w, &carol_files).await, Some(Refusal::Revoked));
+    w.server.abort();
+}
+
+/// A `Write` into a shared buffer, for capturing log output.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Issues an agent certificate with any subject name and groups, bypassing `pki issue`'s
+/// checks, as a CA compromised into signing odd names (or an old CA) would.
+fn issue_raw(w: &World, file: &str, cn: &str, groups: &[&str]) -> TlsFiles {
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(w.dir.join("ca.pem.key")).unwrap())
+            .unwrap();
+    let ca_cert = rcgen::CertificateParams::from_ca_cert_pem(&w.ca.cert_pem())
+        .unwrap()
+        .self_signed(&ca_key)
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let mut sans = vec![rcgen::SanType::URI(
+        "urn:ztna:role:agent".try_into().unwrap(),
+    )];
+    for g in groups {
+        sans.push(rcgen::SanType::URI(
+            format!("urn:ztna:group:{g}").try_into().unwrap(),
+        ));
+    }
+    params.subject_alt_names = sans;
+    let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    std::fs::write(w.dir.join(format!("{file}.pem")), cert.pem()).unwrap();
+    std::fs::write(w.dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+    TlsFiles {
+        ca: w.dir.join("ca.pem"),
+        cert: w.dir.join(format!("{file}.pem")),
+        key: w.dir.join(format!("{file}.key")),
+    }
+}
+
+/// Names from the network are validated before they are used or logged: an identity or group
+/// with control characters fails the handshake; a service name, a wanted name or a connector
+/// name with them is refused with `Malformed`; and no line of the relay's log is forged (each
+/// evil name carries "\nFORGED" to start a fake line).
+#[tokio::test]
+async fn names_with_control_characters_are_refused_and_never_logged_raw() {
+    let log = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let log = log.clone();
+            move || log.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing::Level::TRACE)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let evil = "x\u{1b}[31m\r\nFORGED line\u{7}";
+
+    let w = World::start().await;
+    std::fs::write(w.dir.join("ca.pem.key"), w.ca.key_pem()).unwrap();
+    // Identity and group names.
+    let bad_cn = issue_raw(&w, "badcn", evil, &["eng"]);
+    assert_eq!(refusal(&w, &bad_cn).await, Some(Refusal::IdentityDenied));
+    let bad_group = issue_raw(&w, "badgroup", "okname", &["eng\u{1b}[0m\nFORGED"]);
+    assert_eq!(refusal(&w, &bad_group).await, Some(Refusal::IdentityDenied));
+    // A service name.
+    let c1 = connector(&w, "conn1", vec![svc(evil, 1), svc("echo", 1)]).await;
+    let r = &c1.welcome().rejected;
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].code, ErrorCode::Malformed);
+    assert!(!r[0].name.chars().any(char::is_control), "{:?}", r[0].name);
+    assert_eq!(c1.welcome().services.len(), 1);
+    // A wanted name and a connector name.
+    let mut alice = w.agent("alice", &["echo", evil]).await;
+    let r = &alice.welcome().rejected;
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].code, ErrorCode::Malformed);
+    alice
+        .send(ControlMessage::OpenChannel {
+            request_id: 9,
+            connector: evil.into(),
+        })
+        .unwrap();
+    match next(&mut alice).await {
+        ControlMessage::Error {
+            code, request_id, ..
+        } => assert_eq!((code, request_id), (ErrorCode::Malformed, Some(9))),
+        other => panic!("unexpected {other:?}"),
+    }
+    let text = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+    assert!(
+        text.contains("refused service") && text.contains("channel refused"),
+        "the refusals were logged:\n{text}"
+    );
+    for line in text.lines() {
+        assert!(!line.starts_with("FORGED"), "a forged log line:\n{text}");
+    }
+    assert!(
+        !text.contains(['\u{1b}', '\r', '\u{7}']),
+        "raw control characters in the log:\n{text:?}"
+    );
+    drop(c1);
     w.server.abort();
 }
