@@ -69,8 +69,14 @@ metrics! {
     dropped_not_allowed: Counter,
     /// Packets from agents to a service that the connector does not handle (ICMP other than echo).
     dropped_unsupported: Counter,
-    /// Packets from agents dropped because the agent already had the maximum number of flows (UDP and ICMP) or TCP connections (SYNs).
+    /// Packets from agents dropped because the agent's identity (all its tunnels together) already had the maximum number of flows (UDP and ICMP) or TCP connections (SYNs).
     dropped_flow_limit: Counter,
+    /// Packets from agents dropped because the connector already had its maximum number of flows (UDP and ICMP) or TCP connections (SYNs), over all agents.
+    dropped_global_limit: Counter,
+    /// Packets to a port or protocol a service does not serve that were answered (TCP RST, or ICMP destination unreachable, administratively prohibited).
+    refused_answered: Counter,
+    /// Such packets not answered because the agent tunnel's answer budget was spent.
+    refused_answers_limited: Counter,
     /// Packets for an agent dropped because its tunnel could not take them (incremented by the tunnel's sink).
     dropped_to_agent: Counter,
     /// Packets to agents that were larger than the tunnel carries and went as IPv4 fragments.
@@ -109,6 +115,10 @@ metrics! {
     tcp_connect_timeouts: Counter,
     /// Open TCP connections ended by a reset: from the agent, from the backend or a backend error, or the idle timeout.
     tcp_reset: Counter,
+    /// TCP segments for no connection the connector has (e.g. from before a restart), answered with RST.
+    tcp_reset_unknown: Counter,
+    /// TCP connections reset, and their backend connection closed, because the agent did not complete the handshake in time.
+    tcp_handshake_timeouts: Counter,
     /// TCP segments from agents dropped because the agent's TCP queue was full.
     tcp_dropped_queue_full: Counter,
     /// Bytes of TCP payload written to backends.
@@ -172,6 +182,11 @@ pub(crate) fn render_paths(stats: &MuxStats) -> String {
         ("direct_rx_packets", "Tunnel packets received on direct paths.", g(&stats.direct_rx_packets)),
         ("probes_received", "Direct-path probes received for a known tunnel.", g(&stats.probes_received)),
         ("probes_rejected", "Direct-path probes dropped: malformed, unknown tunnel, failed authentication or unexpected.", g(&stats.probes_rejected)),
+        ("probes_replayed", "Authenticated direct-path probes refused as replays (sequence number seen, or behind the window).", g(&stats.probes_replayed)),
+        ("probes_stale", "Authenticated direct-path probes refused as stale (sent more than a few seconds ago).", g(&stats.probes_stale)),
+        ("probes_reflected", "Authenticated direct-path probes refused as reflected (this end's own direction).", g(&stats.probes_reflected)),
+        ("probe_targets_refused", "Probe targets refused: candidates or ping sources inside service addresses or backend networks.", g(&stats.probe_targets_refused)),
+        ("probes_limited", "Pongs not sent (per-source budget) and peer-reflexive targets not taken (too many too fast).", g(&stats.probes_limited)),
     ];
     let mut out = String::new();
     for (name, help, value) in rows {
