@@ -161,11 +161,7 @@ impl DirectPath {
         let (probe_tx, probe_rx) = mpsc::channel(PROBE_QUEUE);
         ctx.mux.register_probes(tag, probe_tx);
         let (mux, vaddr) = (ctx.mux.clone(), ctx.vaddr);
-        // The agent is the inner connection's client.
-        let own = match conn.side() {
-            quinn::Side::Client => Direction::AgentToConnector,
-            quinn::Side::Server => Direction::ConnectorToAgent,
-        };
+        let own = direction_of(conn.side());
         let epoch = Instant::now();
         let mut paths = PathSet::new(opts.timing, seed());
         paths.set_refused(opts.refuse.clone(), epoch.into_std());
@@ -177,7 +173,7 @@ impl DirectPath {
             tag,
             conn: conn.clone(),
             own,
-            guard: ReplayGuard::new(own.reverse(), probe::MAX_AGE_MS),
+            guard: ReplayGuard::new(own, probe::MAX_AGE_MS),
             epoch,
             seq: 0,
             counted: paths.refused(),
@@ -497,6 +493,14 @@ impl Driver {
     }
 }
 
+/// The direction of the probes an end sends: the agent is the inner connection's client.
+fn direction_of(side: quinn::Side) -> Direction {
+    match side {
+        quinn::Side::Client => Direction::AgentToConnector,
+        quinn::Side::Server => Direction::ConnectorToAgent,
+    }
+}
+
 /// Host candidates, in order of preference: the `advertise` list if it is not empty; else the
 /// socket's own address if it is bound to one; else `uplink` (the source address of the route to
 /// the relay). Loopback, link-local, unspecified and excluded addresses are never offered.
@@ -660,6 +664,30 @@ mod tests {
             host_candidates(&[], any, Some(ip("100.64.0.2")), 7, &[ip("100.64.0.2")]).is_empty()
         );
         assert!(host_candidates(&[], any, Some(ip("127.0.0.1")), 7, &[]).is_empty());
+    }
+
+    #[test]
+    fn each_end_admits_the_other_ends_probes_only() {
+        // The driver's guard is built for its own direction: the connector (server) admits the
+        // agent's probes and refuses its own reflected back.
+        let probe = |dir| Probe {
+            kind: ProbeKind::Ping,
+            dir,
+            tag: [0; 8],
+            txid: 1,
+            seq: 1,
+            time_ms: 0,
+        };
+        for (side, peer) in [
+            (quinn::Side::Server, Direction::AgentToConnector),
+            (quinn::Side::Client, Direction::ConnectorToAgent),
+        ] {
+            let own = direction_of(side);
+            assert_eq!(own, peer.reverse());
+            let mut g = ReplayGuard::new(own, probe::MAX_AGE_MS);
+            assert_eq!(g.admit(&probe(own), 0), Err(ProbeError::Reflected));
+            assert_eq!(g.admit(&probe(peer), 0), Ok(()));
+        }
     }
 
     #[test]
