@@ -1,7 +1,7 @@
 //! The connector's configuration: figment layers built-in defaults < `/etc/ztna/connector.toml`
 //! < `--config FILE` (TOML, or JSON for `.json`) < `ZTNA_*` environment variables.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -45,7 +45,7 @@ fn yes() -> bool {
 }
 
 /// Keys that `ZTNA_<KEY>` environment variables may set (`ZTNA_LOG` is read by the logger).
-const ENV_KEYS: [&str; 21] = [
+const ENV_KEYS: [&str; 25] = [
     "deny_list",
     "relay",
     "relay_name",
@@ -60,6 +60,10 @@ const ENV_KEYS: [&str; 21] = [
     "tcp_idle_timeout_secs",
     "max_tcp_per_agent",
     "tcp_buffer_bytes",
+    "max_flows_total",
+    "max_tcp_total",
+    "tcp_handshake_timeout_secs",
+    "advertise",
     "metrics",
     "keepalive_secs",
     "idle_timeout_secs",
@@ -114,14 +118,22 @@ pub(crate) struct ConnectorConfig {
     pub(crate) icmp: IcmpMode,
     /// Idle timeout of UDP and ICMP flows.
     pub(crate) udp_idle_timeout_secs: u64,
-    /// Flows one agent may hold.
+    /// Flows (UDP and ICMP echo) one agent identity may hold, over all its tunnels.
     pub(crate) max_flows_per_agent: usize,
+    /// Flows (UDP and ICMP echo) all agents together may hold.
+    pub(crate) max_flows_total: usize,
     /// How long a backend TCP connect may take before the agent's SYN is answered with RST.
     pub(crate) tcp_connect_timeout_secs: u64,
     /// Idle timeout of TCP connections (reset after this long without traffic).
     pub(crate) tcp_idle_timeout_secs: u64,
-    /// TCP connections one agent may hold (connecting or open); more SYNs are dropped.
+    /// TCP connections one agent identity may hold (connecting or open, over all its tunnels);
+    /// more SYNs are dropped.
     pub(crate) max_tcp_per_agent: usize,
+    /// TCP connections all agents together may hold.
+    pub(crate) max_tcp_total: usize,
+    /// A TCP connection whose handshake the agent does not complete (no ACK for the SYN-ACK)
+    /// within this many seconds is reset and its backend connection closed.
+    pub(crate) tcp_handshake_timeout_secs: u64,
     /// Size of each TCP connection's receive and transmit buffer in the connector's stack.
     pub(crate) tcp_buffer_bytes: usize,
     /// Prometheus endpoint (off unless set).
@@ -135,6 +147,10 @@ pub(crate) struct ConnectorConfig {
     /// Whether agents may reach this connector over direct paths (hole punching); false keeps
     /// every agent's traffic on the relay.
     pub(crate) direct_paths: bool,
+    /// The addresses offered to agents as this connector's direct-path (host) candidates.
+    /// Empty: the address `bind` names, or else the source address of the route to the relay;
+    /// never the backend side's addresses.
+    pub(crate) advertise: Vec<IpAddr>,
     /// UDP data plane: `auto`, `native`, `generic` (XDP fast path) or `off` (per-flow sockets).
     pub(crate) xdp: XdpMode,
     /// Backend-facing interface the XDP program attaches to; default: the interface of the
@@ -167,15 +183,19 @@ impl Default for ConnectorConfig {
             icmp: IcmpMode::Auto,
             udp_idle_timeout_secs: 60,
             max_flows_per_agent: 4096,
+            max_flows_total: 65536,
             tcp_connect_timeout_secs: tcp.connect_timeout.as_secs(),
             tcp_idle_timeout_secs: tcp.idle_timeout.as_secs(),
             max_tcp_per_agent: tcp.max_per_agent,
+            max_tcp_total: tcp.max_total,
+            tcp_handshake_timeout_secs: tcp.handshake_timeout.as_secs(),
             tcp_buffer_bytes: tcp.buffer_bytes,
             metrics: None,
             keepalive_secs: t.keepalive.as_secs(),
             idle_timeout_secs: t.idle_timeout.as_secs(),
             log: None,
             direct_paths: true,
+            advertise: Vec::new(),
             xdp: XdpMode::Off,
             xdp_interface: None,
             xdp_port_range: "20000-29999".into(),
@@ -214,15 +234,15 @@ impl ConnectorConfig {
             "idle_timeout_secs must exceed keepalive_secs (>= 1)"
         );
         anyhow::ensure!(
-            cfg.max_flows_per_agent >= 1,
-            "max_flows_per_agent must be at least 1"
+            cfg.max_flows_per_agent >= 1 && cfg.max_flows_total >= 1,
+            "max_flows_per_agent and max_flows_total must be at least 1"
         );
         cfg.xdp_settings()?;
         cfg.dataplane()
             .tcp
             .validate()
             .map_err(anyhow::Error::msg)
-            .context("invalid TCP settings (tcp_connect_timeout_secs, tcp_idle_timeout_secs, max_tcp_per_agent, tcp_buffer_bytes)")?;
+            .context("invalid TCP settings (tcp_connect_timeout_secs, tcp_idle_timeout_secs, tcp_handshake_timeout_secs, max_tcp_per_agent, max_tcp_total, tcp_buffer_bytes)")?;
         Ok(cfg)
     }
 
@@ -261,11 +281,14 @@ impl ConnectorConfig {
         DataplaneConfig {
             udp_idle_timeout: Duration::from_secs(self.udp_idle_timeout_secs),
             max_flows_per_agent: self.max_flows_per_agent,
+            max_flows_total: self.max_flows_total,
             icmp: self.icmp,
             tcp: TcpConfig {
                 connect_timeout: Duration::from_secs(self.tcp_connect_timeout_secs),
                 idle_timeout: Duration::from_secs(self.tcp_idle_timeout_secs),
+                handshake_timeout: Duration::from_secs(self.tcp_handshake_timeout_secs),
                 max_per_agent: self.max_tcp_per_agent,
+                max_total: self.max_tcp_total,
                 buffer_bytes: self.tcp_buffer_bytes,
             },
         }

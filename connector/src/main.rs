@@ -64,7 +64,7 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
     let relay = cfg.relay_target()?;
     let backends = cfg.backends()?;
     anyhow::ensure!(!backends.is_empty(), "no [[services]] configured");
-    let services = backends.iter().map(|b| b.def.clone()).collect();
+    let services: Vec<ztna_proto::ServiceDef> = backends.iter().map(|b| b.def.clone()).collect();
     let metrics = Arc::new(Metrics::default());
     let first_backend = backends.first().map(|b| b.backend);
     let xdp = cfg.xdp_settings()?;
@@ -99,10 +99,7 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
         })
     });
     let endpoint = node.endpoint().clone();
-    let direct = DirectOptions {
-        enabled: cfg.direct_paths,
-        ..DirectOptions::default()
-    };
+    let direct = direct_options(&cfg, &services, &relay);
     let relay_addr = relay.addr;
     let tunnel = Tunnel::new(node, relay, services, dataplane, metrics.clone(), direct);
     let status = status_loop(fast_path.clone(), metrics.clone());
@@ -128,6 +125,35 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
         t.abort();
     }
     Ok(())
+}
+
+/// Direct-path settings: the configured candidates, and the networks never to probe (service
+/// addresses, backends and the backend side's networks).
+fn direct_options(
+    cfg: &ConnectorConfig,
+    services: &[ztna_proto::ServiceDef],
+    relay: &ztna_core::session::RelayTarget,
+) -> DirectOptions {
+    let backends: Vec<std::net::IpAddr> = cfg
+        .backends()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| b.backend.into())
+        .collect();
+    let addrs: Vec<std::net::IpAddr> = services.iter().map(|s| s.address.into()).collect();
+    let refuse = ztna_core::direct::refused_networks(&addrs, &backends, relay.addr);
+    tracing::info!(
+        refused_networks = refuse.len(),
+        advertise = cfg.advertise.len(),
+        "direct paths: candidates chosen, backend side refused as a probe target"
+    );
+    tracing::debug!(refused = ?refuse, advertise = ?cfg.advertise, "direct-path settings");
+    DirectOptions {
+        enabled: cfg.direct_paths,
+        advertise: cfg.advertise.clone(),
+        refuse,
+        ..DirectOptions::default()
+    }
 }
 
 /// Starts the UDP fast path as configured and attaches it to the data plane; `None` when the

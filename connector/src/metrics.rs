@@ -61,8 +61,14 @@ metrics! {
     dropped_not_allowed: Counter,
     /// Packets from agents to a service that the connector does not handle (ICMP other than echo).
     dropped_unsupported: Counter,
-    /// Packets from agents dropped because the agent already had the maximum number of flows (UDP and ICMP) or TCP connections (SYNs).
+    /// Packets from agents dropped because the agent's identity (all its tunnels together) already had the maximum number of flows (UDP and ICMP) or TCP connections (SYNs).
     dropped_flow_limit: Counter,
+    /// Packets from agents dropped because the connector already had its maximum number of flows (UDP and ICMP) or TCP connections (SYNs), over all agents.
+    dropped_global_limit: Counter,
+    /// Packets to a port or protocol a service does not serve that were answered (TCP RST, or ICMP destination unreachable, administratively prohibited).
+    refused_answered: Counter,
+    /// Such packets not answered because the agent tunnel's answer budget was spent.
+    refused_answers_limited: Counter,
     /// Packets for an agent dropped because its tunnel could not take them (incremented by the tunnel's sink).
     dropped_to_agent: Counter,
     /// Packets to agents that were larger than the tunnel carries and went as IPv4 fragments.
@@ -101,6 +107,10 @@ metrics! {
     tcp_connect_timeouts: Counter,
     /// Open TCP connections ended by a reset: from the agent, from the backend or a backend error, or the idle timeout.
     tcp_reset: Counter,
+    /// TCP segments for no connection the connector has (e.g. from before a restart), answered with RST.
+    tcp_reset_unknown: Counter,
+    /// TCP connections reset, and their backend connection closed, because the agent did not complete the handshake in time.
+    tcp_handshake_timeouts: Counter,
     /// TCP segments from agents dropped because the agent's TCP queue was full.
     tcp_dropped_queue_full: Counter,
     /// Bytes of TCP payload written to backends.
@@ -166,6 +176,11 @@ fn path_samples(stats: &MuxStats, out: &mut Vec<Sample>) {
         Sample::counter("direct_rx_packets", "Tunnel packets received on direct paths.", g(&stats.direct_rx_packets)),
         Sample::counter("probes_received", "Direct-path probes received for a known tunnel.", g(&stats.probes_received)),
         Sample::counter("probes_rejected", "Direct-path probes dropped: malformed, unknown tunnel, failed authentication or unexpected.", g(&stats.probes_rejected)),
+        Sample::counter("probes_replayed", "Authenticated direct-path probes refused as replays (sequence number seen, or behind the window).", g(&stats.probes_replayed)),
+        Sample::counter("probes_stale", "Authenticated direct-path probes refused as stale (sent more than a few seconds ago).", g(&stats.probes_stale)),
+        Sample::counter("probes_reflected", "Authenticated direct-path probes refused as reflected (this end's own direction).", g(&stats.probes_reflected)),
+        Sample::counter("probe_targets_refused", "Probe targets refused: candidates or ping sources inside service addresses or backend networks.", g(&stats.probe_targets_refused)),
+        Sample::counter("probes_limited", "Pongs not sent (per-source budget) and peer-reflexive targets not taken (too many too fast).", g(&stats.probes_limited)),
     ]);
 }
 
@@ -212,7 +227,7 @@ mod tests {
         assert!(text.contains("ztna_connector_relay_tx_packets_total 5\n"));
         assert!(text.contains("# HELP ztna_connector_relay_connects Connections"));
         // Every sample line is `name value`, every name is prefixed, counters end in _total, and
-        // every field and path counter is there exactly once.
+        // every field and the 11 path counters are there exactly once.
         let mut samples = 0;
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.split_once(' ').expect("name value");
@@ -220,7 +235,7 @@ mod tests {
             value.parse::<u64>().expect("numeric value");
             samples += 1;
         }
-        assert_eq!(samples, m.entries().len() + 6);
+        assert_eq!(samples, m.entries().len() + 11);
         for (name, _, kind, _) in m.entries() {
             let full = match kind {
                 Kind::Counter => format!("ztna_connector_{name}_total "),

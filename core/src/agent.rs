@@ -738,6 +738,19 @@ impl Driver {
         };
         let mut opts = self.sh.cfg.direct.clone();
         opts.exclude.extend(tunnel_ip.map(std::net::IpAddr::V4));
+        // Service addresses are never probe targets, whatever a connector lists (the catalog
+        // as it is when the driver starts; it restarts with each new channel).
+        opts.refuse.extend(
+            read(&self.sh.links)
+                .values()
+                .flat_map(|l| {
+                    read(&l.services)
+                        .iter()
+                        .map(|s| s.address)
+                        .collect::<Vec<_>>()
+                })
+                .map(|a| ipnet::IpNet::from(std::net::IpAddr::V4(a))),
+        );
         let ctx = DirectContext {
             mux: self.node.mux().clone(),
             vaddr,

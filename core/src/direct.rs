@@ -7,8 +7,16 @@
 //! from the inner connection's TLS exporter, so only the two ends can make or check them. When
 //! a path is confirmed the socket sends the connection's packets straight to the peer; when it
 //! goes quiet the socket falls back to the relay channel, which stays open throughout.
+//!
+//! **Candidates.** An end offers the addresses in [`DirectOptions::advertise`] if any; else the
+//! address its socket is bound to; else the source address the kernel picks for the route to
+//! the relay (its uplink), never every interface's address (a connector's backend networks, an
+//! agent's container bridges). **Probes** carry their direction and the sender's counter and
+//! clock under the MAC; the driver refuses reflected, replayed and stale ones
+//! ([`ztna_proto::probe::ReplayGuard`]) and the targets [`crate::path::PathSet`] refuses
+//! ([`DirectOptions::refuse`]).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,19 +27,21 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use ztna_proto::control::{ControlMessage, MAX_CANDIDATES};
-use ztna_proto::probe::{self, Probe, ProbeKey, ProbeKind, Tag};
+use ztna_proto::probe::{
+    self, Direction, Probe, ProbeError, ProbeKey, ProbeKind, ReplayGuard, Tag,
+};
 use ztna_proto::{Candidate, CandidateKind, ChannelId};
 
 use crate::mux::{MuxSocket, PROBE_QUEUE};
-use crate::path::{Action, PathClass, PathSet, PathTiming, TargetStatus};
+use crate::path::{Action, PathClass, PathSet, PathTiming, PingFrom, Refusals, TargetStatus};
 use crate::session::ControlSender;
 
 /// TLS exporter label of the probe tag and key.
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-ztna-direct-path-probe";
 /// How often host addresses are looked at again (they change when a laptop roams).
 const HOST_REFRESH: Duration = Duration::from_secs(5);
-/// Size of a keepalive probe.
-const SMALL_PROBE: usize = 64;
+/// Size of a keepalive probe (and of every ping to an address that has not answered yet).
+const SMALL_PROBE: usize = probe::MIN_LEN;
 /// Least time between two candidate lists sent (the relay drops lists that come faster than
 /// one per 100 ms from one end of a channel).
 const CANDIDATES_INTERVAL: Duration = Duration::from_millis(250);
@@ -45,6 +55,11 @@ pub struct DirectOptions {
     pub timing: PathTiming,
     /// Addresses never offered as host candidates (e.g. the agent's own tunnel IP).
     pub exclude: Vec<IpAddr>,
+    /// The only host candidates to offer (with the socket's port); empty: the socket's bound
+    /// address, or else the source address of the route to the relay.
+    pub advertise: Vec<IpAddr>,
+    /// Networks never probed, whatever the peer says (service addresses, backend networks).
+    pub refuse: Vec<ipnet::IpNet>,
 }
 
 impl Default for DirectOptions {
@@ -53,6 +68,8 @@ impl Default for DirectOptions {
             enabled: true,
             timing: PathTiming::default(),
             exclude: Vec::new(),
+            advertise: Vec::new(),
+            refuse: Vec::new(),
         }
     }
 }
@@ -144,6 +161,10 @@ impl DirectPath {
         let (probe_tx, probe_rx) = mpsc::channel(PROBE_QUEUE);
         ctx.mux.register_probes(tag, probe_tx);
         let (mux, vaddr) = (ctx.mux.clone(), ctx.vaddr);
+        let own = direction_of(conn.side());
+        let epoch = Instant::now();
+        let mut paths = PathSet::new(opts.timing, seed());
+        paths.set_refused(opts.refuse.clone(), epoch.into_std());
         let driver = Driver {
             shared: shared.clone(),
             ctx,
@@ -151,7 +172,12 @@ impl DirectPath {
             key,
             tag,
             conn: conn.clone(),
-            paths: PathSet::new(opts.timing, seed()),
+            own,
+            guard: ReplayGuard::new(own, probe::MAX_AGE_MS),
+            epoch,
+            seq: 0,
+            counted: paths.refused(),
+            paths,
             applied: (None, Vec::new()),
             sent: Vec::new(),
             sent_at: None,
@@ -216,6 +242,16 @@ struct Driver {
     key: ProbeKey,
     tag: Tag,
     conn: quinn::Connection,
+    /// The direction of the probes this end sends.
+    own: Direction,
+    /// Replay, reflection and freshness checks of the peer's probes.
+    guard: ReplayGuard,
+    /// Zero of this end's probe clock.
+    epoch: Instant,
+    /// Probes sent so far (the last sequence number used).
+    seq: u64,
+    /// The path set's refusals already added to the socket's counters.
+    counted: Refusals,
     paths: PathSet,
     /// What the socket was last told: the active address and the accepted ones.
     applied: (Option<SocketAddr>, Vec<SocketAddr>),
@@ -280,38 +316,62 @@ impl Driver {
                 } else {
                     SMALL_PROBE
                 };
-                let ping = Probe {
-                    kind: ProbeKind::Ping,
-                    tag: self.tag,
-                    txid,
-                };
-                let pkt = probe::encode(&ping, &self.key, len);
-                if let Err(e) = self.ctx.mux.send_probe_with_ttl(to, &pkt, ttl) {
-                    tracing::trace!(%to, ?ttl, error = %e, "probe not sent");
-                }
+                self.send(to, ProbeKind::Ping, txid, len, ttl);
             }
+            self.count_refusals();
             self.apply();
         }
     }
 
-    fn send(&self, to: SocketAddr, pkt: &[u8]) {
-        if let Err(e) = self.ctx.mux.send_probe(to, pkt) {
-            tracing::trace!(%to, error = %e, "probe not sent");
+    /// Builds and sends one probe of this end's direction, with the next sequence number.
+    /// Sends one probe; `ttl` overrides the socket's default for this datagram (opening probes).
+    fn send(&mut self, to: SocketAddr, kind: ProbeKind, txid: u64, len: usize, ttl: Option<u8>) {
+        self.seq += 1;
+        let p = Probe {
+            kind,
+            dir: self.own,
+            tag: self.tag,
+            txid,
+            seq: self.seq,
+            time_ms: self.clock_ms(),
+        };
+        if let Err(e) =
+            self.ctx
+                .mux
+                .send_probe_with_ttl(to, &probe::encode(&p, &self.key, len), ttl)
+        {
+            tracing::trace!(%to, ?ttl, error = %e, "probe not sent");
         }
+    }
+
+    /// This end's probe clock: milliseconds since the driver started.
+    fn clock_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn on_probe(&mut self, from: SocketAddr, pkt: &[u8]) {
         let now = Instant::now().into_std();
         let stats = self.ctx.mux.stats();
-        match probe::decode(pkt, &self.key) {
+        let now_ms = self.clock_ms();
+        let admitted = probe::decode(pkt, &self.key).and_then(|p| {
+            match self.guard.admit(&p, now_ms) {
+                // A pong to a ping in flight is fresh whatever the peer's clock says (it slept).
+                Err(ProbeError::Stale)
+                    if p.kind == ProbeKind::Pong && self.paths.expects_pong(from, p.txid) =>
+                {
+                    self.guard.rebase(&p, now_ms)
+                }
+                r => r,
+            }
+            .map(|()| p)
+        });
+        match admitted {
             Ok(p) if p.kind == ProbeKind::Ping => {
-                let pong = Probe {
-                    kind: ProbeKind::Pong,
-                    ..p
-                };
-                // As large as the ping: the path carries that size both ways.
-                self.send(from, &probe::encode(&pong, &self.key, pkt.len()));
-                if self.paths.on_ping(from, now) {
+                if self.paths.pong_allowed(from, now) {
+                    // As large as the ping: the path carries that size both ways.
+                    self.send(from, ProbeKind::Pong, p.txid, pkt.len(), None);
+                }
+                if self.paths.on_ping(from, now) == PingFrom::NewTarget {
                     tracing::debug!(peer = %self.ctx.peer, %from, "peer-reflexive candidate");
                 }
             }
@@ -322,10 +382,33 @@ impl Driver {
                 }
             }
             Err(e) => {
-                stats.probes_rejected.fetch_add(1, Ordering::Relaxed);
+                let counter = match e {
+                    ProbeError::Replayed => &stats.probes_replayed,
+                    ProbeError::Stale => &stats.probes_stale,
+                    ProbeError::Reflected => &stats.probes_reflected,
+                    _ => &stats.probes_rejected,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = %self.ctx.peer, %from, error = %e, "probe rejected");
             }
         }
+        self.count_refusals();
+    }
+
+    /// Adds what the path set refused since the last call to the socket's counters.
+    fn count_refusals(&mut self) {
+        let now = self.paths.refused();
+        let was = std::mem::replace(&mut self.counted, now);
+        let stats = self.ctx.mux.stats();
+        stats.probe_targets_refused.fetch_add(
+            now.refused_targets.saturating_sub(was.refused_targets),
+            Ordering::Relaxed,
+        );
+        stats.probes_limited.fetch_add(
+            (now.pongs_limited + now.prflx_limited)
+                .saturating_sub(was.pongs_limited + was.prflx_limited),
+            Ordering::Relaxed,
+        );
     }
 
     /// Sends this end's candidates if they changed since the last time.
@@ -333,7 +416,14 @@ impl Driver {
         let local = quinn::AsyncUdpSocket::local_addr(&*self.ctx.mux).ok();
         let port = local.map_or(0, |a| a.port());
         let bound = local.map(|a| a.ip());
-        let mut list = host_candidates(bound, port, &self.opts.exclude);
+        let uplink = self.ctx.mux.relay_of(self.ctx.vaddr).and_then(route_source);
+        let mut list = host_candidates(
+            &self.opts.advertise,
+            bound,
+            uplink,
+            port,
+            &self.opts.exclude,
+        );
         if let Some(o) = observed {
             if !list.iter().any(|c| c.addr == o) {
                 list.insert(
@@ -410,31 +500,130 @@ impl Driver {
     }
 }
 
-/// Host candidates: the socket's own address if it is bound to one, else every usable IPv4
-/// address of the machine's interfaces (not loopback, not link-local, not excluded).
-pub fn host_candidates(bound: Option<IpAddr>, port: u16, exclude: &[IpAddr]) -> Vec<Candidate> {
-    let host = |ip: IpAddr| Candidate {
-        addr: SocketAddr::new(ip, port),
-        kind: CandidateKind::Host,
-    };
-    if let Some(ip) = bound.filter(|ip| !ip.is_unspecified()) {
-        return vec![host(ip)];
+/// The direction of the probes an end sends: the agent is the inner connection's client.
+fn direction_of(side: quinn::Side) -> Direction {
+    match side {
+        quinn::Side::Client => Direction::AgentToConnector,
+        quinn::Side::Server => Direction::ConnectorToAgent,
     }
-    let v6 = bound.is_some_and(|ip| ip.is_ipv6());
-    let mut out: Vec<Candidate> = if_addrs::get_if_addrs()
-        .unwrap_or_default()
+}
+
+/// Host candidates, in order of preference: the `advertise` list if it is not empty; else the
+/// socket's own address if it is bound to one; else `uplink` (the source address of the route to
+/// the relay). Loopback, link-local, unspecified and excluded addresses are never offered.
+pub fn host_candidates(
+    advertise: &[IpAddr],
+    bound: Option<IpAddr>,
+    uplink: Option<IpAddr>,
+    port: u16,
+    exclude: &[IpAddr],
+) -> Vec<Candidate> {
+    let chosen: Vec<IpAddr> = if !advertise.is_empty() {
+        advertise.to_vec()
+    } else if let Some(ip) = bound.filter(|ip| !ip.is_unspecified()) {
+        vec![ip]
+    } else {
+        uplink.into_iter().collect()
+    };
+    let mut out: Vec<Candidate> = chosen
         .into_iter()
-        .map(|i| i.ip())
-        .filter(|ip| ip.is_ipv6() == v6 && !ip.is_loopback() && !exclude.contains(ip))
-        .filter(|ip| match ip {
-            IpAddr::V4(v4) => !v4.is_link_local(),
-            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+        .filter(|ip| offerable(ip) && !exclude.contains(ip))
+        .map(|ip| Candidate {
+            addr: SocketAddr::new(ip, port),
+            kind: CandidateKind::Host,
         })
-        .map(host)
         .collect();
     out.sort_by_key(|c| c.addr);
     out.dedup();
+    out.truncate(MAX_CANDIDATES - 1);
     out
+}
+
+fn offerable(ip: &IpAddr) -> bool {
+    !ip.is_loopback()
+        && !ip.is_unspecified()
+        && !ip.is_multicast()
+        && match ip {
+            IpAddr::V4(v4) => !v4.is_link_local() && !v4.is_broadcast(),
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+        }
+}
+
+/// The source address the kernel picks for a packet to `to` (from a throwaway UDP socket that
+/// is connected, never used).
+pub fn route_source(to: SocketAddr) -> Option<IpAddr> {
+    let any: SocketAddr = if to.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = UdpSocket::bind(any).ok()?;
+    s.connect(to).ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// The networks a connector never probes: every service address, every backend address, and
+/// the network of each interface that reaches a backend, unless the relay is reached through
+/// the same address (a single-homed connector: then only the addresses).
+pub fn refused_networks(
+    services: &[IpAddr],
+    backends: &[IpAddr],
+    relay: SocketAddr,
+) -> Vec<ipnet::IpNet> {
+    let interfaces: Vec<ipnet::IpNet> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|i| interface_network(&i.addr))
+        .collect();
+    let routes: Vec<(IpAddr, Option<IpAddr>)> = backends
+        .iter()
+        .map(|b| (*b, route_source(SocketAddr::new(*b, 9))))
+        .collect();
+    refused_networks_from(services, &routes, &interfaces, route_source(relay))
+}
+
+/// [`refused_networks`] without I/O: `backends` pairs each backend with the local address of
+/// its route, `interfaces` are the machine's networks, `uplink` the local address of the route
+/// to the relay.
+pub fn refused_networks_from(
+    services: &[IpAddr],
+    backends: &[(IpAddr, Option<IpAddr>)],
+    interfaces: &[ipnet::IpNet],
+    uplink: Option<IpAddr>,
+) -> Vec<ipnet::IpNet> {
+    let mut out: Vec<ipnet::IpNet> = services
+        .iter()
+        .chain(backends.iter().map(|(b, _)| b))
+        .map(|ip| ipnet::IpNet::from(*ip))
+        .collect();
+    for (_, local) in backends {
+        let Some(local) = local.filter(|l| Some(*l) != uplink && !l.is_loopback()) else {
+            continue;
+        };
+        out.extend(
+            interfaces
+                .iter()
+                .filter(|n| n.contains(&local))
+                .map(|n| n.trunc()),
+        );
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn interface_network(addr: &if_addrs::IfAddr) -> Option<ipnet::IpNet> {
+    match addr {
+        if_addrs::IfAddr::V4(a) => {
+            let prefix = u32::from(a.netmask).leading_ones() as u8;
+            ipnet::Ipv4Net::new(a.ip, prefix).ok().map(ipnet::IpNet::V4)
+        }
+        if_addrs::IfAddr::V6(a) => {
+            let prefix = u128::from(a.netmask).leading_ones() as u8;
+            ipnet::Ipv6Net::new(a.ip, prefix).ok().map(ipnet::IpNet::V6)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -442,23 +631,123 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_candidates_respect_binding_and_exclusions() {
-        let bound: IpAddr = "192.0.2.7".parse().unwrap();
+    fn host_candidates_are_chosen_never_every_interface() {
+        let c = |s: &str| Candidate {
+            addr: s.parse().unwrap(),
+            kind: CandidateKind::Host,
+        };
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let any = Some(ip("0.0.0.0"));
+        let uplink = Some(ip("10.10.0.3"));
+        // Bound to all interfaces: the uplink only (not 10.10.3.1, a backend network).
         assert_eq!(
-            host_candidates(Some(bound), 4434, &[]),
-            vec![Candidate {
-                addr: "192.0.2.7:4434".parse().unwrap(),
-                kind: CandidateKind::Host
-            }]
+            host_candidates(&[], any, uplink, 4434, &[]),
+            vec![c("10.10.0.3:4434")]
         );
-        let any: IpAddr = "0.0.0.0".parse().unwrap();
-        let all = host_candidates(Some(any), 5, &[]);
-        assert!(all
-            .iter()
-            .all(|c| c.addr.is_ipv4() && !c.addr.ip().is_loopback() && c.addr.port() == 5));
-        if let Some(first) = all.first() {
-            let fewer = host_candidates(Some(any), 5, &[first.addr.ip()]);
-            assert!(!fewer.contains(first));
+        // An explicit list wins; unusable and excluded addresses are dropped from it.
+        assert_eq!(
+            host_candidates(
+                &[
+                    ip("192.0.2.7"),
+                    ip("127.0.0.1"),
+                    ip("169.254.1.1"),
+                    ip("198.51.100.2")
+                ],
+                any,
+                uplink,
+                5,
+                &[ip("198.51.100.2")]
+            ),
+            vec![c("192.0.2.7:5")]
+        );
+        // Bound to one address: that one.
+        assert_eq!(
+            host_candidates(&[], Some(ip("192.0.2.9")), uplink, 7, &[]),
+            vec![c("192.0.2.9:7")]
+        );
+        // No route to the relay, or one through the tunnel's own address: nothing.
+        assert!(host_candidates(&[], any, None, 7, &[]).is_empty());
+        assert!(
+            host_candidates(&[], any, Some(ip("100.64.0.2")), 7, &[ip("100.64.0.2")]).is_empty()
+        );
+        assert!(host_candidates(&[], any, Some(ip("127.0.0.1")), 7, &[]).is_empty());
+    }
+
+    #[test]
+    fn each_end_admits_the_other_ends_probes_only() {
+        // The driver's guard is built for its own direction: the connector (server) admits the
+        // agent's probes and refuses its own reflected back.
+        let probe = |dir| Probe {
+            kind: ProbeKind::Ping,
+            dir,
+            tag: [0; 8],
+            txid: 1,
+            seq: 1,
+            time_ms: 0,
+        };
+        for (side, peer) in [
+            (quinn::Side::Server, Direction::AgentToConnector),
+            (quinn::Side::Client, Direction::ConnectorToAgent),
+        ] {
+            let own = direction_of(side);
+            assert_eq!(own, peer.reverse());
+            let mut g = ReplayGuard::new(own, probe::MAX_AGE_MS);
+            assert_eq!(g.admit(&probe(own), 0), Err(ProbeError::Reflected));
+            assert_eq!(g.admit(&probe(peer), 0), Ok(()));
         }
+    }
+
+    #[test]
+    fn route_source_is_the_local_end_of_a_route() {
+        // Loopback always routes from loopback.
+        assert_eq!(
+            route_source("127.0.0.1:9".parse().unwrap()),
+            Some(ip4(127, 0, 0, 1))
+        );
+    }
+
+    #[test]
+    fn refused_networks_cover_services_backends_and_backend_side_networks() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let net = |s: &str| -> ipnet::IpNet { s.parse().unwrap() };
+        let interfaces = [net("10.10.0.3/24"), net("10.10.3.1/24"), net("127.0.0.1/8")];
+        // Two-legged connector: the backend side's network is refused, the uplink's is not.
+        let r = refused_networks_from(
+            &[ip("10.100.0.1")],
+            &[(ip("10.10.3.2"), Some(ip("10.10.3.1")))],
+            &interfaces,
+            Some(ip("10.10.0.3")),
+        );
+        assert_eq!(
+            r,
+            vec![
+                net("10.10.3.0/24"),
+                net("10.10.3.2/32"),
+                net("10.100.0.1/32")
+            ]
+        );
+        // Single-homed (backends reached from the uplink address), or a loopback backend: only
+        // the addresses.
+        let r = refused_networks_from(
+            &[ip("10.100.0.1")],
+            &[
+                (ip("10.10.0.9"), Some(ip("10.10.0.3"))),
+                (ip("127.0.0.1"), Some(ip("127.0.0.1"))),
+            ],
+            &interfaces,
+            Some(ip("10.10.0.3")),
+        );
+        assert_eq!(
+            r,
+            vec![
+                net("10.10.0.9/32"),
+                net("10.100.0.1/32"),
+                net("127.0.0.1/32")
+            ]
+        );
+    }
+
+    fn ip4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d))
     }
 }

@@ -72,6 +72,16 @@ pub struct MuxStats {
     pub probes_received: AtomicU64,
     /// Probes dropped: malformed, unknown tag, failed authentication, or unexpected pongs.
     pub probes_rejected: AtomicU64,
+    /// Authenticated probes refused as replays (sequence number seen or too old).
+    pub probes_replayed: AtomicU64,
+    /// Authenticated probes refused as stale (sent too long ago).
+    pub probes_stale: AtomicU64,
+    /// Authenticated probes refused as reflected (this end's own direction).
+    pub probes_reflected: AtomicU64,
+    /// Probe targets refused: inside a refused network (service addresses, backend networks).
+    pub probe_targets_refused: AtomicU64,
+    /// Pongs not sent (per-source budget) and new peer-reflexive targets not taken (too fast).
+    pub probes_limited: AtomicU64,
 }
 
 /// Packet counters of one virtual peer address, by path.
@@ -330,6 +340,17 @@ impl MuxSocket {
     pub fn route_counters(&self, vaddr: SocketAddr) -> Option<Arc<RouteCounters>> {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
         routes.by_addr.get(&vaddr).map(|r| r.counters.clone())
+    }
+
+    /// The relay's address under virtual address `vaddr` (the remote of its outer connection);
+    /// `None` while the route has no relay channel.
+    pub fn relay_of(&self, vaddr: SocketAddr) -> Option<SocketAddr> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes
+            .by_addr
+            .get(&vaddr)
+            .and_then(|r| r.relay.as_ref())
+            .map(|p| p.conn.remote_address())
     }
 
     /// Delivers probes carrying `tag` to `tx` from now on (replacing an earlier registration).

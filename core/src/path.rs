@@ -17,7 +17,8 @@
 //!   peer-reflexive) > the relay (no active target); by RTT within a class, switching only for
 //!   a clearly better RTT so the path does not flap.
 //! - **Peer-reflexive:** an authenticated ping from an address that is not a target (the peer's
-//!   NAT gave it another mapping for us) becomes a target too.
+//!   NAT gave it another mapping for us) becomes a target too, at most one new one per
+//!   `PRFLX_INTERVAL`; one that fails is dropped, not retried.
 //! - **Opening probes:** each punch window of a listed target starts with `open_phase` of pings
 //!   sent with a low TTL ([`PathSet::open_ttl`]): enough hops to leave this end's own NAT(s) and
 //!   open its mapping, too few to reach the peer's router. A router with no firewall answers an
@@ -30,6 +31,16 @@
 //!   peer at all (our mapping may not have been opened: a carrier-grade NAT behind the home
 //!   NAT needs one more hop); it stays where a path was confirmed. A ping from the peer on a
 //!   target ends its opening phase at once (the peer's router has a mapping toward us).
+//!
+//! **Not a weapon.** Probes go only where they should, and never in bulk:
+//! - Targets inside refused networks ([`PathSet::set_refused`]: service addresses, the
+//!   connector's backend networks) are never probed, whether the peer listed them or a ping
+//!   came from there; each refusal is counted ([`PathSet::refused`]).
+//! - At most [`MAX_LISTED`] listed and [`MAX_PEER_REFLEXIVE`] peer-reflexive targets.
+//! - A target that has never answered gets only small pings ([`ztna_proto::probe::MIN_LEN`]
+//!   bytes); the full-size ping that confirms a path goes only to an address whose pong proved
+//!   it is the peer. Pings of one connection are capped at [`PING_BUDGET`] per second.
+//! - Pongs are rate-limited per source address ([`PathSet::pong_allowed`]).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -39,10 +50,18 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use ztna_proto::{Candidate, CandidateKind};
 
-/// Most targets from the peer's candidate list.
-pub const MAX_LISTED: usize = ztna_proto::control::MAX_CANDIDATES;
+/// Most targets from the peer's candidate list (the rest of the list is ignored).
+pub const MAX_LISTED: usize = 8;
 /// Most peer-reflexive targets; the oldest unconfirmed one makes room for a new one.
-pub const MAX_PEER_REFLEXIVE: usize = 8;
+pub const MAX_PEER_REFLEXIVE: usize = 4;
+/// Least time between two new peer-reflexive targets of one connection.
+pub const PRFLX_INTERVAL: Duration = Duration::from_secs(1);
+/// Most pings one connection sends per second (all targets together); bursts up to as many.
+pub const PING_BUDGET: u32 = 40;
+/// Most pongs sent per second to one source address; bursts up to as many.
+pub const PONG_BUDGET: u32 = 30;
+/// Source addresses whose pong budget is remembered (the least recently used is forgotten).
+const PONG_SOURCES: usize = 16;
 /// Pings remembered per target while waiting for their pongs.
 const MAX_PENDING: usize = 16;
 /// The first TTL of opening probes: leaves one NAT (the host's own router), no further.
@@ -50,6 +69,8 @@ pub const OPEN_TTL_MIN: u8 = 2;
 /// The highest TTL opening probes step up to (a home NAT behind a carrier-grade NAT and one
 /// more router inside the carrier).
 pub const OPEN_TTL_MAX: u8 = 4;
+/// How long a ping with no budget left waits before it is tried again.
+const BUDGET_RETRY: Duration = Duration::from_millis(25);
 
 /// The timing of probing and selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +234,9 @@ struct Target {
     kind: TargetKind,
     listed: bool,
     state: TargetState,
+    /// A pong came from this address since it was last (re)started: it is the peer, and may
+    /// get full-size pings.
+    answered: bool,
     rtt: Option<Duration>,
     last_pong: Option<Instant>,
     window_start: Instant,
@@ -233,6 +257,7 @@ impl Target {
             kind,
             listed,
             state: TargetState::Probing,
+            answered: false,
             rtt: None,
             last_pong: None,
             window_start: now,
@@ -259,10 +284,67 @@ impl Target {
 
     fn fail(&mut self, now: Instant, t: &PathTiming) {
         self.state = TargetState::Failed;
+        // The address may belong to someone else by the time it is retried.
+        self.answered = false;
         self.next_ping = now + self.retry_delay;
         self.retry_delay = (self.retry_delay * 2).min(t.retry_max);
         self.pending.clear();
     }
+}
+
+/// A token bucket: `rate` tokens per second, at most `rate` banked.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl Bucket {
+    const fn full() -> Self {
+        Self {
+            tokens: f64::MAX,
+            at: None,
+        }
+    }
+
+    fn take(&mut self, rate: u32, now: Instant) -> bool {
+        let rate = f64::from(rate);
+        let elapsed = self
+            .at
+            .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
+        self.tokens = (self.tokens.min(rate) + elapsed * rate).min(rate);
+        self.at = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Counters of what a [`PathSet`] refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// Candidates or ping sources inside a refused network (never probed).
+    pub refused_targets: u64,
+    /// New peer-reflexive targets not taken because they came too fast.
+    pub prflx_limited: u64,
+    /// Pongs not sent because their source's budget was spent.
+    pub pongs_limited: u64,
+    /// Pings deferred because the connection's ping budget was spent.
+    pub pings_deferred: u64,
+}
+
+/// What an authenticated ping from an address meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PingFrom {
+    /// A target already.
+    Known,
+    /// Became a new (peer-reflexive) target.
+    NewTarget,
+    /// Not a target, and not taken (refused network, unusable, or too many too fast).
+    Ignored,
 }
 
 /// The direct-path state of one end-to-end connection.
@@ -273,6 +355,11 @@ pub struct PathSet {
     active: Option<SocketAddr>,
     next_txid: u64,
     open_ttl: u8,
+    refused: Vec<ipnet::IpNet>,
+    pings: Bucket,
+    last_prflx: Option<Instant>,
+    pongs: Vec<(SocketAddr, Bucket, Instant)>,
+    counts: Refusals,
 }
 
 impl PathSet {
@@ -284,7 +371,61 @@ impl PathSet {
             active: None,
             next_txid: txid_seed,
             open_ttl: OPEN_TTL_MIN,
+            refused: Vec::new(),
+            pings: Bucket::full(),
+            last_prflx: None,
+            pongs: Vec::new(),
+            counts: Refusals::default(),
         }
+    }
+
+    /// Networks never to probe (service addresses, the connector's backend networks). Targets
+    /// inside them are dropped at once.
+    pub fn set_refused(&mut self, nets: Vec<ipnet::IpNet>, now: Instant) {
+        self.refused = nets;
+        let before = self.targets.len();
+        let refused = &self.refused;
+        self.targets.retain(|t| !is_refused(refused, &t.addr));
+        self.counts.refused_targets += (before - self.targets.len()) as u64;
+        self.reselect(now);
+    }
+
+    /// What this set refused so far.
+    pub fn refused(&self) -> Refusals {
+        self.counts
+    }
+
+    /// Whether a pong may be sent to `to` now (at most [`PONG_BUDGET`] per second per source);
+    /// counts a refusal.
+    pub fn pong_allowed(&mut self, to: SocketAddr, now: Instant) -> bool {
+        let i = match self.pongs.iter().position(|p| p.0 == to) {
+            Some(i) => i,
+            None => {
+                if self.pongs.len() >= PONG_SOURCES {
+                    let lru = (0..self.pongs.len())
+                        .min_by_key(|&i| self.pongs[i].2)
+                        .unwrap_or(0);
+                    self.pongs.swap_remove(lru);
+                }
+                self.pongs.push((to, Bucket::full(), now));
+                self.pongs.len() - 1
+            }
+        };
+        let entry = &mut self.pongs[i];
+        entry.2 = now;
+        let ok = entry.1.take(PONG_BUDGET, now);
+        if !ok {
+            self.counts.pongs_limited += 1;
+        }
+        ok
+    }
+
+    /// Whether a pong from `from` with `txid` would answer a ping in flight (it proves the
+    /// peer's probe is fresh even if its clock says otherwise).
+    pub fn expects_pong(&self, from: SocketAddr, txid: u64) -> bool {
+        self.targets
+            .iter()
+            .any(|t| t.addr == from && t.pending.iter().any(|p| p.0 == txid))
     }
 
     /// The TTL of opening probes now.
@@ -299,10 +440,19 @@ impl PathSet {
         for t in &mut self.targets {
             t.listed = false;
         }
-        for c in candidates.iter().take(MAX_LISTED) {
+        let mut listed = 0;
+        for c in candidates {
+            if listed >= MAX_LISTED {
+                break;
+            }
             if !usable(&c.addr) {
                 continue;
             }
+            if is_refused(&self.refused, &c.addr) {
+                self.counts.refused_targets += 1;
+                continue;
+            }
+            listed += 1;
             let kind = match c.kind {
                 CandidateKind::Host => TargetKind::Host,
                 CandidateKind::Reflexive => TargetKind::Reflexive,
@@ -329,9 +479,9 @@ impl PathSet {
         self.reselect(now);
     }
 
-    /// An authenticated ping arrived from `from`. Returns true if `from` became a new
-    /// (peer-reflexive) target.
-    pub fn on_ping(&mut self, from: SocketAddr, now: Instant) -> bool {
+    /// An authenticated, fresh ping arrived from `from`: it may become a new (peer-reflexive)
+    /// target.
+    pub fn on_ping(&mut self, from: SocketAddr, now: Instant) -> PingFrom {
         if let Some(t) = self.targets.iter_mut().find(|t| t.addr == from) {
             match t.state {
                 // The peer reaches us from there: answer its punch with ours now, at full TTL
@@ -347,10 +497,21 @@ impl PathSet {
                 TargetState::Confirmed => {}
             }
             t.heard = true;
-            return false;
+            return PingFrom::Known;
         }
         if !usable(&from) {
-            return false;
+            return PingFrom::Ignored;
+        }
+        if is_refused(&self.refused, &from) {
+            self.counts.refused_targets += 1;
+            return PingFrom::Ignored;
+        }
+        if self
+            .last_prflx
+            .is_some_and(|at| now.saturating_duration_since(at) < PRFLX_INTERVAL)
+        {
+            self.counts.prflx_limited += 1;
+            return PingFrom::Ignored;
         }
         let prflx: Vec<usize> = (0..self.targets.len())
             .filter(|&i| self.targets[i].kind == TargetKind::PeerReflexive)
@@ -364,9 +525,10 @@ impl PathSet {
                 Some(i) => {
                     self.targets.remove(i);
                 }
-                None => return false,
+                None => return PingFrom::Ignored,
             }
         }
+        self.last_prflx = Some(now);
         self.targets.push(Target::new(
             from,
             TargetKind::PeerReflexive,
@@ -374,7 +536,7 @@ impl PathSet {
             now,
             &self.timing,
         ));
-        true
+        PingFrom::NewTarget
     }
 
     /// An authenticated pong arrived from `from`. Returns false if it answers no ping sent there
@@ -397,7 +559,11 @@ impl PathSet {
             t.state = TargetState::Confirmed;
             t.retry_delay = self.timing.retry_min;
             t.next_ping = now + self.timing.keepalive_standby;
+        } else if t.state == TargetState::Probing && !t.answered {
+            // It is the peer: confirm with a full-size ping at once.
+            t.next_ping = now;
         }
+        t.answered = true;
         self.reselect(now);
         true
     }
@@ -408,6 +574,9 @@ impl PathSet {
         let mut actions = Vec::new();
         let heard_any = self.targets.iter().any(|t| t.heard);
         let mut unheard_wan_failure = false;
+        // A peer-reflexive target that failed is forgotten: only a new ping brings it back.
+        self.targets
+            .retain(|t| !(t.kind == TargetKind::PeerReflexive && t.state == TargetState::Failed));
         for t in &mut self.targets {
             let is_active = self.active == Some(t.addr);
             match t.state {
@@ -433,8 +602,18 @@ impl PathSet {
                 _ => {}
             }
             if t.state != TargetState::Failed && now >= t.next_ping {
-                let full = t.state == TargetState::Probing;
-                let opening = full && t.open_until.is_some_and(|u| now < u);
+                if !self.pings.take(PING_BUDGET, now) {
+                    self.counts.pings_deferred += 1;
+                    t.next_ping = now + BUDGET_RETRY;
+                    continue;
+                }
+                // Full size only to an address that proved it is the peer.
+                let full = t.state == TargetState::Probing && t.answered;
+                // Opening probes (low TTL) until the window's opening phase ends or the peer
+                // answered from there.
+                let opening = t.state == TargetState::Probing
+                    && !t.answered
+                    && t.open_until.is_some_and(|u| now < u);
                 let txid = self.next_txid;
                 self.next_txid = self.next_txid.wrapping_add(1);
                 if t.pending.len() >= MAX_PENDING {
@@ -442,10 +621,10 @@ impl PathSet {
                 }
                 t.pending.push_back((txid, now, full));
                 t.next_ping = now
-                    + match (full, is_active) {
-                        (true, _) => timing.punch_interval,
-                        (false, true) => timing.keepalive_active,
-                        (false, false) => timing.keepalive_standby,
+                    + match (t.state, is_active) {
+                        (TargetState::Probing, _) => timing.punch_interval,
+                        (_, true) => timing.keepalive_active,
+                        (_, false) => timing.keepalive_standby,
                     };
                 if let Some(u) = t.open_until.filter(|_| opening) {
                     // The first full-TTL ping goes out right when the opening phase ends.
@@ -555,6 +734,17 @@ impl PathSet {
     }
 }
 
+/// Whether `addr` is inside one of `nets`.
+fn is_refused(nets: &[ipnet::IpNet], addr: &SocketAddr) -> bool {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    nets.iter().any(|n| n.contains(&ip))
+}
+
 /// Whether a candidate address can be probed at all.
 fn usable(addr: &SocketAddr) -> bool {
     let ip = addr.ip();
@@ -620,26 +810,54 @@ mod tests {
         now
     }
 
+    /// Answers the latest small ping in flight to `addr` after `rtt`, then the full-size ping
+    /// that follows at once: the two steps that confirm a target. Returns the time after both.
+    fn confirm(p: &mut PathSet, addr: SocketAddr, at: Instant, rtt: Duration) -> Instant {
+        let mut now = at;
+        p.poll(now);
+        let t = p.targets.iter().find(|t| t.addr == addr).expect("target");
+        let &(txid, _, full) = t.pending.back().expect("a ping in flight");
+        assert!(!full, "the first pings are small");
+        now += rtt;
+        assert!(p.on_pong(addr, txid, now));
+        let a = pings(&p.poll(now));
+        let (_, txid, full) = *a.iter().find(|x| x.0 == addr).expect("a full ping at once");
+        assert!(full, "an answered address gets a full-size ping");
+        now += rtt;
+        assert!(p.on_pong(addr, txid, now));
+        now
+    }
+
     #[test]
-    fn punches_and_confirms_with_full_size_pings() {
+    fn punches_small_and_confirms_with_a_full_size_ping_once_answered() {
         let t0 = Instant::now();
         let mut p = PathSet::new(PathTiming::default(), 7);
         assert_eq!(p.next_deadline(), None);
         p.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
         let a = pings(&p.poll(t0));
         assert_eq!(a.len(), 1);
-        assert!(a[0].2, "punching pings are full size");
+        assert!(!a[0].2, "punching pings to an unproven address are small");
         assert!(p.selected().is_none());
         assert!(p.on_pong(a[0].0, a[0].1, t0 + ms(20)));
+        assert!(p.selected().is_none(), "a small pong confirms nothing");
+        assert_eq!(
+            p.next_deadline(),
+            Some(t0 + ms(20)),
+            "the full ping goes at once"
+        );
+        let b = pings(&p.poll(t0 + ms(20)));
+        assert_eq!(b.len(), 1);
+        assert!(b[0].2, "the answered address gets a full-size ping");
+        assert!(p.on_pong(b[0].0, b[0].1, t0 + ms(40)));
         let s = p.selected().expect("confirmed");
         assert_eq!(s.class, PathClass::Wan);
         assert_eq!(s.rtt, ms(20));
         assert_eq!(p.confirmed().count(), 1);
         // A pong for an unknown txid or from elsewhere is refused.
-        assert!(!p.on_pong(a[0].0, 999, t0 + ms(30)));
-        assert!(!p.on_pong("198.51.100.1:1".parse().unwrap(), a[0].1, t0 + ms(30)));
+        assert!(!p.on_pong(a[0].0, 999, t0 + ms(50)));
+        assert!(!p.on_pong("198.51.100.1:1".parse().unwrap(), a[0].1, t0 + ms(50)));
         // Keepalives on the active path are small and frequent.
-        let k = pings(&p.poll(t0 + ms(40)));
+        let k = pings(&p.poll(t0 + ms(60)));
         assert_eq!(k.len(), 1);
         assert!(!k[0].2);
     }
@@ -657,12 +875,10 @@ mod tests {
             ],
             t0,
         );
-        let a = pings(&p.poll(t0));
-        let txid = |addr| a.iter().find(|x| x.0 == addr).unwrap().1;
         // WAN answers first and faster: it is used until LAN answers.
-        p.on_pong(wan, txid(wan), t0 + ms(1));
+        let at = confirm(&mut p, wan, t0, ms(1));
         assert_eq!(p.selected().unwrap().addr, wan);
-        p.on_pong(lan, txid(lan), t0 + ms(5));
+        confirm(&mut p, lan, at, ms(5));
         assert_eq!(p.selected().unwrap().addr, lan);
         assert_eq!(p.selected().unwrap().class, PathClass::Lan);
 
@@ -671,12 +887,13 @@ mod tests {
         let r1: SocketAddr = "203.0.113.5:4434".parse().unwrap();
         let r2: SocketAddr = "198.51.100.9:5000".parse().unwrap();
         q.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
-        let a = pings(&q.poll(t0));
-        q.on_pong(r1, a[0].1, t0 + ms(20));
-        assert!(q.on_ping(r2, t0 + ms(21)), "new peer-reflexive target");
-        let b = pings(&q.poll(t0 + ms(21)));
-        let t2 = b.iter().find(|x| x.0 == r2).unwrap().1;
-        q.on_pong(r2, t2, t0 + ms(21) + ms(18));
+        let at = confirm(&mut q, r1, t0, ms(20));
+        assert_eq!(
+            q.on_ping(r2, at + ms(1)),
+            PingFrom::NewTarget,
+            "new peer-reflexive target"
+        );
+        confirm(&mut q, r2, at + ms(1), ms(18));
         assert_eq!(
             q.selected().unwrap().addr,
             r1,
@@ -685,18 +902,15 @@ mod tests {
         let mut r = q.clone();
         let mut r3 = PathSet::new(PathTiming::default(), 0);
         r3.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
-        let a = pings(&r3.poll(t0));
-        r3.on_pong(r1, a[0].1, t0 + ms(20));
-        r3.on_ping(r2, t0 + ms(21));
-        let b = pings(&r3.poll(t0 + ms(21)));
-        let t2 = b.iter().find(|x| x.0 == r2).unwrap().1;
-        r3.on_pong(r2, t2, t0 + ms(21) + ms(5));
+        let at = confirm(&mut r3, r1, t0, ms(20));
+        r3.on_ping(r2, at + ms(1));
+        let at = confirm(&mut r3, r2, at + ms(1), ms(5));
         assert_eq!(
             r3.selected().unwrap().addr,
             r2,
             "5 ms is clearly better than 20"
         );
-        r.set_candidates(&[], t0 + ms(50));
+        r.set_candidates(&[], at + ms(50));
         assert_eq!(
             r.selected().unwrap().addr,
             r2,
@@ -754,7 +968,7 @@ mod tests {
         let mut p = PathSet::new(t, 0);
         p.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
         let end = run(&mut p, t0, t.punch_window + ms(20), &[], ms(1));
-        assert!(!p.on_ping(addr, end));
+        assert_eq!(p.on_ping(addr, end), PingFrom::Known);
         assert_eq!(pings(&p.poll(end)).len(), 1);
     }
 
@@ -763,7 +977,10 @@ mod tests {
         let t0 = Instant::now();
         let mut p = PathSet::new(PathTiming::default(), 0);
         for i in 0..100u16 {
-            p.on_ping(SocketAddr::from(([198, 51, 100, 1], 1000 + i)), t0);
+            p.on_ping(
+                SocketAddr::from(([198, 51, 100, 1], 1000 + i)),
+                t0 + PRFLX_INTERVAL * u32::from(i),
+            );
         }
         assert_eq!(p.snapshot().len(), MAX_PEER_REFLEXIVE);
         let mut q = PathSet::new(PathTiming::default(), 0);
@@ -815,7 +1032,7 @@ mod tests {
         assert_eq!(p.next_deadline(), Some(t0 + t.open_phase));
         assert_eq!(ping_ttls(&p.poll(t0 + t.open_phase)), vec![(wan, None)]);
         // A peer-reflexive target needs no opening: the peer already reached us from there.
-        assert!(p.on_ping(prflx, t0 + ms(310)));
+        assert_eq!(p.on_ping(prflx, t0 + ms(310)), PingFrom::NewTarget);
         let a = ping_ttls(&p.poll(t0 + ms(310)));
         assert_eq!(a, vec![(prflx, None)]);
         // No opening phase at all when it is zero.
@@ -837,7 +1054,7 @@ mod tests {
         let mut p = PathSet::new(PathTiming::default(), 0);
         p.set_candidates(&[cand("203.0.113.5:4434", CandidateKind::Reflexive)], t0);
         assert_eq!(ping_ttls(&p.poll(t0)), vec![(wan, Some(OPEN_TTL_MIN))]);
-        assert!(!p.on_ping(wan, t0 + ms(50)));
+        assert_eq!(p.on_ping(wan, t0 + ms(50)), PingFrom::Known);
         assert_eq!(ping_ttls(&p.poll(t0 + ms(50))), vec![(wan, None)]);
     }
 
@@ -1054,6 +1271,123 @@ mod tests {
             assert!(punch(t, bare, ms(250), limit).is_some(), "{bare:?}");
         }
         assert_eq!(punch(t, [false, true], first, limit), None);
+    }
+
+    #[test]
+    fn refused_networks_are_never_probed() {
+        let t0 = Instant::now();
+        let mut p = PathSet::new(PathTiming::default(), 0);
+        p.set_refused(
+            vec![
+                "10.10.3.0/24".parse().unwrap(),
+                "10.100.0.1/32".parse().unwrap(),
+            ],
+            t0,
+        );
+        p.set_candidates(
+            &[
+                cand("10.10.3.2:22", CandidateKind::Host),
+                cand("10.100.0.1:5432", CandidateKind::Host),
+                cand("[::ffff:10.10.3.9]:6379", CandidateKind::Host),
+                cand("10.10.0.2:4434", CandidateKind::Host),
+            ],
+            t0,
+        );
+        assert_eq!(p.refused().refused_targets, 3);
+        let to: Vec<SocketAddr> = pings(&p.poll(t0)).iter().map(|a| a.0).collect();
+        assert_eq!(to, vec!["10.10.0.2:4434".parse().unwrap()]);
+        // An authenticated ping from a refused address does not make it a target.
+        assert_eq!(
+            p.on_ping("10.10.3.2:161".parse().unwrap(), t0),
+            PingFrom::Ignored
+        );
+        assert_eq!(p.refused().refused_targets, 4);
+        assert_eq!(p.snapshot().len(), 1);
+        // Refusing later drops a target that is already there.
+        p.set_refused(vec!["10.10.0.0/24".parse().unwrap()], t0);
+        assert!(p.snapshot().is_empty());
+        assert!(pings(&p.poll(t0 + ms(500))).is_empty());
+    }
+
+    #[test]
+    fn peer_reflexive_targets_come_slowly_and_are_not_retried() {
+        let t = PathTiming::default();
+        let t0 = Instant::now();
+        let mut p = PathSet::new(t, 0);
+        let a: SocketAddr = "198.51.100.1:1000".parse().unwrap();
+        let b: SocketAddr = "198.51.100.1:1001".parse().unwrap();
+        assert_eq!(p.on_ping(a, t0), PingFrom::NewTarget);
+        assert_eq!(p.on_ping(b, t0 + ms(500)), PingFrom::Ignored);
+        assert_eq!(p.refused().prflx_limited, 1);
+        // `a` never answers: small pings for one window, then it is forgotten.
+        let mut bytes = 0;
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(60) {
+            for (_, _, full) in pings(&p.poll(now)) {
+                bytes += if full {
+                    1358
+                } else {
+                    ztna_proto::probe::MIN_LEN
+                };
+            }
+            now += ms(10);
+        }
+        assert!(p.snapshot().is_empty());
+        let window = (t.punch_window.as_millis() / t.punch_interval.as_millis()) as usize + 1;
+        assert!(
+            bytes <= window * ztna_proto::probe::MIN_LEN,
+            "{bytes} bytes to an address that never answered"
+        );
+        assert_eq!(p.on_ping(b, now), PingFrom::NewTarget);
+    }
+
+    #[test]
+    fn pongs_and_pings_have_budgets() {
+        let t0 = Instant::now();
+        let mut p = PathSet::new(PathTiming::default(), 0);
+        let victim: SocketAddr = "192.0.2.1:53".parse().unwrap();
+        let other: SocketAddr = "192.0.2.2:53".parse().unwrap();
+        // A burst of 1000 pings from one source in one second: PONG_BUDGET pongs.
+        let sent = (0..1000)
+            .filter(|i| p.pong_allowed(victim, t0 + ms(*i)))
+            .count();
+        assert!(sent <= 2 * PONG_BUDGET as usize, "{sent} pongs");
+        assert!(sent >= PONG_BUDGET as usize, "{sent} pongs");
+        assert!(
+            p.pong_allowed(other, t0 + ms(999)),
+            "budgets are per source"
+        );
+        assert_eq!(p.refused().pongs_limited, 1000 - sent as u64);
+        // Sources are remembered in a bounded table.
+        for i in 0..1000u16 {
+            p.pong_allowed(SocketAddr::from(([192, 0, 2, 3], i)), t0);
+        }
+        assert!(p.pongs.len() <= PONG_SOURCES);
+
+        // Many targets pinged fast (160 pings a second wanted): the connection sends at most
+        // a burst of PING_BUDGET plus PING_BUDGET per second, and defers the rest.
+        let fast = PathTiming {
+            punch_interval: ms(50),
+            ..PathTiming::default()
+        };
+        let mut q = PathSet::new(fast, 0);
+        let many: Vec<Candidate> = (0..MAX_LISTED as u16)
+            .map(|i| Candidate {
+                addr: SocketAddr::from(([203, 0, 113, 1], 1000 + i)),
+                kind: CandidateKind::Host,
+            })
+            .collect();
+        q.set_candidates(&many, t0);
+        let mut now = t0;
+        let mut sent = 0u32;
+        while now < t0 + Duration::from_secs(4) {
+            sent += q.poll(now).len() as u32;
+            let allowed = PING_BUDGET as f64 * (1.0 + (now - t0).as_secs_f64()) + 1.0;
+            assert!(f64::from(sent) <= allowed, "{sent} pings by {:?}", now - t0);
+            now += ms(5);
+        }
+        assert!(sent >= PING_BUDGET * 4, "the budget is used: {sent}");
+        assert!(q.refused().pings_deferred > 0);
     }
 
     #[test]

@@ -90,17 +90,20 @@ fn direct_lan_path_and_the_relay_leaves_the_data_path() {
 }
 
 /// The probe magic and version (`ztna_proto::probe`), to find and forge probes in raw bytes.
-const PROBE_HEAD: [u8; 5] = [0x00, b'z', b't', b'p', 1];
+const PROBE_HEAD: [u8; 5] = [0x00, b'z', b't', b'p', 2];
+/// Where a probe's tag starts (after magic, version, kind and direction).
+const TAG_AT: usize = 7;
 
-/// A probe of 64 bytes with `tag` and a MAC that can't be right (random bytes).
+/// A probe of 80 bytes from the agent with `tag` and a MAC that can't be right (random bytes).
 fn forged_probe(kind: u8, tag: &[u8]) -> Result<Vec<u8>> {
     let mut p = PROBE_HEAD.to_vec();
     p.push(kind);
+    p.push(1); // agent → connector
     p.extend_from_slice(tag);
-    let noise = hex(&ztna_e2e::random_hex(8 + 32)?)?;
-    p.extend_from_slice(&noise[..8]);
-    p.resize(64 - 32, 0);
-    p.extend_from_slice(&noise[8..]);
+    let noise = hex(&ztna_e2e::random_hex(24 + 32)?)?;
+    p.extend_from_slice(&noise[..24]); // txid, seq, time
+    p.resize(80 - 32, 0);
+    p.extend_from_slice(&noise[24..]);
     Ok(p)
 }
 
@@ -146,7 +149,7 @@ fn forged_probes_are_counted_and_change_nothing() {
                 .windows(PROBE_HEAD.len())
                 .position(|w| w == PROBE_HEAD)
                 .context("no probe in the capture")?;
-            let tag = bytes[at + 6..at + 14].to_vec();
+            let tag = bytes[at + TAG_AT..at + TAG_AT + 8].to_vec();
 
             let before = s
                 .conn_metrics()?
@@ -206,6 +209,145 @@ fn forged_probes_are_counted_and_change_nothing() {
             let st = s.status(&s.agent_cfg.status_socket)?;
             ensure!(path(&s) == "direct-lan", "the path changed: {}", st.json);
             t.ping_all(ztna_e2e::Node::Agent, addr::ECHO, 3)?;
+            Ok(())
+        },
+    );
+}
+
+/// Bytes counted by every `counter` of an nftables table in `node`.
+fn nft_bytes(t: &Topology, node: ztna_e2e::Node, table: &str) -> Result<Vec<u64>> {
+    let out = t.run_ok(node, 5, ["nft", "list", "table", "inet", table])?;
+    Ok(out
+        .stdout
+        .split("bytes ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect())
+}
+
+#[test]
+fn probes_cannot_be_aimed_at_third_parties() {
+    run(
+        "probes_cannot_be_aimed_at_third_parties",
+        helper_bins!(),
+        |t| {
+            use ztna_e2e::Node;
+            t.step("the agent also holds a backend-network address (a container bridge, say): 10.10.3.77 on lo");
+            t.run_ok(
+                Node::Agent,
+                5,
+                ["ip", "addr", "add", "10.10.3.77/32", "dev", "lo"],
+            )?;
+            t.step("count what the connector's UDP socket sends to its backend network, and to the relay's host other than the relay");
+            let rules = format!(
+            "table inet ztna_victims {{\n chain out {{\n type filter hook output priority 0; policy accept;\n ip daddr 10.10.3.0/24 udp sport 4434 counter\n ip daddr {} udp sport 4434 udp dport != {} counter\n }}\n}}\n",
+            addr::RELAY,
+            addr::RELAY_PORT
+        );
+            let file = t.write_file("victims.nft", &rules)?;
+            t.run_ok(
+                Node::Conn,
+                10,
+                ["nft", "-f", file.to_str().context("path")?],
+            )?;
+
+            let mut s = Stack::new(t)?;
+            s.agent_cfg.direct_paths = None;
+            s.start_all()?;
+            wait_path(&s, "a direct LAN path", DIRECT_BUDGET, |p| {
+                p == "direct-lan"
+            })?;
+            let st = s.status(&s.agent_cfg.status_socket)?;
+            let json = st.json["connectors"].to_string();
+            t.step(&format!("status: {json}"));
+            ensure!(
+                !json.contains("10.10.3."),
+                "a backend-network address is a candidate or a target: {json}"
+            );
+
+            t.step("capture one of the agent's pings on the connector's link");
+            let pcap = t.dir().join("ping.pcap");
+            let filter = format!(
+                "udp and src host {} and udp[8:4] = 0x007a7470 and udp[13] = 1",
+                addr::AGENT
+            );
+            t.run_ok(
+                Node::Conn,
+                10,
+                [
+                    "tcpdump",
+                    "-i",
+                    "wan0",
+                    "-c",
+                    "1",
+                    "-w",
+                    pcap.to_str().context("path")?,
+                    &filter,
+                ],
+            )?;
+            let bytes = std::fs::read(&pcap)?;
+            let at = bytes
+                .windows(PROBE_HEAD.len())
+                .position(|w| w == PROBE_HEAD)
+                .context("no probe in the capture")?;
+            let ping = bytes[at..].to_vec();
+            let replay = t.dir().join("replay.bin");
+            std::fs::write(&replay, &ping)?;
+            t.step(&format!(
+                "captured a {}-byte ping; replaying it 4 s later, 20 times, from the relay's host",
+                ping.len()
+            ));
+            std::thread::sleep(Duration::from_secs(4));
+            let m0 = s.conn_metrics()?;
+            const REPLAYS: usize = 20;
+            for _ in 0..REPLAYS {
+                t.run_ok(
+                    Node::Relay,
+                    5,
+                    [
+                        "socat".to_owned(),
+                        "-u".to_owned(),
+                        format!("OPEN:{}", replay.display()),
+                        format!("UDP-SENDTO:{}:4434", addr::CONN),
+                    ],
+                )?;
+            }
+            let counted = |m: &ztna_e2e::Metrics| {
+                m.value("ztna_connector_probes_replayed_total")
+                    + m.value("ztna_connector_probes_stale_total")
+                    - m0.value("ztna_connector_probes_replayed_total")
+                    - m0.value("ztna_connector_probes_stale_total")
+            };
+            wait_until_every(
+                "the connector to refuse the replays",
+                Duration::from_secs(5),
+                Duration::from_millis(100),
+                || {
+                    s.conn_metrics()
+                        .map(|m| counted(&m) >= REPLAYS as f64)
+                        .unwrap_or(false)
+                },
+            )?;
+            // Anything sent in answer would have gone out by now; wait a punch window to be sure.
+            std::thread::sleep(Duration::from_secs(2));
+            let victims = nft_bytes(t, Node::Conn, "ztna_victims")?;
+            let m = s.conn_metrics()?;
+            t.step(&format!(
+            "RESULT bytes from the connector's UDP socket: to the backend network {}, to the replayer {}; replays refused {} (replayed +{}, stale +{}); status {}",
+            victims.first().copied().unwrap_or(0),
+            victims.get(1).copied().unwrap_or(0),
+            counted(&m),
+            m.value("ztna_connector_probes_replayed_total") - m0.value("ztna_connector_probes_replayed_total"),
+            m.value("ztna_connector_probes_stale_total") - m0.value("ztna_connector_probes_stale_total"),
+            path(&s)
+        ));
+            ensure!(victims.len() == 2, "nft counters: {victims:?}");
+            ensure!(
+                victims.iter().all(|b| *b == 0),
+                "the connector sent bytes to a non-candidate address: {victims:?}"
+            );
+            ensure!(path(&s) == "direct-lan", "the path changed: {}", path(&s));
+            t.ping_all(Node::Agent, addr::ECHO, 3)?;
             Ok(())
         },
     );

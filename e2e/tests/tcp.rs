@@ -511,9 +511,136 @@ fn tcp_close_refused_unreachable() {
             "want a connection error (refused or reset) within 4000 ms, got: {line}"
         );
         t.step(&format!("RESULT unreachable backend: {line}"));
+
+        t.step("a port the service does not serve (22): an immediate RST, refused within 1 s");
+        let before = s
+            .conn_metrics()?
+            .value("ztna_connector_refused_answered_total");
+        let line = client(&["connect", &web(22), "--timeout-ms", "5000"], 20)?;
+        let ms = field_u64(&line, "ms")?;
+        ensure!(
+            field(&line, "result") == Some("refused") && ms <= 1000,
+            "want connection refused within 1000 ms, got: {line}"
+        );
+        t.step(&format!("RESULT unserved port: {line}"));
+        t.step("ICMP to a service without ICMP (dns): administratively prohibited at once");
+        let out = t.run(
+            Node::Agent,
+            10,
+            ["ping", "-n", "-c", "1", "-W", "3", addr::DNS],
+        )?;
+        ensure!(
+            out.stdout.contains("Packet filtered"),
+            "want an ICMP 3/13 answer (ping: Packet filtered), got: {out}"
+        );
+        let answered = s
+            .conn_metrics()?
+            .value("ztna_connector_refused_answered_total")
+            - before;
+        ensure!(answered >= 2.0, "refused_answered grew by {answered}");
+        t.step(&format!(
+            "RESULT ping to dns: Packet filtered; {answered} answers counted"
+        ));
+
+        syn_flood(t, &s, &tcp)?;
         t.ensure_running(conn)?;
         Ok(())
     });
+}
+
+/// Connections whose handshake the agent never completes: the agent's kernel never sees the
+/// SYN-ACKs (dropped by nftables), so `FLOOD` connects stay half-open at the connector, each
+/// holding a backend connection. Each must be closed after the connector's handshake timeout
+/// (5 s by default), and counted.
+fn syn_flood(t: &Topology, s: &Stack<'_>, tcp: &Path) -> Result<()> {
+    const FLOOD: usize = 40;
+    t.step(&format!(
+        "{FLOOD} SYNs whose SYN-ACK the agent never acknowledges (nftables drops the SYN-ACKs)"
+    ));
+    let hold = t.spawn(
+        Node::Backend,
+        "socat-hold",
+        "socat",
+        [
+            format!("TCP-LISTEN:5432,bind={},reuseaddr,fork", addr::BACKEND),
+            "SYSTEM:sleep 60".to_owned(),
+        ],
+    )?;
+    wait_listening(t, Node::Backend, 5432, hold)?;
+    let rules = format!(
+        "table inet ztna_synack {{\n chain in {{\n type filter hook input priority 0; policy accept;\n ip saddr {} tcp flags & (syn | ack) == syn | ack drop\n }}\n}}\n",
+        addr::WEB
+    );
+    let rules_file = t.write_file("synack.nft", &rules)?;
+    t.run_ok(Node::Agent, 10, ["nft", "-f", path(&rules_file)?])?;
+    let before = s
+        .conn_metrics()?
+        .value("ztna_connector_tcp_handshake_timeouts_total");
+    let script = format!(
+        "for i in $(seq {FLOOD}); do {} connect {} --timeout-ms 20000 & done; wait",
+        path(tcp)?,
+        web(5432)
+    );
+    let flood = t.spawn(Node::Agent, "syn-flood", "sh", ["-c", &script])?;
+    let established = || -> usize {
+        t.run(
+            Node::Backend,
+            5,
+            ["ss", "-Htn", "state", "established", "( sport = :5432 )"],
+        )
+        .map(|o| o.stdout.lines().count())
+        .unwrap_or(usize::MAX)
+    };
+    let handshake_timeouts = || {
+        s.conn_metrics()
+            .map(|m| m.value("ztna_connector_tcp_handshake_timeouts_total") - before)
+            .unwrap_or(0.0)
+    };
+    // Watch until every connect was timed out and no backend connection is left; note when the
+    // backend's count last rose (the last half-open connection opened).
+    let start = Instant::now();
+    let (mut peak, mut last) = (0, 0);
+    let mut last_rise = start;
+    let mut emptied = None;
+    while start.elapsed() < Duration::from_secs(40) {
+        let n = established();
+        if n != usize::MAX {
+            if n > last {
+                last_rise = Instant::now();
+            }
+            peak = peak.max(n);
+            last = n;
+        }
+        if n == 0 && handshake_timeouts() >= FLOOD as f64 {
+            emptied = Some(Instant::now());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let timeouts = handshake_timeouts();
+    let closed_after = emptied.map(|e| e.duration_since(last_rise));
+    t.step(&format!(
+        "RESULT SYN flood: {timeouts} handshake timeouts counted; up to {peak} half-open backend connections at once; the last closed {} after the last one opened (handshake timeout 5 s)",
+        closed_after.map_or("never".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
+    ));
+    ensure!(
+        timeouts >= FLOOD as f64,
+        "{timeouts} of {FLOOD} handshake timeouts counted"
+    );
+    let closed_after = closed_after.context("backend connections were left open")?;
+    ensure!(
+        closed_after <= Duration::from_secs(9),
+        "the last backend connection closed {:.1} s after the last one opened",
+        closed_after.as_secs_f64()
+    );
+    let _ = t.kill(flood);
+    t.run_ok(
+        Node::Agent,
+        10,
+        ["nft", "delete", "table", "inet", "ztna_synack"],
+    )?;
+    t.kill(hold)?;
+    Ok(())
 }
 
 #[test]

@@ -11,13 +11,23 @@
 //!
 //! Bounds: no queues at all (every send is a non-blocking syscall or the agent's non-blocking
 //! sink, and drops when full), at most `max_flows_per_agent` flows (one socket and one task
-//! each) per agent, and a fixed-size receive buffer per runtime thread. TCP has its own bounds
-//! (a packet queue per agent, `max_tcp_per_agent` connections with two buffers each): see [`tcp`].
+//! each) per agent *identity* (all its tunnels together) and `max_flows_total` for the
+//! connector ([`quota`]), and a fixed-size receive buffer per runtime thread. TCP has its own
+//! bounds (a packet queue per agent, `max_tcp_per_agent` connections per identity and
+//! `max_tcp_total` in all, with two buffers each, half-open ones closed after a timeout): see
+//! [`tcp`].
+//!
+//! Refused packets: a TCP segment to a port a service doesn't serve is answered with RST, a UDP
+//! datagram to such a port, or a protocol the service doesn't serve, with ICMP destination
+//! unreachable, administratively prohibited (type 3 code 13), so the agent's application fails
+//! at once instead of waiting for its timeout. At most [`ANSWERS_PER_SECOND`] such answers go
+//! to one agent tunnel per second (`refused_answered`, `refused_answers_limited`).
 
 mod flows;
 pub(crate) mod fragment;
 mod icmp;
 mod packet;
+mod quota;
 mod tcp;
 mod udp;
 pub(crate) mod xdp;
@@ -38,7 +48,12 @@ use ztna_proto::ServiceDef;
 use crate::metrics::{gauge_dec, gauge_inc, Metrics};
 use flows::{FlowId, FlowKey, FlowTable, InsertError};
 use packet::{AgentPacket, DropReason, EchoRequest, Quote, UdpDatagram};
+use quota::{Bucket, Caps, Counts, Full, Kind, Limits, Permit};
 use udp::BackendSocket;
+
+/// Most answers (RST, ICMP administratively prohibited) to refused packets sent to one agent
+/// tunnel per second; bursts of as many.
+pub(crate) const ANSWERS_PER_SECOND: u32 = 50;
 
 pub(crate) use tcp::TcpConfig;
 
@@ -74,8 +89,10 @@ pub(crate) struct DataplaneConfig {
     /// Most flows (UDP and ICMP echo together) an agent may have open. When an agent is at the
     /// cap, packets that would open another flow are dropped (and counted in
     /// `dropped_flow_limit`) until one of its flows idles out; open flows are never evicted.
-    /// Must be non-zero.
+    /// Must be non-zero. Counted per agent identity: every tunnel of one certificate together.
     pub(crate) max_flows_per_agent: usize,
+    /// Most flows (UDP and ICMP echo) of all agents together. Must be non-zero.
+    pub(crate) max_flows_total: usize,
     /// How ICMP echo requests are answered.
     pub(crate) icmp: IcmpMode,
     /// TCP settings (connect and idle timeouts, per-agent cap, buffer sizes).
@@ -108,6 +125,10 @@ pub(crate) struct Agent {
     /// The agent's TCP stack and task, started by its first TCP packet; taken (which aborts
     /// the task and closes its connections) when the agent is removed.
     tcp: Mutex<Option<tcp::AgentTcp>>,
+    /// Caps of the agent's identity and of the connector.
+    limits: Limits,
+    /// Answers to refused packets left this second.
+    answers: Mutex<Bucket>,
 }
 
 /// Which kind of flow a [`Flow`] is.
@@ -135,6 +156,8 @@ pub(crate) struct Flow {
     quote: Quote,
     task: Option<AbortHandle>,
     metrics: Arc<Metrics>,
+    /// The flow's slot in its identity's and the connector's caps (given back on drop).
+    permit: Option<Permit>,
 }
 
 impl Flow {
@@ -183,6 +206,7 @@ impl Flow {
             quote: Quote::new(quote),
             task,
             metrics: metrics.clone(),
+            permit: None,
         }
     }
 
@@ -266,6 +290,12 @@ pub(crate) struct Dataplane {
     drop_log: Mutex<LogLimiter>,
     /// The XDP fast path for UDP flows, if it runs; set once, before the first agent.
     fast_path: OnceLock<Arc<xdp::FastPath>>,
+    /// Flow and TCP caps.
+    caps: Caps,
+    /// The connector's flow and connection counts.
+    global: Arc<Counts>,
+    /// Each connected identity's counts, shared by its tunnels (entries die with the last one).
+    identities: Mutex<HashMap<String, Weak<Counts>>>,
 }
 
 impl Drop for Dataplane {
@@ -308,8 +338,8 @@ impl Dataplane {
         if cfg.udp_idle_timeout.is_zero() {
             bail!("the UDP idle timeout must be greater than zero");
         }
-        if cfg.max_flows_per_agent == 0 {
-            bail!("the maximum number of flows per agent must be greater than zero");
+        if cfg.max_flows_per_agent == 0 || cfg.max_flows_total == 0 {
+            bail!("the maximum numbers of flows (per agent, total) must be greater than zero");
         }
         cfg.tcp.validate().map_err(|e| anyhow!(e))?;
         let mut by_address = HashMap::with_capacity(services.len());
@@ -343,6 +373,9 @@ impl Dataplane {
             services = by_address.len(),
             idle_timeout_ms = cfg.udp_idle_timeout.as_millis() as u64,
             max_flows_per_agent = cfg.max_flows_per_agent,
+            max_flows_total = cfg.max_flows_total,
+            max_tcp_total = cfg.tcp.max_total,
+            tcp_handshake_timeout_ms = cfg.tcp.handshake_timeout.as_millis() as u64,
             icmp = if icmp_backend { "backend" } else { "local" },
             tcp_connect_timeout_ms = cfg.tcp.connect_timeout.as_millis() as u64,
             tcp_idle_timeout_ms = cfg.tcp.idle_timeout.as_millis() as u64,
@@ -356,6 +389,12 @@ impl Dataplane {
                 .map(|(addr, s)| (*addr, (s.backend, s.backend_port)))
                 .collect(),
         );
+        let caps = Caps {
+            flows_per_identity: cfg.max_flows_per_agent,
+            flows_total: cfg.max_flows_total,
+            tcp_per_identity: cfg.tcp.max_per_agent,
+            tcp_total: cfg.tcp.max_total,
+        };
         Ok(Arc::new_cyclic(|me: &Weak<Dataplane>| {
             let sweeper = runtime.spawn(sweep_loop(me.clone(), period)).abort_handle();
             Dataplane {
@@ -371,6 +410,9 @@ impl Dataplane {
                 sweeper,
                 drop_log: Mutex::new(LogLimiter::new()),
                 fast_path: OnceLock::new(),
+                caps,
+                global: Arc::default(),
+                identities: Mutex::default(),
             }
         }))
     }
@@ -391,6 +433,18 @@ impl Dataplane {
         to_agent: Arc<dyn ToAgent>,
     ) {
         debug!(agent = id, %identity, %tunnel_ip, "agent added to the data plane");
+        let counts = {
+            let mut ids = lock(&self.identities);
+            ids.retain(|_, c| c.strong_count() > 0);
+            match ids.get(&identity).and_then(Weak::upgrade) {
+                Some(c) => c,
+                None => {
+                    let c = Arc::new(Counts::default());
+                    ids.insert(identity.clone(), Arc::downgrade(&c));
+                    c
+                }
+            }
+        };
         let agent = Arc::new(Agent {
             id,
             identity,
@@ -398,6 +452,12 @@ impl Dataplane {
             sink: to_agent,
             closed: AtomicBool::new(false),
             tcp: Mutex::new(None),
+            limits: Limits {
+                caps: self.caps,
+                identity: counts,
+                global: self.global.clone(),
+            },
+            answers: Mutex::new(Bucket::new(ANSWERS_PER_SECOND)),
         });
         // Close the old registration's flows before anyone can look up the new one, so that
         // no flow of the new registration is caught by the cleanup.
@@ -477,12 +537,14 @@ impl Dataplane {
             Ok(AgentPacket::Udp(d)) => self.udp_from_agent(&agent, d),
             Ok(AgentPacket::Echo(e)) => self.echo_from_agent(&agent, e),
             Ok(AgentPacket::Tcp { .. }) => self.tcp_from_agent(&agent, packet),
-            Err(reason) => self.dropped(&agent, reason),
+            Err(reason) => self.dropped(&agent, reason, packet),
         }
     }
 
-    /// Counts a dropped packet and explains it at DEBUG (rate-limited).
-    fn dropped(&self, agent: &Agent, reason: DropReason) {
+    /// Counts a dropped packet and explains it at DEBUG (rate-limited); answers it if it went
+    /// to a port or protocol a service doesn't serve (RST or ICMP administratively prohibited,
+    /// within the agent's answer budget).
+    fn dropped(&self, agent: &Agent, reason: DropReason, packet: &[u8]) {
         let m = &self.metrics;
         let counter = match reason {
             DropReason::Malformed(_) => &m.dropped_malformed,
@@ -495,6 +557,19 @@ impl Dataplane {
         counter.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = lock(&self.drop_log).allow(Instant::now()) {
             debug!(agent = agent.id, identity = %agent.identity, %reason, suppressed, "dropped packet from agent");
+        }
+        if matches!(
+            reason,
+            DropReason::PortNotServed { .. } | DropReason::ProtocolNotServed { .. }
+        ) {
+            if let Some(answer) = packet::unserved_answer(packet, &reason) {
+                if lock(&agent.answers).take(Instant::now()) {
+                    m.refused_answered.fetch_add(1, Ordering::Relaxed);
+                    self.send_to_agent(agent, answer);
+                } else {
+                    m.refused_answers_limited.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -513,6 +588,7 @@ impl Dataplane {
                 metrics: self.metrics.clone(),
                 backends: self.tcp_backends.clone(),
                 cfg: self.tcp_cfg.clone(),
+                limits: agent.limits.clone(),
             })
         });
         if !engine.push(packet) {
@@ -682,22 +758,47 @@ impl Dataplane {
             let mut flows = lock(&self.flows);
             if let Some((_, flow)) = flows.get_mut(&key, now) {
                 flow.quote.set(quote);
-                Ok(flow.route.clone())
+                Ok(Ok(flow.route.clone()))
             } else if agent.closed.load(Ordering::Relaxed) {
                 Err(None) // removed while this packet was in flight
             } else {
-                // Enter the runtime: registering a socket and spawning need it, and main.rs
-                // may call from outside.
-                let _entered = self.runtime.enter();
-                match flows.insert_with(key, now, &mut expired, make) {
-                    Ok(id) => flows.peek(&key, id).map(|f| f.route.clone()).ok_or(None),
-                    Err(e) => Err(Some(e)),
+                match agent.limits.acquire(Kind::Flow) {
+                    Err(full) => Ok(Err(full)),
+                    Ok(permit) => {
+                        // Enter the runtime: registering a socket and spawning need it, and
+                        // main.rs may call from outside.
+                        let _entered = self.runtime.enter();
+                        let make = |id| {
+                            make(id).map(|mut f| {
+                                f.permit = Some(permit);
+                                f
+                            })
+                        };
+                        match flows.insert_with(key, now, &mut expired, make) {
+                            Ok(id) => flows
+                                .peek(&key, id)
+                                .map(|f| Ok(f.route.clone()))
+                                .ok_or(None),
+                            Err(e) => Err(Some(e)),
+                        }
+                    }
                 }
             }
         };
         self.closed(expired, CloseReason::Idle);
         match outcome {
-            Ok(socket) => Some(socket),
+            Ok(Ok(socket)) => Some(socket),
+            Ok(Err(full)) => {
+                let counter = match full {
+                    Full::Identity => &self.metrics.dropped_flow_limit,
+                    Full::Global => &self.metrics.dropped_global_limit,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = lock(&self.drop_log).allow(now) {
+                    debug!(agent = agent.id, identity = %agent.identity, ?key, ?full, suppressed, "dropped packet: at a flow limit");
+                }
+                None
+            }
             Err(None) | Err(Some(InsertError::Exists)) => None,
             Err(Some(InsertError::AgentFull)) => {
                 self.metrics
@@ -880,6 +981,7 @@ mod tests {
         DataplaneConfig {
             udp_idle_timeout: Duration::from_secs(30),
             max_flows_per_agent: 8,
+            max_flows_total: 1 << 16,
             icmp,
             tcp: TcpConfig::default(),
         }
@@ -1235,7 +1337,122 @@ mod tests {
         assert_eq!(get(&m.dropped_unknown_agent), 1);
         assert_eq!(get(&m.packets_from_agents), 7);
         assert_eq!(get(&m.udp_flows_opened), 0);
-        assert!(rx.try_recv().is_err());
+        // The unserved UDP port, ICMP and TCP port were answered; the rest was not.
+        let mut answers = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            answers.push(answer_kind(&p));
+        }
+        assert_eq!(answers, vec!["icmp 3/13", "icmp 3/13", "tcp rst"]);
+        assert_eq!(get(&m.refused_answered), 3);
+    }
+
+    /// "icmp T/C" or "tcp rst" for a packet the connector sent to the agent.
+    fn answer_kind(p: &[u8]) -> String {
+        let ip = check_ip(p);
+        let body = &p[ip.header_len()..];
+        match ip.protocol {
+            etherparse::ip_number::ICMP => {
+                let msg = Icmpv4Slice::from_slice(body).expect("icmp");
+                let want = etherparse::Icmpv4Header::with_checksum(msg.icmp_type(), msg.payload());
+                assert_eq!(msg.checksum(), want.checksum);
+                format!("icmp {}/{}", msg.type_u8(), msg.code_u8())
+            }
+            etherparse::ip_number::TCP => {
+                let tcp = etherparse::TcpHeaderSlice::from_slice(body).expect("tcp");
+                assert!(tcp.rst());
+                "tcp rst".into()
+            }
+            other => format!("protocol {}", other.0),
+        }
+    }
+
+    #[tokio::test]
+    async fn unserved_ports_are_answered_at_once_within_a_budget() {
+        let (dp, m, mut rx) = dataplane(
+            vec![service(vec![PortRange::single(53)], false, None)],
+            config(IcmpMode::Local),
+        );
+        // `curl VIP:22`: a SYN to a TCP port the service does not serve gets RST+ACK.
+        let syn = {
+            let b = PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64)
+                .tcp(40000, 22, 777, 100)
+                .syn();
+            let mut v = Vec::new();
+            b.write(&mut v, &[]).expect("build");
+            v
+        };
+        dp.handle_from_agent(1, &syn);
+        let rst = rx.try_recv().expect("an answer at once");
+        let ip = check_ip(&rst);
+        let tcp = etherparse::TcpHeaderSlice::from_slice(&rst[ip.header_len()..]).expect("tcp");
+        assert!(tcp.rst() && tcp.ack());
+        assert_eq!(tcp.acknowledgment_number(), 778, "ACK = SYN's SEQ + 1");
+        assert_eq!((tcp.source_port(), tcp.destination_port()), (22, 40000));
+        // A UDP datagram to an unserved port: ICMP 3/13 quoting its header.
+        let udp = agent_udp(40000, 161, b"snmp");
+        dp.handle_from_agent(1, &udp);
+        let icmp = rx.try_recv().expect("an answer at once");
+        assert_eq!(answer_kind(&icmp), "icmp 3/13");
+        assert_eq!(&icmp[20 + 8..], &udp[..28], "quotes header + 8 bytes");
+        // A flood of them: at most a burst and the rate get answers; every one is counted.
+        for i in 0..1000u16 {
+            dp.handle_from_agent(1, &agent_udp(1000 + i, 161, b"x"));
+        }
+        let answered = get(&m.refused_answered);
+        assert!(
+            answered <= u64::from(ANSWERS_PER_SECOND) + 5,
+            "{answered} answers in a burst"
+        );
+        assert_eq!(answered + get(&m.refused_answers_limited), 1002);
+        assert_eq!(get(&m.dropped_not_service), 1002);
+    }
+
+    #[tokio::test]
+    async fn flow_caps_count_per_identity_and_globally() {
+        let run = async {
+            let (port, server) = echo_server().await;
+            let mut cfg = config(IcmpMode::Local);
+            cfg.max_flows_per_agent = 2;
+            cfg.max_flows_total = 3;
+            let (dp, m, mut rx) = dataplane(
+                vec![service(vec![PortRange::single(7000)], false, Some(port))],
+                cfg,
+            );
+            // A second tunnel of the same identity shares the cap.
+            let (tx2, _rx2) = mpsc::channel(8);
+            dp.add_agent(
+                2,
+                "alice@example.org".into(),
+                AGENT_IP,
+                Arc::new(Collect(tx2)),
+            );
+            let (tx3, _rx3) = mpsc::channel(8);
+            let bob = Ipv4Addr::new(100, 64, 0, 9);
+            dp.add_agent(3, "bob@example.org".into(), bob, Arc::new(Collect(tx3)));
+            dp.handle_from_agent(1, &agent_udp(1000, 7000, b"x"));
+            next(&mut rx).await;
+            dp.handle_from_agent(2, &agent_udp(1001, 7000, b"x"));
+            dp.handle_from_agent(2, &agent_udp(1002, 7000, b"x"));
+            assert_eq!(get(&m.udp_flows_active), 2);
+            assert_eq!(get(&m.dropped_flow_limit), 1, "alice's identity is full");
+            let from_bob = |sport: u16| {
+                let b = PacketBuilder::ipv4(bob.octets(), SVC_IP.octets(), 64).udp(sport, 7000);
+                let mut v = Vec::new();
+                b.write(&mut v, b"y").expect("build");
+                v
+            };
+            dp.handle_from_agent(3, &from_bob(2000));
+            dp.handle_from_agent(3, &from_bob(2001));
+            assert_eq!(get(&m.udp_flows_active), 3);
+            assert_eq!(get(&m.dropped_global_limit), 1, "the connector is full");
+            // Removing a tunnel gives its slots back.
+            dp.remove_agent(2);
+            dp.handle_from_agent(3, &from_bob(2001));
+            assert_eq!(get(&m.udp_flows_active), 3);
+            assert_eq!(get(&m.dropped_global_limit), 1);
+            server.abort();
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
     }
 
     #[tokio::test]

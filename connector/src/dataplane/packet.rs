@@ -298,6 +298,142 @@ pub(crate) fn build_port_unreachable(
     })
 }
 
+/// Builds an ICMP destination unreachable, code 13 (communication administratively
+/// prohibited), from `src` (the service address) to `dst` (the agent's tunnel address), quoting
+/// `quote` (cut to [`MAX_QUOTE`]): the answer to a protocol or UDP port a service doesn't serve.
+pub(crate) fn build_admin_prohibited(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    quote: &[u8],
+) -> Result<Vec<u8>, BuildError> {
+    let quote = &quote[..quote.len().min(MAX_QUOTE)];
+    let builder = PacketBuilder::ipv4(src.octets(), dst.octets(), TTL).icmpv4(
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FilterProhibited),
+    );
+    finish(builder.size(quote.len()), quote.len(), |out| {
+        builder.write(out, quote)
+    })
+}
+
+/// The connection key and flags of an IPv4/TCP segment from an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TcpSegment {
+    /// The agent's port.
+    pub(crate) agent_port: u16,
+    /// The destination (service) address.
+    pub(crate) service: Ipv4Addr,
+    /// The destination port.
+    pub(crate) port: u16,
+    /// SYN is set.
+    pub(crate) syn: bool,
+    /// ACK is set.
+    pub(crate) ack: bool,
+    /// RST is set.
+    pub(crate) rst: bool,
+}
+
+/// Reads the key and flags of an IPv4/TCP segment (no checksum check: `inspect` did that for
+/// the packets that reach the TCP stack). `None` if it is not one.
+pub(crate) fn parse_tcp_segment(packet: &[u8]) -> Option<TcpSegment> {
+    let ip = Ipv4HeaderSlice::from_slice(packet).ok()?;
+    if ip.protocol() != ip_number::TCP {
+        return None;
+    }
+    let tcp = TcpHeaderSlice::from_slice(packet.get(ip.slice().len()..)?).ok()?;
+    Some(TcpSegment {
+        agent_port: tcp.source_port(),
+        service: ip.destination_addr(),
+        port: tcp.destination_port(),
+        syn: tcp.syn(),
+        ack: tcp.ack(),
+        rst: tcp.rst(),
+    })
+}
+
+/// Builds the reset a host sends for a TCP segment that belongs to no connection it has
+/// (RFC 9293 3.10.7.1): to a segment with ACK, `<SEQ=SEG.ACK><CTL=RST>`; otherwise
+/// `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>` (SYN and FIN count in SEG.LEN). `None` for an
+/// RST (never answered) or bytes that are not an IPv4/TCP segment.
+pub(crate) fn build_tcp_reset(packet: &[u8]) -> Option<Vec<u8>> {
+    let ip = Ipv4HeaderSlice::from_slice(packet).ok()?;
+    if ip.protocol() != ip_number::TCP {
+        return None;
+    }
+    let total = usize::from(ip.total_len()).min(packet.len());
+    let body = packet.get(ip.slice().len()..total)?;
+    let tcp = TcpHeaderSlice::from_slice(body).ok()?;
+    if tcp.rst() {
+        return None;
+    }
+    let builder = PacketBuilder::ipv4(ip.destination(), ip.source(), TTL);
+    let builder = if tcp.ack() {
+        builder
+            .tcp(
+                tcp.destination_port(),
+                tcp.source_port(),
+                tcp.acknowledgment_number(),
+                0,
+            )
+            .rst()
+    } else {
+        let payload = body.len().saturating_sub(tcp.slice().len());
+        let len = u32::try_from(payload)
+            .unwrap_or(u32::MAX)
+            .wrapping_add(u32::from(tcp.syn()) + u32::from(tcp.fin()));
+        builder
+            .tcp(tcp.destination_port(), tcp.source_port(), 0, 0)
+            .rst()
+            .ack(tcp.sequence_number().wrapping_add(len))
+    };
+    let mut out = Vec::with_capacity(builder.size(0));
+    builder.write(&mut out, &[]).ok()?;
+    Some(out)
+}
+
+/// The answer to a packet refused for `reason`, if it gets one: a TCP reset for a TCP port a
+/// service doesn't serve; ICMP administratively prohibited (quoting the packet) for a UDP port,
+/// or a protocol, it doesn't serve. Nothing for other reasons, for an RST, or for ICMP other
+/// than an echo request (never an ICMP error about an ICMP error).
+pub(crate) fn unserved_answer(packet: &[u8], reason: &DropReason) -> Option<Vec<u8>> {
+    let ip = Ipv4HeaderSlice::from_slice(packet).ok()?;
+    let ihl = ip.slice().len();
+    match reason {
+        DropReason::PortNotServed {
+            protocol: "TCP", ..
+        } => build_tcp_reset(packet),
+        DropReason::PortNotServed { .. } | DropReason::ProtocolNotServed { .. } => {
+            if ip.protocol() == ip_number::ICMP
+                && packet.get(ihl).copied() != Some(ICMP_ECHO_REQUEST)
+            {
+                return None;
+            }
+            let end = (ihl + 8).min(usize::from(ip.total_len())).min(packet.len());
+            build_admin_prohibited(ip.destination_addr(), ip.source_addr(), packet.get(..end)?).ok()
+        }
+        _ => None,
+    }
+}
+
+/// (destination address, destination port, source address, source port) of an IPv4/UDP
+/// packet: how a backend's reply finds its flow on the XDP fast path.
+pub(crate) fn reply_key(p: &[u8]) -> Option<(Ipv4Addr, u16, Ipv4Addr, u16)> {
+    if p.len() < 28 || p[0] >> 4 != 4 || p[9] != 17 {
+        return None;
+    }
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+    if ihl < 20 || total > p.len() || total < ihl + 8 {
+        return None;
+    }
+    let port = |at: usize| u16::from_be_bytes([p[at], p[at + 1]]);
+    Some((
+        Ipv4Addr::new(p[16], p[17], p[18], p[19]),
+        port(ihl + 2),
+        Ipv4Addr::new(p[12], p[13], p[14], p[15]),
+        port(ihl),
+    ))
+}
+
 /// Builds the ICMP message (no IP header) to write to an unprivileged ICMP socket for an echo
 /// request. The kernel replaces the identifier with the socket's own and fills in the checksum.
 pub(crate) fn build_echo_request_message(seq: u16, payload: &[u8]) -> Vec<u8> {
@@ -711,6 +847,121 @@ mod tests {
         any::<u32>().prop_map(Ipv4Addr::from)
     }
 
+    fn tcp_with(flags: &str, seq: u32, ack: Option<u32>, payload: &[u8]) -> Vec<u8> {
+        let mut b = PacketBuilder::ipv4(AGENT.octets(), SVC.octets(), 64).tcp(40000, 22, seq, 1000);
+        for f in flags.chars() {
+            b = match f {
+                'S' => b.syn(),
+                'F' => b.fin(),
+                'R' => b.rst(),
+                _ => b,
+            };
+        }
+        if let Some(a) = ack {
+            b = b.ack(a);
+        }
+        let mut v = Vec::new();
+        b.write(&mut v, payload).expect("build");
+        v
+    }
+
+    fn reset_of(p: &[u8]) -> Option<(u32, Option<u32>, u16, u16)> {
+        let r = build_tcp_reset(p)?;
+        let s = parse_ok(&r);
+        let Some(TransportSlice::Tcp(t)) = &s.transport else {
+            panic!("not TCP")
+        };
+        assert!(t.rst());
+        let Some(NetSlice::Ipv4(ip)) = &s.net else {
+            panic!("not IPv4")
+        };
+        assert_eq!(ip.header().source_addr(), SVC);
+        assert_eq!(ip.header().destination_addr(), AGENT);
+        let want = t
+            .to_header()
+            .calc_checksum_ipv4(&ip.header().to_header(), &[])
+            .expect("checksum");
+        assert_eq!(t.checksum(), want);
+        Some((
+            t.sequence_number(),
+            t.ack().then(|| t.acknowledgment_number()),
+            t.source_port(),
+            t.destination_port(),
+        ))
+    }
+
+    #[test]
+    fn resets_follow_the_rfc() {
+        // SYN: <SEQ=0><ACK=SEQ+1><CTL=RST,ACK>.
+        assert_eq!(
+            reset_of(&tcp_with("S", 100, None, b"")),
+            Some((0, Some(101), 22, 40000))
+        );
+        // Data with ACK (a connection from before a restart): <SEQ=SEG.ACK><CTL=RST>.
+        assert_eq!(
+            reset_of(&tcp_with("", 100, Some(5000), b"hello")),
+            Some((5000, None, 22, 40000))
+        );
+        // FIN and data without ACK: ACK covers both.
+        assert_eq!(
+            reset_of(&tcp_with("F", 100, None, b"abc")),
+            Some((0, Some(104), 22, 40000))
+        );
+        // Never an RST for an RST, nor for something that is not TCP.
+        assert_eq!(reset_of(&tcp_with("R", 100, Some(1), b"")), None);
+        assert_eq!(build_tcp_reset(&udp_packet(AGENT, SVC, 1, 2, b"")), None);
+        assert_eq!(build_tcp_reset(b"\x45"), None);
+    }
+
+    #[test]
+    fn unserved_answers() {
+        let tcp = tcp_with("S", 1, None, b"");
+        let reason = check(&tcp, false).expect_err("port 22 is not served");
+        assert!(matches!(
+            unserved_answer(&tcp, &reason).map(|a| parse_ok(&a).transport.is_some()),
+            Some(true)
+        ));
+        let udp = udp_packet(AGENT, SVC, 1000, 161, b"x");
+        let reason = check(&udp, false).expect_err("port 161 is not served");
+        let a = unserved_answer(&udp, &reason).expect("an answer");
+        let s = parse_ok(&a);
+        let Some(TransportSlice::Icmpv4(icmp)) = &s.transport else {
+            panic!("not ICMP")
+        };
+        assert_eq!((icmp.type_u8(), icmp.code_u8()), (3, 13));
+        assert_eq!(icmp.payload(), &udp[..28]);
+        assert_icmp_checksum(&a);
+        // An echo request to a service without ICMP: answered; an ICMP error: never.
+        let echo = echo_request(1, 1, b"x");
+        let reason = check(&echo, false).expect_err("no ICMP");
+        assert!(unserved_answer(&echo, &reason).is_some());
+        let error = build_port_unreachable(AGENT, SVC, &udp[..28]).expect("build");
+        let reason = check(&error, false).expect_err("no ICMP");
+        assert_eq!(unserved_answer(&error, &reason), None);
+        // Other refusals are not answered.
+        let spoofed = udp_packet(Ipv4Addr::new(1, 2, 3, 4), SVC, 1000, 161, b"x");
+        let reason = check(&spoofed, false).expect_err("spoofed");
+        assert_eq!(unserved_answer(&spoofed, &reason), None);
+    }
+
+    #[test]
+    fn tcp_segments_parse() {
+        let p = tcp_with("S", 1, None, b"");
+        assert_eq!(
+            parse_tcp_segment(&p),
+            Some(TcpSegment {
+                agent_port: 40000,
+                service: SVC,
+                port: 22,
+                syn: true,
+                ack: false,
+                rst: false,
+            })
+        );
+        assert_eq!(parse_tcp_segment(&udp_packet(AGENT, SVC, 1, 2, b"")), None);
+        assert_eq!(parse_tcp_segment(&p[..30]), None);
+    }
+
     proptest! {
         #[test]
         fn inspect_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
@@ -791,6 +1042,20 @@ mod tests {
             let Some(TransportSlice::Icmpv4(icmp)) = &s.transport else { panic!() };
             prop_assert_eq!(icmp.payload(), &quote[..quote.len().min(MAX_QUOTE)]);
             assert_icmp_checksum(&u);
+        }
+
+        #[test]
+        fn new_parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse_tcp_segment(&bytes);
+            let _ = build_tcp_reset(&bytes);
+            let _ = reply_key(&bytes);
+            for reason in [
+                DropReason::PortNotServed { protocol: "TCP", port: 1 },
+                DropReason::PortNotServed { protocol: "UDP", port: 1 },
+                DropReason::ProtocolNotServed { protocol: 1 },
+            ] {
+                let _ = unserved_answer(&bytes, &reason);
+            }
         }
 
         #[test]

@@ -20,10 +20,17 @@
 //! `shutdown(Write)` on the backend; backend EOF → `close()` of the socket, which still
 //! receives). A reset on either side resets the other; so does the idle timeout.
 //!
+//! A segment for no connection the stack has (not a SYN: a connection from before a connector
+//! restart, say) is answered with RST, as a real host would, so the agent's application fails at
+//! once instead of retransmitting into silence (`tcp_reset_unknown`).
+//!
 //! Bounds: the inbound queue holds [`QUEUE_PACKETS`] packets (more are dropped and counted:
-//! TCP retransmits), an agent has at most `max_per_agent` connections (connecting ones
-//! included; SYNs beyond are dropped and counted), and each connection has two buffers of
-//! `buffer_bytes` (allocated zeroed, so untouched pages cost no memory).
+//! TCP retransmits); connections (connecting ones included) are capped per agent *identity*,
+//! across all its inner connections, and for the whole connector ([`super::quota`]; SYNs
+//! beyond are dropped and counted); a connection whose handshake the agent never completes (no
+//! ACK for the SYN-ACK) is reset, and its backend connection closed, after `handshake_timeout`
+//! (`tcp_handshake_timeouts`); each connection has two buffers of `buffer_bytes` (allocated
+//! zeroed, so untouched pages cost no memory).
 
 use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{HashMap, VecDeque};
@@ -36,7 +43,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use etherparse::{Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
@@ -47,7 +53,8 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{debug, trace};
 
-use super::packet::TTL;
+use super::packet::{build_tcp_reset, parse_tcp_segment, TcpSegment};
+use super::quota::{Full, Kind, Limits, Permit};
 use super::ToAgent;
 use crate::metrics::{gauge_dec, gauge_inc, Metrics};
 
@@ -72,8 +79,13 @@ pub(crate) struct TcpConfig {
     pub(crate) connect_timeout: Duration,
     /// A connection with no bytes or packets either way for this long is reset.
     pub(crate) idle_timeout: Duration,
-    /// Most connections (connecting or open) one agent may have.
+    /// A connection whose handshake the agent has not completed this long after the backend
+    /// connected (no ACK for the SYN-ACK) is reset and its backend connection closed.
+    pub(crate) handshake_timeout: Duration,
+    /// Most connections (connecting or open) one agent identity may have, over all its tunnels.
     pub(crate) max_per_agent: usize,
+    /// Most connections (connecting or open) of all agents together.
+    pub(crate) max_total: usize,
     /// Size of each smoltcp socket buffer (receive and transmit, each).
     pub(crate) buffer_bytes: usize,
 }
@@ -83,7 +95,9 @@ impl Default for TcpConfig {
         Self {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
+            handshake_timeout: Duration::from_secs(5),
             max_per_agent: 1024,
+            max_total: 16384,
             buffer_bytes: 256 * 1024,
         }
     }
@@ -101,9 +115,13 @@ impl TcpConfig {
         if self.idle_timeout.is_zero() {
             return Err("the TCP idle timeout must be greater than zero".into());
         }
-        if self.max_per_agent == 0 {
+        if self.handshake_timeout.is_zero() {
+            return Err("the TCP handshake timeout must be greater than zero".into());
+        }
+        if self.max_per_agent == 0 || self.max_total == 0 {
             return Err(
-                "the maximum number of TCP connections per agent must be at least 1".into(),
+                "the maximum numbers of TCP connections (per agent, total) must be at least 1"
+                    .into(),
             );
         }
         if !Self::BUFFER_RANGE.contains(&self.buffer_bytes) {
@@ -132,6 +150,8 @@ pub(crate) struct AgentCtx {
     pub(crate) backends: Arc<Backends>,
     /// Settings.
     pub(crate) cfg: TcpConfig,
+    /// Connection caps of the agent's identity and of the connector.
+    pub(crate) limits: Limits,
 }
 
 /// An agent's TCP engine: the queue into its task. Dropping it aborts the task, which closes
@@ -169,46 +189,6 @@ struct Key {
     agent_port: u16,
     service: Ipv4Addr,
     port: u16,
-}
-
-/// What the engine needs from a TCP segment's headers before handing it to smoltcp.
-#[derive(Debug, Clone, Copy)]
-struct Segment {
-    key: Key,
-    syn: bool,
-    ack: bool,
-    rst: bool,
-}
-
-impl Segment {
-    fn parse(packet: &[u8]) -> Option<Self> {
-        let ip = Ipv4HeaderSlice::from_slice(packet).ok()?;
-        let tcp = TcpHeaderSlice::from_slice(packet.get(ip.slice().len()..)?).ok()?;
-        Some(Self {
-            key: Key {
-                agent_port: tcp.source_port(),
-                service: ip.destination_addr(),
-                port: tcp.destination_port(),
-            },
-            syn: tcp.syn(),
-            ack: tcp.ack(),
-            rst: tcp.rst(),
-        })
-    }
-}
-
-/// Builds the RST+ACK that refuses the connection a SYN asks for (as a host with nothing
-/// listening on the port would).
-fn refusal(syn: &[u8]) -> Option<Vec<u8>> {
-    let ip = Ipv4HeaderSlice::from_slice(syn).ok()?;
-    let tcp = TcpHeaderSlice::from_slice(syn.get(ip.slice().len()..)?).ok()?;
-    let builder = PacketBuilder::ipv4(ip.destination(), ip.source(), TTL)
-        .tcp(tcp.destination_port(), tcp.source_port(), 0, 0)
-        .rst()
-        .ack(tcp.sequence_number().wrapping_add(1));
-    let mut out = Vec::with_capacity(builder.size(0));
-    builder.write(&mut out, &[]).ok()?;
-    Some(out)
 }
 
 /// The smoltcp device: packets in from the agent's queue, packets out to its sink.
@@ -301,7 +281,11 @@ struct Conn {
     want_read: bool,
     want_write: bool,
     last_active: Instant,
+    /// When the backend connected and the agent's SYN was taken.
+    opened: Instant,
     metrics: Arc<Metrics>,
+    /// The connection's slot in the identity's and the connector's caps.
+    _permit: Permit,
 }
 
 impl Drop for Conn {
@@ -315,6 +299,7 @@ enum Slot {
     /// Connecting to the backend; the agent's SYN waits here.
     Connecting {
         syn: Bytes,
+        permit: Permit,
     },
     Open(Box<Conn>),
 }
@@ -387,6 +372,7 @@ impl Engine {
     /// The task: ingest packets, poll the stack, move bytes, wait for the next event.
     async fn run(mut self, mut rx: mpsc::Receiver<Bytes>) {
         let sweep_period = (self.ctx.cfg.idle_timeout / 4)
+            .min(self.ctx.cfg.handshake_timeout / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(5));
         let mut sweep_at = Instant::now() + sweep_period;
         loop {
@@ -447,10 +433,10 @@ impl Engine {
 
     /// Takes one packet from the agent.
     fn ingest(&mut self, packet: Bytes, now: Instant) {
-        let Some(seg) = Segment::parse(&packet) else {
+        let Some(seg) = parse_tcp_segment(&packet) else {
             return; // inspect() already checked it
         };
-        match self.conns.get_mut(&seg.key) {
+        match self.conns.get_mut(&key_of(&seg)) {
             Some(Slot::Connecting { .. }) => {
                 trace!(
                     agent = self.ctx.agent,
@@ -461,23 +447,44 @@ impl Engine {
                 conn.last_active = now;
                 self.device.rx.push_back(packet);
             }
-            None if seg.syn && !seg.ack && !seg.rst => self.open(seg.key, packet),
-            // Not a connection we have: smoltcp answers with RST (and ignores an RST).
-            None => self.device.rx.push_back(packet),
+            None if seg.syn && !seg.ack && !seg.rst => self.open(key_of(&seg), packet),
+            None if seg.rst => {}
+            // Not a connection we have (from before a restart, or closed): RST, as a host would.
+            None => {
+                if let Some(rst) = build_tcp_reset(&packet) {
+                    let m = &self.ctx.metrics;
+                    m.tcp_reset_unknown.fetch_add(1, Ordering::Relaxed);
+                    m.packets_to_agents.fetch_add(1, Ordering::Relaxed);
+                    m.bytes_to_agents
+                        .fetch_add(rst.len() as u64, Ordering::Relaxed);
+                    trace!(
+                        agent = self.ctx.agent,
+                        "segment for no connection; sent RST"
+                    );
+                    self.ctx.sink.send(Bytes::from(rst));
+                }
+            }
         }
     }
 
     /// A SYN for a new connection: connect to the backend (within the per-agent cap).
     fn open(&mut self, key: Key, syn: Bytes) {
         let m = &self.ctx.metrics;
-        if self.conns.len() >= self.ctx.cfg.max_per_agent {
-            m.dropped_flow_limit.fetch_add(1, Ordering::Relaxed);
-            trace!(
-                agent = self.ctx.agent,
-                "SYN dropped: agent at its TCP connection limit"
-            );
-            return;
-        }
+        let permit = match self.ctx.limits.acquire(Kind::Tcp) {
+            Ok(p) => p,
+            Err(full) => {
+                match full {
+                    Full::Identity => m.dropped_flow_limit.fetch_add(1, Ordering::Relaxed),
+                    Full::Global => m.dropped_global_limit.fetch_add(1, Ordering::Relaxed),
+                };
+                trace!(
+                    agent = self.ctx.agent,
+                    ?full,
+                    "SYN dropped: at a TCP connection limit"
+                );
+                return;
+            }
+        };
         let Some(&(backend, backend_port)) = self.ctx.backends.get(&key.service) else {
             return; // inspect() only accepts service addresses
         };
@@ -495,7 +502,7 @@ impl Engine {
         });
         self.connect_tasks.insert(task.id(), key);
         debug!(agent = self.ctx.agent, %addr, port = key.port, "TCP connect to backend");
-        self.conns.insert(key, Slot::Connecting { syn });
+        self.conns.insert(key, Slot::Connecting { syn, permit });
     }
 
     /// A backend connect finished: accept the held SYN, or refuse it with RST.
@@ -507,7 +514,7 @@ impl Engine {
         if !matches!(entry.get(), Slot::Connecting { .. }) {
             return;
         }
-        let Slot::Connecting { syn } = entry.remove() else {
+        let Slot::Connecting { syn, permit } = entry.remove() else {
             return;
         };
         let m = self.ctx.metrics.clone();
@@ -519,7 +526,7 @@ impl Engine {
                     m.tcp_connect_timeouts.fetch_add(1, Ordering::Relaxed);
                 }
                 debug!(agent = self.ctx.agent, port = key.port, error = %e, "backend connect failed; refusing with RST");
-                if let Some(rst) = refusal(&syn) {
+                if let Some(rst) = build_tcp_reset(&syn) {
                     m.packets_to_agents.fetch_add(1, Ordering::Relaxed);
                     m.bytes_to_agents
                         .fetch_add(rst.len() as u64, Ordering::Relaxed);
@@ -572,7 +579,9 @@ impl Engine {
                 want_read: false,
                 want_write: false,
                 last_active: now,
+                opened: now,
                 metrics: m,
+                _permit: permit,
             })),
         );
     }
@@ -599,13 +608,31 @@ impl Engine {
         }
     }
 
-    /// Resets connections idle for longer than the idle timeout.
+    /// Resets connections idle for longer than the idle timeout, and those whose handshake
+    /// the agent did not complete within the handshake timeout.
     fn sweep(&mut self, now: Instant) {
         let idle = self.ctx.cfg.idle_timeout;
+        let handshake = self.ctx.cfg.handshake_timeout;
         for slot in self.conns.values_mut() {
             let Slot::Open(conn) = slot else { continue };
-            if conn.stream.is_some() && now.saturating_duration_since(conn.last_active) >= idle {
-                let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
+            if conn.stream.is_none() {
+                continue;
+            }
+            let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
+            // Listen: the agent reset the half-open connection, and smoltcp went back to
+            // listening on its endpoint; SynReceived: no ACK for the SYN-ACK yet.
+            let half_open = matches!(socket.state(), tcp::State::Listen | tcp::State::SynReceived);
+            if half_open && now.saturating_duration_since(conn.opened) >= handshake {
+                conn.metrics
+                    .tcp_handshake_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    agent = self.ctx.agent,
+                    port = conn_port(socket),
+                    "TCP handshake not completed in time; backend connection closed"
+                );
+                reset(conn, socket);
+            } else if now.saturating_duration_since(conn.last_active) >= idle {
                 conn.metrics
                     .tcp_flows_expired
                     .fetch_add(1, Ordering::Relaxed);
@@ -613,6 +640,20 @@ impl Engine {
             }
         }
     }
+}
+
+/// A connection's key from a segment's headers.
+fn key_of(seg: &TcpSegment) -> Key {
+    Key {
+        agent_port: seg.agent_port,
+        service: seg.service,
+        port: seg.port,
+    }
+}
+
+/// The service port of a socket, for logs.
+fn conn_port(socket: &tcp::Socket<'_>) -> u16 {
+    socket.local_endpoint().map_or(0, |e| e.port)
 }
 
 /// Resets a connection on both sides: RST to the agent (sent by the next poll, after which the
@@ -774,6 +815,7 @@ fn backends_ready(conns: &HashMap<Key, Slot>, cx: &mut Context<'_>) -> Poll<()> 
 mod tests {
     use super::super::{BackendService, Dataplane, DataplaneConfig, IcmpMode};
     use super::*;
+    use etherparse::{Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use ztna_proto::{PortRange, ServiceDef};
@@ -870,6 +912,7 @@ mod tests {
             let cfg = DataplaneConfig {
                 udp_idle_timeout: Duration::from_secs(30),
                 max_flows_per_agent: 8,
+                max_flows_total: 1 << 16,
                 icmp: IcmpMode::Local,
                 tcp,
             };
@@ -1477,7 +1520,7 @@ mod tests {
         in_time(async {
             let (port, server) = echo_backend().await;
             let mut c = Client::new(port, TcpConfig::default());
-            // An ACK for no connection: smoltcp answers with RST.
+            // An ACK for no connection (one from before a connector restart): RST at once.
             let stray = {
                 let b = PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64)
                     .tcp(1000, 80, 1, 100)
@@ -1495,6 +1538,17 @@ mod tests {
             let tcp = TcpHeaderSlice::from_slice(&rst[ip.slice().len()..]).expect("tcp");
             assert!(tcp.rst());
             assert_eq!((tcp.source_port(), tcp.destination_port()), (80, 1000));
+            assert_eq!(tcp.sequence_number(), 5, "SEQ = the segment's ACK");
+            assert_eq!(get(&c.metrics.tcp_reset_unknown), 1);
+            // An RST for no connection is not answered.
+            let mut rst_in = stray.clone();
+            rst_in[20 + 13] = 0x04; // flags: RST only
+            let mut h = Ipv4HeaderSlice::from_slice(&rst_in)
+                .expect("ip")
+                .to_header();
+            h.header_checksum = h.calc_header_checksum();
+            rst_in[..20].copy_from_slice(&h.to_bytes());
+            c.dp.handle_from_agent(1, &rst_in);
             let h = c.connect(80, 4096);
             c.until("established", |c| c.sock(h).may_send()).await;
             c.dp.remove_agent(1);
@@ -1503,6 +1557,142 @@ mod tests {
             })
             .await;
             server.abort();
+        })
+        .await;
+    }
+
+    /// A SYN from `src`:`sport` to the service's port 80, as an agent that will never ACK.
+    fn raw_syn(src: Ipv4Addr, sport: u16) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(src.octets(), SVC_IP.octets(), 64)
+            .tcp(sport, 80, 1000, 64240)
+            .syn();
+        let mut v = Vec::new();
+        b.write(&mut v, &[]).expect("build");
+        v
+    }
+
+    /// Accepts connections on a fresh loopback port and reports, per connection, when the
+    /// connector closed it (EOF or reset).
+    async fn counting_backend() -> (u16, mpsc::UnboundedReceiver<bool>) {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let tx = tx.clone();
+                let _ = tx.send(true);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    let _ = tx.send(false);
+                });
+            }
+        });
+        (port, rx)
+    }
+
+    #[tokio::test]
+    async fn a_handshake_never_completed_closes_the_backend_connection() {
+        in_time(async {
+            let (port, mut events) = counting_backend().await;
+            let cfg = TcpConfig {
+                handshake_timeout: Duration::from_millis(400),
+                ..TcpConfig::default()
+            };
+            let mut c = Client::new(port, cfg);
+            let start = Instant::now();
+            for sport in 0..20u16 {
+                c.dp.handle_from_agent(1, &raw_syn(AGENT_IP, 30000 + sport));
+            }
+            let (mut opened, mut closed) = (0, 0);
+            while closed < 20 {
+                let ev = tokio::time::timeout(LIMIT, events.recv())
+                    .await
+                    .expect("in time")
+                    .expect("backend");
+                if ev {
+                    opened += 1;
+                } else {
+                    closed += 1;
+                }
+            }
+            let took = start.elapsed();
+            assert_eq!(opened, 20);
+            assert!(
+                took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+                "{took:?}"
+            );
+            assert_eq!(get(&c.metrics.tcp_handshake_timeouts), 20);
+            let deadline = Instant::now() + LIMIT;
+            while get(&c.metrics.tcp_flows_active) > 0 {
+                assert!(Instant::now() < deadline, "slots not given back");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // The agent got a SYN-ACK and then an RST for each (nobody read them meanwhile).
+            let mut rst = 0;
+            while let Ok(p) = c.from_dp.try_recv() {
+                let ip = Ipv4HeaderSlice::from_slice(&p).expect("ip");
+                let tcp = TcpHeaderSlice::from_slice(&p[ip.slice().len()..]).expect("tcp");
+                rst += usize::from(tcp.rst());
+            }
+            assert_eq!(rst, 20);
+            eprintln!("20 half-open connections closed after {took:?}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn tcp_caps_count_per_identity_not_per_tunnel() {
+        in_time(async {
+            let (port, mut events) = counting_backend().await;
+            let cfg = TcpConfig {
+                max_per_agent: 3,
+                ..TcpConfig::default()
+            };
+            let c = Client::new(port, cfg);
+            // A second tunnel of the same identity (alice), and another identity (bob).
+            let alice2 = Ipv4Addr::new(100, 64, 0, 3);
+            let bob = Ipv4Addr::new(100, 64, 0, 4);
+            let (tx, _rx2) = mpsc::unbounded_channel();
+            c.dp.add_agent(2, "alice".into(), alice2, Arc::new(Feed(tx.clone())));
+            c.dp.add_agent(3, "bob".into(), bob, Arc::new(Feed(tx)));
+            for sport in 0..3u16 {
+                c.dp.handle_from_agent(1, &raw_syn(AGENT_IP, 30000 + sport));
+            }
+            for _ in 0..3 {
+                events.recv().await.expect("backend");
+            }
+            for sport in 0..3u16 {
+                c.dp.handle_from_agent(2, &raw_syn(alice2, 30000 + sport));
+            }
+            c.dp.handle_from_agent(3, &raw_syn(bob, 30000));
+            assert!(events.recv().await.expect("backend"), "bob's connection");
+            let deadline = Instant::now() + LIMIT;
+            while get(&c.metrics.dropped_flow_limit) < 3 || get(&c.metrics.tcp_flows_active) < 4 {
+                assert!(
+                    Instant::now() < deadline,
+                    "alice's second tunnel's SYNs not dropped"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(get(&c.metrics.dropped_flow_limit), 3);
+            assert_eq!(
+                get(&c.metrics.tcp_flows_active),
+                4,
+                "3 of alice's and bob's"
+            );
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), events.recv())
+                    .await
+                    .is_err(),
+                "no more backend connections"
+            );
         })
         .await;
     }
@@ -1577,6 +1767,7 @@ mod tests {
             let cfg = DataplaneConfig {
                 udp_idle_timeout: Duration::from_secs(30),
                 max_flows_per_agent: 8,
+                max_flows_total: 1 << 16,
                 icmp: IcmpMode::Local,
                 tcp: TcpConfig::default(),
             };

@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 use ztna_connector_ebpf_common as common;
 
 use super::flows::{FlowId, FlowKey as TableKey};
+use super::packet::reply_key;
 use super::{lock, Agent, Dataplane};
 use crate::metrics::Metrics;
 use ports::PortPool;
@@ -674,25 +675,6 @@ impl Drop for FastPath {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-/// (destination address, destination port, source address, source port) of an IPv4/UDP packet.
-fn reply_key(p: &[u8]) -> Option<ReplyKey> {
-    if p.len() < 28 || p[0] >> 4 != 4 || p[9] != 17 {
-        return None;
-    }
-    let ihl = usize::from(p[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
-    if ihl < 20 || total > p.len() || total < ihl + 8 {
-        return None;
-    }
-    let port = |at: usize| u16::from_be_bytes([p[at], p[at + 1]]);
-    Some((
-        Ipv4Addr::new(p[16], p[17], p[18], p[19]),
-        port(ihl + 2),
-        Ipv4Addr::new(p[12], p[13], p[14], p[15]),
-        port(ihl),
-    ))
 }
 
 /// Makes the UDP checksum of a rewritten reply (IPv4 packet, UDP length within it) valid and

@@ -1,0 +1,55 @@
+//! Arbitrary bytes as a packet an agent sent the connector, or a backend reply: the connector's
+//! packet parsers (`inspect`, the TCP segment parse, the XDP reply key) and the answers built
+//! from what they refuse never panic, and what they build is well-formed.
+//!
+//! The parsers live in the connector binary's `dataplane/packet.rs`, which is pure (no I/O, no
+//! crate-internal imports), so it is compiled into this target as a module.
+#![no_main]
+
+#[path = "../../connector/src/dataplane/packet.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod packet;
+
+use std::net::Ipv4Addr;
+
+use libfuzzer_sys::fuzz_target;
+use ztna_proto::{PortRange, ServiceDef};
+
+const AGENT: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+const SVC: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+
+fuzz_target!(|data: &[u8]| {
+    let svc = ServiceDef {
+        name: "svc".into(),
+        address: SVC,
+        udp: vec![PortRange::single(53)],
+        tcp: vec![PortRange::single(443)],
+        icmp: data.first().is_some_and(|b| b & 1 == 1),
+        connector: String::new(),
+    };
+    match packet::inspect(data, AGENT, |a| (a == SVC).then_some(&svc)) {
+        Ok(_) => {}
+        Err(reason) => {
+            if let Some(answer) = packet::unserved_answer(data, &reason) {
+                // An answer goes from the service to the agent, and is a TCP reset or an ICMP
+                // error no larger than its header plus the longest quote.
+                assert!(answer.len() <= 20 + 8 + packet::MAX_QUOTE);
+                assert_eq!(answer[12..16], SVC.octets());
+                assert_eq!(answer[16..20], AGENT.octets());
+            }
+        }
+    }
+    if let Some(seg) = packet::parse_tcp_segment(data) {
+        if let Some(rst) = packet::build_tcp_reset(data) {
+            assert!(!seg.rst, "an RST is never answered");
+            let back = packet::parse_tcp_segment(&rst).expect("a reset parses");
+            assert!(back.rst);
+            assert_eq!(back.agent_port, seg.port);
+        }
+    }
+    if let Some((dst, dport, src, sport)) = packet::reply_key(data) {
+        assert_eq!(dst.octets(), data[16..20]);
+        assert_eq!(src.octets(), data[12..16]);
+        let _ = (dport, sport);
+    }
+});
