@@ -28,6 +28,10 @@ PACKAGES=(
     wireguard-go    # bench/: userspace WireGuard in Go
     wireguard-tools # bench/: `wg` configures boringtun and wireguard-go
     python3-matplotlib # bench/chart.py draws the PNG chart
+    python3-venv    # agent-apple: the tree-sitter venv of the Swift parse check
+    valgrind        # agent-apple: the C harness under valgrind (e2e/tests/apple_harness.rs)
+    clang-14        # agent-apple: ring's C for the macOS targets (scripts/check-apple-targets.sh)
+    llvm-14         # agent-apple: llvm-ar/llvm-nm for Mach-O archives
 )
 
 # Cargo-installed tools: name, version, binary. boringtun-cli is bench/'s userspace WireGuard in
@@ -37,6 +41,8 @@ CARGO_TOOLS=(
     # Links the connector's XDP program (connector-ebpf/xdp). 0.10.4 uses the Rust toolchain's
     # own LLVM; newer releases want a newer LLVM than the pinned toolchain has.
     "bpf-linker 0.10.4 bpf-linker"
+    # Generates agent-apple/include/ztna.h; CI diffs a fresh one against it.
+    "cbindgen 0.29.0 cbindgen"
 )
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -86,6 +92,14 @@ if command -v rustup >/dev/null 2>&1; then
             rustup component add "$c"
         fi
     done
+    # agent-apple: the macOS targets its static library is built for (no Apple SDK needed).
+    targets=$(rustup target list --installed 2>/dev/null || true)
+    for t in aarch64-apple-darwin x86_64-apple-darwin; do
+        if ! grep -qx "$t" <<<"$targets"; then
+            log "rustup target add $t"
+            rustup target add "$t"
+        fi
+    done
 else
     command -v cargo >/dev/null 2>&1 || {
         echo "setup.sh: neither rustup nor cargo found; install the Rust toolchain 1.95.0 first" >&2
@@ -103,5 +117,13 @@ for tool in "${CARGO_TOOLS[@]}"; do
         cargo install --locked --quiet "$name@$version"
     fi
 done
+
+# agent-apple/scripts/check-swift.py: tree-sitter with the Swift grammar, in a venv.
+VENV=/opt/ztna-venv
+if ! "$VENV/bin/python" -c 'import tree_sitter, tree_sitter_swift' 2>/dev/null; then
+    log "python venv $VENV with tree-sitter and tree-sitter-swift"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet "tree-sitter==0.26.1" "tree-sitter-swift==0.7.4"
+fi
 
 log "done"
