@@ -38,8 +38,12 @@ for t in "${TARGETS[@]}"; do
     installed=$(rustup target list --installed 2>/dev/null || true)
     grep -qx "$t" <<<"$installed" || { echo "check-apple-targets: rustup target $t is not installed (scripts/setup.sh adds it)" >&2; exit 1; }
     var=${t//-/_}
+    extra=""
+    # x86_64: ring's ADX code includes <immintrin.h>, whose hosted part pulls in <stdlib.h>
+    # (for _mm_malloc, which ring does not use); -ffreestanding leaves that part out.
+    [[ $t == x86_64-* ]] && extra="-ffreestanding"
     echo "check-apple-targets: cargo build --release -p ztna-apple --lib --target $t"
-    env "CC_$var=$CLANG" "AR_$var=$AR" "CFLAGS_$var=-isysroot $SDK -nostdlibinc -isystem $SDK/usr/include -DRING_CORE_NOSTDLIBINC=1" SDKROOT="$SDK" \
+    env "CC_$var=$CLANG" "AR_$var=$AR" "CFLAGS_$var=-isysroot $SDK -nostdlibinc -isystem $SDK/usr/include -DRING_CORE_NOSTDLIBINC=1 $extra" SDKROOT="$SDK" \
         cargo build --release --locked --quiet -p ztna-apple --lib --target "$t"
     lib=$TARGET_DIR/$t/release/libztna_apple.a
     # llvm-nm exits non-zero on the archive's non-object member (lib.rmeta): keep its output.
