@@ -35,6 +35,9 @@ PACKAGES=(
     mmdebstrap      # the local base image, from Debian's packages (no registry is reachable)
     cloud-init      # `cloud-init schema` (disabled as a service below, before it is installed)
     python3-venv    # the venvs of the PyPI validators
+    valgrind        # agent-apple: the C harness under valgrind (e2e/tests/apple_harness.rs)
+    clang-14        # agent-apple: ring's C for the macOS targets (scripts/check-apple-targets.sh)
+    llvm-14         # agent-apple: llvm-ar/llvm-nm for Mach-O archives
 )
 
 # Cargo-installed tools: name, version, binary. boringtun-cli is bench/'s userspace WireGuard in
@@ -44,6 +47,8 @@ CARGO_TOOLS=(
     # Links the connector's XDP program (connector-ebpf/xdp). 0.10.4 uses the Rust toolchain's
     # own LLVM; newer releases want a newer LLVM than the pinned toolchain has.
     "bpf-linker 0.10.4 bpf-linker"
+    # Generates agent-apple/include/ztna.h; CI diffs a fresh one against it.
+    "cbindgen 0.29.0 cbindgen"
 )
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -98,6 +103,14 @@ if command -v rustup >/dev/null 2>&1; then
             rustup component add "$c"
         fi
     done
+    # agent-apple: the macOS targets its static library is built for (no Apple SDK needed).
+    targets=$(rustup target list --installed 2>/dev/null || true)
+    for t in aarch64-apple-darwin x86_64-apple-darwin; do
+        if ! grep -qx "$t" <<<"$targets"; then
+            log "rustup target add $t"
+            rustup target add "$t"
+        fi
+    done
 else
     command -v cargo >/dev/null 2>&1 || {
         echo "setup.sh: neither rustup nor cargo found; install the Rust toolchain 1.95.0 first" >&2
@@ -147,5 +160,8 @@ pip_venv() {
 }
 pip_venv "$VENV_ROOT/validate" kubernetes-validate==1.37.0 python-hcl2==8.1.4 PyYAML==6.0.3
 pip_venv "$VENV_ROOT/checkov" checkov==3.3.30
+
+# agent-apple/scripts/check-swift.py: tree-sitter with the Swift grammar.
+pip_venv "$VENV_ROOT/swift" tree-sitter==0.26.1 tree-sitter-swift==0.7.4
 
 log "done"

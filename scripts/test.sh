@@ -47,6 +47,14 @@ step "cargo build --release --workspace --bins --locked"
 cargo build --release --workspace --bins --locked
 export ZTNA_BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 
+# agent-apple: the static library the C harness links (e2e/tests/apple_harness.rs), the header
+# drift check, the macOS targets (static libraries and their ztna_* symbols) and the Swift parse.
+step "agent-apple: static library, header drift, Apple targets, Swift sources"
+cargo build --release --locked -p ztna-apple --lib
+bash agent-apple/scripts/check-header.sh
+bash agent-apple/scripts/check-apple-targets.sh
+/opt/ztna-venv/swift/bin/python agent-apple/scripts/check-swift.py
+
 step "cargo test --release --workspace --locked (unit and end-to-end tests)"
 cargo test --release --workspace --locked --no-fail-fast "$@"
 

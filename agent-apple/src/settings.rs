@@ -1,0 +1,194 @@
+//! What `NEPacketTunnelNetworkSettings` needs, derived from the core's [`TunnelState`]: pure, no
+//! I/O. The tunnel thread serialises a [`NetworkSettings`] to JSON for the settings callback
+//! whenever it changes (new tunnel IP, new catalog, a direct-path peer appears or goes).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+use ztna_core::agent::TunnelState;
+
+/// One route: `address/prefix` (`subnet_mask` spelled out for IPv4, as `NEIPv4Route` takes it).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Route {
+    /// Destination address.
+    pub address: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Dotted subnet mask (IPv4 only).
+    pub subnet_mask: Option<Ipv4Addr>,
+}
+
+impl Route {
+    /// A host route (/32 or /128).
+    pub fn host(address: IpAddr) -> Self {
+        match address {
+            IpAddr::V4(_) => Self {
+                address,
+                prefix: 32,
+                subnet_mask: Some(Ipv4Addr::BROADCAST),
+            },
+            IpAddr::V6(_) => Self {
+                address,
+                prefix: 128,
+                subnet_mask: None,
+            },
+        }
+    }
+}
+
+/// DNS settings (`NEDNSSettings`): resolvers and the match domains they answer for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsSettings {
+    /// Resolver addresses inside the tunnel.
+    pub servers: Vec<IpAddr>,
+    /// Only names under these domains go to them (split DNS).
+    pub match_domains: Vec<String>,
+}
+
+/// Everything the extension applies with `setTunnelNetworkSettings`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSettings {
+    /// `tunnelRemoteAddress`: the relay's IP.
+    pub tunnel_remote_address: IpAddr,
+    /// The tunnel IP the relay assigned (`NEIPv4Settings` address, mask 255.255.255.255).
+    pub ipv4_address: Ipv4Addr,
+    /// The tunnel MTU.
+    pub mtu: u16,
+    /// One host route per allowed service address.
+    pub included_routes: Vec<Route>,
+    /// Addresses that must never enter the tunnel: the relay and the direct-path peers.
+    pub excluded_routes: Vec<Route>,
+    /// DNS settings, when the core has any (the core has no agent-side DNS yet: always `None`).
+    pub dns: Option<DnsSettings>,
+}
+
+/// The settings for `state`, or `None` while the tunnel has no IP yet (the extension cannot
+/// configure an interface without an address). Routes are sorted and deduplicated so that equal
+/// inputs give equal settings and the callback fires only on a real change.
+pub fn network_settings(
+    state: &TunnelState,
+    relay: SocketAddr,
+    mtu: u16,
+    direct_peers: &[IpAddr],
+) -> Option<NetworkSettings> {
+    let ip = state.tunnel_ip?;
+    let mut included: Vec<Route> = state
+        .services
+        .iter()
+        .map(|s| Route::host(IpAddr::V4(s.address)))
+        .collect();
+    included.sort();
+    included.dedup();
+    let mut excluded: Vec<Route> = std::iter::once(relay.ip())
+        .chain(direct_peers.iter().copied())
+        .map(Route::host)
+        .collect();
+    excluded.sort();
+    excluded.dedup();
+    // A service address that is also the relay or a peer would capture the outer traffic: the
+    // exclusion wins (the more specific or equal route is the excluded one on Apple too).
+    included.retain(|r| !excluded.contains(r));
+    Some(NetworkSettings {
+        tunnel_remote_address: relay.ip(),
+        ipv4_address: ip,
+        mtu,
+        included_routes: included,
+        excluded_routes: excluded,
+        dns: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ztna_proto::ServiceDef;
+
+    fn svc(name: &str, addr: [u8; 4]) -> ServiceDef {
+        ServiceDef {
+            name: name.into(),
+            address: Ipv4Addr::from(addr),
+            udp: vec![],
+            tcp: vec![],
+            icmp: true,
+            connector: "conn1".into(),
+        }
+    }
+
+    const RELAY: &str = "10.10.0.1:4433";
+
+    #[test]
+    fn nothing_before_the_tunnel_ip() {
+        let st = TunnelState {
+            tunnel_ip: None,
+            services: vec![svc("echo", [10, 100, 0, 1])],
+        };
+        assert_eq!(
+            network_settings(&st, RELAY.parse().unwrap(), 1280, &[]),
+            None
+        );
+    }
+
+    #[test]
+    fn one_route_per_service_relay_and_peers_excluded() {
+        let st = TunnelState {
+            tunnel_ip: Some(Ipv4Addr::new(100, 64, 0, 2)),
+            services: vec![
+                svc("web", [10, 100, 0, 4]),
+                svc("echo", [10, 100, 0, 1]),
+                svc("echo-again", [10, 100, 0, 1]),
+            ],
+        };
+        let peer: IpAddr = "10.10.0.3".parse().unwrap();
+        let s = network_settings(&st, RELAY.parse().unwrap(), 1280, &[peer, peer]).unwrap();
+        assert_eq!(s.ipv4_address, Ipv4Addr::new(100, 64, 0, 2));
+        assert_eq!(
+            s.tunnel_remote_address,
+            "10.10.0.1".parse::<IpAddr>().unwrap()
+        );
+        let inc: Vec<String> = s
+            .included_routes
+            .iter()
+            .map(|r| r.address.to_string())
+            .collect();
+        assert_eq!(inc, ["10.100.0.1", "10.100.0.4"]);
+        let exc: Vec<String> = s
+            .excluded_routes
+            .iter()
+            .map(|r| r.address.to_string())
+            .collect();
+        assert_eq!(exc, ["10.10.0.1", "10.10.0.3"]);
+        assert!(s
+            .included_routes
+            .iter()
+            .all(|r| r.prefix == 32 && r.subnet_mask == Some(Ipv4Addr::BROADCAST)));
+        assert_eq!(s.dns, None);
+    }
+
+    /// A catalog can never capture the relay's or a peer's address.
+    #[test]
+    fn a_service_on_the_relay_address_is_not_routed() {
+        let st = TunnelState {
+            tunnel_ip: Some(Ipv4Addr::new(100, 64, 0, 2)),
+            services: vec![svc("evil", [10, 10, 0, 1]), svc("peer", [10, 10, 0, 3])],
+        };
+        let s = network_settings(
+            &st,
+            RELAY.parse().unwrap(),
+            1280,
+            &["10.10.0.3".parse().unwrap()],
+        )
+        .unwrap();
+        assert!(s.included_routes.is_empty(), "{s:?}");
+    }
+
+    #[test]
+    fn ipv6_relay_is_excluded_as_a_host_route() {
+        let st = TunnelState {
+            tunnel_ip: Some(Ipv4Addr::new(100, 64, 0, 2)),
+            services: vec![],
+        };
+        let s = network_settings(&st, "[2001:db8::1]:4433".parse().unwrap(), 1280, &[]).unwrap();
+        assert_eq!(s.excluded_routes[0].prefix, 128);
+        assert_eq!(s.excluded_routes[0].subnet_mask, None);
+    }
+}
