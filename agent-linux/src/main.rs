@@ -146,9 +146,12 @@ fn init_tracing(log: Option<&str>) -> anyhow::Result<()> {
                 .context("parsing a built-in log directive")?,
         );
     }
+    // Colour only on a terminal: a log file or the journal gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
     Ok(())
 }

@@ -279,9 +279,12 @@ pub fn init_logging(flag: Option<&str>, configured: Option<&str>) {
         eprintln!("invalid log filter {filter:?} ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
+    // Colour only on a terminal: a log file or the journal gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
 }
 

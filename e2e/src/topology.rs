@@ -681,9 +681,11 @@ fn clean_env(cmd: &mut Command) {
         }
     }
     let filter = std::env::var("ZTNA_E2E_LOG").unwrap_or_else(|_| "info".to_owned());
+    // No NO_COLOR: the daemons must write plain logs to a file by themselves
+    // (tunnel_basics checks it).
     cmd.env("ZTNA_LOG", filter)
         .env("RUST_BACKTRACE", "1")
-        .env("NO_COLOR", "1");
+        .env_remove("NO_COLOR");
 }
 
 fn run_command(full: &[std::ffi::OsString], shown: String) -> Result<CmdOutput> {

@@ -167,6 +167,22 @@ fn tunnel_basics() {
             "conn1 rx_bytes {} is less than the UDP echoes alone",
             st.connector_counter("conn1", "rx_bytes")
         );
+
+        t.step("the daemons' logs (files, not terminals) carry no escape codes");
+        for (name, id) in [
+            ("relay", s.relay),
+            ("connector", s.connector),
+            ("agent", s.agent),
+        ] {
+            let id = id.ok_or_else(|| anyhow::anyhow!("{name} is not running"))?;
+            let log = t.log(id);
+            ensure!(!log.is_empty(), "the {name} wrote no log");
+            ensure!(
+                !log.contains('\u{1b}'),
+                "the {name}'s log has terminal escape codes:\n{}",
+                log.lines().take(5).collect::<Vec<_>>().join("\n")
+            );
+        }
         Ok(())
     });
 }
