@@ -74,6 +74,20 @@ pub fn relay_side(timing: Timing) -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
+/// Connection attempts the relay's endpoint holds before its accept loop decides on them; the
+/// loop decides at once (`ztna_relay::admission`), so this only bounds a burst.
+pub const RELAY_MAX_INCOMING: usize = 4096;
+/// Bytes of early packets buffered per undecided connection attempt.
+pub const RELAY_INCOMING_BUFFER: u64 = 16 * 1024;
+
+/// Endpoint-level limits of the relay's server config: bounded memory for connection attempts
+/// that are not decided yet.
+pub fn relay_server_limits(cfg: &mut quinn::ServerConfig) {
+    cfg.max_incoming(RELAY_MAX_INCOMING)
+        .incoming_buffer_size(RELAY_INCOMING_BUFFER)
+        .incoming_buffer_size_total(RELAY_MAX_INCOMING as u64 * RELAY_INCOMING_BUFFER / 4);
+}
+
 /// The inner UDP payload size that fits an outer datagram of `outer_max_datagram` bytes with the
 /// longest channel id in front.
 pub fn inner_mtu(outer_max_datagram: usize) -> u16 {

@@ -2,9 +2,13 @@
 //! registry and the access policy, tells each peer its observed address, and forwards the
 //! end-to-end encrypted datagrams of agent–connector channels without being able to read them.
 //!
-//! [`policy`] and [`registry`] are pure; [`server`] owns the UDP socket and the tokio tasks.
+//! [`admission`] (handshakes), [`control`] (sessions, channels, rate limits), [`policy`] and
+//! [`registry`] are pure;
+//! [`server`] owns the UDP socket and the tokio tasks.
 
+pub mod admission;
 pub mod config;
+pub mod control;
 pub mod policy;
 pub mod registry;
 pub mod server;
