@@ -1483,4 +1483,118 @@ mod tests {
         assert_eq!(s.cp.sessions_len(), 2);
         assert_eq!(s.cp.remove_session(a), None, "already gone");
     }
+    #[derive(Debug, Clone)]
+    enum Op {
+        Open { agent: usize, connector: usize },
+        Close { from: usize, ch: u32 },
+        Accept { connector: usize, ch: u32 },
+        Candidates { from: usize, ch: u32 },
+        Drain(usize),
+        Reconnect(usize),
+        Advance(u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0..3usize, 0..2usize).prop_map(|(agent, connector)| Op::Open { agent, connector }),
+            2 => (0..5usize, 1..30u32).prop_map(|(from, ch)| Op::Close { from, ch }),
+            3 => (0..2usize, 1..30u32).prop_map(|(connector, ch)| Op::Accept { connector, ch }),
+            1 => (0..5usize, 1..30u32).prop_map(|(from, ch)| Op::Candidates { from, ch }),
+            2 => (0..5usize).prop_map(Op::Drain),
+            1 => (0..5usize).prop_map(Op::Reconnect),
+            1 => (0..3000u64).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever agents and connectors send, in any order: a connector is closed only for what
+        /// it sent itself, an agent holds at most one open channel and one pending replacement
+        /// per connector, outboxes stay bounded, and both ends agree on every channel.
+        #[test]
+        fn invariants_hold_under_any_sequence(ops in proptest::collection::vec(op(), 1..300)) {
+            let limits = Limits {
+                open_rate: Rate { per_sec: 50.0, burst: 20.0 },
+                ..Limits::default()
+            };
+            let mut s = Sim::new(limits);
+            // Sessions 0..3 are agents, 3..5 connectors.
+            let names = ["a0", "a1", "a2", "c0", "c1"];
+            let role = |i: usize| if i < 3 { Role::Agent } else { Role::Connector };
+            let mut ids: Vec<SessionId> = (0..5).map(|i| s.add(role(i), names[i])).collect();
+            s.commands();
+            for op in ops {
+                let sender = match &op {
+                    Op::Open { agent, .. } => Some(*agent),
+                    Op::Close { from, .. } | Op::Candidates { from, .. } => Some(*from),
+                    Op::Accept { connector, .. } => Some(3 + connector),
+                    _ => None,
+                };
+                let _ = match op {
+                    Op::Open { agent, connector } => s.send(
+                        ids[agent],
+                        ControlMessage::OpenChannel { request_id: 1, connector: names[3 + connector].into() },
+                    ),
+                    Op::Close { from, ch } => s.send(
+                        ids[from],
+                        ControlMessage::ChannelClosed { channel_id: ch, code: ErrorCode::PeerGone },
+                    ),
+                    Op::Accept { connector, ch } => s.send(
+                        ids[3 + connector],
+                        ControlMessage::ChannelAccepted { channel_id: ch },
+                    ),
+                    Op::Candidates { from, ch } => s.send(
+                        ids[from],
+                        ControlMessage::Candidates { channel_id: ch, candidates: vec![] },
+                    ),
+                    Op::Drain(i) => {
+                        s.drain(ids[i]);
+                        Ok(())
+                    }
+                    Op::Reconnect(i) => {
+                        ids[i] = s.add(role(i), names[i]);
+                        Ok(())
+                    }
+                    Op::Advance(ms) => {
+                        s.advance(Duration::from_millis(ms));
+                        Ok(())
+                    }
+                };
+                for cmd in s.commands() {
+                    if let Command::Close { session, code, .. } = cmd {
+                        let i = ids.iter().position(|x| *x == session);
+                        let replaced = code == ErrorCode::Replaced;
+                        let connector = i.is_none_or(|i| i >= 3);
+                        proptest::prop_assert!(
+                            replaced || !connector || i == sender,
+                            "connector {i:?} closed ({code}) by a message of {sender:?}"
+                        );
+                    }
+                }
+                for (id, sess) in &s.cp.sessions {
+                    proptest::prop_assert!(sess.outbox.bounded <= OUTBOX);
+                    proptest::prop_assert!(sess.outbox.queue.len() < HARD_OUTBOX);
+                    for ch in &sess.channels {
+                        let c = &s.cp.channels[ch];
+                        proptest::prop_assert!(c.agent == *id || c.connector == *id);
+                    }
+                    if sess.identity.role == Role::Agent {
+                        for name in ["c0", "c1"] {
+                            let of = |pending: bool| sess.channels.iter().filter(|ch| {
+                                let c = &s.cp.channels[*ch];
+                                c.connector_name == name
+                                    && matches!(c.state, ChannelState::Pending { .. }) == pending
+                            }).count();
+                            proptest::prop_assert!(of(true) <= 1 && of(false) <= 1);
+                        }
+                    }
+                }
+                for (ch, c) in &s.cp.channels {
+                    for end in [c.agent, c.connector] {
+                        proptest::prop_assert!(s.cp.sessions[&end].channels.contains(ch));
+                    }
+                }
+            }
+        }
+    }
 }
