@@ -9,7 +9,7 @@
 //!   one round trip later with a token. Below that (normal operation) nobody pays the extra
 //!   round trip.
 //! - **Caps:** at most [`AdmissionLimits::max_handshakes`] handshakes in progress, and at most
-//!   [`AdmissionLimits::max_per_ip`] from one IP address. Over a cap, a validated attempt is
+//!   [`AdmissionLimits::max_per_ip`] from one IPv4 address or IPv6 /64. Over a cap, a validated attempt is
 //!   refused (the client hears it at once and backs off); an unvalidated one is ignored (no
 //!   packet goes to a possibly spoofed address).
 //! - The shell times out handshakes that stall ([`AdmissionLimits::handshake_timeout`]).
@@ -86,9 +86,23 @@ impl Admission {
         self.active
     }
 
+    /// The key `ip` counts under: IPv4 addresses alone, IPv6 addresses by /64 (one host or
+    /// site usually holds a whole /64, so per-address counting would be no limit).
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::from(o)
+            }
+        }
+    }
+
     /// Decides on an attempt from `ip`. `validated`: it carries a valid Retry token (then
     /// `may_retry` is false, as a second Retry is not allowed).
     pub fn decide(&mut self, ip: IpAddr, validated: bool, may_retry: bool) -> Decision {
+        let ip = Self::key(ip);
         let over_cap = |s: &Self| {
             s.active >= s.limits.max_handshakes
                 || s.per_ip.get(&ip).copied().unwrap_or(0) >= s.limits.max_per_ip
@@ -110,6 +124,7 @@ impl Admission {
 
     /// A handshake accepted for `ip` ended (established, failed or timed out).
     pub fn finished(&mut self, ip: IpAddr) {
+        let ip = Self::key(ip);
         self.active = self.active.saturating_sub(1);
         if let Some(n) = self.per_ip.get_mut(&ip) {
             *n -= 1;
@@ -173,5 +188,27 @@ mod tests {
         // finished() without a matching accept does not underflow.
         a.finished(ip(9));
         assert_eq!(a.active(), 0);
+    }
+
+    #[test]
+    fn ipv6_counts_per_64() {
+        let limits = AdmissionLimits {
+            max_per_ip: 2,
+            ..AdmissionLimits::default()
+        };
+        let mut a = Admission::new(limits);
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(a.decide(v6("2001:db8::1"), true, false), Decision::Accept);
+        assert_eq!(
+            a.decide(v6("2001:db8::ffff:2"), true, false),
+            Decision::Accept
+        );
+        assert_eq!(a.decide(v6("2001:db8::3"), true, false), Decision::Refuse);
+        assert_eq!(
+            a.decide(v6("2001:db8:0:1::3"), true, false),
+            Decision::Accept
+        );
+        a.finished(v6("2001:db8::ffff:2"));
+        assert_eq!(a.decide(v6("2001:db8::4"), true, false), Decision::Accept);
     }
 }
