@@ -9,9 +9,9 @@
 //!   one round trip later with a token. Below that (normal operation) nobody pays the extra
 //!   round trip.
 //! - **Caps:** at most [`AdmissionLimits::max_handshakes`] handshakes in progress, and at most
-//!   [`AdmissionLimits::max_per_ip`] from one IPv4 address or IPv6 /64. Over a cap, a validated attempt is
-//!   refused (the client hears it at once and backs off); an unvalidated one is ignored (no
-//!   packet goes to a possibly spoofed address).
+//!   [`AdmissionLimits::max_per_ip`] from one IPv4 address or IPv6 /64. Over a cap, a validated
+//!   attempt is refused (the client hears it at once and backs off); an unvalidated one is
+//!   ignored (no packet goes to a possibly spoofed address).
 //! - The shell times out handshakes that stall ([`AdmissionLimits::handshake_timeout`]).
 
 use std::collections::HashMap;
@@ -25,7 +25,7 @@ pub struct AdmissionLimits {
     pub retry_above: usize,
     /// Handshakes in progress at most.
     pub max_handshakes: usize,
-    /// Handshakes in progress from one IP address at most.
+    /// Handshakes in progress from one IPv4 address or IPv6 /64 at most.
     pub max_per_ip: usize,
     /// How long a handshake may take.
     pub handshake_timeout: Duration,
