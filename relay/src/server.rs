@@ -21,6 +21,7 @@ use ztna_proto::{datagram, ServiceDef, ALPN_RELAY};
 use crate::admission::{Admission, AdmissionLimits, Decision};
 use crate::config::RelayConfig;
 use crate::control::{Command, ControlPlane, Directory, Limits, NewSession, Refusal, SessionId};
+use crate::lanes::Lanes;
 use crate::policy::Policy;
 use crate::registry::{denied_wants, Pool, Registry};
 
@@ -287,18 +288,49 @@ impl Metrics {
     }
 }
 
-/// The I/O side of a session: its connection and the wake-up of its control-stream writer.
+/// The I/O side of a session: its connection, the wake-up of its control-stream writer, and
+/// the datagrams queued towards it.
 struct Handle {
     conn: quinn::Connection,
     wake: Arc<Notify>,
+    tx: Arc<DatagramTx>,
+}
+
+/// Datagrams forwarded towards one session: per-channel lanes (see [`crate::lanes`]) drained
+/// into its connection by one pump task.
+#[derive(Default)]
+struct DatagramTx {
+    lanes: Mutex<Lanes>,
+    wake: Notify,
+}
+
+impl DatagramTx {
+    fn lanes(&self) -> MutexGuard<'_, Lanes> {
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves queued datagrams into `conn`, one lane at a time, as fast as it takes them.
+    async fn pump(self: Arc<Self>, conn: quinn::Connection, metrics: Arc<Metrics>) {
+        loop {
+            let next = self.lanes().pop();
+            match next {
+                Some(d) => {
+                    if conn.send_datagram_wait(d).await.is_err() {
+                        metrics.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                None => self.wake.notified().await,
+            }
+        }
+    }
 }
 
 /// Where the datagrams of an open channel go.
 struct Route {
     agent: u64,
     connector: u64,
-    agent_conn: quinn::Connection,
-    connector_conn: quinn::Connection,
+    agent_tx: Arc<DatagramTx>,
+    connector_tx: Arc<DatagramTx>,
 }
 
 struct State {
@@ -383,8 +415,8 @@ impl Relay {
                         let route = Route {
                             agent,
                             connector,
-                            agent_conn: a.conn.clone(),
-                            connector_conn: c.conn.clone(),
+                            agent_tx: a.tx.clone(),
+                            connector_tx: c.tx.clone(),
                         };
                         self.routes
                             .write()
@@ -411,7 +443,7 @@ impl Relay {
         peer: &PeerIdentity,
         conn: &quinn::Connection,
         hello: Hello,
-    ) -> Result<(u64, Welcome, Arc<Notify>), Refusal> {
+    ) -> Result<(u64, Welcome, Arc<Notify>, Arc<DatagramTx>), Refusal> {
         if hello.role != peer.role {
             return Err((
                 ErrorCode::RoleMismatch,
@@ -482,11 +514,13 @@ impl Relay {
             }
         };
         let wake = Arc::new(Notify::new());
+        let tx = Arc::new(DatagramTx::default());
         st.handles.insert(
             id,
             Handle {
                 conn: conn.clone(),
                 wake: wake.clone(),
+                tx: tx.clone(),
             },
         );
         if peer.role == Role::Connector {
@@ -503,7 +537,7 @@ impl Relay {
             services,
             rejected,
         };
-        Ok((id, welcome, wake))
+        Ok((id, welcome, wake, tx))
     }
 
     /// Sends each agent its catalog if it changed.
@@ -589,28 +623,32 @@ impl Relay {
             let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
             let r = routes.get(&ch.get())?;
             if r.agent == id {
-                Some(r.connector_conn.clone())
+                Some((ch, r.connector_tx.clone()))
             } else if r.connector == id {
-                Some(r.agent_conn.clone())
+                Some((ch, r.agent_tx.clone()))
             } else {
                 None
             }
         });
         let len = d.len() as u64;
-        match target.map(|t| t.send_datagram(d)) {
-            Some(Ok(())) => {
-                self.metrics
-                    .datagrams_forwarded
-                    .fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .bytes_forwarded
-                    .fetch_add(len, Ordering::Relaxed);
+        let queued = target.is_some_and(|(ch, tx)| {
+            let ok = tx.lanes().push(ch.get(), d);
+            if ok {
+                tx.wake.notify_one();
             }
-            _ => {
-                self.metrics
-                    .datagrams_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+            ok
+        });
+        if queued {
+            self.metrics
+                .datagrams_forwarded
+                .fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .bytes_forwarded
+                .fetch_add(len, Ordering::Relaxed);
+        } else {
+            self.metrics
+                .datagrams_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -911,7 +949,7 @@ async fn serve_peer(
             )
         }
     };
-    let (id, welcome, wake) = match relay.admit(&peer, &conn, hello) {
+    let (id, welcome, wake, tx) = match relay.admit(&peer, &conn, hello) {
         Ok(x) => x,
         Err((code, message)) => {
             let _ = writer
@@ -926,7 +964,16 @@ async fn serve_peer(
     };
     relay.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
     tracing::info!(peer = %who, session = id, remote = %conn.remote_address(), tunnel_ip = ?welcome.tunnel_ip, services = welcome.services.len(), rejected = welcome.rejected.len(), "session up");
-    let end = session_loop(&relay, id, &conn, welcome, &mut reader, &mut writer, &wake).await;
+    let end = session_loop(
+        &relay,
+        id,
+        &conn,
+        welcome,
+        &mut reader,
+        &mut writer,
+        (&wake, tx),
+    )
+    .await;
     match &end {
         Ok(()) => tracing::info!(peer = %who, session = id, "session closed"),
         Err(SessionEnd::Refused(code, message)) => {
@@ -953,7 +1000,7 @@ async fn session_loop(
     welcome: Welcome,
     reader: &mut ControlReader,
     writer: &mut ControlWriter,
-    wake: &Notify,
+    (wake, tx): (&Notify, Arc<DatagramTx>),
 ) -> Result<(), SessionEnd> {
     let lost = |e: SessionError| SessionEnd::Lost(e.to_string());
     writer
@@ -968,6 +1015,7 @@ async fn session_loop(
         }
     });
     let _abort = AbortOnDrop(forwarder);
+    let _pump = AbortOnDrop(tokio::spawn(tx.pump(conn.clone(), relay.metrics.clone())));
     let mut observed = conn.remote_address();
     let mut tick = tokio::time::interval(OBSERVE_INTERVAL);
     loop {
