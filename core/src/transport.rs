@@ -64,14 +64,14 @@ pub fn outer(timing: Timing) -> Arc<TransportConfig> {
 }
 
 /// Transport of the relay's side of outer connections: like [`outer`], but with a small datagram
-/// send buffer (32 KiB, about 24 full datagrams). The relay queues forwarded datagrams per
+/// send buffer (64 KiB, about 48 full datagrams). The relay queues forwarded datagrams per
 /// channel above it (`ztna_relay::lanes`) and feeds it one channel at a time, so a deep buffer
 /// here would only put one channel's flood in front of every other channel's packets.
 pub fn relay_side(timing: Timing) -> Arc<TransportConfig> {
     let mut t = base(OUTER_MTU, timing);
     t.max_concurrent_bidi_streams(VarInt::from_u32(1))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .datagram_send_buffer_size(32 * 1024);
+        .datagram_send_buffer_size(64 * 1024);
     Arc::new(t)
 }
 

@@ -10,10 +10,11 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 
-/// Datagrams one lane holds.
-pub const LANE_PACKETS: usize = 32;
+/// Datagrams one lane holds: a burst of a fast inner connection (32 cost the relay path
+/// 330 -> 842 Mbit/s up and 64 -> 584 Mbit/s down in `tcp_bulk_200mib_each_way`).
+pub const LANE_PACKETS: usize = 192;
 /// Datagrams all lanes towards one peer hold.
-pub const PEER_PACKETS: usize = 1024;
+pub const PEER_PACKETS: usize = 4096;
 
 /// The lanes towards one peer.
 #[derive(Debug, Default)]
@@ -81,18 +82,14 @@ mod tests {
     fn a_flood_waits_its_turn() {
         let mut l = Lanes::default();
         let mut dropped = 0;
-        for i in 0..100u8 {
-            if !l.push(1, Bytes::from(vec![i])) {
+        for i in 0..LANE_PACKETS + 50 {
+            if !l.push(1, Bytes::from(vec![i as u8])) {
                 dropped += 1;
             }
         }
-        assert_eq!(
-            dropped,
-            100 - LANE_PACKETS,
-            "the flood loses its own datagrams"
-        );
+        assert_eq!(dropped, 50, "the flood loses its own datagrams");
         assert!(l.push(2, Bytes::from_static(b"ping")));
-        // The ping goes out second, not after the 32 flood datagrams.
+        // The ping goes out second, not after the flood's whole lane.
         assert_eq!(l.pop().as_deref(), Some(&[0u8][..]));
         assert_eq!(l.pop().as_deref(), Some(&b"ping"[..]));
         let mut n = 0;
@@ -107,7 +104,7 @@ mod tests {
     fn the_peer_total_is_capped() {
         let mut l = Lanes::default();
         let mut ok = 0;
-        for ch in 0..100u32 {
+        for ch in 0..(PEER_PACKETS / LANE_PACKETS + 2) as u32 {
             for _ in 0..LANE_PACKETS {
                 ok += usize::from(l.push(ch, Bytes::from_static(b"x")));
             }

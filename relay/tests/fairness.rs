@@ -6,9 +6,9 @@
 //! that the connector echoes back on B's channel. Before per-channel lanes, the relay put every
 //! channel's datagrams into the connector connection's one drop-oldest buffer (256 KiB): B's
 //! pings waited behind the flood and were evicted by it: 65-83 of 100 answered, median
-//! 5.6-13 ms, 90th percentile 21-34 ms (two runs). With lanes: 98-100 answered, median 1-9 ms
-//! (the rest is the relay's CPU, shared in this test with both agents and the connector on a
-//! loaded 2-core machine), and the flood itself got 160-670 Mbit/s, no less than before.
+//! 5.6-13 ms, 90th percentile 21-34 ms (two runs). With lanes: 100 answered, median 1.5 ms,
+//! 90th percentile 3.3-4.0 ms (the rest is the relay's CPU, shared in this test with both agents
+//! and the connector on a loaded 2-core machine); the flood itself got 1.5-1.7 Gbit/s.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
