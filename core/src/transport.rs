@@ -63,15 +63,30 @@ pub fn outer(timing: Timing) -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
-/// Transport of the relay's side of outer connections: like [`outer`], but forwarding drops
-/// rather than queues when a receiver falls behind (a small datagram send buffer), so one slow
-/// agent adds no delay for the others and queues stay short.
+/// Transport of the relay's side of outer connections: like [`outer`], but with a small datagram
+/// send buffer (64 KiB, about 48 full datagrams). The relay queues forwarded datagrams per
+/// channel above it (`ztna_relay::lanes`) and feeds it one channel at a time, so a deep buffer
+/// here would only put one channel's flood in front of every other channel's packets.
 pub fn relay_side(timing: Timing) -> Arc<TransportConfig> {
     let mut t = base(OUTER_MTU, timing);
     t.max_concurrent_bidi_streams(VarInt::from_u32(1))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .datagram_send_buffer_size(256 * 1024);
+        .datagram_send_buffer_size(64 * 1024);
     Arc::new(t)
+}
+
+/// Connection attempts the relay's endpoint holds before its accept loop decides on them; the
+/// loop decides at once (`ztna_relay::admission`), so this only bounds a burst.
+pub const RELAY_MAX_INCOMING: usize = 4096;
+/// Bytes of early packets buffered per undecided connection attempt.
+pub const RELAY_INCOMING_BUFFER: u64 = 16 * 1024;
+
+/// Endpoint-level limits of the relay's server config: bounded memory for connection attempts
+/// that are not decided yet.
+pub fn relay_server_limits(cfg: &mut quinn::ServerConfig) {
+    cfg.max_incoming(RELAY_MAX_INCOMING)
+        .incoming_buffer_size(RELAY_INCOMING_BUFFER)
+        .incoming_buffer_size_total(RELAY_MAX_INCOMING as u64 * RELAY_INCOMING_BUFFER / 4);
 }
 
 /// The inner UDP payload size that fits an outer datagram of `outer_max_datagram` bytes with the

@@ -2,10 +2,15 @@
 //! registry and the access policy, tells each peer its observed address, and forwards the
 //! end-to-end encrypted datagrams of agent–connector channels without being able to read them.
 //!
-//! [`policy`] and [`registry`] are pure; [`server`] owns the UDP socket and the tokio tasks;
+//! [`admission`] (handshakes), [`control`] (sessions, channels, rate limits), [`lanes`]
+//! (per-channel fair queueing), [`policy`] and [`registry`] are pure;
+//! [`server`] owns the UDP socket and the tokio tasks;
 //! [`reload`] re-reads the policy, deny list and CRLs on SIGHUP or when their files change.
 
+pub mod admission;
 pub mod config;
+pub mod control;
+pub mod lanes;
 pub mod policy;
 pub mod registry;
 pub mod reload;

@@ -1,35 +1,36 @@
-//! The relay server: accepts agents and connectors, runs their control streams against the
+//! The relay server, the I/O shell around [`crate::control`]: accepts agents and connectors
+//! (with handshake admission control), runs their control streams against the control plane, the
 //! registry and policy, and forwards channel datagrams between them without decrypting.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use ztna_core::metrics_http::Sample;
 use ztna_core::session::{ControlReader, ControlWriter, SessionError};
 use ztna_core::tls::{Credentials, PeerIdentity, Revocation};
 use ztna_core::transport;
-use ztna_proto::control::{
-    Candidate, CandidateKind, ControlMessage, ErrorCode, Hello, Role, Welcome, MAX_CANDIDATES,
-};
-use ztna_proto::service::{check_name, escape_for_log};
-use ztna_proto::{datagram, ChannelId, ServiceDef, ALPN_RELAY};
+use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role, Welcome};
+use ztna_proto::{datagram, ServiceDef, ALPN_RELAY};
 
+use crate::admission::{Admission, AdmissionLimits, Decision};
 use crate::config::RelayConfig;
+use crate::control::{Command, ControlPlane, Directory, Limits, NewSession, Refusal, SessionId};
+use crate::lanes::Lanes;
 use crate::policy::Policy;
 use crate::registry::{Pool, Registry};
 
 /// Time a new peer has to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Control messages queued towards one peer before it counts as stuck and is disconnected.
-const CONTROL_QUEUE: usize = 256;
-/// Least time between two candidate lists forwarded from one end of a channel.
-pub const CANDIDATES_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest sleep of the control plane's timer task.
+const TIMER_MAX: Duration = Duration::from_secs(1);
+/// Control messages written to one session per wake-up before the others get a turn.
+const WRITE_BATCH: usize = 64;
 
 /// How often the observed address of each peer is checked for changes.
 const OBSERVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -103,8 +104,26 @@ pub struct Metrics {
     /// Direct-path candidate lists forwarded between the ends of a channel.
     pub candidates_forwarded: AtomicU64,
     /// Candidate lists dropped because one end sent them faster than one per
-    /// [`CANDIDATES_MIN_INTERVAL`].
+    /// [`Limits::candidates_interval`], or the other end's outbox was full.
     pub candidates_dropped: AtomicU64,
+    /// Requests refused and reads delayed by a rate limit.
+    pub control_limited: AtomicU64,
+    /// Sessions closed for not reading their control stream.
+    pub sessions_closed_slow: AtomicU64,
+    /// Channels closed or dropped because a newer request of the same agent for the same
+    /// connector replaced them.
+    pub channels_replaced: AtomicU64,
+    /// Channel offers taken back out of a connector's outbox before it read them (the agent gave
+    /// up, or replaced the request).
+    pub channel_offers_withdrawn: AtomicU64,
+    /// Handshakes in progress now.
+    pub handshakes_active: AtomicU64,
+    /// Connection attempts answered with a Retry (address validation).
+    pub handshakes_retried: AtomicU64,
+    /// Connection attempts refused or ignored (too many in progress, or from one address).
+    pub handshakes_refused: AtomicU64,
+    /// Handshakes that did not finish in time.
+    pub handshakes_timed_out: AtomicU64,
 }
 
 impl Metrics {
@@ -127,6 +146,14 @@ impl Metrics {
             Sample::gauge("channels_active", "Channels open now.", g(&self.channels_active)),
             Sample::counter("channels_opened", "Channels opened.", g(&self.channels_opened)),
             Sample::counter("channels_refused", "Channel requests refused.", g(&self.channels_refused)),
+            Sample::counter("control_limited", "Control requests refused and reads delayed by a per-identity rate limit.", g(&self.control_limited)),
+            Sample::counter("sessions_closed_slow", "Sessions closed for not reading their control stream.", g(&self.sessions_closed_slow)),
+            Sample::counter("channels_replaced", "Channels replaced by a newer request for the same agent-connector pair.", g(&self.channels_replaced)),
+            Sample::counter("channel_offers_withdrawn", "Channel offers withdrawn from a connector's outbox before it read them.", g(&self.channel_offers_withdrawn)),
+            Sample::gauge("handshakes_active", "Handshakes in progress now.", g(&self.handshakes_active)),
+            Sample::counter("handshakes_retried", "Connection attempts answered with a Retry (address validation).", g(&self.handshakes_retried)),
+            Sample::counter("handshakes_refused", "Connection attempts refused or ignored (too many handshakes in progress).", g(&self.handshakes_refused)),
+            Sample::counter("handshakes_timed_out", "Handshakes that did not finish in time.", g(&self.handshakes_timed_out)),
             Sample::gauge("services_registered", "Services registered now.", g(&self.services_registered)),
             Sample::counter("services_rejected", "Service announcements refused.", g(&self.services_rejected)),
             Sample::counter("policy_reloads", "Policy reloads applied.", g(&self.policy_reloads)),
@@ -138,68 +165,82 @@ impl Metrics {
     }
 }
 
-struct Session {
-    identity: PeerIdentity,
+/// The I/O side of a session: its connection, the wake-up of its control-stream writer, and
+/// the datagrams queued towards it.
+struct Handle {
+    conn: quinn::Connection,
     /// Serial of the peer's certificate (checked against the deny list on reload).
     serial: Vec<u8>,
-    conn: quinn::Connection,
-    ctrl: mpsc::Sender<ControlMessage>,
-    want: Vec<String>,
-    catalog: Vec<ServiceDef>,
-    channels: HashSet<u32>,
+    wake: Arc<Notify>,
+    tx: Arc<DatagramTx>,
 }
 
-impl Session {
-    /// Queues a control message. A peer that does not read its control stream fast enough to
-    /// take it is disconnected: a lost message would leave the two sides out of step.
-    fn send(&self, msg: ControlMessage) {
-        if self.ctrl.try_send(msg).is_err() {
-            tracing::warn!(peer = %self.identity, "control stream not read; closing the session");
-            self.conn.close(
-                ErrorCode::Limit.to_quic().into(),
-                b"control stream not read",
-            );
+/// Datagrams forwarded towards one session: per-channel lanes (see [`crate::lanes`]) drained
+/// into its connection by one pump task.
+#[derive(Default)]
+struct DatagramTx {
+    lanes: Mutex<Lanes>,
+    wake: Notify,
+}
+
+impl DatagramTx {
+    fn lanes(&self) -> MutexGuard<'_, Lanes> {
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves queued datagrams into `conn`, one lane at a time, as fast as it takes them.
+    async fn pump(self: Arc<Self>, conn: quinn::Connection, metrics: Arc<Metrics>) {
+        loop {
+            let next = self.lanes().pop();
+            match next {
+                Some(d) => {
+                    if conn.send_datagram_wait(d).await.is_err() {
+                        metrics.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                None => self.wake.notified().await,
+            }
         }
     }
 }
 
-struct Channel {
+/// Where the datagrams of an open channel go.
+struct Route {
     agent: u64,
     connector: u64,
-    agent_conn: quinn::Connection,
-    connector_conn: quinn::Connection,
-    /// The agent's request, until the connector accepts the channel.
-    pending_request: Option<u32>,
-    connector_name: String,
-    /// The service addresses the connector was told the agent may reach (sorted); a reload
-    /// that changes them closes the channel.
-    allowed: Vec<Ipv4Addr>,
-    /// When each end (agent, connector) last had candidates forwarded.
-    last_candidates: [Option<std::time::Instant>; 2],
+    agent_tx: Arc<DatagramTx>,
+    connector_tx: Arc<DatagramTx>,
 }
 
 struct State {
     policy: Arc<Policy>,
-    next_session: u64,
-    next_channel: u32,
-    sessions: HashMap<u64, Session>,
-    by_identity: HashMap<(Role, String), u64>,
+    control: ControlPlane,
     registry: Registry,
     pool: Pool,
-    channels: HashMap<u32, Channel>,
+    handles: HashMap<SessionId, Handle>,
+}
+
+/// The registry and policy, as the control plane asks them.
+struct Dir<'a> {
+    registry: &'a Registry,
+    policy: &'a Policy,
+}
+
+impl Directory for Dir<'_> {
+    fn reachable(&self, agent: &PeerIdentity, connector: &str) -> Vec<Ipv4Addr> {
+        self.registry.reachable_at(agent, connector, self.policy)
+    }
 }
 
 /// The relay's shared state.
 pub struct Relay {
     revocation: Arc<Revocation>,
-    max_channels: usize,
     state: Mutex<State>,
+    /// Open channels, read per datagram (written only when a channel opens or closes).
+    routes: RwLock<HashMap<u32, Route>>,
     /// Counters.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
 }
-
-/// Why a peer is refused, as sent to it.
-type Refusal = (ErrorCode, String);
 
 /// What a policy reload changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -218,20 +259,22 @@ impl Relay {
     /// A relay with no sessions, enforcing `policy` and the deny list and CRLs of
     /// `revocation` (the handle its TLS server config verifies client certificates with).
     pub fn new(cfg: &RelayConfig, policy: Policy, revocation: Arc<Revocation>) -> Self {
+        let metrics = Arc::new(Metrics::default());
+        let limits = Limits {
+            max_channels_per_agent: cfg.max_channels_per_agent,
+            ..Limits::default()
+        };
         Self {
             revocation,
-            max_channels: cfg.max_channels_per_agent,
             state: Mutex::new(State {
                 policy: Arc::new(policy),
-                next_session: 1,
-                next_channel: 1,
-                sessions: HashMap::new(),
-                by_identity: HashMap::new(),
+                control: ControlPlane::new(limits, metrics.clone()),
                 registry: Registry::default(),
                 pool: Pool::new(cfg.tunnel_pool),
-                channels: HashMap::new(),
+                handles: HashMap::new(),
             }),
-            metrics: Metrics::default(),
+            routes: RwLock::new(HashMap::new()),
+            metrics,
         }
     }
 
@@ -254,7 +297,7 @@ impl Relay {
     /// (telling each connector what it may no longer serve), re-sends each agent its catalog if
     /// it changed, and closes channels whose reachable services changed (`Unauthorized` when
     /// the agent may reach nothing at that connector any more, else `PolicyChanged`; the agent
-    /// opens a new one). Sessions still allowed are kept.
+    /// opens a new one; see [`ControlPlane::reapply`]). Sessions still allowed are kept.
     pub fn apply_policy(&self, policy: Policy) -> ReloadSummary {
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -264,29 +307,29 @@ impl Relay {
             services: policy.services_len(),
             ..ReloadSummary::default()
         };
-        // Denied or revoked identities lose their sessions.
-        let denied: Vec<(u64, ztna_core::tls::Denied)> = st
-            .sessions
+        // Denied or revoked identities lose their sessions: closed now, removed (with their
+        // channels and services) when their task sees the connection end.
+        let mut denied: Vec<(SessionId, ztna_core::tls::Denied)> = st
+            .handles
             .iter()
-            .filter_map(|(id, s)| {
-                self.revocation
-                    .denied(&s.identity.name, &s.serial)
-                    .map(|d| (*id, d))
+            .filter_map(|(id, h)| {
+                let name = &st.control.identity(*id)?.name;
+                self.revocation.denied(name, &h.serial).map(|d| (*id, d))
             })
             .collect();
+        denied.sort_unstable_by_key(|(id, _)| *id);
         for (id, why) in denied {
-            if let Some(s) = st.sessions.get(&id) {
-                tracing::warn!(peer = %s.identity, reason = %why, "closing the session: certificate no longer accepted");
-                s.conn.close(
-                    why.error_code().to_quic().into(),
-                    why.to_string().as_bytes(),
-                );
+            if let Some(peer) = st.control.identity(id) {
+                tracing::warn!(%peer, reason = %why, "closing the session: certificate no longer accepted");
             }
             self.metrics
                 .sessions_revoked
                 .fetch_add(1, Ordering::Relaxed);
             summary.sessions_closed += 1;
-            self.end_session_locked(st, id);
+            // Its channels and services go when its task sees the connection closed
+            // ([`Relay::end_session`]): the other ends hear `PeerGone`, agents a new catalog.
+            st.control
+                .close_session(id, why.error_code(), &why.to_string());
         }
         // Registrations under the new policy.
         let dropped = st.registry.reapply(&policy);
@@ -294,54 +337,83 @@ impl Relay {
             tracing::warn!(connector = %d.connector, service = %d.rejected.name, code = %d.rejected.code, "service no longer registered after the policy reload");
             tracing::debug!(connector = %d.connector, service = %d.rejected.name, "reason: {}", d.rejected.message);
             summary.services_dropped += 1;
-            let session = st
-                .by_identity
-                .get(&(Role::Connector, d.connector.clone()))
-                .and_then(|id| st.sessions.get(id));
-            if let Some(s) = session {
-                s.send(ControlMessage::Error {
-                    code: d.rejected.code,
-                    request_id: None,
-                    message: format!(
+            if let Some(id) = st.control.session_of(Role::Connector, &d.connector) {
+                st.control.notify_error(
+                    id,
+                    d.rejected.code,
+                    format!(
                         "service {} is no longer registered: {}",
                         d.rejected.name, d.rejected.message
                     ),
-                });
+                );
             }
         }
         self.metrics
             .services_registered
             .store(st.registry.services_len() as u64, Ordering::Relaxed);
         // Channels whose reachable set changed.
-        let mut changed = Vec::new();
-        for (ch, c) in &st.channels {
-            let Some(agent) = st.sessions.get(&c.agent) else {
-                continue;
-            };
-            let mut now = st
-                .registry
-                .reachable_at(&agent.identity, &c.connector_name, &policy);
-            now.sort();
-            if now != c.allowed {
-                let code = if now.is_empty() {
-                    ErrorCode::Unauthorized
-                } else {
-                    ErrorCode::PolicyChanged
-                };
-                changed.push((*ch, code));
-            }
-        }
-        for (ch, code) in changed {
-            tracing::info!(channel = ch, %code, "closing a channel: the policy reload changed what it may reach");
-            self.metrics
-                .channels_closed_by_policy
-                .fetch_add(1, Ordering::Relaxed);
-            summary.channels_closed += 1;
-            self.close_channel_locked(st, ch, code, None);
-        }
+        let State {
+            control, registry, ..
+        } = &mut *st;
+        let dir = Dir {
+            registry,
+            policy: &policy,
+        };
+        summary.channels_closed = control.reapply(&dir);
         self.push_catalogs_locked(st);
         self.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
+        self.dispatch(st);
         summary
+    }
+
+    /// Carries out what the control plane asks for.
+    fn dispatch(&self, st: &mut State) {
+        while let Some(cmd) = st.control.poll_command() {
+            match cmd {
+                Command::Transmit(id) => {
+                    if let Some(h) = st.handles.get(&id) {
+                        h.wake.notify_one();
+                    }
+                }
+                Command::Close {
+                    session,
+                    code,
+                    reason,
+                } => {
+                    if let Some(h) = st.handles.get(&session) {
+                        h.conn.close(code.to_quic().into(), reason.as_bytes());
+                    }
+                }
+                Command::Route {
+                    channel,
+                    agent,
+                    connector,
+                } => {
+                    if let (Some(a), Some(c)) = (st.handles.get(&agent), st.handles.get(&connector))
+                    {
+                        let route = Route {
+                            agent,
+                            connector,
+                            agent_tx: a.tx.clone(),
+                            connector_tx: c.tx.clone(),
+                        };
+                        self.routes
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(channel, route);
+                    }
+                }
+                Command::Unroute(channel) => {
+                    self.routes
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&channel);
+                }
+            }
+        }
+        self.metrics
+            .sessions_active
+            .store(st.control.sessions_len() as u64, Ordering::Relaxed);
     }
 
     /// Admits a peer that said hello: registers it and builds its welcome.
@@ -350,8 +422,7 @@ impl Relay {
         peer: &PeerIdentity,
         conn: &quinn::Connection,
         hello: Hello,
-        ctrl: mpsc::Sender<ControlMessage>,
-    ) -> Result<(u64, Welcome), Refusal> {
+    ) -> Result<(u64, Welcome, Arc<Notify>, Arc<DatagramTx>), Refusal> {
         if hello.role != peer.role {
             return Err((
                 ErrorCode::RoleMismatch,
@@ -374,20 +445,8 @@ impl Relay {
         if let Some(why) = self.revocation.denied(&peer.name, &serial) {
             return Err((why.error_code(), why.to_string()));
         }
-        let mut guard = self.lock();
-        let st = &mut *guard;
+        let mut st = self.lock();
         let policy = st.policy.clone();
-        let key = (peer.role, peer.name.clone());
-        if let Some(old) = st.by_identity.get(&key).copied() {
-            if let Some(s) = st.sessions.get(&old) {
-                tracing::info!(peer = %peer, "a new session replaces the existing one");
-                s.conn.close(
-                    ErrorCode::Replaced.to_quic().into(),
-                    b"replaced by a newer session",
-                );
-            }
-            self.end_session_locked(st, old);
-        }
         let (tunnel_ip, services, rejected) = match peer.role {
             Role::Agent => {
                 let ip = st.pool.assign(&peer.name).ok_or((
@@ -421,31 +480,48 @@ impl Relay {
                 ))
             }
         };
-        let id = st.next_session;
-        st.next_session += 1;
-        st.by_identity.insert(key, id);
-        st.sessions.insert(
-            id,
-            Session {
+        let added = st.control.add_session(
+            Instant::now(),
+            NewSession {
                 identity: peer.clone(),
-                serial,
-                conn: conn.clone(),
-                ctrl,
+                observed: conn.remote_address(),
+                tunnel_ip,
                 want: hello.want,
                 catalog: if peer.role == Role::Agent {
                     services.clone()
                 } else {
                     Vec::new()
                 },
-                channels: HashSet::new(),
+            },
+        );
+        let id = match added {
+            Ok(id) => id,
+            Err(e) => {
+                if peer.role == Role::Connector && st.registry.unregister(&peer.name) {
+                    self.push_catalogs_locked(&mut st);
+                }
+                self.dispatch(&mut st);
+                return Err(e);
+            }
+        };
+        let wake = Arc::new(Notify::new());
+        let tx = Arc::new(DatagramTx::default());
+        st.handles.insert(
+            id,
+            Handle {
+                conn: conn.clone(),
+                serial,
+                wake: wake.clone(),
+                tx: tx.clone(),
             },
         );
         if peer.role == Role::Connector {
-            self.push_catalogs_locked(st);
+            self.push_catalogs_locked(&mut st);
         }
         self.metrics
             .services_registered
             .store(st.registry.services_len() as u64, Ordering::Relaxed);
+        self.dispatch(&mut st);
         let welcome = Welcome {
             identity: peer.name.clone(),
             observed_addr: conn.remote_address(),
@@ -453,382 +529,118 @@ impl Relay {
             services,
             rejected,
         };
-        Ok((id, welcome))
+        Ok((id, welcome, wake, tx))
     }
 
     /// Sends each agent its catalog if it changed.
     fn push_catalogs_locked(&self, st: &mut State) {
         let State {
-            sessions,
+            control,
             registry,
             policy,
             ..
         } = st;
-        for s in sessions
-            .values_mut()
-            .filter(|s| s.identity.role == Role::Agent)
-        {
-            let catalog = fit_catalog(
-                registry.catalog_for(&s.identity, &s.want, policy),
-                &s.identity,
-            );
-            if catalog != s.catalog {
-                s.catalog = catalog.clone();
-                s.send(ControlMessage::Catalog(catalog));
-            }
+        for (id, identity, want) in control.agents() {
+            let catalog = fit_catalog(registry.catalog_for(&identity, &want, policy), &identity);
+            control.set_catalog(id, catalog);
         }
     }
 
     /// Removes a session, its channels and its services.
-    fn end_session_locked(&self, st: &mut State, id: u64) {
-        let Some(s) = st.sessions.remove(&id) else {
-            return;
-        };
-        let key = (s.identity.role, s.identity.name.clone());
-        if st.by_identity.get(&key) == Some(&id) {
-            st.by_identity.remove(&key);
-        }
-        for ch in s.channels {
-            self.close_channel_locked(st, ch, ErrorCode::PeerGone, Some(id));
-        }
-        if s.identity.role == Role::Connector && st.registry.unregister(&s.identity.name) {
-            self.push_catalogs_locked(st);
+    fn end_session(&self, id: SessionId) {
+        let mut st = self.lock();
+        st.handles.remove(&id);
+        if let Some(identity) = st.control.remove_session(id) {
+            if identity.role == Role::Connector && st.registry.unregister(&identity.name) {
+                self.push_catalogs_locked(&mut st);
+            }
         }
         self.metrics
             .services_registered
             .store(st.registry.services_len() as u64, Ordering::Relaxed);
-        self.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// Closes a channel and tells the end that did not close it.
-    fn close_channel_locked(
-        &self,
-        st: &mut State,
-        ch: u32,
-        code: ErrorCode,
-        closed_by: Option<u64>,
-    ) {
-        let Some(c) = st.channels.remove(&ch) else {
-            return;
-        };
-        self.metrics.channels_active.fetch_sub(1, Ordering::Relaxed);
-        for end in [c.agent, c.connector] {
-            if let Some(s) = st.sessions.get_mut(&end) {
-                s.channels.remove(&ch);
-                if Some(end) == closed_by {
-                    continue;
-                }
-                // An agent still waiting for the channel knows it only by its request.
-                let msg = match c.pending_request {
-                    Some(request_id) if end == c.agent => ControlMessage::Error {
-                        code,
-                        request_id: Some(request_id),
-                        message: format!("connector {} did not take the channel", c.connector_name),
-                    },
-                    _ => ControlMessage::ChannelClosed {
-                        channel_id: ch,
-                        code,
-                    },
-                };
-                s.send(msg);
-            }
-        }
+        self.dispatch(&mut st);
     }
 
     /// Handles one control message from session `id`. An error closes the session.
-    fn on_message(&self, id: u64, msg: ControlMessage) -> Result<(), Refusal> {
+    fn on_message(&self, id: SessionId, msg: ControlMessage) -> Result<(), Refusal> {
         let mut st = self.lock();
-        match msg {
-            ControlMessage::OpenChannel {
-                request_id,
-                connector,
-            } => {
-                let reply = self.open_channel_locked(&mut st, id, request_id, &connector);
-                if let Err((code, message)) = reply {
-                    self.metrics
-                        .channels_refused
-                        .fetch_add(1, Ordering::Relaxed);
-                    if let Some(s) = st.sessions.get(&id) {
-                        tracing::info!(agent = %s.identity.name, connector = %escape_for_log(&connector), %code, "channel refused: {message}");
-                        s.send(ControlMessage::Error {
-                            code,
-                            request_id: Some(request_id),
-                            message,
-                        });
-                    }
-                }
-                Ok(())
-            }
-            ControlMessage::ChannelAccepted { channel_id } => {
-                self.accept_channel_locked(&mut st, id, channel_id)
-            }
-            ControlMessage::ChannelClosed { channel_id, code } => {
-                let member = st
-                    .channels
-                    .get(&channel_id)
-                    .is_some_and(|c| c.agent == id || c.connector == id);
-                if member {
-                    self.close_channel_locked(&mut st, channel_id, code, Some(id));
-                }
-                Ok(())
-            }
-            ControlMessage::Candidates {
-                channel_id,
-                candidates,
-            } => self.forward_candidates_locked(&mut st, id, channel_id, candidates),
-            other => Err((
-                ErrorCode::Malformed,
-                format!("unexpected {} message from a client", other.kind()),
-            )),
-        }
+        let State {
+            control,
+            registry,
+            policy,
+            ..
+        } = &mut *st;
+        let dir = Dir { registry, policy };
+        let r = control.handle_message(Instant::now(), id, msg, &dir);
+        self.dispatch(&mut st);
+        r
     }
 
-    fn open_channel_locked(
-        &self,
-        st: &mut State,
-        id: u64,
-        request_id: u32,
-        connector: &str,
-    ) -> Result<(), Refusal> {
-        check_name("connector name", connector).map_err(|e| (ErrorCode::Malformed, e))?;
-        let policy = st.policy.clone();
-        let agent = st
-            .sessions
-            .get(&id)
-            .ok_or((ErrorCode::Internal, "session gone".into()))?;
-        if agent.identity.role != Role::Agent {
-            return Err((ErrorCode::Unauthorized, "only agents open channels".into()));
-        }
-        if agent.channels.len() >= self.max_channels {
-            return Err((
-                ErrorCode::Limit,
-                format!("at most {} channels per agent", self.max_channels),
-            ));
-        }
-        if !st
-            .registry
-            .agent_may_use_connector(&agent.identity, connector, &policy)
-        {
-            let code = if st
-                .by_identity
-                .contains_key(&(Role::Connector, connector.to_owned()))
-            {
-                ErrorCode::Unauthorized
-            } else {
-                ErrorCode::ConnectorOffline
+    /// The next message for session `id`'s control stream.
+    fn poll_transmit(&self, id: SessionId) -> Option<ControlMessage> {
+        self.lock().control.poll_transmit(id)
+    }
+
+    /// Whether session `id` has messages waiting.
+    fn has_transmit(&self, id: SessionId) -> bool {
+        self.lock().control.has_transmit(id)
+    }
+
+    /// When session `id`'s next control message may be read (`None`: now).
+    fn read_ready_at(&self, id: SessionId) -> Option<Instant> {
+        self.lock().control.read_ready_at(id, Instant::now())
+    }
+
+    fn set_observed(&self, id: SessionId, addr: SocketAddr) {
+        self.lock().control.set_observed(id, addr);
+    }
+
+    /// Runs the control plane's timers until the relay is dropped.
+    async fn timers(self: Arc<Self>) {
+        loop {
+            let next = {
+                let mut st = self.lock();
+                st.control.handle_timeout(Instant::now());
+                self.dispatch(&mut st);
+                st.control.poll_timeout()
             };
-            return Err((
-                code,
-                format!(
-                    "no service of connector {connector} is available to {}",
-                    agent.identity.name
-                ),
-            ));
-        }
-        let cid = *st
-            .by_identity
-            .get(&(Role::Connector, connector.to_owned()))
-            .ok_or((
-                ErrorCode::ConnectorOffline,
-                format!("connector {connector} is not connected"),
-            ))?;
-        let tunnel_ip: Ipv4Addr = st
-            .pool
-            .assign(&agent.identity.name)
-            .ok_or((ErrorCode::PoolExhausted, "no tunnel address".into()))?;
-        let mut allowed = st
-            .registry
-            .reachable_at(&agent.identity, connector, &policy);
-        allowed.sort();
-        let agent_name = agent.identity.name.clone();
-        let agent_conn = agent.conn.clone();
-        let conn_session = st
-            .sessions
-            .get(&cid)
-            .ok_or((ErrorCode::ConnectorOffline, "connector gone".into()))?;
-        let connector_conn = conn_session.conn.clone();
-        // Channel ids are unique among open channels; wrap within the varint range.
-        let mut ch = st.next_channel;
-        for _ in 0..=st.channels.len() {
-            if !st.channels.contains_key(&ch) {
-                break;
-            }
-            ch = if ch >= ChannelId::MAX { 1 } else { ch + 1 };
-        }
-        st.next_channel = if ch >= ChannelId::MAX { 1 } else { ch + 1 };
-        if conn_session
-            .ctrl
-            .try_send(ControlMessage::IncomingChannel {
-                channel_id: ch,
-                agent: agent_name.clone(),
-                agent_tunnel_ip: tunnel_ip,
-                services: allowed.clone(),
-            })
-            .is_err()
-        {
-            conn_session.conn.close(
-                ErrorCode::Limit.to_quic().into(),
-                b"control stream not read",
-            );
-            return Err((
-                ErrorCode::ConnectorOffline,
-                "connector is not reading its control stream".into(),
-            ));
-        }
-        st.channels.insert(
-            ch,
-            Channel {
-                agent: id,
-                connector: cid,
-                agent_conn,
-                connector_conn,
-                pending_request: Some(request_id),
-                connector_name: connector.to_owned(),
-                allowed,
-                last_candidates: [None, None],
-            },
-        );
-        for end in [id, cid] {
-            if let Some(s) = st.sessions.get_mut(&end) {
-                s.channels.insert(ch);
-            }
-        }
-        self.metrics.channels_opened.fetch_add(1, Ordering::Relaxed);
-        self.metrics.channels_active.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(agent = %agent_name, %connector, channel = ch, "channel offered to the connector");
-        Ok(())
-    }
-
-    /// The connector accepted channel `ch`: tell the agent it is open.
-    fn accept_channel_locked(&self, st: &mut State, id: u64, ch: u32) -> Result<(), Refusal> {
-        let Some(c) = st.channels.get_mut(&ch) else {
-            // Closed in the meantime; the close already went to both ends.
-            return Ok(());
-        };
-        if c.connector != id {
-            return Err((
-                ErrorCode::Malformed,
-                format!("channel {ch} is not this connector's"),
-            ));
-        }
-        let Some(request_id) = c.pending_request.take() else {
-            return Err((ErrorCode::Malformed, format!("channel {ch} accepted twice")));
-        };
-        let (agent, connector) = (c.agent, c.connector_name.clone());
-        if let Some(a) = st.sessions.get(&agent) {
-            tracing::info!(agent = %a.identity.name, %connector, channel = ch, "channel open");
-            a.send(ControlMessage::ChannelOpened {
-                request_id,
-                channel_id: ch,
-                connector,
-            });
-        }
-        Ok(())
-    }
-
-    /// Brokers hole punching: forwards one end's direct-path candidates to the other end of
-    /// channel `ch`, adding the sender's observed address (its NAT mapping) if it is missing.
-    fn forward_candidates_locked(
-        &self,
-        st: &mut State,
-        id: u64,
-        ch: u32,
-        mut candidates: Vec<Candidate>,
-    ) -> Result<(), Refusal> {
-        if candidates.len() > MAX_CANDIDATES {
-            return Err((
-                ErrorCode::Malformed,
-                format!("{} candidates (at most {MAX_CANDIDATES})", candidates.len()),
-            ));
-        }
-        let Some(c) = st.channels.get_mut(&ch) else {
-            // Closed in the meantime.
-            return Ok(());
-        };
-        let (from, to, end) = if c.agent == id {
-            (&c.agent_conn, c.connector, 0)
-        } else if c.connector == id {
-            (&c.connector_conn, c.agent, 1)
-        } else {
-            return Err((
-                ErrorCode::Malformed,
-                format!("channel {ch} is not this session's"),
-            ));
-        };
-        if c.pending_request.is_some() {
-            // Not open yet: nobody has an end-to-end connection to probe with.
-            return Ok(());
-        }
-        // Candidates change rarely (a new address); a flood would fill the other end's control
-        // queue, which disconnects it. Drop what comes too fast instead.
-        let now = std::time::Instant::now();
-        if c.last_candidates[end].is_some_and(|t| now.duration_since(t) < CANDIDATES_MIN_INTERVAL) {
-            self.metrics
-                .candidates_dropped
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        c.last_candidates[end] = Some(now);
-        let observed = from.remote_address();
-        if !candidates.iter().any(|x| x.addr == observed) {
-            candidates.insert(
-                0,
-                Candidate {
-                    addr: observed,
-                    kind: CandidateKind::Reflexive,
-                },
-            );
-            candidates.truncate(MAX_CANDIDATES);
-        }
-        if let Some(peer) = st.sessions.get(&to) {
-            tracing::debug!(
-                channel = ch,
-                count = candidates.len(),
-                "forwarding direct-path candidates"
-            );
-            peer.send(ControlMessage::Candidates {
-                channel_id: ch,
-                candidates,
-            });
-            self.metrics
-                .candidates_forwarded
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// Where a datagram from session `id` on channel `ch` goes.
-    fn forward_target(&self, id: u64, ch: ChannelId) -> Option<quinn::Connection> {
-        let st = self.lock();
-        let c = st.channels.get(&ch.get())?;
-        if c.agent == id {
-            Some(c.connector_conn.clone())
-        } else if c.connector == id {
-            Some(c.agent_conn.clone())
-        } else {
-            None
+            let cap = Instant::now() + TIMER_MAX;
+            let at = next.map_or(cap, |t| t.min(cap));
+            tokio::time::sleep_until(at.into()).await;
         }
     }
 
     fn forward(&self, id: u64, d: Bytes) {
-        let target = datagram::decode(&d)
-            .ok()
-            .and_then(|(ch, _)| self.forward_target(id, ch));
+        let target = datagram::decode(&d).ok().and_then(|(ch, _)| {
+            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+            let r = routes.get(&ch.get())?;
+            if r.agent == id {
+                Some((ch, r.connector_tx.clone()))
+            } else if r.connector == id {
+                Some((ch, r.agent_tx.clone()))
+            } else {
+                None
+            }
+        });
         let len = d.len() as u64;
-        match target.map(|t| t.send_datagram(d)) {
-            Some(Ok(())) => {
-                self.metrics
-                    .datagrams_forwarded
-                    .fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .bytes_forwarded
-                    .fetch_add(len, Ordering::Relaxed);
+        let queued = target.is_some_and(|(ch, tx)| {
+            let ok = tx.lanes().push(ch.get(), d);
+            if ok {
+                tx.wake.notify_one();
             }
-            _ => {
-                self.metrics
-                    .datagrams_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+            ok
+        });
+        if queued {
+            self.metrics
+                .datagrams_forwarded
+                .fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .bytes_forwarded
+                .fetch_add(len, Ordering::Relaxed);
+        } else {
+            self.metrics
+                .datagrams_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -870,6 +682,7 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     relay: Arc<Relay>,
     metrics_addr: Option<SocketAddr>,
+    admission: AdmissionLimits,
 }
 
 impl Server {
@@ -891,6 +704,7 @@ impl Server {
         let mut server_cfg = quinn::ServerConfig::with_crypto(creds.server_config(ALPN_RELAY)?);
         server_cfg.transport_config(transport::relay_side(cfg.timing()));
         server_cfg.migration(true);
+        transport::relay_server_limits(&mut server_cfg);
         let endpoint_cfg = endpoint_config(&files.key)?;
         let sock = ztna_core::daemon::bind_udp(cfg.bind, SOCKET_BUFFER)
             .with_context(|| format!("binding UDP {}", cfg.bind))?;
@@ -912,12 +726,18 @@ impl Server {
             endpoint,
             relay: Arc::new(Relay::new(cfg, policy, creds.revocation().clone())),
             metrics_addr: cfg.metrics,
+            admission: AdmissionLimits::default(),
         })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Replaces the handshake limits (tests, tools).
+    pub fn set_admission_limits(&mut self, limits: AdmissionLimits) {
+        self.admission = limits;
     }
 
     /// The shared state and counters.
@@ -940,16 +760,19 @@ impl Server {
                 }
             })
         });
+        let timers = AbortOnDrop(tokio::spawn(self.relay.clone().timers()));
+        let admission = Arc::new(Mutex::new(Admission::new(self.admission)));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    tokio::spawn(serve_peer(self.relay.clone(), incoming));
+                    admit_handshake(&self.relay, &admission, incoming);
                 }
                 () = &mut shutdown => break,
             }
         }
+        drop(timers);
         tracing::info!("relay shutting down");
         self.endpoint.close(0u32.into(), b"relay shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -970,11 +793,89 @@ fn refuse(relay: &Relay, conn: &quinn::Connection, who: &str, code: ErrorCode, m
     conn.close(code.to_quic().into(), message.as_bytes());
 }
 
-async fn serve_peer(relay: Arc<Relay>, incoming: quinn::Incoming) {
+/// Decides what a connection attempt costs the relay (see [`crate::admission`]).
+fn admit_handshake(
+    relay: &Arc<Relay>,
+    admission: &Arc<Mutex<Admission>>,
+    incoming: quinn::Incoming,
+) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    let ip = remote.ip();
+    let (decision, timeout) = {
+        let mut a = admission.lock().unwrap_or_else(|p| p.into_inner());
+        let d = a.decide(
+            ip,
+            incoming.remote_address_validated(),
+            incoming.may_retry(),
+        );
+        relay
+            .metrics
+            .handshakes_active
+            .store(a.active() as u64, Ordering::Relaxed);
+        (d, a.limits().handshake_timeout)
+    };
+    match decision {
+        Decision::Accept => {
+            let slot = HandshakeSlot {
+                admission: admission.clone(),
+                relay: relay.clone(),
+                ip,
+            };
+            tokio::spawn(serve_peer(relay.clone(), incoming, slot, timeout));
+        }
+        Decision::Retry => {
+            relay
+                .metrics
+                .handshakes_retried
+                .fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+        }
+        Decision::Refuse | Decision::Ignore => {
+            relay
+                .metrics
+                .handshakes_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%remote, ?decision, "too many handshakes in progress");
+            if decision == Decision::Refuse {
+                incoming.refuse();
+            } else {
+                incoming.ignore();
+            }
+        }
+    }
+}
+
+/// An accepted handshake's place in [`Admission`], given back when dropped.
+struct HandshakeSlot {
+    admission: Arc<Mutex<Admission>>,
+    relay: Arc<Relay>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut a = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+        a.finished(self.ip);
+        self.relay
+            .metrics
+            .handshakes_active
+            .store(a.active() as u64, Ordering::Relaxed);
+    }
+}
+
+async fn serve_peer(
+    relay: Arc<Relay>,
+    incoming: quinn::Incoming,
+    slot: HandshakeSlot,
+    timeout: Duration,
+) {
+    let remote = incoming.remote_address();
+    // Dropping a handshake that stalls closes it.
+    let conn = match tokio::time::timeout(timeout, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             relay
                 .metrics
                 .handshakes_failed
@@ -983,7 +884,16 @@ async fn serve_peer(relay: Arc<Relay>, incoming: quinn::Incoming) {
             tracing::debug!(%remote, "failed handshake's address");
             return;
         }
+        Err(_) => {
+            relay
+                .metrics
+                .handshakes_timed_out
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%remote, "handshake timed out");
+            return;
+        }
     };
+    drop(slot);
     let peer = match PeerIdentity::from_connection(&conn) {
         Ok(p) => p,
         Err(e) => return refuse(&relay, &conn, "?", ErrorCode::Unauthorized, &e.to_string()),
@@ -1040,8 +950,7 @@ async fn serve_peer(relay: Arc<Relay>, incoming: quinn::Incoming) {
             )
         }
     };
-    let (ctrl_tx, mut ctrl_rx) = mpsc::channel(CONTROL_QUEUE);
-    let (id, welcome) = match relay.admit(&peer, &conn, hello, ctrl_tx) {
+    let (id, welcome, wake, tx) = match relay.admit(&peer, &conn, hello) {
         Ok(x) => x,
         Err((code, message)) => {
             let _ = writer
@@ -1055,10 +964,6 @@ async fn serve_peer(relay: Arc<Relay>, incoming: quinn::Incoming) {
         }
     };
     relay.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
-    relay
-        .metrics
-        .sessions_active
-        .fetch_add(1, Ordering::Relaxed);
     tracing::info!(peer = %who, session = id, services = welcome.services.len(), rejected = welcome.rejected.len(), "session up");
     tracing::debug!(peer = %who, session = id, remote = %conn.remote_address(), tunnel_ip = ?welcome.tunnel_ip, "session addresses");
     let end = session_loop(
@@ -1068,7 +973,7 @@ async fn serve_peer(relay: Arc<Relay>, incoming: quinn::Incoming) {
         welcome,
         &mut reader,
         &mut writer,
-        &mut ctrl_rx,
+        (&wake, tx),
     )
     .await;
     match &end {
@@ -1082,8 +987,7 @@ async fn serve_peer(relay: Arc<Relay>, incoming: quinn::Incoming) {
             tracing::info!(peer = %who, session = id, reason = %e, "session ended")
         }
     }
-    let mut st = relay.lock();
-    relay.end_session_locked(&mut st, id);
+    relay.end_session(id);
 }
 
 enum SessionEnd {
@@ -1093,17 +997,18 @@ enum SessionEnd {
 
 async fn session_loop(
     relay: &Arc<Relay>,
-    id: u64,
+    id: SessionId,
     conn: &quinn::Connection,
     welcome: Welcome,
     reader: &mut ControlReader,
     writer: &mut ControlWriter,
-    ctrl_rx: &mut mpsc::Receiver<ControlMessage>,
+    (wake, tx): (&Notify, Arc<DatagramTx>),
 ) -> Result<(), SessionEnd> {
+    let lost = |e: SessionError| SessionEnd::Lost(e.to_string());
     writer
         .send(&ControlMessage::Welcome(welcome))
         .await
-        .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+        .map_err(lost)?;
     let dgram_relay = relay.clone();
     let dgram_conn = conn.clone();
     let forwarder = tokio::spawn(async move {
@@ -1112,32 +1017,50 @@ async fn session_loop(
         }
     });
     let _abort = AbortOnDrop(forwarder);
+    let _pump = AbortOnDrop(tokio::spawn(tx.pump(conn.clone(), relay.metrics.clone())));
     let mut observed = conn.remote_address();
     let mut tick = tokio::time::interval(OBSERVE_INTERVAL);
     loop {
+        // A sender over its rate limit is not read until it has a token again: QUIC flow
+        // control then pushes back on it, and nobody else waits.
+        let paused = relay.read_ready_at(id);
         tokio::select! {
-            msg = reader.next() => match msg {
+            msg = reader.next(), if paused.is_none() => match msg {
                 Ok(Some(m)) => relay.on_message(id, m).map_err(|(c, m)| SessionEnd::Refused(c, m))?,
                 Ok(None) => return Ok(()),
                 Err(SessionError::Connection(e)) => return Err(SessionEnd::Lost(e.to_string())),
                 Err(e @ (SessionError::Frame(_) | SessionError::Protocol(_))) => return Err(SessionEnd::Refused(ErrorCode::Malformed, e.to_string())),
                 Err(e) => return Err(SessionEnd::Lost(e.to_string())),
             },
-            out = ctrl_rx.recv() => {
-                let Some(out) = out else { return Ok(()) };
-                writer.send(&out).await.map_err(|e| SessionEnd::Lost(e.to_string()))?;
+            () = sleep_until_opt(paused), if paused.is_some() => {}
+            () = wake.notified() => {
+                for _ in 0..WRITE_BATCH {
+                    let Some(out) = relay.poll_transmit(id) else { break };
+                    writer.send(&out).await.map_err(lost)?;
+                }
+                // More left: come back after the others had a turn.
+                if relay.has_transmit(id) {
+                    wake.notify_one();
+                }
             }
             _ = tick.tick() => {
                 let now = conn.remote_address();
                 if now != observed {
                     tracing::info!(session = id, "peer address changed");
-                    tracing::debug!(session = id, old = %observed, new = %now, "peer addresses");
+                    tracing::debug!(session = id, old = %observed, new = %now, "new peer address");
                     observed = now;
-                    writer.send(&ControlMessage::ObservedAddress(now)).await.map_err(|e| SessionEnd::Lost(e.to_string()))?;
+                    relay.set_observed(id, now);
+                    writer.send(&ControlMessage::ObservedAddress(now)).await.map_err(lost)?;
                 }
             }
             e = conn.closed() => return Err(SessionEnd::Lost(e.to_string())),
         }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
     }
 }
 

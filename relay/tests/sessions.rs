@@ -1170,3 +1170,162 @@ async fn names_with_control_characters_are_refused_and_never_logged_raw() {
     drop(c1);
     w.server.abort();
 }
+
+/// Issue 10, "an agent cannot disconnect a connector": a valid agent writes 2000
+/// OpenChannel/ChannelClosed pairs (guessing the sequential channel ids) as fast as it can, and
+/// reads nothing. On the old relay this filled the connector's 256-message queue and the relay
+/// closed the *connector*. Now the connector stays up, hears only rate-limited offers and no
+/// close of a channel it never accepted, and another agent's channel opens and forwards.
+#[tokio::test]
+async fn open_close_flood_does_not_disconnect_the_connector() {
+    use std::sync::atomic::AtomicU64;
+    let w = World::start().await;
+    // A connector that behaves like the real one: it accepts every channel it is offered, and a
+    // full send queue or a lost session counts as a disconnect.
+    let cnode = w.node(Role::Connector, "conn1", &[]);
+    let hello = Hello {
+        role: Role::Connector,
+        services: vec![svc("echo", 1)],
+        want: vec![],
+        software: "test".into(),
+    };
+    let mut conn1 = cnode.connect_relay(&w.target, hello).await.unwrap();
+    #[derive(Default)]
+    struct Seen {
+        offers: AtomicU64,
+        closes: AtomicU64,
+        closes_unaccepted: AtomicU64,
+        disconnects: AtomicU64,
+    }
+    let seen = Arc::new(Seen::default());
+    let (bob_tx, mut bob_rx) = tokio::sync::mpsc::unbounded_channel();
+    let seen2 = seen.clone();
+    let connector = tokio::spawn(async move {
+        let mut accepted = std::collections::HashSet::new();
+        loop {
+            match conn1.recv().await {
+                Ok(ControlMessage::IncomingChannel {
+                    channel_id, agent, ..
+                }) => {
+                    seen2.offers.fetch_add(1, Ordering::Relaxed);
+                    if conn1
+                        .send(ControlMessage::ChannelAccepted { channel_id })
+                        .is_err()
+                    {
+                        seen2.disconnects.fetch_add(1, Ordering::Relaxed);
+                        return conn1;
+                    }
+                    accepted.insert(channel_id);
+                    let _ = bob_tx.send((agent, channel_id));
+                }
+                Ok(ControlMessage::ChannelClosed { channel_id, .. }) => {
+                    seen2.closes.fetch_add(1, Ordering::Relaxed);
+                    if !accepted.contains(&channel_id) {
+                        seen2.closes_unaccepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    seen2.disconnects.fetch_add(1, Ordering::Relaxed);
+                    return conn1;
+                }
+            }
+        }
+    });
+
+    // Alice's channel, open before the flood; its id tells the attacker where ids are.
+    let mut alice = w.agent("alice", &[]).await;
+    assert_eq!(alice.welcome().services.len(), 1);
+    alice
+        .send(ControlMessage::OpenChannel {
+            request_id: 1,
+            connector: "conn1".into(),
+        })
+        .unwrap();
+    let alice_ch = match next(&mut alice).await {
+        ControlMessage::ChannelOpened { channel_id, .. } => channel_id,
+        other => panic!("unexpected {other:?}"),
+    };
+    while bob_rx.try_recv().is_ok() {}
+    let offers_before = seen.offers.load(Ordering::Relaxed);
+
+    // Mallory: 2000 pairs in one write (46 KB), reading nothing.
+    let (_ep, mconn, mut msend, _mrecv) = raw_client(&w, "mallory").await;
+    let mut flood = ztna_proto::frame::encode(&ControlMessage::Hello(Hello {
+        role: Role::Agent,
+        services: vec![],
+        want: vec![],
+        software: "x".into(),
+    }))
+    .unwrap();
+    for i in 0..2000u32 {
+        let open = ControlMessage::OpenChannel {
+            request_id: i,
+            connector: "conn1".into(),
+        };
+        let close = ControlMessage::ChannelClosed {
+            channel_id: alice_ch + 1 + i,
+            code: ErrorCode::PeerGone,
+        };
+        flood.extend(ztna_proto::frame::encode(&open).unwrap());
+        flood.extend(ztna_proto::frame::encode(&close).unwrap());
+    }
+    let flood_bytes = flood.len();
+    let started = tokio::time::Instant::now();
+    msend.write_all(&flood).await.unwrap();
+
+    // While the flood is being worked through, Bob opens a channel and uses it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut bob = w.agent("bob", &[]).await;
+    let t = tokio::time::Instant::now();
+    bob.send(ControlMessage::OpenChannel {
+        request_id: 1,
+        connector: "conn1".into(),
+    })
+    .unwrap();
+    let bob_ch = match next(&mut bob).await {
+        ControlMessage::ChannelOpened { channel_id, .. } => channel_id,
+        other => panic!("unexpected {other:?}"),
+    };
+    let bob_open_ms = t.elapsed().as_millis();
+    let before = w.relay.metrics.datagrams_forwarded.load(Ordering::Relaxed);
+    for (s, ch) in [(&bob, bob_ch), (&alice, alice_ch)] {
+        let id = ChannelId::new(ch).unwrap();
+        s.send_raw_datagram(Bytes::from(datagram::encode(id, b"opaque")))
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + T;
+    while w.relay.metrics.datagrams_forwarded.load(Ordering::Relaxed) < before + 2 {
+        assert!(tokio::time::Instant::now() < deadline, "not forwarded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Give the flood 3 s in all, then count.
+    tokio::time::sleep_until(started + Duration::from_secs(3)).await;
+    let offers = seen.offers.load(Ordering::Relaxed) - offers_before - 1; // minus Bob's
+    let closes = seen.closes.load(Ordering::Relaxed);
+    let closes_unaccepted = seen.closes_unaccepted.load(Ordering::Relaxed);
+    let disconnects = seen.disconnects.load(Ordering::Relaxed);
+    let limited = w.relay.metrics.control_limited.load(Ordering::Relaxed);
+    println!(
+        "flood of {flood_bytes} bytes: connector disconnects {disconnects}, offers reaching it \
+         {offers}, closes reaching it {closes} ({closes_unaccepted} of channels it never \
+         accepted), requests limited {limited}, bob's channel opened \
+         in {bob_open_ms} ms"
+    );
+    assert_eq!(disconnects, 0, "the connector was disconnected");
+    assert_eq!(
+        closes_unaccepted, 0,
+        "closes of channels the connector never accepted"
+    );
+    assert!(closes <= offers, "{closes} closes for {offers} offers");
+    // Burst 64 plus 16/s for 3 s.
+    assert!(
+        offers <= 64 + 16 * 3 + 4,
+        "{offers} offers reached the connector"
+    );
+    assert!(bob_open_ms < 2000, "bob waited {bob_open_ms} ms");
+    assert!(mconn.close_reason().is_none() || limited > 0);
+    assert!(!connector.is_finished());
+    connector.abort();
+    w.server.abort();
+}
