@@ -258,7 +258,9 @@ impl Tunnel {
         let names: Vec<&str> = welcome.services.iter().map(|s| s.name.as_str()).collect();
         tracing::info!(identity = %welcome.identity, observed = %welcome.observed_addr, services = ?names, inner_mtu, "connected to the relay");
         for r in &welcome.rejected {
-            tracing::error!(service = %r.name, code = %r.code, "relay refused to register service: {}", r.message);
+            // The detail may name addresses: DEBUG only.
+            tracing::error!(service = %r.name, code = %r.code, "relay refused to register service");
+            tracing::debug!(service = %r.name, detail = %r.message, "relay's refusal detail");
         }
         loop {
             let msg = match session.recv().await {
@@ -367,7 +369,9 @@ impl Tunnel {
                     }
                 }
                 ControlMessage::Error { code, message, .. } => {
-                    tracing::error!(%code, "relay reported an error: {message}")
+                    // The message may name addresses: DEBUG only.
+                    tracing::error!(%code, "relay reported an error");
+                    tracing::debug!(%code, %message, "relay's error detail");
                 }
                 other => tracing::warn!(
                     kind = other.kind(),
