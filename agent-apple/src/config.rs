@@ -1,172 +1,59 @@
-//! The JSON config handed to `ztna_create`: the same keys as the Linux agent's config file
-//! (`agent-linux/src/config.rs`), so one config document describes an agent on either platform.
-//!
-//! Keys: `relay` (required), `relay_name`, `bind`, `ca`, `cert`, `key` (required), `tun`, `mtu`,
-//! `services`, `status_socket`, `log`, `direct_paths`. Unknown keys are an error, as in the Linux
-//! agent. Differences on Apple, all documented in `agent-apple/README.md`:
+//! The JSON config handed to `ztna_create`: the agent's config schema from
+//! `ztna_core::agent_config`, the same keys, defaults and validation as the Linux agent's config
+//! file, so one config document describes an agent on either platform. Unknown keys are an
+//! error. Differences on Apple, all documented in `agent-apple/README.md`:
 //! - `ca`, `cert` and `key` may hold the PEM text itself instead of a path (the app keeps the key
 //!   in the Keychain and hands it over in memory; nothing is written to disk);
-//! - `tun` and `status_socket` are accepted and ignored: the system names the `utun` device, and
-//!   status is read through `ztna_status_json`.
+//! - `tun`, `status_socket` and `route_table` are validated as on Linux and ignored: the system
+//!   names the `utun` device, status is read through `ztna_status_json`, and the extension's
+//!   own socket is outside the tunnel without a routing table.
 //!
 //! No I/O apart from reading the credential files a path names.
 
-use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
-use serde::{Deserialize, Deserializer};
+use ztna_core::agent_config::{AgentFile, AgentSettings};
 use ztna_core::tls::Credentials;
-use ztna_core::transport::DEFAULT_TUN_MTU;
 use ztna_proto::Role;
-
-/// Smallest TUN MTU accepted (the Linux agent's minimum).
-const MIN_MTU: u16 = 576;
-
-/// The config as read, before validation.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    relay: Option<SocketAddr>,
-    #[serde(default = "default_relay_name")]
-    relay_name: String,
-    #[serde(default = "default_bind")]
-    bind: SocketAddr,
-    ca: Option<String>,
-    cert: Option<String>,
-    key: Option<String>,
-    /// Accepted for compatibility with the Linux agent's file; the system names the device.
-    #[serde(default)]
-    #[allow(dead_code)]
-    tun: Option<String>,
-    #[serde(default = "default_mtu")]
-    mtu: u16,
-    #[serde(default, deserialize_with = "names")]
-    services: Vec<String>,
-    /// Accepted for compatibility; status goes through `ztna_status_json`.
-    #[serde(default)]
-    #[allow(dead_code)]
-    status_socket: Option<String>,
-    #[serde(default)]
-    log: Option<String>,
-    #[serde(default = "default_direct_paths")]
-    direct_paths: bool,
-}
-
-fn default_relay_name() -> String {
-    "relay".into()
-}
-
-fn default_bind() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
-}
-
-fn default_mtu() -> u16 {
-    DEFAULT_TUN_MTU
-}
-
-fn default_direct_paths() -> bool {
-    true
-}
-
-/// A list of names, given as a list or as one comma-separated string (as in the Linux agent).
-fn names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Names {
-        List(Vec<String>),
-        Text(String),
-    }
-    Ok(match Names::deserialize(d)? {
-        Names::List(v) => v,
-        Names::Text(s) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
-    })
-}
 
 /// The validated configuration of an Apple tunnel.
 #[derive(Clone)]
 pub(crate) struct Config {
-    /// The relay's UDP address.
-    pub(crate) relay: SocketAddr,
-    /// The DNS name the relay's certificate must carry.
-    pub(crate) relay_name: String,
-    /// Local UDP address to bind.
-    pub(crate) bind: SocketAddr,
+    /// The shared settings; their `tls` paths are emptied once read (they may hold PEM text).
+    pub(crate) settings: AgentSettings,
     /// The agent's credentials, loaded and checked to be an agent's.
     pub(crate) credentials: Credentials,
-    /// Tunnel MTU.
-    pub(crate) mtu: u16,
-    /// Services asked for; empty means all that policy allows.
-    pub(crate) services: Vec<String>,
     /// Log filter (tracing `EnvFilter` syntax), default "info".
     pub(crate) log: String,
-    /// Whether to look for direct paths to connectors.
-    pub(crate) direct_paths: bool,
 }
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The credentials hold the private key: never printed.
         f.debug_struct("Config")
-            .field("relay", &self.relay)
-            .field("relay_name", &self.relay_name)
-            .field("bind", &self.bind)
+            .field("settings", &self.settings)
             .field("identity", &self.credentials.identity().name)
-            .field("mtu", &self.mtu)
-            .field("services", &self.services)
-            .field("direct_paths", &self.direct_paths)
             .finish()
     }
 }
 
-/// PEM text given inline, or the contents of the file the value names.
-fn pem(value: Option<String>, key: &str, what: &str) -> anyhow::Result<Vec<u8>> {
-    let v = value.with_context(|| format!("missing `{key}`: {what} (PEM text or a path)"))?;
-    if v.trim_start().starts_with("-----BEGIN") {
-        return Ok(v.into_bytes());
+/// PEM text given inline, or the contents of the file the value names. Takes the value out.
+fn pem(value: &mut PathBuf, key: &str) -> anyhow::Result<Vec<u8>> {
+    let v = std::mem::take(value);
+    match v.to_str() {
+        Some(text) if text.trim_start().starts_with("-----BEGIN") => Ok(text.as_bytes().to_vec()),
+        _ => std::fs::read(&v).with_context(|| format!("reading `{key}` from {}", v.display())),
     }
-    std::fs::read(&v).with_context(|| format!("reading `{key}` from {v}"))
 }
 
 /// Parses and validates a JSON config document.
 pub(crate) fn parse(json: &str) -> anyhow::Result<Config> {
-    let raw: RawConfig = serde_json::from_str(json).context("parsing the JSON config")?;
-    let relay = raw.relay.context(
-        "missing `relay`: the relay's UDP address, e.g. \"relay\": \"203.0.113.10:4433\"",
-    )?;
-    if relay.ip().is_unspecified() || relay.port() == 0 {
-        bail!("`relay` = {relay} is not an address one can connect to");
-    }
-    if relay.is_ipv4() != raw.bind.is_ipv4() {
-        bail!(
-            "`bind` = {} and `relay` = {relay} are in different address families",
-            raw.bind
-        );
-    }
-    if raw.relay_name.is_empty() {
-        bail!("`relay_name` is empty: give the DNS name in the relay's certificate");
-    }
-    if raw.mtu < MIN_MTU {
-        bail!("`mtu` = {} is below the minimum of {MIN_MTU}", raw.mtu);
-    }
-    let mut seen = BTreeSet::new();
-    let mut services = Vec::new();
-    for s in raw.services {
-        if !ztna_proto::service::is_valid_name(&s) {
-            bail!("`services`: {s:?} is not a valid service name");
-        }
-        if seen.insert(s.clone()) {
-            services.push(s);
-        }
-    }
-    let ca = pem(raw.ca, "ca", "the organisation CA certificate")?;
-    let cert = pem(raw.cert, "cert", "this agent's certificate")?;
-    let key = pem(raw.key, "key", "this agent's private key")?;
+    let raw: AgentFile = serde_json::from_str(json).context("parsing the JSON config")?;
+    let mut settings = raw.validate()?;
+    let ca = pem(&mut settings.tls.ca, "ca")?;
+    let cert = pem(&mut settings.tls.cert, "cert")?;
+    let key = pem(&mut settings.tls.key, "key")?;
     let credentials =
         Credentials::from_pem(&ca, &cert, &key).map_err(|e| anyhow::anyhow!("credentials: {e}"))?;
     // The PEM parser accepts any base64 as a key; building the TLS config is what checks it.
@@ -177,24 +64,18 @@ pub(crate) fn parse(json: &str) -> anyhow::Result<Config> {
     if identity.role != Role::Agent {
         bail!("the certificate belongs to {identity}; the agent needs an agent certificate");
     }
+    let log = settings.log.clone().unwrap_or_else(|| "info".into());
     Ok(Config {
-        relay,
-        relay_name: raw.relay_name,
-        bind: raw.bind,
+        settings,
         credentials,
-        mtu: raw.mtu,
-        services,
-        log: raw
-            .log
-            .filter(|l| !l.trim().is_empty())
-            .unwrap_or_else(|| "info".into()),
-        direct_paths: raw.direct_paths,
+        log,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
     use ztna_core::pki::CertificateAuthority;
 
     pub(crate) struct Pems {
@@ -226,13 +107,14 @@ mod tests {
     fn inline_pem_and_defaults() {
         let p = pems(Role::Agent, "alice");
         let cfg = parse(&doc(&p, "")).unwrap();
-        assert_eq!(cfg.relay, "192.0.2.1:4433".parse().unwrap());
-        assert_eq!(cfg.relay_name, "relay");
-        assert_eq!(cfg.bind, "0.0.0.0:0".parse().unwrap());
-        assert_eq!(cfg.mtu, 1280);
-        assert!(cfg.services.is_empty());
+        let s = &cfg.settings;
+        assert_eq!(s.relay, "192.0.2.1:4433".parse().unwrap());
+        assert_eq!(s.relay_name, "relay");
+        assert_eq!(s.bind, "0.0.0.0:0".parse().unwrap());
+        assert_eq!(s.mtu, 1280);
+        assert!(s.services.is_empty());
         assert_eq!(cfg.log, "info");
-        assert!(cfg.direct_paths);
+        assert!(s.direct_paths);
         assert_eq!(cfg.credentials.identity().name, "alice");
         let dbg = format!("{cfg:?}");
         assert!(!dbg.contains("PRIVATE KEY"), "{dbg}");
@@ -253,14 +135,33 @@ mod tests {
             "ca": write("ca.pem", &p.ca), "cert": write("a.pem", &p.cert),
             "key": write("a.key", &p.key), "tun": "ztna0", "mtu": 1300,
             "services": "web, db, web", "status_socket": "/run/ztna/agent.sock",
-            "log": "debug", "direct_paths": false,
+            "log": "debug", "direct_paths": false, "withdraw_grace_secs": 5, "route_table": 100,
         });
+        let keys: BTreeSet<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(
+            keys,
+            ztna_core::agent_config::AGENT_KEYS
+                .iter()
+                .copied()
+                .collect()
+        );
         let cfg = parse(&json.to_string()).unwrap();
-        assert_eq!(cfg.relay_name, "relay.example");
-        assert_eq!(cfg.mtu, 1300);
-        assert_eq!(cfg.services, ["web", "db"]);
+        let s = &cfg.settings;
+        assert_eq!(s.relay_name, "relay.example");
+        assert_eq!(s.mtu, 1300);
+        assert_eq!(s.services, ["web", "db"]);
         assert_eq!(cfg.log, "debug");
-        assert!(!cfg.direct_paths);
+        assert!(!s.direct_paths);
+        assert_eq!(s.withdraw_grace, std::time::Duration::from_secs(5));
+        assert!(
+            s.tls.key.as_os_str().is_empty(),
+            "credential values are not kept"
+        );
     }
 
     #[test]

@@ -8,14 +8,11 @@ use std::cell::Cell;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
-use ztna_core::agent::{Agent, AgentConfig, AgentOptions, AgentStatus};
-use ztna_core::direct::DirectOptions;
-use ztna_core::session::RelayTarget;
-use ztna_core::transport::Timing;
+use ztna_core::agent::{Agent, AgentStatus};
 
 use crate::config::Config;
 use crate::settings::{network_settings, NetworkSettings};
@@ -178,26 +175,6 @@ impl Tunnel {
         }
     }
 
-    fn agent_config(&self) -> AgentConfig {
-        AgentConfig {
-            relay: RelayTarget {
-                addr: self.cfg.relay,
-                server_name: self.cfg.relay_name.clone(),
-            },
-            bind: self.cfg.bind,
-            credentials: self.cfg.credentials.clone(),
-            timing: Timing::default(),
-            tun_mtu: self.cfg.mtu,
-            want: self.cfg.services.clone(),
-            direct: DirectOptions {
-                enabled: self.cfg.direct_paths,
-                ..DirectOptions::default()
-            },
-            // No fwmark: on Apple the extension's own socket is outside the tunnel already.
-            options: AgentOptions::default(),
-        }
-    }
-
     fn thread_main(
         self: Arc<Self>,
         ready: std::sync::mpsc::SyncSender<Result<(), FfiError>>,
@@ -218,7 +195,11 @@ impl Tunnel {
             }
         };
         rt.block_on(async {
-            let from_tunnel = match Agent::start(self.agent_config()) {
+            let from_tunnel = match Agent::start(
+                self.cfg
+                    .settings
+                    .agent_config(self.cfg.credentials.clone(), None),
+            ) {
                 Ok((agent, rx)) => {
                     let state = agent.state();
                     *self.agent.write().unwrap_or_else(|p| p.into_inner()) = Some(agent);
@@ -227,12 +208,12 @@ impl Tunnel {
                 Err(e) => {
                     let _ = ready.send(Err(FfiError::io(format!(
                         "binding UDP {}: {e}",
-                        self.cfg.bind
+                        self.cfg.settings.bind
                     ))));
                     return;
                 }
             };
-            tracing::info!(relay = %self.cfg.relay, mtu = self.cfg.mtu, "ztna tunnel started");
+            tracing::info!(relay = %self.cfg.settings.relay, mtu = self.cfg.settings.mtu, "ztna tunnel started");
             let _ = ready.send(Ok(()));
             self.pump(from_tunnel.0, from_tunnel.1, stop, events).await;
             let agent = self.agent.write().unwrap_or_else(|p| p.into_inner()).take();
@@ -259,6 +240,7 @@ impl Tunnel {
         let mut applied: Option<NetworkSettings> = None;
         let mut peers = tokio::time::interval(PEER_CHECK);
         peers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut asleep_since = None;
         loop {
             tokio::select! {
                 biased;
@@ -284,16 +266,32 @@ impl Tunnel {
                 }
                 _ = peers.tick() => self.publish_settings(&mut applied),
                 Some(ev) = events.recv() => {
-                    match ev {
-                        // The core looks at host addresses again every few seconds, and the
-                        // relay re-sends the observed address when the NAT mapping moves; the
-                        // Linux agent relies on the same when a laptop roams.
-                        PlatformEvent::PathChanged => tracing::info!("network path changed"),
-                        PlatformEvent::Sleep => tracing::info!("system going to sleep"),
-                        PlatformEvent::Wake => tracing::info!("system woke up"),
-                    }
+                    self.on_event(ev, &mut asleep_since);
                     self.publish_settings(&mut applied);
                 }
+            }
+        }
+    }
+
+    /// Hands a platform event to the core: a path change re-gathers direct-path candidates; a
+    /// wake does too and reconnects to the relay when the sleep outlasted the session. The sleep
+    /// is measured in wall-clock time, since the monotonic clock stops while the Mac sleeps.
+    fn on_event(&self, ev: PlatformEvent, asleep_since: &mut Option<SystemTime>) {
+        let agent = self.agent.read().unwrap_or_else(|p| p.into_inner());
+        let Some(agent) = agent.as_ref() else { return };
+        match ev {
+            PlatformEvent::PathChanged => agent.network_changed(),
+            PlatformEvent::Sleep => {
+                tracing::info!("system going to sleep");
+                *asleep_since = Some(SystemTime::now());
+            }
+            PlatformEvent::Wake => {
+                let slept = asleep_since
+                    .take()
+                    .and_then(|t| t.elapsed().ok())
+                    .unwrap_or_default();
+                tracing::info!(slept_s = slept.as_secs(), "system woke up");
+                agent.wake(slept);
             }
         }
     }
@@ -313,7 +311,12 @@ impl Tunnel {
                 .collect();
             (state, peers)
         };
-        let Some(settings) = network_settings(&state, self.cfg.relay, self.cfg.mtu, &peers) else {
+        let Some(settings) = network_settings(
+            &state,
+            self.cfg.settings.relay,
+            self.cfg.settings.mtu,
+            &peers,
+        ) else {
             return;
         };
         if applied.as_ref() == Some(&settings) {

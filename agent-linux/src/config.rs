@@ -1,24 +1,24 @@
-//! The agent's configuration: figment layering and validation.
+//! The agent's configuration: figment layering of the schema in `ztna_core::agent_config`.
 //!
 //! Sources, lowest first: built-in defaults, `/etc/ztna/agent.toml` (or `/etc/ztna/agent.json`)
 //! if it exists, the `--config` file (TOML, or JSON when its name ends in `.json`), `ZTNA_*`
-//! environment variables (only the keys below; other `ZTNA_*` variables belong to other
-//! programs), and finally command-line flags. Unknown keys in a file are an error.
-//!
-//! Keys: `relay` (required), `relay_name`, `bind`, `ca`, `cert`, `key` (required), `tun`, `mtu`,
-//! `services`, `status_socket`, `log`, `direct_paths`, `withdraw_grace_secs`, `route_table`. No I/O here apart from reading the config files.
+//! environment variables (only the agent's keys; other `ZTNA_*` variables belong to other
+//! programs), and finally command-line flags. Unknown keys in a file are an error. The keys,
+//! defaults and validation are core's ([`AgentFile`]), shared with the Apple library. No I/O
+//! here apart from reading the config files and the credentials.
 
-use std::collections::BTreeSet;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use figment::Figment;
-use serde::{Deserialize, Deserializer, Serialize};
-use ztna_core::tls::{Credentials, TlsFiles};
-use ztna_core::transport::DEFAULT_TUN_MTU;
+use serde::{Deserialize, Serialize};
+use ztna_core::agent_config::{default_status_socket, AgentFile, AgentSettings, AGENT_KEYS};
+use ztna_core::tls::Credentials;
 use ztna_proto::Role;
+
+/// The validated configuration of `ztna-agent up`.
+pub(crate) type Config = AgentSettings;
 
 /// The system-wide config file, read when it exists.
 pub(crate) const SYSTEM_CONFIG: &str = "/etc/ztna/agent.toml";
@@ -26,33 +26,6 @@ pub(crate) const SYSTEM_CONFIG: &str = "/etc/ztna/agent.toml";
 pub(crate) const SYSTEM_CONFIG_JSON: &str = "/etc/ztna/agent.json";
 /// Prefix of the environment variables that set config keys.
 pub(crate) const ENV_PREFIX: &str = "ZTNA_";
-/// Default path of the status socket.
-pub(crate) const DEFAULT_STATUS_SOCKET: &str = "/run/ztna/agent.sock";
-/// Default name of the TUN device.
-pub(crate) const DEFAULT_TUN: &str = "ztna0";
-/// Smallest TUN MTU accepted (the IPv4 minimum reassembly size the core insists on).
-pub(crate) const MIN_MTU: u16 = 576;
-
-/// Every config key; the only ones read from the environment.
-const KEYS: &[&str] = &[
-    "relay",
-    "relay_name",
-    "bind",
-    "ca",
-    "cert",
-    "key",
-    "tun",
-    "mtu",
-    "services",
-    "status_socket",
-    "log",
-    "direct_paths",
-    "withdraw_grace_secs",
-    "route_table",
-];
-
-/// Default routing table of the service routes, also the `SO_MARK` of the agent's socket.
-pub(crate) const DEFAULT_ROUTE_TABLE: u32 = 0x7a7a;
 
 /// Command-line flags that override config keys (each also read from `ZTNA_<KEY>`).
 #[derive(Debug, Default, Clone, clap::Args, Serialize)]
@@ -113,118 +86,6 @@ pub(crate) struct Overrides {
     pub(crate) log: Option<String>,
 }
 
-/// The config as read, before validation. Defaults are the built-in layer.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    relay: Option<SocketAddr>,
-    #[serde(default = "default_relay_name")]
-    relay_name: String,
-    #[serde(default = "default_bind")]
-    bind: SocketAddr,
-    ca: Option<PathBuf>,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    #[serde(default = "default_tun")]
-    tun: String,
-    #[serde(default = "default_mtu")]
-    mtu: u16,
-    #[serde(default, deserialize_with = "names")]
-    services: Vec<String>,
-    #[serde(default = "default_status_socket")]
-    status_socket: PathBuf,
-    #[serde(default)]
-    log: Option<String>,
-    #[serde(default = "default_direct_paths")]
-    direct_paths: bool,
-    #[serde(default = "default_withdraw_grace_secs")]
-    withdraw_grace_secs: u64,
-    #[serde(default = "default_route_table")]
-    route_table: u32,
-}
-
-fn default_withdraw_grace_secs() -> u64 {
-    30
-}
-
-fn default_route_table() -> u32 {
-    DEFAULT_ROUTE_TABLE
-}
-
-fn default_direct_paths() -> bool {
-    true
-}
-
-fn default_relay_name() -> String {
-    "relay".into()
-}
-
-fn default_bind() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
-}
-
-fn default_tun() -> String {
-    DEFAULT_TUN.into()
-}
-
-fn default_mtu() -> u16 {
-    DEFAULT_TUN_MTU
-}
-
-fn default_status_socket() -> PathBuf {
-    PathBuf::from(DEFAULT_STATUS_SOCKET)
-}
-
-/// A list of names, given as a list or as one comma-separated string (as environment variables
-/// give it).
-fn names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Names {
-        List(Vec<String>),
-        Text(String),
-    }
-    Ok(match Names::deserialize(d)? {
-        Names::List(v) => v,
-        Names::Text(s) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
-    })
-}
-
-/// The validated configuration of `ztna-agent up`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Config {
-    /// The relay's UDP address.
-    pub(crate) relay: SocketAddr,
-    /// The DNS name the relay's certificate must carry.
-    pub(crate) relay_name: String,
-    /// Local UDP address to bind.
-    pub(crate) bind: SocketAddr,
-    /// CA, certificate and key files.
-    pub(crate) tls: TlsFiles,
-    /// TUN device name.
-    pub(crate) tun: String,
-    /// TUN MTU.
-    pub(crate) mtu: u16,
-    /// Services asked for; empty means all that policy allows.
-    pub(crate) services: Vec<String>,
-    /// Path of the status socket.
-    pub(crate) status_socket: PathBuf,
-    /// Log filter, if configured.
-    pub(crate) log: Option<String>,
-    /// Whether to look for direct paths to connectors (false: everything via the relay).
-    pub(crate) direct_paths: bool,
-    /// How long a service the relay's catalog withdrew keeps its route.
-    pub(crate) withdraw_grace: std::time::Duration,
-    /// Routing table of the service routes; also the fwmark of the agent's socket, which a
-    /// policy rule exempts from that table.
-    pub(crate) route_table: u32,
-}
-
 /// Where configuration comes from; [`Sources::standard`] in production, other values in tests.
 #[derive(Debug, Clone)]
 pub(crate) struct Sources<'a> {
@@ -257,14 +118,14 @@ impl<'a> Sources<'a> {
             system: &system,
             file: self.file,
             env_prefix: self.env_prefix,
-            env_keys: KEYS,
+            env_keys: AGENT_KEYS,
         }
         .figment(self.overrides)
     }
 
     /// Loads and validates the configuration.
     pub(crate) fn load(&self) -> anyhow::Result<Config> {
-        let raw: RawConfig = ztna_core::daemon::extract(&self.figment()?)?;
+        let raw: AgentFile = ztna_core::daemon::extract(&self.figment()?)?;
         raw.validate()
     }
 
@@ -281,135 +142,33 @@ impl<'a> Sources<'a> {
     }
 }
 
-impl RawConfig {
-    fn validate(self) -> anyhow::Result<Config> {
-        let relay = self.relay.context(
-            "missing `relay`: the relay's UDP address, e.g. relay = \"203.0.113.10:4433\" (or --relay, ZTNA_RELAY)",
-        )?;
-        if relay.ip().is_unspecified() || relay.port() == 0 {
-            bail!("`relay` = {relay} is not an address one can connect to");
-        }
-        if relay.is_ipv4() != self.bind.is_ipv4() {
-            bail!(
-                "`bind` = {} and `relay` = {relay} are in different address families",
-                self.bind
-            );
-        }
-        if self.relay_name.is_empty() {
-            bail!("`relay_name` is empty: give the DNS name in the relay's certificate");
-        }
-        let tls = TlsFiles::from_config(self.ca, self.cert, self.key)?;
-        validate_ifname(&self.tun)?;
-        if self.mtu < MIN_MTU {
-            bail!("`mtu` = {} is below the minimum of {MIN_MTU}", self.mtu);
-        }
-        let mut seen = BTreeSet::new();
-        let mut services = Vec::new();
-        for s in self.services {
-            if !ztna_proto::service::is_valid_name(&s) {
-                bail!("`services`: {s:?} is not a valid service name");
-            }
-            if seen.insert(s.clone()) {
-                services.push(s);
-            }
-        }
-        if self.status_socket.as_os_str().is_empty() {
-            bail!("`status_socket` is empty");
-        }
-        if self.withdraw_grace_secs > 86_400 {
-            bail!(
-                "`withdraw_grace_secs` = {} is more than a day",
-                self.withdraw_grace_secs
-            );
-        }
-        // 0 is unspec; 253 to 255 are the kernel's default, main and local tables.
-        if self.route_table == 0 || (253..=255).contains(&self.route_table) {
-            bail!(
-                "`route_table` = {} is reserved; choose another table number (default {DEFAULT_ROUTE_TABLE})",
-                self.route_table
-            );
-        }
-        Ok(Config {
-            relay,
-            relay_name: self.relay_name,
-            bind: self.bind,
-            tls,
-            tun: self.tun,
-            mtu: self.mtu,
-            services,
-            status_socket: self.status_socket,
-            log: self.log.filter(|l| !l.trim().is_empty()),
-            direct_paths: self.direct_paths,
-            withdraw_grace: std::time::Duration::from_secs(self.withdraw_grace_secs),
-            route_table: self.route_table,
-        })
-    }
-}
-
-/// Checks a Linux interface name: 1 to 15 bytes, no '/', ':' or whitespace, not "." or "..".
-fn validate_ifname(name: &str) -> anyhow::Result<()> {
-    let ok = !name.is_empty()
-        && name.len() < libc::IFNAMSIZ
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
-    if !ok {
+/// Loads the CA, certificate and key, and checks that the certificate is an agent's.
+pub(crate) fn credentials(cfg: &Config) -> anyhow::Result<Credentials> {
+    // TlsError's message already names its cause; format it once instead of chaining it.
+    let credentials = Credentials::load(&cfg.tls)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| {
+            format!(
+                "loading credentials (ca {}, cert {}, key {})",
+                cfg.tls.ca.display(),
+                cfg.tls.cert.display(),
+                cfg.tls.key.display()
+            )
+        })?;
+    let identity = credentials.identity();
+    if identity.role != Role::Agent {
         bail!(
-            "`tun` = {name:?} is not a valid interface name (1 to {} characters, no '/', ':' or spaces)",
-            libc::IFNAMSIZ - 1
+            "certificate {} belongs to {identity}; the agent needs an agent certificate",
+            cfg.tls.cert.display()
         );
     }
-    Ok(())
-}
-
-impl Config {
-    /// Loads the CA, certificate and key, and checks that the certificate is an agent's.
-    pub(crate) fn credentials(&self) -> anyhow::Result<Credentials> {
-        // TlsError's message already names its cause; format it once instead of chaining it.
-        let credentials = Credentials::load(&self.tls)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| {
-                format!(
-                    "loading credentials (ca {}, cert {}, key {})",
-                    self.tls.ca.display(),
-                    self.tls.cert.display(),
-                    self.tls.key.display()
-                )
-            })?;
-        let identity = credentials.identity();
-        if identity.role != Role::Agent {
-            bail!(
-                "certificate {} belongs to {identity}; the agent needs an agent certificate",
-                self.tls.cert.display()
-            );
-        }
-        Ok(credentials)
-    }
-}
-
-impl fmt::Display for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "relay {} ({}), tun {} mtu {}, services {}",
-            self.relay,
-            self.relay_name,
-            self.tun,
-            self.mtu,
-            if self.services.is_empty() {
-                "all allowed".to_owned()
-            } else {
-                self.services.join(",")
-            }
-        )
-    }
+    Ok(credentials)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ztna_core::tls::TlsFiles;
 
     const MINIMAL: &str = r#"
 relay = "192.0.2.1:4433"
@@ -600,7 +359,7 @@ key = "/etc/ztna/agent.key"
                 },
                 ..example()
             };
-            cfg.credentials()
+            credentials(&cfg)
         };
         let creds = load(Role::Agent, "alice").unwrap();
         assert_eq!(creds.identity().name, "alice");
@@ -614,7 +373,7 @@ key = "/etc/ztna/agent.key"
             },
             ..example()
         };
-        let err = format!("{:#}", missing.credentials().unwrap_err());
+        let err = format!("{:#}", credentials(&missing).unwrap_err());
         assert!(err.starts_with("loading credentials (ca "), "{err}");
         assert!(err.contains("nope.pem"), "{err}");
     }
@@ -636,7 +395,7 @@ key = "/etc/ztna/agent.key"
             log: None,
             direct_paths: true,
             withdraw_grace: std::time::Duration::from_secs(30),
-            route_table: DEFAULT_ROUTE_TABLE,
+            route_table: ztna_core::agent_config::DEFAULT_ROUTE_TABLE,
         }
     }
 
@@ -646,7 +405,7 @@ key = "/etc/ztna/agent.key"
         let o = Overrides::default();
         assert_eq!(
             sources(None, &o).status_socket().unwrap(),
-            PathBuf::from(DEFAULT_STATUS_SOCKET)
+            default_status_socket()
         );
         let f = write(dir.path(), "a.toml", "status_socket = \"/tmp/x.sock\"\n");
         assert_eq!(
@@ -670,7 +429,7 @@ key = "/etc/ztna/agent.key"
         use ztna_core::daemon::{documented_keys, struct_fields};
         let md = include_str!("../../docs/config.md");
         let documented: BTreeSet<String> = documented_keys(md, "Agent").into_iter().collect();
-        let code: BTreeSet<String> = struct_fields::<RawConfig>()
+        let code: BTreeSet<String> = struct_fields::<AgentFile>()
             .iter()
             .map(|f| f.to_string())
             .collect();
@@ -681,7 +440,10 @@ key = "/etc/ztna/agent.key"
         );
         // Every key may come from the environment too.
         assert_eq!(
-            KEYS.iter().map(|k| k.to_string()).collect::<BTreeSet<_>>(),
+            AGENT_KEYS
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<BTreeSet<_>>(),
             code
         );
     }

@@ -18,12 +18,9 @@ use anyhow::{anyhow, Context as _};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use ztna_core::agent::{Agent, AgentConfig, AgentOptions, TunnelState};
+use ztna_core::agent::{Agent, TunnelState};
 use ztna_core::agent_machine::Refusal;
-use ztna_core::direct::DirectOptions;
-use ztna_core::session::RelayTarget;
 use ztna_core::tls::Credentials;
-use ztna_core::transport::Timing;
 
 use crate::config::Config;
 use crate::netlink::{desired_routes, Netlink, RuleKey, RULE_PRIORITY};
@@ -71,7 +68,7 @@ fn rule_key(cfg: &Config) -> RuleKey {
 /// Runs the agent until a signal or a fatal error, then cleans up. Returns the fatal error, if
 /// any; a signal is a clean exit.
 pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
-    let credentials = cfg.credentials()?;
+    let credentials = crate::config::credentials(&cfg)?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
@@ -155,27 +152,9 @@ async fn serve(
     let listener = status::bind(&cfg.status_socket)?;
     running.socket_bound = true;
 
-    let (agent, from_tunnel) = Agent::start(AgentConfig {
-        relay: RelayTarget {
-            addr: cfg.relay,
-            server_name: cfg.relay_name.clone(),
-        },
-        bind: cfg.bind,
-        credentials,
-        timing: Timing::default(),
-        tun_mtu: cfg.mtu,
-        want: cfg.services.clone(),
-        direct: DirectOptions {
-            enabled: cfg.direct_paths,
-            ..DirectOptions::default()
-        },
-        options: AgentOptions {
-            withdraw_grace: cfg.withdraw_grace,
-            fwmark: Some(cfg.route_table),
-            ..AgentOptions::default()
-        },
-    })
-    .with_context(|| format!("starting the tunnel on UDP {}", cfg.bind))?;
+    let (agent, from_tunnel) =
+        Agent::start(cfg.agent_config(credentials, Some(cfg.route_table)))
+            .with_context(|| format!("starting the tunnel on UDP {}", cfg.bind))?;
     let agent = Arc::new(agent);
     running.agent = Some(agent.clone());
     let mut refused = agent.refused();

@@ -341,6 +341,42 @@ impl Agent {
         Ok((Agent { shared, node, task }, rx))
     }
 
+    /// The platform saw the network change (an interface or address came or went, Wi-Fi to
+    /// cellular): every direct-path driver gathers its host candidates again and sends them at
+    /// once, so both ends probe the new addresses now rather than at the next refresh. The
+    /// relay session needs nothing: its connection migrates by itself on its next packet (a
+    /// keepalive at the latest), and the relay then re-sends the observed address, which the
+    /// drivers offer too.
+    pub fn network_changed(&self) {
+        let control = lock(&self.shared.control);
+        let drivers = control.values().filter_map(|c| c.direct.as_ref());
+        let n = drivers.inspect(|d| d.network_changed()).count();
+        tracing::info!(
+            direct_paths = n,
+            "network changed; gathering candidates again"
+        );
+    }
+
+    /// The machine woke after sleeping `slept` (wall-clock time: monotonic clocks may stop
+    /// during sleep). Does what [`Agent::network_changed`] does, and when the relay must have
+    /// timed the session out meanwhile ([`reconnect_after_sleep`]), closes it so that the
+    /// agent reconnects now instead of when its own idle timer, which did not run during the
+    /// sleep, notices. Inner connections resume over the new session's channels.
+    pub fn wake(&self, slept: Duration) {
+        self.network_changed();
+        if !reconnect_after_sleep(slept, &self.shared.cfg.timing) {
+            return;
+        }
+        let conn = lock(&self.shared.info).session_conn.clone();
+        if let Some(conn) = conn.filter(|c| c.close_reason().is_none()) {
+            tracing::info!(
+                slept_s = slept.as_secs(),
+                "woke after a long sleep; reconnecting to the relay"
+            );
+            conn.close(0u32.into(), b"woke from sleep");
+        }
+    }
+
     /// Sends one IP packet from the platform into the tunnel. Never blocks; packets with no
     /// route, or whose connector tunnel is down, are dropped and counted.
     pub fn send_packet(&self, packet: Bytes) {
@@ -479,6 +515,12 @@ fn close_all_inner(sh: &Shared, why: &str) {
     for c in lock(&sh.control).values_mut() {
         c.stop_inner();
     }
+}
+
+/// Whether the relay has surely dropped a session that was silent for `slept`: its idle timer
+/// ran out, counting the keepalive interval the session may have been quiet before. Pure.
+pub fn reconnect_after_sleep(slept: Duration, timing: &Timing) -> bool {
+    slept.saturating_add(timing.keepalive) >= timing.idle_timeout
 }
 
 /// What the inner connections' tasks report.
@@ -1147,5 +1189,22 @@ mod tests {
         p[0] = 0x60;
         assert_eq!(ipv4_destination(&p), None);
         assert_eq!(ipv4_destination(&[0x45; 10]), None);
+    }
+
+    #[test]
+    fn a_wake_reconnects_only_after_the_relay_timed_the_session_out() {
+        let t = Timing {
+            keepalive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(20),
+        };
+        let s = Duration::from_secs;
+        assert!(!reconnect_after_sleep(s(0), &t), "a path change alone");
+        assert!(
+            !reconnect_after_sleep(s(14), &t),
+            "the session may still be alive"
+        );
+        assert!(reconnect_after_sleep(s(15), &t));
+        assert!(reconnect_after_sleep(s(8 * 3600), &t), "a night");
+        assert!(reconnect_after_sleep(Duration::MAX, &t), "no overflow");
     }
 }

@@ -122,6 +122,8 @@ pub struct DirectContext {
 
 struct Shared {
     status: Mutex<DirectStatus>,
+    /// The platform says the network changed: gather and send candidates at once.
+    regather: tokio::sync::Notify,
     peer_candidates: watch::Sender<Option<Vec<Candidate>>>,
     observed: watch::Sender<Option<SocketAddr>>,
 }
@@ -155,6 +157,7 @@ impl DirectPath {
         let (observed, observed_rx) = watch::channel(ctx.observed);
         let shared = Arc::new(Shared {
             status: Mutex::default(),
+            regather: tokio::sync::Notify::new(),
             peer_candidates,
             observed,
         });
@@ -182,6 +185,7 @@ impl DirectPath {
             sent: Vec::new(),
             sent_at: None,
             send_due: None,
+            force: false,
         };
         let task = tokio::spawn(driver.run(peer_rx, observed_rx, probe_rx));
         Ok(Self {
@@ -201,6 +205,13 @@ impl DirectPath {
     /// The relay observed a new address for this end.
     pub fn set_observed(&self, addr: SocketAddr) {
         self.shared.observed.send_replace(Some(addr));
+    }
+
+    /// The network changed (an interface, an address, a wake from sleep): gather the host
+    /// candidates again and send them now, even if they look the same (the peer then probes
+    /// them again), instead of at the next periodic refresh.
+    pub fn network_changed(&self) {
+        self.shared.regather.notify_one();
     }
 
     /// A status snapshot.
@@ -260,6 +271,37 @@ struct Driver {
     sent_at: Option<Instant>,
     /// A changed list waits until then, so lists are never sent faster than the relay takes them.
     send_due: Option<Instant>,
+    /// Send the next list even if it equals the last one (the network changed).
+    force: bool,
+}
+
+/// What to do with a freshly gathered candidate list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendCandidates {
+    /// Nothing new to say.
+    Skip,
+    /// Send it now.
+    Now,
+    /// Send it then: the last list went out less than [`CANDIDATES_INTERVAL`] ago.
+    At(Instant),
+}
+
+/// Whether a candidate list goes out: when it differs from the last one sent, or when `force`d
+/// (the network changed), never faster than one list per [`CANDIDATES_INTERVAL`]. Pure.
+fn send_candidates_when(
+    list: &[Candidate],
+    sent: &[Candidate],
+    sent_at: Option<Instant>,
+    force: bool,
+    now: Instant,
+) -> SendCandidates {
+    if list == sent && !force {
+        return SendCandidates::Skip;
+    }
+    match sent_at.map(|at| at + CANDIDATES_INTERVAL) {
+        Some(due) if now < due => SendCandidates::At(due),
+        _ => SendCandidates::Now,
+    }
 }
 
 impl Driver {
@@ -274,6 +316,7 @@ impl Driver {
         tokio::pin!(closed);
         let mut refresh = tokio::time::interval(HOST_REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shared = self.shared.clone();
         loop {
             let deadline = self
                 .paths
@@ -301,6 +344,11 @@ impl Driver {
                     self.send_candidates(*observed_rx.borrow_and_update());
                 }
                 _ = refresh.tick() => self.send_candidates(*observed_rx.borrow()),
+                () = shared.regather.notified() => {
+                    tracing::debug!(peer = %self.ctx.peer, "network changed; gathering candidates again");
+                    self.force = true;
+                    self.send_candidates(*observed_rx.borrow());
+                }
                 _ = &mut closed => return,
             }
             let now = Instant::now().into_std();
@@ -436,14 +484,17 @@ impl Driver {
             }
         }
         list.truncate(MAX_CANDIDATES);
-        if list == self.sent {
-            self.send_due = None;
-            return;
-        }
         let now = Instant::now();
-        if let Some(at) = self.sent_at.filter(|at| now < *at + CANDIDATES_INTERVAL) {
-            self.send_due = Some(at + CANDIDATES_INTERVAL);
-            return;
+        match send_candidates_when(&list, &self.sent, self.sent_at, self.force, now) {
+            SendCandidates::Skip => {
+                self.send_due = None;
+                return;
+            }
+            SendCandidates::At(due) => {
+                self.send_due = Some(due);
+                return;
+            }
+            SendCandidates::Now => {}
         }
         tracing::debug!(peer = %self.ctx.peer, candidates = ?list, "sending candidates");
         let msg = ControlMessage::Candidates {
@@ -456,6 +507,7 @@ impl Driver {
                 self.sent = list;
                 self.sent_at = Some(now);
                 self.send_due = None;
+                self.force = false;
             }
             Err(e) => tracing::debug!(error = %e, "candidates not sent"),
         }
@@ -745,6 +797,29 @@ mod tests {
                 net("127.0.0.1/32")
             ]
         );
+    }
+
+    #[test]
+    fn a_network_change_sends_candidates_at_once_even_if_unchanged() {
+        let c = |s: &str| Candidate {
+            addr: s.parse().unwrap(),
+            kind: CandidateKind::Host,
+        };
+        let (a, b) = (vec![c("192.0.2.1:5000")], vec![c("198.51.100.7:5000")]);
+        let t0 = Instant::now();
+        let long_ago = Some(t0 - Duration::from_secs(10));
+        let just_now = Some(t0 - Duration::from_millis(100));
+        let when = |list: &[Candidate], at, force| send_candidates_when(list, &a, at, force, t0);
+        // The periodic refresh: the same list is not sent again, a new one is.
+        assert_eq!(when(&a, long_ago, false), SendCandidates::Skip);
+        assert_eq!(when(&b, long_ago, false), SendCandidates::Now);
+        // The platform's trigger: sent even though the list looks the same.
+        assert_eq!(when(&a, long_ago, true), SendCandidates::Now);
+        assert_eq!(when(&a, None, true), SendCandidates::Now);
+        // Never faster than the relay takes lists, forced or not.
+        let due = t0 - Duration::from_millis(100) + CANDIDATES_INTERVAL;
+        assert_eq!(when(&a, just_now, true), SendCandidates::At(due));
+        assert_eq!(when(&b, just_now, false), SendCandidates::At(due));
     }
 
     fn ip4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {

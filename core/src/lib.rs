@@ -13,6 +13,8 @@
 //!   and switching the socket's route between the relay channel and the direct path.
 //! - [`agent`]: the platform-neutral agent tunnel: packets in and out through a channel, never a
 //!   TUN device directly; the I/O shell over [`agent_machine`].
+//! - [`agent_config`]: the agent's config keys, defaults and validation, one schema for the
+//!   Linux agent and the Apple library.
 //! - [`agent_machine`]: the agent's session logic (relay reconnects and refusals, catalog and
 //!   routes with a withdrawal grace period, channels, resuming inner connections) as a pure
 //!   state machine with injected time.
@@ -25,6 +27,7 @@
 //! I/O: [`mux`], [`session`], [`direct`] and [`agent`] own UDP sockets and tokio tasks; the rest is pure.
 
 pub mod agent;
+pub mod agent_config;
 pub mod agent_machine;
 pub mod backoff;
 pub mod daemon;
