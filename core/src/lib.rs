@@ -20,6 +20,7 @@
 //!   state machine with injected time.
 //! - [`inbound`]: the agent's check of packets from a connector (source, port, destination).
 //! - [`backoff`]: reconnect delays.
+//! - [`bucket`]: the token bucket behind every rate limit (pure).
 //! - [`daemon`]: layered configuration, logging, signals and sockets of the daemons.
 //! - [`metrics_http`]: the opt-in Prometheus endpoint of the relay and the connector.
 //! - [`reload`]: reload triggers (SIGHUP, a poll of watched files) for policy and deny lists.
@@ -30,6 +31,7 @@ pub mod agent;
 pub mod agent_config;
 pub mod agent_machine;
 pub mod backoff;
+pub mod bucket;
 pub mod daemon;
 pub mod direct;
 pub mod inbound;

@@ -48,6 +48,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::bucket::{Rate, TokenBucket};
 use ztna_proto::{Candidate, CandidateKind};
 
 /// Most targets from the peer's candidate list (the rest of the list is ignored).
@@ -292,37 +294,6 @@ impl Target {
     }
 }
 
-/// A token bucket: `rate` tokens per second, at most `rate` banked.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Option<Instant>,
-}
-
-impl Bucket {
-    const fn full() -> Self {
-        Self {
-            tokens: f64::MAX,
-            at: None,
-        }
-    }
-
-    fn take(&mut self, rate: u32, now: Instant) -> bool {
-        let rate = f64::from(rate);
-        let elapsed = self
-            .at
-            .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
-        self.tokens = (self.tokens.min(rate) + elapsed * rate).min(rate);
-        self.at = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// Counters of what a [`PathSet`] refused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Refusals {
@@ -356,9 +327,9 @@ pub struct PathSet {
     next_txid: u64,
     open_ttl: u8,
     refused: Vec<ipnet::IpNet>,
-    pings: Bucket,
+    pings: TokenBucket,
     last_prflx: Option<Instant>,
-    pongs: Vec<(SocketAddr, Bucket, Instant)>,
+    pongs: Vec<(SocketAddr, TokenBucket, Instant)>,
     counts: Refusals,
 }
 
@@ -372,7 +343,7 @@ impl PathSet {
             next_txid: txid_seed,
             open_ttl: OPEN_TTL_MIN,
             refused: Vec::new(),
-            pings: Bucket::full(),
+            pings: TokenBucket::full(),
             last_prflx: None,
             pongs: Vec::new(),
             counts: Refusals::default(),
@@ -407,13 +378,13 @@ impl PathSet {
                         .unwrap_or(0);
                     self.pongs.swap_remove(lru);
                 }
-                self.pongs.push((to, Bucket::full(), now));
+                self.pongs.push((to, TokenBucket::full(), now));
                 self.pongs.len() - 1
             }
         };
         let entry = &mut self.pongs[i];
         entry.2 = now;
-        let ok = entry.1.take(PONG_BUDGET, now);
+        let ok = entry.1.take(Rate::per_sec(PONG_BUDGET), now);
         if !ok {
             self.counts.pongs_limited += 1;
         }
@@ -602,7 +573,7 @@ impl PathSet {
                 _ => {}
             }
             if t.state != TargetState::Failed && now >= t.next_ping {
-                if !self.pings.take(PING_BUDGET, now) {
+                if !self.pings.take(Rate::per_sec(PING_BUDGET), now) {
                     self.counts.pings_deferred += 1;
                     t.next_ping = now + BUDGET_RETRY;
                     continue;

@@ -41,6 +41,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ztna_core::bucket::TokenBucket;
 use ztna_core::tls::PeerIdentity;
 use ztna_proto::control::{
     Candidate, CandidateKind, ControlMessage, ErrorCode, Role, MAX_CANDIDATES,
@@ -63,14 +64,7 @@ pub const OUTBOX: usize = 256;
 /// its control stream for a long time and is closed.
 pub const HARD_OUTBOX: usize = 16 * 1024;
 
-/// A token bucket: `burst` tokens, refilled at `rate` per second.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    /// Tokens per second.
-    pub per_sec: f64,
-    /// Bucket size.
-    pub burst: f64,
-}
+pub use ztna_core::bucket::Rate;
 
 /// The relay's limits.
 #[derive(Debug, Clone, PartialEq)]
@@ -155,55 +149,12 @@ pub trait Directory {
     fn reachable(&self, agent: &PeerIdentity, connector: &str) -> Vec<Ipv4Addr>;
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn full(rate: Rate, now: Instant) -> Self {
-        Self {
-            tokens: rate.burst,
-            at: now,
-        }
-    }
-
-    fn refill(&mut self, rate: Rate, now: Instant) {
-        let dt = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + dt * rate.per_sec).min(rate.burst);
-        self.at = now;
-    }
-
-    fn take(&mut self, rate: Rate, now: Instant) -> bool {
-        self.refill(rate, now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// When the next token is there (`None`: now).
-    fn ready_at(&self, rate: Rate, now: Instant) -> Option<Instant> {
-        let mut b = *self;
-        b.refill(rate, now);
-        (b.tokens < 1.0).then(|| now + Duration::from_secs_f64((1.0 - b.tokens) / rate.per_sec))
-    }
-
-    /// When the bucket is full again (and may be forgotten).
-    fn full_at(&self, rate: Rate) -> Instant {
-        self.at + Duration::from_secs_f64((rate.burst - self.tokens).max(0.0) / rate.per_sec)
-    }
-}
-
 /// Rate limits of one identity; kept after its session ends until they are full again, so
 /// reconnecting does not refill them.
 #[derive(Debug, Clone, Copy)]
 struct Buckets {
-    opens: Bucket,
-    reads: Bucket,
+    opens: TokenBucket,
+    reads: TokenBucket,
 }
 
 #[derive(Debug, Default)]
@@ -333,7 +284,7 @@ impl ControlPlane {
 
     /// Admits an authenticated peer that said hello. A session of the same identity is closed
     /// (`Replaced`) and removed first. Agents bring their tunnel IP and first catalog.
-    pub fn add_session(&mut self, now: Instant, new: NewSession) -> Result<SessionId, Refusal> {
+    pub fn add_session(&mut self, _now: Instant, new: NewSession) -> Result<SessionId, Refusal> {
         let NewSession {
             identity,
             observed,
@@ -358,11 +309,9 @@ impl ControlPlane {
         }
         let id = self.next_session;
         self.next_session += 1;
-        let opens = self.limits.open_rate;
-        let reads = self.read_rate(identity.role);
         self.buckets.entry(key.clone()).or_insert(Buckets {
-            opens: Bucket::full(opens, now),
-            reads: Bucket::full(reads, now),
+            opens: TokenBucket::full(),
+            reads: TokenBucket::full(),
         });
         self.by_identity.insert(key, id);
         self.sessions.insert(
@@ -512,8 +461,8 @@ impl ControlPlane {
                 _ => limits.agent_read_rate,
             };
             by_identity.contains_key(key)
-                || b.opens.full_at(opens) > now
-                || b.reads.full_at(reads) > now
+                || b.opens.full_at(opens).is_some_and(|t| t > now)
+                || b.reads.full_at(reads).is_some_and(|t| t > now)
         });
     }
 
@@ -649,8 +598,7 @@ impl ControlPlane {
         let rate = self.read_rate(s.identity.role);
         if let Some(b) = self.buckets.get_mut(&key) {
             // The shell waits for a token before reading; one read past it is paid later.
-            if !b.reads.take(rate, now) {
-                b.reads.tokens -= 1.0;
+            if !b.reads.take_on_credit(rate, now) {
                 self.count(|m| &m.control_limited);
             }
         }

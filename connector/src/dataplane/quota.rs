@@ -129,38 +129,26 @@ impl Drop for Permit {
     }
 }
 
-/// A token bucket: `rate` per second, bursts of up to `rate`.
+/// The answers to refused packets share the one token bucket of the core: `rate` per second,
+/// bursts of up to `rate`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Bucket {
-    rate: u32,
-    tokens: f64,
-    at: Option<Instant>,
+    rate: ztna_core::bucket::Rate,
+    tokens: ztna_core::bucket::TokenBucket,
 }
 
 impl Bucket {
     /// A full bucket.
     pub(crate) fn new(rate: u32) -> Self {
         Self {
-            rate,
-            tokens: f64::from(rate),
-            at: None,
+            rate: ztna_core::bucket::Rate::per_sec(rate),
+            tokens: ztna_core::bucket::TokenBucket::full(),
         }
     }
 
     /// Takes a token at `now`, if there is one.
     pub(crate) fn take(&mut self, now: Instant) -> bool {
-        let rate = f64::from(self.rate);
-        let elapsed = self
-            .at
-            .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
-        self.tokens = (self.tokens + elapsed * rate).min(rate);
-        self.at = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.tokens.take(self.rate, now)
     }
 }
 
