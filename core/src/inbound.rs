@@ -4,7 +4,9 @@
 //! device only when its source is one of *that connector's* service addresses, with a port and
 //! protocol the service offers, and its destination is the agent's tunnel IP. Everything else
 //! (another connector's address, the agent's LAN address as destination, a port the service
-//! does not serve) is dropped and counted. Later IPv4 fragments carry no ports; they are
+//! does not serve) is dropped and counted, except the connector's answers to refused packets
+//! (a TCP reset from any port of the service's address, ICMP destination unreachable). Later
+//! IPv4 fragments carry no ports; they are
 //! accepted on their addresses and protocol alone (the connector fragments large replies).
 
 use std::net::Ipv4Addr;
@@ -61,7 +63,9 @@ pub fn check(
     let allowed = |s: &ServiceDef| match proto {
         TCP if later_fragment => !s.tcp.is_empty(),
         UDP if later_fragment => !s.udp.is_empty(),
-        TCP => src_port.is_some_and(|p| s.allows_tcp(p)),
+        // A reset from any port of a service: the connector's answer to a SYN for a port the
+        // service does not serve (it can only end a connection to that same address and port).
+        TCP => src_port.is_some_and(|p| s.allows_tcp(p)) || is_reset(l4),
         UDP => src_port.is_some_and(|p| s.allows_udp(p)),
         // Echo replies where the service answers ICMP; destination unreachable and time
         // exceeded from any service (the connector reports a refused port or backend that way).
@@ -77,6 +81,11 @@ pub fn check(
     } else {
         Err(InboundDrop::PortOrProtocol)
     }
+}
+
+/// Whether a TCP header has the RST flag.
+fn is_reset(tcp: &[u8]) -> bool {
+    tcp.get(13).is_some_and(|flags| flags & 0x04 != 0)
 }
 
 #[cfg(test)]
@@ -133,6 +142,12 @@ mod tests {
             ok(&packet(ICMP, [10, 100, 0, 1], TIP, &[0, 0, 0, 0])),
             Ok(())
         );
+        // The connector's answer to a SYN for a port the service does not serve: RST+ACK from
+        // that port, on a service that serves TCP and on one that serves none.
+        let mut rst = ports(22, 40000);
+        rst[13] = 0x14;
+        assert_eq!(ok(&packet(TCP, [10, 100, 0, 1], TIP, &rst)), Ok(()));
+        assert_eq!(ok(&packet(TCP, [10, 100, 0, 2], TIP, &rst)), Ok(()));
         // Port unreachable from a service without ICMP echo.
         assert_eq!(
             ok(&packet(ICMP, [10, 100, 0, 2], TIP, &[3, 3, 0, 0])),
@@ -152,6 +167,13 @@ mod tests {
         // Another connector's service address as source.
         assert_eq!(
             check(&packet(TCP, [10, 100, 0, 9], TIP, &ports(80, 40000))),
+            Err(InboundDrop::Source)
+        );
+        // A reset passes only from this connector's own service addresses.
+        let mut rst = ports(22, 40000);
+        rst[13] = 0x04;
+        assert_eq!(
+            check(&packet(TCP, [10, 100, 0, 9], TIP, &rst)),
             Err(InboundDrop::Source)
         );
         // To the agent's LAN address instead of its tunnel IP.
