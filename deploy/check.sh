@@ -322,6 +322,9 @@ chmod 0600 "$SD"/etc/pki/*.key
 cat >"$SD/etc/relay.toml" <<'EOF'
 bind = "127.0.0.1:4433"
 metrics = "127.0.0.1:9090"
+[[services]]
+name = "echo"
+address = "10.100.0.1"
 [[access]]
 services = ["echo"]
 groups = ["eng"]
