@@ -192,6 +192,21 @@ pub fn struct_fields<T: DeserializeOwned>() -> &'static [&'static str] {
     fields
 }
 
+/// Panics unless each `(section, fields)` pair has exactly `fields` documented in `markdown`
+/// (see [`documented_keys`]): the one check behind each daemon's `docs/config.md` test.
+pub fn assert_documented(markdown: &str, sections: &[(&str, &[&str])]) {
+    use std::collections::BTreeSet;
+    for (section, fields) in sections {
+        let documented: BTreeSet<String> = documented_keys(markdown, section).into_iter().collect();
+        let code: BTreeSet<String> = fields.iter().map(|f| f.to_string()).collect();
+        assert!(!code.is_empty(), "{section}: no fields");
+        assert_eq!(
+            documented, code,
+            "docs/config.md, section \"{section}\", must list exactly the keys of the code"
+        );
+    }
+}
+
 /// The keys documented in the section `## {heading}` of a markdown reference: the first
 /// backquoted word of each table row (`| \`key\` | ... |`), up to the next heading of level 2
 /// or 3. Empty if the section is missing.
