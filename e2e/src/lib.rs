@@ -49,6 +49,32 @@ pub use status::AgentStatus;
 pub use topology::{CmdOutput, DaemonId, Node, Signal, Topology};
 pub use wait::wait_until;
 
+/// Resolves `backend.ztna.test` from the agent through the tunnel's DNS service
+/// (`dig @10.100.0.2`, `tries` tries of 2 s) and checks the answer is the backend's address.
+pub fn dig_backend(t: &Topology, tries: u32) -> Result<()> {
+    let server = format!("@{}", addr::DNS);
+    let tries = format!("+tries={tries}");
+    let out = t.run_ok(
+        Node::Agent,
+        20,
+        [
+            "dig",
+            "+short",
+            "+time=2",
+            &tries,
+            &server,
+            "backend.ztna.test",
+        ],
+    )?;
+    anyhow::ensure!(
+        out.stdout.trim() == addr::BACKEND,
+        "dig through the tunnel answered {:?}, not {}\n{out}",
+        out.stdout.trim(),
+        addr::BACKEND
+    );
+    Ok(())
+}
+
 /// Fixed addresses of the topology (see `deploy/netns/README.md`).
 pub mod addr {
     /// The relay on the WAN bridge.

@@ -272,24 +272,7 @@ fn apple_harness_end_to_end_asan() {
         );
         t.step(&format!("UDP echo: {}", out.stdout.trim()));
 
-        let server = format!("@{}", addr::DNS);
-        let out = t.run_ok(
-            Node::Agent,
-            15,
-            [
-                "dig",
-                "+short",
-                "+time=2",
-                "+tries=2",
-                &server,
-                "backend.ztna.test",
-            ],
-        )?;
-        ensure!(
-            out.stdout.trim() == addr::BACKEND,
-            "dig answered {:?}: {out}",
-            out.stdout.trim()
-        );
+        ztna_e2e::dig_backend(t, 2)?;
         t.step("DNS through the harness: backend.ztna.test -> 10.10.3.2");
 
         let got = t.dir().join("big.got");

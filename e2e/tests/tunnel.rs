@@ -112,25 +112,7 @@ fn tunnel_basics() {
         t.step(out.stdout.trim());
 
         t.step("DNS through the tunnel: dig @10.100.0.2 backend.ztna.test");
-        let server = format!("@{}", addr::DNS);
-        let out = t.run_ok(
-            Node::Agent,
-            15,
-            [
-                "dig",
-                "+short",
-                "+time=2",
-                "+tries=2",
-                &server,
-                "backend.ztna.test",
-            ],
-        )?;
-        ensure!(
-            out.stdout.trim() == addr::BACKEND,
-            "dig answered {:?}, expected {}\n{out}",
-            out.stdout.trim(),
-            addr::BACKEND
-        );
+        ztna_e2e::dig_backend(t, 2)?;
 
         t.step("the TUN device has MTU 1280");
         let out = t.host(5, ["ip", "-n", &t.ns(Node::Agent), "link", "show", "ztna0"])?;

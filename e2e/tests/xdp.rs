@@ -45,25 +45,7 @@ fn echo_and_dig(t: &Topology) -> Result<()> {
         ],
     )?;
     ensure!(out.success(), "UDP echo through the tunnel failed:\n{out}");
-    let server = format!("@{}", addr::DNS);
-    let out = t.run_ok(
-        Node::Agent,
-        20,
-        [
-            "dig",
-            "+short",
-            "+time=2",
-            "+tries=3",
-            &server,
-            "backend.ztna.test",
-        ],
-    )?;
-    ensure!(
-        out.stdout.trim() == addr::BACKEND,
-        "dig through the tunnel answered {:?}, not {}",
-        out.stdout.trim(),
-        addr::BACKEND
-    );
+    ztna_e2e::dig_backend(t, 3)?;
     Ok(())
 }
 
