@@ -34,6 +34,7 @@ use crate::agent_machine::{AgentMachine, Command, Input, MachineConfig};
 use crate::backoff::jitter_seed;
 use crate::direct::{DirectContext, DirectOptions, DirectPath, DirectStatus};
 use crate::session::{Node, RelaySession, RelayTarget, SessionError};
+use crate::tcp_flows::TcpFlows;
 use crate::tls::{Credentials, PeerIdentity};
 use crate::transport::{self, Timing};
 
@@ -139,6 +140,10 @@ pub struct ConnectorStatus {
     pub direct_packets: [u64; 2],
     /// Direct-path state: candidates, probed addresses, the active one and its RTT.
     pub direct: Option<DirectStatus>,
+    /// TCP resets the agent handed the platform for connections that ended with an inner
+    /// connection to this connector (the connector keeps TCP state per inner connection).
+    #[serde(default)]
+    pub tcp_resets: u64,
 }
 
 /// A snapshot for `ztna-agent status`.
@@ -196,6 +201,7 @@ struct LinkCounters {
     rx_bytes: AtomicU64,
     tx_packets: AtomicU64,
     rx_packets: AtomicU64,
+    tcp_resets: AtomicU64,
 }
 
 /// The agent's path to one connector.
@@ -205,6 +211,48 @@ struct Link {
     /// The catalog's services of this connector, for the inbound check.
     services: RwLock<Vec<ServiceDef>>,
     counters: LinkCounters,
+    /// The TCP connections answered through the current inner connection (locked by its
+    /// reader per TCP packet, and when the connection ends).
+    tcp_flows: Mutex<TcpFlows>,
+}
+
+/// The IP protocol number of TCP.
+const TCP: u8 = 6;
+
+/// TCP connections remembered per connector, and how long an idle one may hold its place
+/// when the table is full.
+const TCP_FLOWS_PER_LINK: usize = 4096;
+const TCP_FLOW_IDLE: Duration = Duration::from_secs(600);
+
+impl Link {
+    /// Hands the platform a reset for every TCP connection the inner connection carried: it is
+    /// gone (or replaced), and the connector's TCP state went with it.
+    fn reset_tcp(&self, sh: &Shared) {
+        let client = match sh.tunnel_ip.load(Ordering::Relaxed) {
+            0 => None,
+            ip => Some(Ipv4Addr::from(ip)),
+        };
+        let mut flows = lock(&self.tcp_flows);
+        let Some(client) = client else {
+            // No tunnel address any more: nothing could deliver the resets.
+            flows.take_resets(Ipv4Addr::UNSPECIFIED);
+            return;
+        };
+        let resets = flows.take_resets(client);
+        drop(flows);
+        if resets.is_empty() {
+            return;
+        }
+        tracing::info!(connector = %self.name, connections = resets.len(), "the inner connection ended: resetting the TCP connections it carried");
+        self.counters
+            .tcp_resets
+            .fetch_add(resets.len() as u64, Ordering::Relaxed);
+        for r in resets {
+            if sh.to_platform.try_send(Bytes::from(r)).is_err() {
+                sh.dropped_to_platform.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// What the session task keeps about one connector.
@@ -456,6 +504,7 @@ impl Agent {
                     rx_bytes: l.counters.rx_bytes.load(Ordering::Relaxed),
                     tx_packets: l.counters.tx_packets.load(Ordering::Relaxed),
                     rx_packets: l.counters.rx_packets.load(Ordering::Relaxed),
+                    tcp_resets: l.counters.tcp_resets.load(Ordering::Relaxed),
                     services: read(&l.services).iter().map(|s| s.name.clone()).collect(),
                     last_error: ctl.and_then(|c| c.last_error.clone()),
                     relay_packets: [get(|c| &c.relay_tx), get(|c| &c.relay_rx)],
@@ -696,6 +745,7 @@ impl Driver {
                         conn: RwLock::new(None),
                         services: RwLock::default(),
                         counters: LinkCounters::default(),
+                        tcp_flows: Mutex::new(TcpFlows::new(TCP_FLOWS_PER_LINK, TCP_FLOW_IDLE)),
                     })
                 });
                 *write(&link.services) = services;
@@ -816,13 +866,17 @@ impl Driver {
     }
 
     fn close_inner(&self, connector: &str, why: &str) {
-        if let Some(link) = read(&self.sh.links).get(connector) {
+        let link = read(&self.sh.links).get(connector).cloned();
+        if let Some(link) = &link {
             if let Some(c) = write(&link.conn).take() {
                 c.close(0u32.into(), why.as_bytes());
             }
         }
         if let Some(ctl) = lock(&self.sh.control).get_mut(connector) {
             ctl.stop_inner();
+        }
+        if let Some(link) = link {
+            link.reset_tcp(&self.sh);
         }
     }
 
@@ -1039,6 +1093,12 @@ impl Driver {
                 if let Some(old) = write(&link.conn).replace(conn.clone()) {
                     old.close(0u32.into(), b"replaced");
                 }
+                if let Some(old) = ctl.reader.take() {
+                    old.abort();
+                }
+                // A new inner connection: the connector has no TCP state for the connections
+                // the previous one carried (it restarted, or dropped it).
+                link.reset_tcp(&self.sh);
                 let reader = tokio::spawn(read_inner(
                     self.sh.clone(),
                     link,
@@ -1079,6 +1139,9 @@ impl Driver {
                 if let Some(ctl) = lock(&self.sh.control).get_mut(&connector) {
                     ctl.stop_inner();
                     ctl.last_error = Some(error);
+                }
+                if let Some(link) = read(&self.sh.links).get(&connector) {
+                    link.reset_tcp(&self.sh);
                 }
                 self.machine.handle(now, Input::InnerDown { connector });
             }
@@ -1158,6 +1221,9 @@ async fn read_inner(
                     sh.dropped_inbound.fetch_add(1, Ordering::Relaxed);
                     tracing::trace!(connector = %link.name, ?why, "packet from the connector dropped by the inbound check");
                     continue;
+                }
+                if pkt.get(9) == Some(&TCP) {
+                    lock(&link.tcp_flows).observe(&pkt, Instant::now());
                 }
                 if sh.to_platform.try_send(pkt).is_err() {
                     sh.dropped_to_platform.fetch_add(1, Ordering::Relaxed);
