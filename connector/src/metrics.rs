@@ -123,6 +123,8 @@ metrics! {
     agents_connected: Gauge,
     /// End-to-end handshakes rejected (agent identity did not match the relay's claim).
     inner_handshakes_rejected: Counter,
+    /// Live inner connections closed because a deny-list or CRL reload refuses their agent.
+    inner_connections_revoked: Counter,
     /// Connections established to the relay.
     relay_connects: Counter,
     /// 1 while the connector is registered with the relay (its readiness, `/readyz`), else 0.

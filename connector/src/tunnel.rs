@@ -168,6 +168,11 @@ impl Tunnel {
             self.direct.clone(),
             self.direct_opts.clone(),
         )));
+        let _revocation = AbortOnDrop(tokio::spawn(close_revoked(
+            self.node.credentials().revocation().clone(),
+            self.channels.clone(),
+            self.metrics.clone(),
+        )));
         let mut backoff = Backoff::default();
         let mut seed = jitter_seed();
         let hello = Hello {
@@ -585,6 +590,30 @@ async fn serve_agent(
     }
     gauge_dec(&metrics.agents_connected);
     tracing::info!(agent = %peer.name, reason = %reason, "agent tunnel down");
+}
+
+/// Closes the live inner connections of agents that a deny-list or CRL reload refuses: the
+/// reload applies to new handshakes in the certificate verifier, and here to what is already
+/// up (a denied agent must not keep using its tunnel, on the relay path or a direct one).
+async fn close_revoked(
+    revocation: Arc<ztna_core::tls::Revocation>,
+    channels: Channels,
+    metrics: Arc<Metrics>,
+) {
+    let mut updates = revocation.subscribe();
+    while updates.changed().await.is_ok() {
+        let ch = lock(&channels);
+        for e in ch.values() {
+            let Some(conn) = &e.conn else { continue };
+            if let Some(why) = revocation.denied_connection(conn) {
+                metrics
+                    .inner_connections_revoked
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(agent = %e.agent, reason = %why, "closing a live inner connection the reloaded deny list refuses");
+                conn.close(why.error_code().to_quic().into(), b"revoked");
+            }
+        }
+    }
 }
 
 /// Starts looking for a direct path to the agent of a new tunnel.

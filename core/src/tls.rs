@@ -328,6 +328,8 @@ struct RevocationState {
 pub struct Revocation {
     roots: Arc<RootCertStore>,
     state: RwLock<Arc<RevocationState>>,
+    /// Counts updates, for holders of live connections that must re-check them.
+    updates: tokio::sync::watch::Sender<u64>,
 }
 
 impl fmt::Debug for Revocation {
@@ -347,6 +349,7 @@ impl Revocation {
         Ok(Self {
             roots,
             state: RwLock::new(Arc::new(state)),
+            updates: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -394,7 +397,23 @@ impl Revocation {
     pub fn update(&self, list: RevocationList) -> Result<(), TlsError> {
         let state = Arc::new(Self::prepare(&self.roots, list)?);
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
+        self.updates.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Changes with every successful [`Revocation::update`]: a server re-checks its live
+    /// connections with [`Revocation::denied_connection`] then.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.updates.subscribe()
+    }
+
+    /// Whether the peer of a live connection is refused now (its certificate's identity or
+    /// serial); `None` also for a connection without a ztna certificate (the handshake checked
+    /// it).
+    pub fn denied_connection(&self, conn: &quinn::Connection) -> Option<Denied> {
+        let name = PeerIdentity::from_connection(conn).ok()?.name;
+        let serial = peer_serial(conn)?;
+        self.denied(&name, &serial)
     }
 
     /// The lists in force.

@@ -266,8 +266,9 @@ fn count_lines(log: &str, needle: &str) -> usize {
 /// revocation works at the relay and the connector. One topology:
 /// 1. conn1 announces `web` at the relay's own address (10.10.0.1): refused (before: the agent
 ///    routed the relay's address into its tunnel);
-/// 2. the connector's deny list names alice (SIGHUP): her next inner handshake is refused; back
-///    off the list, she gets in again;
+/// 2. the connector's deny list names alice (SIGHUP): her live inner connection is closed at
+///    once (before: it kept working until it ended by itself) and her next inner handshake is
+///    refused; back off the list, she gets in again;
 /// 3. a policy reload (SIGHUP) takes echo from group eng: pings to echo stop;
 /// 4. a policy that does not validate is refused, and the relay keeps running;
 /// 5. the relay's deny list names alice (SIGHUP): her live session is closed.
@@ -306,7 +307,7 @@ fn trust_catalog_reload_and_revocation() {
         t.ping_all(Node::Agent, addr::ECHO, 3)
             .context("echo stopped answering")?;
 
-        t.step("2. the connector's deny list names alice: her next inner handshake is refused");
+        t.step("2. the connector's deny list names alice: her live tunnel is closed and her next inner handshake refused");
         let reloads = |log: &str| count_lines(log, "deny list reloaded");
         let before = reloads(&t.log(conn));
         std::fs::write(&conn_deny, "identities = [\"alice\"]\n")?;
@@ -316,6 +317,24 @@ fn trust_catalog_reload_and_revocation() {
             Duration::from_secs(5),
             || reloads(&t.log(conn)) > before,
         )?;
+        let took = wait_until(
+            "the connector to close alice's live inner connection",
+            Duration::from_secs(5),
+            || {
+                s.conn_metrics()
+                    .map(|m| m.value("ztna_connector_inner_connections_revoked_total"))
+                    .unwrap_or(0.0)
+                    >= 1.0
+            },
+        )?;
+        ensure!(
+            !s.ping_once(addr::ECHO),
+            "echo answered alice's live tunnel after the connector denied her"
+        );
+        t.step(&format!(
+            "RESULT live inner connection closed {:.2} s after the reload was logged; pings stop",
+            took.as_secs_f64()
+        ));
         let rejected_before = s
             .conn_metrics()?
             .value("ztna_connector_inner_handshakes_rejected_total");
