@@ -202,7 +202,7 @@ impl Node {
         let mux = MuxSocket::bind(addr)?;
         // Never grease the QUIC fixed bit: a clear fixed bit is how direct-path probes are told
         // apart from QUIC packets on the shared socket.
-        let mut endpoint_cfg = quinn::EndpointConfig::default();
+        let mut endpoint_cfg = creds.endpoint_config();
         endpoint_cfg.grease_quic_bit(false);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_cfg,

@@ -593,6 +593,35 @@ impl Credentials {
         &self.revocation
     }
 
+    /// The QUIC endpoint config of this node: its stateless-reset key and connection-ID key
+    /// are derived from its private key, so a restarted process recognises its earlier
+    /// connection IDs as its own and answers packets of connections it no longer has with a
+    /// valid stateless reset: peers close those connections at once instead of waiting out the
+    /// idle timeout (a restarted relay's clients reconnect; a restarted connector's agents open
+    /// a new inner connection). quinn's defaults key both at random per process; with a random
+    /// CID key, old CIDs fail validation and are dropped silently.
+    pub fn endpoint_config(&self) -> quinn::EndpointConfig {
+        let key = self.key.secret_der();
+        let derive = |label: &[u8]| {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(b"ztna endpoint v1\0");
+            ctx.update(label);
+            ctx.update(b"\0");
+            ctx.update(key);
+            ctx.finish()
+        };
+        let reset =
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derive(b"stateless reset").as_ref());
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&derive(b"connection id").as_ref()[..8]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        let mut cfg = quinn::EndpointConfig::new(Arc::new(reset));
+        cfg.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        cfg
+    }
+
     /// This node's own identity, from its certificate.
     pub fn identity(&self) -> &PeerIdentity {
         &self.identity

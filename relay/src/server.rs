@@ -645,38 +645,6 @@ impl Relay {
     }
 }
 
-/// Derives a secret for `label` from the relay's private key.
-fn derive(key: &[u8], label: &[u8]) -> ring::digest::Digest {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(b"ztna relay v1\0");
-    ctx.update(label);
-    ctx.update(b"\0");
-    ctx.update(key);
-    ctx.finish()
-}
-
-/// The endpoint config of a relay whose stateless-reset key and connection-ID key are derived
-/// from its private key. A restarted relay then recognises its earlier connection IDs as its
-/// own and answers packets of connections it no longer has with a valid stateless reset, so
-/// clients reconnect at once instead of waiting out the idle timeout. (quinn's defaults key both
-/// at random per process; with a random CID key, old CIDs fail validation and are dropped
-/// silently.)
-fn endpoint_config(key_file: &std::path::Path) -> anyhow::Result<quinn::EndpointConfig> {
-    let key = std::fs::read(key_file).with_context(|| format!("reading {}", key_file.display()))?;
-    let reset = ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        derive(&key, b"stateless reset").as_ref(),
-    );
-    let mut cid_key = [0u8; 8];
-    cid_key.copy_from_slice(&derive(&key, b"connection id").as_ref()[..8]);
-    let cid_key = u64::from_le_bytes(cid_key);
-    let mut cfg = quinn::EndpointConfig::new(Arc::new(reset));
-    cfg.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-    });
-    Ok(cfg)
-}
-
 /// A bound relay endpoint, ready to serve.
 pub struct Server {
     endpoint: quinn::Endpoint,
@@ -705,7 +673,7 @@ impl Server {
         server_cfg.transport_config(transport::relay_side(cfg.timing()));
         server_cfg.migration(true);
         transport::relay_server_limits(&mut server_cfg);
-        let endpoint_cfg = endpoint_config(&files.key)?;
+        let endpoint_cfg = creds.endpoint_config();
         let sock = ztna_core::daemon::bind_udp(cfg.bind, SOCKET_BUFFER)
             .with_context(|| format!("binding UDP {}", cfg.bind))?;
         let endpoint = quinn::Endpoint::new(
