@@ -16,6 +16,7 @@
 //! [`up`](mod@up) (the lifecycle that ties them together).
 
 mod config;
+mod monitor;
 mod netlink;
 mod status;
 mod tun;

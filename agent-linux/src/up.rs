@@ -5,8 +5,10 @@
 //! are removed), create the TUN device, set its MTU and bring it up, install the policy rule
 //! that keeps the agent's own (marked) socket out of the service routes' table, bind the status
 //! socket and start the tunnel core. Run: two packet loops, the address and route reconciler,
-//! and the status server, until SIGINT or SIGTERM, a fatal device error, or a permanent refusal
-//! by the relay ([`Refused`], which `main` turns into its exit code). Stop: remove the routes
+//! the network monitor (the core gathers direct-path candidates again when the host's addresses
+//! or default route change) and the status server, until SIGINT or SIGTERM, a fatal device
+//! error, or a permanent refusal by the relay ([`Refused`], which `main` turns into its exit
+//! code). Stop: remove the routes
 //! and the rule, delete the device over netlink and close it, remove the status socket, shut
 //! the tunnel down.
 
@@ -171,6 +173,9 @@ async fn serve(
         tun.index,
         rule_key(cfg),
     ));
+    running
+        .tasks
+        .spawn(crate::monitor::watch(agent.clone(), tun.index));
     let status_agent = agent.clone();
     running.tasks.spawn(async move {
         status::serve(listener, move || status_agent.status()).await;

@@ -84,6 +84,63 @@ fn direct_lan_path_and_the_relay_leaves_the_data_path() {
                 "connector direct counters: {}",
                 conn.raw()
             );
+
+            // The host moves (its uplink address changes, as with a new lease): the agent's
+            // netlink watch makes it offer the new address at once, not at the next periodic
+            // refresh (5 s), and the tunnel carries on.
+            t.step(
+                "the agent's uplink address changes to 10.10.0.77: offered as a candidate at once",
+            );
+            let agent = s.agent.context("agent not started")?;
+            let news = |log: &str| {
+                log.lines()
+                    .filter(|l| l.contains("network changed; gathering candidates again"))
+                    .count()
+            };
+            let before = news(&t.log(agent));
+            t.run_ok(
+                ztna_e2e::Node::Agent,
+                5,
+                [
+                    "sh",
+                    "-c",
+                    "ip addr del 10.10.0.2/24 dev wan0 && ip addr add 10.10.0.77/24 dev wan0",
+                ],
+            )?;
+            let offered = |st: &ztna_e2e::AgentStatus| {
+                st.connector("conn1").is_some_and(|c| {
+                    c["direct"]["local_candidates"]
+                        .to_string()
+                        .contains("10.10.0.77")
+                })
+            };
+            let took = ztna_e2e::wait_until(
+                "the agent to offer 10.10.0.77",
+                Duration::from_secs(3),
+                || {
+                    news(&t.log(agent)) > before
+                        && s.status(&s.agent_cfg.status_socket)
+                            .is_ok_and(|st| offered(&st))
+                },
+            )?;
+            t.step(&format!(
+                "RESULT new uplink address offered {:.2} s after the move",
+                took.as_secs_f64()
+            ));
+            let back = wait_until_every(
+                "pings through the tunnel after the move",
+                Duration::from_secs(10),
+                Duration::from_millis(200),
+                || s.ping_once(addr::ECHO),
+            )?;
+            let path = wait_path(&s, "a direct path again", Duration::from_secs(10), |p| {
+                p == "direct-lan"
+            })?;
+            t.step(&format!(
+                "RESULT pings through the tunnel {:.2} s after the move; direct-lan again {:.2} s after that",
+                (took + back).as_secs_f64(),
+                path.as_secs_f64()
+            ));
             Ok(())
         },
     );
