@@ -23,6 +23,7 @@ use rtnetlink::constants::{
     RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK,
 };
 use ztna_core::agent::Agent;
+use ztna_core::daemon::AbortOnDrop;
 
 use crate::netlink::RTPROT_ZTNA;
 
@@ -100,14 +101,6 @@ pub(crate) async fn watch(agent: Arc<Agent>, tun_index: u32) -> anyhow::Result<(
     }
     tracing::warn!("the netlink watch ended; host candidates are refreshed periodically only");
     std::future::pending().await
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[cfg(test)]

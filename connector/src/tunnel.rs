@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use ztna_core::backoff::{jitter_seed, Backoff};
+use ztna_core::daemon::AbortOnDrop;
 use ztna_core::direct::{DirectContext, DirectOptions, DirectPath};
 use ztna_core::mux::MuxSocket;
 use ztna_core::session::{ControlSender, Node, RelaySession, RelayTarget, SessionError};
@@ -414,14 +415,6 @@ impl Tunnel {
 /// Whether an inner connection is still open.
 fn alive(c: &quinn::Connection) -> bool {
     c.close_reason().is_none()
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 static NEXT_AGENT: AtomicU64 = AtomicU64::new(1);

@@ -11,6 +11,16 @@ use figment::Figment;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
+/// Aborts a spawned task when dropped: a task that must not outlive its owner (a connection's
+/// helper, a watch) is held as `let _task = AbortOnDrop(tokio::spawn(...))`.
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Exit status for an invalid configuration (`EX_CONFIG` of sysexits.h). The units in
 /// `deploy/systemd/` don't restart a daemon that exits with it (`RestartPreventExitStatus=78`):
 /// a restart would read the same configuration again.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use tokio::sync::Notify;
+use ztna_core::daemon::AbortOnDrop;
 use ztna_core::metrics_http::Sample;
 use ztna_core::session::{ControlReader, ControlWriter, SessionError};
 use ztna_core::tls::{Credentials, PeerIdentity, Revocation};
@@ -1029,14 +1030,6 @@ async fn session_loop(
 async fn sleep_until_opt(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at.into()).await;
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
