@@ -95,6 +95,10 @@ metrics! {
     icmp_echo_local: Counter,
     /// ICMP destination unreachable (port unreachable) messages sent to agents.
     icmp_unreachable_sent: Counter,
+    /// Fragmented datagrams from agents reassembled whole.
+    fragments_reassembled: Counter,
+    /// Fragments from agents dropped: malformed, conflicting with their datagram's other fragments, or past the per-agent limit of datagrams in reassembly.
+    dropped_fragments: Counter,
     /// TCP connections accepted from agents (backend connected, agent's SYN taken).
     tcp_flows_opened: Counter,
     /// TCP connections currently open.

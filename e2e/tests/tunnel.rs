@@ -111,6 +111,36 @@ fn tunnel_basics() {
         );
         t.step(out.stdout.trim());
 
+        t.step("UDP datagrams up to 4000 bytes (the first is 4000): the agent's kernel fragments them, the connector reassembles them, the backend echoes them whole");
+        let out = t.run_ok(
+            Node::Agent,
+            60,
+            [
+                t.helpers().udp_check.as_os_str(),
+                target.as_ref(),
+                "--count".as_ref(),
+                "20".as_ref(),
+                "--max-size".as_ref(),
+                "4000".as_ref(),
+            ],
+        )?;
+        ensure!(
+            out.stdout.contains("ok=20 ") && out.stdout.contains("mismatched=0"),
+            "large UDP check failed:\n{out}"
+        );
+        let m = s.conn_metrics()?;
+        ensure!(
+            m.value("ztna_connector_fragments_reassembled_total") >= 1.0
+                && m.value("ztna_connector_dropped_fragments_total") == 0.0,
+            "reassembly counters: {}",
+            m.raw()
+        );
+        t.step(&format!(
+            "RESULT {}; reassembled at the connector: {}",
+            out.stdout.trim(),
+            m.value("ztna_connector_fragments_reassembled_total")
+        ));
+
         t.step("DNS through the tunnel: dig @10.100.0.2 backend.ztna.test");
         ztna_e2e::dig_backend(t, 2)?;
 

@@ -28,10 +28,12 @@ pub(crate) mod fragment;
 mod icmp;
 mod packet;
 mod quota;
+pub(crate) mod reassembly;
 mod tcp;
 mod udp;
 pub(crate) mod xdp;
 
+use reassembly::Reassembly;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -129,6 +131,8 @@ pub(crate) struct Agent {
     limits: Limits,
     /// Answers to refused packets left this second.
     answers: Mutex<Bucket>,
+    /// Its fragmented datagrams being reassembled.
+    reassembly: Mutex<Reassembly>,
 }
 
 /// Which kind of flow a [`Flow`] is.
@@ -458,6 +462,7 @@ impl Dataplane {
                 global: self.global.clone(),
             },
             answers: Mutex::new(Bucket::new(ANSWERS_PER_SECOND)),
+            reassembly: Mutex::default(),
         });
         // Close the old registration's flows before anyone can look up the new one, so that
         // no flow of the new registration is caught by the cleanup.
@@ -529,6 +534,27 @@ impl Dataplane {
                 );
             }
             return;
+        };
+        // A fragment waits for the rest of its datagram; the whole one is checked as usual.
+        let whole;
+        let packet = if reassembly::is_fragment(packet) {
+            match lock(&agent.reassembly).add(packet, Instant::now()) {
+                Ok(None) => return,
+                Ok(Some(p)) => {
+                    m.fragments_reassembled.fetch_add(1, Ordering::Relaxed);
+                    whole = p;
+                    &whole[..]
+                }
+                Err(why) => {
+                    m.dropped_fragments.fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = lock(&self.drop_log).allow(Instant::now()) {
+                        debug!(agent = agent.id, identity = %agent.identity, ?why, suppressed, "dropped a fragment from agent");
+                    }
+                    return;
+                }
+            }
+        } else {
+            packet
         };
         let verdict = packet::inspect(packet, agent.tunnel_ip, |a| {
             self.services.get(&a).map(|s| &s.def)
