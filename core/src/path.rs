@@ -426,7 +426,9 @@ impl PathSet {
             listed += 1;
             let kind = match c.kind {
                 CandidateKind::Host => TargetKind::Host,
-                CandidateKind::Reflexive => TargetKind::Reflexive,
+                CandidateKind::Reflexive
+                | CandidateKind::ReflexiveStable
+                | CandidateKind::ReflexiveVarying => TargetKind::Reflexive,
             };
             match self.targets.iter_mut().find(|t| t.addr == c.addr) {
                 Some(t) => {
