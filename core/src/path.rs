@@ -399,6 +399,11 @@ impl PathSet {
             .any(|t| t.addr == from && t.pending.iter().any(|p| p.0 == txid))
     }
 
+    /// Whether `addr` lies in a refused network (never probed).
+    pub fn refuses(&self, addr: &SocketAddr) -> bool {
+        is_refused(&self.refused, addr)
+    }
+
     /// The TTL of opening probes now.
     pub fn open_ttl(&self) -> u8 {
         self.open_ttl
