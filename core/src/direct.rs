@@ -249,6 +249,7 @@ impl Drop for DirectPath {
         self.task.abort();
         self.mux.unregister_probes(&self.tag);
         self.mux.set_direct(self.vaddr, None, &[]);
+        self.mux.set_direct_socket(self.vaddr, None);
     }
 }
 
@@ -362,10 +363,17 @@ async fn read_extra(
     tx: mpsc::Sender<(usize, SocketAddr, Bytes)>,
     deliver: Option<(Arc<MuxSocket>, SocketAddr, SocketAddr)>,
 ) {
-    let mut buf = vec![0u8; 65536];
+    // Datagrams here are probes and single inner packets (no GRO on this socket).
+    let mut buf = vec![0u8; 4096];
     loop {
-        let Ok((n, from)) = sock.recv_from(&mut buf).await else {
-            continue;
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                // E.g. an ICMP error surfacing on the socket; never spin on one.
+                tracing::trace!(error = %e, "extra socket receive error");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
         };
         let pkt = &buf[..n];
         match &deliver {
@@ -635,7 +643,9 @@ impl Driver {
         for sock in socks {
             let txid = self.seq ^ 0x6f70_656e_696e_6721;
             let pkt = self.encode(ProbeKind::Ping, txid, SMALL_PROBE);
-            let _ = sock.try_send_to(&pkt, peer);
+            if let Err(e) = crate::mux::send_now(&sock, &pkt, peer) {
+                tracing::trace!(error = %e, "opening probe not sent");
+            }
         }
         if finished {
             let h = self.hard.take();
@@ -736,7 +746,7 @@ impl Driver {
         let pkt = self.encode(kind, txid, len);
         let res = match &self.via {
             // The path to that address lives on its own socket (a port-prediction hit).
-            Some(v) if v.peer == to => v.sock.try_send_to(&pkt, to).map(|_| ()),
+            Some(v) if v.peer == to => crate::mux::send_now(&v.sock, &pkt, to).map(|_| ()),
             _ => self.ctx.mux.send_probe_with_ttl(to, &pkt, ttl),
         };
         if let Err(e) = res {

@@ -690,7 +690,7 @@ impl MuxSocket {
             .unwrap_or(transmit.contents.len())
             .max(1);
         for chunk in transmit.contents.chunks(seg) {
-            if sock.try_send_to(chunk, to).is_ok() {
+            if send_now(sock, chunk, to).is_ok() {
                 route.counters.direct_tx.fetch_add(1, Ordering::Relaxed);
                 self.stats.direct_tx_packets.fetch_add(1, Ordering::Relaxed);
                 self.stats
@@ -730,6 +730,13 @@ impl MuxSocket {
         }
         res
     }
+}
+
+/// Sends one datagram on a non-blocking socket straight away, without waiting for tokio to
+/// have seen the socket writable (a fresh socket is not, until the reactor polled it; a UDP
+/// send practically never blocks, and one that would is dropped like a lost packet).
+pub fn send_now(sock: &tokio::net::UdpSocket, pkt: &[u8], to: SocketAddr) -> io::Result<usize> {
+    socket2::SockRef::from(sock).send_to(pkt, &to.into())
 }
 
 /// Turns UDP GRO off on the socket (quinn-udp turns it on).
@@ -978,6 +985,81 @@ mod tests {
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or(64);
         assert_eq!(ttls, vec![Some(3), Some(default), Some(2)]);
+    }
+
+    /// Port prediction's plumbing: an extra socket sends with its own TTL and, once it carries
+    /// a direct path, the path's packets leave from it (only toward its peer); packets it
+    /// receives reach quinn as the virtual address's; an address answer reaches only the
+    /// driver that waits for its nonce (a forged one with another nonce is dropped, counted).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_direct_path_on_an_extra_socket_and_address_answers() {
+        let s = MuxSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let extra = Arc::new(s.bind_extra(2).unwrap());
+        assert_eq!(socket2::SockRef::from(&*extra).ttl().unwrap(), 2);
+        let peer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let vaddr = s.allocate_virtual();
+        s.routes.write().unwrap().set_relay(vaddr, None);
+        let to = peer.local_addr().unwrap();
+        assert!(s.set_direct(vaddr, Some(to), &[to]));
+        assert!(s.set_direct_socket(vaddr, Some((to, extra.clone()))));
+        let send = |dest: SocketAddr| {
+            s.try_send(&Transmit {
+                destination: dest,
+                ecn: None,
+                contents: b"inner",
+                segment_size: None,
+                src_ip: None,
+            })
+        };
+        send(vaddr).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), peer.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"inner"[..], extra.local_addr().unwrap())
+        );
+        // Another active address goes out of the main socket, as before.
+        let elsewhere = other.local_addr().unwrap();
+        assert!(s.set_direct(vaddr, Some(elsewhere), &[elsewhere]));
+        send(vaddr).unwrap();
+        let (_, from) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), other.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(from, s.io.local_addr().unwrap());
+        // Received on the extra socket, handed to quinn as the virtual address's.
+        assert!(s.deliver_direct(vaddr, Bytes::from_static(b"back")));
+        let got = s.inbound_rx.lock().unwrap().try_recv().unwrap();
+        assert_eq!(got, (vaddr, Bytes::from_static(b"back")));
+        assert!(!s.deliver_direct(s.allocate_virtual(), Bytes::from_static(b"x")));
+        // Address answers.
+        let (tx, mut rx) = mpsc::channel(4);
+        s.watch_observed([3; 16], tx);
+        let relay: SocketAddr = "127.0.0.9:4434".parse().unwrap();
+        let seen: SocketAddr = "198.51.100.1:5000".parse().unwrap();
+        for nonce in [[4u8; 16], [3; 16]] {
+            let mut pkt = observe::encode_answer(&nonce, seen).to_vec();
+            let mut bufs = [IoSliceMut::new(&mut pkt)];
+            let mut meta = [RecvMeta {
+                addr: relay,
+                len: observe::RESPONSE_LEN,
+                stride: observe::RESPONSE_LEN,
+                ..RecvMeta::default()
+            }];
+            s.classify_udp(&bufs, &mut meta);
+            assert_eq!(meta[0].len, 0, "never handed to quinn");
+            let _ = &mut bufs;
+        }
+        assert_eq!(rx.try_recv().unwrap(), (relay, seen));
+        assert!(rx.try_recv().is_err());
+        assert_eq!(s.stats().observe_dropped.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
