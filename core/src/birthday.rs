@@ -26,10 +26,13 @@
 //! **The arithmetic** (the zoo's `sym` router picks from [`PORT_SPAN`] = 64 512 ports): each
 //! probe hits one of k = 256 mappings with probability k / 64 512 = 1 / 252, so m probes miss
 //! all of them with probability about (1 - 1/252)^m = e^(-m/252). The easy side starts
-//! [`EASY_DELAY`] after the attempt so the hard side's mappings exist; in the 9.5 s left of a
-//! 10 s attempt it sends up to 950 probes, and the attempt fails with probability
-//! e^(-950/252) ≈ 2.3 % (a success rate of 97.7 %; the median time to the hit is 0.5 s +
-//! 175 probes = 2.25 s). Ten tries then give at least 9 successes with probability 0.98.
+//! [`EASY_DELAY`] after the attempt so the hard side's first round of mappings exists (it takes
+//! 0.25 s); in the 9.7 s left of a 10 s attempt it sends up to 970 probes, and the attempt
+//! fails with probability e^(-970/252) ≈ 2.1 % (a success rate of 97.9 %; the median time to
+//! the hit is 0.3 s + 175 probes = 2.05 s). Ten tries then give at least 9 successes with
+//! probability 0.98. Both ends start an attempt [`START_AFTER`] after the peer's candidates
+//! arrived, so plain punching wins first where the other side's NAT filters by address only
+//! (a full cone or address-restricted NAT admits the hard side's new ports).
 //! The budget is stated per attempt: the easy side at most [`EASY_TOTAL`] = 1000 small (71-byte)
 //! probes at [`EASY_RATE`] = 100 a second (7 kB/s), all to the one advertised address; the hard
 //! side [`HARD_SOCKETS`] = 256 low-TTL opening probes per round, [`HARD_ROUNDS`] rounds
@@ -57,7 +60,9 @@ pub const EASY_RATE: u32 = 100;
 /// Most probes the easy side sends in one attempt.
 pub const EASY_TOTAL: u32 = 1000;
 /// How long after the attempt starts the easy side begins (the hard side's mappings first).
-pub const EASY_DELAY: Duration = Duration::from_millis(500);
+pub const EASY_DELAY: Duration = Duration::from_millis(300);
+/// How long after the peer's candidates arrived an attempt may start (plain punching first).
+pub const START_AFTER: Duration = Duration::from_millis(500);
 /// How long one attempt lasts; then the extra sockets are closed and the pair stays on the
 /// relay (until a later attempt).
 pub const ATTEMPT: Duration = Duration::from_secs(10);
@@ -114,6 +119,44 @@ pub fn plan(own: Mapping, peer: Mapping) -> Plan {
         (Mapping::Dependent, Mapping::Independent) => Plan::OpenMappings,
         (Mapping::Independent, Mapping::Dependent) => Plan::GuessPorts,
         _ => Plan::Punch,
+    }
+}
+
+/// What a connection knows when it decides whether to start an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptState {
+    /// This end's mapping.
+    pub own: Mapping,
+    /// The peer's, from its reflexive candidate.
+    pub peer: Mapping,
+    /// A direct path is up (plain punching found one, or an earlier attempt did).
+    pub direct_up: bool,
+    /// An attempt is running, or one won and its socket carries the path.
+    pub busy: bool,
+    /// Since when the peer's candidates are known.
+    pub peer_known_for: Option<Duration>,
+    /// Since the last attempt started.
+    pub since_last: Option<Duration>,
+    /// The peer's advertised address is in a refused network.
+    pub refused: bool,
+}
+
+/// Least time between two attempts of one connection.
+pub const ATTEMPT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The attempt to start now, if any: [`Plan::OpenMappings`] or [`Plan::GuessPorts`] when
+/// exactly one end is hard, [`Plan::Relay`] (nothing to start, say so once) when both are;
+/// only after plain punching had [`START_AFTER`], while no direct path is up, never toward a
+/// refused network, and at most once per [`ATTEMPT_INTERVAL`].
+pub fn attempt(s: AttemptState) -> Option<Plan> {
+    let ready = !s.busy
+        && !s.direct_up
+        && s.peer_known_for.is_some_and(|d| d >= START_AFTER)
+        && s.since_last.is_none_or(|d| d >= ATTEMPT_INTERVAL);
+    match plan(s.own, s.peer) {
+        Plan::Punch => None,
+        Plan::OpenMappings | Plan::GuessPorts if s.refused => None,
+        p => ready.then_some(p),
     }
 }
 
@@ -389,6 +432,93 @@ mod tests {
     }
 
     #[test]
+    fn attempts_start_after_plain_punching_had_its_chance_and_not_too_often() {
+        use Mapping::*;
+        let base = AttemptState {
+            own: Dependent,
+            peer: Independent,
+            direct_up: false,
+            busy: false,
+            peer_known_for: Some(START_AFTER),
+            since_last: None,
+            refused: false,
+        };
+        assert_eq!(attempt(base), Some(Plan::OpenMappings));
+        let easy = AttemptState {
+            own: Independent,
+            peer: Dependent,
+            ..base
+        };
+        assert_eq!(attempt(easy), Some(Plan::GuessPorts));
+        let both = AttemptState {
+            peer: Dependent,
+            ..base
+        };
+        assert_eq!(attempt(both), Some(Plan::Relay));
+        for (why, s) in [
+            (
+                "plain punching found a path",
+                AttemptState {
+                    direct_up: true,
+                    ..base
+                },
+            ),
+            ("one is running", AttemptState { busy: true, ..base }),
+            (
+                "candidates just arrived",
+                AttemptState {
+                    peer_known_for: Some(START_AFTER / 2),
+                    ..base
+                },
+            ),
+            (
+                "no candidates",
+                AttemptState {
+                    peer_known_for: None,
+                    ..base
+                },
+            ),
+            (
+                "the last one was recent",
+                AttemptState {
+                    since_last: Some(ATTEMPT_INTERVAL / 2),
+                    ..base
+                },
+            ),
+            (
+                "a refused network",
+                AttemptState {
+                    refused: true,
+                    ..base
+                },
+            ),
+            (
+                "the peer's mapping is unknown",
+                AttemptState {
+                    peer: Unknown,
+                    ..base
+                },
+            ),
+            (
+                "both easy",
+                AttemptState {
+                    own: Independent,
+                    ..base
+                },
+            ),
+        ] {
+            assert_eq!(attempt(s), None, "{why}");
+        }
+        assert_eq!(
+            attempt(AttemptState {
+                since_last: Some(ATTEMPT_INTERVAL),
+                ..base
+            }),
+            Some(Plan::OpenMappings)
+        );
+    }
+
+    #[test]
     fn the_easy_side_probes_only_the_advertised_address_each_port_once_within_budget() {
         let t0 = Instant::now();
         let peer = addr("203.0.113.9:5000");
@@ -411,8 +541,8 @@ mod tests {
         }
         assert_eq!(seen.len() as u32, p.sent());
         assert!(p.sent() <= EASY_TOTAL);
-        // 9.5 s at 100 a second.
-        assert!((940..=951).contains(&p.sent()), "{}", p.sent());
+        // 9.7 s at 100 a second.
+        assert!((960..=971).contains(&p.sent()), "{}", p.sent());
         assert!(per_sec.values().all(|&n| n <= EASY_RATE), "{per_sec:?}");
         assert!(p.finished(now));
     }
@@ -530,7 +660,7 @@ mod tests {
 
     #[test]
     fn nine_of_ten_within_ten_seconds_against_a_random_port_nat() {
-        // 200 simulated attempts: the arithmetic says 97.7 % succeed within 10 s.
+        // 200 simulated attempts: the arithmetic says 97.9 % succeed within 10 s.
         let times: Vec<Option<Duration>> = (0..200).map(simulated_attempt).collect();
         let ok: Vec<Duration> = times.iter().flatten().copied().collect();
         let rate = ok.len() as f64 / times.len() as f64;

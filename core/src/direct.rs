@@ -33,7 +33,7 @@ use ztna_proto::probe::{
 };
 use ztna_proto::{Candidate, CandidateKind, ChannelId};
 
-use crate::birthday::{self, EasyProber, HardOpener, Mapping, Plan};
+use crate::birthday::{self, AttemptState, EasyProber, HardOpener, Mapping, Plan};
 use crate::mux::{MuxSocket, PROBE_QUEUE};
 use crate::path::{Action, PathClass, PathSet, PathTiming, PingFrom, Refusals, TargetStatus};
 use crate::session::ControlSender;
@@ -52,8 +52,12 @@ const OBSERVE_TRIES: u32 = 3;
 const OBSERVE_INTERVAL: Duration = Duration::from_millis(300);
 /// Datagrams from the extra sockets of a port-prediction attempt waiting for the driver.
 const EXTRA_QUEUE: usize = 256;
-/// Least time between two port-prediction attempts of one connection.
-const ATTEMPT_INTERVAL: Duration = Duration::from_secs(30);
+/// Most hard-side attempts (each with [`birthday::HARD_SOCKETS`] extra sockets) in progress in
+/// one process at once: a connector behind a hard NAT that many agents reach at the same time
+/// must not run out of file descriptors. Further connections try again later.
+const MAX_HARD_ATTEMPTS: usize = 4;
+/// Hard-side attempts in progress in this process.
+static HARD_ATTEMPTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Settings of direct paths.
 #[derive(Debug, Clone)]
@@ -205,6 +209,7 @@ impl DirectPath {
             easy: None,
             via: None,
             last_attempt: None,
+            peer_since: None,
             extra_tx,
         };
         let task = tokio::spawn(driver.run(peer_rx, observed_rx, probe_rx, extra_rx, observe_rx));
@@ -310,6 +315,8 @@ struct Driver {
     via: Option<Via>,
     /// When the last attempt started.
     last_attempt: Option<Instant>,
+    /// When the peer's candidates first arrived.
+    peer_since: Option<Instant>,
     extra_tx: mpsc::Sender<(usize, SocketAddr, Bytes)>,
 }
 
@@ -338,6 +345,7 @@ impl Drop for HardAttempt {
         for r in &self.readers {
             r.abort();
         }
+        HARD_ATTEMPTS.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -470,6 +478,7 @@ impl Driver {
                     tracing::debug!(peer = %self.ctx.peer, candidates = ?list, "peer candidates");
                     self.paths.set_candidates(&list, Instant::now().into_std());
                     self.peer_reflexive = list.iter().find(|c| c.kind.is_reflexive()).copied();
+                    self.peer_since.get_or_insert_with(Instant::now);
                 }
                 r = observed_rx.changed() => {
                     if r.is_err() { return; }
@@ -593,19 +602,31 @@ impl Driver {
             Some(CandidateKind::ReflexiveVarying) => Mapping::Dependent,
             _ => Mapping::Unknown,
         };
-        let idle = self.hard.is_none() && self.easy.is_none() && self.via.is_none();
-        let may_start = idle
-            && self.paths.selected().is_none()
-            && self
-                .last_attempt
-                .is_none_or(|at| now.duration_since(at) >= ATTEMPT_INTERVAL);
-        if let (true, Some(peer)) = (may_start, self.peer_reflexive) {
-            match birthday::plan(self.mapping, peer_mapping) {
-                Plan::OpenMappings if !self.paths.refuses(&peer.addr) => {
+        if self.paths.selected().is_some() && self.via.is_none() {
+            // Plain punching found a path (the peer's NAT filters by address only): no need.
+            if self.hard.take().is_some() | self.easy.take().is_some() {
+                tracing::info!(peer = %self.ctx.peer, "a direct path came up without port prediction; attempt stopped");
+            }
+        }
+        let decided = self.peer_reflexive.and_then(|peer| {
+            birthday::attempt(AttemptState {
+                own: self.mapping,
+                peer: peer_mapping,
+                direct_up: self.paths.selected().is_some(),
+                busy: self.hard.is_some() || self.easy.is_some() || self.via.is_some(),
+                peer_known_for: self.peer_since.map(|at| now.duration_since(at)),
+                since_last: self.last_attempt.map(|at| now.duration_since(at)),
+                refused: self.paths.refuses(&peer.addr),
+            })
+            .map(|plan| (plan, peer))
+        });
+        if let Some((plan, peer)) = decided {
+            match plan {
+                Plan::OpenMappings => {
                     self.last_attempt = Some(now);
                     self.start_hard(peer.addr, std_now);
                 }
-                Plan::GuessPorts if !self.paths.refuses(&peer.addr) => {
+                Plan::GuessPorts => {
                     self.last_attempt = Some(now);
                     tracing::info!(peer = %self.ctx.peer, "peer behind a hard NAT: guessing its port");
                     self.easy = Some(EasyProber::new(peer.addr, std_now, seed()));
@@ -614,7 +635,7 @@ impl Driver {
                     self.last_attempt = Some(now);
                     tracing::info!(peer = %self.ctx.peer, "both ends behind hard NATs: staying on the relay");
                 }
-                _ => {}
+                Plan::Punch => {}
             }
         }
         let ttl = None;
@@ -666,6 +687,12 @@ impl Driver {
 
     /// Opens the extra sockets of a hard-side attempt toward `peer`.
     fn start_hard(&mut self, peer: SocketAddr, now: std::time::Instant) {
+        let running = HARD_ATTEMPTS.fetch_add(1, Ordering::Relaxed);
+        if running >= MAX_HARD_ATTEMPTS {
+            HARD_ATTEMPTS.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(peer = %self.ctx.peer, running, "too many port-prediction attempts at once; later");
+            return;
+        }
         let ttl = self.paths.open_ttl();
         let mut socks = Vec::with_capacity(birthday::HARD_SOCKETS);
         let mut readers = Vec::with_capacity(birthday::HARD_SOCKETS);
