@@ -536,7 +536,7 @@ impl Driver {
             let Some(relay) = self.ctx.mux.relay_of(self.ctx.vaddr) else {
                 return;
             };
-            let Some(port) = relay.port().checked_add(1) else {
+            let Some(port) = relay.port().checked_add(observe::PORT_OFFSET) else {
                 return;
             };
             let mut nonce = [0u8; 16];

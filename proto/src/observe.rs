@@ -1,7 +1,9 @@
 //! The second observation of an end's address: a tiny UDP request to the relay's *second* port
 //! and its answer, the address the relay saw it come from.
 //!
-//! An end sends the request from its one socket to the relay's main port + 1. The answer is
+//! An end sends the request from its one socket to the relay's main port + [`PORT_OFFSET`]
+//! (+ 2: 4435 beside the default 4433, since + 1 is the connector's default 4434, and a relay
+//! and a connector on one host must not take each other's port). The answer is
 //! compared with the address the relay observes on its main port (the outer connection's): two
 //! different ports on one address mean the end's NAT maps each destination to a new port
 //! (endpoint-dependent mapping, a "hard" NAT; see `core::birthday`).
@@ -23,6 +25,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The first bytes of every request and answer.
 pub const MAGIC: [u8; 4] = [0x00, b'z', b't', b'o'];
+/// The second port's distance from the relay's main port.
+pub const PORT_OFFSET: u16 = 2;
 /// The version this code speaks.
 pub const VERSION: u8 = 1;
 /// The size of a request (padding included; shorter ones are not answered).

@@ -1,4 +1,4 @@
-//! The second observation port: the relay answers a small request on its main port + 1 with
+//! The second observation port: the relay answers a small request on its main port + 2 with
 //! the address the request came from ([`ztna_proto::observe`]). An end compares it with the
 //! address the relay observes on its main port; another port means its NAT maps each
 //! destination anew (a hard NAT), which decides port prediction (`ztna_core::birthday`).

@@ -689,7 +689,7 @@ fn endpoint_config(key_file: &std::path::Path) -> anyhow::Result<quinn::Endpoint
 /// A bound relay endpoint, ready to serve.
 pub struct Server {
     endpoint: quinn::Endpoint,
-    /// The second observation port (main port + 1), when it could be bound.
+    /// The second observation port (main port + 2), when it could be bound.
     observe: Option<tokio::net::UdpSocket>,
     relay: Arc<Relay>,
     metrics_addr: Option<SocketAddr>,
@@ -808,10 +808,11 @@ impl Server {
     }
 }
 
-/// Binds the second observation port: the main port + 1 on the same address. A relay without
+/// Binds the second observation port: the main port + [`ztna_proto::observe::PORT_OFFSET`] on the same
+/// address. A relay without
 /// it still works; ends behind it just can't tell a hard NAT (no port prediction).
 fn bind_observe(main: SocketAddr, configured: bool) -> Option<tokio::net::UdpSocket> {
-    let port = main.port().checked_add(1)?;
+    let port = main.port().checked_add(ztna_proto::observe::PORT_OFFSET)?;
     let addr = SocketAddr::new(main.ip(), port);
     match ztna_core::daemon::bind_udp(addr, 1 << 20).and_then(tokio::net::UdpSocket::from_std) {
         Ok(s) => {

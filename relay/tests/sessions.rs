@@ -200,14 +200,17 @@ async fn closed_with(conn: &quinn::Connection) -> u64 {
     }
 }
 
-/// The second observation port (main port + 1) answers a whole address request with the
+/// The second observation port (main port + 2) answers a whole address request with the
 /// sender's own address, and nothing else: a short request (the answer would amplify it) and
 /// garbage are dropped and counted.
 #[tokio::test]
 async fn the_second_port_tells_a_socket_its_own_address_and_never_amplifies() {
     use ztna_proto::observe;
     let w = World::start().await;
-    let second = SocketAddr::new(w.target.addr.ip(), w.target.addr.port() + 1);
+    let second = SocketAddr::new(
+        w.target.addr.ip(),
+        w.target.addr.port() + observe::PORT_OFFSET,
+    );
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let me = sock.local_addr().unwrap();
     let mut buf = [0u8; 256];
