@@ -238,11 +238,12 @@ fn probes_cannot_be_aimed_at_third_parties() {
                 5,
                 ["ip", "addr", "add", "10.10.3.77/32", "dev", "lo"],
             )?;
-            t.step("count what the connector's UDP socket sends to its backend network, and to the relay's host other than the relay");
+            t.step("count what the connector's UDP socket sends to its backend network, and to the relay's host other than the relay (its main and its second observation port)");
             let rules = format!(
-            "table inet ztna_victims {{\n chain out {{\n type filter hook output priority 0; policy accept;\n ip daddr 10.10.3.0/24 udp sport 4434 counter\n ip daddr {} udp sport 4434 udp dport != {} counter\n }}\n}}\n",
+            "table inet ztna_victims {{\n chain out {{\n type filter hook output priority 0; policy accept;\n ip daddr 10.10.3.0/24 udp sport 4434 counter\n ip daddr {} udp sport 4434 udp dport != {{ {}, {} }} counter\n }}\n}}\n",
             addr::RELAY,
-            addr::RELAY_PORT
+            addr::RELAY_PORT,
+            addr::RELAY_PORT + ztna_proto::observe::PORT_OFFSET
         );
             let file = t.write_file("victims.nft", &rules)?;
             t.run_ok(
