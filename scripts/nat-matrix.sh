@@ -2,7 +2,8 @@
 # Regenerates the NAT zoo matrix of docs/nat.md: builds the release binaries, runs the ignored
 # end-to-end test `nat_zoo_matrix` (e2e/tests/nat_zoo.rs; every cell of the zoo of
 # deploy/netns/nat.sh, about 4 minutes on 2 cores) and rewrites the table between the markers
-# in docs/nat.md. As root (network namespaces).
+# in docs/nat.md; then runs port prediction (symmetric against port-restricted, both orders)
+# 10 times each (about 2 minutes) and rewrites its list. As root (network namespaces).
 #
 #   sudo scripts/nat-matrix.sh
 #
@@ -21,3 +22,5 @@ cargo build --release --locked --workspace --bins
 export ZTNA_BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 export ZTNA_NAT_MATRIX_OUT="$ROOT/docs/nat.md"
 cargo test --release --locked -p ztna-e2e --test nat_zoo -- --ignored --nocapture nat_zoo_matrix
+ZTNA_NAT_TRIES=10 cargo test --release --locked -p ztna-e2e --test nat_zoo -- --nocapture \
+    symmetric_against_port_restricted_goes_direct_by_port_prediction

@@ -254,6 +254,8 @@ fn kind_name(k: CandidateKind) -> &'static str {
     match k {
         CandidateKind::Host => "host",
         CandidateKind::Reflexive => "reflexive",
+        CandidateKind::ReflexiveStable => "reflexive (easy NAT)",
+        CandidateKind::ReflexiveVarying => "reflexive (hard NAT)",
     }
 }
 

@@ -27,11 +27,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use ztna_proto::control::{ControlMessage, MAX_CANDIDATES};
+use ztna_proto::observe;
 use ztna_proto::probe::{
     self, Direction, Probe, ProbeError, ProbeKey, ProbeKind, ReplayGuard, Tag,
 };
 use ztna_proto::{Candidate, CandidateKind, ChannelId};
 
+use crate::birthday::{self, AttemptState, EasyProber, HardOpener, Mapping, Plan};
 use crate::mux::{MuxSocket, PROBE_QUEUE};
 use crate::path::{Action, PathClass, PathSet, PathTiming, PingFrom, Refusals, TargetStatus};
 use crate::session::ControlSender;
@@ -45,6 +47,17 @@ const SMALL_PROBE: usize = probe::MIN_LEN;
 /// Least time between two candidate lists sent (the relay drops lists that come faster than
 /// one per 100 ms from one end of a channel).
 const CANDIDATES_INTERVAL: Duration = Duration::from_millis(250);
+/// Address requests sent to the relay's second port per observed address, this far apart.
+const OBSERVE_TRIES: u32 = 3;
+const OBSERVE_INTERVAL: Duration = Duration::from_millis(300);
+/// Datagrams from the extra sockets of a port-prediction attempt waiting for the driver.
+const EXTRA_QUEUE: usize = 256;
+/// Most hard-side attempts (each with [`birthday::HARD_SOCKETS`] extra sockets) in progress in
+/// one process at once: a connector behind a hard NAT that many agents reach at the same time
+/// must not run out of file descriptors. Further connections try again later.
+const MAX_HARD_ATTEMPTS: usize = 4;
+/// Hard-side attempts in progress in this process.
+static HARD_ATTEMPTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Settings of direct paths.
 #[derive(Debug, Clone)]
@@ -162,6 +175,8 @@ impl DirectPath {
             observed,
         });
         let (probe_tx, probe_rx) = mpsc::channel(PROBE_QUEUE);
+        let (extra_tx, extra_rx) = mpsc::channel(EXTRA_QUEUE);
+        let (observe_tx, observe_rx) = mpsc::channel(4);
         ctx.mux.register_probes(tag, probe_tx);
         let (mux, vaddr) = (ctx.mux.clone(), ctx.vaddr);
         let own = direction_of(conn.side());
@@ -169,6 +184,7 @@ impl DirectPath {
         let mut paths = PathSet::new(opts.timing, seed());
         paths.set_refused(opts.refuse.clone(), epoch.into_std());
         let driver = Driver {
+            observe_tx,
             shared: shared.clone(),
             ctx,
             opts: opts.clone(),
@@ -186,8 +202,17 @@ impl DirectPath {
             sent_at: None,
             send_due: None,
             force: false,
+            mapping: Mapping::Unknown,
+            observing: None,
+            peer_reflexive: None,
+            hard: None,
+            easy: None,
+            via: None,
+            last_attempt: None,
+            peer_since: None,
+            extra_tx,
         };
-        let task = tokio::spawn(driver.run(peer_rx, observed_rx, probe_rx));
+        let task = tokio::spawn(driver.run(peer_rx, observed_rx, probe_rx, extra_rx, observe_rx));
         Ok(Self {
             shared,
             mux,
@@ -229,6 +254,7 @@ impl Drop for DirectPath {
         self.task.abort();
         self.mux.unregister_probes(&self.tag);
         self.mux.set_direct(self.vaddr, None, &[]);
+        self.mux.set_direct_socket(self.vaddr, None);
     }
 }
 
@@ -273,6 +299,102 @@ struct Driver {
     send_due: Option<Instant>,
     /// Send the next list even if it equals the last one (the network changed).
     force: bool,
+    /// This end's NAT mapping behaviour, from the relay's two observations.
+    mapping: Mapping,
+    /// The address request in flight: nonce, the observed address it checks, the relay's
+    /// second port, tries sent, and when the next one is due.
+    observing: Option<Observing>,
+    observe_tx: mpsc::Sender<(SocketAddr, SocketAddr)>,
+    /// The peer's relay-observed candidate (its kind tells its mapping).
+    peer_reflexive: Option<Candidate>,
+    /// This end's port-prediction attempt as the hard side: the extra sockets.
+    hard: Option<HardAttempt>,
+    /// ... or as the easy side: the guessed ports.
+    easy: Option<EasyProber>,
+    /// The extra socket that won an attempt: probes and packets to its peer go through it.
+    via: Option<Via>,
+    /// When the last attempt started.
+    last_attempt: Option<Instant>,
+    /// When the peer's candidates first arrived.
+    peer_since: Option<Instant>,
+    extra_tx: mpsc::Sender<(usize, SocketAddr, Bytes)>,
+}
+
+/// An address request to the relay's second port.
+struct Observing {
+    nonce: observe::Nonce,
+    observed: SocketAddr,
+    to: SocketAddr,
+    tries: u32,
+    next: Instant,
+}
+
+/// The hard side's attempt: extra sockets, each with a reader task.
+struct HardAttempt {
+    opener: HardOpener,
+    /// The easy side's advertised address, the only destination.
+    peer: SocketAddr,
+    socks: Vec<Arc<tokio::net::UdpSocket>>,
+    readers: Vec<JoinHandle<()>>,
+    /// The opening probes sent so far.
+    sent: u32,
+}
+
+impl Drop for HardAttempt {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+        HARD_ATTEMPTS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A direct path on its own socket.
+struct Via {
+    peer: SocketAddr,
+    sock: Arc<tokio::net::UdpSocket>,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Via {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Reads one extra socket: datagrams go to the driver, tagged with the socket's index; once it
+/// carries the direct path (`deliver` set), packets from `peer` other than probes go straight to
+/// quinn as the virtual address's.
+async fn read_extra(
+    index: usize,
+    sock: Arc<tokio::net::UdpSocket>,
+    tx: mpsc::Sender<(usize, SocketAddr, Bytes)>,
+    deliver: Option<(Arc<MuxSocket>, SocketAddr, SocketAddr)>,
+) {
+    // Datagrams here are probes and single inner packets (no GRO on this socket).
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                // E.g. an ICMP error surfacing on the socket; never spin on one.
+                tracing::trace!(error = %e, "extra socket receive error");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let pkt = &buf[..n];
+        match &deliver {
+            Some((mux, peer, vaddr)) if from == *peer && !probe::is_probe(pkt) => {
+                mux.deliver_direct(*vaddr, Bytes::copy_from_slice(pkt));
+            }
+            _ if probe::is_probe(pkt) => {
+                // A full queue drops it (probes are retried).
+                let _ = tx.try_send((index, from, Bytes::copy_from_slice(pkt)));
+            }
+            _ => {}
+        }
+    }
 }
 
 /// What to do with a freshly gathered candidate list.
@@ -310,6 +432,8 @@ impl Driver {
         mut peer_rx: watch::Receiver<Option<Vec<Candidate>>>,
         mut observed_rx: watch::Receiver<Option<SocketAddr>>,
         mut probe_rx: mpsc::Receiver<(SocketAddr, Bytes)>,
+        mut extra_rx: mpsc::Receiver<(usize, SocketAddr, Bytes)>,
+        mut observe_rx: mpsc::Receiver<(SocketAddr, SocketAddr)>,
     ) {
         let conn = self.conn.clone();
         let closed = conn.closed();
@@ -324,6 +448,19 @@ impl Driver {
                 .map(Instant::from_std)
                 .into_iter()
                 .chain(self.send_due)
+                .chain(self.observing.as_ref().map(|o| o.next))
+                .chain(
+                    self.hard
+                        .as_ref()
+                        .and_then(|h| h.opener.next_deadline())
+                        .map(Instant::from_std),
+                )
+                .chain(
+                    self.easy
+                        .as_ref()
+                        .and_then(|e| e.next_deadline())
+                        .map(Instant::from_std),
+                )
                 .min()
                 .unwrap_or_else(|| Instant::now() + HOST_REFRESH);
             tokio::select! {
@@ -333,14 +470,21 @@ impl Driver {
                     }
                 }
                 Some((from, pkt)) = probe_rx.recv() => self.on_probe(from, &pkt),
+                Some((index, from, pkt)) = extra_rx.recv() => self.on_extra(index, from, &pkt),
+                Some((src, seen)) = observe_rx.recv() => self.on_observed(src, seen),
                 r = peer_rx.changed() => {
                     if r.is_err() { return; }
                     let list = peer_rx.borrow_and_update().clone().unwrap_or_default();
                     tracing::debug!(peer = %self.ctx.peer, candidates = ?list, "peer candidates");
                     self.paths.set_candidates(&list, Instant::now().into_std());
+                    self.peer_reflexive = list.iter().find(|c| c.kind.is_reflexive()).copied();
+                    self.peer_since.get_or_insert_with(Instant::now);
                 }
                 r = observed_rx.changed() => {
                     if r.is_err() { return; }
+                    // A new mapping: its behaviour is not known until observed twice.
+                    self.mapping = Mapping::Unknown;
+                    self.observing = None;
                     self.send_candidates(*observed_rx.borrow_and_update());
                 }
                 _ = refresh.tick() => self.send_candidates(*observed_rx.borrow()),
@@ -366,14 +510,279 @@ impl Driver {
                 };
                 self.send(to, ProbeKind::Ping, txid, len, ttl);
             }
+            self.observe(*observed_rx.borrow());
+            self.birthday();
             self.count_refusals();
             self.apply();
+        }
+    }
+
+    /// Asks the relay's second port for this end's address (once per observed address, a few
+    /// tries), unless the answer is in.
+    fn observe(&mut self, observed: Option<SocketAddr>) {
+        let Some(observed) = observed else { return };
+        if self.mapping != Mapping::Unknown {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .observing
+            .as_ref()
+            .is_some_and(|o| o.observed != observed)
+        {
+            self.observing = None;
+        }
+        if self.observing.is_none() {
+            let Some(relay) = self.ctx.mux.relay_of(self.ctx.vaddr) else {
+                return;
+            };
+            let Some(port) = relay.port().checked_add(observe::PORT_OFFSET) else {
+                return;
+            };
+            let mut nonce = [0u8; 16];
+            if !getrandom(&mut nonce) {
+                return;
+            }
+            self.ctx.mux.watch_observed(nonce, self.observe_tx.clone());
+            self.observing = Some(Observing {
+                nonce,
+                observed,
+                to: SocketAddr::new(relay.ip(), port),
+                tries: 0,
+                next: now,
+            });
+        }
+        let Some(o) = self.observing.as_mut() else {
+            return;
+        };
+        if o.tries >= OBSERVE_TRIES || o.next > now {
+            if o.tries >= OBSERVE_TRIES && o.next <= now {
+                // No answer: a relay without the second port. The mapping stays unknown.
+                self.ctx.mux.unwatch_observed(&o.nonce);
+                o.next = now + HOST_REFRESH * 12;
+            }
+            return;
+        }
+        o.tries += 1;
+        o.next = now + OBSERVE_INTERVAL;
+        if let Err(e) = self
+            .ctx
+            .mux
+            .send_probe(o.to, &observe::encode_request(&o.nonce))
+        {
+            tracing::trace!(error = %e, "address request not sent");
+        }
+    }
+
+    /// The relay's second port answered: compare with its main port's observation.
+    fn on_observed(&mut self, src: SocketAddr, seen: SocketAddr) {
+        let Some(o) = self.observing.as_ref() else {
+            return;
+        };
+        if src != o.to {
+            return;
+        }
+        let (mapping, main) = (birthday::classify(o.observed, seen), o.observed);
+        self.ctx.mux.unwatch_observed(&o.nonce);
+        self.observing = None;
+        tracing::debug!(peer = %self.ctx.peer, ?mapping, "NAT mapping observed");
+        tracing::trace!(%main, second = %seen, "the two observations");
+        self.mapping = mapping;
+        self.force = true;
+        let observed = *self.shared.observed.borrow();
+        self.send_candidates(observed);
+    }
+
+    /// Starts, runs and ends port-prediction attempts.
+    fn birthday(&mut self) {
+        let now = Instant::now();
+        let std_now = now.into_std();
+        let peer_mapping = match self.peer_reflexive.map(|c| c.kind) {
+            Some(CandidateKind::ReflexiveStable) => Mapping::Independent,
+            Some(CandidateKind::ReflexiveVarying) => Mapping::Dependent,
+            _ => Mapping::Unknown,
+        };
+        if self.paths.selected().is_some() && self.via.is_none() {
+            // Plain punching found a path (the peer's NAT filters by address only): no need.
+            if self.hard.take().is_some() | self.easy.take().is_some() {
+                tracing::info!(peer = %self.ctx.peer, "a direct path came up without port prediction; attempt stopped");
+            }
+        }
+        let decided = self.peer_reflexive.and_then(|peer| {
+            birthday::attempt(AttemptState {
+                own: self.mapping,
+                peer: peer_mapping,
+                direct_up: self.paths.selected().is_some(),
+                busy: self.hard.is_some() || self.easy.is_some() || self.via.is_some(),
+                peer_known_for: self.peer_since.map(|at| now.duration_since(at)),
+                since_last: self.last_attempt.map(|at| now.duration_since(at)),
+                refused: self.paths.refuses(&peer.addr),
+            })
+            .map(|plan| (plan, peer))
+        });
+        if let Some((plan, peer)) = decided {
+            match plan {
+                Plan::OpenMappings => {
+                    self.last_attempt = Some(now);
+                    self.start_hard(peer.addr, std_now);
+                }
+                Plan::GuessPorts => {
+                    self.last_attempt = Some(now);
+                    tracing::info!(peer = %self.ctx.peer, "peer behind a hard NAT: guessing its port");
+                    self.easy = Some(EasyProber::new(peer.addr, std_now, seed()));
+                }
+                Plan::Relay => {
+                    self.last_attempt = Some(now);
+                    tracing::info!(peer = %self.ctx.peer, "both ends behind hard NATs: staying on the relay");
+                }
+                Plan::Punch => {}
+            }
+        }
+        let ttl = None;
+        if let Some(e) = self.easy.as_mut() {
+            let guesses = e.poll(std_now);
+            let done = e.finished(std_now);
+            for to in guesses {
+                let txid = self.seq ^ 0x6269_7274_6864_6179;
+                self.send(to, ProbeKind::Ping, txid, SMALL_PROBE, ttl);
+            }
+            if done {
+                let e = self.easy.take();
+                tracing::info!(peer = %self.ctx.peer, hit = e.as_ref().is_some_and(|e| e.hit().is_some()), probes = e.as_ref().map_or(0, |e| e.sent()), "port guessing ended");
+            }
+        }
+        let Some(h) = self.hard.as_mut() else { return };
+        let opens = h.opener.poll(std_now);
+        let finished = h.opener.finished(std_now);
+        let winner = h.opener.winner();
+        let peer = h.peer;
+        let socks: Vec<Arc<tokio::net::UdpSocket>> = opens
+            .iter()
+            .filter_map(|&i| h.socks.get(i).cloned())
+            .collect();
+        h.sent += u32::try_from(socks.len()).unwrap_or(0);
+        for sock in socks {
+            let txid = self.seq ^ 0x6f70_656e_696e_6721;
+            let pkt = self.encode(ProbeKind::Ping, txid, SMALL_PROBE);
+            if let Err(e) = crate::mux::send_now(&sock, &pkt, peer) {
+                tracing::trace!(error = %e, "opening probe not sent");
+            }
+        }
+        if finished {
+            let h = self.hard.take();
+            let sent = h.as_ref().map_or(0, |h| h.sent);
+            match winner.and_then(|w| h.as_ref().and_then(|h| h.socks.get(w).cloned())) {
+                Some(sock) => {
+                    tracing::info!(peer = %self.ctx.peer, opening_probes = sent, "a mapping of the port-prediction attempt was found");
+                    self.use_via(peer, sock);
+                }
+                None => {
+                    tracing::info!(peer = %self.ctx.peer, opening_probes = sent, "port-prediction attempt ended without a hit; staying on the relay")
+                }
+            }
+            // Dropping the attempt closes every other extra socket and its reader.
+            drop(h);
+        }
+    }
+
+    /// Opens the extra sockets of a hard-side attempt toward `peer`.
+    fn start_hard(&mut self, peer: SocketAddr, now: std::time::Instant) {
+        let running = HARD_ATTEMPTS.fetch_add(1, Ordering::Relaxed);
+        if running >= MAX_HARD_ATTEMPTS {
+            HARD_ATTEMPTS.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(peer = %self.ctx.peer, running, "too many port-prediction attempts at once; later");
+            return;
+        }
+        let ttl = self.paths.open_ttl();
+        let mut socks = Vec::with_capacity(birthday::HARD_SOCKETS);
+        let mut readers = Vec::with_capacity(birthday::HARD_SOCKETS);
+        for i in 0..birthday::HARD_SOCKETS {
+            match self.ctx.mux.bind_extra(ttl) {
+                Ok(s) => {
+                    let s = Arc::new(s);
+                    readers.push(tokio::spawn(read_extra(
+                        i,
+                        s.clone(),
+                        self.extra_tx.clone(),
+                        None,
+                    )));
+                    socks.push(s);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, opened = i, "no more extra sockets");
+                    break;
+                }
+            }
+        }
+        tracing::info!(peer = %self.ctx.peer, sockets = socks.len(), "behind a hard NAT: opening many mappings toward the peer");
+        self.hard = Some(HardAttempt {
+            opener: HardOpener::new(socks.len(), now),
+            peer,
+            socks,
+            readers,
+            sent: 0,
+        });
+    }
+
+    /// Makes `sock` the direct path's socket toward `peer`.
+    fn use_via(&mut self, peer: SocketAddr, sock: Arc<tokio::net::UdpSocket>) {
+        let s2 = socket2::SockRef::from(&*sock);
+        // Full TTL from now on: it carries the path.
+        let _ = if peer.is_ipv4() {
+            s2.set_ttl(64)
+        } else {
+            s2.set_unicast_hops_v6(64)
+        };
+        let reader = tokio::spawn(read_extra(
+            usize::MAX,
+            sock.clone(),
+            self.extra_tx.clone(),
+            Some((self.ctx.mux.clone(), peer, self.ctx.vaddr)),
+        ));
+        self.ctx
+            .mux
+            .set_direct_socket(self.ctx.vaddr, Some((peer, sock.clone())));
+        self.via = Some(Via { peer, sock, reader });
+    }
+
+    /// A probe arrived on an extra socket.
+    fn on_extra(&mut self, index: usize, from: SocketAddr, pkt: &[u8]) {
+        let now = Instant::now().into_std();
+        if index != usize::MAX {
+            let Some(h) = self.hard.as_mut() else { return };
+            // Only the peer's authenticated pings pick a winner.
+            if from != h.peer || probe::decode(pkt, &self.key).is_err() {
+                return;
+            }
+            if h.opener.on_ping(index, now) == Some(index) {
+                if let Some(sock) = h.socks.get(index).cloned() {
+                    self.hard = None;
+                    tracing::info!(peer = %self.ctx.peer, "the peer reached one of our mappings");
+                    self.use_via(from, sock);
+                }
+            }
+        }
+        if self.via.as_ref().is_some_and(|v| v.peer == from) {
+            self.on_probe(from, pkt);
         }
     }
 
     /// Builds and sends one probe of this end's direction, with the next sequence number.
     /// Sends one probe; `ttl` overrides the socket's default for this datagram (opening probes).
     fn send(&mut self, to: SocketAddr, kind: ProbeKind, txid: u64, len: usize, ttl: Option<u8>) {
+        let pkt = self.encode(kind, txid, len);
+        let res = match &self.via {
+            // The path to that address lives on its own socket (a port-prediction hit).
+            Some(v) if v.peer == to => crate::mux::send_now(&v.sock, &pkt, to).map(|_| ()),
+            _ => self.ctx.mux.send_probe_with_ttl(to, &pkt, ttl),
+        };
+        if let Err(e) = res {
+            tracing::trace!(%to, ?ttl, error = %e, "probe not sent");
+        }
+    }
+
+    /// One probe of this end's direction, with the next sequence number.
+    fn encode(&mut self, kind: ProbeKind, txid: u64, len: usize) -> Vec<u8> {
         self.seq += 1;
         let p = Probe {
             kind,
@@ -383,13 +792,7 @@ impl Driver {
             seq: self.seq,
             time_ms: self.clock_ms(),
         };
-        if let Err(e) =
-            self.ctx
-                .mux
-                .send_probe_with_ttl(to, &probe::encode(&p, &self.key, len), ttl)
-        {
-            tracing::trace!(%to, ?ttl, error = %e, "probe not sent");
-        }
+        probe::encode(&p, &self.key, len)
     }
 
     /// This end's probe clock: milliseconds since the driver started.
@@ -424,7 +827,12 @@ impl Driver {
                 }
             }
             Ok(p) => {
-                if !self.paths.on_pong(from, p.txid, now) {
+                if self.easy.as_mut().is_some_and(|e| e.on_pong(from, now)) {
+                    // A guessed port answered: it is the hard side's mapping toward us.
+                    tracing::info!(peer = %self.ctx.peer, probes = self.easy.as_ref().map_or(0, |e| e.sent()), "guessed the peer's port");
+                    self.easy = None;
+                    self.paths.on_ping(from, now);
+                } else if !self.paths.on_pong(from, p.txid, now) {
                     stats.probes_rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::trace!(%from, "unexpected pong");
                 }
@@ -478,7 +886,11 @@ impl Driver {
                     0,
                     Candidate {
                         addr: o,
-                        kind: CandidateKind::Reflexive,
+                        kind: match self.mapping {
+                            Mapping::Independent => CandidateKind::ReflexiveStable,
+                            Mapping::Dependent => CandidateKind::ReflexiveVarying,
+                            Mapping::Unknown => CandidateKind::Reflexive,
+                        },
                     },
                 );
             }

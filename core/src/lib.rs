@@ -31,6 +31,7 @@ pub mod agent;
 pub mod agent_config;
 pub mod agent_machine;
 pub mod backoff;
+pub mod birthday;
 pub mod bucket;
 pub mod daemon;
 pub mod direct;

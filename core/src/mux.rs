@@ -31,6 +31,7 @@ use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::io::Interest;
 use tokio::sync::mpsc;
+use ztna_proto::observe::{self, Nonce};
 use ztna_proto::probe::{self, Tag};
 use ztna_proto::{datagram, ChannelId};
 
@@ -70,6 +71,9 @@ pub struct MuxStats {
     pub direct_rx_bytes: AtomicU64,
     /// Probes received and handed to their connection's driver.
     pub probes_received: AtomicU64,
+    /// Address answers (the relay's second observation port) dropped: malformed, or a nonce
+    /// no driver waits for.
+    pub observe_dropped: AtomicU64,
     /// Probes dropped: malformed, unknown tag, failed authentication, or unexpected pongs.
     pub probes_rejected: AtomicU64,
     /// Authenticated probes refused as replays (sequence number seen or too old).
@@ -112,6 +116,9 @@ struct Route {
     relay: Option<RelayPath>,
     /// The peer's real address while a direct path is active.
     direct: Option<SocketAddr>,
+    /// The socket the direct path uses when it is not this one: the extra socket whose NAT
+    /// mapping a port-prediction attempt found ([`crate::birthday`]).
+    direct_sock: Option<(SocketAddr, Arc<tokio::net::UdpSocket>)>,
     counters: Arc<RouteCounters>,
 }
 
@@ -138,6 +145,7 @@ impl Routes {
         let route = self.by_addr.entry(addr).or_insert_with(|| Route {
             relay: None,
             direct: None,
+            direct_sock: None,
             counters: Arc::default(),
         });
         let old = std::mem::replace(&mut route.relay, relay.clone());
@@ -166,6 +174,8 @@ pub struct MuxSocket {
     next_virtual: AtomicU32,
     routes: RwLock<Routes>,
     probes: RwLock<HashMap<Tag, mpsc::Sender<(SocketAddr, Bytes)>>>,
+    /// Drivers waiting for an address answer: nonce → (answer's source, observed address).
+    observers: RwLock<HashMap<Nonce, mpsc::Sender<(SocketAddr, SocketAddr)>>>,
     inbound_tx: mpsc::Sender<(SocketAddr, Bytes)>,
     inbound_rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
     channel_first: AtomicBool,
@@ -195,6 +205,7 @@ impl MuxSocket {
             next_virtual: AtomicU32::new(1),
             routes: RwLock::default(),
             probes: RwLock::default(),
+            observers: RwLock::default(),
             inbound_tx,
             inbound_rx: Mutex::new(inbound_rx),
             channel_first: AtomicBool::new(false),
@@ -218,6 +229,30 @@ impl MuxSocket {
             io::ErrorKind::Unsupported,
             "SO_MARK is Linux only",
         ))
+    }
+
+    /// Binds an extra UDP socket beside this one (same address family and local address, any
+    /// port, this socket's `SO_MARK`), sending with `ttl`: one of the many NAT mappings of a
+    /// port-prediction attempt ([`crate::birthday`]). Must be called inside a tokio runtime.
+    pub fn bind_extra(&self, ttl: u8) -> io::Result<tokio::net::UdpSocket> {
+        let local = self.io.local_addr()?;
+        let sock = crate::daemon::bind_udp(SocketAddr::new(local.ip(), 0), 1 << 16)?;
+        let s2 = socket2::SockRef::from(&sock);
+        if self.v4 {
+            s2.set_ttl(u32::from(ttl))?;
+        } else {
+            s2.set_unicast_hops_v6(u32::from(ttl))?;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use nix::sys::socket::{getsockopt, setsockopt, sockopt::Mark};
+            if let Ok(mark) = getsockopt(&self.io, Mark) {
+                if mark != 0 {
+                    setsockopt(&sock, Mark, &mark).map_err(io::Error::from)?;
+                }
+            }
+        }
+        tokio::net::UdpSocket::from_std(sock)
     }
 
     /// The socket's counters.
@@ -367,6 +402,76 @@ impl MuxSocket {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(tag);
+    }
+
+    /// Sets the socket the direct path of `vaddr` sends on when it goes to the peer address
+    /// given with it (None: this one). Returns false if `vaddr` has no route.
+    pub fn set_direct_socket(
+        &self,
+        vaddr: SocketAddr,
+        sock: Option<(SocketAddr, Arc<tokio::net::UdpSocket>)>,
+    ) -> bool {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = routes.by_addr.get_mut(&vaddr) else {
+            return false;
+        };
+        r.direct_sock = sock;
+        true
+    }
+
+    /// Hands quinn a packet that the direct path of `vaddr` received on its own socket (see
+    /// [`MuxSocket::set_direct_socket`]). Returns false if it was dropped.
+    pub fn deliver_direct(&self, vaddr: SocketAddr, pkt: Bytes) -> bool {
+        let counters = {
+            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+            routes.by_addr.get(&vaddr).map(|r| r.counters.clone())
+        };
+        let Some(counters) = counters else {
+            self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        let len = pkt.len() as u64;
+        if self.inbound_tx.try_send((vaddr, pkt)).is_err() {
+            self.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        counters.direct_rx.fetch_add(1, Ordering::Relaxed);
+        self.stats.direct_rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.stats.direct_rx_bytes.fetch_add(len, Ordering::Relaxed);
+        true
+    }
+
+    /// Delivers the address answer carrying `nonce` to `tx` (until [`MuxSocket::unwatch_observed`]).
+    pub fn watch_observed(&self, nonce: Nonce, tx: mpsc::Sender<(SocketAddr, SocketAddr)>) {
+        self.observers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(nonce, tx);
+    }
+
+    /// Stops waiting for the answer carrying `nonce`.
+    pub fn unwatch_observed(&self, nonce: &Nonce) {
+        self.observers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(nonce);
+    }
+
+    fn dispatch_observed(&self, from: SocketAddr, pkt: &[u8]) {
+        let delivered = observe::decode_answer(pkt)
+            .ok()
+            .is_some_and(|(nonce, seen)| {
+                let tx = self
+                    .observers
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&nonce)
+                    .cloned();
+                tx.is_some_and(|tx| tx.try_send((from, seen)).is_ok())
+            });
+        if !delivered {
+            self.stats.observe_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Sends a probe as plain UDP. A full socket buffer drops it (probes are retried).
@@ -549,6 +654,9 @@ impl MuxSocket {
                     self.dispatch_probe(m.addr, seg);
                 }
                 m.len = 0;
+            } else if observe::is_observe(data) {
+                self.dispatch_observed(m.addr, data);
+                m.len = 0;
             } else if let Some(vaddr) = routes.direct_in.get(&m.addr) {
                 let segments = data.len().div_ceil(stride) as u64;
                 self.stats
@@ -564,6 +672,30 @@ impl MuxSocket {
             } else if Self::is_virtual(&m.addr) {
                 m.len = 0;
                 self.stats.spoofed_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sends on a direct path's own socket, segment by segment (that socket has no GSO); a
+    /// segment that does not go out is lost, as on the wire.
+    fn send_direct_via(
+        &self,
+        route: &Route,
+        sock: &tokio::net::UdpSocket,
+        to: SocketAddr,
+        transmit: &Transmit<'_>,
+    ) {
+        let seg = transmit
+            .segment_size
+            .unwrap_or(transmit.contents.len())
+            .max(1);
+        for chunk in transmit.contents.chunks(seg) {
+            if send_now(sock, chunk, to).is_ok() {
+                route.counters.direct_tx.fetch_add(1, Ordering::Relaxed);
+                self.stats.direct_tx_packets.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .direct_tx_bytes
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }
         }
     }
@@ -598,6 +730,13 @@ impl MuxSocket {
         }
         res
     }
+}
+
+/// Sends one datagram on a non-blocking socket straight away, without waiting for tokio to
+/// have seen the socket writable (a fresh socket is not, until the reactor polled it; a UDP
+/// send practically never blocks, and one that would is dropped like a lost packet).
+pub fn send_now(sock: &tokio::net::UdpSocket, pkt: &[u8], to: SocketAddr) -> io::Result<usize> {
+    socket2::SockRef::from(sock).send_to(pkt, &to.into())
 }
 
 /// Turns UDP GRO off on the socket (quinn-udp turns it on).
@@ -695,7 +834,13 @@ impl AsyncUdpSocket for MuxSocket {
             match route {
                 Some(route) => match (route.direct, &route.relay) {
                     // A direct send error (e.g. a full buffer) is quinn's to see, as on any socket.
-                    (Some(to), _) => return self.send_direct(&route, to, transmit),
+                    (Some(to), _) => match &route.direct_sock {
+                        Some((peer, sock)) if *peer == to => {
+                            self.send_direct_via(&route, sock, to, transmit);
+                            return Ok(());
+                        }
+                        _ => return self.send_direct(&route, to, transmit),
+                    },
                     (None, Some(relay)) => self.send_relay(&route, relay, transmit),
                     (None, None) => {
                         self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
@@ -840,6 +985,81 @@ mod tests {
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or(64);
         assert_eq!(ttls, vec![Some(3), Some(default), Some(2)]);
+    }
+
+    /// Port prediction's plumbing: an extra socket sends with its own TTL and, once it carries
+    /// a direct path, the path's packets leave from it (only toward its peer); packets it
+    /// receives reach quinn as the virtual address's; an address answer reaches only the
+    /// driver that waits for its nonce (a forged one with another nonce is dropped, counted).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_direct_path_on_an_extra_socket_and_address_answers() {
+        let s = MuxSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let extra = Arc::new(s.bind_extra(2).unwrap());
+        assert_eq!(socket2::SockRef::from(&*extra).ttl().unwrap(), 2);
+        let peer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let vaddr = s.allocate_virtual();
+        s.routes.write().unwrap().set_relay(vaddr, None);
+        let to = peer.local_addr().unwrap();
+        assert!(s.set_direct(vaddr, Some(to), &[to]));
+        assert!(s.set_direct_socket(vaddr, Some((to, extra.clone()))));
+        let send = |dest: SocketAddr| {
+            s.try_send(&Transmit {
+                destination: dest,
+                ecn: None,
+                contents: b"inner",
+                segment_size: None,
+                src_ip: None,
+            })
+        };
+        send(vaddr).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), peer.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"inner"[..], extra.local_addr().unwrap())
+        );
+        // Another active address goes out of the main socket, as before.
+        let elsewhere = other.local_addr().unwrap();
+        assert!(s.set_direct(vaddr, Some(elsewhere), &[elsewhere]));
+        send(vaddr).unwrap();
+        let (_, from) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), other.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(from, s.io.local_addr().unwrap());
+        // Received on the extra socket, handed to quinn as the virtual address's.
+        assert!(s.deliver_direct(vaddr, Bytes::from_static(b"back")));
+        let got = s.inbound_rx.lock().unwrap().try_recv().unwrap();
+        assert_eq!(got, (vaddr, Bytes::from_static(b"back")));
+        assert!(!s.deliver_direct(s.allocate_virtual(), Bytes::from_static(b"x")));
+        // Address answers.
+        let (tx, mut rx) = mpsc::channel(4);
+        s.watch_observed([3; 16], tx);
+        let relay: SocketAddr = "127.0.0.9:4434".parse().unwrap();
+        let seen: SocketAddr = "198.51.100.1:5000".parse().unwrap();
+        for nonce in [[4u8; 16], [3; 16]] {
+            let mut pkt = observe::encode_answer(&nonce, seen).to_vec();
+            let mut bufs = [IoSliceMut::new(&mut pkt)];
+            let mut meta = [RecvMeta {
+                addr: relay,
+                len: observe::RESPONSE_LEN,
+                stride: observe::RESPONSE_LEN,
+                ..RecvMeta::default()
+            }];
+            s.classify_udp(&bufs, &mut meta);
+            assert_eq!(meta[0].len, 0, "never handed to quinn");
+            let _ = &mut bufs;
+        }
+        assert_eq!(rx.try_recv().unwrap(), (relay, seen));
+        assert!(rx.try_recv().is_err());
+        assert_eq!(s.stats().observe_dropped.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

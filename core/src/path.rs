@@ -399,6 +399,11 @@ impl PathSet {
             .any(|t| t.addr == from && t.pending.iter().any(|p| p.0 == txid))
     }
 
+    /// Whether `addr` lies in a refused network (never probed).
+    pub fn refuses(&self, addr: &SocketAddr) -> bool {
+        is_refused(&self.refused, addr)
+    }
+
     /// The TTL of opening probes now.
     pub fn open_ttl(&self) -> u8 {
         self.open_ttl
@@ -426,7 +431,9 @@ impl PathSet {
             listed += 1;
             let kind = match c.kind {
                 CandidateKind::Host => TargetKind::Host,
-                CandidateKind::Reflexive => TargetKind::Reflexive,
+                CandidateKind::Reflexive
+                | CandidateKind::ReflexiveStable
+                | CandidateKind::ReflexiveVarying => TargetKind::Reflexive,
             };
             match self.targets.iter_mut().find(|t| t.addr == c.addr) {
                 Some(t) => {

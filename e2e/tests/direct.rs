@@ -295,11 +295,12 @@ fn probes_cannot_be_aimed_at_third_parties() {
                 5,
                 ["ip", "addr", "add", "10.10.3.77/32", "dev", "lo"],
             )?;
-            t.step("count what the connector's UDP socket sends to its backend network, and to the relay's host other than the relay");
+            t.step("count what the connector's UDP socket sends to its backend network, and to the relay's host other than the relay (its main and its second observation port)");
             let rules = format!(
-            "table inet ztna_victims {{\n chain out {{\n type filter hook output priority 0; policy accept;\n ip daddr 10.10.3.0/24 udp sport 4434 counter\n ip daddr {} udp sport 4434 udp dport != {} counter\n }}\n}}\n",
+            "table inet ztna_victims {{\n chain out {{\n type filter hook output priority 0; policy accept;\n ip daddr 10.10.3.0/24 udp sport 4434 counter\n ip daddr {} udp sport 4434 udp dport != {{ {}, {} }} counter\n }}\n}}\n",
             addr::RELAY,
-            addr::RELAY_PORT
+            addr::RELAY_PORT,
+            addr::RELAY_PORT + ztna_proto::observe::PORT_OFFSET
         );
             let file = t.write_file("victims.nft", &rules)?;
             t.run_ok(
@@ -411,13 +412,13 @@ fn probes_cannot_be_aimed_at_third_parties() {
 }
 
 /// Whether the design expects a direct path between an agent behind `a` and a connector behind
-/// `c`: everything punches except an endpoint-dependent mapping (symmetric) against a
-/// port-restricted or symmetric NAT. Symmetric against full-cone or address-restricted works
-/// through a peer-reflexive candidate: the symmetric side's pings come from a new port, which
-/// the other side's filter lets in and answers.
+/// `c`: everything goes direct except symmetric against symmetric. Symmetric against
+/// full-cone or address-restricted works through a peer-reflexive candidate: the symmetric
+/// side's pings come from a new port, which the other side's filter lets in and answers;
+/// symmetric against port-restricted by port prediction (`core::birthday`, within 10 s in
+/// 99.7 % of attempts by its arithmetic; `nat_zoo.rs` measures it).
 fn expect_direct(a: NatType, c: NatType) -> bool {
-    use NatType::{Port, Sym};
-    !matches!((a, c), (Sym, Port) | (Port, Sym) | (Sym, Sym))
+    !matches!((a, c), (NatType::Sym, NatType::Sym))
 }
 
 /// Runs `body` in a topology built by `build`, and returns its result; the topology prints its

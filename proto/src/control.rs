@@ -303,6 +303,21 @@ pub enum CandidateKind {
     Host,
     /// The sender's address as the relay observes it (its NAT's mapping).
     Reflexive,
+    /// As [`CandidateKind::Reflexive`], and a second observation through the relay's second
+    /// port ([`crate::observe`]) saw the same port: endpoint-independent mapping (an easy NAT,
+    /// or none).
+    ReflexiveStable,
+    /// As [`CandidateKind::Reflexive`], but the second observation saw another port:
+    /// endpoint-dependent mapping (a hard NAT). Only the address is worth probing, on guessed
+    /// ports (port prediction).
+    ReflexiveVarying,
+}
+
+impl CandidateKind {
+    /// Whether the relay observed this address (any reflexive kind).
+    pub fn is_reflexive(self) -> bool {
+        !matches!(self, CandidateKind::Host)
+    }
 }
 
 /// An address at which the sender may be reachable directly, over its one UDP socket.

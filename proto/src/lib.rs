@@ -6,6 +6,8 @@
 //! - [`datagram`]: the `[channel id][inner packet]` framing of QUIC DATAGRAM frames that the relay
 //!   forwards without decrypting.
 //! - [`probe`]: the authenticated UDP probes that open and test direct agent–connector paths.
+//! - [`observe`]: the request to the relay's second port that observes an end's address a
+//!   second time (a hard NAT shows another port).
 //! - [`service`]: service definitions and port ranges, shared by the relay, connector and agent.
 //!
 //! Every decoder here takes untrusted bytes and returns an error instead of panicking; the
@@ -14,6 +16,7 @@
 pub mod control;
 pub mod datagram;
 pub mod frame;
+pub mod observe;
 pub mod probe;
 pub mod service;
 

@@ -125,6 +125,12 @@ pub struct Metrics {
     pub handshakes_refused: AtomicU64,
     /// Handshakes that did not finish in time.
     pub handshakes_timed_out: AtomicU64,
+    /// Address requests answered on the second observation port.
+    pub observe_answered: AtomicU64,
+    /// Address requests not answered for the per-source or total rate limit.
+    pub observe_limited: AtomicU64,
+    /// Datagrams on the second observation port that were no (whole) address request.
+    pub observe_dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -155,6 +161,9 @@ impl Metrics {
             Sample::counter("handshakes_retried", "Connection attempts answered with a Retry (address validation).", g(&self.handshakes_retried)),
             Sample::counter("handshakes_refused", "Connection attempts refused or ignored (too many handshakes in progress).", g(&self.handshakes_refused)),
             Sample::counter("handshakes_timed_out", "Handshakes that did not finish in time.", g(&self.handshakes_timed_out)),
+            Sample::counter("observe_answered", "Address requests answered on the second observation port (hard-NAT detection).", g(&self.observe_answered)),
+            Sample::counter("observe_limited", "Address requests not answered for a rate limit.", g(&self.observe_limited)),
+            Sample::counter("observe_dropped", "Datagrams on the second observation port that were no address request.", g(&self.observe_dropped)),
             Sample::gauge("services_registered", "Services registered now.", g(&self.services_registered)),
             Sample::counter("services_rejected", "Service announcements refused.", g(&self.services_rejected)),
             Sample::counter("policy_reloads", "Policy reloads applied.", g(&self.policy_reloads)),
@@ -649,6 +658,8 @@ impl Relay {
 /// A bound relay endpoint, ready to serve.
 pub struct Server {
     endpoint: quinn::Endpoint,
+    /// The second observation port (main port + 2), when it could be bound.
+    observe: Option<tokio::net::UdpSocket>,
     relay: Arc<Relay>,
     metrics_addr: Option<SocketAddr>,
     admission: AdmissionLimits,
@@ -689,10 +700,12 @@ impl Server {
         } else {
             tracing::info!(addr = %local, "relay listening");
         }
+        let observe = bind_observe(local, cfg.bind.port() != 0);
         let list = creds.revocation().list();
         tracing::info!(identity = %creds.identity().name, services = policy.services_len(), access_rules = cfg.access.len(), connector_rules = cfg.connectors.len(), denied_identities = list.identities.len(), denied_serials = list.serials.len(), crls = list.crls.len(), pool = %cfg.tunnel_pool, "relay ready");
         Ok(Self {
             endpoint,
+            observe,
             relay: Arc::new(Relay::new(cfg, policy, creds.revocation().clone())),
             metrics_addr: cfg.metrics,
             admission: AdmissionLimits::default(),
@@ -702,6 +715,11 @@ impl Server {
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// The second observation port's address, if it is bound.
+    pub fn observe_addr(&self) -> Option<SocketAddr> {
+        self.observe.as_ref().and_then(|s| s.local_addr().ok())
     }
 
     /// Replaces the handshake limits (tests, tools).
@@ -730,6 +748,12 @@ impl Server {
             })
         });
         let timers = AbortOnDrop(tokio::spawn(self.relay.clone().timers()));
+        let observe = self.observe.map(|sock| {
+            AbortOnDrop(tokio::spawn(crate::observe::serve(
+                sock,
+                self.relay.metrics.clone(),
+            )))
+        });
         let admission = Arc::new(Mutex::new(Admission::new(self.admission)));
         tokio::pin!(shutdown);
         loop {
@@ -742,6 +766,7 @@ impl Server {
             }
         }
         drop(timers);
+        drop(observe);
         tracing::info!("relay shutting down");
         self.endpoint.close(0u32.into(), b"relay shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
@@ -749,6 +774,28 @@ impl Server {
             t.abort();
         }
         Ok(())
+    }
+}
+
+/// Binds the second observation port: the main port + [`ztna_proto::observe::PORT_OFFSET`] on the same
+/// address. A relay without
+/// it still works; ends behind it just can't tell a hard NAT (no port prediction).
+fn bind_observe(main: SocketAddr, configured: bool) -> Option<tokio::net::UdpSocket> {
+    let port = main.port().checked_add(ztna_proto::observe::PORT_OFFSET)?;
+    let addr = SocketAddr::new(main.ip(), port);
+    match ztna_core::daemon::bind_udp(addr, 1 << 20).and_then(tokio::net::UdpSocket::from_std) {
+        Ok(s) => {
+            tracing::info!(%addr, "second observation port listening");
+            Some(s)
+        }
+        Err(e) if configured => {
+            tracing::warn!(%addr, error = %e, "second observation port unavailable; hard NATs go undetected");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "second observation port unavailable");
+            None
+        }
     }
 }
 

@@ -200,6 +200,42 @@ async fn closed_with(conn: &quinn::Connection) -> u64 {
     }
 }
 
+/// The second observation port (main port + 2) answers a whole address request with the
+/// sender's own address, and nothing else: a short request (the answer would amplify it) and
+/// garbage are dropped and counted.
+#[tokio::test]
+async fn the_second_port_tells_a_socket_its_own_address_and_never_amplifies() {
+    use ztna_proto::observe;
+    let w = World::start().await;
+    let second = SocketAddr::new(
+        w.target.addr.ip(),
+        w.target.addr.port() + observe::PORT_OFFSET,
+    );
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = sock.local_addr().unwrap();
+    let mut buf = [0u8; 256];
+    sock.send_to(&observe::encode_request(&[5; 16]), second)
+        .await
+        .unwrap();
+    let (n, from) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(from, second);
+    assert!(n < observe::REQUEST_LEN);
+    assert_eq!(observe::decode_answer(&buf[..n]), Ok(([5; 16], me)));
+    sock.send_to(&observe::encode_request(&[6; 16])[..40], second)
+        .await
+        .unwrap();
+    sock.send_to(b"hello", second).await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await;
+    assert!(quiet.is_err(), "no answer to a short request or garbage");
+    let m = &w.relay.metrics;
+    assert_eq!(m.observe_answered.load(Ordering::Relaxed), 1);
+    assert_eq!(m.observe_dropped.load(Ordering::Relaxed), 2);
+    assert!(m.render().contains("ztna_relay_observe_answered_total 1"));
+}
+
 #[tokio::test]
 async fn registration_policy_channels_and_forwarding() {
     let w = World::start().await;
