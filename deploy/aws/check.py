@@ -79,8 +79,9 @@ def ingress(sg):
     ]
 
 
-check(("udp", 4433, 4433, ['"0.0.0.0/0"']) in ingress("relay") or ("udp", 4433, 4433, ["0.0.0.0/0"]) in ingress("relay"),
-      f"relay security group: UDP 4433 from anywhere ({ingress('relay')})")
+for port in (4433, 4435):
+    check(("udp", port, port, ['"0.0.0.0/0"']) in ingress("relay") or ("udp", port, port, ["0.0.0.0/0"]) in ingress("relay"),
+          f"relay security group: UDP {port} from anywhere ({ingress('relay')})")
 check(any(p == "udp" and a == 4434 == b for p, a, b, _ in ingress("connector")),
       f"connector security group: UDP 4434 ({ingress('connector')})")
 check(not any(b == 22 or a == 22 for _, a, b, _ in ingress("relay") + ingress("connector")),

@@ -185,6 +185,13 @@ resource "aws_security_group" "relay" {
     cidr_blocks = ["0.0.0.0/0"]
   }
   ingress {
+    description = "address observation for hard-NAT detection (QUIC port + 2)"
+    from_port   = 4435
+    to_port     = 4435
+    protocol    = "udp"
+    cidr_blocks = ["0.0.0.0/0"]
+  }
+  ingress {
     description = "metrics, healthz, readyz"
     from_port   = 9090
     to_port     = 9090

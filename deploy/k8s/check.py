@@ -60,7 +60,7 @@ check(not relay["containers"][0]["securityContext"]["capabilities"].get("add"), 
 svc = get("Service", "ztna-relay")["spec"]
 check(svc.get("type") == "LoadBalancer", "relay Service: LoadBalancer")
 check(svc.get("externalTrafficPolicy") == "Local", "relay Service: externalTrafficPolicy Local (observed addresses)")
-check([(p["port"], p["protocol"]) for p in svc["ports"]] == [(4433, "UDP")], "relay Service: UDP 4433 only")
+check([(p["port"], p["protocol"]) for p in svc["ports"]] == [(4433, "UDP"), (4435, "UDP")], "relay Service: UDP 4433 and 4435 only")
 check(get("Service", "ztna-relay-metrics").get("spec", {}).get("ports", [{}])[0].get("port") == 9090, "metrics Service on 9090")
 check(get("PodDisruptionBudget", "ztna-relay").get("spec", {}).get("minAvailable") == 1, "relay PodDisruptionBudget")
 check(len(by_prefix("ConfigMap", "ztna-relay-config")) == 1 and len(by_prefix("ConfigMap", "ztna-connector-config")) == 1,
