@@ -32,6 +32,7 @@ pub mod agent_config;
 pub mod agent_machine;
 pub mod backoff;
 pub mod bucket;
+pub mod congestion;
 pub mod daemon;
 pub mod direct;
 pub mod inbound;
