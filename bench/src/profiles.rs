@@ -496,7 +496,8 @@ impl ProfilesReport {
         if !errors.is_empty() {
             md += "\n#### Failed cells\n\n";
             for (c, e) in errors {
-                md += &format!("- {} / {} / {}: {e}\n", c.tunnel, c.profile, c.cc);
+                let first = e.lines().next().unwrap_or_default();
+                md += &format!("- {} / {} / {}: {first}\n", c.tunnel, c.profile, c.cc);
             }
         }
         md
