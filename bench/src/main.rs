@@ -6,6 +6,7 @@
 
 mod measure;
 mod paths;
+mod profiles;
 mod relay_scale;
 mod report;
 mod runner;
@@ -40,6 +41,18 @@ struct Args {
     /// Skip the relay-scale benchmark.
     #[arg(long)]
     no_relay_scale: bool,
+    /// Instead of the usual tests: single-stream TCP (CUBIC and BBR senders) through each
+    /// tunnel under impaired path conditions (`bench/src/profiles.rs`); `--paths` picks the
+    /// tunnels (default boringtun,wireguard-go,ztna-relay), `--secs` the seconds per cell
+    /// (default 5).
+    #[arg(long)]
+    profiles: bool,
+    /// `--profiles`: only the profiles whose name contains one of these (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Names the `--profiles` output files (`profiles-LABEL.md`).
+    #[arg(long, default_value = "latest")]
+    label: String,
     /// Where the results go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -58,6 +71,27 @@ fn main() -> Result<()> {
         quiet_threshold: 0.25,
         quiet_max_wait_s: if smoke { 3 } else { 15 },
     };
+    if args.profiles {
+        let tunnels: Vec<String> = if args.paths.is_empty() {
+            profiles::TUNNELS.iter().map(|s| s.to_string()).collect()
+        } else {
+            args.paths.clone()
+        };
+        if let Some(t) = tunnels
+            .iter()
+            .find(|t| !profiles::TUNNELS_ALL.contains(&t.as_str()))
+        {
+            bail!(
+                "unknown tunnel {t:?} for --profiles; they are: {}",
+                profiles::TUNNELS_ALL.join(", ")
+            );
+        }
+        let report = profiles::run(&tunnels, args.secs.unwrap_or(5), &args.label, &args.only);
+        let file = report.write(&args.out)?;
+        println!("{}", report.markdown());
+        eprintln!("==> wrote {}", file.display());
+        return Ok(());
+    }
     for p in &args.paths {
         if !paths::PATHS.iter().any(|s| s.name == p) {
             bail!(

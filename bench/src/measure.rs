@@ -106,6 +106,8 @@ pub(crate) struct Iperf {
 pub(crate) enum IperfKind {
     /// TCP with this many parallel streams.
     Tcp { streams: u32 },
+    /// One TCP stream with this sender congestion control (`iperf3 -C`: `cubic`, `bbr`).
+    TcpCc { cc: &'static str },
     /// UDP with 1200-byte payloads at this rate in Mbit/s (0: as fast as iperf3 can send).
     Udp { mbps: f64 },
     /// UDP from the backend to the agent (`-R`) with `len`-byte payloads, as fast as iperf3 can
@@ -132,6 +134,7 @@ pub(crate) fn iperf(t: &Topology, target: &str, kind: IperfKind, secs: u32) -> R
     .collect();
     match kind {
         IperfKind::Tcp { streams } => args.extend(["-P".into(), streams.to_string()]),
+        IperfKind::TcpCc { cc } => args.extend(["-C".into(), cc.into()]),
         IperfKind::Udp { mbps } => args.extend([
             "-u".into(),
             "-l".into(),
@@ -265,7 +268,7 @@ pub(crate) fn ping(t: &Topology, target: &str, count: u32) -> Result<Ping> {
 }
 
 /// The RTTs (`time=0.123 ms`) of every answered ping in ping's output.
-fn parse_ping(stdout: &str) -> Vec<f64> {
+pub(crate) fn parse_ping(stdout: &str) -> Vec<f64> {
     stdout
         .lines()
         .filter_map(|l| l.split("time=").nth(1))

@@ -380,6 +380,41 @@ fn wg_up(t: &Topology, node: Node, ifname: &str, addr: &str) -> Result<()> {
 }
 
 fn wireguard(t: &Topology, wg: Wg) -> Result<PathUp> {
+    wireguard_via(t, wg, &format!("{}:{WG_PORT}", addr::CONN))
+}
+
+/// The agent's WireGuard peer endpoint when a path is impaired: the impairment forwarder in
+/// the agent namespace.
+pub(crate) const IMPAIR_LISTEN: &str = "127.0.0.1:14433";
+
+/// Where the impairment forwarder of `tunnel` sends what the agent sends it: the tunnel's
+/// first UDP hop.
+pub(crate) fn impair_target(tunnel: &str) -> String {
+    match tunnel {
+        "ztna-relay" | "ztna-relay-4m" => format!("{}:{}", addr::RELAY, addr::RELAY_PORT),
+        _ => format!("{}:{WG_PORT}", addr::CONN),
+    }
+}
+
+/// A tunnel whose agent side sends its UDP through the impairment forwarder at
+/// [`IMPAIR_LISTEN`]: `boringtun`, `wireguard-go` or `ztna-relay`.
+pub(crate) fn impaired(t: &Topology, tunnel: &str) -> Result<PathUp> {
+    match tunnel {
+        "boringtun" => wireguard_via(t, Wg::Boringtun, IMPAIR_LISTEN),
+        "wireguard-go" => wireguard_via(t, Wg::Go, IMPAIR_LISTEN),
+        "ztna-relay" => ztna(t, "relay", |s| s.agent_cfg.relay = IMPAIR_LISTEN.to_owned()),
+        // The connector's TCP buffers (256 KiB each way by default) bound a TCP connection to
+        // buffer / RTT; this variant shows the tunnel without that bound.
+        "ztna-relay-4m" => ztna(t, "relay", |s| {
+            s.agent_cfg.relay = IMPAIR_LISTEN.to_owned();
+            s.conn_cfg.tcp_buffer_bytes = Some(4 << 20);
+        }),
+        _ => bail!("no impaired variant of {tunnel}"),
+    }
+}
+
+/// A WireGuard tunnel whose agent side sends to `endpoint`.
+fn wireguard_via(t: &Topology, wg: Wg, endpoint: &str) -> Result<PathUp> {
     forward_through_conn(t, WG_NET)?;
     start_udp_echo(t)?;
     let (conn_key, conn_pub) = wg_keys(t)?;
@@ -420,7 +455,7 @@ fn wireguard(t: &Topology, wg: Wg) -> Result<PathUp> {
             "allowed-ips",
             &format!("{WG_CONN}/32,{BACKEND_NET}"),
             "endpoint",
-            &format!("{}:{port}", addr::CONN),
+            endpoint,
         ],
     )?;
     wg_up(t, Node::Agent, &agent_if, WG_AGENT)?;

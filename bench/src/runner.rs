@@ -65,7 +65,7 @@ pub(crate) struct Run {
 }
 
 /// The helper programs of `ztna-e2e`, next to the binaries under test.
-fn helpers() -> HelperBins {
+pub(crate) fn helpers() -> HelperBins {
     HelperBins::in_dir(&ztna_e2e::bin_dir())
 }
 
@@ -225,7 +225,7 @@ fn record_peak_rss(run: &mut Run, daemons: &[Daemon]) {
 }
 
 /// `iperf3 -s` on the backend (10.10.3.2:5201), waited for until it listens.
-fn start_iperf_server(t: &Topology) -> Result<()> {
+pub(crate) fn start_iperf_server(t: &Topology) -> Result<()> {
     let port = measure::IPERF_PORT.to_string();
     let id = t.spawn(
         Node::Backend,

@@ -33,6 +33,7 @@ pub mod agent_machine;
 pub mod backoff;
 pub mod birthday;
 pub mod bucket;
+pub mod congestion;
 pub mod daemon;
 pub mod direct;
 pub mod inbound;

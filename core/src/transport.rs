@@ -4,11 +4,19 @@
 //! detection would otherwise shrink a connection's MTU after a loss burst, and datagrams that
 //! used to fit would start failing with `TooLarge`. The inner MTU is derived from what the outer
 //! connection can carry, and the TUN MTU is checked against what the inner connection can carry.
+//!
+//! Every connection runs ztna's own congestion controller ([`crate::congestion`]): it paces and
+//! bounds what is in flight by the measured delivery rate, and does not back off on random loss,
+//! so the users' own TCP does the congestion control end to end, as through WireGuard. quinn's
+//! loss detection keeps its defaults (3 packets, 9/8 RTT): a loss only reaches the controller,
+//! which ignores it unless the path is queueing, and datagrams are never retransmitted.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{TransportConfig, VarInt};
+
+use crate::congestion::CarriageFactory;
 use ztna_proto::ChannelId;
 
 /// UDP payload size of the outer connection (agent or connector to relay). With 28 bytes of
@@ -51,9 +59,16 @@ fn base(mtu: u16, timing: Timing) -> TransportConfig {
                 .map(Into::into),
         )
         .datagram_receive_buffer_size(Some(4 << 20))
-        .datagram_send_buffer_size(2 << 20);
+        .datagram_send_buffer_size(DATAGRAM_SEND_BUFFER)
+        .congestion_controller_factory(Arc::new(CarriageFactory));
     t
 }
+
+/// Datagrams waiting for the window or the pacer, per connection: 512 KiB, 80 ms at 50 Mbit/s
+/// and 4 ms at 1 Gbit/s. The window ([`crate::congestion`]) is sized to carry the user's TCP
+/// without queueing here; this buffer only absorbs bursts, and when it is full quinn drops the
+/// oldest datagram (a loss the user's TCP sees, not a growing delay).
+pub const DATAGRAM_SEND_BUFFER: usize = 512 << 10;
 
 /// Transport of the outer connection. The control stream is the only stream.
 pub fn outer(timing: Timing) -> Arc<TransportConfig> {

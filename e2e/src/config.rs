@@ -302,6 +302,8 @@ pub struct ConnectorConfig {
     pub tcp_idle_timeout_secs: Option<u64>,
     /// Cap on TCP connections per agent (`max_tcp_per_agent`); written only when set.
     pub max_tcp_per_agent: Option<u64>,
+    /// Each TCP connection's buffer each way (`tcp_buffer_bytes`); written only when set.
+    pub tcp_buffer_bytes: Option<u64>,
     /// `direct_paths`; written only when set (the connector's default is true).
     pub direct_paths: Option<bool>,
     /// UDP data plane: `auto`, `native`, `generic` (XDP fast path) or `off` (per-flow sockets).
@@ -343,6 +345,7 @@ impl ConnectorConfig {
             tcp_connect_timeout_secs: None,
             tcp_idle_timeout_secs: None,
             max_tcp_per_agent: None,
+            tcp_buffer_bytes: None,
             direct_paths: None,
             xdp: "off".to_owned(),
             xdp_interface: None,
@@ -376,6 +379,7 @@ impl ConnectorConfig {
             ("tcp_connect_timeout_secs", self.tcp_connect_timeout_secs),
             ("tcp_idle_timeout_secs", self.tcp_idle_timeout_secs),
             ("max_tcp_per_agent", self.max_tcp_per_agent),
+            ("tcp_buffer_bytes", self.tcp_buffer_bytes),
         ];
         for (key, value) in optional {
             if let Some(v) = value {

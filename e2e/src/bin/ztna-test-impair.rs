@@ -1,29 +1,44 @@
-//! `ztna-test-impair --listen ADDR --target ADDR [--delay-ms N] [--jitter-ms N] [--reorder-pct N]
-//! [--reorder-extra-ms N] [--loss-pct N] [--queue N] [--max-clients N] [--seed N]
-//! [--exit-after SECS]`: a UDP impairment forwarder for the end-to-end tests, since this kernel
-//! has no netem.
+//! `ztna-test-impair --listen ADDR --target ADDR [IMPAIRMENT...] [--max-clients N] [--seed N]
+//! [--exit-after SECS] [--control-file PATH] [--stats-file PATH]`: a UDP impairment forwarder
+//! for the end-to-end tests and the benchmarks, since this kernel has no netem.
 //!
 //! Datagrams arriving on `--listen` from a client are sent to `--target` from a socket of that
 //! client's own (at most `--max-clients`, default 16), and the target's answers go back to the
-//! client from `--listen`. Each datagram, in either direction, is held for `--delay-ms` plus a
-//! uniform jitter in `[0, --jitter-ms]`, but never released before the datagram queued ahead of
-//! it towards the same address (jitter alone does not reorder, as on a real path); with
-//! probability `--reorder-pct`% it is instead held `--reorder-extra-ms` (default 2 × delay + 1)
-//! longer, so later datagrams overtake it; with probability `--loss-pct`% it is dropped. At most `--queue` datagrams (default 4096) wait at
-//! once; beyond that new ones are dropped (tail drop). It prints its counters every 10 s and
-//! exits by itself after `--exit-after` seconds (default 600).
+//! client from `--listen`. The impairment, applied to each direction (each destination address)
+//! alike:
+//!
+//! - `--loss-pct P` (decimals allowed): the datagram is dropped with probability P %.
+//! - `--rate-mbit R` with `--rate-queue-kb Q` (default 64): a bottleneck link of R Mbit/s with a
+//!   tail-drop FIFO of Q KiB in front of it: each datagram leaves the link when the ones before
+//!   it have, plus its own serialisation time; when Q KiB already wait, it is dropped.
+//! - `--delay-ms D` plus a uniform `--jitter-ms J`: held that much longer (one-way), but never
+//!   released before the datagram queued ahead of it towards the same address (jitter alone does
+//!   not reorder, as on a real path).
+//! - `--reorder-pct P` (decimals allowed): instead held `--reorder-extra-ms` (default
+//!   2 × delay + 1) longer, so later datagrams overtake it.
+//! - `--queue N` (default 4096): at most N datagrams wait in the forwarder at once; beyond that
+//!   new ones are dropped.
+//!
+//! `--control-file PATH`: re-read when it changes (checked every 100 ms); its content is a new
+//! impairment in the same syntax (`--delay-ms 10 --loss-pct 1`; options not given are reset to
+//! their defaults), so a benchmark can change the path under a running tunnel. `--stats-file
+//! PATH`: rewritten every 100 ms with the counters since the last impairment change, one
+//! `key=value` per line. The counters also go to stderr every 10 s; the forwarder exits by
+//! itself after `--exit-after` seconds (default 600).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: ztna-test-impair --listen ADDR --target ADDR [--delay-ms N] \
-[--jitter-ms N] [--reorder-pct N] [--reorder-extra-ms N] [--loss-pct N] [--queue N] \
-[--max-clients N] [--seed N] [--exit-after SECS]";
+[--jitter-ms N] [--reorder-pct P] [--reorder-extra-ms N] [--loss-pct P] [--rate-mbit R] \
+[--rate-queue-kb Q] [--queue N] [--max-clients N] [--seed N] [--exit-after SECS] \
+[--control-file PATH] [--stats-file PATH]";
 
 fn main() -> ExitCode {
     match run() {
@@ -38,25 +53,47 @@ fn main() -> ExitCode {
 struct Opts {
     listen: SocketAddr,
     target: SocketAddr,
-    delay: Duration,
-    jitter_ms: u64,
-    reorder_pct: u64,
-    reorder_extra: Duration,
-    loss_pct: u64,
-    queue: usize,
+    impair: Impair,
     max_clients: usize,
     seed: u64,
     exit_after: Duration,
+    control_file: Option<PathBuf>,
+    stats_file: Option<PathBuf>,
 }
 
-fn parse() -> Result<Opts, String> {
-    let mut listen = None;
-    let mut target = None;
-    let (mut delay_ms, mut jitter_ms, mut reorder_pct, mut loss_pct) = (0u64, 0u64, 0u64, 0u64);
+/// What happens to each datagram; changeable at run time through `--control-file`.
+#[derive(Debug, Clone, PartialEq)]
+struct Impair {
+    delay: Duration,
+    jitter_ms: u64,
+    /// Probabilities in parts per million.
+    reorder_ppm: u64,
+    reorder_extra: Duration,
+    loss_ppm: u64,
+    /// Bottleneck rate in bits per second (0: none) and its queue in bytes.
+    rate_bps: u64,
+    rate_queue: u64,
+    queue: usize,
+}
+
+/// A percentage with decimals as parts per million.
+fn ppm(v: &str, arg: &str) -> Result<u64, String> {
+    let p: f64 = v.parse().map_err(|_| format!("bad {arg} {v:?}"))?;
+    if !(0.0..=100.0).contains(&p) {
+        return Err(format!("{arg} {v:?} is not a percentage"));
+    }
+    Ok((p * 10_000.0).round() as u64)
+}
+
+/// Parses impairment options; any other option goes to `other(arg, value)`.
+fn parse_impair(
+    args: &mut dyn Iterator<Item = String>,
+    mut other: impl FnMut(&str, String) -> Result<(), String>,
+) -> Result<Impair, String> {
+    let (mut delay_ms, mut jitter_ms, mut reorder_ppm, mut loss_ppm) = (0u64, 0u64, 0u64, 0u64);
+    let (mut rate_mbit, mut rate_queue_kb) = (0.0f64, 64u64);
     let mut reorder_extra_ms = None;
-    let (mut queue, mut max_clients, mut exit_after) = (4096usize, 16usize, 600u64);
-    let mut seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
-    let mut args = std::env::args().skip(1);
+    let mut queue = 4096usize;
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
             return Err(USAGE.to_owned());
@@ -66,32 +103,76 @@ fn parse() -> Result<Opts, String> {
             .ok_or_else(|| format!("{arg} needs a value\n{USAGE}"))?;
         let num = || v.parse::<u64>().map_err(|_| format!("bad {arg} {v:?}"));
         match arg.as_str() {
-            "--listen" => listen = Some(v.parse().map_err(|_| format!("bad --listen {v:?}"))?),
-            "--target" => target = Some(v.parse().map_err(|_| format!("bad --target {v:?}"))?),
             "--delay-ms" => delay_ms = num()?,
             "--jitter-ms" => jitter_ms = num()?,
-            "--reorder-pct" => reorder_pct = num()?.min(100),
+            "--reorder-pct" => reorder_ppm = ppm(&v, &arg)?,
             "--reorder-extra-ms" => reorder_extra_ms = Some(num()?),
-            "--loss-pct" => loss_pct = num()?.min(100),
+            "--loss-pct" => loss_ppm = ppm(&v, &arg)?,
+            "--rate-mbit" => {
+                rate_mbit = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| r.is_finite() && *r >= 0.0)
+                    .ok_or_else(|| format!("bad {arg} {v:?}"))?
+            }
+            "--rate-queue-kb" => rate_queue_kb = num()?,
             "--queue" => queue = usize::try_from(num()?).map_err(|e| e.to_string())?,
+            _ => other(&arg, v)?,
+        }
+    }
+    Ok(Impair {
+        delay: Duration::from_millis(delay_ms),
+        jitter_ms,
+        reorder_ppm,
+        reorder_extra: Duration::from_millis(reorder_extra_ms.unwrap_or(2 * delay_ms + 1)),
+        loss_ppm,
+        rate_bps: (rate_mbit * 1e6) as u64,
+        rate_queue: rate_queue_kb.saturating_mul(1024).max(2048),
+        queue: queue.max(1),
+    })
+}
+
+fn parse() -> Result<Opts, String> {
+    let mut listen = None;
+    let mut target = None;
+    let (mut max_clients, mut exit_after) = (16usize, 600u64);
+    let mut seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    let (mut control_file, mut stats_file) = (None, None);
+    let impair = parse_impair(&mut std::env::args().skip(1), |arg, v| {
+        let num = || v.parse::<u64>().map_err(|_| format!("bad {arg} {v:?}"));
+        match arg {
+            "--listen" => listen = Some(v.parse().map_err(|_| format!("bad --listen {v:?}"))?),
+            "--target" => target = Some(v.parse().map_err(|_| format!("bad --target {v:?}"))?),
             "--max-clients" => max_clients = usize::try_from(num()?).map_err(|e| e.to_string())?,
             "--seed" => seed = num()?,
             "--exit-after" => exit_after = num()?,
+            "--control-file" => control_file = Some(PathBuf::from(&v)),
+            "--stats-file" => stats_file = Some(PathBuf::from(&v)),
             _ => return Err(format!("unknown option {arg:?}\n{USAGE}")),
         }
-    }
+        Ok(())
+    })?;
     Ok(Opts {
         listen: listen.ok_or(USAGE)?,
         target: target.ok_or(USAGE)?,
-        delay: Duration::from_millis(delay_ms),
-        jitter_ms,
-        reorder_pct,
-        reorder_extra: Duration::from_millis(reorder_extra_ms.unwrap_or(2 * delay_ms + 1)),
-        loss_pct,
-        queue: queue.max(1),
+        impair,
         max_clients: max_clients.max(1),
         seed: seed.max(1),
         exit_after: Duration::from_secs(exit_after),
+        control_file,
+        stats_file,
+    })
+}
+
+/// Reads an impairment from a control file.
+fn read_control(path: &Path) -> Result<Impair, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut words = text.split_whitespace().map(str::to_owned);
+    parse_impair(&mut words, |arg, _| {
+        Err(format!(
+            "{}: {arg:?} can't change at run time",
+            path.display()
+        ))
     })
 }
 
@@ -140,22 +221,84 @@ impl Ord for Held {
     }
 }
 
+/// Counters since the start or the last impairment change.
 #[derive(Default)]
 struct Counters {
     forwarded: AtomicU64,
     lost: AtomicU64,
     reordered: AtomicU64,
     queue_full: AtomicU64,
+    /// Dropped by the bottleneck's full queue (`--rate-mbit`).
+    rate_dropped: AtomicU64,
     send_errors: AtomicU64,
+    /// Bytes (UDP payloads) that arrived towards the target, and that left towards it.
+    up_in_bytes: AtomicU64,
+    up_out_bytes: AtomicU64,
+    /// Bytes that arrived and left towards the clients.
+    down_in_bytes: AtomicU64,
+    down_out_bytes: AtomicU64,
+    /// The longest the bottleneck queue towards the target got, in microseconds of its rate.
+    up_max_backlog_us: AtomicU64,
+}
+
+impl Counters {
+    const NAMES: [&'static str; 11] = [
+        "forwarded",
+        "lost",
+        "reordered",
+        "queue_full",
+        "rate_dropped",
+        "send_errors",
+        "up_in_bytes",
+        "up_out_bytes",
+        "down_in_bytes",
+        "down_out_bytes",
+        "up_max_backlog_us",
+    ];
+
+    fn all(&self) -> [&AtomicU64; 11] {
+        [
+            &self.forwarded,
+            &self.lost,
+            &self.reordered,
+            &self.queue_full,
+            &self.rate_dropped,
+            &self.send_errors,
+            &self.up_in_bytes,
+            &self.up_out_bytes,
+            &self.down_in_bytes,
+            &self.down_out_bytes,
+            &self.up_max_backlog_us,
+        ]
+    }
+
+    fn reset(&self) {
+        for c in self.all() {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// `key=value` lines, or one line joined by spaces.
+    fn render(&self, sep: &str) -> String {
+        Self::NAMES
+            .iter()
+            .zip(self.all())
+            .map(|(n, c)| format!("{n}={}", c.load(Ordering::Relaxed)))
+            .collect::<Vec<_>>()
+            .join(sep)
+    }
 }
 
 /// The queue and what decides a datagram's fate.
 struct State {
+    impair: Impair,
     heap: BinaryHeap<Reverse<Held>>,
     rng: Rng,
     seq: u64,
     /// Release time of the last in-order datagram towards each address.
     last_due: HashMap<SocketAddr, Instant>,
+    /// When the bottleneck towards each address is free again.
+    link_free: HashMap<SocketAddr, Instant>,
 }
 
 struct Shared {
@@ -169,31 +312,58 @@ struct Shared {
 impl Shared {
     /// Decides the fate of one datagram and queues it.
     fn submit(&self, via: &Arc<UdpSocket>, to: SocketAddr, data: &[u8]) {
-        let o = &self.opts;
+        let up = to == self.opts.target;
+        let c = &self.counters;
+        let len = data.len() as u64;
+        if up { &c.up_in_bytes } else { &c.down_in_bytes }.fetch_add(len, Ordering::Relaxed);
         let Ok(mut q) = self.queue.lock() else {
             return;
         };
         let State {
+            impair: o,
             heap,
             rng,
             seq,
             last_due,
+            link_free,
         } = &mut *q;
-        if rng.below(100) < o.loss_pct {
-            self.counters.lost.fetch_add(1, Ordering::Relaxed);
+        if rng.below(1_000_000) < o.loss_ppm {
+            c.lost.fetch_add(1, Ordering::Relaxed);
             return;
         }
         if heap.len() >= o.queue {
-            self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
+            c.queue_full.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let now = Instant::now();
-        let mut due = now + o.delay + Duration::from_millis(rng.below(o.jitter_ms + 1));
-        if rng.below(100) < o.reorder_pct {
+        let mut leaves = now;
+        if o.rate_bps > 0 {
+            if link_free.len() > 4 * self.opts.max_clients {
+                link_free.retain(|_, t| *t > now);
+            }
+            let free = link_free.entry(to).or_insert(now);
+            let backlog = free.saturating_duration_since(now);
+            // Bytes waiting in front of the link, at its rate.
+            let waiting = (backlog.as_secs_f64() * o.rate_bps as f64 / 8.0) as u64;
+            if waiting + len > o.rate_queue {
+                c.rate_dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if up {
+                c.up_max_backlog_us
+                    .fetch_max(backlog.as_micros() as u64, Ordering::Relaxed);
+            }
+            // A 28-byte IPv4 and UDP header on the wire, as on a real link.
+            let bits = (len + 28) * 8;
+            *free = (*free).max(now) + Duration::from_nanos(bits * 1_000_000_000 / o.rate_bps);
+            leaves = *free;
+        }
+        let mut due = leaves + o.delay + Duration::from_millis(rng.below(o.jitter_ms + 1));
+        if rng.below(1_000_000) < o.reorder_ppm {
             due += o.reorder_extra;
-            self.counters.reordered.fetch_add(1, Ordering::Relaxed);
+            c.reordered.fetch_add(1, Ordering::Relaxed);
         } else {
-            if last_due.len() > 4 * o.max_clients {
+            if last_due.len() > 4 * self.opts.max_clients {
                 last_due.retain(|_, t| *t > now);
             }
             let last = last_due.entry(to).or_insert(due);
@@ -211,6 +381,16 @@ impl Shared {
         drop(q);
         self.ready.notify_one();
     }
+
+    /// Replaces the impairment and starts the counters afresh.
+    fn set_impair(&self, impair: Impair) {
+        if let Ok(mut q) = self.queue.lock() {
+            eprintln!("ztna-test-impair: now {impair:?}");
+            q.impair = impair;
+            q.link_free.clear();
+            self.counters.reset();
+        }
+    }
 }
 
 fn run() -> Result<(), String> {
@@ -223,25 +403,19 @@ fn run() -> Result<(), String> {
     let seed = opts.seed;
     let exit_after = opts.exit_after;
     eprintln!(
-        "ztna-test-impair: {} -> {}, delay {:?} jitter {} ms reorder {}% (+{:?}) loss {}% \
-         queue {}",
-        opts.listen,
-        opts.target,
-        opts.delay,
-        opts.jitter_ms,
-        opts.reorder_pct,
-        opts.reorder_extra,
-        opts.loss_pct,
-        opts.queue
+        "ztna-test-impair: {} -> {}, {:?}",
+        opts.listen, opts.target, opts.impair
     );
     let shared = Arc::new(Shared {
-        opts,
         queue: Mutex::new(State {
+            impair: opts.impair.clone(),
             heap: BinaryHeap::new(),
             rng: Rng(seed),
             seq: 0,
             last_due: HashMap::new(),
+            link_free: HashMap::new(),
         }),
+        opts,
         ready: Condvar::new(),
         stop: AtomicBool::new(false),
         counters: Counters::default(),
@@ -259,8 +433,26 @@ fn run() -> Result<(), String> {
 
     let start = Instant::now();
     let mut last_report = start;
+    let mut control_mtime = None;
     while start.elapsed() < exit_after {
-        std::thread::sleep(Duration::from_millis(200).min(exit_after - start.elapsed()));
+        std::thread::sleep(Duration::from_millis(100).min(exit_after - start.elapsed()));
+        if let Some(path) = &shared.opts.control_file {
+            let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            if mtime.is_some() && mtime != control_mtime {
+                control_mtime = mtime;
+                match read_control(path) {
+                    Ok(impair) => shared.set_impair(impair),
+                    Err(e) => eprintln!("ztna-test-impair: control file: {e}"),
+                }
+            }
+        }
+        if let Some(path) = &shared.opts.stats_file {
+            let tmp = path.with_extension("tmp");
+            let text = shared.counters.render("\n") + "\n";
+            if std::fs::write(&tmp, text).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = Instant::now();
             report(&shared.counters, "after", start.elapsed());
@@ -276,14 +468,9 @@ fn run() -> Result<(), String> {
 
 fn report(c: &Counters, what: &str, t: Duration) {
     eprintln!(
-        "ztna-test-impair: {what} {} s: forwarded={} lost={} reordered={} queue_full={} \
-         send_errors={}",
+        "ztna-test-impair: {what} {} s: {}",
         t.as_secs(),
-        c.forwarded.load(Ordering::Relaxed),
-        c.lost.load(Ordering::Relaxed),
-        c.reordered.load(Ordering::Relaxed),
-        c.queue_full.load(Ordering::Relaxed),
-        c.send_errors.load(Ordering::Relaxed)
+        c.render(" ")
     );
 }
 
@@ -383,10 +570,21 @@ fn send_loop(shared: &Shared) {
             continue;
         };
         drop(q);
+        let c = &shared.counters;
         match h.via.send_to(&h.data, h.to) {
-            Ok(_) => shared.counters.forwarded.fetch_add(1, Ordering::Relaxed),
-            Err(_) => shared.counters.send_errors.fetch_add(1, Ordering::Relaxed),
-        };
+            Ok(n) => {
+                c.forwarded.fetch_add(1, Ordering::Relaxed);
+                let bytes = if h.to == shared.opts.target {
+                    &c.up_out_bytes
+                } else {
+                    &c.down_out_bytes
+                };
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                c.send_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         q = match shared.queue.lock() {
             Ok(g) => g,
             Err(_) => return,

@@ -1,0 +1,543 @@
+//! `ztna-bench --profiles`: single-stream TCP through each tunnel under impaired path
+//! conditions (added RTT, random loss, reordering, a bottleneck), with CUBIC and BBR senders.
+//!
+//! This kernel has no netem, so every tunnel's agent side sends its UDP through the same
+//! userspace forwarder, `ztna-test-impair`, in the agent namespace ([`paths::IMPAIR_LISTEN`] →
+//! the tunnel's first UDP hop: the connector's WireGuard port, or the relay). The tunnel comes
+//! up once per tunnel; the profiles then change the forwarder's impairment through its control
+//! file, so one tunnel session sees every profile in turn. The bottleneck profile also measures
+//! ping under load (ping every 100 ms while iperf3 runs), the tunnel's own send rate into the
+//! bottleneck and the bottleneck's longest queue (from the forwarder's counters), and the same
+//! with an unresponsive sender (a UDP flood at 4 × the bottleneck's rate).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use ztna_e2e::{Node, Topology};
+
+use crate::measure::{self, IperfKind};
+use crate::paths;
+
+/// One set of path conditions, applied in both directions.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Profile {
+    pub(crate) name: &'static str,
+    /// Added round-trip time (half of it each way).
+    pub(crate) rtt_ms: u64,
+    /// Random loss in each direction.
+    pub(crate) loss_pct: f64,
+    /// Datagrams held back by an extra RTT in each direction.
+    pub(crate) reorder_pct: f64,
+    /// Bottleneck rate in each direction (0: none) and its queue.
+    pub(crate) rate_mbit: f64,
+    pub(crate) queue_kb: u64,
+}
+
+const fn p(name: &'static str, rtt_ms: u64, loss_pct: f64) -> Profile {
+    Profile {
+        name,
+        rtt_ms,
+        loss_pct,
+        reorder_pct: 0.0,
+        rate_mbit: 0.0,
+        queue_kb: 0,
+    }
+}
+
+/// The bottleneck profile: 50 Mbit/s with a 64 KiB (about 10 ms) queue, 20 ms RTT.
+pub(crate) const BOTTLENECK: Profile = Profile {
+    name: "50 Mbit/s bottleneck, 64 KiB queue, 20 ms",
+    rtt_ms: 20,
+    loss_pct: 0.0,
+    reorder_pct: 0.0,
+    rate_mbit: 50.0,
+    queue_kb: 64,
+};
+
+/// Every profile, in the order they run.
+pub(crate) const PROFILES: &[Profile] = &[
+    p("0 ms, no loss", 0, 0.0),
+    p("20 ms, no loss", 20, 0.0),
+    p("60 ms, no loss", 60, 0.0),
+    p("150 ms, no loss", 150, 0.0),
+    p("20 ms, 0.1 % loss", 20, 0.1),
+    p("20 ms, 1 % loss", 20, 1.0),
+    p("20 ms, 3 % loss", 20, 3.0),
+    p("60 ms, 1 % loss", 60, 1.0),
+    p("60 ms, 3 % loss", 60, 3.0),
+    p("150 ms, 1 % loss", 150, 1.0),
+    Profile {
+        name: "20 ms, 1 % loss, 1 % reordering",
+        rtt_ms: 20,
+        loss_pct: 1.0,
+        reorder_pct: 1.0,
+        rate_mbit: 0.0,
+        queue_kb: 0,
+    },
+    BOTTLENECK,
+];
+
+/// The senders: single-stream TCP with each congestion control, and UDP at a fixed 100 Mbit/s
+/// (1200-byte payloads), which shows what the tunnel itself delivers with no TCP reacting.
+pub(crate) const CCS: &[&str] = &["cubic", "bbr", UDP_100];
+const UDP_100: &str = "udp-100";
+
+/// Every tunnel `--profiles` can run: the default ones and `ztna-relay-4m` (the connector's
+/// TCP buffers at 4 MiB instead of 256 KiB).
+pub(crate) const TUNNELS_ALL: &[&str] =
+    &["boringtun", "wireguard-go", "ztna-relay", "ztna-relay-4m"];
+
+/// The tunnels measured by default.
+pub(crate) const TUNNELS: &[&str] = &["boringtun", "wireguard-go", "ztna-relay"];
+
+impl Profile {
+    /// The forwarder's options for this profile.
+    fn impair_args(&self) -> String {
+        let mut a = format!(
+            "--delay-ms {} --loss-pct {} --queue 65536",
+            self.rtt_ms / 2,
+            self.loss_pct
+        );
+        if self.reorder_pct > 0.0 {
+            a += &format!(" --reorder-pct {}", self.reorder_pct);
+        }
+        if self.rate_mbit > 0.0 {
+            a += &format!(
+                " --rate-mbit {} --rate-queue-kb {}",
+                self.rate_mbit, self.queue_kb
+            );
+        }
+        a
+    }
+}
+
+/// One tunnel, one profile, one sender congestion control.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Cell {
+    pub(crate) tunnel: String,
+    pub(crate) profile: String,
+    pub(crate) cc: String,
+    /// Received rate, Mbit/s.
+    pub(crate) mbps: Option<f64>,
+    pub(crate) retransmits: Option<u64>,
+    pub(crate) error: Option<String>,
+    /// 1-minute load average before the test.
+    pub(crate) load: f64,
+}
+
+/// The bottleneck profile's extra measurements for one tunnel and one sender.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Loaded {
+    pub(crate) tunnel: String,
+    /// `cubic`, `bbr`, or `udp-flood`.
+    pub(crate) sender: String,
+    /// Idle ping through the tunnel, and ping while the test runs: mean and p99, ms.
+    pub(crate) idle_ping_ms: Option<f64>,
+    pub(crate) loaded_ping_avg_ms: Option<f64>,
+    pub(crate) loaded_ping_p99_ms: Option<f64>,
+    pub(crate) loaded_ping_lost: Option<u32>,
+    /// iperf3's received rate, Mbit/s.
+    pub(crate) received_mbps: Option<f64>,
+    /// What the tunnel sent into the bottleneck and what left it (UDP payload), Mbit/s.
+    pub(crate) tunnel_sent_mbps: Option<f64>,
+    pub(crate) bottleneck_out_mbps: Option<f64>,
+    /// Datagrams the bottleneck's full queue dropped.
+    pub(crate) bottleneck_drops: Option<u64>,
+    /// The bottleneck queue's longest delay, ms.
+    pub(crate) max_queue_ms: Option<f64>,
+    pub(crate) error: Option<String>,
+}
+
+/// Everything one `--profiles` run measured.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ProfilesReport {
+    pub(crate) started_utc: String,
+    pub(crate) finished_utc: String,
+    pub(crate) label: String,
+    pub(crate) secs: u32,
+    pub(crate) tunnels: Vec<String>,
+    pub(crate) profiles: Vec<Profile>,
+    pub(crate) cells: Vec<Cell>,
+    pub(crate) loaded: Vec<Loaded>,
+    pub(crate) machine: crate::report::Machine,
+}
+
+/// Runs every profile through every tunnel.
+pub(crate) fn run(tunnels: &[String], secs: u32, label: &str, only: &[String]) -> ProfilesReport {
+    let profiles: Vec<Profile> = PROFILES
+        .iter()
+        .filter(|p| only.is_empty() || only.iter().any(|o| p.name.contains(o.as_str())))
+        .copied()
+        .collect();
+    let started_utc = crate::report::now_utc();
+    let mut cells = Vec::new();
+    let mut loaded = Vec::new();
+    for tunnel in tunnels {
+        eprintln!("==> profiles through {tunnel}");
+        if let Err(e) = run_tunnel(tunnel, &profiles, secs, &mut cells, &mut loaded) {
+            eprintln!("==> {tunnel} failed: {e:#}");
+            cells.push(Cell {
+                tunnel: tunnel.clone(),
+                profile: "setup".into(),
+                cc: String::new(),
+                mbps: None,
+                retransmits: None,
+                error: Some(format!("{e:#}")),
+                load: 0.0,
+            });
+        }
+    }
+    ProfilesReport {
+        started_utc,
+        finished_utc: crate::report::now_utc(),
+        label: label.to_owned(),
+        secs,
+        tunnels: tunnels.to_vec(),
+        profiles,
+        cells,
+        loaded,
+        machine: crate::report::Machine::read(),
+    }
+}
+
+fn run_tunnel(
+    tunnel: &str,
+    profiles: &[Profile],
+    secs: u32,
+    cells: &mut Vec<Cell>,
+    loaded: &mut Vec<Loaded>,
+) -> Result<()> {
+    let t = Topology::new(&format!("prof-{tunnel}"), crate::runner::helpers())?;
+    let result = measure_tunnel(&t, tunnel, profiles, secs, cells, loaded);
+    if result.is_ok() {
+        t.mark_passed();
+    }
+    let prefix = t.prefix().to_owned();
+    drop(t);
+    for ifname in paths::wg_ifnames(&prefix) {
+        let _ = std::fs::remove_file(paths::wg_socket(&ifname));
+    }
+    result
+}
+
+/// The forwarder's control and stats files.
+struct Forwarder {
+    control: PathBuf,
+    stats: PathBuf,
+}
+
+impl Forwarder {
+    /// Applies `profile` (and so resets the counters), and waits until the forwarder has read it.
+    fn set(&self, profile: &Profile) -> Result<()> {
+        std::fs::write(&self.control, profile.impair_args())
+            .with_context(|| format!("writing {}", self.control.display()))?;
+        std::thread::sleep(Duration::from_millis(400));
+        Ok(())
+    }
+
+    fn stats(&self) -> BTreeMap<String, u64> {
+        std::fs::read_to_string(&self.stats)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+            .collect()
+    }
+}
+
+fn measure_tunnel(
+    t: &Topology,
+    tunnel: &str,
+    profiles: &[Profile],
+    secs: u32,
+    cells: &mut Vec<Cell>,
+    loaded: &mut Vec<Loaded>,
+) -> Result<()> {
+    crate::runner::start_iperf_server(t)?;
+    let fwd = Forwarder {
+        control: t.dir().join("impair.ctl"),
+        stats: t.dir().join("impair.stats"),
+    };
+    std::fs::write(&fwd.control, "")?;
+    let control = fwd.control.to_string_lossy().into_owned();
+    let stats = fwd.stats.to_string_lossy().into_owned();
+    let target = paths::impair_target(tunnel);
+    let impair = t.spawn(
+        Node::Agent,
+        "impair",
+        &t.helpers().impair,
+        [
+            "--listen",
+            paths::IMPAIR_LISTEN,
+            "--target",
+            &target,
+            "--control-file",
+            &control,
+            "--stats-file",
+            &stats,
+            "--exit-after",
+            "3600",
+        ],
+    )?;
+    std::thread::sleep(Duration::from_millis(200));
+    t.ensure_running(impair)?;
+    let up = paths::impaired(t, tunnel)?;
+    for profile in profiles {
+        fwd.set(profile)?;
+        for cc in CCS {
+            let load = measure::wait_quiet(0.25, Duration::from_secs(3))?;
+            t.step(&format!("{tunnel}: {} with {cc}", profile.name));
+            let mut cell = Cell {
+                tunnel: tunnel.to_owned(),
+                profile: profile.name.to_owned(),
+                cc: (*cc).to_owned(),
+                mbps: None,
+                retransmits: None,
+                error: None,
+                load: load.loadavg_1m,
+            };
+            if profile.rate_mbit > 0.0 && *cc == UDP_100 {
+                continue;
+            }
+            if profile.rate_mbit > 0.0 {
+                let idle = measure::ping(t, up.target, 20).ok().map(|p| p.avg_ms);
+                fwd.set(profile)?;
+                let mut l = under_load(t, &fwd, up.target, IperfKind::TcpCc { cc }, secs);
+                l.tunnel = tunnel.to_owned();
+                l.sender = (*cc).to_owned();
+                l.idle_ping_ms = idle;
+                cell.mbps = l.received_mbps;
+                cell.error = l.error.clone();
+                loaded.push(l);
+            } else {
+                let kind = if *cc == UDP_100 {
+                    IperfKind::Udp { mbps: 100.0 }
+                } else {
+                    IperfKind::TcpCc { cc }
+                };
+                match measure::iperf(t, up.target, kind, secs) {
+                    Ok(r) => {
+                        cell.mbps = Some(r.mbps);
+                        cell.retransmits = r.retransmits;
+                    }
+                    Err(e) => cell.error = Some(format!("{e:#}")),
+                }
+            }
+            eprintln!(
+                "    {tunnel} | {} | {cc}: {:?} Mbit/s{}",
+                profile.name,
+                cell.mbps.map(|m| (m * 10.0).round() / 10.0),
+                cell.error
+                    .as_deref()
+                    .map(|e| format!(" (error: {e})"))
+                    .unwrap_or_default()
+            );
+            cells.push(cell);
+        }
+        if profile.rate_mbit > 0.0 {
+            // An unresponsive sender: a UDP flood at 4 × the bottleneck's rate.
+            fwd.set(profile)?;
+            let flood = IperfKind::Udp {
+                mbps: 4.0 * profile.rate_mbit,
+            };
+            let mut l = under_load(t, &fwd, up.target, flood, secs);
+            l.tunnel = tunnel.to_owned();
+            l.sender = "udp-flood".into();
+            eprintln!("    {tunnel} | udp flood: {l:?}");
+            loaded.push(l);
+        }
+    }
+    t.ensure_running(impair)?;
+    Ok(())
+}
+
+/// Runs `kind` for `secs` with ping every 100 ms alongside, and reads the forwarder's counters
+/// (reset by the caller just before).
+fn under_load(t: &Topology, fwd: &Forwarder, target: &str, kind: IperfKind, secs: u32) -> Loaded {
+    let mut l = Loaded::default();
+    let count = (secs * 10).saturating_sub(5).max(1).to_string();
+    let ping = t.spawn(
+        Node::Agent,
+        "ping-under-load",
+        "ping",
+        ["-n", "-i", "0.1", "-W", "2", "-c", &count, target],
+    );
+    let started = std::time::Instant::now();
+    match measure::iperf(t, target, kind, secs) {
+        Ok(r) => l.received_mbps = Some(r.mbps),
+        Err(e) => l.error = Some(format!("{e:#}")),
+    }
+    let elapsed = started.elapsed().as_secs_f64().max(f64::from(secs));
+    let s = fwd.stats();
+    let mbit = |k: &str| s.get(k).map(|b| *b as f64 * 8.0 / 1e6 / elapsed);
+    l.tunnel_sent_mbps = mbit("up_in_bytes");
+    l.bottleneck_out_mbps = mbit("up_out_bytes");
+    l.bottleneck_drops = s.get("rate_dropped").copied();
+    l.max_queue_ms = s.get("up_max_backlog_us").map(|u| *u as f64 / 1000.0);
+    if let Ok(id) = ping {
+        for _ in 0..50 {
+            if !t.is_running(id) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if t.is_running(id) {
+            let _ = t.kill(id);
+        }
+        let mut rtts = measure::parse_ping(&t.log(id));
+        rtts.sort_by(f64::total_cmp);
+        if !rtts.is_empty() {
+            l.loaded_ping_avg_ms = Some(rtts.iter().sum::<f64>() / rtts.len() as f64);
+            l.loaded_ping_p99_ms = Some(measure::percentile(&rtts, 0.99));
+        }
+        let sent: u32 = count.parse().unwrap_or(0);
+        l.loaded_ping_lost = Some(sent.saturating_sub(rtts.len() as u32));
+    }
+    l
+}
+
+fn f1(v: Option<f64>) -> String {
+    v.map_or("—".into(), |v| format!("{v:.1}"))
+}
+
+fn ratio(v: Option<f64>, reference: Option<f64>) -> String {
+    match (v, reference) {
+        (Some(v), Some(r)) if r > 0.0 => format!("{:.2}×", v / r),
+        _ => "—".into(),
+    }
+}
+
+impl ProfilesReport {
+    /// The tables in markdown.
+    pub(crate) fn markdown(&self) -> String {
+        let mut md = format!(
+            "Profiles run `{}` from {} to {}; {} s per cell; machine: {} CPUs, Linux {}.\n\n",
+            self.label,
+            self.started_utc,
+            self.finished_utc,
+            self.secs,
+            self.machine.nproc,
+            self.machine.kernel
+        );
+        let get = |tunnel: &str, profile: &str, cc: &str| {
+            self.cells
+                .iter()
+                .find(|c| c.tunnel == tunnel && c.profile == profile && c.cc == cc)
+                .and_then(|c| c.mbps)
+        };
+        for cc in CCS {
+            md += &if *cc == UDP_100 {
+                "#### UDP at 100 Mbit/s, 1200-byte payloads (Mbit/s received; ratio to boringtun)\n\n"
+                    .to_owned()
+            } else {
+                format!(
+                    "#### Single-stream TCP, {cc} sender (Mbit/s received; ratio to boringtun)\n\n"
+                )
+            };
+            md += "| profile |";
+            for tunnel in &self.tunnels {
+                md += &format!(" {tunnel} |");
+                if tunnel != paths::REFERENCE {
+                    md += " × boringtun |";
+                }
+            }
+            md += "\n|---|";
+            for tunnel in &self.tunnels {
+                md += "---:|";
+                if tunnel != paths::REFERENCE {
+                    md += "---:|";
+                }
+            }
+            md += "\n";
+            for profile in &self.profiles {
+                md += &format!("| {} |", profile.name);
+                let reference = get(paths::REFERENCE, profile.name, cc);
+                for tunnel in &self.tunnels {
+                    let v = get(tunnel, profile.name, cc);
+                    md += &format!(" {} |", f1(v));
+                    if tunnel != paths::REFERENCE {
+                        md += &format!(" {} |", ratio(v, reference));
+                    }
+                }
+                md += "\n";
+            }
+            md += "\n";
+        }
+        md += &format!(
+            "#### Under load at the bottleneck ({})\n\n",
+            BOTTLENECK.name
+        );
+        md += "| tunnel | sender | received (Mbit/s) | tunnel sent into the bottleneck (Mbit/s) | \
+               bottleneck drops | longest queue (ms) | idle ping (ms) | ping under load: mean / p99 (ms) | pings lost |\n\
+               |---|---|---:|---:|---:|---:|---:|---:|---:|\n";
+        for l in &self.loaded {
+            md += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |\n",
+                l.tunnel,
+                l.sender,
+                f1(l.received_mbps),
+                f1(l.tunnel_sent_mbps),
+                l.bottleneck_drops.map_or("—".into(), |d| d.to_string()),
+                f1(l.max_queue_ms),
+                f1(l.idle_ping_ms),
+                f1(l.loaded_ping_avg_ms),
+                f1(l.loaded_ping_p99_ms),
+                l.loaded_ping_lost.map_or("—".into(), |d| d.to_string()),
+            );
+        }
+        let errors: Vec<_> = self
+            .cells
+            .iter()
+            .filter_map(|c| Some((c, c.error.as_deref()?)))
+            .collect();
+        if !errors.is_empty() {
+            md += "\n#### Failed cells\n\n";
+            for (c, e) in errors {
+                let first = e.lines().next().unwrap_or_default();
+                md += &format!("- {} / {} / {}: {first}\n", c.tunnel, c.profile, c.cc);
+            }
+        }
+        md
+    }
+
+    /// Writes `profiles-<label>-<time>.json` and `profiles-<label>.md` into `dir`.
+    pub(crate) fn write(&self, dir: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        let stamp: String = self
+            .started_utc
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let json = dir.join(format!("profiles-{}-{stamp}.json", self.label));
+        std::fs::write(&json, serde_json::to_string_pretty(self)?)?;
+        std::fs::write(
+            dir.join(format!("profiles-{}.md", self.label)),
+            self.markdown(),
+        )?;
+        Ok(json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_arguments_parse_as_the_forwarder_expects() {
+        assert_eq!(
+            PROFILES[5].impair_args(),
+            "--delay-ms 10 --loss-pct 1 --queue 65536"
+        );
+        assert_eq!(
+            BOTTLENECK.impair_args(),
+            "--delay-ms 10 --loss-pct 0 --queue 65536 --rate-mbit 50 --rate-queue-kb 64"
+        );
+        let mut names: Vec<_> = PROFILES.iter().map(|p| p.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), PROFILES.len());
+    }
+}

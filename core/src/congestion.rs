@@ -1,0 +1,634 @@
+//! The congestion controller of ztna's QUIC connections: one that carries users' packets
+//! without putting a second congestion control under their TCP.
+//!
+//! Every QUIC connection of ztna (the inner one agent ↔ connector, the outer ones to the relay)
+//! mostly carries users' IP packets as unreliable datagrams. The users' own transports (TCP's
+//! CUBIC or BBR) already react to loss and delay end to end; a loss-based controller in the
+//! tunnel (quinn's default CUBIC, or its BBR with its loss recovery and ProbeRTT) backs off on
+//! every random loss and turns 1 % of path loss into far more loss and delay for the user.
+//! WireGuard has no controller at all; this one stays close to that while still pacing and
+//! bounding what is in flight, so that an unresponsive sender (a UDP flood through the tunnel)
+//! cannot push more than the path delivers:
+//!
+//! - **Bandwidth:** the delivery rate (acknowledged bytes per interval of about one minimum
+//!   RTT), max-filtered over the last [`BW_INTERVALS`] intervals.
+//! - **Minimum RTT:** the smallest RTT sample (ack time − send time) seen in the last
+//!   [`MIN_RTT_WINDOW`]; it expires so that a path change (relay → direct) is followed.
+//! - **Window:** `GAIN × bandwidth × (RTT + QUEUE_ALLOWANCE)`, between [`MIN_WINDOW_PACKETS`]
+//!   packets and [`MAX_WINDOW`], where RTT is the smoothed RTT kept between the minimum and
+//!   3 × the minimum + [`RTT_CAP_SLACK`] (so a stale minimum after the path got longer does not
+//!   starve the window, and a flood into a deep queue does not grow its own queue without
+//!   bound). Gain 2.5 lets the delivery rate more than double per RTT, faster
+//!   than a user's TCP in slow start, so the tunnel never limits a user's TCP that the path can
+//!   carry. quinn paces at 1.25 × window / smoothed RTT.
+//! - **Loss alone does nothing.** A loss only counts as congestion when the path is queueing:
+//!   when the smallest RTT sample of the last interval exceeds the minimum by
+//!   [`QUEUE_DELAY_THRESHOLD`] (random loss happens at any RTT; a full bottleneck queue comes
+//!   with its delay). Then, for [`CONGESTED_HOLD_RTTS`] smoothed RTTs, the gain drops to 1: the window is one
+//!   bandwidth-delay product plus the allowance, the rate the path delivers, and the queue the
+//!   tunnel keeps at the bottleneck is bounded by [`QUEUE_ALLOWANCE`] of delay.
+//! - **Persistent congestion** (quinn's: everything lost for several PTOs, a dead path) resets
+//!   the estimates to the initial window.
+//!
+//! The control stream and the handshakes share the connection and this controller: they are a
+//! few packets, which always fit [`MIN_WINDOW_PACKETS`], and quinn retransmits their losses as
+//! usual; only datagrams are not retransmitted.
+//!
+//! [`Estimator`] is the pure logic, driven with injected time; [`Carriage`] adapts it to quinn's
+//! `Controller` trait.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
+use quinn_proto::RttEstimator;
+
+/// Window gain over the estimated bandwidth-delay product in the normal state.
+pub const GAIN: f64 = 2.5;
+/// Window gain while the path is congested (a loss while the path queues).
+pub const CONGESTED_GAIN: f64 = 1.0;
+/// How many smoothed RTTs the congested state lasts after the last congestion loss.
+pub const CONGESTED_HOLD_RTTS: u32 = 4;
+/// Extra delay the window allows on top of the minimum RTT (a bottleneck queue of this much is
+/// normal operation, not congestion).
+pub const QUEUE_ALLOWANCE: Duration = Duration::from_millis(5);
+/// See [`Estimator`]'s window: the RTT it covers is at most 3 × the minimum + this.
+pub const RTT_CAP_SLACK: Duration = Duration::from_millis(10);
+/// How much the smallest recent RTT sample must exceed the minimum RTT for a loss to count as
+/// congestion.
+pub const QUEUE_DELAY_THRESHOLD: Duration = Duration::from_millis(4);
+/// Smallest window, in packets of the current MTU: handshakes, the control stream and a user's
+/// initial burst always fit.
+pub const MIN_WINDOW_PACKETS: u64 = 32;
+/// Largest window: about 1 Gbit/s over 250 ms.
+pub const MAX_WINDOW: u64 = 32 << 20;
+/// Delivery-rate intervals the bandwidth max-filter spans.
+pub const BW_INTERVALS: usize = 10;
+/// Shortest and longest delivery-rate interval (it follows the minimum RTT in between).
+pub const MIN_INTERVAL: Duration = Duration::from_millis(5);
+/// See [`MIN_INTERVAL`].
+pub const MAX_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a minimum RTT sample stays valid.
+pub const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+
+/// The pure state of the controller.
+#[derive(Debug, Clone)]
+pub struct Estimator {
+    mtu: u64,
+    /// Delivery-rate samples in bytes per second, newest last.
+    bw: [u64; BW_INTERVALS],
+    bw_next: usize,
+    /// The interval being measured: its start and the bytes acknowledged since.
+    interval_start: Instant,
+    interval_acked: u64,
+    /// Smallest RTT sample of the current interval, and of the previous one.
+    interval_min_rtt: Option<Duration>,
+    recent_min_rtt: Option<Duration>,
+    /// The windowed minimum RTT, when it was sampled, and the smallest sample since that is a
+    /// candidate to replace it when it expires.
+    min_rtt: Option<Duration>,
+    min_rtt_at: Instant,
+    next_min_rtt: Option<Duration>,
+    smoothed_rtt: Duration,
+    congested_until: Option<Instant>,
+    congestion_events: u64,
+    window: u64,
+}
+
+impl Estimator {
+    /// A fresh estimator at `now` for packets of `mtu` bytes.
+    pub fn new(now: Instant, mtu: u16) -> Self {
+        let mut e = Self {
+            mtu: u64::from(mtu),
+            bw: [0; BW_INTERVALS],
+            bw_next: 0,
+            interval_start: now,
+            interval_acked: 0,
+            interval_min_rtt: None,
+            recent_min_rtt: None,
+            min_rtt: None,
+            min_rtt_at: now,
+            next_min_rtt: None,
+            smoothed_rtt: Duration::from_millis(100),
+            congested_until: None,
+            congestion_events: 0,
+            window: 0,
+        };
+        e.window = e.min_window();
+        e
+    }
+
+    fn min_window(&self) -> u64 {
+        MIN_WINDOW_PACKETS * self.mtu
+    }
+
+    /// The current window in bytes.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// The max-filtered delivery rate, bytes per second.
+    pub fn bandwidth(&self) -> u64 {
+        self.bw.iter().copied().max().unwrap_or(0)
+    }
+
+    /// The windowed minimum RTT, once sampled.
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.min_rtt
+    }
+
+    /// Losses that counted as congestion so far.
+    pub fn congestion_events(&self) -> u64 {
+        self.congestion_events
+    }
+
+    /// Whether the controller is in its congested state at `now`.
+    pub fn congested(&self, now: Instant) -> bool {
+        self.congested_until.is_some_and(|u| now < u)
+    }
+
+    fn interval(&self) -> Duration {
+        self.min_rtt
+            .unwrap_or(MIN_INTERVAL)
+            .clamp(MIN_INTERVAL, MAX_INTERVAL)
+    }
+
+    /// `bytes` sent at `sent` were acknowledged at `now`; `smoothed_rtt` is the connection's.
+    pub fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, smoothed_rtt: Duration) {
+        self.smoothed_rtt = smoothed_rtt;
+        let sample = now.saturating_duration_since(sent);
+        self.interval_min_rtt = Some(self.interval_min_rtt.map_or(sample, |m| m.min(sample)));
+        self.next_min_rtt = Some(self.next_min_rtt.map_or(sample, |m| m.min(sample)));
+        let expired = now.saturating_duration_since(self.min_rtt_at) >= MIN_RTT_WINDOW;
+        match self.min_rtt {
+            Some(m) if sample <= m => {
+                self.min_rtt = Some(sample);
+                self.min_rtt_at = now;
+                self.next_min_rtt = None;
+            }
+            None => {
+                self.min_rtt = Some(sample);
+                self.min_rtt_at = now;
+                self.next_min_rtt = None;
+            }
+            Some(_) if expired => {
+                // The old minimum is stale: the smallest sample since takes its place.
+                self.min_rtt = self.next_min_rtt.take();
+                self.min_rtt_at = now;
+            }
+            Some(_) => {}
+        }
+        self.interval_acked = self.interval_acked.saturating_add(bytes);
+        let elapsed = now.saturating_duration_since(self.interval_start);
+        if elapsed >= self.interval() {
+            let rate = (u128::from(self.interval_acked) * 1_000_000_000 / elapsed.as_nanos().max(1))
+                as u64;
+            self.bw[self.bw_next] = rate;
+            self.bw_next = (self.bw_next + 1) % BW_INTERVALS;
+            self.interval_start = now;
+            self.interval_acked = 0;
+            self.recent_min_rtt = self.interval_min_rtt.take();
+        }
+        self.update_window(now);
+    }
+
+    /// Packets sent at `sent` were declared lost at `now`; `persistent` is quinn's persistent
+    /// congestion (everything lost over several probe timeouts).
+    pub fn on_loss(&mut self, now: Instant, persistent: bool) {
+        if persistent {
+            self.bw = [0; BW_INTERVALS];
+            self.congested_until = None;
+            self.congestion_events += 1;
+            self.window = self.min_window();
+            return;
+        }
+        let queueing = match (self.min_rtt, self.latest_min_rtt()) {
+            (Some(min), Some(recent)) => recent > min + QUEUE_DELAY_THRESHOLD,
+            _ => false,
+        };
+        if queueing {
+            if !self.congested(now) {
+                self.congestion_events += 1;
+            }
+            self.congested_until =
+                Some(now + CONGESTED_HOLD_RTTS * self.smoothed_rtt.max(self.interval()));
+        }
+        self.update_window(now);
+    }
+
+    /// The smallest RTT sample of the latest complete interval, or of the current one.
+    fn latest_min_rtt(&self) -> Option<Duration> {
+        match (self.recent_min_rtt, self.interval_min_rtt) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The path MTU changed.
+    pub fn on_mtu(&mut self, now: Instant, mtu: u16) {
+        self.mtu = u64::from(mtu);
+        self.update_window(now);
+    }
+
+    fn update_window(&mut self, now: Instant) {
+        let gain = if self.congested(now) {
+            CONGESTED_GAIN
+        } else {
+            GAIN
+        };
+        let min = self.min_rtt.unwrap_or_default();
+        // The RTT the window covers: the minimum while congested; otherwise the smoothed RTT,
+        // at most 3 × the minimum + 10 ms. The smoothed RTT keeps the window from collapsing
+        // when the path gets longer (a relay path after a direct LAN path) while the minimum
+        // still remembers the shorter one; the cap keeps a flood from growing its own queue
+        // without bound when nothing drops.
+        let rtt = if self.congested(now) {
+            min
+        } else {
+            self.smoothed_rtt.clamp(min, min * 3 + RTT_CAP_SLACK)
+        };
+        let bdp = self.bandwidth() as f64 * (rtt + QUEUE_ALLOWANCE).as_secs_f64();
+        let w = (gain * bdp) as u64;
+        self.window = w.clamp(self.min_window(), MAX_WINDOW.max(self.min_window()));
+    }
+}
+
+/// quinn's side of [`Estimator`].
+#[derive(Debug, Clone)]
+pub struct Carriage {
+    est: Estimator,
+    initial: u64,
+}
+
+impl Controller for Carriage {
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        _app_limited: bool,
+        rtt: &RttEstimator,
+    ) {
+        self.est.on_ack(now, sent, bytes, rtt.get());
+    }
+
+    fn on_congestion_event(
+        &mut self,
+        now: Instant,
+        _sent: Instant,
+        is_persistent_congestion: bool,
+        _lost_bytes: u64,
+    ) {
+        self.est.on_loss(now, is_persistent_congestion);
+    }
+
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        let now = self.est.interval_start;
+        self.est.on_mtu(now, new_mtu);
+    }
+
+    fn window(&self) -> u64 {
+        self.est.window()
+    }
+
+    fn metrics(&self) -> ControllerMetrics {
+        let mut m = ControllerMetrics::default();
+        m.congestion_window = self.est.window();
+        m
+    }
+
+    fn clone_box(&self) -> Box<dyn Controller> {
+        Box::new(self.clone())
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.initial
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+/// Builds a [`Carriage`] controller per connection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CarriageFactory;
+
+impl ControllerFactory for CarriageFactory {
+    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+        let est = Estimator::new(now, current_mtu);
+        Box::new(Carriage {
+            initial: est.window(),
+            est,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MTU: u16 = 1400;
+
+    /// A simulated path: a bottleneck of `rate` bytes/s with a FIFO of at most `queue` bytes,
+    /// `rtt` of propagation, random loss of 1 in `loss_every` packets (0: none), and a sender
+    /// that always has data (a flood) and sends whatever the window and pacing allow.
+    struct Sim {
+        rate: f64,
+        rtt: Duration,
+        queue: u64,
+        loss_every: u64,
+    }
+
+    struct Outcome {
+        /// Bytes delivered per second over the second half.
+        delivered_rate: f64,
+        /// Bytes sent per second over the second half.
+        sent_rate: f64,
+        /// Largest bottleneck queue over the second half, bytes.
+        max_queue: u64,
+        est: Estimator,
+    }
+
+    impl Sim {
+        fn run(&self, secs: u64) -> Outcome {
+            let t0 = Instant::now();
+            let mut est = Estimator::new(t0, MTU);
+            let pkt = u64::from(MTU);
+            let step = Duration::from_micros(100);
+            let end = t0 + Duration::from_secs(secs);
+            let half = t0 + Duration::from_secs(secs / 2);
+            // In flight, in send order: (sent, when its ack or loss is seen, lost, bytes). A
+            // loss is seen when an ack for the packet would have been (quinn detects it from
+            // the acks of the packets after it). The bottleneck is modelled by the time it
+            // frees up; the queue is the backlog in front of it.
+            let mut in_flight: std::collections::VecDeque<(Instant, Instant, bool, u64)> =
+                Default::default();
+            let mut in_flight_bytes = 0u64;
+            let mut link_free = t0;
+            let mut tokens = 0.0f64;
+            let mut srtt = self.rtt;
+            let (mut sent_half, mut delivered_half, mut max_queue) = (0u64, 0u64, 0u64);
+            let mut seq = 0u64;
+            let mut now = t0;
+            while now < end {
+                while let Some(&(sent, fire, lost, bytes)) = in_flight.front() {
+                    if fire > now {
+                        break;
+                    }
+                    in_flight.pop_front();
+                    in_flight_bytes -= bytes;
+                    if lost {
+                        est.on_loss(now, false);
+                    } else {
+                        let sample = now - sent;
+                        srtt = (srtt * 7 + sample) / 8;
+                        est.on_ack(now, sent, bytes, srtt);
+                        if now >= half {
+                            delivered_half += bytes;
+                        }
+                    }
+                }
+                // Pacing as quinn does: 1.25 × window per smoothed RTT.
+                tokens += est.window() as f64 * 1.25 * step.as_secs_f64() / srtt.as_secs_f64();
+                tokens = tokens.min((10 * pkt) as f64);
+                while tokens >= pkt as f64 && in_flight_bytes + pkt <= est.window() {
+                    tokens -= pkt as f64;
+                    seq += 1;
+                    let backlog = link_free.saturating_duration_since(now);
+                    let queued = (backlog.as_secs_f64() * self.rate) as u64;
+                    if now >= half {
+                        max_queue = max_queue.max(queued);
+                        sent_half += pkt;
+                    }
+                    let random_loss = self.loss_every > 0 && seq.is_multiple_of(self.loss_every);
+                    let overflow = queued + pkt > self.queue;
+                    if !overflow {
+                        link_free =
+                            link_free.max(now) + Duration::from_secs_f64(pkt as f64 / self.rate);
+                    }
+                    let fire = link_free.max(now) + self.rtt;
+                    in_flight.push_back((now, fire, overflow || random_loss, pkt));
+                    in_flight_bytes += pkt;
+                }
+                now += step;
+            }
+            let half_secs = (secs - secs / 2) as f64;
+            Outcome {
+                delivered_rate: delivered_half as f64 / half_secs,
+                sent_rate: sent_half as f64 / half_secs,
+                max_queue,
+                est,
+            }
+        }
+    }
+
+    const MBIT: f64 = 1_000_000.0 / 8.0;
+
+    #[test]
+    fn starts_at_the_minimum_window_and_grows_with_the_delivery_rate() {
+        let t0 = Instant::now();
+        let mut e = Estimator::new(t0, MTU);
+        assert_eq!(e.window(), MIN_WINDOW_PACKETS * u64::from(MTU));
+        // 10 ms RTT, 1 MB acknowledged every 10 ms: 100 MB/s.
+        let mut now = t0;
+        for _ in 0..20 {
+            let sent = now;
+            now += Duration::from_millis(10);
+            e.on_ack(now, sent, 1_000_000, Duration::from_millis(10));
+        }
+        assert_eq!(e.min_rtt(), Some(Duration::from_millis(10)));
+        let bw = e.bandwidth();
+        assert!((95_000_000..=105_000_000).contains(&bw), "{bw}");
+        // 2.5 × 100 MB/s × 15 ms = 3.75 MB.
+        let w = e.window();
+        assert!((3_500_000..=4_000_000).contains(&w), "{w}");
+        // The path gets longer (40 ms) while the minimum still says 10 ms: the window follows
+        // the smoothed RTT up to 3 × 10 + 10 ms, instead of starving the longer path.
+        let sent = now;
+        now += Duration::from_millis(40);
+        e.on_ack(now, sent, 4_000_000, Duration::from_millis(40));
+        let w = e.window();
+        assert!(w >= 2 * 100_000_000 * 45 / 1000, "{w}");
+    }
+
+    #[test]
+    fn random_loss_at_the_minimum_rtt_does_not_shrink_the_window() {
+        let t0 = Instant::now();
+        let mut e = Estimator::new(t0, MTU);
+        let mut now = t0;
+        for i in 0..200 {
+            let sent = now;
+            now += Duration::from_millis(10);
+            e.on_ack(now, sent, 500_000, Duration::from_millis(10));
+            let before = e.window();
+            if i % 3 == 0 {
+                e.on_loss(now, false);
+            }
+            assert_eq!(e.window(), before);
+        }
+        assert_eq!(e.congestion_events(), 0);
+    }
+
+    #[test]
+    fn loss_while_queueing_is_congestion_for_a_few_rtts() {
+        let t0 = Instant::now();
+        let mut e = Estimator::new(t0, MTU);
+        let mut now = t0;
+        for _ in 0..20 {
+            let sent = now;
+            now += Duration::from_millis(10);
+            e.on_ack(now, sent, 500_000, Duration::from_millis(10));
+        }
+        let normal = e.window();
+        // Now every sample is 20 ms: a 10 ms queue.
+        for _ in 0..3 {
+            let sent = now;
+            now += Duration::from_millis(20);
+            e.on_ack(
+                now,
+                sent - Duration::from_millis(0),
+                1_000_000,
+                Duration::from_millis(20),
+            );
+        }
+        let queued = e.window();
+        e.on_loss(now, false);
+        assert!(e.congested(now));
+        assert_eq!(e.congestion_events(), 1);
+        assert!(
+            e.window() * 2 < queued.max(normal),
+            "{} vs {queued}",
+            e.window()
+        );
+        // A second loss in the same episode is the same event.
+        e.on_loss(now + Duration::from_millis(1), false);
+        assert_eq!(e.congestion_events(), 1);
+        // Still congested after two smoothed RTTs; the gain is back after four.
+        let soon = now + Duration::from_millis(40);
+        e.on_ack(
+            soon,
+            soon - Duration::from_millis(10),
+            1,
+            Duration::from_millis(10),
+        );
+        assert!(e.congested(soon));
+        let later = now + Duration::from_millis(85);
+        e.on_ack(
+            later,
+            later - Duration::from_millis(10),
+            1,
+            Duration::from_millis(10),
+        );
+        assert!(!e.congested(later));
+        assert!(e.window() > queued / 2);
+    }
+
+    #[test]
+    fn persistent_congestion_resets_to_the_minimum_window() {
+        let t0 = Instant::now();
+        let mut e = Estimator::new(t0, MTU);
+        let mut now = t0;
+        for _ in 0..20 {
+            let sent = now;
+            now += Duration::from_millis(10);
+            e.on_ack(now, sent, 1_000_000, Duration::from_millis(10));
+        }
+        assert!(e.window() > 1_000_000);
+        e.on_loss(now, true);
+        assert_eq!(e.window(), MIN_WINDOW_PACKETS * u64::from(MTU));
+        assert_eq!(e.bandwidth(), 0);
+    }
+
+    #[test]
+    fn the_minimum_rtt_expires_so_a_longer_path_is_followed() {
+        let t0 = Instant::now();
+        let mut e = Estimator::new(t0, MTU);
+        e.on_ack(
+            t0 + Duration::from_millis(1),
+            t0,
+            1000,
+            Duration::from_millis(1),
+        );
+        let mut now = t0 + Duration::from_millis(1);
+        while now < t0 + MIN_RTT_WINDOW + Duration::from_secs(1) {
+            let sent = now;
+            now += Duration::from_millis(40);
+            e.on_ack(now, sent, 1000, Duration::from_millis(40));
+        }
+        assert_eq!(e.min_rtt(), Some(Duration::from_millis(40)));
+    }
+
+    #[test]
+    fn the_window_stays_within_its_bounds() {
+        let t0 = Instant::now();
+        let mut e = Estimator::new(t0, MTU);
+        let mut now = t0;
+        for _ in 0..50 {
+            let sent = now;
+            now += Duration::from_millis(200);
+            e.on_ack(now, sent, u64::MAX / 4, Duration::from_millis(200));
+        }
+        assert_eq!(e.window(), MAX_WINDOW);
+        e.on_mtu(now, 1200);
+        assert_eq!(e.window(), MAX_WINDOW);
+    }
+
+    #[test]
+    fn keeps_the_rate_of_a_lossy_path() {
+        // 100 Mbit/s, 40 ms RTT, a deep queue, 3 % random loss: a loss-based controller would
+        // collapse; this one delivers the path's rate less the loss.
+        let out = Sim {
+            rate: 100.0 * MBIT,
+            rtt: Duration::from_millis(40),
+            queue: 2 << 20,
+            loss_every: 33,
+        }
+        .run(6);
+        let r = out.delivered_rate / MBIT;
+        assert!(r > 85.0, "delivered {r:.1} Mbit/s");
+    }
+
+    #[test]
+    fn a_flood_into_a_bottleneck_stays_near_its_rate_with_a_bounded_queue() {
+        // 50 Mbit/s, 20 ms RTT, a 64 KiB (10 ms) queue, and a sender that always has data: the
+        // tunnel must not send far more than the bottleneck carries.
+        let out = Sim {
+            rate: 50.0 * MBIT,
+            rtt: Duration::from_millis(20),
+            queue: 64 << 10,
+            loss_every: 0,
+        }
+        .run(6);
+        let (d, s) = (out.delivered_rate / MBIT, out.sent_rate / MBIT);
+        eprintln!("flood into 50 Mbit/s: sent {s:.1}, delivered {d:.1} Mbit/s");
+        assert!(d > 40.0, "delivered {d:.1} Mbit/s");
+        assert!(
+            s < 1.3 * 50.0,
+            "sent {s:.1} Mbit/s into a 50 Mbit/s bottleneck"
+        );
+        assert!(out.est.congestion_events() > 0);
+        assert!(out.max_queue <= 64 << 10);
+    }
+
+    #[test]
+    fn a_flood_into_a_deep_bottleneck_keeps_the_queue_short() {
+        // A deep (1 s) queue: the window, not the queue, bounds the standing delay.
+        let rate = 50.0 * MBIT;
+        let out = Sim {
+            rate,
+            rtt: Duration::from_millis(20),
+            queue: (rate as u64),
+            loss_every: 0,
+        }
+        .run(6);
+        let d = out.delivered_rate / MBIT;
+        assert!(d > 45.0, "delivered {d:.1} Mbit/s");
+        // GAIN × BDP(3 × 20 ms + 10 ms + 5 ms) − BDP(20 ms): at most ~170 ms of queue, far below
+        // the 1 s the queue would hold.
+        let queue_delay = out.max_queue as f64 / rate;
+        eprintln!("flood into a deep queue: standing queue {queue_delay:.3} s");
+        assert!(queue_delay < 0.2, "standing queue {queue_delay:.3} s");
+    }
+}
