@@ -75,6 +75,31 @@ pub fn dig_backend(t: &Topology, tries: u32) -> Result<()> {
     Ok(())
 }
 
+/// Sends `count` UDP datagrams of 1..=`max_size` bytes (the first the largest) from the agent
+/// to the echo service (`ztna-test-udp-check`) and checks every one came back byte for byte;
+/// returns its summary line.
+pub fn udp_echo_check(t: &Topology, count: u32, max_size: usize) -> Result<String> {
+    let target = format!("{}:7", addr::ECHO);
+    let (count_s, max_s) = (count.to_string(), max_size.to_string());
+    let out = t.run_ok(
+        Node::Agent,
+        180,
+        [
+            t.helpers().udp_check.as_os_str(),
+            target.as_ref(),
+            "--count".as_ref(),
+            count_s.as_ref(),
+            "--max-size".as_ref(),
+            max_s.as_ref(),
+        ],
+    )?;
+    anyhow::ensure!(
+        out.stdout.contains(&format!("ok={count} ")) && out.stdout.contains("mismatched=0"),
+        "UDP echo check ({count} datagrams up to {max_size} bytes) failed:\n{out}"
+    );
+    Ok(out.stdout.trim().to_owned())
+}
+
 /// Fixed addresses of the topology (see `deploy/netns/README.md`).
 pub mod addr {
     /// The relay on the WAN bridge.

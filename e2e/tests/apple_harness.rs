@@ -253,24 +253,8 @@ fn apple_harness_end_to_end_asan() {
         let rtt = ping_avg_ms(&out.stdout).unwrap_or(f64::NAN);
         t.step(&format!("RESULT harness ping: 20/20, avg {rtt:.2} ms"));
 
-        let target = format!("{}:7", addr::ECHO);
-        let out = t.run_ok(
-            Node::Agent,
-            60,
-            [
-                t.helpers().udp_check.as_os_str(),
-                target.as_ref(),
-                "--count".as_ref(),
-                "300".as_ref(),
-                "--max-size".as_ref(),
-                "1232".as_ref(),
-            ],
-        )?;
-        ensure!(
-            out.stdout.contains("ok=300 ") && out.stdout.contains("mismatched=0"),
-            "UDP echo: {out}"
-        );
-        t.step(&format!("UDP echo: {}", out.stdout.trim()));
+        let summary = ztna_e2e::udp_echo_check(t, 300, 1232)?;
+        t.step(&format!("UDP echo: {summary}"));
 
         ztna_e2e::dig_backend(t, 2)?;
         t.step("DNS through the harness: backend.ztna.test -> 10.10.3.2");

@@ -92,42 +92,11 @@ fn tunnel_basics() {
         );
 
         t.step("1000 UDP datagrams of 1..=1232 bytes, echoed byte for byte");
-        let target = format!("{}:7", addr::ECHO);
-        let out = t.run_ok(
-            Node::Agent,
-            180,
-            [
-                t.helpers().udp_check.as_os_str(),
-                target.as_ref(),
-                "--count".as_ref(),
-                "1000".as_ref(),
-                "--max-size".as_ref(),
-                "1232".as_ref(),
-            ],
-        )?;
-        ensure!(
-            out.stdout.contains("ok=1000 ") && out.stdout.contains("mismatched=0"),
-            "UDP check failed:\n{out}"
-        );
-        t.step(out.stdout.trim());
+        let summary = ztna_e2e::udp_echo_check(t, 1000, 1232)?;
+        t.step(&summary);
 
         t.step("UDP datagrams up to 4000 bytes (the first is 4000): the agent's kernel fragments them, the connector reassembles them, the backend echoes them whole");
-        let out = t.run_ok(
-            Node::Agent,
-            60,
-            [
-                t.helpers().udp_check.as_os_str(),
-                target.as_ref(),
-                "--count".as_ref(),
-                "20".as_ref(),
-                "--max-size".as_ref(),
-                "4000".as_ref(),
-            ],
-        )?;
-        ensure!(
-            out.stdout.contains("ok=20 ") && out.stdout.contains("mismatched=0"),
-            "large UDP check failed:\n{out}"
-        );
+        let summary = ztna_e2e::udp_echo_check(t, 20, 4000)?;
         let m = s.conn_metrics()?;
         ensure!(
             m.value("ztna_connector_fragments_reassembled_total") >= 1.0
@@ -136,8 +105,7 @@ fn tunnel_basics() {
             m.raw()
         );
         t.step(&format!(
-            "RESULT {}; reassembled at the connector: {}",
-            out.stdout.trim(),
+            "RESULT {summary}; reassembled at the connector: {}",
             m.value("ztna_connector_fragments_reassembled_total")
         ));
 
