@@ -10,7 +10,9 @@
 //! 90th percentile 3.3-4.0 ms (the rest is the relay's CPU, shared in this test with both agents
 //! and the connector on a loaded 2-core machine); the flood itself got 1.5-1.7 Gbit/s.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-use std::path::Path;
+mod common;
+
+use common::issue;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,25 +27,6 @@ use ztna_proto::{datagram, ChannelId, PortRange, ServiceDef, ALPN_RELAY};
 use ztna_relay::config::RelayConfig;
 use ztna_relay::policy::{AccessRule, ConnectorRule, ServiceRule};
 use ztna_relay::server::Server;
-
-fn issue(
-    ca: &CertificateAuthority,
-    dir: &Path,
-    role: Role,
-    name: &str,
-    groups: &[&str],
-) -> TlsFiles {
-    let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
-    let i = ca.issue(role, name, &groups, &[]).unwrap();
-    let files = TlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join(format!("{name}.pem")),
-        key: dir.join(format!("{name}.key")),
-    };
-    pki::write_new(&files.cert, &i.cert_pem, false).unwrap();
-    pki::write_new(&files.key, &i.key_pem, true).unwrap();
-    files
-}
 
 async fn conn(files: &TlsFiles, relay: std::net::SocketAddr) -> quinn::Connection {
     let creds = Credentials::load(files).unwrap();

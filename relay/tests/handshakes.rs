@@ -8,32 +8,22 @@
 //! 614 MB and a legitimate handshake from 7 ms to 5.1 s.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::issue;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ztna_core::pki::{self, CertificateAuthority};
 use ztna_core::session::{Node, RelayTarget};
-use ztna_core::tls::{Credentials, TlsFiles};
+use ztna_core::tls::Credentials;
 use ztna_core::transport::{self, Timing};
 use ztna_proto::control::{Hello, Role};
 use ztna_proto::ALPN_RELAY;
 use ztna_relay::config::RelayConfig;
 use ztna_relay::server::Server;
-
-fn issue(ca: &CertificateAuthority, dir: &Path, role: Role, name: &str) -> TlsFiles {
-    let i = ca.issue(role, name, &[], &[]).unwrap();
-    let files = TlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join(format!("{name}.pem")),
-        key: dir.join(format!("{name}.key")),
-    };
-    pki::write_new(&files.cert, &i.cert_pem, false).unwrap();
-    pki::write_new(&files.key, &i.key_pem, true).unwrap();
-    files
-}
 
 /// Resident set size and its peak, in KiB, of this process.
 fn rss_kib() -> (u64, u64) {
@@ -101,8 +91,8 @@ async fn initial_flood_keeps_memory_bounded_and_handshakes_fast() {
     let dir = tmp.path();
     let ca = CertificateAuthority::generate("Test").unwrap();
     pki::write_new(&dir.join("ca.pem"), &ca.cert_pem(), false).unwrap();
-    let rf = issue(&ca, dir, Role::Relay, "relay");
-    let af = issue(&ca, dir, Role::Agent, "alice");
+    let rf = issue(&ca, dir, Role::Relay, "relay", &[]);
+    let af = issue(&ca, dir, Role::Agent, "alice", &[]);
     let cfg = RelayConfig {
         bind: "127.0.0.1:0".parse().unwrap(),
         ca: Some(rf.ca),

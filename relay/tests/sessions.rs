@@ -2,8 +2,10 @@
 //! hostile clients that must lose only their own session.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::issue;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,32 +25,6 @@ use ztna_relay::policy::{AccessRule, ConnectorRule, ServiceRule};
 use ztna_relay::server::{Relay, Server};
 
 const T: Duration = Duration::from_secs(10);
-
-fn issue(
-    ca: &CertificateAuthority,
-    dir: &Path,
-    role: Role,
-    name: &str,
-    groups: &[&str],
-) -> TlsFiles {
-    let files = TlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join(format!("{name}.pem")),
-        key: dir.join(format!("{name}.key")),
-    };
-    if files.cert.exists() {
-        return files;
-    }
-    let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
-    let i = ca.issue(role, name, &groups, &[]).unwrap();
-    pki::write_new(&dir.join(format!("{name}.pem")), &i.cert_pem, false).unwrap();
-    pki::write_new(&dir.join(format!("{name}.key")), &i.key_pem, true).unwrap();
-    TlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join(format!("{name}.pem")),
-        key: dir.join(format!("{name}.key")),
-    }
-}
 
 struct World {
     _dir: tempfile::TempDir,
