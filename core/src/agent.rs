@@ -235,7 +235,7 @@ impl Link {
         let mut flows = lock(&self.tcp_flows);
         let Some(client) = client else {
             // No tunnel address any more: nothing could deliver the resets.
-            flows.take_resets(Ipv4Addr::UNSPECIFIED);
+            flows.clear();
             return;
         };
         let resets = flows.take_resets(client);

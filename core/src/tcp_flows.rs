@@ -142,6 +142,11 @@ impl TcpFlows {
         self.untracked
     }
 
+    /// Forgets every connection.
+    pub fn clear(&mut self) {
+        self.flows.clear();
+    }
+
     /// Forgets every connection and returns one reset per connection, from the server to the
     /// client at `client` (the agent's tunnel IP), to hand to the platform's tunnel device.
     pub fn take_resets(&mut self, client: Ipv4Addr) -> Vec<Vec<u8>> {
