@@ -15,6 +15,7 @@ use anyhow::{bail, Context as _};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::UnixListener;
 use ztna_core::agent::{AgentStatus, ConnectorStatus};
+use ztna_core::congestion::CarriageStatus;
 use ztna_proto::CandidateKind;
 
 /// How long a client may take to be served.
@@ -204,6 +205,9 @@ fn render_paths(out: &mut String, c: &ConnectorStatus) {
         "\n{} paths: relay {rtx} pkts out / {rrx} in, direct {dtx} out / {drx} in",
         c.name
     );
+    if let Some(k) = &c.carriage {
+        let _ = writeln!(out, "  carriage:   {}", carriage(k));
+    }
     let Some(d) = &c.direct else {
         return;
     };
@@ -250,6 +254,19 @@ fn render_paths(out: &mut String, c: &ConnectorStatus) {
     }
 }
 
+/// One line on a connection's packet carriage.
+fn carriage(k: &CarriageStatus) -> String {
+    format!(
+        "window {}, rate {:.1} Mbit/s, min rtt {} ms, {} of {} packets lost, {} counted as congestion",
+        human_bytes(k.window_bytes),
+        k.bandwidth_mbit,
+        rtt(k.min_rtt_ms),
+        k.lost_packets,
+        k.sent_packets,
+        k.congestion_events
+    )
+}
+
 fn kind_name(k: CandidateKind) -> &'static str {
     match k {
         CandidateKind::Host => "host",
@@ -270,6 +287,9 @@ pub(crate) fn render(s: &AgentStatus) -> String {
     let _ = writeln!(out, "relay:        {} ({state})", s.relay);
     if s.connected {
         let _ = writeln!(out, "relay rtt:    {} ms", rtt(s.relay_rtt_ms));
+        if let Some(k) = &s.relay_carriage {
+            let _ = writeln!(out, "carriage:     {}", carriage(k));
+        }
     }
     let _ = writeln!(out, "observed as:  {}", or_dash(s.observed_addr));
     let _ = writeln!(out, "identity:     {}", s.identity);
@@ -361,6 +381,7 @@ mod tests {
             tunnel_ip: None,
             observed_addr: None,
             relay_rtt_ms: None,
+            relay_carriage: None,
             mtu: 1280,
             rejected: vec![],
             connectors: vec![],
@@ -382,6 +403,14 @@ mod tests {
             tunnel_ip: Some([100, 64, 0, 2].into()),
             observed_addr: Some("198.51.100.7:53211".parse().unwrap()),
             relay_rtt_ms: Some(12.345),
+            relay_carriage: Some(CarriageStatus {
+                window_bytes: 3 << 20,
+                bandwidth_mbit: 96.04,
+                min_rtt_ms: Some(11.9),
+                sent_packets: 1000,
+                lost_packets: 10,
+                congestion_events: 1,
+            }),
             rejected: vec![RejectedService {
                 name: "payroll".into(),
                 code: "not-authorised".into(),
@@ -419,6 +448,14 @@ mod tests {
                         upgrades: 1,
                         fallbacks: 0,
                     }),
+                    carriage: Some(CarriageStatus {
+                        window_bytes: 512 << 10,
+                        bandwidth_mbit: 20.0,
+                        min_rtt_ms: Some(1.25),
+                        sent_packets: 2412,
+                        lost_packets: 24,
+                        congestion_events: 0,
+                    }),
                 },
                 ConnectorStatus {
                     name: "lab".into(),
@@ -435,6 +472,7 @@ mod tests {
                     relay_packets: [0, 0],
                     direct_packets: [0, 0],
                     direct: None,
+                    carriage: None,
                 },
             ],
             relay_sessions: 2,
@@ -466,7 +504,9 @@ mod tests {
     fn renders_connectors_as_a_table() {
         let text = render(&up());
         assert!(text.starts_with(
-            "relay:        10.99.0.1:4433 (connected)\nrelay rtt:    12.3 ms\nobserved as:  198.51.100.7:53211\n"
+            "relay:        10.99.0.1:4433 (connected)\nrelay rtt:    12.3 ms\n\
+             carriage:     window 3.0 MiB, rate 96.0 Mbit/s, min rtt 11.9 ms, 10 of 1000 packets lost, 1 counted as congestion\n\
+             observed as:  198.51.100.7:53211\n"
         ), "{text}");
         assert!(text.contains("tunnel ip:    100.64.0.2\n"), "{text}");
         assert!(
@@ -492,6 +532,7 @@ mod tests {
         assert!(
             text.contains(
                 "dc1 paths: relay 3 pkts out / 4 in, direct 9 out / 2396 in\n  \
+                 carriage:   window 512.0 KiB, rate 20.0 Mbit/s, min rtt 1.2 ms, 24 of 2412 packets lost, 0 counted as congestion\n  \
                  active:     direct wan 192.0.2.9:4434, probe rtt 1.2 ms\n  \
                  switches:   1 to direct, 0 back to the relay\n  \
                  candidates: 198.51.100.7:53211 (reflexive)\n  \

@@ -108,6 +108,8 @@ pub(crate) enum IperfKind {
     Tcp { streams: u32 },
     /// One TCP stream with this sender congestion control (`iperf3 -C`: `cubic`, `bbr`).
     TcpCc { cc: &'static str },
+    /// The same from the backend to the agent (`-R`): the backend's TCP sends with `cc`.
+    TcpCcDown { cc: &'static str },
     /// UDP with 1200-byte payloads at this rate in Mbit/s (0: as fast as iperf3 can send).
     Udp { mbps: f64 },
     /// UDP from the backend to the agent (`-R`) with `len`-byte payloads, as fast as iperf3 can
@@ -135,6 +137,7 @@ pub(crate) fn iperf(t: &Topology, target: &str, kind: IperfKind, secs: u32) -> R
     match kind {
         IperfKind::Tcp { streams } => args.extend(["-P".into(), streams.to_string()]),
         IperfKind::TcpCc { cc } => args.extend(["-C".into(), cc.into()]),
+        IperfKind::TcpCcDown { cc } => args.extend(["-C".into(), cc.into(), "-R".into()]),
         IperfKind::Udp { mbps } => args.extend([
             "-u".into(),
             "-l".into(),

@@ -50,6 +50,8 @@ pub(crate) struct PathUp {
     pub(crate) daemons: Vec<Daemon>,
     /// From starting the agent side to the first UDP datagram echoed through the path.
     pub(crate) first_packet: Option<Duration>,
+    /// ztna: the agent's status socket.
+    pub(crate) status_socket: Option<std::path::PathBuf>,
 }
 
 /// The paths, in the order they run within each iteration. The path named `boringtun` is the
@@ -258,6 +260,7 @@ fn raw(t: &Topology) -> Result<PathUp> {
         target: addr::BACKEND,
         daemons: vec![],
         first_packet: None,
+        status_socket: None,
     })
 }
 
@@ -391,24 +394,75 @@ pub(crate) const IMPAIR_LISTEN: &str = "127.0.0.1:14433";
 /// first UDP hop.
 pub(crate) fn impair_target(tunnel: &str) -> String {
     match tunnel {
-        "ztna-relay" | "ztna-relay-4m" => format!("{}:{}", addr::RELAY, addr::RELAY_PORT),
+        "ztna-relay" | "ztna-relay-256k" => format!("{}:{}", addr::RELAY, addr::RELAY_PORT),
+        "ztna-direct" => format!("{}:{CONN_QUIC_PORT}", addr::CONN),
         _ => format!("{}:{WG_PORT}", addr::CONN),
     }
 }
 
+/// The connector's QUIC port (its direct-path host candidate) in the e2e configs.
+const CONN_QUIC_PORT: u16 = 4434;
+
+/// The agent socket's fwmark (`route_table`'s default), which tells its datagrams apart from
+/// the forwarder's.
+const AGENT_FWMARK: &str = "0x7a7a";
+
+/// Puts the direct path through the impairment forwarder, both ways, with nftables in the agent
+/// namespace: the agent's datagrams to the connector's QUIC port (they carry the agent socket's
+/// fwmark; the forwarder's own carry none) are DNATed to the forwarder; its other datagrams to
+/// the connector are dropped, and so are the connector's datagrams that reach the agent's socket
+/// from outside (not through the forwarder, whose answers come over loopback). The agent still
+/// sees the connector's address, so its direct path is the LAN path, impaired; the connector
+/// sees the agent at the forwarder's address. The relay path stays unimpaired. The namespace
+/// (and the rules) go with the topology.
+fn impair_direct_path(t: &Topology) -> Result<()> {
+    let (ip, port) = IMPAIR_LISTEN
+        .split_once(':')
+        .context("IMPAIR_LISTEN is address:port")?;
+    let rules = format!(
+        "table ip ztna_bench_impair {{\n\
+         chain out {{\n\
+         type nat hook output priority -100; policy accept;\n\
+         meta mark {AGENT_FWMARK} ip daddr {conn} udp dport {CONN_QUIC_PORT} dnat to {ip}:{port}\n\
+         }}\n\
+         chain out_filter {{\n\
+         type filter hook output priority 0; policy accept;\n\
+         meta mark {AGENT_FWMARK} ip daddr {conn} udp dport != {CONN_QUIC_PORT} drop\n\
+         }}\n\
+         chain in {{\n\
+         type filter hook prerouting priority -150; policy accept;\n\
+         iifname != \"lo\" ip saddr {conn} socket mark {AGENT_FWMARK} drop\n\
+         }}\n\
+         }}\n",
+        conn = addr::CONN,
+    );
+    let file = t.write_file("impair-direct.nft", &rules)?;
+    let out = t.run(
+        Node::Agent,
+        10,
+        ["nft".as_ref(), "-f".as_ref(), file.as_os_str()],
+    )?;
+    anyhow::ensure!(out.success(), "installing the direct-path DNAT: {out}");
+    Ok(())
+}
+
 /// A tunnel whose agent side sends its UDP through the impairment forwarder at
-/// [`IMPAIR_LISTEN`]: `boringtun`, `wireguard-go` or `ztna-relay`.
+/// [`IMPAIR_LISTEN`]: `boringtun`, `wireguard-go`, `ztna-relay` (`-256k`) or `ztna-direct`.
 pub(crate) fn impaired(t: &Topology, tunnel: &str) -> Result<PathUp> {
     match tunnel {
         "boringtun" => wireguard_via(t, Wg::Boringtun, IMPAIR_LISTEN),
         "wireguard-go" => wireguard_via(t, Wg::Go, IMPAIR_LISTEN),
         "ztna-relay" => ztna(t, "relay", |s| s.agent_cfg.relay = IMPAIR_LISTEN.to_owned()),
-        // The connector's TCP buffers (256 KiB each way by default) bound a TCP connection to
-        // buffer / RTT; this variant shows the tunnel without that bound.
-        "ztna-relay-4m" => ztna(t, "relay", |s| {
+        // The connector's TCP buffers at 256 KiB each way (its default before 4 MiB), which
+        // bound a TCP connection to 256 KiB per RTT.
+        "ztna-relay-256k" => ztna(t, "relay", |s| {
             s.agent_cfg.relay = IMPAIR_LISTEN.to_owned();
-            s.conn_cfg.tcp_buffer_bytes = Some(4 << 20);
+            s.conn_cfg.tcp_buffer_bytes = Some(256 << 10);
         }),
+        "ztna-direct" => {
+            impair_direct_path(t)?;
+            ztna(t, "direct-lan", |s| s.agent_cfg.direct_paths = None)
+        }
         _ => bail!("no impaired variant of {tunnel}"),
     }
 }
@@ -474,6 +528,7 @@ fn wireguard_via(t: &Topology, wg: Wg, endpoint: &str) -> Result<PathUp> {
         target: addr::BACKEND,
         daemons,
         first_packet: Some(first),
+        status_socket: None,
     })
 }
 
@@ -555,6 +610,7 @@ fn ztna(t: &Topology, path: &str, tweak: impl FnOnce(&mut Stack<'_>)) -> Result<
             },
         ],
         first_packet: Some(first),
+        status_socket: Some(socket),
     })
 }
 

@@ -80,18 +80,33 @@ pub(crate) const PROFILES: &[Profile] = &[
     BOTTLENECK,
 ];
 
-/// The senders: single-stream TCP with each congestion control, and UDP at a fixed 100 Mbit/s
-/// (1200-byte payloads), which shows what the tunnel itself delivers with no TCP reacting.
-pub(crate) const CCS: &[&str] = &["cubic", "bbr", UDP_100];
+/// The senders: single-stream TCP from the agent with each congestion control, the same from
+/// the backend to the agent (`-down`, `iperf3 -R`: a download; on ztna the connector's own TCP
+/// sends over the tunnel, whatever the backend runs), and UDP at a fixed 100 Mbit/s (1200-byte
+/// payloads), which shows what the tunnel itself delivers with no TCP reacting.
+pub(crate) const CCS: &[&str] = &["cubic", "bbr", "cubic-down", "bbr-down", UDP_100];
 const UDP_100: &str = "udp-100";
 
-/// Every tunnel `--profiles` can run: the default ones and `ztna-relay-4m` (the connector's
-/// TCP buffers at 4 MiB instead of 256 KiB).
-pub(crate) const TUNNELS_ALL: &[&str] =
-    &["boringtun", "wireguard-go", "ztna-relay", "ztna-relay-4m"];
+/// `cc`'s congestion control and whether it is a download (`-down`).
+fn sender(cc: &'static str) -> (&'static str, bool) {
+    match cc.strip_suffix("-down") {
+        Some(cc) => (cc, true),
+        None => (cc, false),
+    }
+}
+
+/// Every tunnel `--profiles` can run: the default ones and `ztna-relay-256k` (the connector's
+/// TCP buffers at 256 KiB instead of 4 MiB).
+pub(crate) const TUNNELS_ALL: &[&str] = &[
+    "boringtun",
+    "wireguard-go",
+    "ztna-relay",
+    "ztna-direct",
+    "ztna-relay-256k",
+];
 
 /// The tunnels measured by default.
-pub(crate) const TUNNELS: &[&str] = &["boringtun", "wireguard-go", "ztna-relay"];
+pub(crate) const TUNNELS: &[&str] = &["boringtun", "wireguard-go", "ztna-relay", "ztna-direct"];
 
 impl Profile {
     /// The forwarder's options for this profile.
@@ -126,6 +141,26 @@ pub(crate) struct Cell {
     pub(crate) error: Option<String>,
     /// 1-minute load average before the test.
     pub(crate) load: f64,
+    /// ztna: the path of `conn1` after the test (`relay`, `direct-lan`, ...), and the inner
+    /// connection's packets lost and losses counted as congestion during it.
+    pub(crate) path: Option<String>,
+    pub(crate) inner_lost: Option<u64>,
+    pub(crate) inner_congestion_events: Option<u64>,
+}
+
+/// What a ztna cell reads from `ztna-agent status` before and after it.
+#[derive(Debug, Clone, Copy, Default)]
+struct InnerCounters {
+    lost: u64,
+    congestion_events: u64,
+}
+
+fn inner_counters(st: &ztna_e2e::AgentStatus) -> Option<InnerCounters> {
+    let k = &st.connector("conn1")?["carriage"];
+    Some(InnerCounters {
+        lost: k["lost_packets"].as_u64()?,
+        congestion_events: k["congestion_events"].as_u64()?,
+    })
 }
 
 /// The bottleneck profile's extra measurements for one tunnel and one sender.
@@ -187,6 +222,9 @@ pub(crate) fn run(tunnels: &[String], secs: u32, label: &str, only: &[String]) -
                 retransmits: None,
                 error: Some(format!("{e:#}")),
                 load: 0.0,
+                path: None,
+                inner_lost: None,
+                inner_congestion_events: None,
             });
         }
     }
@@ -298,8 +336,18 @@ fn measure_tunnel(
                 retransmits: None,
                 error: None,
                 load: load.loadavg_1m,
+                path: None,
+                inner_lost: None,
+                inner_congestion_events: None,
             };
-            if profile.rate_mbit > 0.0 && *cc == UDP_100 {
+            let status = || {
+                up.status_socket
+                    .as_deref()
+                    .and_then(|s| ztna_e2e::stack::agent_status(t, s).ok())
+            };
+            let before = status().as_ref().and_then(inner_counters);
+            let (algo, down) = sender(cc);
+            if profile.rate_mbit > 0.0 && (*cc == UDP_100 || down) {
                 continue;
             }
             if profile.rate_mbit > 0.0 {
@@ -315,6 +363,8 @@ fn measure_tunnel(
             } else {
                 let kind = if *cc == UDP_100 {
                     IperfKind::Udp { mbps: 100.0 }
+                } else if down {
+                    IperfKind::TcpCcDown { cc: algo }
                 } else {
                     IperfKind::TcpCc { cc }
                 };
@@ -324,6 +374,14 @@ fn measure_tunnel(
                         cell.retransmits = r.retransmits;
                     }
                     Err(e) => cell.error = Some(format!("{e:#}")),
+                }
+            }
+            if let Some(after) = status() {
+                cell.path = after.connector_path("conn1").map(str::to_owned);
+                if let (Some(b), Some(a)) = (before, inner_counters(&after)) {
+                    cell.inner_lost = Some(a.lost.saturating_sub(b.lost));
+                    cell.inner_congestion_events =
+                        Some(a.congestion_events.saturating_sub(b.congestion_events));
                 }
             }
             eprintln!(
@@ -432,6 +490,10 @@ impl ProfilesReport {
             md += &if *cc == UDP_100 {
                 "#### UDP at 100 Mbit/s, 1200-byte payloads (Mbit/s received; ratio to boringtun)\n\n"
                     .to_owned()
+            } else if let (algo, true) = sender(cc) {
+                format!(
+                    "#### Single-stream TCP download (backend to agent), {algo} sender at the backend (Mbit/s received; ratio to boringtun)\n\n"
+                )
             } else {
                 format!(
                     "#### Single-stream TCP, {cc} sender (Mbit/s received; ratio to boringtun)\n\n"
@@ -493,11 +555,65 @@ impl ProfilesReport {
             .iter()
             .filter_map(|c| Some((c, c.error.as_deref()?)))
             .collect();
+        md += &self.inner_markdown();
         if !errors.is_empty() {
             md += "\n#### Failed cells\n\n";
             for (c, e) in errors {
                 let first = e.lines().next().unwrap_or_default();
                 md += &format!("- {} / {} / {}: {first}\n", c.tunnel, c.profile, c.cc);
+            }
+        }
+        md
+    }
+
+    /// ztna's inner connection per profile (all senders together): the path it was on after
+    /// each cell, its packets lost and the losses its controller counted as congestion.
+    fn inner_markdown(&self) -> String {
+        let ztna: Vec<&String> = self
+            .tunnels
+            .iter()
+            .filter(|t| {
+                self.cells
+                    .iter()
+                    .any(|c| &c.tunnel == *t && c.path.is_some())
+            })
+            .collect();
+        if ztna.is_empty() {
+            return String::new();
+        }
+        let mut md = String::from(
+            "\n#### ztna's inner connection (all senders of a profile together)\n\n\
+             | tunnel | profile | path after each cell | inner packets lost | of them counted as congestion |\n\
+             |---|---|---|---:|---:|\n",
+        );
+        for tunnel in ztna {
+            for profile in &self.profiles {
+                let cells: Vec<&Cell> = self
+                    .cells
+                    .iter()
+                    .filter(|c| &c.tunnel == tunnel && c.profile == profile.name)
+                    .collect();
+                let mut paths: Vec<&str> = cells.iter().filter_map(|c| c.path.as_deref()).collect();
+                paths.dedup();
+                let sum = |f: fn(&Cell) -> Option<u64>| -> String {
+                    let v: Vec<u64> = cells.iter().filter_map(|c| f(c)).collect();
+                    if v.is_empty() {
+                        "—".into()
+                    } else {
+                        v.iter().sum::<u64>().to_string()
+                    }
+                };
+                md += &format!(
+                    "| {tunnel} | {} | {} | {} | {} |\n",
+                    profile.name,
+                    if paths.is_empty() {
+                        "—".into()
+                    } else {
+                        paths.join(", ")
+                    },
+                    sum(|c| c.inner_lost),
+                    sum(|c| c.inner_congestion_events),
+                );
             }
         }
         md

@@ -117,6 +117,7 @@ fn measure_path(t: &Topology, spec: &PathSpec, plan: &Plan, run: &mut Run) -> Re
         target,
         daemons,
         first_packet,
+        ..
     } = (spec.setup)(t)?;
     run.first_packet_s = first_packet.map(|d| d.as_secs_f64());
     let quiet = |run: &mut Run, test: &str| -> Result<()> {

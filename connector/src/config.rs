@@ -45,7 +45,7 @@ fn yes() -> bool {
 }
 
 /// Keys that `ZTNA_<KEY>` environment variables may set (`ZTNA_LOG` is read by the logger).
-const ENV_KEYS: [&str; 25] = [
+const ENV_KEYS: [&str; 26] = [
     "deny_list",
     "relay",
     "relay_name",
@@ -60,6 +60,7 @@ const ENV_KEYS: [&str; 25] = [
     "tcp_idle_timeout_secs",
     "max_tcp_per_agent",
     "tcp_buffer_bytes",
+    "tcp_buffer_budget_bytes",
     "max_flows_total",
     "max_tcp_total",
     "tcp_handshake_timeout_secs",
@@ -134,8 +135,12 @@ pub(crate) struct ConnectorConfig {
     /// A TCP connection whose handshake the agent does not complete (no ACK for the SYN-ACK)
     /// within this many seconds is reset and its backend connection closed.
     pub(crate) tcp_handshake_timeout_secs: u64,
-    /// Size of each TCP connection's receive and transmit buffer in the connector's stack.
+    /// Size of each TCP connection's receive and transmit buffer in the connector's stack
+    /// while the budget lasts.
     pub(crate) tcp_buffer_bytes: usize,
+    /// Most bytes of such buffers (both directions, all connections) at once; connections
+    /// beyond get 256 KiB buffers.
+    pub(crate) tcp_buffer_budget_bytes: usize,
     /// Prometheus endpoint (off unless set).
     pub(crate) metrics: Option<SocketAddr>,
     /// Keepalive of the relay and inner connections.
@@ -190,6 +195,7 @@ impl Default for ConnectorConfig {
             max_tcp_total: tcp.max_total,
             tcp_handshake_timeout_secs: tcp.handshake_timeout.as_secs(),
             tcp_buffer_bytes: tcp.buffer_bytes,
+            tcp_buffer_budget_bytes: tcp.buffer_budget,
             metrics: None,
             keepalive_secs: t.keepalive.as_secs(),
             idle_timeout_secs: t.idle_timeout.as_secs(),
@@ -242,7 +248,7 @@ impl ConnectorConfig {
             .tcp
             .validate()
             .map_err(anyhow::Error::msg)
-            .context("invalid TCP settings (tcp_connect_timeout_secs, tcp_idle_timeout_secs, tcp_handshake_timeout_secs, max_tcp_per_agent, max_tcp_total, tcp_buffer_bytes)")?;
+            .context("invalid TCP settings (tcp_connect_timeout_secs, tcp_idle_timeout_secs, tcp_handshake_timeout_secs, max_tcp_per_agent, max_tcp_total, tcp_buffer_bytes, tcp_buffer_budget_bytes)")?;
         Ok(cfg)
     }
 
@@ -290,6 +296,7 @@ impl ConnectorConfig {
                 max_per_agent: self.max_tcp_per_agent,
                 max_total: self.max_tcp_total,
                 buffer_bytes: self.tcp_buffer_bytes,
+                buffer_budget: self.tcp_buffer_budget_bytes,
             },
         }
     }
@@ -410,7 +417,8 @@ tcp = ["80", "5432", "8000-8010"]
         assert_eq!(dp.tcp.connect_timeout, Duration::from_secs(5));
         assert_eq!(dp.tcp.idle_timeout, Duration::from_secs(300));
         assert_eq!(dp.tcp.max_per_agent, 1024);
-        assert_eq!(dp.tcp.buffer_bytes, 256 * 1024);
+        assert_eq!(dp.tcp.buffer_bytes, 4 << 20);
+        assert_eq!(dp.tcp.buffer_budget, 64 << 20);
         assert_eq!(b[0].backend_port, None);
         assert_eq!(b[1].backend_port, Some(5353));
         assert!(b[0].def.allows_udp(9005) && !b[0].def.allows_udp(8));

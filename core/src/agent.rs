@@ -144,6 +144,9 @@ pub struct ConnectorStatus {
     /// connection to this connector (the connector keeps TCP state per inner connection).
     #[serde(default)]
     pub tcp_resets: u64,
+    /// The inner connection's packet carriage: window, rate estimate, losses.
+    #[serde(default)]
+    pub carriage: Option<crate::congestion::CarriageStatus>,
 }
 
 /// A snapshot for `ztna-agent status`.
@@ -161,6 +164,9 @@ pub struct AgentStatus {
     pub observed_addr: Option<SocketAddr>,
     /// Smoothed RTT to the relay.
     pub relay_rtt_ms: Option<f64>,
+    /// The relay session's packet carriage (the outer connection every relay channel shares).
+    #[serde(default)]
+    pub relay_carriage: Option<crate::congestion::CarriageStatus>,
     /// TUN MTU.
     pub mtu: u16,
     /// Wanted services that policy denied.
@@ -510,6 +516,7 @@ impl Agent {
                     relay_packets: [get(|c| &c.relay_tx), get(|c| &c.relay_rx)],
                     direct_packets: [get(|c| &c.direct_tx), get(|c| &c.direct_rx)],
                     direct,
+                    carriage: conn.as_ref().map(crate::congestion::CarriageStatus::of),
                 }
             })
             .collect();
@@ -525,6 +532,11 @@ impl Agent {
                 .as_ref()
                 .filter(|_| info.connected)
                 .map(|c| c.rtt().as_secs_f64() * 1000.0),
+            relay_carriage: info
+                .session_conn
+                .as_ref()
+                .filter(|_| info.connected)
+                .map(crate::congestion::CarriageStatus::of),
             mtu: sh.cfg.tun_mtu,
             rejected: info.rejected.clone(),
             connectors,
@@ -1163,7 +1175,7 @@ async fn connect_inner(
             .client_config(ALPN_TUNNEL)
             .map_err(|e| e.to_string())?;
         let mut cfg = quinn::ClientConfig::new(crypto);
-        cfg.transport_config(transport::inner(inner_mtu, node.timing()));
+        cfg.transport_config(transport::inner_agent(inner_mtu, node.timing()));
         let connecting = node
             .endpoint()
             .connect_with(cfg, vaddr, &connector)
@@ -1198,6 +1210,28 @@ async fn connect_inner(
     let _ = ev_tx.send(ev).await;
 }
 
+/// Counts a packet from the connector and applies the inbound check; whether it may go to the
+/// platform.
+fn admit(sh: &Shared, link: &Link, pkt: &[u8]) -> bool {
+    link.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
+    link.counters
+        .rx_bytes
+        .fetch_add(pkt.len() as u64, Ordering::Relaxed);
+    let tunnel_ip = match sh.tunnel_ip.load(Ordering::Relaxed) {
+        0 => None,
+        ip => Some(Ipv4Addr::from(ip)),
+    };
+    if let Err(why) = crate::inbound::check(pkt, &read(&link.services), tunnel_ip) {
+        sh.dropped_inbound.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(connector = %link.name, ?why, "packet from the connector dropped by the inbound check");
+        return false;
+    }
+    if pkt.get(9) == Some(&TCP) {
+        lock(&link.tcp_flows).observe(pkt, Instant::now());
+    }
+    true
+}
+
 async fn read_inner(
     sh: Arc<Shared>,
     link: Arc<Link>,
@@ -1205,27 +1239,15 @@ async fn read_inner(
     ev_tx: mpsc::Sender<Event>,
 ) {
     let started = Instant::now();
+    let _tcp = crate::daemon::AbortOnDrop(tokio::spawn(read_tcp_carriage(
+        sh.clone(),
+        link.clone(),
+        conn.clone(),
+    )));
     let error = loop {
         match conn.read_datagram().await {
             Ok(pkt) => {
-                link.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
-                link.counters
-                    .rx_bytes
-                    .fetch_add(pkt.len() as u64, Ordering::Relaxed);
-                let tunnel_ip = match sh.tunnel_ip.load(Ordering::Relaxed) {
-                    0 => None,
-                    ip => Some(Ipv4Addr::from(ip)),
-                };
-                let verdict = crate::inbound::check(&pkt, &read(&link.services), tunnel_ip);
-                if let Err(why) = verdict {
-                    sh.dropped_inbound.fetch_add(1, Ordering::Relaxed);
-                    tracing::trace!(connector = %link.name, ?why, "packet from the connector dropped by the inbound check");
-                    continue;
-                }
-                if pkt.get(9) == Some(&TCP) {
-                    lock(&link.tcp_flows).observe(&pkt, Instant::now());
-                }
-                if sh.to_platform.try_send(pkt).is_err() {
+                if admit(&sh, &link, &pkt) && sh.to_platform.try_send(pkt).is_err() {
                     sh.dropped_to_platform.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -1240,6 +1262,38 @@ async fn read_inner(
             error: error.to_string(),
         })
         .await;
+}
+
+/// Reads the connector's TCP segments from the inner connection's carriage stream
+/// ([`crate::tcp_carriage`]) and hands them to the platform like datagrams, except that a full
+/// platform queue makes it wait (the stream's flow control then holds the connector back)
+/// instead of dropping: a segment on the stream is never lost. Ends with the connection (the
+/// datagram reader aborts it).
+async fn read_tcp_carriage(sh: Arc<Shared>, link: Arc<Link>, conn: quinn::Connection) {
+    use crate::tcp_carriage::FrameReader;
+    while let Ok(mut stream) = conn.accept_uni().await {
+        let mut frames = FrameReader::new();
+        loop {
+            let chunk = match stream.read_chunk(usize::MAX, true).await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(connector = %link.name, error = %e, "TCP carriage stream ended");
+                    break;
+                }
+            };
+            frames.push(&chunk.bytes);
+            while let Some(frame) = frames.next_packet() {
+                let Ok(pkt) = frame else {
+                    sh.dropped_inbound.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                if admit(&sh, &link, &pkt) && sh.to_platform.send(pkt).await.is_err() {
+                    return; // the platform side is gone
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -311,6 +311,46 @@ impl Controller for Carriage {
     }
 }
 
+/// What `ztna-agent status` shows of one connection's packet carriage: quinn's path counters
+/// and this controller's state.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CarriageStatus {
+    /// The controller's window, bytes.
+    pub window_bytes: u64,
+    /// Its delivery-rate estimate, Mbit/s.
+    pub bandwidth_mbit: f64,
+    /// Its windowed minimum RTT.
+    pub min_rtt_ms: Option<f64>,
+    /// Packets sent and declared lost on the connection so far.
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    /// Losses the controller counted as congestion (the path was queueing when they happened);
+    /// every other loss left the window alone.
+    pub congestion_events: u64,
+}
+
+impl CarriageStatus {
+    /// The status of `conn`'s carriage (its controller is a [`Carriage`] on every ztna
+    /// connection; the controller fields are zero otherwise).
+    pub fn of(conn: &quinn::Connection) -> Self {
+        let path = conn.stats().path;
+        let mut s = Self {
+            window_bytes: path.cwnd,
+            bandwidth_mbit: 0.0,
+            min_rtt_ms: None,
+            sent_packets: path.sent_packets,
+            lost_packets: path.lost_packets,
+            congestion_events: 0,
+        };
+        if let Ok(c) = conn.congestion_state().into_any().downcast::<Carriage>() {
+            s.bandwidth_mbit = c.est.bandwidth() as f64 * 8.0 / 1e6;
+            s.min_rtt_ms = c.est.min_rtt().map(|r| r.as_secs_f64() * 1000.0);
+            s.congestion_events = c.est.congestion_events();
+        }
+        s
+    }
+}
+
 /// Builds a [`Carriage`] controller per connection.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CarriageFactory;

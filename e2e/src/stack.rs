@@ -321,21 +321,7 @@ impl<'t> Stack<'t> {
 
     /// `ztna-agent status --socket SOCKET --json`, parsed.
     pub fn status(&self, socket: &Path) -> Result<AgentStatus> {
-        let out = self.t.run(
-            Node::Agent,
-            5,
-            [
-                bin("ztna-agent")?.as_os_str(),
-                "status".as_ref(),
-                "--socket".as_ref(),
-                socket.as_os_str(),
-                "--json".as_ref(),
-            ],
-        )?;
-        if !out.success() {
-            bail!("{out}");
-        }
-        AgentStatus::parse(&out.stdout)
+        agent_status(self.t, socket)
     }
 
     /// One `ping -c 1 -W 1 TARGET` from the agent namespace; whether it got an answer.
@@ -439,4 +425,23 @@ impl<'t> Stack<'t> {
         )?;
         t.ensure_running(id)
     }
+}
+
+/// `ztna-agent status --socket SOCKET --json` in the agent namespace of `t`, parsed.
+pub fn agent_status(t: &Topology, socket: &Path) -> Result<AgentStatus> {
+    let out = t.run(
+        Node::Agent,
+        5,
+        [
+            bin("ztna-agent")?.as_os_str(),
+            "status".as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--json".as_ref(),
+        ],
+    )?;
+    if !out.success() {
+        bail!("{out}");
+    }
+    AgentStatus::parse(&out.stdout)
 }

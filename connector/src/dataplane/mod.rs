@@ -109,6 +109,20 @@ pub(crate) struct DataplaneConfig {
 pub(crate) trait ToAgent: Send + Sync + 'static {
     /// Sends one IPv4 packet to the agent, or drops it. Must not block.
     fn send(&self, packet: Bytes);
+
+    /// Whether the way to the agent takes more packets without queueing past its bound: the
+    /// connector's TCP stack sends only while it does, so its senders go at the rate the tunnel
+    /// carries instead of overflowing the tunnel's send buffer (where the oldest would be
+    /// dropped). Datagram traffic (UDP, ICMP) does not ask.
+    fn has_room(&self) -> bool {
+        true
+    }
+
+    /// Sends one of the connector's TCP segments to the agent (on the reliable carriage where
+    /// the way to the agent has one).
+    fn send_tcp(&self, packet: Bytes) {
+        self.send(packet);
+    }
 }
 
 /// One connected agent.
@@ -298,6 +312,8 @@ pub(crate) struct Dataplane {
     caps: Caps,
     /// The connector's flow and connection counts.
     global: Arc<Counts>,
+    /// The connector's budget for full-size TCP buffers.
+    tcp_buffers: Arc<quota::BufferBudget>,
     /// Each connected identity's counts, shared by its tunnels (entries die with the last one).
     identities: Mutex<HashMap<String, Weak<Counts>>>,
 }
@@ -399,6 +415,7 @@ impl Dataplane {
             tcp_per_identity: cfg.tcp.max_per_agent,
             tcp_total: cfg.tcp.max_total,
         };
+        let tcp_buffers = quota::BufferBudget::new(cfg.tcp.buffer_budget);
         Ok(Arc::new_cyclic(|me: &Weak<Dataplane>| {
             let sweeper = runtime.spawn(sweep_loop(me.clone(), period)).abort_handle();
             Dataplane {
@@ -416,6 +433,7 @@ impl Dataplane {
                 fast_path: OnceLock::new(),
                 caps,
                 global: Arc::default(),
+                tcp_buffers,
                 identities: Mutex::default(),
             }
         }))
@@ -615,6 +633,7 @@ impl Dataplane {
                 backends: self.tcp_backends.clone(),
                 cfg: self.tcp_cfg.clone(),
                 limits: agent.limits.clone(),
+                buffers: self.tcp_buffers.clone(),
             })
         });
         if !engine.push(packet) {

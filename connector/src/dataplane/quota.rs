@@ -129,6 +129,62 @@ impl Drop for Permit {
     }
 }
 
+/// The connector-wide budget for large TCP buffers: a connection gets its full-size buffers
+/// (enough for a fast transfer over a long path) only while their sum over all connections stays
+/// within the budget; later ones get small buffers until earlier ones close.
+#[derive(Debug)]
+pub(crate) struct BufferBudget {
+    budget: usize,
+    allotted: AtomicUsize,
+}
+
+impl BufferBudget {
+    /// A budget of `budget` bytes, none of it allotted.
+    pub(crate) fn new(budget: usize) -> Arc<Self> {
+        Arc::new(Self {
+            budget,
+            allotted: AtomicUsize::new(0),
+        })
+    }
+
+    /// `bytes` of the budget, if that much is left; given back when the grant is dropped.
+    pub(crate) fn take(self: &Arc<Self>, bytes: usize) -> Option<BufferGrant> {
+        self.allotted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                n.checked_add(bytes).filter(|&m| m <= self.budget)
+            })
+            .ok()?;
+        Some(BufferGrant {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Bytes allotted now.
+    #[cfg(test)]
+    pub(crate) fn allotted(&self) -> usize {
+        self.allotted.load(Ordering::Relaxed)
+    }
+}
+
+/// Bytes of a [`BufferBudget`], given back on drop.
+#[derive(Debug)]
+pub(crate) struct BufferGrant {
+    budget: Arc<BufferBudget>,
+    bytes: usize,
+}
+
+impl Drop for BufferGrant {
+    fn drop(&mut self) {
+        let _ = self
+            .budget
+            .allotted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                n.checked_sub(self.bytes)
+            });
+    }
+}
+
 /// The answers to refused packets share the one token bucket of the core: `rate` per second,
 /// bursts of up to `rate`.
 #[derive(Debug, Clone, Copy)]
@@ -223,5 +279,21 @@ mod tests {
             now += Duration::from_millis(1);
         }
         assert!((95..=101).contains(&n), "{n} in 9.9 s at 10/s");
+    }
+
+    #[test]
+    fn buffer_budget_grants_until_spent_and_takes_back_on_drop() {
+        let budget = BufferBudget::new(10);
+        let a = budget.take(4).expect("within");
+        let b = budget.take(6).expect("exactly the rest");
+        assert!(budget.take(1).is_none(), "spent");
+        assert_eq!(budget.allotted(), 10);
+        drop(a);
+        assert_eq!(budget.allotted(), 6);
+        assert!(budget.take(5).is_none(), "only 4 left");
+        let c = budget.take(4).expect("what a gave back");
+        drop((b, c));
+        assert_eq!(budget.allotted(), 0);
+        assert!(budget.take(usize::MAX).is_none(), "no overflow");
     }
 }

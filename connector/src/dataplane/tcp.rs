@@ -29,8 +29,10 @@
 //! across all its inner connections, and for the whole connector ([`super::quota`]; SYNs
 //! beyond are dropped and counted); a connection whose handshake the agent never completes (no
 //! ACK for the SYN-ACK) is reset, and its backend connection closed, after `handshake_timeout`
-//! (`tcp_handshake_timeouts`); each connection has two buffers of `buffer_bytes` (allocated
-//! zeroed, so untouched pages cost no memory).
+//! (`tcp_handshake_timeouts`); each connection has two buffers of `buffer_bytes` (default 4 MiB,
+//! enough for a window that covers a long fast path) while the connector-wide `buffer_budget`
+//! lasts, and two of [`SMALL_BUFFER`] after (`tcp_small_buffers`); buffers are allocated zeroed,
+//! so untouched pages cost no memory.
 
 use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{HashMap, VecDeque};
@@ -54,7 +56,7 @@ use tokio::time::Instant;
 use tracing::{debug, trace};
 
 use super::packet::{build_tcp_reset, parse_tcp_segment, TcpSegment};
-use super::quota::{Full, Kind, Limits, Permit};
+use super::quota::{BufferBudget, BufferGrant, Full, Kind, Limits, Permit};
 use super::ToAgent;
 use crate::metrics::{gauge_dec, gauge_inc, Metrics};
 
@@ -64,6 +66,9 @@ pub(crate) const QUEUE_PACKETS: usize = 2048;
 /// Largest IPv4 packet the connector's TCP sends to an agent (the tunnel's default inner MTU);
 /// smoltcp advertises an MSS of this minus 40 and never sends more than the agent's MSS.
 const MTU: usize = 1280;
+
+/// How soon the stack is polled again after the tunnel to the agent was full.
+const BLOCKED_RETRY: Duration = Duration::from_millis(1);
 
 /// Most packets taken from the queue per wake-up before the task polls the stack.
 const BATCH: usize = 256;
@@ -86,9 +91,16 @@ pub(crate) struct TcpConfig {
     pub(crate) max_per_agent: usize,
     /// Most connections (connecting or open) of all agents together.
     pub(crate) max_total: usize,
-    /// Size of each smoltcp socket buffer (receive and transmit, each).
+    /// Size of each smoltcp socket buffer (receive and transmit, each) while the budget lasts.
     pub(crate) buffer_bytes: usize,
+    /// Most bytes of full-size buffers (both directions, all connections) at once; connections
+    /// beyond get [`SMALL_BUFFER`] each way.
+    pub(crate) buffer_budget: usize,
 }
+
+/// Each buffer of a connection opened while the buffer budget is spent (at most
+/// `buffer_bytes`): enough for about 100 Mbit/s at 20 ms.
+pub(crate) const SMALL_BUFFER: usize = 256 * 1024;
 
 impl Default for TcpConfig {
     fn default() -> Self {
@@ -98,7 +110,8 @@ impl Default for TcpConfig {
             handshake_timeout: Duration::from_secs(5),
             max_per_agent: 1024,
             max_total: 16384,
-            buffer_bytes: 256 * 1024,
+            buffer_bytes: 4 << 20,
+            buffer_budget: 64 << 20,
         }
     }
 }
@@ -131,7 +144,22 @@ impl TcpConfig {
                 Self::BUFFER_RANGE.end()
             ));
         }
+        if self.buffer_budget > (16 << 30) {
+            return Err("the TCP buffer budget must be at most 16 GiB".into());
+        }
         Ok(())
+    }
+
+    /// The size of each buffer of a new connection and the budget it holds (none when the
+    /// connection gets small buffers, or when `buffer_bytes` is small anyway).
+    fn buffers(&self, budget: &Arc<BufferBudget>) -> (usize, Option<BufferGrant>) {
+        if self.buffer_bytes <= SMALL_BUFFER {
+            return (self.buffer_bytes, None);
+        }
+        match budget.take(2 * self.buffer_bytes) {
+            Some(grant) => (self.buffer_bytes, Some(grant)),
+            None => (SMALL_BUFFER, None),
+        }
     }
 }
 
@@ -152,6 +180,8 @@ pub(crate) struct AgentCtx {
     pub(crate) cfg: TcpConfig,
     /// Connection caps of the agent's identity and of the connector.
     pub(crate) limits: Limits,
+    /// The connector's budget for full-size TCP buffers.
+    pub(crate) buffers: Arc<BufferBudget>,
 }
 
 /// An agent's TCP engine: the queue into its task. Dropping it aborts the task, which closes
@@ -196,6 +226,9 @@ struct TunnelDevice {
     rx: VecDeque<Bytes>,
     sink: Arc<dyn ToAgent>,
     metrics: Arc<Metrics>,
+    /// Set when a transmit found the tunnel full ([`ToAgent::has_room`]); cleared by the run
+    /// loop.
+    blocked: bool,
 }
 
 struct RxTok(Bytes);
@@ -228,7 +261,7 @@ impl phy::TxToken for TxTok<'_> {
             .bytes_to_agents
             .fetch_add(len as u64, Ordering::Relaxed);
         trace!(len, "TCP segment to agent");
-        self.sink.send(Bytes::from(buf));
+        self.sink.send_tcp(Bytes::from(buf));
         r
     }
 }
@@ -252,6 +285,12 @@ impl Device for TunnelDevice {
     }
 
     fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        if !self.sink.has_room() {
+            // Segments wait in their sockets until the tunnel drains (the run loop retries in
+            // `BLOCKED_RETRY`); smoltcp sends them then, in order.
+            self.blocked = true;
+            return None;
+        }
         Some(TxTok {
             sink: &*self.sink,
             metrics: &self.metrics,
@@ -286,6 +325,8 @@ struct Conn {
     metrics: Arc<Metrics>,
     /// The connection's slot in the identity's and the connector's caps.
     _permit: Permit,
+    /// Its share of the buffer budget, if it has full-size buffers.
+    _buffers: Option<BufferGrant>,
 }
 
 impl Drop for Conn {
@@ -340,6 +381,7 @@ impl Engine {
             rx: VecDeque::new(),
             sink: ctx.sink.clone(),
             metrics: ctx.metrics.clone(),
+            blocked: false,
         };
         let mut config = IfaceConfig::new(HardwareAddress::Ip);
         config.random_seed = RandomState::new().build_hasher().finish();
@@ -393,10 +435,19 @@ impl Engine {
                 sweep_at = now + sweep_period;
             }
             let stamp = self.stamp(now);
-            let deadline = match self.iface.poll_delay(stamp, &self.sockets) {
+            let mut deadline = match self.iface.poll_delay(stamp, &self.sockets) {
                 Some(d) => (now + Duration::from_micros(d.total_micros())).min(sweep_at),
                 None => sweep_at,
             };
+            if std::mem::take(&mut self.device.blocked) {
+                // The stack has segments the tunnel can't take yet: look again shortly rather
+                // than spin (smoltcp asks to be polled at once while it has something to send).
+                deadline = deadline.max(now + BLOCKED_RETRY);
+                self.ctx
+                    .metrics
+                    .tcp_tunnel_full
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             let wake = {
                 let conns = &self.conns;
                 let connecting = &mut self.connecting;
@@ -536,7 +587,10 @@ impl Engine {
             }
         };
         let _ = stream.set_nodelay(true);
-        let size = self.ctx.cfg.buffer_bytes;
+        let (size, buffers) = self.ctx.cfg.buffers(&self.ctx.buffers);
+        if buffers.is_none() && size < self.ctx.cfg.buffer_bytes {
+            m.tcp_small_buffers.fetch_add(1, Ordering::Relaxed);
+        }
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0u8; size]),
             tcp::SocketBuffer::new(vec![0u8; size]),
@@ -582,6 +636,7 @@ impl Engine {
                 opened: now,
                 metrics: m,
                 _permit: permit,
+                _buffers: buffers,
             })),
         );
     }
@@ -824,12 +879,26 @@ mod tests {
     const SVC_IP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
     const LIMIT: Duration = Duration::from_secs(20);
 
-    /// The agent's tunnel: packets for the agent go into an unbounded channel.
-    struct Feed(mpsc::UnboundedSender<Bytes>);
+    /// The agent's tunnel: packets for the agent go into an unbounded channel; it has room
+    /// while the flag says so.
+    struct Feed(
+        mpsc::UnboundedSender<Bytes>,
+        Arc<std::sync::atomic::AtomicBool>,
+    );
+
+    impl Feed {
+        fn new(tx: mpsc::UnboundedSender<Bytes>) -> Self {
+            Self(tx, Arc::new(std::sync::atomic::AtomicBool::new(true)))
+        }
+    }
 
     impl ToAgent for Feed {
         fn send(&self, packet: Bytes) {
             let _ = self.0.send(packet);
+        }
+
+        fn has_room(&self) -> bool {
+            self.1.load(Ordering::Relaxed)
         }
     }
 
@@ -885,6 +954,8 @@ mod tests {
         sockets: SocketSet<'static>,
         dp: Arc<Dataplane>,
         metrics: Arc<Metrics>,
+        /// Whether the tunnel to the client has room (the data plane's TCP sends only then).
+        room: Arc<std::sync::atomic::AtomicBool>,
         from_dp: mpsc::UnboundedReceiver<Bytes>,
         epoch: Instant,
         next_port: u16,
@@ -918,7 +989,9 @@ mod tests {
             };
             let dp = Dataplane::new(vec![service], cfg, metrics.clone()).expect("data plane");
             let (tx, from_dp) = mpsc::unbounded_channel();
-            dp.add_agent(1, "alice".into(), AGENT_IP, Arc::new(Feed(tx)));
+            let feed = Feed::new(tx);
+            let room = feed.1.clone();
+            dp.add_agent(1, "alice".into(), AGENT_IP, Arc::new(feed));
             let mut dev = ClientDevice::default();
             let mut iface = Interface::new(
                 IfaceConfig::new(HardwareAddress::Ip),
@@ -939,6 +1012,7 @@ mod tests {
                 sockets: SocketSet::new(Vec::new()),
                 dp,
                 metrics,
+                room,
                 from_dp,
                 epoch: Instant::now(),
                 next_port: 40000,
@@ -1266,6 +1340,59 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn transfer_of_mebibytes_multi_thread() {
         in_time(transfer(4 << 20)).await;
+    }
+
+    #[tokio::test]
+    async fn a_full_tunnel_holds_segments_back_until_it_drains() {
+        in_time(async {
+            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .expect("bind");
+            let port = l.local_addr().expect("addr").port();
+            let len = 256 << 10;
+            let (go, wait) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.expect("accept");
+                let _ = wait.await;
+                let _ = s.write_all(&pattern(len)).await;
+                let _ = s.shutdown().await;
+            });
+            let mut c = Client::new(port, TcpConfig::default());
+            let h = c.connect(80, 1 << 20);
+            c.until("established", |c| c.sock(h).may_send()).await;
+            // The tunnel is full: the backend's bytes are read, but no segment goes out.
+            c.room.store(false, Ordering::Relaxed);
+            let before = get(&c.metrics.packets_to_agents);
+            go.send(()).expect("server waits");
+            c.until("the backend's bytes in the connector", |c| {
+                get(&c.metrics.tcp_bytes_from_backends) == len as u64
+            })
+            .await;
+            let until = Instant::now() + Duration::from_millis(300);
+            while Instant::now() < until {
+                c.step().await;
+            }
+            assert_eq!(
+                get(&c.metrics.packets_to_agents),
+                before,
+                "sent into a full tunnel"
+            );
+            assert!(get(&c.metrics.tcp_tunnel_full) > 0);
+            let mut got = Vec::new();
+            c.read(h, &mut got);
+            assert!(got.is_empty());
+            // It drains: everything arrives, in order, with no reset.
+            c.room.store(true, Ordering::Relaxed);
+            c.until("everything", |c| {
+                c.read(h, &mut got);
+                !c.sock(h).may_recv()
+            })
+            .await;
+            assert!(got == pattern(len), "content differs");
+            assert_eq!(get(&c.metrics.tcp_reset), 0);
+            server.await.expect("server");
+        })
+        .await;
     }
 
     #[tokio::test]
@@ -1660,8 +1787,8 @@ mod tests {
             let alice2 = Ipv4Addr::new(100, 64, 0, 3);
             let bob = Ipv4Addr::new(100, 64, 0, 4);
             let (tx, _rx2) = mpsc::unbounded_channel();
-            c.dp.add_agent(2, "alice".into(), alice2, Arc::new(Feed(tx.clone())));
-            c.dp.add_agent(3, "bob".into(), bob, Arc::new(Feed(tx)));
+            c.dp.add_agent(2, "alice".into(), alice2, Arc::new(Feed::new(tx.clone())));
+            c.dp.add_agent(3, "bob".into(), bob, Arc::new(Feed::new(tx)));
             for sport in 0..3u16 {
                 c.dp.handle_from_agent(1, &raw_syn(AGENT_IP, 30000 + sport));
             }
