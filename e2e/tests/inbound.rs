@@ -2,7 +2,8 @@
 //! connector's services and whose destination is the agent's tunnel IP. A modified connector
 //! (`ztna-test-spoofing-connector`, registered as `conn1` with its certificate) sends packets
 //! claiming another connector's service address and packets to the agent's LAN address, next to
-//! genuine ones; only the genuine ones may reach the agent's TUN device.
+//! genuine ones, as datagrams and on the TCP carriage stream; only the genuine ones may reach
+//! the agent's TUN device.
 
 use std::time::Duration;
 
@@ -77,6 +78,8 @@ fn spoofed_packets_from_a_connector_are_dropped() {
             let bytes = std::fs::read(&pcap)?;
             let [spoof, lan, good] =
                 [&b"spoof"[..], b"lan", b"good"].map(|m| count_occurrences(&bytes, m));
+            let [c_spoof, c_lan, c_good] =
+                [&b"carrF"[..], b"carrL", b"carrG"].map(|m| count_occurrences(&bytes, m));
             let st = s.status(&s.agent_cfg.status_socket)?;
             let dropped = st.json["dropped_inbound"].as_u64().unwrap_or(0);
             t.step(&format!(
@@ -88,6 +91,18 @@ fn spoofed_packets_from_a_connector_are_dropped() {
                 "spoofed packets reached the TUN: {spoof} with a foreign source, {lan} to the LAN address"
             );
             ensure!(dropped > 0, "no inbound drops counted: {}", st.json);
+            t.step(&format!(
+                "RESULT inbound check on the TCP carriage stream: {c_spoof} with a foreign source and {c_lan} to the LAN address (both must be 0), {c_good} genuine"
+            ));
+            ensure!(
+                c_good > 0,
+                "no genuine packet from the carriage stream reached the TUN: {}",
+                st.json
+            );
+            ensure!(
+                c_spoof == 0 && c_lan == 0,
+                "spoofed packets from the carriage stream reached the TUN: {c_spoof} with a foreign source, {c_lan} to the LAN address"
+            );
             Ok(())
         },
     );

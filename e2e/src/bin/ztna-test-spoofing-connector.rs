@@ -4,7 +4,11 @@
 //! channel and inner handshake, and then sends each agent, every 100 ms for `--secs` seconds:
 //! - `spoof`: UDP from `SPOOF_SRC:7` (another connector's service address) to the tunnel IP;
 //! - `lan`: UDP from its own service address to `LAN_DST` (the agent's LAN address);
-//! - `good`: UDP from its own service address, port 7, to the tunnel IP (the control).
+//! - `good`: UDP from its own service address, port 7, to the tunnel IP (the control);
+//!
+//! and the same three again on the TCP carriage stream (`ztna_core::tcp_carriage`, where a real
+//! connector sends its TCP segments), with the payloads `carrF`, `carrL` and `carrG`, after a
+//! frame too short to be a packet.
 //!
 //! Usage: `ztna-test-spoofing-connector RELAY_ADDR CA CERT KEY SERVICE_ADDR SPOOF_SRC LAN_DST
 //! [--secs N]`
@@ -108,7 +112,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
     println!("registered");
     let deadline = Instant::now() + Duration::from_secs(a.secs);
     let mut sent = 0u64;
-    let mut conns: Vec<(quinn::Connection, Ipv4Addr)> = Vec::new();
+    let mut conns: Vec<(quinn::Connection, Ipv4Addr, Option<quinn::SendStream>)> = Vec::new();
     let mut tunnel_ips: Vec<Ipv4Addr> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     while Instant::now() < deadline {
@@ -125,11 +129,12 @@ async fn run(a: Args) -> anyhow::Result<()> {
                 let Some(incoming) = incoming else { bail!("endpoint closed") };
                 let conn = incoming.await?;
                 let tip = tunnel_ips.last().copied().context("a handshake without a channel")?;
-                println!("agent connected");
-                conns.push((conn, tip));
+                let stream = conn.open_uni().await.ok();
+                println!("agent connected (carriage stream: {})", stream.is_some());
+                conns.push((conn, tip, stream));
             }
             _ = tick.tick() => {
-                for (c, tip) in &conns {
+                for (c, tip, stream) in &mut conns {
                     for p in [
                         udp(a.spoof, *tip, 7, 40000, b"spoof"),
                         udp(a.service, a.lan, 7, 40000, b"lan"),
@@ -138,6 +143,21 @@ async fn run(a: Args) -> anyhow::Result<()> {
                         if c.send_datagram(p).is_ok() {
                             sent += 1;
                         }
+                    }
+                    let Some(st) = stream else { continue };
+                    let mut frames = vec![0u8, 5, 1, 2, 3, 4, 5];
+                    for p in [
+                        udp(a.spoof, *tip, 7, 40000, b"carrF"),
+                        udp(a.service, a.lan, 7, 40000, b"carrL"),
+                        udp(a.service, *tip, 7, 40000, b"carrG"),
+                    ] {
+                        frames.extend_from_slice(
+                            &ztna_core::tcp_carriage::frame_header(&p).context("frame")?,
+                        );
+                        frames.extend_from_slice(&p);
+                    }
+                    if st.write_all(&frames).await.is_ok() {
+                        sent += 3;
                     }
                 }
             }
