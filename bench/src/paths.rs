@@ -437,12 +437,12 @@ fn impair_direct_path(t: &Topology) -> Result<()> {
         conn = addr::CONN,
     );
     let file = t.write_file("impair-direct.nft", &rules)?;
-    let out = t.run(
+    t.run_ok(
         Node::Agent,
         10,
         ["nft".as_ref(), "-f".as_ref(), file.as_os_str()],
-    )?;
-    anyhow::ensure!(out.success(), "installing the direct-path DNAT: {out}");
+    )
+    .context("installing the direct-path DNAT")?;
     Ok(())
 }
 

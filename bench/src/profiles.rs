@@ -340,16 +340,16 @@ fn measure_tunnel(
                 inner_lost: None,
                 inner_congestion_events: None,
             };
+            let (algo, down) = sender(cc);
+            if profile.rate_mbit > 0.0 && (*cc == UDP_100 || down) {
+                continue;
+            }
             let status = || {
                 up.status_socket
                     .as_deref()
                     .and_then(|s| ztna_e2e::stack::agent_status(t, s).ok())
             };
             let before = status().as_ref().and_then(inner_counters);
-            let (algo, down) = sender(cc);
-            if profile.rate_mbit > 0.0 && (*cc == UDP_100 || down) {
-                continue;
-            }
             if profile.rate_mbit > 0.0 {
                 let idle = measure::ping(t, up.target, 20).ok().map(|p| p.avg_ms);
                 fwd.set(profile)?;

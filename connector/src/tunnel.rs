@@ -21,7 +21,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use ztna_core::backoff::{jitter_seed, Backoff};
 use ztna_core::daemon::AbortOnDrop;
 use ztna_core::direct::{DirectContext, DirectOptions, DirectPath};
@@ -146,7 +146,7 @@ async fn carry_tcp(
     on_datagrams: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) {
-    use ztna_core::tcp_carriage::frame_header;
+    use ztna_core::tcp_carriage::{frame_header, HEADER_LEN};
     // Nothing to open before the first segment.
     let Some(first) = rx.recv().await else { return };
     let mut stream = match tokio::time::timeout(TCP_STREAM_OPEN_TIMEOUT, conn.open_uni()).await {
@@ -161,36 +161,45 @@ async fn carry_tcp(
             return;
         }
     };
-    let mut batch: Vec<Bytes> = Vec::with_capacity(2 * TCP_QUEUE_PACKETS);
+    let mut packets: Vec<Bytes> = Vec::with_capacity(TCP_QUEUE_PACKETS);
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(2 * TCP_QUEUE_PACKETS);
     let mut next = Some(first);
-    let push = |batch: &mut Vec<Bytes>, p: Bytes| match frame_header(&p) {
-        Some(h) => {
-            batch.push(Bytes::copy_from_slice(&h));
-            batch.push(p);
-        }
-        None => {
-            metrics.dropped_to_agent.fetch_add(1, Ordering::Relaxed);
-        }
-    };
     while let Some(p) = next.take() {
-        push(&mut batch, p);
-        while batch.len() < 2 * TCP_QUEUE_PACKETS {
+        packets.push(p);
+        while packets.len() < TCP_QUEUE_PACKETS {
             match rx.try_recv() {
-                Ok(p) => push(&mut batch, p),
+                Ok(p) => packets.push(p),
                 Err(_) => break,
             }
         }
-        if let Err(e) = stream.write_all_chunks(&mut batch).await {
+        // One allocation for the batch's headers, each chunk a slice of it.
+        let mut headers = BytesMut::with_capacity(HEADER_LEN * packets.len());
+        packets.retain(|p| match frame_header(p) {
+            Some(h) => {
+                headers.extend_from_slice(&h);
+                true
+            }
+            None => {
+                metrics.dropped_to_agent.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        });
+        let mut headers = headers.freeze();
+        for p in packets.drain(..) {
+            chunks.push(headers.split_to(HEADER_LEN));
+            chunks.push(p);
+        }
+        if let Err(e) = stream.write_all_chunks(&mut chunks).await {
             tracing::debug!(error = %e, "TCP carriage stream broke; TCP goes as datagrams");
             metrics
                 .dropped_to_agent
-                .fetch_add((batch.len() / 2) as u64, Ordering::Relaxed);
+                .fetch_add((chunks.len() / 2) as u64, Ordering::Relaxed);
             on_datagrams.store(true, Ordering::Relaxed);
             let Some(p) = rx.recv().await else { return };
             drain_as_datagrams(&conn, p, rx, &metrics).await;
             return;
         }
-        batch.clear();
+        chunks.clear();
         next = rx.recv().await;
     }
     let _ = stream.finish();
@@ -205,9 +214,7 @@ async fn drain_as_datagrams(
 ) {
     let mut next = Some(first);
     while let Some(p) = next.take() {
-        if conn.send_datagram(p).is_err() {
-            metrics.dropped_to_agent.fetch_add(1, Ordering::Relaxed);
-        }
+        send_datagram_to_agent(conn, metrics, p);
         next = rx.recv().await;
     }
 }
@@ -239,35 +246,32 @@ impl ToAgent for InnerSink {
     }
 
     fn send(&self, packet: Bytes) {
-        let max = self.conn.max_datagram_size().unwrap_or(0);
-        if packet.len() <= max {
-            if self.conn.send_datagram(packet).is_err() {
-                self.metrics
-                    .dropped_to_agent
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            return;
+        send_datagram_to_agent(&self.conn, &self.metrics, packet);
+    }
+}
+
+/// Sends one IPv4 packet to the agent as a datagram of its inner connection, fragmenting it
+/// (as a router would) if it is larger than the tunnel carries; what can't be sent is counted.
+fn send_datagram_to_agent(conn: &quinn::Connection, metrics: &Metrics, packet: Bytes) {
+    let max = conn.max_datagram_size().unwrap_or(0);
+    if packet.len() <= max {
+        if conn.send_datagram(packet).is_err() {
+            metrics.dropped_to_agent.fetch_add(1, Ordering::Relaxed);
         }
-        // Larger than the tunnel carries (a big backend reply): fragment, as a router would.
-        match fragment_ipv4(&packet, max) {
-            Ok(frags) => {
-                self.metrics
-                    .fragmented_to_agents
-                    .fetch_add(1, Ordering::Relaxed);
-                for f in frags {
-                    if self.conn.send_datagram(Bytes::from(f)).is_err() {
-                        self.metrics
-                            .dropped_to_agent
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
+        return;
+    }
+    match fragment_ipv4(&packet, max) {
+        Ok(frags) => {
+            metrics.fragmented_to_agents.fetch_add(1, Ordering::Relaxed);
+            for f in frags {
+                if conn.send_datagram(Bytes::from(f)).is_err() {
+                    metrics.dropped_to_agent.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Err(e) => {
-                tracing::debug!(len = packet.len(), max, error = %e, "packet to agent dropped: too large for the tunnel");
-                self.metrics
-                    .dropped_to_agent
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+        }
+        Err(e) => {
+            tracing::debug!(len = packet.len(), max, error = %e, "packet to agent dropped: too large for the tunnel");
+            metrics.dropped_to_agent.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -588,7 +588,7 @@ impl Engine {
         };
         let _ = stream.set_nodelay(true);
         let (size, buffers) = self.ctx.cfg.buffers(&self.ctx.buffers);
-        if buffers.is_none() && size < self.ctx.cfg.buffer_bytes {
+        if size < self.ctx.cfg.buffer_bytes {
             m.tcp_small_buffers.fetch_add(1, Ordering::Relaxed);
         }
         let mut socket = tcp::Socket::new(
@@ -1101,12 +1101,18 @@ mod tests {
         c.load(Ordering::Relaxed)
     }
 
-    /// A backend on loopback that echoes everything and closes after the client's EOF.
-    async fn echo_backend() -> (u16, tokio::task::JoinHandle<()>) {
+    /// A backend listener on loopback and its port.
+    async fn listener() -> (TcpListener, u16) {
         let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("bind");
         let port = l.local_addr().expect("addr").port();
+        (l, port)
+    }
+
+    /// A backend on loopback that echoes everything and closes after the client's EOF.
+    async fn echo_backend() -> (u16, tokio::task::JoinHandle<()>) {
+        let (l, port) = listener().await;
         let task = tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
                 tokio::spawn(async move {
@@ -1176,10 +1182,7 @@ mod tests {
         in_time(async {
             // Like an HTTP/1.0 or psql exchange: the backend answers only after the client's
             // FIN, then closes.
-            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .await
-                .expect("bind");
-            let port = l.local_addr().expect("addr").port();
+            let (l, port) = listener().await;
             let server = tokio::spawn(async move {
                 let (mut s, _) = l.accept().await.expect("accept");
                 let mut request = Vec::new();
@@ -1212,10 +1215,7 @@ mod tests {
     #[tokio::test]
     async fn backend_close_reaches_the_client_as_fin() {
         in_time(async {
-            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .await
-                .expect("bind");
-            let port = l.local_addr().expect("addr").port();
+            let (l, port) = listener().await;
             let server = tokio::spawn(async move {
                 let (mut s, _) = l.accept().await.expect("accept");
                 s.write_all(b"hello\n").await.expect("write");
@@ -1345,10 +1345,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_tunnel_holds_segments_back_until_it_drains() {
         in_time(async {
-            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .await
-                .expect("bind");
-            let port = l.local_addr().expect("addr").port();
+            let (l, port) = listener().await;
             let len = 256 << 10;
             let (go, wait) = tokio::sync::oneshot::channel::<()>();
             let server = tokio::spawn(async move {
@@ -1398,10 +1395,7 @@ mod tests {
     #[tokio::test]
     async fn backend_is_not_read_faster_than_the_agent_reads() {
         in_time(async {
-            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .await
-                .expect("bind");
-            let port = l.local_addr().expect("addr").port();
+            let (l, port) = listener().await;
             let len = 8 << 20;
             let server = tokio::spawn(async move {
                 let (mut s, _) = l.accept().await.expect("accept");
@@ -1438,10 +1432,7 @@ mod tests {
     #[tokio::test]
     async fn agent_is_stopped_while_the_backend_does_not_read() {
         in_time(async {
-            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .await
-                .expect("bind");
-            let port = l.local_addr().expect("addr").port();
+            let (l, port) = listener().await;
             let (go, wait) = tokio::sync::oneshot::channel::<()>();
             let server = tokio::spawn(async move {
                 let (mut s, _) = l.accept().await.expect("accept");
@@ -1596,10 +1587,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_are_reset_and_agent_resets_reach_the_backend() {
         in_time(async {
-            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .await
-                .expect("bind");
-            let port = l.local_addr().expect("addr").port();
+            let (l, port) = listener().await;
             let server = tokio::spawn(async move {
                 let mut results = Vec::new();
                 for _ in 0..2 {
@@ -1701,10 +1689,7 @@ mod tests {
     /// Accepts connections on a fresh loopback port and reports, per connection, when the
     /// connector closed it (EOF or reset).
     async fn counting_backend() -> (u16, mpsc::UnboundedReceiver<bool>) {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .expect("bind");
-        let port = l.local_addr().expect("addr").port();
+        let (l, port) = listener().await;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
