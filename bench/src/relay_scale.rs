@@ -18,12 +18,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use ztna_core::pki::CertificateAuthority;
 use ztna_core::session::{open_control, ControlReader, ControlWriter};
+use ztna_core::tap::TapSocket;
 use ztna_core::tls::Credentials;
 use ztna_core::transport::{self, Timing};
 use ztna_e2e::{Access, ConnectorGrant, PolicyService, RelayConfig};
@@ -240,12 +240,6 @@ impl Drop for RelayProcess {
     }
 }
 
-/// Counters of what the simulated connector received.
-#[derive(Default)]
-struct Received {
-    packets: AtomicU64,
-}
-
 /// A simulated client's session: connection and control stream.
 struct Session {
     conn: quinn::Connection,
@@ -288,14 +282,8 @@ fn hello(role: Role, services: Vec<ServiceDef>) -> Hello {
     }
 }
 
-/// The simulated connector: accepts every incoming channel and counts datagrams.
-async fn run_connector(mut s: Session, rx: Arc<Received>) {
-    let conn = s.conn.clone();
-    tokio::spawn(async move {
-        while conn.read_datagram().await.is_ok() {
-            rx.packets.fetch_add(1, Ordering::Relaxed);
-        }
-    });
+/// The simulated connector: accepts every incoming channel (its socket counts the channel data).
+async fn run_connector(mut s: Session) {
     while let Ok(Some(msg)) = s.reader.next().await {
         if let ControlMessage::IncomingChannel { channel_id, .. } = msg {
             if s.writer
@@ -352,9 +340,17 @@ async fn simulate(
     plan: &ScalePlan,
     r: &mut ScaleRun,
 ) -> Result<()> {
-    let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))
+    // All agents share one socket (channel data from it is bound to each agent's session, which
+    // all come from that address); the connector has its own, which counts channel data.
+    let (tap, _) = TapSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)), 0)
+        .context("binding the simulation's socket")?;
+    let endpoint = tap
+        .endpoint(quinn::EndpointConfig::default())
         .context("binding the simulation's endpoint")?;
-    let conn_endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))
+    let (conn_tap, _) = TapSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)), 0)
+        .context("binding the connector's socket")?;
+    let conn_endpoint = conn_tap
+        .endpoint(quinn::EndpointConfig::default())
         .context("binding the connector's endpoint")?;
     let service = ServiceDef {
         name: "bench".into(),
@@ -389,8 +385,8 @@ async fn simulate(
             connector.welcome.rejected
         );
     }
-    let received = Arc::new(Received::default());
-    tokio::spawn(run_connector(connector, received.clone()));
+    tokio::spawn(run_connector(connector));
+    let received = conn_tap.clone();
     tokio::time::sleep(Duration::from_millis(500)).await;
     r.relay_rss_idle_kib = rss(relay_pid);
 
@@ -461,22 +457,19 @@ async fn simulate(
             first_error.unwrap_or_default()
         );
     }
-    let packet = |ch: ChannelId| Bytes::from(ztna_proto::datagram::encode(ch, &[0x5a; PAYLOAD]));
-    let frames: Vec<(quinn::Connection, Bytes)> = agents
-        .iter()
-        .map(|(s, ch)| (s.conn.clone(), packet(*ch)))
-        .collect();
+    let payload = [0x5a; PAYLOAD];
+    let frames: Vec<ChannelId> = agents.iter().map(|(_, ch)| *ch).collect();
 
     // Steady phase: one datagram per agent per second, spread over 100 ticks a second.
-    let rx0 = received.packets.load(Ordering::Relaxed);
+    let rx0 = received.received();
     let cpu0 = cpu(relay_pid);
     let t2 = Instant::now();
     let mut sent = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     for k in 0..plan.steady_secs * 100 {
         tick.tick().await;
-        for (i, (conn, frame)) in frames.iter().enumerate() {
-            if i as u64 % 100 == k % 100 && conn.send_datagram(frame.clone()).is_ok() {
+        for (i, ch) in frames.iter().enumerate() {
+            if i as u64 % 100 == k % 100 && tap.send_channel(relay, *ch, &payload).is_ok() {
                 sent += 1;
             }
         }
@@ -485,7 +478,7 @@ async fn simulate(
     r.relay_cpu_steady_percent =
         100.0 * (cpu(relay_pid) - cpu0) / t2.elapsed().as_secs_f64().max(1e-3);
     r.steady_sent = sent;
-    r.steady_received = received.packets.load(Ordering::Relaxed) - rx0;
+    r.steady_received = received.received() - rx0;
     r.relay_rss_loaded_kib = rss(relay_pid);
     r.rss_per_session_kib =
         (r.relay_rss_loaded_kib as f64 - r.relay_rss_idle_kib as f64) / agents.len() as f64;
@@ -497,19 +490,19 @@ async fn simulate(
     let deadline =
         Instant::now() + Duration::from_secs(plan.blast_secs) + Duration::from_millis(500);
     let mut set = JoinSet::new();
-    for (conn, frame) in frames.iter().take(blasters) {
-        let (conn, frame) = (conn.clone(), frame.clone());
+    for ch in frames.iter().take(blasters) {
+        let (ch, tap) = (*ch, tap.clone());
         let sent_total = sent_total.clone();
         set.spawn(async move {
             let mut n = 0u64;
+            let mut tries = 0u64;
             while Instant::now() < deadline {
-                if conn.send_datagram_wait(frame.clone()).await.is_err() {
-                    break;
+                if tap.send_channel(relay, ch, &payload).is_ok() {
+                    n += 1;
                 }
-                n += 1;
-                if n.is_multiple_of(64) {
-                    // send_datagram_wait is ready at once while the buffer has room: let the
-                    // connection drivers and the other senders run.
+                tries += 1;
+                if tries.is_multiple_of(64) {
+                    // Raw UDP never waits: let the connection drivers and the other senders run.
                     tokio::task::yield_now().await;
                 }
             }
@@ -518,12 +511,12 @@ async fn simulate(
     }
     // Measure after a 500 ms warm-up, for `blast_secs`.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rx0 = received.packets.load(Ordering::Relaxed);
+    let rx0 = received.received();
     let cpu0 = cpu(relay_pid);
     let t3 = Instant::now();
     tokio::time::sleep(Duration::from_secs(plan.blast_secs)).await;
     let secs = t3.elapsed().as_secs_f64();
-    let got = received.packets.load(Ordering::Relaxed) - rx0;
+    let got = received.received() - rx0;
     let relay_cpu = cpu(relay_pid) - cpu0;
     r.relay_cpu_forward_percent = 100.0 * relay_cpu / secs;
     r.relay_us_per_packet = 1e6 * relay_cpu / (got.max(1) as f64);

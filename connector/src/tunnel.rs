@@ -390,11 +390,7 @@ impl Tunnel {
 
     async fn run_session(&self, mut session: RelaySession) -> SessionError {
         let welcome = session.welcome().clone();
-        let inner_mtu = transport::inner_mtu(session.max_datagram_size().unwrap_or(0));
-        if let Err(e) = transport::check_outer(session.max_datagram_size(), inner_mtu) {
-            tracing::error!(error = %e, "the relay path cannot carry the tunnel");
-            return SessionError::Protocol(e.to_string());
-        }
+        let inner_mtu = transport::INNER_MTU;
         match self.node.credentials().server_config(ALPN_TUNNEL) {
             Ok(crypto) => {
                 let mut server = quinn::ServerConfig::with_crypto(crypto);

@@ -902,15 +902,7 @@ impl Driver {
             }
         };
         let welcome = session.welcome().clone();
-        let outer_max = session.max_datagram_size();
-        let inner_mtu = transport::inner_mtu(outer_max.unwrap_or(0));
-        if let Err(e) = transport::check_outer(outer_max, inner_mtu) {
-            tracing::error!(error = %e, "the relay path cannot carry the tunnel");
-            lock(&self.sh.info).last_error = Some(e.to_string());
-            self.machine
-                .handle(now, Input::Disconnected { refusal: None });
-            return;
-        }
+        let inner_mtu = transport::INNER_MTU;
         self.inner_mtu = inner_mtu;
         {
             let mut info = lock(&self.sh.info);

@@ -43,6 +43,7 @@ pub mod path;
 pub mod pki;
 pub mod reload;
 pub mod session;
+pub mod tap;
 pub mod tcp_carriage;
 pub mod tcp_flows;
 pub mod tls;

@@ -4,18 +4,19 @@
 //! - real addresses (the relay), whose packets go out and come in as plain UDP;
 //! - **virtual peer addresses**, one per agent–connector channel, taken from a range that is
 //!   never routed (`240.0.0.0/4` on an IPv4 socket, `fd00:7a74:6e61::/48` on IPv6, in the
-//!   socket's own family as quinn requires). Packets to a virtual address travel as
-//!   `[channel id][packet]` DATAGRAM frames on the outer relay connection; datagrams that arrive
-//!   on a channel are handed to quinn as if they came from that virtual address.
+//!   socket's own family as quinn requires). Packets to a virtual address travel as channel data
+//!   (`[0x01][channel id][packet]`, [`ztna_proto::datagram`]) in plain UDP from this socket to
+//!   the relay's port, outside the outer connection; channel data that arrives from that relay
+//!   address on a known channel is handed to quinn, header stripped, as if it came from the
+//!   virtual address.
 //!
 //! The inner connection is bound to the virtual address, so the path under it can change without
 //! quinn noticing and without a reconnect: a virtual address may also have a **direct route**
 //! (set by [`crate::direct`] once probes confirmed a path), and then its packets go out as plain
 //! UDP to the peer's real address, and packets from the peer's confirmed addresses come back to
 //! quinn as if from the virtual address. Probe packets ([`ztna_proto::probe`]) are taken out of
-//! the UDP stream before quinn sees them and handed to the driver registered for their tag. Lock
-//! order: an inner connection's send holds its own lock and takes the outer connection's lock in
-//! `send_datagram`; the outer connection never calls back into an inner one.
+//! the UDP stream before quinn sees them and handed to the driver registered for their tag. No
+//! connection's lock is taken on the packet path: a route holds the relay's address itself.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -53,11 +54,12 @@ pub struct MuxStats {
     pub relay_rx_packets: AtomicU64,
     /// Bytes received from relay channels.
     pub relay_rx_bytes: AtomicU64,
-    /// Packets that could not be sent into a relay channel (too large, or the relay is gone).
+    /// Packets that could not be sent into a relay channel (the socket's send buffer was full).
     pub relay_tx_dropped: AtomicU64,
     /// Packets for a virtual address with no route (its channel closed).
     pub unroutable: AtomicU64,
-    /// Channel packets dropped because quinn was not reading fast enough.
+    /// Packets from a direct path's extra socket dropped because quinn was not reading fast
+    /// enough.
     pub inbound_dropped: AtomicU64,
     /// Real UDP datagrams dropped because their source claimed a virtual peer address.
     pub spoofed_dropped: AtomicU64,
@@ -101,11 +103,23 @@ pub struct RouteCounters {
     pub direct_rx: AtomicU64,
 }
 
-/// A relay channel: the outer connection it lives on and its number there.
-#[derive(Clone)]
+/// A relay channel: the relay's address, the outer connection the channel was opened on (its
+/// `stable_id`), and the channel's number.
+#[derive(Clone, Copy)]
 struct RelayPath {
     channel: ChannelId,
-    conn: quinn::Connection,
+    relay: SocketAddr,
+    session: usize,
+}
+
+impl RelayPath {
+    fn of(conn: &quinn::Connection, channel: ChannelId) -> Self {
+        Self {
+            channel,
+            relay: conn.remote_address(),
+            session: conn.stable_id(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -125,7 +139,8 @@ struct Route {
 #[derive(Default)]
 struct Routes {
     by_addr: HashMap<SocketAddr, Route>,
-    by_channel: HashMap<(usize, ChannelId), SocketAddr>,
+    /// (relay address, channel) → virtual address.
+    by_channel: HashMap<(SocketAddr, ChannelId), SocketAddr>,
     /// Confirmed direct addresses of peers → their virtual address.
     direct_in: HashMap<SocketAddr, SocketAddr>,
 }
@@ -134,7 +149,7 @@ impl Routes {
     fn remove(&mut self, addr: SocketAddr) {
         if let Some(r) = self.by_addr.remove(&addr) {
             if let Some(p) = r.relay {
-                self.by_channel.remove(&(p.conn.stable_id(), p.channel));
+                self.by_channel.remove(&(p.relay, p.channel));
             }
         }
         self.direct_in.retain(|_, v| *v != addr);
@@ -148,12 +163,14 @@ impl Routes {
             direct_sock: None,
             counters: Arc::default(),
         });
-        let old = std::mem::replace(&mut route.relay, relay.clone());
+        let old = std::mem::replace(&mut route.relay, relay);
         if let Some(p) = old {
-            self.by_channel.remove(&(p.conn.stable_id(), p.channel));
+            if self.by_channel.get(&(p.relay, p.channel)) == Some(&addr) {
+                self.by_channel.remove(&(p.relay, p.channel));
+            }
         }
         if let Some(p) = relay {
-            let key = (p.conn.stable_id(), p.channel);
+            let key = (p.relay, p.channel);
             if let Some(prev) = self.by_channel.insert(key, addr) {
                 // The channel number was another address's: that one loses its relay path.
                 if prev != addr {
@@ -297,13 +314,7 @@ impl MuxSocket {
         self.routes
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .set_relay(
-                addr,
-                Some(RelayPath {
-                    channel,
-                    conn: conn.clone(),
-                }),
-            );
+            .set_relay(addr, Some(RelayPath::of(conn, channel)));
     }
 
     /// Takes the relay channel away from `addr` but keeps its route (direct path, counters):
@@ -329,10 +340,10 @@ impl MuxSocket {
     pub fn clear_relay_routes_of(&self, stable_id: usize) {
         let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
         let gone: Vec<SocketAddr> = routes
-            .by_channel
+            .by_addr
             .iter()
-            .filter(|((id, _), _)| *id == stable_id)
-            .map(|(_, a)| *a)
+            .filter(|(_, r)| r.relay.is_some_and(|p| p.session == stable_id))
+            .map(|(a, _)| *a)
             .collect();
         for a in gone {
             routes.set_relay(a, None);
@@ -385,7 +396,7 @@ impl MuxSocket {
             .by_addr
             .get(&vaddr)
             .and_then(|r| r.relay.as_ref())
-            .map(|p| p.conn.remote_address())
+            .map(|p| p.relay)
     }
 
     /// Delivers probes carrying `tag` to `tx` from now on (replacing an earlier registration).
@@ -517,65 +528,46 @@ impl MuxSocket {
         }
     }
 
-    /// Hands a datagram received on the outer connection `stable_id` to quinn. Returns false if
-    /// it was dropped (malformed, unknown channel, or quinn not keeping up).
-    pub fn deliver_from_relay(&self, stable_id: usize, dgram: Bytes) -> bool {
-        let Ok((channel, offset)) = datagram::decode(&dgram) else {
-            self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
-            return false;
-        };
-        let found = {
-            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-            routes
-                .by_channel
-                .get(&(stable_id, channel))
-                .and_then(|a| routes.by_addr.get(a).map(|r| (*a, r.counters.clone())))
-        };
-        let Some((addr, counters)) = found else {
-            self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
-            tracing::trace!(%channel, "datagram for an unknown channel");
-            return false;
-        };
-        let len = (dgram.len() - offset) as u64;
-        match self.inbound_tx.try_send((addr, dgram.slice(offset..))) {
-            Ok(()) => {
-                counters.relay_rx.fetch_add(1, Ordering::Relaxed);
-                self.stats.relay_rx_packets.fetch_add(1, Ordering::Relaxed);
-                self.stats.relay_rx_bytes.fetch_add(len, Ordering::Relaxed);
-                true
-            }
-            Err(_) => {
-                self.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-        }
-    }
-
-    fn send_relay(&self, route: &Route, relay: &RelayPath, transmit: &Transmit<'_>) {
+    /// Sends a transmit into a relay channel: each segment behind the channel-data header, all
+    /// in one send (GSO) to the relay. A full socket buffer loses them, counted, as on a wire.
+    fn send_relay(&self, route: &Route, relay: RelayPath, transmit: &Transmit<'_>) {
         let seg = transmit
             .segment_size
             .unwrap_or(transmit.contents.len())
             .max(1);
-        for chunk in transmit.contents.chunks(seg) {
-            let dgram = Bytes::from(datagram::encode(relay.channel, chunk));
-            match relay.conn.send_datagram(dgram) {
+        let segments = transmit.contents.len().div_ceil(seg);
+        let header = datagram::header(relay.channel);
+        RELAY_SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            for chunk in transmit.contents.chunks(seg) {
+                buf.extend_from_slice(&header);
+                buf.extend_from_slice(chunk);
+            }
+            let out = Transmit {
+                destination: relay.relay,
+                ecn: None,
+                contents: buf,
+                segment_size: (segments > 1).then_some(seg + datagram::HEADER_LEN),
+                src_ip: None,
+            };
+            // Straight to the kernel (see `send_now`): a relay channel never waits.
+            match self.state.send((&self.io).into(), &out) {
                 Ok(()) => {
-                    route.counters.relay_tx.fetch_add(1, Ordering::Relaxed);
-                    self.stats.relay_tx_packets.fetch_add(1, Ordering::Relaxed);
+                    let n = segments as u64;
+                    route.counters.relay_tx.fetch_add(n, Ordering::Relaxed);
+                    self.stats.relay_tx_packets.fetch_add(n, Ordering::Relaxed);
                     self.stats
                         .relay_tx_bytes
-                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        .fetch_add(transmit.contents.len() as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    self.stats.relay_tx_dropped.fetch_add(1, Ordering::Relaxed);
-                    if let quinn::SendDatagramError::TooLarge = e {
-                        tracing::warn!(len = chunk.len(), max = ?relay.conn.max_datagram_size(), "inner packet does not fit the relay connection; dropped");
-                    } else {
-                        tracing::trace!(error = %e, "relay channel send failed");
-                    }
+                    self.stats
+                        .relay_tx_dropped
+                        .fetch_add(segments as u64, Ordering::Relaxed);
+                    tracing::trace!(error = %e, "relay channel send failed");
                 }
             }
-        }
+        });
     }
 
     fn poll_channel(
@@ -631,7 +623,7 @@ impl MuxSocket {
             if let Ok(n) = self.io.try_io(Interest::READABLE, || {
                 self.state.recv((&self.io).into(), bufs, meta)
             }) {
-                self.classify_udp(&bufs[..n], &mut meta[..n]);
+                self.classify_udp(&mut bufs[..n], &mut meta[..n]);
                 return Poll::Ready(Ok(n));
             }
         }
@@ -643,10 +635,37 @@ impl MuxSocket {
     /// probes go to their drivers; packets from a peer's confirmed direct address are relabelled
     /// with its virtual address; a datagram claiming a virtual source address is spoofed
     /// (those are reachable only through relay channels).
-    fn classify_udp(&self, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]) {
+    fn classify_udp(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        for (buf, m) in bufs.iter().zip(meta.iter_mut()) {
-            let data = &buf[..m.len.min(buf.len())];
+        for (buf, m) in bufs.iter_mut().zip(meta.iter_mut()) {
+            let len = m.len.min(buf.len());
+            if datagram::is_channel_data(&buf[..len]) {
+                // GRO is off: one datagram per buffer.
+                let vaddr = datagram::decode(&buf[..len])
+                    .ok()
+                    .and_then(|(ch, _)| routes.by_channel.get(&(m.addr, ch)))
+                    .and_then(|v| routes.by_addr.get(v).map(|r| (*v, r)));
+                match vaddr {
+                    Some((vaddr, route)) => {
+                        buf.copy_within(datagram::HEADER_LEN..len, 0);
+                        m.len = len - datagram::HEADER_LEN;
+                        m.stride = m.len;
+                        m.addr = vaddr;
+                        route.counters.relay_rx.fetch_add(1, Ordering::Relaxed);
+                        self.stats.relay_rx_packets.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .relay_rx_bytes
+                            .fetch_add(m.len as u64, Ordering::Relaxed);
+                    }
+                    None => {
+                        // Not from a relay we hold this channel with: unroutable.
+                        m.len = 0;
+                        self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                continue;
+            }
+            let data = &buf[..len];
             let stride = m.stride.max(1);
             if probe::is_probe(data) {
                 // GRO only coalesces datagrams of one flow and one size: all are probes.
@@ -730,6 +749,12 @@ impl MuxSocket {
         }
         res
     }
+}
+
+thread_local! {
+    /// Where [`MuxSocket::send_relay`] puts headers and segments together (no allocation per
+    /// packet once it has grown to a batch's size).
+    static RELAY_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Sends one datagram on a non-blocking socket straight away, without waiting for tokio to
@@ -819,10 +844,7 @@ fn disable_gro(_sock: &std::net::UdpSocket) -> io::Result<()> {
 
 impl AsyncUdpSocket for MuxSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        Box::pin(Poller {
-            sock: self,
-            fut: None,
-        })
+        Box::pin(Poller::new(self))
     }
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
@@ -841,7 +863,7 @@ impl AsyncUdpSocket for MuxSocket {
                         }
                         _ => return self.send_direct(&route, to, transmit),
                     },
-                    (None, Some(relay)) => self.send_relay(&route, relay, transmit),
+                    (None, Some(relay)) => self.send_relay(&route, *relay, transmit),
                     (None, None) => {
                         self.stats.unroutable.fetch_add(1, Ordering::Relaxed);
                     }
@@ -899,23 +921,44 @@ impl AsyncUdpSocket for MuxSocket {
 
 type WritableFut = Pin<Box<dyn std::future::Future<Output = io::Result<()>> + Send + Sync>>;
 
-struct Poller {
-    sock: Arc<MuxSocket>,
+/// A socket that quinn waits on to become writable (the [`UdpPoller`] of an [`AsyncUdpSocket`]
+/// built on a tokio UDP socket).
+pub trait WritableSocket: Send + Sync + 'static {
+    /// The tokio socket underneath.
+    fn udp(&self) -> &tokio::net::UdpSocket;
+}
+
+impl WritableSocket for MuxSocket {
+    fn udp(&self) -> &tokio::net::UdpSocket {
+        &self.io
+    }
+}
+
+/// The [`UdpPoller`] of a [`WritableSocket`].
+pub struct Poller<S> {
+    sock: Arc<S>,
     fut: Option<WritableFut>,
 }
 
-impl fmt::Debug for Poller {
+impl<S: WritableSocket> Poller<S> {
+    /// A poller of `sock`.
+    pub fn new(sock: Arc<S>) -> Self {
+        Self { sock, fut: None }
+    }
+}
+
+impl<S> fmt::Debug for Poller<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Poller").finish_non_exhaustive()
     }
 }
 
-impl UdpPoller for Poller {
+impl<S: WritableSocket> UdpPoller for Poller<S> {
     fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let fut = this.fut.get_or_insert_with(|| {
             let sock = this.sock.clone();
-            Box::pin(async move { sock.io.writable().await })
+            Box::pin(async move { sock.udp().writable().await })
         });
         let res = fut.as_mut().poll(cx);
         if res.is_ready() {
@@ -1053,13 +1096,63 @@ mod tests {
                 stride: observe::RESPONSE_LEN,
                 ..RecvMeta::default()
             }];
-            s.classify_udp(&bufs, &mut meta);
+            s.classify_udp(&mut bufs, &mut meta);
             assert_eq!(meta[0].len, 0, "never handed to quinn");
-            let _ = &mut bufs;
         }
         assert_eq!(rx.try_recv().unwrap(), (relay, seen));
         assert!(rx.try_recv().is_err());
         assert_eq!(s.stats().observe_dropped.load(Ordering::Relaxed), 1);
+    }
+
+    /// Channel data reaches quinn, header stripped and as from the channel's virtual address,
+    /// only from the relay the channel was opened with and only on that channel; anything else
+    /// that looks like channel data is dropped and counted.
+    #[tokio::test]
+    async fn channel_data_only_from_its_relay_on_its_channel() {
+        let s = MuxSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let relay: SocketAddr = "192.0.2.1:4433".parse().unwrap();
+        let ch = ChannelId::new(7).unwrap();
+        let vaddr = s.allocate_virtual();
+        s.routes.write().unwrap().set_relay(
+            vaddr,
+            Some(RelayPath {
+                channel: ch,
+                relay,
+                session: 1,
+            }),
+        );
+        let classify = |from: SocketAddr, pkt: Vec<u8>| {
+            let mut pkt = pkt;
+            let len = pkt.len();
+            let mut bufs = [IoSliceMut::new(&mut pkt)];
+            let mut meta = [RecvMeta {
+                addr: from,
+                len,
+                stride: len,
+                ..RecvMeta::default()
+            }];
+            s.classify_udp(&mut bufs, &mut meta);
+            let m = meta[0];
+            (m.addr, bufs[0][..m.len].to_vec())
+        };
+        assert_eq!(
+            classify(relay, datagram::encode(ch, b"inner packet")),
+            (vaddr, b"inner packet".to_vec())
+        );
+        let other = ChannelId::new(8).unwrap();
+        let stranger: SocketAddr = "192.0.2.9:4433".parse().unwrap();
+        assert_eq!(classify(relay, datagram::encode(other, b"x")).1, b"");
+        assert_eq!(classify(stranger, datagram::encode(ch, b"x")).1, b"");
+        assert_eq!(classify(relay, vec![datagram::TYPE, 0]).1, b"");
+        assert_eq!(s.stats().unroutable.load(Ordering::Relaxed), 3);
+        assert_eq!(s.stats().relay_rx_packets.load(Ordering::Relaxed), 1);
+        // Once the session is gone, its channel's data is unroutable too.
+        s.clear_relay_routes_of(1);
+        assert_eq!(classify(relay, datagram::encode(ch, b"x")).1, b"");
+        assert!(
+            s.has_route(vaddr),
+            "the address stays for the next session's channel"
+        );
     }
 
     #[tokio::test]

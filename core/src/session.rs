@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role, Welcome};
@@ -16,7 +15,7 @@ use ztna_proto::frame::{self, FrameDecoder, FrameError};
 use ztna_proto::{ChannelId, ALPN_RELAY};
 
 use crate::agent_machine::Refusal;
-use crate::mux::MuxSocket;
+use crate::mux::{send_now, MuxSocket, WritableSocket};
 use crate::tls::{Credentials, PeerIdentity, TlsError};
 use crate::transport::{self, Timing};
 
@@ -377,27 +376,24 @@ impl RelaySession {
                 }
             }
         });
-        let dgram_conn = conn.clone();
-        let dgram_mux = mux.clone();
-        let datagram_task = tokio::spawn(async move {
-            let id = dgram_conn.stable_id();
-            while let Ok(d) = dgram_conn.read_datagram().await {
-                dgram_mux.deliver_from_relay(id, d);
-            }
-        });
         Self {
             conn,
             welcome,
             tx,
             rx,
             mux,
-            tasks: vec![writer_task, reader_task, datagram_task],
+            tasks: vec![writer_task, reader_task],
         }
     }
 
     /// The relay's welcome.
     pub fn welcome(&self) -> &Welcome {
         &self.welcome
+    }
+
+    /// The socket under the session (tests and tools).
+    pub fn mux(&self) -> &Arc<MuxSocket> {
+        &self.mux
     }
 
     /// The outer connection (for RTT, stats and addresses).
@@ -444,14 +440,11 @@ impl RelaySession {
         self.mux.remove_route(addr);
     }
 
-    /// The largest datagram the outer connection carries now.
-    pub fn max_datagram_size(&self) -> Option<usize> {
-        self.conn.max_datagram_size()
-    }
-
-    /// Sends a raw datagram on the outer connection (tests and tools).
-    pub fn send_raw_datagram(&self, d: Bytes) -> Result<(), quinn::SendDatagramError> {
-        self.conn.send_datagram(d)
+    /// Sends `payload` as channel data on `channel` to this session's relay, as a peer would
+    /// (tests and tools).
+    pub fn send_channel_data(&self, channel: ChannelId, payload: &[u8]) -> std::io::Result<()> {
+        let pkt = ztna_proto::datagram::encode(channel, payload);
+        send_now(self.mux.udp(), &pkt, self.conn.remote_address()).map(|_| ())
     }
 }
 
@@ -470,6 +463,7 @@ impl Drop for RelaySession {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn permanent_refusals_are_told_from_transient_errors() {

@@ -2,8 +2,10 @@
 //!
 //! Both layers pin their MTU (`initial_mtu == min_mtu`, discovery off): quinn's black-hole
 //! detection would otherwise shrink a connection's MTU after a loss burst, and datagrams that
-//! used to fit would start failing with `TooLarge`. The inner MTU is derived from what the outer
-//! connection can carry, and the TUN MTU is checked against what the inner connection can carry.
+//! used to fit would start failing with `TooLarge`. The inner connection's packets travel outside
+//! the outer one (as channel data to the relay, or straight to the peer), so its MTU is a
+//! constant ([`INNER_MTU`]), and the TUN MTU is checked against what the inner connection can
+//! carry. The outer connection carries only the control stream: it takes no datagrams.
 //!
 //! Every connection runs ztna's own congestion controller ([`crate::congestion`]): it paces and
 //! bounds what is in flight by the measured delivery rate, and does not back off on random loss,
@@ -17,7 +19,6 @@ use std::time::Duration;
 use quinn::{TransportConfig, VarInt};
 
 use crate::congestion::CarriageFactory;
-use ztna_proto::ChannelId;
 
 /// UDP payload size of the outer connection (agent or connector to relay). With 28 bytes of
 /// IPv4 and UDP headers this is 1428 bytes on the wire, which fits 1500-byte links with room
@@ -70,23 +71,23 @@ fn base(mtu: u16, timing: Timing) -> TransportConfig {
 /// oldest datagram (a loss the user's TCP sees, not a growing delay).
 pub const DATAGRAM_SEND_BUFFER: usize = 512 << 10;
 
-/// Transport of the outer connection. The control stream is the only stream.
+/// Transport of the outer connection. The control stream is the only stream, and it takes no
+/// datagrams (channel data travels outside it, [`ztna_proto::datagram`]).
 pub fn outer(timing: Timing) -> Arc<TransportConfig> {
     let mut t = base(OUTER_MTU, timing);
     t.max_concurrent_bidi_streams(VarInt::from_u32(2))
-        .max_concurrent_uni_streams(VarInt::from_u32(0));
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .datagram_receive_buffer_size(None);
     Arc::new(t)
 }
 
-/// Transport of the relay's side of outer connections: like [`outer`], but with a small datagram
-/// send buffer (64 KiB, about 48 full datagrams). The relay queues forwarded datagrams per
-/// channel above it (`ztna_relay::lanes`) and feeds it one channel at a time, so a deep buffer
-/// here would only put one channel's flood in front of every other channel's packets.
+/// Transport of the relay's side of outer connections: one control stream, no datagrams (a
+/// peer that sends one breaks the protocol and loses its connection).
 pub fn relay_side(timing: Timing) -> Arc<TransportConfig> {
     let mut t = base(OUTER_MTU, timing);
     t.max_concurrent_bidi_streams(VarInt::from_u32(1))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .datagram_send_buffer_size(64 * 1024);
+        .datagram_receive_buffer_size(None);
     Arc::new(t)
 }
 
@@ -104,11 +105,11 @@ pub fn relay_server_limits(cfg: &mut quinn::ServerConfig) {
         .incoming_buffer_size_total(RELAY_MAX_INCOMING as u64 * RELAY_INCOMING_BUFFER / 4);
 }
 
-/// The inner UDP payload size that fits an outer datagram of `outer_max_datagram` bytes with the
-/// longest channel id in front.
-pub fn inner_mtu(outer_max_datagram: usize) -> u16 {
-    u16::try_from(outer_max_datagram.saturating_sub(ChannelId::MAX_LEN)).unwrap_or(u16::MAX)
-}
+/// UDP payload size of the inner connection. With the channel-data header in front it is 1363
+/// bytes to the relay (1391 on the wire over IPv4, 1411 over IPv6), and 1358 on a direct path:
+/// both fit 1500-byte links with room for tunnels and tags. (Round 1 derived it from the outer
+/// connection's datagram size and kept the same value, so inner packets have not changed size.)
+pub const INNER_MTU: u16 = 1358;
 
 /// Transport of the inner connection on the connector's side: IP packets as datagrams, and the
 /// connector's TCP segments on one unidirectional stream of its own ([`crate::tcp_carriage`]);
@@ -145,14 +146,6 @@ fn inner_base(mtu: u16, timing: Timing) -> TransportConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum MtuError {
-    /// The outer connection cannot carry a full inner QUIC packet.
-    #[error("the relay connection carries datagrams of at most {outer} bytes, but the inner connection needs {needed}: the path to the relay has too small an MTU")]
-    OuterTooSmall {
-        /// Outer max datagram size.
-        outer: usize,
-        /// Bytes needed.
-        needed: usize,
-    },
     /// The TUN MTU is larger than an inner datagram can carry.
     #[error("TUN MTU {tun} exceeds the {inner} bytes an inner datagram can carry; lower `mtu` to at most {inner}")]
     TunTooLarge {
@@ -164,16 +157,6 @@ pub enum MtuError {
     /// The TUN MTU is below the IPv4 minimum this product supports.
     #[error("TUN MTU {0} is below 576")]
     TunTooSmall(u16),
-}
-
-/// Checks that an inner connection with UDP payload `inner_mtu` fits the outer connection.
-pub fn check_outer(outer_max_datagram: Option<usize>, inner_mtu: u16) -> Result<(), MtuError> {
-    let outer = outer_max_datagram.unwrap_or(0);
-    let needed = usize::from(inner_mtu.max(MIN_QUIC_MTU)) + ChannelId::MAX_LEN;
-    if outer < needed {
-        return Err(MtuError::OuterTooSmall { outer, needed });
-    }
-    Ok(())
 }
 
 /// Checks a TUN MTU against the inner connection's largest datagram.
@@ -197,10 +180,10 @@ mod tests {
 
     #[test]
     fn mtu_arithmetic() {
-        assert_eq!(inner_mtu(1362), 1358);
-        assert!(check_outer(Some(1362), 1358).is_ok());
-        assert!(check_outer(Some(1203), 1200).is_err());
-        assert!(check_outer(None, 1300).is_err());
+        const {
+            assert!(INNER_MTU >= MIN_QUIC_MTU);
+            assert!(INNER_MTU as usize + ztna_proto::datagram::HEADER_LEN <= OUTER_MTU as usize);
+        }
         assert!(check_tun(1280, Some(1320)).is_ok());
         assert!(matches!(
             check_tun(1400, Some(1320)),

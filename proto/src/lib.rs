@@ -3,8 +3,8 @@
 //! - [`control`]: the messages of the control stream between agents or connectors and the relay.
 //! - [`frame`]: how control messages are framed on the stream: a length prefix, a version byte,
 //!   and a hard size cap, with an incremental decoder that never allocates beyond the cap.
-//! - [`datagram`]: the `[channel id][inner packet]` framing of QUIC DATAGRAM frames that the relay
-//!   forwards without decrypting.
+//! - [`datagram`]: channel data, `[0x01][channel id][inner packet]` as plain UDP to the relay's
+//!   port, outside the outer QUIC connection; the relay forwards it without decrypting.
 //! - [`probe`]: the authenticated UDP probes that open and test direct agent–connector paths.
 //! - [`observe`]: the request to the relay's second port that observes an end's address a
 //!   second time (a hard NAT shows another port).

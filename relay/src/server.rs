@@ -1,6 +1,7 @@
 //! The relay server, the I/O shell around [`crate::control`]: accepts agents and connectors
 //! (with handshake admission control), runs their control streams against the control plane, the
-//! registry and policy, and forwards channel datagrams between them without decrypting.
+//! registry and policy, and keeps the [`ForwardTable`] that the socket ([`crate::udp`]) forwards
+//! channel data by, without decrypting.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -9,7 +10,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::Bytes;
 use tokio::sync::Notify;
 use ztna_core::daemon::AbortOnDrop;
 use ztna_core::metrics_http::Sample;
@@ -17,12 +17,12 @@ use ztna_core::session::{ControlReader, ControlWriter, SessionError};
 use ztna_core::tls::{Credentials, PeerIdentity, Revocation};
 use ztna_core::transport;
 use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role, Welcome};
-use ztna_proto::{datagram, ServiceDef, ALPN_RELAY};
+use ztna_proto::{ServiceDef, ALPN_RELAY};
 
 use crate::admission::{Admission, AdmissionLimits, Decision};
 use crate::config::RelayConfig;
 use crate::control::{Command, ControlPlane, Directory, Limits, NewSession, Refusal, SessionId};
-use crate::lanes::Lanes;
+use crate::forward::ForwardTable;
 use crate::policy::Policy;
 use crate::registry::{Pool, Registry};
 
@@ -80,8 +80,16 @@ pub struct Metrics {
     pub datagrams_forwarded: AtomicU64,
     /// Bytes forwarded.
     pub bytes_forwarded: AtomicU64,
-    /// Datagrams dropped (malformed, unknown channel, not a member, send failed).
+    /// Channel data dropped, for any of the reasons below.
     pub datagrams_dropped: AtomicU64,
+    /// Channel data too short for its header or with a channel id out of range.
+    pub channel_dropped_malformed: AtomicU64,
+    /// Channel data for a channel that is not open (never was, or closed).
+    pub channel_dropped_unknown: AtomicU64,
+    /// Channel data from an address bound to neither end of its channel.
+    pub channel_dropped_unbound: AtomicU64,
+    /// Channel data the kernel did not take (send buffer full, or a send error).
+    pub channel_send_failed: AtomicU64,
     /// Sessions closed for a malformed, oversized or out-of-place control message.
     pub control_errors: AtomicU64,
     /// Channels open now.
@@ -148,7 +156,11 @@ impl Metrics {
             Sample::counter("bytes_forwarded", "Channel bytes forwarded.", g(&self.bytes_forwarded)),
             Sample::counter("candidates_forwarded", "Direct-path candidate lists forwarded (hole punching brokered).", g(&self.candidates_forwarded)),
             Sample::counter("candidates_dropped", "Candidate lists dropped for coming faster than one per 100 ms from one end of a channel.", g(&self.candidates_dropped)),
-            Sample::counter("datagrams_dropped", "Channel datagrams dropped.", g(&self.datagrams_dropped)),
+            Sample::counter("datagrams_dropped", "Channel datagrams dropped (all reasons).", g(&self.datagrams_dropped)),
+            Sample::counter("channel_dropped_malformed", "Channel data dropped: too short, or a channel id out of range.", g(&self.channel_dropped_malformed)),
+            Sample::counter("channel_dropped_unknown", "Channel data dropped: the channel is not open.", g(&self.channel_dropped_unknown)),
+            Sample::counter("channel_dropped_unbound", "Channel data dropped: the source is bound to neither end of the channel.", g(&self.channel_dropped_unbound)),
+            Sample::counter("channel_send_failed", "Channel data the kernel did not take (send buffer full).", g(&self.channel_send_failed)),
             Sample::counter("control_errors", "Sessions closed for bad control messages.", g(&self.control_errors)),
             Sample::gauge("channels_active", "Channels open now.", g(&self.channels_active)),
             Sample::counter("channels_opened", "Channels opened.", g(&self.channels_opened)),
@@ -175,51 +187,12 @@ impl Metrics {
     }
 }
 
-/// The I/O side of a session: its connection, the wake-up of its control-stream writer, and
-/// the datagrams queued towards it.
+/// The I/O side of a session: its connection and the wake-up of its control-stream writer.
 struct Handle {
     conn: quinn::Connection,
     /// Serial of the peer's certificate (checked against the deny list on reload).
     serial: Vec<u8>,
     wake: Arc<Notify>,
-    tx: Arc<DatagramTx>,
-}
-
-/// Datagrams forwarded towards one session: per-channel lanes (see [`crate::lanes`]) drained
-/// into its connection by one pump task.
-#[derive(Default)]
-struct DatagramTx {
-    lanes: Mutex<Lanes>,
-    wake: Notify,
-}
-
-impl DatagramTx {
-    fn lanes(&self) -> MutexGuard<'_, Lanes> {
-        self.lanes.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Moves queued datagrams into `conn`, one lane at a time, as fast as it takes them.
-    async fn pump(self: Arc<Self>, conn: quinn::Connection, metrics: Arc<Metrics>) {
-        loop {
-            let next = self.lanes().pop();
-            match next {
-                Some(d) => {
-                    if conn.send_datagram_wait(d).await.is_err() {
-                        metrics.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                None => self.wake.notified().await,
-            }
-        }
-    }
-}
-
-/// Where the datagrams of an open channel go.
-struct Route {
-    agent: u64,
-    connector: u64,
-    agent_tx: Arc<DatagramTx>,
-    connector_tx: Arc<DatagramTx>,
 }
 
 struct State {
@@ -246,8 +219,9 @@ impl Directory for Dir<'_> {
 pub struct Relay {
     revocation: Arc<Revocation>,
     state: Mutex<State>,
-    /// Open channels, read per datagram (written only when a channel opens or closes).
-    routes: RwLock<HashMap<u32, Route>>,
+    /// Open channels and their ends' addresses, read per packet by the socket (written when a
+    /// channel opens or closes and when a session's address changes).
+    table: Arc<RwLock<ForwardTable>>,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
@@ -283,7 +257,7 @@ impl Relay {
                 pool: Pool::new(cfg.tunnel_pool),
                 handles: HashMap::new(),
             }),
-            routes: RwLock::new(HashMap::new()),
+            table: Arc::default(),
             metrics,
         }
     }
@@ -399,26 +373,9 @@ impl Relay {
                     agent,
                     connector,
                 } => {
-                    if let (Some(a), Some(c)) = (st.handles.get(&agent), st.handles.get(&connector))
-                    {
-                        let route = Route {
-                            agent,
-                            connector,
-                            agent_tx: a.tx.clone(),
-                            connector_tx: c.tx.clone(),
-                        };
-                        self.routes
-                            .write()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(channel, route);
-                    }
+                    self.table().open(channel, agent, connector);
                 }
-                Command::Unroute(channel) => {
-                    self.routes
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&channel);
-                }
+                Command::Unroute(channel) => self.table().close(channel),
             }
         }
         self.metrics
@@ -432,7 +389,7 @@ impl Relay {
         peer: &PeerIdentity,
         conn: &quinn::Connection,
         hello: Hello,
-    ) -> Result<(u64, Welcome, Arc<Notify>, Arc<DatagramTx>), Refusal> {
+    ) -> Result<(u64, Welcome, Arc<Notify>), Refusal> {
         if hello.role != peer.role {
             return Err((
                 ErrorCode::RoleMismatch,
@@ -515,14 +472,13 @@ impl Relay {
             }
         };
         let wake = Arc::new(Notify::new());
-        let tx = Arc::new(DatagramTx::default());
+        self.table().bind_session(id, conn.remote_address());
         st.handles.insert(
             id,
             Handle {
                 conn: conn.clone(),
                 serial,
                 wake: wake.clone(),
-                tx: tx.clone(),
             },
         );
         if peer.role == Role::Connector {
@@ -539,7 +495,7 @@ impl Relay {
             services,
             rejected,
         };
-        Ok((id, welcome, wake, tx))
+        Ok((id, welcome, wake))
     }
 
     /// Sends each agent its catalog if it changed.
@@ -560,6 +516,7 @@ impl Relay {
     fn end_session(&self, id: SessionId) {
         let mut st = self.lock();
         st.handles.remove(&id);
+        self.table().remove_session(id);
         if let Some(identity) = st.control.remove_session(id) {
             if identity.role == Role::Connector && st.registry.unregister(&identity.name) {
                 self.push_catalogs_locked(&mut st);
@@ -602,7 +559,22 @@ impl Relay {
     }
 
     fn set_observed(&self, id: SessionId, addr: SocketAddr) {
-        self.lock().control.set_observed(id, addr);
+        let mut st = self.lock();
+        // Channel data is forwarded from the new address, and no longer from the old one.
+        self.table().bind_session(id, addr);
+        st.control.set_observed(id, addr);
+    }
+
+    fn table(&self) -> std::sync::RwLockWriteGuard<'_, ForwardTable> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Channels in the forwarding table (tests, metrics).
+    pub fn forwarding_channels(&self) -> usize {
+        self.table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .channels_len()
     }
 
     /// Runs the control plane's timers until the relay is dropped.
@@ -617,40 +589,6 @@ impl Relay {
             let cap = Instant::now() + TIMER_MAX;
             let at = next.map_or(cap, |t| t.min(cap));
             tokio::time::sleep_until(at.into()).await;
-        }
-    }
-
-    fn forward(&self, id: u64, d: Bytes) {
-        let target = datagram::decode(&d).ok().and_then(|(ch, _)| {
-            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-            let r = routes.get(&ch.get())?;
-            if r.agent == id {
-                Some((ch, r.connector_tx.clone()))
-            } else if r.connector == id {
-                Some((ch, r.agent_tx.clone()))
-            } else {
-                None
-            }
-        });
-        let len = d.len() as u64;
-        let queued = target.is_some_and(|(ch, tx)| {
-            let ok = tx.lanes().push(ch.get(), d);
-            if ok {
-                tx.wake.notify_one();
-            }
-            ok
-        });
-        if queued {
-            self.metrics
-                .datagrams_forwarded
-                .fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .bytes_forwarded
-                .fetch_add(len, Ordering::Relaxed);
-        } else {
-            self.metrics
-                .datagrams_dropped
-                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -685,10 +623,15 @@ impl Server {
         server_cfg.transport_config(transport::relay_side(cfg.timing()));
         server_cfg.migration(true);
         transport::relay_server_limits(&mut server_cfg);
-        let endpoint_cfg = creds.endpoint_config();
+        let mut endpoint_cfg = creds.endpoint_config();
+        // Never invite peers to grease the QUIC fixed bit: a clear fixed bit is how channel
+        // data is told apart from QUIC on the relay's one port.
+        endpoint_cfg.grease_quic_bit(false);
+        let relay = Arc::new(Relay::new(cfg, policy, creds.revocation().clone()));
         let sock = ztna_core::daemon::bind_udp(cfg.bind, SOCKET_BUFFER)
             .with_context(|| format!("binding UDP {}", cfg.bind))?;
-        let endpoint = quinn::Endpoint::new(
+        let sock = crate::udp::RelaySocket::new(sock, relay.table.clone(), relay.metrics.clone())?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_cfg,
             Some(server_cfg),
             sock,
@@ -702,11 +645,12 @@ impl Server {
         }
         let observe = bind_observe(local, cfg.bind.port() != 0);
         let list = creds.revocation().list();
+        let policy = relay.policy();
         tracing::info!(identity = %creds.identity().name, services = policy.services_len(), access_rules = cfg.access.len(), connector_rules = cfg.connectors.len(), denied_identities = list.identities.len(), denied_serials = list.serials.len(), crls = list.crls.len(), pool = %cfg.tunnel_pool, "relay ready");
         Ok(Self {
             endpoint,
             observe,
-            relay: Arc::new(Relay::new(cfg, policy, creds.revocation().clone())),
+            relay,
             metrics_addr: cfg.metrics,
             admission: AdmissionLimits::default(),
         })
@@ -966,7 +910,7 @@ async fn serve_peer(
             )
         }
     };
-    let (id, welcome, wake, tx) = match relay.admit(&peer, &conn, hello) {
+    let (id, welcome, wake) = match relay.admit(&peer, &conn, hello) {
         Ok(x) => x,
         Err((code, message)) => {
             let _ = writer
@@ -982,16 +926,7 @@ async fn serve_peer(
     relay.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
     tracing::info!(peer = %who, session = id, services = welcome.services.len(), rejected = welcome.rejected.len(), "session up");
     tracing::debug!(peer = %who, session = id, remote = %conn.remote_address(), tunnel_ip = ?welcome.tunnel_ip, "session addresses");
-    let end = session_loop(
-        &relay,
-        id,
-        &conn,
-        welcome,
-        &mut reader,
-        &mut writer,
-        (&wake, tx),
-    )
-    .await;
+    let end = session_loop(&relay, id, &conn, welcome, &mut reader, &mut writer, &wake).await;
     match &end {
         Ok(()) => tracing::info!(peer = %who, session = id, "session closed"),
         Err(SessionEnd::Refused(code, message)) => {
@@ -1018,22 +953,13 @@ async fn session_loop(
     welcome: Welcome,
     reader: &mut ControlReader,
     writer: &mut ControlWriter,
-    (wake, tx): (&Notify, Arc<DatagramTx>),
+    wake: &Notify,
 ) -> Result<(), SessionEnd> {
     let lost = |e: SessionError| SessionEnd::Lost(e.to_string());
     writer
         .send(&ControlMessage::Welcome(welcome))
         .await
         .map_err(lost)?;
-    let dgram_relay = relay.clone();
-    let dgram_conn = conn.clone();
-    let forwarder = tokio::spawn(async move {
-        while let Ok(d) = dgram_conn.read_datagram().await {
-            dgram_relay.forward(id, d);
-        }
-    });
-    let _abort = AbortOnDrop(forwarder);
-    let _pump = AbortOnDrop(tokio::spawn(tx.pump(conn.clone(), relay.metrics.clone())));
     let mut observed = conn.remote_address();
     let mut tick = tokio::time::interval(OBSERVE_INTERVAL);
     loop {

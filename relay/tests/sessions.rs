@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rustls::pki_types::pem::PemObject;
 use ztna_core::pki::{self, CertificateAuthority};
 use ztna_core::session::{Node, RelaySession, RelayTarget, SessionError};
@@ -339,25 +338,28 @@ async fn registration_policy_channels_and_forwarding() {
         other => panic!("unexpected {other:?}"),
     }
 
-    // Datagrams on the channel are forwarded; on another channel id they are dropped.
+    // Channel data on the channel reaches the connector's socket through the relay; on another
+    // channel number it is dropped and counted.
     let id = ChannelId::new(ch).unwrap();
+    conn1.attach_channel(id);
     let before = w.relay.metrics.datagrams_forwarded.load(Ordering::Relaxed);
     for _ in 0..10 {
-        alice
-            .send_raw_datagram(Bytes::from(datagram::encode(id, b"opaque")))
-            .unwrap();
+        alice.send_channel_data(id, b"opaque").unwrap();
     }
     let bogus = ChannelId::new(ch + 100).unwrap();
-    alice
-        .send_raw_datagram(Bytes::from(datagram::encode(bogus, b"opaque")))
-        .unwrap();
+    alice.send_channel_data(bogus, b"opaque").unwrap();
     let deadline = tokio::time::Instant::now() + T;
     while w.relay.metrics.datagrams_forwarded.load(Ordering::Relaxed) < before + 10
-        || w.relay.metrics.datagrams_dropped.load(Ordering::Relaxed) < 1
+        || w.relay
+            .metrics
+            .channel_dropped_unknown
+            .load(Ordering::Relaxed)
+            < 1
+        || cnode.mux().stats().relay_rx_packets.load(Ordering::Relaxed) < 10
     {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "datagrams not forwarded/dropped in time"
+            "channel data not forwarded/dropped in time"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -1303,8 +1305,7 @@ async fn open_close_flood_does_not_disconnect_the_connector() {
     let before = w.relay.metrics.datagrams_forwarded.load(Ordering::Relaxed);
     for (s, ch) in [(&bob, bob_ch), (&alice, alice_ch)] {
         let id = ChannelId::new(ch).unwrap();
-        s.send_raw_datagram(Bytes::from(datagram::encode(id, b"opaque")))
-            .unwrap();
+        s.send_channel_data(id, b"opaque").unwrap();
     }
     let deadline = tokio::time::Instant::now() + T;
     while w.relay.metrics.datagrams_forwarded.load(Ordering::Relaxed) < before + 2 {
@@ -1340,4 +1341,88 @@ async fn open_close_flood_does_not_disconnect_the_connector() {
     assert!(!connector.is_finished());
     connector.abort();
     w.server.abort();
+}
+
+/// Issue 13: channel data travels outside the outer connection, so the relay must check it by
+/// address: forwarded only between the bound ends of an open channel; from a stranger (a valid
+/// header and an open channel's number, from its own address), malformed, for an unknown
+/// channel, or after the channel closed, it is dropped and counted, and the connector's socket
+/// sees none of it.
+#[tokio::test]
+async fn channel_data_goes_only_between_the_bound_ends_of_an_open_channel() {
+    let w = World::start().await;
+    let mut conn1 = connector(&w, "conn1", vec![svc("echo", 1)]).await;
+    let mut alice = agent_in(&w, "alice", &["eng"]).await;
+    let (ch, _) = open_channel(&mut alice, &mut conn1, "conn1", 1).await;
+    let id = ChannelId::new(ch).unwrap();
+    conn1.attach_channel(id);
+    let m = &w.relay.metrics;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let received = |s: &RelaySession| get(&s.mux().stats().relay_rx_packets);
+    macro_rules! wait {
+        ($what:expr, $done:expr) => {{
+            let deadline = tokio::time::Instant::now() + T;
+            while !$done {
+                assert!(tokio::time::Instant::now() < deadline, "{}", $what);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }};
+    }
+
+    for _ in 0..5 {
+        alice.send_channel_data(id, b"genuine").unwrap();
+    }
+    wait!(
+        "genuine channel data forwarded",
+        get(&m.datagrams_forwarded) >= 5 && received(&conn1) >= 5
+    );
+    let (forwarded, delivered) = (get(&m.datagrams_forwarded), received(&conn1));
+
+    let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for _ in 0..3 {
+        stranger
+            .send_to(&datagram::encode(id, b"spoofed"), w.target.addr)
+            .await
+            .unwrap();
+    }
+    stranger
+        .send_to(&[datagram::TYPE, 0, 0], w.target.addr)
+        .await
+        .unwrap();
+    alice
+        .send_channel_data(ChannelId::new(ch + 1000).unwrap(), b"unknown")
+        .unwrap();
+    wait!(
+        "strangers, malformed and unknown counted",
+        get(&m.channel_dropped_unbound) >= 3
+            && get(&m.channel_dropped_malformed) >= 1
+            && get(&m.channel_dropped_unknown) >= 1
+    );
+
+    alice
+        .send(ControlMessage::ChannelClosed {
+            channel_id: ch,
+            code: ErrorCode::PeerGone,
+        })
+        .unwrap();
+    wait!(
+        "channel closed at the relay",
+        w.relay.forwarding_channels() == 0
+    );
+    let unknown = get(&m.channel_dropped_unknown);
+    alice.send_channel_data(id, b"late").unwrap();
+    wait!(
+        "late channel data counted",
+        get(&m.channel_dropped_unknown) > unknown
+    );
+    assert_eq!(
+        get(&m.datagrams_forwarded),
+        forwarded,
+        "nothing else forwarded"
+    );
+    assert_eq!(
+        received(&conn1),
+        delivered,
+        "the connector saw nothing else"
+    );
 }

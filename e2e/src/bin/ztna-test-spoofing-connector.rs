@@ -104,7 +104,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
         server_name: "relay".into(),
     };
     let mut session = node.connect_relay(&target, hello).await?;
-    let inner_mtu = transport::inner_mtu(session.max_datagram_size().unwrap_or(0));
+    let inner_mtu = transport::INNER_MTU;
     let mut server =
         quinn::ServerConfig::with_crypto(node.credentials().server_config(ALPN_TUNNEL)?);
     server.transport_config(transport::inner(inner_mtu, node.timing()));

@@ -61,7 +61,7 @@ async fn run(
         server_name: "relay".into(),
     };
     let mut session = node.connect_relay(&target, hello).await?;
-    let inner_mtu = transport::inner_mtu(session.max_datagram_size().unwrap_or(0));
+    let inner_mtu = transport::INNER_MTU;
     let mut conns = Vec::new();
     for request_id in 1..=2u32 {
         session.send(ControlMessage::OpenChannel {

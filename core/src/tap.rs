@@ -1,0 +1,179 @@
+//! A client socket for tools and tests that speak the relay protocol without inner connections
+//! (the relay-scale bench, the relay's fairness test): quinn's packets pass through as on a
+//! plain socket; channel data that arrives is counted and, if a queue was asked for, handed to
+//! it (bounded: a full queue drops and counts).
+
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::io::Interest;
+use tokio::sync::mpsc;
+use ztna_proto::{datagram, ChannelId};
+
+use crate::mux::{send_now, Poller, WritableSocket};
+
+/// Channel data received: the channel and the packet behind the header.
+pub type Received = (ChannelId, Bytes);
+
+/// The socket. See the module documentation.
+pub struct TapSocket {
+    io: tokio::net::UdpSocket,
+    state: UdpSocketState,
+    queue: Option<mpsc::Sender<Received>>,
+    received: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl fmt::Debug for TapSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TapSocket").finish_non_exhaustive()
+    }
+}
+
+impl TapSocket {
+    /// Binds `addr`; with `queue > 0`, received channel data also goes to the returned
+    /// receiver. Must be called inside a tokio runtime.
+    pub fn bind(
+        addr: SocketAddr,
+        queue: usize,
+    ) -> io::Result<(Arc<Self>, Option<mpsc::Receiver<Received>>)> {
+        let sock = crate::daemon::bind_udp(addr, 8 << 20)?;
+        let state = UdpSocketState::new((&sock).into())?;
+        let (tx, rx) = if queue > 0 {
+            let (tx, rx) = mpsc::channel(queue);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let s = Arc::new(Self {
+            io: tokio::net::UdpSocket::from_std(sock)?,
+            state,
+            queue: tx,
+            received: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        });
+        Ok((s, rx))
+    }
+
+    /// A client endpoint on this socket (QUIC fixed bit never greased).
+    pub fn endpoint(
+        self: &Arc<Self>,
+        config: quinn::EndpointConfig,
+    ) -> io::Result<quinn::Endpoint> {
+        let mut config = config;
+        config.grease_quic_bit(false);
+        quinn::Endpoint::new_with_abstract_socket(
+            config,
+            None,
+            self.clone(),
+            Arc::new(quinn::TokioRuntime),
+        )
+    }
+
+    /// Sends `payload` as channel data on `channel` to `relay`, now (a full socket buffer is
+    /// an error, like a lost packet).
+    pub fn send_channel(
+        &self,
+        relay: SocketAddr,
+        channel: ChannelId,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        send_now(&self.io, &datagram::encode(channel, payload), relay).map(|_| ())
+    }
+
+    /// Channel-data packets received.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Channel-data packets dropped because the queue was full (or malformed).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn take_channel_data(&self, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]) {
+        for (buf, m) in bufs.iter().zip(meta.iter_mut()) {
+            let data = &buf[..m.len.min(buf.len())];
+            if !datagram::is_channel_data(data) {
+                continue;
+            }
+            for seg in data.chunks(m.stride.max(1)) {
+                match datagram::decode(seg) {
+                    Ok((ch, off)) => {
+                        self.received.fetch_add(1, Ordering::Relaxed);
+                        if let Some(q) = &self.queue {
+                            if q.try_send((ch, Bytes::copy_from_slice(&seg[off..])))
+                                .is_err()
+                            {
+                                self.dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            m.len = 0;
+        }
+    }
+}
+
+impl WritableSocket for TapSocket {
+    fn udp(&self) -> &tokio::net::UdpSocket {
+        &self.io
+    }
+}
+
+impl AsyncUdpSocket for TapSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(Poller::new(self))
+    }
+
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        self.io.try_io(Interest::WRITABLE, || {
+            self.state.send((&self.io).into(), transmit)
+        })
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.io.poll_recv_ready(cx))?;
+            if let Ok(n) = self.io.try_io(Interest::READABLE, || {
+                self.state.recv((&self.io).into(), bufs, meta)
+            }) {
+                self.take_channel_data(&bufs[..n], &mut meta[..n]);
+                return Poll::Ready(Ok(n));
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.state.may_fragment()
+    }
+}
