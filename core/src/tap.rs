@@ -28,6 +28,8 @@ pub struct TapSocket {
     io: tokio::net::UdpSocket,
     state: UdpSocketState,
     queue: Option<mpsc::Sender<Received>>,
+    /// Which packets go to the queue (the others are only counted).
+    keep: fn(&[u8]) -> bool,
     received: AtomicU64,
     dropped: AtomicU64,
 }
@@ -45,6 +47,16 @@ impl TapSocket {
         addr: SocketAddr,
         queue: usize,
     ) -> io::Result<(Arc<Self>, Option<mpsc::Receiver<Received>>)> {
+        Self::bind_filtered(addr, queue, |_| true)
+    }
+
+    /// As [`TapSocket::bind`], but only packets for which `keep` is true go to the queue: a test
+    /// that floods can count the flood without queueing it in front of what it measures.
+    pub fn bind_filtered(
+        addr: SocketAddr,
+        queue: usize,
+        keep: fn(&[u8]) -> bool,
+    ) -> io::Result<(Arc<Self>, Option<mpsc::Receiver<Received>>)> {
         let sock = crate::daemon::bind_udp(addr, 8 << 20)?;
         let state = UdpSocketState::new((&sock).into())?;
         let (tx, rx) = if queue > 0 {
@@ -57,6 +69,7 @@ impl TapSocket {
             io: tokio::net::UdpSocket::from_std(sock)?,
             state,
             queue: tx,
+            keep,
             received: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         });
@@ -109,7 +122,8 @@ impl TapSocket {
                 match datagram::decode(seg) {
                     Ok((ch, off)) => {
                         self.received.fetch_add(1, Ordering::Relaxed);
-                        if let Some(q) = &self.queue {
+                        let payload = &seg[off..];
+                        if let Some(q) = self.queue.as_ref().filter(|_| (self.keep)(payload)) {
                             if q.try_send((ch, Bytes::copy_from_slice(&seg[off..])))
                                 .is_err()
                             {
