@@ -54,6 +54,8 @@ struct Session {
 pub struct ForwardTable {
     channels: HashMap<u32, Ends>,
     sessions: HashMap<u64, Session>,
+    /// Sessions bound to each address.
+    addrs: HashMap<SocketAddr, u32>,
 }
 
 impl ForwardTable {
@@ -61,7 +63,10 @@ impl ForwardTable {
     /// and again when the connection migrates): every channel of the session moves with it.
     pub fn bind_session(&mut self, session: u64, addr: SocketAddr) {
         let s = self.sessions.entry(session).or_default();
-        s.addr = Some(addr);
+        if let Some(old) = s.addr.replace(addr) {
+            unbind_addr(&mut self.addrs, old);
+        }
+        *self.addrs.entry(addr).or_default() += 1;
         for ch in &s.channels {
             if let Some(e) = self.channels.get_mut(ch) {
                 for end in [&mut e.agent, &mut e.connector] {
@@ -114,10 +119,24 @@ impl ForwardTable {
     /// Forgets session `session` and closes every channel it is an end of.
     pub fn remove_session(&mut self, session: u64) {
         if let Some(s) = self.sessions.remove(&session) {
+            if let Some(a) = s.addr {
+                unbind_addr(&mut self.addrs, a);
+            }
             for ch in s.channels {
                 self.close(ch);
             }
         }
+    }
+
+    /// Whether some session is bound to `addr`: a QUIC packet of an established connection
+    /// from any other address means a session may have migrated.
+    pub fn is_bound(&self, addr: SocketAddr) -> bool {
+        self.addrs.contains_key(&addr)
+    }
+
+    /// The address session `session` is bound to.
+    pub fn session_addr(&self, session: u64) -> Option<SocketAddr> {
+        self.sessions.get(&session).and_then(|s| s.addr)
     }
 
     /// Channels open.
@@ -148,6 +167,15 @@ impl ForwardTable {
             Verdict::Forward(e.agent.addr)
         } else {
             Verdict::Drop(Drop::UnboundSource)
+        }
+    }
+}
+
+fn unbind_addr(addrs: &mut HashMap<SocketAddr, u32>, addr: SocketAddr) {
+    if let Some(n) = addrs.get_mut(&addr) {
+        *n -= 1;
+        if *n == 0 {
+            addrs.remove(&addr);
         }
     }
 }
@@ -286,6 +314,10 @@ mod tests {
                 }
             }
             prop_assert_eq!(t.channels_len(), model.len());
+            for a in addrs.values() {
+                prop_assert!(t.is_bound(*a));
+            }
+            prop_assert_eq!(t.addrs.values().map(|n| *n as usize).sum::<usize>(), addrs.len());
             for ch in 0u32..4 {
                 for src in addrs.values().copied().chain([SocketAddr::from(([10, 9, 9, 9], 1))]) {
                     let got = t.route(src, &pkt(ch));

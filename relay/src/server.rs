@@ -33,8 +33,12 @@ const TIMER_MAX: Duration = Duration::from_secs(1);
 /// Control messages written to one session per wake-up before the others get a turn.
 const WRITE_BATCH: usize = 64;
 
-/// How often the observed address of each peer is checked for changes.
-const OBSERVE_INTERVAL: Duration = Duration::from_secs(1);
+/// After the socket saw a QUIC packet of an established connection from an unbound address,
+/// how long the sweep waits for quinn to have taken the connection over to it.
+const MOVED_SETTLE: Duration = Duration::from_millis(50);
+/// Shortest time between two sweeps of every session's address (bounds what a stream of
+/// packets from new addresses can cost).
+const MOVED_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Socket buffer sizes asked of the kernel.
 const SOCKET_BUFFER: usize = 16 << 20;
 
@@ -193,6 +197,9 @@ struct Handle {
     /// Serial of the peer's certificate (checked against the deny list on reload).
     serial: Vec<u8>,
     wake: Arc<Notify>,
+    /// Woken when the connection's remote address differs from the one channel data is
+    /// forwarded by (see [`Relay::sweep_moved`]).
+    moved: Arc<Notify>,
 }
 
 struct State {
@@ -389,7 +396,7 @@ impl Relay {
         peer: &PeerIdentity,
         conn: &quinn::Connection,
         hello: Hello,
-    ) -> Result<(u64, Welcome, Arc<Notify>), Refusal> {
+    ) -> Result<(u64, Welcome, Arc<Notify>, Arc<Notify>), Refusal> {
         if hello.role != peer.role {
             return Err((
                 ErrorCode::RoleMismatch,
@@ -472,6 +479,7 @@ impl Relay {
             }
         };
         let wake = Arc::new(Notify::new());
+        let moved = Arc::new(Notify::new());
         self.table().bind_session(id, conn.remote_address());
         st.handles.insert(
             id,
@@ -479,6 +487,7 @@ impl Relay {
                 conn: conn.clone(),
                 serial,
                 wake: wake.clone(),
+                moved: moved.clone(),
             },
         );
         if peer.role == Role::Connector {
@@ -495,7 +504,7 @@ impl Relay {
             services,
             rejected,
         };
-        Ok((id, welcome, wake))
+        Ok((id, welcome, wake, moved))
     }
 
     /// Sends each agent its catalog if it changed.
@@ -565,6 +574,18 @@ impl Relay {
         st.control.set_observed(id, addr);
     }
 
+    /// Wakes every session whose connection's remote address is no longer the one its channel
+    /// data is forwarded by; each then re-binds itself and tells its peer.
+    fn sweep_moved(&self) {
+        let st = self.lock();
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        for (id, h) in &st.handles {
+            if table.session_addr(*id) != Some(h.conn.remote_address()) {
+                h.moved.notify_one();
+            }
+        }
+    }
+
     fn table(&self) -> std::sync::RwLockWriteGuard<'_, ForwardTable> {
         self.table.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -599,6 +620,8 @@ pub struct Server {
     /// The second observation port (main port + 2), when it could be bound.
     observe: Option<tokio::net::UdpSocket>,
     relay: Arc<Relay>,
+    /// Woken by the socket when a session may have moved (see [`Relay::sweep_moved`]).
+    moved: Arc<Notify>,
     metrics_addr: Option<SocketAddr>,
     admission: AdmissionLimits,
 }
@@ -630,7 +653,13 @@ impl Server {
         let relay = Arc::new(Relay::new(cfg, policy, creds.revocation().clone()));
         let sock = ztna_core::daemon::bind_udp(cfg.bind, SOCKET_BUFFER)
             .with_context(|| format!("binding UDP {}", cfg.bind))?;
-        let sock = crate::udp::RelaySocket::new(sock, relay.table.clone(), relay.metrics.clone())?;
+        let moved = Arc::new(Notify::new());
+        let sock = crate::udp::RelaySocket::new(
+            sock,
+            relay.table.clone(),
+            relay.metrics.clone(),
+            moved.clone(),
+        )?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_cfg,
             Some(server_cfg),
@@ -651,6 +680,7 @@ impl Server {
             endpoint,
             observe,
             relay,
+            moved,
             metrics_addr: cfg.metrics,
             admission: AdmissionLimits::default(),
         })
@@ -692,6 +722,17 @@ impl Server {
             })
         });
         let timers = AbortOnDrop(tokio::spawn(self.relay.clone().timers()));
+        let sweeper = {
+            let (relay, moved) = (self.relay.clone(), self.moved.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    moved.notified().await;
+                    tokio::time::sleep(MOVED_SETTLE).await;
+                    relay.sweep_moved();
+                    tokio::time::sleep(MOVED_SWEEP_INTERVAL - MOVED_SETTLE).await;
+                }
+            }))
+        };
         let observe = self.observe.map(|sock| {
             AbortOnDrop(tokio::spawn(crate::observe::serve(
                 sock,
@@ -710,6 +751,7 @@ impl Server {
             }
         }
         drop(timers);
+        drop(sweeper);
         drop(observe);
         tracing::info!("relay shutting down");
         self.endpoint.close(0u32.into(), b"relay shutting down");
@@ -910,7 +952,7 @@ async fn serve_peer(
             )
         }
     };
-    let (id, welcome, wake) = match relay.admit(&peer, &conn, hello) {
+    let (id, welcome, wake, moved) = match relay.admit(&peer, &conn, hello) {
         Ok(x) => x,
         Err((code, message)) => {
             let _ = writer
@@ -926,7 +968,16 @@ async fn serve_peer(
     relay.metrics.sessions_total.fetch_add(1, Ordering::Relaxed);
     tracing::info!(peer = %who, session = id, services = welcome.services.len(), rejected = welcome.rejected.len(), "session up");
     tracing::debug!(peer = %who, session = id, remote = %conn.remote_address(), tunnel_ip = ?welcome.tunnel_ip, "session addresses");
-    let end = session_loop(&relay, id, &conn, welcome, &mut reader, &mut writer, &wake).await;
+    let end = session_loop(
+        &relay,
+        id,
+        &conn,
+        welcome,
+        &mut reader,
+        &mut writer,
+        (&wake, &moved),
+    )
+    .await;
     match &end {
         Ok(()) => tracing::info!(peer = %who, session = id, "session closed"),
         Err(SessionEnd::Refused(code, message)) => {
@@ -953,7 +1004,7 @@ async fn session_loop(
     welcome: Welcome,
     reader: &mut ControlReader,
     writer: &mut ControlWriter,
-    wake: &Notify,
+    (wake, moved): (&Notify, &Notify),
 ) -> Result<(), SessionEnd> {
     let lost = |e: SessionError| SessionEnd::Lost(e.to_string());
     writer
@@ -961,7 +1012,6 @@ async fn session_loop(
         .await
         .map_err(lost)?;
     let mut observed = conn.remote_address();
-    let mut tick = tokio::time::interval(OBSERVE_INTERVAL);
     loop {
         // A sender over its rate limit is not read until it has a token again: QUIC flow
         // control then pushes back on it, and nobody else waits.
@@ -985,7 +1035,7 @@ async fn session_loop(
                     wake.notify_one();
                 }
             }
-            _ = tick.tick() => {
+            () = moved.notified() => {
                 let now = conn.remote_address();
                 if now != observed {
                     tracing::info!(session = id, "peer address changed");

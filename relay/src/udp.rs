@@ -3,10 +3,12 @@
 //! quinn's endpoint driver reads the socket in batches (recvmmsg, and GRO: up to 64 datagrams of
 //! one flow in one buffer). Before quinn sees a batch, every datagram that starts like channel
 //! data ([`ztna_proto::datagram`]) is looked up in the [`ForwardTable`] and sent on from the
-//! buffer it arrived in (a GRO buffer whose segments all go to one address leaves in one GSO
-//! send), then hidden from quinn (length 0, which quinn skips). So forwarding costs one table
-//! lookup per packet and no task wake, queue or copy; the control plane's QUIC packets reach
-//! quinn as before. Counters count what the kernel took, and each drop where it happens.
+//! buffer it arrived in, then hidden from quinn (length 0, which quinn skips): the single
+//! datagrams of a batch leave together in one `sendmmsg`, and a GRO buffer whose segments go to
+//! one address in one GSO `sendmsg`. So forwarding costs one table lookup per packet, a share of
+//! two system calls per batch, and no task wake, queue, copy or allocation; the control plane's
+//! QUIC packets reach quinn as before. Counters count what the kernel took, and each drop where
+//! it happens.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -16,8 +18,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::task::{ready, Context, Poll};
 
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
+use smallvec::SmallVec;
 use tokio::io::Interest;
 use ztna_core::mux::{Poller, WritableSocket};
 use ztna_proto::datagram;
@@ -31,7 +35,20 @@ pub struct RelaySocket {
     state: UdpSocketState,
     table: Arc<RwLock<ForwardTable>>,
     metrics: Arc<Metrics>,
+    /// Woken when a QUIC packet of an established connection comes from an address no session
+    /// is bound to: a peer's outer connection may have migrated (NAT rebinding, roaming).
+    moved: Arc<tokio::sync::Notify>,
 }
+
+thread_local! {
+    /// `sendmmsg`'s headers, kept between batches (they hold raw pointers, so they are not
+    /// `Send`: one set per thread that runs quinn's endpoint driver).
+    static MMSG: std::cell::RefCell<MultiHeaders<SockaddrStorage>> =
+        std::cell::RefCell::new(MultiHeaders::preallocate(MMSG_BATCH, None));
+}
+
+/// Datagrams one `sendmmsg` takes: quinn reads at most this many per batch.
+const MMSG_BATCH: usize = quinn::udp::BATCH_SIZE;
 
 impl fmt::Debug for RelaySocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -47,6 +64,7 @@ impl RelaySocket {
         sock: std::net::UdpSocket,
         table: Arc<RwLock<ForwardTable>>,
         metrics: Arc<Metrics>,
+        moved: Arc<tokio::sync::Notify>,
     ) -> io::Result<Arc<Self>> {
         let state = UdpSocketState::new((&sock).into())?;
         sock.set_nonblocking(true)?;
@@ -55,20 +73,42 @@ impl RelaySocket {
             state,
             table,
             metrics,
+            moved,
         }))
     }
 
     /// Forwards the channel data in a received batch and hides it from quinn.
     fn forward(&self, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]) {
         let mut table = None;
+        // Single datagrams, sent together at the end.
+        let mut singles: SmallVec<[(SocketAddr, &[u8]); MMSG_BATCH]> = SmallVec::new();
         for (buf, m) in bufs.iter().zip(meta.iter_mut()) {
             let data = &buf[..m.len.min(buf.len())];
-            if !datagram::is_channel_data(data) {
-                continue;
-            }
             let table =
                 table.get_or_insert_with(|| self.table.read().unwrap_or_else(|p| p.into_inner()));
+            if !datagram::is_channel_data(data) {
+                // A short-header QUIC packet (an established connection) from an address no
+                // session is bound to.
+                if data.first().is_some_and(|b| b & 0xc0 == 0x40) && !table.is_bound(m.addr) {
+                    self.moved.notify_one();
+                }
+                continue;
+            }
+            m.len = 0;
             let stride = m.stride.max(1);
+            if data.len() <= stride {
+                match table.route(m.addr, data) {
+                    Verdict::Forward(to) => {
+                        if singles.len() == MMSG_BATCH {
+                            self.send_many(&singles);
+                            singles.clear();
+                        }
+                        singles.push((to, data));
+                    }
+                    Verdict::Drop(why) => self.count_drop(why),
+                }
+                continue;
+            }
             // Runs of segments (GRO) that go to one address leave in one send.
             let mut run: Option<(SocketAddr, usize, usize)> = None;
             let mut start = 0;
@@ -96,7 +136,51 @@ impl RelaySocket {
             if let Some((dest, s, e)) = run {
                 self.send(dest, &data[s..e], stride);
             }
-            m.len = 0;
+        }
+        if !singles.is_empty() {
+            self.send_many(&singles);
+        }
+    }
+
+    /// Sends single datagrams, each to its own address, in one `sendmmsg`. What the kernel did
+    /// not take (a full send buffer) is dropped and counted.
+    fn send_many(&self, out: &[(SocketAddr, &[u8])]) {
+        use std::os::fd::AsRawFd;
+        let sent = MMSG.with_borrow_mut(|hdrs| {
+            // Plain arrays (no destructor): sendmmsg ties the slices' lifetime to its borrow.
+            let mut slices = [[io::IoSlice::new(&[])]; MMSG_BATCH];
+            let mut addrs: [Option<SockaddrStorage>; MMSG_BATCH] = [None; MMSG_BATCH];
+            let n = out.len().min(MMSG_BATCH);
+            for (i, (to, d)) in out[..n].iter().enumerate() {
+                slices[i] = [io::IoSlice::new(d)];
+                addrs[i] = Some(SockaddrStorage::from(*to));
+            }
+            nix::sys::socket::sendmmsg(
+                self.io.as_raw_fd(),
+                &mut *hdrs,
+                &slices[..n],
+                &addrs[..n],
+                [],
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map(|r| r.count())
+            .unwrap_or(0)
+        });
+        let bytes: usize = out[..sent].iter().map(|(_, d)| d.len()).sum();
+        self.metrics
+            .datagrams_forwarded
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        self.metrics
+            .bytes_forwarded
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        let failed = (out.len() - sent) as u64;
+        if failed > 0 {
+            self.metrics
+                .channel_send_failed
+                .fetch_add(failed, Ordering::Relaxed);
+            self.metrics
+                .datagrams_dropped
+                .fetch_add(failed, Ordering::Relaxed);
         }
     }
 

@@ -1,5 +1,7 @@
-//! Issue 10, per-channel fairness at the relay: one agent flooding its own channel must not
-//! delay or drop another agent's packets to the same connector.
+//! Channel data at the relay, with raw channel data from agents and a connector on loopback:
+//! a session that moves takes its channel along (issue 13), and per-channel fairness (issue 10):
+//! one agent flooding its own channel must not delay or drop another agent's packets to the
+//! same connector.
 //!
 //! In-process on loopback: a connector, agent A flooding 1300-byte channel datagrams, and agent
 //! B sending 100 small pings (one every 10 ms) that the connector echoes back on B's channel.
@@ -36,25 +38,28 @@ use ztna_relay::config::RelayConfig;
 use ztna_relay::policy::{AccessRule, ConnectorRule, ServiceRule};
 use ztna_relay::server::Server;
 
-/// A session to the relay on a socket of its own; channel data that arrives goes to the receiver.
+/// A client endpoint on a socket of its own; the pings (channel data starting with `ping`) that
+/// arrive go to the receiver, the rest is only counted, so no queue of the test's own sits in
+/// front of what it measures.
 async fn conn(
     files: &TlsFiles,
-    relay: std::net::SocketAddr,
-) -> (quinn::Connection, Arc<TapSocket>, mpsc::Receiver<Received>) {
+    _relay: std::net::SocketAddr,
+) -> (quinn::Endpoint, Arc<TapSocket>, mpsc::Receiver<Received>) {
     let creds = Credentials::load(files).unwrap();
-    // Only pings are queued for the test to read: the flood is counted by the socket, so no
-    // queue of the test's own sits in front of what it measures.
-    let (tap, rx) = TapSocket::bind_filtered("127.0.0.1:0".parse().unwrap(), 256, |p| {
-        p.starts_with(b"ping")
-    })
-    .unwrap();
+    let (tap, rx) = pinger_socket();
     let mut ep = tap.endpoint(creds.endpoint_config()).unwrap();
     let mut cfg = quinn::ClientConfig::new(creds.client_config(ALPN_RELAY).unwrap());
     cfg.transport_config(transport::outer(Timing::default()));
     ep.set_default_client_config(cfg);
-    let c = ep.connect(relay, "relay").unwrap().await.unwrap();
-    std::mem::forget(ep);
-    (c, tap, rx.unwrap())
+    (ep, tap, rx)
+}
+
+fn pinger_socket() -> (Arc<TapSocket>, mpsc::Receiver<Received>) {
+    let (tap, rx) = TapSocket::bind_filtered("127.0.0.1:0".parse().unwrap(), 256, |p| {
+        p.starts_with(b"ping")
+    })
+    .unwrap();
+    (tap, rx.unwrap())
 }
 
 fn hello(role: Role, services: Vec<ServiceDef>) -> Hello {
@@ -66,8 +71,26 @@ fn hello(role: Role, services: Vec<ServiceDef>) -> Hello {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_on_one_channel_does_not_starve_another() {
+/// A relay on loopback whose policy lets group eng reach echo at conn1; the connector (accepting
+/// every channel and echoing every ping on its channel); and one agent with a channel per name.
+struct Setup {
+    _dir: tempfile::TempDir,
+    relay: std::sync::Arc<ztna_relay::server::Relay>,
+    addr: std::net::SocketAddr,
+    /// The connector's socket (it counts what arrives).
+    connector: Arc<TapSocket>,
+    /// Per agent: its endpoint, socket, received pings and channel.
+    agents: Vec<Agent>,
+}
+
+struct Agent {
+    endpoint: quinn::Endpoint,
+    tap: Arc<TapSocket>,
+    rx: mpsc::Receiver<Received>,
+    channel: ChannelId,
+}
+
+async fn setup(agents: &[&str]) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = CertificateAuthority::generate("Test").unwrap();
@@ -96,6 +119,7 @@ async fn a_flood_on_one_channel_does_not_starve_another() {
     };
     let server = Server::bind(&cfg).unwrap();
     let addr = server.local_addr().unwrap();
+    let relay = server.relay().clone();
     tokio::spawn(server.run(std::future::pending()));
     let svc = ServiceDef {
         name: "echo".into(),
@@ -105,10 +129,12 @@ async fn a_flood_on_one_channel_does_not_starve_another() {
         icmp: true,
         connector: String::new(),
     };
-    let (cc, ctap, mut crx) = conn(&issue(&ca, dir, Role::Connector, "conn1", &[]), addr).await;
+    let (cep, ctap, mut crx) = conn(&issue(&ca, dir, Role::Connector, "conn1", &[]), addr).await;
+    let cc = cep.connect(addr, "relay").unwrap().await.unwrap();
     let (mut cr, mut cw, _) = open_control(&cc, hello(Role::Connector, vec![svc]))
         .await
         .unwrap();
+    std::mem::forget((cep, cc));
     tokio::spawn(async move {
         while let Ok(Some(m)) = cr.next().await {
             if let ControlMessage::IncomingChannel { channel_id, .. } = m {
@@ -118,16 +144,16 @@ async fn a_flood_on_one_channel_does_not_starve_another() {
             }
         }
     });
-    let flooded = ctap.clone();
+    let connector = ctap.clone();
     tokio::spawn(async move {
         while let Some((ch, d)) = crx.recv().await {
             let _ = ctap.send_channel(addr, ch, &d);
         }
     });
-    let mut chans = vec![];
-    let mut conns = vec![];
-    for name in ["a", "b"] {
-        let (c, tap, rx) = conn(&issue(&ca, dir, Role::Agent, name, &["eng"]), addr).await;
+    let mut out = vec![];
+    for name in agents {
+        let (endpoint, tap, rx) = conn(&issue(&ca, dir, Role::Agent, name, &["eng"]), addr).await;
+        let c = endpoint.connect(addr, "relay").unwrap().await.unwrap();
         let (mut r, mut w, _) = open_control(&c, hello(Role::Agent, vec![])).await.unwrap();
         w.send(&ControlMessage::OpenChannel {
             request_id: 1,
@@ -142,13 +168,33 @@ async fn a_flood_on_one_channel_does_not_starve_another() {
             }
         };
         std::mem::forget((r, w, c));
-        chans.push(ChannelId::new(ch).unwrap());
-        conns.push((tap, rx));
+        out.push(Agent {
+            endpoint,
+            tap,
+            rx,
+            channel: ChannelId::new(ch).unwrap(),
+        });
     }
-    let (btap, mut brx) = (conns[1].0.clone(), conns.pop().unwrap().1);
+    Setup {
+        _dir: tmp,
+        relay,
+        addr,
+        connector,
+        agents: out,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_on_one_channel_does_not_starve_another() {
+    let mut s = setup(&["a", "b"]).await;
+    let addr = s.addr;
+    let flooded = s.connector.clone();
+    let b = s.agents.pop().unwrap();
+    let chans = [s.agents[0].channel, b.channel];
+    let (btap, mut brx) = (b.tap.clone(), b.rx);
     let quiet = ping(&btap, &mut brx, addr, chans[1]).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let (a, ach, st) = (conns[0].0.clone(), chans[0], stop.clone());
+    let (a, ach, st) = (s.agents[0].tap.clone(), chans[0], stop.clone());
     // From a thread of its own, FLOOD_PPS datagrams a second in bursts every millisecond, or
     // as fast as the socket takes them with FLOOD_PPS=0.
     let pps: u64 = std::env::var("FLOOD_PPS")
@@ -226,4 +272,70 @@ async fn ping(
     rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = rtts.len();
     (n, rtts[n / 2], rtts[n * 9 / 10], rtts[n - 1])
+}
+
+/// Issue 13, "a peer that roams keeps its channels": the agent's outer connection moves to a new
+/// socket (what the relay sees of a NAT rebinding or a new network). Channel data from the new
+/// address is dropped as unbound until the connection's own QUIC traffic shows the relay that
+/// it moved; then the channel is forwarded from there, and the old address no longer speaks for
+/// the agent. The relay notices from the packet itself, not from a periodic poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_moves_takes_its_channel_along() {
+    let mut s = setup(&["a"]).await;
+    let a = s.agents.pop().unwrap();
+    let mut rx = a.rx;
+    let echo = |tap: Arc<TapSocket>, ch, addr| async move {
+        let mut p = b"ping".to_vec();
+        p.resize(64, 0);
+        tap.send_channel(addr, ch, &p).unwrap();
+    };
+    echo(a.tap.clone(), a.channel, s.addr).await;
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("echo before the move")
+        .unwrap();
+
+    let (moved, mut moved_rx) = pinger_socket();
+    let started = std::time::Instant::now();
+    a.endpoint.rebind_abstract(moved.clone()).unwrap();
+    let took = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the channel did not follow the move within 5 s"
+        );
+        echo(moved.clone(), a.channel, s.addr).await;
+        if tokio::time::timeout(Duration::from_millis(20), moved_rx.recv())
+            .await
+            .is_ok()
+        {
+            break started.elapsed();
+        }
+    };
+    println!("channel forwarded from the new address {took:?} after the move");
+    // The relay sweeps 50 ms after it saw the first packet from the new address (it polled
+    // every second before).
+    assert!(took < Duration::from_millis(500), "took {took:?}");
+
+    let unbound = || {
+        s.relay
+            .metrics
+            .channel_dropped_unbound
+            .load(Ordering::Relaxed)
+    };
+    let before = unbound();
+    echo(a.tap.clone(), a.channel, s.addr).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while unbound() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old address not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "nothing reaches the old socket"
+    );
 }
