@@ -143,6 +143,7 @@ fn main() -> Result<()> {
             steady_secs: if smoke { 2 } else { 10 },
             blast_secs: if smoke { 1 } else { 5 },
             blast_agents: 10,
+            rate_pps: 50_000,
         };
         let dir = tempfile::Builder::new()
             .prefix("ztna-bench-scale-")

@@ -5,10 +5,14 @@
 //!
 //! For each N: the connector connects and accepts every incoming channel; the agents connect
 //! (at most [`CONNECT_CONCURRENCY`] handshakes at a time) and each opens a channel to the
-//! connector; then every agent sends one 1200-byte datagram a second for the steady phase
-//! (quinn sends keepalives every 5 s on top); then a few agents send 1200-byte datagrams as fast
-//! as quinn lets them and the connector counts what the relay forwarded. The relay's CPU comes
-//! from `/proc/PID/stat`, its memory from `/proc/PID/status`.
+//! connector; then every agent sends one 1200-byte channel datagram a second for the steady
+//! phase (the agents' quinn keepalives every 5 s on top); then a few agents send 1200-byte
+//! channel datagrams at a controlled rate (below saturation), then as fast as their socket
+//! takes them (saturation). In each forwarding phase the relay's own counters (forwarded,
+//! dropped; read from its metrics endpoint on loopback) and the kernel's UDP receive-buffer
+//! errors (`/proc/net/snmp`) are read before and after, and the relay's CPU per datagram is its
+//! CPU time over what it really forwarded. The relay's CPU comes from `/proc/PID/stat`, its
+//! memory from `/proc/PID/status`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -30,6 +34,9 @@ use ztna_e2e::{Access, ConnectorGrant, PolicyService, RelayConfig};
 use ztna_proto::control::{ControlMessage, Hello, Role, Welcome};
 use ztna_proto::{ChannelId, PortRange, ServiceDef, ALPN_RELAY};
 
+/// Datagrams per GSO send in the batched saturation phase.
+const GSO_BATCH: usize = 8;
+
 /// Handshakes in flight at once while the agents connect.
 const CONNECT_CONCURRENCY: usize = 100;
 /// Payload of every datagram (an inner packet's worth).
@@ -48,6 +55,8 @@ pub(crate) struct ScalePlan {
     pub(crate) blast_secs: u64,
     /// Agents that send as fast as they can in the forwarding phase.
     pub(crate) blast_agents: usize,
+    /// Datagrams a second, all agents together, in the controlled-rate phase.
+    pub(crate) rate_pps: u64,
 }
 
 /// The results of every N.
@@ -97,6 +106,114 @@ pub(crate) struct ScaleRun {
     pub(crate) relay_cpu_forward_percent: f64,
     /// Relay CPU time per forwarded datagram in the forwarding phase, µs.
     pub(crate) relay_us_per_packet: f64,
+    /// The saturation phase as the relay counted it (single datagrams).
+    pub(crate) saturated: Option<Phase>,
+    /// Saturation with each agent sending batches of [`GSO_BATCH`] datagrams in one GSO send
+    /// (as an agent's socket sends its inner connection's bulk traffic).
+    pub(crate) saturated_gso: Option<Phase>,
+    /// The controlled-rate phase (single datagrams).
+    pub(crate) controlled: Option<Phase>,
+    /// The controlled-rate phase at four times the rate, in GSO batches.
+    pub(crate) controlled_gso: Option<Phase>,
+}
+
+/// One forwarding phase, from the relay's own counters and the kernel's.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Phase {
+    /// Datagrams the agents' sockets took.
+    pub(crate) sent: u64,
+    /// Datagrams the relay forwarded (its `datagrams_forwarded` counter).
+    pub(crate) relay_forwarded: u64,
+    /// Datagrams the relay dropped (all reasons, its `datagrams_dropped`).
+    pub(crate) relay_dropped: u64,
+    /// UDP datagrams the kernel dropped for full receive buffers (`RcvbufErrors`, this
+    /// namespace: the relay's socket and the simulated connector's).
+    pub(crate) udp_rcvbuf_errors: u64,
+    /// Datagrams the connector received.
+    pub(crate) received: u64,
+    /// Seconds measured.
+    pub(crate) secs: f64,
+    /// Relay CPU, % of one core.
+    pub(crate) relay_cpu_percent: f64,
+    /// Relay CPU time per datagram it forwarded, µs.
+    pub(crate) relay_us_per_forwarded: f64,
+}
+
+impl Phase {
+    fn forwarded_pps(&self) -> f64 {
+        self.relay_forwarded as f64 / self.secs.max(1e-3)
+    }
+}
+
+/// Counters read at the start of a phase.
+struct Marks {
+    at: Instant,
+    cpu: f64,
+    forwarded: u64,
+    dropped: u64,
+    rcvbuf: u64,
+    received: u64,
+}
+
+fn marks(relay_pid: u32, metrics: SocketAddr, connector: &TapSocket) -> Marks {
+    let m = scrape(metrics).unwrap_or_default();
+    Marks {
+        at: Instant::now(),
+        cpu: cpu(relay_pid),
+        forwarded: m.value("ztna_relay_datagrams_forwarded_total") as u64,
+        dropped: m.value("ztna_relay_datagrams_dropped_total") as u64,
+        rcvbuf: udp_rcvbuf_errors(),
+        received: connector.received(),
+    }
+}
+
+impl Marks {
+    fn phase(&self, end: &Marks, sent: u64) -> Phase {
+        let secs = end.at.duration_since(self.at).as_secs_f64();
+        let cpu = end.cpu - self.cpu;
+        let forwarded = end.forwarded.saturating_sub(self.forwarded);
+        Phase {
+            sent,
+            relay_forwarded: forwarded,
+            relay_dropped: end.dropped.saturating_sub(self.dropped),
+            udp_rcvbuf_errors: end.rcvbuf.saturating_sub(self.rcvbuf),
+            received: end.received.saturating_sub(self.received),
+            secs,
+            relay_cpu_percent: 100.0 * cpu / secs.max(1e-3),
+            relay_us_per_forwarded: if forwarded > 0 {
+                1e6 * cpu / forwarded as f64
+            } else {
+                f64::NAN
+            },
+        }
+    }
+}
+
+/// The relay's metrics, fetched with a plain HTTP/1.0 GET on loopback.
+fn scrape(addr: SocketAddr) -> Result<ztna_e2e::Metrics> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: relay\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok(ztna_e2e::Metrics::parse(body))
+}
+
+/// `RcvbufErrors` of UDP in this network namespace (0 if it can't be read).
+fn udp_rcvbuf_errors() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The PKI of the simulation: CA, relay, connector and agent certificates as PEM.
@@ -138,13 +255,14 @@ pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayScale> {
     for &n in &plan.agents {
         eprintln!("==> relay scale: {n} agents");
         let port = free_udp_port()?;
+        let metrics_port = free_tcp_port()?;
         let cfg = RelayConfig {
             bind: format!("127.0.0.1:{port}"),
             ca: ca_path.clone(),
             cert: relay_cert.clone(),
             key: relay_key.clone(),
             tunnel_pool: "100.64.0.0/10".into(),
-            metrics: None,
+            metrics: Some(format!("127.0.0.1:{metrics_port}")),
             keepalive_secs: 5,
             idle_timeout_secs: 20,
             access: vec![Access {
@@ -175,7 +293,14 @@ pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayScale> {
             .enable_all()
             .build()
             .context("starting the tokio runtime")?
-            .block_on(simulate(&pki, addr, relay.pid, n, plan, &mut r));
+            .block_on(simulate(
+                &pki,
+                (addr, SocketAddr::from(([127, 0, 0, 1], metrics_port))),
+                relay.pid,
+                n,
+                plan,
+                &mut r,
+            ));
         if let Err(e) = result {
             eprintln!("==> relay scale with {n} agents failed: {e:#}");
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
@@ -193,6 +318,12 @@ pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayScale> {
         plan: plan.clone(),
         runs,
     })
+}
+
+/// A free TCP port on loopback (bound and released; the relay binds it right after).
+fn free_tcp_port() -> Result<u16> {
+    let s = std::net::TcpListener::bind("127.0.0.1:0").context("binding a probe socket")?;
+    Ok(s.local_addr()?.port())
 }
 
 /// A free UDP port on loopback (bound and released; the relay binds it right after).
@@ -334,7 +465,7 @@ fn rss(pid: u32) -> u64 {
 
 async fn simulate(
     pki: &Pki,
-    relay: SocketAddr,
+    (relay, metrics): (SocketAddr, SocketAddr),
     relay_pid: u32,
     n: usize,
     plan: &ScalePlan,
@@ -483,48 +614,79 @@ async fn simulate(
     r.rss_per_session_kib =
         (r.relay_rss_loaded_kib as f64 - r.relay_rss_idle_kib as f64) / agents.len() as f64;
 
-    // Forwarding phase: a few agents send as fast as quinn lets them.
-    let blasters = plan.blast_agents.min(frames.len());
-    r.blast_agents = blasters;
-    let sent_total = Arc::new(AtomicU64::new(0));
-    let deadline =
-        Instant::now() + Duration::from_secs(plan.blast_secs) + Duration::from_millis(500);
-    let mut set = JoinSet::new();
-    for ch in frames.iter().take(blasters) {
-        let (ch, tap) = (*ch, tap.clone());
-        let sent_total = sent_total.clone();
-        set.spawn(async move {
-            let mut n = 0u64;
-            let mut tries = 0u64;
-            while Instant::now() < deadline {
-                if tap.send_channel(relay, ch, &payload).is_ok() {
-                    n += 1;
+    // Forwarding phases: a few agents send at a controlled rate, then as fast as their socket
+    // takes datagrams.
+    let blasters: Vec<ChannelId> = frames.iter().take(plan.blast_agents).copied().collect();
+    r.blast_agents = blasters.len();
+    let window = Duration::from_secs(plan.blast_secs);
+    let mut phases = Vec::new();
+    let gso_rate = plan.rate_pps * 4;
+    for (rate, batch) in [
+        (Some(plan.rate_pps), 1),
+        (Some(gso_rate), GSO_BATCH),
+        (None, 1),
+        (None, GSO_BATCH),
+    ] {
+        let sent_total = Arc::new(AtomicU64::new(0));
+        // 500 ms of warm-up, the measured window, and 200 ms for the last packets to land.
+        let start = Instant::now() + Duration::from_millis(500);
+        let deadline = start + window;
+        let mut set = JoinSet::new();
+        for ch in &blasters {
+            let (ch, tap) = (*ch, tap.clone());
+            let sent_total = sent_total.clone();
+            let per_agent = rate.map(|r| r.div_ceil(blasters.len() as u64).max(1));
+            set.spawn(async move {
+                let began = Instant::now();
+                let mut tries = 0u64;
+                let mut counted = 0u64;
+                while Instant::now() < deadline {
+                    if let Some(pps) = per_agent {
+                        let due = began.elapsed().as_micros() as u64 * pps / 1_000_000;
+                        if tries * batch as u64 >= due {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                            continue;
+                        }
+                    }
+                    let ok = if batch > 1 {
+                        tap.send_channel_batch(relay, ch, &payload, batch).is_ok()
+                    } else {
+                        tap.send_channel(relay, ch, &payload).is_ok()
+                    };
+                    tries += 1;
+                    if ok && Instant::now() >= start {
+                        counted += batch as u64;
+                    }
+                    if rate.is_none() && tries.is_multiple_of(64) {
+                        // Raw UDP never waits: let the connection drivers and the other
+                        // senders run.
+                        tokio::task::yield_now().await;
+                    }
                 }
-                tries += 1;
-                if tries.is_multiple_of(64) {
-                    // Raw UDP never waits: let the connection drivers and the other senders run.
-                    tokio::task::yield_now().await;
-                }
-            }
-            sent_total.fetch_add(n, Ordering::Relaxed);
-        });
+                sent_total.fetch_add(counted, Ordering::Relaxed);
+            });
+        }
+        tokio::time::sleep_until(start.into()).await;
+        let m0 = marks(relay_pid, metrics, &received);
+        tokio::time::sleep_until(deadline.into()).await;
+        while set.join_next().await.is_some() {}
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let m1 = marks(relay_pid, metrics, &received);
+        phases.push(m0.phase(&m1, sent_total.load(Ordering::Relaxed)));
     }
-    // Measure after a 500 ms warm-up, for `blast_secs`.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rx0 = received.received();
-    let cpu0 = cpu(relay_pid);
-    let t3 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(plan.blast_secs)).await;
-    let secs = t3.elapsed().as_secs_f64();
-    let got = received.received() - rx0;
-    let relay_cpu = cpu(relay_pid) - cpu0;
-    r.relay_cpu_forward_percent = 100.0 * relay_cpu / secs;
-    r.relay_us_per_packet = 1e6 * relay_cpu / (got.max(1) as f64);
-    while set.join_next().await.is_some() {}
-    r.blast_sent = sent_total.load(Ordering::Relaxed);
-    r.blast_received = got;
-    r.forward_pps = got as f64 / secs;
-    r.forward_mbps = r.forward_pps * (PAYLOAD * 8) as f64 / 1e6;
+    r.saturated_gso = phases.pop();
+    let saturated = phases.pop();
+    r.controlled_gso = phases.pop();
+    r.controlled = phases.pop();
+    if let Some(p) = &saturated {
+        r.relay_cpu_forward_percent = p.relay_cpu_percent;
+        r.relay_us_per_packet = p.relay_us_per_forwarded;
+        r.blast_sent = p.sent;
+        r.blast_received = p.received;
+        r.forward_pps = p.forwarded_pps();
+        r.forward_mbps = r.forward_pps * (PAYLOAD * 8) as f64 / 1e6;
+    }
+    r.saturated = saturated;
     r.relay_peak_rss_kib = ztna_e2e::peak_rss_kib(relay_pid).unwrap_or(0);
 
     for (s, _) in &agents {
@@ -543,11 +705,16 @@ impl RelayScale {
         let _ = writeln!(
             s,
             "## Relay scale\n\nOne `ztna-relay` on loopback; one simulated connector and N simulated agents in \
-             one process (real quinn connections, real certificates, the real control protocol). \
-             Steady phase: {} s, one {PAYLOAD}-byte datagram per agent per second plus quinn keepalives. \
-             Forwarding phase: {} agents send {PAYLOAD}-byte datagrams as fast as quinn lets them for {} s; \
-             rates are what the connector received. The simulator shares the two cores with the relay.\n",
-            self.plan.steady_secs, self.plan.blast_agents, self.plan.blast_secs
+             one process (real quinn connections, real certificates, the real control protocol; channel data as \
+             raw UDP, as agents send it). Steady phase: {} s, one {PAYLOAD}-byte datagram per agent per second plus \
+             the agents' quinn keepalives. Forwarding phases: {} agents send {PAYLOAD}-byte datagrams for {} s, \
+             at {} datagrams/s together (controlled) and four times that in GSO sends of 8 datagrams (as an agent's \
+             socket sends bulk traffic; the relay reads them with GRO and forwards each batch in one GSO send), then \
+             both as fast as the agents' socket takes them (saturation); \
+             forwarded and dropped are the relay's own counters, receive-buffer errors the kernel's \
+             (`RcvbufErrors`, the relay's and the connector's sockets), and CPU per datagram is the relay's CPU \
+             time over what it forwarded. The simulator shares the two cores with the relay.\n",
+            self.plan.steady_secs, self.plan.blast_agents, self.plan.blast_secs, self.plan.rate_pps
         );
         let _ = writeln!(
             s,
@@ -581,6 +748,39 @@ impl RelayScale {
                     .map(|e| format!(" error: {}", e.lines().next().unwrap_or_default()))
                     .unwrap_or_default()
             );
+        }
+        let _ = writeln!(
+            s,
+            "\n| agents | phase | sent (pkt/s) | relay forwarded (pkt/s) | relay dropped | kernel receive-buffer errors | connector received | relay CPU (%) | relay CPU per forwarded datagram (µs) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for r in &self.runs {
+            for (name, p) in [
+                ("controlled", &r.controlled),
+                ("controlled ×4, GSO batches of 8", &r.controlled_gso),
+                ("saturation", &r.saturated),
+                ("saturation, GSO batches of 8", &r.saturated_gso),
+            ] {
+                let Some(p) = p else {
+                    let _ = writeln!(s, "| {} | {name} | missing | | | | | | |", r.agents);
+                    continue;
+                };
+                let us = if p.relay_us_per_forwarded.is_finite() {
+                    format!("{:.2}", p.relay_us_per_forwarded)
+                } else {
+                    "missing".into()
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {name} | {:.0} | {:.0} | {} | {} | {} | {:.0} | {us} |",
+                    r.agents,
+                    p.sent as f64 / p.secs.max(1e-3),
+                    p.forwarded_pps(),
+                    p.relay_dropped,
+                    p.udp_rcvbuf_errors,
+                    p.received,
+                    p.relay_cpu_percent,
+                );
+            }
         }
         s
     }

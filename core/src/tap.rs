@@ -102,6 +102,29 @@ impl TapSocket {
         send_now(&self.io, &datagram::encode(channel, payload), relay).map(|_| ())
     }
 
+    /// Sends `count` copies of `payload` as channel data on `channel` to `relay` in one GSO
+    /// send (as an agent's socket sends a batch of its inner connection's packets). Falls back
+    /// to one send each where the kernel has no GSO.
+    pub fn send_channel_batch(
+        &self,
+        relay: SocketAddr,
+        channel: ChannelId,
+        payload: &[u8],
+        count: usize,
+    ) -> io::Result<()> {
+        let one = datagram::encode(channel, payload);
+        let count = count.clamp(1, self.state.max_gso_segments().max(1));
+        let buf = one.repeat(count);
+        let transmit = Transmit {
+            destination: relay,
+            ecn: None,
+            contents: &buf,
+            segment_size: (count > 1).then_some(one.len()),
+            src_ip: None,
+        };
+        self.state.send((&self.io).into(), &transmit)
+    }
+
     /// Channel-data packets received.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
