@@ -410,6 +410,7 @@ mod tests {
                 sent_packets: 1000,
                 lost_packets: 10,
                 congestion_events: 1,
+                path_longer: 0,
             }),
             rejected: vec![RejectedService {
                 name: "payroll".into(),
@@ -455,6 +456,7 @@ mod tests {
                         sent_packets: 2412,
                         lost_packets: 24,
                         congestion_events: 0,
+                        path_longer: 0,
                     }),
                 },
                 ConnectorStatus {

@@ -13,7 +13,13 @@
 //! - **Bandwidth:** the delivery rate (acknowledged bytes per interval of about one minimum
 //!   RTT), max-filtered over the last [`BW_INTERVALS`] intervals.
 //! - **Minimum RTT:** the smallest RTT sample (ack time − send time) seen in the last
-//!   [`MIN_RTT_WINDOW`]; it expires so that a path change (relay → direct) is followed.
+//!   [`MIN_RTT_WINDOW`]; it expires so that a path change (relay → direct) is followed. A path
+//!   that got longer is followed sooner: when every RTT sample stays above the minimum by more
+//!   than a queue the tunnel could have built ([`elevation_margin`]) for [`DRAIN_PROOF_RTTS`]
+//!   smoothed RTTs while the tunnel drains (its congested state, gain 1 over the minimum RTT),
+//!   the queue is not the tunnel's and the smallest of those samples becomes the minimum.
+//!   Without this, the stale minimum made every random loss on the longer path look like
+//!   congestion and shrank the window below the path's bandwidth-delay product for 10 s.
 //! - **Window:** `GAIN × bandwidth × (RTT + QUEUE_ALLOWANCE)`, between [`MIN_WINDOW_PACKETS`]
 //!   packets and [`MAX_WINDOW`], where RTT is the smoothed RTT kept between the minimum and
 //!   3 × the minimum + [`RTT_CAP_SLACK`] (so a stale minimum after the path got longer does not
@@ -71,6 +77,16 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(5);
 pub const MAX_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a minimum RTT sample stays valid.
 pub const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+/// Smoothed RTTs the RTT must stay elevated while the tunnel drains before the elevated
+/// minimum is taken as the path's (see the module documentation).
+pub const DRAIN_PROOF_RTTS: u32 = 2;
+
+/// How far above `min` the smallest RTT sample of an interval must be for the path to count
+/// as longer rather than queueing behind the tunnel's own traffic: the queue the window allows
+/// ([`QUEUE_ALLOWANCE`]), the congestion threshold, and an eighth of the minimum for jitter.
+pub fn elevation_margin(min: Duration) -> Duration {
+    QUEUE_ALLOWANCE + QUEUE_DELAY_THRESHOLD + min / 8
+}
 
 /// The pure state of the controller.
 #[derive(Debug, Clone)]
@@ -93,6 +109,11 @@ pub struct Estimator {
     smoothed_rtt: Duration,
     congested_until: Option<Instant>,
     congestion_events: u64,
+    /// Since when every interval's smallest RTT sample stayed above the minimum by the
+    /// elevation margin while congested, and the smallest of those samples.
+    elevated: Option<(Instant, Duration)>,
+    /// Times the minimum RTT was raised because the path got longer.
+    path_longer: u64,
     window: u64,
 }
 
@@ -113,6 +134,8 @@ impl Estimator {
             smoothed_rtt: Duration::from_millis(100),
             congested_until: None,
             congestion_events: 0,
+            elevated: None,
+            path_longer: 0,
             window: 0,
         };
         e.window = e.min_window();
@@ -136,6 +159,11 @@ impl Estimator {
     /// The windowed minimum RTT, once sampled.
     pub fn min_rtt(&self) -> Option<Duration> {
         self.min_rtt
+    }
+
+    /// Times the minimum RTT was raised before it expired because the path got longer.
+    pub fn path_longer(&self) -> u64 {
+        self.path_longer
     }
 
     /// Losses that counted as congestion so far.
@@ -189,8 +217,34 @@ impl Estimator {
             self.interval_start = now;
             self.interval_acked = 0;
             self.recent_min_rtt = self.interval_min_rtt.take();
+            self.follow_a_longer_path(now);
         }
         self.update_window(now);
+    }
+
+    /// At the end of an interval: raises the minimum RTT when the path got longer (see the
+    /// module documentation).
+    fn follow_a_longer_path(&mut self, now: Instant) {
+        let (Some(min), Some(recent)) = (self.min_rtt, self.recent_min_rtt) else {
+            return;
+        };
+        if recent <= min + elevation_margin(min) || !self.congested(now) {
+            self.elevated = None;
+            return;
+        }
+        let proof = DRAIN_PROOF_RTTS * self.smoothed_rtt.max(self.interval());
+        let (since, lowest) = self.elevated.get_or_insert((now, recent));
+        *lowest = (*lowest).min(recent);
+        let (since, lowest) = (*since, *lowest);
+        if now.saturating_duration_since(since) >= proof {
+            self.min_rtt = Some(lowest);
+            self.min_rtt_at = now;
+            self.next_min_rtt = None;
+            self.elevated = None;
+            // The losses that made the tunnel drain were measured against the old minimum.
+            self.congested_until = None;
+            self.path_longer += 1;
+        }
     }
 
     /// Packets sent at `sent` were declared lost at `now`; `persistent` is quinn's persistent
@@ -327,6 +381,8 @@ pub struct CarriageStatus {
     /// Losses the controller counted as congestion (the path was queueing when they happened);
     /// every other loss left the window alone.
     pub congestion_events: u64,
+    /// Times the minimum RTT was raised because the path got longer.
+    pub path_longer: u64,
 }
 
 impl CarriageStatus {
@@ -341,11 +397,13 @@ impl CarriageStatus {
             sent_packets: path.sent_packets,
             lost_packets: path.lost_packets,
             congestion_events: 0,
+            path_longer: 0,
         };
         if let Ok(c) = conn.congestion_state().into_any().downcast::<Carriage>() {
             s.bandwidth_mbit = c.est.bandwidth() as f64 * 8.0 / 1e6;
             s.min_rtt_ms = c.est.min_rtt().map(|r| r.as_secs_f64() * 1000.0);
             s.congestion_events = c.est.congestion_events();
+            s.path_longer = c.est.path_longer();
         }
         s
     }
@@ -379,6 +437,8 @@ mod tests {
         rtt: Duration,
         queue: u64,
         loss_every: u64,
+        /// From this time on (since the start), the propagation RTT is the second value.
+        rtt_change: Option<(Duration, Duration)>,
     }
 
     struct Outcome {
@@ -448,7 +508,11 @@ mod tests {
                         link_free =
                             link_free.max(now) + Duration::from_secs_f64(pkt as f64 / self.rate);
                     }
-                    let fire = link_free.max(now) + self.rtt;
+                    let rtt = match self.rtt_change {
+                        Some((at, rtt)) if now - t0 >= at => rtt,
+                        _ => self.rtt,
+                    };
+                    let fire = link_free.max(now) + rtt;
                     in_flight.push_back((now, fire, overflow || random_loss, pkt));
                     in_flight_bytes += pkt;
                 }
@@ -624,10 +688,39 @@ mod tests {
             rtt: Duration::from_millis(40),
             queue: 2 << 20,
             loss_every: 33,
+            rtt_change: None,
         }
         .run(6);
         let r = out.delivered_rate / MBIT;
         assert!(r > 85.0, "delivered {r:.1} Mbit/s");
+    }
+
+    #[test]
+    fn follows_a_path_that_got_longer_without_waiting_for_the_minimum_to_expire() {
+        // 100 Mbit/s with 1 % random loss; at 1 s the RTT goes from 20 to 60 ms (a route
+        // change). The old 20 ms minimum would make every loss look like congestion for 10 s
+        // and starve the window; measured over 3-6 s, the path's rate less the loss.
+        let out = Sim {
+            rate: 100.0 * MBIT,
+            rtt: Duration::from_millis(20),
+            queue: 2 << 20,
+            loss_every: 100,
+            rtt_change: Some((Duration::from_secs(1), Duration::from_millis(60))),
+        }
+        .run(6);
+        let r = out.delivered_rate / MBIT;
+        eprintln!(
+            "after 20 -> 60 ms: delivered {r:.1} Mbit/s, min RTT {:?}, raised {}x",
+            out.est.min_rtt(),
+            out.est.path_longer()
+        );
+        assert!(r > 85.0, "delivered {r:.1} Mbit/s");
+        assert_eq!(out.est.path_longer(), 1);
+        let min = out.est.min_rtt().unwrap();
+        assert!(
+            min >= Duration::from_millis(60) && min < Duration::from_millis(75),
+            "{min:?}"
+        );
     }
 
     #[test]
@@ -639,6 +732,7 @@ mod tests {
             rtt: Duration::from_millis(20),
             queue: 64 << 10,
             loss_every: 0,
+            rtt_change: None,
         }
         .run(6);
         let (d, s) = (out.delivered_rate / MBIT, out.sent_rate / MBIT);
@@ -650,6 +744,11 @@ mod tests {
         );
         assert!(out.est.congestion_events() > 0);
         assert!(out.max_queue <= 64 << 10);
+        assert_eq!(
+            out.est.path_longer(),
+            0,
+            "its own queue is not a longer path"
+        );
     }
 
     #[test]
@@ -661,6 +760,7 @@ mod tests {
             rtt: Duration::from_millis(20),
             queue: (rate as u64),
             loss_every: 0,
+            rtt_change: None,
         }
         .run(6);
         let d = out.delivered_rate / MBIT;
@@ -670,5 +770,10 @@ mod tests {
         let queue_delay = out.max_queue as f64 / rate;
         eprintln!("flood into a deep queue: standing queue {queue_delay:.3} s");
         assert!(queue_delay < 0.2, "standing queue {queue_delay:.3} s");
+        assert_eq!(
+            out.est.path_longer(),
+            0,
+            "its own queue is not a longer path"
+        );
     }
 }
