@@ -185,8 +185,7 @@ impl Routes {
 
 /// The socket. Create with [`MuxSocket::bind`], give it to [`quinn::Endpoint::new_with_abstract_socket`].
 pub struct MuxSocket {
-    io: tokio::net::UdpSocket,
-    state: UdpSocketState,
+    udp: UdpIo,
     v4: bool,
     next_virtual: AtomicU32,
     routes: RwLock<Routes>,
@@ -202,7 +201,7 @@ pub struct MuxSocket {
 impl fmt::Debug for MuxSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MuxSocket")
-            .field("local", &self.io.local_addr().ok())
+            .field("local", &self.udp.io.local_addr().ok())
             .finish_non_exhaustive()
     }
 }
@@ -211,13 +210,11 @@ impl MuxSocket {
     /// Binds the UDP socket. Must be called inside a tokio runtime.
     pub fn bind(addr: SocketAddr) -> io::Result<Arc<Self>> {
         let std_sock = crate::daemon::bind_udp(addr, SOCKET_BUFFER)?;
-        let state = UdpSocketState::new((&std_sock).into())?;
-        disable_gro(&std_sock)?;
-        let io = tokio::net::UdpSocket::from_std(std_sock)?;
+        let udp = UdpIo::new(std_sock)?;
+        disable_gro(&udp.io)?;
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         Ok(Arc::new(Self {
-            io,
-            state,
+            udp,
             v4: addr.is_ipv4(),
             next_virtual: AtomicU32::new(1),
             routes: RwLock::default(),
@@ -235,7 +232,7 @@ impl MuxSocket {
     /// catalog entry can capture it.
     #[cfg(target_os = "linux")]
     pub fn set_mark(&self, mark: u32) -> io::Result<()> {
-        nix::sys::socket::setsockopt(&self.io, nix::sys::socket::sockopt::Mark, &mark)
+        nix::sys::socket::setsockopt(&self.udp.io, nix::sys::socket::sockopt::Mark, &mark)
             .map_err(io::Error::from)
     }
 
@@ -252,7 +249,7 @@ impl MuxSocket {
     /// port, this socket's `SO_MARK`), sending with `ttl`: one of the many NAT mappings of a
     /// port-prediction attempt ([`crate::birthday`]). Must be called inside a tokio runtime.
     pub fn bind_extra(&self, ttl: u8) -> io::Result<tokio::net::UdpSocket> {
-        let local = self.io.local_addr()?;
+        let local = self.udp.io.local_addr()?;
         let sock = crate::daemon::bind_udp(SocketAddr::new(local.ip(), 0), 1 << 16)?;
         let s2 = socket2::SockRef::from(&sock);
         if self.v4 {
@@ -263,7 +260,7 @@ impl MuxSocket {
         #[cfg(target_os = "linux")]
         {
             use nix::sys::socket::{getsockopt, setsockopt, sockopt::Mark};
-            if let Ok(mark) = getsockopt(&self.io, Mark) {
+            if let Ok(mark) = getsockopt(&self.udp.io, Mark) {
                 if mark != 0 {
                     setsockopt(&sock, Mark, &mark).map_err(io::Error::from)?;
                 }
@@ -487,7 +484,7 @@ impl MuxSocket {
 
     /// Sends a probe as plain UDP. A full socket buffer drops it (probes are retried).
     pub fn send_probe(&self, to: SocketAddr, pkt: &[u8]) -> io::Result<()> {
-        self.io.try_send_to(pkt, to).map(|_| ())
+        self.udp.io.try_send_to(pkt, to).map(|_| ())
     }
 
     /// Sends a probe as plain UDP, with `ttl` (the IPv6 hop limit on an IPv6 socket) instead of
@@ -503,8 +500,8 @@ impl MuxSocket {
         let Some(ttl) = ttl else {
             return self.send_probe(to, pkt);
         };
-        self.io.try_io(Interest::WRITABLE, || {
-            send_with_ttl(&self.io, self.v4, to, pkt, ttl)
+        self.udp.io.try_io(Interest::WRITABLE, || {
+            send_with_ttl(&self.udp.io, self.v4, to, pkt, ttl)
         })
     }
 
@@ -551,7 +548,7 @@ impl MuxSocket {
                 src_ip: None,
             };
             // Straight to the kernel (see `send_now`): a relay channel never waits.
-            match self.state.send((&self.io).into(), &out) {
+            match self.udp.send_now(&out) {
                 Ok(()) => {
                     let n = segments as u64;
                     route.counters.relay_tx.fetch_add(n, Ordering::Relaxed);
@@ -618,15 +615,9 @@ impl MuxSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.io.poll_recv_ready(cx))?;
-            if let Ok(n) = self.io.try_io(Interest::READABLE, || {
-                self.state.recv((&self.io).into(), bufs, meta)
-            }) {
-                self.classify_udp(&mut bufs[..n], &mut meta[..n]);
-                return Poll::Ready(Ok(n));
-            }
-        }
+        let n = ready!(self.udp.poll_recv(cx, bufs, meta))?;
+        self.classify_udp(&mut bufs[..n], &mut meta[..n]);
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -732,8 +723,8 @@ impl MuxSocket {
             segment_size: transmit.segment_size,
             src_ip: None,
         };
-        let res = self.io.try_io(Interest::WRITABLE, || {
-            self.state.send((&self.io).into(), &direct)
+        let res = self.udp.io.try_io(Interest::WRITABLE, || {
+            self.udp.state.send((&self.udp.io).into(), &direct)
         });
         if res.is_ok() {
             let seg = transmit
@@ -768,31 +759,15 @@ pub fn send_now(sock: &tokio::net::UdpSocket, pkt: &[u8], to: SocketAddr) -> io:
 ///
 /// quinn copies each received GRO batch (up to 64 packets, about 90 KiB) into one buffer, and
 /// every packet decrypted from it keeps the whole buffer alive while it waits in quinn's
-/// endpoint-to-connection queue, which has no bound. Packets on a relay channel are throttled by
-/// the outer connection first, but a direct path delivers them at line rate: an iperf3 UDP flood
+/// endpoint-to-connection queue, which has no bound. A direct path (and a relay channel, now that
+/// channel data is plain UDP) delivers packets at line rate: an iperf3 UDP flood
 /// (`-b 0`) through a direct path raised the connector's peak RSS to 125-160 MiB with GRO, and
 /// left it at 8 MiB without (e2e measurement, same machine), for about 10% less flood
 /// throughput and the same TCP throughput (2.4 Gbit/s).
 #[cfg(target_os = "linux")]
-fn disable_gro(sock: &std::net::UdpSocket) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let off: libc::c_int = 0;
-    // SAFETY: the fd is open for the duration of the call, and the option value is a c_int
-    // whose size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_GRO,
-            std::ptr::from_ref(&off).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+fn disable_gro(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::UdpGroSegment, &false)
+        .map_err(io::Error::from)
 }
 
 /// One datagram to `to` with its own TTL / hop limit (IP_TTL or IPV6_HOPLIMIT in a control
@@ -838,7 +813,7 @@ fn send_with_ttl(
 }
 
 #[cfg(not(target_os = "linux"))]
-fn disable_gro(_sock: &std::net::UdpSocket) -> io::Result<()> {
+fn disable_gro<S>(_sock: &S) -> io::Result<()> {
     Ok(())
 }
 
@@ -875,9 +850,7 @@ impl AsyncUdpSocket for MuxSocket {
             // Like a UDP socket whose packet was lost on the way: the sender's loss recovery copes.
             return Ok(());
         }
-        self.io.try_io(Interest::WRITABLE, || {
-            self.state.send((&self.io).into(), transmit)
-        })
+        self.udp.try_send(transmit)
     }
 
     fn poll_recv(
@@ -902,11 +875,11 @@ impl AsyncUdpSocket for MuxSocket {
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.io.local_addr()
+        self.udp.io.local_addr()
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.state.max_gso_segments()
+        self.udp.state.max_gso_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
@@ -915,7 +888,7 @@ impl AsyncUdpSocket for MuxSocket {
     }
 
     fn may_fragment(&self) -> bool {
-        self.state.may_fragment()
+        self.udp.state.may_fragment()
     }
 }
 
@@ -930,7 +903,61 @@ pub trait WritableSocket: Send + Sync + 'static {
 
 impl WritableSocket for MuxSocket {
     fn udp(&self) -> &tokio::net::UdpSocket {
-        &self.io
+        &self.udp.io
+    }
+}
+
+/// A tokio UDP socket with quinn-udp's state: the plumbing that ztna's [`AsyncUdpSocket`]s
+/// ([`MuxSocket`], and the [`FilteredSocket`]s of the relay and of [`crate::tap`]) share.
+#[derive(Debug)]
+pub struct UdpIo {
+    /// The socket.
+    pub io: tokio::net::UdpSocket,
+    /// quinn-udp's per-socket state (GSO, GRO, ECN, control messages).
+    pub state: UdpSocketState,
+}
+
+impl UdpIo {
+    /// Wraps a bound socket (made non-blocking). Must be called inside a tokio runtime.
+    pub fn new(sock: std::net::UdpSocket) -> io::Result<Self> {
+        let state = UdpSocketState::new((&sock).into())?;
+        sock.set_nonblocking(true)?;
+        Ok(Self {
+            io: tokio::net::UdpSocket::from_std(sock)?,
+            state,
+        })
+    }
+
+    /// quinn's send: through tokio's readiness, so that quinn waits when the socket is full.
+    pub fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        self.io.try_io(Interest::WRITABLE, || {
+            self.state.send((&self.io).into(), transmit)
+        })
+    }
+
+    /// A send straight to the kernel, not through tokio's readiness flag (see [`send_now`]):
+    /// one that would block is an error, which callers count as a drop.
+    pub fn send_now(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        self.state.send((&self.io).into(), transmit)
+    }
+
+    /// Receives a batch (recvmmsg, GRO where on).
+    pub fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.io.poll_recv_ready(cx))?;
+            // An error other than "would block" (an ICMP error reported on the socket, say)
+            // is not the endpoint's end: read on.
+            if let Ok(n) = self.io.try_io(Interest::READABLE, || {
+                self.state.recv((&self.io).into(), bufs, meta)
+            }) {
+                return Poll::Ready(Ok(n));
+            }
+        }
     }
 }
 
@@ -968,6 +995,84 @@ impl<S: WritableSocket> UdpPoller for Poller<S> {
     }
 }
 
+/// What a [`FilteredSocket`] does with each received batch before quinn sees it.
+pub trait RecvFilter: fmt::Debug + Send + Sync + 'static {
+    /// Takes what is not quinn's out of a received batch (sets its length to 0, which quinn
+    /// skips); `udp` is the socket, for sending on.
+    fn filter(&self, udp: &UdpIo, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]);
+}
+
+/// An [`AsyncUdpSocket`] on a [`UdpIo`] whose received batches pass a [`RecvFilter`] first
+/// (GRO on, quinn's defaults otherwise). Dereferences to the filter.
+#[derive(Debug)]
+pub struct FilteredSocket<F> {
+    udp: UdpIo,
+    filter: F,
+}
+
+impl<F: RecvFilter> FilteredSocket<F> {
+    /// A socket on `udp` whose batches pass `filter`.
+    pub fn new(udp: UdpIo, filter: F) -> Arc<Self> {
+        Arc::new(Self { udp, filter })
+    }
+
+    /// The socket underneath.
+    pub fn udp_io(&self) -> &UdpIo {
+        &self.udp
+    }
+}
+
+impl<F> std::ops::Deref for FilteredSocket<F> {
+    type Target = F;
+
+    fn deref(&self) -> &F {
+        &self.filter
+    }
+}
+
+impl<F: RecvFilter> WritableSocket for FilteredSocket<F> {
+    fn udp(&self) -> &tokio::net::UdpSocket {
+        &self.udp.io
+    }
+}
+
+impl<F: RecvFilter> AsyncUdpSocket for FilteredSocket<F> {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(Poller::new(self))
+    }
+
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        self.udp.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(self.udp.poll_recv(cx, bufs, meta))?;
+        self.filter.filter(&self.udp, &bufs[..n], &mut meta[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.io.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.udp.state.max_gso_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.udp.state.gro_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.udp.state.may_fragment()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1002,7 +1107,7 @@ mod tests {
             .unwrap();
         let to = rx.local_addr().unwrap();
         // A fresh socket is not known to be writable until the reactor has seen it.
-        s.io.writable().await.unwrap();
+        s.udp.io.writable().await.unwrap();
         s.send_probe_with_ttl(to, b"opening", Some(3)).unwrap();
         s.send_probe_with_ttl(to, b"default", None).unwrap();
         s.send_probe_with_ttl(to, b"opening", Some(2)).unwrap();
@@ -1076,7 +1181,7 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-        assert_eq!(from, s.io.local_addr().unwrap());
+        assert_eq!(from, s.udp.io.local_addr().unwrap());
         // Received on the extra socket, handed to quinn as the virtual address's.
         assert!(s.deliver_direct(vaddr, Bytes::from_static(b"back")));
         let got = s.inbound_rx.lock().unwrap().try_recv().unwrap();

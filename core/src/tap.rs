@@ -6,27 +6,24 @@
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
-use quinn::{AsyncUdpSocket, UdpPoller};
-use tokio::io::Interest;
+use quinn::udp::{RecvMeta, Transmit};
 use tokio::sync::mpsc;
 use ztna_proto::{datagram, ChannelId};
 
-use crate::mux::{send_now, Poller, WritableSocket};
+use crate::mux::{send_now, FilteredSocket, RecvFilter, UdpIo};
 
 /// Channel data received: the channel and the packet behind the header.
 pub type Received = (ChannelId, Bytes);
 
 /// The socket. See the module documentation.
-pub struct TapSocket {
-    io: tokio::net::UdpSocket,
-    state: UdpSocketState,
+pub type TapSocket = FilteredSocket<Tap>;
+
+/// The tap's side of a [`TapSocket`]: counters and the queue.
+pub struct Tap {
     queue: Option<mpsc::Sender<Received>>,
     /// Which packets go to the queue (the others are only counted).
     keep: fn(&[u8]) -> bool,
@@ -34,9 +31,9 @@ pub struct TapSocket {
     dropped: AtomicU64,
 }
 
-impl fmt::Debug for TapSocket {
+impl fmt::Debug for Tap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TapSocket").finish_non_exhaustive()
+        f.debug_struct("Tap").finish_non_exhaustive()
     }
 }
 
@@ -57,23 +54,20 @@ impl TapSocket {
         queue: usize,
         keep: fn(&[u8]) -> bool,
     ) -> io::Result<(Arc<Self>, Option<mpsc::Receiver<Received>>)> {
-        let sock = crate::daemon::bind_udp(addr, 8 << 20)?;
-        let state = UdpSocketState::new((&sock).into())?;
+        let udp = UdpIo::new(crate::daemon::bind_udp(addr, 8 << 20)?)?;
         let (tx, rx) = if queue > 0 {
             let (tx, rx) = mpsc::channel(queue);
             (Some(tx), Some(rx))
         } else {
             (None, None)
         };
-        let s = Arc::new(Self {
-            io: tokio::net::UdpSocket::from_std(sock)?,
-            state,
+        let tap = Tap {
             queue: tx,
             keep,
             received: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
-        });
-        Ok((s, rx))
+        };
+        Ok((Self::new(udp, tap), rx))
     }
 
     /// A client endpoint on this socket (QUIC fixed bit never greased).
@@ -99,7 +93,12 @@ impl TapSocket {
         channel: ChannelId,
         payload: &[u8],
     ) -> io::Result<()> {
-        send_now(&self.io, &datagram::encode(channel, payload), relay).map(|_| ())
+        send_now(
+            &self.udp_io().io,
+            &datagram::encode(channel, payload),
+            relay,
+        )
+        .map(|_| ())
     }
 
     /// Sends `count` copies of `payload` as channel data on `channel` to `relay` in one GSO
@@ -113,7 +112,7 @@ impl TapSocket {
         count: usize,
     ) -> io::Result<()> {
         let one = datagram::encode(channel, payload);
-        let count = count.clamp(1, self.state.max_gso_segments().max(1));
+        let count = count.clamp(1, self.udp_io().state.max_gso_segments().max(1));
         let buf = one.repeat(count);
         let transmit = Transmit {
             destination: relay,
@@ -122,9 +121,11 @@ impl TapSocket {
             segment_size: (count > 1).then_some(one.len()),
             src_ip: None,
         };
-        self.state.send((&self.io).into(), &transmit)
+        self.udp_io().send_now(&transmit)
     }
+}
 
+impl Tap {
     /// Channel-data packets received.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
@@ -164,53 +165,8 @@ impl TapSocket {
     }
 }
 
-impl WritableSocket for TapSocket {
-    fn udp(&self) -> &tokio::net::UdpSocket {
-        &self.io
-    }
-}
-
-impl AsyncUdpSocket for TapSocket {
-    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        Box::pin(Poller::new(self))
-    }
-
-    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
-        self.io.try_io(Interest::WRITABLE, || {
-            self.state.send((&self.io).into(), transmit)
-        })
-    }
-
-    fn poll_recv(
-        &self,
-        cx: &mut Context<'_>,
-        bufs: &mut [IoSliceMut<'_>],
-        meta: &mut [RecvMeta],
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.io.poll_recv_ready(cx))?;
-            if let Ok(n) = self.io.try_io(Interest::READABLE, || {
-                self.state.recv((&self.io).into(), bufs, meta)
-            }) {
-                self.take_channel_data(&bufs[..n], &mut meta[..n]);
-                return Poll::Ready(Ok(n));
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.io.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.state.max_gso_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.state.gro_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.state.may_fragment()
+impl RecvFilter for Tap {
+    fn filter(&self, _udp: &UdpIo, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]) {
+        self.take_channel_data(bufs, meta);
     }
 }

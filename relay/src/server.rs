@@ -654,7 +654,7 @@ impl Server {
         let sock = ztna_core::daemon::bind_udp(cfg.bind, SOCKET_BUFFER)
             .with_context(|| format!("binding UDP {}", cfg.bind))?;
         let moved = Arc::new(Notify::new());
-        let sock = crate::udp::RelaySocket::new(
+        let sock = crate::udp::socket(
             sock,
             relay.table.clone(),
             relay.metrics.clone(),

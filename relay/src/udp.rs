@@ -13,26 +13,23 @@
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::task::{ready, Context, Poll};
 
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage};
-use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
-use quinn::{AsyncUdpSocket, UdpPoller};
+use quinn::udp::{RecvMeta, Transmit};
 use smallvec::SmallVec;
-use tokio::io::Interest;
-use ztna_core::mux::{Poller, WritableSocket};
+use ztna_core::mux::{FilteredSocket, RecvFilter, UdpIo};
 use ztna_proto::datagram;
 
 use crate::forward::{Drop, ForwardTable, Verdict};
 use crate::server::Metrics;
 
 /// The socket. Give it to [`quinn::Endpoint::new_with_abstract_socket`].
-pub struct RelaySocket {
-    io: tokio::net::UdpSocket,
-    state: UdpSocketState,
+pub type RelaySocket = FilteredSocket<Forwarder>;
+
+/// The relay's side of its socket: the forwarding table it reads, and where it counts.
+pub struct Forwarder {
     table: Arc<RwLock<ForwardTable>>,
     metrics: Arc<Metrics>,
     /// Woken when a QUIC packet of an established connection comes from an address no session
@@ -50,35 +47,38 @@ thread_local! {
 /// Datagrams one `sendmmsg` takes: quinn reads at most this many per batch.
 const MMSG_BATCH: usize = quinn::udp::BATCH_SIZE;
 
-impl fmt::Debug for RelaySocket {
+impl fmt::Debug for Forwarder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RelaySocket")
-            .field("local", &self.io.local_addr().ok())
-            .finish_non_exhaustive()
+        f.debug_struct("Forwarder").finish_non_exhaustive()
     }
 }
 
-impl RelaySocket {
-    /// Wraps a bound UDP socket. Must be called inside a tokio runtime.
-    pub fn new(
-        sock: std::net::UdpSocket,
-        table: Arc<RwLock<ForwardTable>>,
-        metrics: Arc<Metrics>,
-        moved: Arc<tokio::sync::Notify>,
-    ) -> io::Result<Arc<Self>> {
-        let state = UdpSocketState::new((&sock).into())?;
-        sock.set_nonblocking(true)?;
-        Ok(Arc::new(Self {
-            io: tokio::net::UdpSocket::from_std(sock)?,
-            state,
+/// Wraps a bound UDP socket. Must be called inside a tokio runtime.
+pub fn socket(
+    sock: std::net::UdpSocket,
+    table: Arc<RwLock<ForwardTable>>,
+    metrics: Arc<Metrics>,
+    moved: Arc<tokio::sync::Notify>,
+) -> io::Result<Arc<RelaySocket>> {
+    Ok(FilteredSocket::new(
+        UdpIo::new(sock)?,
+        Forwarder {
             table,
             metrics,
             moved,
-        }))
-    }
+        },
+    ))
+}
 
+impl RecvFilter for Forwarder {
+    fn filter(&self, udp: &UdpIo, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]) {
+        self.forward(udp, bufs, meta);
+    }
+}
+
+impl Forwarder {
     /// Forwards the channel data in a received batch and hides it from quinn.
-    fn forward(&self, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]) {
+    fn forward(&self, udp: &UdpIo, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]) {
         let mut table = None;
         // Single datagrams, sent together at the end.
         let mut singles: SmallVec<[(SocketAddr, &[u8]); MMSG_BATCH]> = SmallVec::new();
@@ -100,7 +100,7 @@ impl RelaySocket {
                 match table.route(m.addr, data) {
                     Verdict::Forward(to) => {
                         if singles.len() == MMSG_BATCH {
-                            self.send_many(&singles);
+                            self.send_many(udp, &singles);
                             singles.clear();
                         }
                         singles.push((to, data));
@@ -119,14 +119,14 @@ impl RelaySocket {
                         Some((dest, _, run_end)) if *dest == to => *run_end = end,
                         _ => {
                             if let Some((dest, s, e)) = run.take() {
-                                self.send(dest, &data[s..e], stride);
+                                self.send(udp, dest, &data[s..e], stride);
                             }
                             run = Some((to, start, end));
                         }
                     },
                     Verdict::Drop(why) => {
                         if let Some((dest, s, e)) = run.take() {
-                            self.send(dest, &data[s..e], stride);
+                            self.send(udp, dest, &data[s..e], stride);
                         }
                         self.count_drop(why);
                     }
@@ -134,17 +134,17 @@ impl RelaySocket {
                 start = end;
             }
             if let Some((dest, s, e)) = run {
-                self.send(dest, &data[s..e], stride);
+                self.send(udp, dest, &data[s..e], stride);
             }
         }
         if !singles.is_empty() {
-            self.send_many(&singles);
+            self.send_many(udp, &singles);
         }
     }
 
     /// Sends single datagrams, each to its own address, in one `sendmmsg`. What the kernel did
     /// not take (a full send buffer) is dropped and counted.
-    fn send_many(&self, out: &[(SocketAddr, &[u8])]) {
+    fn send_many(&self, udp: &UdpIo, out: &[(SocketAddr, &[u8])]) {
         use std::os::fd::AsRawFd;
         let sent = MMSG.with_borrow_mut(|hdrs| {
             // Plain arrays (no destructor): sendmmsg ties the slices' lifetime to its borrow.
@@ -156,7 +156,7 @@ impl RelaySocket {
                 addrs[i] = Some(SockaddrStorage::from(*to));
             }
             nix::sys::socket::sendmmsg(
-                self.io.as_raw_fd(),
+                udp.io.as_raw_fd(),
                 &mut *hdrs,
                 &slices[..n],
                 &addrs[..n],
@@ -197,7 +197,7 @@ impl RelaySocket {
 
     /// Sends `contents` (segments of `stride` bytes, the last maybe shorter) to `to` in one
     /// call. A full socket buffer drops them, counted, like a queue at a router.
-    fn send(&self, to: SocketAddr, contents: &[u8], stride: usize) {
+    fn send(&self, udp: &UdpIo, to: SocketAddr, contents: &[u8], stride: usize) {
         let segments = contents.len().div_ceil(stride) as u64;
         let transmit = Transmit {
             destination: to,
@@ -208,7 +208,7 @@ impl RelaySocket {
         };
         // Straight to the kernel: tokio's readiness flag is quinn's business, and a UDP send
         // that would block is a drop here, not a wait.
-        match self.state.send((&self.io).into(), &transmit) {
+        match udp.send_now(&transmit) {
             Ok(()) => {
                 self.metrics
                     .datagrams_forwarded
@@ -227,61 +227,5 @@ impl RelaySocket {
                 tracing::trace!(error = %e, "channel data not sent");
             }
         }
-    }
-}
-
-impl AsyncUdpSocket for RelaySocket {
-    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        Box::pin(Poller::new(self))
-    }
-
-    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
-        self.io.try_io(Interest::WRITABLE, || {
-            self.state.send((&self.io).into(), transmit)
-        })
-    }
-
-    fn poll_recv(
-        &self,
-        cx: &mut Context<'_>,
-        bufs: &mut [IoSliceMut<'_>],
-        meta: &mut [RecvMeta],
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.io.poll_recv_ready(cx))?;
-            match self.io.try_io(Interest::READABLE, || {
-                self.state.recv((&self.io).into(), bufs, meta)
-            }) {
-                Ok(n) => {
-                    self.forward(&bufs[..n], &mut meta[..n]);
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // An ICMP error reported on the socket, or the like: the next read goes on.
-                Err(e) => tracing::trace!(error = %e, "relay socket read error"),
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.io.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.state.max_gso_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.state.gro_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.state.may_fragment()
-    }
-}
-
-impl WritableSocket for RelaySocket {
-    fn udp(&self) -> &tokio::net::UdpSocket {
-        &self.io
     }
 }
