@@ -148,9 +148,7 @@ impl Tap {
                         self.received.fetch_add(1, Ordering::Relaxed);
                         let payload = &seg[off..];
                         if let Some(q) = self.queue.as_ref().filter(|_| (self.keep)(payload)) {
-                            if q.try_send((ch, Bytes::copy_from_slice(&seg[off..])))
-                                .is_err()
-                            {
+                            if q.try_send((ch, Bytes::copy_from_slice(payload))).is_err() {
                                 self.dropped.fetch_add(1, Ordering::Relaxed);
                             }
                         }

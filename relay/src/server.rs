@@ -84,8 +84,6 @@ pub struct Metrics {
     pub datagrams_forwarded: AtomicU64,
     /// Bytes forwarded.
     pub bytes_forwarded: AtomicU64,
-    /// Channel data dropped, for any of the reasons below.
-    pub datagrams_dropped: AtomicU64,
     /// Channel data too short for its header or with a channel id out of range.
     pub channel_dropped_malformed: AtomicU64,
     /// Channel data for a channel that is not open (never was, or closed).
@@ -146,6 +144,19 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Channel data dropped, for any reason: the sum of the per-reason counters.
+    pub fn datagrams_dropped(&self) -> u64 {
+        [
+            &self.channel_dropped_malformed,
+            &self.channel_dropped_unknown,
+            &self.channel_dropped_unbound,
+            &self.channel_send_failed,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
+
     /// Prometheus text (OpenMetrics, through `prometheus-client`); names are prefixed
     /// `ztna_relay_`, counters end in `_total`.
     pub fn render(&self) -> String {
@@ -160,7 +171,7 @@ impl Metrics {
             Sample::counter("bytes_forwarded", "Channel bytes forwarded.", g(&self.bytes_forwarded)),
             Sample::counter("candidates_forwarded", "Direct-path candidate lists forwarded (hole punching brokered).", g(&self.candidates_forwarded)),
             Sample::counter("candidates_dropped", "Candidate lists dropped for coming faster than one per 100 ms from one end of a channel.", g(&self.candidates_dropped)),
-            Sample::counter("datagrams_dropped", "Channel datagrams dropped (all reasons).", g(&self.datagrams_dropped)),
+            Sample::counter("datagrams_dropped", "Channel datagrams dropped (all reasons).", self.datagrams_dropped()),
             Sample::counter("channel_dropped_malformed", "Channel data dropped: too short, or a channel id out of range.", g(&self.channel_dropped_malformed)),
             Sample::counter("channel_dropped_unknown", "Channel data dropped: the channel is not open.", g(&self.channel_dropped_unknown)),
             Sample::counter("channel_dropped_unbound", "Channel data dropped: the source is bound to neither end of the channel.", g(&self.channel_dropped_unbound)),

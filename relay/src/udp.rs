@@ -167,21 +167,22 @@ impl Forwarder {
             .unwrap_or(0)
         });
         let bytes: usize = out[..sent].iter().map(|(_, d)| d.len()).sum();
-        self.metrics
-            .datagrams_forwarded
-            .fetch_add(sent as u64, Ordering::Relaxed);
-        self.metrics
-            .bytes_forwarded
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.count_sent(sent as u64, bytes as u64);
         let failed = (out.len() - sent) as u64;
         if failed > 0 {
             self.metrics
                 .channel_send_failed
                 .fetch_add(failed, Ordering::Relaxed);
-            self.metrics
-                .datagrams_dropped
-                .fetch_add(failed, Ordering::Relaxed);
         }
+    }
+
+    fn count_sent(&self, packets: u64, bytes: u64) {
+        self.metrics
+            .datagrams_forwarded
+            .fetch_add(packets, Ordering::Relaxed);
+        self.metrics
+            .bytes_forwarded
+            .fetch_add(bytes, Ordering::Relaxed);
     }
 
     fn count_drop(&self, why: Drop) {
@@ -192,7 +193,6 @@ impl Forwarder {
             Drop::UnboundSource => &m.channel_dropped_unbound,
         };
         c.fetch_add(1, Ordering::Relaxed);
-        m.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Sends `contents` (segments of `stride` bytes, the last maybe shorter) to `to` in one
@@ -209,20 +209,10 @@ impl Forwarder {
         // Straight to the kernel: tokio's readiness flag is quinn's business, and a UDP send
         // that would block is a drop here, not a wait.
         match udp.send_now(&transmit) {
-            Ok(()) => {
-                self.metrics
-                    .datagrams_forwarded
-                    .fetch_add(segments, Ordering::Relaxed);
-                self.metrics
-                    .bytes_forwarded
-                    .fetch_add(contents.len() as u64, Ordering::Relaxed);
-            }
+            Ok(()) => self.count_sent(segments, contents.len() as u64),
             Err(e) => {
                 self.metrics
                     .channel_send_failed
-                    .fetch_add(segments, Ordering::Relaxed);
-                self.metrics
-                    .datagrams_dropped
                     .fetch_add(segments, Ordering::Relaxed);
                 tracing::trace!(error = %e, "channel data not sent");
             }
