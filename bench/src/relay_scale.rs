@@ -279,6 +279,7 @@ pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayScale> {
             deny_list: None,
             crls: vec![],
             reload_poll_secs: None,
+            xdp: None,
         };
         let cfg_path = write(&format!("relay-{n}.toml"), &cfg.to_toml())?;
         let log = dir.join(format!("relay-{n}.log"));

@@ -125,6 +125,8 @@ pub struct RelayConfig {
     pub crls: Vec<PathBuf>,
     /// How often the relay polls its files for changes (written only when set; default 2 s).
     pub reload_poll_secs: Option<u64>,
+    /// `xdp` (the relay's kernel forwarding of channel data); written only when set.
+    pub xdp: Option<String>,
 }
 
 impl RelayConfig {
@@ -178,6 +180,7 @@ impl RelayConfig {
             deny_list: None,
             crls: vec![],
             reload_poll_secs: None,
+            xdp: None,
         }
     }
 
@@ -210,6 +213,9 @@ impl RelayConfig {
         }
         if let Some(p) = self.reload_poll_secs {
             let _ = writeln!(s, "reload_poll_secs = {p}");
+        }
+        if let Some(x) = &self.xdp {
+            let _ = writeln!(s, "xdp = {}", q(x));
         }
         for svc in &self.services {
             let _ = writeln!(s, "\n[[services]]");

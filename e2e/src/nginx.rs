@@ -1,10 +1,12 @@
 //! nginx as a throwaway HTTP server in a test namespace: a temporary config under the test's
-//! directory, no system service, stopped with the topology.
+//! directory, no system service, stopped with the topology; and the web roots it serves.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 
 use crate::topology::{DaemonId, Node, Topology};
 use crate::wait::wait_until;
@@ -59,4 +61,41 @@ pub fn start(t: &Topology, node: Node, listen: &str, root: &Path) -> Result<Daem
     t.ensure_running(id)?;
     t.step(&format!("nginx up on {listen}"));
     Ok(id)
+}
+
+/// Writes `bytes` random bytes to `p`.
+pub fn random_file(p: &Path, bytes: u64) -> Result<()> {
+    let mut src = File::open("/dev/urandom")
+        .context("opening /dev/urandom")?
+        .take(bytes);
+    let mut dst = File::create(p).with_context(|| format!("creating {}", p.display()))?;
+    let n =
+        std::io::copy(&mut src, &mut dst).with_context(|| format!("filling {}", p.display()))?;
+    ensure!(n == bytes, "wrote {n} of {bytes} bytes to {}", p.display());
+    dst.flush()?;
+    Ok(())
+}
+
+/// The sha256 of a file, by `sha256sum`.
+pub fn sha256(t: &Topology, p: &Path) -> Result<String> {
+    let out = t.host(120, ["sha256sum", path(p)?])?;
+    ensure!(out.success(), "{out}");
+    out.stdout
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+        .context("sha256sum printed nothing")
+}
+
+/// A web root with `index.html` (returned, with its body) and, when `big` is set, `big.bin` of
+/// that many bytes.
+pub fn web_root(t: &Topology, big: Option<u64>) -> Result<(PathBuf, String)> {
+    let root = t.dir().join("www");
+    std::fs::create_dir_all(&root).context("creating the web root")?;
+    let body = format!("ztna web {}\n", crate::random_hex(16)?);
+    std::fs::write(root.join("index.html"), &body).context("writing index.html")?;
+    if let Some(n) = big {
+        random_file(&root.join("big.bin"), n)?;
+    }
+    Ok((root, body))
 }

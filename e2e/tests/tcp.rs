@@ -7,12 +7,12 @@
 //! Run: `cargo build --release --bins && cargo test --release -p ztna-e2e --test tcp -- --nocapture`
 //! (as root; nginx, socat, curl, psql and the PostgreSQL server come from `scripts/setup.sh`).
 
-use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use ztna_e2e::nginx::{random_file, sha256, web_root};
 use ztna_e2e::{
     addr, fd_count, helper_bins, rss_kib, run, wait_until, DaemonId, Node, Signal, Stack, Topology,
 };
@@ -41,30 +41,6 @@ fn backend(port: u16) -> String {
 fn path(p: &Path) -> Result<&str> {
     p.to_str()
         .with_context(|| format!("non-UTF-8 path {}", p.display()))
-}
-
-/// Writes `bytes` random bytes to `p`.
-fn random_file(p: &Path, bytes: u64) -> Result<()> {
-    let mut src = File::open("/dev/urandom")
-        .context("opening /dev/urandom")?
-        .take(bytes);
-    let mut dst = File::create(p).with_context(|| format!("creating {}", p.display()))?;
-    let n =
-        std::io::copy(&mut src, &mut dst).with_context(|| format!("filling {}", p.display()))?;
-    ensure!(n == bytes, "wrote {n} of {bytes} bytes to {}", p.display());
-    dst.flush()?;
-    Ok(())
-}
-
-/// The sha256 of a file, by `sha256sum`.
-fn sha256(t: &Topology, p: &Path) -> Result<String> {
-    let out = t.host(120, ["sha256sum", path(p)?])?;
-    ensure!(out.success(), "{out}");
-    out.stdout
-        .split_whitespace()
-        .next()
-        .map(str::to_owned)
-        .context("sha256sum printed nothing")
 }
 
 /// Waits until something listens on TCP `port` in `node` (`ss -Hltn`), without connecting.
@@ -97,19 +73,6 @@ fn field_u64(line: &str, key: &str) -> Result<u64> {
 /// nginx in the backend namespace on 10.10.3.2:80, serving `root`.
 fn start_nginx(t: &Topology, root: &Path) -> Result<DaemonId> {
     ztna_e2e::nginx::start(t, Node::Backend, &format!("{}:80", addr::BACKEND), root)
-}
-
-/// A web root with `index.html` (returned, with its body) and, when `big` is set, `big.bin` of
-/// that many bytes.
-fn web_root(t: &Topology, big: Option<u64>) -> Result<(PathBuf, String)> {
-    let root = t.dir().join("www");
-    std::fs::create_dir_all(&root).context("creating the web root")?;
-    let body = format!("ztna web {}\n", ztna_e2e::random_hex(16)?);
-    std::fs::write(root.join("index.html"), &body).context("writing index.html")?;
-    if let Some(n) = big {
-        random_file(&root.join("big.bin"), n)?;
-    }
-    Ok((root, body))
 }
 
 /// `curl` arguments fetching `n` URLs of `/index.html` with `Connection: close` (a connection

@@ -16,6 +16,7 @@ use ztna_core::tls::TlsFiles;
 use ztna_core::transport::Timing;
 
 use ztna_core::tls::RevocationList;
+pub use ztna_xdp_loader::XdpMode;
 
 use crate::policy::{AccessRule, ConnectorRule, Policy, PolicySource, Reserved, ServiceRule};
 
@@ -23,7 +24,9 @@ use crate::policy::{AccessRule, ConnectorRule, Policy, PolicySource, Reserved, S
 pub const SYSTEM_CONFIG: &str = "/etc/ztna/relay.toml";
 
 /// Keys that `ZTNA_<KEY>` environment variables may set (`ZTNA_LOG` is read by the logger).
-const ENV_KEYS: [&str; 11] = [
+const ENV_KEYS: [&str; 13] = [
+    "xdp",
+    "xdp_interface",
     "deny_list",
     "reload_poll_secs",
     "bind",
@@ -95,6 +98,13 @@ pub struct RelayConfig {
     /// How often the config, deny list and CRL files are checked for changes (seconds; 0: only
     /// on SIGHUP).
     pub reload_poll_secs: u64,
+    /// Channel data forwarded in the kernel by the relay's XDP program: `auto` (native, else
+    /// generic, else userspace with a warning), `native`, `generic` (a startup error if it
+    /// can't attach), `off` (userspace only).
+    pub xdp: XdpMode,
+    /// The interface the XDP program is attached to; default: the interface of `bind`'s
+    /// address, or of the default route when `bind` is unspecified.
+    pub xdp_interface: Option<String>,
 }
 
 impl Default for RelayConfig {
@@ -119,6 +129,8 @@ impl Default for RelayConfig {
             deny_list: None,
             crls: Vec::new(),
             reload_poll_secs: 2,
+            xdp: XdpMode::Off,
+            xdp_interface: None,
         }
     }
 }

@@ -5,6 +5,9 @@
 //! packet. A packet is forwarded only when its channel is open and its source is the address
 //! bound to one end of it; it then goes to the other end's address, unchanged (both ends use
 //! the channel's one number). Everything else is a counted drop: see [`Drop`].
+//!
+//! A [`Mirror`] (the relay's XDP channel map, `crate::xdp`) can be given every change to the
+//! open channels' ends, so that a copy of the table outside this process stays the same.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -49,6 +52,15 @@ struct Session {
     channels: HashSet<u32>,
 }
 
+/// A copy of the open channels' ends kept elsewhere (the XDP program's channel map), told
+/// every change.
+pub trait Mirror: Send + Sync + std::fmt::Debug {
+    /// Channel `ch` is open between these addresses (newly, or an end moved).
+    fn set(&mut self, ch: u32, agent: SocketAddr, connector: SocketAddr);
+    /// Channel `ch` is closed.
+    fn remove(&mut self, ch: u32);
+}
+
 /// Open channels and the addresses bound to their ends.
 #[derive(Debug, Default)]
 pub struct ForwardTable {
@@ -56,9 +68,23 @@ pub struct ForwardTable {
     sessions: HashMap<u64, Session>,
     /// Sessions bound to each address.
     addrs: HashMap<SocketAddr, u32>,
+    mirror: Option<Box<dyn Mirror>>,
 }
 
 impl ForwardTable {
+    /// Tells `mirror` every change from now on, starting with every open channel.
+    pub fn set_mirror(&mut self, mut mirror: Box<dyn Mirror>) {
+        for (ch, e) in &self.channels {
+            mirror.set(*ch, e.agent.addr, e.connector.addr);
+        }
+        self.mirror = Some(mirror);
+    }
+
+    /// Takes the mirror back (the XDP program is detached).
+    pub fn take_mirror(&mut self) -> Option<Box<dyn Mirror>> {
+        self.mirror.take()
+    }
+
     /// Binds session `session` to the address its outer connection comes from now (at hello,
     /// and again when the connection migrates): every channel of the session moves with it.
     pub fn bind_session(&mut self, session: u64, addr: SocketAddr) {
@@ -73,6 +99,9 @@ impl ForwardTable {
                     if end.session == session {
                         end.addr = addr;
                     }
+                }
+                if let Some(m) = self.mirror.as_mut() {
+                    m.set(*ch, e.agent.addr, e.connector.addr);
                 }
             }
         }
@@ -102,6 +131,9 @@ impl ForwardTable {
         for id in [agent, connector] {
             self.sessions.entry(id).or_default().channels.insert(ch);
         }
+        if let Some(m) = self.mirror.as_mut() {
+            m.set(ch, a, c);
+        }
         true
     }
 
@@ -112,6 +144,9 @@ impl ForwardTable {
                 if let Some(s) = self.sessions.get_mut(&id) {
                     s.channels.remove(&ch);
                 }
+            }
+            if let Some(m) = self.mirror.as_mut() {
+                m.remove(ch);
             }
         }
     }
@@ -285,6 +320,39 @@ mod tests {
         );
     }
 
+    /// A mirror that records what it is told.
+    #[derive(Debug, Default, Clone)]
+    struct Recorder(std::sync::Arc<std::sync::Mutex<HashMap<u32, (SocketAddr, SocketAddr)>>>);
+
+    impl Mirror for Recorder {
+        fn set(&mut self, ch: u32, agent: SocketAddr, connector: SocketAddr) {
+            self.0.lock().unwrap().insert(ch, (agent, connector));
+        }
+        fn remove(&mut self, ch: u32) {
+            self.0.lock().unwrap().remove(&ch);
+        }
+    }
+
+    #[test]
+    fn a_mirror_starts_with_the_open_channels_and_follows_every_change() {
+        let mut t = table();
+        let rec = Recorder::default();
+        t.set_mirror(Box::new(rec.clone()));
+        let get = |ch| rec.0.lock().unwrap().get(&ch).copied();
+        assert_eq!(
+            get(7),
+            Some((a("198.51.100.1:4000"), a("203.0.113.2:5000")))
+        );
+        t.bind_session(2, a("203.0.113.2:5001"));
+        assert_eq!(
+            get(7),
+            Some((a("198.51.100.1:4000"), a("203.0.113.2:5001")))
+        );
+        t.remove_session(1);
+        assert_eq!(get(7), None);
+        assert!(t.take_mirror().is_some());
+    }
+
     proptest! {
         /// Whatever the sequence of control-plane changes, a packet is forwarded only from an
         /// end's current address of an open channel, to the other end's, and the indexes agree.
@@ -294,6 +362,8 @@ mod tests {
             probe in proptest::collection::vec(any::<u8>(), 0..12),
         ) {
             let mut t = ForwardTable::default();
+            let rec = Recorder::default();
+            t.set_mirror(Box::new(rec.clone()));
             let mut model: HashMap<u32, (u64, u64)> = HashMap::new();
             let mut addrs: HashMap<u64, SocketAddr> = HashMap::new();
             for (op, s1, s2, ch, port) in ops {
@@ -314,6 +384,11 @@ mod tests {
                 }
             }
             prop_assert_eq!(t.channels_len(), model.len());
+            // The mirror holds exactly the open channels and their ends' current addresses.
+            let mirrored = rec.0.lock().unwrap().clone();
+            let want: HashMap<u32, (SocketAddr, SocketAddr)> =
+                model.iter().map(|(ch, (x, y))| (*ch, (addrs[x], addrs[y]))).collect();
+            prop_assert_eq!(mirrored, want);
             for a in addrs.values() {
                 prop_assert!(t.is_bound(*a));
             }

@@ -18,3 +18,4 @@ pub mod registry;
 pub mod reload;
 pub mod server;
 pub mod udp;
+pub mod xdp;

@@ -141,10 +141,14 @@ pub struct Metrics {
     pub observe_limited: AtomicU64,
     /// Datagrams on the second observation port that were no (whole) address request.
     pub observe_dropped: AtomicU64,
+    /// The XDP program's attach mode: 0 off (userspace), 1 generic, 2 native.
+    pub xdp_mode: AtomicU64,
+    /// The XDP program's counters, once it is attached.
+    pub xdp: std::sync::OnceLock<crate::xdp::Counters>,
 }
 
 impl Metrics {
-    /// Channel data dropped, for any reason: the sum of the per-reason counters.
+    /// Channel data dropped in userspace, for any reason: the sum of the per-reason counters.
     pub fn datagrams_dropped(&self) -> u64 {
         [
             &self.channel_dropped_malformed,
@@ -157,24 +161,35 @@ impl Metrics {
         .sum()
     }
 
+    /// The XDP program's counters now (zeros without it).
+    pub fn xdp_reading(&self) -> crate::xdp::Reading {
+        self.xdp.get().map(|c| c.read()).unwrap_or_default()
+    }
+
     /// Prometheus text (OpenMetrics, through `prometheus-client`); names are prefixed
     /// `ztna_relay_`, counters end in `_total`.
     pub fn render(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // Channel-data totals count both forwarders: the XDP program's and the socket's.
+        let x = self.xdp_reading();
         #[rustfmt::skip]
         let samples = vec![
             Sample::gauge("sessions_active", "Sessions up now.", g(&self.sessions_active)),
             Sample::counter("sessions", "Sessions established.", g(&self.sessions_total)),
             Sample::counter("sessions_rejected", "Peers refused after the handshake.", g(&self.sessions_rejected)),
             Sample::counter("handshakes_failed", "QUIC/TLS handshakes that failed.", g(&self.handshakes_failed)),
-            Sample::counter("datagrams_forwarded", "Channel datagrams forwarded.", g(&self.datagrams_forwarded)),
-            Sample::counter("bytes_forwarded", "Channel bytes forwarded.", g(&self.bytes_forwarded)),
+            Sample::counter("datagrams_forwarded", "Channel datagrams forwarded (in XDP and in userspace).", g(&self.datagrams_forwarded) + x.forwarded),
+            Sample::counter("bytes_forwarded", "Channel bytes forwarded (in XDP and in userspace).", g(&self.bytes_forwarded) + x.bytes_forwarded),
             Sample::counter("candidates_forwarded", "Direct-path candidate lists forwarded (hole punching brokered).", g(&self.candidates_forwarded)),
             Sample::counter("candidates_dropped", "Candidate lists dropped for coming faster than one per 100 ms from one end of a channel.", g(&self.candidates_dropped)),
-            Sample::counter("datagrams_dropped", "Channel datagrams dropped (all reasons).", self.datagrams_dropped()),
-            Sample::counter("channel_dropped_malformed", "Channel data dropped: too short, or a channel id out of range.", g(&self.channel_dropped_malformed)),
-            Sample::counter("channel_dropped_unknown", "Channel data dropped: the channel is not open.", g(&self.channel_dropped_unknown)),
-            Sample::counter("channel_dropped_unbound", "Channel data dropped: the source is bound to neither end of the channel.", g(&self.channel_dropped_unbound)),
+            Sample::counter("datagrams_dropped", "Channel datagrams dropped (all reasons, in XDP and in userspace).", self.datagrams_dropped() + x.dropped_malformed + x.dropped_unknown + x.dropped_unbound + x.dropped_redirect),
+            Sample::counter("channel_dropped_malformed", "Channel data dropped: too short, or a channel id out of range.", g(&self.channel_dropped_malformed) + x.dropped_malformed),
+            Sample::counter("channel_dropped_unknown", "Channel data dropped: the channel is not open.", g(&self.channel_dropped_unknown) + x.dropped_unknown),
+            Sample::counter("channel_dropped_unbound", "Channel data dropped: the source is bound to neither end of the channel.", g(&self.channel_dropped_unbound) + x.dropped_unbound),
+            Sample::gauge("xdp_mode", "The XDP program's attach mode: 0 off (userspace forwarding), 1 generic, 2 native.", g(&self.xdp_mode)),
+            Sample::counter("xdp_forwarded", "Channel datagrams forwarded by the XDP program.", x.forwarded),
+            Sample::counter("xdp_dropped", "Channel datagrams dropped by the XDP program (malformed, unknown channel, unbound source, failed redirect).", x.dropped_malformed + x.dropped_unknown + x.dropped_unbound + x.dropped_redirect),
+            Sample::counter("xdp_passed_channel", "Channel datagrams the XDP program left to userspace (an end not heard from yet, IPv6, fragments).", x.passed_channel),
             Sample::counter("channel_send_failed", "Channel data the kernel did not take (send buffer full).", g(&self.channel_send_failed)),
             Sample::counter("control_errors", "Sessions closed for bad control messages.", g(&self.control_errors)),
             Sample::gauge("channels_active", "Channels open now.", g(&self.channels_active)),
@@ -635,6 +650,8 @@ pub struct Server {
     moved: Arc<Notify>,
     metrics_addr: Option<SocketAddr>,
     admission: AdmissionLimits,
+    /// The XDP program, when it forwards channel data; detached when the server is dropped.
+    xdp: Option<crate::xdp::Attachment>,
 }
 
 impl Server {
@@ -683,6 +700,15 @@ impl Server {
         } else {
             tracing::info!(addr = %local, "relay listening");
         }
+        let xdp = crate::xdp::start(cfg.xdp, cfg.xdp_interface.as_deref(), local)?.map(|x| {
+            relay.table().set_mirror(Box::new(x.channels));
+            relay
+                .metrics
+                .xdp_mode
+                .store(x.attachment.mode().gauge(), Ordering::Relaxed);
+            let _ = relay.metrics.xdp.set(x.counters);
+            x.attachment
+        });
         let observe = bind_observe(local, cfg.bind.port() != 0);
         let list = creds.revocation().list();
         let policy = relay.policy();
@@ -694,6 +720,7 @@ impl Server {
             moved,
             metrics_addr: cfg.metrics,
             admission: AdmissionLimits::default(),
+            xdp,
         })
     }
 
@@ -765,6 +792,9 @@ impl Server {
         drop(sweeper);
         drop(observe);
         tracing::info!("relay shutting down");
+        // Channel data goes to the socket again (and is dropped there) from here on.
+        drop(self.xdp);
+        drop(self.relay.table().take_mirror());
         self.endpoint.close(0u32.into(), b"relay shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         if let Some(t) = metrics_task {

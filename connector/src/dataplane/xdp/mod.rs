@@ -13,9 +13,7 @@
 //! falls back to sockets with a warning; `native`/`generic` fail startup instead.
 
 mod afxdp;
-mod netlink;
 pub(crate) mod ports;
-mod preflight;
 #[cfg(test)]
 pub(crate) mod rewrite;
 
@@ -26,12 +24,12 @@ use std::sync::{Arc, Mutex, Weak};
 
 use anyhow::{bail, Context as _};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, XskMap};
-use aya::programs::{Xdp, XdpMode as AyaMode};
 use aya::Ebpf;
-use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, warn};
 use ztna_connector_ebpf_common as common;
+pub(crate) use ztna_xdp_loader::XdpMode;
+use ztna_xdp_loader::{route_interface, take, Attached};
 
 use super::flows::{FlowId, FlowKey as TableKey};
 use super::packet::reply_key;
@@ -49,20 +47,6 @@ static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
 #[cfg(not(ztna_xdp_object))]
 static OBJECT: Option<&[u8]> = None;
 
-/// How the connector runs its UDP data plane (config key `xdp`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum XdpMode {
-    /// Native XDP, else generic XDP, else per-flow sockets (logged).
-    Auto,
-    /// Native (driver) XDP or a startup error.
-    Native,
-    /// Generic (SKB) XDP or a startup error.
-    Generic,
-    /// Per-flow sockets.
-    Off,
-}
-
 /// Settings of the fast path.
 #[derive(Clone, Debug)]
 pub(crate) struct XdpSettings {
@@ -72,31 +56,6 @@ pub(crate) struct XdpSettings {
     pub(crate) interface: Option<String>,
     /// Local UDP ports of flows (inclusive).
     pub(crate) ports: (u16, u16),
-}
-
-/// Which attachment the program got.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Attached {
-    /// Driver mode.
-    Native,
-    /// SKB mode.
-    Generic,
-}
-
-impl Attached {
-    fn aya(self) -> AyaMode {
-        match self {
-            Attached::Native => AyaMode::Driver,
-            Attached::Generic => AyaMode::Skb,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Attached::Native => "native",
-            Attached::Generic => "generic",
-        }
-    }
 }
 
 /// Where a rewritten reply goes: (agent tunnel address, agent port, service address, service
@@ -182,15 +141,11 @@ pub(crate) fn start(
     first_backend: Option<Ipv4Addr>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Option<Arc<FastPath>>> {
-    let modes: &[Attached] = match settings.mode {
-        XdpMode::Off => {
-            info!("UDP data plane: per-flow sockets (xdp = \"off\")");
-            return Ok(None);
-        }
-        XdpMode::Auto => &[Attached::Native, Attached::Generic],
-        XdpMode::Native => &[Attached::Native],
-        XdpMode::Generic => &[Attached::Generic],
-    };
+    if settings.mode == XdpMode::Off {
+        info!("UDP data plane: per-flow sockets (xdp = \"off\")");
+        return Ok(None);
+    }
+    let modes = settings.mode.attempts();
     match try_start(settings, first_backend, modes, metrics) {
         Ok(fp) => {
             info!(
@@ -210,10 +165,7 @@ pub(crate) fn start(
         }
         Err(e) => Err(e.context(format!(
             "xdp = \"{}\" is configured but the XDP fast path could not start (set xdp = \"auto\" to fall back to sockets)",
-            match settings.mode {
-                XdpMode::Native => "native",
-                _ => "generic",
-            }
+            settings.mode.name()
         ))),
     }
 }
@@ -257,34 +209,8 @@ fn try_start(
     let counters = take(&mut ebpf, common::MAP_COUNTERS)?;
     let xsks: XskMap<MapData> = take(&mut ebpf, common::MAP_XSKS)?;
 
-    let mut errors = Vec::new();
-    let mut attached = None;
-    // Native XDP where the interface's settings can't have it: say what to change.
-    let problems = if modes.contains(&Attached::Native) {
-        preflight::native_problems(&preflight::Facts::read(&interface))
-    } else {
-        Vec::new()
-    };
-    for &mode in modes {
-        if mode == Attached::Native && !problems.is_empty() {
-            warn!(%interface, "native XDP is not possible: {}", problems.join("; "));
-            errors.push(format!("native on {interface}: {}", problems.join("; ")));
-            continue;
-        }
-        match attach(&mut ebpf, &interface, mode) {
-            Ok(link) => {
-                attached = Some((mode, link));
-                break;
-            }
-            Err(e) => {
-                debug!(mode = mode.name(), %interface, error = %format!("{e:#}"), "XDP attach failed");
-                errors.push(format!("{} on {interface}: {e:#}", mode.name()));
-            }
-        }
-    }
-    let Some((mode, link)) = attached else {
-        bail!("attaching the XDP program failed: {}", errors.join("; "));
-    };
+    let (mode, link) =
+        ztna_xdp_loader::attach_first(&mut ebpf, common::PROGRAM, &interface, modes)?;
     let raw = Socket::new(
         Domain::IPV4,
         Type::RAW,
@@ -312,89 +238,13 @@ fn try_start(
         stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         metrics: metrics.clone(),
     });
-    metrics.xdp_mode.store(
-        if mode == Attached::Native { 2 } else { 1 },
-        Ordering::Relaxed,
-    );
+    metrics.xdp_mode.store(mode.gauge(), Ordering::Relaxed);
     Ok(fp)
 }
 
-/// Loads the object (creating its maps) and its XDP program (the verifier runs here).
+/// Loads the object and its program (the verifier runs here).
 fn load(object: &[u8]) -> anyhow::Result<Ebpf> {
-    let mut ebpf = Ebpf::load(object).context(
-        "loading the XDP object (creating its maps needs CAP_BPF and CAP_NET_ADMIN, or root)",
-    )?;
-    xdp_program(&mut ebpf)?.load().context(
-        "loading the XDP program into the kernel (verifier, or missing CAP_BPF/CAP_NET_ADMIN)",
-    )?;
-    Ok(ebpf)
-}
-
-/// The object's XDP program.
-fn xdp_program(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
-    ebpf.program_mut(common::PROGRAM)
-        .context("the object has no XDP program")?
-        .try_into()
-        .context("the program is not XDP")
-}
-
-/// Attaches the program to `interface` in `mode`. A program already attached through netlink
-/// (left by a crashed process on a kernel without XDP links, or by `ip link set ... xdp`) makes
-/// the attach fail with EBUSY: it is removed, with a warning, and the attach tried once more.
-fn attach(
-    ebpf: &mut Ebpf,
-    interface: &str,
-    mode: Attached,
-) -> anyhow::Result<aya::programs::xdp::XdpLinkId> {
-    let program = xdp_program(ebpf)?;
-    match program.attach(interface, mode.aya()) {
-        Ok(link) => Ok(link),
-        Err(e) if is_busy(&e) => {
-            warn!(
-                %interface,
-                "another XDP program is attached to the interface (left by a crashed process, or \
-                 attached with `ip link`); replacing it"
-            );
-            let index = if_index(interface)?;
-            for flags in [netlink::XDP_FLAGS_DRV_MODE, netlink::XDP_FLAGS_SKB_MODE] {
-                if let Err(e) = netlink::set_xdp_fd(index, -1, flags) {
-                    debug!(%interface, flags, error = %e, "removing an XDP program");
-                }
-            }
-            program
-                .attach(interface, mode.aya())
-                .context("attaching after removing the program that was there")
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Whether an attach failed because another program holds the interface.
-fn is_busy(e: &aya::programs::ProgramError) -> bool {
-    matches!(
-        e,
-        aya::programs::ProgramError::SyscallError(s)
-            if matches!(s.io_error.raw_os_error(), Some(libc::EBUSY | libc::EEXIST))
-    )
-}
-
-/// The index of `interface`.
-fn if_index(interface: &str) -> anyhow::Result<u32> {
-    let name = std::ffi::CString::new(interface).context("interface name")?;
-    // SAFETY: a valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    anyhow::ensure!(index != 0, "no interface {interface}");
-    Ok(index)
-}
-
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-    ebpf: &mut Ebpf,
-    name: &str,
-) -> anyhow::Result<T> {
-    let map = ebpf
-        .take_map(name)
-        .with_context(|| format!("the XDP object has no map {name}"))?;
-    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+    ztna_xdp_loader::load(object, common::PROGRAM)
 }
 
 impl FastPath {
@@ -661,8 +511,8 @@ impl FastPath {
         }
         if let Some((mut ebpf, link)) = lock(&self.program).take() {
             self.sync_metrics();
-            let detached =
-                xdp_program(&mut ebpf).and_then(|p| p.detach(link).map_err(anyhow::Error::from));
+            let detached = ztna_xdp_loader::xdp_program(&mut ebpf, common::PROGRAM)
+                .and_then(|p| p.detach(link).map_err(anyhow::Error::from));
             match detached {
                 Ok(()) => info!(interface = %self.interface, "XDP program detached"),
                 Err(e) => warn!(interface = %self.interface, "detaching the XDP program: {e:#}"),
@@ -747,28 +597,6 @@ fn port_unreachable_about(p: &[u8], local: Ipv4Addr) -> Option<(u16, SocketAddrV
     let dst = Ipv4Addr::new(quoted[16], quoted[17], quoted[18], quoted[19]);
     let port = |at: usize| u16::from_be_bytes([quoted[at], quoted[at + 1]]);
     Some((port(qihl), SocketAddrV4::new(dst, port(qihl + 2))))
-}
-
-/// The interface of the longest-prefix IPv4 route to `dst` (from `/proc/net/route`).
-fn route_interface(dst: Ipv4Addr) -> anyhow::Result<Option<String>> {
-    let table = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
-    Ok(best_route(&table, dst))
-}
-
-/// Parses `/proc/net/route` text (addresses in host-order hex of the network-order bytes).
-fn best_route(table: &str, dst: Ipv4Addr) -> Option<String> {
-    let dst = u32::from_ne_bytes(dst.octets());
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let dest = u32::from_str_radix(f.get(1)?, 16).ok()?;
-            let mask = u32::from_str_radix(f.get(7)?, 16).ok()?;
-            (dst & mask == dest).then(|| (mask.count_ones(), f[0].to_owned()))
-        })
-        .max_by_key(|(bits, _)| *bits)
-        .map(|(_, name)| name)
 }
 
 /// The source address the kernel picks towards `dst`.

@@ -7,6 +7,7 @@
 //! kernel's arithmetic. Frames are classified by the same raw-byte rules as in the kernel.
 
 use ztna_connector_ebpf_common::{Config, FlowKey, FlowValue, REWRITE_TTL};
+use ztna_xdp_loader::checksum::refresh_ipv4_udp;
 
 /// What the XDP program does with a frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,20 +35,6 @@ const IP_OFFSET: u16 = 0x1fff;
 
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-/// One's complement sum of 16-bit words (an odd last byte is padded with zero), not folded.
-fn sum_words(data: &[u8]) -> u32 {
-    data.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum()
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// Classifies `frame` as the XDP program does and builds the rewritten packet.
@@ -95,21 +82,9 @@ pub(crate) fn classify(
     p[16..20].copy_from_slice(&v.agent_addr);
     p[8] = REWRITE_TTL;
     p[6..8].copy_from_slice(&(frag & !IP_DF).to_be_bytes());
-    p[10..12].fill(0);
-    let ip_sum = fold(sum_words(&p[..ihl]));
-    p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
     p[udp..udp + 2].copy_from_slice(&v.service_port);
     p[udp + 2..udp + 4].copy_from_slice(&v.agent_port);
-    if be16(&p, udp + 6) != 0 {
-        // Recompute over the UDP length (bounded by what the frame holds).
-        let udp_len = usize::from(be16(&p, udp + 4));
-        let end = (udp + udp_len.max(8)).min(p.len());
-        p[udp + 6..udp + 8].fill(0);
-        let pseudo = sum_words(&p[12..20]) + 17 + u32::from(be16(&p, udp + 4));
-        let sum = fold(pseudo + sum_words(&p[udp..end]));
-        let sum = if sum == 0 { 0xffff } else { sum };
-        p[udp + 6..udp + 8].copy_from_slice(&sum.to_be_bytes());
-    }
+    refresh_ipv4_udp(&mut p);
     Verdict::Redirect { key, packet: p }
 }
 

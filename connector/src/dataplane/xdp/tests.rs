@@ -5,27 +5,11 @@
 use super::rewrite::tests::{frame, lookup, value, BACKEND, CFG};
 use super::rewrite::{classify, Verdict};
 use super::*;
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{TestRun, TestRunOptions, Xdp, XdpMode as AyaMode};
+use ztna_xdp_loader::{attach, if_index, is_busy, netlink, xdp_program};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-
-#[test]
-fn best_route_is_the_longest_prefix() {
-    let table =
-        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
-                 wan0\t00000000\t01000A0A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-                 back0\t00030A0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
-    assert_eq!(
-        best_route(table, Ipv4Addr::new(10, 10, 3, 2)).as_deref(),
-        Some("back0")
-    );
-    assert_eq!(
-        best_route(table, Ipv4Addr::new(8, 8, 8, 8)).as_deref(),
-        Some("wan0")
-    );
-    assert_eq!(best_route("Iface\n", Ipv4Addr::new(8, 8, 8, 8)), None);
-}
 
 #[test]
 fn reply_keys() {
@@ -130,18 +114,19 @@ fn a_stale_netlink_program_is_replaced() {
         let mut stale = load(object).expect("load");
         let fd = {
             use std::os::fd::{AsFd, AsRawFd};
-            let program = xdp_program(&mut stale).expect("program");
+            let program = xdp_program(&mut stale, common::PROGRAM).expect("program");
             program.fd().expect("fd").as_fd().as_raw_fd()
         };
         netlink::set_xdp_fd(index, fd, netlink::XDP_FLAGS_SKB_MODE).expect("netlink attach");
         drop(stale); // the program stays attached: netlink holds it, not this process
         let mut fresh = load(object).expect("load");
-        let err = xdp_program(&mut fresh)
+        let err = xdp_program(&mut fresh, common::PROGRAM)
             .expect("program")
             .attach("lo", AyaMode::Skb)
             .expect_err("attaching over a netlink program fails");
         assert!(is_busy(&err), "{err}");
-        attach(&mut fresh, "lo", Attached::Generic).expect("the stale program is replaced");
+        attach(&mut fresh, common::PROGRAM, "lo", Attached::Generic)
+            .expect("the stale program is replaced");
     })
     .join()
     .expect("no panic");

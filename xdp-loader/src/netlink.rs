@@ -16,9 +16,9 @@ const IFLA_XDP_FD: u16 = 1;
 const IFLA_XDP_FLAGS: u16 = 3;
 
 /// `XDP_FLAGS_SKB_MODE`.
-pub(super) const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+pub const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 /// `XDP_FLAGS_DRV_MODE`.
-pub(super) const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 
 /// The `RTM_SETLINK` request that sets the XDP program `fd` (-1: none) of interface `index`.
 fn request(index: u32, fd: i32, flags: u32, seq: u32) -> Vec<u8> {
@@ -63,7 +63,7 @@ fn ack_error(reply: &[u8], seq: u32) -> Option<i32> {
 
 /// Sets (or with `fd` -1 removes) the XDP program of interface `index` in the mode `flags`
 /// names, through rtnetlink. Needs CAP_NET_ADMIN.
-pub(super) fn set_xdp_fd(index: u32, fd: i32, flags: u32) -> io::Result<()> {
+pub fn set_xdp_fd(index: u32, fd: i32, flags: u32) -> io::Result<()> {
     // SAFETY: plain socket(2); the result is checked and owned below.
     let raw = unsafe {
         libc::socket(

@@ -7,24 +7,24 @@
 
 /// What native XDP depends on, as read from the interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Facts {
+pub struct Facts {
     /// The interface.
-    pub(super) interface: String,
+    pub interface: String,
     /// Kernel driver name (`ena`, `virtio_net`, ...), if the interface has a device.
-    pub(super) driver: Option<String>,
+    pub driver: Option<String>,
     /// Current MTU.
-    pub(super) mtu: u32,
+    pub mtu: u32,
     /// Combined channels: (current, maximum), if the driver reports them.
-    pub(super) combined: Option<(u32, u32)>,
+    pub combined: Option<(u32, u32)>,
 }
 
 /// Largest MTU the ENA driver runs native XDP with (4 KiB pages: a frame, its headroom and
 /// `skb_shared_info` in one page).
-pub(super) const ENA_XDP_MAX_MTU: u32 = 3498;
+pub const ENA_XDP_MAX_MTU: u32 = 3498;
 
 /// What keeps native XDP from attaching on this interface, each with the command that fixes
 /// it; empty when nothing known does. Drivers without known limits pass.
-pub(super) fn native_problems(f: &Facts) -> Vec<String> {
+pub fn native_problems(f: &Facts) -> Vec<String> {
     let mut out = Vec::new();
     let half_queues = |out: &mut Vec<String>| {
         // XDP_TX and redirect use TX queues of their own, taken from the unused half.
@@ -62,7 +62,7 @@ pub(super) fn native_problems(f: &Facts) -> Vec<String> {
 
 impl Facts {
     /// Reads the facts of `interface`; what can't be read is left out (and not checked).
-    pub(super) fn read(interface: &str) -> Self {
+    pub fn read(interface: &str) -> Self {
         let sys = format!("/sys/class/net/{interface}");
         let driver = std::fs::read_link(format!("{sys}/device/driver"))
             .ok()
