@@ -7,6 +7,7 @@
 mod measure;
 mod paths;
 mod profiles;
+mod relay_forward;
 mod relay_scale;
 mod report;
 mod runner;
@@ -41,6 +42,9 @@ struct Args {
     /// Skip the relay-scale benchmark.
     #[arg(long)]
     no_relay_scale: bool,
+    /// Skip relay forwarding on a veth per `xdp` mode (off, generic, native).
+    #[arg(long)]
+    no_relay_forward: bool,
     /// Instead of the usual tests: single-stream TCP (CUBIC and BBR senders) through each
     /// tunnel under impaired path conditions (`bench/src/profiles.rs`); `--paths` picks the
     /// tunnels (default boringtun,wireguard-go,ztna-relay), `--secs` the seconds per cell
@@ -129,6 +133,23 @@ fn main() -> Result<()> {
     let summary = report::summarise(&names, &runs);
     let ratios = report::ratios(&summary);
 
+    let relay_forward = if args.no_relay_forward {
+        None
+    } else {
+        let plan = relay_scale::ScalePlan {
+            agents: vec![10],
+            steady_secs: 1,
+            blast_secs: if smoke { 1 } else { 5 },
+            blast_agents: 10,
+            rate_pps: 50_000,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("ztna-bench-forward-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        Some(relay_forward::run(&plan, dir.path())?)
+    };
+
     let relay_scale = if args.no_relay_scale {
         None
     } else {
@@ -171,6 +192,7 @@ fn main() -> Result<()> {
         summary,
         ratios,
         relay_scale,
+        relay_forward,
     };
     let file = report.write(&args.out)?;
     println!("{}", report.markdown());
@@ -183,7 +205,11 @@ fn main() -> Result<()> {
         + report
             .relay_scale
             .as_ref()
-            .map_or(0, |r| r.runs.iter().filter(|r| r.error.is_some()).count());
+            .map_or(0, |r| r.runs.iter().filter(|r| r.error.is_some()).count())
+        + report
+            .relay_forward
+            .as_ref()
+            .map_or(0, |r| r.modes.iter().filter(|m| m.error.is_some()).count());
     if failed > 0 {
         bail!("{failed} run(s) failed; see the report");
     }

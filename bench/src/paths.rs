@@ -89,6 +89,13 @@ pub(crate) const PATHS: &[PathSpec] = &[
         setup: ztna_relay,
     },
     PathSpec {
+        name: "ztna-relay-xdp",
+        hops: "as ztna-relay, with the relay forwarding channel data in its XDP program (generic \
+               mode on the relay's veth)",
+        unavailable: always_available,
+        setup: ztna_relay_xdp,
+    },
+    PathSpec {
         name: "ztna-direct",
         hops: "agent (TUN) → connector over QUIC on the direct LAN path (hole punched, the relay \
                only brokers it), connector → backend",
@@ -535,6 +542,12 @@ fn wireguard_via(t: &Topology, wg: Wg, endpoint: &str) -> Result<PathUp> {
 fn ztna_relay(t: &Topology) -> Result<PathUp> {
     // The e2e harness keeps the agent on the relay path (`direct_paths = false`).
     ztna(t, "relay", |_| {})
+}
+
+fn ztna_relay_xdp(t: &Topology) -> Result<PathUp> {
+    // Generic: native XDP_TX on a veth whose peer is a bridge port loses its frames on the
+    // kernels here (see docs/architecture.md, "The relay's XDP program").
+    ztna(t, "relay", |s| s.relay_cfg.xdp = Some("generic".into()))
 }
 
 fn ztna_direct(t: &Topology) -> Result<PathUp> {

@@ -59,6 +59,31 @@ pub(crate) struct ScalePlan {
     pub(crate) rate_pps: u64,
 }
 
+/// Where the relay runs and what the simulator binds.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Placement {
+    /// The relay's network namespace; `None`: this one, on loopback, with free ports.
+    pub(crate) relay_netns: Option<String>,
+    /// The relay's address (its UDP port and its metrics endpoint).
+    pub(crate) relay_ip: Ipv4Addr,
+    /// The simulator's address (both of its sockets).
+    pub(crate) sim_ip: Ipv4Addr,
+    /// The relay's `xdp` setting; `None`: its default (off).
+    pub(crate) xdp: Option<String>,
+}
+
+impl Placement {
+    /// Relay and simulator on this namespace's loopback.
+    pub(crate) fn loopback() -> Self {
+        Self {
+            relay_netns: None,
+            relay_ip: Ipv4Addr::LOCALHOST,
+            sim_ip: Ipv4Addr::LOCALHOST,
+            xdp: None,
+        }
+    }
+}
+
 /// The results of every N.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct RelayScale {
@@ -137,6 +162,12 @@ pub(crate) struct Phase {
     pub(crate) relay_cpu_percent: f64,
     /// Relay CPU time per datagram it forwarded, µs.
     pub(crate) relay_us_per_forwarded: f64,
+    /// Datagrams the relay's XDP program forwarded (part of `relay_forwarded`; in generic mode
+    /// a GSO batch from a sender on this machine reaches it, and counts, as one).
+    pub(crate) xdp_forwarded: u64,
+    /// Softirq time of every CPU, % of one core: where XDP (and the kernel's packet receive
+    /// and delivery on every hop) runs.
+    pub(crate) softirq_percent: f64,
 }
 
 impl Phase {
@@ -150,21 +181,48 @@ struct Marks {
     at: Instant,
     cpu: f64,
     forwarded: u64,
+    xdp_forwarded: u64,
     dropped: u64,
     rcvbuf: u64,
     received: u64,
+    softirq: f64,
 }
 
 fn marks(relay_pid: u32, metrics: SocketAddr, connector: &TapSocket) -> Marks {
     let m = scrape(metrics).unwrap_or_default();
+    // The simulator's namespace (this thread's) and, when it is elsewhere, the relay's.
+    let mut rcvbuf = udp_rcvbuf_errors("/proc/thread-self/net/snmp");
+    let relay_snmp = format!("/proc/{relay_pid}/net/snmp");
+    if !same_netns(&relay_snmp) {
+        rcvbuf += udp_rcvbuf_errors(&relay_snmp);
+    }
     Marks {
         at: Instant::now(),
         cpu: cpu(relay_pid),
         forwarded: m.value("ztna_relay_datagrams_forwarded_total") as u64,
+        xdp_forwarded: m.get("ztna_relay_xdp_forwarded_total").unwrap_or(0.0) as u64,
         dropped: m.value("ztna_relay_datagrams_dropped_total") as u64,
-        rcvbuf: udp_rcvbuf_errors(),
+        rcvbuf,
         received: connector.received(),
+        softirq: softirq_seconds(),
     }
+}
+
+/// Whether `/proc/PID/net/...` is this thread's network namespace.
+fn same_netns(proc_net_file: &str) -> bool {
+    let ns_of = |p: &str| std::fs::read_link(p).ok();
+    let pid_dir = proc_net_file.rsplit_once("/net/").map_or("", |(d, _)| d);
+    ns_of(&format!("{pid_dir}/ns/net")) == ns_of("/proc/thread-self/ns/net")
+}
+
+/// Softirq time of every CPU so far, seconds (`/proc/stat`, USER_HZ = 100).
+fn softirq_seconds() -> f64 {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("cpu "))
+        .and_then(|l| l.split_whitespace().nth(7))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |ticks| ticks / 100.0)
 }
 
 impl Marks {
@@ -185,6 +243,8 @@ impl Marks {
             } else {
                 f64::NAN
             },
+            xdp_forwarded: end.xdp_forwarded.saturating_sub(self.xdp_forwarded),
+            softirq_percent: 100.0 * (end.softirq - self.softirq) / secs.max(1e-3),
         }
     }
 }
@@ -201,9 +261,9 @@ fn scrape(addr: SocketAddr) -> Result<ztna_e2e::Metrics> {
     Ok(ztna_e2e::Metrics::parse(body))
 }
 
-/// `RcvbufErrors` of UDP in this network namespace (0 if it can't be read).
-fn udp_rcvbuf_errors() -> u64 {
-    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+/// `RcvbufErrors` of UDP in a `/proc/.../net/snmp` file's namespace (0 if it can't be read).
+fn udp_rcvbuf_errors(snmp: &str) -> u64 {
+    let text = std::fs::read_to_string(snmp).unwrap_or_default();
     let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
     let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
         return 0;
@@ -223,8 +283,15 @@ struct Pki {
     agents: Vec<(String, String)>,
 }
 
-/// Runs every N of `plan` against a fresh relay each; `dir` holds PKI, configs and logs.
+/// Runs every N of `plan` against a fresh relay each, on loopback; `dir` holds PKI, configs
+/// and logs.
 pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayScale> {
+    run_in(plan, dir, &Placement::loopback())
+}
+
+/// [`run`] with the relay and the simulator where `at` says. The calling thread must be in
+/// the simulator's network namespace.
+pub(crate) fn run_in(plan: &ScalePlan, dir: &Path, at: &Placement) -> Result<RelayScale> {
     let max = plan.agents.iter().copied().max().unwrap_or(0);
     eprintln!("==> relay scale: minting {max} agent certificates");
     let ca = CertificateAuthority::generate("ztna bench").context("minting the CA")?;
@@ -254,15 +321,20 @@ pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayScale> {
     let mut runs = Vec::new();
     for &n in &plan.agents {
         eprintln!("==> relay scale: {n} agents");
-        let port = free_udp_port()?;
-        let metrics_port = free_tcp_port()?;
+        let (port, metrics_port) = if at.relay_netns.is_some() {
+            // A namespace of the relay's own: nothing else binds there.
+            (4433, 9433)
+        } else {
+            (free_udp_port()?, free_tcp_port()?)
+        };
+        let ip = at.relay_ip;
         let cfg = RelayConfig {
-            bind: format!("127.0.0.1:{port}"),
+            bind: format!("{ip}:{port}"),
             ca: ca_path.clone(),
             cert: relay_cert.clone(),
             key: relay_key.clone(),
             tunnel_pool: "100.64.0.0/10".into(),
-            metrics: Some(format!("127.0.0.1:{metrics_port}")),
+            metrics: Some(format!("{ip}:{metrics_port}")),
             keepalive_secs: 5,
             idle_timeout_secs: 20,
             access: vec![Access {
@@ -279,7 +351,7 @@ pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayScale> {
             deny_list: None,
             crls: vec![],
             reload_poll_secs: None,
-            xdp: None,
+            xdp: at.xdp.clone(),
         };
         let cfg_path = write(&format!("relay-{n}.toml"), &cfg.to_toml())?;
         let log = dir.join(format!("relay-{n}.log"));
@@ -287,8 +359,8 @@ pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayScale> {
             agents: n,
             ..ScaleRun::default()
         };
-        let relay = RelayProcess::start(&cfg_path, &log)?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let relay = RelayProcess::start(&cfg_path, &log, at.relay_netns.as_deref())?;
+        let addr = SocketAddr::from((ip, port));
         let result = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -296,7 +368,8 @@ pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayScale> {
             .context("starting the tokio runtime")?
             .block_on(simulate(
                 &pki,
-                (addr, SocketAddr::from(([127, 0, 0, 1], metrics_port))),
+                (addr, SocketAddr::from((ip, metrics_port))),
+                at.sim_ip,
                 relay.pid,
                 n,
                 plan,
@@ -340,11 +413,21 @@ struct RelayProcess {
 }
 
 impl RelayProcess {
-    fn start(cfg: &Path, log: &Path) -> Result<Self> {
+    /// Starts the relay with config `cfg`, logging to `log`, in network namespace `netns`
+    /// (`ip netns exec`, which execs the relay: the child's PID is the relay's).
+    fn start(cfg: &Path, log: &Path, netns: Option<&str>) -> Result<Self> {
         let out =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let mut cmd = Command::new(ztna_e2e::bin("ztna-relay")?);
+        let relay = ztna_e2e::bin("ztna-relay")?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(relay);
+                c
+            }
+            None => Command::new(relay),
+        };
         cmd.arg("--config").arg(cfg);
         for (k, _) in std::env::vars_os() {
             if k.to_str()
@@ -467,6 +550,7 @@ fn rss(pid: u32) -> u64 {
 async fn simulate(
     pki: &Pki,
     (relay, metrics): (SocketAddr, SocketAddr),
+    sim_ip: Ipv4Addr,
     relay_pid: u32,
     n: usize,
     plan: &ScalePlan,
@@ -474,12 +558,12 @@ async fn simulate(
 ) -> Result<()> {
     // All agents share one socket (channel data from it is bound to each agent's session, which
     // all come from that address); the connector has its own, which counts channel data.
-    let (tap, _) = TapSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)), 0)
+    let (tap, _) = TapSocket::bind(SocketAddr::from((sim_ip, 0)), 0)
         .context("binding the simulation's socket")?;
     let endpoint = tap
         .endpoint(quinn::EndpointConfig::default())
         .context("binding the simulation's endpoint")?;
-    let (conn_tap, _) = TapSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)), 0)
+    let (conn_tap, _) = TapSocket::bind(SocketAddr::from((sim_ip, 0)), 0)
         .context("binding the connector's socket")?;
     let conn_endpoint = conn_tap
         .endpoint(quinn::EndpointConfig::default())

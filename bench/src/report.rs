@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::measure::Iperf;
 use crate::paths::REFERENCE;
+use crate::relay_forward::RelayForward;
 use crate::relay_scale::RelayScale;
 use crate::runner::{Plan, Run};
 
@@ -271,6 +272,8 @@ pub(crate) struct Report {
     pub(crate) summary: Summary,
     pub(crate) ratios: BTreeMap<String, BTreeMap<String, f64>>,
     pub(crate) relay_scale: Option<RelayScale>,
+    /// Relay forwarding on a veth per `xdp` mode.
+    pub(crate) relay_forward: Option<RelayForward>,
 }
 
 /// The current UTC time as `2026-11-22T06:40:00Z`.
@@ -484,6 +487,9 @@ impl Report {
         let _ = writeln!(s, "{}", self.goal_note());
         if let Some(rs) = &self.relay_scale {
             let _ = writeln!(s, "\n{}", rs.markdown());
+        }
+        if let Some(rf) = &self.relay_forward {
+            let _ = writeln!(s, "\n{}", rf.markdown());
         }
         s
     }

@@ -52,13 +52,17 @@ struct Session {
     channels: HashSet<u32>,
 }
 
-/// A copy of the open channels' ends kept elsewhere (the XDP program's channel map), told
-/// every change.
+/// A copy of the open channels' ends and of the sessions' addresses kept elsewhere (the XDP
+/// program's maps), told every change.
 pub trait Mirror: Send + Sync + std::fmt::Debug {
     /// Channel `ch` is open between these addresses (newly, or an end moved).
     fn set(&mut self, ch: u32, agent: SocketAddr, connector: SocketAddr);
     /// Channel `ch` is closed.
     fn remove(&mut self, ch: u32);
+    /// A session is bound to `addr` now (the first one there).
+    fn bind(&mut self, addr: SocketAddr);
+    /// No session is bound to `addr` any more.
+    fn unbind(&mut self, addr: SocketAddr);
 }
 
 /// Open channels and the addresses bound to their ends.
@@ -74,6 +78,9 @@ pub struct ForwardTable {
 impl ForwardTable {
     /// Tells `mirror` every change from now on, starting with every open channel.
     pub fn set_mirror(&mut self, mut mirror: Box<dyn Mirror>) {
+        for addr in self.addrs.keys() {
+            mirror.bind(*addr);
+        }
         for (ch, e) in &self.channels {
             mirror.set(*ch, e.agent.addr, e.connector.addr);
         }
@@ -90,9 +97,15 @@ impl ForwardTable {
     pub fn bind_session(&mut self, session: u64, addr: SocketAddr) {
         let s = self.sessions.entry(session).or_default();
         if let Some(old) = s.addr.replace(addr) {
-            unbind_addr(&mut self.addrs, old);
+            unbind_addr(&mut self.addrs, old, &mut self.mirror);
         }
-        *self.addrs.entry(addr).or_default() += 1;
+        let n = self.addrs.entry(addr).or_default();
+        *n += 1;
+        if *n == 1 {
+            if let Some(m) = self.mirror.as_mut() {
+                m.bind(addr);
+            }
+        }
         for ch in &s.channels {
             if let Some(e) = self.channels.get_mut(ch) {
                 for end in [&mut e.agent, &mut e.connector] {
@@ -155,7 +168,7 @@ impl ForwardTable {
     pub fn remove_session(&mut self, session: u64) {
         if let Some(s) = self.sessions.remove(&session) {
             if let Some(a) = s.addr {
-                unbind_addr(&mut self.addrs, a);
+                unbind_addr(&mut self.addrs, a, &mut self.mirror);
             }
             for ch in s.channels {
                 self.close(ch);
@@ -206,11 +219,18 @@ impl ForwardTable {
     }
 }
 
-fn unbind_addr(addrs: &mut HashMap<SocketAddr, u32>, addr: SocketAddr) {
+fn unbind_addr(
+    addrs: &mut HashMap<SocketAddr, u32>,
+    addr: SocketAddr,
+    mirror: &mut Option<Box<dyn Mirror>>,
+) {
     if let Some(n) = addrs.get_mut(&addr) {
         *n -= 1;
         if *n == 0 {
             addrs.remove(&addr);
+            if let Some(m) = mirror.as_mut() {
+                m.unbind(addr);
+            }
         }
     }
 }
@@ -320,9 +340,14 @@ mod tests {
         );
     }
 
+    type Channels = HashMap<u32, (SocketAddr, SocketAddr)>;
+
     /// A mirror that records what it is told.
     #[derive(Debug, Default, Clone)]
-    struct Recorder(std::sync::Arc<std::sync::Mutex<HashMap<u32, (SocketAddr, SocketAddr)>>>);
+    struct Recorder(
+        std::sync::Arc<std::sync::Mutex<Channels>>,
+        std::sync::Arc<std::sync::Mutex<HashSet<SocketAddr>>>,
+    );
 
     impl Mirror for Recorder {
         fn set(&mut self, ch: u32, agent: SocketAddr, connector: SocketAddr) {
@@ -330,6 +355,15 @@ mod tests {
         }
         fn remove(&mut self, ch: u32) {
             self.0.lock().unwrap().remove(&ch);
+        }
+        fn bind(&mut self, addr: SocketAddr) {
+            assert!(self.1.lock().unwrap().insert(addr), "bound twice: {addr}");
+        }
+        fn unbind(&mut self, addr: SocketAddr) {
+            assert!(
+                self.1.lock().unwrap().remove(&addr),
+                "unbound, not bound: {addr}"
+            );
         }
     }
 
@@ -389,6 +423,8 @@ mod tests {
             let want: HashMap<u32, (SocketAddr, SocketAddr)> =
                 model.iter().map(|(ch, (x, y))| (*ch, (addrs[x], addrs[y]))).collect();
             prop_assert_eq!(mirrored, want);
+            let bound = rec.1.lock().unwrap().clone();
+            prop_assert_eq!(bound, addrs.values().copied().collect::<HashSet<_>>());
             for a in addrs.values() {
                 prop_assert!(t.is_bound(*a));
             }

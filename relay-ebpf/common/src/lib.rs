@@ -13,6 +13,10 @@ pub const MAP_CHANNELS: &str = "CHANNELS";
 /// Name of the learned next hops: [`EndKey`] → [`NextHop`] (an `LruHashMap` the program fills
 /// from each end's own packets).
 pub const MAP_NEXT_HOPS: &str = "NEXT_HOPS";
+/// Name of the bound addresses: [`EndKey`] → `u8` (a `HashMap`, the addresses the relay's
+/// sessions come from, kept by userspace): the program learns next hops from their QUIC too,
+/// so an end that only receives channel data is reached in the kernel as well.
+pub const MAP_BOUND: &str = "BOUND";
 /// Name of the global counters: index `COUNTER_*` → `u64` (a `PerCpuArray`).
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// Name of the configuration array: index 0 → [`Config`] (an `Array`).
@@ -26,6 +30,9 @@ pub const MAX_CHANNELS: u32 = 65536;
 /// Capacity of the next-hop map (least recently used entries are evicted; an end without one
 /// is forwarded by userspace until its next packet teaches the program again).
 pub const MAX_NEXT_HOPS: u32 = 2 * MAX_CHANNELS;
+
+/// Capacity of the bound-address map (addresses beyond it are not learned from their QUIC).
+pub const MAX_BOUND: u32 = MAX_NEXT_HOPS;
 
 /// Channel data forwarded (`XDP_TX` or redirect).
 pub const COUNTER_FORWARDED: u32 = 0;

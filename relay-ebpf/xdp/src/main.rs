@@ -5,13 +5,15 @@
 //! its channel is looked up in the channel map (a mirror of the relay's forwarding table), and
 //! it is forwarded only when its source address and port are those bound to one end of the
 //! channel: the IP and UDP headers are rewritten (source: the relay's address and port it was
-//! sent to; destination: the other end; TTL 64; checksums updated incrementally), the Ethernet
+//! sent to; destination: the other end; TTL 64; the IP checksum updated incrementally, the UDP
+//! checksum cleared, see below), the Ethernet
 //! header set to the other end's learned next hop, and the frame sent back out with `XDP_TX`,
 //! or redirected when that end is reached through another interface. The channel number is not
 //! rewritten: both ends use the channel's one relay-wide number.
 //!
-//! Next hops are learned, not looked up: each end's frames teach the program the interface,
-//! the peer MAC (the end itself or its router) and the relay's own MAC. `bpf_fib_lookup` would
+//! Next hops are learned, not looked up: each end's frames (its channel data, and the QUIC of
+//! its outer connection when its address is in the bound-address map) teach the program the
+//! interface, the peer MAC (the end itself or its router) and the relay's own MAC. `bpf_fib_lookup` would
 //! need IPv4 forwarding switched on for the interface (the kernel returns
 //! `BPF_FIB_LKUP_RET_FWD_DISABLED` otherwise), which a relay host must not need. Until an end
 //! has sent a frame, channel data for it passes to userspace, which forwards it.
@@ -31,7 +33,7 @@ use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
 use ztna_relay_ebpf_common::{
-    csum_replace, Config, EndKey, Ends, NextHop, CHANNEL_DATA, COUNTERS as NUM_COUNTERS,
+    csum_replace, Config, EndKey, Ends, NextHop, CHANNEL_DATA, COUNTERS as NUM_COUNTERS, MAX_BOUND,
     COUNTER_DROPPED_MALFORMED, COUNTER_DROPPED_REDIRECT, COUNTER_DROPPED_UNBOUND,
     COUNTER_DROPPED_UNKNOWN, COUNTER_FORWARDED, COUNTER_FORWARDED_BYTES, COUNTER_PASSED,
     COUNTER_PASSED_CHANNEL, FLAG_PASS_UNKNOWN, FORWARD_TTL, HEADER_LEN, MAX_CHANNEL,
@@ -42,6 +44,8 @@ use ztna_relay_ebpf_common::{
 static CHANNELS: HashMap<[u8; 4], Ends> = HashMap::with_max_entries(MAX_CHANNELS, 0);
 #[map]
 static NEXT_HOPS: LruHashMap<EndKey, NextHop> = LruHashMap::with_max_entries(MAX_NEXT_HOPS, 0);
+#[map]
+static BOUND: HashMap<EndKey, u8> = HashMap::with_max_entries(MAX_BOUND, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
 #[map]
@@ -191,11 +195,21 @@ fn classify(ctx: &XdpContext) -> Verdict {
         return Verdict::Pass;
     }
     let payload = ETH_LEN + 20 + 8;
+    let src = EndKey {
+        addr: ip.src,
+        port: udp.src,
+        pad: [0; 2],
+    };
     let Some(kind) = ptr_at::<u8>(ctx, payload) else {
         return Verdict::Pass;
     };
     // SAFETY: as above.
     if unsafe { *kind } != CHANNEL_DATA {
+        // QUIC (or a probe): a session's own address teaches the program its next hop.
+        // SAFETY: a presence check; the value is not read.
+        if unsafe { BOUND.get(&src) }.is_some() {
+            learn(ctx, eth, &src);
+        }
         return Verdict::Pass;
     }
     if be16(ip.flags_offset) & IP_MF_OFFSET != 0 {
@@ -221,11 +235,6 @@ fn classify(ctx: &XdpContext) -> Verdict {
     if ends.userspace() {
         return Verdict::PassChannel;
     }
-    let src = EndKey {
-        addr: ip.src,
-        port: udp.src,
-        pad: [0; 2],
-    };
     // Both ends behind one address and port could only be one socket talking to itself.
     if ends.a == ends.b {
         return Verdict::Drop(COUNTER_DROPPED_UNBOUND);
@@ -238,17 +247,7 @@ fn classify(ctx: &XdpContext) -> Verdict {
         return Verdict::Drop(COUNTER_DROPPED_UNBOUND);
     };
 
-    // Learn (or refresh) how to reach the sender; write only when it changed.
-    let seen = NextHop {
-        ifindex: ctx.ingress_ifindex() as u32,
-        peer_mac: eth.src,
-        own_mac: eth.dst,
-    };
-    // SAFETY: copied out at once.
-    let known = unsafe { NEXT_HOPS.get(&src) }.copied();
-    if known != Some(seen) {
-        let _ = NEXT_HOPS.insert(&src, &seen, 0);
-    }
+    learn(ctx, eth, &src);
     // SAFETY: copied out at once.
     let Some(hop) = (unsafe { NEXT_HOPS.get(&to) }).copied() else {
         return Verdict::PassChannel;
@@ -257,7 +256,6 @@ fn classify(ctx: &XdpContext) -> Verdict {
     // IPv4: source (the relay's address it was sent to), destination, TTL (same word as the
     // protocol).
     let mut ip_check = be16(ip.check);
-    let mut udp_check = be16(udp.check);
     let old_src = ip.src;
     let new_src = ip.dst;
     let old_dst = ip.dst;
@@ -269,7 +267,6 @@ fn classify(ctx: &XdpContext) -> Verdict {
         let od = be16([old_dst[o], old_dst[o + 1]]);
         let nd = be16([new_dst[o], new_dst[o + 1]]);
         ip_check = csum_replace(csum_replace(ip_check, os, ns), od, nd);
-        udp_check = csum_replace(csum_replace(udp_check, os, ns), od, nd);
     }
     ip_check = csum_replace(
         ip_check,
@@ -279,21 +276,16 @@ fn classify(ctx: &XdpContext) -> Verdict {
     // UDP ports: source (the client's) becomes the relay's, destination (the relay's) the
     // other end's.
     let relay_port = udp.dst;
-    udp_check = csum_replace(
-        csum_replace(udp_check, be16(udp.src), be16(relay_port)),
-        be16(udp.dst),
-        be16(to.port),
-    );
 
     ip.src = new_src;
     ip.dst = new_dst;
     ip.ttl = FORWARD_TTL;
     ip.check = ip_check.to_be_bytes();
-    if be16(udp.check) != 0 {
-        // 0 means "no checksum"; a computed 0 is sent as all ones.
-        let c = if udp_check == 0 { 0xffff } else { udp_check };
-        udp.check = c.to_be_bytes();
-    }
+    // No UDP checksum (0, which IPv4 allows): the inner QUIC packet is authenticated end to
+    // end, so a checksum adds nothing, and the one that came in may be a local sender's
+    // partial checksum (the pseudo-header sum a veth carries for offload), which the program
+    // can't tell from a full one and which is wrong once the frame leaves as an XDP frame.
+    udp.check = [0, 0];
     udp.src = relay_port;
     udp.dst = to.port;
     eth.src = hop.own_mac;
@@ -301,6 +293,21 @@ fn classify(ctx: &XdpContext) -> Verdict {
     Verdict::Forward {
         ifindex: hop.ifindex,
         bytes: udp_len as u64 - 8,
+    }
+}
+
+/// Learns (or refreshes) how to reach `src` from its frame; writes only when it changed.
+#[inline(always)]
+fn learn(ctx: &XdpContext, eth: &EthHdr, src: &EndKey) {
+    let seen = NextHop {
+        ifindex: ctx.ingress_ifindex() as u32,
+        peer_mac: eth.src,
+        own_mac: eth.dst,
+    };
+    // SAFETY: copied out at once.
+    let known = unsafe { NEXT_HOPS.get(src) }.copied();
+    if known != Some(seen) {
+        let _ = NEXT_HOPS.insert(src, &seen, 0);
     }
 }
 

@@ -135,9 +135,11 @@ impl Counters {
     }
 }
 
-/// The program's channel map, kept equal to the forwarding table (a [`Mirror`]).
+/// The program's channel and bound-address maps, kept equal to the forwarding table (a
+/// [`Mirror`]).
 pub struct ChannelMap {
     channels: BpfHashMap<MapData, [u8; 4], common::Ends>,
+    bound: BpfHashMap<MapData, common::EndKey, u8>,
     config: Array<MapData, common::Config>,
     settings: common::Config,
     /// Channel-map writes that failed (the map is full): the program then passes unknown
@@ -206,6 +208,21 @@ impl Mirror for ChannelMap {
             debug!(channel = ch, error = %e, "channel not in the XDP map");
         }
     }
+
+    fn bind(&mut self, addr: SocketAddr) {
+        // Full: that end's next hop is learned from its channel data only.
+        if let Some(k) = end_key(addr) {
+            if let Err(e) = self.bound.insert(k, 1, 0) {
+                debug!(error = %e, "the XDP bound-address map took no more addresses");
+            }
+        }
+    }
+
+    fn unbind(&mut self, addr: SocketAddr) {
+        if let Some(k) = end_key(addr) {
+            let _ = self.bound.remove(&k);
+        }
+    }
 }
 
 /// The XDP fast path, once started: the attachment, the channel map (for the forwarding
@@ -249,6 +266,24 @@ pub fn start(
             mode.name()
         ))),
     }
+}
+
+/// Attaches the program to `interface` with forwarding off (it passes every frame), in
+/// `mode`: the XDP receive path a veth needs before it takes frames its peer sends with
+/// native `XDP_TX` (without one the kernel queues them and never delivers them; GRO on the
+/// peer is not enough). For the host side of a relay that runs in a container on a veth, and
+/// for the bench's and tests' veths. Detached when the attachment is dropped.
+pub fn attach_pass_through(interface: &str, mode: Attached) -> anyhow::Result<Attachment> {
+    let object = OBJECT.context("this relay was built without its XDP program")?;
+    let mut ebpf = ztna_xdp_loader::load(object, common::PROGRAM)?;
+    // The settings array starts zeroed: port 0, which passes everything.
+    let (mode, link) =
+        ztna_xdp_loader::attach_first(&mut ebpf, common::PROGRAM, interface, &[mode])?;
+    Ok(Attachment {
+        mode,
+        interface: interface.to_owned(),
+        program: Some((ebpf, link)),
+    })
 }
 
 /// The interface to attach to: `configured`, or the one holding `bound`'s address, or the
@@ -302,6 +337,7 @@ fn try_start(
         .set(0, settings, 0)
         .context("writing the program's settings")?;
     let channels = take(&mut ebpf, common::MAP_CHANNELS)?;
+    let bound = take(&mut ebpf, common::MAP_BOUND)?;
     let counters = take(&mut ebpf, common::MAP_COUNTERS)?;
     let (mode, link) =
         ztna_xdp_loader::attach_first(&mut ebpf, common::PROGRAM, &interface, modes)?;
@@ -313,6 +349,7 @@ fn try_start(
         },
         channels: ChannelMap {
             channels,
+            bound,
             config,
             settings,
             failed: 0,

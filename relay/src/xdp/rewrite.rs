@@ -2,9 +2,10 @@
 //!
 //! Given an Ethernet frame, its ingress interface, the program's settings, the channel map and
 //! the learned next hops, [`classify`] returns what the kernel does with the frame and, when it
-//! forwards it, the frame it sends. The kernel updates checksums incrementally; this twin
-//! recomputes them from scratch, so comparing the two (`kernel_matches_the_twin` in
-//! `tests.rs`) checks the kernel's arithmetic as well as its decisions.
+//! forwards it, the frame it sends. The kernel updates the IPv4 checksum incrementally; this
+//! twin recomputes it from scratch, so comparing the two (`kernel_matches_the_twin` in
+//! `tests.rs`) checks the kernel's arithmetic as well as its decisions. Both clear the UDP
+//! checksum.
 
 use std::collections::HashMap;
 
@@ -37,14 +38,36 @@ const ETH_LEN: usize = 14;
 const UDP_AT: usize = ETH_LEN + 20;
 const PAYLOAD_AT: usize = UDP_AT + 8;
 
+/// What the program looks up and learns: the channel map, the bound addresses, the next hops.
+pub(crate) struct Maps<'a, C: Fn([u8; 4]) -> Option<Ends>> {
+    pub(crate) channels: C,
+    pub(crate) bound: &'a std::collections::HashSet<EndKey>,
+    pub(crate) hops: &'a mut HashMap<EndKey, NextHop>,
+}
+
+/// Learns how to reach `src` from `frame`, as the program does.
+fn learn(frame: &[u8], ingress: u32, src: EndKey, hops: &mut HashMap<EndKey, NextHop>) {
+    let mut peer_mac = [0; 6];
+    peer_mac.copy_from_slice(&frame[6..12]);
+    let mut own_mac = [0; 6];
+    own_mac.copy_from_slice(&frame[0..6]);
+    hops.insert(
+        src,
+        NextHop {
+            ifindex: ingress,
+            peer_mac,
+            own_mac,
+        },
+    );
+}
+
 /// Classifies `frame`, arrived on `ingress`, as the program does; learns next hops into
-/// `hops` as the program does.
-pub(crate) fn classify(
+/// `maps.hops` as the program does.
+pub(crate) fn classify<C: Fn([u8; 4]) -> Option<Ends>>(
     frame: &[u8],
     ingress: u32,
     cfg: &Config,
-    channels: impl Fn([u8; 4]) -> Option<Ends>,
-    hops: &mut HashMap<EndKey, NextHop>,
+    maps: Maps<'_, C>,
 ) -> Verdict {
     if frame.len() < PAYLOAD_AT || frame[12..14] != [0x08, 0x00] {
         return Verdict::Pass;
@@ -60,7 +83,18 @@ pub(crate) fn classify(
     if u16::from_be_bytes([udp[2], udp[3]]) != cfg.port {
         return Verdict::Pass;
     }
-    if frame.get(PAYLOAD_AT) != Some(&CHANNEL_DATA) {
+    let src = EndKey {
+        addr: [ip[12], ip[13], ip[14], ip[15]],
+        port: [udp[0], udp[1]],
+        pad: [0; 2],
+    };
+    let Some(&kind) = frame.get(PAYLOAD_AT) else {
+        return Verdict::Pass;
+    };
+    if kind != CHANNEL_DATA {
+        if maps.bound.contains(&src) {
+            learn(frame, ingress, src, maps.hops);
+        }
         return Verdict::Pass;
     }
     if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
@@ -74,7 +108,7 @@ pub(crate) fn classify(
     if udp_len < 8 + HEADER_LEN || u32::from_be_bytes(channel) > MAX_CHANNEL {
         return Verdict::Drop(COUNTER_DROPPED_MALFORMED);
     }
-    let Some(ends) = channels(channel) else {
+    let Some(ends) = (maps.channels)(channel) else {
         if cfg.flags & FLAG_PASS_UNKNOWN != 0 {
             return Verdict::PassChannel;
         }
@@ -83,11 +117,6 @@ pub(crate) fn classify(
     if ends.userspace() {
         return Verdict::PassChannel;
     }
-    let src = EndKey {
-        addr: [ip[12], ip[13], ip[14], ip[15]],
-        port: [udp[0], udp[1]],
-        pad: [0; 2],
-    };
     if ends.a == ends.b {
         return Verdict::Drop(COUNTER_DROPPED_UNBOUND);
     }
@@ -98,19 +127,8 @@ pub(crate) fn classify(
     } else {
         return Verdict::Drop(COUNTER_DROPPED_UNBOUND);
     };
-    let mut peer_mac = [0; 6];
-    peer_mac.copy_from_slice(&frame[6..12]);
-    let mut own_mac = [0; 6];
-    own_mac.copy_from_slice(&frame[0..6]);
-    hops.insert(
-        src,
-        NextHop {
-            ifindex: ingress,
-            peer_mac,
-            own_mac,
-        },
-    );
-    let Some(hop) = hops.get(&to).copied() else {
+    learn(frame, ingress, src, maps.hops);
+    let Some(hop) = maps.hops.get(&to).copied() else {
         return Verdict::PassChannel;
     };
     let mut out = frame.to_vec();
@@ -125,6 +143,8 @@ pub(crate) fn classify(
         p[8] = FORWARD_TTL;
         p[20..22].copy_from_slice(&relay_port);
         p[22..24].copy_from_slice(&to.port);
+        // No UDP checksum: the program clears it (see there why).
+        p[26..28].fill(0);
         refresh_ipv4_udp(p);
     }
     Verdict::Forward {
@@ -151,6 +171,27 @@ pub(crate) mod tests {
         pad: 0,
     };
     pub(crate) const CHANNEL: u32 = 7;
+
+    /// [`classify`] with no bound addresses.
+    pub(crate) fn classify_with(
+        frame: &[u8],
+        ingress: u32,
+        cfg: &Config,
+        channels: impl Fn([u8; 4]) -> Option<Ends>,
+        hops: &mut HashMap<EndKey, NextHop>,
+    ) -> Verdict {
+        let bound = std::collections::HashSet::new();
+        classify(
+            frame,
+            ingress,
+            cfg,
+            Maps {
+                channels,
+                bound: &bound,
+                hops,
+            },
+        )
+    }
 
     pub(crate) fn end(addr: [u8; 4], port: u16) -> EndKey {
         EndKey {
@@ -202,13 +243,11 @@ pub(crate) mod tests {
         let Some(TransportSlice::Udp(udp)) = s.transport else {
             panic!("not udp")
         };
-        let want = udp
-            .to_header()
-            .calc_checksum_ipv4(&h, udp.payload())
-            .expect("checksum");
-        if udp.checksum() != 0 {
-            assert_eq!(udp.checksum(), want, "UDP checksum");
-        }
+        assert_eq!(
+            udp.checksum(),
+            0,
+            "a forwarded datagram carries no UDP checksum"
+        );
         (
             h.source,
             udp.source_port(),
@@ -225,14 +264,14 @@ pub(crate) mod tests {
         let data = channel_data(CHANNEL, b"inner quic");
         // The agent speaks first: the connector's next hop is unknown, userspace forwards.
         assert_eq!(
-            classify(&frame(AGENT, 40000, 60, &data), 3, &CFG, lookup, &mut hops),
+            classify_with(&frame(AGENT, 40000, 60, &data), 3, &CFG, lookup, &mut hops),
             Verdict::PassChannel
         );
         // The connector's packet goes to the agent, through the hop the agent's came from.
         let Verdict::Forward {
             ifindex,
             frame: out,
-        } = classify(
+        } = classify_with(
             &frame(CONNECTOR, 50000, 61, &data),
             3,
             &CFG,
@@ -248,7 +287,7 @@ pub(crate) mod tests {
         assert_eq!(check(&out), (RELAY, 4433, AGENT, 40000, 64, data.clone()));
         // And now the agent's goes to the connector.
         let Verdict::Forward { frame: out, .. } =
-            classify(&frame(AGENT, 40000, 9, &data), 3, &CFG, lookup, &mut hops)
+            classify_with(&frame(AGENT, 40000, 9, &data), 3, &CFG, lookup, &mut hops)
         else {
             panic!("not forwarded")
         };
@@ -256,9 +295,46 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_bound_address_teaches_its_next_hop_with_its_quic() {
+        let mut hops = HashMap::new();
+        let bound = std::collections::HashSet::from([end(CONNECTOR, 50000)]);
+        let quic = |src, sport| frame(src, sport, 64, &[0x40, 1, 2, 3]);
+        // A stranger's QUIC teaches nothing; the connector's does.
+        for (src, sport) in [(AGENT, 40001), (CONNECTOR, 50000)] {
+            let v = classify(
+                &quic(src, sport),
+                2,
+                &CFG,
+                Maps {
+                    channels: lookup,
+                    bound: &bound,
+                    hops: &mut hops,
+                },
+            );
+            assert_eq!(v, Verdict::Pass);
+        }
+        assert_eq!(
+            hops.keys().copied().collect::<Vec<_>>(),
+            vec![end(CONNECTOR, 50000)]
+        );
+        // So the agent's first channel data is forwarded in the kernel, to a connector that
+        // never sent any.
+        let data = channel_data(CHANNEL, b"one way");
+        let Verdict::Forward {
+            ifindex,
+            frame: out,
+        } = classify_with(&frame(AGENT, 40000, 64, &data), 2, &CFG, lookup, &mut hops)
+        else {
+            panic!("not forwarded")
+        };
+        assert_eq!(ifindex, 2);
+        assert_eq!(check(&out), (RELAY, 4433, CONNECTOR, 50000, 64, data));
+    }
+
+    #[test]
     fn verdicts() {
         let mut hops = HashMap::new();
-        let mut v = |f: &[u8]| classify(f, 1, &CFG, lookup, &mut hops);
+        let mut v = |f: &[u8]| classify_with(f, 1, &CFG, lookup, &mut hops);
         let data = channel_data(CHANNEL, b"x");
         // Not channel data: QUIC (long and short header), a probe, another port.
         assert_eq!(v(&frame(AGENT, 40000, 64, &[0xc0, 1, 2])), Verdict::Pass);
@@ -311,7 +387,7 @@ pub(crate) mod tests {
             ..CFG
         };
         assert_eq!(
-            classify(
+            classify_with(
                 &frame(AGENT, 40000, 64, &channel_data(8, b"x")),
                 1,
                 &cfg,
@@ -322,7 +398,7 @@ pub(crate) mod tests {
         );
         // An IPv6 end: userspace forwards.
         assert_eq!(
-            classify(
+            classify_with(
                 &frame(AGENT, 40000, 64, &channel_data(CHANNEL, b"x")),
                 1,
                 &CFG,
@@ -334,13 +410,15 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_zero_udp_checksum_stays_zero() {
+    fn a_partial_checksum_is_not_carried_on() {
         let mut hops = HashMap::new();
         let data = channel_data(CHANNEL, b"no checksum");
-        classify(&frame(AGENT, 40000, 64, &data), 1, &CFG, lookup, &mut hops);
+        classify_with(&frame(AGENT, 40000, 64, &data), 1, &CFG, lookup, &mut hops);
+        // What a veth carries for a local sender's offloaded checksum: a seed, not a checksum.
         let mut f = frame(CONNECTOR, 50000, 64, &data);
-        f[UDP_AT + 6..UDP_AT + 8].fill(0);
-        let Verdict::Forward { frame: out, .. } = classify(&f, 1, &CFG, lookup, &mut hops) else {
+        f[UDP_AT + 6..UDP_AT + 8].copy_from_slice(&[0x12, 0x34]);
+        let Verdict::Forward { frame: out, .. } = classify_with(&f, 1, &CFG, lookup, &mut hops)
+        else {
             panic!("not forwarded")
         };
         assert_eq!(&out[UDP_AT + 6..UDP_AT + 8], &[0, 0]);
@@ -351,11 +429,11 @@ pub(crate) mod tests {
         #[test]
         fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
             let mut hops = HashMap::new();
-            let _ = classify(&bytes, 1, &CFG, lookup, &mut hops);
+            let _ = classify_with(&bytes, 1, &CFG, lookup, &mut hops);
         }
 
         #[test]
-        fn forwarded_checksums_are_valid(
+        fn forwarded_ip_checksums_are_valid(
             inner in proptest::collection::vec(any::<u8>(), 0..300),
             ttl in 1u8..=255,
             sport in 1u16..,
@@ -363,9 +441,9 @@ pub(crate) mod tests {
             let mut hops = HashMap::new();
             let data = channel_data(CHANNEL, &inner);
             let ends = Ends { a: end(AGENT, sport), b: end(CONNECTOR, 50000) };
-            classify(&frame(CONNECTOR, 50000, 64, &data), 1, &CFG, |_| Some(ends), &mut hops);
+            classify_with(&frame(CONNECTOR, 50000, 64, &data), 1, &CFG, |_| Some(ends), &mut hops);
             let Verdict::Forward { frame: out, .. } =
-                classify(&frame(AGENT, sport, ttl, &data), 1, &CFG, |_| Some(ends), &mut hops)
+                classify_with(&frame(AGENT, sport, ttl, &data), 1, &CFG, |_| Some(ends), &mut hops)
             else {
                 panic!("not forwarded")
             };

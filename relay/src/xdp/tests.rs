@@ -10,7 +10,7 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use super::rewrite::tests::{
     channel_data, end, ends, frame, lookup, AGENT, CFG, CHANNEL, CONNECTOR,
 };
-use super::rewrite::{classify, Verdict};
+use super::rewrite::{classify, Maps, Verdict};
 use super::*;
 
 const XDP_DROP: u32 = 1;
@@ -99,6 +99,12 @@ fn kernel_matches_the_twin() {
         own_mac: [2, 0, 0, 0, 0, 0x78],
     };
     next_hops.insert(far.b, far_hop, 0).expect("insert hop");
+    // The connector's session address: its QUIC teaches the program its next hop.
+    let mut bound_map: BpfHashMap<MapData, common::EndKey, u8> =
+        take(&mut ebpf, common::MAP_BOUND).expect("bound");
+    let conn_end = end(CONNECTOR, 50000);
+    bound_map.insert(conn_end, 1, 0).expect("insert bound");
+    let bound = std::collections::HashSet::from([conn_end]);
     let counters: PerCpuArray<MapData, u64> =
         take(&mut ebpf, common::MAP_COUNTERS).expect("counters");
     let program: &Xdp = ebpf
@@ -115,6 +121,10 @@ fn kernel_matches_the_twin() {
     fragment[20] |= 0x20;
     let cases = vec![
         // Before the connector was heard from: userspace forwards.
+        frame(AGENT, 40000, 64, &data),
+        // A stranger's QUIC teaches nothing; the connector's QUIC teaches its next hop.
+        frame(AGENT, 40009, 64, &[0x40, 0, 0, 0, 1]),
+        frame(CONNECTOR, 50000, 64, &[0x40, 0, 0, 0, 1]),
         frame(AGENT, 40000, 64, &data),
         frame(CONNECTOR, 50000, 64, &data),
         frame(AGENT, 40000, 3, &big),
@@ -158,14 +168,17 @@ fn kernel_matches_the_twin() {
             input,
             lo,
             &CFG,
-            |ch| {
-                if ch == 9u32.to_be_bytes() {
-                    Some(far)
-                } else {
-                    lookup(ch)
-                }
+            Maps {
+                channels: |ch| {
+                    if ch == 9u32.to_be_bytes() {
+                        Some(far)
+                    } else {
+                        lookup(ch)
+                    }
+                },
+                bound: &bound,
+                hops: &mut hops,
             },
-            &mut hops,
         );
         let before: Vec<u64> = (0..common::COUNTERS).map(sum).collect();
         let mut out = vec![0u8; input.len() + 256];
@@ -218,8 +231,9 @@ fn kernel_matches_the_twin() {
         }
     }
     // Every kind of verdict was exercised: the first frame (the connector not heard from
-    // yet), the fragment and three kinds of QUIC or empty passed; four drops; the rest sent.
-    assert_eq!((tx, redirected, dropped, passed), (12, 1, 5, 5));
+    // yet), two QUIC packets, the fragment and three kinds of QUIC or empty passed; four
+    // drops; the rest sent.
+    assert_eq!((tx, redirected, dropped, passed), (13, 1, 5, 7));
     // The kernel learned the same next hops.
     let learned: HashMap<common::EndKey, common::NextHop> = next_hops
         .iter()
@@ -240,6 +254,7 @@ fn a_full_channel_map_makes_the_program_pass_unknown_channels() {
     config.set(0, CFG, 0).expect("set config");
     let mut map = ChannelMap {
         channels: take(&mut ebpf, common::MAP_CHANNELS).expect("channels"),
+        bound: take(&mut ebpf, common::MAP_BOUND).expect("bound"),
         config,
         settings: CFG,
         failed: 0,
