@@ -52,6 +52,9 @@ pub(crate) struct PathUp {
     pub(crate) first_packet: Option<Duration>,
     /// ztna: the agent's status socket.
     pub(crate) status_socket: Option<std::path::PathBuf>,
+    /// Held while the path is measured: the pass-through XDP program on the relay's bridge port
+    /// (`ztna-relay-xdp`).
+    pub(crate) keep: Option<ztna_relay::xdp::Attachment>,
 }
 
 /// The paths, in the order they run within each iteration. The path named `boringtun` is the
@@ -90,8 +93,8 @@ pub(crate) const PATHS: &[PathSpec] = &[
     },
     PathSpec {
         name: "ztna-relay-xdp",
-        hops: "as ztna-relay, with the relay forwarding channel data in its XDP program (generic \
-               mode on the relay's veth)",
+        hops: "as ztna-relay, with the relay forwarding channel data in its XDP program (native \
+               on the relay's veth)",
         unavailable: always_available,
         setup: ztna_relay_xdp,
     },
@@ -268,6 +271,7 @@ fn raw(t: &Topology) -> Result<PathUp> {
         daemons: vec![],
         first_packet: None,
         status_socket: None,
+        keep: None,
     })
 }
 
@@ -536,6 +540,7 @@ fn wireguard_via(t: &Topology, wg: Wg, endpoint: &str) -> Result<PathUp> {
         daemons,
         first_packet: Some(first),
         status_socket: None,
+        keep: None,
     })
 }
 
@@ -545,9 +550,21 @@ fn ztna_relay(t: &Topology) -> Result<PathUp> {
 }
 
 fn ztna_relay_xdp(t: &Topology) -> Result<PathUp> {
-    // Generic: native XDP_TX on a veth whose peer is a bridge port loses its frames on the
-    // kernels here (see docs/architecture.md, "The relay's XDP program").
-    ztna(t, "relay", |s| s.relay_cfg.xdp = Some("generic".into()))
+    // Native XDP_TX on the relay's veth reaches the bridge only when the bridge's port has an
+    // XDP program of its own: one that passes everything.
+    let wan = t.ns(ztna_e2e::Node::Wan);
+    let peer = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            ztna_e2e::enter_netns(&wan)?;
+            ztna_relay::xdp::attach_pass_through("relay", ztna_xdp_loader::Attached::Native)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?
+    })
+    .context("a pass-through XDP program on the relay's bridge port")?;
+    let mut up = ztna(t, "relay", |s| s.relay_cfg.xdp = Some("native".into()))?;
+    up.keep = Some(peer);
+    Ok(up)
 }
 
 fn ztna_direct(t: &Topology) -> Result<PathUp> {
@@ -624,6 +641,7 @@ fn ztna(t: &Topology, path: &str, tweak: impl FnOnce(&mut Stack<'_>)) -> Result<
         ],
         first_packet: Some(first),
         status_socket: Some(socket),
+        keep: None,
     })
 }
 

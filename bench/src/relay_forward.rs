@@ -102,6 +102,11 @@ fn ip(args: &[&str]) -> Result<()> {
 /// Runs the forwarding phases once per mode; `dir` holds PKI, configs and logs.
 pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayForward> {
     let ns = Netns::create()?;
+    // The kernel's BPF run-time statistics, on while this is held (two clock reads per program
+    // run, for every program on the machine).
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| eprintln!("==> BPF run-time statistics unavailable: {e}"))
+        .ok();
     let mut modes = Vec::new();
     for mode in ["off", "generic", "native"] {
         eprintln!("==> relay forwarding on a veth, xdp = {mode}");
@@ -128,26 +133,27 @@ pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayForward> {
             }
         }
         if m.error.is_none() {
-            let at = Placement {
+            let mut at = Placement {
                 relay_netns: Some(ns.relay.clone()),
                 relay_ip: RELAY_IP,
                 sim_ip: SIM_IP,
                 xdp: Some(mode.into()),
+                not_the_relays_program: None,
             };
             let sub = dir.join(mode);
             std::fs::create_dir_all(&sub)?;
             let sim = ns.sim.clone();
             let result = std::thread::scope(|s| {
                 s.spawn(|| -> Result<relay_scale::RelayScale> {
-                    enter_netns(&sim)?;
+                    ztna_e2e::enter_netns(&sim)?;
                     let _peer = if mode == "native" {
-                        Some(
-                            ztna_relay::xdp::attach_pass_through(
-                                "fs0",
-                                ztna_xdp_loader::Attached::Native,
-                            )
-                            .context("attaching a pass-through XDP program to fs0")?,
+                        let peer = ztna_relay::xdp::attach_pass_through(
+                            "fs0",
+                            ztna_xdp_loader::Attached::Native,
                         )
+                        .context("attaching a pass-through XDP program to fs0")?;
+                        at.not_the_relays_program = peer.program_id();
+                        Some(peer)
                     } else {
                         None
                     };
@@ -176,14 +182,6 @@ pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayForward> {
     })
 }
 
-/// Moves this thread into network namespace `name` (threads it starts inherit it).
-fn enter_netns(name: &str) -> Result<()> {
-    let f = std::fs::File::open(format!("/var/run/netns/{name}"))
-        .with_context(|| format!("opening network namespace {name}"))?;
-    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("entering network namespace {name}"))
-}
-
 impl RelayForward {
     /// The markdown section of `latest.md`.
     pub(crate) fn markdown(&self) -> String {
@@ -203,13 +201,13 @@ impl RelayForward {
         );
         let _ = writeln!(
             s,
-            "| xdp | phase | sent (pkt/s) | received (pkt/s) | relay forwarded (pkt/s) | of which XDP | dropped | receive-buffer errors | relay CPU (%) | softirq (%) | (relay + softirq) per received datagram (µs) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| xdp | phase | sent (pkt/s) | received (pkt/s) | relay forwarded (pkt/s) | of which XDP | dropped | receive-buffer errors | relay CPU (%) | softirq (%) | (relay + softirq) per received datagram (µs) | XDP program per packet (ns) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for m in &self.modes {
             let Some(r) = &m.run else {
                 let _ = writeln!(
                     s,
-                    "| {} | missing: {} | | | | | | | | | |",
+                    "| {} | missing: {} | | | | | | | | | | |",
                     m.mode,
                     m.error.as_deref().unwrap_or("no result")
                 );
@@ -222,13 +220,13 @@ impl RelayForward {
                 ("saturation, GSO batches of 8", &r.saturated_gso),
             ] {
                 let Some(p) = p else {
-                    let _ = writeln!(s, "| {} | {name} | missing | | | | | | | | |", m.mode);
+                    let _ = writeln!(s, "| {} | {name} | missing | | | | | | | | | |", m.mode);
                     continue;
                 };
                 let secs = p.secs.max(1e-3);
                 let _ = writeln!(
                     s,
-                    "| {} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {:.0} | {} |",
+                    "| {} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {:.0} | {} | {} |",
                     m.mode,
                     p.sent as f64 / secs,
                     p.received as f64 / secs,
@@ -239,6 +237,11 @@ impl RelayForward {
                     p.relay_cpu_percent,
                     p.softirq_percent,
                     cost_per_received(p),
+                    if p.xdp_ns_per_packet.is_finite() {
+                        format!("{:.0}", p.xdp_ns_per_packet)
+                    } else {
+                        "—".into()
+                    },
                 );
             }
         }

@@ -70,6 +70,9 @@ pub(crate) struct Placement {
     pub(crate) sim_ip: Ipv4Addr,
     /// The relay's `xdp` setting; `None`: its default (off).
     pub(crate) xdp: Option<String>,
+    /// A loaded copy of the relay's XDP program that is not the relay's (a pass-through one on
+    /// the simulator's veth): left out of the program's run-time statistics.
+    pub(crate) not_the_relays_program: Option<u32>,
 }
 
 impl Placement {
@@ -80,6 +83,7 @@ impl Placement {
             relay_ip: Ipv4Addr::LOCALHOST,
             sim_ip: Ipv4Addr::LOCALHOST,
             xdp: None,
+            not_the_relays_program: None,
         }
     }
 }
@@ -168,6 +172,9 @@ pub(crate) struct Phase {
     /// Softirq time of every CPU, % of one core: where XDP (and the kernel's packet receive
     /// and delivery on every hop) runs.
     pub(crate) softirq_percent: f64,
+    /// The relay's XDP program's own run time per packet it saw, ns (the kernel's BPF run-time
+    /// statistics, on while the bench holds them on); NaN without runs or statistics.
+    pub(crate) xdp_ns_per_packet: f64,
 }
 
 impl Phase {
@@ -186,9 +193,22 @@ struct Marks {
     rcvbuf: u64,
     received: u64,
     softirq: f64,
+    /// The relay's XDP program: run time (ns) and runs so far.
+    xdp_run: (u64, u64),
 }
 
-fn marks(relay_pid: u32, metrics: SocketAddr, connector: &TapSocket) -> Marks {
+/// Run time (ns) and runs of every loaded program named like the relay's XDP program, except
+/// `not`.
+fn relay_program_stats(not: Option<u32>) -> (u64, u64) {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some("ztna_relay_xdp") && Some(p.id()) != not)
+        .fold((0, 0), |(t, n), p| {
+            (t + p.run_time().as_nanos() as u64, n + p.run_count())
+        })
+}
+
+fn marks(relay_pid: u32, metrics: SocketAddr, connector: &TapSocket, not: Option<u32>) -> Marks {
     let m = scrape(metrics).unwrap_or_default();
     // The simulator's namespace (this thread's) and, when it is elsewhere, the relay's.
     let mut rcvbuf = udp_rcvbuf_errors("/proc/thread-self/net/snmp");
@@ -205,6 +225,7 @@ fn marks(relay_pid: u32, metrics: SocketAddr, connector: &TapSocket) -> Marks {
         rcvbuf,
         received: connector.received(),
         softirq: softirq_seconds(),
+        xdp_run: relay_program_stats(not),
     }
 }
 
@@ -245,6 +266,14 @@ impl Marks {
             },
             xdp_forwarded: end.xdp_forwarded.saturating_sub(self.xdp_forwarded),
             softirq_percent: 100.0 * (end.softirq - self.softirq) / secs.max(1e-3),
+            xdp_ns_per_packet: {
+                let runs = end.xdp_run.1.saturating_sub(self.xdp_run.1);
+                if runs > 0 {
+                    end.xdp_run.0.saturating_sub(self.xdp_run.0) as f64 / runs as f64
+                } else {
+                    f64::NAN
+                }
+            },
         }
     }
 }
@@ -369,7 +398,7 @@ pub(crate) fn run_in(plan: &ScalePlan, dir: &Path, at: &Placement) -> Result<Rel
             .block_on(simulate(
                 &pki,
                 (addr, SocketAddr::from((ip, metrics_port))),
-                at.sim_ip,
+                (at.sim_ip, at.not_the_relays_program),
                 relay.pid,
                 n,
                 plan,
@@ -550,7 +579,7 @@ fn rss(pid: u32) -> u64 {
 async fn simulate(
     pki: &Pki,
     (relay, metrics): (SocketAddr, SocketAddr),
-    sim_ip: Ipv4Addr,
+    (sim_ip, not_the_relays): (Ipv4Addr, Option<u32>),
     relay_pid: u32,
     n: usize,
     plan: &ScalePlan,
@@ -752,11 +781,11 @@ async fn simulate(
             });
         }
         tokio::time::sleep_until(start.into()).await;
-        let m0 = marks(relay_pid, metrics, &received);
+        let m0 = marks(relay_pid, metrics, &received, not_the_relays);
         tokio::time::sleep_until(deadline.into()).await;
         while set.join_next().await.is_some() {}
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let m1 = marks(relay_pid, metrics, &received);
+        let m1 = marks(relay_pid, metrics, &received, not_the_relays);
         phases.push(m0.phase(&m1, sent_total.load(Ordering::Relaxed)));
     }
     r.saturated_gso = phases.pop();

@@ -117,6 +117,7 @@ fn measure_path(t: &Topology, spec: &PathSpec, plan: &Plan, run: &mut Run) -> Re
         target,
         daemons,
         first_packet,
+        keep: _keep,
         ..
     } = (spec.setup)(t)?;
     run.first_packet_s = first_packet.map(|d| d.as_secs_f64());

@@ -36,7 +36,7 @@ pub mod wait;
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 
 pub use config::{
     Access, AgentConfig, ConnectorConfig, ConnectorGrant, PolicyService, RelayConfig, ServiceConfig,
@@ -203,6 +203,15 @@ pub fn bin(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// Moves the calling thread into network namespace `name` (`/var/run/netns/NAME`); threads it
+/// starts from then on are there too. Call it on a thread of its own.
+pub fn enter_netns(name: &str) -> Result<()> {
+    let f = std::fs::File::open(format!("/var/run/netns/{name}"))
+        .with_context(|| format!("opening network namespace {name}"))?;
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering network namespace {name}"))
 }
 
 /// Whether this process runs as root.

@@ -55,6 +55,13 @@ impl Attachment {
     pub fn interface(&self) -> &str {
         &self.interface
     }
+
+    /// The kernel's id of the attached program (`bpftool prog show id N`).
+    pub fn program_id(&self) -> Option<u32> {
+        let (ebpf, _) = self.program.as_ref()?;
+        let p: &aya::programs::Xdp = ebpf.program(common::PROGRAM)?.try_into().ok()?;
+        p.info().ok().map(|i| i.id())
+    }
 }
 
 impl fmt::Debug for Attachment {
