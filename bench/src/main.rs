@@ -137,7 +137,8 @@ fn main() -> Result<()> {
         None
     } else {
         let plan = relay_scale::ScalePlan {
-            agents: vec![10],
+            // Ten senders and one latency probe.
+            agents: vec![11],
             steady_secs: 1,
             blast_secs: if smoke { 1 } else { 5 },
             blast_agents: 10,

@@ -191,7 +191,8 @@ impl RelayForward {
             s,
             "## Relay forwarding on a veth: XDP against userspace\n\n\
              The relay in a network namespace of its own, the simulator ({} agents sending 1200-byte channel \
-             datagrams to one connector) in another, one veth between them; the relay's forwarding phases \
+             datagrams to one connector, and one more agent whose 100-byte probe the connector echoes every 10 ms: \
+             the latency another channel sees) in another, one veth between them; the relay's forwarding phases \
              as above, once per `xdp` mode. Received is what the connector's socket got. XDP runs in softirq, \
              so softirq (every CPU, % of one core; it includes the senders' and the receiver's kernel work on \
              the veth, the same in every mode) is shown beside the relay process's CPU; cost per datagram is \
@@ -201,18 +202,26 @@ impl RelayForward {
         );
         let _ = writeln!(
             s,
-            "| xdp | phase | sent (pkt/s) | received (pkt/s) | relay forwarded (pkt/s) | of which XDP | dropped | receive-buffer errors | relay CPU (%) | softirq (%) | (relay + softirq) per received datagram (µs) | XDP program per packet (ns) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| xdp | phase | sent (pkt/s) | received (pkt/s) | relay forwarded (pkt/s) | of which XDP | dropped | receive-buffer errors | relay CPU (%) | softirq (%) | (relay + softirq) per received datagram (µs) | XDP program per packet (ns) | probe RTT median / p90 (ms), answered |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
         );
         for m in &self.modes {
             let Some(r) = &m.run else {
                 let _ = writeln!(
                     s,
-                    "| {} | missing: {} | | | | | | | | | | |",
+                    "| {} | missing: {} | | | | | | | | | | | |",
                     m.mode,
                     m.error.as_deref().unwrap_or("no result")
                 );
                 continue;
             };
+            if let Some(q) = &r.probe_quiet {
+                let _ = writeln!(
+                    s,
+                    "| {} | quiet (probe only) | | | | | | | | | | | {} |",
+                    m.mode,
+                    q.cell()
+                );
+            }
             for (name, p) in [
                 ("controlled", &r.controlled),
                 ("controlled ×4, GSO batches of 8", &r.controlled_gso),
@@ -220,13 +229,13 @@ impl RelayForward {
                 ("saturation, GSO batches of 8", &r.saturated_gso),
             ] {
                 let Some(p) = p else {
-                    let _ = writeln!(s, "| {} | {name} | missing | | | | | | | | | |", m.mode);
+                    let _ = writeln!(s, "| {} | {name} | missing | | | | | | | | | | |", m.mode);
                     continue;
                 };
                 let secs = p.secs.max(1e-3);
                 let _ = writeln!(
                     s,
-                    "| {} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {:.0} | {} | {} |",
+                    "| {} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {:.0} | {} | {} | {} |",
                     m.mode,
                     p.sent as f64 / secs,
                     p.received as f64 / secs,
@@ -242,6 +251,7 @@ impl RelayForward {
                     } else {
                         "—".into()
                     },
+                    p.probe.cell(),
                 );
             }
         }

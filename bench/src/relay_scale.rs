@@ -144,6 +144,8 @@ pub(crate) struct ScaleRun {
     pub(crate) controlled: Option<Phase>,
     /// The controlled-rate phase at four times the rate, in GSO batches.
     pub(crate) controlled_gso: Option<Phase>,
+    /// The latency probe for 1 s before the forwarding phases (nothing else sending).
+    pub(crate) probe_quiet: Option<Probe>,
 }
 
 /// One forwarding phase, from the relay's own counters and the kernel's.
@@ -175,6 +177,74 @@ pub(crate) struct Phase {
     /// The relay's XDP program's own run time per packet it saw, ns (the kernel's BPF run-time
     /// statistics, on while the bench holds them on); NaN without runs or statistics.
     pub(crate) xdp_ns_per_packet: f64,
+    /// The latency probe on a channel of its own (not a sender's): probes sent, answered, and
+    /// the median and 90th percentile round trip of those answered, ms (NaN without answers).
+    pub(crate) probe: Probe,
+}
+
+/// Round trips of the latency probe in one phase.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Probe {
+    pub(crate) sent: u64,
+    pub(crate) answered: u64,
+    pub(crate) median_ms: f64,
+    pub(crate) p90_ms: f64,
+}
+
+impl Probe {
+    /// "median / p90, answered/sent" for a table cell.
+    pub(crate) fn cell(&self) -> String {
+        if self.sent == 0 {
+            return "—".into();
+        }
+        if self.answered == 0 {
+            return format!("none answered, 0/{}", self.sent);
+        }
+        format!(
+            "{:.2} / {:.2}, {}/{}",
+            self.median_ms, self.p90_ms, self.answered, self.sent
+        )
+    }
+}
+
+/// First bytes of a latency probe (the connector echoes these, and only these).
+const PROBE_MAGIC: &[u8] = b"ztna-bench-probe";
+/// One probe every this often.
+const PROBE_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Probes sent (send time, round trip once answered), in order.
+type ProbeLog = Arc<std::sync::Mutex<Vec<(Instant, Option<Duration>)>>>;
+
+fn is_probe(p: &[u8]) -> bool {
+    p.starts_with(PROBE_MAGIC)
+}
+
+/// The probes sent in `[from, to)`, summarised.
+fn probe_summary(log: &ProbeLog, from: Instant, to: Instant) -> Probe {
+    let log = log.lock().unwrap_or_else(|p| p.into_inner());
+    let mut rtts: Vec<f64> = Vec::new();
+    let mut sent = 0u64;
+    for (at, rtt) in log.iter().filter(|(at, _)| *at >= from && *at < to) {
+        let _ = at;
+        sent += 1;
+        if let Some(r) = rtt {
+            rtts.push(r.as_secs_f64() * 1e3);
+        }
+    }
+    rtts.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        if rtts.is_empty() {
+            f64::NAN
+        } else {
+            rtts[((rtts.len() - 1) as f64 * q).round() as usize]
+        }
+    };
+    Probe {
+        sent,
+        answered: rtts.len() as u64,
+        median_ms: pick(0.5),
+        p90_ms: pick(0.9),
+    }
 }
 
 impl Phase {
@@ -247,7 +317,7 @@ fn softirq_seconds() -> f64 {
 }
 
 impl Marks {
-    fn phase(&self, end: &Marks, sent: u64) -> Phase {
+    fn phase(&self, end: &Marks, sent: u64, probes: &ProbeLog) -> Phase {
         let secs = end.at.duration_since(self.at).as_secs_f64();
         let cpu = end.cpu - self.cpu;
         let forwarded = end.forwarded.saturating_sub(self.forwarded);
@@ -266,6 +336,14 @@ impl Marks {
             },
             xdp_forwarded: end.xdp_forwarded.saturating_sub(self.xdp_forwarded),
             softirq_percent: 100.0 * (end.softirq - self.softirq) / secs.max(1e-3),
+            // Probes sent in the last 200 ms had no fair chance to come back.
+            probe: probe_summary(
+                probes,
+                self.at,
+                end.at
+                    .checked_sub(Duration::from_millis(200))
+                    .unwrap_or(end.at),
+            ),
             xdp_ns_per_packet: {
                 let runs = end.xdp_run.1.saturating_sub(self.xdp_run.1);
                 if runs > 0 {
@@ -435,6 +513,15 @@ fn free_udp_port() -> Result<u16> {
     Ok(s.local_addr()?.port())
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The relay child process, killed and reaped on drop.
 struct RelayProcess {
     child: Child,
@@ -587,13 +674,14 @@ async fn simulate(
 ) -> Result<()> {
     // All agents share one socket (channel data from it is bound to each agent's session, which
     // all come from that address); the connector has its own, which counts channel data.
-    let (tap, _) = TapSocket::bind(SocketAddr::from((sim_ip, 0)), 0)
+    let (tap, probe_rx) = TapSocket::bind_filtered(SocketAddr::from((sim_ip, 0)), 256, is_probe)
         .context("binding the simulation's socket")?;
     let endpoint = tap
         .endpoint(quinn::EndpointConfig::default())
         .context("binding the simulation's endpoint")?;
-    let (conn_tap, _) = TapSocket::bind(SocketAddr::from((sim_ip, 0)), 0)
-        .context("binding the connector's socket")?;
+    let (conn_tap, echo_rx) =
+        TapSocket::bind_filtered(SocketAddr::from((sim_ip, 0)), 256, is_probe)
+            .context("binding the connector's socket")?;
     let conn_endpoint = conn_tap
         .endpoint(quinn::EndpointConfig::default())
         .context("binding the connector's endpoint")?;
@@ -632,6 +720,15 @@ async fn simulate(
     }
     tokio::spawn(run_connector(connector));
     let received = conn_tap.clone();
+    // The connector echoes latency probes (only those) on the channel they came on.
+    if let Some(mut rx) = echo_rx {
+        let conn_tap = conn_tap.clone();
+        tokio::spawn(async move {
+            while let Some((ch, payload)) = rx.recv().await {
+                let _ = conn_tap.send_channel(relay, ch, &payload);
+            }
+        });
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     r.relay_rss_idle_kib = rss(relay_pid);
 
@@ -732,6 +829,56 @@ async fn simulate(
     // takes datagrams.
     let blasters: Vec<ChannelId> = frames.iter().take(plan.blast_agents).copied().collect();
     r.blast_agents = blasters.len();
+    // The latency probe: an agent that is not a sender pings the connector every 10 ms through
+    // the relay while the forwarding phases run.
+    let probes: ProbeLog = Arc::default();
+    let _probe = match (frames.get(plan.blast_agents).copied(), probe_rx) {
+        (Some(ch), Some(mut rx)) => {
+            let log = probes.clone();
+            let answers = probes.clone();
+            let tap = tap.clone();
+            let t0 = Instant::now();
+            let receiver = tokio::spawn(async move {
+                while let Some((_, p)) = rx.recv().await {
+                    let Some(seq) = p
+                        .get(PROBE_MAGIC.len()..PROBE_MAGIC.len() + 8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                    else {
+                        continue;
+                    };
+                    let mut log = answers.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(entry) = log.get_mut(seq as usize) {
+                        entry.1.get_or_insert(entry.0.elapsed());
+                    }
+                }
+            });
+            let sender = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(PROBE_INTERVAL);
+                for seq in 0u64.. {
+                    tick.tick().await;
+                    let mut p = PROBE_MAGIC.to_vec();
+                    p.extend_from_slice(&seq.to_be_bytes());
+                    p.resize(100, 0);
+                    log.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((Instant::now(), None));
+                    let _ = tap.send_channel(relay, ch, &p);
+                    if t0.elapsed() > Duration::from_secs(600) {
+                        break;
+                    }
+                }
+            });
+            Some((AbortOnDrop(sender), AbortOnDrop(receiver)))
+        }
+        _ => None,
+    };
+    if _probe.is_some() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let from = Instant::now();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        r.probe_quiet = Some(probe_summary(&probes, from, from + Duration::from_secs(1)));
+    }
     let window = Duration::from_secs(plan.blast_secs);
     let mut phases = Vec::new();
     let gso_rate = plan.rate_pps * 4;
@@ -786,7 +933,7 @@ async fn simulate(
         while set.join_next().await.is_some() {}
         tokio::time::sleep(Duration::from_millis(200)).await;
         let m1 = marks(relay_pid, metrics, &received, not_the_relays);
-        phases.push(m0.phase(&m1, sent_total.load(Ordering::Relaxed)));
+        phases.push(m0.phase(&m1, sent_total.load(Ordering::Relaxed), &probes));
     }
     r.saturated_gso = phases.pop();
     let saturated = phases.pop();
@@ -865,7 +1012,7 @@ impl RelayScale {
         }
         let _ = writeln!(
             s,
-            "\n| agents | phase | sent (pkt/s) | relay forwarded (pkt/s) | relay dropped | kernel receive-buffer errors | connector received | relay CPU (%) | relay CPU per forwarded datagram (µs) |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+            "\n| agents | phase | sent (pkt/s) | relay forwarded (pkt/s) | relay dropped | kernel receive-buffer errors | connector received | relay CPU (%) | relay CPU per forwarded datagram (µs) | probe RTT median / p90 (ms), answered |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"
         );
         for r in &self.runs {
             for (name, p) in [
@@ -875,7 +1022,7 @@ impl RelayScale {
                 ("saturation, GSO batches of 8", &r.saturated_gso),
             ] {
                 let Some(p) = p else {
-                    let _ = writeln!(s, "| {} | {name} | missing | | | | | | |", r.agents);
+                    let _ = writeln!(s, "| {} | {name} | missing | | | | | | | |", r.agents);
                     continue;
                 };
                 let us = if p.relay_us_per_forwarded.is_finite() {
@@ -885,7 +1032,7 @@ impl RelayScale {
                 };
                 let _ = writeln!(
                     s,
-                    "| {} | {name} | {:.0} | {:.0} | {} | {} | {} | {:.0} | {us} |",
+                    "| {} | {name} | {:.0} | {:.0} | {} | {} | {} | {:.0} | {us} | {} |",
                     r.agents,
                     p.sent as f64 / p.secs.max(1e-3),
                     p.forwarded_pps(),
@@ -893,6 +1040,7 @@ impl RelayScale {
                     p.udp_rcvbuf_errors,
                     p.received,
                     p.relay_cpu_percent,
+                    p.probe.cell(),
                 );
             }
         }
