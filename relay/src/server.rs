@@ -657,7 +657,7 @@ impl Server {
         server_cfg.transport_config(transport::relay_side(cfg.timing()));
         server_cfg.migration(true);
         transport::relay_server_limits(&mut server_cfg);
-        let mut endpoint_cfg = creds.endpoint_config();
+        let mut endpoint_cfg = creds.relay_endpoint_config();
         // Never invite peers to grease the QUIC fixed bit: a clear fixed bit is how channel
         // data is told apart from QUIC on the relay's one port.
         endpoint_cfg.grease_quic_bit(false);
