@@ -104,6 +104,8 @@ pub(crate) struct ScaleRun {
     pub(crate) connected: usize,
     /// Agents whose handshake, hello or channel failed.
     pub(crate) failed: usize,
+    /// How they failed: error message → agents.
+    pub(crate) errors: std::collections::BTreeMap<String, usize>,
     /// Seconds from the first connect to the last welcome.
     pub(crate) setup_s: f64,
     /// Connections per second to welcome.
@@ -112,6 +114,9 @@ pub(crate) struct ScaleRun {
     pub(crate) channels_per_s: f64,
     /// Relay CPU while the agents connected, % of one core.
     pub(crate) relay_cpu_setup_percent: f64,
+    /// The relay's handshake counters after the setup (its metrics): why agents failed, seen
+    /// from the relay's side.
+    pub(crate) relay_handshakes: Handshakes,
     /// Relay RSS with only the connector connected, KiB.
     pub(crate) relay_rss_idle_kib: u64,
     /// Relay RSS with every agent connected and a channel open, after the steady phase, KiB.
@@ -146,6 +151,39 @@ pub(crate) struct ScaleRun {
     pub(crate) controlled_gso: Option<Phase>,
     /// The latency probe for 1 s before the forwarding phases (nothing else sending).
     pub(crate) probe_quiet: Option<Probe>,
+}
+
+/// The relay's handshake counters (`ztna_relay_handshakes_*`, `sessions`), and the kernel's
+/// UDP receive-buffer errors over the setup.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Handshakes {
+    pub(crate) sessions: u64,
+    pub(crate) retried: u64,
+    pub(crate) refused: u64,
+    pub(crate) failed: u64,
+    pub(crate) timed_out: u64,
+    /// Sessions refused after the handshake (no hello in time, ...).
+    pub(crate) rejected: u64,
+    /// Handshakes the relay still had in progress.
+    pub(crate) active: u64,
+    pub(crate) udp_rcvbuf_errors: u64,
+}
+
+impl Handshakes {
+    fn read(metrics: SocketAddr, rcvbuf_before: u64) -> Self {
+        let m = scrape(metrics).unwrap_or_default();
+        let v = |name: &str| m.value(&format!("ztna_relay_{name}_total")) as u64;
+        Self {
+            sessions: v("sessions"),
+            retried: v("handshakes_retried"),
+            refused: v("handshakes_refused"),
+            failed: v("handshakes_failed"),
+            timed_out: v("handshakes_timed_out"),
+            rejected: v("sessions_rejected"),
+            active: m.value("ztna_relay_handshakes_active") as u64,
+            udp_rcvbuf_errors: udp_rcvbuf_errors().saturating_sub(rcvbuf_before),
+        }
+    }
 }
 
 /// One forwarding phase, from the relay's own counters and the kernel's.
@@ -484,9 +522,14 @@ pub(crate) fn run_in(plan: &ScalePlan, dir: &Path, at: &Placement) -> Result<Rel
             ));
         if let Err(e) = result {
             eprintln!("==> relay scale with {n} agents failed: {e:#}");
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            eprintln!("{}", ztna_e2e::topology::tail(&tail, 20));
             r.error = Some(format!("{e:#}"));
+        }
+        if r.error.is_some() || r.failed > 0 {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            eprintln!(
+                "==> the relay's log:\n{}",
+                ztna_e2e::topology::tail(&tail, 20)
+            );
         }
         drop(relay);
         eprintln!(
@@ -589,19 +632,29 @@ async fn connect(
     let creds = Credentials::from_pem(ca_pem.as_bytes(), cert.as_bytes(), key.as_bytes())?;
     let mut cfg = quinn::ClientConfig::new(creds.client_config(ALPN_RELAY)?);
     cfg.transport_config(transport::outer(Timing::default()));
-    let fut = async {
-        let conn = endpoint.connect_with(cfg, relay, "relay")?.await?;
-        let (reader, writer, welcome) = open_control(&conn, hello).await?;
-        Ok(Session {
-            conn,
-            writer,
-            reader,
-            welcome,
-        })
-    };
-    tokio::time::timeout(STEP_TIMEOUT, fut)
+    let conn = tokio::time::timeout(STEP_TIMEOUT, endpoint.connect_with(cfg, relay, "relay")?)
         .await
-        .context("handshake timed out")?
+        .context("QUIC handshake timed out")??;
+    let (reader, writer, welcome) =
+        match tokio::time::timeout(STEP_TIMEOUT, open_control(&conn, hello)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                let s = conn.stats();
+                bail!(
+                    "hello → welcome timed out (rtt {:?}, lost packets {}, sent {}, received {})",
+                    s.path.rtt,
+                    s.path.lost_packets,
+                    s.path.sent_packets,
+                    s.frame_rx.acks + s.frame_rx.stream
+                )
+            }
+        };
+    Ok(Session {
+        conn,
+        writer,
+        reader,
+        welcome,
+    })
 }
 
 fn hello(role: Role, services: Vec<ServiceDef>) -> Hello {
@@ -736,6 +789,7 @@ async fn simulate(
     let sem = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut set = JoinSet::new();
     let cpu0 = cpu(relay_pid);
+    let rcvbuf0 = udp_rcvbuf_errors();
     let t0 = Instant::now();
     for i in 0..n {
         let sem = sem.clone();
@@ -754,6 +808,7 @@ async fn simulate(
             Ok(s) => sessions.push(s),
             Err(e) => {
                 r.failed += 1;
+                *r.errors.entry(format!("connect: {e:#}")).or_default() += 1;
                 first_error.get_or_insert(format!("{e:#}"));
             }
         }
@@ -763,10 +818,11 @@ async fn simulate(
     r.connected = sessions.len();
     r.setup_s = setup;
     r.setup_per_s = sessions.len() as f64 / setup.max(1e-3);
+    r.relay_handshakes = Handshakes::read(metrics, rcvbuf0);
     if let Some(e) = &first_error {
         eprintln!(
-            "==> {} of {n} agents failed to connect; first: {e}",
-            r.failed
+            "==> {} of {n} agents failed to connect; first: {e}; errors: {:?}; the relay's counters: {:?}",
+            r.failed, r.errors, r.relay_handshakes
         );
     }
 
@@ -788,6 +844,7 @@ async fn simulate(
             Ok(ch) => agents.push((s, ch)),
             Err(e) => {
                 r.failed += 1;
+                *r.errors.entry(format!("channel: {e:#}")).or_default() += 1;
                 first_error.get_or_insert(format!("{e:#}"));
             }
         }

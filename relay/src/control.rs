@@ -174,7 +174,17 @@ impl Outbox {
         if Self::is_bounded(&m) {
             self.bounded -= 1;
         }
+        self.release_if_empty();
         Some(m)
+    }
+
+    /// An idle session's outbox holds no memory: a drained queue gives its buffer back (four
+    /// messages' worth, some 450 bytes a session; control messages are rare, so allocating
+    /// again for the next one costs nothing that matters).
+    fn release_if_empty(&mut self) {
+        if self.queue.is_empty() {
+            self.queue = VecDeque::new();
+        }
     }
 
     /// Takes an unsent `IncomingChannel` for `ch` back out. Whether it was still there.
@@ -185,6 +195,7 @@ impl Outbox {
         match at.and_then(|i| self.queue.remove(i)) {
             Some(_) => {
                 self.bounded -= 1;
+                self.release_if_empty();
                 true
             }
             None => false,
@@ -1189,6 +1200,30 @@ mod tests {
             }]
         );
         assert_eq!(s.cp.channels_len(), 0);
+    }
+
+    /// An idle session's outbox holds no buffer: once its messages are written (or an unsent
+    /// offer is withdrawn), the queue's memory goes back (relay-scale memory per session).
+    #[test]
+    fn drained_outboxes_hold_no_memory() {
+        let mut s = Sim::new(Limits::default());
+        let a = s.add(Role::Agent, "alice");
+        let c = s.add(Role::Connector, "c1");
+        let cap = |s: &Sim, id| s.cp.sessions[&id].outbox.queue.capacity();
+        s.open(a, 1, "c1");
+        assert!(cap(&s, c) > 0, "the offer is queued");
+        let ch = s.offered(c);
+        assert_eq!(cap(&s, c), 0);
+        s.send(c, ControlMessage::ChannelAccepted { channel_id: ch })
+            .unwrap();
+        assert!(cap(&s, a) > 0, "the answer is queued");
+        assert_eq!(s.drain(a).len(), 1);
+        assert_eq!(cap(&s, a), 0);
+        // A replacing request withdraws the unsent offer of the first one.
+        s.open(a, 2, "c1");
+        s.open(a, 3, "c1");
+        assert_eq!(s.drain(c).len(), 1, "one offer left, the other withdrawn");
+        assert_eq!(cap(&s, c), 0);
     }
 
     /// Addresses per connector, as a policy reload would change them.

@@ -173,3 +173,83 @@ async fn initial_flood_keeps_memory_bounded_and_handshakes_fast() {
     assert!(retried > 0);
     server.abort();
 }
+
+/// A relay restarted on the same port with the same key answers a packet of a connection it no
+/// longer has with a stateless reset, so the client notices at once, not after its 20 s idle
+/// timeout: the relay's connection IDs (`Credentials::relay_endpoint_config`, 64 random bits
+/// and a MAC) validate across restarts, and its reset tokens match.
+#[test]
+fn a_restarted_relay_resets_its_old_connections() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = CertificateAuthority::generate("Test").unwrap();
+    pki::write_new(&dir.join("ca.pem"), &ca.cert_pem(), false).unwrap();
+    let rf = issue(&ca, dir, Role::Relay, "relay", &[]);
+    let af = issue(&ca, dir, Role::Agent, "alice", &[]);
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let start = |bind: SocketAddr| {
+        let rt = runtime();
+        let cfg = RelayConfig {
+            bind,
+            ca: Some(rf.ca.clone()),
+            cert: Some(rf.cert.clone()),
+            key: Some(rf.key.clone()),
+            ..RelayConfig::default()
+        };
+        let addr = rt.block_on(async {
+            let server = Server::bind(&cfg).unwrap();
+            let addr = server.local_addr().unwrap();
+            tokio::spawn(server.run(std::future::pending()));
+            addr
+        });
+        (rt, addr)
+    };
+    let (relay, addr) = start("127.0.0.1:0".parse().unwrap());
+    let client = runtime();
+    let session = client.block_on(async {
+        let node = Node::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Credentials::load(&af).unwrap(),
+            Timing::default(),
+        )
+        .unwrap();
+        let target = RelayTarget {
+            addr,
+            server_name: "relay".into(),
+        };
+        let hello = Hello {
+            role: Role::Agent,
+            services: vec![],
+            want: vec![],
+            software: "test".into(),
+        };
+        node.connect_relay(&target, hello).await.unwrap()
+    });
+    // The relay goes (its tasks, endpoint and socket with its runtime) and comes back.
+    drop(relay);
+    let (_relay, again) = start(addr);
+    assert_eq!(again, addr);
+    client.block_on(async {
+        let t = tokio::time::Instant::now();
+        session
+            .send(ztna_proto::control::ControlMessage::OpenChannel {
+                request_id: 1,
+                connector: "c1".into(),
+            })
+            .unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(5), session.connection().closed())
+            .await
+            .expect("the old connection ends within 5 s");
+        assert!(
+            matches!(err, quinn::ConnectionError::Reset),
+            "ended with {err}, not a stateless reset"
+        );
+        println!("reset {} ms after the restart", t.elapsed().as_millis());
+    });
+}
