@@ -170,7 +170,7 @@ pub(crate) struct Handshakes {
 }
 
 impl Handshakes {
-    fn read(metrics: SocketAddr, rcvbuf_before: u64) -> Self {
+    fn read(metrics: SocketAddr, relay_pid: u32, rcvbuf_before: u64) -> Self {
         let m = scrape(metrics).unwrap_or_default();
         let v = |name: &str| m.value(&format!("ztna_relay_{name}_total")) as u64;
         Self {
@@ -181,7 +181,7 @@ impl Handshakes {
             timed_out: v("handshakes_timed_out"),
             rejected: v("sessions_rejected"),
             active: m.value("ztna_relay_handshakes_active") as u64,
-            udp_rcvbuf_errors: udp_rcvbuf_errors().saturating_sub(rcvbuf_before),
+            udp_rcvbuf_errors: rcvbuf_errors(relay_pid).saturating_sub(rcvbuf_before),
         }
     }
 }
@@ -318,12 +318,7 @@ fn relay_program_stats(not: Option<u32>) -> (u64, u64) {
 
 fn marks(relay_pid: u32, metrics: SocketAddr, connector: &TapSocket, not: Option<u32>) -> Marks {
     let m = scrape(metrics).unwrap_or_default();
-    // The simulator's namespace (this thread's) and, when it is elsewhere, the relay's.
-    let mut rcvbuf = udp_rcvbuf_errors("/proc/thread-self/net/snmp");
-    let relay_snmp = format!("/proc/{relay_pid}/net/snmp");
-    if !same_netns(&relay_snmp) {
-        rcvbuf += udp_rcvbuf_errors(&relay_snmp);
-    }
+    let rcvbuf = rcvbuf_errors(relay_pid);
     Marks {
         at: Instant::now(),
         cpu: cpu(relay_pid),
@@ -335,6 +330,17 @@ fn marks(relay_pid: u32, metrics: SocketAddr, connector: &TapSocket, not: Option
         softirq: softirq_seconds(),
         xdp_run: relay_program_stats(not),
     }
+}
+
+/// UDP receive-buffer errors in the simulator's namespace (this thread's) and, when it is
+/// elsewhere, the relay's.
+fn rcvbuf_errors(relay_pid: u32) -> u64 {
+    let mut n = udp_rcvbuf_errors("/proc/thread-self/net/snmp");
+    let relay_snmp = format!("/proc/{relay_pid}/net/snmp");
+    if !same_netns(&relay_snmp) {
+        n += udp_rcvbuf_errors(&relay_snmp);
+    }
+    n
 }
 
 /// Whether `/proc/PID/net/...` is this thread's network namespace.
@@ -789,7 +795,7 @@ async fn simulate(
     let sem = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut set = JoinSet::new();
     let cpu0 = cpu(relay_pid);
-    let rcvbuf0 = udp_rcvbuf_errors();
+    let rcvbuf0 = rcvbuf_errors(relay_pid);
     let t0 = Instant::now();
     for i in 0..n {
         let sem = sem.clone();
@@ -818,7 +824,7 @@ async fn simulate(
     r.connected = sessions.len();
     r.setup_s = setup;
     r.setup_per_s = sessions.len() as f64 / setup.max(1e-3);
-    r.relay_handshakes = Handshakes::read(metrics, rcvbuf0);
+    r.relay_handshakes = Handshakes::read(metrics, relay_pid, rcvbuf0);
     if let Some(e) = &first_error {
         eprintln!(
             "==> {} of {n} agents failed to connect; first: {e}; errors: {:?}; the relay's counters: {:?}",
