@@ -13,21 +13,39 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// An XDP program crate to build.
-pub(crate) struct Program<'a> {
+struct Program<'a> {
     /// The eBPF crates' directory (`<crate>/xdp` and `<crate>/common` inside it).
-    pub(crate) ebpf_dir: PathBuf,
+    ebpf_dir: PathBuf,
     /// The program crate's binary name.
-    pub(crate) binary: &'a str,
+    binary: &'a str,
     /// File name of the object in `OUT_DIR`.
-    pub(crate) object: &'a str,
+    object: &'a str,
     /// `cfg` set when the object was built.
-    pub(crate) cfg: &'a str,
+    cfg: &'a str,
     /// Who runs on sockets without it, for the warning ("the connector").
-    pub(crate) daemon: &'a str,
+    daemon: &'a str,
 }
 
-/// Builds `p` (the build script's whole job), or warns, or fails under `ZTNA_REQUIRE_EBPF=1`.
-pub(crate) fn run(p: &Program<'_>) {
+/// The whole build script of a daemon whose eBPF crates are in `../EBPF_DIR` (beside the
+/// daemon's crate): builds `binary` into `OUT_DIR/OBJECT` and sets `cfg` when it was built.
+pub(crate) fn main_for(ebpf_dir: &str, binary: &str, object: &str, cfg: &str, daemon: &str) {
+    let manifest =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest.join("../xdp-loader/ebpf_build.rs").display()
+    );
+    run(&Program {
+        ebpf_dir: manifest.join("..").join(ebpf_dir),
+        binary,
+        object,
+        cfg,
+        daemon,
+    });
+}
+
+/// Builds `p`, or warns, or fails under `ZTNA_REQUIRE_EBPF=1`.
+fn run(p: &Program<'_>) {
     for sub in [
         "xdp/src",
         "xdp/Cargo.toml",

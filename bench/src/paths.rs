@@ -552,16 +552,7 @@ fn ztna_relay(t: &Topology) -> Result<PathUp> {
 fn ztna_relay_xdp(t: &Topology) -> Result<PathUp> {
     // Native XDP_TX on the relay's veth reaches the bridge only when the bridge's port has an
     // XDP program of its own: one that passes everything.
-    let wan = t.ns(ztna_e2e::Node::Wan);
-    let peer = std::thread::scope(|sc| {
-        sc.spawn(|| {
-            ztna_e2e::enter_netns(&wan)?;
-            ztna_relay::xdp::attach_pass_through("relay", ztna_xdp_loader::Attached::Native)
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?
-    })
-    .context("a pass-through XDP program on the relay's bridge port")?;
+    let peer = ztna_e2e::relay_xdp_peer(t)?;
     let mut up = ztna(t, "relay", |s| s.relay_cfg.xdp = Some("native".into()))?;
     up.keep = Some(peer);
     Ok(up)

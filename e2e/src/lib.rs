@@ -214,6 +214,22 @@ pub fn enter_netns(name: &str) -> Result<()> {
         .with_context(|| format!("entering network namespace {name}"))
 }
 
+/// The relay's XDP program with forwarding off on the relay's bridge port (`relay` in the
+/// WAN namespace), natively: a veth delivers frames its peer sends with native `XDP_TX` only
+/// when it has an XDP program of its own. Detached when dropped.
+pub fn relay_xdp_peer(t: &Topology) -> Result<ztna_relay::xdp::Attachment> {
+    let wan = t.ns(Node::Wan);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            enter_netns(&wan)?;
+            ztna_relay::xdp::attach_pass_through("relay", ztna_xdp_loader::Attached::Native)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?
+    })
+    .context("a pass-through XDP program on the relay's bridge port")
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -522,16 +522,7 @@ fn relay_xdp_forwards_in_the_kernel_and_drops_strangers() {
             // Native XDP_TX on a veth reaches its peer only when the peer has an XDP program
             // of its own: the bridge port `relay` in the WAN namespace gets one that passes
             // everything (detached when the test ends).
-            let wan = t.ns(Node::Wan);
-            let _peer = std::thread::scope(|sc| {
-                sc.spawn(|| {
-                    ztna_e2e::enter_netns(&wan)?;
-                    ztna_relay::xdp::attach_pass_through("relay", ztna_xdp_loader::Attached::Native)
-                })
-                .join()
-                .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?
-            })
-            .context("a pass-through XDP program on the relay's bridge port")?;
+            let _peer = ztna_e2e::relay_xdp_peer(t)?;
             s.relay_cfg.xdp = Some("native".to_owned());
             s.start_all()?;
             let relay = s.relay.context("no relay")?;

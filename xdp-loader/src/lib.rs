@@ -126,6 +126,23 @@ impl Attached {
     }
 }
 
+/// For a test of a daemon's XDP program: `object` where this process can load it (root, and
+/// the program built in). Otherwise `None` after saying why, so the test skips, unless
+/// `ZTNA_REQUIRE_EBPF=1` (as in scripts/test.sh), where it fails.
+pub fn object_for_test(object: Option<&'static [u8]>, test: &str) -> Option<&'static [u8]> {
+    let required = std::env::var("ZTNA_REQUIRE_EBPF").is_ok_and(|v| v == "1");
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let why = match (object, root) {
+        (Some(o), true) => return Some(o),
+        (None, _) => "built without the XDP program",
+        (Some(_), false) => "needs root (CAP_BPF, CAP_NET_ADMIN)",
+    };
+    assert!(!required, "{test}: {why}, and ZTNA_REQUIRE_EBPF=1");
+    eprintln!("skipping {test}: {why}");
+    None
+}
+
 /// Loads `object` (creating its maps) and its XDP program `program` (the verifier runs here).
 pub fn load(object: &[u8], program: &str) -> anyhow::Result<Ebpf> {
     let mut ebpf = Ebpf::load(object).context(

@@ -1,5 +1,6 @@
 //! The types the connector's XDP program (`connector-ebpf/xdp`) and its loader (`connector`)
-//! share: map names, `#[repr(C)]` map keys and values, counter indices. `no_std`, no I/O.
+//! share: map names, `#[repr(C)]` map keys and values, counter indices; and what both XDP
+//! programs (this one and the relay's) share: [`headers`], [`csum_replace`]. `no_std`, no I/O.
 //!
 //! Addresses and ports are stored as network-order bytes, exactly as they appear in packets, so
 //! neither side converts byte order and the kernel compares raw header bytes.
@@ -86,6 +87,49 @@ pub struct Config {
     pub last_port: u16,
 }
 
+/// The packet headers both XDP programs (this connector's and the relay's) parse, as
+/// `#[repr(C)]` structs of byte arrays (alignment 1; the verifier rejects etherparse).
+pub mod headers {
+    /// Bytes of an Ethernet header.
+    pub const ETH_LEN: usize = 14;
+    /// EtherType of IPv4, as on the wire.
+    pub const ETH_P_IPV4: [u8; 2] = [0x08, 0x00];
+    /// IP protocol number of UDP.
+    pub const IPPROTO_UDP: u8 = 17;
+
+    /// Ethernet header.
+    #[repr(C)]
+    pub struct EthHdr {
+        pub dst: [u8; 6],
+        pub src: [u8; 6],
+        pub ether_type: [u8; 2],
+    }
+
+    /// IPv4 header without options.
+    #[repr(C)]
+    pub struct Ipv4Hdr {
+        pub version_ihl: u8,
+        pub tos: u8,
+        pub total_len: [u8; 2],
+        pub id: [u8; 2],
+        pub flags_offset: [u8; 2],
+        pub ttl: u8,
+        pub protocol: u8,
+        pub check: [u8; 2],
+        pub src: [u8; 4],
+        pub dst: [u8; 4],
+    }
+
+    /// UDP header.
+    #[repr(C)]
+    pub struct UdpHdr {
+        pub src: [u8; 2],
+        pub dst: [u8; 2],
+        pub len: [u8; 2],
+        pub check: [u8; 2],
+    }
+}
+
 /// TTL of the rewritten packet, as the socket path builds it.
 pub const REWRITE_TTL: u8 = 64;
 
@@ -122,5 +166,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowValue>(), 12);
         assert_eq!(core::mem::size_of::<FlowStats>(), 16);
         assert_eq!(core::mem::size_of::<Config>(), 4);
+        assert_eq!(core::mem::size_of::<headers::EthHdr>(), headers::ETH_LEN);
+        assert_eq!(core::mem::size_of::<headers::Ipv4Hdr>(), 20);
+        assert_eq!(core::mem::size_of::<headers::UdpHdr>(), 8);
     }
 }

@@ -21,6 +21,9 @@ use aya_ebpf::helpers::bpf_xdp_adjust_head;
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, XskMap};
 use aya_ebpf::programs::XdpContext;
+use ztna_connector_ebpf_common::headers::{
+    EthHdr, Ipv4Hdr, UdpHdr, ETH_LEN, ETH_P_IPV4, IPPROTO_UDP,
+};
 use ztna_connector_ebpf_common::{
     csum_replace, Config, FlowKey, FlowStats, FlowValue, COUNTERS as NUM_COUNTERS,
     COUNTER_DROPPED_MALFORMED, COUNTER_DROPPED_NO_SOCKET, COUNTER_DROPPED_UNSOLICITED,
@@ -39,42 +42,10 @@ static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-const ETH_LEN: usize = 14;
-const ETH_P_IPV4: [u8; 2] = [0x08, 0x00];
-const IPPROTO_UDP: u8 = 17;
 /// More-fragments flag and fragment offset in the IPv4 flags/offset word.
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 const IP_DF: u16 = 0x4000;
-
-#[repr(C)]
-struct EthHdr {
-    dst: [u8; 6],
-    src: [u8; 6],
-    ether_type: [u8; 2],
-}
-
-#[repr(C)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    total_len: [u8; 2],
-    id: [u8; 2],
-    flags_offset: [u8; 2],
-    ttl: u8,
-    protocol: u8,
-    check: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
-}
-
-#[repr(C)]
-struct UdpHdr {
-    src: [u8; 2],
-    dst: [u8; 2],
-    len: [u8; 2],
-    check: [u8; 2],
-}
 
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {

@@ -5,7 +5,7 @@
 //! appear in packets, so neither side converts byte order and the kernel compares raw bytes.
 #![no_std]
 
-pub use ztna_connector_ebpf_common::csum_replace;
+pub use ztna_connector_ebpf_common::{csum_replace, headers};
 
 /// Name of the channel map: channel number (network order) → [`Ends`] (a `HashMap`, a mirror
 /// of the relay's forwarding table kept by userspace).

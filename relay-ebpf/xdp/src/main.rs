@@ -32,6 +32,9 @@ use aya_ebpf::helpers::bpf_redirect;
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
+use ztna_relay_ebpf_common::headers::{
+    EthHdr, Ipv4Hdr, UdpHdr, ETH_LEN, ETH_P_IPV4, IPPROTO_UDP,
+};
 use ztna_relay_ebpf_common::{
     csum_replace, Config, EndKey, Ends, NextHop, CHANNEL_DATA, COUNTERS as NUM_COUNTERS, MAX_BOUND,
     COUNTER_DROPPED_MALFORMED, COUNTER_DROPPED_REDIRECT, COUNTER_DROPPED_UNBOUND,
@@ -51,40 +54,8 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-const ETH_LEN: usize = 14;
-const ETH_P_IPV4: [u8; 2] = [0x08, 0x00];
-const IPPROTO_UDP: u8 = 17;
 /// More-fragments flag and fragment offset in the IPv4 flags/offset word.
 const IP_MF_OFFSET: u16 = 0x3fff;
-
-#[repr(C)]
-struct EthHdr {
-    dst: [u8; 6],
-    src: [u8; 6],
-    ether_type: [u8; 2],
-}
-
-#[repr(C)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    total_len: [u8; 2],
-    id: [u8; 2],
-    flags_offset: [u8; 2],
-    ttl: u8,
-    protocol: u8,
-    check: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
-}
-
-#[repr(C)]
-struct UdpHdr {
-    src: [u8; 2],
-    dst: [u8; 2],
-    len: [u8; 2],
-    check: [u8; 2],
-}
 
 /// The channel-data header.
 #[repr(C)]

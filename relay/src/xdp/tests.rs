@@ -48,30 +48,9 @@ fn loopback_and_ipv6_binds_are_refused() {
     );
 }
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// The built-in object where this test can load it: root and the program built in. Skips
-/// (None) otherwise, unless `ZTNA_REQUIRE_EBPF=1` (as in scripts/test.sh), where it fails.
-fn object_for(test: &str) -> Option<&'static [u8]> {
-    let required = std::env::var("ZTNA_REQUIRE_EBPF").is_ok_and(|v| v == "1");
-    let why = match (OBJECT, is_root()) {
-        (Some(o), true) => return Some(o),
-        (None, _) => "built without the XDP program",
-        (Some(_), false) => "needs root (CAP_BPF, CAP_NET_ADMIN)",
-    };
-    assert!(!required, "{test}: {why}, and ZTNA_REQUIRE_EBPF=1");
-    eprintln!("skipping {test}: {why}");
-    None
-}
-
-/// Runs frames through the kernel's program and the twin, in order (next hops are learned
-/// along the way on both sides), and checks that they agree on every verdict, every counter
-/// and every byte of every forwarded frame.
 #[test]
 fn kernel_matches_the_twin() {
-    let Some(object) = object_for("kernel_matches_the_twin") else {
+    let Some(object) = ztna_xdp_loader::object_for_test(OBJECT, "kernel_matches_the_twin") else {
         return;
     };
     let mut ebpf = ztna_xdp_loader::load(object, common::PROGRAM).expect("the verifier accepts");
@@ -244,8 +223,10 @@ fn kernel_matches_the_twin() {
 
 #[test]
 fn a_full_channel_map_makes_the_program_pass_unknown_channels() {
-    let Some(object) = object_for("a_full_channel_map_makes_the_program_pass_unknown_channels")
-    else {
+    let Some(object) = ztna_xdp_loader::object_for_test(
+        OBJECT,
+        "a_full_channel_map_makes_the_program_pass_unknown_channels",
+    ) else {
         return;
     };
     let mut ebpf = ztna_xdp_loader::load(object, common::PROGRAM).expect("load");

@@ -81,28 +81,11 @@ fn udp_checksums_are_completed() {
     assert!(!finish_udp_checksum(&mut packet[..24].to_vec()));
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// The built-in object where this test can load it: root and the program built in. Skips
-/// (None) otherwise, unless `ZTNA_REQUIRE_EBPF=1` (as in scripts/test.sh), where it fails.
-fn object_for(test: &str) -> Option<&'static [u8]> {
-    let required = std::env::var("ZTNA_REQUIRE_EBPF").is_ok_and(|v| v == "1");
-    let why = match (OBJECT, is_root()) {
-        (Some(o), true) => return Some(o),
-        (None, _) => "built without the XDP program",
-        (Some(_), false) => "needs root (CAP_BPF, CAP_NET_ADMIN)",
-    };
-    assert!(!required, "{test}: {why}, and ZTNA_REQUIRE_EBPF=1");
-    eprintln!("skipping {test}: {why}");
-    None
-}
-
 #[test]
 fn a_stale_netlink_program_is_replaced() {
-    let Some(object) = object_for("a_stale_netlink_program_is_replaced") else {
+    let Some(object) =
+        ztna_xdp_loader::object_for_test(OBJECT, "a_stale_netlink_program_is_replaced")
+    else {
         return;
     };
     // In a network namespace of this thread's own, on its loopback (generic XDP).
@@ -134,7 +117,8 @@ fn a_stale_netlink_program_is_replaced() {
 
 #[test]
 fn kernel_rewrite_matches_the_twin() {
-    let Some(object) = object_for("kernel_rewrite_matches_the_twin") else {
+    let Some(object) = ztna_xdp_loader::object_for_test(OBJECT, "kernel_rewrite_matches_the_twin")
+    else {
         return;
     };
     let mut ebpf = load(object).expect("the verifier accepts the program");
