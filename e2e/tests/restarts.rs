@@ -3,12 +3,10 @@
 //! inner connection outlives the outer session: the agent's next session opens a new channel
 //! to the same connector, and both ends re-point the live inner connection at it.
 
-use std::fs::File;
-use std::io::{Read as _, Write as _};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use ztna_e2e::nginx::{random_file, sha256};
 use ztna_e2e::wait::wait_until_every;
 use ztna_e2e::{addr, helper_bins, run, Node, Stack, Topology};
 
@@ -19,25 +17,6 @@ const SIZE: u64 = 200 * MIB;
 const RATE: &str = "16M";
 /// How long the relay stays dead.
 const DEAD_FOR: Duration = Duration::from_secs(2);
-
-fn random_file(p: &Path, bytes: u64) -> Result<()> {
-    let mut src = File::open("/dev/urandom")?.take(bytes);
-    let mut dst = File::create(p).with_context(|| format!("creating {}", p.display()))?;
-    let n = std::io::copy(&mut src, &mut dst)?;
-    ensure!(n == bytes, "wrote {n} of {bytes} bytes");
-    dst.flush()?;
-    Ok(())
-}
-
-fn sha256(t: &Topology, p: &Path) -> Result<String> {
-    let out = t.host(120, ["sha256sum", p.to_str().context("path")?])?;
-    ensure!(out.success(), "{out}");
-    out.stdout
-        .split_whitespace()
-        .next()
-        .map(str::to_owned)
-        .context("sha256sum printed nothing")
-}
 
 /// Downloads 200 MiB from nginx through the tunnel, SIGKILLs the relay once a few MiB have
 /// arrived, restarts it [`DEAD_FOR`] later, and checks that curl finishes with the right bytes.
