@@ -222,12 +222,7 @@ impl RelayForward {
                     q.cell()
                 );
             }
-            for (name, p) in [
-                ("controlled", &r.controlled),
-                ("controlled ×4, GSO batches of 8", &r.controlled_gso),
-                ("saturation", &r.saturated),
-                ("saturation, GSO batches of 8", &r.saturated_gso),
-            ] {
+            for (name, p) in r.named_phases() {
                 let Some(p) = p else {
                     let _ = writeln!(s, "| {} | {name} | missing | | | | | | | | | | |", m.mode);
                     continue;

@@ -186,6 +186,18 @@ impl Handshakes {
     }
 }
 
+impl ScaleRun {
+    /// The forwarding phases in the order they ran, with their names in the tables.
+    pub(crate) fn named_phases(&self) -> [(&'static str, &Option<Phase>); 4] {
+        [
+            ("controlled", &self.controlled),
+            ("controlled ×4, GSO batches of 8", &self.controlled_gso),
+            ("saturation", &self.saturated),
+            ("saturation, GSO batches of 8", &self.saturated_gso),
+        ]
+    }
+}
+
 /// One forwarding phase, from the relay's own counters and the kernel's.
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Phase {
@@ -262,8 +274,7 @@ fn probe_summary(log: &ProbeLog, from: Instant, to: Instant) -> Probe {
     let log = log.lock().unwrap_or_else(|p| p.into_inner());
     let mut rtts: Vec<f64> = Vec::new();
     let mut sent = 0u64;
-    for (at, rtt) in log.iter().filter(|(at, _)| *at >= from && *at < to) {
-        let _ = at;
+    for (_, rtt) in log.iter().filter(|(at, _)| *at >= from && *at < to) {
         sent += 1;
         if let Some(r) = rtt {
             rtts.push(r.as_secs_f64() * 1e3);
@@ -1078,12 +1089,7 @@ impl RelayScale {
             "\n| agents | phase | sent (pkt/s) | relay forwarded (pkt/s) | relay dropped | kernel receive-buffer errors | connector received | relay CPU (%) | relay CPU per forwarded datagram (µs) | probe RTT median / p90 (ms), answered |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"
         );
         for r in &self.runs {
-            for (name, p) in [
-                ("controlled", &r.controlled),
-                ("controlled ×4, GSO batches of 8", &r.controlled_gso),
-                ("saturation", &r.saturated),
-                ("saturation, GSO batches of 8", &r.saturated_gso),
-            ] {
+            for (name, p) in r.named_phases() {
                 let Some(p) = p else {
                     let _ = writeln!(s, "| {} | {name} | missing | | | | | | | |", r.agents);
                     continue;

@@ -51,11 +51,6 @@ impl Attachment {
         self.mode
     }
 
-    /// The interface.
-    pub fn interface(&self) -> &str {
-        &self.interface
-    }
-
     /// The kernel's id of the attached program (`bpftool prog show id N`).
     pub fn program_id(&self) -> Option<u32> {
         let (ebpf, _) = self.program.as_ref()?;
@@ -116,8 +111,6 @@ pub struct Reading {
     pub dropped_redirect: u64,
     /// Channel data left to userspace.
     pub passed_channel: u64,
-    /// Everything else, passed to the kernel's stack.
-    pub passed: u64,
 }
 
 impl Counters {
@@ -137,7 +130,6 @@ impl Counters {
             dropped_unbound: sum(common::COUNTER_DROPPED_UNBOUND),
             dropped_redirect: sum(common::COUNTER_DROPPED_REDIRECT),
             passed_channel: sum(common::COUNTER_PASSED_CHANNEL),
-            passed: sum(common::COUNTER_PASSED),
         }
     }
 }
