@@ -21,13 +21,12 @@
 const FLOOD_PPS: u64 = 100_000;
 mod common;
 
-use common::issue;
+use common::{issue, new_ca};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use ztna_core::pki::{self, CertificateAuthority};
 use ztna_core::session::open_control;
 use ztna_core::tap::{Received, TapSocket};
 use ztna_core::tls::{Credentials, TlsFiles};
@@ -93,8 +92,7 @@ struct Agent {
 async fn setup(agents: &[&str]) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let ca = CertificateAuthority::generate("Test").unwrap();
-    pki::write_new(&dir.join("ca.pem"), &ca.cert_pem(), false).unwrap();
+    let ca = new_ca(dir);
     let rf = issue(&ca, dir, Role::Relay, "relay", &[]);
     let cfg = RelayConfig {
         bind: "127.0.0.1:0".parse().unwrap(),

@@ -10,13 +10,12 @@
 
 mod common;
 
-use common::issue;
+use common::{issue, new_ca};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ztna_core::pki::{self, CertificateAuthority};
 use ztna_core::session::{Node, RelayTarget};
 use ztna_core::tls::Credentials;
 use ztna_core::transport::{self, Timing};
@@ -89,8 +88,7 @@ async fn handshake_ms(node: &Node, target: &RelayTarget) -> u128 {
 async fn initial_flood_keeps_memory_bounded_and_handshakes_fast() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let ca = CertificateAuthority::generate("Test").unwrap();
-    pki::write_new(&dir.join("ca.pem"), &ca.cert_pem(), false).unwrap();
+    let ca = new_ca(dir);
     let rf = issue(&ca, dir, Role::Relay, "relay", &[]);
     let af = issue(&ca, dir, Role::Agent, "alice", &[]);
     let cfg = RelayConfig {
@@ -182,8 +180,7 @@ async fn initial_flood_keeps_memory_bounded_and_handshakes_fast() {
 fn a_restarted_relay_resets_its_old_connections() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let ca = CertificateAuthority::generate("Test").unwrap();
-    pki::write_new(&dir.join("ca.pem"), &ca.cert_pem(), false).unwrap();
+    let ca = new_ca(dir);
     let rf = issue(&ca, dir, Role::Relay, "relay", &[]);
     let af = issue(&ca, dir, Role::Agent, "alice", &[]);
     let runtime = || {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::issue;
+use common::{issue, new_ca};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -53,8 +53,7 @@ impl World {
     async fn start_with(change: impl FnOnce(&mut RelayConfig)) -> World {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_owned();
-        let ca = CertificateAuthority::generate("Test").unwrap();
-        pki::write_new(&dir.join("ca.pem"), &ca.cert_pem(), false).unwrap();
+        let ca = new_ca(&dir);
         let files = issue(&ca, &dir, Role::Relay, "relay", &[]);
         let mut cfg = RelayConfig {
             bind: "127.0.0.1:0".parse().unwrap(),

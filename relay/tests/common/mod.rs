@@ -6,6 +6,13 @@ use ztna_core::pki::{self, CertificateAuthority};
 use ztna_core::tls::TlsFiles;
 use ztna_proto::control::Role;
 
+/// A new organisation CA ("Test"), its certificate written to `dir/ca.pem`.
+pub(crate) fn new_ca(dir: &Path) -> CertificateAuthority {
+    let ca = CertificateAuthority::generate("Test").unwrap();
+    pki::write_new(&dir.join("ca.pem"), &ca.cert_pem(), false).unwrap();
+    ca
+}
+
 /// Issues `name` a certificate of `role` in `groups` from `ca` and writes it and its key into
 /// `dir` (beside `ca.pem`); a certificate already there is reused.
 pub(crate) fn issue(
