@@ -108,7 +108,10 @@ mod tests {
         let p = pems(Role::Agent, "alice");
         let cfg = parse(&doc(&p, "")).unwrap();
         let s = &cfg.settings;
-        assert_eq!(s.relay, "192.0.2.1:4433".parse().unwrap());
+        assert_eq!(
+            s.relays[0].literal(),
+            Some("192.0.2.1:4433".parse().unwrap())
+        );
         assert_eq!(s.relay_name, "relay");
         assert_eq!(s.bind, "0.0.0.0:0".parse().unwrap());
         assert_eq!(s.mtu, 1280);
@@ -131,17 +134,19 @@ mod tests {
             f.to_str().unwrap().to_owned()
         };
         let json = serde_json::json!({
-            "relay": "10.10.0.1:4433", "relay_name": "relay.example", "bind": "0.0.0.0:0",
+            "relays": ["10.10.0.1:4433"], "relay_name": "relay.example", "bind": "0.0.0.0:0",
             "ca": write("ca.pem", &p.ca), "cert": write("a.pem", &p.cert),
             "key": write("a.key", &p.key), "tun": "ztna0", "mtu": 1300,
             "services": "web, db, web", "status_socket": "/run/ztna/agent.sock",
             "log": "debug", "direct_paths": false, "withdraw_grace_secs": 5, "route_table": 100,
         });
+        // `relay` is the one-relay form of `relays` (never both): tested in clear_errors.
         let keys: BTreeSet<&str> = json
             .as_object()
             .unwrap()
             .keys()
             .map(|k| k.as_str())
+            .chain(["relay"])
             .collect();
         assert_eq!(
             keys,
@@ -170,7 +175,7 @@ mod tests {
         let err = |text: &str| format!("{:#}", parse(text).unwrap_err());
         assert!(err("{not json").contains("parsing the JSON config"));
         assert!(err(&doc(&p, r#", "realy": 1"#)).contains("realy"));
-        assert!(err(r#"{"ca": "x"}"#).contains("missing `relay`"));
+        assert!(err(r#"{"ca": "x"}"#).contains("missing `relays`"));
         assert!(err(r#"{"relay": "192.0.2.1:4433"}"#).contains("missing `ca`"));
         assert!(err(&doc(&p, r#", "mtu": 500"#)).contains("below the minimum"));
         assert!(err(&doc(&p, r#", "bind": "[::]:0""#)).contains("address families"));

@@ -67,11 +67,12 @@ pub struct NetworkSettings {
 /// inputs give equal settings and the callback fires only on a real change.
 pub fn network_settings(
     state: &TunnelState,
-    relay: SocketAddr,
+    relays: &[SocketAddr],
     mtu: u16,
     direct_peers: &[IpAddr],
 ) -> Option<NetworkSettings> {
     let ip = state.tunnel_ip?;
+    let relay = relays.first()?;
     let mut included: Vec<Route> = state
         .services
         .iter()
@@ -79,7 +80,9 @@ pub fn network_settings(
         .collect();
     included.sort();
     included.dedup();
-    let mut excluded: Vec<Route> = std::iter::once(relay.ip())
+    let mut excluded: Vec<Route> = relays
+        .iter()
+        .map(|r| r.ip())
         .chain(direct_peers.iter().copied())
         .map(Route::host)
         .collect();
@@ -123,7 +126,7 @@ mod tests {
             services: vec![svc("echo", [10, 100, 0, 1])],
         };
         assert_eq!(
-            network_settings(&st, RELAY.parse().unwrap(), 1280, &[]),
+            network_settings(&st, &[RELAY.parse().unwrap()], 1280, &[]),
             None
         );
     }
@@ -139,7 +142,7 @@ mod tests {
             ],
         };
         let peer: IpAddr = "10.10.0.3".parse().unwrap();
-        let s = network_settings(&st, RELAY.parse().unwrap(), 1280, &[peer, peer]).unwrap();
+        let s = network_settings(&st, &[RELAY.parse().unwrap()], 1280, &[peer, peer]).unwrap();
         assert_eq!(s.ipv4_address, Ipv4Addr::new(100, 64, 0, 2));
         assert_eq!(
             s.tunnel_remote_address,
@@ -173,7 +176,7 @@ mod tests {
         };
         let s = network_settings(
             &st,
-            RELAY.parse().unwrap(),
+            &[RELAY.parse().unwrap()],
             1280,
             &["10.10.0.3".parse().unwrap()],
         )
@@ -187,7 +190,7 @@ mod tests {
             tunnel_ip: Some(Ipv4Addr::new(100, 64, 0, 2)),
             services: vec![],
         };
-        let s = network_settings(&st, "[2001:db8::1]:4433".parse().unwrap(), 1280, &[]).unwrap();
+        let s = network_settings(&st, &["[2001:db8::1]:4433".parse().unwrap()], 1280, &[]).unwrap();
         assert_eq!(s.excluded_routes[0].prefix, 128);
         assert_eq!(s.excluded_routes[0].subnet_mask, None);
     }

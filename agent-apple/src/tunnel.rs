@@ -213,7 +213,7 @@ impl Tunnel {
                     return;
                 }
             };
-            tracing::info!(relay = %self.cfg.settings.relay, mtu = self.cfg.settings.mtu, "ztna tunnel started");
+            tracing::info!(settings = %self.cfg.settings, mtu = self.cfg.settings.mtu, "ztna tunnel started");
             let _ = ready.send(Ok(()));
             self.pump(from_tunnel.0, from_tunnel.1, stop, events).await;
             let agent = self.agent.write().unwrap_or_else(|p| p.into_inner()).take();
@@ -298,25 +298,30 @@ impl Tunnel {
 
     /// Calls the settings callback when the settings differ from the ones last applied.
     fn publish_settings(&self, applied: &mut Option<NetworkSettings>) {
-        let (state, peers) = {
+        let (state, peers, relays) = {
             let agent = self.agent.read().unwrap_or_else(|p| p.into_inner());
             let Some(agent) = agent.as_ref() else { return };
             let state = agent.state().borrow().clone();
-            let peers: Vec<IpAddr> = agent
-                .status()
+            let status = agent.status();
+            // The relay in use first (the extension's tunnelRemoteAddress); every relay of the
+            // fleet is excluded from the tunnel.
+            let mut relays: Vec<(bool, std::net::SocketAddr)> = status
+                .relays
+                .iter()
+                .filter_map(|r| Some((!r.in_use, r.addr.parse().ok()?)))
+                .collect();
+            relays.sort();
+            let relays: Vec<std::net::SocketAddr> = relays.into_iter().map(|(_, a)| a).collect();
+            let peers: Vec<IpAddr> = status
                 .connectors
                 .iter()
                 .filter_map(|c| c.direct.as_ref().and_then(|d| d.addr))
                 .map(|a| a.ip())
                 .collect();
-            (state, peers)
+            (state, peers, relays)
         };
-        let Some(settings) = network_settings(
-            &state,
-            self.cfg.settings.relay,
-            self.cfg.settings.mtu,
-            &peers,
-        ) else {
+        let Some(settings) = network_settings(&state, &relays, self.cfg.settings.mtu, &peers)
+        else {
             return;
         };
         if applied.as_ref() == Some(&settings) {

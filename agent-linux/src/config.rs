@@ -30,10 +30,25 @@ pub(crate) const ENV_PREFIX: &str = "ZTNA_";
 /// Command-line flags that override config keys (each also read from `ZTNA_<KEY>`).
 #[derive(Debug, Default, Clone, clap::Args, Serialize)]
 pub(crate) struct Overrides {
-    /// Relay UDP address (key `relay`).
-    #[arg(long, env = "ZTNA_RELAY", value_name = "ADDR:PORT")]
+    /// One relay: its UDP address or DNS name with port (key `relay`).
+    #[arg(
+        long,
+        env = "ZTNA_RELAY",
+        value_name = "HOST:PORT",
+        conflicts_with = "relays"
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) relay: Option<SocketAddr>,
+    pub(crate) relay: Option<String>,
+    /// The relay fleet, comma separated: addresses or DNS names with ports; a name that
+    /// resolves to several addresses is several relays (key `relays`).
+    #[arg(
+        long,
+        env = "ZTNA_RELAYS",
+        value_delimiter = ',',
+        value_name = "HOST:PORT,..."
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) relays: Option<Vec<String>>,
     /// DNS name in the relay's certificate (key `relay_name`, default "relay").
     #[arg(long, env = "ZTNA_RELAY_NAME", value_name = "NAME")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -304,7 +319,10 @@ key = "/etc/ztna/agent.key"
         );
         let o = Overrides::default();
         let cfg = sources(Some(&f), &o).load().unwrap();
-        assert_eq!(cfg.relay, "[2001:db8::1]:4433".parse().unwrap());
+        assert_eq!(
+            cfg.relays[0].literal(),
+            Some("[2001:db8::1]:4433".parse().unwrap())
+        );
         assert_eq!(cfg.mtu, 1300);
         assert_eq!(cfg.services, ["web", "db"], "duplicates dropped");
     }
@@ -318,7 +336,10 @@ key = "/etc/ztna/agent.key"
             let err = format!("{:#}", sources(Some(&f), &o).load().unwrap_err());
             assert!(err.contains(want), "{err:?} should mention {want:?}");
         };
-        check("ca = \"a\"\ncert = \"b\"\nkey = \"c\"\n", "missing `relay`");
+        check(
+            "ca = \"a\"\ncert = \"b\"\nkey = \"c\"\n",
+            "missing `relays`",
+        );
         check("relay = \"192.0.2.1:4433\"\n", "missing `ca`");
         check(&format!("{MINIMAL}\nmtu = 500\n"), "below the minimum");
         check(
@@ -337,7 +358,11 @@ key = "/etc/ztna/agent.key"
             &format!("{MINIMAL}\nservices = [\"a b\"]\n"),
             "not a valid service",
         );
-        check("relay = \"nope\"\n", "loading config from");
+        check("relay = \"nope\"\n", "expected host:port");
+        check(
+            &format!("{MINIMAL}\nrelays = [\"192.0.2.2:4433\"]\n"),
+            "not both",
+        );
         let missing = dir.path().join("nope.toml");
         let err = format!("{:#}", sources(Some(&missing), &o).load().unwrap_err());
         assert!(err.contains("does not exist"), "{err}");
@@ -380,7 +405,7 @@ key = "/etc/ztna/agent.key"
 
     fn example() -> Config {
         Config {
-            relay: "192.0.2.1:4433".parse().unwrap(),
+            relays: ztna_core::fleet::parse_list(&["192.0.2.1:4433".into()]).unwrap(),
             relay_name: "relay".into(),
             bind: "0.0.0.0:0".parse().unwrap(),
             tls: TlsFiles {

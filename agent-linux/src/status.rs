@@ -291,6 +291,32 @@ pub(crate) fn render(s: &AgentStatus) -> String {
             let _ = writeln!(out, "carriage:     {}", carriage(k));
         }
     }
+    if s.relays.len() > 1 {
+        let _ = writeln!(out, "relays:");
+        let mut rows = vec![[
+            "ADDRESS",
+            "STATE",
+            "IN USE",
+            "RTT ms",
+            "CHANNELS",
+            "SESSIONS",
+            "LAST ERROR",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for r in &s.relays {
+            rows.push(vec![
+                r.addr.clone(),
+                r.state.clone(),
+                if r.in_use { "yes" } else { "-" }.into(),
+                rtt(r.rtt_ms),
+                r.channels.to_string(),
+                r.sessions.to_string(),
+                r.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
     let _ = writeln!(out, "observed as:  {}", or_dash(s.observed_addr));
     let _ = writeln!(out, "identity:     {}", s.identity);
     let _ = writeln!(out, "tunnel ip:    {}", or_dash(s.tunnel_ip));
@@ -377,6 +403,7 @@ mod tests {
         AgentStatus {
             relay: "10.99.0.1:4433".into(),
             connected: false,
+            relays: vec![],
             identity: "alice".into(),
             tunnel_ip: None,
             observed_addr: None,
@@ -422,6 +449,7 @@ mod tests {
                     name: "dc1".into(),
                     path: "relay".into(),
                     channel_id: Some(4),
+                    relay: Some("10.99.0.1:4433".into()),
                     rtt_ms: Some(20.04),
                     tx_bytes: 1536,
                     rx_bytes: 3 * 1024 * 1024,
@@ -463,6 +491,7 @@ mod tests {
                     name: "lab".into(),
                     path: "connecting".into(),
                     channel_id: None,
+                    relay: None,
                     rtt_ms: None,
                     tx_bytes: 0,
                     rx_bytes: 0,
@@ -481,6 +510,45 @@ mod tests {
             last_error: None,
             ..down()
         }
+    }
+
+    #[test]
+    fn renders_the_relay_fleet_with_the_one_in_use() {
+        let relay = |addr: &str, state: &str, in_use: bool, rtt: Option<f64>, channels| {
+            ztna_core::agent::RelayStatus {
+                addr: addr.into(),
+                state: state.into(),
+                in_use,
+                rtt_ms: rtt,
+                channels,
+                sessions: 1,
+                last_error: None,
+            }
+        };
+        let mut s = up();
+        s.relays = vec![
+            relay("10.99.0.1:4433", "up", true, Some(2.5), 2),
+            relay("10.99.0.2:4433", "up", false, Some(41.0), 0),
+            ztna_core::agent::RelayStatus {
+                last_error: Some("the relay stopped answering".into()),
+                sessions: 3,
+                ..relay("10.99.0.3:4433", "connecting", false, None, 0)
+            },
+        ];
+        let text = render(&s);
+        let lines: Vec<&str> = text.lines().collect();
+        let at = lines.iter().position(|l| *l == "relays:").expect(&text);
+        assert!(lines[at + 1].trim_start().starts_with("ADDRESS"), "{text}");
+        let first: Vec<&str> = lines[at + 2].split_whitespace().collect();
+        assert_eq!(first[..4], ["10.99.0.1:4433", "up", "yes", "2.5"], "{text}");
+        assert!(lines[at + 3].contains("41.0"), "{text}");
+        assert!(
+            lines[at + 4].contains("connecting") && lines[at + 4].contains("stopped answering"),
+            "{text}"
+        );
+        // One relay: no table.
+        s.relays.truncate(1);
+        assert!(!render(&s).contains("relays:"));
     }
 
     #[test]

@@ -182,14 +182,19 @@ async fn serve(
         Ok(())
     });
     tracing::info!(
-        relay = %cfg.relay,
+        relays = %cfg
+            .relays
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
         identity = %agent.status().identity,
         tun = %tun.name,
         mtu = cfg.mtu,
         socket = %cfg.status_socket.display(),
         "ztna-agent up"
     );
-    ztna_core::daemon::notify_ready(&format!("{} up; relay {}", tun.name, cfg.relay));
+    ztna_core::daemon::notify_ready(&format!("{} up; {}", tun.name, cfg));
     drop(agent);
 
     tokio::select! {

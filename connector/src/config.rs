@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use ztna_core::session::RelayTarget;
 use ztna_core::tls::TlsFiles;
 use ztna_core::transport::Timing;
 use ztna_proto::{PortRange, ServiceDef};
@@ -45,9 +44,10 @@ fn yes() -> bool {
 }
 
 /// Keys that `ZTNA_<KEY>` environment variables may set (`ZTNA_LOG` is read by the logger).
-const ENV_KEYS: [&str; 26] = [
+const ENV_KEYS: [&str; 27] = [
     "deny_list",
     "relay",
+    "relays",
     "relay_name",
     "bind",
     "ca",
@@ -77,10 +77,15 @@ const ENV_KEYS: [&str; 26] = [
 /// Keys given as command-line flags: the top layer. `None` leaves the lower layers' value.
 #[derive(Debug, Default, Clone, Serialize, clap::Args)]
 pub(crate) struct Flags {
-    /// The relay's UDP address.
-    #[arg(long)]
+    /// One relay: its UDP address or DNS name with port.
+    #[arg(long, conflicts_with = "relays")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) relay: Option<SocketAddr>,
+    pub(crate) relay: Option<String>,
+    /// The relay fleet, comma separated: addresses or DNS names with ports (a name that
+    /// resolves to several addresses is several relays).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) relays: Option<Vec<String>>,
     /// DNS name in the relay's certificate (default "relay").
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,9 +108,17 @@ pub(crate) struct Flags {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ConnectorConfig {
-    /// The relay's UDP address.
-    pub(crate) relay: Option<SocketAddr>,
-    /// DNS name in the relay's certificate.
+    /// One relay (`host:port`); `relays` for several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) relay: Option<String>,
+    /// The relays: addresses or DNS names with ports.
+    #[serde(
+        default,
+        deserialize_with = "ztna_core::fleet::deserialize_list",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub(crate) relays: Option<Vec<String>>,
+    /// DNS name in every relay's certificate.
     pub(crate) relay_name: String,
     /// Local UDP address: one socket carries the relay connection and (later) direct paths.
     pub(crate) bind: SocketAddr,
@@ -180,6 +193,7 @@ impl Default for ConnectorConfig {
         let tcp = TcpConfig::default();
         Self {
             relay: None,
+            relays: None,
             relay_name: "relay".into(),
             bind: SocketAddr::from(([0, 0, 0, 0], 4434)),
             ca: None,
@@ -252,15 +266,13 @@ impl ConnectorConfig {
         Ok(cfg)
     }
 
-    /// The relay to connect to.
-    pub(crate) fn relay_target(&self) -> anyhow::Result<RelayTarget> {
-        let addr = self
-            .relay
-            .context("`relay` is not set (the relay's IP:PORT)")?;
-        Ok(RelayTarget {
-            addr,
-            server_name: self.relay_name.clone(),
-        })
+    /// The relays to keep sessions with.
+    pub(crate) fn relay_list(&self) -> anyhow::Result<Vec<ztna_core::fleet::RelaySpec>> {
+        anyhow::ensure!(
+            !self.relay_name.is_empty(),
+            "`relay_name` is empty: give the DNS name in the relays' certificate"
+        );
+        ztna_core::agent_config::relay_list(self.relay.clone(), self.relays.clone(), self.bind)
     }
 
     /// The deny list and CRLs.

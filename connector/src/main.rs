@@ -61,7 +61,12 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
         cfg.crls.clone(),
         Some(std::time::Duration::from_secs(2)),
     ));
-    let relay = cfg.relay_target()?;
+    let relays = cfg.relay_list()?;
+    let relay_names = relays
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let backends = cfg.backends()?;
     anyhow::ensure!(!backends.is_empty(), "no [[services]] configured");
     let services: Vec<ztna_proto::ServiceDef> = backends.iter().map(|b| b.def.clone()).collect();
@@ -76,7 +81,7 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
     if local.ip().is_unspecified() {
         tracing::info!(addr = %local, direct_paths = cfg.direct_paths, "UDP socket on all interfaces (relay connection and direct paths); set `bind` to restrict");
     }
-    tracing::info!(identity = %creds.identity().name, relay = %relay.addr, "connector starting");
+    tracing::info!(identity = %creds.identity().name, relays = %relay_names, "connector starting");
     let metrics_task = cfg.metrics.map(|addr| {
         let m = metrics.clone();
         let fp = fast_path.clone();
@@ -99,12 +104,26 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
         })
     });
     let endpoint = node.endpoint().clone();
-    let direct = direct_options(&cfg, &services, &relay);
-    let relay_addr = relay.addr;
-    let tunnel = Tunnel::new(node, relay, services, dataplane, metrics.clone(), direct);
+    let uplink_to = match relays.iter().find_map(|r| r.literal()) {
+        Some(a) => Some(a),
+        None => ztna_core::fleet::resolve(&relays, local.is_ipv4())
+            .await
+            .0
+            .first()
+            .copied(),
+    };
+    let direct = direct_options(&cfg, &services, uplink_to);
+    let tunnel = Tunnel::new(
+        node,
+        (relays, cfg.relay_name.clone()),
+        services,
+        dataplane,
+        metrics.clone(),
+        direct,
+    );
     let status = status_loop(fast_path.clone(), metrics.clone());
     ztna_core::daemon::notify_ready(&format!(
-        "UDP {local}; connecting to the relay {relay_addr}"
+        "UDP {local}; connecting to the relays {relay_names}"
     ));
     tokio::select! {
         () = tunnel.run() => {}
@@ -132,7 +151,7 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
 fn direct_options(
     cfg: &ConnectorConfig,
     services: &[ztna_proto::ServiceDef],
-    relay: &ztna_core::session::RelayTarget,
+    relay: Option<std::net::SocketAddr>,
 ) -> DirectOptions {
     let backends: Vec<std::net::IpAddr> = cfg
         .backends()
@@ -141,7 +160,7 @@ fn direct_options(
         .map(|b| b.backend.into())
         .collect();
     let addrs: Vec<std::net::IpAddr> = services.iter().map(|s| s.address.into()).collect();
-    let refuse = ztna_core::direct::refused_networks(&addrs, &backends, relay.addr);
+    let refuse = ztna_core::direct::refused_networks(&addrs, &backends, relay);
     tracing::info!(
         refused_networks = refuse.len(),
         advertise = cfg.advertise.len(),

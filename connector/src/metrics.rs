@@ -135,8 +135,10 @@ metrics! {
     inner_connections_revoked: Counter,
     /// Connections established to the relay.
     relay_connects: Counter,
-    /// 1 while the connector is registered with the relay (its readiness, `/readyz`), else 0.
+    /// Relays the connector is registered with now (it is ready, `/readyz`, while at least one).
     relay_connected: Gauge,
+    /// Relays in the connector's list (after resolving names).
+    relays_known: Gauge,
     /// UDP data plane: 0 per-flow sockets, 1 generic XDP, 2 native XDP.
     xdp_mode: Gauge,
     /// Backend replies the XDP program matched to a flow, rewrote and redirected to an AF_XDP socket (kernel counter).

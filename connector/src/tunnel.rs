@@ -9,12 +9,20 @@
 //! One inner connection per agent identity: a second handshake from the same identity replaces
 //! (closes) the first, so the data plane's per-connection limits are per-identity limits.
 //!
+//! **A fleet of relays:** the connector keeps one session with every relay in its list (names
+//! resolved again every minute), registers its services with each, and serves channels from
+//! any of them; a relay that goes away is reconnected with backoff. Channels are per relay: a
+//! session that ends takes only its own relay's channels along.
+//!
 //! Inner connections outlive the relay session: when it ends, the connections stay (their
 //! virtual addresses lose only their relay channel, direct paths keep working), and an
-//! `IncomingChannel` of the next session from the same agent identity with the same tunnel IP
-//! re-points that agent's live connection at the new channel instead of waiting for a new
-//! handshake. The relay names the identity of every channel and the connection's TLS already
-//! proved it, so the connection is still the agent's.
+//! `IncomingChannel` of the next session (through the same relay or another one) from the same
+//! agent identity with the same tunnel IP re-points that agent's live connection at the new
+//! channel instead of waiting for a new handshake. The relay names the identity of every
+//! channel and the connection's TLS already proved it, so the connection is still the agent's.
+//! For the same reason a channel the relay closes because the agent's session with it ended
+//! (`PeerGone`: the agent moved to another relay, or went away) leaves a live connection to
+//! be resumed or to time out; a close for policy (`PolicyChanged`, `Unauthorized`) closes it.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -25,11 +33,12 @@ use bytes::{Bytes, BytesMut};
 use ztna_core::backoff::{jitter_seed, Backoff};
 use ztna_core::daemon::AbortOnDrop;
 use ztna_core::direct::{DirectContext, DirectOptions, DirectPath};
+use ztna_core::fleet::RelaySpec;
 use ztna_core::mux::MuxSocket;
 use ztna_core::session::{ControlSender, Node, RelaySession, RelayTarget, SessionError};
 use ztna_core::tls::PeerIdentity;
 use ztna_core::transport;
-use ztna_proto::control::{ControlMessage, Hello, Role};
+use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role};
 use ztna_proto::{Candidate, ChannelId, ServiceDef, ALPN_TUNNEL};
 
 use crate::dataplane::fragment::fragment_ipv4;
@@ -39,8 +48,8 @@ use crate::metrics::{gauge_dec, gauge_inc, Metrics};
 /// What the relay told us to expect on a channel.
 #[derive(Debug, Clone)]
 struct Expected {
-    /// The relay channel now under it (none between relay sessions).
-    channel: Option<ChannelId>,
+    /// The relay channel now under it, and the relay (none between relay sessions).
+    channel: Option<(SocketAddr, ChannelId)>,
     agent: String,
     tunnel_ip: Ipv4Addr,
     /// Service addresses policy lets this agent reach (from the relay; a resumed channel brings
@@ -57,13 +66,12 @@ fn lock<T>(c: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Direct paths of the current relay session's agents.
+/// Direct paths of the agents' tunnels.
 #[derive(Default)]
 struct DirectState {
-    /// The session that carries candidates.
-    control: Option<ControlSender>,
-    /// This connector's address as the relay sees it.
-    observed: Option<SocketAddr>,
+    /// Per relay: the session that carries candidates, and this connector's address as that
+    /// relay sees it.
+    relays: HashMap<SocketAddr, (ControlSender, Option<SocketAddr>)>,
     /// Full probe size (the inner UDP payload size).
     full_probe_len: usize,
     /// One driver per agent tunnel, by virtual address.
@@ -279,7 +287,8 @@ fn send_datagram_to_agent(conn: &quinn::Connection, metrics: &Metrics, packet: B
 /// The connector's tunnel: relay session plus inner connections.
 pub(crate) struct Tunnel {
     node: Node,
-    relay: RelayTarget,
+    relays: Vec<RelaySpec>,
+    relay_name: String,
     services: Vec<ServiceDef>,
     dataplane: Arc<Dataplane>,
     metrics: Arc<Metrics>,
@@ -292,7 +301,7 @@ impl Tunnel {
     /// A tunnel over `node`, offering `services`.
     pub(crate) fn new(
         node: Node,
-        relay: RelayTarget,
+        (relays, relay_name): (Vec<RelaySpec>, String),
         services: Vec<ServiceDef>,
         dataplane: Arc<Dataplane>,
         metrics: Arc<Metrics>,
@@ -300,7 +309,8 @@ impl Tunnel {
     ) -> Self {
         Self {
             node,
-            relay,
+            relays,
+            relay_name,
             services,
             dataplane,
             metrics,
@@ -310,22 +320,78 @@ impl Tunnel {
         }
     }
 
-    /// Runs forever: keeps a relay session up (reconnecting with backoff) and accepts inner
-    /// connections.
+    /// Runs forever: keeps a session with every relay of the list (reconnecting each with
+    /// backoff, following the names' DNS) and accepts inner connections.
     pub(crate) async fn run(self) {
+        let me = Arc::new(self);
         let _accept = AbortOnDrop(tokio::spawn(accept_loop(
-            self.node.clone(),
-            self.channels.clone(),
-            self.dataplane.clone(),
-            self.metrics.clone(),
-            self.direct.clone(),
-            self.direct_opts.clone(),
+            me.node.clone(),
+            me.channels.clone(),
+            me.dataplane.clone(),
+            me.metrics.clone(),
+            me.direct.clone(),
+            me.direct_opts.clone(),
         )));
         let _revocation = AbortOnDrop(tokio::spawn(close_revoked(
-            self.node.credentials().revocation().clone(),
-            self.channels.clone(),
-            self.metrics.clone(),
+            me.node.credentials().revocation().clone(),
+            me.channels.clone(),
+            me.metrics.clone(),
         )));
+        let names = me.relays.iter().any(|r| r.literal().is_none());
+        let v4 = me.node.mux().is_v4();
+        let mut loops: HashMap<SocketAddr, AbortOnDrop<()>> = HashMap::new();
+        let mut last_errors = Vec::new();
+        loop {
+            let (addrs, errors) = ztna_core::fleet::resolve(&me.relays, v4).await;
+            if errors != last_errors {
+                for e in &errors {
+                    tracing::warn!(error = %e, "a relay name did not resolve");
+                }
+                last_errors = errors;
+            }
+            if !addrs.is_empty() {
+                let gone: Vec<SocketAddr> = loops
+                    .keys()
+                    .filter(|a| !addrs.contains(a))
+                    .copied()
+                    .collect();
+                for relay in gone {
+                    tracing::info!(%relay, "relay no longer listed; leaving it");
+                    loops.remove(&relay);
+                    me.drop_channels_of(relay, "relay left the list");
+                }
+                for relay in &addrs {
+                    if !loops.contains_key(relay) {
+                        tracing::info!(%relay, "relay listed; connecting");
+                        loops.insert(
+                            *relay,
+                            AbortOnDrop(tokio::spawn(me.clone().relay_loop(*relay))),
+                        );
+                    }
+                }
+                me.metrics
+                    .relays_known
+                    .store(loops.len() as u64, Ordering::Relaxed);
+            }
+            if !names {
+                // Addresses only: the list never changes.
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(if addrs.is_empty() {
+                ztna_core::fleet::RESOLVE_RETRY
+            } else {
+                ztna_core::fleet::RESOLVE_INTERVAL
+            })
+            .await;
+        }
+    }
+
+    /// Keeps a session with one relay up, reconnecting with backoff.
+    async fn relay_loop(self: Arc<Self>, relay: SocketAddr) {
+        let target = RelayTarget {
+            addr: relay,
+            server_name: self.relay_name.clone(),
+        };
         let mut backoff = Backoff::default();
         let mut seed = jitter_seed();
         let hello = Hello {
@@ -335,20 +401,21 @@ impl Tunnel {
             software: format!("ztna-connector/{}", env!("CARGO_PKG_VERSION")),
         };
         loop {
-            match self.node.connect_relay(&self.relay, hello.clone()).await {
+            match self.node.connect_relay(&target, hello.clone()).await {
                 Ok(session) => {
                     backoff.reset();
                     self.metrics.relay_connects.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.relay_connected.store(1, Ordering::Relaxed);
-                    let err = self.run_session(session).await;
-                    self.metrics.relay_connected.store(0, Ordering::Relaxed);
-                    tracing::warn!(error = %err, "relay session ended; reconnecting");
+                    let err = {
+                        let _connected = Connected::new(&self.metrics);
+                        self.run_session(relay, session).await
+                    };
+                    tracing::warn!(%relay, error = %err, "relay session ended; reconnecting");
                 }
                 Err(e) => {
-                    tracing::error!(relay = %self.relay.addr, error = %e, attempt = backoff.attempts() + 1, "could not connect to the relay")
+                    tracing::error!(%relay, error = %e, attempt = backoff.attempts() + 1, "could not connect to the relay")
                 }
             }
-            self.drop_all_channels("relay session lost");
+            self.drop_channels_of(relay, "relay session lost");
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
@@ -356,22 +423,23 @@ impl Tunnel {
         }
     }
 
-    /// The relay session ended: channels without an inner connection are forgotten; live inner
-    /// connections stay (with their direct paths) for the next session to resume.
-    fn drop_all_channels(&self, why: &str) {
+    /// `relay`'s session ended: its channels without a live inner connection are forgotten;
+    /// live inner connections stay (with their direct paths) for a channel through any relay
+    /// to resume.
+    fn drop_channels_of(&self, relay: SocketAddr, why: &str) {
         let gone: Vec<SocketAddr> = {
             let mut ch = lock(&self.channels);
-            let gone = ch
-                .iter()
-                .filter(|(_, e)| !e.conn.as_ref().is_some_and(alive))
-                .map(|(a, _)| *a)
-                .collect::<Vec<_>>();
+            let mut gone = Vec::new();
             for (a, e) in ch.iter_mut() {
+                if e.channel.is_none_or(|(r, _)| r != relay) {
+                    continue;
+                }
                 e.channel = None;
-                if gone.contains(a) {
+                if !e.conn.as_ref().is_some_and(alive) {
                     if let Some(c) = e.conn.take() {
                         c.close(0u32.into(), why.as_bytes());
                     }
+                    gone.push(*a);
                 }
             }
             for a in &gone {
@@ -384,11 +452,10 @@ impl Tunnel {
             d.forget(a);
             self.node.mux().remove_route(*a);
         }
-        d.pending.clear();
-        d.control = None;
+        d.relays.remove(&relay);
     }
 
-    async fn run_session(&self, mut session: RelaySession) -> SessionError {
+    async fn run_session(&self, relay: SocketAddr, mut session: RelaySession) -> SessionError {
         let welcome = session.welcome().clone();
         let inner_mtu = transport::INNER_MTU;
         match self.node.credentials().server_config(ALPN_TUNNEL) {
@@ -405,12 +472,14 @@ impl Tunnel {
         }
         {
             let mut d = lock(&self.direct);
-            d.control = Some(session.control_sender());
-            d.observed = Some(welcome.observed_addr);
+            d.relays.insert(
+                relay,
+                (session.control_sender(), Some(welcome.observed_addr)),
+            );
             d.full_probe_len = usize::from(inner_mtu);
         }
         let names: Vec<&str> = welcome.services.iter().map(|s| s.name.as_str()).collect();
-        tracing::info!(identity = %welcome.identity, observed = %welcome.observed_addr, services = ?names, inner_mtu, "connected to the relay");
+        tracing::info!(%relay, identity = %welcome.identity, observed = %welcome.observed_addr, services = ?names, inner_mtu, "connected to the relay");
         for r in &welcome.rejected {
             // The detail may name addresses: DEBUG only.
             tracing::error!(service = %r.name, code = %r.code, "relay refused to register service");
@@ -436,12 +505,20 @@ impl Tunnel {
                     if let Some((vaddr, conn)) =
                         self.resume(&session, channel, &agent, agent_tunnel_ip, &services)
                     {
-                        tracing::info!(%agent, channel = channel_id, "incoming channel resumes the agent's inner connection");
+                        tracing::info!(%agent, %relay, channel = channel_id, "incoming channel resumes the agent's inner connection");
                         tracing::debug!(%agent, tunnel_ip = %agent_tunnel_ip, %vaddr, "channel details");
                         if self.direct_opts.enabled {
+                            let rebound = {
+                                let d = lock(&self.direct);
+                                let observed = d.relays.get(&relay).and_then(|(_, o)| *o);
+                                d.paths
+                                    .get(&vaddr)
+                                    .map(|p| p.rebind(channel, session.control_sender(), observed))
+                                    .is_some()
+                            };
+                            // A live direct path keeps going; otherwise start looking for one.
                             let expected = lock(&self.channels).get(&vaddr).cloned();
-                            if let Some(e) = expected {
-                                lock(&self.direct).forget(&vaddr);
+                            if let (false, Some(e)) = (rebound, expected) {
                                 start_direct(
                                     &self.direct,
                                     &self.direct_opts,
@@ -454,12 +531,12 @@ impl Tunnel {
                         }
                     } else {
                         let vaddr = session.attach_channel(channel);
-                        tracing::info!(%agent, channel = channel_id, "incoming channel");
+                        tracing::info!(%agent, %relay, channel = channel_id, "incoming channel");
                         tracing::debug!(%agent, tunnel_ip = %agent_tunnel_ip, %vaddr, "channel details");
                         lock(&self.channels).insert(
                             vaddr,
                             Expected {
-                                channel: Some(channel),
+                                channel: Some((relay, channel)),
                                 agent,
                                 tunnel_ip: agent_tunnel_ip,
                                 allowed: Arc::new(RwLock::new(services)),
@@ -472,12 +549,34 @@ impl Tunnel {
                     }
                 }
                 ControlMessage::ChannelClosed { channel_id, code } => {
-                    let gone = {
+                    let on_channel = |e: &Expected| {
+                        e.channel
+                            .is_some_and(|(r, c)| r == relay && c.get() == channel_id)
+                    };
+                    // The agent's session with this relay ended (it moved to another relay, or
+                    // went away): a live inner connection waits for a channel to resume it, or
+                    // times out. A close for any other reason (policy) ends the connection.
+                    let detached = code == ErrorCode::PeerGone
+                        && {
+                            let mut ch = lock(&self.channels);
+                            match ch
+                                .iter_mut()
+                                .find(|(_, e)| on_channel(e) && e.conn.as_ref().is_some_and(alive))
+                            {
+                                Some((addr, e)) => {
+                                    e.channel = None;
+                                    self.node.mux().clear_relay_route(*addr);
+                                    tracing::info!(agent = %e.agent, %relay, channel = channel_id, "channel closed; the inner connection waits to be resumed");
+                                    true
+                                }
+                                None => false,
+                            }
+                        };
+                    let gone = if detached {
+                        None
+                    } else {
                         let mut ch = lock(&self.channels);
-                        let addr = ch
-                            .iter()
-                            .find(|(_, e)| e.channel.map(|c| c.get()) == Some(channel_id))
-                            .map(|(a, _)| *a);
+                        let addr = ch.iter().find(|(_, e)| on_channel(e)).map(|(a, _)| *a);
                         addr.and_then(|a| ch.remove(&a).map(|e| (a, e)))
                     };
                     if let Some((addr, e)) = gone {
@@ -490,12 +589,21 @@ impl Tunnel {
                     }
                 }
                 ControlMessage::ObservedAddress(a) => {
-                    tracing::info!("relay observed a new address for this connector");
+                    tracing::info!(%relay, "relay observed a new address for this connector");
                     tracing::debug!(observed = %a, "new observed address");
+                    let on_this: Vec<SocketAddr> = lock(&self.channels)
+                        .iter()
+                        .filter(|(_, e)| e.channel.is_some_and(|(r, _)| r == relay))
+                        .map(|(v, _)| *v)
+                        .collect();
                     let mut d = lock(&self.direct);
-                    d.observed = Some(a);
-                    for p in d.paths.values() {
-                        p.set_observed(a);
+                    if let Some(r) = d.relays.get_mut(&relay) {
+                        r.1 = Some(a);
+                    }
+                    for v in on_this {
+                        if let Some(p) = d.paths.get(&v) {
+                            p.set_observed(a);
+                        }
                     }
                 }
                 ControlMessage::Candidates {
@@ -504,7 +612,10 @@ impl Tunnel {
                 } => {
                     let vaddr = lock(&self.channels)
                         .iter()
-                        .find(|(_, e)| e.channel.map(|c| c.get()) == Some(channel_id))
+                        .find(|(_, e)| {
+                            e.channel
+                                .is_some_and(|(r, c)| r == relay && c.get() == channel_id)
+                        })
                         .map(|(a, _)| *a);
                     let mut d = lock(&self.direct);
                     match vaddr {
@@ -554,9 +665,26 @@ impl Tunnel {
         })?;
         let conn = e.conn.clone()?;
         session.reattach_channel(*vaddr, channel);
-        e.channel = Some(channel);
+        e.channel = Some((session.connection().remote_address(), channel));
         *e.allowed.write().unwrap_or_else(|p| p.into_inner()) = services.to_vec();
         Some((*vaddr, conn))
+    }
+}
+
+/// Counts a live relay session in `relay_connected` while it lives (a session task aborted
+/// when its relay leaves the list counts down too).
+struct Connected(Arc<Metrics>);
+
+impl Connected {
+    fn new(m: &Arc<Metrics>) -> Self {
+        gauge_inc(&m.relay_connected);
+        Self(m.clone())
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        gauge_dec(&self.0.relay_connected);
     }
 }
 
@@ -680,7 +808,7 @@ async fn serve_agent(
         start_direct(&direct, &direct_opts, &conn, &mux, vaddr, &expected);
     }
     let id = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(agent = %peer.name, channel = ?expected.channel.map(|c| c.get()), "agent tunnel up");
+    tracing::info!(agent = %peer.name, channel = ?expected.channel.map(|(_, c)| c.get()), "agent tunnel up");
     gauge_inc(&metrics.agents_connected);
     let (sink, _tcp_writer) = InnerSink::new(conn.clone(), metrics.clone());
     dataplane.add_agent(id, peer.name.clone(), expected.tunnel_ip, Arc::new(sink));
@@ -760,7 +888,10 @@ fn start_direct(
     expected: &Expected,
 ) {
     let mut d = lock(direct);
-    let (Some(control), Some(channel)) = (d.control.clone(), expected.channel) else {
+    let Some((relay, channel)) = expected.channel else {
+        return;
+    };
+    let Some((control, observed)) = d.relays.get(&relay).cloned() else {
         return;
     };
     let ctx = DirectContext {
@@ -768,7 +899,7 @@ fn start_direct(
         vaddr,
         channel,
         control,
-        observed: d.observed,
+        observed,
         full_probe_len: d.full_probe_len,
         peer: expected.agent.clone(),
     };

@@ -14,10 +14,8 @@
 //! here, never handed back to the platform's other routes), and packets from a connector reach
 //! the platform only if [`crate::inbound::check`] passes.
 
-use std::collections::HashMap;
-use std::future::Future;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -30,9 +28,10 @@ use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role};
 use ztna_proto::{Candidate, ChannelId, ServiceDef, ALPN_TUNNEL};
 
 pub use crate::agent_machine::Refusal;
-use crate::agent_machine::{AgentMachine, Command, Input, MachineConfig};
+use crate::agent_machine::{AgentMachine, Command, Input, MachineConfig, RelayAddr};
 use crate::backoff::jitter_seed;
 use crate::direct::{DirectContext, DirectOptions, DirectPath, DirectStatus};
+use crate::fleet::{Liveness, RelaySpec, Verdict};
 use crate::session::{Node, RelaySession, RelayTarget, SessionError};
 use crate::tcp_flows::TcpFlows;
 use crate::tls::{Credentials, PeerIdentity};
@@ -71,8 +70,10 @@ impl Default for AgentOptions {
 /// What the agent needs to run.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The relay.
-    pub relay: RelayTarget,
+    /// The relays: addresses, or DNS names that resolve to one relay per address.
+    pub relays: Vec<RelaySpec>,
+    /// The DNS name every relay's certificate carries.
+    pub relay_name: String,
     /// Local UDP address to bind (port 0 for any).
     pub bind: SocketAddr,
     /// The agent's certificate, key and CA.
@@ -120,6 +121,9 @@ pub struct ConnectorStatus {
     pub path: String,
     /// Relay channel id, when one is open.
     pub channel_id: Option<u32>,
+    /// The relay the channel runs through.
+    #[serde(default)]
+    pub relay: Option<String>,
     /// Smoothed RTT of the inner connection.
     pub rtt_ms: Option<f64>,
     /// Bytes sent to this connector.
@@ -149,22 +153,44 @@ pub struct ConnectorStatus {
     pub carriage: Option<crate::congestion::CarriageStatus>,
 }
 
+/// One relay of the fleet as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayStatus {
+    /// The relay's address.
+    pub addr: String,
+    /// `up`, `connecting` or `down`.
+    pub state: String,
+    /// Whether new channels go through it (the nearest live relay).
+    pub in_use: bool,
+    /// Smoothed RTT of its session (handshake, then keepalives).
+    pub rtt_ms: Option<f64>,
+    /// Channels to connectors that run through it now.
+    pub channels: usize,
+    /// Sessions established with it since start.
+    pub sessions: u64,
+    /// Why its last session or attempt ended.
+    pub last_error: Option<String>,
+}
+
 /// A snapshot for `ztna-agent status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentStatus {
-    /// Relay address.
+    /// The relay in use (new channels go through it), or the first one known.
     pub relay: String,
     /// Whether a relay session is up.
     pub connected: bool,
+    /// Every relay of the fleet.
+    #[serde(default)]
+    pub relays: Vec<RelayStatus>,
     /// Identity from the agent's certificate.
     pub identity: String,
     /// Tunnel IP.
     pub tunnel_ip: Option<Ipv4Addr>,
-    /// This agent's address as the relay sees it.
+    /// This agent's address as the relay in use sees it.
     pub observed_addr: Option<SocketAddr>,
-    /// Smoothed RTT to the relay.
+    /// Smoothed RTT to the relay in use.
     pub relay_rtt_ms: Option<f64>,
-    /// The relay session's packet carriage (the outer connection every relay channel shares).
+    /// The packet carriage of the session with the relay in use.
     #[serde(default)]
     pub relay_carriage: Option<crate::congestion::CarriageStatus>,
     /// TUN MTU.
@@ -195,7 +221,7 @@ pub struct AgentStatus {
     pub refused: Option<String>,
     /// Packets towards the platform dropped because it was not reading.
     pub dropped_to_platform: u64,
-    /// Relay sessions established since start.
+    /// Relay sessions established since start (all relays).
     pub relay_sessions: u64,
     /// Last relay error.
     pub last_error: Option<String>,
@@ -266,7 +292,8 @@ impl Link {
 struct LinkControl {
     /// The channel request in flight (for status).
     request_id: Option<u32>,
-    channel: Option<ChannelId>,
+    /// The relay channel, and the relay it runs through.
+    channel: Option<(RelayAddr, ChannelId)>,
     /// The connector's virtual peer address, kept across channels.
     vaddr: Option<SocketAddr>,
     last_error: Option<String>,
@@ -308,11 +335,22 @@ struct Shared {
     refused_tx: watch::Sender<Option<Refusal>>,
 }
 
+/// What the status shows of one relay.
+#[derive(Default)]
+struct RelayInfo {
+    /// The session's connection while it is up.
+    conn: Option<quinn::Connection>,
+    connecting: bool,
+    observed: Option<SocketAddr>,
+    sessions: u64,
+    last_error: Option<String>,
+}
+
 #[derive(Default)]
 struct Info {
-    connected: bool,
-    session_conn: Option<quinn::Connection>,
-    observed_addr: Option<SocketAddr>,
+    relays: BTreeMap<RelayAddr, RelayInfo>,
+    /// The relay new channels go through.
+    primary: Option<RelayAddr>,
     tunnel_ip: Option<Ipv4Addr>,
     rejected: Vec<RejectedService>,
     withdrawing: Vec<String>,
@@ -348,6 +386,8 @@ pub struct Agent {
     shared: Arc<Shared>,
     node: Node,
     task: JoinHandle<()>,
+    /// Resolves relay names, when the list has any.
+    _resolver: Option<crate::daemon::AbortOnDrop<()>>,
 }
 
 impl Agent {
@@ -382,17 +422,45 @@ impl Agent {
             refused_tx,
         });
         let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+        let mut machine = AgentMachine::new(machine_cfg, jitter_seed());
+        let specs = shared.cfg.relays.clone();
+        let literals: Vec<RelayAddr> = specs.iter().filter_map(RelaySpec::literal).collect();
+        let resolver = if literals.len() == specs.len() {
+            // Addresses only: nothing to resolve, ever.
+            lock(&shared.info).relays = literals
+                .iter()
+                .map(|a| (*a, RelayInfo::default()))
+                .collect();
+            machine.handle(Instant::now(), Input::Relays(literals));
+            None
+        } else {
+            Some(crate::daemon::AbortOnDrop(tokio::spawn(resolve_relays(
+                specs,
+                shared.cfg.bind.is_ipv4(),
+                ev_tx.clone(),
+            ))))
+        };
         let driver = Driver {
             sh: shared.clone(),
             node: node.clone(),
-            machine: AgentMachine::new(machine_cfg, Instant::now(), jitter_seed()),
-            session: None,
-            connecting: None,
-            inner_mtu: 0,
+            machine,
+            sessions: HashMap::new(),
+            connecting: HashMap::new(),
+            liveness: HashMap::new(),
+            inner_mtu: transport::INNER_MTU,
             ev_tx,
+            ticks: 0,
         };
         let task = tokio::spawn(driver.run(ev_rx));
-        Ok((Agent { shared, node, task }, rx))
+        Ok((
+            Agent {
+                shared,
+                node,
+                task,
+                _resolver: resolver,
+            },
+            rx,
+        ))
     }
 
     /// The platform saw the network change (an interface or address came or went, Wi-Fi to
@@ -421,12 +489,19 @@ impl Agent {
         if !reconnect_after_sleep(slept, &self.shared.cfg.timing) {
             return;
         }
-        let conn = lock(&self.shared.info).session_conn.clone();
-        if let Some(conn) = conn.filter(|c| c.close_reason().is_none()) {
+        let conns: Vec<quinn::Connection> = lock(&self.shared.info)
+            .relays
+            .values()
+            .filter_map(|r| r.conn.clone())
+            .filter(|c| c.close_reason().is_none())
+            .collect();
+        if !conns.is_empty() {
             tracing::info!(
                 slept_s = slept.as_secs(),
-                "woke after a long sleep; reconnecting to the relay"
+                "woke after a long sleep; reconnecting to the relays"
             );
+        }
+        for conn in conns {
             conn.close(0u32.into(), b"woke from sleep");
         }
     }
@@ -504,7 +579,8 @@ impl Agent {
                 ConnectorStatus {
                     name: l.name.clone(),
                     path: path.into(),
-                    channel_id: channel.map(|c| c.get()),
+                    channel_id: channel.map(|(_, c)| c.get()),
+                    relay: channel.map(|(r, _)| r.to_string()),
                     rtt_ms: conn.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0),
                     tx_bytes: l.counters.tx_bytes.load(Ordering::Relaxed),
                     rx_bytes: l.counters.rx_bytes.load(Ordering::Relaxed),
@@ -521,22 +597,49 @@ impl Agent {
             })
             .collect();
         connectors.sort_by(|a, b| a.name.cmp(&b.name));
+        let relays: Vec<RelayStatus> = info
+            .relays
+            .iter()
+            .map(|(addr, r)| RelayStatus {
+                addr: addr.to_string(),
+                state: match (&r.conn, r.connecting) {
+                    (Some(_), _) => "up",
+                    (None, true) => "connecting",
+                    (None, false) => "down",
+                }
+                .into(),
+                in_use: info.primary == Some(*addr),
+                rtt_ms: r.conn.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0),
+                channels: control
+                    .values()
+                    .filter(|c| c.channel.is_some_and(|(a, _)| a == *addr))
+                    .count(),
+                sessions: r.sessions,
+                last_error: r.last_error.clone(),
+            })
+            .collect();
+        let in_use = info.primary.and_then(|p| info.relays.get(&p));
+        let in_use_conn = in_use.and_then(|r| r.conn.as_ref());
         AgentStatus {
-            relay: sh.cfg.relay.addr.to_string(),
-            connected: info.connected,
+            relay: info
+                .primary
+                .or_else(|| info.relays.keys().next().copied())
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| {
+                    sh.cfg
+                        .relays
+                        .iter()
+                        .map(|r| r.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                }),
+            connected: info.relays.values().any(|r| r.conn.is_some()),
+            relays,
             identity: sh.cfg.credentials.identity().name.clone(),
             tunnel_ip: info.tunnel_ip,
-            observed_addr: info.observed_addr,
-            relay_rtt_ms: info
-                .session_conn
-                .as_ref()
-                .filter(|_| info.connected)
-                .map(|c| c.rtt().as_secs_f64() * 1000.0),
-            relay_carriage: info
-                .session_conn
-                .as_ref()
-                .filter(|_| info.connected)
-                .map(crate::congestion::CarriageStatus::of),
+            observed_addr: in_use.and_then(|r| r.observed),
+            relay_rtt_ms: in_use_conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
+            relay_carriage: in_use_conn.map(crate::congestion::CarriageStatus::of),
             mtu: sh.cfg.tun_mtu,
             rejected: info.rejected.clone(),
             connectors,
@@ -584,7 +687,7 @@ pub fn reconnect_after_sleep(slept: Duration, timing: &Timing) -> bool {
     slept.saturating_add(timing.keepalive) >= timing.idle_timeout
 }
 
-/// What the inner connections' tasks report.
+/// What the inner connections' tasks, the relay connection attempts and the resolver report.
 enum Event {
     InnerUp {
         connector: String,
@@ -596,34 +699,46 @@ enum Event {
         stable_id: Option<usize>,
         error: String,
     },
+    /// A connection attempt to `relay` ended.
+    Session {
+        relay: RelayAddr,
+        result: Result<RelaySession, SessionError>,
+    },
+    /// The relay list resolved to these addresses.
+    Resolved(Vec<RelayAddr>),
 }
 
-type ConnectFuture = Pin<Box<dyn Future<Output = Result<RelaySession, SessionError>> + Send>>;
+/// How often the liveness of relay sessions that carry channels is checked.
+const LIVENESS_TICK: Duration = Duration::from_millis(50);
+/// How often the sessions' RTTs are fed to the relay choice (every second).
+const RTT_EVERY_TICKS: u32 = 20;
 
 /// The session task: feeds the machine and carries out its commands.
 struct Driver {
     sh: Arc<Shared>,
     node: Node,
     machine: AgentMachine,
-    session: Option<RelaySession>,
-    connecting: Option<ConnectFuture>,
-    /// The inner UDP payload size the current session carries.
+    sessions: HashMap<RelayAddr, RelaySession>,
+    connecting: HashMap<RelayAddr, JoinHandle<()>>,
+    liveness: HashMap<RelayAddr, Liveness>,
+    /// The inner UDP payload size the sessions carry.
     inner_mtu: u16,
     ev_tx: mpsc::Sender<Event>,
+    ticks: u32,
 }
 
-async fn next_connect(c: &mut Option<ConnectFuture>) -> Result<RelaySession, SessionError> {
-    match c {
-        Some(f) => f.as_mut().await,
-        None => std::future::pending().await,
+/// The next control message of any session, with the relay it came from.
+async fn next_message(
+    sessions: &mut HashMap<RelayAddr, RelaySession>,
+) -> (RelayAddr, Result<ControlMessage, SessionError>) {
+    if sessions.is_empty() {
+        return std::future::pending().await;
     }
-}
-
-async fn next_message(s: &mut Option<RelaySession>) -> Result<ControlMessage, SessionError> {
-    match s {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
-    }
+    let next = sessions.iter_mut().map(|(addr, s)| {
+        let addr = *addr;
+        Box::pin(async move { (addr, s.recv().await) })
+    });
+    futures::future::select_all(next).await.0
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -637,23 +752,108 @@ fn software() -> String {
     format!("ztna-agent/{}", env!("CARGO_PKG_VERSION"))
 }
 
+/// Resolves the relay names now and every [`crate::fleet::RESOLVE_INTERVAL`] (every
+/// [`crate::fleet::RESOLVE_RETRY`] while nothing resolves), and reports each non-empty result.
+async fn resolve_relays(specs: Vec<RelaySpec>, v4: bool, ev_tx: mpsc::Sender<Event>) {
+    let mut last_errors = Vec::new();
+    loop {
+        let (addrs, errors) = crate::fleet::resolve(&specs, v4).await;
+        if errors != last_errors {
+            for e in &errors {
+                tracing::warn!(error = %e, "a relay name did not resolve");
+            }
+            last_errors = errors;
+        }
+        let empty = addrs.is_empty();
+        if !empty && ev_tx.send(Event::Resolved(addrs)).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(if empty {
+            crate::fleet::RESOLVE_RETRY
+        } else {
+            crate::fleet::RESOLVE_INTERVAL
+        })
+        .await;
+    }
+}
+
 impl Driver {
     async fn run(mut self, mut events: mpsc::Receiver<Event>) {
+        let mut tick = tokio::time::interval(LIVENESS_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.execute();
             if self.machine.exited() {
                 return;
             }
             let deadline = self.machine.poll_timeout();
+            let watching = !self.sessions.is_empty();
             tokio::select! {
-                r = next_connect(&mut self.connecting) => {
-                    self.connecting = None;
-                    self.on_connect(r);
-                }
-                m = next_message(&mut self.session) => self.on_message(m),
+                (relay, m) = next_message(&mut self.sessions) => self.on_message(relay, m),
                 Some(ev) = events.recv() => self.on_event(ev),
                 _ = sleep_until(deadline) => self.machine.handle_timeout(Instant::now()),
+                _ = tick.tick(), if watching => self.on_tick(),
             }
+        }
+    }
+
+    /// Checks that every relay session still answers, and (every second) feeds the
+    /// sessions' RTTs to the relay choice.
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks.is_multiple_of(RTT_EVERY_TICKS) {
+            let rtts: Vec<(RelayAddr, Duration)> = self
+                .sessions
+                .iter()
+                .map(|(a, s)| (*a, s.connection().rtt()))
+                .collect();
+            for (relay, rtt) in rtts {
+                self.machine.handle(now, Input::Rtt { relay, rtt });
+            }
+        }
+        // Channel traffic per relay: [sent, received].
+        let mut traffic: HashMap<RelayAddr, [u64; 2]> = HashMap::new();
+        for ctl in lock(&self.sh.control).values() {
+            let (Some((relay, _)), Some(v)) = (ctl.channel, ctl.vaddr) else {
+                continue;
+            };
+            if let Some(c) = self.node.mux().route_counters(v) {
+                let t = traffic.entry(relay).or_default();
+                t[0] += c.relay_tx.load(Ordering::Relaxed);
+                t[1] += c.relay_rx.load(Ordering::Relaxed);
+            }
+        }
+        let mut dead = Vec::new();
+        for (relay, session) in &self.sessions {
+            // The session's own datagrams count too: its keepalives find a dead relay within
+            // a keepalive interval even when no channel runs through it (an idle agent, or
+            // traffic on a direct path, which must keep a live relay to fall back to).
+            let [ctx, crx] = traffic.get(relay).copied().unwrap_or_default();
+            let stats = session.connection().stats();
+            let (tx, rx) = (ctx + stats.udp_tx.datagrams, crx + stats.udp_rx.datagrams);
+            let l = self
+                .liveness
+                .entry(*relay)
+                .or_insert_with(|| Liveness::new(tx, rx, jitter_seed()));
+            let rtt = session.connection().rtt();
+            match l.observe(now, tx, rx, rtt) {
+                Verdict::Fine => {}
+                Verdict::Ping(n) => {
+                    tracing::debug!(%relay, "no traffic back through the relay; asking it");
+                    let _ = session.send(ControlMessage::Ping(n));
+                }
+                Verdict::Dead => dead.push((*relay, rtt)),
+            }
+        }
+        for (relay, rtt) in dead {
+            let waited = Liveness::suspect_after(rtt) + Liveness::confirm_within(rtt);
+            tracing::warn!(%relay, waited_ms = waited.as_millis() as u64, "the relay stopped answering; failing over");
+            self.session_failed(
+                relay,
+                &SessionError::Unresponsive(waited),
+                "relay session ended",
+            );
         }
     }
 
@@ -661,20 +861,41 @@ impl Driver {
     fn execute(&mut self) {
         while let Some(cmd) = self.machine.poll_command() {
             match cmd {
-                Command::Connect => {
-                    tracing::debug!(relay = %self.sh.cfg.relay.addr, "connecting to the relay");
+                Command::Connect { relay } => {
+                    tracing::debug!(%relay, "connecting to the relay");
                     let node = self.node.clone();
-                    let target = self.sh.cfg.relay.clone();
+                    let target = RelayTarget {
+                        addr: relay,
+                        server_name: self.sh.cfg.relay_name.clone(),
+                    };
                     let hello = Hello {
                         role: Role::Agent,
                         services: vec![],
                         want: self.sh.cfg.want.clone(),
                         software: software(),
                     };
-                    self.connecting =
-                        Some(Box::pin(
-                            async move { node.connect_relay(&target, hello).await },
-                        ));
+                    let ev_tx = self.ev_tx.clone();
+                    lock(&self.sh.info)
+                        .relays
+                        .entry(relay)
+                        .or_default()
+                        .connecting = true;
+                    let task = tokio::spawn(async move {
+                        let result = node.connect_relay(&target, hello).await;
+                        let _ = ev_tx.send(Event::Session { relay, result }).await;
+                    });
+                    if let Some(old) = self.connecting.insert(relay, task) {
+                        old.abort();
+                    }
+                }
+                Command::Disconnect { relay } => {
+                    tracing::info!(%relay, "relay no longer listed; leaving it");
+                    if let Some(t) = self.connecting.remove(&relay) {
+                        t.abort();
+                    }
+                    self.sessions.remove(&relay);
+                    self.liveness.remove(&relay);
+                    lock(&self.sh.info).relays.remove(&relay);
                 }
                 Command::Exit(r) => {
                     tracing::error!(refusal = %r, exit_code = r.exit_code(), "giving up: {r}");
@@ -684,6 +905,7 @@ impl Driver {
                 }
                 Command::Publish(state) => self.publish(state),
                 Command::OpenChannel {
+                    relay,
                     connector,
                     request_id,
                 } => {
@@ -691,8 +913,8 @@ impl Driver {
                         .entry(connector.clone())
                         .or_default()
                         .request_id = Some(request_id);
-                    tracing::debug!(%connector, request_id, "asking the relay for a channel");
-                    if let Some(s) = &self.session {
+                    tracing::debug!(%connector, %relay, request_id, "asking the relay for a channel");
+                    if let Some(s) = self.sessions.get(&relay) {
                         if let Err(e) = s.send(ControlMessage::OpenChannel {
                             request_id,
                             connector: connector.clone(),
@@ -701,8 +923,8 @@ impl Driver {
                         }
                     }
                 }
-                Command::CloseChannel { channel } => {
-                    if let Some(s) = &self.session {
+                Command::CloseChannel { relay, channel } => {
+                    if let Some(s) = self.sessions.get(&relay) {
                         let _ = s.send(ControlMessage::ChannelClosed {
                             channel_id: channel.get(),
                             code: ErrorCode::PeerGone,
@@ -711,9 +933,10 @@ impl Driver {
                 }
                 Command::Attach {
                     connector,
+                    relay,
                     channel,
                     handshake,
-                } => self.attach(connector, channel, handshake),
+                } => self.attach(connector, relay, channel, handshake),
                 Command::Detach { connector } => {
                     if let Some(ctl) = lock(&self.sh.control).get_mut(&connector) {
                         ctl.channel = None;
@@ -734,7 +957,9 @@ impl Driver {
                 }
             }
         }
-        lock(&self.sh.info).withdrawing = self.machine.withdrawing();
+        let mut info = lock(&self.sh.info);
+        info.withdrawing = self.machine.withdrawing();
+        info.primary = self.machine.primary();
     }
 
     /// Applies a new tunnel state: links, routes and the inbound check's services, then tells
@@ -778,8 +1003,8 @@ impl Driver {
         self.sh.state_tx.send_replace(state);
     }
 
-    fn attach(&self, connector: String, channel: ChannelId, handshake: bool) {
-        let Some(session) = &self.session else {
+    fn attach(&self, connector: String, relay: RelayAddr, channel: ChannelId, handshake: bool) {
+        let Some(session) = self.sessions.get(&relay) else {
             return;
         };
         // Lock order: links before control.
@@ -789,7 +1014,7 @@ impl Driver {
         let mut control = lock(&self.sh.control);
         let ctl = control.entry(connector.clone()).or_default();
         ctl.request_id = None;
-        ctl.channel = Some(channel);
+        ctl.channel = Some((relay, channel));
         let vaddr = match ctl.vaddr {
             Some(v) => {
                 session.reattach_channel(v, channel);
@@ -816,12 +1041,20 @@ impl Driver {
             )));
             return;
         }
-        tracing::info!(%connector, %channel, "inner connection resumed over a new relay channel");
-        // The direct-path driver speaks through the old session and channel: start it again
-        // (dropping the old one first, which unregisters the probe tag they share).
-        ctl.direct = None;
-        if let Some(conn) = conn {
-            self.start_direct(ctl, &connector, &conn, channel, vaddr);
+        tracing::info!(%connector, %relay, %channel, "inner connection resumed over a new relay channel");
+        // The direct-path driver keeps its path (traffic on it never stops) and sends its
+        // candidates through the new channel from now on.
+        let observed = lock(&self.sh.info)
+            .relays
+            .get(&relay)
+            .and_then(|r| r.observed);
+        match &ctl.direct {
+            Some(d) => d.rebind(channel, session.control_sender(), observed),
+            None => {
+                if let Some(conn) = conn {
+                    self.start_direct(ctl, &connector, &conn, relay, channel, vaddr);
+                }
+            }
         }
     }
 
@@ -830,20 +1063,24 @@ impl Driver {
         ctl: &mut LinkControl,
         connector: &str,
         conn: &quinn::Connection,
+        relay: RelayAddr,
         channel: ChannelId,
         vaddr: SocketAddr,
     ) {
-        let (true, Some(session)) = (self.sh.cfg.direct.enabled, &self.session) else {
+        let (true, Some(session)) = (self.sh.cfg.direct.enabled, self.sessions.get(&relay)) else {
             return;
         };
         let (observed, tunnel_ip) = {
             let info = lock(&self.sh.info);
-            (info.observed_addr, info.tunnel_ip)
+            (
+                info.relays.get(&relay).and_then(|r| r.observed),
+                info.tunnel_ip,
+            )
         };
         let mut opts = self.sh.cfg.direct.clone();
         opts.exclude.extend(tunnel_ip.map(std::net::IpAddr::V4));
         // Service addresses are never probe targets, whatever a connector lists (the catalog
-        // as it is when the driver starts; it restarts with each new channel).
+        // as it is when the driver starts; it restarts with each new inner connection).
         opts.refuse.extend(
             read(&self.sh.links)
                 .values()
@@ -892,24 +1129,29 @@ impl Driver {
         }
     }
 
-    fn on_connect(&mut self, result: Result<RelaySession, SessionError>) {
+    fn on_connect(&mut self, relay: RelayAddr, result: Result<RelaySession, SessionError>) {
         let now = Instant::now();
+        self.connecting.remove(&relay);
         let session = match result {
             Ok(s) => s,
             Err(e) => {
-                self.session_failed(&e, "could not connect to the relay");
+                self.session_failed(relay, &e, "could not connect to the relay");
                 return;
             }
         };
         let welcome = session.welcome().clone();
         let inner_mtu = transport::INNER_MTU;
         self.inner_mtu = inner_mtu;
+        let rtt = session.connection().rtt();
         {
             let mut info = lock(&self.sh.info);
-            info.connected = true;
             info.relay_sessions += 1;
-            info.session_conn = Some(session.connection().clone());
-            info.observed_addr = Some(welcome.observed_addr);
+            let r = info.relays.entry(relay).or_default();
+            r.conn = Some(session.connection().clone());
+            r.connecting = false;
+            r.sessions += 1;
+            r.observed = Some(welcome.observed_addr);
+            r.last_error = None;
             info.last_error = None;
             info.rejected = welcome
                 .rejected
@@ -922,71 +1164,95 @@ impl Driver {
                 .collect();
         }
         tracing::info!(
+            %relay,
             identity = %welcome.identity,
             tunnel_ip = ?welcome.tunnel_ip,
             observed = %welcome.observed_addr,
             services = welcome.services.len(),
+            rtt_ms = rtt.as_secs_f64() * 1000.0,
             inner_mtu,
             "connected to the relay"
         );
         for r in &welcome.rejected {
             tracing::error!(service = %r.name, code = %r.code, "relay refused service: {}", r.message);
         }
-        self.session = Some(session);
+        self.sessions.insert(relay, session);
+        self.liveness.remove(&relay);
         self.machine.handle(
             now,
             Input::Connected {
+                relay,
                 tunnel_ip: welcome.tunnel_ip,
                 services: welcome.services,
+                rtt,
             },
         );
     }
 
-    /// A connection attempt failed or the session ended.
-    fn session_failed(&mut self, e: &SessionError, what: &str) {
-        self.session = None;
+    /// A connection attempt to `relay` failed or its session ended.
+    fn session_failed(&mut self, relay: RelayAddr, e: &SessionError, what: &str) {
+        self.sessions.remove(&relay);
+        self.liveness.remove(&relay);
         let refusal = e.refusal();
         {
             let mut info = lock(&self.sh.info);
-            info.connected = false;
-            info.last_error = Some(e.to_string());
+            if let Some(r) = info.relays.get_mut(&relay) {
+                r.conn = None;
+                r.connecting = false;
+                r.last_error = Some(e.to_string());
+            }
+            info.last_error = Some(format!("{relay}: {e}"));
         }
         for ctl in lock(&self.sh.control).values_mut() {
-            ctl.channel = None;
-            ctl.request_id = None;
+            if ctl.channel.is_some_and(|(r, _)| r == relay) {
+                ctl.channel = None;
+                ctl.request_id = None;
+            }
         }
         match refusal {
             Some(r) => {
-                tracing::error!(relay = %self.sh.cfg.relay.addr, error = %e, refusal = %r, "{what}: refused")
+                tracing::error!(%relay, error = %e, refusal = %r, "{what}: refused")
+            }
+            None if self.sessions.is_empty() => {
+                tracing::warn!(%relay, error = %e, "{what}; retrying (routes stay, packets to services are dropped meanwhile)")
             }
             None => {
-                tracing::warn!(relay = %self.sh.cfg.relay.addr, error = %e, "{what}; retrying (routes stay, packets to services are dropped meanwhile)")
+                tracing::warn!(%relay, error = %e, "{what}; retrying, its channels move to another relay")
             }
         }
         self.machine
-            .handle(Instant::now(), Input::Disconnected { refusal });
+            .handle(Instant::now(), Input::Disconnected { relay, refusal });
     }
 
-    fn on_message(&mut self, msg: Result<ControlMessage, SessionError>) {
+    fn on_message(&mut self, relay: RelayAddr, msg: Result<ControlMessage, SessionError>) {
         let now = Instant::now();
         let msg = match msg {
             Ok(m) => m,
             Err(e) => {
-                self.session_failed(&e, "relay session ended");
+                self.session_failed(relay, &e, "relay session ended");
                 return;
             }
         };
+        let on_channel = |c: &LinkControl, id: u32| {
+            c.channel
+                .is_some_and(|(r, ch)| r == relay && ch.get() == id)
+        };
         match msg {
             ControlMessage::Catalog(services) => {
-                tracing::info!(services = services.len(), "service catalog updated");
-                self.machine.handle(now, Input::Catalog(services));
+                tracing::info!(%relay, services = services.len(), "service catalog updated");
+                self.machine.handle(now, Input::Catalog { relay, services });
             }
             ControlMessage::ObservedAddress(a) => {
-                tracing::info!("relay observed a new address for this agent");
+                tracing::info!(%relay, "relay observed a new address for this agent");
                 tracing::debug!(observed = %a, "new observed address");
-                lock(&self.sh.info).observed_addr = Some(a);
+                lock(&self.sh.info)
+                    .relays
+                    .entry(relay)
+                    .or_default()
+                    .observed = Some(a);
                 for d in lock(&self.sh.control)
                     .values()
+                    .filter(|c| c.channel.is_some_and(|(r, _)| r == relay))
                     .filter_map(|c| c.direct.as_ref())
                 {
                     d.set_observed(a);
@@ -997,10 +1263,7 @@ impl Driver {
                 candidates,
             } => {
                 let mut control = lock(&self.sh.control);
-                match control
-                    .values_mut()
-                    .find(|c| c.channel.map(|c| c.get()) == Some(channel_id))
-                {
+                match control.values_mut().find(|c| on_channel(c, channel_id)) {
                     Some(ctl) => match &ctl.direct {
                         Some(d) => d.set_peer_candidates(candidates),
                         None => ctl.pending_candidates = Some(candidates),
@@ -1017,12 +1280,13 @@ impl Driver {
             } => {
                 let Some(channel) = ChannelId::new(channel_id) else {
                     let e = SessionError::Protocol(format!("channel id {channel_id} out of range"));
-                    self.session_failed(&e, "relay session ended");
+                    self.session_failed(relay, &e, "relay session ended");
                     return;
                 };
                 self.machine.handle(
                     now,
                     Input::ChannelOpened {
+                        relay,
                         request_id,
                         channel,
                         connector,
@@ -1032,10 +1296,10 @@ impl Driver {
             ControlMessage::ChannelClosed { channel_id, code } => {
                 let connector = lock(&self.sh.control)
                     .iter()
-                    .find(|(_, c)| c.channel.map(|c| c.get()) == Some(channel_id))
+                    .find(|(_, c)| on_channel(c, channel_id))
                     .map(|(n, _)| n.clone());
                 if let Some(connector) = connector {
-                    tracing::warn!(%connector, channel_id, %code, "relay closed the channel");
+                    tracing::warn!(%connector, %relay, channel_id, %code, "relay closed the channel");
                     if let Some(ctl) = lock(&self.sh.control).get_mut(&connector) {
                         ctl.last_error = Some(format!("channel closed: {code}"));
                     }
@@ -1043,6 +1307,7 @@ impl Driver {
                 self.machine.handle(
                     now,
                     Input::ChannelClosed {
+                        relay,
                         channel: channel_id,
                     },
                 );
@@ -1064,11 +1329,16 @@ impl Driver {
                 });
                 match (connector, request_id) {
                     (Some(connector), Some(request_id)) => {
-                        tracing::warn!(%connector, %code, "relay could not open a channel: {message}");
+                        tracing::warn!(%connector, %relay, %code, "relay could not open a channel: {message}");
                         self.machine
-                            .handle(now, Input::ChannelRefused { request_id });
+                            .handle(now, Input::ChannelRefused { relay, request_id });
                     }
-                    _ => tracing::error!(%code, "relay reported an error: {message}"),
+                    _ => tracing::error!(%relay, %code, "relay reported an error: {message}"),
+                }
+            }
+            ControlMessage::Pong(n) => {
+                if let Some(l) = self.liveness.get_mut(&relay) {
+                    l.pong(n);
                 }
             }
             other => tracing::warn!(
@@ -1081,6 +1351,23 @@ impl Driver {
     fn on_event(&mut self, ev: Event) {
         let now = Instant::now();
         match ev {
+            Event::Session { relay, result } => self.on_connect(relay, result),
+            Event::Resolved(addrs) => {
+                let known: Vec<RelayAddr> = lock(&self.sh.info).relays.keys().copied().collect();
+                if addrs.iter().any(|a| !known.contains(a))
+                    || known.iter().any(|a| !addrs.contains(a))
+                {
+                    tracing::info!(relays = ?addrs, "relay list");
+                }
+                {
+                    let mut info = lock(&self.sh.info);
+                    info.relays.retain(|a, _| addrs.contains(a));
+                    for a in &addrs {
+                        info.relays.entry(*a).or_default();
+                    }
+                }
+                self.machine.handle(now, Input::Relays(addrs));
+            }
             Event::InnerUp { connector, conn } => {
                 let link = read(&self.sh.links).get(&connector).cloned();
                 let mut control = lock(&self.sh.control);
@@ -1113,8 +1400,8 @@ impl Driver {
                     old.abort();
                 }
                 ctl.direct = None;
-                if let (Some(channel), Some(vaddr)) = (ctl.channel, ctl.vaddr) {
-                    self.start_direct(ctl, &connector, &conn, channel, vaddr);
+                if let (Some((relay, channel)), Some(vaddr)) = (ctl.channel, ctl.vaddr) {
+                    self.start_direct(ctl, &connector, &conn, relay, channel, vaddr);
                 }
                 drop(control);
                 self.machine.handle(now, Input::InnerUp { connector });

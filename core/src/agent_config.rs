@@ -2,7 +2,7 @@
 //! defaults, their validation, and the conversion into [`AgentConfig`]. The Linux agent layers
 //! [`AgentFile`] with figment (files, environment, flags); the Apple library reads it from JSON.
 //!
-//! Keys: `relay` (required), `relay_name`, `bind`, `ca`, `cert`, `key` (required), `tun`, `mtu`,
+//! Keys: `relays` (or `relay` for one; required), `relay_name`, `bind`, `ca`, `cert`, `key` (required), `tun`, `mtu`,
 //! `services`, `status_socket`, `log`, `direct_paths`, `withdraw_grace_secs`, `route_table`.
 //! Unknown keys are an error. `tun`, `status_socket` and `route_table` act only on Linux; other
 //! platforms validate them the same way and ignore them. Pure: no I/O.
@@ -13,18 +13,19 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use serde::{Deserialize, Deserializer};
 
 use crate::agent::{AgentConfig, AgentOptions};
 use crate::direct::DirectOptions;
-use crate::session::RelayTarget;
+use crate::fleet::RelaySpec;
 use crate::tls::{Credentials, TlsFiles};
 use crate::transport::{Timing, DEFAULT_TUN_MTU};
 
 /// Every key of the agent's config document.
 pub const AGENT_KEYS: &[&str] = &[
     "relay",
+    "relays",
     "relay_name",
     "bind",
     "ca",
@@ -54,7 +55,10 @@ const MAX_IFNAME: usize = 15;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentFile {
-    relay: Option<SocketAddr>,
+    #[serde(default)]
+    relay: Option<String>,
+    #[serde(default, deserialize_with = "crate::fleet::deserialize_list")]
+    relays: Option<Vec<String>>,
     #[serde(default = "default_relay_name")]
     relay_name: String,
     #[serde(default = "default_bind")]
@@ -129,9 +133,9 @@ fn names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
 /// The validated configuration of an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentSettings {
-    /// The relay's UDP address.
-    pub relay: SocketAddr,
-    /// The DNS name the relay's certificate must carry.
+    /// The relays (addresses, or names that resolve to one relay per address).
+    pub relays: Vec<RelaySpec>,
+    /// The DNS name every relay's certificate must carry.
     pub relay_name: String,
     /// Local UDP address to bind.
     pub bind: SocketAddr,
@@ -158,18 +162,7 @@ pub struct AgentSettings {
 impl AgentFile {
     /// Checks every key; the error names the key and what is wrong with it.
     pub fn validate(self) -> anyhow::Result<AgentSettings> {
-        let relay = self.relay.context(
-            "missing `relay`: the relay's UDP address, e.g. relay = \"203.0.113.10:4433\" (or --relay, ZTNA_RELAY)",
-        )?;
-        if relay.ip().is_unspecified() || relay.port() == 0 {
-            bail!("`relay` = {relay} is not an address one can connect to");
-        }
-        if relay.is_ipv4() != self.bind.is_ipv4() {
-            bail!(
-                "`bind` = {} and `relay` = {relay} are in different address families",
-                self.bind
-            );
-        }
+        let relays = relay_list(self.relay, self.relays, self.bind)?;
         if self.relay_name.is_empty() {
             bail!("`relay_name` is empty: give the DNS name in the relay's certificate");
         }
@@ -205,7 +198,7 @@ impl AgentFile {
             );
         }
         Ok(AgentSettings {
-            relay,
+            relays,
             relay_name: self.relay_name,
             bind: self.bind,
             tls,
@@ -219,6 +212,35 @@ impl AgentFile {
             route_table: self.route_table,
         })
     }
+}
+
+/// The relay list from `relay` (one) or `relays` (several), checked against the socket's
+/// address family. Shared by the agents and the connector.
+pub fn relay_list(
+    relay: Option<String>,
+    relays: Option<Vec<String>>,
+    bind: SocketAddr,
+) -> anyhow::Result<Vec<RelaySpec>> {
+    let entries = match (relay, relays) {
+        (Some(_), Some(_)) => bail!("give either `relay` (one relay) or `relays` (a list), not both"),
+        (Some(one), None) => vec![one],
+        (None, Some(list)) => list,
+        (None, None) => bail!(
+            "missing `relays`: the relays' UDP addresses or DNS names with ports, e.g. relays = [\"203.0.113.10:4433\"] (or --relay, ZTNA_RELAYS)"
+        ),
+    };
+    let specs = crate::fleet::parse_list(&entries).map_err(|e| anyhow::anyhow!("`relays`: {e}"))?;
+    for s in &specs {
+        if let Some(a) = s.literal() {
+            if a.is_ipv4() != bind.is_ipv4() {
+                bail!("`bind` = {bind} and relay {a} are in different address families");
+            }
+        }
+    }
+    if specs.len() > crate::fleet::MAX_RELAYS {
+        bail!("`relays`: at most {} entries", crate::fleet::MAX_RELAYS);
+    }
+    Ok(specs)
 }
 
 /// Checks an interface name: 1 to 15 bytes, no '/', ':' or whitespace, not "." or "..".
@@ -241,10 +263,8 @@ impl AgentSettings {
     /// policy rule), `None` where the platform keeps its own socket out of the tunnel.
     pub fn agent_config(&self, credentials: Credentials, fwmark: Option<u32>) -> AgentConfig {
         AgentConfig {
-            relay: RelayTarget {
-                addr: self.relay,
-                server_name: self.relay_name.clone(),
-            },
+            relays: self.relays.clone(),
+            relay_name: self.relay_name.clone(),
             bind: self.bind,
             credentials,
             timing: Timing::default(),
@@ -267,8 +287,12 @@ impl fmt::Display for AgentSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "relay {} ({}), tun {} mtu {}, services {}",
-            self.relay,
+            "relays {} ({}), tun {} mtu {}, services {}",
+            self.relays
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
             self.relay_name,
             self.tun,
             self.mtu,
@@ -324,12 +348,43 @@ mod tests {
         )
         .unwrap();
         let c = s.agent_config(creds, Some(9));
-        assert_eq!(c.relay.addr, s.relay);
-        assert_eq!(c.relay.server_name, "r.example");
+        assert_eq!(c.relays, s.relays);
+        assert_eq!(
+            c.relays[0].literal(),
+            Some("192.0.2.1:4433".parse().unwrap())
+        );
+        assert_eq!(c.relay_name, "r.example");
         assert_eq!(c.tun_mtu, 1300);
         assert_eq!(c.want, ["web", "db"]);
         assert!(!c.direct.enabled);
         assert_eq!(c.options.withdraw_grace, Duration::from_secs(5));
         assert_eq!(c.options.fwmark, Some(9));
+    }
+
+    #[test]
+    fn one_relay_or_a_list_never_both() {
+        let tls = r#""ca": "c", "cert": "a", "key": "k""#;
+        let s = parse(&format!(
+            r#"{{"relays": ["192.0.2.1:4433", "relays.example.com:4433"], {tls}}}"#
+        ))
+        .unwrap();
+        assert_eq!(s.relays.len(), 2);
+        let s = parse(&format!(
+            r#"{{"relays": "192.0.2.1:4433,192.0.2.2:4433", {tls}}}"#
+        ))
+        .unwrap();
+        assert_eq!(s.relays.len(), 2);
+        let err = |j: String| format!("{:#}", parse(&j).unwrap_err());
+        assert!(err(format!(
+            r#"{{"relay": "192.0.2.1:4433", "relays": ["192.0.2.2:4433"], {tls}}}"#
+        ))
+        .contains("not both"));
+        assert!(err(format!("{{{tls}}}")).contains("missing `relays`"));
+        assert!(err(format!(r#"{{"relays": [], {tls}}}"#)).contains("empty"));
+        assert!(
+            err(format!(r#"{{"relays": ["[2001:db8::1]:4433"], {tls}}}"#))
+                .contains("address families")
+        );
+        assert!(err(format!(r#"{{"relay": "0.0.0.0:4433", {tls}}}"#)).contains("not an address"));
     }
 }

@@ -135,6 +135,9 @@ pub struct DirectContext {
 
 struct Shared {
     status: Mutex<DirectStatus>,
+    /// The relay channel candidates go through, and the session that carries them; replaced
+    /// by [`DirectPath::rebind`] when the inner connection moves to another relay channel.
+    relay: Mutex<(ChannelId, ControlSender)>,
     /// The platform says the network changed: gather and send candidates at once.
     regather: tokio::sync::Notify,
     peer_candidates: watch::Sender<Option<Vec<Candidate>>>,
@@ -170,6 +173,7 @@ impl DirectPath {
         let (observed, observed_rx) = watch::channel(ctx.observed);
         let shared = Arc::new(Shared {
             status: Mutex::default(),
+            relay: Mutex::new((ctx.channel, ctx.control.clone())),
             regather: tokio::sync::Notify::new(),
             peer_candidates,
             observed,
@@ -225,6 +229,21 @@ impl DirectPath {
     /// The peer's candidates arrived (or changed).
     pub fn set_peer_candidates(&self, candidates: Vec<Candidate>) {
         self.shared.peer_candidates.send_replace(Some(candidates));
+    }
+
+    /// The inner connection moved to `channel` of another relay session (a relay restart or
+    /// a failover): candidates go through it from now on, and are sent again at once. The
+    /// active direct path, if any, is not touched, so traffic on it never stops.
+    pub fn rebind(&self, channel: ChannelId, control: ControlSender, observed: Option<SocketAddr>) {
+        *self.shared.relay.lock().unwrap_or_else(|p| p.into_inner()) = (channel, control);
+        if let Some(o) = observed {
+            self.shared.observed.send_if_modified(|cur| {
+                let changed = *cur != Some(o);
+                *cur = Some(o);
+                changed
+            });
+        }
+        self.shared.regather.notify_one();
     }
 
     /// The relay observed a new address for this end.
@@ -909,11 +928,17 @@ impl Driver {
             SendCandidates::Now => {}
         }
         tracing::debug!(peer = %self.ctx.peer, candidates = ?list, "sending candidates");
+        let (channel, control) = self
+            .shared
+            .relay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let msg = ControlMessage::Candidates {
-            channel_id: self.ctx.channel.get(),
+            channel_id: channel.get(),
             candidates: list.clone(),
         };
-        match self.ctx.control.send(msg) {
+        match control.send(msg) {
             Ok(()) => {
                 self.status().local_candidates = list.clone();
                 self.sent = list;
@@ -945,12 +970,12 @@ impl Driver {
         match (before, selected) {
             (None, Some(s)) => {
                 st.upgrades += 1;
-                tracing::info!(peer = %self.ctx.peer, channel = %self.ctx.channel, class = %s.class, rtt_ms = s.rtt.as_secs_f64() * 1000.0, "direct path up");
+                tracing::info!(peer = %self.ctx.peer, class = %s.class, rtt_ms = s.rtt.as_secs_f64() * 1000.0, "direct path up");
                 tracing::debug!(peer = %self.ctx.peer, addr = %s.addr, "direct path address");
             }
             (Some(_), None) => {
                 st.fallbacks += 1;
-                tracing::warn!(peer = %self.ctx.peer, channel = %self.ctx.channel, "direct path lost; traffic back on the relay");
+                tracing::warn!(peer = %self.ctx.peer, "direct path lost; traffic back on the relay");
             }
             (Some(a), Some(s)) if a != s.addr => {
                 tracing::info!(peer = %self.ctx.peer, class = %s.class, rtt_ms = s.rtt.as_secs_f64() * 1000.0, "switched to a better direct path");
@@ -1033,7 +1058,7 @@ pub fn route_source(to: SocketAddr) -> Option<IpAddr> {
 pub fn refused_networks(
     services: &[IpAddr],
     backends: &[IpAddr],
-    relay: SocketAddr,
+    relay: Option<SocketAddr>,
 ) -> Vec<ipnet::IpNet> {
     let interfaces: Vec<ipnet::IpNet> = if_addrs::get_if_addrs()
         .unwrap_or_default()
@@ -1044,7 +1069,7 @@ pub fn refused_networks(
         .iter()
         .map(|b| (*b, route_source(SocketAddr::new(*b, 9))))
         .collect();
-    refused_networks_from(services, &routes, &interfaces, route_source(relay))
+    refused_networks_from(services, &routes, &interfaces, relay.and_then(route_source))
 }
 
 /// [`refused_networks`] without I/O: `backends` pairs each backend with the local address of

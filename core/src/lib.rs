@@ -11,6 +11,8 @@
 //!   selection, fallback) as a pure state machine with injected time.
 //! - [`direct`]: the driver that runs [`path`] over the socket: probes, candidate exchange,
 //!   and switching the socket's route between the relay channel and the direct path.
+//! - [`fleet`]: the relay list (addresses, DNS names) and the liveness check that finds a dead
+//!   relay within about a second (pure).
 //! - [`agent`]: the platform-neutral agent tunnel: packets in and out through a channel, never a
 //!   TUN device directly; the I/O shell over [`agent_machine`].
 //! - [`agent_config`]: the agent's config keys, defaults and validation, one schema for the
@@ -36,6 +38,7 @@ pub mod bucket;
 pub mod congestion;
 pub mod daemon;
 pub mod direct;
+pub mod fleet;
 pub mod inbound;
 pub mod metrics_http;
 pub mod mux;

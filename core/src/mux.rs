@@ -269,6 +269,11 @@ impl MuxSocket {
         tokio::net::UdpSocket::from_std(sock)
     }
 
+    /// Whether the socket is IPv4 (relays and peers must be in its family).
+    pub fn is_v4(&self) -> bool {
+        self.v4
+    }
+
     /// The socket's counters.
     pub fn stats(&self) -> &MuxStats {
         &self.stats

@@ -60,6 +60,10 @@ pub enum SessionError {
     /// The session was closed locally.
     #[error("session closed")]
     Closed,
+    /// Traffic through the relay stopped coming back and the relay did not answer a ping:
+    /// taken as dead (the agent fails over rather than wait for the idle timeout).
+    #[error("the relay stopped answering (nothing back for {0:?})")]
+    Unresponsive(Duration),
 }
 
 /// TLS alerts that mean a certificate will not be accepted however often one retries:

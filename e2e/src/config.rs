@@ -43,6 +43,17 @@ fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// `a,b` as a TOML list of strings.
+fn relay_list(relays: &str) -> String {
+    let items: Vec<String> = relays
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(q)
+        .collect();
+    format!("[{}]", items.join(", "))
+}
+
 /// One `[[access]]` rule of the relay: these groups or identities may reach these services.
 #[derive(Debug, Clone)]
 pub struct Access {
@@ -281,7 +292,7 @@ impl ServiceConfig {
 /// `ztna-connector` configuration.
 #[derive(Debug, Clone)]
 pub struct ConnectorConfig {
-    /// The relay's address.
+    /// The relay's address, or the relays' separated by commas (written as `relays`).
     pub relay: String,
     /// DNS name in the relay's certificate.
     pub relay_name: String,
@@ -369,7 +380,7 @@ impl ConnectorConfig {
     /// The TOML text.
     pub fn to_toml(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "relay = {}", q(&self.relay));
+        let _ = writeln!(s, "relays = {}", relay_list(&self.relay));
         let _ = writeln!(s, "relay_name = {}", q(&self.relay_name));
         let _ = writeln!(s, "bind = {}", q(&self.bind));
         let _ = writeln!(s, "ca = {}", qp(&self.ca));
@@ -428,7 +439,7 @@ impl ConnectorConfig {
 /// `ztna-agent up` configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The relay's address.
+    /// The relay's address, or the relays' separated by commas (written as `relays`).
     pub relay: String,
     /// DNS name in the relay's certificate.
     pub relay_name: String,
@@ -475,7 +486,7 @@ impl AgentConfig {
     /// The TOML text.
     pub fn to_toml(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "relay = {}", q(&self.relay));
+        let _ = writeln!(s, "relays = {}", relay_list(&self.relay));
         let _ = writeln!(s, "relay_name = {}", q(&self.relay_name));
         let _ = writeln!(s, "ca = {}", qp(&self.ca));
         let _ = writeln!(s, "cert = {}", qp(&self.cert));

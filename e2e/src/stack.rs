@@ -221,6 +221,33 @@ impl<'t> Stack<'t> {
         Ok(id)
     }
 
+    /// Starts one relay of a fleet in the relay namespace: every relay reads the same
+    /// `relay.toml` (from [`Stack::relay_cfg`], so the same policy), with its own port and
+    /// metrics address given through the environment (`ZTNA_BIND`, `ZTNA_METRICS`) plus
+    /// `env`. Waits for its metrics endpoint.
+    pub fn spawn_fleet_relay(
+        &self,
+        name: &str,
+        port: u16,
+        metrics: &str,
+        env: &[(&str, &str)],
+    ) -> Result<DaemonId> {
+        let t = self.t;
+        let cfg = t.write_file("relay.toml", &self.relay_cfg.to_toml())?;
+        let bind = format!("{}:{port}", addr::RELAY);
+        let mut all: Vec<(&str, &str)> = vec![("ZTNA_BIND", &bind), ("ZTNA_METRICS", metrics)];
+        all.extend_from_slice(env);
+        let argv = ["--config".into(), cfg.into_os_string()];
+        let id = t.spawn_with_env(Node::Relay, name, &bin("ztna-relay")?, &argv, &all)?;
+        self.wait_started(Node::Relay, id, Some(metrics.to_owned()), name)?;
+        Ok(id)
+    }
+
+    /// The metrics of the relay serving them at `address` (in the relay namespace).
+    pub fn relay_metrics_at(&self, address: &str) -> Result<Metrics> {
+        self.metrics(Node::Relay, address)
+    }
+
     /// Writes `connector.toml` from [`Stack::conn_cfg`] and starts the connector; waits for its
     /// metrics endpoint when one is configured.
     pub fn start_connector(&mut self) -> Result<DaemonId> {

@@ -401,6 +401,12 @@ pub enum ControlMessage {
         /// Human-readable detail.
         message: String,
     },
+    /// Client → relay: are you there? The relay answers with [`ControlMessage::Pong`] carrying
+    /// the same number. An agent sends it when traffic through the relay stops coming back,
+    /// to tell a dead relay (fail over at once) from a quiet peer.
+    Ping(u64),
+    /// Relay → client: the answer to [`ControlMessage::Ping`].
+    Pong(u64),
 }
 
 impl ControlMessage {
@@ -418,6 +424,8 @@ impl ControlMessage {
             ControlMessage::ChannelClosed { .. } => "channel-closed",
             ControlMessage::Candidates { .. } => "candidates",
             ControlMessage::Error { .. } => "error",
+            ControlMessage::Ping(_) => "ping",
+            ControlMessage::Pong(_) => "pong",
         }
     }
 }

@@ -657,6 +657,10 @@ impl ControlPlane {
                 channel_id,
                 candidates,
             } => self.forward_candidates(now, id, channel_id, candidates),
+            ControlMessage::Ping(n) => {
+                self.reply(id, ControlMessage::Pong(n));
+                Ok(())
+            }
             other => Err((
                 ErrorCode::Malformed,
                 format!("unexpected {} message from a client", other.kind()),
@@ -1204,6 +1208,20 @@ mod tests {
 
     /// An idle session's outbox holds no buffer: once its messages are written (or an unsent
     /// offer is withdrawn), the queue's memory goes back (relay-scale memory per session).
+    /// A ping is answered to its sender only, with the same number, and counts against the
+    /// sender's control read rate like any message.
+    #[test]
+    fn pings_are_answered_to_the_sender() {
+        let mut s = Sim::new(Limits::default());
+        let a = s.add(Role::Agent, "alice");
+        let c = s.add(Role::Connector, "c1");
+        s.send(a, ControlMessage::Ping(42)).unwrap();
+        assert_eq!(s.drain(a), vec![ControlMessage::Pong(42)]);
+        assert!(s.drain(c).is_empty());
+        // A client may not send the answer.
+        assert!(s.send(a, ControlMessage::Pong(1)).is_err());
+    }
+
     #[test]
     fn drained_outboxes_hold_no_memory() {
         let mut s = Sim::new(Limits::default());
