@@ -5,15 +5,17 @@
 #      threshold;
 #   2. Kubernetes: render both overlays (kubectl kustomize, with a throwaway PKI from
 #      `ztna-relay pki`), validate against the Kubernetes schemas in strict mode
-#      (kubernetes-validate), assert what docs/deploy.md promises (k8s/check.py), policy scan
-#      (checkov);
+#      (kubernetes-validate), assert what docs/deploy.md promises (k8s/check.py: the relay
+#      fleet's StatefulSet, headless Service, one LoadBalancer per relay, the connector's
+#      `relays`), policy scan (checkov);
 #   3. EC2: python-hcl2 assertions and cloud-init rendering (aws/check.py: there is no terraform
 #      here), checkov on the Terraform, `cloud-init schema` on the rendered user-data;
 #   4. images: deploy/images/build.sh from the release binaries (no compiling in a container);
 #   5. traffic: the relay and connector images run under podman with the args, environment,
 #      user, capabilities and config files of the rendered home overlay, each in a network
-#      namespace of deploy/netns/topo.sh; the agent (host binary) in a third; ping, UDP echo and
-#      HTTP through the relay path, with numbers;
+#      namespace of deploy/netns/topo.sh (one relay of the fleet: the connector's headless
+#      Service name resolves to it, as cluster DNS would to every relay pod); the agent (host
+#      binary) in a third; ping, UDP echo and HTTP through the relay path, with numbers;
 #   6. systemd for real: a systemd container (podman --systemd=always) starts the three units,
 #      reports them active and ready, and restarts the relay after kill -9 (timed).
 #
@@ -192,8 +194,12 @@ for d in relay connector; do
     chmod 0444 "$WORK/config-$d"/*
     node=$([[ $d == relay ]] && echo relay || echo conn)
     extra=()
-    # The one per-site value: the relay's address (the overlay's LoadBalancer IP).
-    [[ $d == connector ]] && extra=(--env "ZTNA_RELAY=$TOPO_RELAY_ADDR:4433")
+    # The connector's `relays` (the ConfigMap's, unchanged) name the relays' headless Service:
+    # here the name resolves to the one relay container, as cluster DNS would to the pods.
+    if [[ $d == connector ]]; then
+        ((${#POD_RELAY_NAMES[@]})) || die "the connector's relays name no headless Service"
+        for n in "${POD_RELAY_NAMES[@]}"; do extra+=(--add-host "$n:$TOPO_RELAY_ADDR"); done
+    fi
     name=ztna-check-$d-$RUN_ID
     podman run -d --name "$name" --pull=never --network "ns:/run/netns/$PREFIX-$node" "${LIMITS[@]}" \
         "${POD_ARGS[@]}" "${extra[@]}" \
@@ -227,7 +233,7 @@ echo "relay /readyz 200, /healthz $(http_in relay http://127.0.0.1:9090/healthz)
 # The agent: the host binary in the agent namespace, direct paths off, so every packet crosses
 # both containers (agent -> relay container -> connector container -> backend).
 cat >"$WORK/agent.toml" <<EOF
-relay = "$TOPO_RELAY_ADDR:4433"
+relays = ["$TOPO_RELAY_ADDR:4433"]
 relay_name = "relay"
 ca = "$PKI/ca.pem"
 cert = "$PKI/alice.pem"
