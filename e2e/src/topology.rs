@@ -64,6 +64,8 @@ pub enum Signal {
     Term,
     /// SIGKILL.
     Kill,
+    /// SIGHUP (the relay reloads its policy).
+    Hup,
 }
 
 impl Signal {
@@ -72,6 +74,7 @@ impl Signal {
             Signal::Int => libc::SIGINT,
             Signal::Term => libc::SIGTERM,
             Signal::Kill => libc::SIGKILL,
+            Signal::Hup => libc::SIGHUP,
         }
     }
 }

@@ -410,3 +410,90 @@ fn gaps_are_measured_between_replies_around_the_kill() {
         vec![1764650000.25]
     );
 }
+
+/// Relays share no state, only the policy file; each reloads it on its own. While they
+/// disagree, each enforces the policy it has loaded: a relay that has not reloaded yet (relay 0
+/// here, whose file poll is an hour) still grants what the others, reloaded, refuse; after its
+/// reload (SIGHUP) it refuses the same. Checked with an agent pinned to one relay at a time.
+#[test]
+fn fleet_relays_apply_the_shared_policy_each_on_its_own_reload() {
+    run(
+        "fleet_relays_apply_the_shared_policy_each_on_its_own_reload",
+        helper_bins!(),
+        |t| {
+            let mut s = Stack::new(t)?;
+            s.enable_web();
+            s.relay_cfg.reload_poll_secs = Some(1);
+            let ports: Vec<String> = RELAYS.iter().map(|(p, _)| relay_at(*p)).collect();
+            s.conn_cfg.relay = ports.join(",");
+            s.agent_cfg.withdraw_grace_secs = Some(1);
+            s.start_backends()?;
+            let mut relays = Vec::new();
+            for (i, (port, metrics)) in RELAYS.iter().enumerate() {
+                let stale: &[(&str, &str)] = if i == 0 {
+                    &[("ZTNA_RELOAD_POLL_SECS", "3600")]
+                } else {
+                    &[]
+                };
+                relays.push(s.spawn_fleet_relay(&format!("relay{i}"), *port, metrics, stale)?);
+            }
+            s.start_connector()?;
+            wait_until_every(
+                "the connector registered with all three relays",
+                Duration::from_secs(20),
+                Duration::from_millis(100),
+                || {
+                    RELAYS.iter().all(|(_, m)| {
+                        s.relay_metrics_at(m)
+                            .is_ok_and(|m| m.value("ztna_relay_services_registered") >= 1.0)
+                    })
+                },
+            )?;
+            // An agent on one relay only: whether that relay lets alice reach `web`.
+            let grants_web = |s: &Stack<'_>, relay: usize, name: &str| -> Result<bool> {
+                let mut cfg = s.agent_cfg.clone();
+                cfg.relay = ports[relay].clone();
+                let agent = s.spawn_agent(name, &cfg)?;
+                s.wait_ready(agent, &cfg)?;
+                let st = s.status(&cfg.status_socket)?;
+                let web = st.connector_services("conn1").iter().any(|n| n == "web");
+                t.signal(agent, Signal::Term)?;
+                t.wait_exit(agent, Duration::from_secs(15))?;
+                Ok(web)
+            };
+            ensure!(
+                grants_web(&s, 1, "agent-before")?,
+                "relay 1 refuses web before any change"
+            );
+
+            t.step("policy file changed: group eng may no longer reach web");
+            for a in s.relay_cfg.access.iter_mut() {
+                a.services.retain(|n| n != "web");
+            }
+            t.write_file("relay.toml", &s.relay_cfg.to_toml())?;
+            std::thread::sleep(Duration::from_secs(3));
+            let r1 = grants_web(&s, 1, "agent-r1")?;
+            let r2 = grants_web(&s, 2, "agent-r2")?;
+            let stale = grants_web(&s, 0, "agent-r0-stale")?;
+            t.step(&format!(
+                "RESULT while the relays disagree: relay 1 grants web {r1}, relay 2 {r2}, relay 0 (not reloaded yet) {stale}"
+            ));
+            ensure!(!r1 && !r2, "a reloaded relay still grants web");
+            ensure!(stale, "relay 0 reloaded by itself (its poll is an hour)");
+
+            t.signal(relays[0], Signal::Hup)?;
+            wait_until_every(
+                "relay 0 to log its reload",
+                Duration::from_secs(10),
+                Duration::from_millis(100),
+                || t.log(relays[0]).contains("policy reloaded"),
+            )?;
+            let after = grants_web(&s, 0, "agent-r0-reloaded")?;
+            t.step(&format!(
+                "RESULT after relay 0's reload (SIGHUP): relay 0 grants web {after}"
+            ));
+            ensure!(!after, "relay 0 grants web after its reload");
+            Ok(())
+        },
+    );
+}
