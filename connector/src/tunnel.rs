@@ -461,7 +461,7 @@ impl Tunnel {
         match self.node.credentials().server_config(ALPN_TUNNEL) {
             Ok(crypto) => {
                 let mut server = quinn::ServerConfig::with_crypto(crypto);
-                server.transport_config(transport::inner(inner_mtu, self.node.timing()));
+                server.transport_config(transport::inner(inner_mtu, self.node.timing(), None));
                 // The path under an inner connection is the socket's business (virtual peer
                 // addresses); letting quinn migrate would let a peer move a connection that
                 // was admitted through a relay channel onto a path the relay never vetted.
@@ -715,6 +715,24 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         }
+        let crypto = match node.credentials().server_config(ALPN_TUNNEL) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "no TLS server configuration; refusing an inner handshake");
+                incoming.refuse();
+                continue;
+            }
+        };
+        // This connection's own transport: its congestion controller follows the path changes
+        // of its virtual address (a new relay channel after a failover, a direct path lost).
+        let mut server = quinn::ServerConfig::with_crypto(crypto);
+        server.transport_config(transport::inner(
+            transport::INNER_MTU,
+            node.timing(),
+            node.mux().path_changes(remote),
+        ));
+        // See run_session: the path is the socket's business.
+        server.migration(false);
         tokio::spawn(serve_agent(
             incoming,
             remote,
@@ -722,7 +740,7 @@ async fn accept_loop(
             channels.clone(),
             dataplane.clone(),
             metrics.clone(),
-            (direct.clone(), direct_opts.clone()),
+            (direct.clone(), direct_opts.clone(), Arc::new(server)),
         ));
     }
 }
@@ -744,9 +762,13 @@ async fn serve_agent(
     channels: Channels,
     dataplane: Arc<Dataplane>,
     metrics: Arc<Metrics>,
-    (direct, direct_opts): (Direct, DirectOptions),
+    (direct, direct_opts, server): (Direct, DirectOptions, Arc<quinn::ServerConfig>),
 ) {
-    let conn = match incoming.await {
+    let accepted = match incoming.accept_with(server) {
+        Ok(c) => c.await,
+        Err(e) => Err(e),
+    };
+    let conn = match accepted {
         Ok(c) => c,
         Err(e) => {
             metrics

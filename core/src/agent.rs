@@ -1454,7 +1454,11 @@ async fn connect_inner(
             .client_config(ALPN_TUNNEL)
             .map_err(|e| e.to_string())?;
         let mut cfg = quinn::ClientConfig::new(crypto);
-        cfg.transport_config(transport::inner_agent(inner_mtu, node.timing()));
+        cfg.transport_config(transport::inner_agent(
+            inner_mtu,
+            node.timing(),
+            node.mux().path_changes(vaddr),
+        ));
         let connecting = node
             .endpoint()
             .connect_with(cfg, vaddr, &connector)

@@ -44,6 +44,7 @@
 //! `Controller` trait.
 
 use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -308,11 +309,63 @@ impl Estimator {
     }
 }
 
+/// Counts the changes of the path under one inner connection that leave packets stranded on
+/// the old path: its relay channel re-pointed at another channel (a relay restart or a
+/// failover) and a direct path that failed back to the relay. The path-multiplexing socket
+/// counts ([`crate::mux::MuxSocket::path_changes`]); the connection's [`Carriage`] reads it.
+#[derive(Debug, Clone, Default)]
+pub struct PathChanges(Arc<AtomicU64>);
+
+impl PathChanges {
+    /// One more change.
+    pub fn bump(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Changes so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// quinn's side of [`Estimator`].
+///
+/// **After a path change** ([`PathChanges`]) the packets in flight on the old path are gone,
+/// but quinn counts them as in flight until a loss probe's ACK declares them lost, and its
+/// probe timer has backed off exponentially meanwhile (about 840 ms after 0.8 s of silence at
+/// LAN RTT): with the window full of them, nothing new is sent until then. So from a change
+/// until the first ACK of a packet sent after it, the window is doubled: the stranded packets
+/// take at most one window, new ones get the other, and their ACKs declare the old ones lost.
 #[derive(Debug, Clone)]
 pub struct Carriage {
     est: Estimator,
     initial: u64,
+    changes: Option<PathChanges>,
+    boost: Boost,
+}
+
+/// When the window is doubled after a path change (pure).
+#[derive(Debug, Clone, Default)]
+struct Boost {
+    /// The change count last acted on.
+    seen: u64,
+    /// Since when (until a packet sent after it is acknowledged).
+    from: Option<Instant>,
+}
+
+impl Boost {
+    fn active(&self, changes: u64) -> bool {
+        self.from.is_some() || changes != self.seen
+    }
+
+    fn on_ack(&mut self, changes: u64, now: Instant, sent: Instant) {
+        if changes != self.seen {
+            self.seen = changes;
+            self.from = Some(now);
+        } else if self.from.is_some_and(|from| sent >= from) {
+            self.from = None;
+        }
+    }
 }
 
 impl Controller for Carriage {
@@ -324,6 +377,9 @@ impl Controller for Carriage {
         _app_limited: bool,
         rtt: &RttEstimator,
     ) {
+        if let Some(c) = &self.changes {
+            self.boost.on_ack(c.get(), now, sent);
+        }
         self.est.on_ack(now, sent, bytes, rtt.get());
     }
 
@@ -343,7 +399,15 @@ impl Controller for Carriage {
     }
 
     fn window(&self) -> u64 {
-        self.est.window()
+        if self
+            .changes
+            .as_ref()
+            .is_some_and(|c| self.boost.active(c.get()))
+        {
+            self.est.window().saturating_mul(2)
+        } else {
+            self.est.window()
+        }
     }
 
     fn metrics(&self) -> ControllerMetrics {
@@ -409,16 +473,23 @@ impl CarriageStatus {
     }
 }
 
-/// Builds a [`Carriage`] controller per connection.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CarriageFactory;
+/// Builds a [`Carriage`] controller per connection; with [`PathChanges`] (one factory per
+/// inner connection) it opens up after a path change.
+#[derive(Debug, Clone, Default)]
+pub struct CarriageFactory {
+    /// The path changes of the one connection this factory is for.
+    pub changes: Option<PathChanges>,
+}
 
 impl ControllerFactory for CarriageFactory {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         let est = Estimator::new(now, current_mtu);
+        let seen = self.changes.as_ref().map_or(0, PathChanges::get);
         Box::new(Carriage {
             initial: est.window(),
             est,
+            changes: self.changes.clone(),
+            boost: Boost { seen, from: None },
         })
     }
 }
@@ -426,6 +497,37 @@ impl ControllerFactory for CarriageFactory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a path change the window stays doubled until a packet sent after the change is
+    /// acknowledged; ACKs of older packets (delivered on the old path) do not end it.
+    #[test]
+    fn a_path_change_doubles_the_window_until_new_packets_are_acknowledged() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let changes = PathChanges::default();
+        let mut b = Boost::default();
+        assert!(!b.active(changes.get()));
+        b.on_ack(changes.get(), ms(1), ms(0));
+        assert!(!b.active(changes.get()));
+        changes.bump();
+        assert!(
+            b.active(changes.get()),
+            "active from the change on, before any ACK"
+        );
+        b.on_ack(changes.get(), ms(900), ms(10));
+        assert!(b.active(changes.get()));
+        b.on_ack(changes.get(), ms(905), ms(899));
+        assert!(b.active(changes.get()), "an ACK of a packet from before");
+        b.on_ack(changes.get(), ms(910), ms(901));
+        assert!(!b.active(changes.get()));
+        // Two changes in a row: the latest counts.
+        changes.bump();
+        changes.bump();
+        b.on_ack(changes.get(), ms(2000), ms(1990));
+        assert!(b.active(changes.get()));
+        b.on_ack(changes.get(), ms(2010), ms(2001));
+        assert!(!b.active(changes.get()));
+    }
 
     const MTU: u16 = 1400;
 

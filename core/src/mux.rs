@@ -134,6 +134,8 @@ struct Route {
     /// mapping a port-prediction attempt found ([`crate::birthday`]).
     direct_sock: Option<(SocketAddr, Arc<tokio::net::UdpSocket>)>,
     counters: Arc<RouteCounters>,
+    /// Path changes that strand packets: the relay channel re-pointed, a direct path given up.
+    changes: crate::congestion::PathChanges,
 }
 
 #[derive(Default)]
@@ -162,8 +164,20 @@ impl Routes {
             direct: None,
             direct_sock: None,
             counters: Arc::default(),
+            changes: Default::default(),
         });
         let old = std::mem::replace(&mut route.relay, relay);
+        let moved = match (old, relay) {
+            (Some(o), Some(n)) => {
+                (o.relay, o.channel, o.session) != (n.relay, n.channel, n.session)
+            }
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        // Packets sent into the old channel are lost unless a direct path carried them.
+        if moved && route.direct.is_none() {
+            route.changes.bump();
+        }
         if let Some(p) = old {
             if self.by_channel.get(&(p.relay, p.channel)) == Some(&addr) {
                 self.by_channel.remove(&(p.relay, p.channel));
@@ -374,6 +388,10 @@ impl MuxSocket {
         let Some(r) = routes.by_addr.get_mut(&vaddr) else {
             return false;
         };
+        if r.direct.is_some() && send_to.is_none() {
+            // The direct path failed: what was in flight on it is gone.
+            r.changes.bump();
+        }
         r.direct = send_to;
         routes.direct_in.retain(|_, v| *v != vaddr);
         for a in accept_from {
@@ -382,6 +400,13 @@ impl MuxSocket {
             }
         }
         true
+    }
+
+    /// The path-change count of virtual address `vaddr`, for the congestion controller of the
+    /// inner connection bound to it ([`crate::congestion::Carriage`]).
+    pub fn path_changes(&self, vaddr: SocketAddr) -> Option<crate::congestion::PathChanges> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes.by_addr.get(&vaddr).map(|r| r.changes.clone())
     }
 
     /// The packet counters of virtual address `vaddr`.
@@ -1212,6 +1237,40 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap(), (relay, seen));
         assert!(rx.try_recv().is_err());
         assert_eq!(s.stats().observe_dropped.load(Ordering::Relaxed), 1);
+    }
+
+    /// A route counts the path changes that strand packets: a relay channel re-pointed (not
+    /// while a direct path carries the traffic) and a direct path given up; a direct path
+    /// found, or the same channel set again, is not one.
+    #[tokio::test]
+    async fn path_changes_count_what_strands_packets() {
+        let s = MuxSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let path = |channel: u32, session| {
+            Some(RelayPath {
+                channel: ChannelId::new(channel).unwrap(),
+                relay: "192.0.2.1:4433".parse().unwrap(),
+                session,
+            })
+        };
+        let v = s.allocate_virtual();
+        let set = |p| s.routes.write().unwrap().set_relay(v, p);
+        set(path(1, 1));
+        let changes = s.path_changes(v).expect("a route");
+        let n0 = changes.get();
+        set(path(1, 1));
+        assert_eq!(changes.get(), n0, "the same channel again");
+        set(None);
+        assert_eq!(changes.get(), n0, "a detach alone");
+        set(path(2, 2));
+        assert_eq!(changes.get(), n0 + 1, "a failover's new channel");
+        let peer: SocketAddr = "192.0.2.9:4434".parse().unwrap();
+        assert!(s.set_direct(v, Some(peer), &[peer]));
+        assert_eq!(changes.get(), n0 + 1, "a direct path found");
+        set(path(3, 3));
+        assert_eq!(changes.get(), n0 + 1, "traffic was on the direct path");
+        assert!(s.set_direct(v, None, &[]));
+        assert_eq!(changes.get(), n0 + 2, "the direct path lost");
+        assert!(s.path_changes(s.allocate_virtual()).is_none());
     }
 
     /// Channel data reaches quinn, header stripped and as from the channel's virtual address,

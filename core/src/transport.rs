@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use quinn::{TransportConfig, VarInt};
 
-use crate::congestion::CarriageFactory;
+use crate::congestion::{CarriageFactory, PathChanges};
 
 /// UDP payload size of the outer connection (agent or connector to relay). With 28 bytes of
 /// IPv4 and UDP headers this is 1428 bytes on the wire, which fits 1500-byte links with room
@@ -48,7 +48,7 @@ impl Default for Timing {
     }
 }
 
-fn base(mtu: u16, timing: Timing) -> TransportConfig {
+fn base(mtu: u16, timing: Timing, changes: Option<PathChanges>) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.initial_mtu(mtu)
         .min_mtu(mtu)
@@ -61,7 +61,7 @@ fn base(mtu: u16, timing: Timing) -> TransportConfig {
         )
         .datagram_receive_buffer_size(Some(4 << 20))
         .datagram_send_buffer_size(DATAGRAM_SEND_BUFFER)
-        .congestion_controller_factory(Arc::new(CarriageFactory));
+        .congestion_controller_factory(Arc::new(CarriageFactory { changes }));
     t
 }
 
@@ -74,7 +74,7 @@ pub const DATAGRAM_SEND_BUFFER: usize = 512 << 10;
 /// Transport of the outer connection. The control stream is the only stream, and it takes no
 /// datagrams (channel data travels outside it, [`ztna_proto::datagram`]).
 pub fn outer(timing: Timing) -> Arc<TransportConfig> {
-    let mut t = base(OUTER_MTU, timing);
+    let mut t = base(OUTER_MTU, timing, None);
     t.max_concurrent_bidi_streams(VarInt::from_u32(2))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(None);
@@ -86,7 +86,7 @@ pub fn outer(timing: Timing) -> Arc<TransportConfig> {
 /// clients send theirs (every `timing.keepalive`, well within the idle timeout, and they keep
 /// their NAT mappings open), so an idle session costs the relay no timer of its own.
 pub fn relay_side(timing: Timing) -> Arc<TransportConfig> {
-    let mut t = base(OUTER_MTU, timing);
+    let mut t = base(OUTER_MTU, timing, None);
     t.max_concurrent_bidi_streams(VarInt::from_u32(1))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(None)
@@ -117,14 +117,14 @@ pub const INNER_MTU: u16 = 1358;
 /// Transport of the inner connection on the connector's side: IP packets as datagrams, and the
 /// connector's TCP segments on one unidirectional stream of its own ([`crate::tcp_carriage`]);
 /// the agent may open no stream.
-pub fn inner(mtu: u16, timing: Timing) -> Arc<TransportConfig> {
-    Arc::new(inner_base(mtu, timing))
+pub fn inner(mtu: u16, timing: Timing, changes: Option<PathChanges>) -> Arc<TransportConfig> {
+    Arc::new(inner_base(mtu, timing, changes))
 }
 
 /// Transport of the inner connection on the agent's side: as [`inner`], and the connector may
 /// open the one TCP carriage stream.
-pub fn inner_agent(mtu: u16, timing: Timing) -> Arc<TransportConfig> {
-    let mut t = inner_base(mtu, timing);
+pub fn inner_agent(mtu: u16, timing: Timing, changes: Option<PathChanges>) -> Arc<TransportConfig> {
+    let mut t = inner_base(mtu, timing, changes);
     t.max_concurrent_uni_streams(VarInt::from_u32(1));
     Arc::new(t)
 }
@@ -135,8 +135,8 @@ pub fn inner_agent(mtu: u16, timing: Timing) -> Arc<TransportConfig> {
 /// download in its own buffers.
 pub const TCP_CARRIAGE_WINDOW: u32 = 4 << 20;
 
-fn inner_base(mtu: u16, timing: Timing) -> TransportConfig {
-    let mut t = base(mtu, timing);
+fn inner_base(mtu: u16, timing: Timing, changes: Option<PathChanges>) -> TransportConfig {
+    let mut t = base(mtu, timing, changes);
     t.max_concurrent_bidi_streams(VarInt::from_u32(0))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .send_window(u64::from(TCP_CARRIAGE_WINDOW))

@@ -107,7 +107,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
     let inner_mtu = transport::INNER_MTU;
     let mut server =
         quinn::ServerConfig::with_crypto(node.credentials().server_config(ALPN_TUNNEL)?);
-    server.transport_config(transport::inner(inner_mtu, node.timing()));
+    server.transport_config(transport::inner(inner_mtu, node.timing(), None));
     node.endpoint().set_server_config(Some(server));
     println!("registered");
     let deadline = Instant::now() + Duration::from_secs(a.secs);

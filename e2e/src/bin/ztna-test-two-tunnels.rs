@@ -85,7 +85,7 @@ async fn run(
         };
         let vaddr = session.attach_channel(channel);
         let mut cfg = quinn::ClientConfig::new(node.credentials().client_config(ALPN_TUNNEL)?);
-        cfg.transport_config(transport::inner_agent(inner_mtu, node.timing()));
+        cfg.transport_config(transport::inner_agent(inner_mtu, node.timing(), None));
         let conn = tokio::time::timeout(
             Duration::from_secs(10),
             node.endpoint().connect_with(cfg, vaddr, connector)?,
