@@ -246,6 +246,7 @@ fn failover(t: &Topology, direct: bool) -> Result<()> {
             ),
         ],
     )?;
+    let quiet_from = now_secs();
     std::thread::sleep(Duration::from_secs(3));
     let mut kills = Vec::new();
     for k in 0..KILLS {
@@ -327,6 +328,8 @@ fn failover(t: &Topology, direct: bool) -> Result<()> {
             .context("no ping answer after a kill: traffic never resumed")?;
         gaps.push(g * 1000.0);
     }
+    // The same measure over the 3 s before the first kill, for comparison.
+    let baseline = gap_at(&replies, quiet_from + 0.5, kills[0]).map_or(f64::NAN, |g| g * 1000.0);
     let mut sorted = gaps.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
@@ -335,7 +338,7 @@ fn failover(t: &Topology, direct: bool) -> Result<()> {
     let st = s.status(&cfg.status_socket)?;
     let resets = st.connector_counter("conn1", "tcp_resets");
     t.step(&format!(
-        "RESULT failover ({} path), {KILLS} kills of the relay in use: gap median {median:.0} ms, worst {worst:.0} ms (each: {}); 200 MiB sha256 {}; iperf3 {mbit:.1} Mbit/s; TCP resets {resets}; relay sessions {}; conn1 path {:?}",
+        "RESULT failover ({} path), {KILLS} kills of the relay in use: gap median {median:.0} ms, worst {worst:.0} ms (each: {}; without a kill: {baseline:.0} ms); 200 MiB sha256 {}; iperf3 {mbit:.1} Mbit/s; TCP resets {resets}; relay sessions {}; conn1 path {:?}",
         if direct { "direct" } else { "relay" },
         gaps.iter().map(|g| format!("{g:.0}")).collect::<Vec<_>>().join(", "),
         if want == have { "matches" } else { "DIFFERS" },
