@@ -17,7 +17,9 @@
 #      Service name resolves to it, as cluster DNS would to every relay pod); the agent (host
 #      binary) in a third; ping, UDP echo and HTTP through the relay path, with numbers;
 #   6. systemd for real: a systemd container (podman --systemd=always) starts the three units,
-#      reports them active and ready, and restarts the relay after kill -9 (timed).
+#      reports them active and ready, and restarts the relay after kill -9 (timed); an invalid
+#      configuration (the relay's, and a connector's with both `relay` and `relays`) exits 78
+#      and stays down.
 #
 # Needs root and what scripts/setup.sh installs; the release binaries must be built
 # (cargo build --release --workspace --bins). Everything it starts (containers, namespaces,
@@ -338,6 +340,8 @@ groups = ["eng"]
 identity = "conn1"
 services = ["echo"]
 EOF
+# The connector and the agent here use `relay`, the one-relay form (the traffic step above
+# uses the list, `relays`): both must keep working.
 cat >"$SD/etc/connector.toml" <<'EOF'
 relay = "127.0.0.1:4433"
 bind = "127.0.0.1:4434"
@@ -413,6 +417,13 @@ sleep 2.5
 BAD=$(in_sd systemctl show -p ExecMainStatus -p NRestarts -p ActiveState ztna-relay.service | tr '\n' ' ')
 echo "with keepalive_secs = 0: $BAD"
 [[ $BAD == *ExecMainStatus=78* && $BAD == *ActiveState=failed* ]] || die "an invalid configuration should exit 78 and stay down: $BAD"
+# So does a connector given both `relay` (its file) and `relays` (ZTNA_RELAYS in a drop-in).
+in_sd sh -c 'mkdir -p /run/systemd/system/ztna-connector.service.d && printf "[Service]\nEnvironment=ZTNA_RELAYS=127.0.0.1:4433,127.0.0.2:4433\n" > /run/systemd/system/ztna-connector.service.d/bad.conf && systemctl daemon-reload'
+in_sd systemctl restart ztna-connector.service >/dev/null 2>&1 || true
+sleep 2.5
+BAD=$(in_sd systemctl show -p ExecMainStatus -p NRestarts -p ActiveState ztna-connector.service | tr '\n' ' ')
+echo "connector with both relay and relays: $BAD"
+[[ $BAD == *ExecMainStatus=78* && $BAD == *ActiveState=failed* ]] || die "a connector given both relay and relays should exit 78 and stay down: $BAD"
 
 step "done"
 echo

@@ -248,6 +248,9 @@ impl ConnectorConfig {
         let cfg: ConnectorConfig =
             ztna_core::daemon::layered_config(&ConnectorConfig::default(), &sources, flags)
                 .context("invalid connector configuration")?;
+        // Checked here, not first when the tunnel starts: a bad relay list is a configuration
+        // error (exit 78, not restarted), like every other bad value.
+        cfg.relay_list()?;
         cfg.backends()?;
         anyhow::ensure!(
             cfg.idle_timeout_secs > cfg.keepalive_secs && cfg.keepalive_secs >= 1,
@@ -379,7 +382,17 @@ impl ConnectorConfig {
 mod tests {
     use super::*;
 
+    /// Loads `text` as the `--config` file; configs that name no relay (the tests not about
+    /// the relay list) get one from the flags.
     fn load(text: &str, ext: &str) -> anyhow::Result<ConnectorConfig> {
+        let flags = if text.contains("relay") {
+            Flags::default()
+        } else {
+            Flags {
+                relays: Some(vec!["10.0.0.1:4433".into()]),
+                ..Flags::default()
+            }
+        };
         let dir = std::env::temp_dir().join(format!(
             "ztna-conn-cfg-{}-{}",
             std::process::id(),
@@ -388,9 +401,34 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join(format!("c.{ext}"));
         std::fs::write(&f, text).unwrap();
-        let r = ConnectorConfig::load(Some(&f), &Flags::default());
+        let r = ConnectorConfig::load(Some(&f), &flags);
         let _ = std::fs::remove_dir_all(&dir);
         r
+    }
+
+    /// A bad relay list fails the load (exit 78, `InvalidConfig`), not the start of the tunnel.
+    #[test]
+    fn relay_lists_are_checked_at_load() {
+        let svc = "[[services]]\nname = \"x\"\naddress = \"10.100.0.1\"\nbackend = \"10.0.0.1\"\nudp = 7\n";
+        let ok = |relays: &str| load(&format!("{relays}\n{svc}"), "toml");
+        let count = |relays: &str| ok(relays).unwrap().relay_list().unwrap().len();
+        assert_eq!(count("relay = \"10.0.0.1:4433\""), 1);
+        assert_eq!(
+            count("relays = [\"10.0.0.1:4433\", \"relays.example.com:4433\"]"),
+            2
+        );
+        assert_eq!(count("relays = \"10.0.0.1:4433,10.0.0.2:4433\""), 2);
+        for bad in [
+            "relay = \"10.0.0.1:4433\"\nrelays = [\"10.0.0.2:4433\"]",
+            "relays = []",
+            "relays = [\"10.0.0.1:4433\", \"10.0.0.1:4433\"]",
+            "relays = [\"0.0.0.0:4433\"]",
+            "relay = \"relay-without-port\"",
+            "relay_name = \"\"\nrelay = \"10.0.0.1:4433\"",
+            "# no relay at all",
+        ] {
+            assert!(ok(bad).is_err(), "{bad:?} should not load");
+        }
     }
 
     #[test]
