@@ -85,6 +85,11 @@ relay = sts.get("template", {}).get("spec", {})
 replicas = sts.get("replicas", 1)
 check(replicas >= 2, f"relay: a fleet of two or more replicas (has {replicas})")
 check(sts.get("podManagementPolicy") == "Parallel", "relay: podManagementPolicy Parallel")
+# A rolled relay comes back at a new pod IP, which in-cluster connectors learn when they next
+# resolve the headless name (every 60 s, core::fleet::RESOLVE_INTERVAL) from an answer CoreDNS
+# may have cached for up to 30 s: the next relay waits until they are back on it.
+check(sts.get("minReadySeconds", 0) >= 90,
+      f"relay: minReadySeconds of at least 90 (connectors re-resolve every 60 s; has {sts.get('minReadySeconds', 0)})")
 check(sts.get("updateStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
       and not sts.get("updateStrategy", {}).get("rollingUpdate", {}).get("partition"),
       "relay: RollingUpdate over every pod")
