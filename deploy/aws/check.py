@@ -8,6 +8,7 @@ uses a variable main.tf does not pass. Usage: check.py OUTDIR (run by deploy/che
 
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 import hcl2
@@ -87,6 +88,8 @@ check(any(p == "udp" and a == 4434 == b for p, a, b, _ in ingress("connector")),
 check(not any(b == 22 or a == 22 for _, a, b, _ in ingress("relay") + ingress("connector")),
       "no SSH port is open (Session Manager instead)")
 check({"relay_address", "agent_config"} <= outputs, f"outputs: {sorted(outputs)}")
+check(re.search(r'^\s*relays = \["\$\{aws_eip\.relay\.public_ip\}:4433"\]$', (HERE / "outputs.tf").read_text(), re.M),
+      "agent_config: relays = [the relay's Elastic IP and port]")
 
 # Templates: the variables each uses are the ones main.tf passes.
 tests = {
@@ -128,6 +131,9 @@ for name, body in instances.items():
               f"{tmpl}: no private key in user-data")
     if name == "connector":
         check("/usr/local/sbin/ztna-xdp-prep" in paths, "connector: no XDP preparation")
+        conn = tomllib.loads(next(w["content"] for w in doc["write_files"] if w["path"] == "/etc/ztna/connector.toml"))
+        check(conn.get("relays") == [tests["relay_addr"]] and "relay" not in conn,
+              f"connector: relays = [the relay's address] (has relays = {conn.get('relays')}, relay = {conn.get('relay')})")
         check('xdp = "native"' in rendered, "connector: xdp = native expected")
 
 if errors:

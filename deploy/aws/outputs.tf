@@ -1,5 +1,5 @@
 output "relay_address" {
-  description = "The relay's public UDP address: `relay` in the agent's config."
+  description = "The relay's public UDP address: the entry of `relays` in the agent's config."
   value       = "${aws_eip.relay.public_ip}:4433"
 }
 
@@ -11,7 +11,7 @@ output "service_address" {
 output "agent_config" {
   description = "An agent config for the walk-through; put the agent's own certificate and key beside ca.pem."
   value       = <<-EOT
-    relay = "${aws_eip.relay.public_ip}:4433"
+    relays = ["${aws_eip.relay.public_ip}:4433"]
     relay_name = "relay"
     ca = "/etc/ztna/pki/ca.pem"
     cert = "/etc/ztna/pki/alice.pem"
