@@ -11,8 +11,10 @@
 //!
 //! **The fleet.** The agent keeps a session with every relay it knows ([`Input::Relays`]), so
 //! that a relay to fail over to is always warm. One of the live sessions is the *primary*: new
-//! channels are opened through it, and its welcome and catalog give the tunnel IP and the
-//! routes. The primary is the live relay with the lowest RTT; a live primary gives way only to
+//! channels are opened through it (unless it does not list that channel's connector, or just
+//! refused it: then through the nearest live relay that lists it), and its welcome gives the
+//! tunnel IP. The routes are what the live relays' catalogs list together (they share the
+//! policy, not their connectors). The primary is the live relay with the lowest RTT; a live primary gives way only to
 //! a relay that is clearly nearer ([`MachineConfig::switch_ratio`]), so that RTT noise does not
 //! move it, and a channel stays on the relay it was opened on until that relay's session ends.
 //! When it does, the channels it carried are opened again through the new primary and resume
@@ -20,8 +22,8 @@
 //!
 //! Two rules make the agent **fail closed**:
 //! - losing relay sessions changes no route: service routes stay pointed at the tunnel (where
-//!   packets are dropped and counted) until a *live* primary's catalog omits a service, and
-//!   then only after [`MachineConfig::withdraw_grace`];
+//!   packets are dropped and counted) until the catalogs of the *live* relays all omit a
+//!   service, and then only after [`MachineConfig::withdraw_grace`];
 //! - the inner connection to a connector is not closed when a relay session or its channel
 //!   goes: the next channel to that connector, through any relay, re-points it
 //!   ([`Command::Attach`] with `handshake: false`), so TCP connections inside it survive a
@@ -98,6 +100,9 @@ pub struct MachineConfig {
     pub switch_ratio: f64,
     /// See [`MachineConfig::switch_ratio`].
     pub switch_margin: Duration,
+    /// How long a relay that could not open a channel to a connector (the connector is not
+    /// attached to it yet, say) is passed over for that connector when another relay is up.
+    pub refused_relay_avoid: Duration,
 }
 
 impl Default for MachineConfig {
@@ -110,6 +115,7 @@ impl Default for MachineConfig {
             backoff: Backoff::default(),
             switch_ratio: 0.7,
             switch_margin: Duration::from_millis(5),
+            refused_relay_avoid: Duration::from_secs(30),
         }
     }
 }
@@ -294,6 +300,8 @@ struct Peer {
     /// When to ask for a channel again.
     retry_at: Option<Instant>,
     inner: Inner,
+    /// A relay that refused a channel to this connector, passed over until then.
+    avoid: Option<(RelayAddr, Instant)>,
 }
 
 impl Peer {
@@ -303,6 +311,7 @@ impl Peer {
             channel: None,
             retry_at: None,
             inner: Inner::None,
+            avoid: None,
         }
     }
 }
@@ -465,10 +474,8 @@ impl AgentMachine {
                 let Some(s) = self.relays.get_mut(&relay).filter(|s| s.state == Relay::Up) else {
                     return;
                 };
-                s.catalog = services.clone();
-                if self.primary == Some(relay) {
-                    self.apply_catalog(now, services);
-                }
+                s.catalog = services;
+                self.refresh_catalog(now);
             }
             Input::Rtt { relay, rtt } => {
                 if let Some(s) = self.relays.get_mut(&relay).filter(|s| s.state == Relay::Up) {
@@ -512,12 +519,16 @@ impl AgentMachine {
             }
             Input::ChannelRefused { relay, request_id } => {
                 let retry = now + self.cfg.channel_retry;
+                let avoid = now + self.cfg.refused_relay_avoid;
                 if let Some(p) = self.peers.values_mut().find(|p| {
                     p.request
                         .is_some_and(|(r, id, _)| (r, id) == (relay, request_id))
                 }) {
                     p.request = None;
                     p.retry_at = Some(retry);
+                    // Relays are independent: the connector may be attached to the others (it
+                    // has not found a restarted relay yet, or lost only this one).
+                    p.avoid = Some((relay, avoid));
                 }
             }
             Input::ChannelClosed { relay, channel } => {
@@ -583,6 +594,7 @@ impl AgentMachine {
             self.relays.remove(&relay);
             self.commands.push_back(Command::Disconnect { relay });
             self.relay_lost(now, relay);
+            self.refresh_catalog(now);
         }
         for addr in list {
             self.relays.entry(addr).or_insert_with(|| Slot {
@@ -619,6 +631,7 @@ impl AgentMachine {
         s.tunnel_ip = tunnel_ip;
         s.catalog = services;
         self.choose_primary(now);
+        self.refresh_catalog(now);
     }
 
     fn on_disconnected(&mut self, now: Instant, relay: RelayAddr, refusal: Option<Refusal>) {
@@ -640,6 +653,7 @@ impl AgentMachine {
         s.state = Relay::Waiting(now + delay);
         s.catalog.clear();
         self.relay_lost(now, relay);
+        self.refresh_catalog(now);
         // Every relay refuses this agent for good, and none is up: give up.
         let max = self.cfg.max_refusals;
         let refused = !self.relays.is_empty()
@@ -710,10 +724,7 @@ impl AgentMachine {
         let Some(p) = next else {
             return;
         };
-        let (tunnel_ip, catalog) = {
-            let s = &self.relays[&p];
-            (s.tunnel_ip, s.catalog.clone())
-        };
+        let tunnel_ip = self.relays[&p].tunnel_ip;
         if self.tunnel_ip.is_some() && tunnel_ip != self.tunnel_ip {
             // Connections inside the tunnel were bound to the old address; the connector would
             // not take them over either.
@@ -729,7 +740,7 @@ impl AgentMachine {
             }
         }
         self.tunnel_ip = tunnel_ip;
-        self.apply_catalog(now, catalog);
+        self.refresh_catalog(now);
         let mut names: Vec<String> = self.peers.keys().cloned().collect();
         names.sort();
         for name in names {
@@ -737,8 +748,25 @@ impl AgentMachine {
         }
     }
 
-    /// Installs a catalog from the live primary: new services are routed at once, services it
-    /// lacks start their grace period, services back in it stay.
+    /// Routes what the live relays' catalogs list together: relays share the policy but not
+    /// their connectors (a connector may not be attached to every relay, or not yet), so a
+    /// service is reachable if any live relay lists it. With no live relay, nothing changes
+    /// (fail closed: routes stay).
+    fn refresh_catalog(&mut self, now: Instant) {
+        if !self.connected() {
+            return;
+        }
+        let union: Vec<ServiceDef> = self
+            .relays
+            .values()
+            .filter(|s| s.state == Relay::Up)
+            .flat_map(|s| s.catalog.iter().cloned())
+            .collect();
+        self.apply_catalog(now, union);
+    }
+
+    /// Installs a catalog: new services are routed at once, services it lacks start their
+    /// grace period, services back in it stay.
     fn apply_catalog(&mut self, now: Instant, services: Vec<ServiceDef>) {
         let grace = now + self.cfg.withdraw_grace;
         let mut fresh: BTreeMap<_, _> = BTreeMap::new();
@@ -798,17 +826,40 @@ impl AgentMachine {
     }
 
     /// Asks the primary for a channel to `connector`, unless it has one or a request is in
-    /// flight. Without a primary, the next one asks ([`AgentMachine::choose_primary`]).
+    /// flight; the nearest other live relay instead while the primary is avoided for this
+    /// connector (it refused a channel to it recently). Without a primary, the next one asks
+    /// ([`AgentMachine::choose_primary`]).
     fn open_channel(&mut self, connector: &str, now: Instant) {
-        let Some(relay) = self.primary else {
+        let Some(primary) = self.primary else {
             return;
         };
-        let Some(p) = self.peers.get_mut(connector) else {
+        let Some(p) = self.peers.get(connector) else {
             return;
         };
         if p.request.is_some() || p.channel.is_some() {
             return;
         }
+        // Through the primary if it lists the connector (the connector is attached there) and
+        // did not just refuse it; else the nearest live relay that does and did not; else the
+        // primary (it may know the connector by now).
+        let avoided = p.avoid.filter(|(_, until)| *until > now).map(|(r, _)| r);
+        let fits = |addr: &RelayAddr, s: &Slot| {
+            s.state == Relay::Up
+                && Some(*addr) != avoided
+                && s.catalog.iter().any(|d| d.connector == connector)
+        };
+        let relay = if self.relays.get(&primary).is_some_and(|s| fits(&primary, s)) {
+            primary
+        } else {
+            self.relays
+                .iter()
+                .filter(|(a, s)| fits(a, s))
+                .min_by_key(|(a, s)| (s.rtt, **a))
+                .map_or(primary, |(a, _)| *a)
+        };
+        let Some(p) = self.peers.get_mut(connector) else {
+            return;
+        };
         let request_id = self.next_request;
         self.next_request = self.next_request.wrapping_add(1).max(1);
         p.request = Some((relay, request_id, now + self.cfg.channel_request_timeout));
@@ -1632,6 +1683,7 @@ mod tests {
             },
         );
         assert!(m.withdrawing().is_empty());
+        // Routes are what the live relays list together: db leaves only when none lists it.
         m.handle(
             t2,
             Input::Catalog {
@@ -1639,7 +1691,39 @@ mod tests {
                 services: vec![svc("echo", 1, "c1")],
             },
         );
+        assert!(m.withdrawing().is_empty(), "R2 still lists db");
+        m.handle(
+            t2,
+            Input::Catalog {
+                relay: R2,
+                services: vec![svc("echo", 1, "c1")],
+            },
+        );
         assert_eq!(m.withdrawing(), ["db"]);
+    }
+
+    /// A connector attached to some relays only: its services are routed from those relays'
+    /// catalogs, and its channel goes through one of them even when the nearest relay (the
+    /// primary) does not list it.
+    #[test]
+    fn a_connector_on_some_relays_is_reached_through_them() {
+        let t0 = Instant::now();
+        let mut m = fleet(t0, &[R1, R2]);
+        m.handle(
+            t0,
+            Input::Connected {
+                relay: R1,
+                tunnel_ip: Some(TIP),
+                services: vec![svc("echo", 1, "c1")],
+                rtt: Duration::from_millis(2),
+            },
+        );
+        let cmds = drain(&mut m);
+        assert_eq!(opened_through(&cmds), [(R1, "c1".to_owned())]);
+        let cmds = up(&mut m, t0, R2, 30);
+        assert_eq!(m.primary(), Some(R1));
+        assert_eq!(routed(&m), ["db", "echo"]);
+        assert_eq!(opened_through(&cmds), [(R2, "c2".to_owned())]);
     }
 
     /// Losing every relay keeps the routes (fail closed); the first relay back takes all.
@@ -1768,5 +1852,47 @@ mod tests {
             },
         );
         assert_eq!(drain(&mut m), vec![Command::Disconnect { relay: R1 }]);
+    }
+
+    /// A relay that cannot open a channel to a connector (not attached there yet) is passed
+    /// over for that connector while another relay is up; alone, it is asked again.
+    #[test]
+    fn a_relay_that_refuses_a_connector_is_passed_over_for_it() {
+        let t0 = Instant::now();
+        let mut m = fleet(t0, &[R1, R2]);
+        let cmds = up(&mut m, t0, R1, 5);
+        up(&mut m, t0, R2, 20);
+        let id = request_of(&cmds, "c1").unwrap();
+        m.handle(
+            t0,
+            Input::ChannelRefused {
+                relay: R1,
+                request_id: id,
+            },
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        let cmds = advance(&mut m, t1);
+        assert_eq!(opened_through(&cmds), [(R2, "c1".to_owned())]);
+        // c2 is not affected.
+        assert_eq!(m.primary(), Some(R1));
+        // R2 refuses too and goes down: R1 is asked again rather than nobody.
+        let id = request_of(&cmds, "c1").unwrap();
+        m.handle(
+            t1,
+            Input::ChannelRefused {
+                relay: R2,
+                request_id: id,
+            },
+        );
+        m.handle(
+            t1,
+            Input::Disconnected {
+                relay: R2,
+                refusal: None,
+            },
+        );
+        drain(&mut m);
+        let cmds = advance(&mut m, t1 + Duration::from_secs(1));
+        assert_eq!(opened_through(&cmds), [(R1, "c1".to_owned())]);
     }
 }

@@ -43,8 +43,9 @@ fn relay_at(port: u16) -> String {
 /// The relay index behind an address as the agent lists it.
 fn index_of(agent_view: &str) -> Option<usize> {
     let port: u16 = agent_view.rsplit(':').next()?.parse().ok()?;
-    if port == FAR_PORT {
-        return Some(0);
+    // Relay i through the impairment forwarder listens on FAR_PORT + i.
+    if (FAR_PORT..FAR_PORT + RELAYS.len() as u16).contains(&port) {
+        return Some(usize::from(port - FAR_PORT));
     }
     RELAYS.iter().position(|(p, _)| *p == port)
 }
@@ -329,7 +330,11 @@ fn failover(t: &Topology, direct: bool) -> Result<()> {
         gaps.push(g * 1000.0);
     }
     // The same measure over the 3 s before the first kill, for comparison.
-    let baseline = gap_at(&replies, quiet_from + 0.5, kills[0]).map_or(f64::NAN, |g| g * 1000.0);
+    let baseline = replies
+        .windows(2)
+        .filter(|w| w[0] >= quiet_from + 0.5 && w[1] <= kills[0])
+        .map(|w| (w[1] - w[0]) * 1000.0)
+        .fold(f64::NAN, f64::max);
     let mut sorted = gaps.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
@@ -406,6 +411,7 @@ fn gaps_are_measured_between_replies_around_the_kill() {
     assert_eq!(gap_at(&replies, 6.0, 16.0), None);
     assert_eq!(index_of("10.10.0.1:5433"), Some(0));
     assert_eq!(index_of("10.10.0.1:4453"), Some(2));
+    assert_eq!(index_of("10.10.0.1:5435"), Some(2));
     assert_eq!(
         reply_times(
             "[1764650000.250000] 64 bytes from 10.100.0.1: icmp_seq=1 ttl=63 time=0.4 ms\nno\n"
@@ -496,6 +502,73 @@ fn fleet_relays_apply_the_shared_policy_each_on_its_own_reload() {
                 "RESULT after relay 0's reload (SIGHUP): relay 0 grants web {after}"
             ));
             ensure!(!after, "relay 0 grants web after its reload");
+            Ok(())
+        },
+    );
+}
+
+/// Any relay can introduce any agent to any connector only if the connector is attached to
+/// it: a relay the connector has not found (yet) refuses the channel, and the agent asks
+/// another relay instead of retrying the same one. Here the connector lists relays 1 and 2
+/// only, and relay 0 is the agent's nearest (the others are 50 ms further away).
+#[test]
+fn fleet_agents_reach_a_connector_through_another_relay() {
+    run(
+        "fleet_agents_reach_a_connector_through_another_relay",
+        helper_bins!(),
+        |t| {
+            let mut s = Stack::new(t)?;
+            let ports: Vec<String> = RELAYS.iter().map(|(p, _)| relay_at(*p)).collect();
+            s.conn_cfg.relay = ports[1..].join(",");
+            let far = |i: usize| relay_at(FAR_PORT + i as u16);
+            s.agent_cfg.relay = [ports[0].clone(), far(1), far(2)].join(",");
+            s.start_backends()?;
+            let mut forwarders = Vec::new();
+            for (i, target) in ports.iter().enumerate().skip(1) {
+                forwarders.push(t.spawn(
+                    Node::Relay,
+                    &format!("impair-relay{i}"),
+                    &t.helpers().impair,
+                    [
+                        "--listen",
+                        &far(i),
+                        "--target",
+                        target,
+                        "--delay-ms",
+                        FAR_DELAY_MS,
+                        "--exit-after",
+                        "300",
+                    ],
+                )?);
+            }
+            for (i, (port, metrics)) in RELAYS.iter().enumerate() {
+                s.spawn_fleet_relay(&format!("relay{i}"), *port, metrics, &[])?;
+            }
+            s.start_connector()?;
+            let agent = s.start_agent()?;
+            let cfg = s.agent_cfg.clone();
+            // The agent's relay 0 answers first and lists no connector: its catalog is empty
+            // until a relay the connector is on becomes primary, so wait for the fleet.
+            wait_until_every(
+                "the agent's sessions with all three relays",
+                Duration::from_secs(20),
+                Duration::from_millis(100),
+                || relays_up(&s) == 3,
+            )?;
+            let st = s.wait_ready(agent, &cfg)?;
+            let on = st
+                .connector("conn1")
+                .and_then(|c| c["relay"].as_str())
+                .and_then(index_of)
+                .with_context(|| format!("conn1 has no relay channel: {}", st.json))?;
+            let (primary, list) = in_use(&s)?;
+            t.step(&format!(
+                "RESULT the connector is on relays 1 and 2 only; the agent's nearest is relay {primary}; its channel to conn1 runs through relay {on}: {list}"
+            ));
+            ensure!(on != 0, "a channel through a relay the connector is not on");
+            for f in forwarders {
+                t.ensure_running(f)?;
+            }
             Ok(())
         },
     );
