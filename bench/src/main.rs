@@ -201,6 +201,7 @@ fn main() -> Result<()> {
                 args.fleet_spread.clone()
             },
             steady_secs: if smoke { 1 } else { 5 },
+            quiet_max_wait_s: plan.quiet_max_wait_s,
         };
         let dir = tempfile::Builder::new()
             .prefix("ztna-bench-fleet-")

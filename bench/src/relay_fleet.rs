@@ -37,6 +37,7 @@ use ztna_core::tap::TapSocket;
 use ztna_proto::control::Role;
 use ztna_proto::ChannelId;
 
+use crate::measure::{wait_quiet, Load};
 use crate::relay_scale::{
     self, bench_service, connect, hello, open_channel, relay_config, run_connector, scrape,
     Handshakes, Pki, RelayProcess, Session, CONNECT_CONCURRENCY, PAYLOAD,
@@ -77,6 +78,8 @@ pub(crate) struct FleetPlan {
     pub(crate) spread: Vec<Spread>,
     /// Seconds of the steady phase (one datagram per agent per second).
     pub(crate) steady_secs: u64,
+    /// Longest wait for a quiet machine before each run, seconds.
+    pub(crate) quiet_max_wait_s: u64,
 }
 
 /// The results of every run.
@@ -93,6 +96,8 @@ pub(crate) struct FleetRun {
     pub(crate) agents: usize,
     pub(crate) spread: Spread,
     pub(crate) error: Option<String>,
+    /// The machine's load before the run (after waiting for it to be quiet).
+    pub(crate) load: Option<Load>,
     /// Agents with a session with every relay.
     pub(crate) agents_all_relays: usize,
     /// Agents with a session with some relays but not all.
@@ -140,6 +145,7 @@ impl FleetRun {
             agents,
             spread,
             error: None,
+            load: None,
             agents_all_relays: 0,
             agents_some_relays: 0,
             agents_no_relay: 0,
@@ -251,6 +257,7 @@ pub(crate) fn run(plan: &FleetPlan, dir: &Path) -> Result<RelayFleet> {
                 spread.name()
             );
             let mut r = FleetRun::new(n, spread);
+            r.load = wait_quiet(0.25, Duration::from_secs(plan.quiet_max_wait_s)).ok();
             let result = start_fleet(dir, &name, &relay_files).and_then(|relays| {
                 let result = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -725,16 +732,16 @@ impl RelayFleet {
         );
         let _ = writeln!(
             s,
-            "| agents | channels via | agents on all relays | agent sessions | setup (s) | sessions/s | agents/s | per agent: first session, median / p90 (ms) | per agent: all sessions, median / p90 (ms) | channels | channels/s | channel not via the first relay to answer | tunnel IPs differ between relays | steady recv/sent |"
+            "| agents | channels via | agents on all relays | agent sessions | setup (s) | sessions/s | agents/s | per agent: first session, median / p90 (ms) | per agent: all sessions, median / p90 (ms) | channels | channels/s | channel not via the first relay to answer | tunnel IPs differ between relays | steady recv/sent | before: CPU busy (%), load avg |"
         );
         let _ = writeln!(
             s,
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for r in &self.runs {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} |{}",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} | {} |{}",
                 r.agents,
                 r.spread.name(),
                 r.agents_all_relays,
@@ -755,6 +762,10 @@ impl RelayFleet {
                 r.steady_received
                     .map_or_else(|| "missing".into(), |v| v.to_string()),
                 r.steady_sent,
+                r.load.as_ref().map_or_else(
+                    || "missing".into(),
+                    |l| format!("{:.0}, {:.2}", l.busy * 100.0, l.loadavg_1m)
+                ),
                 r.error
                     .as_deref()
                     .map(|e| format!(" error: {}", e.lines().next().unwrap_or_default()))
