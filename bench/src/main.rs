@@ -22,7 +22,8 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "ztna-bench")]
 struct Args {
-    /// One short iteration of every path and a small relay-scale run (what CI runs).
+    /// One short iteration of every path, a small relay-scale run and a small relay fleet (what
+    /// CI runs).
     #[arg(long)]
     smoke: bool,
     /// Runs of every path (default 3; 1 with --smoke).
