@@ -7,7 +7,8 @@
 #                                 ${CARGO_TARGET_DIR:-target}/bench-smoke, not bench/results
 #   --no-build                    skip setup and build (scripts/test.sh has done both)
 # Other arguments go to ztna-bench (`--iterations N`, `--paths raw,ztna-relay`, `--agents 100`,
-# `--no-relay-scale`, `--out DIR`; `ztna-bench --help`).
+# `--no-relay-scale`, `--no-fleet`, `--fleet-spread nearest,round-robin`, `--out DIR`;
+# `ztna-bench --help`).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -75,9 +75,9 @@ else
     step "fuzz smoke: scripts/fuzz-smoke.sh does not exist yet, skipped"
 fi
 
-# One short iteration of every benchmark path and a small relay-scale run, on the binaries built
-# above, so the harness can't rot. It reports numbers but asserts none; its results stay in
-# the target directory.
+# One short iteration of every benchmark path, a small relay-scale run and a 30-agent relay fleet
+# (three relays, about 4 s), on the binaries built above, so the harness can't rot. It reports
+# numbers but asserts none; its results stay in the target directory.
 step "bench smoke (bench/run.sh --smoke --no-build)"
 bash bench/run.sh --smoke --no-build
 

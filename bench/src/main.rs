@@ -1,12 +1,13 @@
 //! `ztna-bench`: measures every path of [`paths::PATHS`] (raw veth, WireGuard implementations,
-//! ztna) on the namespace topology of `deploy/netns/topo.sh`, then the relay-scale simulation,
-//! and writes JSON and markdown under `--out` (and the PNG chart, through `bench/chart.py`,
+//! ztna) on the namespace topology of `deploy/netns/topo.sh`, then the relay-scale simulation
+//! and the relay-fleet simulation (three relays), and writes JSON and markdown under `--out` (and the PNG chart, through `bench/chart.py`,
 //! when `bench/run.sh` runs it). Needs root; `bench/run.sh` builds and installs what it needs.
 //! See `bench/README.md`.
 
 mod measure;
 mod paths;
 mod profiles;
+mod relay_fleet;
 mod relay_forward;
 mod relay_scale;
 mod report;
@@ -21,7 +22,8 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "ztna-bench")]
 struct Args {
-    /// One short iteration of every path and a small relay-scale run (what CI runs).
+    /// One short iteration of every path, a small relay-scale run and a small relay fleet (what
+    /// CI runs).
     #[arg(long)]
     smoke: bool,
     /// Runs of every path (default 3; 1 with --smoke).
@@ -33,7 +35,8 @@ struct Args {
     /// Only these paths (comma-separated names).
     #[arg(long, value_delimiter = ',')]
     paths: Vec<String>,
-    /// Agent counts of the relay-scale benchmark (default 100,1000,5000; 50 with --smoke).
+    /// Agent counts of the relay-scale benchmark (default 100,1000,5000; 50 with --smoke) and
+    /// of the relay-fleet benchmark (default 1000; 30 with --smoke).
     #[arg(long, value_delimiter = ',')]
     agents: Vec<usize>,
     /// Skip the path benchmark.
@@ -45,6 +48,14 @@ struct Args {
     /// Skip relay forwarding on a veth per `xdp` mode (off, generic, native).
     #[arg(long)]
     no_relay_forward: bool,
+    /// Skip the relay-fleet benchmark (three relays; every agent with a session with each).
+    #[arg(long)]
+    no_fleet: bool,
+    /// How the fleet's agents pick the relay of their channel: `nearest` (as the agent does:
+    /// the first relay to answer unless another is clearly nearer), `round-robin`; several
+    /// comma-separated run one after the other (default nearest).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    fleet_spread: Vec<relay_fleet::Spread>,
     /// Instead of the usual tests: single-stream TCP (CUBIC and BBR senders) through each
     /// tunnel under impaired path conditions (`bench/src/profiles.rs`); `--paths` picks the
     /// tunnels (default boringtun,wireguard-go,ztna-relay), `--secs` the seconds per cell
@@ -174,6 +185,32 @@ fn main() -> Result<()> {
         Some(relay_scale::run(&plan, dir.path())?)
     };
 
+    let relay_fleet = if args.no_fleet {
+        None
+    } else {
+        let plan = relay_fleet::FleetPlan {
+            agents: if !args.agents.is_empty() {
+                args.agents.clone()
+            } else if smoke {
+                vec![30]
+            } else {
+                vec![1000]
+            },
+            spread: if args.fleet_spread.is_empty() {
+                vec![relay_fleet::Spread::Nearest]
+            } else {
+                args.fleet_spread.clone()
+            },
+            steady_secs: if smoke { 1 } else { 5 },
+            quiet_max_wait_s: plan.quiet_max_wait_s,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("ztna-bench-fleet-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        Some(relay_fleet::run(&plan, dir.path())?)
+    };
+
     let report = report::Report {
         started_utc,
         finished_utc: report::now_utc(),
@@ -194,6 +231,7 @@ fn main() -> Result<()> {
         ratios,
         relay_scale,
         relay_forward,
+        relay_fleet,
     };
     let file = report.write(&args.out)?;
     println!("{}", report.markdown());
@@ -210,7 +248,11 @@ fn main() -> Result<()> {
         + report
             .relay_forward
             .as_ref()
-            .map_or(0, |r| r.modes.iter().filter(|m| m.error.is_some()).count());
+            .map_or(0, |r| r.modes.iter().filter(|m| m.error.is_some()).count())
+        + report
+            .relay_fleet
+            .as_ref()
+            .map_or(0, |r| r.runs.iter().filter(|r| r.error.is_some()).count());
     if failed > 0 {
         bail!("{failed} run(s) failed; see the report");
     }

@@ -38,11 +38,11 @@ use ztna_proto::{ChannelId, PortRange, ServiceDef, ALPN_RELAY};
 const GSO_BATCH: usize = 8;
 
 /// Handshakes in flight at once while the agents connect.
-const CONNECT_CONCURRENCY: usize = 100;
+pub(crate) const CONNECT_CONCURRENCY: usize = 100;
 /// Payload of every datagram (an inner packet's worth).
-const PAYLOAD: usize = 1200;
+pub(crate) const PAYLOAD: usize = 1200;
 /// Longest a single handshake, hello/welcome or channel opening may take.
-const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What to run.
 #[derive(Debug, Clone, Serialize)]
@@ -172,6 +172,11 @@ pub(crate) struct Handshakes {
 impl Handshakes {
     fn read(metrics: SocketAddr, relay_pid: u32, rcvbuf_before: u64) -> Self {
         let m = scrape(metrics).unwrap_or_default();
+        Self::from_metrics(&m, rcvbuf_errors(relay_pid).saturating_sub(rcvbuf_before))
+    }
+
+    /// The counters in the relay's metrics `m`, with `udp_rcvbuf_errors` as given.
+    pub(crate) fn from_metrics(m: &ztna_e2e::Metrics, udp_rcvbuf_errors: u64) -> Self {
         let v = |name: &str| m.value(&format!("ztna_relay_{name}_total")) as u64;
         Self {
             sessions: v("sessions"),
@@ -181,7 +186,7 @@ impl Handshakes {
             timed_out: v("handshakes_timed_out"),
             rejected: v("sessions_rejected"),
             active: m.value("ztna_relay_handshakes_active") as u64,
-            udp_rcvbuf_errors: rcvbuf_errors(relay_pid).saturating_sub(rcvbuf_before),
+            udp_rcvbuf_errors,
         }
     }
 }
@@ -345,7 +350,7 @@ fn marks(relay_pid: u32, metrics: SocketAddr, connector: &TapSocket, not: Option
 
 /// UDP receive-buffer errors in the simulator's namespace (this thread's) and, when it is
 /// elsewhere, the relay's.
-fn rcvbuf_errors(relay_pid: u32) -> u64 {
+pub(crate) fn rcvbuf_errors(relay_pid: u32) -> u64 {
     let mut n = udp_rcvbuf_errors("/proc/thread-self/net/snmp");
     let relay_snmp = format!("/proc/{relay_pid}/net/snmp");
     if !same_netns(&relay_snmp) {
@@ -412,7 +417,7 @@ impl Marks {
 }
 
 /// The relay's metrics, fetched with a plain HTTP/1.0 GET on loopback.
-fn scrape(addr: SocketAddr) -> Result<ztna_e2e::Metrics> {
+pub(crate) fn scrape(addr: SocketAddr) -> Result<ztna_e2e::Metrics> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -439,10 +444,58 @@ fn udp_rcvbuf_errors(snmp: &str) -> u64 {
 }
 
 /// The PKI of the simulation: CA, relay, connector and agent certificates as PEM.
-struct Pki {
-    ca_pem: String,
-    connector: (String, String),
-    agents: Vec<(String, String)>,
+pub(crate) struct Pki {
+    pub(crate) ca_pem: String,
+    pub(crate) connector: (String, String),
+    /// `agent0`, `agent1`, ... in group `eng`.
+    pub(crate) agents: Vec<(String, String)>,
+}
+
+impl Pki {
+    /// A CA, the relay's certificate (for 127.0.0.1, name `relay`; every relay of a fleet
+    /// shares it, as in `deploy/k8s`), the connector's (`conn1`) and `agents` agents'. Writes
+    /// the relay's files to `dir` and returns them as `[CA, certificate, key]`.
+    pub(crate) fn mint(agents: usize, dir: &Path) -> Result<(Self, [std::path::PathBuf; 3])> {
+        let ca = CertificateAuthority::generate("ztna bench").context("minting the CA")?;
+        let relay = ca.issue(Role::Relay, "relay", &[], &[Ipv4Addr::LOCALHOST.into()])?;
+        let connector = ca.issue(Role::Connector, "conn1", &[], &[])?;
+        let eng = ["eng".to_owned()];
+        let agents = (0..agents)
+            .map(|i| {
+                ca.issue(Role::Agent, &format!("agent{i}"), &eng, &[])
+                    .map(|c| (c.cert_pem, c.key_pem))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .context("minting agent certificates")?;
+        let write = |name: &str, text: &str| -> Result<std::path::PathBuf> {
+            let p = dir.join(name);
+            std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+            Ok(p)
+        };
+        let files = [
+            write("ca.pem", &ca.cert_pem())?,
+            write("relay.pem", &relay.cert_pem)?,
+            write("relay.key", &relay.key_pem)?,
+        ];
+        let pki = Self {
+            ca_pem: ca.cert_pem(),
+            connector: (connector.cert_pem, connector.key_pem),
+            agents,
+        };
+        Ok((pki, files))
+    }
+}
+
+/// The service the simulated connector offers (the relay's policy names it `bench`).
+pub(crate) fn bench_service() -> ServiceDef {
+    ServiceDef {
+        name: "bench".into(),
+        address: Ipv4Addr::new(10, 100, 0, 9),
+        udp: vec![PortRange::single(9)],
+        tcp: vec![],
+        icmp: false,
+        connector: String::new(),
+    }
 }
 
 /// Runs every N of `plan` against a fresh relay each, on loopback; `dir` holds PKI, configs
@@ -456,30 +509,7 @@ pub(crate) fn run(plan: &ScalePlan, dir: &Path) -> Result<RelayScale> {
 pub(crate) fn run_in(plan: &ScalePlan, dir: &Path, at: &Placement) -> Result<RelayScale> {
     let max = plan.agents.iter().copied().max().unwrap_or(0);
     eprintln!("==> relay scale: minting {max} agent certificates");
-    let ca = CertificateAuthority::generate("ztna bench").context("minting the CA")?;
-    let relay = ca.issue(Role::Relay, "relay", &[], &[Ipv4Addr::LOCALHOST.into()])?;
-    let connector = ca.issue(Role::Connector, "conn1", &[], &[])?;
-    let eng = ["eng".to_owned()];
-    let agents = (0..max)
-        .map(|i| {
-            ca.issue(Role::Agent, &format!("agent{i}"), &eng, &[])
-                .map(|c| (c.cert_pem, c.key_pem))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .context("minting agent certificates")?;
-    let write = |name: &str, text: &str| -> Result<std::path::PathBuf> {
-        let p = dir.join(name);
-        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
-        Ok(p)
-    };
-    let ca_path = write("ca.pem", &ca.cert_pem())?;
-    let relay_cert = write("relay.pem", &relay.cert_pem)?;
-    let relay_key = write("relay.key", &relay.key_pem)?;
-    let pki = Pki {
-        ca_pem: ca.cert_pem(),
-        connector: (connector.cert_pem, connector.key_pem),
-        agents,
-    };
+    let (pki, relay_files) = Pki::mint(max, dir)?;
     let mut runs = Vec::new();
     for &n in &plan.agents {
         eprintln!("==> relay scale: {n} agents");
@@ -490,38 +520,21 @@ pub(crate) fn run_in(plan: &ScalePlan, dir: &Path, at: &Placement) -> Result<Rel
             (free_udp_port()?, free_tcp_port()?)
         };
         let ip = at.relay_ip;
-        let cfg = RelayConfig {
-            bind: format!("{ip}:{port}"),
-            ca: ca_path.clone(),
-            cert: relay_cert.clone(),
-            key: relay_key.clone(),
-            tunnel_pool: "100.64.0.0/10".into(),
-            metrics: Some(format!("{ip}:{metrics_port}")),
-            keepalive_secs: 5,
-            idle_timeout_secs: 20,
-            access: vec![Access {
-                services: vec!["bench".into()],
-                groups: vec!["eng".into()],
-                identities: vec![],
-            }],
-            connectors: vec![ConnectorGrant {
-                identity: "conn1".into(),
-                services: vec!["bench".into()],
-            }],
-            services: vec![PolicyService::new("bench", "10.100.0.9")],
-            reserved: vec![],
-            deny_list: None,
-            crls: vec![],
-            reload_poll_secs: None,
-            xdp: at.xdp.clone(),
-        };
-        let cfg_path = write(&format!("relay-{n}.toml"), &cfg.to_toml())?;
+        let cfg = relay_config(
+            SocketAddr::from((ip, port)),
+            SocketAddr::from((ip, metrics_port)),
+            relay_files.clone(),
+            at.xdp.clone(),
+        );
+        let cfg_path = dir.join(format!("relay-{n}.toml"));
+        std::fs::write(&cfg_path, cfg.to_toml())
+            .with_context(|| format!("writing {}", cfg_path.display()))?;
         let log = dir.join(format!("relay-{n}.log"));
         let mut r = ScaleRun {
             agents: n,
             ..ScaleRun::default()
         };
-        let relay = RelayProcess::start(&cfg_path, &log, at.relay_netns.as_deref())?;
+        let relay = RelayProcess::start(&cfg_path, &[], &log, at.relay_netns.as_deref())?;
         let addr = SocketAddr::from((ip, port));
         let result = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -561,14 +574,50 @@ pub(crate) fn run_in(plan: &ScalePlan, dir: &Path, at: &Placement) -> Result<Rel
     })
 }
 
+/// The relay's configuration in the bench: its socket and metrics endpoint, its PKI files
+/// (CA, certificate, key), one service `bench` that group `eng` may reach through connector
+/// `conn1`, the tunnel pool of the deployment examples.
+pub(crate) fn relay_config(
+    bind: SocketAddr,
+    metrics: SocketAddr,
+    [ca, cert, key]: [std::path::PathBuf; 3],
+    xdp: Option<String>,
+) -> RelayConfig {
+    RelayConfig {
+        bind: bind.to_string(),
+        ca,
+        cert,
+        key,
+        tunnel_pool: "100.64.0.0/10".into(),
+        metrics: Some(metrics.to_string()),
+        keepalive_secs: 5,
+        idle_timeout_secs: 20,
+        access: vec![Access {
+            services: vec!["bench".into()],
+            groups: vec!["eng".into()],
+            identities: vec![],
+        }],
+        connectors: vec![ConnectorGrant {
+            identity: "conn1".into(),
+            services: vec!["bench".into()],
+        }],
+        services: vec![PolicyService::new("bench", "10.100.0.9")],
+        reserved: vec![],
+        deny_list: None,
+        crls: vec![],
+        reload_poll_secs: None,
+        xdp,
+    }
+}
+
 /// A free TCP port on loopback (bound and released; the relay binds it right after).
-fn free_tcp_port() -> Result<u16> {
+pub(crate) fn free_tcp_port() -> Result<u16> {
     let s = std::net::TcpListener::bind("127.0.0.1:0").context("binding a probe socket")?;
     Ok(s.local_addr()?.port())
 }
 
 /// A free UDP port on loopback (bound and released; the relay binds it right after).
-fn free_udp_port() -> Result<u16> {
+pub(crate) fn free_udp_port() -> Result<u16> {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").context("binding a probe socket")?;
     Ok(s.local_addr()?.port())
 }
@@ -583,15 +632,22 @@ impl Drop for AbortOnDrop {
 }
 
 /// The relay child process, killed and reaped on drop.
-struct RelayProcess {
+pub(crate) struct RelayProcess {
     child: Child,
-    pid: u32,
+    pub(crate) pid: u32,
 }
 
 impl RelayProcess {
-    /// Starts the relay with config `cfg`, logging to `log`, in network namespace `netns`
-    /// (`ip netns exec`, which execs the relay: the child's PID is the relay's).
-    fn start(cfg: &Path, log: &Path, netns: Option<&str>) -> Result<Self> {
+    /// Starts the relay with config `cfg` and the command-line flags `flags` (`--bind`,
+    /// `--metrics`: several relays can share one config file), logging to `log`, in network
+    /// namespace `netns` (`ip netns exec`, which execs the relay: the child's PID is the
+    /// relay's).
+    pub(crate) fn start(
+        cfg: &Path,
+        flags: &[String],
+        log: &Path,
+        netns: Option<&str>,
+    ) -> Result<Self> {
         let out =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
@@ -604,7 +660,7 @@ impl RelayProcess {
             }
             None => Command::new(relay),
         };
-        cmd.arg("--config").arg(cfg);
+        cmd.arg("--config").arg(cfg).args(flags);
         for (k, _) in std::env::vars_os() {
             if k.to_str()
                 .is_some_and(|k| k.starts_with("ZTNA_") || k == "RUST_LOG")
@@ -632,14 +688,14 @@ impl Drop for RelayProcess {
 }
 
 /// A simulated client's session: connection and control stream.
-struct Session {
-    conn: quinn::Connection,
+pub(crate) struct Session {
+    pub(crate) conn: quinn::Connection,
     writer: ControlWriter,
     reader: ControlReader,
-    welcome: Welcome,
+    pub(crate) welcome: Welcome,
 }
 
-async fn connect(
+pub(crate) async fn connect(
     endpoint: &quinn::Endpoint,
     relay: SocketAddr,
     (cert, key): &(String, String),
@@ -674,7 +730,7 @@ async fn connect(
     })
 }
 
-fn hello(role: Role, services: Vec<ServiceDef>) -> Hello {
+pub(crate) fn hello(role: Role, services: Vec<ServiceDef>) -> Hello {
     Hello {
         role,
         services,
@@ -684,7 +740,7 @@ fn hello(role: Role, services: Vec<ServiceDef>) -> Hello {
 }
 
 /// The simulated connector: accepts every incoming channel (its socket counts the channel data).
-async fn run_connector(mut s: Session) {
+pub(crate) async fn run_connector(mut s: Session) {
     while let Ok(Some(msg)) = s.reader.next().await {
         if let ControlMessage::IncomingChannel { channel_id, .. } = msg {
             if s.writer
@@ -699,7 +755,7 @@ async fn run_connector(mut s: Session) {
 }
 
 /// Opens a channel to `conn1` and returns its id.
-async fn open_channel(s: &mut Session) -> Result<ChannelId> {
+pub(crate) async fn open_channel(s: &mut Session) -> Result<ChannelId> {
     s.writer
         .send(&ControlMessage::OpenChannel {
             request_id: 1,
@@ -755,14 +811,7 @@ async fn simulate(
     let conn_endpoint = conn_tap
         .endpoint(quinn::EndpointConfig::default())
         .context("binding the connector's endpoint")?;
-    let service = ServiceDef {
-        name: "bench".into(),
-        address: Ipv4Addr::new(10, 100, 0, 9),
-        udp: vec![PortRange::single(9)],
-        tcp: vec![],
-        icmp: false,
-        connector: String::new(),
-    };
+    let service = bench_service();
     // The relay may still be starting: retry the connector for a few seconds.
     let start = Instant::now();
     let connector = loop {

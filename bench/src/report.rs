@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::measure::Iperf;
 use crate::paths::REFERENCE;
+use crate::relay_fleet::RelayFleet;
 use crate::relay_forward::RelayForward;
 use crate::relay_scale::RelayScale;
 use crate::runner::{Plan, Run};
@@ -274,6 +275,8 @@ pub(crate) struct Report {
     pub(crate) relay_scale: Option<RelayScale>,
     /// Relay forwarding on a veth per `xdp` mode.
     pub(crate) relay_forward: Option<RelayForward>,
+    /// Three relays, every agent with a session with each.
+    pub(crate) relay_fleet: Option<RelayFleet>,
 }
 
 /// The current UTC time as `2026-11-22T06:40:00Z`.
@@ -490,6 +493,9 @@ impl Report {
         }
         if let Some(rf) = &self.relay_forward {
             let _ = writeln!(s, "\n{}", rf.markdown());
+        }
+        if let Some(fl) = &self.relay_fleet {
+            let _ = writeln!(s, "\n{}", fl.markdown());
         }
         s
     }
