@@ -736,6 +736,7 @@ pub(crate) fn hello(role: Role, services: Vec<ServiceDef>) -> Hello {
         services,
         want: vec![],
         software: "ztna-bench relay-scale".into(),
+        tunnel_ip: None,
     }
 }
 

@@ -399,6 +399,7 @@ impl Tunnel {
             services: self.services.clone(),
             want: vec![],
             software: format!("ztna-connector/{}", env!("CARGO_PKG_VERSION")),
+            tunnel_ip: None,
         };
         loop {
             match self.node.connect_relay(&target, hello.clone()).await {

@@ -873,6 +873,12 @@ impl Driver {
                         services: vec![],
                         want: self.sh.cfg.want.clone(),
                         software: software(),
+                        // The address the fleet gave this agent so far: the relay keeps it if
+                        // it can, so that connections survive a move between relays.
+                        tunnel_ip: match self.sh.tunnel_ip.load(Ordering::Relaxed) {
+                            0 => None,
+                            ip => Some(Ipv4Addr::from(ip)),
+                        },
                     };
                     let ev_tx = self.ev_tx.clone();
                     lock(&self.sh.info)

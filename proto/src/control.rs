@@ -263,6 +263,10 @@ pub struct Hello {
     pub want: Vec<String>,
     /// Free-form software name and version, for logs.
     pub software: String,
+    /// An agent's tunnel IP from its previous session with any relay of the fleet: the relay
+    /// gives it that address again if it is in the pool and free there, so that the agent keeps
+    /// its address (and its connections) when it moves between relays. `None` otherwise.
+    pub tunnel_ip: Option<Ipv4Addr>,
 }
 
 /// The relay's answer to a successful [`Hello`].

@@ -157,6 +157,7 @@ mod tests {
                 services: vec![svc.clone()],
                 want: vec![],
                 software: "ztna 0.1".into(),
+                tunnel_ip: None,
             }),
             ControlMessage::Welcome(Welcome {
                 identity: "alice".into(),

@@ -199,7 +199,7 @@ impl Registry {
 
 /// Assigns tunnel IPs from a pool, stable per identity: an identity starts probing at a hash of
 /// its name, so it gets the same address across relay restarts unless another identity took it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Pool {
     net: Ipv4Net,
     by_identity: HashMap<String, Ipv4Addr>,
@@ -226,6 +226,43 @@ impl Pool {
     fn host_count(&self) -> u64 {
         let size = 1u64 << (32 - u32::from(self.net.prefix_len()));
         size.saturating_sub(2).max(1)
+    }
+
+    /// The address of `identity`: the one it has on this relay; else `preferred` (the address
+    /// another relay of the fleet gave it, which the agent names in its hello) if that is a
+    /// host address of the pool that nobody here holds; else one assigned as by
+    /// [`Pool::assign`]. Relays assign independently and first come, first served, so two
+    /// identities whose hash starts collide can get each other's address on relays that saw
+    /// them in another order; honouring the agent's current address keeps it across a failover
+    /// in all but the rare case that another identity holds it on the new relay.
+    pub fn assign_preferring(
+        &mut self,
+        identity: &str,
+        preferred: Option<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
+        if let Some(ip) = self.by_identity.get(identity) {
+            return Some(*ip);
+        }
+        if let Some(ip) = preferred.filter(|ip| self.is_host(*ip) && !self.taken.contains(ip)) {
+            self.taken.insert(ip);
+            self.by_identity.insert(identity.to_owned(), ip);
+            return Some(ip);
+        }
+        self.assign(identity)
+    }
+
+    /// Whether `ip` is one of the addresses [`Pool::assign`] may hand out.
+    fn is_host(&self, ip: Ipv4Addr) -> bool {
+        if !self.net.contains(&ip) {
+            return false;
+        }
+        if self.net.prefix_len() >= 31 {
+            return true;
+        }
+        let last = ip.octets()[3];
+        ip != self.net.network()
+            && ip != self.net.broadcast()
+            && !(self.host_count() > 512 && (last == 0 || last == 255))
     }
 
     /// The address of `identity`, assigning one if it has none. `None` when the pool is full.
@@ -417,6 +454,49 @@ mod tests {
         // The same policy again changes nothing.
         assert!(r.reapply(&p3).is_empty());
         assert_eq!(r.services_len(), 1);
+    }
+
+    /// Two identities whose hash starts collide get each other's address on relays that saw
+    /// them in another order, unless the agent names its address from the other relay.
+    #[test]
+    fn a_preferred_address_keeps_an_agent_on_its_address_across_relays() {
+        let net: Ipv4Net = "100.64.0.0/10".parse().unwrap();
+        // Find two identities that start at the same address.
+        let start = |n: &str| fnv1a(n) % Pool::new(net).host_count();
+        let mut seen = HashMap::new();
+        let (a, b) = (0..100_000)
+            .map(|i| format!("agent{i}"))
+            .find_map(|n| {
+                let s = start(&n);
+                seen.insert(s, n.clone()).map(|other| (other, n))
+            })
+            .expect("a collision among 100,000 names in a /10");
+        let (mut r1, mut r2) = (Pool::new(net), Pool::new(net));
+        let a1 = r1.assign(&a).unwrap();
+        let b1 = r1.assign(&b).unwrap();
+        // The other relay sees b first: without a preference they swap.
+        assert_eq!(r2.clone().assign(&b), Some(a1));
+        let b2 = r2.assign_preferring(&b, Some(b1)).unwrap();
+        let a2 = r2.assign_preferring(&a, Some(a1)).unwrap();
+        assert_eq!((a2, b2), (a1, b1));
+        // A preference outside the pool, on a network address, or held by another identity is
+        // not honoured.
+        let mut r3 = Pool::new(net);
+        assert_ne!(
+            r3.assign_preferring("x", Some(Ipv4Addr::new(10, 0, 0, 1))),
+            Some(Ipv4Addr::new(10, 0, 0, 1))
+        );
+        assert_ne!(
+            r3.assign_preferring("y", Some(Ipv4Addr::new(100, 64, 0, 0))),
+            Some(Ipv4Addr::new(100, 64, 0, 0))
+        );
+        let x = r3.assign("x").unwrap();
+        assert_ne!(r3.assign_preferring("z", Some(x)), Some(x));
+        assert_eq!(
+            r3.assign_preferring("x", Some(Ipv4Addr::new(100, 64, 9, 9))),
+            Some(x),
+            "an identity keeps what it has here"
+        );
     }
 
     #[test]

@@ -449,10 +449,13 @@ impl Relay {
         let policy = st.policy.clone();
         let (tunnel_ip, services, rejected) = match peer.role {
             Role::Agent => {
-                let ip = st.pool.assign(&peer.name).ok_or((
-                    ErrorCode::PoolExhausted,
-                    "no tunnel address left in the pool".into(),
-                ))?;
+                let ip = st
+                    .pool
+                    .assign_preferring(&peer.name, hello.tunnel_ip)
+                    .ok_or((
+                        ErrorCode::PoolExhausted,
+                        "no tunnel address left in the pool".into(),
+                    ))?;
                 let catalog =
                     fit_catalog(st.registry.catalog_for(peer, &hello.want, &policy), peer);
                 let mut denied = policy.denied_wants(peer, &hello.want);

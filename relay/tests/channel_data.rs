@@ -67,6 +67,7 @@ fn hello(role: Role, services: Vec<ServiceDef>) -> Hello {
         services,
         want: vec![],
         software: "x".into(),
+        tunnel_ip: None,
     }
 }
 

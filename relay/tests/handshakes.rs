@@ -73,6 +73,7 @@ async fn handshake_ms(node: &Node, target: &RelayTarget) -> u128 {
         services: vec![],
         want: vec![],
         software: "test".into(),
+        tunnel_ip: None,
     };
     let t = tokio::time::Instant::now();
     let s = node
@@ -225,6 +226,7 @@ fn a_restarted_relay_resets_its_old_connections() {
             services: vec![],
             want: vec![],
             software: "test".into(),
+            tunnel_ip: None,
         };
         node.connect_relay(&target, hello).await.unwrap()
     });

@@ -118,6 +118,7 @@ impl World {
             services: vec![],
             want: want.iter().map(|s| s.to_string()).collect(),
             software: "test".into(),
+            tunnel_ip: None,
         };
         let s = node.connect_relay(&self.target, hello).await.unwrap();
         std::mem::forget(node); // keep the endpoint alive with the session
@@ -245,6 +246,7 @@ async fn registration_policy_channels_and_forwarding() {
         services: vec![svc("echo", 1), svc("secret", 3)],
         want: vec![],
         software: "test".into(),
+        tunnel_ip: None,
     };
     let mut conn1 = cnode.connect_relay(&w.target, hello).await.unwrap();
     let cw = conn1.welcome().clone();
@@ -464,6 +466,7 @@ async fn hostile_control_messages_close_only_that_session() {
         services: vec![svc("echo", 1)],
         want: vec![],
         software: "x".into(),
+        tunnel_ip: None,
     });
     s4.write_all(&ztna_proto::frame::encode(&hello).unwrap())
         .await
@@ -480,6 +483,7 @@ async fn hostile_control_messages_close_only_that_session() {
         services: vec![],
         want: vec![],
         software: "x".into(),
+        tunnel_ip: None,
     });
     s5.write_all(&ztna_proto::frame::encode(&hello).unwrap())
         .await
@@ -555,6 +559,7 @@ async fn other_ca_and_wrong_roles_are_refused() {
         services: vec![],
         want: vec![],
         software: "x".into(),
+        tunnel_ip: None,
     };
     let err = node
         .connect_relay(&w.target, hello.clone())
@@ -590,6 +595,7 @@ async fn other_ca_and_wrong_roles_are_refused() {
         services: vec![svc("echo", 1)],
         want: vec![],
         software: "x".into(),
+        tunnel_ip: None,
     };
     let s = c.connect_relay(&w.target, h).await.unwrap();
     assert!(s.welcome().services.is_empty());
@@ -620,6 +626,7 @@ fn conn_hello(services: Vec<ServiceDef>) -> Hello {
         services,
         want: vec![],
         software: "test".into(),
+        tunnel_ip: None,
     }
 }
 
@@ -642,6 +649,7 @@ async fn agent_in(w: &World, name: &str, groups: &[&str]) -> RelaySession {
         services: vec![],
         want: vec![],
         software: "test".into(),
+        tunnel_ip: None,
     };
     let s = node.connect_relay(&w.target, hello).await.unwrap();
     std::mem::forget(node);
@@ -1201,6 +1209,7 @@ async fn open_close_flood_does_not_disconnect_the_connector() {
         services: vec![svc("echo", 1)],
         want: vec![],
         software: "test".into(),
+        tunnel_ip: None,
     };
     let mut conn1 = cnode.connect_relay(&w.target, hello).await.unwrap();
     #[derive(Default)]
@@ -1269,6 +1278,7 @@ async fn open_close_flood_does_not_disconnect_the_connector() {
         services: vec![],
         want: vec![],
         software: "x".into(),
+        tunnel_ip: None,
     }))
     .unwrap();
     for i in 0..2000u32 {

@@ -98,6 +98,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
         }],
         want: vec![],
         software: "ztna-test-spoofing-connector".into(),
+        tunnel_ip: None,
     };
     let target = RelayTarget {
         addr: a.relay,

@@ -55,6 +55,7 @@ async fn run(
         services: vec![],
         want: vec![],
         software: "ztna-test-two-tunnels".into(),
+        tunnel_ip: None,
     };
     let target = RelayTarget {
         addr: relay,
