@@ -275,7 +275,7 @@ impl ConnectorConfig {
             !self.relay_name.is_empty(),
             "`relay_name` is empty: give the DNS name in the relays' certificate"
         );
-        ztna_core::agent_config::relay_list(self.relay.clone(), self.relays.clone(), self.bind)
+        ztna_core::fleet::relay_list(self.relay.clone(), self.relays.clone(), self.bind)
     }
 
     /// The deny list and CRLs.

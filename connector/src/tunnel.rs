@@ -337,52 +337,33 @@ impl Tunnel {
             me.channels.clone(),
             me.metrics.clone(),
         )));
-        let names = me.relays.iter().any(|r| r.literal().is_none());
-        let v4 = me.node.mux().is_v4();
+        let mut resolver =
+            ztna_core::fleet::Resolver::new(me.relays.clone(), me.node.mux().is_v4());
         let mut loops: HashMap<SocketAddr, AbortOnDrop<()>> = HashMap::new();
-        let mut last_errors = Vec::new();
         loop {
-            let (addrs, errors) = ztna_core::fleet::resolve(&me.relays, v4).await;
-            if errors != last_errors {
-                for e in &errors {
-                    tracing::warn!(error = %e, "a relay name did not resolve");
-                }
-                last_errors = errors;
+            let addrs = resolver.next().await;
+            let gone: Vec<SocketAddr> = loops
+                .keys()
+                .filter(|a| !addrs.contains(a))
+                .copied()
+                .collect();
+            for relay in gone {
+                tracing::info!(%relay, "relay no longer listed; leaving it");
+                loops.remove(&relay);
+                me.drop_channels_of(relay, "relay left the list");
             }
-            if !addrs.is_empty() {
-                let gone: Vec<SocketAddr> = loops
-                    .keys()
-                    .filter(|a| !addrs.contains(a))
-                    .copied()
-                    .collect();
-                for relay in gone {
-                    tracing::info!(%relay, "relay no longer listed; leaving it");
-                    loops.remove(&relay);
-                    me.drop_channels_of(relay, "relay left the list");
+            for relay in &addrs {
+                if !loops.contains_key(relay) {
+                    tracing::info!(%relay, "relay listed; connecting");
+                    loops.insert(
+                        *relay,
+                        AbortOnDrop(tokio::spawn(me.clone().relay_loop(*relay))),
+                    );
                 }
-                for relay in &addrs {
-                    if !loops.contains_key(relay) {
-                        tracing::info!(%relay, "relay listed; connecting");
-                        loops.insert(
-                            *relay,
-                            AbortOnDrop(tokio::spawn(me.clone().relay_loop(*relay))),
-                        );
-                    }
-                }
-                me.metrics
-                    .relays_known
-                    .store(loops.len() as u64, Ordering::Relaxed);
             }
-            if !names {
-                // Addresses only: the list never changes.
-                std::future::pending::<()>().await;
-            }
-            tokio::time::sleep(if addrs.is_empty() {
-                ztna_core::fleet::RESOLVE_RETRY
-            } else {
-                ztna_core::fleet::RESOLVE_INTERVAL
-            })
-            .await;
+            me.metrics
+                .relays_known
+                .store(loops.len() as u64, Ordering::Relaxed);
         }
     }
 

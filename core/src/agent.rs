@@ -423,22 +423,29 @@ impl Agent {
         });
         let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
         let mut machine = AgentMachine::new(machine_cfg, jitter_seed());
-        let specs = shared.cfg.relays.clone();
-        let literals: Vec<RelayAddr> = specs.iter().filter_map(RelaySpec::literal).collect();
-        let resolver = if literals.len() == specs.len() {
+        let mut resolver =
+            crate::fleet::Resolver::new(shared.cfg.relays.clone(), shared.cfg.bind.is_ipv4());
+        let resolver = match resolver.literals() {
             // Addresses only: nothing to resolve, ever.
-            lock(&shared.info).relays = literals
-                .iter()
-                .map(|a| (*a, RelayInfo::default()))
-                .collect();
-            machine.handle(Instant::now(), Input::Relays(literals));
-            None
-        } else {
-            Some(crate::daemon::AbortOnDrop(tokio::spawn(resolve_relays(
-                specs,
-                shared.cfg.bind.is_ipv4(),
-                ev_tx.clone(),
-            ))))
+            Some(literals) => {
+                lock(&shared.info).relays = literals
+                    .iter()
+                    .map(|a| (*a, RelayInfo::default()))
+                    .collect();
+                machine.handle(Instant::now(), Input::Relays(literals));
+                None
+            }
+            None => {
+                let ev_tx = ev_tx.clone();
+                Some(crate::daemon::AbortOnDrop(tokio::spawn(async move {
+                    loop {
+                        let addrs = resolver.next().await;
+                        if ev_tx.send(Event::Resolved(addrs)).await.is_err() {
+                            return;
+                        }
+                    }
+                })))
+            }
         };
         let driver = Driver {
             sh: shared.clone(),
@@ -750,31 +757,6 @@ async fn sleep_until(at: Option<Instant>) {
 
 fn software() -> String {
     format!("ztna-agent/{}", env!("CARGO_PKG_VERSION"))
-}
-
-/// Resolves the relay names now and every [`crate::fleet::RESOLVE_INTERVAL`] (every
-/// [`crate::fleet::RESOLVE_RETRY`] while nothing resolves), and reports each non-empty result.
-async fn resolve_relays(specs: Vec<RelaySpec>, v4: bool, ev_tx: mpsc::Sender<Event>) {
-    let mut last_errors = Vec::new();
-    loop {
-        let (addrs, errors) = crate::fleet::resolve(&specs, v4).await;
-        if errors != last_errors {
-            for e in &errors {
-                tracing::warn!(error = %e, "a relay name did not resolve");
-            }
-            last_errors = errors;
-        }
-        let empty = addrs.is_empty();
-        if !empty && ev_tx.send(Event::Resolved(addrs)).await.is_err() {
-            return;
-        }
-        tokio::time::sleep(if empty {
-            crate::fleet::RESOLVE_RETRY
-        } else {
-            crate::fleet::RESOLVE_INTERVAL
-        })
-        .await;
-    }
 }
 
 impl Driver {

@@ -162,7 +162,7 @@ pub struct AgentSettings {
 impl AgentFile {
     /// Checks every key; the error names the key and what is wrong with it.
     pub fn validate(self) -> anyhow::Result<AgentSettings> {
-        let relays = relay_list(self.relay, self.relays, self.bind)?;
+        let relays = crate::fleet::relay_list(self.relay, self.relays, self.bind)?;
         if self.relay_name.is_empty() {
             bail!("`relay_name` is empty: give the DNS name in the relay's certificate");
         }
@@ -212,35 +212,6 @@ impl AgentFile {
             route_table: self.route_table,
         })
     }
-}
-
-/// The relay list from `relay` (one) or `relays` (several), checked against the socket's
-/// address family. Shared by the agents and the connector.
-pub fn relay_list(
-    relay: Option<String>,
-    relays: Option<Vec<String>>,
-    bind: SocketAddr,
-) -> anyhow::Result<Vec<RelaySpec>> {
-    let entries = match (relay, relays) {
-        (Some(_), Some(_)) => bail!("give either `relay` (one relay) or `relays` (a list), not both"),
-        (Some(one), None) => vec![one],
-        (None, Some(list)) => list,
-        (None, None) => bail!(
-            "missing `relays`: the relays' UDP addresses or DNS names with ports, e.g. relays = [\"203.0.113.10:4433\"] (or --relay, ZTNA_RELAYS)"
-        ),
-    };
-    let specs = crate::fleet::parse_list(&entries).map_err(|e| anyhow::anyhow!("`relays`: {e}"))?;
-    for s in &specs {
-        if let Some(a) = s.literal() {
-            if a.is_ipv4() != bind.is_ipv4() {
-                bail!("`bind` = {bind} and relay {a} are in different address families");
-            }
-        }
-    }
-    if specs.len() > crate::fleet::MAX_RELAYS {
-        bail!("`relays`: at most {} entries", crate::fleet::MAX_RELAYS);
-    }
-    Ok(specs)
 }
 
 /// Checks an interface name: 1 to 15 bytes, no '/', ':' or whitespace, not "." or "..".

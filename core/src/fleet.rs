@@ -152,6 +152,94 @@ pub async fn resolve(specs: &[RelaySpec], v4: bool) -> (Vec<SocketAddr>, Vec<Str
     (out, errors)
 }
 
+/// The relay list as it resolves over time, for the agents and the connector alike.
+#[derive(Debug)]
+pub struct Resolver {
+    specs: Vec<RelaySpec>,
+    v4: bool,
+    /// Waited before the next lookup (none before the first).
+    wait: Option<Duration>,
+    last_errors: Vec<String>,
+    /// A list of addresses only was returned once: nothing can change.
+    done: bool,
+}
+
+impl Resolver {
+    /// A resolver of `specs` to addresses of `v4`'s family (the socket's).
+    pub fn new(specs: Vec<RelaySpec>, v4: bool) -> Self {
+        Self {
+            specs,
+            v4,
+            wait: None,
+            last_errors: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// The addresses when every entry is one (nothing to resolve), else `None`.
+    pub fn literals(&self) -> Option<Vec<SocketAddr>> {
+        self.specs.iter().map(RelaySpec::literal).collect()
+    }
+
+    /// The relay addresses: at once on the first call, then each non-empty answer of a lookup
+    /// every [`RESOLVE_INTERVAL`] (every [`RESOLVE_RETRY`] while nothing resolves). A failed
+    /// name is logged when the set of failures changes. For a list of addresses only, the
+    /// first answer is the last: later calls never return.
+    pub async fn next(&mut self) -> Vec<SocketAddr> {
+        loop {
+            if self.done {
+                return std::future::pending().await;
+            }
+            if let Some(d) = self.wait.take() {
+                tokio::time::sleep(d).await;
+            }
+            let (addrs, errors) = resolve(&self.specs, self.v4).await;
+            if errors != self.last_errors {
+                for e in &errors {
+                    tracing::warn!(error = %e, "a relay name did not resolve");
+                }
+                self.last_errors = errors;
+            }
+            if addrs.is_empty() {
+                self.wait = Some(RESOLVE_RETRY);
+                continue;
+            }
+            self.wait = Some(RESOLVE_INTERVAL);
+            self.done = self.literals().is_some();
+            return addrs;
+        }
+    }
+}
+
+/// The relay list from `relay` (one) or `relays` (several), checked against the socket's
+/// address `bind` (its family). The config keys of the agents and the connector.
+pub fn relay_list(
+    relay: Option<String>,
+    relays: Option<Vec<String>>,
+    bind: SocketAddr,
+) -> anyhow::Result<Vec<RelaySpec>> {
+    let entries = match (relay, relays) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("give either `relay` (one relay) or `relays` (a list), not both")
+        }
+        (Some(one), None) => vec![one],
+        (None, Some(list)) => list,
+        (None, None) => anyhow::bail!(
+            "missing `relays`: the relays' UDP addresses or DNS names with ports, e.g. relays = [\"203.0.113.10:4433\"] (or --relay, ZTNA_RELAYS)"
+        ),
+    };
+    let specs = parse_list(&entries).map_err(|e| anyhow::anyhow!("`relays`: {e}"))?;
+    for a in specs.iter().filter_map(RelaySpec::literal) {
+        if a.is_ipv4() != bind.is_ipv4() {
+            anyhow::bail!("`bind` = {bind} and relay {a} are in different address families");
+        }
+    }
+    if specs.len() > MAX_RELAYS {
+        anyhow::bail!("`relays`: at most {MAX_RELAYS} entries");
+    }
+    Ok(specs)
+}
+
 /// What [`Liveness::observe`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -320,6 +408,20 @@ mod tests {
         );
         assert!(addrs.iter().all(|a| a.is_ipv4()));
         assert_eq!(errors.len(), 2, "{errors:?}");
+    }
+
+    #[tokio::test]
+    async fn a_resolver_answers_at_once_and_a_list_of_addresses_only_once() {
+        let literal = parse_list(&["192.0.2.2:4433".into()]).unwrap();
+        let mut r = Resolver::new(literal, true);
+        assert_eq!(r.literals(), Some(vec!["192.0.2.2:4433".parse().unwrap()]));
+        assert_eq!(r.next().await, ["192.0.2.2:4433".parse::<SocketAddr>().unwrap()]);
+        let again = tokio::time::timeout(Duration::from_millis(50), r.next()).await;
+        assert!(again.is_err(), "nothing more to say about addresses");
+        let named = parse_list(&["localhost:4434".into()]).unwrap();
+        let mut r = Resolver::new(named, true);
+        assert_eq!(r.literals(), None);
+        assert!(r.next().await.contains(&"127.0.0.1:4434".parse().unwrap()));
     }
 
     const MS: Duration = Duration::from_millis(1);
