@@ -305,13 +305,7 @@ impl Tunnel {
             let status = agent.status();
             // The relay in use first (the extension's tunnelRemoteAddress); every relay of the
             // fleet is excluded from the tunnel.
-            let mut relays: Vec<(bool, std::net::SocketAddr)> = status
-                .relays
-                .iter()
-                .filter_map(|r| Some((!r.in_use, r.addr.parse().ok()?)))
-                .collect();
-            relays.sort();
-            let relays: Vec<std::net::SocketAddr> = relays.into_iter().map(|(_, a)| a).collect();
+            let relays = agent.relay_addresses();
             let peers: Vec<IpAddr> = status
                 .connectors
                 .iter()

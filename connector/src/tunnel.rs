@@ -442,7 +442,7 @@ impl Tunnel {
         let inner_mtu = transport::INNER_MTU;
         match self.node.credentials().server_config(ALPN_TUNNEL) {
             Ok(crypto) => {
-                let mut server = quinn::ServerConfig::with_crypto(crypto);
+                let mut server = quinn::ServerConfig::with_crypto(crypto.clone());
                 server.transport_config(transport::inner(inner_mtu, self.node.timing(), None));
                 // The path under an inner connection is the socket's business (virtual peer
                 // addresses); letting quinn migrate would let a peer move a connection that
@@ -685,6 +685,15 @@ async fn accept_loop(
     direct: Direct,
     direct_opts: DirectOptions,
 ) {
+    // The TLS side is the same for every handshake (the verifier reads the shared deny list
+    // and CRLs); only the transport is per connection.
+    let crypto = match node.credentials().server_config(ALPN_TUNNEL) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "no TLS server configuration; inner handshakes are refused");
+            return;
+        }
+    };
     while let Some(incoming) = node.endpoint().accept().await {
         let remote = incoming.remote_address();
         if !lock(&channels).contains_key(&remote) {
@@ -697,17 +706,9 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         }
-        let crypto = match node.credentials().server_config(ALPN_TUNNEL) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "no TLS server configuration; refusing an inner handshake");
-                incoming.refuse();
-                continue;
-            }
-        };
         // This connection's own transport: its congestion controller follows the path changes
         // of its virtual address (a new relay channel after a failover, a direct path lost).
-        let mut server = quinn::ServerConfig::with_crypto(crypto);
+        let mut server = quinn::ServerConfig::with_crypto(crypto.clone());
         server.transport_config(transport::inner(
             transport::INNER_MTU,
             node.timing(),

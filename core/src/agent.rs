@@ -552,6 +552,15 @@ impl Agent {
         self.shared.refused_tx.subscribe()
     }
 
+    /// The relays of the fleet as resolved now, the one in use first (the Apple extension's
+    /// `tunnelRemoteAddress`; every one is kept out of the tunnel).
+    pub fn relay_addresses(&self) -> Vec<SocketAddr> {
+        let info = lock(&self.shared.info);
+        let mut out: Vec<SocketAddr> = info.primary.into_iter().collect();
+        out.extend(info.relays.keys().filter(|a| Some(**a) != info.primary));
+        out
+    }
+
     /// A status snapshot.
     pub fn status(&self) -> AgentStatus {
         let sh = &self.shared;

@@ -415,7 +415,10 @@ mod tests {
         let literal = parse_list(&["192.0.2.2:4433".into()]).unwrap();
         let mut r = Resolver::new(literal, true);
         assert_eq!(r.literals(), Some(vec!["192.0.2.2:4433".parse().unwrap()]));
-        assert_eq!(r.next().await, ["192.0.2.2:4433".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            r.next().await,
+            ["192.0.2.2:4433".parse::<SocketAddr>().unwrap()]
+        );
         let again = tokio::time::timeout(Duration::from_millis(50), r.next()).await;
         assert!(again.is_err(), "nothing more to say about addresses");
         let named = parse_list(&["localhost:4434".into()]).unwrap();
