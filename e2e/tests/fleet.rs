@@ -1,8 +1,8 @@
 //! Issue #14, a fleet of relays: three relays (one process each, one shared policy file), the
 //! connector attached to all of them, the agent on the nearest (one relay is 50 ms further
-//! away, through the impairment forwarder, and the agent avoids it), and the relay in use
-//! SIGKILLed five times while a 200 MiB download and an iperf3 run go through the tunnel. The
-//! downloads must finish with the right bytes and no TCP connection may be reset; the gap in
+//! away, through the impairment forwarder, and the agent avoids it), and the relay carrying
+//! the agent's channel SIGKILLed five times while a 200 MiB download and an iperf3 run go
+//! through the tunnel. The downloads must finish with the right bytes and no TCP connection may be reset; the gap in
 //! traffic at each kill is measured with a 20 ms ping through the tunnel (median and worst
 //! reported). Each killed relay is started again and the connector must re-attach to it before
 //! the next kill. Once on the relay path, once with the direct path up (where a kill must not
@@ -11,7 +11,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context, Result};
-use ztna_e2e::nginx::{random_file, sha256};
+use ztna_e2e::nginx::{sha256, web_root};
 use ztna_e2e::wait::wait_until_every;
 use ztna_e2e::{addr, helper_bins, run, DaemonId, Node, Signal, Stack, Topology};
 
@@ -71,6 +71,12 @@ fn in_use(s: &Stack<'_>) -> Result<(usize, serde_json::Value)> {
     Ok((index_of(addr).context("unknown relay address")?, relays))
 }
 
+/// The relay conn1's channel runs through now (its index), if it has one.
+fn channel_relay(s: &Stack<'_>) -> Option<usize> {
+    let st = s.status(&s.agent_cfg.status_socket).ok()?;
+    st.connector("conn1")?["relay"].as_str().and_then(index_of)
+}
+
 fn relays_up(s: &Stack<'_>) -> usize {
     s.status(&s.agent_cfg.status_socket)
         .ok()
@@ -80,6 +86,49 @@ fn relays_up(s: &Stack<'_>) -> usize {
                 .map(|a| a.iter().filter(|r| r["state"] == "up").count())
         })
         .unwrap_or(0)
+}
+
+/// Starts relay `i` of [`RELAYS`] (log `relay<i>`), with `env` added.
+fn start_relay(s: &Stack<'_>, i: usize, env: &[(&str, &str)]) -> Result<DaemonId> {
+    let (port, metrics) = RELAYS[i];
+    s.spawn_fleet_relay(&format!("relay{i}"), port, metrics, env)
+}
+
+/// Where the agent reaches relay `i` when it is 50 ms further away.
+fn far_at(i: usize) -> String {
+    relay_at(FAR_PORT + i as u16)
+}
+
+/// The impairment forwarder that puts relay `i` 50 ms further away ([`far_at`]).
+fn start_far_relay(t: &Topology, i: usize) -> Result<DaemonId> {
+    t.spawn(
+        Node::Relay,
+        &format!("impair-relay{i}"),
+        &t.helpers().impair,
+        [
+            "--listen",
+            &far_at(i),
+            "--target",
+            &relay_at(RELAYS[i].0),
+            "--delay-ms",
+            FAR_DELAY_MS,
+            "--exit-after",
+            "900",
+        ],
+    )
+}
+
+/// Whether relay `i` has the connector registered (its own gauge of registered services).
+fn connector_on(s: &Stack<'_>, i: usize) -> bool {
+    s.relay_metrics_at(RELAYS[i].1)
+        .is_ok_and(|m| m.value("ztna_relay_services_registered") >= 1.0)
+}
+
+/// Waits until the agent has a session with every relay.
+fn wait_agent_on_all(s: &Stack<'_>, what: &str, within: Duration) -> Result<Duration> {
+    wait_until_every(what, within, Duration::from_millis(100), || {
+        relays_up(s) == 3
+    })
 }
 
 fn connector_relays(s: &Stack<'_>) -> f64 {
@@ -114,14 +163,12 @@ fn failover(t: &Topology, direct: bool) -> Result<()> {
     s.enable_web();
     let ports: Vec<String> = RELAYS.iter().map(|(p, _)| relay_at(*p)).collect();
     s.conn_cfg.relay = ports.join(",");
-    s.agent_cfg.relay = [relay_at(FAR_PORT), ports[1].clone(), ports[2].clone()].join(",");
+    s.agent_cfg.relay = [far_at(0), ports[1].clone(), ports[2].clone()].join(",");
     if direct {
         s.agent_cfg.direct_paths = None;
     }
-    let root = t.dir().join("www");
-    std::fs::create_dir_all(&root)?;
+    let (root, _) = web_root(t, Some(SIZE))?;
     let file = root.join("big.bin");
-    random_file(&file, SIZE)?;
     let _nginx = ztna_e2e::nginx::start(t, Node::Backend, &format!("{}:80", addr::BACKEND), &root)?;
     let iperf_srv = t.spawn(
         Node::Backend,
@@ -131,25 +178,10 @@ fn failover(t: &Topology, direct: bool) -> Result<()> {
     )?;
     s.start_backends()?;
     t.step("relay 0 is 50 ms further away: the agent reaches it through ztna-test-impair");
-    let far = t.spawn(
-        Node::Relay,
-        "impair-relay0",
-        &t.helpers().impair,
-        [
-            "--listen",
-            &relay_at(FAR_PORT),
-            "--target",
-            &ports[0],
-            "--delay-ms",
-            FAR_DELAY_MS,
-            "--exit-after",
-            "900",
-        ],
-    )?;
-    let mut relays: Vec<DaemonId> = Vec::new();
-    for (i, (port, metrics)) in RELAYS.iter().enumerate() {
-        relays.push(s.spawn_fleet_relay(&format!("relay{i}"), *port, metrics, &[])?);
-    }
+    let far = start_far_relay(t, 0)?;
+    let mut relays = (0..RELAYS.len())
+        .map(|i| start_relay(&s, i, &[]))
+        .collect::<Result<Vec<_>>>()?;
     s.start_connector()?;
     wait_until_every(
         "the connector attached to all three relays",
@@ -160,11 +192,10 @@ fn failover(t: &Topology, direct: bool) -> Result<()> {
     let agent = s.start_agent()?;
     let cfg = s.agent_cfg.clone();
     s.wait_ready(agent, &cfg)?;
-    wait_until_every(
+    wait_agent_on_all(
+        &s,
         "the agent's sessions with all three relays",
         Duration::from_secs(20),
-        Duration::from_millis(100),
-        || relays_up(&s) == 3,
     )?;
     if direct {
         wait_until_every(
@@ -253,10 +284,12 @@ fn failover(t: &Topology, direct: bool) -> Result<()> {
     for k in 0..KILLS {
         t.ensure_running(curl)?;
         t.ensure_running(iperf)?;
-        let (victim, _) = in_use(&s)?;
+        // The relay that carries the channel (usually the one in use, unless a nearer relay
+        // became the primary after the channel was opened).
+        let victim = channel_relay(&s).context("conn1 has no relay channel")?;
         let at = now_secs();
         t.step(&format!(
-            "kill {}: SIGKILL relay {victim}, the one in use",
+            "kill {}: SIGKILL relay {victim}, the one carrying the channel",
             k + 1
         ));
         t.kill(relays[victim])?;
@@ -267,16 +300,15 @@ fn failover(t: &Topology, direct: bool) -> Result<()> {
             "the agent to leave the dead relay",
             Duration::from_secs(15),
             Duration::from_millis(50),
-            || in_use(&s).is_ok_and(|(r, _)| r != victim),
+            || channel_relay(&s).is_some_and(|r| r != victim),
         )?;
-        let (now_on, _) = in_use(&s)?;
+        let now_on = channel_relay(&s).context("conn1 has no relay channel")?;
         t.step(&format!(
             "the agent moved to relay {now_on} {:.2} s after the kill",
             moved.as_secs_f64()
         ));
         std::thread::sleep(DEAD_FOR.saturating_sub(moved));
-        let (port, metrics) = RELAYS[victim];
-        relays[victim] = s.spawn_fleet_relay(&format!("relay{victim}"), port, metrics, &[])?;
+        relays[victim] = start_relay(&s, victim, &[])?;
         // The connector's session with the dead relay looks alive until its next keepalive
         // meets the restarted relay's stateless reset: the relay's own count of registered
         // services says when the connector is back.
@@ -284,16 +316,12 @@ fn failover(t: &Topology, direct: bool) -> Result<()> {
             "the connector re-attached to the restarted relay",
             Duration::from_secs(30),
             Duration::from_millis(100),
-            || {
-                s.relay_metrics_at(metrics)
-                    .is_ok_and(|m| m.value("ztna_relay_services_registered") >= 1.0)
-            },
+            || connector_on(&s, victim),
         )?;
-        wait_until_every(
+        wait_agent_on_all(
+            &s,
             "the agent's session with the restarted relay",
             Duration::from_secs(30),
-            Duration::from_millis(100),
-            || relays_up(&s) == 3,
         )?;
         t.step(&format!(
             "relay {victim} back; traffic on relay {now_on}; connector re-attached {:.1} s after the restart",
@@ -343,7 +371,7 @@ fn failover(t: &Topology, direct: bool) -> Result<()> {
     let st = s.status(&cfg.status_socket)?;
     let resets = st.connector_counter("conn1", "tcp_resets");
     t.step(&format!(
-        "RESULT failover ({} path), {KILLS} kills of the relay in use: gap median {median:.0} ms, worst {worst:.0} ms (each: {}; without a kill: {baseline:.0} ms); 200 MiB sha256 {}; iperf3 {mbit:.1} Mbit/s; TCP resets {resets}; relay sessions {}; conn1 path {:?}",
+        "RESULT failover ({} path), {KILLS} kills of the relay carrying the channel: gap median {median:.0} ms, worst {worst:.0} ms (each: {}; without a kill: {baseline:.0} ms); 200 MiB sha256 {}; iperf3 {mbit:.1} Mbit/s; TCP resets {resets}; relay sessions {}; conn1 path {:?}",
         if direct { "direct" } else { "relay" },
         gaps.iter().map(|g| format!("{g:.0}")).collect::<Vec<_>>().join(", "),
         if want == have { "matches" } else { "DIFFERS" },
@@ -438,25 +466,20 @@ fn fleet_relays_apply_the_shared_policy_each_on_its_own_reload() {
             s.agent_cfg.withdraw_grace_secs = Some(1);
             s.start_backends()?;
             let mut relays = Vec::new();
-            for (i, (port, metrics)) in RELAYS.iter().enumerate() {
+            for i in 0..RELAYS.len() {
                 let stale: &[(&str, &str)] = if i == 0 {
                     &[("ZTNA_RELOAD_POLL_SECS", "3600")]
                 } else {
                     &[]
                 };
-                relays.push(s.spawn_fleet_relay(&format!("relay{i}"), *port, metrics, stale)?);
+                relays.push(start_relay(&s, i, stale)?);
             }
             s.start_connector()?;
             wait_until_every(
                 "the connector registered with all three relays",
                 Duration::from_secs(20),
                 Duration::from_millis(100),
-                || {
-                    RELAYS.iter().all(|(_, m)| {
-                        s.relay_metrics_at(m)
-                            .is_ok_and(|m| m.value("ztna_relay_services_registered") >= 1.0)
-                    })
-                },
+                || (0..RELAYS.len()).all(|i| connector_on(&s, i)),
             )?;
             // An agent on one relay only: whether that relay lets alice reach `web`.
             let grants_web = |s: &Stack<'_>, relay: usize, name: &str| -> Result<bool> {
@@ -520,40 +543,21 @@ fn fleet_agents_reach_a_connector_through_another_relay() {
             let mut s = Stack::new(t)?;
             let ports: Vec<String> = RELAYS.iter().map(|(p, _)| relay_at(*p)).collect();
             s.conn_cfg.relay = ports[1..].join(",");
-            let far = |i: usize| relay_at(FAR_PORT + i as u16);
-            s.agent_cfg.relay = [ports[0].clone(), far(1), far(2)].join(",");
+            s.agent_cfg.relay = [ports[0].clone(), far_at(1), far_at(2)].join(",");
             s.start_backends()?;
-            let mut forwarders = Vec::new();
-            for (i, target) in ports.iter().enumerate().skip(1) {
-                forwarders.push(t.spawn(
-                    Node::Relay,
-                    &format!("impair-relay{i}"),
-                    &t.helpers().impair,
-                    [
-                        "--listen",
-                        &far(i),
-                        "--target",
-                        target,
-                        "--delay-ms",
-                        FAR_DELAY_MS,
-                        "--exit-after",
-                        "300",
-                    ],
-                )?);
-            }
-            for (i, (port, metrics)) in RELAYS.iter().enumerate() {
-                s.spawn_fleet_relay(&format!("relay{i}"), *port, metrics, &[])?;
+            let forwarders = [start_far_relay(t, 1)?, start_far_relay(t, 2)?];
+            for i in 0..RELAYS.len() {
+                start_relay(&s, i, &[])?;
             }
             s.start_connector()?;
             let agent = s.start_agent()?;
             let cfg = s.agent_cfg.clone();
-            // The agent's relay 0 answers first and lists no connector: its catalog is empty
-            // until a relay the connector is on becomes primary, so wait for the fleet.
-            wait_until_every(
+            // The agent's relay 0 answers first and lists no connector: conn1's services come
+            // from the others' catalogs, so wait for the fleet.
+            wait_agent_on_all(
+                &s,
                 "the agent's sessions with all three relays",
                 Duration::from_secs(20),
-                Duration::from_millis(100),
-                || relays_up(&s) == 3,
             )?;
             let st = s.wait_ready(agent, &cfg)?;
             let on = st

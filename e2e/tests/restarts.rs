@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use ztna_e2e::nginx::{random_file, sha256};
+use ztna_e2e::nginx::{sha256, web_root};
 use ztna_e2e::wait::wait_until_every;
 use ztna_e2e::{addr, helper_bins, run, Node, Stack, Topology};
 
@@ -31,10 +31,8 @@ fn download_across_relay_restart(
     if direct {
         s.agent_cfg.direct_paths = None;
     }
-    let root = t.dir().join("www");
-    std::fs::create_dir_all(&root)?;
+    let (root, _) = web_root(t, Some(SIZE))?;
     let file = root.join("big.bin");
-    random_file(&file, SIZE)?;
     let _nginx = ztna_e2e::nginx::start(t, Node::Backend, &format!("{}:80", addr::BACKEND), &root)?;
     s.start_all()?;
     ready(&s)?;
