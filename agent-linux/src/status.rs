@@ -385,8 +385,8 @@ pub(crate) fn render(s: &AgentStatus) -> String {
     }
     let _ = writeln!(
         out,
-        "\ndropped:      {} outbound with no service route, {} outbound while the tunnel was not up, {} tunnel packets with no path (relay away), {} inbound failing the source check, {} inbound (TUN device not reading)",
-        s.dropped_no_route, s.dropped_tunnel_down, s.dropped_no_path, s.dropped_inbound, s.dropped_to_platform
+        "\ndropped:      {} outbound with no service route, {} outbound while the tunnel was not up, {} outbound after waiting on a full tunnel, {} tunnel packets with no path (relay away), {} inbound failing the source check, {} inbound (TUN device not reading)",
+        s.dropped_no_route, s.dropped_tunnel_down, s.dropped_tunnel_full, s.dropped_no_path, s.dropped_inbound, s.dropped_to_platform
     );
     out
 }
@@ -414,6 +414,7 @@ mod tests {
             connectors: vec![],
             dropped_no_route: 3,
             dropped_tunnel_down: 0,
+            dropped_tunnel_full: 0,
             dropped_no_path: 0,
             dropped_inbound: 0,
             dropped_to_platform: 0,
@@ -438,6 +439,7 @@ mod tests {
                 lost_packets: 10,
                 congestion_events: 1,
                 path_longer: 0,
+                drain_probes: 0,
             }),
             rejected: vec![RejectedService {
                 name: "payroll".into(),
@@ -485,6 +487,7 @@ mod tests {
                         lost_packets: 24,
                         congestion_events: 0,
                         path_longer: 0,
+                        drain_probes: 0,
                     }),
                 },
                 ConnectorStatus {

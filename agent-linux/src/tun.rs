@@ -73,7 +73,8 @@ pub(crate) fn disable_ipv6(name: &str) {
     }
 }
 
-/// Reads packets from the device into the tunnel until the device fails.
+/// Reads packets from the device into the tunnel until the device fails; stops reading while
+/// the tunnel has no room ([`Agent::send_packet_wait`]).
 pub(crate) async fn device_to_tunnel(
     dev: Arc<AsyncDevice>,
     agent: Arc<Agent>,
@@ -87,7 +88,11 @@ pub(crate) async fn device_to_tunnel(
             Err(e) => return Err(anyhow!("reading from the TUN device: {e}")),
         };
         tracing::trace!(len = n, "packet from the TUN device");
-        agent.send_packet(Bytes::copy_from_slice(&buf[..n]));
+        // Waits while the tunnel is full: the kernel's queue to the device then holds the
+        // local TCP back (TCP small queues) instead of the tunnel dropping its packets.
+        agent
+            .send_packet_wait(Bytes::copy_from_slice(&buf[..n]))
+            .await;
     }
 }
 

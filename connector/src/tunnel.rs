@@ -237,7 +237,11 @@ impl ToAgent for InnerSink {
     }
 
     fn send_tcp(&self, packet: Bytes) {
-        if self.tcp_on_datagrams.load(Ordering::Relaxed) {
+        // Pure ACKs go as datagrams: on the ordered stream one loss would hold every later ACK
+        // back for an RTT and stall the agent's upload.
+        if self.tcp_on_datagrams.load(Ordering::Relaxed)
+            || !ztna_core::tcp_carriage::needs_carriage(&packet)
+        {
             return self.send(packet);
         }
         match self.tcp.try_send(packet) {

@@ -204,6 +204,10 @@ pub struct AgentStatus {
     /// Packets to a routed service whose connector tunnel is not up (yet): dropped, never sent
     /// in the clear (fail closed).
     pub dropped_tunnel_down: u64,
+    /// Packets dropped after waiting for room in their connector's inner connection, which
+    /// stayed full (Linux; a platform that does not wait lets quinn drop the oldest instead).
+    #[serde(default)]
+    pub dropped_tunnel_full: u64,
     /// Inner packets dropped because their connector had neither a relay channel nor a direct
     /// path at that moment (the relay session was down).
     #[serde(default)]
@@ -249,7 +253,16 @@ struct Link {
     /// Whether `tcp_flows` answers the client's segments of connections it reset (checked
     /// per packet from the platform before taking the lock).
     resetting: AtomicBool,
+    /// Until when (milliseconds on `Shared::clock`) packets go to this connector without
+    /// waiting for room, after its inner connection stayed full for [`SEND_WAIT`].
+    stalled_until_ms: AtomicU64,
 }
+
+/// How long [`Agent::send_packet_wait`] waits for room in an inner connection's datagram
+/// buffer before it drops the packet.
+pub const SEND_WAIT: Duration = Duration::from_millis(50);
+/// How long after such a drop the connector's packets go without waiting.
+pub const STALL_HOLDOFF: Duration = Duration::from_millis(500);
 
 /// The IP protocol number of TCP.
 const TCP: u8 = 6;
@@ -260,6 +273,17 @@ const TCP_FLOWS_PER_LINK: usize = 4096;
 const TCP_FLOW_IDLE: Duration = Duration::from_secs(600);
 
 impl Link {
+    /// Counts a packet handed to the inner connection.
+    fn count_send(&self, len: u64, sent: Result<(), quinn::SendDatagramError>) {
+        match sent {
+            Ok(()) => {
+                self.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+                self.counters.tx_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            Err(e) => tracing::trace!(connector = %self.name, error = %e, "inner send failed"),
+        }
+    }
+
     /// Hands the platform a reset for every TCP connection the inner connection carried: it is
     /// gone (or replaced), and the connector's TCP state went with it.
     fn reset_tcp(&self, sh: &Shared) {
@@ -333,6 +357,9 @@ struct Shared {
     tunnel_ip: AtomicU32,
     dropped_no_route: AtomicU64,
     dropped_tunnel_down: AtomicU64,
+    dropped_tunnel_full: AtomicU64,
+    /// The time base of per-link stamps.
+    clock: Instant,
     dropped_to_platform: AtomicU64,
     dropped_inbound: AtomicU64,
     to_platform: mpsc::Sender<Bytes>,
@@ -420,6 +447,8 @@ impl Agent {
             tunnel_ip: AtomicU32::new(0),
             dropped_no_route: AtomicU64::new(0),
             dropped_tunnel_down: AtomicU64::new(0),
+            dropped_tunnel_full: AtomicU64::new(0),
+            clock: Instant::now(),
             dropped_to_platform: AtomicU64::new(0),
             dropped_inbound: AtomicU64::new(0),
             to_platform,
@@ -519,33 +548,78 @@ impl Agent {
     }
 
     /// Sends one IP packet from the platform into the tunnel. Never blocks; packets with no
-    /// route, or whose connector tunnel is down, are dropped and counted.
+    /// route, or whose connector tunnel is down, are dropped and counted. When the inner
+    /// connection's datagram buffer is full, quinn drops the oldest packet queued in it (a
+    /// loss the user's transport sees). Platforms that can stop reading their device use
+    /// [`Agent::send_packet_wait`] instead.
     pub fn send_packet(&self, packet: Bytes) {
-        let link =
-            ipv4_destination(&packet).and_then(|dst| read(&self.shared.routes).get(&dst).cloned());
-        let Some(link) = link else {
-            self.shared.dropped_no_route.fetch_add(1, Ordering::Relaxed);
+        let Some((link, conn)) = self.route(&packet) else {
             return;
         };
-        if link.resetting.load(Ordering::Relaxed) && self.answer_reset(&link, &packet) {
+        let len = packet.len() as u64;
+        let sent = conn.send_datagram(packet);
+        link.count_send(len, sent);
+    }
+
+    /// Sends one IP packet from the platform into the tunnel, waiting while the inner
+    /// connection's datagram buffer is full: the platform's reader stops reading its device,
+    /// the kernel's queue to the device fills, and the local TCP is held back by its own small
+    /// queues (TSQ) instead of losing packets in the tunnel. A connection that stays full for
+    /// [`SEND_WAIT`] (a path that stopped carrying) gets the packet dropped and counted
+    /// (`dropped_tunnel_full`), and for [`STALL_HOLDOFF`] after that its packets go without
+    /// waiting (quinn drops the oldest), so one stuck connector does not hold up the others.
+    ///
+    /// Only TCP waits: a TCP sender slows down when its packets stay in the kernel's queue, a
+    /// UDP or ICMP sender does not, and holding the reader for it would only put every other
+    /// packet (a ping) behind it in that queue; those go as with [`Agent::send_packet`].
+    pub async fn send_packet_wait(&self, packet: Bytes) {
+        if packet.get(9) != Some(&TCP) {
+            return self.send_packet(packet);
+        }
+        let Some((link, conn)) = self.route(&packet) else {
+            return;
+        };
+        let len = packet.len() as u64;
+        let now = self.shared.clock.elapsed().as_millis() as u64;
+        if link.stalled_until_ms.load(Ordering::Relaxed) > now {
+            let sent = conn.send_datagram(packet);
+            link.count_send(len, sent);
             return;
         }
-        let conn = read(&link.conn).clone();
-        let len = packet.len() as u64;
-        match conn.map(|c| c.send_datagram(packet)) {
-            Some(Ok(())) => {
-                link.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
-                link.counters.tx_bytes.fetch_add(len, Ordering::Relaxed);
-            }
-            Some(Err(e)) => {
-                tracing::trace!(connector = %link.name, error = %e, "inner send failed")
-            }
-            None => {
+        match tokio::time::timeout(SEND_WAIT, conn.send_datagram_wait(packet)).await {
+            Ok(sent) => link.count_send(len, sent),
+            Err(_) => {
                 self.shared
-                    .dropped_tunnel_down
+                    .dropped_tunnel_full
                     .fetch_add(1, Ordering::Relaxed);
+                let until = self.shared.clock.elapsed() + STALL_HOLDOFF;
+                link.stalled_until_ms
+                    .store(until.as_millis() as u64, Ordering::Relaxed);
+                tracing::debug!(connector = %link.name, "the inner connection stayed full; dropping instead of waiting for a while");
             }
         }
+    }
+
+    /// The link and inner connection a packet from the platform goes to; counts the packet
+    /// when there is none (no route, tunnel down) and answers it when it belongs to a TCP
+    /// connection the agent reset.
+    fn route(&self, packet: &[u8]) -> Option<(Arc<Link>, quinn::Connection)> {
+        let link =
+            ipv4_destination(packet).and_then(|dst| read(&self.shared.routes).get(&dst).cloned());
+        let Some(link) = link else {
+            self.shared.dropped_no_route.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        if link.resetting.load(Ordering::Relaxed) && self.answer_reset(&link, packet) {
+            return None;
+        }
+        let Some(conn) = read(&link.conn).clone() else {
+            self.shared
+                .dropped_tunnel_down
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        Some((link, conn))
     }
 
     /// A segment of a TCP connection the agent reset after its inner connection ended is
@@ -695,6 +769,7 @@ impl Agent {
             connectors,
             dropped_no_route: sh.dropped_no_route.load(Ordering::Relaxed),
             dropped_tunnel_down: sh.dropped_tunnel_down.load(Ordering::Relaxed),
+            dropped_tunnel_full: sh.dropped_tunnel_full.load(Ordering::Relaxed),
             dropped_no_path: self.node.mux().stats().unroutable.load(Ordering::Relaxed),
             dropped_inbound: sh.dropped_inbound.load(Ordering::Relaxed),
             dropped_to_platform: sh.dropped_to_platform.load(Ordering::Relaxed),
@@ -1015,6 +1090,7 @@ impl Driver {
                         counters: LinkCounters::default(),
                         tcp_flows: Mutex::new(TcpFlows::new(TCP_FLOWS_PER_LINK, TCP_FLOW_IDLE)),
                         resetting: AtomicBool::new(false),
+                        stalled_until_ms: AtomicU64::new(0),
                     })
                 });
                 *write(&link.services) = services;

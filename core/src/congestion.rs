@@ -19,7 +19,12 @@
 //!   smoothed RTTs while the tunnel drains (its congested state, gain 1 over the minimum RTT),
 //!   the queue is not the tunnel's and the smallest of those samples becomes the minimum.
 //!   Without this, the stale minimum made every random loss on the longer path look like
-//!   congestion and shrank the window below the path's bandwidth-delay product for 10 s.
+//!   congestion and shrank the window below the path's bandwidth-delay product for 10 s. A
+//!   path that got longer with nothing lost is found the same way: when every sample of an
+//!   interval lies beyond the RTT the window covers (below), the tunnel drains to tell a
+//!   longer path from its own queue (which ends the drain as soon as it is gone). Without
+//!   this, a path from 0.1 to 150 ms starved the window to its 32-packet minimum (2 Mbit/s)
+//!   until the minimum expired.
 //! - **Window:** `GAIN × bandwidth × (RTT + QUEUE_ALLOWANCE)`, between [`MIN_WINDOW_PACKETS`]
 //!   packets and [`MAX_WINDOW`], where RTT is the smoothed RTT kept between the minimum and
 //!   3 × the minimum + [`RTT_CAP_SLACK`] (so a stale minimum after the path got longer does not
@@ -115,6 +120,10 @@ pub struct Estimator {
     elevated: Option<(Instant, Duration)>,
     /// Times the minimum RTT was raised because the path got longer.
     path_longer: u64,
+    /// Whether the current drain was started because the RTT went beyond what the window
+    /// covers (not by a loss), and how many such drains there were.
+    probing: bool,
+    drain_probes: u64,
     window: u64,
 }
 
@@ -137,6 +146,8 @@ impl Estimator {
             congestion_events: 0,
             elevated: None,
             path_longer: 0,
+            probing: false,
+            drain_probes: 0,
             window: 0,
         };
         e.window = e.min_window();
@@ -165,6 +176,11 @@ impl Estimator {
     /// Times the minimum RTT was raised before it expired because the path got longer.
     pub fn path_longer(&self) -> u64 {
         self.path_longer
+    }
+
+    /// Drains started because the RTT went beyond what the window covers.
+    pub fn drain_probes(&self) -> u64 {
+        self.drain_probes
     }
 
     /// Losses that counted as congestion so far.
@@ -229,8 +245,29 @@ impl Estimator {
         let (Some(min), Some(recent)) = (self.min_rtt, self.recent_min_rtt) else {
             return;
         };
-        if recent <= min + elevation_margin(min) || !self.congested(now) {
+        if recent <= min + elevation_margin(min) {
             self.elevated = None;
+            if std::mem::take(&mut self.probing) {
+                // The queue was the tunnel's own and has drained: back to the normal gain.
+                self.congested_until = None;
+            }
+            return;
+        }
+        if !self.congested(now) {
+            self.elevated = None;
+            // Every sample of the interval lies beyond the RTT the window covers (3 × the
+            // minimum + slack): either the tunnel's own queue (a flood) or a path that got
+            // longer with nothing lost (a roam from a LAN to a mobile network), under which
+            // the window, capped by the stale minimum, would starve the connection until the
+            // minimum expires. Drain to tell which: the proof below follows a longer path,
+            // and the tunnel's own queue ends the drain as soon as it is gone.
+            if recent > min * 3 + RTT_CAP_SLACK {
+                self.probing = true;
+                self.drain_probes += 1;
+                self.congested_until =
+                    Some(now + (DRAIN_PROOF_RTTS + 2) * self.smoothed_rtt.max(self.interval()));
+                self.elevated = Some((now, recent));
+            }
             return;
         }
         let proof = DRAIN_PROOF_RTTS * self.smoothed_rtt.max(self.interval());
@@ -244,6 +281,7 @@ impl Estimator {
             self.elevated = None;
             // The losses that made the tunnel drain were measured against the old minimum.
             self.congested_until = None;
+            self.probing = false;
             self.path_longer += 1;
         }
     }
@@ -447,6 +485,9 @@ pub struct CarriageStatus {
     pub congestion_events: u64,
     /// Times the minimum RTT was raised because the path got longer.
     pub path_longer: u64,
+    /// Drains started because the RTT went beyond what the window covers.
+    #[serde(default)]
+    pub drain_probes: u64,
 }
 
 impl CarriageStatus {
@@ -462,12 +503,14 @@ impl CarriageStatus {
             lost_packets: path.lost_packets,
             congestion_events: 0,
             path_longer: 0,
+            drain_probes: 0,
         };
         if let Ok(c) = conn.congestion_state().into_any().downcast::<Carriage>() {
             s.bandwidth_mbit = c.est.bandwidth() as f64 * 8.0 / 1e6;
             s.min_rtt_ms = c.est.min_rtt().map(|r| r.as_secs_f64() * 1000.0);
             s.congestion_events = c.est.congestion_events();
             s.path_longer = c.est.path_longer();
+            s.drain_probes = c.est.drain_probes();
         }
         s
     }
@@ -823,6 +866,31 @@ mod tests {
             min >= Duration::from_millis(60) && min < Duration::from_millis(75),
             "{min:?}"
         );
+    }
+
+    #[test]
+    fn follows_a_much_longer_path_with_no_loss() {
+        // 100 Mbit/s, no loss; at 1 s the RTT goes from 1 to 150 ms (a laptop leaves the LAN
+        // for a distant network). The window covers at most 3 × 1 ms + 10 ms of RTT until the
+        // 1 ms minimum expires (10 s): without a drain to prove the longer path it starves at
+        // its minimum, 32 packets per 150 ms (2.4 Mbit/s).
+        let out = Sim {
+            rate: 100.0 * MBIT,
+            rtt: Duration::from_millis(1),
+            queue: 2 << 20,
+            loss_every: 0,
+            rtt_change: Some((Duration::from_secs(1), Duration::from_millis(150))),
+        }
+        .run(6);
+        let r = out.delivered_rate / MBIT;
+        eprintln!(
+            "after 1 -> 150 ms: delivered {r:.1} Mbit/s, min RTT {:?}, raised {}x, {} drain probes",
+            out.est.min_rtt(),
+            out.est.path_longer(),
+            out.est.drain_probes()
+        );
+        assert!(r > 85.0, "delivered {r:.1} Mbit/s");
+        assert_eq!(out.est.path_longer(), 1);
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //! Uploads stay on datagrams (the agent's kernel TCP recovers well, and the connector's stack
 //! receives with SACK), and so do UDP and ICMP.
 //!
+//! Pure ACKs (no data, no SYN, FIN or RST) stay datagrams too ([`needs_carriage`]): TCP
+//! tolerates a lost ACK (the next one acknowledges as much), while on the ordered stream one lost
+//! packet holds every later ACK back for an RTT, which stalls an upload's sender under random
+//! loss in the direction of the ACKs.
+//!
 //! This module is the pure framing ([`frame_header`], [`FrameReader`]); the connector writes,
 //! the agent reads.
 
@@ -28,6 +33,28 @@ pub const MIN_PACKET: usize = 20;
 pub fn frame_header(packet: &[u8]) -> Option<[u8; HEADER_LEN]> {
     let len = u16::try_from(packet.len()).ok().filter(|&l| l > 0)?;
     Some(len.to_be_bytes())
+}
+
+/// Whether a TCP segment from the connector's stack needs the reliable carriage: anything but
+/// a pure ACK of an unfragmented IPv4 TCP segment (which goes as a datagram, see the module
+/// documentation). Anything that does not parse goes on the carriage, as before.
+pub fn needs_carriage(packet: &[u8]) -> bool {
+    const SYN_FIN_RST: u8 = 0x07;
+    let Ok(ip) = etherparse::Ipv4HeaderSlice::from_slice(packet) else {
+        return true;
+    };
+    if ip.protocol() != etherparse::IpNumber::TCP || ip.is_fragmenting_payload() {
+        return true;
+    }
+    let total = usize::from(ip.total_len()).min(packet.len());
+    let Some(body) = packet.get(ip.slice().len()..total) else {
+        return true;
+    };
+    let Ok(tcp) = etherparse::TcpHeaderSlice::from_slice(body) else {
+        return true;
+    };
+    let flags = body[13];
+    !(body.len() == tcp.slice().len() && flags & SYN_FIN_RST == 0 && tcp.ack())
 }
 
 /// A frame that can't be a packet.
@@ -80,6 +107,36 @@ impl FrameReader {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_pure_acks_skip_the_carriage() {
+        let seg = |data: &[u8],
+                   f: &dyn Fn(
+            etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+        ) -> etherparse::PacketBuilderStep<etherparse::TcpHeader>| {
+            let b = etherparse::PacketBuilder::ipv4([10, 100, 0, 4], [100, 64, 0, 2], 64)
+                .tcp(80, 40000, 1, 1000);
+            let b = f(b);
+            let mut out = Vec::new();
+            b.write(&mut out, data).unwrap();
+            out
+        };
+        assert!(!needs_carriage(&seg(&[], &|b| b.ack(5))));
+        assert!(needs_carriage(&seg(b"data", &|b| b.ack(5))));
+        assert!(needs_carriage(&seg(&[], &|b| b.ack(5).fin())));
+        assert!(needs_carriage(&seg(&[], &|b| b.syn().ack(5))));
+        assert!(needs_carriage(&seg(&[], &|b| b.rst())));
+        // Without ACK (not a pure ACK), truncated or not TCP: the carriage.
+        assert!(needs_carriage(&seg(&[], &|b| b)));
+        assert!(needs_carriage(&seg(&[], &|b| b.ack(5))[..30]));
+        assert!(needs_carriage(&[0x45; 10]));
+        let mut udp = Vec::new();
+        etherparse::PacketBuilder::ipv4([1, 1, 1, 1], [2, 2, 2, 2], 64)
+            .udp(1, 2)
+            .write(&mut udp, &[])
+            .unwrap();
+        assert!(needs_carriage(&udp));
+    }
+
     use super::*;
     use proptest::prelude::*;
 
