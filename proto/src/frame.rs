@@ -150,6 +150,7 @@ mod tests {
             }],
             icmp: true,
             connector: "c1".into(),
+            names: None,
         };
         vec![
             ControlMessage::Hello(Hello {
