@@ -163,8 +163,8 @@ pub fn decode_mapping(bytes: &[u8]) -> Result<NameMapping, MappingError> {
     if version != NAME_STREAM_VERSION {
         return Err(MappingError::UnsupportedVersion(version));
     }
-    let (m, trailing) = postcard::take_from_bytes::<NameMapping>(rest)
-        .map_err(|_| MappingError::Malformed)?;
+    let (m, trailing) =
+        postcard::take_from_bytes::<NameMapping>(rest).map_err(|_| MappingError::Malformed)?;
     if !trailing.is_empty() {
         return Err(MappingError::Malformed);
     }
@@ -251,7 +251,10 @@ mod tests {
         assert_eq!(wild.to_string(), "*.corp.example");
         assert!(exact.specificity() > wild.specificity());
         assert!(
-            DomainPattern::parse("*.a.corp.example").unwrap().specificity() > wild.specificity()
+            DomainPattern::parse("*.a.corp.example")
+                .unwrap()
+                .specificity()
+                > wild.specificity()
         );
         assert!(DomainPattern::parse("*.example").is_err());
         assert!(DomainPattern::parse("*").is_err());
@@ -298,7 +301,13 @@ mod tests {
         assert_eq!(decode_mapping(&evil), Err(MappingError::InvalidName));
         let longest = NameMapping {
             address: Ipv4Addr::BROADCAST,
-            name: vec!["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61)].join("."),
+            name: vec![
+                "a".repeat(63),
+                "b".repeat(63),
+                "c".repeat(63),
+                "d".repeat(61),
+            ]
+            .join("."),
         };
         assert_eq!(decode_mapping(&encode_mapping(&longest)), Ok(longest));
         for b in 0..=255u8 {
