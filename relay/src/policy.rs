@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use ztna_core::tls::PeerIdentity;
 use ztna_proto::control::{ErrorCode, Rejected};
-use ztna_proto::service::{check_name, escape_for_log, is_valid_name};
 use ztna_proto::names::DomainPattern;
 use ztna_proto::service::NAME_POOL_PREFIX;
+use ztna_proto::service::{check_name, escape_for_log, is_valid_name};
 use ztna_proto::{NamePool, PortRange, ServiceDef};
 
 /// Grants the agents matching `groups` or `identities` access to `services` (`"*"`: all).
@@ -723,7 +723,10 @@ pub(crate) mod tests {
             name_rule("x", &["x.example.org"], "10.103.0.1/24"),
             "network address",
         );
-        bad(name_rule("x", &["x.example.org"], "10.0.0.0/8"), "/16 to /30");
+        bad(
+            name_rule("x", &["x.example.org"], "10.0.0.0/8"),
+            "/16 to /30",
+        );
         bad(
             name_rule("x", &["x.example.org"], "192.168.4.0/24"),
             "reserved range",
@@ -733,7 +736,10 @@ pub(crate) mod tests {
             "tunnel pool",
         );
         bad(name_rule("x", &["*.org"], "10.103.0.0/24"), "top-level");
-        bad(name_rule("x", &["bad name"], "10.103.0.0/24"), "invalid DNS name");
+        bad(
+            name_rule("x", &["bad name"], "10.103.0.0/24"),
+            "invalid DNS name",
+        );
         let mut both = name_rule("x", &["x.example.org"], "10.103.0.0/24");
         both.address = Ipv4Addr::new(10, 103, 0, 1);
         bad(both, "either `address`");
