@@ -73,8 +73,14 @@ pub trait SplitDns: Send + 'static {
     fn apply(&mut self, server: SocketAddr, domains: &[String]);
 }
 
-/// Runs the DNS server: binds it at the tunnel IP as soon as there is one (again when it
-/// changes) and keeps `split` up to date. Runs until the agent's state channel closes.
+/// How often binding the tunnel IP is tried again while the platform has not assigned it yet.
+const BIND_RETRY: Duration = Duration::from_millis(200);
+/// Failed binds after which the failure is logged as an error.
+const BIND_TRIES_LOGGED: u32 = 25;
+
+/// Runs the DNS server: binds it at the tunnel IP as soon as there is one and the platform has
+/// assigned it (again when it changes) and keeps `split` up to date. Runs until the agent's
+/// state channel closes.
 pub async fn run(
     names: Names,
     mut state: watch::Receiver<TunnelState>,
@@ -83,22 +89,31 @@ pub async fn run(
     let port = names.options().port;
     let mut bound: Option<(Ipv4Addr, crate::daemon::AbortOnDrop<()>)> = None;
     let mut applied: Option<(SocketAddr, Vec<String>)> = None;
+    let mut failed_binds = 0u32;
     loop {
         let ip = state.borrow_and_update().tunnel_ip;
         if ip != bound.as_ref().map(|(a, _)| *a) {
-            bound = None;
-            names.set_server(None);
+            if bound.take().is_some() {
+                names.set_server(None);
+            }
             if let Some(ip) = ip {
                 let addr = SocketAddr::from((ip, port));
                 match UdpSocket::bind(addr).await {
                     Ok(socket) => {
                         tracing::info!(%addr, "DNS server for name services listening");
+                        failed_binds = 0;
                         names.set_server(Some(addr));
                         let task = tokio::spawn(serve(names.clone(), Arc::new(socket)));
                         bound = Some((ip, crate::daemon::AbortOnDrop(task)));
                     }
                     Err(e) => {
-                        tracing::error!(%addr, error = %e, "cannot listen for DNS queries; names will not resolve")
+                        // Usually the platform has not assigned the address yet.
+                        failed_binds += 1;
+                        if failed_binds == BIND_TRIES_LOGGED {
+                            tracing::error!(%addr, error = %e, "cannot listen for DNS queries; names will not resolve until it can");
+                        } else {
+                            tracing::debug!(%addr, error = %e, "cannot listen for DNS queries yet");
+                        }
                     }
                 }
             }
@@ -110,7 +125,16 @@ pub async fn run(
                 applied = Some(now);
             }
         }
-        if state.changed().await.is_err() {
+        let retry = ip.is_some() && bound.is_none();
+        let changed = if retry {
+            match tokio::time::timeout(BIND_RETRY, state.changed()).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        } else {
+            state.changed().await
+        };
+        if changed.is_err() {
             return;
         }
     }
