@@ -279,8 +279,7 @@ impl NameBook {
             Lookup::Foreign if forward => Decision::Forward,
             Lookup::Foreign => reply(&msg, ResponseCode::Refused, None, Outcome::Refused),
             Lookup::Denied => {
-                let apex = normalize_name(&name)
-                    .is_some_and(|n| self.match_domains().iter().any(|d| *d == n));
+                let apex = normalize_name(&name).is_some_and(|n| self.match_domains().contains(&n));
                 if apex {
                     reply(&msg, ResponseCode::NoError, None, Outcome::Answered)
                 } else {

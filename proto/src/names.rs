@@ -301,7 +301,7 @@ mod tests {
         assert_eq!(decode_mapping(&evil), Err(MappingError::InvalidName));
         let longest = NameMapping {
             address: Ipv4Addr::BROADCAST,
-            name: vec![
+            name: [
                 "a".repeat(63),
                 "b".repeat(63),
                 "c".repeat(63),
