@@ -181,6 +181,75 @@ fn postgres(t: &Topology) -> Result<(ztna_e2e::DaemonId, tempfile::TempDir)> {
     Ok((server, pg))
 }
 
+/// The deployment of these tests, started up to the connector: the demo services plus two name
+/// services, `corp-web` (`wiki.corp.example`, `db.corp.example`, `*.apps.corp.example`; TCP 80
+/// and 5432; group `eng`, so alice) and `corp-secret` (`*.secret.corp.example`; identity `bob`
+/// only), both served by `conn1`, whose resolver is the backend DNS server; the agent answers for
+/// `corp.example` and forwards other names to the "normal resolver" in the relay namespace.
+fn name_stack(t: &Topology) -> Result<Stack<'_>> {
+    let mut s = Stack::new(t)?;
+    s.start_backends()?;
+    // The backend's DNS server: the real names, reachable only from the connector.
+    dnsmasq(
+        t,
+        Node::Backend,
+        "backend-dns",
+        addr::BACKEND,
+        BACKEND_DNS_PORT,
+        &[
+            ("wiki.corp.example", addr::BACKEND),
+            ("db.corp.example", addr::BACKEND),
+            ("app1.apps.corp.example", addr::BACKEND),
+            ("vault.secret.corp.example", addr::BACKEND),
+        ],
+    )?;
+    // The "normal resolver" of the agent's host, for every other name.
+    dnsmasq(
+        t,
+        Node::Relay,
+        "normal-dns",
+        addr::RELAY,
+        "53",
+        &[("www.example.org", addr::RELAY)],
+    )?;
+    let backend_dns = format!("@{}", addr::BACKEND);
+    let out = t.run(
+        Node::Agent,
+        5,
+        [
+            "dig",
+            "+time=1",
+            "+tries=1",
+            &backend_dns,
+            "-p5353",
+            "wiki.corp.example",
+        ],
+    )?;
+    ensure!(
+        !out.stdout.contains("status: NOERROR"),
+        "the agent namespace must not reach the backend DNS server:\n{out}"
+    );
+
+    let web = format!(
+        "\n[[services]]\nname = \"corp-web\"\nnames = [\"wiki.corp.example\", \"db.corp.example\", \"*.apps.corp.example\"]\npool = \"{WEB_POOL}\"\ntcp = [\"80\", \"5432\"]\n"
+    );
+    let secret = format!(
+        "\n[[services]]\nname = \"corp-secret\"\nnames = [\"*.secret.corp.example\"]\npool = \"{SECRET_POOL}\"\ntcp = [\"80\"]\n"
+    );
+    s.relay_cfg.extra = format!(
+        "{web}{secret}\n[[access]]\nservices = [\"corp-web\"]\ngroups = [\"eng\"]\nidentities = []\n\n[[access]]\nservices = [\"corp-secret\"]\ngroups = []\nidentities = [\"bob\"]\n\n[[connectors]]\nidentity = \"conn1\"\nservices = [\"corp-web\", \"corp-secret\"]\n"
+    );
+    s.conn_cfg.extra_keys = format!("resolver = [\"{}:{BACKEND_DNS_PORT}\"]\n", addr::BACKEND);
+    s.conn_cfg.extra = format!("{web}icmp = false\n{secret}icmp = false\n");
+    s.agent_cfg.extra = format!(
+        "dns_domains = [\"corp.example\"]\ndns_upstream = [\"{}:53\"]\ndns_split = false\n",
+        addr::RELAY
+    );
+    s.start_relay()?;
+    s.start_connector()?;
+    Ok(s)
+}
+
 #[test]
 fn names_through_glibc() {
     run("names_through_glibc", helper_bins!(), |t| {
@@ -188,66 +257,7 @@ fn names_through_glibc() {
         let _nginx =
             ztna_e2e::nginx::start(t, Node::Backend, &format!("{}:80", addr::BACKEND), &root)?;
         let (_pg, _pg_dir) = postgres(t)?;
-        let mut s = Stack::new(t)?;
-        s.start_backends()?;
-        // The backend's DNS server: the real names, reachable only from the connector.
-        dnsmasq(
-            t,
-            Node::Backend,
-            "backend-dns",
-            addr::BACKEND,
-            BACKEND_DNS_PORT,
-            &[
-                ("wiki.corp.example", addr::BACKEND),
-                ("db.corp.example", addr::BACKEND),
-                ("app1.apps.corp.example", addr::BACKEND),
-                ("vault.secret.corp.example", addr::BACKEND),
-            ],
-        )?;
-        // The "normal resolver" of the agent's host, for every other name.
-        dnsmasq(
-            t,
-            Node::Relay,
-            "normal-dns",
-            addr::RELAY,
-            "53",
-            &[("www.example.org", addr::RELAY)],
-        )?;
-        let backend_dns = format!("@{}", addr::BACKEND);
-        let out = t.run(
-            Node::Agent,
-            5,
-            [
-                "dig",
-                "+time=1",
-                "+tries=1",
-                &backend_dns,
-                "-p5353",
-                "wiki.corp.example",
-            ],
-        )?;
-        ensure!(
-            !out.stdout.contains("status: NOERROR"),
-            "the agent namespace must not reach the backend DNS server:\n{out}"
-        );
-
-        let web = format!(
-            "\n[[services]]\nname = \"corp-web\"\nnames = [\"wiki.corp.example\", \"db.corp.example\", \"*.apps.corp.example\"]\npool = \"{WEB_POOL}\"\ntcp = [\"80\", \"5432\"]\n"
-        );
-        let secret = format!(
-            "\n[[services]]\nname = \"corp-secret\"\nnames = [\"*.secret.corp.example\"]\npool = \"{SECRET_POOL}\"\ntcp = [\"80\"]\n"
-        );
-        s.relay_cfg.extra = format!(
-            "{web}{secret}\n[[access]]\nservices = [\"corp-web\"]\ngroups = [\"eng\"]\nidentities = []\n\n[[access]]\nservices = [\"corp-secret\"]\ngroups = []\nidentities = [\"bob\"]\n\n[[connectors]]\nidentity = \"conn1\"\nservices = [\"corp-web\", \"corp-secret\"]\n"
-        );
-        s.conn_cfg.extra_keys = format!("resolver = [\"{}:{BACKEND_DNS_PORT}\"]\n", addr::BACKEND);
-        s.conn_cfg.extra = format!("{web}icmp = false\n{secret}icmp = false\n");
-        s.agent_cfg.extra = format!(
-            "dns_domains = [\"corp.example\"]\ndns_upstream = [\"{}:53\"]\ndns_split = false\n",
-            addr::RELAY
-        );
-        s.start_relay()?;
-        s.start_connector()?;
+        let mut s = name_stack(t)?;
         let agent = s.start_agent()?;
         let cfg = s.agent_cfg.clone();
         let st = s.wait_ready(agent, &cfg)?;
@@ -411,6 +421,77 @@ fn names_through_glibc() {
         ensure!(
             !conn_log.contains("wiki.corp.example"),
             "customer names must not be logged above DEBUG"
+        );
+        Ok(())
+    });
+}
+
+/// The trust boundary: alice's certificate is valid, but a modified agent tells the connector
+/// that addresses stand for names policy does not let alice reach, or uses addresses outside the
+/// pool. The connector refuses every such mapping, counts it, and never resolves the name.
+#[test]
+fn names_lying_agent_is_refused() {
+    run("names_lying_agent_is_refused", helper_bins!(), |t| {
+        let s = name_stack(t)?;
+        let relay = format!("{}:{}", addr::RELAY, addr::RELAY_PORT);
+        let a = &s.agent_cfg;
+        let attacks = [
+            // A name of the service alice may not reach, in that service's pool.
+            "vault.secret.corp.example@10.102.0.5",
+            // The same name smuggled into the pool alice may use.
+            "vault.secret.corp.example@10.101.0.5",
+            // A name no service answers to.
+            "metadata.internal@10.101.0.6",
+            // A served name at addresses outside the pool: another service's, the pool's
+            // network address, loopback.
+            "wiki.corp.example@10.100.0.1",
+            "wiki.corp.example@10.101.0.0",
+            "wiki.corp.example@127.0.0.1",
+        ];
+        let mut args: Vec<String> = vec![
+            relay,
+            a.ca.display().to_string(),
+            a.cert.display().to_string(),
+            a.key.display().to_string(),
+            "conn1".into(),
+        ];
+        args.extend(attacks.iter().map(|m| (*m).to_owned()));
+        // The control: a mapping a real agent sends.
+        args.push("wiki.corp.example@10.101.0.9".into());
+        t.step("a lying agent sends 6 forged mappings and 1 real one");
+        let mut cmd = vec![env!("CARGO_BIN_EXE_ztna-test-lying-agent").to_owned()];
+        cmd.extend(args);
+        let out = t.run_ok(Node::Agent, 40, &cmd)?;
+        let verdicts: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("mapping "))
+            .collect();
+        ensure!(verdicts.len() == 7, "expected 7 verdicts:\n{out}");
+        for v in &verdicts[..6] {
+            ensure!(
+                v.ends_with("accepted=false"),
+                "a forged mapping was accepted: {v}\n{out}"
+            );
+        }
+        ensure!(
+            verdicts[6].ends_with("accepted=true"),
+            "the real mapping was refused: {}\n{out}",
+            verdicts[6]
+        );
+        let m = s.conn_metrics()?;
+        let refused = m.value("ztna_connector_names_mappings_refused_total");
+        let accepted = m.value("ztna_connector_names_mappings_accepted_total");
+        ensure!(
+            refused == 6.0 && accepted == 1.0,
+            "connector counted {refused} refused and {accepted} accepted mappings"
+        );
+        let dns_log = std::fs::read_to_string(t.dir().join("backend-dns.log")).unwrap_or_default();
+        ensure!(
+            dns_log.contains("query[A] wiki.corp.example")
+                && !dns_log.contains("secret.corp.example")
+                && !dns_log.contains("metadata"),
+            "the connector must resolve only the accepted name:\n{dns_log}"
         );
         Ok(())
     });
