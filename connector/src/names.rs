@@ -13,8 +13,9 @@
 //! injected time). [`Resolver`] is the shell: the system resolver (getaddrinfo, which gives no
 //! TTL: `resolver_ttl_secs` stands in) or configured DNS servers (queried over UDP with
 //! hickory-proto's wire format; their TTLs count). A name is resolved when its mapping arrives
-//! and when a packet finds its entry expired (the packet goes to the last address meanwhile;
-//! open flows keep the backend they were opened to).
+//! and when a new flow finds its entry expired: a TCP connection (whose connect is async anyway)
+//! waits for the new answer, a UDP or ICMP flow (opened synchronously) goes to the last address
+//! while the refresh runs. Open flows keep the backend they were opened to.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -278,13 +279,17 @@ impl Resolver {
         }
     }
 
-    /// The address of `name`, resolving it if the cache has none.
+    /// The address of `name`, resolving it if the cache has none, or again if its TTL ran out
+    /// (falling back to the last address if that fails; callers that find a refresh already
+    /// running take the last address).
     pub(crate) async fn resolve(self: &Arc<Self>, name: &str) -> Option<Ipv4Addr> {
-        match self.cache().get(name, Instant::now()) {
+        // The cache's lock is released before any await.
+        let cached = self.cache().get(name, Instant::now());
+        match cached {
             Cached::Fresh(a) => return Some(a),
             Cached::Stale(a, refresh) => {
                 if refresh {
-                    self.spawn_resolve(name);
+                    return self.refresh(name).await.or(Some(a));
                 }
                 return Some(a);
             }

@@ -82,7 +82,7 @@ fn dnsmasq(
         format!("--listen-address={listen}"),
         "--bind-interfaces".to_owned(),
         format!("--port={port}"),
-        "--local-ttl=30".to_owned(),
+        "--local-ttl=5".to_owned(),
         format!("--pid-file={}", pid.display()),
     ];
     args.extend(
@@ -186,11 +186,11 @@ fn postgres(t: &Topology) -> Result<(ztna_e2e::DaemonId, tempfile::TempDir)> {
 /// and 5432; group `eng`, so alice) and `corp-secret` (`*.secret.corp.example`; identity `bob`
 /// only), both served by `conn1`, whose resolver is the backend DNS server; the agent answers for
 /// `corp.example` and forwards other names to the "normal resolver" in the relay namespace.
-fn name_stack(t: &Topology) -> Result<Stack<'_>> {
+fn name_stack(t: &Topology) -> Result<(Stack<'_>, ztna_e2e::DaemonId)> {
     let mut s = Stack::new(t)?;
     s.start_backends()?;
     // The backend's DNS server: the real names, reachable only from the connector.
-    dnsmasq(
+    let backend_dns = dnsmasq(
         t,
         Node::Backend,
         "backend-dns",
@@ -200,6 +200,7 @@ fn name_stack(t: &Topology) -> Result<Stack<'_>> {
             ("wiki.corp.example", addr::BACKEND),
             ("db.corp.example", addr::BACKEND),
             ("app1.apps.corp.example", addr::BACKEND),
+            ("swap.apps.corp.example", addr::BACKEND),
             ("vault.secret.corp.example", addr::BACKEND),
         ],
     )?;
@@ -212,7 +213,7 @@ fn name_stack(t: &Topology) -> Result<Stack<'_>> {
         "53",
         &[("www.example.org", addr::RELAY)],
     )?;
-    let backend_dns = format!("@{}", addr::BACKEND);
+    let backend_server = format!("@{}", addr::BACKEND);
     let out = t.run(
         Node::Agent,
         5,
@@ -220,7 +221,7 @@ fn name_stack(t: &Topology) -> Result<Stack<'_>> {
             "dig",
             "+time=1",
             "+tries=1",
-            &backend_dns,
+            &backend_server,
             "-p5353",
             "wiki.corp.example",
         ],
@@ -247,7 +248,26 @@ fn name_stack(t: &Topology) -> Result<Stack<'_>> {
     );
     s.start_relay()?;
     s.start_connector()?;
-    Ok(s)
+    Ok((s, backend_dns))
+}
+
+/// Starts the agent, waits until it is ready and its DNS server listens, and points the agent
+/// namespace's resolv.conf at it.
+fn start_agent_with_dns(t: &Topology, s: &mut Stack<'_>) -> Result<NetnsResolvConf> {
+    let agent = s.start_agent()?;
+    let cfg = s.agent_cfg.clone();
+    let st = s.wait_ready(agent, &cfg)?;
+    let tunnel_ip = st.tunnel_ip().context("no tunnel IP")?;
+    let resolv = NetnsResolvConf::create(&t.ns(Node::Agent), tunnel_ip)?;
+    wait_until(
+        "the agent's DNS server to listen",
+        Duration::from_secs(10),
+        || {
+            s.status(&cfg.status_socket)
+                .is_ok_and(|st| !st.json["names"]["server"].is_null())
+        },
+    )?;
+    Ok(resolv)
 }
 
 #[test]
@@ -257,20 +277,9 @@ fn names_through_glibc() {
         let _nginx =
             ztna_e2e::nginx::start(t, Node::Backend, &format!("{}:80", addr::BACKEND), &root)?;
         let (_pg, _pg_dir) = postgres(t)?;
-        let mut s = name_stack(t)?;
-        let agent = s.start_agent()?;
+        let (mut s, _) = name_stack(t)?;
+        let _resolv = start_agent_with_dns(t, &mut s)?;
         let cfg = s.agent_cfg.clone();
-        let st = s.wait_ready(agent, &cfg)?;
-        let tunnel_ip = st.tunnel_ip().context("no tunnel IP")?;
-        let _resolv = NetnsResolvConf::create(&t.ns(Node::Agent), tunnel_ip)?;
-        wait_until(
-            "the agent's DNS server to listen",
-            Duration::from_secs(10),
-            || {
-                s.status(&cfg.status_socket)
-                    .is_ok_and(|st| !st.json["names"]["server"].is_null())
-            },
-        )?;
 
         t.step("getent hosts wiki.corp.example: a virtual address from the pool");
         let out = t.run_ok(Node::Agent, 15, ["getent", "hosts", "wiki.corp.example"])?;
@@ -432,7 +441,7 @@ fn names_through_glibc() {
 #[test]
 fn names_lying_agent_is_refused() {
     run("names_lying_agent_is_refused", helper_bins!(), |t| {
-        let s = name_stack(t)?;
+        let (s, _) = name_stack(t)?;
         let relay = format!("{}:{}", addr::RELAY, addr::RELAY_PORT);
         let a = &s.agent_cfg;
         let attacks = [
@@ -492,6 +501,110 @@ fn names_lying_agent_is_refused() {
                 && !dns_log.contains("secret.corp.example")
                 && !dns_log.contains("metadata"),
             "the connector must resolve only the accepted name:\n{dns_log}"
+        );
+        Ok(())
+    });
+}
+
+/// The connector re-resolves a name when its TTL runs out: a new connection goes to the name's
+/// new address, while a connection opened before keeps its backend and finishes; the agent's
+/// virtual address for the name stays the same.
+#[test]
+fn names_follow_dns_changes() {
+    run("names_follow_dns_changes", helper_bins!(), |t| {
+        const SECOND: &str = "10.10.3.3";
+        let (root, body) = ztna_e2e::nginx::web_root(t, Some(600 * 1024))?;
+        let _nginx =
+            ztna_e2e::nginx::start(t, Node::Backend, &format!("{}:80", addr::BACKEND), &root)?;
+        // A second backend host on the backend LAN, with another page.
+        t.run_ok(
+            Node::Backend,
+            5,
+            [
+                "sh",
+                "-c",
+                &format!(
+                    "ip addr add {SECOND}/24 dev $(ip -o -4 addr show | awk '/{}\\// {{print $2}}')",
+                    addr::BACKEND
+                ),
+            ],
+        )?;
+        let root2 = t.dir().join("www2");
+        std::fs::create_dir_all(&root2)?;
+        let body2 = format!("second backend {}\n", ztna_e2e::random_hex(8)?);
+        std::fs::write(root2.join("index.html"), &body2)?;
+        let _nginx2 = ztna_e2e::nginx::start(t, Node::Backend, &format!("{SECOND}:80"), &root2)?;
+        let (mut s, backend_dns) = name_stack(t)?;
+        let _resolv = start_agent_with_dns(t, &mut s)?;
+
+        t.step("curl http://swap.apps.corp.example/: the first backend");
+        let out = t.run_ok(
+            Node::Agent,
+            30,
+            ["curl", "-sS", "-m", "20", "http://swap.apps.corp.example/"],
+        )?;
+        ensure!(out.stdout == body, "first answer:\n{out}");
+        let before = t.run_ok(
+            Node::Agent,
+            15,
+            ["getent", "hosts", "swap.apps.corp.example"],
+        )?;
+
+        t.step("a slow download (600 KiB at 60 KB/s) from the first backend, left running");
+        let slow = t.spawn(
+            Node::Agent,
+            "slow-curl",
+            "curl",
+            [
+                "-sS",
+                "-m",
+                "60",
+                "--limit-rate",
+                "60k",
+                "-o",
+                "/dev/null",
+                "-w",
+                "code=%{http_code} size=%{size_download} ip=%{remote_ip}\n",
+                "http://swap.apps.corp.example/big.bin",
+            ],
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+
+        t.step("the backend DNS now says swap.apps.corp.example is the second host");
+        t.kill(backend_dns)?;
+        dnsmasq(
+            t,
+            Node::Backend,
+            "backend-dns2",
+            addr::BACKEND,
+            BACKEND_DNS_PORT,
+            &[("swap.apps.corp.example", SECOND)],
+        )?;
+        // The connector's entry (TTL 5 s) runs out.
+        std::thread::sleep(Duration::from_secs(6));
+        t.step("curl again: a new connection goes to the second host");
+        let out = t.run_ok(
+            Node::Agent,
+            30,
+            ["curl", "-sS", "-m", "20", "http://swap.apps.corp.example/"],
+        )?;
+        ensure!(out.stdout == body2, "after the DNS change:\n{out}");
+        let after = t.run_ok(
+            Node::Agent,
+            15,
+            ["getent", "hosts", "swap.apps.corp.example"],
+        )?;
+        ensure!(
+            before.stdout.split_whitespace().next() == after.stdout.split_whitespace().next(),
+            "the agent's virtual address changed:\n{before}\n{after}"
+        );
+
+        t.step("the download opened before the change finishes whole");
+        let status = t.wait_exit(slow, Duration::from_secs(40))?;
+        let log = t.log(slow);
+        ensure!(
+            status.success() && log.contains("code=200") && log.contains("size=614400"),
+            "the open download broke: {status:?}\n{log}"
         );
         Ok(())
     });
