@@ -93,7 +93,8 @@ impl SplitDns for Resolved {
                 return;
             }
         }
-        tracing::info!(link = %self.link, %server, domains = %domains.join(","), "split DNS registered with systemd-resolved");
+        tracing::info!(link = %self.link, %server, domains = domains.len(), "split DNS registered with systemd-resolved");
+        tracing::debug!(link = %self.link, domains = %domains.join(","), "split DNS domains");
     }
 }
 
