@@ -140,10 +140,15 @@ pub(crate) enum Cached {
     Missing(bool),
 }
 
-/// Resolved names, bounded: the least recently used entry goes when a new one needs room.
+/// Most names being resolved at once for the first time.
+pub(crate) const MAX_PENDING: usize = 64;
+
+/// Resolved names, bounded: the least recently used entry goes when a new one needs room. Names
+/// not resolved yet are resolved by one caller each, at most [`MAX_PENDING`] at once.
 #[derive(Debug)]
 pub(crate) struct NameCache {
     entries: HashMap<String, CacheEntry>,
+    pending: std::collections::HashSet<String>,
     max: usize,
 }
 
@@ -151,6 +156,7 @@ impl NameCache {
     pub(crate) fn new(max: usize) -> Self {
         Self {
             entries: HashMap::new(),
+            pending: std::collections::HashSet::new(),
             max: max.max(1),
         }
     }
@@ -158,7 +164,11 @@ impl NameCache {
     /// Looks `name` up at `now`, marking it as being refreshed when the caller is to resolve it.
     pub(crate) fn get(&mut self, name: &str, now: Instant) -> Cached {
         let Some(e) = self.entries.get_mut(name) else {
-            return Cached::Missing(true);
+            let first = !self.pending.contains(name) && self.pending.len() < MAX_PENDING;
+            if first {
+                self.pending.insert(name.to_owned());
+            }
+            return Cached::Missing(first);
         };
         e.used = now;
         let expired = now >= e.expires;
@@ -184,6 +194,7 @@ impl NameCache {
         result: Option<(Vec<Ipv4Addr>, Duration)>,
     ) -> usize {
         let mut evicted = 0;
+        self.pending.remove(name);
         if !self.entries.contains_key(name) && self.entries.len() >= self.max {
             if let Some(oldest) = self
                 .entries
@@ -516,6 +527,8 @@ mod tests {
         let a2 = Ipv4Addr::new(192, 0, 2, 2);
         let mut c = NameCache::new(10);
         assert_eq!(c.get("w", t0), Cached::Missing(true));
+        // One resolution at a time for a new name.
+        assert_eq!(c.get("w", t0), Cached::Missing(false));
         c.put("w", t0, Some((vec![a1], Duration::from_secs(30))));
         assert_eq!(c.get("w", t0 + Duration::from_secs(29)), Cached::Fresh(a1));
         // Expired: one caller refreshes, the others keep using the old address.
@@ -545,6 +558,14 @@ mod tests {
     fn cache_is_bounded_lru() {
         let t0 = Instant::now();
         let a = Ipv4Addr::new(192, 0, 2, 1);
+        let mut c = NameCache::new(2);
+        // At most MAX_PENDING first resolutions at once.
+        for i in 0..MAX_PENDING {
+            assert_eq!(c.get(&format!("n{i}"), t0), Cached::Missing(true));
+        }
+        assert_eq!(c.get("one-more", t0), Cached::Missing(false));
+        c.put("n0", t0, None);
+        assert_eq!(c.get("one-more", t0), Cached::Missing(true));
         let mut c = NameCache::new(2);
         c.put("a", t0, Some((vec![a], Duration::from_secs(60))));
         c.put(
