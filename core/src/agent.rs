@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -331,6 +331,9 @@ struct Link {
     /// The TCP connections answered through the current inner connection (locked by its
     /// reader per TCP packet, and when the connection ends).
     tcp_flows: Mutex<TcpFlows>,
+    /// Whether `tcp_flows` answers the client's segments of connections it reset (checked
+    /// per packet from the platform before taking the lock).
+    resetting: AtomicBool,
 }
 
 /// The IP protocol number of TCP.
@@ -355,15 +358,17 @@ impl Link {
             flows.clear();
             return;
         };
-        let resets = flows.take_resets(client);
+        let connections = flows.len();
+        let resets = flows.take_resets(client, Instant::now());
         drop(flows);
         if resets.is_empty() {
             return;
         }
-        tracing::info!(connector = %self.name, connections = resets.len(), "the inner connection ended: resetting the TCP connections it carried");
+        self.resetting.store(true, Ordering::Relaxed);
+        tracing::info!(connector = %self.name, connections, "the inner connection ended: resetting the TCP connections it carried");
         self.counters
             .tcp_resets
-            .fetch_add(resets.len() as u64, Ordering::Relaxed);
+            .fetch_add(connections as u64, Ordering::Relaxed);
         for r in resets {
             if sh.to_platform.try_send(Bytes::from(r)).is_err() {
                 sh.dropped_to_platform.fetch_add(1, Ordering::Relaxed);
@@ -723,6 +728,9 @@ impl Agent {
             self.shared.dropped_no_route.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        if link.resetting.load(Ordering::Relaxed) && self.answer_reset(&link, &packet) {
+            return;
+        }
         let conn = read(&link.conn).clone();
         let len = packet.len() as u64;
         match conn.map(|c| c.send_datagram(packet)) {
@@ -737,6 +745,32 @@ impl Agent {
                 self.shared
                     .dropped_tunnel_down
                     .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A segment of a TCP connection the agent reset after its inner connection ended is
+    /// answered here with an exact reset instead of going on (see [`crate::tcp_flows`]);
+    /// whether the packet was taken.
+    fn answer_reset(&self, link: &Link, packet: &[u8]) -> bool {
+        let mut flows = lock(&link.tcp_flows);
+        let out = flows.outbound(packet, Instant::now());
+        if !flows.resetting() {
+            link.resetting.store(false, Ordering::Relaxed);
+        }
+        drop(flows);
+        match out {
+            crate::tcp_flows::Outbound::Pass => false,
+            crate::tcp_flows::Outbound::Drop => true,
+            crate::tcp_flows::Outbound::Reset(r) => {
+                tracing::debug!(connector = %link.name, "answered a reset connection's segment with a reset");
+                link.counters.tcp_resets.fetch_add(1, Ordering::Relaxed);
+                if self.shared.to_platform.try_send(Bytes::from(r)).is_err() {
+                    self.shared
+                        .dropped_to_platform
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                true
             }
         }
     }
@@ -1189,6 +1223,7 @@ impl Driver {
                         services: RwLock::default(),
                         counters: LinkCounters::default(),
                         tcp_flows: Mutex::new(TcpFlows::new(TCP_FLOWS_PER_LINK, TCP_FLOW_IDLE)),
+                        resetting: AtomicBool::new(false),
                     })
                 });
                 *write(&link.services) = services;

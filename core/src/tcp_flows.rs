@@ -9,11 +9,16 @@
 //! number plus what that segment used), and when the inner connection is replaced or lost it
 //! hands the platform one RST per connection, as the server would have sent.
 //!
-//! The sequence number is learnt from the server's segments only (the agent's send path stays
-//! untouched). When it is not exactly the client's next expected number (a segment was lost or
-//! reordered), the client's kernel answers the reset with a challenge ACK (RFC 5961), which
-//! reaches the new connector as a segment of an unknown connection and gets the connector's own
-//! reset with the exact number.
+//! The sequence number is learnt from the server's segments, which is not always the number the
+//! client's kernel expects: a segment observed here may still have been lost on the way to the
+//! kernel (a full queue to the tunnel device) or dropped by it (beyond a zero receive window).
+//! A reset whose number is not exactly the expected one is answered with a challenge ACK when it
+//! is inside the window (RFC 5961) and silently dropped when it is not. So each reset goes out
+//! with a probe, a bare ACK a gigabyte behind the window, which the kernel always answers with
+//! an ACK carrying the number it expects; and for [`RESET_MEMORY`] after the resets the agent
+//! answers every segment the client sends on such a connection (that ACK, a window update,
+//! data) with a reset numbered from the segment's acknowledgement number, which is exact
+//! (RFC 9293 3.10.7.1), instead of sending it on. No connector has to be up for it.
 //!
 //! The table is bounded: past `capacity` connections, idle entries are pruned and, if none is,
 //! the new connection is not tracked and counted (it still gets the connector's reset on its
@@ -29,6 +34,14 @@ const TCP: u8 = 6;
 const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+/// How long the agent answers a reset connection's segments itself.
+pub const RESET_MEMORY: Duration = Duration::from_secs(10);
+
+/// How far behind the expected sequence number the probe sent with a reset lies: outside any
+/// receive window (at most 1 GiB), so the client's kernel answers it with an ACK.
+const PROBE_BEHIND: u32 = 1 << 30;
 
 /// A TCP connection as seen from the server: service address and port, the client's port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,6 +68,22 @@ pub struct TcpFlows {
     /// When the table was last pruned (at most once per `PRUNE_EVERY`).
     pruned: Option<Instant>,
     untracked: u64,
+    /// Connections reset by [`TcpFlows::take_resets`], and until when the agent answers their
+    /// segments itself (bounded by `capacity`).
+    reset: HashMap<FlowKey, Instant>,
+    /// The latest of those times: past it, all of them are forgotten at once.
+    reset_until: Option<Instant>,
+}
+
+/// What to do with a segment the client sends.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outbound {
+    /// Not a connection the agent reset: send it on.
+    Pass,
+    /// A reset connection: drop it, and hand the platform this reset.
+    Reset(Vec<u8>),
+    /// A reset connection's own reset: drop it.
+    Drop,
 }
 
 /// How often a full table may be scanned for idle entries.
@@ -70,6 +99,8 @@ impl TcpFlows {
             idle,
             pruned: None,
             untracked: 0,
+            reset: HashMap::new(),
+            reset_until: None,
         }
     }
 
@@ -145,24 +176,107 @@ impl TcpFlows {
     /// Forgets every connection.
     pub fn clear(&mut self) {
         self.flows.clear();
+        self.reset.clear();
     }
 
-    /// Forgets every connection and returns one reset per connection, from the server to the
-    /// client at `client` (the agent's tunnel IP), to hand to the platform's tunnel device.
-    pub fn take_resets(&mut self, client: Ipv4Addr) -> Vec<Vec<u8>> {
-        self.flows
-            .drain()
-            .filter_map(|(k, f)| reset(k.server, k.server_port, client, k.client_port, f.next_seq))
-            .collect()
+    /// Forgets every connection and returns, per connection, a reset from the server to the
+    /// client at `client` (the agent's tunnel IP) and the probe that makes the client's kernel
+    /// say which number it expects, to hand to the platform's tunnel device; remembers the
+    /// connections for [`RESET_MEMORY`] so that [`TcpFlows::outbound`] can answer them.
+    pub fn take_resets(&mut self, client: Ipv4Addr, now: Instant) -> Vec<Vec<u8>> {
+        let until = now + RESET_MEMORY;
+        self.reset.retain(|_, u| *u > now);
+        self.reset_until = Some(until);
+        let mut out = Vec::with_capacity(self.flows.len() * 2);
+        for (k, f) in self.flows.drain() {
+            if self.reset.len() < self.capacity || self.reset.contains_key(&k) {
+                self.reset.insert(k, until);
+            }
+            let (src, sport, dport) = (k.server, k.server_port, k.client_port);
+            out.extend(segment(src, sport, client, dport, f.next_seq, RST, 0));
+            let behind = f.next_seq.wrapping_sub(PROBE_BEHIND);
+            out.extend(segment(src, sport, client, dport, behind, ACK, 0));
+        }
+        out
+    }
+
+    /// Whether some connection was reset less than [`RESET_MEMORY`] ago (a cheap check before
+    /// [`TcpFlows::outbound`]; may say yes for entries that have just expired).
+    pub fn resetting(&self) -> bool {
+        !self.reset.is_empty()
+    }
+
+    /// Looks at a packet the client sends towards the connector: a segment of a connection the
+    /// agent reset is answered here, with a reset numbered from its acknowledgement number.
+    /// A new connection (SYN) on the same ports ends the memory of the old one.
+    pub fn outbound(&mut self, packet: &[u8], now: Instant) -> Outbound {
+        if self.reset.is_empty() {
+            return Outbound::Pass;
+        }
+        if self.reset_until.is_some_and(|u| u <= now) {
+            self.reset.clear();
+            return Outbound::Pass;
+        }
+        let Some(seg) = Segment::parse(packet) else {
+            return Outbound::Pass;
+        };
+        let key = FlowKey {
+            server: seg.dst,
+            server_port: seg.dst_port,
+            client_port: seg.src_port,
+        };
+        match self.reset.get(&key) {
+            None => return Outbound::Pass,
+            Some(until) if *until <= now => {
+                self.reset.remove(&key);
+                return Outbound::Pass;
+            }
+            Some(_) => {}
+        }
+        if seg.flags & SYN != 0 {
+            self.reset.remove(&key);
+            return Outbound::Pass;
+        }
+        if seg.flags & RST != 0 {
+            return Outbound::Drop;
+        }
+        // RFC 9293 3.10.7.1: to a segment with ACK, <SEQ=SEG.ACK><CTL=RST>; without,
+        // <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>.
+        let answer = if seg.flags & ACK != 0 {
+            segment(
+                seg.dst,
+                seg.dst_port,
+                seg.src,
+                seg.src_port,
+                seg.ack,
+                RST,
+                0,
+            )
+        } else {
+            let len = seg.payload + u32::from(seg.flags & FIN != 0);
+            let ack = seg.seq.wrapping_add(len);
+            segment(
+                seg.dst,
+                seg.dst_port,
+                seg.src,
+                seg.src_port,
+                0,
+                RST | ACK,
+                ack,
+            )
+        };
+        answer.map_or(Outbound::Drop, Outbound::Reset)
     }
 }
 
-/// The fields of a server's TCP segment the table needs.
+/// The fields of a TCP segment the table needs.
 struct Segment {
     src: Ipv4Addr,
+    dst: Ipv4Addr,
     src_port: u16,
     dst_port: u16,
     seq: u32,
+    ack: u32,
     flags: u8,
     payload: u32,
 }
@@ -179,20 +293,40 @@ impl Segment {
         let flags = body[13];
         Some(Segment {
             src: ip.source_addr(),
+            dst: ip.destination_addr(),
             src_port: tcp.source_port(),
             dst_port: tcp.destination_port(),
             seq: tcp.sequence_number(),
+            ack: tcp.acknowledgment_number(),
             flags,
             payload: u32::try_from(body.len() - tcp.slice().len()).ok()?,
         })
     }
 }
 
-/// A bare RST (no ACK) from `src:sport` to `dst:dport` with sequence number `seq`.
-fn reset(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, seq: u32) -> Option<Vec<u8>> {
-    let builder = PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
-        .tcp(sport, dport, seq, 0)
-        .rst();
+/// An empty segment from `src:sport` to `dst:dport` with sequence number `seq` and `flags`
+/// (RST and/or ACK; `ack` is used with ACK).
+fn segment(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    seq: u32,
+    flags: u8,
+    ack: u32,
+) -> Option<Vec<u8>> {
+    // Window 0: nothing in it invites the client to send more.
+    let builder = PacketBuilder::ipv4(src.octets(), dst.octets(), 64).tcp(sport, dport, seq, 0);
+    let builder = if flags & RST != 0 {
+        builder.rst()
+    } else {
+        builder
+    };
+    let builder = if flags & ACK != 0 {
+        builder.ack(ack)
+    } else {
+        builder
+    };
     let mut out = Vec::with_capacity(builder.size(0));
     builder.write(&mut out, &[]).ok()?;
     Some(out)
@@ -245,6 +379,26 @@ mod tests {
         )
     }
 
+    /// The resets among what `take_resets` returns (the rest are probes).
+    fn resets_only(f: &mut TcpFlows, now: Instant) -> Vec<Vec<u8>> {
+        let all = f.take_resets(CLIENT, now);
+        let (resets, probes): (Vec<_>, Vec<_>) = all.into_iter().partition(|p| parse_reset(p).5);
+        assert_eq!(resets.len(), probes.len(), "one probe per reset");
+        resets
+    }
+
+    /// A segment from the client to the server.
+    fn client_segment(sport: u16, dport: u16, seq: u32, flags: u8, ack: u32) -> Vec<u8> {
+        let b =
+            PacketBuilder::ipv4(CLIENT.octets(), SERVER.octets(), 64).tcp(sport, dport, seq, 1000);
+        let b = if flags & SYN != 0 { b.syn() } else { b };
+        let b = if flags & RST != 0 { b.rst() } else { b };
+        let b = if flags & ACK != 0 { b.ack(ack) } else { b };
+        let mut out = Vec::new();
+        b.write(&mut out, &[]).unwrap();
+        out
+    }
+
     #[test]
     fn a_reset_carries_the_sequence_number_the_client_expects() {
         let t0 = Instant::now();
@@ -255,8 +409,7 @@ mod tests {
         // A retransmission of an older segment does not move it back.
         f.observe(&segment(80, 40000, 1001, 0, 500), t0);
         f.observe(&segment(443, 40001, 7, FIN, 3), t0);
-        let mut resets: Vec<_> = f
-            .take_resets(CLIENT)
+        let mut resets: Vec<_> = resets_only(&mut f, t0)
             .iter()
             .map(|p| parse_reset(p))
             .collect();
@@ -269,7 +422,7 @@ mod tests {
             ]
         );
         assert!(f.is_empty(), "taking the resets forgets the connections");
-        assert!(f.take_resets(CLIENT).is_empty());
+        assert!(f.take_resets(CLIENT, t0).is_empty());
     }
 
     #[test]
@@ -279,7 +432,7 @@ mod tests {
         f.observe(&segment(80, 40000, u32::MAX - 99, 0, 100), t0);
         f.observe(&segment(80, 40000, 0, 0, 50), t0);
         f.observe(&segment(80, 40000, u32::MAX - 99, 0, 100), t0);
-        let r = f.take_resets(CLIENT);
+        let r = resets_only(&mut f, t0);
         assert_eq!(parse_reset(&r[0]).4, 50);
     }
 
@@ -317,13 +470,90 @@ mod tests {
         // The first is idle 61 s later: pruned, the new one fits.
         f.observe(&segment(80, 4, 1, 0, 1), t0 + Duration::from_secs(61));
         assert_eq!((f.len(), f.untracked()), (2, 1));
-        let mut ports: Vec<u16> = f
-            .take_resets(CLIENT)
+        let mut ports: Vec<u16> = resets_only(&mut f, t0 + Duration::from_secs(61))
             .iter()
             .map(|p| parse_reset(p).3)
             .collect();
         ports.sort();
         assert_eq!(ports, vec![2, 4]);
+    }
+
+    #[test]
+    fn each_reset_has_a_probe_behind_the_window_that_makes_the_client_say_its_number() {
+        let t0 = Instant::now();
+        let mut f = TcpFlows::new(16, Duration::from_secs(60));
+        f.observe(&segment(80, 40000, 5000, 0, 100), t0);
+        let all = f.take_resets(CLIENT, t0);
+        let probe = all.iter().map(|p| parse_reset(p)).find(|p| !p.5).unwrap();
+        assert_eq!(
+            probe,
+            (
+                SERVER,
+                80,
+                CLIENT,
+                40000,
+                5100u32.wrapping_sub(1 << 30),
+                false,
+                true
+            )
+        );
+    }
+
+    #[test]
+    fn the_clients_segments_on_a_reset_connection_get_an_exact_reset_for_ten_seconds() {
+        let t0 = Instant::now();
+        let mut f = TcpFlows::new(16, Duration::from_secs(60));
+        // Before any reset, nothing is intercepted.
+        assert_eq!(
+            f.outbound(&client_segment(40000, 80, 1, ACK, 77), t0),
+            Outbound::Pass
+        );
+        f.observe(&segment(80, 40000, 5000, 0, 100), t0);
+        f.observe(&segment(443, 40001, 9, 0, 1), t0);
+        let _ = f.take_resets(CLIENT, t0);
+        assert!(f.resetting());
+        // The kernel expected 5050 (the last 50 bytes never reached it): its ACK says so,
+        // and the answer is a reset with exactly that number.
+        let t1 = t0 + Duration::from_secs(1);
+        let Outbound::Reset(r) = f.outbound(&client_segment(40000, 80, 1, ACK, 5050), t1) else {
+            panic!("not answered")
+        };
+        assert_eq!(
+            parse_reset(&r),
+            (SERVER, 80, CLIENT, 40000, 5050, true, false)
+        );
+        // Without ACK: RST+ACK acknowledging the segment.
+        let Outbound::Reset(r) = f.outbound(&client_segment(40000, 80, 100, 0, 0), t1) else {
+            panic!("not answered")
+        };
+        assert_eq!(parse_reset(&r), (SERVER, 80, CLIENT, 40000, 0, true, true));
+        // The client's own reset is dropped; other connections and other packets pass.
+        assert_eq!(
+            f.outbound(&client_segment(40000, 80, 1, RST, 0), t1),
+            Outbound::Drop
+        );
+        assert_eq!(
+            f.outbound(&client_segment(40002, 80, 1, ACK, 1), t1),
+            Outbound::Pass
+        );
+        assert_eq!(f.outbound(&segment(80, 40000, 1, 0, 0), t1), Outbound::Pass);
+        assert_eq!(f.outbound(&[0x45; 10], t1), Outbound::Pass);
+        // A new connection on the same ports is not the old one.
+        assert_eq!(
+            f.outbound(&client_segment(40001, 443, 1, SYN, 0), t1),
+            Outbound::Pass
+        );
+        assert_eq!(
+            f.outbound(&client_segment(40001, 443, 2, ACK, 3), t1),
+            Outbound::Pass
+        );
+        // Ten seconds later the agent has forgotten.
+        let t2 = t0 + RESET_MEMORY;
+        assert_eq!(
+            f.outbound(&client_segment(40000, 80, 1, ACK, 5050), t2),
+            Outbound::Pass
+        );
+        assert!(!f.resetting());
     }
 
     proptest! {
@@ -344,9 +574,13 @@ mod tests {
                 f.observe(&p, t0 + Duration::from_millis(i as u64 * 100));
                 prop_assert!(f.len() <= 8);
             }
-            for r in f.take_resets(CLIENT) {
-                let _ = parse_reset(&r);
-            }
+            let t1 = t0 + Duration::from_secs(30);
+            let n = f.len();
+            prop_assert_eq!(f.take_resets(CLIENT, t1).len(), 2 * n);
+            prop_assert!(f.reset.len() <= 8);
+            let mut p = client_segment(1, 2, 3, ACK, 4);
+            p.truncate(30);
+            let _ = f.outbound(&p, t1);
         }
     }
 }
