@@ -139,6 +139,8 @@ mod tests {
             "key": write("a.key", &p.key), "tun": "ztna0", "mtu": 1300,
             "services": "web, db, web", "status_socket": "/run/ztna/agent.sock",
             "log": "debug", "direct_paths": false, "withdraw_grace_secs": 5, "route_table": 100,
+            "dns_domains": ["Corp.Example"], "dns_upstream": "10.0.0.53", "dns_port": 53,
+            "dns_split": false,
         });
         // `relay` is the one-relay form of `relays` (never both): tested in clear_errors.
         let keys: BTreeSet<&str> = json
@@ -158,6 +160,9 @@ mod tests {
         let cfg = parse(&json.to_string()).unwrap();
         let s = &cfg.settings;
         assert_eq!(s.relay_name, "relay.example");
+        assert_eq!(s.dns.domains, vec!["corp.example".to_owned()]);
+        assert_eq!(s.dns.upstream, vec!["10.0.0.53:53".parse().unwrap()]);
+        assert!(!s.dns.split);
         assert_eq!(s.mtu, 1300);
         assert_eq!(s.services, ["web", "db"]);
         assert_eq!(cfg.log, "debug");

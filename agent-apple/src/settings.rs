@@ -58,7 +58,8 @@ pub struct NetworkSettings {
     pub included_routes: Vec<Route>,
     /// Addresses that must never enter the tunnel: the relay and the direct-path peers.
     pub excluded_routes: Vec<Route>,
-    /// DNS settings, when the core has any (the core has no agent-side DNS yet: always `None`).
+    /// DNS settings: the agent's DNS server on the tunnel IP and the match domains of its name
+    /// services; `None` when there are none.
     pub dns: Option<DnsSettings>,
 }
 
@@ -70,13 +71,22 @@ pub fn network_settings(
     relays: &[SocketAddr],
     mtu: u16,
     direct_peers: &[IpAddr],
+    dns_domains: &[String],
 ) -> Option<NetworkSettings> {
     let ip = state.tunnel_ip?;
     let relay = relays.first()?;
     let mut included: Vec<Route> = state
         .services
         .iter()
-        .map(|s| Route::host(IpAddr::V4(s.address)))
+        .map(|s| {
+            // A name service routes its whole pool of virtual addresses.
+            let net = s.prefix();
+            Route {
+                address: IpAddr::V4(net.network()),
+                prefix: net.prefix_len(),
+                subnet_mask: Some(net.netmask()),
+            }
+        })
         .collect();
     included.sort();
     included.dedup();
@@ -97,7 +107,10 @@ pub fn network_settings(
         mtu,
         included_routes: included,
         excluded_routes: excluded,
-        dns: None,
+        dns: (!dns_domains.is_empty()).then(|| DnsSettings {
+            servers: vec![IpAddr::V4(ip)],
+            match_domains: dns_domains.to_vec(),
+        }),
     })
 }
 
@@ -114,6 +127,7 @@ mod tests {
             tcp: vec![],
             icmp: true,
             connector: "conn1".into(),
+            names: None,
         }
     }
 
@@ -126,7 +140,7 @@ mod tests {
             services: vec![svc("echo", [10, 100, 0, 1])],
         };
         assert_eq!(
-            network_settings(&st, &[RELAY.parse().unwrap()], 1280, &[]),
+            network_settings(&st, &[RELAY.parse().unwrap()], 1280, &[], &[]),
             None
         );
     }
@@ -142,7 +156,7 @@ mod tests {
             ],
         };
         let peer: IpAddr = "10.10.0.3".parse().unwrap();
-        let s = network_settings(&st, &[RELAY.parse().unwrap()], 1280, &[peer, peer]).unwrap();
+        let s = network_settings(&st, &[RELAY.parse().unwrap()], 1280, &[peer, peer], &[]).unwrap();
         assert_eq!(s.ipv4_address, Ipv4Addr::new(100, 64, 0, 2));
         assert_eq!(
             s.tunnel_remote_address,
@@ -179,9 +193,48 @@ mod tests {
             &[RELAY.parse().unwrap()],
             1280,
             &["10.10.0.3".parse().unwrap()],
+            &[],
         )
         .unwrap();
         assert!(s.included_routes.is_empty(), "{s:?}");
+    }
+
+    /// Name services: the pool is routed, and the agent's DNS server on the tunnel IP gets the
+    /// match domains (NEDNSSettings `matchDomains`).
+    #[test]
+    fn name_services_route_their_pool_and_set_dns() {
+        let mut names = svc("wiki", [10, 101, 0, 0]);
+        names.names = Some(ztna_proto::NamePool {
+            patterns: vec!["*.corp.example".into()],
+            prefix_len: 24,
+        });
+        let st = TunnelState {
+            tunnel_ip: Some(Ipv4Addr::new(100, 64, 0, 2)),
+            services: vec![names],
+        };
+        let s = network_settings(
+            &st,
+            &[RELAY.parse().unwrap()],
+            1280,
+            &[],
+            &["corp.example".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            s.included_routes,
+            vec![Route {
+                address: "10.101.0.0".parse().unwrap(),
+                prefix: 24,
+                subnet_mask: Some(Ipv4Addr::new(255, 255, 255, 0)),
+            }]
+        );
+        assert_eq!(
+            s.dns,
+            Some(DnsSettings {
+                servers: vec!["100.64.0.2".parse().unwrap()],
+                match_domains: vec!["corp.example".into()],
+            })
+        );
     }
 
     #[test]
@@ -190,7 +243,14 @@ mod tests {
             tunnel_ip: Some(Ipv4Addr::new(100, 64, 0, 2)),
             services: vec![],
         };
-        let s = network_settings(&st, &["[2001:db8::1]:4433".parse().unwrap()], 1280, &[]).unwrap();
+        let s = network_settings(
+            &st,
+            &["[2001:db8::1]:4433".parse().unwrap()],
+            1280,
+            &[],
+            &[],
+        )
+        .unwrap();
         assert_eq!(s.excluded_routes[0].prefix, 128);
         assert_eq!(s.excluded_routes[0].subnet_mask, None);
     }

@@ -202,6 +202,9 @@ impl Tunnel {
             ) {
                 Ok((agent, rx)) => {
                     let state = agent.state();
+                    // The DNS server of name services on the tunnel IP; the extension routes
+                    // the match domains to it through NEDNSSettings (no SplitDns here).
+                    tokio::spawn(ztna_core::dns::run(agent.names(), agent.state(), None));
                     *self.agent.write().unwrap_or_else(|p| p.into_inner()) = Some(agent);
                     (rx, state)
                 }
@@ -298,7 +301,7 @@ impl Tunnel {
 
     /// Calls the settings callback when the settings differ from the ones last applied.
     fn publish_settings(&self, applied: &mut Option<NetworkSettings>) {
-        let (state, peers, relays) = {
+        let (state, peers, relays, dns_domains) = {
             let agent = self.agent.read().unwrap_or_else(|p| p.into_inner());
             let Some(agent) = agent.as_ref() else { return };
             let state = agent.state().borrow().clone();
@@ -312,9 +315,16 @@ impl Tunnel {
                 .filter_map(|c| c.direct.as_ref().and_then(|d| d.addr))
                 .map(|a| a.ip())
                 .collect();
-            (state, peers, relays)
+            // NEDNSSettings takes server addresses only: port 53.
+            let dns_domains = if agent.names().options().port == 53 {
+                agent.names().match_domains()
+            } else {
+                Vec::new()
+            };
+            (state, peers, relays, dns_domains)
         };
-        let Some(settings) = network_settings(&state, &relays, self.cfg.settings.mtu, &peers)
+        let Some(settings) =
+            network_settings(&state, &relays, self.cfg.settings.mtu, &peers, &dns_domains)
         else {
             return;
         };

@@ -421,6 +421,7 @@ key = "/etc/ztna/agent.key"
             direct_paths: true,
             withdraw_grace: std::time::Duration::from_secs(30),
             route_table: ztna_core::agent_config::DEFAULT_ROUTE_TABLE,
+            dns: Default::default(),
         }
     }
 

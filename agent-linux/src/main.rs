@@ -18,6 +18,7 @@
 mod config;
 mod monitor;
 mod netlink;
+mod resolved;
 mod status;
 mod tun;
 mod up;

@@ -95,14 +95,15 @@ pub(crate) fn desired_routes(state: &TunnelState, oif: u32) -> BTreeSet<RouteKey
     let Some(tunnel_ip) = state.tunnel_ip else {
         return BTreeSet::new();
     };
+    // A name service routes its whole pool of virtual addresses.
     state
         .services
         .iter()
-        .map(|s| s.address)
-        .filter(|a| *a != tunnel_ip && routable(*a))
-        .map(|dst| RouteKey {
-            dst,
-            prefix_len: HOST_PREFIX,
+        .map(|s| s.prefix())
+        .filter(|n| !n.contains(&tunnel_ip) && routable(n.network()))
+        .map(|net| RouteKey {
+            dst: net.network(),
+            prefix_len: net.prefix_len(),
             oif: Some(oif),
             src: Some(tunnel_ip),
         })
@@ -602,6 +603,7 @@ mod tests {
             tcp: vec![],
             icmp: true,
             connector: "c1".into(),
+            names: None,
         }
     }
 

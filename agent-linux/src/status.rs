@@ -383,12 +383,56 @@ pub(crate) fn render(s: &AgentStatus) -> String {
     if let Some(r) = &s.refused {
         let _ = writeln!(out, "refused:      {r}");
     }
+    render_names(&mut out, &s.names);
     let _ = writeln!(
         out,
         "\ndropped:      {} outbound with no service route, {} outbound while the tunnel was not up, {} outbound after waiting on a full tunnel, {} tunnel packets with no path (relay away), {} inbound failing the source check, {} inbound (TUN device not reading)",
         s.dropped_no_route, s.dropped_tunnel_down, s.dropped_tunnel_full, s.dropped_no_path, s.dropped_inbound, s.dropped_to_platform
     );
     out
+}
+
+/// Name services: the DNS server, its domains and counters, and the current mappings.
+fn render_names(out: &mut String, n: &ztna_core::agent::NamesStatus) {
+    if n.services == 0 && n.mappings.is_empty() && n.domains.is_empty() {
+        return;
+    }
+    let [answered, forwarded, denied, refused, failed, dropped] = n.queries;
+    let _ = writeln!(
+        out,
+        "\nnames:        {} name services, DNS server {}, domains {}",
+        n.services,
+        or_dash(n.server),
+        if n.domains.is_empty() {
+            "-".to_owned()
+        } else {
+            n.domains.join(",")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "  queries:    {answered} answered, {forwarded} forwarded, {denied} NXDOMAIN, {refused} refused, {failed} failed, {dropped} dropped; {} mappings refused by connectors",
+        n.mappings_refused
+    );
+    if !n.mappings.is_empty() {
+        let mut rows = vec![vec![
+            "NAME".to_owned(),
+            "ADDRESS".to_owned(),
+            "SERVICE".to_owned(),
+            "CONNECTOR".to_owned(),
+            "CONFIRMED".to_owned(),
+        ]];
+        rows.extend(n.mappings.iter().map(|m| {
+            vec![
+                m.name.clone(),
+                m.address.to_string(),
+                m.service.clone(),
+                m.connector.clone(),
+                if m.confirmed { "yes" } else { "no" }.to_owned(),
+            ]
+        }));
+        out.push_str(&table(&rows));
+    }
 }
 
 #[cfg(test)]
@@ -420,6 +464,7 @@ mod tests {
             dropped_to_platform: 0,
             withdrawing: vec![],
             refused: None,
+            names: Default::default(),
             relay_sessions: 0,
             last_error: Some("the relay did not answer within 5s".into()),
         }

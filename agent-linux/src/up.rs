@@ -94,6 +94,9 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
 
     // Take everything down, whatever happened; report problems but carry on.
     running.tasks.shutdown().await;
+    if cfg.dns.split {
+        crate::resolved::revert(&tun.name);
+    }
     match nl.sync_routes(tun.index, &BTreeSet::new()).await {
         Ok(c) => tracing::debug!(removed = c.removed, "routes removed"),
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove all routes"),
@@ -176,6 +179,17 @@ async fn serve(
     running
         .tasks
         .spawn(crate::monitor::watch(agent.clone(), tun.index));
+    // The DNS server of name services on the tunnel IP, and split DNS for the link.
+    let split: Option<Box<dyn ztna_core::dns::SplitDns>> = if cfg.dns.split {
+        Some(Box::new(crate::resolved::Resolved::new(&tun.name)))
+    } else {
+        None
+    };
+    let (names, names_state) = (agent.names(), agent.state());
+    running.tasks.spawn(async move {
+        ztna_core::dns::run(names, names_state, split).await;
+        Ok(())
+    });
     let status_agent = agent.clone();
     running.tasks.spawn(async move {
         status::serve(listener, move || status_agent.status()).await;

@@ -495,6 +495,7 @@ pub(crate) fn bench_service() -> ServiceDef {
         tcp: vec![],
         icmp: false,
         connector: String::new(),
+        names: None,
     }
 }
 
@@ -607,6 +608,7 @@ pub(crate) fn relay_config(
         crls: vec![],
         reload_poll_secs: None,
         xdp,
+        extra: String::new(),
     }
 }
 

@@ -23,10 +23,20 @@ pub(crate) const SYSTEM_CONFIG: &str = "/etc/ztna/connector.toml";
 pub(crate) struct ServiceConfig {
     /// Name policy refers to.
     pub(crate) name: String,
-    /// Virtual IPv4 address agents use.
+    /// Virtual IPv4 address agents use (absent for a name service).
+    #[serde(default = "unspecified")]
     pub(crate) address: Ipv4Addr,
-    /// Real backend: `IP` (same ports) or `IP:PORT` (every port maps to PORT).
+    /// Real backend: `IP` (same ports) or `IP:PORT` (every port maps to PORT). Absent for a
+    /// name service, whose backend is what each name resolves to.
+    #[serde(default)]
     pub(crate) backend: String,
+    /// A name service's DNS names (`wiki.corp.example`, `*.corp.example`), as in the relay's
+    /// policy; needs `pool` instead of `address` and `backend`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) names: Option<Vec<String>>,
+    /// A name service's pool of virtual addresses, as in the relay's policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) pool: Option<ipnet::Ipv4Net>,
     /// UDP ports: `53`, `"53"` or `"5000-5010"`.
     #[serde(default, deserialize_with = "ztna_core::daemon::port_list")]
     pub(crate) udp: Vec<String>,
@@ -41,6 +51,10 @@ pub(crate) struct ServiceConfig {
 
 fn yes() -> bool {
     true
+}
+
+fn unspecified() -> Ipv4Addr {
+    Ipv4Addr::UNSPECIFIED
 }
 
 /// Keys that `ZTNA_<KEY>` environment variables may set (`ZTNA_LOG` is read by the logger).
@@ -185,6 +199,16 @@ pub(crate) struct ConnectorConfig {
     /// Services offered. The relay's policy owns each name's address: an announcement whose
     /// address (or ports) differs from it is refused.
     pub(crate) services: Vec<ServiceConfig>,
+    /// DNS servers (`IP` or `IP:PORT`) that resolve name services' names; empty: the system
+    /// resolver (getaddrinfo: `/etc/hosts`, `/etc/resolv.conf`).
+    pub(crate) resolver: Vec<String>,
+    /// How long an address from the system resolver (which reports no TTL) is used before the
+    /// name is resolved again.
+    pub(crate) resolver_ttl_secs: u64,
+    /// Names one agent tunnel may have mapped at once.
+    pub(crate) max_names_per_agent: usize,
+    /// Resolved names the connector keeps (least recently used go first).
+    pub(crate) max_resolved_names: usize,
 }
 
 impl Default for ConnectorConfig {
@@ -222,6 +246,10 @@ impl Default for ConnectorConfig {
             deny_list: None,
             crls: Vec::new(),
             services: Vec::new(),
+            resolver: Vec::new(),
+            resolver_ttl_secs: 30,
+            max_names_per_agent: 1024,
+            max_resolved_names: 4096,
         }
     }
 }
@@ -333,10 +361,63 @@ impl ConnectorConfig {
         })
     }
 
+    /// The name services, validated.
+    pub(crate) fn name_services(&self) -> anyhow::Result<Vec<ServiceDef>> {
+        let mut out: Vec<ServiceDef> = Vec::new();
+        for s in &self.services {
+            let (Some(names), Some(pool)) = (&s.names, s.pool) else {
+                anyhow::ensure!(
+                    s.names.is_none() && s.pool.is_none(),
+                    "service {}: a name service needs both `names` and `pool`",
+                    s.name
+                );
+                continue;
+            };
+            anyhow::ensure!(
+                s.address.is_unspecified() && s.backend.is_empty(),
+                "service {}: a name service has `names` and `pool`, no `address` or `backend`",
+                s.name
+            );
+            let mut patterns = Vec::new();
+            for n in names {
+                let p = ztna_proto::names::DomainPattern::parse(n)
+                    .map_err(|e| anyhow::anyhow!("service {}: {e}", s.name))?;
+                patterns.push(p.to_string());
+            }
+            let def = ServiceDef {
+                name: s.name.clone(),
+                address: pool.network(),
+                udp: parse_ports(&s.name, "udp", &s.udp)?,
+                tcp: parse_ports(&s.name, "tcp", &s.tcp)?,
+                icmp: s.icmp,
+                connector: String::new(),
+                names: Some(ztna_proto::NamePool {
+                    patterns,
+                    prefix_len: pool.prefix_len(),
+                }),
+            };
+            def.validate().map_err(anyhow::Error::msg)?;
+            out.push(def);
+        }
+        Ok(out)
+    }
+
+    /// The DNS servers of the name services' resolver (empty: the system resolver).
+    pub(crate) fn resolver_servers(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        self.resolver
+            .iter()
+            .map(|r| {
+                r.parse::<SocketAddr>()
+                    .or_else(|_| r.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                    .with_context(|| format!("resolver: {r:?} is not IP or IP:PORT"))
+            })
+            .collect()
+    }
+
     /// The services with their backends, validated.
     pub(crate) fn backends(&self) -> anyhow::Result<Vec<BackendService>> {
         let mut out: Vec<BackendService> = Vec::new();
-        for s in &self.services {
+        for s in self.services.iter().filter(|s| s.names.is_none()) {
             let (backend, backend_port) = match s.backend.parse::<SocketAddrV4>() {
                 Ok(sa) => (*sa.ip(), Some(sa.port())),
                 Err(_) => (
@@ -356,6 +437,7 @@ impl ConnectorConfig {
                 tcp: parse_ports(&s.name, "tcp", &s.tcp)?,
                 icmp: s.icmp,
                 connector: String::new(),
+                names: None,
             };
             def.validate().map_err(anyhow::Error::msg)?;
             anyhow::ensure!(

@@ -8,6 +8,7 @@
 mod config;
 mod dataplane;
 mod metrics;
+mod names;
 mod tunnel;
 
 use std::path::PathBuf;
@@ -68,12 +69,41 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
         .collect::<Vec<_>>()
         .join(",");
     let backends = cfg.backends()?;
-    anyhow::ensure!(!backends.is_empty(), "no [[services]] configured");
-    let services: Vec<ztna_proto::ServiceDef> = backends.iter().map(|b| b.def.clone()).collect();
+    let name_services = cfg.name_services()?;
+    anyhow::ensure!(
+        !backends.is_empty() || !name_services.is_empty(),
+        "no [[services]] configured"
+    );
+    let mut services: Vec<ztna_proto::ServiceDef> =
+        backends.iter().map(|b| b.def.clone()).collect();
+    services.extend(name_services.iter().cloned());
     let metrics = Arc::new(Metrics::default());
     let first_backend = backends.first().map(|b| b.backend);
     let xdp = cfg.xdp_settings()?;
     let dataplane = Dataplane::new(backends, cfg.dataplane(), metrics.clone())?;
+    if !name_services.is_empty() {
+        let servers = cfg.resolver_servers()?;
+        tracing::info!(
+            name_services = name_services.len(),
+            resolver = if servers.is_empty() {
+                "system".to_owned()
+            } else {
+                format!("{servers:?}")
+            },
+            "name services"
+        );
+        let resolver = names::Resolver::new(
+            servers,
+            std::time::Duration::from_secs(cfg.resolver_ttl_secs.max(1)),
+            cfg.max_resolved_names,
+            metrics.clone(),
+        )?;
+        dataplane.set_names(dataplane::NameRoutes {
+            services: name_services,
+            resolver,
+            max_per_agent: cfg.max_names_per_agent,
+        });
+    }
     let fast_path = start_fast_path(&xdp, first_backend, &dataplane, &metrics)?;
     let node = Node::bind(cfg.bind, creds.clone(), cfg.timing())
         .with_context(|| format!("binding UDP {}", cfg.bind))?;

@@ -59,6 +59,20 @@ metrics! {
     dropped_not_service: Counter,
     /// Packets from agents to a service address policy does not let that agent reach.
     dropped_not_allowed: Counter,
+    /// Name mappings agents sent that the connector accepted (name services).
+    names_mappings_accepted: Counter,
+    /// Name mappings refused: a name or address outside what this connector serves and policy lets the agent reach, a malformed message, or the agent's mapping table full.
+    names_mappings_refused: Counter,
+    /// Names resolved with the connector's resolver.
+    names_resolved: Counter,
+    /// Resolutions that failed or found no usable address.
+    names_resolve_failures: Counter,
+    /// Resolved names evicted from the bounded cache.
+    names_cache_evicted: Counter,
+    /// Names in the resolver's cache.
+    names_cached: Gauge,
+    /// Packets or SYNs to a mapped name whose real address is not known (yet): dropped, resolution started.
+    dropped_name_unresolved: Counter,
     /// Packets from agents to a service that the connector does not handle (ICMP other than echo).
     dropped_unsupported: Counter,
     /// Packets from agents dropped because the agent's identity (all its tunnels together) already had the maximum number of flows (UDP and ICMP) or TCP connections (SYNs).

@@ -821,15 +821,25 @@ async fn serve_agent(
     gauge_inc(&metrics.agents_connected);
     let (sink, _tcp_writer) = InnerSink::new(conn.clone(), metrics.clone());
     dataplane.add_agent(id, peer.name.clone(), expected.tunnel_ip, Arc::new(sink));
+    let _names = dataplane.agent_names(id).map(|names| {
+        AbortOnDrop(tokio::spawn(serve_names(
+            conn.clone(),
+            names,
+            expected.allowed.clone(),
+            dataplane.clone(),
+            metrics.clone(),
+            peer.name.clone(),
+        )))
+    });
     let reason = loop {
         match conn.read_datagram().await {
             Ok(pkt) => match ipv4_destination(&pkt) {
                 Some(dst)
-                    if !expected
-                        .allowed
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains(&dst) =>
+                    if !allowed_destination(
+                        &expected.allowed.read().unwrap_or_else(|p| p.into_inner()),
+                        dataplane.name_services(),
+                        dst,
+                    ) =>
                 {
                     metrics.dropped_not_allowed.fetch_add(1, Ordering::Relaxed);
                     tracing::trace!(agent = %peer.name, "packet to a service policy does not allow; dropped");
@@ -861,6 +871,90 @@ async fn serve_agent(
     }
     gauge_dec(&metrics.agents_connected);
     tracing::info!(agent = %peer.name, reason = %reason, "agent tunnel down");
+}
+
+/// Whether policy lets the agent reach `dst`: one of the `allowed` service addresses, or an
+/// address in the pool of a name service whose (pool) address is allowed.
+fn allowed_destination(allowed: &[Ipv4Addr], name_services: &[ServiceDef], dst: Ipv4Addr) -> bool {
+    allowed.contains(&dst)
+        || name_services
+            .iter()
+            .any(|s| s.covers(dst) && allowed.contains(&s.address))
+}
+
+/// How long an agent may take to write one name mapping.
+const NAME_STREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves the agent's name streams: one mapping each, checked against policy
+/// ([`crate::names::check_mapping`]), resolved before the answer so that the agent's first
+/// packet finds the name's address. At most `transport::NAME_STREAMS` at once (quinn's limit).
+async fn serve_names(
+    conn: quinn::Connection,
+    names: Arc<crate::names::AgentNames>,
+    allowed: Arc<RwLock<Vec<Ipv4Addr>>>,
+    dataplane: Arc<Dataplane>,
+    metrics: Arc<Metrics>,
+    agent: String,
+) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(serve_name_stream(
+            send,
+            recv,
+            names.clone(),
+            allowed.clone(),
+            dataplane.clone(),
+            metrics.clone(),
+            agent.clone(),
+        ));
+    }
+}
+
+async fn serve_name_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    names: Arc<crate::names::AgentNames>,
+    allowed: Arc<RwLock<Vec<Ipv4Addr>>>,
+    dataplane: Arc<Dataplane>,
+    metrics: Arc<Metrics>,
+    agent: String,
+) {
+    use ztna_proto::names::{decode_mapping, MappingVerdict, MAX_MAPPING_LEN};
+    let bytes = tokio::time::timeout(NAME_STREAM_TIMEOUT, recv.read_to_end(MAX_MAPPING_LEN)).await;
+    let verdict = match bytes.ok().and_then(Result::ok).map(|b| decode_mapping(&b)) {
+        Some(Ok(m)) => {
+            let allowed = allowed.read().unwrap_or_else(|p| p.into_inner()).clone();
+            match crate::names::check_mapping(&m, dataplane.name_services(), &allowed) {
+                Ok(svc) => {
+                    if names.insert(m.address, m.name.clone()) {
+                        tracing::debug!(%agent, service = %svc.name, name = %m.name, address = %m.address, "name mapped");
+                        if let Some(r) = dataplane.resolver() {
+                            // Resolve now: the agent answers its client only after this, so
+                            // the first packet finds the address (a failure is retried then).
+                            let _ = r.resolve(&m.name).await;
+                        }
+                        MappingVerdict::Accepted
+                    } else {
+                        tracing::debug!(%agent, "name mapping refused: the agent's table is full");
+                        MappingVerdict::Full
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(%agent, ?why, "refused a name mapping outside what policy lets this agent reach");
+                    tracing::debug!(%agent, name = %m.name, address = %m.address, "refused mapping");
+                    MappingVerdict::Refused
+                }
+            }
+        }
+        _ => MappingVerdict::Malformed,
+    };
+    let counter = if verdict == MappingVerdict::Accepted {
+        &metrics.names_mappings_accepted
+    } else {
+        &metrics.names_mappings_refused
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let _ = send.write_all(&[verdict.to_byte()]).await;
+    let _ = send.finish();
 }
 
 /// Closes the live inner connections of agents that a deny-list or CRL reload refuses: the

@@ -88,6 +88,88 @@ pub struct AgentConfig {
     pub direct: DirectOptions,
     /// Fail-closed and refusal settings.
     pub options: AgentOptions,
+    /// The DNS server of name services.
+    pub dns: DnsOptions,
+}
+
+/// The agent's DNS server for name services (see [`crate::names`] and [`crate::dns`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsOptions {
+    /// Domains the agent answers for besides those of its name services (names below them that
+    /// no reachable service answers to get NXDOMAIN).
+    pub domains: Vec<String>,
+    /// Where queries outside the match domains go, when a client sends them to the agent
+    /// anyway (no split DNS on the host). Empty: they are REFUSED.
+    pub upstream: Vec<SocketAddr>,
+    /// Port of the DNS server on the tunnel IP.
+    pub port: u16,
+    /// Linux: register the server and match domains with systemd-resolved for the TUN link.
+    pub split: bool,
+    /// Most names mapped at once.
+    pub max_names: usize,
+}
+
+impl Default for DnsOptions {
+    fn default() -> Self {
+        Self {
+            domains: Vec::new(),
+            upstream: Vec::new(),
+            port: 53,
+            split: true,
+            max_names: crate::names::DEFAULT_MAX_NAMES,
+        }
+    }
+}
+
+/// Counters of the agent's DNS server.
+#[derive(Debug, Default)]
+pub struct DnsCounters {
+    /// Queries answered from the name book (an address or no records).
+    pub answered: AtomicU64,
+    /// Queries forwarded to the upstream resolver.
+    pub forwarded: AtomicU64,
+    /// NXDOMAIN answers for names no reachable service answers to.
+    pub denied: AtomicU64,
+    /// REFUSED, FORMERR or NOTIMP answers.
+    pub refused: AtomicU64,
+    /// SERVFAIL answers (pool full, connector refused or did not confirm the mapping).
+    pub failed: AtomicU64,
+    /// Datagrams that were not queries, and queries dropped because too many were pending.
+    pub dropped: AtomicU64,
+    /// Mappings a connector refused.
+    pub mappings_refused: AtomicU64,
+}
+
+/// The name services and DNS counters, as `ztna-agent status` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamesStatus {
+    /// Address the DNS server listens on, once up.
+    pub server: Option<SocketAddr>,
+    /// Domains it answers for.
+    pub domains: Vec<String>,
+    /// Name services of the catalog.
+    pub services: usize,
+    /// Current mappings: `name -> address (service, connector[, unconfirmed])`.
+    pub mappings: Vec<NameMappingStatus>,
+    /// `[answered, forwarded, denied (NXDOMAIN), refused, failed, dropped]`.
+    pub queries: [u64; 6],
+    /// Mappings a connector refused.
+    pub mappings_refused: u64,
+}
+
+/// One mapping in [`NamesStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameMappingStatus {
+    /// The real name.
+    pub name: String,
+    /// Its virtual address.
+    pub address: Ipv4Addr,
+    /// The name service.
+    pub service: String,
+    /// The connector.
+    pub connector: String,
+    /// Whether the connector confirmed it on its current inner connection.
+    pub confirmed: bool,
 }
 
 /// What the platform must configure: the tunnel address and one route per service address.
@@ -223,6 +305,9 @@ pub struct AgentStatus {
     /// Why the agent gave up, if it did (a permanent refusal).
     #[serde(default)]
     pub refused: Option<String>,
+    /// Name services and the DNS server.
+    #[serde(default)]
+    pub names: NamesStatus,
     /// Packets towards the platform dropped because it was not reading.
     pub dropped_to_platform: u64,
     /// Relay sessions established since start (all relays).
@@ -350,6 +435,13 @@ impl LinkControl {
 struct Shared {
     cfg: AgentConfig,
     routes: RwLock<HashMap<Ipv4Addr, Arc<Link>>>,
+    /// The pools of name services, routed like service addresses.
+    pools: RwLock<Vec<(ipnet::Ipv4Net, Arc<Link>)>>,
+    /// Name services: the names answered and the addresses handed out.
+    names: Mutex<crate::names::NameBook>,
+    /// The DNS server's address, once it listens.
+    dns_server: Mutex<Option<SocketAddr>>,
+    dns: DnsCounters,
     links: RwLock<HashMap<String, Arc<Link>>>,
     control: Mutex<HashMap<String, LinkControl>>,
     info: Mutex<Info>,
@@ -422,6 +514,104 @@ pub struct Agent {
     _resolver: Option<crate::daemon::AbortOnDrop<()>>,
 }
 
+/// A handle on the agent's name services, for its DNS server.
+#[derive(Clone)]
+pub struct Names {
+    sh: Arc<Shared>,
+}
+
+impl Names {
+    /// The DNS settings.
+    pub fn options(&self) -> &DnsOptions {
+        &self.sh.cfg.dns
+    }
+
+    /// The DNS counters.
+    pub fn counters(&self) -> &DnsCounters {
+        &self.sh.dns
+    }
+
+    /// Records where the DNS server listens (for status).
+    pub fn set_server(&self, addr: Option<SocketAddr>) {
+        *lock(&self.sh.dns_server) = addr;
+    }
+
+    /// The domains the agent answers for now.
+    pub fn match_domains(&self) -> Vec<String> {
+        lock(&self.sh.names).match_domains()
+    }
+
+    /// Decides one query ([`crate::names::NameBook::decide`]).
+    pub fn decide(&self, query: &[u8], forward: bool) -> crate::names::Decision {
+        lock(&self.sh.names).decide(query, forward)
+    }
+
+    /// Tells `connector` (on its current inner connection) that `mapping` stands; true once it
+    /// accepted. False if the tunnel is down, or the connector refused or did not answer.
+    pub async fn confirm(&self, connector: &str, mapping: ztna_proto::names::NameMapping) -> bool {
+        let conn = read(&self.sh.links)
+            .get(connector)
+            .and_then(|l| read(&l.conn).clone());
+        let Some(conn) = conn else {
+            return false;
+        };
+        self.confirm_on(&conn, connector, &mapping).await
+    }
+
+    pub(crate) async fn confirm_on(
+        &self,
+        conn: &quinn::Connection,
+        connector: &str,
+        mapping: &ztna_proto::names::NameMapping,
+    ) -> bool {
+        use ztna_proto::names::MappingVerdict;
+        match crate::dns::send_mapping(conn, mapping).await {
+            Some(MappingVerdict::Accepted) => {
+                lock(&self.sh.names).confirm(&mapping.name);
+                true
+            }
+            verdict => {
+                self.sh.dns.mappings_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%connector, ?verdict, "the connector did not accept a name mapping");
+                tracing::debug!(%connector, name = %mapping.name, address = %mapping.address, "mapping not accepted");
+                false
+            }
+        }
+    }
+
+    /// A snapshot for status.
+    pub fn status(&self) -> NamesStatus {
+        let book = lock(&self.sh.names);
+        let c = &self.sh.dns;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NamesStatus {
+            server: *lock(&self.sh.dns_server),
+            domains: book.match_domains(),
+            services: book.services_len(),
+            mappings: book
+                .mappings()
+                .into_iter()
+                .map(|m| NameMappingStatus {
+                    name: m.name,
+                    address: m.address,
+                    service: m.service,
+                    connector: m.connector,
+                    confirmed: m.confirmed,
+                })
+                .collect(),
+            queries: [
+                get(&c.answered),
+                get(&c.forwarded),
+                get(&c.denied),
+                get(&c.refused),
+                get(&c.failed),
+                get(&c.dropped),
+            ],
+            mappings_refused: get(&c.mappings_refused),
+        }
+    }
+}
+
 impl Agent {
     /// Binds the socket and starts the tunnel in the current tokio runtime. Returns the agent
     /// and the receiver of packets for the platform's tunnel device.
@@ -438,9 +628,14 @@ impl Agent {
             max_refusals: cfg.options.max_refusals.max(1),
             ..MachineConfig::default()
         };
+        let names = crate::names::NameBook::new(&cfg.dns.domains, cfg.dns.max_names);
         let shared = Arc::new(Shared {
             cfg,
             routes: RwLock::default(),
+            pools: RwLock::default(),
+            names: Mutex::new(names),
+            dns_server: Mutex::new(None),
+            dns: DnsCounters::default(),
             links: RwLock::default(),
             control: Mutex::default(),
             info: Mutex::default(),
@@ -604,8 +799,14 @@ impl Agent {
     /// when there is none (no route, tunnel down) and answers it when it belongs to a TCP
     /// connection the agent reset.
     fn route(&self, packet: &[u8]) -> Option<(Arc<Link>, quinn::Connection)> {
-        let link =
-            ipv4_destination(packet).and_then(|dst| read(&self.shared.routes).get(&dst).cloned());
+        let link = ipv4_destination(packet).and_then(|dst| {
+            read(&self.shared.routes).get(&dst).cloned().or_else(|| {
+                read(&self.shared.pools)
+                    .iter()
+                    .find(|(net, _)| net.contains(&dst))
+                    .map(|(_, l)| l.clone())
+            })
+        });
         let Some(link) = link else {
             self.shared.dropped_no_route.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -645,6 +846,13 @@ impl Agent {
                 }
                 true
             }
+        }
+    }
+
+    /// The name services: the DNS server's view of the agent ([`crate::dns::run`]).
+    pub fn names(&self) -> Names {
+        Names {
+            sh: self.shared.clone(),
         }
     }
 
@@ -775,6 +983,7 @@ impl Agent {
             dropped_to_platform: sh.dropped_to_platform.load(Ordering::Relaxed),
             withdrawing: info.withdrawing.clone(),
             refused: info.refused.map(|r| r.to_string()),
+            names: self.names().status(),
             relay_sessions: info.relay_sessions,
             last_error: info.last_error.clone(),
         }
@@ -1097,12 +1306,19 @@ impl Driver {
             }
             let mut routes = write(&self.sh.routes);
             routes.clear();
+            let mut pools = write(&self.sh.pools);
+            pools.clear();
             for s in &state.services {
                 if let Some(l) = links.get(&s.connector) {
-                    routes.insert(s.address, l.clone());
+                    if s.names.is_some() {
+                        pools.push((s.prefix(), l.clone()));
+                    } else {
+                        routes.insert(s.address, l.clone());
+                    }
                 }
             }
         }
+        lock(&self.sh.names).set_catalog(&state.services);
         self.sh
             .tunnel_ip
             .store(state.tunnel_ip.map_or(0, u32::from), Ordering::Relaxed);
@@ -1498,6 +1714,18 @@ impl Driver {
                 // A new inner connection: the connector has no TCP state for the connections
                 // the previous one carried (it restarted, or dropped it).
                 link.reset_tcp(&self.sh);
+                // Nor the name mappings: tell it again.
+                let mappings = lock(&self.sh.names).unconfirm(&connector);
+                if !mappings.is_empty() {
+                    tokio::spawn(crate::dns::resend_mappings(
+                        Names {
+                            sh: self.sh.clone(),
+                        },
+                        connector.clone(),
+                        conn.clone(),
+                        mappings,
+                    ));
+                }
                 let reader = tokio::spawn(read_inner(
                     self.sh.clone(),
                     link,

@@ -3,7 +3,8 @@
 //! [`AgentFile`] with figment (files, environment, flags); the Apple library reads it from JSON.
 //!
 //! Keys: `relays` (or `relay` for one; required), `relay_name`, `bind`, `ca`, `cert`, `key` (required), `tun`, `mtu`,
-//! `services`, `status_socket`, `log`, `direct_paths`, `withdraw_grace_secs`, `route_table`.
+//! `services`, `status_socket`, `log`, `direct_paths`, `withdraw_grace_secs`, `route_table`,
+//! `dns_domains`, `dns_upstream`, `dns_port`, `dns_split`.
 //! Unknown keys are an error. `tun`, `status_socket` and `route_table` act only on Linux; other
 //! platforms validate them the same way and ignore them. Pure: no I/O.
 
@@ -39,6 +40,10 @@ pub const AGENT_KEYS: &[&str] = &[
     "direct_paths",
     "withdraw_grace_secs",
     "route_table",
+    "dns_domains",
+    "dns_upstream",
+    "dns_port",
+    "dns_split",
 ];
 /// Default path of the status socket (Linux).
 pub const DEFAULT_STATUS_SOCKET: &str = "/run/ztna/agent.sock";
@@ -82,6 +87,18 @@ pub struct AgentFile {
     withdraw_grace_secs: u64,
     #[serde(default = "default_route_table")]
     route_table: u32,
+    #[serde(default, deserialize_with = "names")]
+    dns_domains: Vec<String>,
+    #[serde(default, deserialize_with = "names")]
+    dns_upstream: Vec<String>,
+    #[serde(default = "default_dns_port")]
+    dns_port: u16,
+    #[serde(default = "yes")]
+    dns_split: bool,
+}
+
+fn default_dns_port() -> u16 {
+    53
 }
 
 fn default_relay_name() -> String {
@@ -157,6 +174,8 @@ pub struct AgentSettings {
     pub withdraw_grace: Duration,
     /// Routing table of the service routes and fwmark of the agent's socket (Linux).
     pub route_table: u32,
+    /// The agent's DNS server for name services.
+    pub dns: crate::agent::DnsOptions,
 }
 
 impl AgentFile {
@@ -197,7 +216,35 @@ impl AgentFile {
                 self.route_table
             );
         }
+        let mut domains = Vec::new();
+        for d in self.dns_domains {
+            match ztna_proto::names::normalize_name(&d) {
+                Some(n) if n.contains('.') => domains.push(n),
+                _ => bail!("`dns_domains`: {d:?} is not a DNS domain with at least two labels"),
+            }
+        }
+        let mut upstream = Vec::new();
+        for u in self.dns_upstream {
+            let addr = u.parse::<SocketAddr>().or_else(|_| {
+                u.parse::<std::net::IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            });
+            match addr {
+                Ok(a) => upstream.push(a),
+                Err(_) => bail!("`dns_upstream`: {u:?} is not an IP address or IP:PORT"),
+            }
+        }
+        if self.dns_port == 0 {
+            bail!("`dns_port` = 0; give the port of the agent's DNS server (default 53)");
+        }
         Ok(AgentSettings {
+            dns: crate::agent::DnsOptions {
+                domains,
+                upstream,
+                port: self.dns_port,
+                split: self.dns_split,
+                max_names: crate::names::DEFAULT_MAX_NAMES,
+            },
             relays,
             relay_name: self.relay_name,
             bind: self.bind,
@@ -245,6 +292,7 @@ impl AgentSettings {
                 enabled: self.direct_paths,
                 ..DirectOptions::default()
             },
+            dns: self.dns.clone(),
             options: AgentOptions {
                 withdraw_grace: self.withdraw_grace,
                 fwmark,

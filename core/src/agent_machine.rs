@@ -895,6 +895,7 @@ mod tests {
             tcp: vec![],
             icmp: true,
             connector: connector.into(),
+            names: None,
         }
     }
 

@@ -3,7 +3,8 @@
 //! A connector may only answer for its own services: a packet reaches the platform's tunnel
 //! device only when its source is one of *that connector's* service addresses, with a port and
 //! protocol the service offers, and its destination is the agent's tunnel IP. Everything else
-//! (another connector's address, the agent's LAN address as destination, a port the service
+//! (a name service's whole pool counts as its addresses: the connector answers from the
+//! virtual address the agent mapped). Everything else (another connector's address, the agent's LAN address as destination, a port the service
 //! does not serve) is dropped and counted, except the connector's answers to refused packets
 //! (a TCP reset from any port of the service's address, ICMP destination unreachable). Later
 //! IPv4 fragments carry no ports; they are
@@ -50,7 +51,7 @@ pub fn check(
         return Err(InboundDrop::Destination);
     }
     let src = Ipv4Addr::new(s0, s1, s2, s3);
-    let mut ours = services.iter().filter(|s| s.address == src).peekable();
+    let mut ours = services.iter().filter(|s| s.covers(src)).peekable();
     if ours.peek().is_none() {
         return Err(InboundDrop::Source);
     }
@@ -104,6 +105,7 @@ mod tests {
             tcp: tcp.iter().map(|p| PortRange::single(*p)).collect(),
             icmp,
             connector: "c1".into(),
+            names: None,
         }
     }
 

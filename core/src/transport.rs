@@ -114,12 +114,18 @@ pub fn relay_server_limits(cfg: &mut quinn::ServerConfig) {
 /// connection's datagram size and kept the same value, so inner packets have not changed size.)
 pub const INNER_MTU: u16 = 1358;
 
-/// Transport of the inner connection on the connector's side: IP packets as datagrams, and the
-/// connector's TCP segments on one unidirectional stream of its own ([`crate::tcp_carriage`]);
-/// the agent may open no stream.
+/// Transport of the inner connection on the connector's side: IP packets as datagrams, the
+/// connector's TCP segments on one unidirectional stream of its own ([`crate::tcp_carriage`]),
+/// and the agent's name streams (one short bidirectional stream per name mapping, see
+/// [`ztna_proto::names`]), at most [`NAME_STREAMS`] at once.
 pub fn inner(mtu: u16, timing: Timing, changes: Option<PathChanges>) -> Arc<TransportConfig> {
-    Arc::new(inner_base(mtu, timing, changes))
+    let mut t = inner_base(mtu, timing, changes);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(NAME_STREAMS));
+    Arc::new(t)
 }
+
+/// Name streams an agent may have open at once on one inner connection.
+pub const NAME_STREAMS: u32 = 8;
 
 /// Transport of the inner connection on the agent's side: as [`inner`], the connector may
 /// open the one TCP carriage stream, and the datagram send buffer is

@@ -138,6 +138,8 @@ pub struct RelayConfig {
     pub reload_poll_secs: Option<u64>,
     /// `xdp` (the relay's kernel forwarding of channel data); written only when set.
     pub xdp: Option<String>,
+    /// Raw TOML appended to the file (tables, e.g. name services' `[[services]]`).
+    pub extra: String,
 }
 
 impl RelayConfig {
@@ -192,6 +194,7 @@ impl RelayConfig {
             crls: vec![],
             reload_poll_secs: None,
             xdp: None,
+            extra: String::new(),
         }
     }
 
@@ -253,6 +256,7 @@ impl RelayConfig {
             let _ = writeln!(s, "identity = {}", q(&c.identity));
             let _ = writeln!(s, "services = {}", list(&c.services));
         }
+        s.push_str(&self.extra);
         s
     }
 }
@@ -333,6 +337,10 @@ pub struct ConnectorConfig {
     pub deny_list: Option<PathBuf>,
     /// Services announced to the relay.
     pub services: Vec<ServiceConfig>,
+    /// Raw TOML keys written before the services (e.g. `resolver`).
+    pub extra_keys: String,
+    /// Raw TOML appended to the file (tables, e.g. name services' `[[services]]`).
+    pub extra: String,
 }
 
 impl ConnectorConfig {
@@ -374,6 +382,8 @@ impl ConnectorConfig {
                 svc("secret", addr::SECRET, "9", true),
                 ServiceConfig::web(),
             ],
+            extra_keys: String::new(),
+            extra: String::new(),
         }
     }
 
@@ -419,6 +429,7 @@ impl ConnectorConfig {
         if let Some(d) = &self.deny_list {
             let _ = writeln!(s, "deny_list = {}", qp(d));
         }
+        s.push_str(&self.extra_keys);
         for svc in &self.services {
             let _ = writeln!(s, "\n[[services]]");
             let _ = writeln!(s, "name = {}", q(&svc.name));
@@ -432,6 +443,7 @@ impl ConnectorConfig {
             }
             let _ = writeln!(s, "icmp = {}", svc.icmp);
         }
+        s.push_str(&self.extra);
         s
     }
 }
@@ -463,6 +475,8 @@ pub struct AgentConfig {
     /// service the catalog withdrew keeps its route. Tests that expect a withdrawn service to
     /// leave the routing table promptly set it low.
     pub withdraw_grace_secs: Option<u64>,
+    /// Raw TOML keys appended to the file (e.g. `dns_upstream`).
+    pub extra: String,
 }
 
 impl AgentConfig {
@@ -480,6 +494,7 @@ impl AgentConfig {
             status_socket: socket.to_path_buf(),
             direct_paths: None,
             withdraw_grace_secs: None,
+            extra: String::new(),
         }
     }
 
@@ -501,6 +516,7 @@ impl AgentConfig {
         if let Some(g) = self.withdraw_grace_secs {
             let _ = writeln!(s, "withdraw_grace_secs = {g}");
         }
+        s.push_str(&self.extra);
         s
     }
 }

@@ -26,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
         tcp: vec![PortRange::single(443)],
         icmp: data.first().is_some_and(|b| b & 1 == 1),
         connector: String::new(),
+        names: None,
     };
     match packet::inspect(data, AGENT, |a| (a == SVC).then_some(&svc)) {
         Ok(_) => {}

@@ -6,8 +6,9 @@
 
 use crate::control::ControlMessage;
 
-/// The control protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The control protocol version this crate speaks (2: `ServiceDef` gained `names`, for name
+/// services; version-1 peers are refused as `UnsupportedVersion`).
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest frame accepted, version byte and body together.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
 const HEADER_LEN: usize = 4;
@@ -150,6 +151,7 @@ mod tests {
             }],
             icmp: true,
             connector: "c1".into(),
+            names: None,
         };
         vec![
             ControlMessage::Hello(Hello {
@@ -211,11 +213,17 @@ mod tests {
 
     #[test]
     fn wrong_version_and_garbage() {
-        let mut f = encode(&sample()[2]).unwrap();
-        f[4] = 2;
-        let mut dec = FrameDecoder::new();
-        dec.feed(&f);
-        assert_eq!(dec.next_message(), Err(FrameError::UnsupportedVersion(2)));
+        // Another version (1: before name services), refused as such.
+        for other in [1, PROTOCOL_VERSION + 1] {
+            let mut f = encode(&sample()[2]).unwrap();
+            f[4] = other;
+            let mut dec = FrameDecoder::new();
+            dec.feed(&f);
+            assert_eq!(
+                dec.next_message(),
+                Err(FrameError::UnsupportedVersion(other))
+            );
+        }
 
         let mut dec = FrameDecoder::new();
         dec.feed(&[0, 0, 0, 3, PROTOCOL_VERSION, 0xff, 0xff]);

@@ -9,6 +9,7 @@
 //! - [`observe`]: the request to the relay's second port that observes an end's address a
 //!   second time (a hard NAT shows another port).
 //! - [`service`]: service definitions and port ranges, shared by the relay, connector and agent.
+//! - [`names`]: DNS name patterns of name services, and the agent → connector name mapping.
 //!
 //! Every decoder here takes untrusted bytes and returns an error instead of panicking; the
 //! property tests and the fuzz target in `fuzz/` hold them to that.
@@ -16,6 +17,7 @@
 pub mod control;
 pub mod datagram;
 pub mod frame;
+pub mod names;
 pub mod observe;
 pub mod probe;
 pub mod service;
@@ -25,7 +27,7 @@ pub use control::{
 };
 pub use datagram::{ChannelId, DatagramError};
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN, PROTOCOL_VERSION};
-pub use service::{PortRange, ServiceDef};
+pub use service::{NamePool, PortRange, ServiceDef};
 
 /// ALPN of the outer connection between an agent or connector and the relay.
 pub const ALPN_RELAY: &[u8] = b"ztna-relay/1";

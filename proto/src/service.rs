@@ -91,7 +91,27 @@ pub struct ServiceDef {
     /// Identity of the connector serving it. Empty in a connector's own announcement; the relay
     /// fills it in from the connector's certificate.
     pub connector: String,
+    /// For a name service: the names it answers to and its pool of virtual addresses, which
+    /// starts at `address`. `None` for a service at one address.
+    pub names: Option<NamePool>,
 }
+
+/// What makes a [`ServiceDef`] a name service: DNS name patterns (`wiki.corp.example`,
+/// `*.corp.example`, see [`crate::names::DomainPattern`]) and the length of the prefix of its
+/// virtual address pool (`address/prefix_len`). The agent answers DNS queries for matching
+/// names with addresses from the pool; the connector resolves the real name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamePool {
+    /// Name patterns, normalized.
+    pub patterns: Vec<String>,
+    /// Prefix length of the pool (16 to 30).
+    pub prefix_len: u8,
+}
+
+/// Shortest and longest prefix a name service's pool may have.
+pub const NAME_POOL_PREFIX: std::ops::RangeInclusive<u8> = 16..=30;
+/// Most patterns one name service may have.
+pub const MAX_NAME_PATTERNS: usize = 64;
 
 /// Longest service or identity name accepted anywhere in the protocol.
 pub const MAX_NAME_LEN: usize = 253;
@@ -107,10 +127,70 @@ impl ServiceDef {
         self.tcp.iter().any(|r| r.contains(port))
     }
 
+    /// The addresses of the service: its pool for a name service, else its one address.
+    pub fn prefix(&self) -> ipnet::Ipv4Net {
+        let len = self.names.as_ref().map_or(32, |n| n.prefix_len);
+        ipnet::Ipv4Net::new(self.address, len)
+            .unwrap_or_else(|_| ipnet::Ipv4Net::from(self.address))
+            .trunc()
+    }
+
+    /// Whether `addr` is an address of the service (its address, or in its pool).
+    pub fn covers(&self, addr: Ipv4Addr) -> bool {
+        match &self.names {
+            None => addr == self.address,
+            Some(_) => self.prefix().contains(&addr),
+        }
+    }
+
+    /// The name patterns of a name service, parsed (invalid ones skipped: [`Self::validate`]
+    /// refuses them).
+    pub fn patterns(&self) -> Vec<crate::names::DomainPattern> {
+        self.names
+            .iter()
+            .flat_map(|n| &n.patterns)
+            .filter_map(|p| crate::names::DomainPattern::parse(p).ok())
+            .collect()
+    }
+
     /// Checks the fields that a peer could get wrong: a usable name, valid port ranges, and a
-    /// unicast address.
+    /// unicast address; for a name service, valid patterns and a pool that starts at `address`.
     pub fn validate(&self) -> Result<(), String> {
         check_name("service name", &self.name)?;
+        if let Some(n) = &self.names {
+            if !NAME_POOL_PREFIX.contains(&n.prefix_len) {
+                return Err(format!(
+                    "service {}: pool prefix /{} outside /{}../{}",
+                    self.name,
+                    n.prefix_len,
+                    NAME_POOL_PREFIX.start(),
+                    NAME_POOL_PREFIX.end()
+                ));
+            }
+            if self.prefix().network() != self.address {
+                return Err(format!(
+                    "service {}: pool {}/{} does not start at its network address",
+                    self.name, self.address, n.prefix_len
+                ));
+            }
+            if n.patterns.is_empty() || n.patterns.len() > MAX_NAME_PATTERNS {
+                return Err(format!(
+                    "service {}: 1 to {MAX_NAME_PATTERNS} name patterns needed",
+                    self.name
+                ));
+            }
+            for p in &n.patterns {
+                let parsed = crate::names::DomainPattern::parse(p)
+                    .map_err(|e| format!("service {}: {e}", self.name))?;
+                if parsed.to_string() != *p {
+                    return Err(format!(
+                        "service {}: pattern {} is not normalized",
+                        self.name,
+                        escape_for_log(p)
+                    ));
+                }
+            }
+        }
         let a = self.address;
         if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
             return Err(format!(

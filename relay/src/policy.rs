@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use ztna_core::tls::PeerIdentity;
 use ztna_proto::control::{ErrorCode, Rejected};
+use ztna_proto::names::DomainPattern;
+use ztna_proto::service::NAME_POOL_PREFIX;
 use ztna_proto::service::{check_name, escape_for_log, is_valid_name};
-use ztna_proto::{PortRange, ServiceDef};
+use ztna_proto::{NamePool, PortRange, ServiceDef};
 
 /// Grants the agents matching `groups` or `identities` access to `services` (`"*"`: all).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,14 +45,29 @@ pub struct ConnectorRule {
     pub services: Vec<String>,
 }
 
-/// One `[[services]]` entry as configured: a service name and the address it has.
+fn unspecified() -> Ipv4Addr {
+    Ipv4Addr::UNSPECIFIED
+}
+
+/// One `[[services]]` entry as configured: a service name and the address it has, or (a name
+/// service) the DNS names it answers to and its pool of virtual addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceRule {
     /// The service name connectors announce and access rules name.
     pub name: String,
-    /// Its virtual IPv4 address. Only this address is ever registered for the name.
+    /// Its virtual IPv4 address. Only this address is ever registered for the name. Absent for
+    /// a name service.
+    #[serde(default = "unspecified")]
     pub address: Ipv4Addr,
+    /// A name service's DNS names: `wiki.corp.example` or `*.corp.example` (every name below
+    /// the domain). Needs `pool` instead of `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<Vec<String>>,
+    /// A name service's pool of virtual addresses (`/16` to `/30`); agents answer each name with
+    /// one address of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Ipv4Net>,
     /// UDP ports (`"53"`, `"5000-5010"`) a connector may serve; absent: whatever it announces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp: Option<Vec<String>>,
@@ -68,6 +85,8 @@ impl Default for ServiceRule {
         Self {
             name: String::new(),
             address: Ipv4Addr::UNSPECIFIED,
+            names: None,
+            pool: None,
             udp: None,
             tcp: None,
             icmp: None,
@@ -80,8 +99,10 @@ impl Default for ServiceRule {
 pub struct CatalogEntry {
     /// The service name.
     pub name: String,
-    /// Its address.
+    /// Its address (a name service: the first address of its pool).
     pub address: Ipv4Addr,
+    /// A name service's patterns and pool.
+    pub names: Option<NamePool>,
     /// UDP ports a connector may serve (merged, sorted); `None`: not restricted.
     pub udp: Option<Vec<PortRange>>,
     /// TCP ports a connector may serve (merged, sorted); `None`: not restricted.
@@ -169,27 +190,82 @@ impl Policy {
     pub fn build(src: PolicySource, reserved: &Reserved) -> Result<Self, PolicyError> {
         let mut problems = Vec::new();
         let mut services: BTreeMap<String, CatalogEntry> = BTreeMap::new();
-        let mut by_address: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+        let mut by_address: Vec<(Ipv4Net, String)> = Vec::new();
+        let mut patterns: BTreeMap<DomainPattern, String> = BTreeMap::new();
         for s in src.services {
             if let Err(e) = check_name("service name", &s.name) {
                 problems.push(e);
                 continue;
             }
-            let who = format!("service {} ({})", s.name, s.address);
-            let a = s.address;
-            if !is_unicast(a) {
+            let (net, names) = match (&s.names, s.pool) {
+                (None, None) => (Ipv4Net::from(s.address), None),
+                (Some(list), Some(pool)) if s.address.is_unspecified() => {
+                    let who = format!("service {} ({pool})", s.name);
+                    if !NAME_POOL_PREFIX.contains(&pool.prefix_len()) || pool.trunc() != pool {
+                        problems.push(format!(
+                            "{who}: a pool is a network address with a prefix of /{} to /{}",
+                            NAME_POOL_PREFIX.start(),
+                            NAME_POOL_PREFIX.end()
+                        ));
+                    }
+                    let mut parsed = Vec::new();
+                    for n in list {
+                        match DomainPattern::parse(n) {
+                            Ok(p) => {
+                                if let Some(other) = patterns.insert(p.clone(), s.name.clone()) {
+                                    problems.push(format!(
+                                        "{who}: name {p} also belongs to service {other}"
+                                    ));
+                                }
+                                parsed.push(p.to_string());
+                            }
+                            Err(e) => problems.push(format!("{who}: {e}")),
+                        }
+                    }
+                    if list.is_empty() {
+                        problems.push(format!("{who}: `names` is empty"));
+                    }
+                    (
+                        pool,
+                        Some(NamePool {
+                            patterns: parsed,
+                            prefix_len: pool.prefix_len(),
+                        }),
+                    )
+                }
+                _ => {
+                    problems.push(format!(
+                        "service {}: give either `address`, or `names` and `pool`",
+                        s.name
+                    ));
+                    continue;
+                }
+            };
+            let who = format!("service {} ({net})", s.name);
+            let a = net.network();
+            if !is_unicast(a) || !is_unicast(net.broadcast()) {
                 problems.push(format!("{who}: not a unicast address"));
             }
-            if let Some(other) = by_address.get(&a) {
+            if let Some((_, other)) = by_address
+                .iter()
+                .find(|(n, _)| n.contains(&net) || net.contains(n))
+            {
                 problems.push(format!("{who}: address also used by service {other}"));
             }
-            if reserved.tunnel_pool.is_some_and(|p| p.contains(&a)) {
+            if reserved
+                .tunnel_pool
+                .is_some_and(|p| p.contains(&net) || net.contains(&p))
+            {
                 problems.push(format!("{who}: inside the tunnel pool"));
             }
-            if reserved.relay.contains(&a) {
+            if reserved.relay.iter().any(|r| net.contains(r)) {
                 problems.push(format!("{who}: an address of the relay itself"));
             }
-            if let Some(r) = reserved.ranges.iter().find(|r| r.contains(&a)) {
+            if let Some(r) = reserved
+                .ranges
+                .iter()
+                .find(|r| r.contains(&net) || net.contains(*r))
+            {
                 problems.push(format!("{who}: inside the reserved range {r}"));
             }
             let ports = |proto: &str, list: &Option<Vec<String>>, problems: &mut Vec<String>| {
@@ -219,12 +295,13 @@ impl Policy {
                 problems.push(format!("service {} is defined twice", s.name));
                 continue;
             }
-            by_address.insert(a, s.name.clone());
+            by_address.push((net, s.name.clone()));
             services.insert(
                 s.name.clone(),
                 CatalogEntry {
                     name: s.name,
                     address: a,
+                    names,
                     udp,
                     tcp,
                     icmp: s.icmp,
@@ -329,6 +406,13 @@ impl Policy {
                 &name,
                 ErrorCode::NotAllowedToServe,
                 format!("policy does not let connector {connector} serve {name}"),
+            ));
+        }
+        if def.names != entry.names {
+            return Err(reject(
+                &name,
+                ErrorCode::PolicyMismatch,
+                format!("service {name}: its names or pool differ from the relay's policy"),
             ));
         }
         if def.address != entry.address {
@@ -533,6 +617,7 @@ pub(crate) mod tests {
             tcp: vec![],
             icmp,
             connector: "ignored".into(),
+            names: None,
         };
         let ok = p
             .check_announcement(
@@ -584,6 +669,117 @@ pub(crate) mod tests {
         assert_eq!(evil.code, ErrorCode::Malformed);
         assert!(!evil.name.chars().any(char::is_control));
         assert!(!evil.message.chars().any(char::is_control));
+    }
+
+    pub(crate) fn name_rule(name: &str, names: &[&str], pool: &str) -> ServiceRule {
+        ServiceRule {
+            name: name.into(),
+            names: Some(names.iter().map(|n| n.to_string()).collect()),
+            pool: Some(pool.parse().unwrap()),
+            tcp: Some(vec!["80".into()]),
+            ..ServiceRule::default()
+        }
+    }
+
+    #[test]
+    fn name_services_load_and_must_not_collide() {
+        let mut s = src();
+        s.services.push(name_rule(
+            "wiki",
+            &["Wiki.Corp.Example", "*.wiki.corp.example"],
+            "10.101.0.0/24",
+        ));
+        s.services
+            .push(name_rule("corp", &["*.corp.example"], "10.102.0.0/24"));
+        let p = Policy::build(s.clone(), &reserved()).unwrap();
+        let wiki = p.service("wiki").unwrap();
+        assert_eq!(wiki.address, Ipv4Addr::new(10, 101, 0, 0));
+        assert_eq!(
+            wiki.names,
+            Some(NamePool {
+                patterns: vec!["wiki.corp.example".into(), "*.wiki.corp.example".into()],
+                prefix_len: 24,
+            })
+        );
+        let bad = |extra: ServiceRule, needle: &str| {
+            let mut s = s.clone();
+            s.services.push(extra);
+            let e = Policy::build(s, &reserved()).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} should mention {needle}");
+        };
+        bad(
+            name_rule("x", &["x.example.org"], "10.101.0.128/25"),
+            "also used by service wiki",
+        );
+        bad(
+            name_rule("x", &["x.example.org"], "10.100.0.0/24"),
+            "also used by service echo",
+        );
+        bad(
+            name_rule("x", &["*.corp.example"], "10.103.0.0/24"),
+            "also belongs to service corp",
+        );
+        bad(
+            name_rule("x", &["x.example.org"], "10.103.0.1/24"),
+            "network address",
+        );
+        bad(
+            name_rule("x", &["x.example.org"], "10.0.0.0/8"),
+            "/16 to /30",
+        );
+        bad(
+            name_rule("x", &["x.example.org"], "192.168.4.0/24"),
+            "reserved range",
+        );
+        bad(
+            name_rule("x", &["x.example.org"], "100.64.0.0/16"),
+            "tunnel pool",
+        );
+        bad(name_rule("x", &["*.org"], "10.103.0.0/24"), "top-level");
+        bad(
+            name_rule("x", &["bad name"], "10.103.0.0/24"),
+            "invalid DNS name",
+        );
+        let mut both = name_rule("x", &["x.example.org"], "10.103.0.0/24");
+        both.address = Ipv4Addr::new(10, 103, 0, 1);
+        bad(both, "either `address`");
+        // A connector must announce exactly the policy's names and pool.
+        let mut s = s.clone();
+        s.connectors[0].services.push("wiki".into());
+        let p = Policy::build(s, &reserved()).unwrap();
+        let announced = |patterns: &[&str], prefix_len: u8| ServiceDef {
+            name: "wiki".into(),
+            address: Ipv4Addr::new(10, 101, 0, 0),
+            udp: vec![],
+            tcp: vec![PortRange::single(80)],
+            icmp: false,
+            connector: String::new(),
+            names: Some(NamePool {
+                patterns: patterns.iter().map(|p| p.to_string()).collect(),
+                prefix_len,
+            }),
+        };
+        let ok = p
+            .check_announcement(
+                "c1",
+                announced(&["wiki.corp.example", "*.wiki.corp.example"], 24),
+            )
+            .unwrap();
+        assert_eq!(ok.connector, "c1");
+        for wrong in [
+            announced(&["wiki.corp.example", "*.wiki.corp.example"], 23),
+            announced(&["*.corp.example"], 24),
+            ServiceDef {
+                names: None,
+                ..announced(&[], 24)
+            },
+        ] {
+            let code = p.check_announcement("c1", wrong).unwrap_err().code;
+            assert!(
+                matches!(code, ErrorCode::PolicyMismatch | ErrorCode::Malformed),
+                "{code:?}"
+            );
+        }
     }
 
     #[test]

@@ -316,6 +316,7 @@ mod tests {
             tcp: vec![],
             icmp: true,
             connector: String::new(),
+            names: None,
         }
     }
 

@@ -1156,6 +1156,7 @@ mod tests {
             tcp: vec![],
             icmp: true,
             connector: "c".repeat(200),
+            names: None,
         };
         let small: Vec<_> = (0..10).map(svc).collect();
         assert_eq!(fit_catalog(small.clone(), &who), small);

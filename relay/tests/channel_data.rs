@@ -127,6 +127,7 @@ async fn setup(agents: &[&str]) -> Setup {
         tcp: vec![],
         icmp: true,
         connector: String::new(),
+        names: None,
     };
     let (cep, ctap, mut crx) = conn(&issue(&ca, dir, Role::Connector, "conn1", &[]), addr).await;
     let cc = cep.connect(addr, "relay").unwrap().await.unwrap();

@@ -134,6 +134,7 @@ fn svc(name: &str, last: u8) -> ServiceDef {
         tcp: vec![],
         icmp: true,
         connector: String::new(),
+        names: None,
     }
 }
 

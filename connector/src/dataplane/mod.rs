@@ -147,6 +147,8 @@ pub(crate) struct Agent {
     answers: Mutex<Bucket>,
     /// Its fragmented datagrams being reassembled.
     reassembly: Mutex<Reassembly>,
+    /// What its name-service addresses stand for.
+    pub(crate) names: Arc<crate::names::AgentNames>,
 }
 
 /// Which kind of flow a [`Flow`] is.
@@ -316,7 +318,23 @@ pub(crate) struct Dataplane {
     tcp_buffers: Arc<quota::BufferBudget>,
     /// Each connected identity's counts, shared by its tunnels (entries die with the last one).
     identities: Mutex<HashMap<String, Weak<Counts>>>,
+    /// Name services and their resolver, if the connector serves any; set once, before the
+    /// first agent.
+    names: OnceLock<NameRoutes>,
 }
+
+/// The connector's name services and the resolver of their real names.
+pub(crate) struct NameRoutes {
+    /// This connector's name services.
+    pub(crate) services: Vec<ServiceDef>,
+    /// Resolves the names agents map.
+    pub(crate) resolver: Arc<crate::names::Resolver>,
+    /// Most mappings one agent tunnel may hold.
+    pub(crate) max_per_agent: usize,
+}
+
+/// Mappings per agent tunnel when no name service is configured.
+const DEFAULT_NAMES_PER_AGENT: usize = 1024;
 
 impl Drop for Dataplane {
     fn drop(&mut self) {
@@ -435,8 +453,60 @@ impl Dataplane {
                 global: Arc::default(),
                 tcp_buffers,
                 identities: Mutex::default(),
+                names: OnceLock::new(),
             }
         }))
+    }
+
+    /// Sets the name services (main.rs calls this once, before agents connect). Returns false
+    /// if they were already set.
+    pub(crate) fn set_names(&self, names: NameRoutes) -> bool {
+        self.names.set(names).is_ok()
+    }
+
+    /// The connector's name services (empty if none).
+    pub(crate) fn name_services(&self) -> &[ServiceDef] {
+        self.names.get().map_or(&[], |n| &n.services)
+    }
+
+    /// The resolver of name services, if any.
+    pub(crate) fn resolver(&self) -> Option<&Arc<crate::names::Resolver>> {
+        self.names.get().map(|n| &n.resolver)
+    }
+
+    /// The name mappings of agent `id`.
+    pub(crate) fn agent_names(&self, id: u64) -> Option<Arc<crate::names::AgentNames>> {
+        self.agents
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .map(|a| a.names.clone())
+    }
+
+    /// The name service whose pool holds `addr`, if the agent mapped `addr` to a name.
+    fn mapped_name_service(&self, agent: &Agent, addr: Ipv4Addr) -> Option<&ServiceDef> {
+        let svc = self.name_services().iter().find(|s| s.covers(addr))?;
+        agent.names.name_of(addr).map(|_| svc)
+    }
+
+    /// Where traffic from `agent` to service address `addr` goes now: the backend address, the
+    /// port override, and the service name. For a name service, the current address of the
+    /// mapped name (resolution starts, and the packet is dropped and counted, if it has none).
+    fn target(&self, agent: &Agent, addr: Ipv4Addr) -> Option<(Ipv4Addr, Option<u16>, &str)> {
+        if let Some(svc) = self.services.get(&addr) {
+            return Some((svc.backend, svc.backend_port, svc.def.name.as_str()));
+        }
+        let svc = self.mapped_name_service(agent, addr)?;
+        let name = agent.names.name_of(addr)?;
+        match self.resolver().and_then(|r| r.cached(&name)) {
+            Some(ip) => Some((ip, None, svc.name.as_str())),
+            None => {
+                self.metrics
+                    .dropped_name_unresolved
+                    .fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
     }
 
     /// Puts UDP flows opened from now on onto the XDP fast path (main.rs calls this once,
@@ -481,6 +551,11 @@ impl Dataplane {
             },
             answers: Mutex::new(Bucket::new(ANSWERS_PER_SECOND)),
             reassembly: Mutex::default(),
+            names: Arc::new(crate::names::AgentNames::new(
+                self.names
+                    .get()
+                    .map_or(DEFAULT_NAMES_PER_AGENT, |n| n.max_per_agent),
+            )),
         });
         // Close the old registration's flows before anyone can look up the new one, so that
         // no flow of the new registration is caught by the cleanup.
@@ -575,7 +650,10 @@ impl Dataplane {
             packet
         };
         let verdict = packet::inspect(packet, agent.tunnel_ip, |a| {
-            self.services.get(&a).map(|s| &s.def)
+            self.services
+                .get(&a)
+                .map(|s| &s.def)
+                .or_else(|| self.mapped_name_service(&agent, a))
         });
         match verdict {
             Ok(AgentPacket::Udp(d)) => self.udp_from_agent(&agent, d),
@@ -631,6 +709,7 @@ impl Dataplane {
                 sink: agent.sink.clone(),
                 metrics: self.metrics.clone(),
                 backends: self.tcp_backends.clone(),
+                names: self.resolver().map(|r| (agent.names.clone(), r.clone())),
                 cfg: self.tcp_cfg.clone(),
                 limits: agent.limits.clone(),
                 buffers: self.tcp_buffers.clone(),
@@ -660,8 +739,8 @@ impl Dataplane {
     }
 
     fn udp_from_agent(&self, agent: &Arc<Agent>, d: UdpDatagram<'_>) {
-        let Some(svc) = self.services.get(d.dst.ip()) else {
-            return; // inspect() only accepts service addresses
+        let Some((backend_ip, backend_port, service)) = self.target(agent, *d.dst.ip()) else {
+            return; // inspect() only accepts service addresses; a name not resolved yet
         };
         let key = FlowKey::Udp {
             agent: agent.id,
@@ -669,12 +748,12 @@ impl Dataplane {
             service: *d.dst.ip(),
             port: d.dst.port(),
         };
-        let backend = SocketAddrV4::new(svc.backend, svc.backend_port.unwrap_or(d.dst.port()));
+        let backend = SocketAddrV4::new(backend_ip, backend_port.unwrap_or(d.dst.port()));
         let route = self.route(agent, key, d.quote, |id| {
             if let Some(fast) = self.fast_path.get() {
                 let flow = fast.open_flow(agent, key, id, backend, d.dst, d.src)?;
                 debug!(
-                    agent = agent.id, identity = %agent.identity, service = %svc.def.name,
+                    agent = agent.id, identity = %agent.identity, service = %service,
                     agent_port = d.src.port(), port = d.dst.port(), %backend,
                     local_port = flow.port, "UDP flow opened on the XDP fast path"
                 );
@@ -684,7 +763,7 @@ impl Dataplane {
             let task =
                 udp::udp_replies(socket.clone(), self.flow_ref(agent, key, id), d.dst, d.src);
             debug!(
-                agent = agent.id, identity = %agent.identity, service = %svc.def.name,
+                agent = agent.id, identity = %agent.identity, service = %service,
                 agent_port = d.src.port(), port = d.dst.port(), %backend, "UDP flow opened"
             );
             Ok(Flow::start(
@@ -739,15 +818,14 @@ impl Dataplane {
             }
             return;
         }
-        let Some(svc) = self.services.get(&e.dst) else {
-            return; // inspect() only accepts service addresses
+        let Some((backend, _, service)) = self.target(agent, e.dst) else {
+            return; // inspect() only accepts service addresses; a name not resolved yet
         };
         let key = FlowKey::Echo {
             agent: agent.id,
             ident: e.ident,
             service: e.dst,
         };
-        let backend = svc.backend;
         let socket = self.route(agent, key, &[], |id| {
             let socket = Arc::new(icmp::open(backend)?);
             let task = icmp::echo_replies(
@@ -757,7 +835,7 @@ impl Dataplane {
                 e.ident,
             );
             debug!(
-                agent = agent.id, identity = %agent.identity, service = %svc.def.name,
+                agent = agent.id, identity = %agent.identity, service = %service,
                 ident = e.ident, %backend, "ICMP echo flow opened"
             );
             Ok(Flow::start(
@@ -1016,6 +1094,7 @@ mod tests {
                 tcp: vec![PortRange::single(443)],
                 icmp,
                 connector: String::new(),
+                names: None,
             },
             backend: LOCALHOST,
             backend_port,

@@ -517,6 +517,7 @@ mod tests {
             tcp: vec![PortRange::single(443)],
             icmp,
             connector: String::new(),
+            names: None,
         }
     }
 

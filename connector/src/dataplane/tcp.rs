@@ -166,6 +166,23 @@ impl TcpConfig {
 /// Where a service's TCP goes: the backend address and an optional port override.
 pub(crate) type Backends = HashMap<Ipv4Addr, (Ipv4Addr, Option<u16>)>;
 
+/// Where a SYN's connection goes.
+enum Target {
+    /// A configured backend.
+    Address(SocketAddrV4),
+    /// A name service's mapped name, resolved at connect time, and the port.
+    Name(Arc<crate::names::Resolver>, String, u16),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Address(a) => write!(f, "{a}"),
+            Target::Name(_, name, port) => write!(f, "{name}:{port}"),
+        }
+    }
+}
+
 /// Everything an agent's TCP task needs.
 pub(crate) struct AgentCtx {
     /// The agent's id, for logs.
@@ -176,6 +193,9 @@ pub(crate) struct AgentCtx {
     pub(crate) metrics: Arc<Metrics>,
     /// Backends by service address.
     pub(crate) backends: Arc<Backends>,
+    /// The agent's name mappings and the resolver, when the connector has name services: a
+    /// SYN to a mapped address connects to what its name resolves to now.
+    pub(crate) names: Option<(Arc<crate::names::AgentNames>, Arc<crate::names::Resolver>)>,
     /// Settings.
     pub(crate) cfg: TcpConfig,
     /// Connection caps of the agent's identity and of the connector.
@@ -536,12 +556,46 @@ impl Engine {
                 return;
             }
         };
-        let Some(&(backend, backend_port)) = self.ctx.backends.get(&key.service) else {
-            return; // inspect() only accepts service addresses
+        let target = match self.ctx.backends.get(&key.service) {
+            Some(&(backend, backend_port)) => {
+                Target::Address(SocketAddrV4::new(backend, backend_port.unwrap_or(key.port)))
+            }
+            None => {
+                // inspect() only accepts service addresses and mapped name-service addresses.
+                let Some((names, resolver)) = &self.ctx.names else {
+                    return;
+                };
+                let Some(name) = names.name_of(key.service) else {
+                    return;
+                };
+                Target::Name(resolver.clone(), name, key.port)
+            }
         };
-        let addr = SocketAddrV4::new(backend, backend_port.unwrap_or(key.port));
+        let addr = target.to_string();
         let timeout = self.ctx.cfg.connect_timeout;
+        let metrics = self.ctx.metrics.clone();
         let task = self.connecting.spawn(async move {
+            let addr = match target {
+                Target::Address(a) => Some(a),
+                // Resolved when the first packet (the SYN) arrives; a name whose address
+                // expired is resolved again, and open connections keep theirs.
+                Target::Name(resolver, name, port) => resolver
+                    .resolve(&name)
+                    .await
+                    .map(|ip| SocketAddrV4::new(ip, port)),
+            };
+            let Some(addr) = addr else {
+                metrics
+                    .dropped_name_unresolved
+                    .fetch_add(1, Ordering::Relaxed);
+                return (
+                    key,
+                    Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "the service's name does not resolve",
+                    )),
+                );
+            };
             let result = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
                 Ok(r) => r,
                 Err(_) => Err(io::Error::new(
@@ -976,6 +1030,7 @@ mod tests {
                     tcp: vec![PortRange::single(80), PortRange::single(443)],
                     icmp: false,
                     connector: String::new(),
+                    names: None,
                 },
                 backend,
                 backend_port,
@@ -1872,6 +1927,7 @@ mod tests {
                     tcp: vec![PortRange::single(80)],
                     icmp: false,
                     connector: String::new(),
+                    names: None,
                 },
                 backend: Ipv4Addr::LOCALHOST,
                 backend_port: Some(port),
@@ -1894,6 +1950,7 @@ mod tests {
                     tcp: vec![PortRange::single(80)],
                     icmp: false,
                     connector: String::new(),
+                    names: None,
                 },
                 backend: Ipv4Addr::LOCALHOST,
                 backend_port: Some(closed_port),

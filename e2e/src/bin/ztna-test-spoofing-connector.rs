@@ -95,6 +95,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
             tcp: vec![],
             icmp: true,
             connector: String::new(),
+            names: None,
         }],
         want: vec![],
         software: "ztna-test-spoofing-connector".into(),
