@@ -614,7 +614,7 @@ mod tests {
              \n\
              connectors:   none\n\
              \n\
-             dropped:      3 outbound with no service route, 0 outbound while the tunnel was not up, 0 tunnel packets with no path (relay away), 0 inbound failing the source check, 0 inbound (TUN device not reading)\n"
+             dropped:      3 outbound with no service route, 0 outbound while the tunnel was not up, 0 outbound after waiting on a full tunnel, 0 tunnel packets with no path (relay away), 0 inbound failing the source check, 0 inbound (TUN device not reading)\n"
         );
     }
 
