@@ -28,6 +28,7 @@ pub mod nat;
 pub mod nginx;
 pub mod pcap;
 pub mod pki;
+pub mod postgres;
 pub mod proc_stats;
 pub mod stack;
 pub mod status;

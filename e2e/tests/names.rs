@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use ztna_e2e::{addr, bin, helper_bins, run, wait_until, Node, Stack, Topology};
 
 /// The pool of the name service agents may reach, and of the one they may not.
@@ -107,78 +107,6 @@ fn dnsmasq(
     })?;
     t.ensure_running(id)?;
     Ok(id)
-}
-
-/// A throwaway PostgreSQL cluster on the backend (10.10.3.2:5432), trusting the connector's
-/// backend-side address. Returns the server and the directory (removed when dropped).
-fn postgres(t: &Topology) -> Result<(ztna_e2e::DaemonId, tempfile::TempDir)> {
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .context("PostgreSQL is not installed (/usr/lib/postgresql): run scripts/setup.sh")?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let v = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("postgres").is_file().then_some((v, bin))
-        })
-        .collect();
-    versions.sort();
-    let Some((_, bin)) = versions.pop() else {
-        bail!("no PostgreSQL server under /usr/lib/postgresql: run scripts/setup.sh");
-    };
-    let pg = tempfile::Builder::new()
-        .prefix("ztna-e2e-pg-")
-        .tempdir()
-        .context("creating the PostgreSQL directory")?;
-    let data = pg.path().join("data");
-    std::fs::create_dir(&data)?;
-    let s = |p: &Path| p.to_str().map(str::to_owned).context("non-UTF-8 path");
-    let (dir_s, data_s) = (s(pg.path())?, s(&data)?);
-    t.host(10, ["chmod", "0755", &dir_s])?;
-    t.run_ok(
-        Node::Backend,
-        10,
-        ["chown", "-R", "postgres:postgres", &dir_s],
-    )?;
-    let as_pg = ["--reuid=postgres", "--regid=postgres", "--init-groups"];
-    let mut args: Vec<String> = as_pg.iter().map(|a| (*a).to_owned()).collect();
-    args.extend([s(&bin.join("initdb"))?, "-D".into(), data_s.clone()]);
-    args.extend(["-A", "trust", "-U", "postgres"].map(str::to_owned));
-    let mut cmd = vec!["setpriv".to_owned()];
-    cmd.extend(args);
-    t.run_ok(Node::Backend, 120, &cmd)?;
-    std::fs::write(
-        data.join("pg_hba.conf"),
-        format!(
-            "local all all trust\nhost all all {}/32 trust\n",
-            addr::CONN_BACK
-        ),
-    )?;
-    let mut args: Vec<String> = as_pg.iter().map(|a| (*a).to_owned()).collect();
-    args.extend([s(&bin.join("postgres"))?, "-D".into(), data_s]);
-    args.extend([
-        "-c".into(),
-        format!("listen_addresses={}", addr::BACKEND),
-        "-c".into(),
-        "port=5432".into(),
-        "-c".into(),
-        format!("unix_socket_directories={dir_s}"),
-    ]);
-    let server = t.spawn(Node::Backend, "postgres", "setpriv", args)?;
-    let direct = format!(
-        "host={} port=5432 user=postgres dbname=postgres connect_timeout=3",
-        addr::BACKEND
-    );
-    wait_until(
-        "PostgreSQL to answer from the connector namespace",
-        Duration::from_secs(30),
-        || {
-            !t.is_running(server)
-                || t.run(Node::Conn, 5, ["psql", "-X", &direct, "-tAc", "SELECT 1"])
-                    .is_ok_and(|o| o.success())
-        },
-    )?;
-    t.ensure_running(server)?;
-    Ok((server, pg))
 }
 
 /// The deployment of these tests, started up to the connector: the demo services plus two name
@@ -276,7 +204,7 @@ fn names_through_glibc() {
         let (root, body) = ztna_e2e::nginx::web_root(t, None)?;
         let _nginx =
             ztna_e2e::nginx::start(t, Node::Backend, &format!("{}:80", addr::BACKEND), &root)?;
-        let (_pg, _pg_dir) = postgres(t)?;
+        let (_pg, _pg_dir) = ztna_e2e::postgres::start(t)?;
         let (mut s, _) = name_stack(t)?;
         let _resolv = start_agent_with_dns(t, &mut s)?;
         let cfg = s.agent_cfg.clone();

@@ -7,11 +7,10 @@
 //! Run: `cargo build --release --bins && cargo test --release -p ztna-e2e --test tcp -- --nocapture`
 //! (as root; nginx, socat, curl, psql and the PostgreSQL server come from `scripts/setup.sh`).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use ztna_e2e::nginx::{random_file, sha256, web_root};
 use ztna_e2e::{
     addr, fd_count, helper_bins, rss_kib, run, wait_until, DaemonId, Node, Signal, Stack, Topology,
@@ -837,96 +836,11 @@ fn tcp_no_leaks_after_1000_connections() {
     });
 }
 
-/// The newest `/usr/lib/postgresql/<version>/bin`.
-fn pg_bin() -> Result<PathBuf> {
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .context("PostgreSQL is not installed (/usr/lib/postgresql): run scripts/setup.sh")?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let v = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("postgres").is_file().then_some((v, bin))
-        })
-        .collect();
-    versions.sort();
-    match versions.pop() {
-        Some((_, bin)) => Ok(bin),
-        None => bail!("no PostgreSQL server under /usr/lib/postgresql: run scripts/setup.sh"),
-    }
-}
-
 #[test]
 fn tcp_psql_postgres() {
     run("tcp_psql_postgres", helper_bins!(), |t| {
-        let bin = pg_bin()?;
-        // The cluster lives outside the test directory, which only root may enter.
-        let pg = tempfile::Builder::new()
-            .prefix("ztna-e2e-pg-")
-            .tempdir()
-            .context("creating the PostgreSQL directory")?;
-        let data = pg.path().join("data");
-        std::fs::create_dir(&data).context("creating the data directory")?;
-        let (dir_s, data_s) = (path(pg.path())?, path(&data)?);
-        t.host(10, ["chmod", "0755", dir_s])?;
-        t.run_ok(
-            Node::Backend,
-            10,
-            ["chown", "-R", "postgres:postgres", dir_s],
-        )?;
-        let as_pg = [
-            "setpriv",
-            "--reuid=postgres",
-            "--regid=postgres",
-            "--init-groups",
-        ];
-        let initdb = bin.join("initdb");
-        let mut args: Vec<&str> = as_pg.to_vec();
-        args.extend([
-            path(&initdb)?,
-            "-D",
-            data_s,
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-        ]);
-        t.step("initdb of a throwaway cluster");
-        t.run_ok(Node::Backend, 120, args)?;
-        let mut hba = std::fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("pg_hba.conf"))
-            .context("opening pg_hba.conf")?;
-        writeln!(hba, "host all all {}/32 trust", addr::CONN_BACK)?;
-        drop(hba);
-
-        let postgres = bin.join("postgres");
-        let mut args: Vec<String> = as_pg[1..].iter().map(|s| (*s).to_owned()).collect();
-        args.extend([
-            path(&postgres)?.to_owned(),
-            "-D".to_owned(),
-            data_s.to_owned(),
-            "-c".to_owned(),
-            format!("listen_addresses={}", addr::BACKEND),
-            "-c".to_owned(),
-            "port=5432".to_owned(),
-            "-c".to_owned(),
-            format!("unix_socket_directories={dir_s}"),
-        ]);
-        let server = t.spawn(Node::Backend, "postgres", as_pg[0], args)?;
-        let direct = format!(
-            "host={} port=5432 user=postgres dbname=postgres connect_timeout=3",
-            addr::BACKEND
-        );
-        wait_until(
-            "PostgreSQL to answer from the connector namespace",
-            Duration::from_secs(30),
-            || {
-                !t.is_running(server)
-                    || t.run(Node::Conn, 5, ["psql", "-X", &direct, "-tAc", "SELECT 1"])
-                        .is_ok_and(|o| o.success())
-            },
-        )?;
-        t.ensure_running(server)?;
+        t.step("a throwaway PostgreSQL cluster on the backend");
+        let (_server, _pg) = ztna_e2e::postgres::start(t)?;
 
         let s = web_stack(t, |_| {})?;
         let conn = s.connector.context("no connector")?;
