@@ -20,6 +20,7 @@ PACKAGES=(
     iperf3          # throughput checks and benchmarks
     jq              # status JSON in scripts
     bpftool         # e2e/tests/xdp.rs: no XDP program left on the interface
+    ethtool         # bench/: GRO on the veth for the relay's native-XDP forwarding run
     procps          # sysctl, pkill
     psmisc          # killall, fuser
     ca-certificates
