@@ -100,6 +100,14 @@ impl AgentNames {
         true
     }
 
+    /// Whether `address` is mapped to a name (the per-packet check; no copy of the name).
+    pub(crate) fn is_mapped(&self, address: Ipv4Addr) -> bool {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&address)
+    }
+
     /// The name `address` stands for.
     pub(crate) fn name_of(&self, address: Ipv4Addr) -> Option<String> {
         self.map

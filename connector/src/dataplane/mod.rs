@@ -486,7 +486,7 @@ impl Dataplane {
     /// The name service whose pool holds `addr`, if the agent mapped `addr` to a name.
     fn mapped_name_service(&self, agent: &Agent, addr: Ipv4Addr) -> Option<&ServiceDef> {
         let svc = self.name_services().iter().find(|s| s.covers(addr))?;
-        agent.names.name_of(addr).map(|_| svc)
+        agent.names.is_mapped(addr).then_some(svc)
     }
 
     /// Where traffic from `agent` to service address `addr` goes now: the backend address, the
@@ -496,7 +496,7 @@ impl Dataplane {
         if let Some(svc) = self.services.get(&addr) {
             return Some((svc.backend, svc.backend_port, svc.def.name.as_str()));
         }
-        let svc = self.mapped_name_service(agent, addr)?;
+        let svc = self.name_services().iter().find(|s| s.covers(addr))?;
         let name = agent.names.name_of(addr)?;
         match self.resolver().and_then(|r| r.cached(&name)) {
             Some(ip) => Some((ip, None, svc.name.as_str())),
