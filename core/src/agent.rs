@@ -775,8 +775,8 @@ impl Agent {
             return;
         };
         let len = packet.len() as u64;
-        let now = self.shared.clock.elapsed().as_millis() as u64;
-        if link.stalled_until_ms.load(Ordering::Relaxed) > now {
+        let stalled_until = link.stalled_until_ms.load(Ordering::Relaxed);
+        if stalled_until != 0 && stalled_until > self.shared.clock.elapsed().as_millis() as u64 {
             let sent = conn.send_datagram(packet);
             link.count_send(len, sent);
             return;
