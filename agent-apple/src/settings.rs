@@ -123,6 +123,7 @@ mod tests {
         ServiceDef {
             name: name.into(),
             address: Ipv4Addr::from(addr),
+            address6: None,
             udp: vec![],
             tcp: vec![],
             icmp: true,

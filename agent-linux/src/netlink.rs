@@ -599,6 +599,7 @@ mod tests {
         ServiceDef {
             name: name.into(),
             address: address.into(),
+            address6: None,
             udp: vec![],
             tcp: vec![],
             icmp: true,

@@ -491,6 +491,7 @@ pub(crate) fn bench_service() -> ServiceDef {
     ServiceDef {
         name: "bench".into(),
         address: Ipv4Addr::new(10, 100, 0, 9),
+        address6: None,
         udp: vec![PortRange::single(9)],
         tcp: vec![],
         icmp: false,

@@ -26,6 +26,10 @@ pub(crate) struct ServiceConfig {
     /// Virtual IPv4 address agents use (absent for a name service).
     #[serde(default = "unspecified")]
     pub(crate) address: Ipv4Addr,
+    /// Virtual IPv6 address of the service, as in the relay's policy (a name service: the first
+    /// address of its IPv6 pool). Absent: the service has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) address6: Option<std::net::Ipv6Addr>,
     /// Real backend: `IP` (same ports) or `IP:PORT` (every port maps to PORT). Absent for a
     /// name service, whose backend is what each name resolves to.
     #[serde(default)]
@@ -387,6 +391,7 @@ impl ConnectorConfig {
             let def = ServiceDef {
                 name: s.name.clone(),
                 address: pool.network(),
+                address6: s.address6,
                 udp: parse_ports(&s.name, "udp", &s.udp)?,
                 tcp: parse_ports(&s.name, "tcp", &s.tcp)?,
                 icmp: s.icmp,
@@ -433,6 +438,7 @@ impl ConnectorConfig {
             let def = ServiceDef {
                 name: s.name.clone(),
                 address: s.address,
+                address6: s.address6,
                 udp: parse_ports(&s.name, "udp", &s.udp)?,
                 tcp: parse_ports(&s.name, "tcp", &s.tcp)?,
                 icmp: s.icmp,
@@ -449,6 +455,11 @@ impl ConnectorConfig {
                 !out.iter().any(|o| o.def.address == def.address),
                 "address {} is used by two services",
                 def.address
+            );
+            anyhow::ensure!(
+                def.address6.is_none() || !out.iter().any(|o| o.def.address6 == def.address6),
+                "IPv6 address {:?} is used by two services",
+                def.address6
             );
             out.push(BackendService {
                 def,

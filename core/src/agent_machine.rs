@@ -891,6 +891,7 @@ mod tests {
         ServiceDef {
             name: name.into(),
             address: Ipv4Addr::new(10, 100, 0, last),
+            address6: None,
             udp: vec![],
             tcp: vec![],
             icmp: true,

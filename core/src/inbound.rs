@@ -101,6 +101,7 @@ mod tests {
         ServiceDef {
             name: format!("s{last}"),
             address: Ipv4Addr::new(10, 100, 0, last),
+            address6: None,
             udp: udp.iter().map(|p| PortRange::single(*p)).collect(),
             tcp: tcp.iter().map(|p| PortRange::single(*p)).collect(),
             icmp,

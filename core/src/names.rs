@@ -440,6 +440,7 @@ mod tests {
         ServiceDef {
             name: name.into(),
             address: Ipv4Addr::from(pool),
+            address6: None,
             udp: vec![],
             tcp: vec![PortRange::single(80)],
             icmp: false,

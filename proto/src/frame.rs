@@ -7,8 +7,9 @@
 use crate::control::ControlMessage;
 
 /// The control protocol version this crate speaks (2: `ServiceDef` gained `names`, for name
-/// services; version-1 peers are refused as `UnsupportedVersion`).
-pub const PROTOCOL_VERSION: u8 = 2;
+/// services; 3: `ServiceDef` gained `address6`, services' IPv6 addresses). Peers of older
+/// versions are refused as `UnsupportedVersion`.
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Largest frame accepted, version byte and body together.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
 const HEADER_LEN: usize = 4;
@@ -144,6 +145,7 @@ mod tests {
         let svc = ServiceDef {
             name: "echo".into(),
             address: Ipv4Addr::new(10, 100, 0, 1),
+            address6: None,
             udp: vec![PortRange::single(7)],
             tcp: vec![PortRange {
                 first: 80,

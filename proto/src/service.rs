@@ -1,7 +1,7 @@
 //! Service definitions as the relay, the connector and the agent see them.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -82,6 +82,11 @@ pub struct ServiceDef {
     pub name: String,
     /// Virtual IPv4 address that agents route into the tunnel.
     pub address: Ipv4Addr,
+    /// Virtual IPv6 address of the same service, if it has one (a name service: the first
+    /// address of its IPv6 pool, as large as its IPv4 pool; the address at offset `i` of one
+    /// pool stands for the same name as the address at offset `i` of the other). What family
+    /// the backend has is the connector's business: it ends every flow at a socket of its own.
+    pub address6: Option<Ipv6Addr>,
     /// UDP ports served.
     pub udp: Vec<PortRange>,
     /// TCP ports served.
@@ -133,6 +138,44 @@ impl ServiceDef {
         ipnet::Ipv4Net::new(self.address, len)
             .unwrap_or_else(|_| ipnet::Ipv4Net::from(self.address))
             .trunc()
+    }
+
+    /// The IPv6 addresses of the service, if it has any: its IPv6 pool for a name service (as
+    /// many addresses as its IPv4 pool), else its one IPv6 address.
+    pub fn prefix6(&self) -> Option<ipnet::Ipv6Net> {
+        let a = self.address6?;
+        let host_bits = 32 - self.prefix().prefix_len();
+        let net = ipnet::Ipv6Net::new(a, 128 - host_bits).unwrap_or_else(|_| a.into());
+        Some(net.trunc())
+    }
+
+    /// Whether `addr` is an IPv6 address of the service.
+    pub fn covers6(&self, addr: Ipv6Addr) -> bool {
+        self.prefix6().is_some_and(|n| n.contains(&addr))
+    }
+
+    /// The IPv6 address standing for the same thing as `v4` (the same offset in the pools).
+    pub fn to_v6(&self, v4: Ipv4Addr) -> Option<Ipv6Addr> {
+        let net = self.prefix6()?;
+        let offset = u32::from(v4).checked_sub(u32::from(self.prefix().network()))?;
+        if !self.covers(v4) {
+            return None;
+        }
+        Some(Ipv6Addr::from(
+            u128::from(net.network()) + u128::from(offset),
+        ))
+    }
+
+    /// The IPv4 address standing for the same thing as `v6` (the same offset in the pools).
+    pub fn to_v4(&self, v6: Ipv6Addr) -> Option<Ipv4Addr> {
+        let net = self.prefix6()?;
+        if !net.contains(&v6) {
+            return None;
+        }
+        let offset = u32::try_from(u128::from(v6) - u128::from(net.network())).ok()?;
+        Some(Ipv4Addr::from(
+            u32::from(self.prefix().network()).checked_add(offset)?,
+        ))
     }
 
     /// Whether `addr` is an address of the service (its address, or in its pool).
@@ -198,6 +241,15 @@ impl ServiceDef {
                 self.name
             ));
         }
+        if let Some(a6) = self.address6 {
+            check_service_v6(&self.name, a6)?;
+            if self.prefix6().map(|n| n.network()) != Some(a6) {
+                return Err(format!(
+                    "service {}: IPv6 pool at {a6} does not start at a network address of its size",
+                    self.name
+                ));
+            }
+        }
         if let Some(r) = self.udp.iter().chain(&self.tcp).find(|r| !r.is_valid()) {
             return Err(format!("service {}: invalid port range {r:?}", self.name));
         }
@@ -206,6 +258,43 @@ impl ServiceDef {
         }
         Ok(())
     }
+}
+
+/// The agents' IPv6 tunnel addresses: an agent whose IPv4 tunnel address is `a.b.c.d` has
+/// `fd7a:7a74:6e61:7475::a.b.c.d` as well (this /96 with the IPv4 address in its low 32 bits),
+/// so the relay assigns one address and every end derives the other.
+pub const TUNNEL_V6_PREFIX: Ipv6Addr = Ipv6Addr::new(0xfd7a, 0x7a74, 0x6e61, 0x7475, 0, 0, 0, 0);
+
+/// The IPv6 tunnel address of the agent whose IPv4 tunnel address is `v4`.
+pub fn tunnel_ipv6(v4: Ipv4Addr) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(TUNNEL_V6_PREFIX) | u128::from(u32::from(v4)))
+}
+
+/// The IPv4 tunnel address inside `v6`, if `v6` is an IPv6 tunnel address.
+pub fn tunnel_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let x = u128::from(v6);
+    (x >> 32 == u128::from(TUNNEL_V6_PREFIX) >> 32).then(|| Ipv4Addr::from(x as u32))
+}
+
+/// Checks that `a` can be a service's virtual IPv6 address: global or unique-local unicast, not
+/// IPv4-mapped, outside the tunnel addresses and the range the path multiplexer uses for its
+/// own virtual addresses (`fd00:7a74:6e61::/48`).
+pub fn check_service_v6(service: &str, a: Ipv6Addr) -> Result<(), String> {
+    let s = a.segments();
+    let bad = a.is_unspecified()
+        || a.is_loopback()
+        || a.is_multicast()
+        || (s[0] & 0xffc0) == 0xfe80
+        || a.to_ipv4_mapped().is_some()
+        || tunnel_ipv4(a).is_some()
+        || s[..3] == [0xfd00, 0x7a74, 0x6e61];
+    if bad {
+        return Err(format!(
+            "service {service}: {a} cannot be a service's IPv6 address (unicast, not \
+             link-local, not IPv4-mapped, outside {TUNNEL_V6_PREFIX}/96 and fd00:7a74:6e61::/48)"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `name` is acceptable as a name that crosses the network: a service name, an
@@ -282,6 +371,67 @@ mod tests {
         assert!("70000".parse::<PortRange>().is_err());
         assert!("a-b".parse::<PortRange>().is_err());
         assert_eq!(PortRange { first: 1, last: 9 }.to_string(), "1-9");
+    }
+
+    #[test]
+    fn tunnel_addresses_map_both_ways() {
+        let v4 = Ipv4Addr::new(100, 64, 3, 9);
+        let v6 = tunnel_ipv6(v4);
+        assert_eq!(
+            v6,
+            "fd7a:7a74:6e61:7475::6440:309".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(tunnel_ipv4(v6), Some(v4));
+        assert_eq!(tunnel_ipv4("fd7a:7a74:6e61:7476::1".parse().unwrap()), None);
+        assert!(check_service_v6("s", v6).is_err());
+        assert!(check_service_v6("s", "fd00:1::1".parse().unwrap()).is_ok());
+        assert!(check_service_v6("s", "2001:db8::1".parse().unwrap()).is_ok());
+        for bad in [
+            "::",
+            "::1",
+            "ff02::1",
+            "fe80::1",
+            "::ffff:1.2.3.4",
+            "fd00:7a74:6e61::1",
+        ] {
+            assert!(
+                check_service_v6("s", bad.parse().unwrap()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn name_pools_pair_their_ipv4_and_ipv6_addresses_by_offset() {
+        let mut svc = ServiceDef {
+            name: "wiki".into(),
+            address: Ipv4Addr::new(10, 101, 0, 0),
+            address6: Some("fd00:9::100".parse().unwrap()),
+            udp: vec![],
+            tcp: vec![PortRange::single(80)],
+            icmp: false,
+            connector: String::new(),
+            names: Some(NamePool {
+                patterns: vec!["*.corp.example".into()],
+                prefix_len: 24,
+            }),
+        };
+        svc.validate().unwrap();
+        assert_eq!(svc.prefix6().unwrap().to_string(), "fd00:9::100/120");
+        let v4 = Ipv4Addr::new(10, 101, 0, 7);
+        let v6: Ipv6Addr = "fd00:9::107".parse().unwrap();
+        assert_eq!(svc.to_v6(v4), Some(v6));
+        assert_eq!(svc.to_v4(v6), Some(v4));
+        assert!(svc.covers6(v6) && !svc.covers6("fd00:9::200".parse().unwrap()));
+        assert_eq!(svc.to_v6(Ipv4Addr::new(10, 101, 1, 0)), None);
+        assert_eq!(svc.to_v4("fd00:9::200".parse().unwrap()), None);
+        svc.address6 = Some("fd00:9::180".parse().unwrap());
+        assert!(svc.validate().is_err(), "an IPv6 pool must be aligned");
+        svc.names = None;
+        svc.address = v4;
+        svc.validate().unwrap();
+        assert_eq!(svc.to_v6(v4), svc.address6);
+        assert_eq!(svc.to_v6(Ipv4Addr::new(10, 101, 0, 8)), None);
     }
 
     #[test]

@@ -9,9 +9,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use ztna_core::tls::PeerIdentity;
@@ -60,6 +60,10 @@ pub struct ServiceRule {
     /// a name service.
     #[serde(default = "unspecified")]
     pub address: Ipv4Addr,
+    /// Its virtual IPv6 address, if it has one; for a name service, the first address of an
+    /// IPv6 pool as large as `pool` (agents answer AAAA queries from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
     /// A name service's DNS names: `wiki.corp.example` or `*.corp.example` (every name below
     /// the domain). Needs `pool` instead of `address`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,6 +89,7 @@ impl Default for ServiceRule {
         Self {
             name: String::new(),
             address: Ipv4Addr::UNSPECIFIED,
+            address6: None,
             names: None,
             pool: None,
             udp: None,
@@ -101,6 +106,8 @@ pub struct CatalogEntry {
     pub name: String,
     /// Its address (a name service: the first address of its pool).
     pub address: Ipv4Addr,
+    /// Its IPv6 address, if any (a name service: the first address of its IPv6 pool).
+    pub address6: Option<Ipv6Addr>,
     /// A name service's patterns and pool.
     pub names: Option<NamePool>,
     /// UDP ports a connector may serve (merged, sorted); `None`: not restricted.
@@ -191,6 +198,7 @@ impl Policy {
         let mut problems = Vec::new();
         let mut services: BTreeMap<String, CatalogEntry> = BTreeMap::new();
         let mut by_address: Vec<(Ipv4Net, String)> = Vec::new();
+        let mut by_address6: Vec<(Ipv6Net, String)> = Vec::new();
         let mut patterns: BTreeMap<DomainPattern, String> = BTreeMap::new();
         for s in src.services {
             if let Err(e) = check_name("service name", &s.name) {
@@ -291,16 +299,41 @@ impl Policy {
             if serves_nothing {
                 problems.push(format!("{who}: no ports and no ICMP"));
             }
+            let net6 = s.address6.map(|a6| {
+                let net6 = Ipv6Net::new(a6, 128 - (32 - net.prefix_len()))
+                    .unwrap_or_else(|_| a6.into())
+                    .trunc();
+                if let Err(e) = ztna_proto::service::check_service_v6(&s.name, a6) {
+                    problems.push(e);
+                }
+                if net6.network() != a6 {
+                    problems.push(format!(
+                        "{who}: its IPv6 pool {a6}/{} does not start at a network address",
+                        net6.prefix_len()
+                    ));
+                }
+                if let Some((_, other)) = by_address6
+                    .iter()
+                    .find(|(n, _)| n.contains(&net6) || net6.contains(n))
+                {
+                    problems.push(format!("{who}: IPv6 address also used by service {other}"));
+                }
+                net6
+            });
             if services.contains_key(&s.name) {
                 problems.push(format!("service {} is defined twice", s.name));
                 continue;
             }
             by_address.push((net, s.name.clone()));
+            if let Some(n6) = net6 {
+                by_address6.push((n6, s.name.clone()));
+            }
             services.insert(
                 s.name.clone(),
                 CatalogEntry {
                     name: s.name,
                     address: a,
+                    address6: s.address6,
                     names,
                     udp,
                     tcp,
@@ -422,6 +455,18 @@ impl Policy {
                 format!(
                     "service {name} has address {} in the relay's policy, not {}",
                     entry.address, def.address
+                ),
+            ));
+        }
+        if def.address6 != entry.address6 {
+            let show = |a: Option<Ipv6Addr>| a.map_or_else(|| "none".to_owned(), |a| a.to_string());
+            return Err(reject(
+                &name,
+                ErrorCode::PolicyMismatch,
+                format!(
+                    "service {name} has IPv6 address {} in the relay's policy, not {}",
+                    show(entry.address6),
+                    show(def.address6)
                 ),
             ));
         }
@@ -591,6 +636,29 @@ pub(crate) mod tests {
         nothing.icmp = Some(false);
         bad(vec![nothing], "no ports and no ICMP");
         bad(vec![rule("Bad Name", 1)], "invalid service name");
+        let v6 = |name: &str, last: u8, a6: &str| ServiceRule {
+            address6: Some(a6.parse().unwrap()),
+            ..rule(name, last)
+        };
+        bad(
+            vec![v6("a", 1, "fd00:1::1"), v6("b", 2, "fd00:1::1")],
+            "IPv6 address also used by service a",
+        );
+        bad(vec![v6("a", 1, "fe80::1")], "cannot be a service's IPv6");
+        bad(vec![v6("a", 1, "fd7a:7a74:6e61:7475::5")], "cannot be");
+        bad(vec![v6("a", 1, "::ffff:10.1.2.3")], "cannot be");
+        let mut pool6 = ServiceRule {
+            address: Ipv4Addr::UNSPECIFIED,
+            names: Some(vec!["*.corp.example".into()]),
+            pool: Some("10.101.0.0/24".parse().unwrap()),
+            ..v6("a", 1, "fd00:2::80")
+        };
+        bad(vec![pool6.clone()], "does not start at a network address");
+        pool6.address6 = Some("fd00:2::100".parse().unwrap());
+        bad(
+            vec![pool6, v6("b", 2, "fd00:2::1ff")],
+            "IPv6 address also used by service a",
+        );
         // Rules must name defined services and someone.
         let mut s = src();
         s.access[0].services.push("typo".into());
@@ -604,6 +672,31 @@ pub(crate) mod tests {
         assert!(!e.to_string().contains('\n'));
     }
 
+    /// A connector announcing a service without the IPv6 address policy gives it, or with
+    /// another one, is refused; with the same one it is accepted.
+    #[test]
+    fn announced_ipv6_addresses_must_match_policy() {
+        let mut s = src();
+        s.services[0].address6 = Some("fd00:5::1".parse().unwrap());
+        let p = Policy::build(s, &reserved()).unwrap();
+        let def = |a6: Option<&str>| ServiceDef {
+            name: "echo".into(),
+            address: Ipv4Addr::new(10, 100, 0, 1),
+            address6: a6.map(|a| a.parse().unwrap()),
+            udp: vec![PortRange::single(7)],
+            tcp: vec![],
+            icmp: false,
+            connector: String::new(),
+            names: None,
+        };
+        assert!(p.check_announcement("c1", def(Some("fd00:5::1"))).is_ok());
+        for wrong in [None, Some("fd00:5::2")] {
+            let e = p.check_announcement("c1", def(wrong)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::PolicyMismatch);
+            assert!(e.message.contains("IPv6 address"), "{}", e.message);
+        }
+    }
+
     #[test]
     fn announcements_must_match_policy() {
         let mut s = src();
@@ -613,6 +706,7 @@ pub(crate) mod tests {
         let def = |name: &str, last: u8, udp: Vec<PortRange>, icmp: bool| ServiceDef {
             name: name.into(),
             address: Ipv4Addr::new(10, 100, 0, last),
+            address6: None,
             udp,
             tcp: vec![],
             icmp,
@@ -749,6 +843,7 @@ pub(crate) mod tests {
         let p = Policy::build(s, &reserved()).unwrap();
         let announced = |patterns: &[&str], prefix_len: u8| ServiceDef {
             name: "wiki".into(),
+            address6: None,
             address: Ipv4Addr::new(10, 101, 0, 0),
             udp: vec![],
             tcp: vec![PortRange::single(80)],

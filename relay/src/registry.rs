@@ -312,6 +312,7 @@ mod tests {
         ServiceDef {
             name: name.into(),
             address: Ipv4Addr::new(10, 100, 0, last),
+            address6: None,
             udp: vec![PortRange::single(7)],
             tcp: vec![],
             icmp: true,

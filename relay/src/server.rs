@@ -1152,6 +1152,7 @@ mod tests {
         let svc = |i: u32| ServiceDef {
             name: format!("{i:0>200}"),
             address: std::net::Ipv4Addr::from(0x0a64_0000 + i),
+            address6: None,
             udp: vec![PortRange::single(7)],
             tcp: vec![],
             icmp: true,

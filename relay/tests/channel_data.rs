@@ -123,6 +123,7 @@ async fn setup(agents: &[&str]) -> Setup {
     let svc = ServiceDef {
         name: "echo".into(),
         address: [10, 100, 0, 1].into(),
+        address6: None,
         udp: vec![PortRange::single(7)],
         tcp: vec![],
         icmp: true,

@@ -130,6 +130,7 @@ fn svc(name: &str, last: u8) -> ServiceDef {
     ServiceDef {
         name: name.into(),
         address: [10, 100, 0, last].into(),
+        address6: None,
         udp: vec![PortRange::single(7)],
         tcp: vec![],
         icmp: true,

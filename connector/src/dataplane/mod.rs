@@ -1090,6 +1090,7 @@ mod tests {
             def: ServiceDef {
                 name: "svc".into(),
                 address: SVC_IP,
+                address6: None,
                 udp,
                 tcp: vec![PortRange::single(443)],
                 icmp,

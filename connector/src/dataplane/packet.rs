@@ -507,6 +507,7 @@ mod tests {
         ServiceDef {
             name: "dns".into(),
             address: SVC,
+            address6: None,
             udp: vec![
                 PortRange::single(53),
                 PortRange {

@@ -1026,6 +1026,7 @@ mod tests {
                 def: ServiceDef {
                     name: "web".into(),
                     address: SVC_IP,
+                    address6: None,
                     udp: vec![],
                     tcp: vec![PortRange::single(80), PortRange::single(443)],
                     icmp: false,
@@ -1922,6 +1923,7 @@ mod tests {
             let service = BackendService {
                 def: ServiceDef {
                     name: "web".into(),
+                    address6: None,
                     address: SVC_IP,
                     udp: vec![],
                     tcp: vec![PortRange::single(80)],
@@ -1945,6 +1947,7 @@ mod tests {
             let refusing = BackendService {
                 def: ServiceDef {
                     name: "closed".into(),
+                    address6: None,
                     address: Ipv4Addr::new(10, 100, 0, 2),
                     udp: vec![],
                     tcp: vec![PortRange::single(80)],

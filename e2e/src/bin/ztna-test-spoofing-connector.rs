@@ -91,6 +91,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
         services: vec![ServiceDef {
             name: "echo".into(),
             address: a.service,
+            address6: None,
             udp: vec![PortRange::single(7)],
             tcp: vec![],
             icmp: true,
