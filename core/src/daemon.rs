@@ -331,7 +331,8 @@ pub async fn shutdown_signal() {
 }
 
 /// A non-blocking UDP socket bound to `addr`, with send and receive buffers of `buffer` bytes
-/// asked for (the kernel caps them at `net.core.{r,w}mem_max`).
+/// asked for (the kernel caps them at `net.core.{r,w}mem_max`). `[::]` is dual-stack whatever
+/// `net.ipv6.bindv6only` says: IPv4 peers arrive as IPv4-mapped IPv6 addresses.
 pub fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
@@ -341,6 +342,9 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::Ud
     let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     let _ = sock.set_recv_buffer_size(buffer);
     let _ = sock.set_send_buffer_size(buffer);
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        sock.set_only_v6(false)?;
+    }
     sock.bind(&addr.into())?;
     sock.set_nonblocking(true)?;
     Ok(sock.into())

@@ -495,6 +495,7 @@ impl Driver {
                     if r.is_err() { return; }
                     let list = peer_rx.borrow_and_update().clone().unwrap_or_default();
                     tracing::debug!(peer = %self.ctx.peer, candidates = ?list, "peer candidates");
+                    let list = same_family(list, self.ctx.mux.is_v4());
                     self.paths.set_candidates(&list, Instant::now().into_std());
                     self.peer_reflexive = list.iter().find(|c| c.kind.is_reflexive()).copied();
                     self.peer_since.get_or_insert_with(Instant::now);
@@ -1115,9 +1116,45 @@ fn interface_network(addr: &if_addrs::IfAddr) -> Option<ipnet::IpNet> {
     }
 }
 
+/// The peer's candidates this end's socket can send to: IPv4 ones on an IPv4 socket, IPv6 ones
+/// on an IPv6 socket (as the relay list is resolved). An IPv4-mapped IPv6 address counts as the
+/// IPv4 address it maps.
+fn same_family(list: Vec<Candidate>, v4: bool) -> Vec<Candidate> {
+    list.into_iter()
+        .map(|mut c| {
+            c.addr = SocketAddr::new(c.addr.ip().to_canonical(), c.addr.port());
+            c
+        })
+        .filter(|c| c.addr.is_ipv4() == v4)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_candidates_of_the_sockets_family_are_probed() {
+        let c = |a: &str| Candidate {
+            addr: a.parse().unwrap(),
+            kind: CandidateKind::Host,
+        };
+        let list = vec![
+            c("192.168.2.2:4434"),
+            c("[::ffff:10.10.0.13]:4434"),
+            c("[2001:db8:2::2]:4434"),
+        ];
+        let v4: Vec<String> = same_family(list.clone(), true)
+            .iter()
+            .map(|c| c.addr.to_string())
+            .collect();
+        assert_eq!(v4, ["192.168.2.2:4434", "10.10.0.13:4434"]);
+        let v6: Vec<String> = same_family(list, false)
+            .iter()
+            .map(|c| c.addr.to_string())
+            .collect();
+        assert_eq!(v6, ["[2001:db8:2::2]:4434"]);
+    }
 
     #[test]
     fn host_candidates_are_chosen_never_every_interface() {

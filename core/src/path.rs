@@ -150,10 +150,15 @@ pub enum TargetKind {
 }
 
 impl TargetKind {
-    fn class(self) -> PathClass {
+    /// The class of a path to `addr` learnt this way: a host candidate is the peer's LAN
+    /// address, unless it is a global IPv6 address (2000::/3), which is reached across the
+    /// internet like a NAT mapping (IPv6 hosts have global addresses and no NAT).
+    fn class(self, addr: &SocketAddr) -> PathClass {
+        let global_v6 =
+            matches!(addr.ip(), std::net::IpAddr::V6(v6) if v6.segments()[0] & 0xe000 == 0x2000);
         match self {
-            TargetKind::Host => PathClass::Lan,
-            TargetKind::Reflexive | TargetKind::PeerReflexive => PathClass::Wan,
+            TargetKind::Host if !global_v6 => PathClass::Lan,
+            _ => PathClass::Wan,
         }
     }
 }
@@ -653,7 +658,7 @@ impl PathSet {
         let t = self.targets.iter().find(|t| t.addr == a)?;
         Some(Selected {
             addr: a,
-            class: t.kind.class(),
+            class: t.kind.class(&t.addr),
             rtt: t.rtt.unwrap_or_default(),
         })
     }
@@ -680,7 +685,7 @@ impl PathSet {
     }
 
     fn reselect(&mut self, now: Instant) {
-        let rank = |t: &Target| (t.kind.class(), t.rtt.unwrap_or(Duration::MAX));
+        let rank = |t: &Target| (t.kind.class(&t.addr), t.rtt.unwrap_or(Duration::MAX));
         let best = self
             .targets
             .iter()
@@ -859,6 +864,14 @@ mod tests {
         confirm(&mut p, lan, at, ms(5));
         assert_eq!(p.selected().unwrap().addr, lan);
         assert_eq!(p.selected().unwrap().class, PathClass::Lan);
+
+        // A global IPv6 host candidate is reached across the internet: WAN, not LAN; a ULA
+        // host candidate is on the LAN.
+        let g: SocketAddr = "[2001:db8:2::2]:4434".parse().unwrap();
+        let u: SocketAddr = "[fd12::2]:4434".parse().unwrap();
+        assert_eq!(TargetKind::Host.class(&g), PathClass::Wan);
+        assert_eq!(TargetKind::Host.class(&u), PathClass::Lan);
+        assert_eq!(TargetKind::Reflexive.class(&u), PathClass::Wan);
 
         // Within a class: a clearly better RTT wins, a slightly better one does not.
         let mut q = PathSet::new(PathTiming::default(), 0);

@@ -10,6 +10,11 @@
 #   nat.sh hairpin PREFIX TYPE on|off     agent and connector on two isolated LANs behind one
 #                                         NAT (no route between them), which reflects packets
 #                                         to its own public address back inside (on) or not
+#   nat.sh v6 PREFIX CONN                 IPv6 underlay: an IPv6-only agent behind a stateful
+#                                         IPv6 firewall (global addresses, no NAT66; inbound
+#                                         filtered), a dual-stack relay; the connector behind the
+#                                         same kind of firewall (CONN = v6) or behind an IPv4
+#                                         `port` NAT (CONN = v4)
 #   nat.sh readdress PREFIX SIDE ADDR     give NAT router SIDE (agent|conn) the WAN address
 #                                         ADDR instead of its current one; drops its mappings
 #   nat.sh spent PREFIX                   UDP packets the NAT routers let out to anyone but the
@@ -49,6 +54,12 @@
 # 100.64.0.2/24, lan0 192.168.1.1/24); the agent's public address is the CGN's 10.10.0.11.
 # `hairpin`: ${P}-nata lan0 192.168.1.1/24 (agent 192.168.1.2) and lan1 192.168.2.1/24 (conn
 # 192.168.2.2); no forwarding between lan0 and lan1 except reflected (hairpinned) flows.
+
+# `v6`: the WAN bridge also carries 2001:db8:10::/64, the relay has 2001:db8:10::1 besides
+# 10.10.0.1; ${P}-fwa (wan0 2001:db8:10::11, lan0 2001:db8:1::1/64) in front of ${P}-agent
+# (eth0 2001:db8:1::2/64, no IPv4 address at all); with CONN = v6 ${P}-fwc (wan0 2001:db8:10::13,
+# lan0 2001:db8:2::1/64) in front of ${P}-conn (eth0 2001:db8:2::2/64, IPv6 only); CONN = v4
+# is `up`'s `port` side. Every WAN host routes the two /64s via their firewalls.
 
 # shellcheck source=deploy/netns/topo.sh
 source "$(dirname "${BASH_SOURCE[0]}")/topo.sh"
@@ -337,6 +348,111 @@ _nat_build_hairpin() {
     topo_backend "$p" || return
 }
 
+V6_RELAY_ADDR=2001:db8:10::1
+V6_FWA_WAN_ADDR=2001:db8:10::11
+V6_FWC_WAN_ADDR=2001:db8:10::13
+V6_AGENT_NET=2001:db8:1::/64
+V6_CONN_NET=2001:db8:2::/64
+
+# _v6_addr P NODE IFNAME ADDR/LEN: an IPv6 address without duplicate address detection (usable
+# at once).
+_v6_addr() {
+    _topo ip -n "$(topo_ns "$1" "$2")" addr add "$4" dev "$3" nodad || return
+}
+
+# _v6_firewall P NODE WAN_ADDR LAN_ADDR HOST HOST_ADDR: a router NODE with wan0 on the WAN
+# bridge and lan0 to HOST; IPv6 forwarding with a stateful firewall as home routers have
+# (outbound and replies pass, unsolicited inbound is dropped, ICMPv6 errors of known flows
+# pass as related), and the emulated WAN hops (a packet arriving on wan0 with a hop limit of
+# NAT_WAN_HOPS or less is dropped, as low-TTL opening probes die on the way).
+_v6_firewall() {
+    local p=$1 node=$2 wan=$3 lan=$4 host=$5 addr=$6 ns hops=${NAT_WAN_HOPS:-2} hop_rule=""
+    [[ $hops =~ ^[0-9]+$ ]] || { _nat_err "bad NAT_WAN_HOPS"; return 2; }
+    topo_node "$p" "$node" || return
+    ns=$(topo_ns "$p" "$node")
+    _topo ip -n "$ns" link add wan0 type veth peer name "$node" netns "$(topo_ns "$p" wan)" || return
+    _topo ip -n "$(topo_ns "$p" wan)" link set "$node" master br0 up || return
+    _topo ip -n "$ns" link set wan0 up || return
+    _v6_addr "$p" "$node" wan0 "$wan/64" || return
+    topo_node "$p" "$host" || return
+    topo_link "$p" "$node" lan0 "" "$host" eth0 "" || return
+    _v6_addr "$p" "$node" lan0 "$lan/64" || return
+    _v6_addr "$p" "$host" eth0 "$addr/64" || return
+    _topo ip -n "$(topo_ns "$p" "$host")" -6 route replace default via "$lan" || return
+    topo_sysctl "$p" "$node" net.ipv6.conf.all.forwarding=1 || return
+    if [[ $hops -gt 0 ]]; then
+        hop_rule="iifname \"wan0\" ip6 hoplimit <= $hops drop"
+    fi
+    _topo ip netns exec "$ns" nft -f - <<EOF6 || return
+table inet fw {
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        $hop_rule
+        ct state established,related accept
+        iifname "lan0" oifname "wan0" accept
+        counter
+    }
+    chain input {
+        type filter hook input priority filter; policy accept;
+        iifname "wan0" ct state established,related accept
+        iifname "wan0" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert, echo-request } accept
+        iifname "wan0" drop
+    }
+}
+EOF6
+}
+
+_nat_build_v6() {
+    local p=$1 conn=$2 h
+    topo_wan "$p" && topo_relay "$p" || return
+    _v6_addr "$p" relay wan0 "$V6_RELAY_ADDR/64" || return
+    _v6_firewall "$p" fwa "$V6_FWA_WAN_ADDR" 2001:db8:1::1 agent 2001:db8:1::2 || return
+    case $conn in
+        v6) _v6_firewall "$p" fwc "$V6_FWC_WAN_ADDR" 2001:db8:2::1 conn 2001:db8:2::2 || return ;;
+        v4) _nat_side "$p" port natc "$NAT_C_WAN_ADDR" "$NAT_C_LAN_ADDR" conn "$NAT_CONN_LAN_ADDR" \
+                topo_conn || return ;;
+        *) _nat_err "v6: the connector side is v4 or v6, not '$conn'"; return 2 ;;
+    esac
+    for h in relay fwa fwc; do
+        [[ -e /run/netns/$(topo_ns "$p" "$h") ]] || continue
+        if [[ $h != fwa ]]; then
+            _topo ip -n "$(topo_ns "$p" "$h")" -6 route replace "$V6_AGENT_NET" via "$V6_FWA_WAN_ADDR" || return
+        fi
+        if [[ $h != fwc && $conn == v6 ]]; then
+            _topo ip -n "$(topo_ns "$p" "$h")" -6 route replace "$V6_CONN_NET" via "$V6_FWC_WAN_ADDR" || return
+        fi
+    done
+    _nat_ping_group "$p" || return
+    topo_backend "$p" || return
+    _v6_settle "$p"
+}
+
+# _v6_settle P: waits (at most 5 s) until no address in the topology is tentative: link-local
+# addresses go through duplicate address detection, and a router answers neighbour
+# solicitations only from a usable link-local address.
+_v6_settle() {
+    local p=$1 i ns busy
+    for ((i = 0; i < 50; i++)); do
+        busy=0
+        for ns in $(ip netns list | awk -v p="$p-" 'index($1, p) == 1 {print $1}'); do
+            if [[ -n $(ip -n "$ns" -6 addr show tentative 2>/dev/null) ]]; then busy=1; fi
+        done
+        [[ $busy == 0 ]] && return 0
+        sleep 0.1
+    done
+    _nat_err "v6: addresses still tentative after 5 s"
+}
+
+nat_v6() {
+    _topo_check_prefix "$1" || return
+    topo_down "$1" || return
+    if ! _nat_build_v6 "$@"; then
+        _nat_err "building IPv6 topology '$1' (connector $2) failed; tearing down what was built"
+        topo_down "$1"
+        return 1
+    fi
+}
+
 # nat_cgnat P HOME CGN CONN / nat_hairpin P TYPE on|off: build, tearing down an old one first
 # and what was built on failure.
 nat_cgnat() {
@@ -478,7 +594,7 @@ nat_unblock() {
 }
 
 _nat_usage() {
-    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
 }
 
 _nat_main() {
@@ -503,6 +619,7 @@ _nat_main() {
         lan) [[ $# -eq 3 ]] || { _nat_usage; exit 2; }; nat_lan "$2" "$3" ;;
         cgnat) [[ $# -eq 5 ]] || { _nat_usage; exit 2; }; nat_cgnat "$2" "$3" "$4" "$5" ;;
         hairpin) [[ $# -eq 4 ]] || { _nat_usage; exit 2; }; nat_hairpin "$2" "$3" "$4" ;;
+        v6) [[ $# -eq 3 ]] || { _nat_usage; exit 2; }; nat_v6 "$2" "$3" ;;
         readdress) [[ $# -eq 4 ]] || { _nat_usage; exit 2; }; nat_readdress "$2" "$3" "$4" ;;
         spent) [[ $# -eq 2 ]] || { _nat_usage; exit 2; }; nat_spent "$2" ;;
         block) [[ $# -eq 2 ]] || { _nat_usage; exit 2; }; nat_block "$2" ;;

@@ -194,6 +194,36 @@ pub fn hairpin(test_name: &str, helpers: HelperBins, nat: NatType, on: bool) -> 
     Topology::with_script(test_name, helpers, NAT_SH, &args)
 }
 
+/// The connector's side of [`v6`]'s topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum V6Conn {
+    /// IPv6 only, behind a stateful IPv6 firewall like the agent's (`2001:db8:2::2`).
+    V6,
+    /// IPv4 only, behind a `port` NAT (`192.168.2.2`).
+    V4,
+}
+
+/// Addresses of [`v6`]'s topology.
+pub mod v6addr {
+    /// The relay's IPv6 address on the WAN (it keeps 10.10.0.1 as well).
+    pub const RELAY: &str = "2001:db8:10::1";
+    /// The agent (IPv6 only, behind its firewall `fwa`).
+    pub const AGENT: &str = "2001:db8:1::2";
+    /// The connector with [`super::V6Conn::V6`] (behind its firewall `fwc`).
+    pub const CONN: &str = "2001:db8:2::2";
+}
+
+/// `nat.sh v6 PREFIX v4|v6`: an IPv6-only agent behind a stateful IPv6 firewall, a dual-stack
+/// relay, and the connector behind the same kind of firewall or behind an IPv4 NAT (requires
+/// the ztna binaries).
+pub fn v6(test_name: &str, helpers: HelperBins, conn: V6Conn) -> Result<Topology> {
+    let side = match conn {
+        V6Conn::V6 => "v6",
+        V6Conn::V4 => "v4",
+    };
+    Topology::with_script(test_name, helpers, NAT_SH, &["v6", side])
+}
+
 /// `nat.sh spent PREFIX`: UDP packets the NAT routers on the WAN let out to anyone but the relay
 /// (probes and direct-path traffic) since the topology was built.
 pub fn spent(t: &Topology) -> Result<u64> {

@@ -89,8 +89,10 @@ impl Admission {
     /// The key `ip` counts under: IPv4 addresses alone, IPv6 addresses by /64 (one host or
     /// site usually holds a whole /64, so per-address counting would be no limit).
     fn key(ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(_) => ip,
+        // An IPv4 peer on a dual-stack socket: counted as the IPv4 address, not in one /64 with
+        // every other IPv4 peer.
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => IpAddr::V4(v4),
             IpAddr::V6(v6) => {
                 let mut o = v6.octets();
                 o[8..].fill(0);
@@ -188,6 +190,24 @@ mod tests {
         // finished() without a matching accept does not underflow.
         a.finished(ip(9));
         assert_eq!(a.active(), 0);
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_count_as_ipv4() {
+        let mut a = Admission::new(AdmissionLimits {
+            max_per_ip: 1,
+            ..AdmissionLimits::default()
+        });
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            a.decide(ip("::ffff:192.0.2.1"), true, false),
+            Decision::Accept
+        );
+        assert_eq!(
+            a.decide(ip("::ffff:192.0.2.2"), true, false),
+            Decision::Accept
+        );
+        assert_eq!(a.decide(ip("192.0.2.1"), true, false), Decision::Refuse);
     }
 
     #[test]

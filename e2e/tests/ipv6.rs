@@ -1,0 +1,176 @@
+//! Issue #15, the IPv6 underlay: an agent on an IPv6-only network behind a stateful firewall
+//! (global addresses, no NAT66, unsolicited inbound dropped), a dual-stack relay, and a
+//! connector either on IPv4 behind a NAT (the relay path joins the two families) or on IPv6
+//! behind the same kind of firewall (a direct path over IPv6, opened by hole punching).
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use ztna_e2e::nat::{self, v6addr, V6Conn};
+use ztna_e2e::wait::wait_until_every;
+use ztna_e2e::{addr, helper_bins, run_with, Node, Stack, Topology};
+
+/// The path of `conn1` in the agent's status.
+fn path(s: &Stack<'_>) -> String {
+    s.status(&s.agent_cfg.status_socket)
+        .ok()
+        .and_then(|st| st.connector_path("conn1").map(str::to_owned))
+        .unwrap_or_else(|| "(no status)".into())
+}
+
+/// The stack on `nat.sh v6`: the relay on `[::]:4433` (both families), the agent's socket on
+/// IPv6 and the relay given by its IPv6 address; the connector on the family of its network.
+fn start(t: &Topology, conn: V6Conn) -> Result<Stack<'_>> {
+    let mut s = Stack::new(t)?;
+    s.relay_cfg.bind = format!("[::]:{}", addr::RELAY_PORT);
+    let relay6 = format!("[{}]:{}", v6addr::RELAY, addr::RELAY_PORT);
+    s.agent_cfg.relay = relay6.clone();
+    s.agent_cfg.extra.push_str("bind = \"[::]:0\"\n");
+    s.agent_cfg.direct_paths = None;
+    if conn == V6Conn::V6 {
+        s.conn_cfg.relay = relay6;
+        s.conn_cfg.bind = "[::]:4434".to_owned();
+    }
+    s.start_all()?;
+    Ok(s)
+}
+
+/// Pings, UDP echo and DNS through the tunnel, with nothing lost.
+fn traffic(t: &Topology) -> Result<()> {
+    let out = t.run_ok(
+        Node::Agent,
+        20,
+        [
+            "ping",
+            "-n",
+            "-c",
+            "20",
+            "-i",
+            "0.05",
+            "-W",
+            "2",
+            addr::ECHO,
+        ],
+    )?;
+    ensure!(out.stdout.contains("20 received"), "pings lost: {out}");
+    let summary = ztna_e2e::udp_echo_check(t, 200, 1232)?;
+    t.step(&summary);
+    let out = t.run_ok(
+        Node::Agent,
+        10,
+        [
+            "dig",
+            "+short",
+            "+time=2",
+            "+tries=2",
+            "@10.100.0.2",
+            "backend.ztna.test",
+        ],
+    )?;
+    ensure!(out.stdout.trim() == addr::BACKEND, "dig: {out}");
+    Ok(())
+}
+
+/// `ERROR` lines in the relay's, connector's and agent's logs.
+fn errors(t: &Topology, s: &Stack<'_>) -> Vec<String> {
+    [s.relay, s.connector, s.agent]
+        .into_iter()
+        .flatten()
+        .flat_map(|id| {
+            t.log(id)
+                .lines()
+                .filter(|l| l.contains(" ERROR "))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn ipv6_only_agent_reaches_an_ipv4_connector_through_a_dual_stack_relay() {
+    run_with(
+        "ipv6_only_agent_reaches_an_ipv4_connector_through_a_dual_stack_relay",
+        helper_bins!(),
+        |name, helpers| nat::v6(name, helpers, V6Conn::V4),
+        |t| {
+            t.step("the agent's eth0 has no IPv4 address: its only way out is IPv6");
+            let out = t.run_ok(
+                Node::Agent,
+                5,
+                ["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+            )?;
+            ensure!(out.stdout.trim().is_empty(), "eth0 has IPv4: {out}");
+            let s = start(t, V6Conn::V4)?;
+            traffic(t)?;
+            t.step("the connector is on IPv4, so no direct path: the tunnel stays on the relay");
+            std::thread::sleep(Duration::from_secs(3));
+            ensure!(path(&s) == "relay", "path {}", path(&s));
+            let st = s.status(&s.agent_cfg.status_socket)?;
+            let targets = &st.json["connectors"][0]["direct"]["targets"];
+            ensure!(
+                targets.as_array().is_some_and(Vec::is_empty),
+                "the agent's IPv6 socket probes IPv4 candidates: {targets}"
+            );
+            let m = s.relay_metrics()?;
+            ensure!(
+                m.value("ztna_relay_datagrams_forwarded_total") > 0.0,
+                "the relay forwarded nothing"
+            );
+            let e = errors(t, &s);
+            ensure!(e.is_empty(), "errors in the logs:\n{}", e.join("\n"));
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn ipv6_only_agent_and_connector_punch_a_direct_path_through_their_firewalls() {
+    run_with(
+        "ipv6_only_agent_and_connector_punch_a_direct_path_through_their_firewalls",
+        helper_bins!(),
+        |name, helpers| nat::v6(name, helpers, V6Conn::V6),
+        |t| {
+            t.step("both firewalls drop unsolicited inbound: the agent cannot reach the connector first");
+            let out = t.run(
+                Node::Agent,
+                5,
+                ["ping", "-6", "-n", "-c", "1", "-W", "1", v6addr::CONN],
+            )?;
+            ensure!(
+                !out.status.success(),
+                "the connector's firewall let a ping in: {out}"
+            );
+            let s = start(t, V6Conn::V6)?;
+            let started = std::time::Instant::now();
+            wait_until_every(
+                "a direct path over IPv6 (WAN: global addresses)",
+                Duration::from_secs(15),
+                Duration::from_millis(100),
+                || path(&s) == "direct-wan",
+            )
+            .map_err(|e| anyhow::anyhow!("{e:#}; path {}", path(&s)))?;
+            t.step(&format!(
+                "path {} after {:.1} s",
+                path(&s),
+                started.elapsed().as_secs_f64()
+            ));
+            let st = s.status(&s.agent_cfg.status_socket)?;
+            t.step(&format!("status: {}", st.json["connectors"]));
+            let before = s
+                .relay_metrics()?
+                .value("ztna_relay_datagrams_forwarded_total");
+            traffic(t)?;
+            let after = s
+                .relay_metrics()?
+                .value("ztna_relay_datagrams_forwarded_total");
+            ensure!(
+                after == before,
+                "the relay forwarded {} datagrams while the path was direct",
+                after - before
+            );
+            let e = errors(t, &s);
+            ensure!(e.is_empty(), "errors in the logs:\n{}", e.join("\n"));
+            Ok(())
+        },
+    );
+}
