@@ -82,6 +82,8 @@ pub struct PolicyService {
     pub name: String,
     /// Its virtual IP.
     pub address: String,
+    /// Its virtual IPv6 address (written only when set).
+    pub address6: Option<String>,
     /// UDP ports or ranges a connector may serve (written only when set).
     pub udp: Option<Vec<String>>,
     /// TCP ports or ranges a connector may serve (written only when set).
@@ -96,6 +98,7 @@ impl PolicyService {
         Self {
             name: name.to_owned(),
             address: address.to_owned(),
+            address6: None,
             udp: None,
             tcp: None,
             icmp: None,
@@ -235,6 +238,9 @@ impl RelayConfig {
             let _ = writeln!(s, "\n[[services]]");
             let _ = writeln!(s, "name = {}", q(&svc.name));
             let _ = writeln!(s, "address = {}", q(&svc.address));
+            if let Some(a6) = &svc.address6 {
+                let _ = writeln!(s, "address6 = {}", q(a6));
+            }
             if let Some(u) = &svc.udp {
                 let _ = writeln!(s, "udp = {}", list(u));
             }
@@ -268,6 +274,8 @@ pub struct ServiceConfig {
     pub name: String,
     /// Virtual IP agents use.
     pub address: String,
+    /// Virtual IPv6 address agents use (written only when set; must match the relay's policy).
+    pub address6: Option<String>,
     /// Real IP (or IP:PORT).
     pub backend: String,
     /// UDP ports or `first-last` ranges (written only when non-empty).
@@ -285,6 +293,7 @@ impl ServiceConfig {
         Self {
             name: "web".to_owned(),
             address: addr::WEB.to_owned(),
+            address6: None,
             backend: addr::BACKEND.to_owned(),
             udp: vec![],
             tcp: strings(&["80", "5432", "5001", "9000"]),
@@ -351,6 +360,7 @@ impl ConnectorConfig {
         let svc = |name: &str, address: &str, udp: &str, icmp: bool| ServiceConfig {
             name: name.to_owned(),
             address: address.to_owned(),
+            address6: None,
             backend: addr::BACKEND.to_owned(),
             udp: vec![udp.to_owned()],
             tcp: vec![],
@@ -434,6 +444,9 @@ impl ConnectorConfig {
             let _ = writeln!(s, "\n[[services]]");
             let _ = writeln!(s, "name = {}", q(&svc.name));
             let _ = writeln!(s, "address = {}", q(&svc.address));
+            if let Some(a6) = &svc.address6 {
+                let _ = writeln!(s, "address6 = {}", q(a6));
+            }
             let _ = writeln!(s, "backend = {}", q(&svc.backend));
             if !svc.udp.is_empty() {
                 let _ = writeln!(s, "udp = {}", list(&svc.udp));
