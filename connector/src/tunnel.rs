@@ -742,6 +742,20 @@ fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
     }
 }
 
+/// The IPv4 address policy speaks of for a packet's destination: an IPv4 packet's destination,
+/// or for an IPv6 packet the IPv4 address of the service (or name-service pool address) its
+/// destination stands for. `None` for anything else (the data plane drops it, counted).
+fn policy_destination(packet: &[u8], dataplane: &Dataplane) -> Option<Ipv4Addr> {
+    match packet.first()? >> 4 {
+        4 => ipv4_destination(packet),
+        6 => {
+            let dst: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            dataplane.v4_equivalent(std::net::Ipv6Addr::from(dst))
+        }
+        _ => None,
+    }
+}
+
 async fn serve_agent(
     incoming: quinn::Incoming,
     vaddr: SocketAddr,
@@ -833,7 +847,7 @@ async fn serve_agent(
     });
     let reason = loop {
         match conn.read_datagram().await {
-            Ok(pkt) => match ipv4_destination(&pkt) {
+            Ok(pkt) => match policy_destination(&pkt, &dataplane) {
                 Some(dst)
                     if !allowed_destination(
                         &expected.allowed.read().unwrap_or_else(|p| p.into_inner()),
