@@ -745,12 +745,16 @@ fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
 /// The IPv4 address policy speaks of for a packet's destination: an IPv4 packet's destination,
 /// or for an IPv6 packet the IPv4 address of the service (or name-service pool address) its
 /// destination stands for. `None` for anything else (the data plane drops it, counted).
-fn policy_destination(packet: &[u8], dataplane: &Dataplane) -> Option<Ipv4Addr> {
+/// `v4_of` maps a service's IPv6 address to its IPv4 one ([`Dataplane::v4_equivalent`]).
+fn policy_destination(
+    packet: &[u8],
+    v4_of: impl FnOnce(std::net::Ipv6Addr) -> Option<Ipv4Addr>,
+) -> Option<Ipv4Addr> {
     match packet.first()? >> 4 {
         4 => ipv4_destination(packet),
         6 => {
             let dst: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
-            dataplane.v4_equivalent(std::net::Ipv6Addr::from(dst))
+            v4_of(std::net::Ipv6Addr::from(dst))
         }
         _ => None,
     }
@@ -847,7 +851,7 @@ async fn serve_agent(
     });
     let reason = loop {
         match conn.read_datagram().await {
-            Ok(pkt) => match policy_destination(&pkt, &dataplane) {
+            Ok(pkt) => match policy_destination(&pkt, |a| dataplane.v4_equivalent(a)) {
                 Some(dst)
                     if !allowed_destination(
                         &expected.allowed.read().unwrap_or_else(|p| p.into_inner()),
@@ -1046,5 +1050,30 @@ mod tests {
         p[0] = 0x60;
         assert_eq!(ipv4_destination(&p), None);
         assert_eq!(ipv4_destination(&p[..19]), None);
+    }
+
+    #[test]
+    fn ipv6_packets_meet_policy_as_their_ipv4_service() {
+        let svc6: std::net::Ipv6Addr = "fd00:100::1".parse().expect("v6");
+        let svc4 = Ipv4Addr::new(10, 100, 0, 3);
+        let map = |a: std::net::Ipv6Addr| (a == svc6).then_some(svc4);
+        let mut p = vec![0u8; 40];
+        p[0] = 0x60;
+        p[24..40].copy_from_slice(&svc6.octets());
+        assert_eq!(policy_destination(&p, map), Some(svc4));
+        // The policy check then refuses it where the IPv4 service is not allowed.
+        assert!(!allowed_destination(
+            &[Ipv4Addr::new(10, 100, 0, 4)],
+            &[],
+            svc4
+        ));
+        assert!(allowed_destination(&[svc4], &[], svc4));
+        p[39] ^= 1;
+        assert_eq!(policy_destination(&p, map), None);
+        assert_eq!(policy_destination(&p[..39], map), None);
+        let mut v4 = vec![0u8; 20];
+        v4[0] = 0x45;
+        v4[16..20].copy_from_slice(&svc4.octets());
+        assert_eq!(policy_destination(&v4, map), Some(svc4));
     }
 }

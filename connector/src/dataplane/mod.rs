@@ -1717,6 +1717,93 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ipv6_addresses_map_to_their_ipv4_service() {
+        let (dp, _m, _rx) = dataplane(
+            vec![service6(
+                vec![PortRange::single(53)],
+                false,
+                LOCALHOST.into(),
+                None,
+            )],
+            config(IcmpMode::Local),
+        );
+        assert_eq!(dp.v4_equivalent(SVC_IP6), Some(SVC_IP));
+        assert_eq!(
+            dp.v4_equivalent(Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2)),
+            None
+        );
+    }
+
+    /// A name service over IPv6: the agent maps a name at an IPv4 pool address; a datagram to
+    /// the paired IPv6 pool address goes to what the name resolves to, and the reply comes
+    /// from that IPv6 address. An unmapped IPv6 pool address is no service.
+    #[tokio::test]
+    async fn name_service_over_ipv6() {
+        let run = async {
+            let (port, server) = echo_server().await;
+            let metrics = Arc::new(Metrics::default());
+            let dp = Dataplane::new(vec![], config(IcmpMode::Local), metrics.clone())
+                .expect("data plane");
+            let pool6 = Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, 0);
+            let names = ServiceDef {
+                name: "wiki".into(),
+                address: Ipv4Addr::new(10, 101, 0, 0),
+                address6: Some(pool6),
+                udp: vec![PortRange {
+                    first: 1024,
+                    last: 65535,
+                }],
+                tcp: vec![],
+                icmp: false,
+                connector: String::new(),
+                names: Some(ztna_proto::NamePool {
+                    patterns: vec!["localhost".into()],
+                    prefix_len: 24,
+                }),
+            };
+            let resolver =
+                crate::names::Resolver::new(vec![], Duration::from_secs(60), 16, metrics.clone())
+                    .expect("resolver");
+            assert!(
+                resolver.resolve("localhost").await.is_some(),
+                "localhost resolves"
+            );
+            assert!(dp.set_names(NameRoutes {
+                services: vec![names.clone()],
+                resolver,
+                max_per_agent: 8,
+            }));
+            let (tx, mut rx) = mpsc::channel(8);
+            dp.add_agent(1, "alice".into(), AGENT_IP, Arc::new(Collect(tx)));
+            let mapped4 = Ipv4Addr::new(10, 101, 0, 7);
+            let mapped6 = names.to_v6(mapped4).expect("paired");
+            assert_eq!(mapped6, Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, 7));
+            let agent_names = dp.agent_names(1).expect("names");
+            assert!(agent_names.insert(mapped4, "localhost".into()));
+            let datagram = |dst: Ipv6Addr| {
+                let b =
+                    PacketBuilder::ipv6(agent_ip6().octets(), dst.octets(), 64).udp(40000, port);
+                let mut v = Vec::new();
+                b.write(&mut v, b"by name").expect("build");
+                v
+            };
+            dp.handle_from_agent(1, &datagram(mapped6));
+            let reply = next(&mut rx).await;
+            let h = etherparse::Ipv6HeaderSlice::from_slice(&reply).expect("ipv6");
+            assert_eq!(h.source_addr(), mapped6);
+            assert_eq!(h.destination_addr(), agent_ip6());
+            assert!(reply.ends_with(b"echo:by name"));
+            // Another address of the pool, not mapped: not a service.
+            let unmapped = Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, 8);
+            dp.handle_from_agent(1, &datagram(unmapped));
+            assert_eq!(get(&metrics.dropped_not_service), 1);
+            assert_eq!(dp.v4_equivalent(mapped6), Some(mapped4));
+            server.abort();
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    #[tokio::test]
     async fn auto_mode_starts_either_way() {
         let metrics = Arc::new(Metrics::default());
         let dp = Dataplane::new(

@@ -1237,6 +1237,99 @@ mod tests {
             .expect("test in time")
     }
 
+    /// An echoing backend on `ip` (closes after the client's EOF).
+    async fn echo_backend_on(ip: IpAddr) -> (u16, tokio::task::JoinHandle<()>) {
+        let l = TcpListener::bind((ip, 0)).await.expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        (port, task)
+    }
+
+    /// Handshake, data both ways and close over IPv6 to the service's IPv6 address, with a
+    /// backend of family `backend`.
+    async fn ipv6_round_trip(backend: IpAddr) {
+        let (port, server) = echo_backend_on(backend).await;
+        let mut c = Client::with_backend(backend, Some(port), TcpConfig::default());
+        let h = c.connect_to(IpAddress::Ipv6(SVC_IP6), 80, 65536);
+        c.until("established", |c| c.sock(h).may_send()).await;
+        assert_eq!(get(&c.metrics.tcp_flows_opened), 1);
+        let data = pattern(100_000);
+        let mut sent = 0;
+        let mut got = Vec::new();
+        c.until("the echo", |c| {
+            if sent < data.len() {
+                sent += c.sock(h).send_slice(&data[sent..]).unwrap_or(0);
+            }
+            c.read(h, &mut got);
+            got.len() >= data.len()
+        })
+        .await;
+        assert_eq!(got, data);
+        c.sock(h).close();
+        c.until("the connection to close", |c| {
+            get(&c.metrics.tcp_flows_active) == 0
+        })
+        .await;
+        assert_eq!(get(&c.metrics.tcp_reset), 0);
+        assert_eq!(get(&c.metrics.dropped_spoofed_source), 0);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn ipv6_to_an_ipv6_backend() {
+        in_time(ipv6_round_trip(Ipv6Addr::LOCALHOST.into())).await;
+    }
+
+    #[tokio::test]
+    async fn ipv6_to_an_ipv4_backend() {
+        in_time(ipv6_round_trip(Ipv4Addr::LOCALHOST.into())).await;
+    }
+
+    #[tokio::test]
+    async fn ipv4_to_an_ipv6_backend() {
+        in_time(async {
+            let (port, server) = echo_backend_on(Ipv6Addr::LOCALHOST.into()).await;
+            let mut c =
+                Client::with_backend(Ipv6Addr::LOCALHOST.into(), Some(port), TcpConfig::default());
+            let h = c.connect(80, 65536);
+            c.until("established", |c| c.sock(h).may_send()).await;
+            c.sock(h).send_slice(b"over v4").expect("send");
+            let mut got = Vec::new();
+            c.until("the echo", |c| {
+                c.read(h, &mut got);
+                got.len() >= 7
+            })
+            .await;
+            assert_eq!(got, b"over v4");
+            server.abort();
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn ipv6_refused_backend_resets() {
+        in_time(async {
+            let closed = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).expect("bind");
+            let port = closed.local_addr().expect("addr").port();
+            drop(closed);
+            let mut c =
+                Client::with_backend(Ipv6Addr::LOCALHOST.into(), Some(port), TcpConfig::default());
+            let h = c.connect_to(IpAddress::Ipv6(SVC_IP6), 80, 4096);
+            c.until("the reset", |c| c.sock(h).state() == tcp::State::Closed)
+                .await;
+            assert_eq!(get(&c.metrics.tcp_refused), 1);
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn request_response_and_half_close() {
         in_time(async {
