@@ -85,7 +85,7 @@ metrics! {
     refused_answers_limited: Counter,
     /// Packets for an agent dropped because its tunnel could not take them (incremented by the tunnel's sink).
     dropped_to_agent: Counter,
-    /// Packets to agents that were larger than the tunnel carries and went as IPv4 fragments.
+    /// Packets to agents that were larger than the tunnel carries and went as fragments (IPv4, or IPv6 with a fragment header).
     fragmented_to_agents: Counter,
     /// Packets from agents dropped because a backend socket's send buffer was full.
     dropped_to_backend: Counter,

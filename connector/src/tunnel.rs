@@ -41,7 +41,7 @@ use ztna_core::transport;
 use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role};
 use ztna_proto::{Candidate, ChannelId, ServiceDef, ALPN_TUNNEL};
 
-use crate::dataplane::fragment::fragment_ipv4;
+use crate::dataplane::fragment::fragment;
 use crate::dataplane::{Dataplane, ToAgent};
 use crate::metrics::{gauge_dec, gauge_inc, Metrics};
 
@@ -262,8 +262,12 @@ impl ToAgent for InnerSink {
     }
 }
 
-/// Sends one IPv4 packet to the agent as a datagram of its inner connection, fragmenting it
-/// (as a router would) if it is larger than the tunnel carries; what can't be sent is counted.
+/// Identification of the IPv6 fragments the connector sends (one per fragmented packet).
+static NEXT_FRAGMENT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// Sends one IPv4 or IPv6 packet to the agent as a datagram of its inner connection,
+/// fragmenting it (IPv4 as a router would, IPv6 as the source the connector is for the packets
+/// it builds) if it is larger than the tunnel carries; what can't be sent is counted.
 fn send_datagram_to_agent(conn: &quinn::Connection, metrics: &Metrics, packet: Bytes) {
     let max = conn.max_datagram_size().unwrap_or(0);
     if packet.len() <= max {
@@ -272,7 +276,8 @@ fn send_datagram_to_agent(conn: &quinn::Connection, metrics: &Metrics, packet: B
         }
         return;
     }
-    match fragment_ipv4(&packet, max) {
+    let ident = NEXT_FRAGMENT_ID.fetch_add(1, Ordering::Relaxed);
+    match fragment(&packet, max, ident) {
         Ok(frags) => {
             metrics.fragmented_to_agents.fetch_add(1, Ordering::Relaxed);
             for f in frags {
