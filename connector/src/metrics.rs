@@ -109,11 +109,11 @@ metrics! {
     icmp_echo_local: Counter,
     /// ICMP destination unreachable (port unreachable) messages sent to agents.
     icmp_unreachable_sent: Counter,
-    /// Fragmented datagrams from agents reassembled whole.
+    /// Fragmented datagrams from agents (IPv4 or IPv6) reassembled whole.
     fragments_reassembled: Counter,
     /// Fragments from agents dropped: malformed, conflicting with their datagram's other fragments, or past the per-agent limit of datagrams in reassembly.
     dropped_fragments: Counter,
-    /// IPv6 packets from agents dropped because they carry a fragment header (the connector does not reassemble IPv6).
+    /// IPv6 packets from agents dropped because they carry a fragment header that reassembly does not take: an atomic fragment, or one behind other extension headers (fragments right after the fixed header are reassembled, their drops counted in dropped_fragments).
     dropped_ipv6_fragments: Counter,
     /// IPv6 packets from agents dropped because they carry extension headers (hop-by-hop, routing, destination options, AH, ESP, ...) before the transport header.
     dropped_ipv6_extension_headers: Counter,

@@ -1544,6 +1544,45 @@ mod tests {
             .expect("in time");
     }
 
+    /// A datagram larger than the agent's TUN MTU arrives as IPv6 fragments, is reassembled
+    /// and checked whole; the reply too large for the tunnel leaves as IPv6 fragments (in
+    /// tunnel.rs; here the sink takes it whole).
+    #[tokio::test]
+    async fn fragmented_udp6_is_reassembled() {
+        let run = async {
+            let (port, server) = echo_server_on(Ipv6Addr::LOCALHOST.into()).await;
+            let (dp, m, mut rx) = dataplane(
+                vec![service6(
+                    vec![PortRange::single(7000)],
+                    false,
+                    Ipv6Addr::LOCALHOST.into(),
+                    Some(port),
+                )],
+                config(IcmpMode::Local),
+            );
+            let data: Vec<u8> = (0..1800).map(|i| (i % 251) as u8).collect();
+            let whole = agent_udp6(agent_ip6(), 40000, 7000, &data);
+            let frags = fragment::fragment_ipv6(&whole, 1280, 9).expect("fragments");
+            assert_eq!(frags.len(), 2);
+            for f in frags.iter().rev() {
+                dp.handle_from_agent(1, f);
+            }
+            let reply = next(&mut rx).await;
+            check_ip6(&reply);
+            assert!(reply.ends_with(&data));
+            assert_eq!(get(&m.fragments_reassembled), 1);
+            // A spoofed datagram in fragments is reassembled, then dropped as spoofed.
+            let other = ztna_proto::service::tunnel_ipv6(Ipv4Addr::new(100, 64, 0, 9));
+            let spoofed = agent_udp6(other, 40000, 7000, &data);
+            for f in fragment::fragment_ipv6(&spoofed, 1280, 10).expect("fragments") {
+                dp.handle_from_agent(1, &f);
+            }
+            assert_eq!(get(&m.dropped_spoofed_source), 1);
+            server.abort();
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
     #[tokio::test]
     async fn udp4_to_ipv6_backend() {
         let run = async {
@@ -1698,12 +1737,16 @@ mod tests {
             p.extend_from_slice(&good[40..]);
             p
         };
-        dp.handle_from_agent(1, &with(44, [0, 1, 0, 0, 0, 1]));
         dp.handle_from_agent(1, &with(44, [0, 0, 0, 0, 0, 1])); // an atomic fragment
-        assert_eq!(get(&m.dropped_ipv6_fragments), 2);
+        assert_eq!(get(&m.dropped_ipv6_fragments), 1);
+        // A fragment header behind a hop-by-hop header: counted as extension headers.
+        let mut behind = with(44, [0, 1, 0, 0, 0, 1]);
+        behind[6] = 0;
+        dp.handle_from_agent(1, &behind);
+        assert_eq!(get(&m.dropped_ipv6_extension_headers), 1);
         dp.handle_from_agent(1, &with(0, [1, 4, 0, 0, 0, 0]));
         dp.handle_from_agent(1, &with(60, [1, 4, 0, 0, 0, 0]));
-        assert_eq!(get(&m.dropped_ipv6_extension_headers), 2);
+        assert_eq!(get(&m.dropped_ipv6_extension_headers), 3);
         // Garbage with version 6.
         dp.handle_from_agent(1, b"\x60garbage");
         assert_eq!(get(&m.dropped_malformed), 1);

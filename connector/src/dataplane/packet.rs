@@ -13,7 +13,9 @@
 //! address ([`ztna_proto::service::tunnel_ipv6`] of its IPv4 one) and carry UDP, TCP or ICMPv6
 //! directly after the fixed header: extension headers are not walked but dropped and counted
 //! ([`DropReason::Ipv6Fragment`] for a fragment header, [`DropReason::Ipv6ExtensionHeaders`]
-//! for the others), so no chain of headers can cost work or memory.
+//! for the others), so no chain of headers can cost work or memory. (Real fragments, with the
+//! fragment header right after the fixed header, are reassembled before they get here:
+//! `reassembly`.)
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -84,7 +86,7 @@ pub(crate) enum DropReason {
     /// Allowed by the service, but not handled by this data plane (ICMP other than echo).
     #[error("not handled by the connector: {0}")]
     Unsupported(&'static str),
-    /// An IPv6 packet with a fragment header (the connector does not reassemble IPv6).
+    /// An IPv6 packet with a fragment header that reassembly did not take (an atomic fragment).
     #[error("IPv6 fragment")]
     Ipv6Fragment,
     /// An IPv6 packet with extension headers (other than a fragment header) before its
