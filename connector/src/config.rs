@@ -624,6 +624,37 @@ tcp = ["80", "5432", "8000-8010"]
         );
     }
 
+    #[test]
+    fn backends_of_either_family() {
+        let v6: IpAddr = "fd00::5".parse().unwrap();
+        let v4: IpAddr = "10.0.0.5".parse().unwrap();
+        for (text, want) in [
+            ("10.0.0.5", Some((v4, None))),
+            ("10.0.0.5:8080", Some((v4, Some(8080)))),
+            ("fd00::5", Some((v6, None))),
+            ("[fd00::5]", Some((v6, None))),
+            ("[fd00::5]:8080", Some((v6, Some(8080)))),
+            ("[10.0.0.5]", None),
+            ("[fd00::5", None),
+            ("fd00::5]", None),
+            ("[fd00::5]:", None),
+            ("[fd00::5]:70000", None),
+            ("backend.example", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_backend(text).ok(), want, "{text:?}");
+        }
+        let cfg = load(
+            "[[services]]\nname = \"x\"\naddress = \"10.100.0.1\"\n\
+             address6 = \"fd00:100::1\"\nbackend = \"[fd00::5]:53\"\nudp = 53\n",
+            "toml",
+        )
+        .unwrap();
+        let b = cfg.backends().unwrap();
+        assert_eq!((b[0].backend, b[0].backend_port), (v6, Some(53)));
+        assert_eq!(b[0].def.address6, Some("fd00:100::1".parse().unwrap()));
+    }
+
     /// `docs/config.md` lists exactly the keys of the code, section by section.
     #[test]
     fn docs_config_md_lists_every_key() {

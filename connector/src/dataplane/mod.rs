@@ -1,7 +1,8 @@
-//! The connector's data plane for UDP, TCP and ICMP: checks every IPv4 packet an agent sends
-//! through its tunnel, forwards UDP datagrams and ICMP echo requests to the services' backends,
+//! The connector's data plane for UDP, TCP and ICMP: checks every IPv4 and IPv6 packet an
+//! agent sends through its tunnel, forwards UDP datagrams and ICMP echo requests to the
+//! services' backends (of either family, whatever the family of the agent's packets),
 //! terminates TCP in a userspace stack ([`tcp`]) piped to backend connections, and turns what
-//! comes back into IPv4 packets for the agent.
+//! comes back into packets for the agent in the family it used.
 //!
 //! Layout: [`packet`] (pure: parse and check agent packets, build reply packets) and [`flows`]
 //! (pure: the flow table with idle timeout and per-agent cap, time injected) hold the logic;
@@ -108,7 +109,7 @@ pub(crate) struct DataplaneConfig {
 /// The data plane counts every packet it hands over in `packets_to_agents`; an implementation
 /// that drops one should count it in `dropped_to_agent`.
 pub(crate) trait ToAgent: Send + Sync + 'static {
-    /// Sends one IPv4 packet to the agent, or drops it. Must not block.
+    /// Sends one IP packet (IPv4 or IPv6) to the agent, or drops it. Must not block.
     fn send(&self, packet: Bytes);
 
     /// Whether the way to the agent takes more packets without queueing past its bound: the
@@ -1655,39 +1656,52 @@ mod tests {
     }
 
     /// Needs unprivileged ICMP sockets, like `backend_echo_reply`; skipped where they are not
-    /// allowed. An IPv6 ping to a service with an IPv6 backend goes through an ICMPv6 socket.
+    /// allowed. A ping over IPv6 to a service whose backend is IPv6 goes through an ICMPv6
+    /// socket, to one whose backend is IPv4 through an ICMP one, and is answered over IPv6;
+    /// a ping over IPv4 to an IPv6 backend is answered over IPv4.
     #[tokio::test]
     async fn backend_echo6_reply() {
         let run = async {
-            let metrics = Arc::new(Metrics::default());
-            let dp = match Dataplane::new(
-                vec![service6(vec![], true, Ipv6Addr::LOCALHOST.into(), None)],
-                config(IcmpMode::Backend),
-                metrics.clone(),
-            ) {
-                Ok(dp) => dp,
-                Err(e) => {
-                    eprintln!("skipping backend_echo6_reply: {e:#}");
-                    return;
+            for backend in [IpAddr::from(Ipv6Addr::LOCALHOST), LOCALHOST.into()] {
+                let metrics = Arc::new(Metrics::default());
+                let dp = match Dataplane::new(
+                    vec![service6(vec![], true, backend, None)],
+                    config(IcmpMode::Backend),
+                    metrics.clone(),
+                ) {
+                    Ok(dp) => dp,
+                    Err(e) => {
+                        eprintln!("skipping backend_echo6_reply: {e:#}");
+                        return;
+                    }
+                };
+                let (tx, mut rx) = mpsc::channel(8);
+                dp.add_agent(1, "alice".into(), AGENT_IP, Arc::new(Collect(tx)));
+                for seq in 1..=2 {
+                    let b = PacketBuilder::ipv6(agent_ip6().octets(), SVC_IP6.octets(), 64)
+                        .icmpv6_echo_request(0x4242, seq);
+                    let mut p = Vec::new();
+                    b.write(&mut p, b"ping data").expect("build");
+                    dp.handle_from_agent(1, &p);
+                    let reply = next(&mut rx).await;
+                    check_ip6(&reply);
+                    assert_eq!(&reply[40..42], &[129, 0], "echo reply");
+                    assert_eq!(&reply[44..46], &[0x42, 0x42]);
+                    assert_eq!(u16::from_be_bytes([reply[46], reply[47]]), seq);
+                    assert_eq!(&reply[48..], b"ping data");
                 }
-            };
-            let (tx, mut rx) = mpsc::channel(8);
-            dp.add_agent(1, "alice".into(), AGENT_IP, Arc::new(Collect(tx)));
-            for seq in 1..=2 {
-                let b = PacketBuilder::ipv6(agent_ip6().octets(), SVC_IP6.octets(), 64)
-                    .icmpv6_echo_request(0x4242, seq);
-                let mut p = Vec::new();
-                b.write(&mut p, b"ping data").expect("build");
-                dp.handle_from_agent(1, &p);
-                let reply = next(&mut rx).await;
-                check_ip6(&reply);
-                assert_eq!(&reply[40..42], &[129, 0], "echo reply");
-                assert_eq!(&reply[44..46], &[0x42, 0x42]);
-                assert_eq!(u16::from_be_bytes([reply[46], reply[47]]), seq);
-                assert_eq!(&reply[48..], b"ping data");
+                assert_eq!(get(&metrics.icmp_echo_backend), 2);
+                assert_eq!(get(&metrics.icmp_flows_opened), 1);
+                if backend.is_ipv6() {
+                    // IPv4 ping, IPv6 backend: an ICMPv6 socket, an ICMP reply.
+                    dp.handle_from_agent(1, &agent_echo(0x4343, 1, b"v4"));
+                    let reply = next(&mut rx).await;
+                    let ip = check_ip(&reply);
+                    let msg = Icmpv4Slice::from_slice(&reply[ip.header_len()..]).expect("icmp");
+                    assert!(matches!(msg.icmp_type(), Icmpv4Type::EchoReply(_)));
+                    assert_eq!(msg.payload(), b"v4");
+                }
             }
-            assert_eq!(get(&metrics.icmp_echo_backend), 2);
-            assert_eq!(get(&metrics.icmp_flows_opened), 1);
         };
         tokio::time::timeout(LIMIT, run).await.expect("in time");
     }
