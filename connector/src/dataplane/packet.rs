@@ -1566,7 +1566,7 @@ mod tests {
 
         #[test]
         fn inspect_never_panics_on_mutated_packets(
-            kind in 0..3u8,
+            kind in 0..6u8,
             data in proptest::collection::vec(any::<u8>(), 0..64),
             edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
             cut in any::<usize>(),
@@ -1574,7 +1574,10 @@ mod tests {
             let mut p = match kind {
                 0 => udp_packet(AGENT, SVC, 40000, 53, &data),
                 1 => echo_request(1, 2, &data),
-                _ => tcp_packet(443),
+                2 => tcp_packet(443),
+                3 => udp6(agent6(), SVC6, 40000, 53, &data),
+                4 => echo6(1, 2, &data),
+                _ => with_extension(&udp6(agent6(), SVC6, 40000, 53, &data), 44, [0, 1, 0, 0, 0, 1]),
             };
             for (i, b) in edits {
                 let i = i % p.len();
@@ -1583,6 +1586,15 @@ mod tests {
             let cut = cut % (p.len() + 1);
             let _ = check(&p[..cut], true);
             let _ = check(&p, true);
+            let _ = check6(&p[..cut], true);
+            let _ = check6(&p, true);
+            for reason in [
+                DropReason::PortNotServed { protocol: "TCP", port: 1 },
+                DropReason::PortNotServed { protocol: "UDP", port: 1 },
+                DropReason::ProtocolNotServed { protocol: 58 },
+            ] {
+                let _ = unserved_answer(&p[..cut], &reason);
+            }
         }
 
         #[test]
