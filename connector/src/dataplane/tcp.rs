@@ -1237,6 +1237,42 @@ mod tests {
             .expect("test in time")
     }
 
+    /// A SYN to a name service's IPv6 pool address finds the name mapped at the paired IPv4
+    /// address; an address of no pool, or an unmapped one, finds none.
+    #[tokio::test]
+    async fn name_of_an_ipv6_pool_address() {
+        let metrics = Arc::new(Metrics::default());
+        let svc = ServiceDef {
+            name: "wiki".into(),
+            address: Ipv4Addr::new(10, 101, 0, 0),
+            address6: Some(Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, 0)),
+            udp: vec![],
+            tcp: vec![PortRange::single(80)],
+            icmp: false,
+            connector: String::new(),
+            names: Some(ztna_proto::NamePool {
+                patterns: vec!["wiki.corp.example".into()],
+                prefix_len: 24,
+            }),
+        };
+        let names = Arc::new(crate::names::AgentNames::new(8));
+        assert!(names.insert(Ipv4Addr::new(10, 101, 0, 7), "wiki.corp.example".into()));
+        let ctx = AgentNameCtx {
+            names,
+            resolver: crate::names::Resolver::new(vec![], Duration::from_secs(60), 8, metrics)
+                .expect("resolver"),
+            services: vec![svc].into(),
+        };
+        let at = |last: u16| IpAddr::V6(Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, last));
+        assert_eq!(ctx.name_of(at(7)).as_deref(), Some("wiki.corp.example"));
+        assert_eq!(
+            ctx.name_of(Ipv4Addr::new(10, 101, 0, 7).into()).as_deref(),
+            Some("wiki.corp.example")
+        );
+        assert_eq!(ctx.name_of(at(8)), None);
+        assert_eq!(ctx.name_of(SVC_IP6.into()), None);
+    }
+
     /// An echoing backend on `ip` (closes after the client's EOF).
     async fn echo_backend_on(ip: IpAddr) -> (u16, tokio::task::JoinHandle<()>) {
         let l = TcpListener::bind((ip, 0)).await.expect("bind");
