@@ -1,7 +1,7 @@
 //! The connector's configuration: figment layers built-in defaults < `/etc/ztna/connector.toml`
 //! < `--config FILE` (TOML, or JSON for `.json`) < `ZTNA_*` environment variables.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,8 +30,8 @@ pub(crate) struct ServiceConfig {
     /// address of its IPv6 pool). Absent: the service has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) address6: Option<std::net::Ipv6Addr>,
-    /// Real backend: `IP` (same ports) or `IP:PORT` (every port maps to PORT). Absent for a
-    /// name service, whose backend is what each name resolves to.
+    /// Real backend, IPv4 or IPv6: `IP` (same ports) or `IP:PORT` (every port maps to PORT),
+    /// IPv6 also as `[IPv6]` and `[IPv6]:PORT`. Absent for a name service, whose backend is what each name resolves to.
     #[serde(default)]
     pub(crate) backend: String,
     /// A name service's DNS names (`wiki.corp.example`, `*.corp.example`), as in the relay's
@@ -423,18 +423,12 @@ impl ConnectorConfig {
     pub(crate) fn backends(&self) -> anyhow::Result<Vec<BackendService>> {
         let mut out: Vec<BackendService> = Vec::new();
         for s in self.services.iter().filter(|s| s.names.is_none()) {
-            let (backend, backend_port) = match s.backend.parse::<SocketAddrV4>() {
-                Ok(sa) => (*sa.ip(), Some(sa.port())),
-                Err(_) => (
-                    s.backend.parse::<Ipv4Addr>().with_context(|| {
-                        format!(
-                            "service {}: backend {:?} is not IPv4 or IPv4:PORT",
-                            s.name, s.backend
-                        )
-                    })?,
-                    None,
-                ),
-            };
+            let (backend, backend_port) = parse_backend(&s.backend).with_context(|| {
+                format!(
+                    "service {}: backend {:?} is not IP, IP:PORT, [IPv6] or [IPv6]:PORT",
+                    s.name, s.backend
+                )
+            })?;
             let def = ServiceDef {
                 name: s.name.clone(),
                 address: s.address,
@@ -468,6 +462,23 @@ impl ConnectorConfig {
             });
         }
         Ok(out)
+    }
+}
+
+/// Parses a backend: `IP`, `IP:PORT`, `[IPv6]` or `[IPv6]:PORT` (either family).
+fn parse_backend(s: &str) -> anyhow::Result<(IpAddr, Option<u16>)> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip(), Some(sa.port())));
+    }
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .map_or(Ok(None), |inner| {
+            inner.parse::<std::net::Ipv6Addr>().map(Some)
+        })?;
+    match bare {
+        Some(v6) => Ok((IpAddr::V6(v6), None)),
+        None => Ok((s.parse::<IpAddr>()?, None)),
     }
 }
 
@@ -611,6 +622,37 @@ tcp = ["80", "5432", "8000-8010"]
             (x.mode, x.interface.as_deref(), x.ports),
             (XdpMode::Native, Some("back0"), (40000, 40010))
         );
+    }
+
+    #[test]
+    fn backends_of_either_family() {
+        let v6: IpAddr = "fd00::5".parse().unwrap();
+        let v4: IpAddr = "10.0.0.5".parse().unwrap();
+        for (text, want) in [
+            ("10.0.0.5", Some((v4, None))),
+            ("10.0.0.5:8080", Some((v4, Some(8080)))),
+            ("fd00::5", Some((v6, None))),
+            ("[fd00::5]", Some((v6, None))),
+            ("[fd00::5]:8080", Some((v6, Some(8080)))),
+            ("[10.0.0.5]", None),
+            ("[fd00::5", None),
+            ("fd00::5]", None),
+            ("[fd00::5]:", None),
+            ("[fd00::5]:70000", None),
+            ("backend.example", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_backend(text).ok(), want, "{text:?}");
+        }
+        let cfg = load(
+            "[[services]]\nname = \"x\"\naddress = \"10.100.0.1\"\n\
+             address6 = \"fd00:100::1\"\nbackend = \"[fd00::5]:53\"\nudp = 53\n",
+            "toml",
+        )
+        .unwrap();
+        let b = cfg.backends().unwrap();
+        assert_eq!((b[0].backend, b[0].backend_port), (v6, Some(53)));
+        assert_eq!(b[0].def.address6, Some("fd00:100::1".parse().unwrap()));
     }
 
     /// `docs/config.md` lists exactly the keys of the code, section by section.

@@ -78,7 +78,11 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
         backends.iter().map(|b| b.def.clone()).collect();
     services.extend(name_services.iter().cloned());
     let metrics = Arc::new(Metrics::default());
-    let first_backend = backends.first().map(|b| b.backend);
+    // The XDP fast path is IPv4: it looks at the route to the first IPv4 backend.
+    let first_backend = backends.iter().find_map(|b| match b.backend {
+        std::net::IpAddr::V4(a) => Some(a),
+        std::net::IpAddr::V6(_) => None,
+    });
     let xdp = cfg.xdp_settings()?;
     let dataplane = Dataplane::new(backends, cfg.dataplane(), metrics.clone())?;
     if !name_services.is_empty() {
@@ -187,9 +191,13 @@ fn direct_options(
         .backends()
         .unwrap_or_default()
         .iter()
-        .map(|b| b.backend.into())
+        .map(|b| b.backend)
         .collect();
-    let addrs: Vec<std::net::IpAddr> = services.iter().map(|s| s.address.into()).collect();
+    let addrs: Vec<std::net::IpAddr> = services
+        .iter()
+        .map(|s| s.address.into())
+        .chain(services.iter().filter_map(|s| s.address6).map(Into::into))
+        .collect();
     let refuse = ztna_core::direct::refused_networks(&addrs, &backends, relay);
     tracing::info!(
         refused_networks = refuse.len(),

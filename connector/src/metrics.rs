@@ -51,9 +51,9 @@ metrics! {
     packets_to_agents: Counter,
     /// Bytes of IP packets handed to agents' tunnels.
     bytes_to_agents: Counter,
-    /// Packets from agents dropped as malformed: unparsable, not IPv4, fragmented, bad checksum.
+    /// Packets from agents dropped as malformed: unparsable, neither IPv4 nor IPv6, fragmented (IPv4 fragments that reassembly gave up on are counted in dropped_fragments), bad checksum.
     dropped_malformed: Counter,
-    /// Packets from agents dropped because the source was not the agent's tunnel address.
+    /// Packets from agents dropped because the source was not the agent's tunnel address (IPv4, or for IPv6 the IPv6 tunnel address derived from it).
     dropped_spoofed_source: Counter,
     /// Packets from agents dropped because the destination address, protocol or port is not a service.
     dropped_not_service: Counter,
@@ -85,7 +85,7 @@ metrics! {
     refused_answers_limited: Counter,
     /// Packets for an agent dropped because its tunnel could not take them (incremented by the tunnel's sink).
     dropped_to_agent: Counter,
-    /// Packets to agents that were larger than the tunnel carries and went as IPv4 fragments.
+    /// Packets to agents that were larger than the tunnel carries and went as fragments (IPv4, or IPv6 with a fragment header).
     fragmented_to_agents: Counter,
     /// Packets from agents dropped because a backend socket's send buffer was full.
     dropped_to_backend: Counter,
@@ -109,10 +109,14 @@ metrics! {
     icmp_echo_local: Counter,
     /// ICMP destination unreachable (port unreachable) messages sent to agents.
     icmp_unreachable_sent: Counter,
-    /// Fragmented datagrams from agents reassembled whole.
+    /// Fragmented datagrams from agents (IPv4 or IPv6) reassembled whole.
     fragments_reassembled: Counter,
     /// Fragments from agents dropped: malformed, conflicting with their datagram's other fragments, or past the per-agent limit of datagrams in reassembly.
     dropped_fragments: Counter,
+    /// IPv6 packets from agents dropped because they carry a fragment header that reassembly does not take: an atomic fragment, or one behind other extension headers (fragments right after the fixed header are reassembled, their drops counted in dropped_fragments).
+    dropped_ipv6_fragments: Counter,
+    /// IPv6 packets from agents dropped because they carry extension headers (hop-by-hop, routing, destination options, AH, ESP, ...) before the transport header.
+    dropped_ipv6_extension_headers: Counter,
     /// TCP connections accepted from agents (backend connected, agent's SYN taken).
     tcp_flows_opened: Counter,
     /// TCP connections currently open.

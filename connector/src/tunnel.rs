@@ -41,7 +41,7 @@ use ztna_core::transport;
 use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role};
 use ztna_proto::{Candidate, ChannelId, ServiceDef, ALPN_TUNNEL};
 
-use crate::dataplane::fragment::fragment_ipv4;
+use crate::dataplane::fragment::fragment;
 use crate::dataplane::{Dataplane, ToAgent};
 use crate::metrics::{gauge_dec, gauge_inc, Metrics};
 
@@ -262,8 +262,12 @@ impl ToAgent for InnerSink {
     }
 }
 
-/// Sends one IPv4 packet to the agent as a datagram of its inner connection, fragmenting it
-/// (as a router would) if it is larger than the tunnel carries; what can't be sent is counted.
+/// Identification of the IPv6 fragments the connector sends (one per fragmented packet).
+static NEXT_FRAGMENT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+/// Sends one IPv4 or IPv6 packet to the agent as a datagram of its inner connection,
+/// fragmenting it (IPv4 as a router would, IPv6 as the source the connector is for the packets
+/// it builds) if it is larger than the tunnel carries; what can't be sent is counted.
 fn send_datagram_to_agent(conn: &quinn::Connection, metrics: &Metrics, packet: Bytes) {
     let max = conn.max_datagram_size().unwrap_or(0);
     if packet.len() <= max {
@@ -272,7 +276,8 @@ fn send_datagram_to_agent(conn: &quinn::Connection, metrics: &Metrics, packet: B
         }
         return;
     }
-    match fragment_ipv4(&packet, max) {
+    let ident = NEXT_FRAGMENT_ID.fetch_add(1, Ordering::Relaxed);
+    match fragment(&packet, max, ident) {
         Ok(frags) => {
             metrics.fragmented_to_agents.fetch_add(1, Ordering::Relaxed);
             for f in frags {
@@ -742,6 +747,24 @@ fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
     }
 }
 
+/// The IPv4 address policy speaks of for a packet's destination: an IPv4 packet's destination,
+/// or for an IPv6 packet the IPv4 address of the service (or name-service pool address) its
+/// destination stands for. `None` for anything else (the data plane drops it, counted).
+/// `v4_of` maps a service's IPv6 address to its IPv4 one ([`Dataplane::v4_equivalent`]).
+fn policy_destination(
+    packet: &[u8],
+    v4_of: impl FnOnce(std::net::Ipv6Addr) -> Option<Ipv4Addr>,
+) -> Option<Ipv4Addr> {
+    match packet.first()? >> 4 {
+        4 => ipv4_destination(packet),
+        6 => {
+            let dst: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            v4_of(std::net::Ipv6Addr::from(dst))
+        }
+        _ => None,
+    }
+}
+
 async fn serve_agent(
     incoming: quinn::Incoming,
     vaddr: SocketAddr,
@@ -833,7 +856,7 @@ async fn serve_agent(
     });
     let reason = loop {
         match conn.read_datagram().await {
-            Ok(pkt) => match ipv4_destination(&pkt) {
+            Ok(pkt) => match policy_destination(&pkt, |a| dataplane.v4_equivalent(a)) {
                 Some(dst)
                     if !allowed_destination(
                         &expected.allowed.read().unwrap_or_else(|p| p.into_inner()),
@@ -1032,5 +1055,30 @@ mod tests {
         p[0] = 0x60;
         assert_eq!(ipv4_destination(&p), None);
         assert_eq!(ipv4_destination(&p[..19]), None);
+    }
+
+    #[test]
+    fn ipv6_packets_meet_policy_as_their_ipv4_service() {
+        let svc6: std::net::Ipv6Addr = "fd00:100::1".parse().expect("v6");
+        let svc4 = Ipv4Addr::new(10, 100, 0, 3);
+        let map = |a: std::net::Ipv6Addr| (a == svc6).then_some(svc4);
+        let mut p = vec![0u8; 40];
+        p[0] = 0x60;
+        p[24..40].copy_from_slice(&svc6.octets());
+        assert_eq!(policy_destination(&p, map), Some(svc4));
+        // The policy check then refuses it where the IPv4 service is not allowed.
+        assert!(!allowed_destination(
+            &[Ipv4Addr::new(10, 100, 0, 4)],
+            &[],
+            svc4
+        ));
+        assert!(allowed_destination(&[svc4], &[], svc4));
+        p[39] ^= 1;
+        assert_eq!(policy_destination(&p, map), None);
+        assert_eq!(policy_destination(&p[..39], map), None);
+        let mut v4 = vec![0u8; 20];
+        v4[0] = 0x45;
+        v4[16..20].copy_from_slice(&svc4.octets());
+        assert_eq!(policy_destination(&v4, map), Some(svc4));
     }
 }

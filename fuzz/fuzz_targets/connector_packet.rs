@@ -1,4 +1,4 @@
-//! Arbitrary bytes as a packet an agent sent the connector, or a backend reply: the connector's
+//! Arbitrary bytes as a packet an agent sent the connector (IPv4 or IPv6), or a backend reply: the connector's
 //! packet parsers (`inspect`, the TCP segment parse, the XDP reply key) and the answers built
 //! from what they refuse never panic, and what they build is well-formed.
 //!
@@ -10,33 +10,46 @@
 #[allow(dead_code, unreachable_pub)]
 mod packet;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
 use ztna_proto::{PortRange, ServiceDef};
 
 const AGENT: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
 const SVC: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+const SVC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
 
 fuzz_target!(|data: &[u8]| {
     let svc = ServiceDef {
         name: "svc".into(),
         address: SVC,
+        address6: Some(SVC6),
         udp: vec![PortRange::single(53)],
         tcp: vec![PortRange::single(443)],
         icmp: data.first().is_some_and(|b| b & 1 == 1),
         connector: String::new(),
         names: None,
     };
-    match packet::inspect(data, AGENT, |a| (a == SVC).then_some(&svc)) {
+    let is_svc = |a: IpAddr| a == IpAddr::V4(SVC) || a == IpAddr::V6(SVC6);
+    match packet::inspect(data, AGENT, |a| is_svc(a).then_some(&svc)) {
         Ok(_) => {}
         Err(reason) => {
             if let Some(answer) = packet::unserved_answer(data, &reason) {
                 // An answer goes from the service to the agent, and is a TCP reset or an ICMP
-                // error no larger than its header plus the longest quote.
-                assert!(answer.len() <= 20 + 8 + packet::MAX_QUOTE);
-                assert_eq!(answer[12..16], SVC.octets());
-                assert_eq!(answer[16..20], AGENT.octets());
+                // error no larger than its header plus the longest quote (IPv4), or than the
+                // IPv6 minimum MTU (IPv6).
+                if answer[0] >> 4 == 6 {
+                    assert!(answer.len() <= packet::MIN_MTU6);
+                    assert_eq!(answer[8..24], SVC6.octets());
+                    assert_eq!(
+                        answer[24..40],
+                        ztna_proto::service::tunnel_ipv6(AGENT).octets()
+                    );
+                } else {
+                    assert!(answer.len() <= 20 + 8 + packet::MAX_QUOTE);
+                    assert_eq!(answer[12..16], SVC.octets());
+                    assert_eq!(answer[16..20], AGENT.octets());
+                }
             }
         }
     }

@@ -12,7 +12,7 @@
 //! - Every removal hands the handles back to the caller, who closes them and counts them.
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 /// What identifies a flow.
@@ -25,7 +25,7 @@ pub(crate) enum FlowKey {
         /// Agent's source port.
         agent_port: u16,
         /// Service address.
-        service: Ipv4Addr,
+        service: IpAddr,
         /// Destination port on the service.
         port: u16,
     },
@@ -36,7 +36,7 @@ pub(crate) enum FlowKey {
         /// The agent's echo identifier.
         ident: u16,
         /// Service address.
-        service: Ipv4Addr,
+        service: IpAddr,
     },
 }
 
@@ -242,7 +242,7 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    const SVC: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+    const SVC: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 100, 0, 1));
     const TIMEOUT: Duration = Duration::from_millis(100);
 
     fn key(agent: u64, port: u16) -> FlowKey {

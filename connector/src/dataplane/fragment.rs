@@ -1,8 +1,11 @@
-//! IPv4 fragmentation of packets towards an agent, pure.
+//! Fragmentation of packets towards an agent, pure.
 //!
 //! A backend may answer with a datagram larger than the inner connection carries (a 4 KiB UDP
-//! reply, say). Like a router in front of a smaller link, the connector splits such a packet
-//! into IPv4 fragments, which the agent's kernel reassembles. Packets with DF set are not split.
+//! reply, say). Like a router in front of a smaller link, the connector splits such an IPv4
+//! packet into IPv4 fragments, which the agent's kernel reassembles; packets with DF set are
+//! not split. IPv6 routers never fragment, but the connector is the source of the IPv6 packets
+//! it builds for agents (it ends every flow), so it splits them as a source host does, with a
+//! fragment header (RFC 8200 4.5).
 
 /// Why a packet could not be fragmented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -16,6 +19,76 @@ pub(crate) enum FragmentError {
     /// `max` leaves no room for 8 bytes of payload after the header.
     #[error("fragment size too small")]
     TooSmall,
+}
+
+/// Splits `packet` (IPv4, or IPv6 without extension headers) into fragments of at most `max`
+/// bytes; `ident` is the identification of IPv6 fragments (IPv4 keeps the packet's own). A
+/// packet that fits comes back whole.
+pub(crate) fn fragment(
+    packet: &[u8],
+    max: usize,
+    ident: u32,
+) -> Result<Vec<Vec<u8>>, FragmentError> {
+    match packet.first().map(|b| b >> 4) {
+        Some(6) => fragment_ipv6(packet, max, ident),
+        _ => fragment_ipv4(packet, max),
+    }
+}
+
+/// Length of the fixed IPv6 header.
+const IPV6_HEADER: usize = 40;
+/// Next-header value of an IPv6 fragment header.
+const IPV6_FRAGMENT: u8 = 44;
+
+/// Splits an IPv6 packet without extension headers into fragments of at most `max` bytes, each
+/// with a fragment header carrying `ident`. A packet that fits comes back whole.
+pub(crate) fn fragment_ipv6(
+    packet: &[u8],
+    max: usize,
+    ident: u32,
+) -> Result<Vec<Vec<u8>>, FragmentError> {
+    if packet.len() < IPV6_HEADER || packet[0] >> 4 != 6 {
+        return Err(FragmentError::Malformed);
+    }
+    let total = IPV6_HEADER + usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+    if total > packet.len() {
+        return Err(FragmentError::Malformed);
+    }
+    if total <= max {
+        return Ok(vec![packet[..total].to_vec()]);
+    }
+    let next = packet[6];
+    if matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    ) {
+        // The connector builds none; finding the unfragmentable part is not worth it here.
+        return Err(FragmentError::Malformed);
+    }
+    let chunk = max.saturating_sub(IPV6_HEADER + 8) / 8 * 8;
+    if chunk == 0 {
+        return Err(FragmentError::TooSmall);
+    }
+    let payload = &packet[IPV6_HEADER..total];
+    let mut out = Vec::with_capacity(payload.len().div_ceil(chunk));
+    for (i, piece) in payload.chunks(chunk).enumerate() {
+        let offset = i * chunk;
+        let more = offset + piece.len() < payload.len();
+        let mut f = Vec::with_capacity(IPV6_HEADER + 8 + piece.len());
+        f.extend_from_slice(&packet[..IPV6_HEADER]);
+        // 8 + piece.len() <= max <= what the caller's u16-sized packet had.
+        let len = u16::try_from(8 + piece.len()).map_err(|_| FragmentError::TooSmall)?;
+        f[4..6].copy_from_slice(&len.to_be_bytes());
+        f[6] = IPV6_FRAGMENT;
+        // offset < 65536, so offset / 8 fits into 13 bits.
+        let off_flags = ((offset / 8) as u16) << 3 | u16::from(more);
+        f.extend_from_slice(&[next, 0]);
+        f.extend_from_slice(&off_flags.to_be_bytes());
+        f.extend_from_slice(&ident.to_be_bytes());
+        f.extend_from_slice(piece);
+        out.push(f);
+    }
+    Ok(out)
 }
 
 const DF: u16 = 0x4000;
@@ -142,7 +215,73 @@ mod tests {
         assert_eq!(fragment_ipv4(&udp(2000), 24), Err(FragmentError::TooSmall));
     }
 
+    fn udp6(len: usize) -> Vec<u8> {
+        let payload: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+        crate::dataplane::packet::build_udp(
+            "[fd00:100::1]:7".parse().unwrap(),
+            "[fd7a:7a74:6e61:7475::6440:9]:40000".parse().unwrap(),
+            &payload,
+        )
+        .unwrap()
+    }
+
+    /// Reassembles IPv6 fragments by offset, checking every header; the whole packet as it was.
+    fn reassemble6(frags: &[Vec<u8>], max: usize, ident: u32) -> Vec<u8> {
+        let mut data = Vec::new();
+        let next = frags[0][40];
+        for (i, f) in frags.iter().enumerate() {
+            assert!(f.len() <= max);
+            assert_eq!(f[6], 44);
+            assert_eq!(f[40], next);
+            assert_eq!(usize::from(u16::from_be_bytes([f[4], f[5]])) + 40, f.len());
+            let off_flags = u16::from_be_bytes([f[42], f[43]]);
+            assert_eq!(usize::from(off_flags >> 3) * 8, data.len());
+            assert_eq!(off_flags & 1 == 1, i + 1 < frags.len());
+            assert_eq!(u32::from_be_bytes([f[44], f[45], f[46], f[47]]), ident);
+            data.extend_from_slice(&f[48..]);
+        }
+        let mut whole = frags[0][..40].to_vec();
+        whole[6] = next;
+        whole[4..6].copy_from_slice(&(data.len() as u16).to_be_bytes());
+        whole.extend_from_slice(&data);
+        whole
+    }
+
+    #[test]
+    fn large_ipv6_reply_is_split_and_reassembles() {
+        let p = udp6(4000);
+        let frags = fragment(&p, 1320, 77).unwrap();
+        assert_eq!(frags.len(), 4);
+        assert_eq!(reassemble6(&frags, 1320, 77), p);
+        assert_eq!(fragment(&udp6(100), 1320, 1).unwrap(), vec![udp6(100)]);
+        assert_eq!(fragment(&udp6(2000), 50, 1), Err(FragmentError::TooSmall));
+        assert_eq!(
+            fragment(&[0x60; 39], 1320, 1),
+            Err(FragmentError::Malformed)
+        );
+    }
+
     proptest! {
+        #[test]
+        fn any_ipv6_size_round_trips(len in 0usize..9000, max in 56usize..1500, ident in any::<u32>()) {
+            let p = udp6(len);
+            let frags = fragment(&p, max, ident).unwrap();
+            if p.len() <= max {
+                prop_assert_eq!(frags, vec![p]);
+            } else {
+                prop_assert_eq!(reassemble6(&frags, max, ident), p);
+            }
+        }
+
+        #[test]
+        fn ipv6_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200), max in 0usize..300, ident in any::<u32>()) {
+            let mut b = bytes;
+            if let Some(first) = b.first_mut() {
+                *first = 0x60 | (*first & 0x0f);
+            }
+            let _ = fragment(&b, max, ident);
+        }
+
         #[test]
         fn any_size_round_trips(len in 0usize..9000, max in 68usize..1500) {
             let p = udp(len);

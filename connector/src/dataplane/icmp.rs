@@ -8,7 +8,7 @@
 //! socket serves one agent's identifier, and replies get the agent's identifier back.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -16,21 +16,27 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::packet;
 use super::udp::{reply_loop, BackendSocket, FlowRef, Reply};
 
-/// Opens an unprivileged ICMP socket, without registering it anywhere.
-fn raw_open() -> io::Result<Socket> {
-    Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4))
+/// Opens an unprivileged ICMP (with `v6`, ICMPv6) socket, without registering it anywhere.
+fn raw_open(v6: bool) -> io::Result<Socket> {
+    if v6 {
+        Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::ICMPV6))
+    } else {
+        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4))
+    }
 }
 
 /// Checks that this process may open unprivileged ICMP sockets (the socket is closed again).
+/// The same sysctl (`net.ipv4.ping_group_range`) allows ICMPv6 ones.
 pub(super) fn probe() -> io::Result<()> {
-    raw_open().map(drop)
+    raw_open(false).map(drop)
 }
 
-/// Opens an unprivileged ICMP socket connected to `backend`. Must run inside a runtime.
-pub(super) fn open(backend: Ipv4Addr) -> io::Result<BackendSocket> {
-    let socket = raw_open()?;
+/// Opens an unprivileged ICMP socket of `backend`'s family (ICMPv6 for an IPv6 backend)
+/// connected to `backend`. Must run inside a runtime.
+pub(super) fn open(backend: IpAddr) -> io::Result<BackendSocket> {
+    let socket = raw_open(backend.is_ipv6())?;
     socket.set_nonblocking(true)?;
-    socket.connect(&SocketAddrV4::new(backend, 0).into())?;
+    socket.connect(&SocketAddr::new(backend, 0).into())?;
     BackendSocket::new(socket)
 }
 
@@ -65,21 +71,23 @@ fn effective_gid() -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
-/// An ICMP echo flow's task: backend echo replies go to the agent with the agent's identifier
-/// `ident` and the service address as source; other ICMP messages are ignored.
+/// An ICMP echo flow's task: backend echo replies (ICMPv6 ones if `backend_v6`) go to the
+/// agent with the agent's identifier `ident` and the service address as source, in the family
+/// of `service`; other ICMP messages are ignored.
 pub(super) async fn echo_replies(
     socket: Arc<BackendSocket>,
     flow: FlowRef,
-    service: Ipv4Addr,
+    service: IpAddr,
     ident: u16,
+    backend_v6: bool,
 ) {
-    let agent_ip = flow.agent.tunnel_ip;
+    let agent_ip = flow.agent.tunnel_addr(service);
     reply_loop(
         socket,
         flow,
         "ICMP echo",
         None,
-        |message| match packet::parse_backend_echo_reply(message) {
+        |message| match packet::parse_backend_echo_reply(message, backend_v6) {
             Some((seq, data)) => Reply::Packet(packet::build_echo_reply(
                 service, agent_ip, ident, seq, data,
             )),

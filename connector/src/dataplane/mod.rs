@@ -1,7 +1,8 @@
-//! The connector's data plane for UDP, TCP and ICMP: checks every IPv4 packet an agent sends
-//! through its tunnel, forwards UDP datagrams and ICMP echo requests to the services' backends,
+//! The connector's data plane for UDP, TCP and ICMP: checks every IPv4 and IPv6 packet an
+//! agent sends through its tunnel, forwards UDP datagrams and ICMP echo requests to the
+//! services' backends (of either family, whatever the family of the agent's packets),
 //! terminates TCP in a userspace stack ([`tcp`]) piped to backend connections, and turns what
-//! comes back into IPv4 packets for the agent.
+//! comes back into packets for the agent in the family it used.
 //!
 //! Layout: [`packet`] (pure: parse and check agent packets, build reply packets) and [`flows`]
 //! (pure: the flow table with idle timeout and per-agent cap, time injected) hold the logic;
@@ -36,7 +37,7 @@ pub(crate) mod xdp;
 use reassembly::Reassembly;
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -64,8 +65,9 @@ pub(crate) use tcp::TcpConfig;
 pub(crate) struct BackendService {
     /// The service as agents see it (address, ports, ICMP).
     pub(crate) def: ServiceDef,
-    /// Address of the backend host that traffic to the service address goes to.
-    pub(crate) backend: Ipv4Addr,
+    /// Address of the backend host that traffic to the service address goes to (either family,
+    /// independent of the family of the agent's packets: every flow ends at its own socket).
+    pub(crate) backend: IpAddr,
     /// Backend port for every UDP and TCP port of the service; `None` keeps the destination port.
     pub(crate) backend_port: Option<u16>,
 }
@@ -107,7 +109,7 @@ pub(crate) struct DataplaneConfig {
 /// The data plane counts every packet it hands over in `packets_to_agents`; an implementation
 /// that drops one should count it in `dropped_to_agent`.
 pub(crate) trait ToAgent: Send + Sync + 'static {
-    /// Sends one IPv4 packet to the agent, or drops it. Must not block.
+    /// Sends one IP packet (IPv4 or IPv6) to the agent, or drops it. Must not block.
     fn send(&self, packet: Bytes);
 
     /// Whether the way to the agent takes more packets without queueing past its bound: the
@@ -133,6 +135,8 @@ pub(crate) struct Agent {
     identity: String,
     /// The tunnel address the agent was assigned; the only source address accepted from it.
     pub(crate) tunnel_ip: Ipv4Addr,
+    /// Its IPv6 tunnel address (derived from `tunnel_ip`); the only IPv6 source accepted.
+    pub(crate) tunnel_ip6: Ipv6Addr,
     /// Where its packets go.
     sink: Arc<dyn ToAgent>,
     /// Set (under the flow table's lock, before its flows are removed) when the agent is
@@ -149,6 +153,16 @@ pub(crate) struct Agent {
     reassembly: Mutex<Reassembly>,
     /// What its name-service addresses stand for.
     pub(crate) names: Arc<crate::names::AgentNames>,
+}
+
+impl Agent {
+    /// The agent's tunnel address of the family of `like`.
+    pub(crate) fn tunnel_addr(&self, like: IpAddr) -> IpAddr {
+        match like {
+            IpAddr::V4(_) => self.tunnel_ip.into(),
+            IpAddr::V6(_) => self.tunnel_ip6.into(),
+        }
+    }
 }
 
 /// Which kind of flow a [`Flow`] is.
@@ -296,6 +310,8 @@ impl LogLimiter {
 /// The data plane: agents, services, the flow table and its sockets. See the module docs.
 pub(crate) struct Dataplane {
     services: HashMap<Ipv4Addr, BackendService>,
+    /// The IPv4 address (key of `services`) of each service's IPv6 address.
+    services6: HashMap<Ipv6Addr, Ipv4Addr>,
     /// Backends by service address, shared with the agents' TCP tasks.
     tcp_backends: Arc<tcp::Backends>,
     tcp_cfg: TcpConfig,
@@ -387,7 +403,8 @@ impl Dataplane {
                 bail!("service {}: backend port 0", svc.def.name);
             }
             let b = svc.backend;
-            if b.is_unspecified() || b.is_broadcast() || b.is_multicast() {
+            let broadcast = matches!(b, IpAddr::V4(v4) if v4.is_broadcast());
+            if b.is_unspecified() || broadcast || b.is_multicast() {
                 bail!(
                     "service {}: backend {b} is not a unicast address",
                     svc.def.name
@@ -403,6 +420,14 @@ impl Dataplane {
             }
         }
 
+        let mut services6 = HashMap::new();
+        for svc in by_address.values() {
+            if let Some(a6) = svc.def.address6 {
+                if services6.insert(a6, svc.def.address).is_some() {
+                    bail!("two services have the same IPv6 address {a6}");
+                }
+            }
+        }
         let icmp_backend = resolve_icmp_mode(cfg.icmp, by_address.values().any(|s| s.def.icmp))?;
         let table = FlowTable::new(cfg.udp_idle_timeout, cfg.max_flows_per_agent);
         let period =
@@ -424,7 +449,11 @@ impl Dataplane {
         let tcp_backends = Arc::new(
             by_address
                 .iter()
-                .map(|(addr, s)| (*addr, (s.backend, s.backend_port)))
+                .map(|(addr, s)| (IpAddr::V4(*addr), (s.backend, s.backend_port)))
+                .chain(services6.iter().filter_map(|(a6, a4)| {
+                    let s = by_address.get(a4)?;
+                    Some((IpAddr::V6(*a6), (s.backend, s.backend_port)))
+                }))
                 .collect(),
         );
         let caps = Caps {
@@ -438,6 +467,7 @@ impl Dataplane {
             let sweeper = runtime.spawn(sweep_loop(me.clone(), period)).abort_handle();
             Dataplane {
                 services: by_address,
+                services6,
                 tcp_backends,
                 tcp_cfg: cfg.tcp,
                 agents: RwLock::new(HashMap::new()),
@@ -489,17 +519,48 @@ impl Dataplane {
         agent.names.is_mapped(addr).then_some(svc)
     }
 
+    /// The IPv4 address standing for the same service (or name-service pool address) as the
+    /// IPv6 address `addr`: a service's `address`, or the paired address of a name service's
+    /// IPv4 pool. `None` if `addr` is no service's.
+    pub(crate) fn v4_equivalent(&self, addr: Ipv6Addr) -> Option<Ipv4Addr> {
+        if let Some(a) = self.services6.get(&addr) {
+            return Some(*a);
+        }
+        self.name_services()
+            .iter()
+            .find(|s| s.covers6(addr))
+            .and_then(|s| s.to_v4(addr))
+    }
+
+    /// The IPv4 key of service address `addr` (itself, or its IPv4 equivalent).
+    fn v4_key(&self, addr: IpAddr) -> Option<Ipv4Addr> {
+        match addr {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(a) => self.v4_equivalent(a),
+        }
+    }
+
+    /// The service that packets from `agent` to `addr` (either family) reach, if any.
+    fn service_def(&self, agent: &Agent, addr: IpAddr) -> Option<&ServiceDef> {
+        let a = self.v4_key(addr)?;
+        self.services
+            .get(&a)
+            .map(|s| &s.def)
+            .or_else(|| self.mapped_name_service(agent, a))
+    }
+
     /// Where traffic from `agent` to service address `addr` goes now: the backend address, the
     /// port override, and the service name. For a name service, the current address of the
     /// mapped name (resolution starts, and the packet is dropped and counted, if it has none).
-    fn target(&self, agent: &Agent, addr: Ipv4Addr) -> Option<(Ipv4Addr, Option<u16>, &str)> {
+    fn target(&self, agent: &Agent, addr: IpAddr) -> Option<(IpAddr, Option<u16>, &str)> {
+        let addr = self.v4_key(addr)?;
         if let Some(svc) = self.services.get(&addr) {
             return Some((svc.backend, svc.backend_port, svc.def.name.as_str()));
         }
         let svc = self.name_services().iter().find(|s| s.covers(addr))?;
         let name = agent.names.name_of(addr)?;
         match self.resolver().and_then(|r| r.cached(&name)) {
-            Some(ip) => Some((ip, None, svc.name.as_str())),
+            Some(ip) => Some((ip.into(), None, svc.name.as_str())),
             None => {
                 self.metrics
                     .dropped_name_unresolved
@@ -541,6 +602,7 @@ impl Dataplane {
             id,
             identity,
             tunnel_ip,
+            tunnel_ip6: ztna_proto::service::tunnel_ipv6(tunnel_ip),
             sink: to_agent,
             closed: AtomicBool::new(false),
             tcp: Mutex::new(None),
@@ -649,12 +711,7 @@ impl Dataplane {
         } else {
             packet
         };
-        let verdict = packet::inspect(packet, agent.tunnel_ip, |a| {
-            self.services
-                .get(&a)
-                .map(|s| &s.def)
-                .or_else(|| self.mapped_name_service(&agent, a))
-        });
+        let verdict = packet::inspect(packet, agent.tunnel_ip, |a| self.service_def(&agent, a));
         match verdict {
             Ok(AgentPacket::Udp(d)) => self.udp_from_agent(&agent, d),
             Ok(AgentPacket::Echo(e)) => self.echo_from_agent(&agent, e),
@@ -675,6 +732,8 @@ impl Dataplane {
             | DropReason::PortNotServed { .. }
             | DropReason::ProtocolNotServed { .. } => &m.dropped_not_service,
             DropReason::Unsupported(_) => &m.dropped_unsupported,
+            DropReason::Ipv6Fragment => &m.dropped_ipv6_fragments,
+            DropReason::Ipv6ExtensionHeaders { .. } => &m.dropped_ipv6_extension_headers,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = lock(&self.drop_log).allow(Instant::now()) {
@@ -709,7 +768,11 @@ impl Dataplane {
                 sink: agent.sink.clone(),
                 metrics: self.metrics.clone(),
                 backends: self.tcp_backends.clone(),
-                names: self.resolver().map(|r| (agent.names.clone(), r.clone())),
+                names: self.names.get().map(|n| tcp::AgentNameCtx {
+                    names: agent.names.clone(),
+                    resolver: n.resolver.clone(),
+                    services: n.services.clone().into(),
+                }),
                 cfg: self.tcp_cfg.clone(),
                 limits: agent.limits.clone(),
                 buffers: self.tcp_buffers.clone(),
@@ -739,19 +802,22 @@ impl Dataplane {
     }
 
     fn udp_from_agent(&self, agent: &Arc<Agent>, d: UdpDatagram<'_>) {
-        let Some((backend_ip, backend_port, service)) = self.target(agent, *d.dst.ip()) else {
+        let Some((backend_ip, backend_port, service)) = self.target(agent, d.dst.ip()) else {
             return; // inspect() only accepts service addresses; a name not resolved yet
         };
         let key = FlowKey::Udp {
             agent: agent.id,
             agent_port: d.src.port(),
-            service: *d.dst.ip(),
+            service: d.dst.ip(),
             port: d.dst.port(),
         };
-        let backend = SocketAddrV4::new(backend_ip, backend_port.unwrap_or(d.dst.port()));
+        let backend = SocketAddr::new(backend_ip, backend_port.unwrap_or(d.dst.port()));
         let route = self.route(agent, key, d.quote, |id| {
-            if let Some(fast) = self.fast_path.get() {
-                let flow = fast.open_flow(agent, key, id, backend, d.dst, d.src)?;
+            // The XDP fast path is IPv4 on both sides; other flows use sockets.
+            if let (Some(fast), SocketAddr::V4(b4), SocketAddr::V4(dst4), SocketAddr::V4(src4)) =
+                (self.fast_path.get(), backend, d.dst, d.src)
+            {
+                let flow = fast.open_flow(agent, key, id, b4, dst4, src4)?;
                 debug!(
                     agent = agent.id, identity = %agent.identity, service = %service,
                     agent_port = d.src.port(), port = d.dst.port(), %backend,
@@ -796,7 +862,7 @@ impl Dataplane {
             }
             // A refusal of an earlier datagram, reported on this send (which did not go out).
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                self.send_port_unreachable(agent, *d.dst.ip(), d.quote);
+                self.send_port_unreachable(agent, d.dst.ip(), d.quote);
             }
             Err(e) => self.backend_error(agent, &e),
         }
@@ -833,6 +899,7 @@ impl Dataplane {
                 self.flow_ref(agent, key, id),
                 e.dst,
                 e.ident,
+                backend.is_ipv6(),
             );
             debug!(
                 agent = agent.id, identity = %agent.identity, service = %service,
@@ -850,7 +917,8 @@ impl Dataplane {
         let Some(Route::Socket(socket)) = socket else {
             return;
         };
-        match socket.try_send(&packet::build_echo_request_message(e.seq, e.payload)) {
+        let message = packet::build_echo_request_message(e.seq, e.payload, backend.is_ipv6());
+        match socket.try_send(&message) {
             Ok(_) => {
                 self.metrics
                     .icmp_echo_backend
@@ -1000,8 +1068,8 @@ impl Dataplane {
 
     /// Tells an agent that a service port refused its datagram (ICMP port unreachable from the
     /// service address, quoting the datagram).
-    fn send_port_unreachable(&self, agent: &Agent, service: Ipv4Addr, quote: &[u8]) {
-        match packet::build_port_unreachable(service, agent.tunnel_ip, quote) {
+    fn send_port_unreachable(&self, agent: &Agent, service: IpAddr, quote: &[u8]) {
+        match packet::build_port_unreachable(service, agent.tunnel_addr(service), quote) {
             Ok(icmp) => {
                 self.metrics
                     .icmp_unreachable_sent
@@ -1097,7 +1165,7 @@ mod tests {
                 connector: String::new(),
                 names: None,
             },
-            backend: LOCALHOST,
+            backend: LOCALHOST.into(),
             backend_port,
         }
     }
@@ -1362,6 +1430,432 @@ mod tests {
             assert_eq!(get(&metrics.icmp_flows_active), 1);
             dp.remove_agent(1);
             assert_eq!(get(&metrics.icmp_flows_active), 0);
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    // IPv6.
+
+    const SVC_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+
+    fn agent_ip6() -> Ipv6Addr {
+        ztna_proto::service::tunnel_ipv6(AGENT_IP)
+    }
+
+    /// `service(...)` with the IPv6 address [`SVC_IP6`] and backend `backend`.
+    fn service6(
+        udp: Vec<PortRange>,
+        icmp: bool,
+        backend: IpAddr,
+        backend_port: Option<u16>,
+    ) -> BackendService {
+        let mut s = service(udp, icmp, backend_port);
+        s.def.address6 = Some(SVC_IP6);
+        s.backend = backend;
+        s
+    }
+
+    fn agent_udp6(src: Ipv6Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ipv6(src.octets(), SVC_IP6.octets(), 64).udp(sport, dport);
+        let mut v = Vec::new();
+        b.write(&mut v, data).expect("build");
+        v
+    }
+
+    /// Checks addresses, hop limit and length of an IPv6 packet to the agent, and its
+    /// transport checksum.
+    fn check_ip6(packet: &[u8]) {
+        let h = etherparse::Ipv6HeaderSlice::from_slice(packet).expect("ipv6");
+        assert_eq!(h.source_addr(), SVC_IP6);
+        assert_eq!(h.destination_addr(), agent_ip6());
+        assert_eq!(h.hop_limit(), 64);
+        assert_eq!(usize::from(h.payload_length()) + 40, packet.len());
+        let body = &packet[40..];
+        let sum = etherparse::checksum::Sum16BitWords::new()
+            .add_16bytes(h.source())
+            .add_16bytes(h.destination())
+            .add_4bytes((body.len() as u32).to_be_bytes())
+            .add_4bytes([0, 0, 0, h.next_header().0])
+            .add_slice(body);
+        assert_eq!(sum.ones_complement(), 0, "transport checksum");
+    }
+
+    /// A UDP server on `ip` that answers every datagram with "echo:" + the datagram.
+    async fn echo_server_on(ip: IpAddr) -> (u16, tokio::task::JoinHandle<()>) {
+        let sock = tokio::net::UdpSocket::bind((ip, 0)).await.expect("bind");
+        let port = sock.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+                let mut reply = b"echo:".to_vec();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = sock.send_to(&reply, peer).await;
+            }
+        });
+        (port, task)
+    }
+
+    /// An agent's IPv6 datagram to a service whose backend is `backend` (either family) comes
+    /// back as an IPv6 reply from the service's IPv6 address, with valid checksums.
+    async fn udp6_round_trip(backend: IpAddr) {
+        let (port, server) = echo_server_on(backend).await;
+        let (dp, m, mut rx) = dataplane(
+            vec![service6(
+                vec![PortRange::single(7000)],
+                false,
+                backend,
+                Some(port),
+            )],
+            config(IcmpMode::Local),
+        );
+        for data in [&b"hello"[..], b"again"] {
+            dp.handle_from_agent(1, &agent_udp6(agent_ip6(), 40000, 7000, data));
+            let reply = next(&mut rx).await;
+            check_ip6(&reply);
+            let sliced = SlicedPacket::from_ip(&reply).expect("parse");
+            let Some(TransportSlice::Udp(udp)) = sliced.transport else {
+                panic!("not UDP")
+            };
+            assert_eq!((udp.source_port(), udp.destination_port()), (7000, 40000));
+            let mut want = b"echo:".to_vec();
+            want.extend_from_slice(data);
+            assert_eq!(udp.payload(), &want[..]);
+        }
+        assert_eq!(get(&m.udp_flows_opened), 1);
+        // The same port over IPv4 is another flow, answered over IPv4.
+        dp.handle_from_agent(1, &agent_udp(40000, 7000, b"v4"));
+        let reply = next(&mut rx).await;
+        check_ip(&reply);
+        assert!(reply.ends_with(b"echo:v4"));
+        assert_eq!(get(&m.udp_flows_opened), 2);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn udp6_to_ipv6_backend() {
+        tokio::time::timeout(LIMIT, udp6_round_trip(Ipv6Addr::LOCALHOST.into()))
+            .await
+            .expect("in time");
+    }
+
+    #[tokio::test]
+    async fn udp6_to_ipv4_backend() {
+        tokio::time::timeout(LIMIT, udp6_round_trip(LOCALHOST.into()))
+            .await
+            .expect("in time");
+    }
+
+    /// A datagram larger than the agent's TUN MTU arrives as IPv6 fragments, is reassembled
+    /// and checked whole; the reply too large for the tunnel leaves as IPv6 fragments (in
+    /// tunnel.rs; here the sink takes it whole).
+    #[tokio::test]
+    async fn fragmented_udp6_is_reassembled() {
+        let run = async {
+            let (port, server) = echo_server_on(Ipv6Addr::LOCALHOST.into()).await;
+            let (dp, m, mut rx) = dataplane(
+                vec![service6(
+                    vec![PortRange::single(7000)],
+                    false,
+                    Ipv6Addr::LOCALHOST.into(),
+                    Some(port),
+                )],
+                config(IcmpMode::Local),
+            );
+            let data: Vec<u8> = (0..1800).map(|i| (i % 251) as u8).collect();
+            let whole = agent_udp6(agent_ip6(), 40000, 7000, &data);
+            let frags = fragment::fragment_ipv6(&whole, 1280, 9).expect("fragments");
+            assert_eq!(frags.len(), 2);
+            for f in frags.iter().rev() {
+                dp.handle_from_agent(1, f);
+            }
+            let reply = next(&mut rx).await;
+            check_ip6(&reply);
+            assert!(reply.ends_with(&data));
+            assert_eq!(get(&m.fragments_reassembled), 1);
+            // A spoofed datagram in fragments is reassembled, then dropped as spoofed.
+            let other = ztna_proto::service::tunnel_ipv6(Ipv4Addr::new(100, 64, 0, 9));
+            let spoofed = agent_udp6(other, 40000, 7000, &data);
+            for f in fragment::fragment_ipv6(&spoofed, 1280, 10).expect("fragments") {
+                dp.handle_from_agent(1, &f);
+            }
+            assert_eq!(get(&m.dropped_spoofed_source), 1);
+            server.abort();
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    #[tokio::test]
+    async fn udp4_to_ipv6_backend() {
+        let run = async {
+            let (port, server) = echo_server_on(Ipv6Addr::LOCALHOST.into()).await;
+            let (dp, _m, mut rx) = dataplane(
+                vec![service6(
+                    vec![PortRange::single(7000)],
+                    false,
+                    Ipv6Addr::LOCALHOST.into(),
+                    Some(port),
+                )],
+                config(IcmpMode::Local),
+            );
+            dp.handle_from_agent(1, &agent_udp(40000, 7000, b"hi"));
+            let reply = next(&mut rx).await;
+            check_ip(&reply);
+            assert!(reply.ends_with(b"echo:hi"));
+            server.abort();
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    #[tokio::test]
+    async fn refused_port_yields_icmpv6_port_unreachable() {
+        let run = async {
+            let closed = std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).expect("bind");
+            let port = closed.local_addr().expect("addr").port();
+            drop(closed);
+            let (dp, m, mut rx) = dataplane(
+                vec![service6(
+                    vec![PortRange::single(53)],
+                    false,
+                    Ipv6Addr::LOCALHOST.into(),
+                    Some(port),
+                )],
+                config(IcmpMode::Local),
+            );
+            let original = agent_udp6(agent_ip6(), 40000, 53, b"is anyone there?");
+            dp.handle_from_agent(1, &original);
+            let icmp = next(&mut rx).await;
+            check_ip6(&icmp);
+            assert_eq!(icmp[6], 58, "ICMPv6");
+            assert_eq!((icmp[40], icmp[41]), (1, 4), "port unreachable");
+            assert_eq!(&icmp[48..], &original[..48]);
+            assert_eq!(get(&m.icmp_unreachable_sent), 1);
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    #[tokio::test]
+    async fn local_echo6_reply() {
+        let run = async {
+            let (dp, m, mut rx) = dataplane(
+                vec![service6(vec![], true, LOCALHOST.into(), None)],
+                config(IcmpMode::Local),
+            );
+            let b = PacketBuilder::ipv6(agent_ip6().octets(), SVC_IP6.octets(), 64)
+                .icmpv6_echo_request(0x4242, 3);
+            let mut p = Vec::new();
+            b.write(&mut p, b"ping data").expect("build");
+            dp.handle_from_agent(1, &p);
+            let reply = next(&mut rx).await;
+            check_ip6(&reply);
+            assert_eq!(&reply[40..42], &[129, 0], "echo reply");
+            assert_eq!(&reply[44..48], &[0x42, 0x42, 0, 3]);
+            assert_eq!(&reply[48..], b"ping data");
+            assert_eq!(get(&m.icmp_echo_local), 1);
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    /// Needs unprivileged ICMP sockets, like `backend_echo_reply`; skipped where they are not
+    /// allowed. A ping over IPv6 to a service whose backend is IPv6 goes through an ICMPv6
+    /// socket, to one whose backend is IPv4 through an ICMP one, and is answered over IPv6;
+    /// a ping over IPv4 to an IPv6 backend is answered over IPv4.
+    #[tokio::test]
+    async fn backend_echo6_reply() {
+        let run = async {
+            for backend in [IpAddr::from(Ipv6Addr::LOCALHOST), LOCALHOST.into()] {
+                let metrics = Arc::new(Metrics::default());
+                let dp = match Dataplane::new(
+                    vec![service6(vec![], true, backend, None)],
+                    config(IcmpMode::Backend),
+                    metrics.clone(),
+                ) {
+                    Ok(dp) => dp,
+                    Err(e) => {
+                        eprintln!("skipping backend_echo6_reply: {e:#}");
+                        return;
+                    }
+                };
+                let (tx, mut rx) = mpsc::channel(8);
+                dp.add_agent(1, "alice".into(), AGENT_IP, Arc::new(Collect(tx)));
+                for seq in 1..=2 {
+                    let b = PacketBuilder::ipv6(agent_ip6().octets(), SVC_IP6.octets(), 64)
+                        .icmpv6_echo_request(0x4242, seq);
+                    let mut p = Vec::new();
+                    b.write(&mut p, b"ping data").expect("build");
+                    dp.handle_from_agent(1, &p);
+                    let reply = next(&mut rx).await;
+                    check_ip6(&reply);
+                    assert_eq!(&reply[40..42], &[129, 0], "echo reply");
+                    assert_eq!(&reply[44..46], &[0x42, 0x42]);
+                    assert_eq!(u16::from_be_bytes([reply[46], reply[47]]), seq);
+                    assert_eq!(&reply[48..], b"ping data");
+                }
+                assert_eq!(get(&metrics.icmp_echo_backend), 2);
+                assert_eq!(get(&metrics.icmp_flows_opened), 1);
+                if backend.is_ipv6() {
+                    // IPv4 ping, IPv6 backend: an ICMPv6 socket, an ICMP reply.
+                    dp.handle_from_agent(1, &agent_echo(0x4343, 1, b"v4"));
+                    let reply = next(&mut rx).await;
+                    let ip = check_ip(&reply);
+                    let msg = Icmpv4Slice::from_slice(&reply[ip.header_len()..]).expect("icmp");
+                    assert!(matches!(msg.icmp_type(), Icmpv4Type::EchoReply(_)));
+                    assert_eq!(msg.payload(), b"v4");
+                }
+            }
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    #[tokio::test]
+    async fn ipv6_drops_are_counted() {
+        let (port, server) = echo_server_on(LOCALHOST.into()).await;
+        let (dp, m, mut rx) = dataplane(
+            vec![service6(
+                vec![PortRange::single(53)],
+                false,
+                LOCALHOST.into(),
+                Some(port),
+            )],
+            config(IcmpMode::Local),
+        );
+        // Spoofed sources: another agent's IPv6 tunnel address, the IPv4-mapped form.
+        let other = ztna_proto::service::tunnel_ipv6(Ipv4Addr::new(100, 64, 0, 9));
+        dp.handle_from_agent(1, &agent_udp6(other, 1000, 53, b""));
+        dp.handle_from_agent(1, &agent_udp6(AGENT_IP.to_ipv6_mapped(), 1000, 53, b""));
+        assert_eq!(get(&m.dropped_spoofed_source), 2);
+        // Not a service address.
+        let b = PacketBuilder::ipv6(
+            agent_ip6().octets(),
+            Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2).octets(),
+            64,
+        )
+        .udp(1000, 53);
+        let mut p = Vec::new();
+        b.write(&mut p, b"").expect("build");
+        dp.handle_from_agent(1, &p);
+        // A port the service does not serve (answered: administratively prohibited).
+        dp.handle_from_agent(1, &agent_udp6(agent_ip6(), 1000, 54, b""));
+        assert_eq!(get(&m.dropped_not_service), 2);
+        let answer = next(&mut rx).await;
+        check_ip6(&answer);
+        assert_eq!((answer[40], answer[41]), (1, 1));
+        // A fragment header, a hop-by-hop header, a destination options header.
+        let good = agent_udp6(agent_ip6(), 1000, 53, b"data");
+        let with = |kind: u8, fields: [u8; 6]| {
+            let mut p = good[..40].to_vec();
+            p[6] = kind;
+            let len = u16::from_be_bytes([p[4], p[5]]) + 8;
+            p[4..6].copy_from_slice(&len.to_be_bytes());
+            p.extend_from_slice(&[17, 0]);
+            p.extend_from_slice(&fields);
+            p.extend_from_slice(&good[40..]);
+            p
+        };
+        dp.handle_from_agent(1, &with(44, [0, 0, 0, 0, 0, 1])); // an atomic fragment
+        assert_eq!(get(&m.dropped_ipv6_fragments), 1);
+        // A fragment header behind a hop-by-hop header: counted as extension headers.
+        let mut behind = with(44, [0, 1, 0, 0, 0, 1]);
+        behind[6] = 0;
+        dp.handle_from_agent(1, &behind);
+        assert_eq!(get(&m.dropped_ipv6_extension_headers), 1);
+        dp.handle_from_agent(1, &with(0, [1, 4, 0, 0, 0, 0]));
+        dp.handle_from_agent(1, &with(60, [1, 4, 0, 0, 0, 0]));
+        assert_eq!(get(&m.dropped_ipv6_extension_headers), 3);
+        // Garbage with version 6.
+        dp.handle_from_agent(1, b"\x60garbage");
+        assert_eq!(get(&m.dropped_malformed), 1);
+        assert_eq!(get(&m.udp_flows_opened), 0);
+        // And the plain datagram goes through.
+        dp.handle_from_agent(1, &good);
+        let reply = next(&mut rx).await;
+        check_ip6(&reply);
+        assert_eq!(get(&m.udp_flows_opened), 1);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn ipv6_addresses_map_to_their_ipv4_service() {
+        let (dp, _m, _rx) = dataplane(
+            vec![service6(
+                vec![PortRange::single(53)],
+                false,
+                LOCALHOST.into(),
+                None,
+            )],
+            config(IcmpMode::Local),
+        );
+        assert_eq!(dp.v4_equivalent(SVC_IP6), Some(SVC_IP));
+        assert_eq!(
+            dp.v4_equivalent(Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2)),
+            None
+        );
+    }
+
+    /// A name service over IPv6: the agent maps a name at an IPv4 pool address; a datagram to
+    /// the paired IPv6 pool address goes to what the name resolves to, and the reply comes
+    /// from that IPv6 address. An unmapped IPv6 pool address is no service.
+    #[tokio::test]
+    async fn name_service_over_ipv6() {
+        let run = async {
+            let (port, server) = echo_server().await;
+            let metrics = Arc::new(Metrics::default());
+            let dp = Dataplane::new(vec![], config(IcmpMode::Local), metrics.clone())
+                .expect("data plane");
+            let pool6 = Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, 0);
+            let names = ServiceDef {
+                name: "wiki".into(),
+                address: Ipv4Addr::new(10, 101, 0, 0),
+                address6: Some(pool6),
+                udp: vec![PortRange {
+                    first: 1024,
+                    last: 65535,
+                }],
+                tcp: vec![],
+                icmp: false,
+                connector: String::new(),
+                names: Some(ztna_proto::NamePool {
+                    patterns: vec!["localhost".into()],
+                    prefix_len: 24,
+                }),
+            };
+            let resolver =
+                crate::names::Resolver::new(vec![], Duration::from_secs(60), 16, metrics.clone())
+                    .expect("resolver");
+            assert!(
+                resolver.resolve("localhost").await.is_some(),
+                "localhost resolves"
+            );
+            assert!(dp.set_names(NameRoutes {
+                services: vec![names.clone()],
+                resolver,
+                max_per_agent: 8,
+            }));
+            let (tx, mut rx) = mpsc::channel(8);
+            dp.add_agent(1, "alice".into(), AGENT_IP, Arc::new(Collect(tx)));
+            let mapped4 = Ipv4Addr::new(10, 101, 0, 7);
+            let mapped6 = names.to_v6(mapped4).expect("paired");
+            assert_eq!(mapped6, Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, 7));
+            let agent_names = dp.agent_names(1).expect("names");
+            assert!(agent_names.insert(mapped4, "localhost".into()));
+            let datagram = |dst: Ipv6Addr| {
+                let b =
+                    PacketBuilder::ipv6(agent_ip6().octets(), dst.octets(), 64).udp(40000, port);
+                let mut v = Vec::new();
+                b.write(&mut v, b"by name").expect("build");
+                v
+            };
+            dp.handle_from_agent(1, &datagram(mapped6));
+            let reply = next(&mut rx).await;
+            let h = etherparse::Ipv6HeaderSlice::from_slice(&reply).expect("ipv6");
+            assert_eq!(h.source_addr(), mapped6);
+            assert_eq!(h.destination_addr(), agent_ip6());
+            assert!(reply.ends_with(b"echo:by name"));
+            // Another address of the pool, not mapped: not a service.
+            let unmapped = Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, 8);
+            dp.handle_from_agent(1, &datagram(unmapped));
+            assert_eq!(get(&metrics.dropped_not_service), 1);
+            assert_eq!(dp.v4_equivalent(mapped6), Some(mapped4));
+            server.abort();
         };
         tokio::time::timeout(LIMIT, run).await.expect("in time");
     }

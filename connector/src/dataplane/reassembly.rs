@@ -1,10 +1,19 @@
-//! Reassembly of IPv4 fragments from one agent, pure.
+//! Reassembly of IPv4 and IPv6 fragments from one agent, pure.
 //!
 //! An agent's kernel fragments a datagram larger than the tunnel's MTU (a 4000-byte UDP
 //! datagram leaves as three fragments), and only the whole datagram can be checked against
 //! policy and forwarded to a backend socket. So fragments are collected per agent (etherparse's
 //! `IpDefragPool` places them, and refuses overlaps and lengths past 64 KiB), and the whole
 //! packet is rebuilt with a fresh IPv4 header.
+//!
+//! IPv6: a fragment is a packet whose fragment header comes right after the fixed header (what
+//! an agent's kernel sends for a datagram larger than its TUN's MTU) and that really fragments
+//! (offset or M set). The whole packet gets a fresh IPv6 header without extension headers.
+//! The fragment header is read here, not by etherparse: 0.16 decodes its offset and M flag
+//! from the wrong bits (etherparse issue #150, fixed in 0.20); only its reassembly buffer
+//! (`IpDefragBuf`: no overlaps, 64 KiB at most, consistent ends) is used for IPv6.
+//! Anything else with a fragment header (an atomic fragment, one behind other extension
+//! headers) is no fragment here and meets `inspect`, which drops it (`dropped_ipv6_fragments`).
 //!
 //! Memory is bounded: at most [`MAX_PENDING`] datagrams in reassembly per agent (each at most
 //! 64 KiB, so 512 KiB per agent at worst, less than one agent's TCP buffers may hold), each
@@ -14,11 +23,11 @@
 //! (source, service, port) as any other.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use etherparse::defrag::IpDefragPool;
-use etherparse::{IpNumber, Ipv4Header, SlicedPacket};
+use etherparse::defrag::{IpDefragBuf, IpDefragPool};
+use etherparse::{IpFragOffset, IpNumber, Ipv4Header, Ipv6Header, SlicedPacket};
 
 /// Datagrams in reassembly at once, per agent.
 pub(crate) const MAX_PENDING: usize = 8;
@@ -29,7 +38,7 @@ pub(crate) const TIMEOUT: Duration = Duration::from_secs(5);
 /// Why a fragment was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FragmentDrop {
-    /// Not a parsable IPv4 fragment.
+    /// Not a parsable IPv4 or IPv6 fragment.
     Malformed,
     /// [`MAX_PENDING`] datagrams of this agent are already in reassembly.
     TooMany,
@@ -40,9 +49,9 @@ pub(crate) enum FragmentDrop {
 /// One datagram being reassembled: source, destination, identification, protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    id: u16,
+    src: IpAddr,
+    dst: IpAddr,
+    id: u32,
     protocol: u8,
 }
 
@@ -50,7 +59,10 @@ struct Key {
 #[derive(Debug)]
 pub(crate) struct Reassembly {
     pool: IpDefragPool<Instant>,
-    /// Each datagram in the pool and its latest fragment's time (the pool has no count).
+    /// The IPv6 datagrams in reassembly.
+    bufs6: HashMap<Key, IpDefragBuf>,
+    /// Each datagram in the pool or `bufs6` and its latest fragment's time (the pool has no
+    /// count).
     pending: HashMap<Key, Instant>,
 }
 
@@ -58,17 +70,31 @@ impl Default for Reassembly {
     fn default() -> Self {
         Self {
             pool: IpDefragPool::new(),
+            bufs6: HashMap::new(),
             pending: HashMap::new(),
         }
     }
 }
 
-/// Whether an IPv4 packet is a fragment (more fragments set, or a non-zero offset).
+/// Whether a packet is a fragment: IPv4 with more fragments set or a non-zero offset; IPv6
+/// with a fragment header right after the fixed header, with M set or a non-zero offset.
 pub(crate) fn is_fragment(packet: &[u8]) -> bool {
-    packet.len() >= 20
-        && packet[0] >> 4 == 4
-        && (packet[6] & 0x20 != 0 || u16::from_be_bytes([packet[6] & 0x1f, packet[7]]) != 0)
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            packet.len() >= 20
+                && (packet[6] & 0x20 != 0 || u16::from_be_bytes([packet[6] & 0x1f, packet[7]]) != 0)
+        }
+        Some(6) => {
+            packet.len() >= 48
+                && packet[6] == IPV6_FRAGMENT
+                && u16::from_be_bytes([packet[42], packet[43]]) & 0xfff9 != 0
+        }
+        _ => false,
+    }
 }
+
+/// Next-header value of an IPv6 fragment header.
+const IPV6_FRAGMENT: u8 = 44;
 
 impl Reassembly {
     /// Takes one fragment; returns the whole packet once its last missing fragment arrived.
@@ -78,18 +104,21 @@ impl Reassembly {
         now: Instant,
     ) -> Result<Option<Vec<u8>>, FragmentDrop> {
         self.expire(now);
+        if !is_fragment(fragment) {
+            return Err(FragmentDrop::Malformed);
+        }
+        if fragment[0] >> 4 == 6 {
+            return self.add6(fragment, now);
+        }
         let sliced = SlicedPacket::from_ip(fragment).map_err(|_| FragmentDrop::Malformed)?;
         let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else {
             return Err(FragmentDrop::Malformed);
         };
         let h = ip.header();
-        if !h.is_fragmenting_payload() {
-            return Err(FragmentDrop::Malformed);
-        }
         let key = Key {
-            src: h.source_addr(),
-            dst: h.destination_addr(),
-            id: h.identification(),
+            src: h.source_addr().into(),
+            dst: h.destination_addr().into(),
+            id: u32::from(h.identification()),
             protocol: h.protocol().0,
         };
         let ttl = h.ttl();
@@ -109,6 +138,53 @@ impl Reassembly {
         }
     }
 
+    /// [`Self::add`] for an IPv6 fragment (`is_fragment` holds: the fragment header follows
+    /// the fixed header).
+    fn add6(&mut self, fragment: &[u8], now: Instant) -> Result<Option<Vec<u8>>, FragmentDrop> {
+        let Some(fixed) = fragment.get(..48) else {
+            return Err(FragmentDrop::Malformed);
+        };
+        let total = 40 + usize::from(u16::from_be_bytes([fixed[4], fixed[5]]));
+        let Some(payload) = fragment.get(48..total) else {
+            return Err(FragmentDrop::Malformed);
+        };
+        let addr = |at: usize| -> IpAddr {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&fixed[at..at + 16]);
+            std::net::Ipv6Addr::from(a).into()
+        };
+        // RFC 8200 4.5: offset in the 13 high bits (8-octet units), M in the lowest bit.
+        let off_flags = u16::from_be_bytes([fixed[42], fixed[43]]);
+        let offset = IpFragOffset::try_new(off_flags >> 3).map_err(|_| FragmentDrop::Malformed)?;
+        let more = off_flags & 1 == 1;
+        let key = Key {
+            src: addr(8),
+            dst: addr(24),
+            id: u32::from_be_bytes([fixed[44], fixed[45], fixed[46], fixed[47]]),
+            protocol: fixed[40],
+        };
+        if !self.pending.contains_key(&key) && self.pending.len() >= MAX_PENDING {
+            return Err(FragmentDrop::TooMany);
+        }
+        self.pending.insert(key, now);
+        let buf = self
+            .bufs6
+            .entry(key)
+            .or_insert_with(|| IpDefragBuf::new(IpNumber(key.protocol), Vec::new(), Vec::new()));
+        if buf.add(offset, more, payload).is_err() {
+            return Err(FragmentDrop::Inconsistent);
+        }
+        if !buf.is_complete() {
+            return Ok(None);
+        }
+        self.pending.remove(&key);
+        let Some(buf) = self.bufs6.remove(&key) else {
+            return Err(FragmentDrop::Inconsistent);
+        };
+        let (whole, _) = buf.take_bufs();
+        rebuild(&key, fixed[7], &whole).map(Some)
+    }
+
     /// Forgets datagrams whose latest fragment is older than [`TIMEOUT`].
     fn expire(&mut self, now: Instant) {
         let fresh = |t: &Instant| now.saturating_duration_since(*t) < TIMEOUT;
@@ -117,6 +193,8 @@ impl Reassembly {
         }
         self.pending.retain(|_, t| fresh(t));
         self.pool.retain(fresh);
+        let pending = &self.pending;
+        self.bufs6.retain(|k, _| pending.contains_key(k));
     }
 
     /// Datagrams in reassembly now.
@@ -126,18 +204,35 @@ impl Reassembly {
     }
 }
 
-/// The whole packet: a fresh IPv4 header (no options, not a fragment) and the payload.
+/// The whole packet: a fresh IPv4 header (no options, not a fragment) or IPv6 header (no
+/// extension headers), and the payload.
 fn rebuild(key: &Key, ttl: u8, payload: &[u8]) -> Result<Vec<u8>, FragmentDrop> {
     let len = u16::try_from(payload.len()).map_err(|_| FragmentDrop::Inconsistent)?;
-    let mut header = Ipv4Header::new(
-        len,
-        ttl,
-        IpNumber(key.protocol),
-        key.src.octets(),
-        key.dst.octets(),
-    )
-    .map_err(|_| FragmentDrop::Inconsistent)?;
-    header.identification = key.id;
+    let (src, dst) = match (key.src, key.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (s, d),
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let header = Ipv6Header {
+                traffic_class: 0,
+                flow_label: Default::default(),
+                payload_length: len,
+                next_header: IpNumber(key.protocol),
+                hop_limit: ttl,
+                source: s.octets(),
+                destination: d.octets(),
+            };
+            let mut out = Vec::with_capacity(Ipv6Header::LEN + payload.len());
+            header
+                .write(&mut out)
+                .map_err(|_| FragmentDrop::Inconsistent)?;
+            out.extend_from_slice(payload);
+            return Ok(out);
+        }
+        _ => return Err(FragmentDrop::Inconsistent),
+    };
+    let mut header = Ipv4Header::new(len, ttl, IpNumber(key.protocol), src.octets(), dst.octets())
+        .map_err(|_| FragmentDrop::Inconsistent)?;
+    // Keys of IPv4 fragments hold a 16-bit identification.
+    header.identification = key.id as u16;
     // It was fragmented, so it may be again on the way to the backend.
     header.dont_fragment = false;
     header.header_checksum = header.calc_header_checksum();
@@ -156,6 +251,8 @@ mod tests {
 
     use super::super::fragment::fragment_ipv4;
     use super::*;
+
+    use std::net::Ipv4Addr;
 
     const AGENT: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
     const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
@@ -227,6 +324,60 @@ mod tests {
         assert_eq!(r.pending(), 1);
     }
 
+    fn udp6(len: usize) -> Vec<u8> {
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut p = Vec::new();
+        PacketBuilder::ipv6(
+            ztna_proto::service::tunnel_ipv6(AGENT).octets(),
+            [0xfd, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            64,
+        )
+        .udp(40000, 7)
+        .write(&mut p, &data)
+        .unwrap();
+        p
+    }
+
+    #[test]
+    fn an_ipv6_datagram_comes_back_whole_in_any_order() {
+        use super::super::fragment::fragment_ipv6;
+        let t0 = Instant::now();
+        let whole = udp6(4000);
+        let frags = fragment_ipv6(&whole, 1280, 42).unwrap();
+        assert_eq!(frags.len(), 4);
+        assert!(frags.iter().all(|f| is_fragment(f)));
+        assert!(!is_fragment(&whole));
+        for order in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]] {
+            let mut r = Reassembly::default();
+            let mut out = None;
+            for i in order {
+                out = r.add(&frags[i], t0).unwrap();
+            }
+            assert_eq!(out.expect("whole"), whole, "order {order:?}");
+            assert_eq!(r.pending(), 0);
+        }
+        // An atomic fragment (offset 0, M clear) is not one to reassemble (inspect drops it).
+        let mut atomic = frags[0].clone();
+        atomic[43] &= !1;
+        assert!(!is_fragment(&atomic));
+        // Nor is a fragment header behind another extension header.
+        let mut behind = frags[1].clone();
+        behind[6] = 0;
+        assert!(!is_fragment(&behind));
+        assert_eq!(
+            Reassembly::default().add(&behind, t0),
+            Err(FragmentDrop::Malformed)
+        );
+        // IPv6 datagrams count against the same cap.
+        let mut r = Reassembly::default();
+        for id in 0..MAX_PENDING as u32 {
+            let f = fragment_ipv6(&udp6(3000), 1280, id).unwrap();
+            assert_eq!(r.add(&f[0], t0), Ok(None));
+        }
+        let f = fragment_ipv6(&udp6(3000), 1280, 999).unwrap();
+        assert_eq!(r.add(&f[0], t0), Err(FragmentDrop::TooMany));
+    }
+
     /// `p` with its IPv4 total length and checksum set right after an edit.
     fn fix(mut p: Vec<u8>) -> Vec<u8> {
         let len = p.len() as u16;
@@ -260,6 +411,21 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn any_ipv6_input_is_safe_and_bounded(packets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 48..200), 0..100)) {
+            let t0 = Instant::now();
+            let mut r = Reassembly::default();
+            for mut p in packets {
+                p[0] = 0x60;
+                p[6] = 44;
+                p[43] |= 1;
+                let len = (p.len() - 40) as u16;
+                p[4..6].copy_from_slice(&len.to_be_bytes());
+                let _ = r.add(&p, t0);
+                prop_assert!(r.pending() <= MAX_PENDING);
+            }
+        }
+
         #[test]
         fn any_input_is_safe_and_bounded(packets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..300)) {
             let t0 = Instant::now();

@@ -38,7 +38,7 @@ use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::io;
-use std::net::{Ipv4Addr, Shutdown, SocketAddrV4};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -48,7 +48,9 @@ use bytes::Bytes;
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, Ipv4Address};
+use smoltcp::wire::{
+    HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, Ipv4Address, Ipv6Address,
+};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -76,6 +78,11 @@ const BATCH: usize = 256;
 /// Address the interface owns for routing only (RFC 7600's dummy address): the default route
 /// points at it, so replies to the agent's address are routed without an address of its own.
 const PLACEHOLDER: Ipv4Address = Ipv4Address::new(192, 0, 0, 8);
+
+/// The IPv6 counterpart of [`PLACEHOLDER`]: the tunnel prefix's address for it, which no agent
+/// is assigned (192.0.0.8 is not in any tunnel pool).
+const PLACEHOLDER6: Ipv6Address =
+    Ipv6Address::new(0xfd7a, 0x7a74, 0x6e61, 0x7475, 0, 0, 0xc000, 0x0008);
 
 /// Settings of the TCP part of the data plane.
 #[derive(Debug, Clone)]
@@ -164,12 +171,13 @@ impl TcpConfig {
 }
 
 /// Where a service's TCP goes: the backend address and an optional port override.
-pub(crate) type Backends = HashMap<Ipv4Addr, (Ipv4Addr, Option<u16>)>;
+/// IPv6 service addresses are keys too; a backend's family is independent of the key's.
+pub(crate) type Backends = HashMap<IpAddr, (IpAddr, Option<u16>)>;
 
 /// Where a SYN's connection goes.
 enum Target {
     /// A configured backend.
-    Address(SocketAddrV4),
+    Address(SocketAddr),
     /// A name service's mapped name, resolved at connect time, and the port.
     Name(Arc<crate::names::Resolver>, String, u16),
 }
@@ -193,15 +201,36 @@ pub(crate) struct AgentCtx {
     pub(crate) metrics: Arc<Metrics>,
     /// Backends by service address.
     pub(crate) backends: Arc<Backends>,
-    /// The agent's name mappings and the resolver, when the connector has name services: a
-    /// SYN to a mapped address connects to what its name resolves to now.
-    pub(crate) names: Option<(Arc<crate::names::AgentNames>, Arc<crate::names::Resolver>)>,
+    /// The agent's name mappings, the resolver and the name services, when the connector has
+    /// name services: a SYN to a mapped address connects to what its name resolves to now.
+    pub(crate) names: Option<AgentNameCtx>,
     /// Settings.
     pub(crate) cfg: TcpConfig,
     /// Connection caps of the agent's identity and of the connector.
     pub(crate) limits: Limits,
     /// The connector's budget for full-size TCP buffers.
     pub(crate) buffers: Arc<BufferBudget>,
+}
+
+/// What an agent's TCP task needs for name services.
+pub(crate) struct AgentNameCtx {
+    /// The agent's name mappings (by IPv4 pool address).
+    pub(crate) names: Arc<crate::names::AgentNames>,
+    /// The connector's resolver.
+    pub(crate) resolver: Arc<crate::names::Resolver>,
+    /// The name services, to map an IPv6 pool address to its IPv4 pair.
+    pub(crate) services: Arc<[ztna_proto::ServiceDef]>,
+}
+
+impl AgentNameCtx {
+    /// The name mapped at `addr` (an IPv4 pool address, or the IPv6 one paired with it).
+    fn name_of(&self, addr: IpAddr) -> Option<String> {
+        let v4 = match addr {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(a) => self.services.iter().find_map(|s| s.to_v4(a))?,
+        };
+        self.names.name_of(v4)
+    }
 }
 
 /// An agent's TCP engine: the queue into its task. Dropping it aborts the task, which closes
@@ -237,7 +266,7 @@ impl AgentTcp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     agent_port: u16,
-    service: Ipv4Addr,
+    service: IpAddr,
     port: u16,
 }
 
@@ -411,9 +440,11 @@ impl Engine {
         iface.update_ip_addrs(|addrs| {
             // Capacity is at least one address; nothing else is added.
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(PLACEHOLDER), 32));
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(PLACEHOLDER6), 128));
         });
-        // Fails only when the route table is full; it is empty here.
+        // Fail only when the route table is full; it is empty here.
         let _ = iface.routes_mut().add_default_ipv4_route(PLACEHOLDER);
+        let _ = iface.routes_mut().add_default_ipv6_route(PLACEHOLDER6);
         Self {
             ctx,
             iface,
@@ -558,17 +589,17 @@ impl Engine {
         };
         let target = match self.ctx.backends.get(&key.service) {
             Some(&(backend, backend_port)) => {
-                Target::Address(SocketAddrV4::new(backend, backend_port.unwrap_or(key.port)))
+                Target::Address(SocketAddr::new(backend, backend_port.unwrap_or(key.port)))
             }
             None => {
                 // inspect() only accepts service addresses and mapped name-service addresses.
-                let Some((names, resolver)) = &self.ctx.names else {
+                let Some(names) = &self.ctx.names else {
                     return;
                 };
                 let Some(name) = names.name_of(key.service) else {
                     return;
                 };
-                Target::Name(resolver.clone(), name, key.port)
+                Target::Name(names.resolver.clone(), name, key.port)
             }
         };
         let addr = target.to_string();
@@ -582,7 +613,7 @@ impl Engine {
                 Target::Name(resolver, name, port) => resolver
                     .resolve(&name)
                     .await
-                    .map(|ip| SocketAddrV4::new(ip, port)),
+                    .map(|ip| SocketAddr::new(ip.into(), port)),
             };
             let Some(addr) = addr else {
                 metrics
@@ -652,7 +683,10 @@ impl Engine {
         socket.set_nagle_enabled(false);
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
         let endpoint = IpListenEndpoint {
-            addr: Some(IpAddress::Ipv4(key.service)),
+            addr: Some(match key.service {
+                IpAddr::V4(a) => IpAddress::Ipv4(a),
+                IpAddr::V6(a) => IpAddress::Ipv6(a),
+            }),
             port: key.port,
         };
         if socket.listen(endpoint).is_err() {
@@ -925,12 +959,18 @@ mod tests {
     use super::super::{BackendService, Dataplane, DataplaneConfig, IcmpMode};
     use super::*;
     use etherparse::{Ipv4HeaderSlice, PacketBuilder, TcpHeaderSlice};
+    use std::net::{Ipv4Addr, Ipv6Addr};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use ztna_proto::{PortRange, ServiceDef};
 
     const AGENT_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
     const SVC_IP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+    const SVC_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+
+    fn agent_ip6() -> Ipv6Addr {
+        ztna_proto::service::tunnel_ipv6(AGENT_IP)
+    }
     const LIMIT: Duration = Duration::from_secs(20);
 
     /// The agent's tunnel: packets for the agent go into an unbounded channel; it has room
@@ -1017,16 +1057,16 @@ mod tests {
 
     impl Client {
         fn new(backend_port: u16, tcp: TcpConfig) -> Self {
-            Self::with_backend(Ipv4Addr::LOCALHOST, Some(backend_port), tcp)
+            Self::with_backend(Ipv4Addr::LOCALHOST.into(), Some(backend_port), tcp)
         }
 
-        fn with_backend(backend: Ipv4Addr, backend_port: Option<u16>, tcp: TcpConfig) -> Self {
+        fn with_backend(backend: IpAddr, backend_port: Option<u16>, tcp: TcpConfig) -> Self {
             let metrics = Arc::new(Metrics::default());
             let service = BackendService {
                 def: ServiceDef {
                     name: "web".into(),
                     address: SVC_IP,
-                    address6: None,
+                    address6: Some(SVC_IP6),
                     udp: vec![],
                     tcp: vec![PortRange::single(80), PortRange::single(443)],
                     icmp: false,
@@ -1057,10 +1097,16 @@ mod tests {
             iface.update_ip_addrs(|a| {
                 a.push(IpCidr::new(IpAddress::Ipv4(AGENT_IP), 32))
                     .expect("address");
+                a.push(IpCidr::new(IpAddress::Ipv6(agent_ip6()), 128))
+                    .expect("address");
             });
             iface
                 .routes_mut()
                 .add_default_ipv4_route(AGENT_IP)
+                .expect("route");
+            iface
+                .routes_mut()
+                .add_default_ipv6_route(agent_ip6())
                 .expect("route");
             Self {
                 iface,
@@ -1080,17 +1126,17 @@ mod tests {
         }
 
         fn connect(&mut self, port: u16, buffer: usize) -> SocketHandle {
+            self.connect_to(IpAddress::Ipv4(SVC_IP), port, buffer)
+        }
+
+        fn connect_to(&mut self, service: IpAddress, port: u16, buffer: usize) -> SocketHandle {
             let mut s = tcp::Socket::new(
                 tcp::SocketBuffer::new(vec![0u8; buffer]),
                 tcp::SocketBuffer::new(vec![0u8; buffer]),
             );
             self.next_port += 1;
-            s.connect(
-                self.iface.context(),
-                (IpAddress::Ipv4(SVC_IP), port),
-                self.next_port,
-            )
-            .expect("connect");
+            s.connect(self.iface.context(), (service, port), self.next_port)
+                .expect("connect");
             self.sockets.add(s)
         }
 
@@ -1189,6 +1235,135 @@ mod tests {
         tokio::time::timeout(LIMIT + Duration::from_secs(5), f)
             .await
             .expect("test in time")
+    }
+
+    /// A SYN to a name service's IPv6 pool address finds the name mapped at the paired IPv4
+    /// address; an address of no pool, or an unmapped one, finds none.
+    #[tokio::test]
+    async fn name_of_an_ipv6_pool_address() {
+        let metrics = Arc::new(Metrics::default());
+        let svc = ServiceDef {
+            name: "wiki".into(),
+            address: Ipv4Addr::new(10, 101, 0, 0),
+            address6: Some(Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, 0)),
+            udp: vec![],
+            tcp: vec![PortRange::single(80)],
+            icmp: false,
+            connector: String::new(),
+            names: Some(ztna_proto::NamePool {
+                patterns: vec!["wiki.corp.example".into()],
+                prefix_len: 24,
+            }),
+        };
+        let names = Arc::new(crate::names::AgentNames::new(8));
+        assert!(names.insert(Ipv4Addr::new(10, 101, 0, 7), "wiki.corp.example".into()));
+        let ctx = AgentNameCtx {
+            names,
+            resolver: crate::names::Resolver::new(vec![], Duration::from_secs(60), 8, metrics)
+                .expect("resolver"),
+            services: vec![svc].into(),
+        };
+        let at = |last: u16| IpAddr::V6(Ipv6Addr::new(0xfd00, 0x101, 0, 0, 0, 0, 0, last));
+        assert_eq!(ctx.name_of(at(7)).as_deref(), Some("wiki.corp.example"));
+        assert_eq!(
+            ctx.name_of(Ipv4Addr::new(10, 101, 0, 7).into()).as_deref(),
+            Some("wiki.corp.example")
+        );
+        assert_eq!(ctx.name_of(at(8)), None);
+        assert_eq!(ctx.name_of(SVC_IP6.into()), None);
+    }
+
+    /// An echoing backend on `ip` (closes after the client's EOF).
+    async fn echo_backend_on(ip: IpAddr) -> (u16, tokio::task::JoinHandle<()>) {
+        let l = TcpListener::bind((ip, 0)).await.expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        (port, task)
+    }
+
+    /// Handshake, data both ways and close over IPv6 to the service's IPv6 address, with a
+    /// backend of family `backend`.
+    async fn ipv6_round_trip(backend: IpAddr) {
+        let (port, server) = echo_backend_on(backend).await;
+        let mut c = Client::with_backend(backend, Some(port), TcpConfig::default());
+        let h = c.connect_to(IpAddress::Ipv6(SVC_IP6), 80, 65536);
+        c.until("established", |c| c.sock(h).may_send()).await;
+        assert_eq!(get(&c.metrics.tcp_flows_opened), 1);
+        let data = pattern(100_000);
+        let mut sent = 0;
+        let mut got = Vec::new();
+        c.until("the echo", |c| {
+            if sent < data.len() {
+                sent += c.sock(h).send_slice(&data[sent..]).unwrap_or(0);
+            }
+            c.read(h, &mut got);
+            got.len() >= data.len()
+        })
+        .await;
+        assert_eq!(got, data);
+        c.sock(h).close();
+        c.until("the connection to close", |c| {
+            get(&c.metrics.tcp_flows_active) == 0
+        })
+        .await;
+        assert_eq!(get(&c.metrics.tcp_reset), 0);
+        assert_eq!(get(&c.metrics.dropped_spoofed_source), 0);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn ipv6_to_an_ipv6_backend() {
+        in_time(ipv6_round_trip(Ipv6Addr::LOCALHOST.into())).await;
+    }
+
+    #[tokio::test]
+    async fn ipv6_to_an_ipv4_backend() {
+        in_time(ipv6_round_trip(Ipv4Addr::LOCALHOST.into())).await;
+    }
+
+    #[tokio::test]
+    async fn ipv4_to_an_ipv6_backend() {
+        in_time(async {
+            let (port, server) = echo_backend_on(Ipv6Addr::LOCALHOST.into()).await;
+            let mut c =
+                Client::with_backend(Ipv6Addr::LOCALHOST.into(), Some(port), TcpConfig::default());
+            let h = c.connect(80, 65536);
+            c.until("established", |c| c.sock(h).may_send()).await;
+            c.sock(h).send_slice(b"over v4").expect("send");
+            let mut got = Vec::new();
+            c.until("the echo", |c| {
+                c.read(h, &mut got);
+                got.len() >= 7
+            })
+            .await;
+            assert_eq!(got, b"over v4");
+            server.abort();
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn ipv6_refused_backend_resets() {
+        in_time(async {
+            let closed = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).expect("bind");
+            let port = closed.local_addr().expect("addr").port();
+            drop(closed);
+            let mut c =
+                Client::with_backend(Ipv6Addr::LOCALHOST.into(), Some(port), TcpConfig::default());
+            let h = c.connect_to(IpAddress::Ipv6(SVC_IP6), 80, 4096);
+            c.until("the reset", |c| c.sock(h).state() == tcp::State::Closed)
+                .await;
+            assert_eq!(get(&c.metrics.tcp_refused), 1);
+        })
+        .await;
     }
 
     #[tokio::test]
@@ -1334,7 +1509,7 @@ mod tests {
                 connect_timeout: Duration::from_millis(300),
                 ..TcpConfig::default()
             };
-            let mut c = Client::with_backend(Ipv4Addr::new(192, 0, 2, 1), None, cfg);
+            let mut c = Client::with_backend(Ipv4Addr::new(192, 0, 2, 1).into(), None, cfg);
             let h = c.connect(80, 4096);
             let start = Instant::now();
             c.until("the RST", |c| c.sock(h).state() == tcp::State::Closed)
@@ -1931,7 +2106,7 @@ mod tests {
                     connector: String::new(),
                     names: None,
                 },
-                backend: Ipv4Addr::LOCALHOST,
+                backend: Ipv4Addr::LOCALHOST.into(),
                 backend_port: Some(port),
             };
             let cfg = DataplaneConfig {
@@ -1955,7 +2130,7 @@ mod tests {
                     connector: String::new(),
                     names: None,
                 },
-                backend: Ipv4Addr::LOCALHOST,
+                backend: Ipv4Addr::LOCALHOST.into(),
                 backend_port: Some(closed_port),
             };
             let dp = Dataplane::new(vec![service, refusing], cfg, metrics.clone()).expect("dp");

@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, Read as _};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Weak};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -98,12 +98,20 @@ impl BackendSocket {
     }
 }
 
-/// Opens a UDP socket bound to an ephemeral port and connected to `backend`.
-/// Must run inside a runtime.
-pub(super) fn open(backend: SocketAddrV4) -> io::Result<BackendSocket> {
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+/// Opens a UDP socket of `backend`'s family bound to an ephemeral port and connected to
+/// `backend`. Must run inside a runtime.
+pub(super) fn open(backend: SocketAddr) -> io::Result<BackendSocket> {
+    let socket = Socket::new(
+        Domain::for_address(backend),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
     socket.set_nonblocking(true)?;
-    socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0).into())?;
+    let any: IpAddr = match backend {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    socket.bind(&SocketAddr::new(any, 0).into())?;
     socket.connect(&backend.into())?;
     BackendSocket::new(socket)
 }
@@ -137,7 +145,7 @@ pub(super) async fn reply_loop(
     socket: Arc<BackendSocket>,
     flow: FlowRef,
     kind: &'static str,
-    port_unreachable_from: Option<Ipv4Addr>,
+    port_unreachable_from: Option<IpAddr>,
     mut to_agent: impl FnMut(&[u8]) -> Reply,
 ) {
     let mut errors = 0u32;
@@ -187,14 +195,15 @@ pub(super) async fn reply_loop(
     }
 }
 
-/// A UDP flow's task: backend datagrams go to the agent from `service` to `agent_addr`.
+/// A UDP flow's task: backend datagrams go to the agent from `service` to `agent_addr` (of one
+/// family, that of the agent's datagrams, whatever the backend's).
 pub(super) async fn udp_replies(
     socket: Arc<BackendSocket>,
     flow: FlowRef,
-    service: SocketAddrV4,
-    agent_addr: SocketAddrV4,
+    service: SocketAddr,
+    agent_addr: SocketAddr,
 ) {
-    reply_loop(socket, flow, "UDP", Some(*service.ip()), |datagram| {
+    reply_loop(socket, flow, "UDP", Some(service.ip()), |datagram| {
         Reply::Packet(packet::build_udp(service, agent_addr, datagram))
     })
     .await;

@@ -322,7 +322,7 @@ impl FastPath {
         };
         if let Some((service, agent, key, id)) = target {
             if let Some(quote) = dp.flow_quote(&key, id) {
-                dp.send_port_unreachable(&agent, service, quote.as_slice());
+                dp.send_port_unreachable(&agent, service.into(), quote.as_slice());
             }
         }
     }
