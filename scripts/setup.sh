@@ -8,6 +8,8 @@ PACKAGES=(
     iputils-ping    # ping
     dnsutils        # dig
     dnsmasq-base    # dnsmasq binary only (no system service is started)
+    dbus-daemon     # e2e/tests/names.rs: a private system bus for a test systemd-resolved
+    libsystemd-shared # the library the unpacked systemd-resolved links (below)
     tcpdump         # the relay_is_blind capture
     nftables        # NAT routers in later topologies
     curl            # Prometheus metrics
@@ -129,6 +131,19 @@ for tool in "${CARGO_TOOLS[@]}"; do
         cargo install --locked --quiet "$name@$version"
     fi
 done
+
+# systemd-resolved for e2e/tests/names.rs, unpacked, not installed: installing it would point
+# this machine's /etc/resolv.conf at a resolver that nothing starts here. The test runs it
+# in a mount namespace of its own, inside the agent's network namespace.
+RESOLVED_ROOT=${ZTNA_RESOLVED_ROOT:-/opt/ztna-resolved}
+if [[ ! -x $RESOLVED_ROOT/lib/systemd/systemd-resolved ]]; then
+    log "unpacking systemd-resolved into $RESOLVED_ROOT"
+    deb_dir=$(mktemp -d)
+    (cd "$deb_dir" && apt-get download -qq systemd-resolved 2>/dev/null)
+    mkdir -p "$RESOLVED_ROOT"
+    dpkg -x "$deb_dir"/systemd-resolved_*.deb "$RESOLVED_ROOT"
+    rm -rf "$deb_dir"
+fi
 
 # kubectl renders the Kubernetes overlays (`kubectl kustomize`). The machine image ships one;
 # otherwise Debian's kubernetes-client provides it.

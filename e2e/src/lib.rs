@@ -30,6 +30,7 @@ pub mod pcap;
 pub mod pki;
 pub mod postgres;
 pub mod proc_stats;
+pub mod resolved;
 pub mod stack;
 pub mod status;
 pub mod topology;

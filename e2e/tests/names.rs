@@ -198,6 +198,119 @@ fn start_agent_with_dns(t: &Topology, s: &mut Stack<'_>) -> Result<NetnsResolvCo
     Ok(resolv)
 }
 
+/// The agent's DNS query counters: answered, forwarded, NXDOMAIN, refused, failed, dropped.
+fn query_counts(s: &Stack<'_>) -> Result<Vec<u64>> {
+    let st = s.status(&s.agent_cfg.status_socket)?;
+    Ok(st.json["names"]["queries"]
+        .as_array()
+        .context("no names.queries in the status")?
+        .iter()
+        .map(|v| v.as_u64().unwrap_or(0))
+        .collect())
+}
+
+/// Split DNS with a real systemd-resolved: the agent registers its DNS server and
+/// `~corp.example` for its TUN link (`resolvectl`), glibc asks resolved's stub, which sends only
+/// `corp.example` names to the agent and everything else to the host's normal DNS server; the
+/// agent's exit removes the registration.
+#[test]
+fn split_dns_with_systemd_resolved() {
+    run("split_dns_with_systemd_resolved", helper_bins!(), |t| {
+        let (root, body) = ztna_e2e::nginx::web_root(t, None)?;
+        let _nginx =
+            ztna_e2e::nginx::start(t, Node::Backend, &format!("{}:80", addr::BACKEND), &root)?;
+        let (mut s, _) = name_stack(t)?;
+        // No upstream: the agent answers only its domains; resolved must send it nothing else.
+        s.agent_cfg.extra = "dns_domains = [\"corp.example\"]\ndns_split = true\n".to_owned();
+        let resolved = ztna_e2e::resolved::Resolved::start(t, addr::RELAY)?;
+        let cfg = s.agent_cfg.clone();
+        let file = t.write_file("agent.toml", &cfg.to_toml())?;
+        let agent = resolved.spawn(
+            t,
+            "agent",
+            bin("ztna-agent")?,
+            ["up".as_ref(), "--config".as_ref(), file.as_os_str()],
+            &[],
+        )?;
+        s.agent = Some(agent);
+        let st = s.wait_ready(agent, &cfg)?;
+        let tunnel_ip = st.tunnel_ip().context("no tunnel IP")?.to_string();
+
+        t.step("resolvectl status ztna0: the agent's DNS server and ~corp.example, not a default route");
+        let mut link = String::new();
+        wait_until(
+            "the agent to register with systemd-resolved",
+            Duration::from_secs(10),
+            || {
+                link = resolved
+                    .run(t, 5, ["resolvectl", "status", "ztna0"])
+                    .map(|o| o.stdout)
+                    .unwrap_or_default();
+                link.contains(&tunnel_ip) && link.contains("~corp.example")
+            },
+        )
+        .with_context(|| format!("resolvectl status ztna0:\n{link}"))?;
+        ensure!(
+            link.contains("-DefaultRoute") || link.contains("Default Route: no"),
+            "ztna0 must not be a default DNS route:\n{link}"
+        );
+        let before = query_counts(&s)?;
+
+        t.step("getent hosts wiki.corp.example through glibc and resolved's stub: a pool address");
+        let out = resolved.run(t, 15, ["getent", "hosts", "wiki.corp.example"])?;
+        let wiki = out
+            .stdout
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        ensure!(in_net(&wiki, WEB_POOL), "wiki.corp.example: {out}");
+
+        t.step("curl http://wiki.corp.example/ by name, resolved by systemd-resolved");
+        let out = resolved.run(
+            t,
+            30,
+            ["curl", "-sS", "-m", "20", "http://wiki.corp.example/"],
+        )?;
+        ensure!(out.success() && out.stdout == body, "curl by name: {out}");
+
+        t.step("getent hosts www.example.org: resolved's own DNS server answers, the agent never sees it");
+        let out = resolved.run(t, 15, ["getent", "hosts", "www.example.org"])?;
+        ensure!(
+            out.stdout.split_whitespace().next() == Some(addr::RELAY),
+            "www.example.org did not come from the normal resolver: {out}"
+        );
+        t.step("a name the identity may not reach: NXDOMAIN through resolved too");
+        let out = resolved.run(t, 15, ["getent", "hosts", "vault.secret.corp.example"])?;
+        ensure!(
+            out.status.code() == Some(2),
+            "vault.secret.corp.example: {out}"
+        );
+        let after = query_counts(&s)?;
+        ensure!(
+            after.get(1) == before.get(1) && after.get(3) == before.get(3),
+            "the agent forwarded or refused queries (before {before:?}, after {after:?}): \
+             resolved sent it a name outside corp.example"
+        );
+        ensure!(
+            after.first() > before.first() && after.get(2) > before.get(2),
+            "the agent answered nothing (before {before:?}, after {after:?})"
+        );
+
+        t.step("the agent stops: resolved forgets ztna0, and corp.example names no longer resolve");
+        t.signal(agent, ztna_e2e::Signal::Term)?;
+        t.wait_exit(agent, Duration::from_secs(10))?;
+        let out = resolved.run(t, 5, ["resolvectl", "status"])?;
+        ensure!(
+            !out.stdout.contains("ztna0"),
+            "resolved still lists ztna0:\n{out}"
+        );
+        let out = resolved.run(t, 15, ["getent", "hosts", "wiki.corp.example"])?;
+        ensure!(!out.success(), "wiki.corp.example still resolves: {out}");
+        Ok(())
+    });
+}
+
 #[test]
 fn names_through_glibc() {
     run("names_through_glibc", helper_bins!(), |t| {
