@@ -57,6 +57,10 @@ pub struct AgentOptions {
     /// Linux: the `SO_MARK` of the agent's UDP socket, so that the platform can exempt the
     /// outer traffic from the tunnel's routes (a policy rule). `None` sets no mark.
     pub fwmark: Option<u32>,
+    /// Whether the platform's device carries IPv6 (default true). Off, the agent acts as if
+    /// no service had an IPv6 address: no IPv6 routes, and no AAAA answers that the host would
+    /// send elsewhere than into the tunnel.
+    pub ipv6: bool,
 }
 
 impl Default for AgentOptions {
@@ -65,6 +69,7 @@ impl Default for AgentOptions {
             withdraw_grace: Duration::from_secs(30),
             max_refusals: 3,
             fwmark: None,
+            ipv6: true,
         }
     }
 }
@@ -1398,7 +1403,12 @@ impl Driver {
 
     /// Applies a new tunnel state: links, routes and the inbound check's services, then tells
     /// the platform.
-    fn publish(&self, state: TunnelState) {
+    fn publish(&self, mut state: TunnelState) {
+        if !self.sh.cfg.options.ipv6 {
+            for s in &mut state.services {
+                s.address6 = None;
+            }
+        }
         {
             let mut links = write(&self.sh.links);
             let mut by_connector: HashMap<&str, Vec<ServiceDef>> = HashMap::new();
