@@ -1103,4 +1103,89 @@ mod tests {
             })
         );
     }
+
+    /// The whole IPv6 setup against the real kernel, in a network namespace of its own: the
+    /// quiet sysctls, the /128 without DAD, the IPv6 rule and routes, and their removal. Needs
+    /// root: `cargo test -p ztna-agent --bins -- --ignored kernel`.
+    #[test]
+    #[ignore = "needs root (CAP_NET_ADMIN) and a kernel with IPv6"]
+    fn kernel_accepts_the_ipv6_setup() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare affects only this thread, which owns everything below.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let tun = crate::tun::create("ztna6t").unwrap();
+                assert!(crate::tun::prepare_ipv6(&tun.name, 1280));
+                let nl = Netlink::connect(0x7a7a).unwrap().with_ipv6(true);
+                nl.set_mtu_up(tun.index, &tun.name, 1280).await.unwrap();
+                for ipv6 in [false, true] {
+                    let rule = RuleKey {
+                        ipv6,
+                        table: 0x7a7a,
+                        mark: 0x7a7a,
+                        priority: RULE_PRIORITY,
+                    };
+                    assert!(nl.ensure_rule(rule).await.unwrap());
+                    assert!(!nl.ensure_rule(rule).await.unwrap(), "found again");
+                }
+                let mut wiki = svc6("wiki", [10, 101, 0, 0], "fd00:9::100");
+                wiki.names = Some(ztna_proto::NamePool {
+                    patterns: vec!["*.corp.example".into()],
+                    prefix_len: 24,
+                });
+                let st = TunnelState {
+                    tunnel_ip: Some([100, 64, 0, 2].into()),
+                    services: vec![svc6("web", [10, 100, 0, 1], "fd00:9::1"), wiki],
+                };
+                let c = nl.apply(&st, tun.index).await.unwrap();
+                assert_eq!((c.added, c.routes), (4, 4));
+                assert_eq!(nl.apply(&st, tun.index).await.unwrap().added, 0);
+                let v6 = nl.addresses(tun.index, true).await.unwrap();
+                assert_eq!(
+                    v6,
+                    vec![("fd7a:7a74:6e61:7475::6440:2".parse().unwrap(), 128)],
+                    "the tunnel address and no link-local one"
+                );
+                let routes = nl.our_routes(tun.index).await.unwrap();
+                let keys: BTreeSet<RouteKey> = routes.iter().map(|(k, _)| *k).collect();
+                assert_eq!(keys, desired_routes(&st, tun.index, true));
+                // The kernel routes a service's IPv6 address into the device from the address.
+                let out = std::process::Command::new("ip")
+                    .args(["-6", "route", "get", "fd00:9::107"])
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    text.contains("dev ztna6t") && text.contains("fd7a:7a74:6e61:7475::6440:2"),
+                    "{text}"
+                );
+                let out = std::process::Command::new("ip")
+                    .args(["-6", "addr", "show", "dev", "ztna6t"])
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    !text.contains("tentative") && !text.contains("fe80"),
+                    "{text}"
+                );
+                let c = nl.sync_routes(tun.index, &BTreeSet::new()).await.unwrap();
+                assert_eq!(c.removed, 4);
+                for ipv6 in [false, true] {
+                    let rule = RuleKey {
+                        ipv6,
+                        table: 0x7a7a,
+                        mark: 0x7a7a,
+                        priority: RULE_PRIORITY,
+                    };
+                    assert!(nl.remove_rule_if_unused(rule).await.unwrap());
+                }
+            });
+        })
+        .join()
+        .unwrap();
+    }
 }
