@@ -1172,6 +1172,40 @@ mod tests {
                     !text.contains("tentative") && !text.contains("fe80"),
                     "{text}"
                 );
+                // What the kernel writes into the device: a ping to a service's IPv6 address
+                // from the IPv6 tunnel address, which the core's check lets through, and
+                // otherwise only link chatter, which it drops quietly.
+                let ping = std::process::Command::new("ping")
+                    .args(["-6", "-n", "-c", "1", "-W", "1", "fd00:9::1"])
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                let own: Ipv6Addr = "fd7a:7a74:6e61:7475::6440:2".parse().unwrap();
+                let mut buf = vec![0u8; 2048];
+                let (mut echo, mut chatter) = (0, Vec::<Vec<u8>>::new());
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+                while let Ok(Ok(n)) =
+                    tokio::time::timeout_at(deadline, tun.dev.recv(&mut buf)).await
+                {
+                    let p = &buf[..n];
+                    if p[0] >> 4 != 6 {
+                        continue;
+                    }
+                    match ztna_core::outbound::classify6(p, Some(own)) {
+                        Ok(x) => {
+                            assert_eq!(x.dst, "fd00:9::1".parse::<Ipv6Addr>().unwrap());
+                            assert_eq!(x.want, ztna_core::outbound::Want::Echo);
+                            echo += 1;
+                        }
+                        Err(why) => {
+                            assert_eq!(why, ztna_core::outbound::OutboundDrop::Local, "{p:02x?}");
+                            chatter.push(p.to_vec());
+                        }
+                    }
+                }
+                let _ = ping.wait_with_output();
+                assert_eq!(echo, 1);
+                eprintln!("link chatter into the device: {chatter:02x?}");
                 let c = nl.sync_routes(tun.index, &BTreeSet::new()).await.unwrap();
                 assert_eq!(c.removed, 4);
                 for ipv6 in [false, true] {
