@@ -590,6 +590,17 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What the platform gets back for a packet dropped for `why`: a refusal for an IPv6 packet to
+/// a port or protocol its service does not offer ([`crate::outbound::refusal6`]), else
+/// nothing (a spoofed source or a packet to a service the agent was not given is never
+/// answered).
+fn answer_drop(why: OutboundDrop, packet: &[u8]) -> Option<Vec<u8>> {
+    match why {
+        OutboundDrop::PortOrProtocol => crate::outbound::refusal6(packet),
+        _ => None,
+    }
+}
+
 /// The protocol of an IPv4 packet, or the next header after an IPv6 packet's fixed header.
 fn ip_protocol(packet: &[u8]) -> Option<u8> {
     match packet.first()? >> 4 {
@@ -914,6 +925,11 @@ impl Agent {
             Err(why) => {
                 sh.dropped_ipv6.count(why, &sh.dropped_no_route);
                 tracing::trace!(?why, "packet from the platform dropped");
+                if let Some(answer) = answer_drop(why, packet) {
+                    if sh.to_platform.try_send(Bytes::from(answer)).is_err() {
+                        sh.dropped_to_platform.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 return None;
             }
         };
@@ -2183,6 +2199,23 @@ mod tests {
             t.pick(&udp6(OWN, web, 53), None).map(|_| ()),
             Err(OutboundDrop::Source)
         );
+    }
+
+    #[test]
+    fn only_refused_ports_are_answered() {
+        use crate::outbound::tests::{tcp6, udp6, OWN};
+        let t = table6();
+        let web: Ipv6Addr = "fd00:9::1".parse().unwrap();
+        let spoofed: Ipv6Addr = "fd7a:7a74:6e61:7475::6440:99".parse().unwrap();
+        let answer = |p: &[u8]| t.pick(p, Some(OWN)).err().and_then(|w| answer_drop(w, p));
+        assert!(answer(&tcp6(OWN, web, 22)).is_some());
+        assert!(answer(&udp6(OWN, web, 54)).is_some());
+        assert!(
+            answer(&tcp6(OWN, web, 443)).is_none(),
+            "routed, not dropped"
+        );
+        assert!(answer(&tcp6(spoofed, web, 22)).is_none());
+        assert!(answer(&tcp6(OWN, "fd00:9::3".parse().unwrap(), 22)).is_none());
     }
 
     #[test]

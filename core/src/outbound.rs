@@ -13,8 +13,13 @@
 //!   be checked. The tunnel MTU (at least 1280) fits every TCP segment; only a UDP datagram
 //!   larger than the MTU would be fragmented by the sender, and it is dropped.
 //!
+//! A packet refused for its port or protocol (the client reached a service it was given, on a
+//! port it does not offer) is answered at once, as the connector answers refused IPv4 packets
+//! ([`refusal6`]): a TCP reset, or ICMPv6 "administratively prohibited", so the client's
+//! connection fails now instead of timing out.
+//!
 //! Only the fixed header and the first bytes of the transport header are read; nothing is
-//! allocated.
+//! allocated (except for a refusal's answer).
 
 use std::net::Ipv6Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,6 +144,55 @@ pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, Outbou
         _ => return Err(OutboundDrop::PortOrProtocol),
     };
     Ok(Packet6 { dst, want })
+}
+
+/// The answer to a packet [`classify6`] passed but the service refused for its port or
+/// protocol (it is from the agent's own address, and well formed): to a TCP segment other than
+/// a reset, a reset (RFC 9293 3.10.7.1); to a UDP datagram or an ICMPv6 echo request, ICMPv6
+/// destination unreachable, administratively prohibited, carrying as much of the packet as
+/// fits in 1280 bytes (RFC 4443 3.1). `None` for anything else.
+pub fn refusal6(packet: &[u8]) -> Option<Vec<u8>> {
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    const MAX_ERROR: usize = 1280;
+    if packet.len() < IPV6_HEADER || packet[0] >> 4 != 6 {
+        return None;
+    }
+    let payload_len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+    let l4 = packet.get(IPV6_HEADER..IPV6_HEADER + payload_len)?;
+    let (src, dst) = (addr(&packet[8..24]), addr(&packet[24..40]));
+    let ip = etherparse::PacketBuilder::ipv6(dst.octets(), src.octets(), 64);
+    let mut out = Vec::new();
+    match packet[6] {
+        TCP => {
+            let tcp = etherparse::TcpHeaderSlice::from_slice(l4).ok()?;
+            let flags = l4[13];
+            if flags & RST != 0 {
+                return None;
+            }
+            let (sport, dport) = (tcp.destination_port(), tcp.source_port());
+            let b = if flags & ACK != 0 {
+                ip.tcp(sport, dport, tcp.acknowledgment_number(), 0).rst()
+            } else {
+                let len = u32::try_from(l4.len() - tcp.slice().len()).ok()?
+                    + u32::from(flags & SYN != 0)
+                    + u32::from(flags & FIN != 0);
+                ip.tcp(sport, dport, 0, 0)
+                    .rst()
+                    .ack(tcp.sequence_number().wrapping_add(len))
+            };
+            b.write(&mut out, &[]).ok()?;
+        }
+        UDP | ICMPV6 if packet[6] == UDP || l4.first() == Some(&ECHO_REQUEST) => {
+            let room = MAX_ERROR - IPV6_HEADER - 8;
+            let quoted = &packet[..packet.len().min(room)];
+            ip.icmpv6_raw(1, 1, [0; 4]).write(&mut out, quoted).ok()?;
+        }
+        _ => return None,
+    }
+    Some(out)
 }
 
 /// Counters of IPv6 packets from the platform dropped for a reason that IPv4 packets don't
@@ -378,6 +432,81 @@ pub(crate) mod tests {
         assert_eq!(no_route.load(Ordering::Relaxed), 2);
     }
 
+    #[test]
+    fn refused_ports_are_answered_at_once() {
+        // A SYN to a port the service does not offer: RST+ACK acknowledging it.
+        let syn = tcp6(OWN, SVC, 22);
+        let r = refusal6(&syn).unwrap();
+        let s = etherparse::SlicedPacket::from_ip(&r).unwrap();
+        let Some(etherparse::NetSlice::Ipv6(ip)) = &s.net else {
+            panic!("not IPv6")
+        };
+        assert_eq!(ip.header().source_addr(), SVC);
+        assert_eq!(ip.header().destination_addr(), OWN);
+        let Some(etherparse::TransportSlice::Tcp(t)) = &s.transport else {
+            panic!("not TCP")
+        };
+        assert!(t.rst() && t.ack());
+        assert_eq!((t.source_port(), t.destination_port()), (22, 40000));
+        assert_eq!(
+            t.acknowledgment_number(),
+            2,
+            "the SYN's sequence number + 1"
+        );
+        let h = t.to_header();
+        assert_eq!(
+            h.calc_checksum_ipv6(&ip.header().to_header(), t.payload())
+                .unwrap(),
+            h.checksum
+        );
+        // A UDP datagram: ICMPv6 administratively prohibited, quoting it.
+        let udp = udp6(OWN, SVC, 54);
+        let r = refusal6(&udp).unwrap();
+        let s = etherparse::SlicedPacket::from_ip(&r).unwrap();
+        let Some(etherparse::TransportSlice::Icmpv6(icmp)) = &s.transport else {
+            panic!("not ICMPv6")
+        };
+        assert_eq!((icmp.type_u8(), icmp.code_u8()), (1, 1));
+        assert_eq!(icmp.payload(), &udp[..]);
+        let Some(etherparse::NetSlice::Ipv6(ip)) = &s.net else {
+            panic!("not IPv6")
+        };
+        let h = icmp.header();
+        assert_eq!(
+            h.icmp_type
+                .calc_checksum(
+                    ip.header().source(),
+                    ip.header().destination(),
+                    icmp.payload()
+                )
+                .unwrap(),
+            h.checksum
+        );
+        // The quote is cut to fit 1280 bytes.
+        let mut big = Vec::new();
+        PacketBuilder::ipv6(OWN.octets(), SVC.octets(), 64)
+            .udp(40000, 54)
+            .write(&mut big, &[7; 1400])
+            .unwrap();
+        assert_eq!(refusal6(&big).unwrap().len(), 1280);
+        // An echo request where the service has no ICMP.
+        assert!(refusal6(&icmp6(OWN, SVC, 128)).is_some());
+        // Never to a reset, an ICMPv6 error, another protocol, or garbage.
+        let mut rst = Vec::new();
+        PacketBuilder::ipv6(OWN.octets(), SVC.octets(), 64)
+            .tcp(40000, 22, 1, 1000)
+            .rst()
+            .write(&mut rst, &[])
+            .unwrap();
+        assert_eq!(refusal6(&rst), None);
+        assert_eq!(refusal6(&icmp6(OWN, SVC, 1)), None);
+        let mut gre = udp6(OWN, SVC, 53);
+        gre[6] = 47;
+        assert_eq!(refusal6(&gre), None);
+        assert_eq!(refusal6(&[0x60; 20]), None);
+        assert_eq!(refusal6(&syn[..50]), None);
+    }
+
     proptest::proptest! {
         #[test]
         fn any_version_6_bytes_are_safe(mut bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120), next in proptest::prelude::any::<u8>(), len in 0u16..100) {
@@ -391,6 +520,7 @@ pub(crate) mod tests {
             }
             let _ = classify6(&bytes, Some(OWN));
             let _ = classify6(&bytes, None);
+            let _ = refusal6(&bytes);
         }
     }
 }
