@@ -920,8 +920,10 @@ impl Agent {
             0 => None,
             ip => Some(tunnel_ipv6(Ipv4Addr::from(ip))),
         };
-        let link = match read(&sh.routes).pick(packet, own6) {
-            Ok(link) => link.clone(),
+        // The table's read guard ends with this statement.
+        let picked = read(&sh.routes).pick(packet, own6).cloned();
+        let link = match picked {
+            Ok(link) => link,
             Err(why) => {
                 sh.dropped_ipv6.count(why, &sh.dropped_no_route);
                 tracing::trace!(?why, "packet from the platform dropped");
