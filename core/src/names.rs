@@ -47,13 +47,17 @@ struct NameService {
 }
 
 impl NameService {
-    /// The IPv6 address at the offset of `v4` in the pool.
+    /// The IPv6 address at the offset of `v4` in the pool (the pools have the same size,
+    /// [`ServiceDef::prefix6`]).
     fn to_v6(&self, v4: Ipv4Addr) -> Option<Ipv6Addr> {
         let net = self.pool6?;
-        let offset = u32::from(v4).checked_sub(u32::from(self.pool.network()))?;
-        let host_bits = 128 - u32::from(net.prefix_len());
-        (self.pool.contains(&v4) && u128::from(offset) >> host_bits.min(127) == 0)
-            .then(|| Ipv6Addr::from(u128::from(net.network()) + u128::from(offset)))
+        if !self.pool.contains(&v4) {
+            return None;
+        }
+        let offset = u32::from(v4) - u32::from(self.pool.network());
+        Some(Ipv6Addr::from(
+            u128::from(net.network()) + u128::from(offset),
+        ))
     }
 }
 
