@@ -148,6 +148,15 @@ static int apply_settings(const char *json) {
     rc |= run(cmd);
     snprintf(cmd, sizeof cmd, "ip -4 route flush dev %s scope link", tun_name);
     run(cmd);
+    /* IPv6 is best effort: a host without it still runs the IPv4 tests. */
+    char addr6[64];
+    int v6 = json_string(json, NULL, "ipv6_address", addr6, sizeof addr6) == 0;
+    if (v6) {
+        snprintf(cmd, sizeof cmd, "ip -6 addr replace %s/128 dev %s nodad", addr6, tun_name);
+        v6 = run(cmd) == 0;
+        snprintf(cmd, sizeof cmd, "ip -6 route flush dev %s proto boot", tun_name);
+        run(cmd);
+    }
     const char *inc = strstr(json, "\"included_routes\":[");
     const char *inc_end = inc ? strchr(inc, ']') : NULL;
     int routes = 0;
@@ -159,8 +168,12 @@ static int apply_settings(const char *json) {
         }
         long prefix = json_number(a, inc_end, "prefix");
         snprintf(cmd, sizeof cmd, "ip route replace %s/%ld dev %s", dst, prefix, tun_name);
-        rc |= run(cmd);
-        routes++;
+        if (strchr(dst, ':') == NULL) {
+            rc |= run(cmd);
+            routes++;
+        } else if (v6 && run(cmd) == 0) {
+            routes++;
+        }
         p = a + 1;
     }
     printf("harness: settings applied: address %s, mtu %ld, %d routes\n", addr, mtu, routes);

@@ -87,7 +87,8 @@ pub type ZtnaPacketsFn = Option<
 >;
 
 /// Receives the network settings to apply, as JSON: `tunnel_remote_address`, `ipv4_address`,
-/// `mtu`, `included_routes`, `excluded_routes` (each `{address, prefix, subnet_mask}`) and `dns`
+/// `ipv6_address` (null below an MTU of 1280), `mtu`, `included_routes`, `excluded_routes` (each
+/// `{address, prefix, subnet_mask}`, `subnet_mask` null for IPv6) and `dns`
 /// (null, or `{servers, match_domains}`). Called again whenever they change.
 pub type ZtnaSettingsFn =
     Option<unsafe extern "C" fn(context: *mut c_void, settings_json: *const c_char)>;

@@ -2,12 +2,16 @@
 //! I/O. The tunnel thread serialises a [`NetworkSettings`] to JSON for the settings callback
 //! whenever it changes (new tunnel IP, new catalog, a direct-path peer appears or goes).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 use ztna_core::agent::TunnelState;
 
-/// One route: `address/prefix` (`subnet_mask` spelled out for IPv4, as `NEIPv4Route` takes it).
+/// The IPv6 minimum link MTU: below it the tunnel carries IPv4 only.
+pub(crate) const IPV6_MIN_MTU: u16 = 1280;
+
+/// One route: `address/prefix` (`subnet_mask` spelled out for IPv4, as `NEIPv4Route` takes it;
+/// `None` for IPv6, which `NEIPv6Route` takes as `networkPrefixLength`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Route {
     /// Destination address.
@@ -52,9 +56,13 @@ pub struct NetworkSettings {
     pub tunnel_remote_address: IpAddr,
     /// The tunnel IP the relay assigned (`NEIPv4Settings` address, mask 255.255.255.255).
     pub ipv4_address: Ipv4Addr,
+    /// The IPv6 tunnel address derived from it (`NEIPv6Settings` address, prefix length 128);
+    /// `None` when the MTU is below 1280 (the tunnel then carries IPv4 only).
+    pub ipv6_address: Option<Ipv6Addr>,
     /// The tunnel MTU.
     pub mtu: u16,
-    /// One host route per allowed service address.
+    /// One route per allowed service address (a name service: its pool), IPv4 ones with a
+    /// `subnet_mask`, and with IPv6 on, one per service IPv6 address (or pool) without.
     pub included_routes: Vec<Route>,
     /// Addresses that must never enter the tunnel: the relay and the direct-path peers.
     pub excluded_routes: Vec<Route>,
@@ -64,7 +72,8 @@ pub struct NetworkSettings {
 }
 
 /// The settings for `state`, or `None` while the tunnel has no IP yet (the extension cannot
-/// configure an interface without an address). Routes are sorted and deduplicated so that equal
+/// configure an interface without an address). IPv6 (address and routes) only with an `mtu`
+/// of at least [`IPV6_MIN_MTU`]. Routes are sorted and deduplicated so that equal
 /// inputs give equal settings and the callback fires only on a real change.
 pub fn network_settings(
     state: &TunnelState,
@@ -75,6 +84,18 @@ pub fn network_settings(
 ) -> Option<NetworkSettings> {
     let ip = state.tunnel_ip?;
     let relay = relays.first()?;
+    let ip6 = state.tunnel_ipv6().filter(|_| mtu >= IPV6_MIN_MTU);
+    let v6_routes = state
+        .services
+        .iter()
+        .filter(|_| ip6.is_some())
+        .filter_map(|s| s.prefix6())
+        .filter(|net| !ip6.is_some_and(|own| net.contains(&own)))
+        .map(|net| Route {
+            address: IpAddr::V6(net.network()),
+            prefix: net.prefix_len(),
+            subnet_mask: None,
+        });
     let mut included: Vec<Route> = state
         .services
         .iter()
@@ -87,6 +108,7 @@ pub fn network_settings(
                 subnet_mask: Some(net.netmask()),
             }
         })
+        .chain(v6_routes)
         .collect();
     included.sort();
     included.dedup();
@@ -104,6 +126,7 @@ pub fn network_settings(
     Some(NetworkSettings {
         tunnel_remote_address: relay.ip(),
         ipv4_address: ip,
+        ipv6_address: ip6,
         mtu,
         included_routes: included,
         excluded_routes: excluded,
@@ -236,6 +259,61 @@ mod tests {
                 match_domains: vec!["corp.example".into()],
             })
         );
+    }
+
+    #[test]
+    fn ipv6_address_and_routes_with_an_mtu_of_at_least_1280() {
+        let mut web = svc("web", [10, 100, 0, 4]);
+        web.address6 = Some("fd00:9::4".parse().unwrap());
+        let mut wiki = svc("wiki", [10, 101, 0, 0]);
+        wiki.names = Some(ztna_proto::NamePool {
+            patterns: vec!["*.corp.example".into()],
+            prefix_len: 24,
+        });
+        wiki.address6 = Some("fd00:9::100".parse().unwrap());
+        let st = TunnelState {
+            tunnel_ip: Some(Ipv4Addr::new(100, 64, 0, 2)),
+            services: vec![web, wiki, svc("v4-only", [10, 100, 0, 5])],
+        };
+        let relay = ["[2001:db8::1]:4433".parse().unwrap()];
+        let s = network_settings(&st, &relay, 1280, &[], &[]).unwrap();
+        assert_eq!(
+            s.ipv6_address,
+            Some("fd7a:7a74:6e61:7475::6440:2".parse().unwrap())
+        );
+        let v6: Vec<(String, u8, Option<Ipv4Addr>)> = s
+            .included_routes
+            .iter()
+            .filter(|r| r.address.is_ipv6())
+            .map(|r| (r.address.to_string(), r.prefix, r.subnet_mask))
+            .collect();
+        assert_eq!(
+            v6,
+            [
+                ("fd00:9::4".to_owned(), 128, None),
+                ("fd00:9::100".to_owned(), 120, None)
+            ]
+        );
+        assert_eq!(s.included_routes.len(), 5);
+        // The JSON the callback gets.
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["ipv6_address"], "fd7a:7a74:6e61:7475::6440:2");
+        // A service IPv6 address on the relay is not routed either.
+        let mut evil = svc("evil", [10, 100, 0, 9]);
+        evil.address6 = Some("2001:db8::1".parse().unwrap());
+        let st2 = TunnelState {
+            services: vec![evil],
+            ..st.clone()
+        };
+        let s2 = network_settings(&st2, &relay, 1280, &[], &[]).unwrap();
+        assert!(
+            s2.included_routes.iter().all(|r| r.address.is_ipv4()),
+            "{s2:?}"
+        );
+        // Below 1280: IPv4 only.
+        let small = network_settings(&st, &relay, 1279, &[], &[]).unwrap();
+        assert_eq!(small.ipv6_address, None);
+        assert!(small.included_routes.iter().all(|r| r.address.is_ipv4()));
     }
 
     #[test]

@@ -195,11 +195,13 @@ impl Tunnel {
             }
         };
         rt.block_on(async {
-            let from_tunnel = match Agent::start(
-                self.cfg
-                    .settings
-                    .agent_config(self.cfg.credentials.clone(), None),
-            ) {
+            let mut agent_cfg = self
+                .cfg
+                .settings
+                .agent_config(self.cfg.credentials.clone(), None);
+            // Below the IPv6 minimum MTU the interface gets no IPv6 (crate::settings).
+            agent_cfg.options.ipv6 = self.cfg.settings.mtu >= crate::settings::IPV6_MIN_MTU;
+            let from_tunnel = match Agent::start(agent_cfg) {
                 Ok((agent, rx)) => {
                     let state = agent.state();
                     // The DNS server of name services on the tunnel IP; the extension routes

@@ -320,6 +320,9 @@ pub(crate) fn render(s: &AgentStatus) -> String {
     let _ = writeln!(out, "observed as:  {}", or_dash(s.observed_addr));
     let _ = writeln!(out, "identity:     {}", s.identity);
     let _ = writeln!(out, "tunnel ip:    {}", or_dash(s.tunnel_ip));
+    if let Some(v6) = s.tunnel_ipv6 {
+        let _ = writeln!(out, "tunnel ipv6:  {v6}");
+    }
     let _ = writeln!(out, "mtu:          {}", s.mtu);
     let _ = writeln!(out, "sessions:     {}", s.relay_sessions);
     if let Some(e) = &s.last_error {
@@ -332,6 +335,22 @@ pub(crate) fn render(s: &AgentStatus) -> String {
             .iter()
             .map(|r| vec![r.name.clone(), r.code.clone(), r.message.clone()])
             .collect();
+        out.push_str(&table(&rows));
+    }
+    if !s.services.is_empty() {
+        let _ = writeln!(out, "\nservices:");
+        let mut rows = vec![["NAME", "ADDRESS", "IPV6 ADDRESS", "CONNECTOR"]
+            .map(String::from)
+            .to_vec()];
+        for v in &s.services {
+            rows.push(vec![
+                v.name.clone(),
+                host_or_net(v.address.prefix_len() == 32, &v.address),
+                v.address6
+                    .map_or_else(|| "-".into(), |n| host_or_net(n.prefix_len() == 128, &n)),
+                v.connector.clone(),
+            ]);
+        }
         out.push_str(&table(&rows));
     }
     if s.connectors.is_empty() {
@@ -389,7 +408,25 @@ pub(crate) fn render(s: &AgentStatus) -> String {
         "\ndropped:      {} outbound with no service route, {} outbound while the tunnel was not up, {} outbound after waiting on a full tunnel, {} tunnel packets with no path (relay away), {} inbound failing the source check, {} inbound (TUN device not reading)",
         s.dropped_no_route, s.dropped_tunnel_down, s.dropped_tunnel_full, s.dropped_no_path, s.dropped_inbound, s.dropped_to_platform
     );
+    let d = &s.dropped_ipv6;
+    if *d != Default::default() {
+        let _ = writeln!(
+            out,
+            "dropped ipv6: {} outbound from another source, {} to a port or protocol not offered, {} with extension headers, {} fragments, {} link-local (neighbour discovery, MLD)",
+            d.source, d.port_or_protocol, d.extension_header, d.fragment, d.local
+        );
+    }
     out
+}
+
+/// A network as its address alone when it is one host, else `address/len`.
+fn host_or_net<N: std::fmt::Display>(host: bool, net: &N) -> String {
+    let s = net.to_string();
+    if host {
+        s.split('/').next().unwrap_or(&s).to_owned()
+    } else {
+        s
+    }
 }
 
 /// Name services: the DNS server, its domains and counters, and the current mappings.
@@ -415,21 +452,24 @@ fn render_names(out: &mut String, n: &ztna_core::agent::NamesStatus) {
         n.mappings_refused
     );
     if !n.mappings.is_empty() {
-        let mut rows = vec![vec![
-            "NAME".to_owned(),
-            "ADDRESS".to_owned(),
-            "SERVICE".to_owned(),
-            "CONNECTOR".to_owned(),
-            "CONFIRMED".to_owned(),
-        ]];
+        let v6 = n.mappings.iter().any(|m| m.address6.is_some());
+        let mut header = vec!["NAME".to_owned(), "ADDRESS".to_owned()];
+        if v6 {
+            header.push("IPV6 ADDRESS".to_owned());
+        }
+        header.extend(["SERVICE", "CONNECTOR", "CONFIRMED"].map(String::from));
+        let mut rows = vec![header];
         rows.extend(n.mappings.iter().map(|m| {
-            vec![
-                m.name.clone(),
-                m.address.to_string(),
+            let mut row = vec![m.name.clone(), m.address.to_string()];
+            if v6 {
+                row.push(or_dash(m.address6));
+            }
+            row.extend([
                 m.service.clone(),
                 m.connector.clone(),
                 if m.confirmed { "yes" } else { "no" }.to_owned(),
-            ]
+            ]);
+            row
         }));
         out.push_str(&table(&rows));
     }
@@ -450,6 +490,8 @@ mod tests {
             relays: vec![],
             identity: "alice".into(),
             tunnel_ip: None,
+            tunnel_ipv6: None,
+            services: vec![],
             observed_addr: None,
             relay_rtt_ms: None,
             relay_carriage: None,
@@ -457,6 +499,7 @@ mod tests {
             rejected: vec![],
             connectors: vec![],
             dropped_no_route: 3,
+            dropped_ipv6: Default::default(),
             dropped_tunnel_down: 0,
             dropped_tunnel_full: 0,
             dropped_no_path: 0,
@@ -597,6 +640,74 @@ mod tests {
         // One relay: no table.
         s.relays.truncate(1);
         assert!(!render(&s).contains("relays:"));
+    }
+
+    #[test]
+    fn renders_service_and_mapping_ipv6_addresses() {
+        use ztna_core::agent::{NameMappingStatus, NamesStatus, ServiceAddresses};
+        let mut s = up();
+        s.tunnel_ipv6 = Some("fd7a:7a74:6e61:7475::6440:2".parse().unwrap());
+        s.services = vec![
+            ServiceAddresses {
+                name: "web".into(),
+                address: "10.100.0.1/32".parse().unwrap(),
+                address6: Some("fd00:9::1/128".parse().unwrap()),
+                connector: "dc1".into(),
+            },
+            ServiceAddresses {
+                name: "wiki".into(),
+                address: "10.101.0.0/24".parse().unwrap(),
+                address6: Some("fd00:9::100/120".parse().unwrap()),
+                connector: "dc1".into(),
+            },
+            ServiceAddresses {
+                name: "ssh".into(),
+                address: "10.100.0.9/32".parse().unwrap(),
+                address6: None,
+                connector: "lab".into(),
+            },
+        ];
+        s.names = NamesStatus {
+            services: 1,
+            mappings: vec![NameMappingStatus {
+                name: "wiki.corp.example".into(),
+                address: [10, 101, 0, 7].into(),
+                address6: Some("fd00:9::107".parse().unwrap()),
+                service: "wiki".into(),
+                connector: "dc1".into(),
+                confirmed: true,
+            }],
+            ..Default::default()
+        };
+        s.dropped_ipv6.fragment = 2;
+        let text = render(&s);
+        assert!(
+            text.contains("tunnel ipv6:  fd7a:7a74:6e61:7475::6440:2\n"),
+            "{text}"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        let at = lines.iter().position(|l| *l == "services:").expect(&text);
+        let row = |i: usize| lines[at + i].split_whitespace().collect::<Vec<_>>();
+        assert_eq!(row(1), ["NAME", "ADDRESS", "IPV6", "ADDRESS", "CONNECTOR"]);
+        assert_eq!(row(2), ["web", "10.100.0.1", "fd00:9::1", "dc1"]);
+        assert_eq!(row(3), ["wiki", "10.101.0.0/24", "fd00:9::100/120", "dc1"]);
+        assert_eq!(row(4), ["ssh", "10.100.0.9", "-", "lab"]);
+        let m = lines
+            .iter()
+            .find(|l| l.contains("wiki.corp.example"))
+            .expect(&text);
+        assert_eq!(
+            m.split_whitespace().collect::<Vec<_>>(),
+            [
+                "wiki.corp.example",
+                "10.101.0.7",
+                "fd00:9::107",
+                "wiki",
+                "dc1",
+                "yes"
+            ]
+        );
+        assert!(text.contains("2 fragments"), "{text}");
     }
 
     #[test]

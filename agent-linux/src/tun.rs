@@ -62,14 +62,89 @@ pub(crate) fn create(name: &str) -> anyhow::Result<Tun> {
     })
 }
 
-/// Turns IPv6 off on the device (the tunnel carries IPv4 only), so the kernel sends no router
-/// solicitations or MLD reports into it. Best effort: without IPv6 in the kernel there is
-/// nothing to turn off.
-pub(crate) fn disable_ipv6(name: &str) {
-    let knob = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
-    match std::fs::write(&knob, "1") {
-        Ok(()) => tracing::debug!(tun = name, "IPv6 disabled on the TUN device"),
-        Err(e) => tracing::debug!(%knob, error = %e, "could not disable IPv6 on the TUN device"),
+/// The IPv6 minimum link MTU (RFC 8200 5).
+pub(crate) const IPV6_MIN_MTU: u16 = 1280;
+
+/// Where the kernel keeps the IPv6 settings of every device.
+const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
+
+/// Whether and how IPv6 can run on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ipv6Plan {
+    /// On: the device keeps IPv6, quietly.
+    On,
+    /// The host has no IPv6 (no `/proc/sys/net/ipv6`, or `all.disable_ipv6`).
+    HostWithout,
+    /// The device's MTU is below the IPv6 minimum.
+    MtuTooSmall,
+}
+
+/// Decides whether IPv6 runs on the device, pure: `ipv6_sysctl` is whether the host has
+/// `/proc/sys/net/ipv6`, `all_disabled` whether `net.ipv6.conf.all.disable_ipv6` is 1.
+pub(crate) fn ipv6_plan(ipv6_sysctl: bool, all_disabled: bool, mtu: u16) -> Ipv6Plan {
+    if !ipv6_sysctl || all_disabled {
+        Ipv6Plan::HostWithout
+    } else if mtu < IPV6_MIN_MTU {
+        Ipv6Plan::MtuTooSmall
+    } else {
+        Ipv6Plan::On
+    }
+}
+
+/// The device's IPv6 settings for a quiet IPv6 link: no automatic addresses (no link-local,
+/// so no router solicitations or DAD probes), no router advertisements accepted, no
+/// duplicate address detection, and IPv6 on. Written in this order, before the device is up.
+pub(crate) const QUIET_IPV6: [(&str, &str); 4] = [
+    ("addr_gen_mode", "1"),
+    ("accept_ra", "0"),
+    ("accept_dad", "0"),
+    ("disable_ipv6", "0"),
+];
+
+/// Prepares IPv6 on the (still down) device: with IPv6 on the host and an MTU of at least
+/// 1280, makes it quiet ([`QUIET_IPV6`]) and returns true; otherwise says why once, turns IPv6
+/// off on the device (best effort; the tunnel carries IPv4 only) and returns false.
+pub(crate) fn prepare_ipv6(name: &str, mtu: u16) -> bool {
+    let root = std::path::Path::new(IPV6_CONF);
+    let all_disabled =
+        std::fs::read_to_string(root.join("all/disable_ipv6")).is_ok_and(|v| v.trim() == "1");
+    let plan = ipv6_plan(root.exists(), all_disabled, mtu);
+    let dev = root.join(name);
+    match plan {
+        Ipv6Plan::On => {
+            for (knob, value) in QUIET_IPV6 {
+                let path = dev.join(knob);
+                if let Err(e) = std::fs::write(&path, value) {
+                    // Older kernels lack addr_gen_mode: a link-local address then appears and
+                    // the kernel's chatter is dropped (and counted) by the tunnel.
+                    tracing::warn!(knob = %path.display(), error = %e, "could not set an IPv6 setting of the TUN device");
+                }
+            }
+            tracing::debug!(
+                tun = name,
+                "IPv6 on the TUN device, without automatic addresses, router advertisements or DAD"
+            );
+            true
+        }
+        Ipv6Plan::HostWithout => {
+            tracing::info!(
+                tun = name,
+                "IPv6 is disabled on this host; services are reached over IPv4 only"
+            );
+            false
+        }
+        Ipv6Plan::MtuTooSmall => {
+            tracing::warn!(
+                tun = name,
+                mtu,
+                "the TUN MTU is below the IPv6 minimum of {IPV6_MIN_MTU}; services are reached over IPv4 only"
+            );
+            let knob = dev.join("disable_ipv6");
+            if let Err(e) = std::fs::write(&knob, "1") {
+                tracing::debug!(knob = %knob.display(), error = %e, "could not disable IPv6 on the TUN device");
+            }
+            false
+        }
     }
 }
 
@@ -122,4 +197,21 @@ pub(crate) async fn tunnel_to_device(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_runs_only_with_host_support_and_a_large_enough_mtu() {
+        assert_eq!(ipv6_plan(true, false, 1280), Ipv6Plan::On);
+        assert_eq!(ipv6_plan(true, false, 9000), Ipv6Plan::On);
+        assert_eq!(ipv6_plan(false, false, 1280), Ipv6Plan::HostWithout);
+        assert_eq!(ipv6_plan(true, true, 1280), Ipv6Plan::HostWithout);
+        assert_eq!(ipv6_plan(true, false, 1279), Ipv6Plan::MtuTooSmall);
+        // IPv6 is switched on last, once the device can no longer make addresses of its own.
+        assert_eq!(QUIET_IPV6[0].0, "addr_gen_mode");
+        assert_eq!(QUIET_IPV6[3], ("disable_ipv6", "0"));
+    }
 }

@@ -25,7 +25,7 @@ use ztna_core::agent_machine::Refusal;
 use ztna_core::tls::Credentials;
 
 use crate::config::Config;
-use crate::netlink::{desired_routes, Netlink, RuleKey, RULE_PRIORITY};
+use crate::netlink::{Netlink, RuleKey, RULE_PRIORITY};
 use crate::status;
 use crate::tun::{self, Tun};
 
@@ -58,13 +58,23 @@ struct Running {
 }
 
 /// The policy rule that sends everything but the agent's own (marked) socket to the service
-/// routes' table. Agents with the same table share it.
-fn rule_key(cfg: &Config) -> RuleKey {
+/// routes' table. Agents with the same table share it. One per address family.
+fn rule_key(cfg: &Config, ipv6: bool) -> RuleKey {
     RuleKey {
+        ipv6,
         table: cfg.route_table,
         mark: cfg.route_table,
         priority: RULE_PRIORITY,
     }
+}
+
+/// The policy rules of the families in use.
+fn rules(cfg: &Config, nl: &Netlink) -> Vec<RuleKey> {
+    let mut v = vec![rule_key(cfg, false)];
+    if nl.ipv6() {
+        v.push(rule_key(cfg, true));
+    }
+    v
 }
 
 /// Runs the agent until a signal or a fatal error, then cleans up. Returns the fatal error, if
@@ -79,6 +89,8 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     nl.remove_stale_link(&cfg.tun).await?;
     let tun = tun::create(&cfg.tun)?;
     tracing::info!(tun = %tun.name, index = tun.index, "TUN device created");
+    // Before the device is up: IPv6 on but quiet, or off.
+    let nl = nl.with_ipv6(tun::prepare_ipv6(&tun.name, cfg.mtu));
 
     let mut running = Running::default();
     let outcome = serve(
@@ -101,9 +113,11 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
         Ok(c) => tracing::debug!(removed = c.removed, "routes removed"),
         Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove all routes"),
     }
-    match nl.remove_rule_if_unused(rule_key(&cfg)).await {
-        Ok(removed) => tracing::debug!(removed, "policy rule checked"),
-        Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove the policy rule"),
+    for rule in rules(&cfg, &nl) {
+        match nl.remove_rule_if_unused(rule).await {
+            Ok(removed) => tracing::debug!(removed, ipv6 = rule.ipv6, "policy rule checked"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not remove the policy rule"),
+        }
     }
     if let Err(e) = nl.delete_link(tun.index, &tun.name).await {
         tracing::warn!(error = %format!("{e:#}"), "could not delete the TUN device");
@@ -147,19 +161,25 @@ async fn serve(
             "removed leftover ztna routes from an earlier run"
         );
     }
-    tun::disable_ipv6(&tun.name);
     nl.set_mtu_up(tun.index, &tun.name, cfg.mtu).await?;
     // Service routes live in their own table; the agent's socket is marked and skips it.
-    if nl.ensure_rule(rule_key(cfg)).await? {
-        tracing::debug!(table = cfg.route_table, "policy rule added");
+    for rule in rules(cfg, nl) {
+        if nl.ensure_rule(rule).await? {
+            tracing::debug!(
+                table = cfg.route_table,
+                ipv6 = rule.ipv6,
+                "policy rule added"
+            );
+        }
     }
 
     let listener = status::bind(&cfg.status_socket)?;
     running.socket_bound = true;
 
-    let (agent, from_tunnel) =
-        Agent::start(cfg.agent_config(credentials, Some(cfg.route_table)))
-            .with_context(|| format!("starting the tunnel on UDP {}", cfg.bind))?;
+    let mut agent_cfg = cfg.agent_config(credentials, Some(cfg.route_table));
+    agent_cfg.options.ipv6 = nl.ipv6();
+    let (agent, from_tunnel) = Agent::start(agent_cfg)
+        .with_context(|| format!("starting the tunnel on UDP {}", cfg.bind))?;
     let agent = Arc::new(agent);
     running.agent = Some(agent.clone());
     let mut refused = agent.refused();
@@ -174,7 +194,7 @@ async fn serve(
         nl.clone(),
         agent.state(),
         tun.index,
-        rule_key(cfg),
+        rules(cfg, nl),
     ));
     running
         .tasks
@@ -239,12 +259,14 @@ async fn reconcile(
     nl: Netlink,
     mut state: watch::Receiver<TunnelState>,
     ifindex: u32,
-    rule: RuleKey,
+    rules: Vec<RuleKey>,
 ) -> anyhow::Result<()> {
     loop {
         let st = state.borrow_and_update().clone();
         let applied = match async {
-            nl.ensure_rule(rule).await?;
+            for rule in &rules {
+                nl.ensure_rule(*rule).await?;
+            }
             nl.apply(&st, ifindex).await
         }
         .await
@@ -264,7 +286,7 @@ async fn reconcile(
             Err(e) => {
                 tracing::warn!(
                     error = %format!("{e:#}"),
-                    routes = desired_routes(&st, ifindex).len(),
+                    routes = nl.desired_routes(&st, ifindex).len(),
                     "could not apply the tunnel address and routes; retrying"
                 );
                 false

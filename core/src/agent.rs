@@ -15,7 +15,7 @@
 //! the platform only if [`crate::inbound::check`] passes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role};
+use ztna_proto::service::tunnel_ipv6;
 use ztna_proto::{Candidate, ChannelId, ServiceDef, ALPN_TUNNEL};
 
 pub use crate::agent_machine::Refusal;
@@ -32,6 +33,7 @@ use crate::agent_machine::{AgentMachine, Command, Input, MachineConfig, RelayAdd
 use crate::backoff::jitter_seed;
 use crate::direct::{DirectContext, DirectOptions, DirectPath, DirectStatus};
 use crate::fleet::{Liveness, RelaySpec, Verdict};
+use crate::outbound::{OutboundCounters, OutboundDrop};
 use crate::session::{Node, RelaySession, RelayTarget, SessionError};
 use crate::tcp_flows::TcpFlows;
 use crate::tls::{Credentials, PeerIdentity};
@@ -55,6 +57,10 @@ pub struct AgentOptions {
     /// Linux: the `SO_MARK` of the agent's UDP socket, so that the platform can exempt the
     /// outer traffic from the tunnel's routes (a policy rule). `None` sets no mark.
     pub fwmark: Option<u32>,
+    /// Whether the platform's device carries IPv6 (default true). Off, the agent acts as if
+    /// no service had an IPv6 address: no IPv6 routes, and no AAAA answers that the host would
+    /// send elsewhere than into the tunnel.
+    pub ipv6: bool,
 }
 
 impl Default for AgentOptions {
@@ -63,6 +69,7 @@ impl Default for AgentOptions {
             withdraw_grace: Duration::from_secs(30),
             max_refusals: 3,
             fwmark: None,
+            ipv6: true,
         }
     }
 }
@@ -164,6 +171,9 @@ pub struct NameMappingStatus {
     pub name: String,
     /// Its virtual address.
     pub address: Ipv4Addr,
+    /// Its virtual IPv6 address, where the service has an IPv6 pool.
+    #[serde(default)]
+    pub address6: Option<Ipv6Addr>,
     /// The name service.
     pub service: String,
     /// The connector.
@@ -175,10 +185,32 @@ pub struct NameMappingStatus {
 /// What the platform must configure: the tunnel address and one route per service address.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunnelState {
-    /// The tunnel IP the relay assigned, once known.
+    /// The tunnel IP the relay assigned, once known. The IPv6 tunnel address is derived from
+    /// it ([`TunnelState::tunnel_ipv6`]).
     pub tunnel_ip: Option<Ipv4Addr>,
     /// Services reachable now.
     pub services: Vec<ServiceDef>,
+}
+
+impl TunnelState {
+    /// The agent's IPv6 tunnel address ([`ztna_proto::service::tunnel_ipv6`] of the IPv4 one),
+    /// once known.
+    pub fn tunnel_ipv6(&self) -> Option<Ipv6Addr> {
+        self.tunnel_ip.map(tunnel_ipv6)
+    }
+}
+
+/// A service's addresses, as status shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAddresses {
+    /// Service name.
+    pub name: String,
+    /// Its IPv4 address, or a name service's IPv4 pool.
+    pub address: ipnet::Ipv4Net,
+    /// Its IPv6 address, or a name service's IPv6 pool, if it has one.
+    pub address6: Option<ipnet::Ipv6Net>,
+    /// The connector serving it.
+    pub connector: String,
 }
 
 /// A service the relay refused to give this agent.
@@ -268,6 +300,12 @@ pub struct AgentStatus {
     pub identity: String,
     /// Tunnel IP.
     pub tunnel_ip: Option<Ipv4Addr>,
+    /// The IPv6 tunnel address (derived from the tunnel IP).
+    #[serde(default)]
+    pub tunnel_ipv6: Option<Ipv6Addr>,
+    /// The services of the catalog with their addresses.
+    #[serde(default)]
+    pub services: Vec<ServiceAddresses>,
     /// This agent's address as the relay in use sees it.
     pub observed_addr: Option<SocketAddr>,
     /// Smoothed RTT to the relay in use.
@@ -281,8 +319,13 @@ pub struct AgentStatus {
     pub rejected: Vec<RejectedService>,
     /// Connectors.
     pub connectors: Vec<ConnectorStatus>,
-    /// Packets from the platform with no service route (or not IPv4).
+    /// Packets from the platform with no service route (or neither IPv4 nor IPv6).
     pub dropped_no_route: u64,
+    /// IPv6 packets from the platform dropped for other reasons: a source other than the
+    /// agent's IPv6 tunnel address, a port or protocol the service does not offer, extension
+    /// headers, fragments, and the kernel's own link traffic (neighbour discovery, MLD).
+    #[serde(default)]
+    pub dropped_ipv6: crate::outbound::Ipv6Drops,
     /// Packets to a routed service whose connector tunnel is not up (yet): dropped, never sent
     /// in the clear (fail closed).
     pub dropped_tunnel_down: u64,
@@ -432,11 +475,61 @@ impl LinkControl {
     }
 }
 
+/// Where packets from the platform go (read per packet, under one lock).
+#[derive(Default)]
+struct RouteTable {
+    /// Services at one IPv4 address.
+    exact: HashMap<Ipv4Addr, Arc<Link>>,
+    /// The pools of name services, routed like service addresses.
+    pools: Vec<(ipnet::Ipv4Net, Arc<Link>)>,
+    /// Services with IPv6 addresses (one address, or a name service's pool).
+    v6: Vec<Route6>,
+}
+
+/// An IPv6 route: a service's IPv6 addresses, its connector, and the service for the
+/// protocol and port check.
+struct Route6 {
+    net: ipnet::Ipv6Net,
+    link: Arc<Link>,
+    service: ServiceDef,
+}
+
+impl RouteTable {
+    /// The link a packet from the platform goes to. IPv4: by destination alone (the connector
+    /// checks the rest). IPv6: the checks of [`crate::outbound`], with `own6` the agent's IPv6
+    /// tunnel address.
+    fn pick(&self, packet: &[u8], own6: Option<Ipv6Addr>) -> Result<&Arc<Link>, OutboundDrop> {
+        if packet.first().is_some_and(|b| b >> 4 == 6) {
+            let p = crate::outbound::classify6(packet, own6)?;
+            let mut covered = false;
+            for r in self.v6.iter().filter(|r| r.net.contains(&p.dst)) {
+                if p.want.allowed_by(&r.service) {
+                    return Ok(&r.link);
+                }
+                covered = true;
+            }
+            return Err(if covered {
+                OutboundDrop::PortOrProtocol
+            } else {
+                OutboundDrop::NoRoute
+            });
+        }
+        let dst = ipv4_destination(packet).ok_or(OutboundDrop::NoRoute)?;
+        self.exact
+            .get(&dst)
+            .or_else(|| {
+                self.pools
+                    .iter()
+                    .find(|(net, _)| net.contains(&dst))
+                    .map(|(_, l)| l)
+            })
+            .ok_or(OutboundDrop::NoRoute)
+    }
+}
+
 struct Shared {
     cfg: AgentConfig,
-    routes: RwLock<HashMap<Ipv4Addr, Arc<Link>>>,
-    /// The pools of name services, routed like service addresses.
-    pools: RwLock<Vec<(ipnet::Ipv4Net, Arc<Link>)>>,
+    routes: RwLock<RouteTable>,
     /// Name services: the names answered and the addresses handed out.
     names: Mutex<crate::names::NameBook>,
     /// The DNS server's address, once it listens.
@@ -448,6 +541,8 @@ struct Shared {
     /// The tunnel IP as a number, 0 while there is none (read per inbound packet).
     tunnel_ip: AtomicU32,
     dropped_no_route: AtomicU64,
+    /// IPv6 packets from the platform dropped for reasons of their own.
+    dropped_ipv6: OutboundCounters,
     dropped_tunnel_down: AtomicU64,
     dropped_tunnel_full: AtomicU64,
     /// The time base of per-link stamps.
@@ -493,6 +588,26 @@ fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the platform gets back for a packet dropped for `why`: a refusal for an IPv6 packet to
+/// a port or protocol its service does not offer ([`crate::outbound::refusal6`]), else
+/// nothing (a spoofed source or a packet to a service the agent was not given is never
+/// answered).
+fn answer_drop(why: OutboundDrop, packet: &[u8]) -> Option<Vec<u8>> {
+    match why {
+        OutboundDrop::PortOrProtocol => crate::outbound::refusal6(packet),
+        _ => None,
+    }
+}
+
+/// The protocol of an IPv4 packet, or the next header after an IPv6 packet's fixed header.
+fn ip_protocol(packet: &[u8]) -> Option<u8> {
+    match packet.first()? >> 4 {
+        4 => packet.get(9).copied(),
+        6 => packet.get(6).copied(),
+        _ => None,
+    }
 }
 
 /// The destination of an IPv4 packet, if it is one.
@@ -594,6 +709,7 @@ impl Names {
                 .map(|m| NameMappingStatus {
                     name: m.name,
                     address: m.address,
+                    address6: m.address6,
                     service: m.service,
                     connector: m.connector,
                     confirmed: m.confirmed,
@@ -632,7 +748,6 @@ impl Agent {
         let shared = Arc::new(Shared {
             cfg,
             routes: RwLock::default(),
-            pools: RwLock::default(),
             names: Mutex::new(names),
             dns_server: Mutex::new(None),
             dns: DnsCounters::default(),
@@ -641,6 +756,7 @@ impl Agent {
             info: Mutex::default(),
             tunnel_ip: AtomicU32::new(0),
             dropped_no_route: AtomicU64::new(0),
+            dropped_ipv6: OutboundCounters::default(),
             dropped_tunnel_down: AtomicU64::new(0),
             dropped_tunnel_full: AtomicU64::new(0),
             clock: Instant::now(),
@@ -768,7 +884,7 @@ impl Agent {
     /// UDP or ICMP sender does not, and holding the reader for it would only put every other
     /// packet (a ping) behind it in that queue; those go as with [`Agent::send_packet`].
     pub async fn send_packet_wait(&self, packet: Bytes) {
-        if packet.get(9) != Some(&TCP) {
+        if ip_protocol(&packet) != Some(TCP) {
             return self.send_packet(packet);
         }
         let Some((link, conn)) = self.route(&packet) else {
@@ -799,17 +915,25 @@ impl Agent {
     /// when there is none (no route, tunnel down) and answers it when it belongs to a TCP
     /// connection the agent reset.
     fn route(&self, packet: &[u8]) -> Option<(Arc<Link>, quinn::Connection)> {
-        let link = ipv4_destination(packet).and_then(|dst| {
-            read(&self.shared.routes).get(&dst).cloned().or_else(|| {
-                read(&self.shared.pools)
-                    .iter()
-                    .find(|(net, _)| net.contains(&dst))
-                    .map(|(_, l)| l.clone())
-            })
-        });
-        let Some(link) = link else {
-            self.shared.dropped_no_route.fetch_add(1, Ordering::Relaxed);
-            return None;
+        let sh = &self.shared;
+        let own6 = match sh.tunnel_ip.load(Ordering::Relaxed) {
+            0 => None,
+            ip => Some(tunnel_ipv6(Ipv4Addr::from(ip))),
+        };
+        // The table's read guard ends with this statement.
+        let picked = read(&sh.routes).pick(packet, own6).cloned();
+        let link = match picked {
+            Ok(link) => link,
+            Err(why) => {
+                sh.dropped_ipv6.count(why, &sh.dropped_no_route);
+                tracing::trace!(?why, "packet from the platform dropped");
+                if let Some(answer) = answer_drop(why, packet) {
+                    if sh.to_platform.try_send(Bytes::from(answer)).is_err() {
+                        sh.dropped_to_platform.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                return None;
+            }
         };
         if link.resetting.load(Ordering::Relaxed) && self.answer_reset(&link, packet) {
             return None;
@@ -929,6 +1053,21 @@ impl Agent {
             })
             .collect();
         connectors.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut services: Vec<ServiceAddresses> = links
+            .values()
+            .flat_map(|l| {
+                read(&l.services)
+                    .iter()
+                    .map(|s| ServiceAddresses {
+                        name: s.name.clone(),
+                        address: s.prefix(),
+                        address6: s.prefix6(),
+                        connector: s.connector.clone(),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
         let relays: Vec<RelayStatus> = info
             .relays
             .iter()
@@ -969,6 +1108,8 @@ impl Agent {
             relays,
             identity: sh.cfg.credentials.identity().name.clone(),
             tunnel_ip: info.tunnel_ip,
+            tunnel_ipv6: info.tunnel_ip.map(tunnel_ipv6),
+            services,
             observed_addr: in_use.and_then(|r| r.observed),
             relay_rtt_ms: in_use_conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
             relay_carriage: in_use_conn.map(crate::congestion::CarriageStatus::of),
@@ -976,6 +1117,7 @@ impl Agent {
             rejected: info.rejected.clone(),
             connectors,
             dropped_no_route: sh.dropped_no_route.load(Ordering::Relaxed),
+            dropped_ipv6: sh.dropped_ipv6.snapshot(),
             dropped_tunnel_down: sh.dropped_tunnel_down.load(Ordering::Relaxed),
             dropped_tunnel_full: sh.dropped_tunnel_full.load(Ordering::Relaxed),
             dropped_no_path: self.node.mux().stats().unroutable.load(Ordering::Relaxed),
@@ -1279,7 +1421,12 @@ impl Driver {
 
     /// Applies a new tunnel state: links, routes and the inbound check's services, then tells
     /// the platform.
-    fn publish(&self, state: TunnelState) {
+    fn publish(&self, mut state: TunnelState) {
+        if !self.sh.cfg.options.ipv6 {
+            for s in &mut state.services {
+                s.address6 = None;
+            }
+        }
         {
             let mut links = write(&self.sh.links);
             let mut by_connector: HashMap<&str, Vec<ServiceDef>> = HashMap::new();
@@ -1304,19 +1451,24 @@ impl Driver {
                 });
                 *write(&link.services) = services;
             }
-            let mut routes = write(&self.sh.routes);
-            routes.clear();
-            let mut pools = write(&self.sh.pools);
-            pools.clear();
+            let mut table = RouteTable::default();
             for s in &state.services {
                 if let Some(l) = links.get(&s.connector) {
                     if s.names.is_some() {
-                        pools.push((s.prefix(), l.clone()));
+                        table.pools.push((s.prefix(), l.clone()));
                     } else {
-                        routes.insert(s.address, l.clone());
+                        table.exact.insert(s.address, l.clone());
+                    }
+                    if let Some(net) = s.prefix6() {
+                        table.v6.push(Route6 {
+                            net,
+                            link: l.clone(),
+                            service: s.clone(),
+                        });
                     }
                 }
             }
+            *write(&self.sh.routes) = table;
         }
         lock(&self.sh.names).set_catalog(&state.services);
         self.sh
@@ -1403,19 +1555,20 @@ impl Driver {
         };
         let mut opts = self.sh.cfg.direct.clone();
         opts.exclude.extend(tunnel_ip.map(std::net::IpAddr::V4));
+        opts.exclude
+            .extend(tunnel_ip.map(|ip| std::net::IpAddr::V6(tunnel_ipv6(ip))));
         // Service addresses are never probe targets, whatever a connector lists (the catalog
         // as it is when the driver starts; it restarts with each new inner connection).
-        opts.refuse.extend(
-            read(&self.sh.links)
-                .values()
-                .flat_map(|l| {
-                    read(&l.services)
-                        .iter()
-                        .map(|s| s.address)
-                        .collect::<Vec<_>>()
-                })
-                .map(|a| ipnet::IpNet::from(std::net::IpAddr::V4(a))),
-        );
+        opts.refuse
+            .extend(read(&self.sh.links).values().flat_map(|l| {
+                read(&l.services)
+                    .iter()
+                    .flat_map(|s| {
+                        let v4 = ipnet::IpNet::from(std::net::IpAddr::V4(s.address));
+                        std::iter::once(v4).chain(s.prefix6().map(ipnet::IpNet::V6))
+                    })
+                    .collect::<Vec<_>>()
+            }));
         let ctx = DirectContext {
             mux: self.node.mux().clone(),
             vaddr,
@@ -1845,7 +1998,7 @@ fn admit(sh: &Shared, link: &Link, pkt: &[u8]) -> bool {
         tracing::trace!(connector = %link.name, ?why, "packet from the connector dropped by the inbound check");
         return false;
     }
-    if pkt.get(9) == Some(&TCP) {
+    if ip_protocol(pkt) == Some(TCP) {
         lock(&link.tcp_flows).observe(pkt, Instant::now());
     }
     true
@@ -1928,6 +2081,155 @@ mod tests {
         p[0] = 0x60;
         assert_eq!(ipv4_destination(&p), None);
         assert_eq!(ipv4_destination(&[0x45; 10]), None);
+    }
+
+    fn link(name: &str) -> Arc<Link> {
+        Arc::new(Link {
+            name: name.into(),
+            conn: RwLock::new(None),
+            services: RwLock::default(),
+            counters: LinkCounters::default(),
+            tcp_flows: Mutex::new(TcpFlows::new(4, TCP_FLOW_IDLE)),
+            resetting: AtomicBool::new(false),
+            stalled_until_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn service6(name: &str, v4: [u8; 4], v6: &str, tcp: u16, udp: u16, icmp: bool) -> ServiceDef {
+        ServiceDef {
+            name: name.into(),
+            address: v4.into(),
+            address6: Some(v6.parse().unwrap()),
+            udp: vec![ztna_proto::PortRange::single(udp)],
+            tcp: vec![ztna_proto::PortRange::single(tcp)],
+            icmp,
+            connector: "c1".into(),
+            names: None,
+        }
+    }
+
+    /// A table with an IPv6 service `web` (TCP 443, UDP 53, ICMP) at fd00:9::1 on c1 and one
+    /// without ICMP at fd00:9::2 on c2.
+    fn table6() -> RouteTable {
+        let (c1, c2) = (link("c1"), link("c2"));
+        let web = service6("web", [10, 100, 0, 1], "fd00:9::1", 443, 53, true);
+        let db = service6("db", [10, 100, 0, 2], "fd00:9::2", 5432, 5353, false);
+        let mut t = RouteTable::default();
+        t.exact.insert(web.address, c1.clone());
+        t.exact.insert(db.address, c2.clone());
+        t.v6.push(Route6 {
+            net: web.prefix6().unwrap(),
+            link: c1,
+            service: web,
+        });
+        t.v6.push(Route6 {
+            net: db.prefix6().unwrap(),
+            link: c2,
+            service: db,
+        });
+        t
+    }
+
+    #[test]
+    fn ipv6_packets_go_to_the_connector_of_an_allowed_service() {
+        use crate::outbound::tests::{icmp6, tcp6, udp6, OWN};
+        let t = table6();
+        let web: Ipv6Addr = "fd00:9::1".parse().unwrap();
+        let db: Ipv6Addr = "fd00:9::2".parse().unwrap();
+        let name = |p: &[u8]| t.pick(p, Some(OWN)).map(|l| l.name.clone());
+        assert_eq!(name(&udp6(OWN, web, 53)), Ok("c1".into()));
+        assert_eq!(name(&tcp6(OWN, web, 443)), Ok("c1".into()));
+        assert_eq!(name(&icmp6(OWN, web, 128)), Ok("c1".into()));
+        assert_eq!(name(&tcp6(OWN, db, 5432)), Ok("c2".into()));
+        // IPv4 still by destination.
+        let mut v4 = vec![0u8; 20];
+        v4[0] = 0x45;
+        v4[16..20].copy_from_slice(&[10, 100, 0, 2]);
+        assert_eq!(name(&v4), Ok("c2".into()));
+    }
+
+    #[test]
+    fn ipv6_packets_outside_what_policy_gave_are_dropped_and_counted() {
+        use crate::outbound::tests::{icmp6, tcp6, udp6, with_extension, OWN};
+        let t = table6();
+        let web: Ipv6Addr = "fd00:9::1".parse().unwrap();
+        let db: Ipv6Addr = "fd00:9::2".parse().unwrap();
+        let spoofed: Ipv6Addr = "fd7a:7a74:6e61:7475::6440:99".parse().unwrap();
+        let not_given: Ipv6Addr = "fd00:9::3".parse().unwrap();
+        let counters = OutboundCounters::default();
+        let no_route = AtomicU64::new(0);
+        let pick = |p: &[u8]| {
+            let r = t.pick(p, Some(OWN)).map(|l| l.name.clone());
+            if let Err(why) = r {
+                counters.count(why, &no_route);
+            }
+            r
+        };
+        assert_eq!(pick(&udp6(spoofed, web, 53)), Err(OutboundDrop::Source));
+        assert_eq!(pick(&udp6(OWN, not_given, 53)), Err(OutboundDrop::NoRoute));
+        assert_eq!(pick(&tcp6(OWN, web, 22)), Err(OutboundDrop::PortOrProtocol));
+        assert_eq!(pick(&udp6(OWN, db, 53)), Err(OutboundDrop::PortOrProtocol));
+        assert_eq!(
+            pick(&icmp6(OWN, db, 128)),
+            Err(OutboundDrop::PortOrProtocol)
+        );
+        assert_eq!(
+            pick(&with_extension(44, OWN, web, 53)),
+            Err(OutboundDrop::Fragment)
+        );
+        assert_eq!(
+            pick(&with_extension(0, OWN, web, 53)),
+            Err(OutboundDrop::ExtensionHeader)
+        );
+        assert_eq!(
+            pick(&icmp6(OWN, "ff02::2".parse().unwrap(), 133)),
+            Err(OutboundDrop::Local)
+        );
+        assert_eq!(
+            counters.snapshot(),
+            crate::outbound::Ipv6Drops {
+                local: 1,
+                source: 1,
+                extension_header: 1,
+                fragment: 1,
+                port_or_protocol: 3,
+            }
+        );
+        assert_eq!(no_route.load(Ordering::Relaxed), 1);
+        // Without a tunnel address, nothing goes.
+        assert_eq!(
+            t.pick(&udp6(OWN, web, 53), None).map(|_| ()),
+            Err(OutboundDrop::Source)
+        );
+    }
+
+    #[test]
+    fn only_refused_ports_are_answered() {
+        use crate::outbound::tests::{tcp6, udp6, OWN};
+        let t = table6();
+        let web: Ipv6Addr = "fd00:9::1".parse().unwrap();
+        let spoofed: Ipv6Addr = "fd7a:7a74:6e61:7475::6440:99".parse().unwrap();
+        let answer = |p: &[u8]| t.pick(p, Some(OWN)).err().and_then(|w| answer_drop(w, p));
+        assert!(answer(&tcp6(OWN, web, 22)).is_some());
+        assert!(answer(&udp6(OWN, web, 54)).is_some());
+        assert!(
+            answer(&tcp6(OWN, web, 443)).is_none(),
+            "routed, not dropped"
+        );
+        assert!(answer(&tcp6(spoofed, web, 22)).is_none());
+        assert!(answer(&tcp6(OWN, "fd00:9::3".parse().unwrap(), 22)).is_none());
+    }
+
+    #[test]
+    fn the_protocol_is_read_per_ip_version() {
+        use crate::outbound::tests::{tcp6, udp6, OWN, SVC};
+        assert_eq!(ip_protocol(&tcp6(OWN, SVC, 80)), Some(TCP));
+        // An IPv6 UDP packet whose source has a 6 where IPv4 keeps its protocol is not TCP.
+        let mut p = udp6(OWN, SVC, 53);
+        p[9] = TCP;
+        assert_eq!(ip_protocol(&p), Some(17));
+        assert_eq!(ip_protocol(&[0x45; 20]), Some(0x45));
+        assert_eq!(ip_protocol(&[]), None);
     }
 
     #[test]

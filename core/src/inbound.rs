@@ -9,19 +9,32 @@
 //! (a TCP reset from any port of the service's address, ICMP destination unreachable). Later
 //! IPv4 fragments carry no ports; they are
 //! accepted on their addresses and protocol alone (the connector fragments large replies).
+//!
+//! IPv6 packets get the same checks against the services' IPv6 addresses
+//! ([`ServiceDef::covers6`]) and the agent's IPv6 tunnel address
+//! ([`ztna_proto::service::tunnel_ipv6`] of its IPv4 one): TCP and UDP from a port the
+//! service offers (a reset from any port), ICMPv6 echo replies where it answers ICMP, and
+//! ICMPv6 destination unreachable, packet too big and time exceeded from any service. Of the
+//! extension headers only a fragment header directly after the fixed header is accepted (a
+//! first fragment is checked on its ports, a later one on its addresses and protocol alone);
+//! any other is dropped as [`InboundDrop::PortOrProtocol`].
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ztna_proto::service::tunnel_ipv6;
 
 use ztna_proto::ServiceDef;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const ICMP: u8 = 1;
+const ICMPV6: u8 = 58;
+const FRAGMENT: u8 = 44;
 
 /// Why a packet from a connector was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InboundDrop {
-    /// Not a well-formed IPv4 packet.
+    /// Not a well-formed IPv4 or IPv6 packet.
     Malformed,
     /// The destination is not the agent's tunnel IP (or the agent has none yet).
     Destination,
@@ -38,6 +51,9 @@ pub fn check(
     services: &[ServiceDef],
     tunnel_ip: Option<Ipv4Addr>,
 ) -> Result<(), InboundDrop> {
+    if packet.first().is_some_and(|b| b >> 4 == 6) {
+        return check6(packet, services, tunnel_ip.map(tunnel_ipv6));
+    }
     let [vihl, _, _, _, _, _, f0, f1, _, proto, _, _, s0, s1, s2, s3, d0, d1, d2, d3, ..] = *packet
     else {
         return Err(InboundDrop::Malformed);
@@ -74,6 +90,69 @@ pub fn check(
             Some(0) => s.icmp,
             Some(3) | Some(11) => true,
             _ => later_fragment && s.icmp,
+        },
+        _ => false,
+    };
+    if ours.any(allowed) {
+        Ok(())
+    } else {
+        Err(InboundDrop::PortOrProtocol)
+    }
+}
+
+/// [`check`] for an IPv6 packet; `own` is the agent's IPv6 tunnel address.
+fn check6(
+    packet: &[u8],
+    services: &[ServiceDef],
+    own: Option<Ipv6Addr>,
+) -> Result<(), InboundDrop> {
+    const HEADER: usize = 40;
+    if packet.len() < HEADER {
+        return Err(InboundDrop::Malformed);
+    }
+    let payload_len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+    let Some(payload) = packet.get(HEADER..HEADER + payload_len) else {
+        return Err(InboundDrop::Malformed);
+    };
+    let addr = |at: usize| {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&packet[at..at + 16]);
+        Ipv6Addr::from(a)
+    };
+    if own != Some(addr(24)) {
+        return Err(InboundDrop::Destination);
+    }
+    let src = addr(8);
+    let mut ours = services.iter().filter(|s| s.covers6(src)).peekable();
+    if ours.peek().is_none() {
+        return Err(InboundDrop::Source);
+    }
+    let (proto, l4, later_fragment) = match packet[6] {
+        FRAGMENT => {
+            let [next, _, o0, o1, _, _, _, _, ref rest @ ..] = *payload else {
+                return Err(InboundDrop::Malformed);
+            };
+            let offset = u16::from_be_bytes([o0, o1]) >> 3;
+            (next, rest, offset != 0)
+        }
+        next => (next, payload, false),
+    };
+    let src_port = match l4 {
+        [a, b, ..] => Some(u16::from_be_bytes([*a, *b])),
+        _ => None,
+    };
+    let allowed = |s: &ServiceDef| match proto {
+        TCP if later_fragment => !s.tcp.is_empty(),
+        UDP if later_fragment => !s.udp.is_empty(),
+        TCP => src_port.is_some_and(|p| s.allows_tcp(p)) || is_reset(l4),
+        UDP => src_port.is_some_and(|p| s.allows_udp(p)),
+        ICMPV6 if later_fragment => s.icmp,
+        // Echo reply where the service answers ICMP; destination unreachable, packet too big
+        // and time exceeded from any service.
+        ICMPV6 => match l4.first() {
+            Some(129) => s.icmp,
+            Some(1..=3) => true,
+            _ => false,
         },
         _ => false,
     };
@@ -212,6 +291,7 @@ mod tests {
         );
         // Garbage.
         assert_eq!(check(&[0x45; 10]), Err(InboundDrop::Malformed));
+        assert_eq!(check(&[0x60; 39]), Err(InboundDrop::Malformed));
         assert_eq!(check(&[0x60; 40]), Err(InboundDrop::Malformed));
         let mut bad_ihl = packet(TCP, [10, 100, 0, 1], TIP, &[]);
         bad_ihl[0] = 0x4f;
@@ -227,10 +307,166 @@ mod tests {
         );
     }
 
+    const SVC6: &str = "fd00:9::1";
+
+    fn svc6(last: u8, tcp: &[u16], udp: &[u16], icmp: bool) -> ServiceDef {
+        let mut s = svc(last, tcp, udp, icmp);
+        s.address6 = Some(format!("fd00:9::{last}").parse().unwrap());
+        s
+    }
+
+    fn v6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    fn reply6(
+        src: &str,
+        dst: Ipv6Addr,
+        f: impl FnOnce(etherparse::PacketBuilderStep<etherparse::IpHeaders>) -> Vec<u8>,
+    ) -> Vec<u8> {
+        f(etherparse::PacketBuilder::ipv6(
+            v6(src).octets(),
+            dst.octets(),
+            64,
+        ))
+    }
+
+    fn udp_reply6(src: &str, dst: Ipv6Addr, sport: u16) -> Vec<u8> {
+        reply6(src, dst, |b| {
+            let mut out = Vec::new();
+            b.udp(sport, 40000).write(&mut out, b"answer").unwrap();
+            out
+        })
+    }
+
+    #[test]
+    fn ipv6_answers_from_own_services_pass_and_others_are_dropped() {
+        let mine = [svc6(1, &[80], &[53], true), svc6(2, &[], &[7], false)];
+        let own = tunnel_ipv6(TIP);
+        let check = |p: &[u8]| check(p, &mine, Some(TIP));
+        assert_eq!(check(&udp_reply6(SVC6, own, 53)), Ok(()));
+        assert_eq!(check(&udp_reply6("fd00:9::2", own, 7)), Ok(()));
+        let tcp = |src: &str, sport: u16, rst: bool| {
+            reply6(src, own, |b| {
+                let b = b.tcp(sport, 40000, 1, 1000).ack(1);
+                let b = if rst { b.rst() } else { b };
+                let mut out = Vec::new();
+                b.write(&mut out, &[]).unwrap();
+                out
+            })
+        };
+        assert_eq!(check(&tcp(SVC6, 80, false)), Ok(()));
+        assert_eq!(check(&tcp("fd00:9::2", 22, true)), Ok(()), "a refusal");
+        let icmp = |src: &str, ty: u8| {
+            reply6(src, own, |b| {
+                let mut out = Vec::new();
+                match ty {
+                    129 => b.icmpv6_echo_reply(1, 1).write(&mut out, b"ping"),
+                    t => b.icmpv6_raw(t, 4, [0; 4]).write(&mut out, &[0; 48]),
+                }
+                .unwrap();
+                out
+            })
+        };
+        assert_eq!(check(&icmp(SVC6, 129)), Ok(()));
+        assert_eq!(check(&icmp("fd00:9::2", 1)), Ok(()), "port unreachable");
+        // Attacks: another connector's address, the IPv4 address's service without IPv6, the
+        // agent's other addresses, a port or ICMPv6 type the service does not offer.
+        assert_eq!(
+            check(&udp_reply6("fd00:9::9", own, 53)),
+            Err(InboundDrop::Source)
+        );
+        assert_eq!(
+            super::check(
+                &udp_reply6(SVC6, own, 53),
+                &[svc(1, &[], &[53], false)],
+                Some(TIP)
+            ),
+            Err(InboundDrop::Source)
+        );
+        assert_eq!(
+            check(&udp_reply6(SVC6, v6("fd7a:7a74:6e61:7475::6440:3"), 53)),
+            Err(InboundDrop::Destination)
+        );
+        assert_eq!(
+            check(&udp_reply6(SVC6, v6("fe80::1"), 53)),
+            Err(InboundDrop::Destination)
+        );
+        assert_eq!(
+            super::check(&udp_reply6(SVC6, own, 53), &mine, None),
+            Err(InboundDrop::Destination)
+        );
+        assert_eq!(
+            check(&udp_reply6(SVC6, own, 54)),
+            Err(InboundDrop::PortOrProtocol)
+        );
+        assert_eq!(
+            check(&tcp("fd00:9::2", 7, false)),
+            Err(InboundDrop::PortOrProtocol)
+        );
+        assert_eq!(
+            check(&icmp("fd00:9::2", 129)),
+            Err(InboundDrop::PortOrProtocol)
+        );
+        assert_eq!(
+            check(&icmp(SVC6, 134)),
+            Err(InboundDrop::PortOrProtocol),
+            "a router advertisement"
+        );
+        // Fragments: the first on its ports, later ones on addresses and protocol.
+        let frag = |offset: u16, sport: u16| {
+            let mut p = udp_reply6(SVC6, own, sport);
+            p[6] = FRAGMENT;
+            let h = [
+                UDP,
+                0,
+                (offset << 3).to_be_bytes()[0],
+                (offset << 3).to_be_bytes()[1] | 1,
+                0,
+                0,
+                0,
+                9,
+            ];
+            p.splice(40..40, h);
+            let len = u16::try_from(p.len() - 40).unwrap();
+            p[4..6].copy_from_slice(&len.to_be_bytes());
+            p
+        };
+        assert_eq!(check(&frag(0, 53)), Ok(()));
+        assert_eq!(check(&frag(0, 54)), Err(InboundDrop::PortOrProtocol));
+        assert_eq!(check(&frag(100, 1)), Ok(()));
+        // Another extension header (hop-by-hop options): dropped.
+        let mut hbh = udp_reply6(SVC6, own, 53);
+        hbh[6] = 0;
+        hbh.splice(40..40, [UDP, 0, 1, 4, 0, 0, 0, 0]);
+        let len = u16::try_from(hbh.len() - 40).unwrap();
+        hbh[4..6].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(check(&hbh), Err(InboundDrop::PortOrProtocol));
+        // A payload length beyond the packet.
+        let mut long = udp_reply6(SVC6, own, 53);
+        long[4] = 0xff;
+        assert_eq!(check(&long), Err(InboundDrop::Malformed));
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
             let mine = [svc(1, &[80], &[53], true)];
+            let _ = check(&bytes, &mine, Some(TIP));
+        }
+
+        #[test]
+        fn version_6_never_panics(mut bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120), len in 0u16..90, next in proptest::prelude::any::<u8>()) {
+            let mine = [svc6(1, &[80], &[53], true)];
+            if let Some(b) = bytes.first_mut() {
+                *b = 0x60;
+            }
+            if bytes.len() >= 40 {
+                bytes[4..6].copy_from_slice(&len.to_be_bytes());
+                bytes[6] = next;
+                bytes[8..24].copy_from_slice(&v6(SVC6).octets());
+                bytes[24..40].copy_from_slice(&tunnel_ipv6(TIP).octets());
+            }
             let _ = check(&bytes, &mine, Some(TIP));
         }
     }

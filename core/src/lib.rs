@@ -44,6 +44,7 @@ pub mod inbound;
 pub mod metrics_http;
 pub mod mux;
 pub mod names;
+pub mod outbound;
 pub mod path;
 pub mod pki;
 pub mod reload;

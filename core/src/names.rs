@@ -9,8 +9,10 @@
 //!
 //! What the agent answers, for a query in one of its *match domains* (the domains of its name
 //! services' patterns, plus configured ones):
-//! - a name a reachable service answers to: `A` with its virtual address; any other type
-//!   (`AAAA` too, until IPv6 exists) NOERROR with no records;
+//! - a name a reachable service answers to: `A` with its virtual address; `AAAA` with its
+//!   virtual IPv6 address where the service has an IPv6 pool (the address at the same offset
+//!   as the IPv4 one, [`ServiceDef::to_v6`]), else NOERROR with no records, as for any other
+//!   type;
 //! - any other name: NXDOMAIN, what a real resolver says for a name that does not exist (the
 //!   identity learns nothing about services it may not reach).
 //!
@@ -18,11 +20,11 @@
 //! configured).
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{rdata::A, Name, RData, Record, RecordType};
-use ipnet::Ipv4Net;
+use hickory_proto::rr::{rdata::A, rdata::AAAA, Name, RData, Record, RecordType};
+use ipnet::{Ipv4Net, Ipv6Net};
 use ztna_proto::names::{in_domain, normalize_name, DomainPattern, NameMapping};
 use ztna_proto::ServiceDef;
 
@@ -39,7 +41,24 @@ struct NameService {
     name: String,
     connector: String,
     pool: Ipv4Net,
+    /// The IPv6 pool, as large as `pool`, if the service has one.
+    pool6: Option<Ipv6Net>,
     patterns: Vec<DomainPattern>,
+}
+
+impl NameService {
+    /// The IPv6 address at the offset of `v4` in the pool (the pools have the same size,
+    /// [`ServiceDef::prefix6`]).
+    fn to_v6(&self, v4: Ipv4Addr) -> Option<Ipv6Addr> {
+        let net = self.pool6?;
+        if !self.pool.contains(&v4) {
+            return None;
+        }
+        let offset = u32::from(v4) - u32::from(self.pool.network());
+        Some(Ipv6Addr::from(
+            u128::from(net.network()) + u128::from(offset),
+        ))
+    }
 }
 
 /// One mapping: a name, its virtual address, and the service (and connector) it belongs to.
@@ -49,6 +68,9 @@ pub struct Mapping {
     pub name: String,
     /// Its virtual address.
     pub address: Ipv4Addr,
+    /// Its virtual IPv6 address (the same offset in the service's IPv6 pool), if the service
+    /// has one.
+    pub address6: Option<Ipv6Addr>,
     /// The name service.
     pub service: String,
     /// The connector serving it.
@@ -113,6 +135,7 @@ impl NameBook {
                 name: s.name.clone(),
                 connector: s.connector.clone(),
                 pool: s.prefix(),
+                pool6: s.prefix6(),
                 patterns: s.patterns(),
             })
             .collect();
@@ -128,7 +151,9 @@ impl NameBook {
             .collect();
         self.by_name.clear();
         self.by_addr.clear();
-        for m in keep {
+        for mut m in keep {
+            // The IPv6 pool may have come, gone or moved: the IPv4 address decides.
+            m.address6 = self.best(&m.name).and_then(|s| s.to_v6(m.address));
             self.by_addr.insert(m.address, m.name.clone());
             self.by_name.insert(m.name.clone(), m);
         }
@@ -206,6 +231,7 @@ impl NameBook {
         let m = Mapping {
             name: name.clone(),
             address,
+            address6: svc.to_v6(address),
             service: svc.name.clone(),
             connector: svc.connector.clone(),
             confirmed: false,
@@ -288,7 +314,11 @@ impl NameBook {
             }
             Lookup::Full => reply(&msg, ResponseCode::ServFail, None, Outcome::Failed),
             Lookup::Mapped(m) => {
-                let answer = (qtype == RecordType::A).then_some(m.address);
+                let answer = match qtype {
+                    RecordType::A => Some(IpAddr::V4(m.address)),
+                    RecordType::AAAA => m.address6.map(IpAddr::V6),
+                    _ => None,
+                };
                 let Decision::Reply { bytes, .. } =
                     reply(&msg, ResponseCode::NoError, answer, Outcome::Answered)
                 else {
@@ -360,7 +390,7 @@ pub enum Decision {
     Drop,
 }
 
-fn reply(query: &Message, code: ResponseCode, a: Option<Ipv4Addr>, outcome: Outcome) -> Decision {
+fn reply(query: &Message, code: ResponseCode, a: Option<IpAddr>, outcome: Outcome) -> Decision {
     let mut m = Message::response(query.metadata.id, query.metadata.op_code);
     m.metadata.recursion_desired = query.metadata.recursion_desired;
     m.metadata.recursion_available = true;
@@ -368,11 +398,11 @@ fn reply(query: &Message, code: ResponseCode, a: Option<Ipv4Addr>, outcome: Outc
     m.metadata.response_code = code;
     m.add_queries(query.queries.iter().cloned());
     if let (Some(addr), Some(q)) = (a, query.queries.first()) {
-        m.add_answer(Record::from_rdata(
-            q.name().clone(),
-            ANSWER_TTL,
-            RData::A(A(addr)),
-        ));
+        let data = match addr {
+            IpAddr::V4(a) => RData::A(A(a)),
+            IpAddr::V6(a) => RData::AAAA(AAAA(a)),
+        };
+        m.add_answer(Record::from_rdata(q.name().clone(), ANSWER_TTL, data));
     }
     match m.to_vec() {
         Ok(bytes) => Decision::Reply { bytes, outcome },
@@ -611,6 +641,63 @@ mod tests {
         assert_eq!(parse(&bytes).metadata.response_code, ResponseCode::Refused);
         assert_eq!(b.decide(b"\x00\x01garbage", true), Decision::Drop);
         assert_eq!(b.decide(&[], true), Decision::Drop);
+    }
+
+    #[test]
+    fn aaaa_answers_the_address_at_the_same_offset_of_the_ipv6_pool() {
+        let mut wiki = name_svc("wiki", &["wiki.corp.example"], [10, 101, 0, 0], 24);
+        wiki.address6 = Some("fd00:9::100".parse().unwrap());
+        let mut b = NameBook::new(&[], 100);
+        b.set_catalog(&[wiki.clone()]);
+        let answer = |b: &mut NameBook, qtype| {
+            let bytes = match b.decide(&query("wiki.corp.example.", qtype), true) {
+                Decision::Reply { bytes, .. } => bytes,
+                Decision::Confirm { reply, .. } => reply,
+                other => panic!("{other:?}"),
+            };
+            let r = parse(&bytes);
+            assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+            r.answers.iter().map(|a| a.data.clone()).collect::<Vec<_>>()
+        };
+        // AAAA first: the mapping is made by it, the connector is told the IPv4 address.
+        let Decision::Confirm { mapping, .. } =
+            b.decide(&query("wiki.corp.example.", RecordType::AAAA), true)
+        else {
+            panic!()
+        };
+        let v6 = wiki.to_v6(mapping.address).unwrap();
+        assert!(wiki.covers6(v6));
+        assert_eq!(
+            answer(&mut b, RecordType::AAAA),
+            vec![RData::AAAA(AAAA(v6))]
+        );
+        assert_eq!(
+            answer(&mut b, RecordType::A),
+            vec![RData::A(A(mapping.address))]
+        );
+        let Lookup::Mapped(m) = b.lookup("wiki.corp.example") else {
+            panic!()
+        };
+        assert_eq!((m.address, m.address6), (mapping.address, Some(v6)));
+        // Other types: no records.
+        assert!(answer(&mut b, RecordType::MX).is_empty());
+        // The IPv6 pool goes: AAAA gets no records, A stays the same address.
+        let mut v4_only = wiki.clone();
+        v4_only.address6 = None;
+        b.set_catalog(&[v4_only]);
+        assert!(answer(&mut b, RecordType::AAAA).is_empty());
+        assert_eq!(
+            answer(&mut b, RecordType::A),
+            vec![RData::A(A(mapping.address))]
+        );
+        // And comes back, elsewhere.
+        let mut moved = wiki;
+        moved.address6 = Some("fd00:8::".parse().unwrap());
+        b.set_catalog(&[moved.clone()]);
+        assert_eq!(
+            answer(&mut b, RecordType::AAAA),
+            vec![RData::AAAA(AAAA(moved.to_v6(mapping.address).unwrap()))]
+        );
     }
 
     #[test]

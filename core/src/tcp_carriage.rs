@@ -36,18 +36,34 @@ pub fn frame_header(packet: &[u8]) -> Option<[u8; HEADER_LEN]> {
 }
 
 /// Whether a TCP segment from the connector's stack needs the reliable carriage: anything but
-/// a pure ACK of an unfragmented IPv4 TCP segment (which goes as a datagram, see the module
-/// documentation). Anything that does not parse goes on the carriage, as before.
+/// a pure ACK of an unfragmented IPv4 TCP segment or of an IPv6 TCP segment without extension
+/// headers (which goes as a datagram, see the module documentation). Anything that does not
+/// parse goes on the carriage, as before.
 pub fn needs_carriage(packet: &[u8]) -> bool {
     const SYN_FIN_RST: u8 = 0x07;
-    let Ok(ip) = etherparse::Ipv4HeaderSlice::from_slice(packet) else {
-        return true;
+    let body = match packet.first().map(|b| b >> 4) {
+        Some(6) => {
+            let Ok(ip) = etherparse::Ipv6HeaderSlice::from_slice(packet) else {
+                return true;
+            };
+            if ip.next_header() != etherparse::IpNumber::TCP {
+                return true;
+            }
+            let total = usize::from(ip.payload_length()) + ip.slice().len();
+            packet.get(ip.slice().len()..total.min(packet.len()))
+        }
+        _ => {
+            let Ok(ip) = etherparse::Ipv4HeaderSlice::from_slice(packet) else {
+                return true;
+            };
+            if ip.protocol() != etherparse::IpNumber::TCP || ip.is_fragmenting_payload() {
+                return true;
+            }
+            let total = usize::from(ip.total_len()).min(packet.len());
+            packet.get(ip.slice().len()..total)
+        }
     };
-    if ip.protocol() != etherparse::IpNumber::TCP || ip.is_fragmenting_payload() {
-        return true;
-    }
-    let total = usize::from(ip.total_len()).min(packet.len());
-    let Some(body) = packet.get(ip.slice().len()..total) else {
+    let Some(body) = body else {
         return true;
     };
     let Ok(tcp) = etherparse::TcpHeaderSlice::from_slice(body) else {
@@ -135,6 +151,21 @@ mod tests {
             .write(&mut udp, &[])
             .unwrap();
         assert!(needs_carriage(&udp));
+        // IPv6: the same, and an IPv6 segment is not read as IPv4.
+        let seg6 = |data: &[u8], fin: bool| {
+            let b = etherparse::PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64)
+                .tcp(80, 40000, 1, 1000)
+                .ack(5);
+            let b = if fin { b.fin() } else { b };
+            let mut out = Vec::new();
+            b.write(&mut out, data).unwrap();
+            out
+        };
+        assert!(!needs_carriage(&seg6(&[], false)));
+        assert!(needs_carriage(&seg6(b"data", false)));
+        assert!(needs_carriage(&seg6(&[], true)));
+        assert!(needs_carriage(&seg6(&[], false)[..50]));
+        assert!(needs_carriage(&[0x60; 10]));
     }
 
     use super::*;

@@ -25,10 +25,11 @@
 //! next segment).
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use etherparse::PacketBuilder;
+use ztna_proto::service::tunnel_ipv6;
 
 const TCP: u8 = 6;
 const FIN: u8 = 0x01;
@@ -46,7 +47,7 @@ const PROBE_BEHIND: u32 = 1 << 30;
 /// A TCP connection as seen from the server: service address and port, the client's port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct FlowKey {
-    server: Ipv4Addr,
+    server: IpAddr,
     server_port: u16,
     client_port: u16,
 }
@@ -105,7 +106,8 @@ impl TcpFlows {
     }
 
     /// Notes one packet from the connector (already through the inbound check). Anything but
-    /// a well-formed, unfragmented IPv4 TCP segment is ignored.
+    /// a well-formed, unfragmented IPv4 TCP segment, or an IPv6 one without extension headers,
+    /// is ignored.
     pub fn observe(&mut self, packet: &[u8], now: Instant) {
         let Some(seg) = Segment::parse(packet) else {
             return;
@@ -180,7 +182,8 @@ impl TcpFlows {
     }
 
     /// Forgets every connection and returns, per connection, a reset from the server to the
-    /// client at `client` (the agent's tunnel IP) and the probe that makes the client's kernel
+    /// client at `client` (the agent's tunnel IP, or for an IPv6 connection its IPv6 tunnel
+    /// address) and the probe that makes the client's kernel
     /// say which number it expects, to hand to the platform's tunnel device; remembers the
     /// connections for [`RESET_MEMORY`] so that [`TcpFlows::outbound`] can answer them.
     pub fn take_resets(&mut self, client: Ipv4Addr, now: Instant) -> Vec<Vec<u8>> {
@@ -193,6 +196,10 @@ impl TcpFlows {
                 self.reset.insert(k, until);
             }
             let (src, sport, dport) = (k.server, k.server_port, k.client_port);
+            let client = match src {
+                IpAddr::V4(_) => IpAddr::V4(client),
+                IpAddr::V6(_) => IpAddr::V6(tunnel_ipv6(client)),
+            };
             out.extend(segment(src, sport, client, dport, f.next_seq, RST, 0));
             let behind = f.next_seq.wrapping_sub(PROBE_BEHIND);
             out.extend(segment(src, sport, client, dport, behind, ACK, 0));
@@ -271,8 +278,8 @@ impl TcpFlows {
 
 /// The fields of a TCP segment the table needs.
 struct Segment {
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: IpAddr,
+    dst: IpAddr,
     src_port: u16,
     dst_port: u16,
     seq: u32,
@@ -283,17 +290,40 @@ struct Segment {
 
 impl Segment {
     fn parse(packet: &[u8]) -> Option<Segment> {
-        let ip = etherparse::Ipv4HeaderSlice::from_slice(packet).ok()?;
-        if ip.protocol().0 != TCP || ip.is_fragmenting_payload() {
-            return None;
-        }
-        let total = usize::from(ip.total_len()).min(packet.len());
-        let body = packet.get(ip.slice().len()..total)?;
+        let (src, dst, body) = match packet.first()? >> 4 {
+            4 => {
+                let ip = etherparse::Ipv4HeaderSlice::from_slice(packet).ok()?;
+                if ip.protocol().0 != TCP || ip.is_fragmenting_payload() {
+                    return None;
+                }
+                let total = usize::from(ip.total_len()).min(packet.len());
+                let body = packet.get(ip.slice().len()..total)?;
+                (
+                    IpAddr::V4(ip.source_addr()),
+                    IpAddr::V4(ip.destination_addr()),
+                    body,
+                )
+            }
+            6 => {
+                let ip = etherparse::Ipv6HeaderSlice::from_slice(packet).ok()?;
+                if ip.next_header().0 != TCP {
+                    return None;
+                }
+                let total = usize::from(ip.payload_length()) + ip.slice().len();
+                let body = packet.get(ip.slice().len()..total.min(packet.len()))?;
+                (
+                    IpAddr::V6(ip.source_addr()),
+                    IpAddr::V6(ip.destination_addr()),
+                    body,
+                )
+            }
+            _ => return None,
+        };
         let tcp = etherparse::TcpHeaderSlice::from_slice(body).ok()?;
         let flags = body[13];
         Some(Segment {
-            src: ip.source_addr(),
-            dst: ip.destination_addr(),
+            src,
+            dst,
             src_port: tcp.source_port(),
             dst_port: tcp.destination_port(),
             seq: tcp.sequence_number(),
@@ -305,18 +335,23 @@ impl Segment {
 }
 
 /// An empty segment from `src:sport` to `dst:dport` with sequence number `seq` and `flags`
-/// (RST and/or ACK; `ack` is used with ACK).
+/// (RST and/or ACK; `ack` is used with ACK). `None` if the addresses are of two families.
 fn segment(
-    src: Ipv4Addr,
+    src: IpAddr,
     sport: u16,
-    dst: Ipv4Addr,
+    dst: IpAddr,
     dport: u16,
     seq: u32,
     flags: u8,
     ack: u32,
 ) -> Option<Vec<u8>> {
+    let ip = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
+        _ => return None,
+    };
     // Window 0: nothing in it invites the client to send more.
-    let builder = PacketBuilder::ipv4(src.octets(), dst.octets(), 64).tcp(sport, dport, seq, 0);
+    let builder = ip.tcp(sport, dport, seq, 0);
     let builder = if flags & RST != 0 {
         builder.rst()
     } else {
@@ -554,6 +589,62 @@ mod tests {
             Outbound::Pass
         );
         assert!(!f.resetting());
+    }
+
+    #[test]
+    fn ipv6_connections_are_reset_to_the_agents_ipv6_address() {
+        use std::net::Ipv6Addr;
+        let server: Ipv6Addr = "fd00:9::1".parse().unwrap();
+        let client = tunnel_ipv6(CLIENT);
+        let seg6 = |src: Ipv6Addr,
+                    dst: Ipv6Addr,
+                    sport: u16,
+                    dport: u16,
+                    seq: u32,
+                    ack: u32,
+                    payload: usize| {
+            let mut out = Vec::new();
+            PacketBuilder::ipv6(src.octets(), dst.octets(), 64)
+                .tcp(sport, dport, seq, 1000)
+                .ack(ack)
+                .write(&mut out, &vec![0xab; payload])
+                .unwrap();
+            out
+        };
+        let t0 = Instant::now();
+        let mut f = TcpFlows::new(16, Duration::from_secs(60));
+        f.observe(&seg6(server, client, 80, 40000, 9000, 1, 100), t0);
+        // An IPv6 segment is not mistaken for IPv4, nor IPv4 for IPv6: one connection each.
+        f.observe(&segment(80, 40000, 5000, 0, 10), t0);
+        assert_eq!(f.len(), 2);
+        let all = f.take_resets(CLIENT, t0);
+        assert_eq!(all.len(), 4);
+        let v6: Vec<_> = all.iter().filter(|p| p[0] >> 4 == 6).collect();
+        assert_eq!(v6.len(), 2);
+        let s = etherparse::SlicedPacket::from_ip(v6[0]).unwrap();
+        let Some(etherparse::NetSlice::Ipv6(ip)) = s.net else {
+            panic!("not IPv6")
+        };
+        let Some(etherparse::TransportSlice::Tcp(t)) = s.transport else {
+            panic!("not TCP")
+        };
+        assert_eq!(ip.header().source_addr(), server);
+        assert_eq!(ip.header().destination_addr(), client);
+        assert_eq!((t.source_port(), t.destination_port()), (80, 40000));
+        assert!(t.rst());
+        assert_eq!(t.sequence_number(), 9100);
+        let h = t.to_header();
+        assert_eq!(
+            h.calc_checksum_ipv6(&ip.header().to_header(), t.payload())
+                .unwrap(),
+            h.checksum
+        );
+        // The client's next segment on it is answered with an exact IPv6 reset.
+        let Outbound::Reset(r) = f.outbound(&seg6(client, server, 40000, 80, 1, 9050, 0), t0)
+        else {
+            panic!("not answered")
+        };
+        assert_eq!(r[0] >> 4, 6);
     }
 
     proptest! {

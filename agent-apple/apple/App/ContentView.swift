@@ -62,7 +62,8 @@ struct StatusView: View {
             VStack(alignment: .leading, spacing: 6) {
                 Text("Relay \(s.relay): \(s.connected ? "connected" : "not connected")"
                      + (s.relayRttMs.map { String(format: ", RTT %.1f ms", $0) } ?? ""))
-                Text("Identity \(s.identity), tunnel IP \(s.tunnelIp ?? "-")")
+                Text("Identity \(s.identity), tunnel IP \(s.tunnelIp ?? "-")"
+                     + (s.tunnelIpv6.map { ", \($0)" } ?? ""))
                 Table(s.connectors) {
                     TableColumn("Connector") { Text($0.name) }
                     TableColumn("Path") { Text($0.path) }

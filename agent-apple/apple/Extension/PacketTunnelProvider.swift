@@ -59,10 +59,18 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
             NEIPv4Route(destinationAddress: $0.address, subnetMask: $0.subnetMask ?? "255.255.255.255")
         }
         settings.ipv4Settings = ipv4
+        // IPv6: the tunnel address (/128), the services' IPv6 routes, and the relay or peers
+        // that have IPv6 addresses kept out of the tunnel.
+        let v6Included = s.includedRoutes.filter { $0.subnetMask == nil }
         let v6Excluded = s.excludedRoutes.filter { $0.subnetMask == nil }
-        if !v6Excluded.isEmpty {
-            let ipv6 = NEIPv6Settings(addresses: [], networkPrefixLengths: [])
-            ipv6.includedRoutes = []
+        if s.ipv6Address != nil || !v6Excluded.isEmpty {
+            let addresses = s.ipv6Address.map { [$0] } ?? []
+            let ipv6 = NEIPv6Settings(
+                addresses: addresses,
+                networkPrefixLengths: addresses.map { _ in NSNumber(value: 128) })
+            ipv6.includedRoutes = v6Included.map {
+                NEIPv6Route(destinationAddress: $0.address, networkPrefixLength: NSNumber(value: $0.prefix))
+            }
             ipv6.excludedRoutes = v6Excluded.map {
                 NEIPv6Route(destinationAddress: $0.address, networkPrefixLength: NSNumber(value: $0.prefix))
             }

@@ -1,6 +1,6 @@
 import Foundation
 
-/// One route of the settings callback.
+/// One route of the settings callback: IPv4 with a `subnetMask`, IPv6 without.
 public struct Route: Codable, Equatable {
     public let address: String
     public let prefix: UInt8
@@ -17,6 +17,8 @@ public struct DnsSettings: Codable, Equatable {
 public struct NetworkSettings: Codable, Equatable {
     public let tunnelRemoteAddress: String
     public let ipv4Address: String
+    /// The IPv6 tunnel address (prefix length 128); nil when the tunnel carries IPv4 only.
+    public let ipv6Address: String?
     public let mtu: UInt16
     public let includedRoutes: [Route]
     public let excludedRoutes: [Route]

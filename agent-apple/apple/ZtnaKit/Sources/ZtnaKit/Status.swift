@@ -30,6 +30,8 @@ public struct AgentStatus: Codable, Equatable {
     public let connected: Bool
     public let identity: String
     public let tunnelIp: String?
+    /// The IPv6 tunnel address (derived from `tunnelIp`); absent from older agents.
+    public let tunnelIpv6: String?
     public let observedAddr: String?
     public let relayRttMs: Double?
     public let mtu: UInt16

@@ -1,0 +1,526 @@
+//! The agent's check of IPv6 packets from the platform, pure.
+//!
+//! An IPv6 packet read from the tunnel device goes to a connector only if its source is the
+//! agent's own IPv6 tunnel address ([`ztna_proto::service::tunnel_ipv6`] of its IPv4 one), its
+//! destination is an IPv6 address of a service policy gave the agent
+//! ([`ztna_proto::ServiceDef::covers6`]), and its protocol and port are ones that service
+//! offers (a TCP or UDP port, or an ICMPv6 echo request where it answers ICMP). Everything else
+//! is dropped and counted here, by reason ([`OutboundDrop`]):
+//! - what the kernel says to the link itself (neighbour discovery, router solicitations, MLD
+//!   reports, anything to a multicast or link-local address): [`OutboundDrop::Local`], quietly;
+//! - any extension header ([`OutboundDrop::ExtensionHeader`]) and fragments
+//!   ([`OutboundDrop::Fragment`]): the connector accepts neither, and a fragment's ports can't
+//!   be checked. The tunnel MTU (at least 1280) fits every TCP segment; only a UDP datagram
+//!   larger than the MTU would be fragmented by the sender, and it is dropped.
+//!
+//! A packet refused for its port or protocol (the client reached a service it was given, on a
+//! port it does not offer) is answered at once, as the connector answers refused IPv4 packets
+//! ([`refusal6`]): a TCP reset, or ICMPv6 "administratively prohibited", so the client's
+//! connection fails now instead of timing out.
+//!
+//! Only the fixed header and the first bytes of the transport header are read; nothing is
+//! allocated (except for a refusal's answer).
+
+use std::net::Ipv6Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ztna_proto::ServiceDef;
+
+/// Length of the IPv6 fixed header.
+pub const IPV6_HEADER: usize = 40;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+/// The IPv6 next-header number of ICMPv6.
+pub const ICMPV6: u8 = 58;
+const FRAGMENT: u8 = 44;
+/// Next-header values that are extension headers (RFC 8200 4, RFC 7045), and No Next Header.
+const EXTENSION_HEADERS: [u8; 10] = [0, 43, 50, 51, 59, 60, 135, 139, 140, 253];
+const EXPERIMENTAL_EXTENSION: u8 = 254;
+
+const ECHO_REQUEST: u8 = 128;
+
+/// Why an IPv6 packet from the platform was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboundDrop {
+    /// Too short, not version 6, or a payload length beyond the packet.
+    Malformed,
+    /// The kernel talking to the link (neighbour discovery, router solicitation, MLD, any
+    /// multicast or link-local address): not for a service, dropped quietly.
+    Local,
+    /// The source is not the agent's IPv6 tunnel address (or the agent has none yet).
+    Source,
+    /// An extension header other than a fragment header.
+    ExtensionHeader,
+    /// A fragment.
+    Fragment,
+    /// The destination is no service's IPv6 address.
+    NoRoute,
+    /// The service does not offer that protocol or port.
+    PortOrProtocol,
+}
+
+/// What an IPv6 packet asks of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// A TCP segment to this port.
+    Tcp(u16),
+    /// A UDP datagram to this port.
+    Udp(u16),
+    /// An ICMPv6 echo request.
+    Echo,
+}
+
+impl Want {
+    /// Whether `svc` offers it.
+    pub fn allowed_by(self, svc: &ServiceDef) -> bool {
+        match self {
+            Want::Tcp(p) => svc.allows_tcp(p),
+            Want::Udp(p) => svc.allows_udp(p),
+            Want::Echo => svc.icmp,
+        }
+    }
+}
+
+/// An IPv6 packet that passed the checks that need no catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Packet6 {
+    /// Its destination.
+    pub dst: Ipv6Addr,
+    /// Its protocol and port.
+    pub want: Want,
+}
+
+fn addr(b: &[u8]) -> Ipv6Addr {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[..16]);
+    Ipv6Addr::from(a)
+}
+
+/// Whether `a` is link-scoped: link-local unicast, or multicast.
+fn link_scoped(a: Ipv6Addr) -> bool {
+    a.is_multicast() || (a.segments()[0] & 0xffc0) == 0xfe80
+}
+
+/// Checks an IPv6 packet from the platform as far as it can without the catalog: well formed,
+/// not the kernel's link chatter, from `own` (the agent's IPv6 tunnel address), no extension
+/// header or fragment, and a protocol a service can offer.
+pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, OutboundDrop> {
+    if packet.len() < IPV6_HEADER || packet[0] >> 4 != 6 {
+        return Err(OutboundDrop::Malformed);
+    }
+    let payload_len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+    if IPV6_HEADER + payload_len > packet.len() {
+        return Err(OutboundDrop::Malformed);
+    }
+    let next = packet[6];
+    let src = addr(&packet[8..24]);
+    let dst = addr(&packet[24..40]);
+    if link_scoped(dst) || link_scoped(src) || src.is_unspecified() {
+        return Err(OutboundDrop::Local);
+    }
+    if own != Some(src) {
+        return Err(OutboundDrop::Source);
+    }
+    let l4 = &packet[IPV6_HEADER..IPV6_HEADER + payload_len];
+    let port = || match l4 {
+        [_, _, a, b, ..] => Ok(u16::from_be_bytes([*a, *b])),
+        _ => Err(OutboundDrop::Malformed),
+    };
+    let want = match next {
+        TCP => Want::Tcp(port()?),
+        UDP => Want::Udp(port()?),
+        ICMPV6 => match l4.first() {
+            Some(&ECHO_REQUEST) => Want::Echo,
+            // Router and neighbour discovery, MLD (unicast ones too): the link's business.
+            Some(130..=137) | Some(143) => return Err(OutboundDrop::Local),
+            Some(_) => return Err(OutboundDrop::PortOrProtocol),
+            None => return Err(OutboundDrop::Malformed),
+        },
+        FRAGMENT => return Err(OutboundDrop::Fragment),
+        n if EXTENSION_HEADERS.contains(&n) || n == EXPERIMENTAL_EXTENSION => {
+            return Err(OutboundDrop::ExtensionHeader)
+        }
+        _ => return Err(OutboundDrop::PortOrProtocol),
+    };
+    Ok(Packet6 { dst, want })
+}
+
+/// The answer to a packet [`classify6`] passed but the service refused for its port or
+/// protocol (it is from the agent's own address, and well formed): to a TCP segment other than
+/// a reset, a reset (RFC 9293 3.10.7.1); to a UDP datagram or an ICMPv6 echo request, ICMPv6
+/// destination unreachable, administratively prohibited, carrying as much of the packet as
+/// fits in 1280 bytes (RFC 4443 3.1). `None` for anything else.
+pub fn refusal6(packet: &[u8]) -> Option<Vec<u8>> {
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    const MAX_ERROR: usize = 1280;
+    if packet.len() < IPV6_HEADER || packet[0] >> 4 != 6 {
+        return None;
+    }
+    let payload_len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+    let l4 = packet.get(IPV6_HEADER..IPV6_HEADER + payload_len)?;
+    let (src, dst) = (addr(&packet[8..24]), addr(&packet[24..40]));
+    let ip = etherparse::PacketBuilder::ipv6(dst.octets(), src.octets(), 64);
+    let mut out = Vec::new();
+    match packet[6] {
+        TCP => {
+            let tcp = etherparse::TcpHeaderSlice::from_slice(l4).ok()?;
+            let flags = l4[13];
+            if flags & RST != 0 {
+                return None;
+            }
+            let (sport, dport) = (tcp.destination_port(), tcp.source_port());
+            let b = if flags & ACK != 0 {
+                ip.tcp(sport, dport, tcp.acknowledgment_number(), 0).rst()
+            } else {
+                let len = u32::try_from(l4.len() - tcp.slice().len()).ok()?
+                    + u32::from(flags & SYN != 0)
+                    + u32::from(flags & FIN != 0);
+                ip.tcp(sport, dport, 0, 0)
+                    .rst()
+                    .ack(tcp.sequence_number().wrapping_add(len))
+            };
+            b.write(&mut out, &[]).ok()?;
+        }
+        UDP | ICMPV6 if packet[6] == UDP || l4.first() == Some(&ECHO_REQUEST) => {
+            let room = MAX_ERROR - IPV6_HEADER - 8;
+            let quoted = &packet[..packet.len().min(room)];
+            ip.icmpv6_raw(1, 1, [0; 4]).write(&mut out, quoted).ok()?;
+        }
+        _ => return None,
+    }
+    Some(out)
+}
+
+/// Counters of IPv6 packets from the platform dropped for a reason that IPv4 packets don't
+/// have (packets with no route count with IPv4's `dropped_no_route`).
+#[derive(Debug, Default)]
+pub struct OutboundCounters {
+    /// [`OutboundDrop::Local`].
+    pub local: AtomicU64,
+    /// [`OutboundDrop::Source`].
+    pub source: AtomicU64,
+    /// [`OutboundDrop::ExtensionHeader`].
+    pub extension_header: AtomicU64,
+    /// [`OutboundDrop::Fragment`].
+    pub fragment: AtomicU64,
+    /// [`OutboundDrop::PortOrProtocol`].
+    pub port_or_protocol: AtomicU64,
+}
+
+impl OutboundCounters {
+    /// Counts a drop; `no_route` counts [`OutboundDrop::NoRoute`] and
+    /// [`OutboundDrop::Malformed`].
+    pub fn count(&self, why: OutboundDrop, no_route: &AtomicU64) {
+        let c = match why {
+            OutboundDrop::Malformed | OutboundDrop::NoRoute => no_route,
+            OutboundDrop::Local => &self.local,
+            OutboundDrop::Source => &self.source,
+            OutboundDrop::ExtensionHeader => &self.extension_header,
+            OutboundDrop::Fragment => &self.fragment,
+            OutboundDrop::PortOrProtocol => &self.port_or_protocol,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A snapshot for status.
+    pub fn snapshot(&self) -> Ipv6Drops {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Ipv6Drops {
+            local: get(&self.local),
+            source: get(&self.source),
+            extension_header: get(&self.extension_header),
+            fragment: get(&self.fragment),
+            port_or_protocol: get(&self.port_or_protocol),
+        }
+    }
+}
+
+/// IPv6 packets from the platform dropped, by reason, as status shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ipv6Drops {
+    /// The kernel's own link traffic (neighbour discovery, MLD, router solicitations).
+    pub local: u64,
+    /// A source other than the agent's IPv6 tunnel address.
+    pub source: u64,
+    /// Extension headers.
+    pub extension_header: u64,
+    /// Fragments.
+    pub fragment: u64,
+    /// A protocol or port the service does not offer.
+    pub port_or_protocol: u64,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use etherparse::{IpNumber, Ipv6FragmentHeader, PacketBuilder};
+
+    use super::*;
+
+    pub(crate) const OWN: Ipv6Addr = Ipv6Addr::new(0xfd7a, 0x7a74, 0x6e61, 0x7475, 0, 0, 0x6440, 2);
+    pub(crate) const SVC: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 0, 0, 0, 0, 0, 1);
+
+    pub(crate) fn udp6(src: Ipv6Addr, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv6(src.octets(), dst.octets(), 64)
+            .udp(40000, dport)
+            .write(&mut out, b"hello")
+            .unwrap();
+        out
+    }
+
+    pub(crate) fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv6(src.octets(), dst.octets(), 64)
+            .tcp(40000, dport, 1, 1000)
+            .syn()
+            .write(&mut out, &[])
+            .unwrap();
+        out
+    }
+
+    pub(crate) fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, ty: u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        let b = PacketBuilder::ipv6(src.octets(), dst.octets(), 64);
+        match ty {
+            128 => b.icmpv6_echo_request(1, 1).write(&mut out, b"ping"),
+            t => b.icmpv6_raw(t, 0, [0; 4]).write(&mut out, &[0; 16]),
+        }
+        .unwrap();
+        out
+    }
+
+    /// `udp6` with its next header turned into an extension header `ext` of 8 bytes in front
+    /// of the UDP header.
+    pub(crate) fn with_extension(ext: u8, src: Ipv6Addr, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
+        let mut p = udp6(src, dst, dport);
+        let ext_header: [u8; 8] = if ext == FRAGMENT {
+            let h = Ipv6FragmentHeader::new(IpNumber::UDP, 0.try_into().unwrap(), true, 7);
+            h.to_bytes()
+        } else {
+            [UDP, 0, 1, 4, 0, 0, 0, 0] // next header, length 0 (8 bytes), PadN
+        };
+        p[6] = ext;
+        p.splice(IPV6_HEADER..IPV6_HEADER, ext_header);
+        let len = u16::try_from(p.len() - IPV6_HEADER).unwrap();
+        p[4..6].copy_from_slice(&len.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn service_packets_from_the_own_address_pass() {
+        assert_eq!(
+            classify6(&udp6(OWN, SVC, 53), Some(OWN)),
+            Ok(Packet6 {
+                dst: SVC,
+                want: Want::Udp(53)
+            })
+        );
+        assert_eq!(
+            classify6(&tcp6(OWN, SVC, 443), Some(OWN)).map(|p| p.want),
+            Ok(Want::Tcp(443))
+        );
+        assert_eq!(
+            classify6(&icmp6(OWN, SVC, 128), Some(OWN)).map(|p| p.want),
+            Ok(Want::Echo)
+        );
+    }
+
+    #[test]
+    fn spoofed_local_and_odd_packets_are_dropped_by_reason() {
+        let other: Ipv6Addr = "fd7a:7a74:6e61:7475::6440:3".parse().unwrap();
+        assert_eq!(
+            classify6(&udp6(other, SVC, 53), Some(OWN)),
+            Err(OutboundDrop::Source)
+        );
+        assert_eq!(
+            classify6(&udp6(OWN, SVC, 53), None),
+            Err(OutboundDrop::Source),
+            "no tunnel address yet"
+        );
+        // The kernel's link chatter: router solicitation, neighbour solicitation, MLDv2.
+        let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
+        let ll: Ipv6Addr = "fe80::1".parse().unwrap();
+        assert_eq!(
+            classify6(&icmp6(ll, all_routers, 133), Some(OWN)),
+            Err(OutboundDrop::Local)
+        );
+        assert_eq!(
+            classify6(&icmp6(Ipv6Addr::UNSPECIFIED, SVC, 135), Some(OWN)),
+            Err(OutboundDrop::Local)
+        );
+        assert_eq!(
+            classify6(&icmp6(OWN, "ff02::16".parse().unwrap(), 143), Some(OWN)),
+            Err(OutboundDrop::Local)
+        );
+        assert_eq!(
+            classify6(&icmp6(OWN, SVC, 135), Some(OWN)),
+            Err(OutboundDrop::Local)
+        );
+        // ICMPv6 other than echo (an error, an echo reply) is no service's.
+        assert_eq!(
+            classify6(&icmp6(OWN, SVC, 129), Some(OWN)),
+            Err(OutboundDrop::PortOrProtocol)
+        );
+        assert_eq!(
+            classify6(&icmp6(OWN, SVC, 1), Some(OWN)),
+            Err(OutboundDrop::PortOrProtocol)
+        );
+        // Extension headers and fragments.
+        for ext in [0u8, 43, 60] {
+            assert_eq!(
+                classify6(&with_extension(ext, OWN, SVC, 53), Some(OWN)),
+                Err(OutboundDrop::ExtensionHeader),
+                "{ext}"
+            );
+        }
+        assert_eq!(
+            classify6(&with_extension(FRAGMENT, OWN, SVC, 53), Some(OWN)),
+            Err(OutboundDrop::Fragment)
+        );
+        // Another protocol (GRE), truncated, a lying payload length, IPv4.
+        let mut gre = udp6(OWN, SVC, 53);
+        gre[6] = 47;
+        assert_eq!(
+            classify6(&gre, Some(OWN)),
+            Err(OutboundDrop::PortOrProtocol)
+        );
+        let p = udp6(OWN, SVC, 53);
+        assert_eq!(classify6(&p[..39], Some(OWN)), Err(OutboundDrop::Malformed));
+        assert_eq!(classify6(&p[..42], Some(OWN)), Err(OutboundDrop::Malformed));
+        let mut short = p[..42].to_vec();
+        short[4..6].copy_from_slice(&2u16.to_be_bytes());
+        assert_eq!(
+            classify6(&short, Some(OWN)),
+            Err(OutboundDrop::Malformed),
+            "no room for the ports"
+        );
+        let mut v4 = p.clone();
+        v4[0] = 0x45;
+        assert_eq!(classify6(&v4, Some(OWN)), Err(OutboundDrop::Malformed));
+    }
+
+    #[test]
+    fn drops_are_counted_by_reason() {
+        let c = OutboundCounters::default();
+        let no_route = AtomicU64::new(0);
+        for why in [
+            OutboundDrop::Source,
+            OutboundDrop::Source,
+            OutboundDrop::Fragment,
+            OutboundDrop::ExtensionHeader,
+            OutboundDrop::Local,
+            OutboundDrop::PortOrProtocol,
+            OutboundDrop::NoRoute,
+            OutboundDrop::Malformed,
+        ] {
+            c.count(why, &no_route);
+        }
+        assert_eq!(
+            c.snapshot(),
+            Ipv6Drops {
+                local: 1,
+                source: 2,
+                extension_header: 1,
+                fragment: 1,
+                port_or_protocol: 1
+            }
+        );
+        assert_eq!(no_route.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn refused_ports_are_answered_at_once() {
+        // A SYN to a port the service does not offer: RST+ACK acknowledging it.
+        let syn = tcp6(OWN, SVC, 22);
+        let r = refusal6(&syn).unwrap();
+        let s = etherparse::SlicedPacket::from_ip(&r).unwrap();
+        let Some(etherparse::NetSlice::Ipv6(ip)) = &s.net else {
+            panic!("not IPv6")
+        };
+        assert_eq!(ip.header().source_addr(), SVC);
+        assert_eq!(ip.header().destination_addr(), OWN);
+        let Some(etherparse::TransportSlice::Tcp(t)) = &s.transport else {
+            panic!("not TCP")
+        };
+        assert!(t.rst() && t.ack());
+        assert_eq!((t.source_port(), t.destination_port()), (22, 40000));
+        assert_eq!(
+            t.acknowledgment_number(),
+            2,
+            "the SYN's sequence number + 1"
+        );
+        let h = t.to_header();
+        assert_eq!(
+            h.calc_checksum_ipv6(&ip.header().to_header(), t.payload())
+                .unwrap(),
+            h.checksum
+        );
+        // A UDP datagram: ICMPv6 administratively prohibited, quoting it.
+        let udp = udp6(OWN, SVC, 54);
+        let r = refusal6(&udp).unwrap();
+        let s = etherparse::SlicedPacket::from_ip(&r).unwrap();
+        let Some(etherparse::TransportSlice::Icmpv6(icmp)) = &s.transport else {
+            panic!("not ICMPv6")
+        };
+        assert_eq!((icmp.type_u8(), icmp.code_u8()), (1, 1));
+        assert_eq!(icmp.payload(), &udp[..]);
+        let Some(etherparse::NetSlice::Ipv6(ip)) = &s.net else {
+            panic!("not IPv6")
+        };
+        let h = icmp.header();
+        assert_eq!(
+            h.icmp_type
+                .calc_checksum(
+                    ip.header().source(),
+                    ip.header().destination(),
+                    icmp.payload()
+                )
+                .unwrap(),
+            h.checksum
+        );
+        // The quote is cut to fit 1280 bytes.
+        let mut big = Vec::new();
+        PacketBuilder::ipv6(OWN.octets(), SVC.octets(), 64)
+            .udp(40000, 54)
+            .write(&mut big, &[7; 1400])
+            .unwrap();
+        assert_eq!(refusal6(&big).unwrap().len(), 1280);
+        // An echo request where the service has no ICMP.
+        assert!(refusal6(&icmp6(OWN, SVC, 128)).is_some());
+        // Never to a reset, an ICMPv6 error, another protocol, or garbage.
+        let mut rst = Vec::new();
+        PacketBuilder::ipv6(OWN.octets(), SVC.octets(), 64)
+            .tcp(40000, 22, 1, 1000)
+            .rst()
+            .write(&mut rst, &[])
+            .unwrap();
+        assert_eq!(refusal6(&rst), None);
+        assert_eq!(refusal6(&icmp6(OWN, SVC, 1)), None);
+        let mut gre = udp6(OWN, SVC, 53);
+        gre[6] = 47;
+        assert_eq!(refusal6(&gre), None);
+        assert_eq!(refusal6(&[0x60; 20]), None);
+        assert_eq!(refusal6(&syn[..50]), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_version_6_bytes_are_safe(mut bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120), next in proptest::prelude::any::<u8>(), len in 0u16..100) {
+            if let Some(b) = bytes.first_mut() {
+                *b = 0x60 | (*b & 0x0f);
+            }
+            if bytes.len() >= IPV6_HEADER {
+                bytes[4..6].copy_from_slice(&len.to_be_bytes());
+                bytes[6] = next;
+                bytes[8..24].copy_from_slice(&OWN.octets());
+            }
+            let _ = classify6(&bytes, Some(OWN));
+            let _ = classify6(&bytes, None);
+            let _ = refusal6(&bytes);
+        }
+    }
+}
