@@ -174,3 +174,135 @@ fn ipv6_only_agent_and_connector_punch_a_direct_path_through_their_firewalls() {
         },
     );
 }
+
+/// The services' virtual IPv6 addresses in the overlay test.
+mod v6svc {
+    /// `echo` (its backend stays IPv4: the connector turns IPv6 into IPv4 at its sockets).
+    pub const ECHO: &str = "fd00:100::1";
+    /// `secret`, which the test agent may not reach.
+    pub const SECRET: &str = "fd00:100::3";
+    /// `web`, whose backend is the IPv6 address [`BACKEND`].
+    pub const WEB: &str = "fd00:100::4";
+    /// The backend's IPv6 address on the connector's back link (`fd00:b::/64`).
+    pub const BACKEND: &str = "fd00:b::2";
+}
+
+/// The overlay in IPv6, on the IPv4 underlay of the standard topology: services with virtual
+/// IPv6 addresses, reached by `ping -6`, UDP and TCP (curl) from the agent, one of them at an
+/// IPv6 backend; a service the agent may not reach stays unreachable over IPv6 too.
+#[test]
+fn ipv6_services_answer_ping_udp_and_tcp_through_the_tunnel() {
+    ztna_e2e::run(
+        "ipv6_services_answer_ping_udp_and_tcp_through_the_tunnel",
+        helper_bins!(),
+        |t| {
+            t.step("the back link gets IPv6: connector fd00:b::1, backend fd00:b::2");
+            for (node, dev, a) in [
+                (Node::Conn, "back0", "fd00:b::1/64"),
+                (Node::Backend, "eth0", "fd00:b::2/64"),
+            ] {
+                t.run_ok(node, 5, ["ip", "addr", "add", a, "dev", dev, "nodad"])?;
+            }
+            let mut s = Stack::new(t)?;
+            s.enable_web();
+            for (name, a6) in [
+                ("echo", v6svc::ECHO),
+                ("secret", v6svc::SECRET),
+                ("web", v6svc::WEB),
+            ] {
+                if let Some(p) = s.relay_cfg.services.iter_mut().find(|p| p.name == name) {
+                    p.address6 = Some(a6.to_owned());
+                }
+                if let Some(c) = s.conn_cfg.services.iter_mut().find(|c| c.name == name) {
+                    c.address6 = Some(a6.to_owned());
+                    if name == "web" {
+                        c.backend = v6svc::BACKEND.to_owned();
+                    }
+                }
+            }
+            let (root, body) = ztna_e2e::nginx::web_root(t, None)?;
+            let listen = format!("[{}]:80", v6svc::BACKEND);
+            ztna_e2e::nginx::start(t, Node::Backend, &listen, &root)?;
+            s.start_all()?;
+
+            t.step("the agent's TUN has its IPv6 tunnel address and routes to the services' IPv6 addresses");
+            let out = t.run_ok(
+                Node::Agent,
+                5,
+                ["ip", "-6", "route", "show", "table", "all", "dev", "ztna0"],
+            )?;
+            for a in [v6svc::ECHO, v6svc::WEB] {
+                ensure!(out.stdout.contains(a), "no route to {a}: {out}");
+            }
+            ensure!(
+                !out.stdout.contains(v6svc::SECRET),
+                "a route to secret: {out}"
+            );
+
+            t.step("ping -6 fd00:100::1 (ICMPv6 echo, answered by the IPv4 backend)");
+            let out = t.run_ok(
+                Node::Agent,
+                20,
+                [
+                    "ping",
+                    "-6",
+                    "-n",
+                    "-c",
+                    "10",
+                    "-i",
+                    "0.05",
+                    "-W",
+                    "2",
+                    v6svc::ECHO,
+                ],
+            )?;
+            ensure!(
+                out.stdout.contains("10 received"),
+                "ping -6 lost packets: {out}"
+            );
+
+            t.step("UDP over IPv6 to fd00:100::1:7, echoed byte for byte");
+            let target = format!("[{}]:7", v6svc::ECHO);
+            let out = t.run_ok(
+                Node::Agent,
+                60,
+                [
+                    t.helpers().udp_check.as_os_str(),
+                    target.as_ref(),
+                    "--bind".as_ref(),
+                    "[::]:0".as_ref(),
+                    "--count".as_ref(),
+                    "300".as_ref(),
+                    "--max-size".as_ref(),
+                    "1200".as_ref(),
+                ],
+            )?;
+            ensure!(
+                out.stdout.contains("ok=300 ") && out.stdout.contains("mismatched=0"),
+                "UDP over IPv6: {out}"
+            );
+            t.step(out.stdout.trim());
+
+            t.step("curl http://[fd00:100::4]/ (TCP over IPv6 to an IPv6 backend)");
+            let url = format!("http://[{}]/", v6svc::WEB);
+            let out = t.run_ok(Node::Agent, 20, ["curl", "-sS", "-m", "10", &url])?;
+            ensure!(out.stdout == body, "curl over IPv6 got {:?}", out.stdout);
+
+            t.step("the agent may not reach secret: ping -6 fd00:100::3 gets nothing back");
+            let before = s.conn_metrics()?;
+            let out = t.run(
+                Node::Agent,
+                10,
+                ["ping", "-6", "-n", "-c", "2", "-W", "1", v6svc::SECRET],
+            )?;
+            ensure!(!out.status.success(), "secret answered over IPv6: {out}");
+            let after = s.conn_metrics()?;
+            ensure!(
+                after.value("ztna_connector_icmp_echo_backend_total")
+                    == before.value("ztna_connector_icmp_echo_backend_total"),
+                "the connector forwarded echo requests to secret"
+            );
+            Ok(())
+        },
+    );
+}
