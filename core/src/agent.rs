@@ -2173,10 +2173,27 @@ mod tests {
             pick(&icmp6(OWN, db, 128)),
             Err(OutboundDrop::PortOrProtocol)
         );
+        // Fragments: a first one on a port the service offers goes, on another port it is
+        // refused; a later one goes where the service offers its protocol; one cut before its
+        // ports is dropped.
+        assert!(pick(&with_extension(44, OWN, web, 53)).is_ok());
         assert_eq!(
-            pick(&with_extension(44, OWN, web, 53)),
-            Err(OutboundDrop::Fragment)
+            pick(&with_extension(44, OWN, web, 54)),
+            Err(OutboundDrop::PortOrProtocol)
         );
+        let mut later = with_extension(44, OWN, db, 53);
+        later[crate::outbound::IPV6_HEADER + 3] |= 0x08;
+        assert_eq!(pick(&later), Ok("c2".into()), "db offers UDP ports");
+        later[crate::outbound::IPV6_HEADER] = crate::outbound::ICMPV6;
+        assert_eq!(
+            pick(&later),
+            Err(OutboundDrop::PortOrProtocol),
+            "db does not answer ICMP"
+        );
+        let mut cut = with_extension(44, OWN, web, 53);
+        cut.truncate(crate::outbound::IPV6_HEADER + 10);
+        cut[4..6].copy_from_slice(&10u16.to_be_bytes());
+        assert_eq!(pick(&cut), Err(OutboundDrop::Fragment));
         assert_eq!(
             pick(&with_extension(0, OWN, web, 53)),
             Err(OutboundDrop::ExtensionHeader)
@@ -2192,7 +2209,7 @@ mod tests {
                 source: 1,
                 extension_header: 1,
                 fragment: 1,
-                port_or_protocol: 3,
+                port_or_protocol: 5,
             }
         );
         assert_eq!(no_route.load(Ordering::Relaxed), 1);

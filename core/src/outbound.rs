@@ -8,10 +8,12 @@
 //! is dropped and counted here, by reason ([`OutboundDrop`]):
 //! - what the kernel says to the link itself (neighbour discovery, router solicitations, MLD
 //!   reports, anything to a multicast or link-local address): [`OutboundDrop::Local`], quietly;
-//! - any extension header ([`OutboundDrop::ExtensionHeader`]) and fragments
-//!   ([`OutboundDrop::Fragment`]): the connector accepts neither, and a fragment's ports can't
-//!   be checked. The tunnel MTU (at least 1280) fits every TCP segment; only a UDP datagram
-//!   larger than the MTU would be fragmented by the sender, and it is dropped.
+//! - any extension header other than one fragment header ([`OutboundDrop::ExtensionHeader`]);
+//! - fragments (a UDP datagram or echo request larger than the MTU, split by the sender) go to
+//!   the connector, which reassembles them and checks the whole packet: a first fragment is
+//!   checked on its protocol and port here, a later one (no transport header) on its protocol
+//!   only ([`Want::Later`]: the service offers some port of it); a first fragment too short
+//!   to hold the ports is dropped ([`OutboundDrop::Fragment`]).
 //!
 //! A packet refused for its port or protocol (the client reached a service it was given, on a
 //! port it does not offer) is answered at once, as the connector answers refused IPv4 packets
@@ -52,7 +54,7 @@ pub enum OutboundDrop {
     Source,
     /// An extension header other than a fragment header.
     ExtensionHeader,
-    /// A fragment.
+    /// A first fragment too short to hold the transport ports.
     Fragment,
     /// The destination is no service's IPv6 address.
     NoRoute,
@@ -69,6 +71,9 @@ pub enum Want {
     Udp(u16),
     /// An ICMPv6 echo request.
     Echo,
+    /// A later fragment of a packet of this protocol (TCP, UDP or ICMPv6), whose ports are in
+    /// the first fragment; the connector checks the reassembled packet.
+    Later(u8),
 }
 
 impl Want {
@@ -78,6 +83,10 @@ impl Want {
             Want::Tcp(p) => svc.allows_tcp(p),
             Want::Udp(p) => svc.allows_udp(p),
             Want::Echo => svc.icmp,
+            Want::Later(TCP) => !svc.tcp.is_empty(),
+            Want::Later(UDP) => !svc.udp.is_empty(),
+            Want::Later(ICMPV6) => svc.icmp,
+            Want::Later(_) => false,
         }
     }
 }
@@ -122,10 +131,33 @@ pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, Outbou
     if own != Some(src) {
         return Err(OutboundDrop::Source);
     }
-    let l4 = &packet[IPV6_HEADER..IPV6_HEADER + payload_len];
+    let mut l4 = &packet[IPV6_HEADER..IPV6_HEADER + payload_len];
+    let mut next = next;
+    let mut short = OutboundDrop::Malformed;
+    if next == FRAGMENT {
+        let [inner, _, hi, lo, _, _, _, _, ref body @ ..] = *l4 else {
+            return Err(OutboundDrop::Malformed);
+        };
+        if EXTENSION_HEADERS.contains(&inner)
+            || inner == EXPERIMENTAL_EXTENSION
+            || inner == FRAGMENT
+        {
+            return Err(OutboundDrop::ExtensionHeader);
+        }
+        if u16::from_be_bytes([hi, lo]) >> 3 != 0 {
+            return match inner {
+                TCP | UDP | ICMPV6 => Ok(Packet6 {
+                    dst,
+                    want: Want::Later(inner),
+                }),
+                _ => Err(OutboundDrop::PortOrProtocol),
+            };
+        }
+        (l4, next, short) = (body, inner, OutboundDrop::Fragment);
+    }
     let port = || match l4 {
         [_, _, a, b, ..] => Ok(u16::from_be_bytes([*a, *b])),
-        _ => Err(OutboundDrop::Malformed),
+        _ => Err(short),
     };
     let want = match next {
         TCP => Want::Tcp(port()?),
@@ -135,9 +167,8 @@ pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, Outbou
             // Router and neighbour discovery, MLD (unicast ones too): the link's business.
             Some(130..=137) | Some(143) => return Err(OutboundDrop::Local),
             Some(_) => return Err(OutboundDrop::PortOrProtocol),
-            None => return Err(OutboundDrop::Malformed),
+            None => return Err(short),
         },
-        FRAGMENT => return Err(OutboundDrop::Fragment),
         n if EXTENSION_HEADERS.contains(&n) || n == EXPERIMENTAL_EXTENSION => {
             return Err(OutboundDrop::ExtensionHeader)
         }
@@ -256,7 +287,7 @@ pub struct Ipv6Drops {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use etherparse::{IpNumber, Ipv6FragmentHeader, PacketBuilder};
+    use etherparse::PacketBuilder;
 
     use super::*;
 
@@ -298,8 +329,9 @@ pub(crate) mod tests {
     pub(crate) fn with_extension(ext: u8, src: Ipv6Addr, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
         let mut p = udp6(src, dst, dport);
         let ext_header: [u8; 8] = if ext == FRAGMENT {
-            let h = Ipv6FragmentHeader::new(IpNumber::UDP, 0.try_into().unwrap(), true, 7);
-            h.to_bytes()
+            // Written by hand: etherparse 0.16 puts the offset and the M flag in the wrong bits.
+            // Offset 0, more fragments, identification 7.
+            [UDP, 0, 0x00, 0x01, 0, 0, 0, 7]
         } else {
             [UDP, 0, 1, 4, 0, 0, 0, 0] // next header, length 0 (8 bytes), PadN
         };
@@ -377,9 +409,33 @@ pub(crate) mod tests {
                 "{ext}"
             );
         }
+        // A first fragment is checked on its port; a later one on its protocol; a first
+        // fragment cut before the ports is dropped as a fragment.
         assert_eq!(
             classify6(&with_extension(FRAGMENT, OWN, SVC, 53), Some(OWN)),
-            Err(OutboundDrop::Fragment)
+            Ok(Packet6 {
+                dst: SVC,
+                want: Want::Udp(53)
+            })
+        );
+        let mut later = with_extension(FRAGMENT, OWN, SVC, 53);
+        later[IPV6_HEADER + 3] |= 0x08; // offset 1 (8 bytes)
+        assert_eq!(
+            classify6(&later, Some(OWN)),
+            Ok(Packet6 {
+                dst: SVC,
+                want: Want::Later(UDP)
+            })
+        );
+        let mut cut = with_extension(FRAGMENT, OWN, SVC, 53);
+        cut.truncate(IPV6_HEADER + 8 + 2);
+        cut[4..6].copy_from_slice(&10u16.to_be_bytes());
+        assert_eq!(classify6(&cut, Some(OWN)), Err(OutboundDrop::Fragment));
+        let mut nested = with_extension(FRAGMENT, OWN, SVC, 53);
+        nested[IPV6_HEADER] = 0; // a hop-by-hop header after the fragment header
+        assert_eq!(
+            classify6(&nested, Some(OWN)),
+            Err(OutboundDrop::ExtensionHeader)
         );
         // Another protocol (GRE), truncated, a lying payload length, IPv4.
         let mut gre = udp6(OWN, SVC, 53);

@@ -283,6 +283,39 @@ fn ipv6_services_answer_ping_udp_and_tcp_through_the_tunnel() {
             );
             t.step(out.stdout.trim());
 
+            t.step("UDP over IPv6 up to 4000 bytes (the first is 4000): fragmented by the agent's kernel, reassembled by the connector, echoed whole, fragmented back");
+            let before = s
+                .conn_metrics()?
+                .value("ztna_connector_fragments_reassembled_total");
+            let out = t.run_ok(
+                Node::Agent,
+                60,
+                [
+                    t.helpers().udp_check.as_os_str(),
+                    target.as_ref(),
+                    "--bind".as_ref(),
+                    "[::]:0".as_ref(),
+                    "--count".as_ref(),
+                    "20".as_ref(),
+                    "--max-size".as_ref(),
+                    "4000".as_ref(),
+                ],
+            )?;
+            let after = s
+                .conn_metrics()?
+                .value("ztna_connector_fragments_reassembled_total");
+            ensure!(
+                out.stdout.contains("ok=20 ")
+                    && out.stdout.contains("mismatched=0")
+                    && after > before,
+                "4000-byte UDP over IPv6 (reassembled {before} -> {after}): {out}"
+            );
+            t.step(&format!(
+                "RESULT {}; reassembled at the connector: {}",
+                out.stdout.trim(),
+                after - before
+            ));
+
             t.step("curl http://[fd00:100::4]/ (TCP over IPv6 to an IPv6 backend)");
             let url = format!("http://[{}]/", v6svc::WEB);
             let out = t.run_ok(Node::Agent, 20, ["curl", "-sS", "-m", "10", &url])?;
