@@ -178,13 +178,13 @@ fn ipv6_only_agent_and_connector_punch_a_direct_path_through_their_firewalls() {
 /// The services' virtual IPv6 addresses in the overlay test.
 mod v6svc {
     /// `echo` (its backend stays IPv4: the connector turns IPv6 into IPv4 at its sockets).
-    pub const ECHO: &str = "fd00:100::1";
+    pub(crate) const ECHO: &str = "fd00:100::1";
     /// `secret`, which the test agent may not reach.
-    pub const SECRET: &str = "fd00:100::3";
+    pub(crate) const SECRET: &str = "fd00:100::3";
     /// `web`, whose backend is the IPv6 address [`BACKEND`].
-    pub const WEB: &str = "fd00:100::4";
+    pub(crate) const WEB: &str = "fd00:100::4";
     /// The backend's IPv6 address on the connector's back link (`fd00:b::/64`).
-    pub const BACKEND: &str = "fd00:b::2";
+    pub(crate) const BACKEND: &str = "fd00:b::2";
 }
 
 /// The overlay in IPv6, on the IPv4 underlay of the standard topology: services with virtual

@@ -17,6 +17,8 @@ use ztna_e2e::{addr, bin, helper_bins, run, wait_until, Node, Stack, Topology};
 
 /// The pool of the name service agents may reach, and of the one they may not.
 const WEB_POOL: &str = "10.101.0.0/24";
+/// The IPv6 pool of `corp-web`, as large as its IPv4 pool and paired with it by offset.
+const WEB_POOL6: &str = "fd00:101::";
 const SECRET_POOL: &str = "10.102.0.0/24";
 /// The backend DNS server: only the connector's namespace reaches it.
 const BACKEND_DNS_PORT: &str = "5353";
@@ -45,6 +47,15 @@ impl Drop for NetnsResolvConf {
         // Leave /etc/netns as it was when nothing else uses it.
         let _ = std::fs::remove_dir("/etc/netns");
     }
+}
+
+/// The address of `corp-web`'s IPv6 pool paired with `v4` of its IPv4 pool (the same offset).
+fn pair6(v4: &str) -> Result<String> {
+    let v4: Ipv4Addr = v4.parse().context("not an IPv4 address")?;
+    let base: Ipv4Addr = WEB_POOL.split('/').next().unwrap_or_default().parse()?;
+    let base6: std::net::Ipv6Addr = WEB_POOL6.parse()?;
+    let offset = u32::from(v4) - u32::from(base);
+    Ok(std::net::Ipv6Addr::from(u128::from(base6) + u128::from(offset)).to_string())
 }
 
 /// Whether `ip` is in `net` (`a.b.c.d/len`).
@@ -160,7 +171,7 @@ fn name_stack(t: &Topology) -> Result<(Stack<'_>, ztna_e2e::DaemonId)> {
     );
 
     let web = format!(
-        "\n[[services]]\nname = \"corp-web\"\nnames = [\"wiki.corp.example\", \"db.corp.example\", \"*.apps.corp.example\"]\npool = \"{WEB_POOL}\"\ntcp = [\"80\", \"5432\"]\n"
+        "\n[[services]]\nname = \"corp-web\"\nnames = [\"wiki.corp.example\", \"db.corp.example\", \"*.apps.corp.example\"]\npool = \"{WEB_POOL}\"\naddress6 = \"{WEB_POOL6}\"\ntcp = [\"80\", \"5432\"]\n"
     );
     let secret = format!(
         "\n[[services]]\nname = \"corp-secret\"\nnames = [\"*.secret.corp.example\"]\npool = \"{SECRET_POOL}\"\ntcp = [\"80\"]\n"
@@ -256,8 +267,10 @@ fn split_dns_with_systemd_resolved() {
         );
         let before = query_counts(&s)?;
 
-        t.step("getent hosts wiki.corp.example through glibc and resolved's stub: a pool address");
-        let out = resolved.run(t, 15, ["getent", "hosts", "wiki.corp.example"])?;
+        t.step(
+            "getent ahostsv4 wiki.corp.example through glibc and resolved's stub: a pool address",
+        );
+        let out = resolved.run(t, 15, ["getent", "ahostsv4", "wiki.corp.example"])?;
         let wiki = out
             .stdout
             .split_whitespace()
@@ -322,8 +335,8 @@ fn names_through_glibc() {
         let _resolv = start_agent_with_dns(t, &mut s)?;
         let cfg = s.agent_cfg.clone();
 
-        t.step("getent hosts wiki.corp.example: a virtual address from the pool");
-        let out = t.run_ok(Node::Agent, 15, ["getent", "hosts", "wiki.corp.example"])?;
+        t.step("getent ahostsv4 wiki.corp.example: a virtual address from the pool");
+        let out = t.run_ok(Node::Agent, 15, ["getent", "ahostsv4", "wiki.corp.example"])?;
         let wiki = out
             .stdout
             .split_whitespace()
@@ -334,7 +347,7 @@ fn names_through_glibc() {
             in_net(&wiki, WEB_POOL),
             "wiki.corp.example is not in {WEB_POOL}:\n{out}"
         );
-        let again = t.run_ok(Node::Agent, 15, ["getent", "hosts", "WIKI.corp.example"])?;
+        let again = t.run_ok(Node::Agent, 15, ["getent", "ahostsv4", "WIKI.corp.example"])?;
         ensure!(
             again.stdout.split_whitespace().next() == Some(wiki.as_str()),
             "the address is not stable:\n{again}"
@@ -351,12 +364,13 @@ fn names_through_glibc() {
             "curl by name returned another body:\n{out}"
         );
 
-        t.step("curl http://app1.apps.corp.example/: a wildcard name");
+        t.step("curl -4 http://app1.apps.corp.example/: a wildcard name, over IPv4");
         let out = t.run_ok(
             Node::Agent,
             30,
             [
                 "curl",
+                "-4",
                 "-sS",
                 "-m",
                 "20",
@@ -408,15 +422,78 @@ fn names_through_glibc() {
                 "dig {name} should say NXDOMAIN:\n{out}"
             );
         }
+        t.step("AAAA wiki.corp.example: the IPv6 pool address paired with its IPv4 one");
+        let wiki6 = pair6(&wiki)?;
         let out = t.run_ok(
             Node::Agent,
             15,
-            ["dig", "+time=2", "+tries=1", "AAAA", "wiki.corp.example"],
+            [
+                "dig",
+                "+short",
+                "+time=2",
+                "+tries=1",
+                "AAAA",
+                "wiki.corp.example",
+            ],
         )?;
         ensure!(
-            out.stdout.contains("status: NOERROR") && out.stdout.contains("ANSWER: 0"),
-            "AAAA for a name service is NOERROR with no records until IPv6:\n{out}"
+            out.stdout.trim() == wiki6,
+            "AAAA wiki.corp.example, want {wiki6}:\n{out}"
         );
+
+        t.step("the same clients by name over IPv6: glibc told to prefer the ULA pool (gai.conf)");
+        std::fs::write(
+            Path::new("/etc/netns")
+                .join(t.ns(Node::Agent))
+                .join("gai.conf"),
+            "precedence ::1/128 50\nprecedence fc00::/7 45\nprecedence ::/0 40\n\
+             precedence ::ffff:0:0/96 35\nprecedence 2002::/16 30\nprecedence ::/96 1\n",
+        )
+        .context("writing the namespace's gai.conf")?;
+        let out = t.run_ok(Node::Agent, 15, ["getent", "ahosts", "wiki.corp.example"])?;
+        ensure!(
+            out.stdout.split_whitespace().next() == Some(wiki6.as_str()),
+            "getent ahosts wiki.corp.example should give {wiki6} first:\n{out}"
+        );
+        let out = t.run_ok(
+            Node::Agent,
+            30,
+            [
+                "curl",
+                "-sS",
+                "-m",
+                "20",
+                "-w",
+                "\n%{remote_ip}",
+                "http://wiki.corp.example/",
+            ],
+        )?;
+        let (got, ip) = out.stdout.rsplit_once('\n').unwrap_or_default();
+        ensure!(
+            got.trim_end() == body.trim_end() && ip == wiki6,
+            "curl by name over IPv6 (want {wiki6}):\n{out}"
+        );
+        let out = t.run_ok(
+            Node::Agent,
+            30,
+            [
+                "psql",
+                "-X",
+                "host=db.corp.example port=5432 user=postgres dbname=postgres connect_timeout=10",
+                "-c",
+                "\\conninfo",
+                "-tAc",
+                "SELECT 1",
+            ],
+        )?;
+        ensure!(
+            out.stdout.contains("address \"fd00:101::") && out.stdout.trim_end().ends_with('1'),
+            "psql by name over IPv6:\n{out}"
+        );
+        t.step(&format!(
+            "RESULT by name over IPv6: wiki.corp.example = {wiki6}, curl and psql ({})",
+            out.stdout.lines().next().unwrap_or_default()
+        ));
 
         t.step("ztna-agent status lists the name services and mappings");
         let status = t.run_ok(
