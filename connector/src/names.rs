@@ -18,13 +18,13 @@
 //! while the refresh runs. Open flows keep the backend they were opened to.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
-use ztna_core::names::{a_query, parse_a_answer, AAnswer};
+use ztna_core::names::{address_query, parse_address_answer, AddressAnswer};
 use ztna_proto::names::NameMapping;
 use ztna_proto::ServiceDef;
 
@@ -128,7 +128,7 @@ impl AgentNames {
 
 #[derive(Debug, Clone)]
 struct CacheEntry {
-    addrs: Vec<Ipv4Addr>,
+    addrs: Vec<IpAddr>,
     expires: Instant,
     refreshing: bool,
     used: Instant,
@@ -138,9 +138,9 @@ struct CacheEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cached {
     /// An address within its TTL.
-    Fresh(Ipv4Addr),
+    Fresh(IpAddr),
     /// An address past its TTL; `refresh` is true for the one caller that should resolve again.
-    Stale(Ipv4Addr, bool),
+    Stale(IpAddr, bool),
     /// Known not to resolve (within the negative TTL).
     NoAddress,
     /// Unknown (or an expired negative entry); `resolve` is true for the one caller that should
@@ -199,7 +199,7 @@ impl NameCache {
         &mut self,
         name: &str,
         now: Instant,
-        result: Option<(Vec<Ipv4Addr>, Duration)>,
+        result: Option<(Vec<IpAddr>, Duration)>,
     ) -> usize {
         let mut evicted = 0;
         self.pending.remove(name);
@@ -241,8 +241,11 @@ impl NameCache {
 }
 
 /// Whether a resolved address may be a backend.
-fn usable(a: &Ipv4Addr) -> bool {
-    !(a.is_unspecified() || a.is_broadcast() || a.is_multicast())
+fn usable(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+    }
 }
 
 /// The connector's resolver for name services, with its cache.
@@ -279,7 +282,7 @@ impl Resolver {
 
     /// The address of `name` now, without waiting: a fresh or stale cached one (a stale one is
     /// refreshed in the background). `None` if unknown (resolution starts) or not resolvable.
-    pub(crate) fn cached(self: &Arc<Self>, name: &str) -> Option<Ipv4Addr> {
+    pub(crate) fn cached(self: &Arc<Self>, name: &str) -> Option<IpAddr> {
         match self.cache().get(name, Instant::now()) {
             Cached::Fresh(a) => Some(a),
             Cached::Stale(a, refresh) => {
@@ -301,7 +304,7 @@ impl Resolver {
     /// The address of `name`, resolving it if the cache has none, or again if its TTL ran out
     /// (falling back to the last address if that fails; callers that find a refresh already
     /// running take the last address).
-    pub(crate) async fn resolve(self: &Arc<Self>, name: &str) -> Option<Ipv4Addr> {
+    pub(crate) async fn resolve(self: &Arc<Self>, name: &str) -> Option<IpAddr> {
         // The cache's lock is released before any await.
         let cached = self.cache().get(name, Instant::now());
         match cached {
@@ -326,14 +329,14 @@ impl Resolver {
     }
 
     /// Resolves `name` and stores the result.
-    async fn refresh(&self, name: &str) -> Option<Ipv4Addr> {
+    async fn refresh(&self, name: &str) -> Option<IpAddr> {
         let result = tokio::time::timeout(RESOLVE_TIMEOUT, self.lookup(name))
             .await
             .unwrap_or_else(|_| Err("timed out".into()));
         let m = &self.metrics;
         let stored = match result {
             Ok((addrs, ttl)) => {
-                let addrs: Vec<Ipv4Addr> = addrs.into_iter().filter(usable).collect();
+                let addrs: Vec<IpAddr> = addrs.into_iter().filter(usable).collect();
                 if addrs.is_empty() {
                     m.names_resolve_failures.fetch_add(1, Ordering::Relaxed);
                     None
@@ -360,26 +363,30 @@ impl Resolver {
         }
     }
 
-    async fn lookup(&self, name: &str) -> Result<(Vec<Ipv4Addr>, Duration), String> {
+    /// The addresses of `name`: from the system resolver (IPv4 ones first), or from the
+    /// configured servers (`A`, and `AAAA` when a name has no `A` records).
+    async fn lookup(&self, name: &str) -> Result<(Vec<IpAddr>, Duration), String> {
         if self.servers.is_empty() {
-            let addrs = tokio::net::lookup_host((name, 0))
+            let (mut v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = tokio::net::lookup_host((name, 0))
                 .await
                 .map_err(|e| e.to_string())?
-                .filter_map(|sa| match sa {
-                    SocketAddr::V4(v4) => Some(*v4.ip()),
-                    SocketAddr::V6(_) => None,
-                })
-                .collect();
-            return Ok((addrs, self.system_ttl));
+                .map(|sa| sa.ip())
+                .partition(IpAddr::is_ipv4);
+            v4.extend(v6);
+            return Ok((v4, self.system_ttl));
         }
         let mut last = String::from("no server answered");
         for server in &self.servers {
-            match ask(*server, name).await {
-                Ok(AAnswer::Addresses(a, ttl)) => {
+            let mut answer = ask(*server, name, false).await;
+            if matches!(answer, Ok(AddressAnswer::NoAddress)) {
+                answer = ask(*server, name, true).await;
+            }
+            match answer {
+                Ok(AddressAnswer::Addresses(a, ttl)) => {
                     return Ok((a, Duration::from_secs(u64::from(ttl))))
                 }
-                Ok(AAnswer::NoAddress) => return Ok((Vec::new(), NEGATIVE_TTL)),
-                Ok(AAnswer::Failed(e)) => last = e,
+                Ok(AddressAnswer::NoAddress) => return Ok((Vec::new(), NEGATIVE_TTL)),
+                Ok(AddressAnswer::Failed(e)) => last = e,
                 Err(e) => last = e,
             }
         }
@@ -387,10 +394,10 @@ impl Resolver {
     }
 }
 
-/// One `A` query to `server`.
-async fn ask(server: SocketAddr, name: &str) -> Result<AAnswer, String> {
+/// One `A` (or, with `v6`, `AAAA`) query to `server`.
+async fn ask(server: SocketAddr, name: &str, v6: bool) -> Result<AddressAnswer, String> {
     let id: u16 = rand_id();
-    let query = a_query(id, name).ok_or("not a DNS name")?;
+    let query = address_query(id, name, v6).ok_or("not a DNS name")?;
     let bind: SocketAddr = if server.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -402,7 +409,7 @@ async fn ask(server: SocketAddr, name: &str) -> Result<AAnswer, String> {
     let mut buf = vec![0u8; 4096];
     loop {
         let n = sock.recv(&mut buf).await.map_err(|e| e.to_string())?;
-        if let Some(a) = parse_a_answer(id, &buf[..n]) {
+        if let Some(a) = parse_address_answer(id, &buf[..n]) {
             return Ok(a);
         }
     }
@@ -421,6 +428,48 @@ fn rand_id() -> u16 {
 mod tests {
     use super::*;
     use ztna_proto::{NamePool, PortRange};
+
+    /// A name with no `A` records but an `AAAA` one resolves to its IPv6 address through the
+    /// configured server (a DNS server on loopback that answers `A` with no records).
+    #[tokio::test]
+    async fn a_name_with_only_aaaa_records_resolves_to_ipv6() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let v6: std::net::Ipv6Addr = "2001:db8::7".parse().unwrap();
+        let answering = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let mut types = Vec::new();
+            for _ in 0..2 {
+                let (n, from) = server.recv_from(&mut buf).await.unwrap();
+                let q = &buf[..n];
+                let qtype = u16::from_be_bytes([q[n - 4], q[n - 3]]);
+                types.push(qtype);
+                let mut r = q.to_vec();
+                r[2] = 0x81; // response, recursion desired
+                r[3] = 0x80; // recursion available, NOERROR
+                if qtype == 28 {
+                    r[7] = 1; // one answer
+                    r.extend_from_slice(&[0xc0, 0x0c, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]);
+                    r.extend_from_slice(&v6.octets());
+                }
+                server.send_to(&r, from).await.unwrap();
+            }
+            types
+        });
+        let r = Resolver::new(
+            vec![addr],
+            Duration::from_secs(30),
+            8,
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        assert_eq!(r.resolve("v6only.corp.example").await, Some(IpAddr::V6(v6)));
+        assert_eq!(
+            answering.await.unwrap(),
+            [1, 28],
+            "A asked first, then AAAA"
+        );
+    }
 
     fn svc(name: &str, patterns: &[&str], pool: [u8; 4]) -> ServiceDef {
         ServiceDef {
@@ -532,8 +581,8 @@ mod tests {
     #[test]
     fn cache_follows_ttls_and_refreshes_once() {
         let t0 = Instant::now();
-        let a1 = Ipv4Addr::new(192, 0, 2, 1);
-        let a2 = Ipv4Addr::new(192, 0, 2, 2);
+        let a1 = IpAddr::from([192, 0, 2, 1]);
+        let a2 = IpAddr::from([192, 0, 2, 2]);
         let mut c = NameCache::new(10);
         assert_eq!(c.get("w", t0), Cached::Missing(true));
         // One resolution at a time for a new name.
@@ -566,7 +615,7 @@ mod tests {
     #[test]
     fn cache_is_bounded_lru() {
         let t0 = Instant::now();
-        let a = Ipv4Addr::new(192, 0, 2, 1);
+        let a = IpAddr::from([192, 0, 2, 1]);
         let mut c = NameCache::new(2);
         // At most MAX_PENDING first resolutions at once.
         for i in 0..MAX_PENDING {

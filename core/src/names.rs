@@ -410,28 +410,30 @@ fn reply(query: &Message, code: ResponseCode, a: Option<IpAddr>, outcome: Outcom
     }
 }
 
-/// An `A` query for `name` with id `id` (the connector's resolver).
-pub fn a_query(id: u16, name: &str) -> Option<Vec<u8>> {
+/// An address query for `name` with id `id` (the connector's resolver): `A`, or `AAAA` when
+/// `v6`.
+pub fn address_query(id: u16, name: &str, v6: bool) -> Option<Vec<u8>> {
     let name = Name::from_ascii(format!("{name}.")).ok()?;
     let mut m = Message::new(id, MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
-    m.add_query(Query::query(name, RecordType::A));
+    let ty = if v6 { RecordType::AAAA } else { RecordType::A };
+    m.add_query(Query::query(name, ty));
     m.to_vec().ok()
 }
 
-/// What a resolver answered to [`a_query`].
+/// What a resolver answered to [`address_query`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AAnswer {
-    /// Addresses, and the smallest TTL among them.
-    Addresses(Vec<Ipv4Addr>, u32),
-    /// The name does not exist, or has no `A` records.
+pub enum AddressAnswer {
+    /// Addresses (`A` and `AAAA` records alike), and the smallest TTL among them.
+    Addresses(Vec<std::net::IpAddr>, u32),
+    /// The name does not exist, or has no address records of the type asked.
     NoAddress,
     /// SERVFAIL, REFUSED and the like.
     Failed(String),
 }
 
 /// Reads the answer to the query with id `id`; `None` if `bytes` is not that answer.
-pub fn parse_a_answer(id: u16, bytes: &[u8]) -> Option<AAnswer> {
+pub fn parse_address_answer(id: u16, bytes: &[u8]) -> Option<AddressAnswer> {
     let m = Message::from_vec(bytes).ok()?;
     if m.metadata.id != id || m.metadata.message_type != MessageType::Response {
         return None;
@@ -439,25 +441,27 @@ pub fn parse_a_answer(id: u16, bytes: &[u8]) -> Option<AAnswer> {
     Some(match m.metadata.response_code {
         ResponseCode::NoError => {
             let mut ttl = u32::MAX;
-            let addrs: Vec<Ipv4Addr> = m
+            let addrs: Vec<std::net::IpAddr> = m
                 .answers
                 .iter()
-                .filter_map(|r| match &r.data {
-                    RData::A(a) => {
-                        ttl = ttl.min(r.ttl);
-                        Some(a.0)
-                    }
-                    _ => None,
+                .filter_map(|r| {
+                    let a = match &r.data {
+                        RData::A(a) => std::net::IpAddr::V4(a.0),
+                        RData::AAAA(a) => std::net::IpAddr::V6(a.0),
+                        _ => return None,
+                    };
+                    ttl = ttl.min(r.ttl);
+                    Some(a)
                 })
                 .collect();
             if addrs.is_empty() {
-                AAnswer::NoAddress
+                AddressAnswer::NoAddress
             } else {
-                AAnswer::Addresses(addrs, ttl)
+                AddressAnswer::Addresses(addrs, ttl)
             }
         }
-        ResponseCode::NXDomain => AAnswer::NoAddress,
-        other => AAnswer::Failed(other.to_string()),
+        ResponseCode::NXDomain => AddressAnswer::NoAddress,
+        other => AddressAnswer::Failed(other.to_string()),
     })
 }
 
@@ -702,7 +706,7 @@ mod tests {
 
     #[test]
     fn resolver_messages() {
-        let q = a_query(9, "wiki.corp.example").unwrap();
+        let q = address_query(9, "wiki.corp.example", false).unwrap();
         let m = parse(&q);
         assert_eq!(m.queries[0].query_type(), RecordType::A);
         let mut r = Message::response(9, OpCode::Query);
@@ -719,20 +723,39 @@ mod tests {
         ));
         let bytes = r.to_vec().unwrap();
         assert_eq!(
-            parse_a_answer(9, &bytes),
-            Some(AAnswer::Addresses(
-                vec![Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2)],
+            parse_address_answer(9, &bytes),
+            Some(AddressAnswer::Addresses(
+                vec![
+                    Ipv4Addr::new(192, 0, 2, 1).into(),
+                    Ipv4Addr::new(192, 0, 2, 2).into()
+                ],
                 10
             ))
         );
-        assert_eq!(parse_a_answer(8, &bytes), None);
+        assert_eq!(parse_address_answer(8, &bytes), None);
         r.metadata.response_code = ResponseCode::NXDomain;
         r.answers.clear();
         assert_eq!(
-            parse_a_answer(9, &r.to_vec().unwrap()),
-            Some(AAnswer::NoAddress)
+            parse_address_answer(9, &r.to_vec().unwrap()),
+            Some(AddressAnswer::NoAddress)
         );
-        assert_eq!(parse_a_answer(9, b"junk"), None);
+        assert_eq!(parse_address_answer(9, b"junk"), None);
+        // AAAA: asked for with `v6`, and read like A records.
+        let q = address_query(10, "v6only.corp.example", true).unwrap();
+        let m = parse(&q);
+        assert_eq!(m.queries[0].query_type(), RecordType::AAAA);
+        let mut r = Message::response(10, OpCode::Query);
+        r.add_query(m.queries[0].clone());
+        let v6: std::net::Ipv6Addr = "2001:db8::7".parse().unwrap();
+        r.add_answer(Record::from_rdata(
+            m.queries[0].name().clone(),
+            60,
+            RData::AAAA(hickory_proto::rr::rdata::AAAA(v6)),
+        ));
+        assert_eq!(
+            parse_address_answer(10, &r.to_vec().unwrap()),
+            Some(AddressAnswer::Addresses(vec![v6.into()], 60))
+        );
     }
 
     proptest::proptest! {
