@@ -560,7 +560,7 @@ impl Dataplane {
         let svc = self.name_services().iter().find(|s| s.covers(addr))?;
         let name = agent.names.name_of(addr)?;
         match self.resolver().and_then(|r| r.cached(&name)) {
-            Some(ip) => Some((ip.into(), None, svc.name.as_str())),
+            Some(ip) => Some((ip, None, svc.name.as_str())),
             None => {
                 self.metrics
                     .dropped_name_unresolved

@@ -613,7 +613,7 @@ impl Engine {
                 Target::Name(resolver, name, port) => resolver
                     .resolve(&name)
                     .await
-                    .map(|ip| SocketAddr::new(ip.into(), port)),
+                    .map(|ip| SocketAddr::new(ip, port)),
             };
             let Some(addr) = addr else {
                 metrics
