@@ -99,6 +99,31 @@ impl<'t> Stack<'t> {
         }
     }
 
+    /// The path of connector `conn1` in the main agent's status (`relay`, `direct-lan`,
+    /// `direct-wan`, ...), or `(no status)`.
+    pub fn path(&self) -> String {
+        self.status(&self.agent_cfg.status_socket)
+            .ok()
+            .and_then(|st| st.connector_path("conn1").map(str::to_owned))
+            .unwrap_or_else(|| "(no status)".into())
+    }
+
+    /// `ERROR` lines in the relay's, connector's and agent's logs.
+    pub fn error_lines(&self) -> Vec<String> {
+        [self.relay, self.connector, self.agent]
+            .into_iter()
+            .flatten()
+            .flat_map(|id| {
+                self.t
+                    .log(id)
+                    .lines()
+                    .filter(|l| l.contains(" ERROR "))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// The topology.
     pub fn topology(&self) -> &'t Topology {
         self.t

@@ -12,14 +12,6 @@ use ztna_e2e::{addr, helper_bins, run, run_with, Stack, Topology};
 /// How long a direct path may take to come up where one is possible.
 const DIRECT_BUDGET: Duration = Duration::from_secs(15);
 
-/// The path of `conn1` in the agent's status.
-fn path(s: &Stack<'_>) -> String {
-    s.status(&s.agent_cfg.status_socket)
-        .ok()
-        .and_then(|st| st.connector_path("conn1").map(str::to_owned))
-        .unwrap_or_else(|| "(no status)".into())
-}
-
 /// Waits until `conn1`'s path satisfies `want`; returns how long that took.
 fn wait_path(
     s: &Stack<'_>,
@@ -28,8 +20,8 @@ fn wait_path(
     want: impl Fn(&str) -> bool,
 ) -> Result<Duration> {
     let started = Instant::now();
-    wait_until_every(what, budget, Duration::from_millis(100), || want(&path(s)))
-        .with_context(|| format!("path is {}", path(s)))?;
+    wait_until_every(what, budget, Duration::from_millis(100), || want(&s.path()))
+        .with_context(|| format!("path is {}", s.path()))?;
     Ok(started.elapsed())
 }
 
@@ -264,7 +256,7 @@ fn forged_probes_are_counted_and_change_nothing() {
                 took.as_secs_f64()
             ));
             let st = s.status(&s.agent_cfg.status_socket)?;
-            ensure!(path(&s) == "direct-lan", "the path changed: {}", st.json);
+            ensure!(s.path() == "direct-lan", "the path changed: {}", st.json);
             t.ping_all(ztna_e2e::Node::Agent, addr::ECHO, 3)?;
             Ok(())
         },
@@ -397,14 +389,14 @@ fn probes_cannot_be_aimed_at_third_parties() {
             counted(&m),
             m.value("ztna_connector_probes_replayed_total") - m0.value("ztna_connector_probes_replayed_total"),
             m.value("ztna_connector_probes_stale_total") - m0.value("ztna_connector_probes_stale_total"),
-            path(&s)
+            s.path()
         ));
             ensure!(victims.len() == 2, "nft counters: {victims:?}");
             ensure!(
                 victims.iter().all(|b| *b == 0),
                 "the connector sent bytes to a non-candidate address: {victims:?}"
             );
-            ensure!(path(&s) == "direct-lan", "the path changed: {}", path(&s));
+            ensure!(s.path() == "direct-lan", "the path changed: {}", s.path());
             t.ping_all(Node::Agent, addr::ECHO, 3)?;
             Ok(())
         },
@@ -461,21 +453,6 @@ fn direct_wan_stack(t: &Topology) -> Result<Stack<'_>> {
     Ok(s)
 }
 
-/// `ERROR` lines in the relay's, connector's and agent's logs.
-fn error_lines(t: &Topology, s: &Stack<'_>) -> Vec<String> {
-    [s.relay, s.connector, s.agent]
-        .into_iter()
-        .flatten()
-        .flat_map(|id| {
-            t.log(id)
-                .lines()
-                .filter(|l| l.contains(" ERROR "))
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 /// The four NAT behaviours of the matrix.
 const NATS: [NatType; 4] = [NatType::Full, NatType::Addr, NatType::Port, NatType::Sym];
 
@@ -500,14 +477,14 @@ fn nat_matrix() {
                     // Longer than a punch window: the path must stay on the relay throughout.
                     let until = Instant::now() + Duration::from_secs(6);
                     while Instant::now() < until {
-                        let p = path(&s);
+                        let p = s.path();
                         ensure!(p == "relay", "expected the relay path, got {p}");
                         std::thread::sleep(Duration::from_millis(200));
                     }
                     "relay".to_owned()
                 };
                 quick_pings(t, 5)?;
-                let errors = error_lines(t, &s);
+                let errors = s.error_lines();
                 ensure!(
                     errors.is_empty(),
                     "errors in the logs:\n{}",
@@ -768,7 +745,7 @@ fn roaming_agent_recovers_without_a_restart() {
             let st = s.status(&s.agent_cfg.status_socket)?;
             t.step(&format!(
                 "path {} ({}); observed address {}; relay sessions {} before, {} now",
-                path(&s),
+                s.path(),
                 match &direct {
                     Ok(d) => format!(
                         "direct {:.2} s after the move",
@@ -806,7 +783,7 @@ fn direct_paths_off_at_the_connector_keeps_the_relay() {
             // Longer than a punch window: nothing may leave the relay.
             let until = Instant::now() + Duration::from_secs(6);
             while Instant::now() < until {
-                let p = path(&s);
+                let p = s.path();
                 ensure!(p == "relay", "expected the relay path, got {p}");
                 std::thread::sleep(Duration::from_millis(200));
             }

@@ -10,14 +10,6 @@ use ztna_e2e::nat::{self, v6addr, V6Conn};
 use ztna_e2e::wait::wait_until_every;
 use ztna_e2e::{addr, helper_bins, run_with, Node, Stack, Topology};
 
-/// The path of `conn1` in the agent's status.
-fn path(s: &Stack<'_>) -> String {
-    s.status(&s.agent_cfg.status_socket)
-        .ok()
-        .and_then(|st| st.connector_path("conn1").map(str::to_owned))
-        .unwrap_or_else(|| "(no status)".into())
-}
-
 /// The stack on `nat.sh v6`: the relay on `[::]:4433` (both families), the agent's socket on
 /// IPv6 and the relay given by its IPv6 address; the connector on the family of its network.
 fn start(t: &Topology, conn: V6Conn) -> Result<Stack<'_>> {
@@ -71,21 +63,6 @@ fn traffic(t: &Topology) -> Result<()> {
     Ok(())
 }
 
-/// `ERROR` lines in the relay's, connector's and agent's logs.
-fn errors(t: &Topology, s: &Stack<'_>) -> Vec<String> {
-    [s.relay, s.connector, s.agent]
-        .into_iter()
-        .flatten()
-        .flat_map(|id| {
-            t.log(id)
-                .lines()
-                .filter(|l| l.contains(" ERROR "))
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 #[test]
 fn ipv6_only_agent_reaches_an_ipv4_connector_through_a_dual_stack_relay() {
     run_with(
@@ -104,7 +81,7 @@ fn ipv6_only_agent_reaches_an_ipv4_connector_through_a_dual_stack_relay() {
             traffic(t)?;
             t.step("the connector is on IPv4, so no direct path: the tunnel stays on the relay");
             std::thread::sleep(Duration::from_secs(3));
-            ensure!(path(&s) == "relay", "path {}", path(&s));
+            ensure!(s.path() == "relay", "path {}", s.path());
             let st = s.status(&s.agent_cfg.status_socket)?;
             let targets = &st.json["connectors"][0]["direct"]["targets"];
             ensure!(
@@ -116,7 +93,7 @@ fn ipv6_only_agent_reaches_an_ipv4_connector_through_a_dual_stack_relay() {
                 m.value("ztna_relay_datagrams_forwarded_total") > 0.0,
                 "the relay forwarded nothing"
             );
-            let e = errors(t, &s);
+            let e = s.error_lines();
             ensure!(e.is_empty(), "errors in the logs:\n{}", e.join("\n"));
             Ok(())
         },
@@ -146,12 +123,12 @@ fn ipv6_only_agent_and_connector_punch_a_direct_path_through_their_firewalls() {
                 "a direct path over IPv6 (WAN: global addresses)",
                 Duration::from_secs(15),
                 Duration::from_millis(100),
-                || path(&s) == "direct-wan",
+                || s.path() == "direct-wan",
             )
-            .map_err(|e| anyhow::anyhow!("{e:#}; path {}", path(&s)))?;
+            .map_err(|e| anyhow::anyhow!("{e:#}; path {}", s.path()))?;
             t.step(&format!(
                 "path {} after {:.1} s",
-                path(&s),
+                s.path(),
                 started.elapsed().as_secs_f64()
             ));
             let st = s.status(&s.agent_cfg.status_socket)?;
@@ -168,7 +145,7 @@ fn ipv6_only_agent_and_connector_punch_a_direct_path_through_their_firewalls() {
                 "the relay forwarded {} datagrams while the path was direct",
                 after - before
             );
-            let e = errors(t, &s);
+            let e = s.error_lines();
             ensure!(e.is_empty(), "errors in the logs:\n{}", e.join("\n"));
             Ok(())
         },

@@ -29,14 +29,6 @@ const DIRECT_BUDGET: Duration = Duration::from_secs(15);
 /// first punch window (0.3 s opening + 5 s) and the first retry 4 s later.
 const MATRIX_BUDGET: Duration = Duration::from_secs(12);
 
-/// The path of `conn1` in the agent's status.
-fn path(s: &Stack<'_>) -> String {
-    s.status(&s.agent_cfg.status_socket)
-        .ok()
-        .and_then(|st| st.connector_path("conn1").map(str::to_owned))
-        .unwrap_or_else(|| "(no status)".into())
-}
-
 /// The states of `conn1`'s probed targets in the agent's status.
 fn target_states(s: &Stack<'_>) -> Vec<String> {
     s.status(&s.agent_cfg.status_socket)
@@ -69,21 +61,6 @@ fn start_direct_stack(t: &Topology) -> Result<(Stack<'_>, Instant)> {
     let cfg = s.agent_cfg.clone();
     s.wait_ready(agent, &cfg)?;
     Ok((s, started))
-}
-
-/// `ERROR` lines in the relay's, connector's and agent's logs.
-fn error_lines(t: &Topology, s: &Stack<'_>) -> Vec<String> {
-    [s.relay, s.connector, s.agent]
-        .into_iter()
-        .flatten()
-        .flat_map(|id| {
-            t.log(id)
-                .lines()
-                .filter(|l| l.contains(" ERROR "))
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 /// `count` pings from the agent to the echo service; every one must be answered.
@@ -163,17 +140,17 @@ impl fmt::Display for Cell {
 fn observe(t: &Topology, budget: Duration) -> Result<(Stack<'_>, Cell)> {
     let (s, started) = start_direct_stack(t)?;
     let direct = wait_until_every("a direct path", budget, Duration::from_millis(50), || {
-        path(&s).starts_with("direct")
+        s.path().starts_with("direct")
     });
     let to_direct = direct.is_ok().then(|| started.elapsed());
     let spent = nat::spent(t)?;
     let cell = Cell {
-        path: path(&s),
+        path: s.path(),
         to_direct,
         spent,
     };
     quick_pings(t, 5)?;
-    let errors = error_lines(t, &s);
+    let errors = s.error_lines();
     ensure!(
         errors.is_empty(),
         "errors in the logs:\n{}",
@@ -242,9 +219,9 @@ fn hairpinning_decides_between_direct_and_the_relay() {
     let off = with_scenario(Scenario::Hairpin(NatType::Port, false), |t| {
         let (s, started) = start_direct_stack(t)?;
         let ended = wait_attempt_ended(&s, Duration::from_secs(10))?;
-        ensure!(path(&s) == "relay", "path {}", path(&s));
+        ensure!(s.path() == "relay", "path {}", s.path());
         quick_pings(t, 5)?;
-        let errors = error_lines(t, &s);
+        let errors = s.error_lines();
         ensure!(errors.is_empty(), "errors:\n{}", errors.join("\n"));
         Ok(format!(
             "relay; every target failed {:.1} s after the agent started, {} pkts",
@@ -262,7 +239,7 @@ fn wait_attempt_ended(s: &Stack<'_>, budget: Duration) -> Result<Instant> {
     let until = Instant::now() + budget;
     let mut first_target = None;
     loop {
-        let p = path(s);
+        let p = s.path();
         ensure!(p == "relay", "the path left the relay: {p}");
         let states = target_states(s);
         if !states.is_empty() && first_target.is_none() {
@@ -310,7 +287,7 @@ fn symmetric_against_symmetric_ends_on_the_relay_within_2_s_quietly() {
         );
         let before = nat::spent(t)?;
         quick_pings(t, 10)?;
-        let errors = error_lines(t, &s);
+        let errors = s.error_lines();
         ensure!(errors.is_empty(), "errors:\n{}", errors.join("\n"));
         Ok((took, before))
     })
@@ -355,13 +332,13 @@ fn symmetric_against_port_restricted_goes_direct_by_port_prediction() {
                     "a direct path",
                     HARD_BUDGET,
                     Duration::from_millis(50),
-                    || path(&s).starts_with("direct"),
+                    || s.path().starts_with("direct"),
                 );
                 let to_direct = direct.is_ok().then(|| started.elapsed());
                 let spent = nat::spent(t)?;
                 t.step(&format!("try {i}: {to_direct:?}, {spent} pkts"));
                 quick_pings(t, 5)?;
-                let errors = error_lines(t, &s);
+                let errors = s.error_lines();
                 ensure!(errors.is_empty(), "errors:\n{}", errors.join("\n"));
                 Ok((to_direct, spent))
             })
@@ -428,7 +405,7 @@ fn thirty_second_mapping_timeout_keeps_the_direct_path() {
             gap * 1000.0
         ));
         ensure!(gap < 15.0, "a {gap:.1} s gap is not safely under 30 s");
-        ensure!(path(&s) == "direct-wan", "path {}", path(&s));
+        ensure!(s.path() == "direct-wan", "path {}", s.path());
         Ok((cell, gap))
     })
     .unwrap();
