@@ -196,11 +196,31 @@ impl RelayConfig {
         }
     }
 
+    /// The relay's own IPv6 addresses: the bind address, or every global or unique-local
+    /// interface address when it binds `[::]` (none when it binds IPv4 only).
+    pub fn relay_addresses6(&self) -> Vec<std::net::Ipv6Addr> {
+        match self.bind.ip() {
+            IpAddr::V6(a) if !a.is_unspecified() => vec![a],
+            IpAddr::V6(_) => if_addrs::get_if_addrs()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|i| match i.ip() {
+                    IpAddr::V6(a) if !a.is_loopback() && (a.segments()[0] & 0xffc0) != 0xfe80 => {
+                        Some(a)
+                    }
+                    _ => None,
+                })
+                .collect(),
+            IpAddr::V4(_) => vec![],
+        }
+    }
+
     /// What service addresses must stay clear of.
     pub fn reserved(&self) -> Reserved {
         Reserved {
             tunnel_pool: Some(self.tunnel_pool),
             relay: self.relay_addresses(),
+            relay6: self.relay_addresses6(),
             ranges: self.reserved.clone(),
         }
     }

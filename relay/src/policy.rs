@@ -126,6 +126,10 @@ pub struct Reserved {
     /// The relay's own addresses (its bind address, or every interface address when it binds
     /// all of them).
     pub relay: Vec<Ipv4Addr>,
+    /// The relay's own IPv6 addresses (its bind address, or every interface address when it
+    /// binds `[::]`): no service's IPv6 address may be one, or agents would route their way
+    /// to the relay into the tunnel.
+    pub relay6: Vec<Ipv6Addr>,
     /// Ranges the relay's config reserves (`reserved = [...]`).
     pub ranges: Vec<Ipv4Net>,
 }
@@ -317,6 +321,9 @@ impl Policy {
                     .find(|(n, _)| n.contains(&net6) || net6.contains(n))
                 {
                     problems.push(format!("{who}: IPv6 address also used by service {other}"));
+                }
+                if reserved.relay6.iter().any(|r| net6.contains(r)) {
+                    problems.push(format!("{who}: an IPv6 address of the relay itself"));
                 }
                 net6
             });
@@ -551,6 +558,7 @@ pub(crate) mod tests {
         Reserved {
             tunnel_pool: Some("100.64.0.0/10".parse().unwrap()),
             relay: vec![Ipv4Addr::new(10, 10, 0, 1)],
+            relay6: vec!["2001:db8:10::1".parse().unwrap()],
             ranges: vec!["192.168.0.0/16".parse().unwrap()],
         }
     }
@@ -645,6 +653,10 @@ pub(crate) mod tests {
             "IPv6 address also used by service a",
         );
         bad(vec![v6("a", 1, "fe80::1")], "cannot be a service's IPv6");
+        bad(
+            vec![v6("a", 1, "2001:db8:10::1")],
+            "an IPv6 address of the relay itself",
+        );
         bad(vec![v6("a", 1, "fd7a:7a74:6e61:7475::5")], "cannot be");
         bad(vec![v6("a", 1, "::ffff:10.1.2.3")], "cannot be");
         let mut pool6 = ServiceRule {
