@@ -106,10 +106,7 @@ fn routable(a: Ipv4Addr) -> bool {
 
 /// Whether `a` can be a service IPv6 network worth a route.
 fn routable6(a: Ipv6Addr) -> bool {
-    !(a.is_unspecified()
-        || a.is_loopback()
-        || a.is_multicast()
-        || (a.segments()[0] & 0xffc0) == 0xfe80)
+    !(a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_unicast_link_local())
 }
 
 /// The routes a tunnel state asks for: one `/32` per distinct service address through device

@@ -1035,7 +1035,7 @@ fn offerable(ip: &IpAddr) -> bool {
         && !ip.is_multicast()
         && match ip {
             IpAddr::V4(v4) => !v4.is_link_local() && !v4.is_broadcast(),
-            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+            IpAddr::V6(v6) => !v6.is_unicast_link_local(),
         }
 }
 
@@ -1122,7 +1122,7 @@ fn interface_network(addr: &if_addrs::IfAddr) -> Option<ipnet::IpNet> {
 fn same_family(list: Vec<Candidate>, v4: bool) -> Vec<Candidate> {
     list.into_iter()
         .map(|mut c| {
-            c.addr = SocketAddr::new(c.addr.ip().to_canonical(), c.addr.port());
+            c.addr = ztna_proto::observe::canonical(c.addr);
             c
         })
         .filter(|c| c.addr.is_ipv4() == v4)

@@ -297,7 +297,7 @@ impl MuxSocket {
     pub fn is_virtual(addr: &SocketAddr) -> bool {
         match addr.ip() {
             IpAddr::V4(ip) => ip.octets()[0] >= 240 && ip != Ipv4Addr::BROADCAST,
-            IpAddr::V6(ip) => ip.segments()[..3] == [0xfd00, 0x7a74, 0x6e61],
+            IpAddr::V6(ip) => ip.segments()[..3] == ztna_proto::service::MUX_VIRTUAL_V6,
         }
     }
 
@@ -308,11 +308,9 @@ impl MuxSocket {
         if self.v4 {
             SocketAddr::new(Ipv4Addr::from(0xF000_0000 | (n & 0x0FFF_FFFF)).into(), port)
         } else {
+            let [p0, p1, p2] = ztna_proto::service::MUX_VIRTUAL_V6;
             let [a, b] = [(n >> 16) as u16, n as u16];
-            SocketAddr::new(
-                Ipv6Addr::new(0xfd00, 0x7a74, 0x6e61, 0, 0, 0, a, b).into(),
-                port,
-            )
+            SocketAddr::new(Ipv6Addr::new(p0, p1, p2, 0, 0, 0, a, b).into(), port)
         }
     }
 

@@ -108,7 +108,7 @@ fn addr(b: &[u8]) -> Ipv6Addr {
 
 /// Whether `a` is link-scoped: link-local unicast, or multicast.
 fn link_scoped(a: Ipv6Addr) -> bool {
-    a.is_multicast() || (a.segments()[0] & 0xffc0) == 0xfe80
+    a.is_multicast() || a.is_unicast_link_local()
 }
 
 /// Checks an IPv6 packet from the platform as far as it can without the catalog: well formed,

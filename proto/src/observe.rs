@@ -97,6 +97,12 @@ pub fn decode_request(pkt: &[u8]) -> Result<Nonce, ObserveError> {
     header(pkt, KIND_REQUEST)
 }
 
+/// A peer's address as the peer and its peers know it: on a dual-stack socket (`[::]:PORT`)
+/// an IPv4 peer arrives as `::ffff:a.b.c.d`, which is the IPv4 address it maps.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// The answer to a request with `nonce` that came from `observed`.
 pub fn encode_answer(nonce: &Nonce, observed: SocketAddr) -> [u8; RESPONSE_LEN] {
     let mut out = [0u8; RESPONSE_LEN];
@@ -104,12 +110,7 @@ pub fn encode_answer(nonce: &Nonce, observed: SocketAddr) -> [u8; RESPONSE_LEN] 
     out[4] = VERSION;
     out[5] = KIND_ANSWER;
     out[6..HEADER].copy_from_slice(nonce);
-    // A v4-mapped IPv6 source (a dual-stack socket) is the IPv4 address it maps.
-    let ip = match observed.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    match ip {
+    match canonical(observed).ip() {
         IpAddr::V4(v4) => {
             out[HEADER] = 4;
             out[HEADER + 3..HEADER + 7].copy_from_slice(&v4.octets());

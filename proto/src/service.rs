@@ -143,10 +143,7 @@ impl ServiceDef {
     /// The IPv6 addresses of the service, if it has any: its IPv6 pool for a name service (as
     /// many addresses as its IPv4 pool), else its one IPv6 address.
     pub fn prefix6(&self) -> Option<ipnet::Ipv6Net> {
-        let a = self.address6?;
-        let host_bits = 32 - self.prefix().prefix_len();
-        let net = ipnet::Ipv6Net::new(a, 128 - host_bits).unwrap_or_else(|_| a.into());
-        Some(net.trunc())
+        Some(pool6(self.address6?, self.prefix().prefix_len()))
     }
 
     /// Whether `addr` is an IPv6 address of the service.
@@ -242,13 +239,7 @@ impl ServiceDef {
             ));
         }
         if let Some(a6) = self.address6 {
-            check_service_v6(&self.name, a6)?;
-            if self.prefix6().map(|n| n.network()) != Some(a6) {
-                return Err(format!(
-                    "service {}: IPv6 pool at {a6} does not start at a network address of its size",
-                    self.name
-                ));
-            }
+            check_address6(&self.name, a6, self.prefix().prefix_len())?;
         }
         if let Some(r) = self.udp.iter().chain(&self.tcp).find(|r| !r.is_valid()) {
             return Err(format!("service {}: invalid port range {r:?}", self.name));
@@ -276,6 +267,37 @@ pub fn tunnel_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     (x >> 32 == u128::from(TUNNEL_V6_PREFIX) >> 32).then(|| Ipv4Addr::from(x as u32))
 }
 
+/// The IPv6 addresses that start at `address6` and pair with an IPv4 pool of prefix
+/// `v4_prefix_len` (as many addresses: a /24 pool pairs with a /120): a service's one IPv6
+/// address, or a name service's IPv6 pool.
+pub fn pool6(address6: Ipv6Addr, v4_prefix_len: u8) -> ipnet::Ipv6Net {
+    ipnet::Ipv6Net::new(address6, 96 + v4_prefix_len.min(32)).map_or(address6.into(), |n| n.trunc())
+}
+
+/// Checks `address6` as the IPv6 address (or IPv6 pool start) of a service whose IPv4 pool has
+/// prefix `v4_prefix_len`: [`check_service_v6`], and the pool starts at a network address of
+/// its size. Returns the pool.
+pub fn check_address6(
+    service: &str,
+    address6: Ipv6Addr,
+    v4_prefix_len: u8,
+) -> Result<ipnet::Ipv6Net, String> {
+    check_service_v6(service, address6)?;
+    let pool = pool6(address6, v4_prefix_len);
+    if pool.network() != address6 {
+        return Err(format!(
+            "service {service}: IPv6 pool at {address6} does not start at a network address of \
+             its size (/{})",
+            pool.prefix_len()
+        ));
+    }
+    Ok(pool)
+}
+
+/// The /48 (`fd00:7a74:6e61::/48`) the path multiplexer takes its IPv6 virtual peer addresses
+/// from (`ztna_core::mux`), as its first three segments.
+pub const MUX_VIRTUAL_V6: [u16; 3] = [0xfd00, 0x7a74, 0x6e61];
+
 /// Checks that `a` can be a service's virtual IPv6 address: global or unique-local unicast, not
 /// IPv4-mapped, outside the tunnel addresses and the range the path multiplexer uses for its
 /// own virtual addresses (`fd00:7a74:6e61::/48`).
@@ -284,10 +306,10 @@ pub fn check_service_v6(service: &str, a: Ipv6Addr) -> Result<(), String> {
     let bad = a.is_unspecified()
         || a.is_loopback()
         || a.is_multicast()
-        || (s[0] & 0xffc0) == 0xfe80
+        || a.is_unicast_link_local()
         || a.to_ipv4_mapped().is_some()
         || tunnel_ipv4(a).is_some()
-        || s[..3] == [0xfd00, 0x7a74, 0x6e61];
+        || s[..3] == MUX_VIRTUAL_V6;
     if bad {
         return Err(format!(
             "service {service}: {a} cannot be a service's IPv6 address (unicast, not \

@@ -179,40 +179,42 @@ impl RelayConfig {
         TlsFiles::from_config(self.ca.clone(), self.cert.clone(), self.key.clone())
     }
 
-    /// The relay's own IPv4 addresses: the bind address, or every interface address when it
-    /// binds all of them.
-    pub fn relay_addresses(&self) -> Vec<Ipv4Addr> {
-        match self.bind.ip() {
-            IpAddr::V4(a) if !a.is_unspecified() => vec![a],
-            IpAddr::V6(a) if !a.is_unspecified() => vec![],
-            _ => if_addrs::get_if_addrs()
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|i| match i.ip() {
-                    IpAddr::V4(a) => Some(a),
-                    IpAddr::V6(_) => None,
-                })
-                .collect(),
+    /// The relay's own addresses: the bind address, or every interface address of the bound
+    /// family when it binds all of them (both families for `[::]`, which is dual-stack).
+    fn own_addresses(&self) -> Vec<IpAddr> {
+        let bind = self.bind.ip();
+        if !bind.is_unspecified() {
+            return vec![bind.to_canonical()];
         }
+        if_addrs::get_if_addrs()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.ip())
+            .filter(|a| bind.is_ipv6() || a.is_ipv4())
+            .collect()
     }
 
-    /// The relay's own IPv6 addresses: the bind address, or every global or unique-local
-    /// interface address when it binds `[::]` (none when it binds IPv4 only).
+    /// The relay's own IPv4 addresses (see [`RelayConfig::own_addresses`]).
+    pub fn relay_addresses(&self) -> Vec<Ipv4Addr> {
+        self.own_addresses()
+            .into_iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// The relay's own global or unique-local IPv6 addresses (see
+    /// [`RelayConfig::own_addresses`]; none when it binds IPv4 only).
     pub fn relay_addresses6(&self) -> Vec<std::net::Ipv6Addr> {
-        match self.bind.ip() {
-            IpAddr::V6(a) if !a.is_unspecified() => vec![a],
-            IpAddr::V6(_) => if_addrs::get_if_addrs()
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|i| match i.ip() {
-                    IpAddr::V6(a) if !a.is_loopback() && (a.segments()[0] & 0xffc0) != 0xfe80 => {
-                        Some(a)
-                    }
-                    _ => None,
-                })
-                .collect(),
-            IpAddr::V4(_) => vec![],
-        }
+        self.own_addresses()
+            .into_iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(a) if !a.is_loopback() && !a.is_unicast_link_local() => Some(a),
+                _ => None,
+            })
+            .collect()
     }
 
     /// What service addresses must stay clear of.

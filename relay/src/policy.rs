@@ -304,18 +304,11 @@ impl Policy {
                 problems.push(format!("{who}: no ports and no ICMP"));
             }
             let net6 = s.address6.map(|a6| {
-                let net6 = Ipv6Net::new(a6, 128 - (32 - net.prefix_len()))
-                    .unwrap_or_else(|_| a6.into())
-                    .trunc();
-                if let Err(e) = ztna_proto::service::check_service_v6(&s.name, a6) {
-                    problems.push(e);
-                }
-                if net6.network() != a6 {
-                    problems.push(format!(
-                        "{who}: its IPv6 pool {a6}/{} does not start at a network address",
-                        net6.prefix_len()
-                    ));
-                }
+                let net6 = ztna_proto::service::check_address6(&s.name, a6, net.prefix_len())
+                    .unwrap_or_else(|e| {
+                        problems.push(e);
+                        ztna_proto::service::pool6(a6, net.prefix_len())
+                    });
                 if let Some((_, other)) = by_address6
                     .iter()
                     .find(|(n, _)| n.contains(&net6) || net6.contains(n))

@@ -17,6 +17,7 @@ use ztna_core::session::{ControlReader, ControlWriter, SessionError};
 use ztna_core::tls::{Credentials, PeerIdentity, Revocation};
 use ztna_core::transport;
 use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role, Welcome};
+use ztna_proto::observe::canonical;
 use ztna_proto::{ServiceDef, ALPN_RELAY};
 
 use crate::admission::{Admission, AdmissionLimits, Decision};
@@ -487,7 +488,9 @@ impl Relay {
             Instant::now(),
             NewSession {
                 identity: peer.clone(),
-                observed: seen(conn.remote_address()),
+                // Reported as the peer knows it (an IPv4 peer of a dual-stack socket as IPv4); the
+                // channel table keeps the socket's form to match datagram sources.
+                observed: canonical(conn.remote_address()),
                 tunnel_ip,
                 want: hello.want,
                 catalog: if peer.role == Role::Agent {
@@ -528,7 +531,7 @@ impl Relay {
         self.dispatch(&mut st);
         let welcome = Welcome {
             identity: peer.name.clone(),
-            observed_addr: seen(conn.remote_address()),
+            observed_addr: canonical(conn.remote_address()),
             tunnel_ip,
             services,
             rejected,
@@ -1107,21 +1110,14 @@ async fn session_loop(relay: &Relay, s: &mut Opened) -> Result<(), SessionEnd> {
                     tracing::info!(session = id, "peer address changed");
                     tracing::debug!(session = id, old = %observed, new = %now, "new peer address");
                     observed = now;
-                    relay.set_observed(id, seen(now));
-                    writer.send(&ControlMessage::ObservedAddress(seen(now))).await.map_err(lost)?;
+                    let reported = canonical(now);
+                    relay.set_observed(id, reported);
+                    writer.send(&ControlMessage::ObservedAddress(reported)).await.map_err(lost)?;
                 }
             }
             e = conn.closed() => return Err(SessionEnd::Lost(e.to_string())),
         }
     }
-}
-
-/// A peer's address as the peer and its peers know it: on a dual-stack socket (`bind =
-/// "[::]:PORT"`) an IPv4 peer arrives as `::ffff:a.b.c.d`, which is reported (observed address,
-/// reflexive candidate) as the IPv4 address it is. The channel table keeps the address as the
-/// socket gives it, to match the datagrams' sources.
-fn seen(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Sleeps until `at`, if any. The timer is boxed: only a session that is paused pays for one,
