@@ -81,23 +81,34 @@ pub fn dig_backend(t: &Topology, tries: u32) -> Result<()> {
 /// to the echo service (`ztna-test-udp-check`) and checks every one came back byte for byte;
 /// returns its summary line.
 pub fn udp_echo_check(t: &Topology, count: u32, max_size: usize) -> Result<String> {
-    let target = format!("{}:7", addr::ECHO);
+    udp_echo_check_to(t, &format!("{}:7", addr::ECHO), None, count, max_size)
+}
+
+/// [`udp_echo_check`] to the echo server at `target` (`IP:PORT`, `[IPv6]:PORT`), from a
+/// socket bound to `bind` (default `0.0.0.0:0`; `[::]:0` for an IPv6 target).
+pub fn udp_echo_check_to(
+    t: &Topology,
+    target: &str,
+    bind: Option<&str>,
+    count: u32,
+    max_size: usize,
+) -> Result<String> {
     let (count_s, max_s) = (count.to_string(), max_size.to_string());
-    let out = t.run_ok(
-        Node::Agent,
-        180,
-        [
-            t.helpers().udp_check.as_os_str(),
-            target.as_ref(),
-            "--count".as_ref(),
-            count_s.as_ref(),
-            "--max-size".as_ref(),
-            max_s.as_ref(),
-        ],
-    )?;
+    let mut args = vec![
+        t.helpers().udp_check.as_os_str(),
+        target.as_ref(),
+        "--count".as_ref(),
+        count_s.as_ref(),
+        "--max-size".as_ref(),
+        max_s.as_ref(),
+    ];
+    if let Some(b) = bind {
+        args.extend([std::ffi::OsStr::new("--bind"), std::ffi::OsStr::new(b)]);
+    }
+    let out = t.run_ok(Node::Agent, 180, args)?;
     anyhow::ensure!(
         out.stdout.contains(&format!("ok={count} ")) && out.stdout.contains("mismatched=0"),
-        "UDP echo check ({count} datagrams up to {max_size} bytes) failed:\n{out}"
+        "UDP echo check to {target} ({count} datagrams up to {max_size} bytes) failed:\n{out}"
     );
     Ok(out.stdout.trim().to_owned())
 }

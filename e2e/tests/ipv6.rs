@@ -47,19 +47,7 @@ fn traffic(t: &Topology) -> Result<()> {
     ensure!(out.stdout.contains("20 received"), "pings lost: {out}");
     let summary = ztna_e2e::udp_echo_check(t, 200, 1232)?;
     t.step(&summary);
-    let out = t.run_ok(
-        Node::Agent,
-        10,
-        [
-            "dig",
-            "+short",
-            "+time=2",
-            "+tries=2",
-            "@10.100.0.2",
-            "backend.ztna.test",
-        ],
-    )?;
-    ensure!(out.stdout.trim() == addr::BACKEND, "dig: {out}");
+    ztna_e2e::dig_backend(t, 2)?;
     Ok(())
 }
 
@@ -240,56 +228,23 @@ fn ipv6_services_answer_ping_udp_and_tcp_through_the_tunnel() {
 
             t.step("UDP over IPv6 to fd00:100::1:7, echoed byte for byte");
             let target = format!("[{}]:7", v6svc::ECHO);
-            let out = t.run_ok(
-                Node::Agent,
-                60,
-                [
-                    t.helpers().udp_check.as_os_str(),
-                    target.as_ref(),
-                    "--bind".as_ref(),
-                    "[::]:0".as_ref(),
-                    "--count".as_ref(),
-                    "300".as_ref(),
-                    "--max-size".as_ref(),
-                    "1200".as_ref(),
-                ],
-            )?;
-            ensure!(
-                out.stdout.contains("ok=300 ") && out.stdout.contains("mismatched=0"),
-                "UDP over IPv6: {out}"
-            );
-            t.step(out.stdout.trim());
+            let summary = ztna_e2e::udp_echo_check_to(t, &target, Some("[::]:0"), 300, 1200)?;
+            t.step(&summary);
 
             t.step("UDP over IPv6 up to 4000 bytes (the first is 4000): fragmented by the agent's kernel, reassembled by the connector, echoed whole, fragmented back");
             let before = s
                 .conn_metrics()?
                 .value("ztna_connector_fragments_reassembled_total");
-            let out = t.run_ok(
-                Node::Agent,
-                60,
-                [
-                    t.helpers().udp_check.as_os_str(),
-                    target.as_ref(),
-                    "--bind".as_ref(),
-                    "[::]:0".as_ref(),
-                    "--count".as_ref(),
-                    "20".as_ref(),
-                    "--max-size".as_ref(),
-                    "4000".as_ref(),
-                ],
-            )?;
+            let summary = ztna_e2e::udp_echo_check_to(t, &target, Some("[::]:0"), 20, 4000)?;
             let after = s
                 .conn_metrics()?
                 .value("ztna_connector_fragments_reassembled_total");
             ensure!(
-                out.stdout.contains("ok=20 ")
-                    && out.stdout.contains("mismatched=0")
-                    && after > before,
-                "4000-byte UDP over IPv6 (reassembled {before} -> {after}): {out}"
+                after > before,
+                "4000-byte UDP over IPv6: reassembled {before} -> {after}"
             );
             t.step(&format!(
-                "RESULT {}; reassembled at the connector: {}",
-                out.stdout.trim(),
+                "RESULT {summary}; reassembled at the connector: {}",
                 after - before
             ));
 
@@ -298,7 +253,18 @@ fn ipv6_services_answer_ping_udp_and_tcp_through_the_tunnel() {
             let out = t.run_ok(Node::Agent, 20, ["curl", "-sS", "-m", "10", &url])?;
             ensure!(out.stdout == body, "curl over IPv6 got {:?}", out.stdout);
 
-            t.step("the agent may not reach secret: ping -6 fd00:100::3 gets nothing back");
+            t.step("the agent may not reach secret: ping -6 fd00:100::3 gets nothing back, even with a route forced into the tunnel (the agent's own check drops it)");
+            let route = format!("{}/128", v6svc::SECRET);
+            t.run_ok(
+                Node::Agent,
+                5,
+                ["ip", "-6", "route", "add", &route, "dev", "ztna0"],
+            )?;
+            let no_route = |s: &Stack<'_>| -> Result<u64> {
+                let st = s.status(&s.agent_cfg.status_socket)?;
+                Ok(st.json["dropped_no_route"].as_u64().unwrap_or(0))
+            };
+            let dropped = no_route(&s)?;
             let before = s.conn_metrics()?;
             let out = t.run(
                 Node::Agent,
@@ -311,6 +277,10 @@ fn ipv6_services_answer_ping_udp_and_tcp_through_the_tunnel() {
                 after.value("ztna_connector_icmp_echo_backend_total")
                     == before.value("ztna_connector_icmp_echo_backend_total"),
                 "the connector forwarded echo requests to secret"
+            );
+            ensure!(
+                no_route(&s)? > dropped,
+                "the agent did not count the pings to secret as having no route"
             );
             Ok(())
         },
