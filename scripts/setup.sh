@@ -139,7 +139,8 @@ RESOLVED_ROOT=${ZTNA_RESOLVED_ROOT:-/opt/ztna-resolved}
 if [[ ! -x $RESOLVED_ROOT/lib/systemd/systemd-resolved ]]; then
     log "unpacking systemd-resolved into $RESOLVED_ROOT"
     deb_dir=$(mktemp -d)
-    (cd "$deb_dir" && apt-get download -qq systemd-resolved 2>/dev/null)
+    # As root into a private directory: no _apt sandbox user needed (and no warning about it).
+    (cd "$deb_dir" && apt-get download -qq -o APT::Sandbox::User=root systemd-resolved)
     mkdir -p "$RESOLVED_ROOT"
     dpkg -x "$deb_dir"/systemd-resolved_*.deb "$RESOLVED_ROOT"
     rm -rf "$deb_dir"
