@@ -71,6 +71,11 @@ fn ipv6_only_agent_reaches_an_ipv4_connector_through_a_dual_stack_relay() {
             std::thread::sleep(Duration::from_secs(3));
             ensure!(s.path() == "relay", "path {}", s.path());
             let st = s.status(&s.agent_cfg.status_socket)?;
+            let observed = st.json["observed_addr"].as_str().unwrap_or_default();
+            ensure!(
+                observed.starts_with(&format!("[{}]:", v6addr::AGENT)),
+                "the relay should see the agent at its IPv6 address, not {observed}"
+            );
             let targets = &st.json["connectors"][0]["direct"]["targets"];
             ensure!(
                 targets.as_array().is_some_and(Vec::is_empty),
