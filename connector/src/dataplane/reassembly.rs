@@ -3,24 +3,28 @@
 //! An agent's kernel fragments a datagram larger than the tunnel's MTU (a 4000-byte UDP
 //! datagram leaves as three fragments), and only the whole datagram can be checked against
 //! policy and forwarded to a backend socket. So fragments are collected per agent (etherparse's
-//! `IpDefragPool` places them, and refuses overlaps and lengths past 64 KiB), and the whole
-//! packet is rebuilt with a fresh IPv4 header.
+//! `IpDefragPool` places them: it refuses lengths past 64 KiB and ends that conflict, but merges
+//! overlapping fragments, the later bytes overwriting the earlier), and the whole packet is
+//! rebuilt with a fresh IPv4 header.
 //!
 //! IPv6: a fragment is a packet whose fragment header comes right after the fixed header (what
 //! an agent's kernel sends for a datagram larger than its TUN's MTU) and that really fragments
 //! (offset or M set). The whole packet gets a fresh IPv6 header without extension headers.
 //! The fragment header is read here, not by etherparse: 0.16 decodes its offset and M flag
 //! from the wrong bits (etherparse issue #150, fixed in 0.20); only its reassembly buffer
-//! (`IpDefragBuf`: no overlaps, 64 KiB at most, consistent ends) is used for IPv6.
-//! Anything else with a fragment header (an atomic fragment, one behind other extension
-//! headers) is no fragment here and meets `inspect`, which drops it (`dropped_ipv6_fragments`).
+//! (`IpDefragBuf`: 64 KiB at most, consistent ends, overlaps merged as for IPv4) is used for
+//! IPv6. Anything else with a fragment header is no fragment here and meets `inspect`, which
+//! drops it: an atomic fragment as `dropped_ipv6_fragments`, a fragment header behind another
+//! extension header as `dropped_ipv6_extension_headers` (`inspect` looks only at the header
+//! after the fixed one).
 //!
 //! Memory is bounded: at most [`MAX_PENDING`] datagrams in reassembly per agent (each at most
 //! 64 KiB, so 512 KiB per agent at worst, less than one agent's TCP buffers may hold), each
 //! given [`TIMEOUT`] from its latest fragment; a fragment past the cap, one that
 //! does not fit its datagram, or one of a datagram that timed out is dropped and counted by the
-//! caller. Nothing here trusts the fragments: the rebuilt packet goes through the same checks
-//! (source, service, port) as any other.
+//! caller. Nothing here trusts the fragments: since overlaps are merged, not refused, the
+//! rebuilt datagram may hold bytes of any fragment, so it is checked whole and goes through
+//! the same checks (source, service, port, checksum) as any other packet.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -42,7 +46,8 @@ pub(crate) enum FragmentDrop {
     Malformed,
     /// [`MAX_PENDING`] datagrams of this agent are already in reassembly.
     TooMany,
-    /// It overlaps, or extends past 64 KiB or past the end another fragment set.
+    /// It extends past 64 KiB or past the end another fragment set, sets a different end, or
+    /// is not the last yet its length is no multiple of 8. (Overlaps are merged, not refused.)
     Inconsistent,
 }
 
