@@ -23,8 +23,8 @@ use etherparse::checksum::Sum16BitWords;
 use etherparse::icmpv4::DestUnreachableHeader;
 use etherparse::icmpv6::DestUnreachableCode;
 use etherparse::{
-    ip_number, Icmpv4Slice, Icmpv4Type, Icmpv6Type, IpNumber, Ipv4HeaderSlice, Ipv6HeaderSlice,
-    PacketBuilder, TcpHeaderSlice, UdpHeaderSlice,
+    ip_number, Icmpv4Slice, Icmpv4Type, Icmpv6Type, IpNumber, Ipv4HeaderSlice, Ipv6Header,
+    Ipv6HeaderSlice, PacketBuilder, TcpHeaderSlice, UdpHeaderSlice,
 };
 use ztna_proto::service::tunnel_ipv6;
 use ztna_proto::ServiceDef;
@@ -46,8 +46,6 @@ const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 /// ICMPv6 type of an echo reply.
 const ICMPV6_ECHO_REPLY: u8 = 129;
-/// Length of the fixed IPv6 header.
-const IPV6_HEADER: usize = 40;
 
 /// Why a packet from an agent was dropped. Each variant maps to one drop counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -213,15 +211,6 @@ pub(crate) fn inspect<'a, 's>(
     }
 }
 
-/// IPv6 next-header values of extension headers (RFC 8200 4, and the IANA list of IPv6
-/// extension header types).
-fn is_extension_header(next: IpNumber) -> bool {
-    matches!(
-        next.0,
-        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
-    )
-}
-
 /// [`inspect`] for a packet whose version nibble is 6; `agent_ip` is the agent's IPv6 tunnel
 /// address.
 fn inspect6<'a, 's>(
@@ -232,7 +221,7 @@ fn inspect6<'a, 's>(
     use DropReason::*;
     let ip = Ipv6HeaderSlice::from_slice(packet).map_err(|_| Malformed("bad IPv6 header"))?;
     // Payload length 0 is a jumbogram (which needs a hop-by-hop header) or an empty packet.
-    let total = IPV6_HEADER + usize::from(ip.payload_length());
+    let total = Ipv6Header::LEN + usize::from(ip.payload_length());
     if total > packet.len() {
         return Err(Malformed("IPv6 payload length does not match"));
     }
@@ -250,12 +239,12 @@ fn inspect6<'a, 's>(
     if next == ip_number::IPV6_FRAG {
         return Err(Ipv6Fragment);
     }
-    if is_extension_header(next) {
+    if next.is_ipv6_ext_header_value() {
         return Err(Ipv6ExtensionHeaders {
             next_header: next.0,
         });
     }
-    let body = &packet[IPV6_HEADER..total];
+    let body = &packet[Ipv6Header::LEN..total];
     let mut pseudo = Sum16BitWords::new()
         .add_16bytes(ip.source())
         .add_16bytes(ip.destination());
@@ -264,7 +253,7 @@ fn inspect6<'a, 's>(
             packet,
             body,
             pseudo,
-            IPV6_HEADER + 8,
+            Ipv6Header::LEN + 8,
             svc,
             src.into(),
             dst.into(),
@@ -490,7 +479,7 @@ fn build_icmp_error(
             })
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let quote = &quote[..quote.len().min(MIN_MTU6 - IPV6_HEADER - 8)];
+            let quote = &quote[..quote.len().min(MIN_MTU6 - Ipv6Header::LEN - 8)];
             let builder = PacketBuilder::ipv6(s.octets(), d.octets(), TTL).icmpv6(v6);
             finish(builder.size(quote.len()), quote.len(), |out| {
                 builder.write(out, quote)
@@ -571,8 +560,8 @@ fn ip_parts(packet: &[u8], protocol: IpNumber) -> Option<(IpAddr, IpAddr, &[u8])
             if ip.next_header() != protocol {
                 return None;
             }
-            let total = (IPV6_HEADER + usize::from(ip.payload_length())).min(packet.len());
-            let body = packet.get(IPV6_HEADER..total)?;
+            let total = (Ipv6Header::LEN + usize::from(ip.payload_length())).min(packet.len());
+            let body = packet.get(Ipv6Header::LEN..total)?;
             Some((ip.source_addr().into(), ip.destination_addr().into(), body))
         }
         _ => None,
@@ -657,11 +646,11 @@ pub(crate) fn unserved_answer(packet: &[u8], reason: &DropReason) -> Option<Vec<
         6 => {
             let ip = Ipv6HeaderSlice::from_slice(packet).ok()?;
             if ip.next_header() == ip_number::IPV6_ICMP
-                && packet.get(IPV6_HEADER).copied() != Some(ICMPV6_ECHO_REQUEST)
+                && packet.get(Ipv6Header::LEN).copied() != Some(ICMPV6_ECHO_REQUEST)
             {
                 return None;
             }
-            let end = (IPV6_HEADER + usize::from(ip.payload_length())).min(packet.len());
+            let end = (Ipv6Header::LEN + usize::from(ip.payload_length())).min(packet.len());
             (
                 ip.source_addr().into(),
                 ip.destination_addr().into(),

@@ -31,7 +31,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use etherparse::defrag::{IpDefragBuf, IpDefragPool};
-use etherparse::{IpFragOffset, IpNumber, Ipv4Header, Ipv6Header, SlicedPacket};
+use etherparse::{ip_number, IpFragOffset, IpNumber, Ipv4Header, Ipv6Header, SlicedPacket};
 
 /// Datagrams in reassembly at once, per agent.
 pub(crate) const MAX_PENDING: usize = 8;
@@ -91,15 +91,12 @@ pub(crate) fn is_fragment(packet: &[u8]) -> bool {
         }
         Some(6) => {
             packet.len() >= 48
-                && packet[6] == IPV6_FRAGMENT
+                && packet[6] == ip_number::IPV6_FRAG.0
                 && u16::from_be_bytes([packet[42], packet[43]]) & 0xfff9 != 0
         }
         _ => false,
     }
 }
-
-/// Next-header value of an IPv6 fragment header.
-const IPV6_FRAGMENT: u8 = 44;
 
 impl Reassembly {
     /// Takes one fragment; returns the whole packet once its last missing fragment arrived.
