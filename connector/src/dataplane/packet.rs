@@ -542,30 +542,42 @@ pub(crate) struct TcpSegment {
     pub(crate) rst: bool,
 }
 
-/// The addresses and the payload (up to the IP length) of an IPv4 or IPv6 packet whose
-/// payload is `protocol` right after the fixed header (IPv6 without extension headers).
-fn ip_parts(packet: &[u8], protocol: IpNumber) -> Option<(IpAddr, IpAddr, &[u8])> {
+/// Source, destination, protocol (IPv6: the next header after the fixed header), header
+/// length and end (the IP length, at most the bytes there are) of an IPv4 or IPv6 packet.
+fn ip_header(packet: &[u8]) -> Option<(IpAddr, IpAddr, IpNumber, usize, usize)> {
     match packet.first()? >> 4 {
         4 => {
             let ip = Ipv4HeaderSlice::from_slice(packet).ok()?;
-            if ip.protocol() != protocol {
-                return None;
-            }
-            let total = usize::from(ip.total_len()).min(packet.len());
-            let body = packet.get(ip.slice().len()..total)?;
-            Some((ip.source_addr().into(), ip.destination_addr().into(), body))
+            Some((
+                ip.source_addr().into(),
+                ip.destination_addr().into(),
+                ip.protocol(),
+                ip.slice().len(),
+                usize::from(ip.total_len()).min(packet.len()),
+            ))
         }
         6 => {
             let ip = Ipv6HeaderSlice::from_slice(packet).ok()?;
-            if ip.next_header() != protocol {
-                return None;
-            }
-            let total = (Ipv6Header::LEN + usize::from(ip.payload_length())).min(packet.len());
-            let body = packet.get(Ipv6Header::LEN..total)?;
-            Some((ip.source_addr().into(), ip.destination_addr().into(), body))
+            Some((
+                ip.source_addr().into(),
+                ip.destination_addr().into(),
+                ip.next_header(),
+                Ipv6Header::LEN,
+                (Ipv6Header::LEN + usize::from(ip.payload_length())).min(packet.len()),
+            ))
         }
         _ => None,
     }
+}
+
+/// The addresses and the payload (up to the IP length) of an IPv4 or IPv6 packet whose
+/// payload is `protocol` right after the fixed header (IPv6 without extension headers).
+fn ip_parts(packet: &[u8], protocol: IpNumber) -> Option<(IpAddr, IpAddr, &[u8])> {
+    let (src, dst, proto, header_len, end) = ip_header(packet)?;
+    if proto != protocol {
+        return None;
+    }
+    Some((src, dst, packet.get(header_len..end)?))
 }
 
 /// Reads the key and flags of an IPv4 or IPv6 TCP segment (no checksum check: `inspect` did
@@ -627,38 +639,20 @@ pub(crate) fn build_tcp_reset(packet: &[u8]) -> Option<Vec<u8>> {
 /// UDP port, or a protocol, it doesn't serve. Nothing for other reasons, for an RST, or for
 /// ICMP other than an echo request (never an ICMP error about an ICMP error).
 pub(crate) fn unserved_answer(packet: &[u8], reason: &DropReason) -> Option<Vec<u8>> {
-    let (src, dst, quote) = match packet.first()? >> 4 {
-        4 => {
-            let ip = Ipv4HeaderSlice::from_slice(packet).ok()?;
-            let ihl = ip.slice().len();
-            if ip.protocol() == ip_number::ICMP
-                && packet.get(ihl).copied() != Some(ICMP_ECHO_REQUEST)
-            {
-                return None;
-            }
-            let end = (ihl + 8).min(usize::from(ip.total_len())).min(packet.len());
-            (
-                ip.source_addr().into(),
-                ip.destination_addr().into(),
-                packet.get(..end)?,
-            )
-        }
-        6 => {
-            let ip = Ipv6HeaderSlice::from_slice(packet).ok()?;
-            if ip.next_header() == ip_number::IPV6_ICMP
-                && packet.get(Ipv6Header::LEN).copied() != Some(ICMPV6_ECHO_REQUEST)
-            {
-                return None;
-            }
-            let end = (Ipv6Header::LEN + usize::from(ip.payload_length())).min(packet.len());
-            (
-                ip.source_addr().into(),
-                ip.destination_addr().into(),
-                packet.get(..end)?,
-            )
-        }
-        _ => return None,
+    let (src, dst, proto, header_len, end) = ip_header(packet)?;
+    // IPv4 quotes the header and 8 bytes; IPv6 the packet (build_admin_prohibited cuts it).
+    let (icmp, echo_request, end) = match src {
+        IpAddr::V4(_) => (
+            ip_number::ICMP,
+            ICMP_ECHO_REQUEST,
+            (header_len + 8).min(end),
+        ),
+        IpAddr::V6(_) => (ip_number::IPV6_ICMP, ICMPV6_ECHO_REQUEST, end),
     };
+    if proto == icmp && packet.get(header_len).copied() != Some(echo_request) {
+        return None;
+    }
+    let quote = packet.get(..end)?;
     match reason {
         DropReason::PortNotServed {
             protocol: "TCP", ..
