@@ -339,10 +339,15 @@ pub(crate) struct Dataplane {
     names: OnceLock<NameRoutes>,
 }
 
+/// The IPv4 pool address paired with `a` in the IPv6 pool of one of the name `services`.
+pub(crate) fn pool_v4(services: &[ServiceDef], a: Ipv6Addr) -> Option<Ipv4Addr> {
+    services.iter().find_map(|s| s.to_v4(a))
+}
+
 /// The connector's name services and the resolver of their real names.
 pub(crate) struct NameRoutes {
-    /// This connector's name services.
-    pub(crate) services: Vec<ServiceDef>,
+    /// This connector's name services (shared with every agent's TCP task).
+    pub(crate) services: Arc<[ServiceDef]>,
     /// Resolves the names agents map.
     pub(crate) resolver: Arc<crate::names::Resolver>,
     /// Most mappings one agent tunnel may hold.
@@ -496,7 +501,7 @@ impl Dataplane {
 
     /// The connector's name services (empty if none).
     pub(crate) fn name_services(&self) -> &[ServiceDef] {
-        self.names.get().map_or(&[], |n| &n.services)
+        self.names.get().map_or(&[], |n| &*n.services)
     }
 
     /// The resolver of name services, if any.
@@ -526,10 +531,7 @@ impl Dataplane {
         if let Some(a) = self.services6.get(&addr) {
             return Some(*a);
         }
-        self.name_services()
-            .iter()
-            .find(|s| s.covers6(addr))
-            .and_then(|s| s.to_v4(addr))
+        pool_v4(self.name_services(), addr)
     }
 
     /// The IPv4 key of service address `addr` (itself, or its IPv4 equivalent).
@@ -771,7 +773,7 @@ impl Dataplane {
                 names: self.names.get().map(|n| tcp::AgentNameCtx {
                     names: agent.names.clone(),
                     resolver: n.resolver.clone(),
-                    services: n.services.clone().into(),
+                    services: n.services.clone(),
                 }),
                 cfg: self.tcp_cfg.clone(),
                 limits: agent.limits.clone(),
@@ -1826,7 +1828,7 @@ mod tests {
                 "localhost resolves"
             );
             assert!(dp.set_names(NameRoutes {
-                services: vec![names.clone()],
+                services: vec![names.clone()].into(),
                 resolver,
                 max_per_agent: 8,
             }));

@@ -227,7 +227,7 @@ impl AgentNameCtx {
     fn name_of(&self, addr: IpAddr) -> Option<String> {
         let v4 = match addr {
             IpAddr::V4(a) => a,
-            IpAddr::V6(a) => self.services.iter().find_map(|s| s.to_v4(a))?,
+            IpAddr::V6(a) => super::pool_v4(&self.services, a)?,
         };
         self.names.name_of(v4)
     }
