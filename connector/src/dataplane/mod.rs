@@ -133,10 +133,9 @@ pub(crate) struct Agent {
     pub(crate) id: u64,
     /// The agent's identity (from its certificate), for logs.
     identity: String,
-    /// The tunnel address the agent was assigned; the only source address accepted from it.
+    /// The tunnel address the agent was assigned; the only source address accepted from it
+    /// (over IPv6: `tunnel_ipv6` of it).
     pub(crate) tunnel_ip: Ipv4Addr,
-    /// Its IPv6 tunnel address (derived from `tunnel_ip`); the only IPv6 source accepted.
-    pub(crate) tunnel_ip6: Ipv6Addr,
     /// Where its packets go.
     sink: Arc<dyn ToAgent>,
     /// Set (under the flow table's lock, before its flows are removed) when the agent is
@@ -160,7 +159,7 @@ impl Agent {
     pub(crate) fn tunnel_addr(&self, like: IpAddr) -> IpAddr {
         match like {
             IpAddr::V4(_) => self.tunnel_ip.into(),
-            IpAddr::V6(_) => self.tunnel_ip6.into(),
+            IpAddr::V6(_) => ztna_proto::service::tunnel_ipv6(self.tunnel_ip).into(),
         }
     }
 }
@@ -604,7 +603,6 @@ impl Dataplane {
             id,
             identity,
             tunnel_ip,
-            tunnel_ip6: ztna_proto::service::tunnel_ipv6(tunnel_ip),
             sink: to_agent,
             closed: AtomicBool::new(false),
             tcp: Mutex::new(None),
