@@ -400,18 +400,7 @@ fn ip_builder(
                 Default::default(),
             )))
         }
-        (IpAddr::V6(s), IpAddr::V6(d)) => Ok(PacketBuilder::ip(etherparse::IpHeaders::Ipv6(
-            etherparse::Ipv6Header {
-                traffic_class: 0,
-                flow_label: Default::default(),
-                payload_length: 0,
-                next_header: ip_number::UDP,
-                hop_limit: TTL,
-                source: s.octets(),
-                destination: d.octets(),
-            },
-            Default::default(),
-        ))),
+        (IpAddr::V6(s), IpAddr::V6(d)) => Ok(PacketBuilder::ipv6(s.octets(), d.octets(), TTL)),
         _ => Err(BuildError::MixedFamilies),
     }
 }
