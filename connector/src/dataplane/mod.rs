@@ -407,8 +407,7 @@ impl Dataplane {
                 bail!("service {}: backend port 0", svc.def.name);
             }
             let b = svc.backend;
-            let broadcast = matches!(b, IpAddr::V4(v4) if v4.is_broadcast());
-            if b.is_unspecified() || broadcast || b.is_multicast() {
+            if !crate::names::usable(&b) {
                 bail!(
                     "service {}: backend {b} is not a unicast address",
                     svc.def.name
