@@ -65,8 +65,9 @@ use crate::metrics::{gauge_dec, gauge_inc, Metrics};
 /// Packets from one agent waiting for its TCP task; more are dropped.
 pub(crate) const QUEUE_PACKETS: usize = 2048;
 
-/// Largest IPv4 packet the connector's TCP sends to an agent (the tunnel's default inner MTU);
-/// smoltcp advertises an MSS of this minus 40 and never sends more than the agent's MSS.
+/// Largest IP packet (IPv4 or IPv6) the connector's TCP sends to an agent (the tunnel's default
+/// inner MTU); smoltcp advertises an MSS of this minus the IP and TCP headers (40 bytes over
+/// IPv4, 60 over IPv6) and never sends more than the agent's MSS.
 const MTU: usize = 1280;
 
 /// How soon the stack is polled again after the tunnel to the agent was full.
@@ -438,7 +439,8 @@ impl Engine {
         let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::ZERO);
         iface.set_any_ip(true);
         iface.update_ip_addrs(|addrs| {
-            // Capacity is at least one address; nothing else is added.
+            // Capacity is two addresses (smoltcp's default IFACE_MAX_ADDR_COUNT), one of each
+            // family; nothing else is added.
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(PLACEHOLDER), 32));
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(PLACEHOLDER6), 128));
         });
@@ -683,10 +685,7 @@ impl Engine {
         socket.set_nagle_enabled(false);
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
         let endpoint = IpListenEndpoint {
-            addr: Some(match key.service {
-                IpAddr::V4(a) => IpAddress::Ipv4(a),
-                IpAddr::V6(a) => IpAddress::Ipv6(a),
-            }),
+            addr: Some(IpAddress::from(key.service)),
             port: key.port,
         };
         if socket.listen(endpoint).is_err() {
