@@ -449,14 +449,15 @@ impl Dataplane {
             tcp_buffer_bytes = cfg.tcp.buffer_bytes,
             "data plane ready"
         );
+        // Each service's backend under its address and, if it has one, its IPv6 address.
         let tcp_backends = Arc::new(
             by_address
                 .iter()
-                .map(|(addr, s)| (IpAddr::V4(*addr), (s.backend, s.backend_port)))
-                .chain(services6.iter().filter_map(|(a6, a4)| {
-                    let s = by_address.get(a4)?;
-                    Some((IpAddr::V6(*a6), (s.backend, s.backend_port)))
-                }))
+                .flat_map(|(addr, s)| {
+                    let backend = (s.backend, s.backend_port);
+                    let v6 = s.def.address6.map(|a6| (IpAddr::V6(a6), backend));
+                    std::iter::once((IpAddr::V4(*addr), backend)).chain(v6)
+                })
                 .collect(),
         );
         let caps = Caps {
