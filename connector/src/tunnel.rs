@@ -262,7 +262,7 @@ impl ToAgent for InnerSink {
     }
 }
 
-/// Identification of the IPv6 fragments the connector sends (one per fragmented packet).
+/// Identification of the IPv6 fragments the connector sends (one per fragmented IPv6 packet).
 static NEXT_FRAGMENT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// Sends one IPv4 or IPv6 packet to the agent as a datagram of its inner connection,
@@ -276,7 +276,7 @@ fn send_datagram_to_agent(conn: &quinn::Connection, metrics: &Metrics, packet: B
         }
         return;
     }
-    let ident = NEXT_FRAGMENT_ID.fetch_add(1, Ordering::Relaxed);
+    let ident = || NEXT_FRAGMENT_ID.fetch_add(1, Ordering::Relaxed);
     match fragment(&packet, max, ident) {
         Ok(frags) => {
             metrics.fragmented_to_agents.fetch_add(1, Ordering::Relaxed);

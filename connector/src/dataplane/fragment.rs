@@ -12,8 +12,8 @@ use etherparse::{ip_number, IpNumber, Ipv6Header};
 /// Why a packet could not be fragmented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum FragmentError {
-    /// Not a well-formed IPv4 packet.
-    #[error("not a well-formed IPv4 packet")]
+    /// Not a well-formed IPv4 packet, or IPv6 packet without extension headers.
+    #[error("not a well-formed IPv4 or IPv6 packet (IPv6 without extension headers)")]
     Malformed,
     /// The packet has Don't Fragment set.
     #[error("packet has Don't Fragment set")]
@@ -24,15 +24,15 @@ pub(crate) enum FragmentError {
 }
 
 /// Splits `packet` (IPv4, or IPv6 without extension headers) into fragments of at most `max`
-/// bytes; `ident` is the identification of IPv6 fragments (IPv4 keeps the packet's own). A
-/// packet that fits comes back whole.
+/// bytes; `ident` gives the identification of IPv6 fragments, and is called only for an IPv6
+/// packet (IPv4 keeps the packet's own). A packet that fits comes back whole.
 pub(crate) fn fragment(
     packet: &[u8],
     max: usize,
-    ident: u32,
+    ident: impl FnOnce() -> u32,
 ) -> Result<Vec<Vec<u8>>, FragmentError> {
     match packet.first().map(|b| b >> 4) {
-        Some(6) => fragment_ipv6(packet, max, ident),
+        Some(6) => fragment_ipv6(packet, max, ident()),
         _ => fragment_ipv4(packet, max),
     }
 }
@@ -244,13 +244,16 @@ mod tests {
     #[test]
     fn large_ipv6_reply_is_split_and_reassembles() {
         let p = udp6(4000);
-        let frags = fragment(&p, 1320, 77).unwrap();
+        let frags = fragment(&p, 1320, || 77).unwrap();
         assert_eq!(frags.len(), 4);
         assert_eq!(reassemble6(&frags, 1320, 77), p);
-        assert_eq!(fragment(&udp6(100), 1320, 1).unwrap(), vec![udp6(100)]);
-        assert_eq!(fragment(&udp6(2000), 50, 1), Err(FragmentError::TooSmall));
+        assert_eq!(fragment(&udp6(100), 1320, || 1).unwrap(), vec![udp6(100)]);
         assert_eq!(
-            fragment(&[0x60; 39], 1320, 1),
+            fragment(&udp6(2000), 50, || 1),
+            Err(FragmentError::TooSmall)
+        );
+        assert_eq!(
+            fragment(&[0x60; 39], 1320, || 1),
             Err(FragmentError::Malformed)
         );
     }
@@ -259,7 +262,7 @@ mod tests {
         #[test]
         fn any_ipv6_size_round_trips(len in 0usize..9000, max in 56usize..1500, ident in any::<u32>()) {
             let p = udp6(len);
-            let frags = fragment(&p, max, ident).unwrap();
+            let frags = fragment(&p, max, || ident).unwrap();
             if p.len() <= max {
                 prop_assert_eq!(frags, vec![p]);
             } else {
@@ -273,7 +276,7 @@ mod tests {
             if let Some(first) = b.first_mut() {
                 *first = 0x60 | (*first & 0x0f);
             }
-            let _ = fragment(&b, max, ident);
+            let _ = fragment(&b, max, || ident);
         }
 
         #[test]
