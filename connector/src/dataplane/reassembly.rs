@@ -26,12 +26,15 @@
 //! rebuilt datagram may hold bytes of any fragment, so it is checked whole and goes through
 //! the same checks (source, service, port, checksum) as any other packet.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use etherparse::defrag::{IpDefragBuf, IpDefragPool};
-use etherparse::{ip_number, IpFragOffset, IpNumber, Ipv4Header, Ipv6Header, SlicedPacket};
+use etherparse::{
+    ip_number, IpFragOffset, IpNumber, Ipv4Header, Ipv6Header, Ipv6HeaderSlice, SlicedPacket,
+};
 
 /// Datagrams in reassembly at once, per agent.
 pub(crate) const MAX_PENDING: usize = 8;
@@ -143,48 +146,45 @@ impl Reassembly {
     /// [`Self::add`] for an IPv6 fragment (`is_fragment` holds: the fragment header follows
     /// the fixed header).
     fn add6(&mut self, fragment: &[u8], now: Instant) -> Result<Option<Vec<u8>>, FragmentDrop> {
-        let Some(fixed) = fragment.get(..48) else {
+        let ip = Ipv6HeaderSlice::from_slice(fragment).map_err(|_| FragmentDrop::Malformed)?;
+        let Some(frag) = fragment.get(Ipv6Header::LEN..Ipv6Header::LEN + 8) else {
             return Err(FragmentDrop::Malformed);
         };
-        let total = 40 + usize::from(u16::from_be_bytes([fixed[4], fixed[5]]));
-        let Some(payload) = fragment.get(48..total) else {
+        let total = Ipv6Header::LEN + usize::from(ip.payload_length());
+        let Some(payload) = fragment.get(Ipv6Header::LEN + 8..total) else {
             return Err(FragmentDrop::Malformed);
-        };
-        let addr = |at: usize| -> IpAddr {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(&fixed[at..at + 16]);
-            std::net::Ipv6Addr::from(a).into()
         };
         // RFC 8200 4.5: offset in the 13 high bits (8-octet units), M in the lowest bit.
-        let off_flags = u16::from_be_bytes([fixed[42], fixed[43]]);
+        let off_flags = u16::from_be_bytes([frag[2], frag[3]]);
         let offset = IpFragOffset::try_new(off_flags >> 3).map_err(|_| FragmentDrop::Malformed)?;
         let more = off_flags & 1 == 1;
         let key = Key {
-            src: addr(8),
-            dst: addr(24),
-            id: u32::from_be_bytes([fixed[44], fixed[45], fixed[46], fixed[47]]),
-            protocol: fixed[40],
+            src: ip.source_addr().into(),
+            dst: ip.destination_addr().into(),
+            id: u32::from_be_bytes([frag[4], frag[5], frag[6], frag[7]]),
+            protocol: frag[0],
         };
         if !self.pending.contains_key(&key) && self.pending.len() >= MAX_PENDING {
             return Err(FragmentDrop::TooMany);
         }
         self.pending.insert(key, now);
-        let buf = self
-            .bufs6
-            .entry(key)
-            .or_insert_with(|| IpDefragBuf::new(IpNumber(key.protocol), Vec::new(), Vec::new()));
-        if buf.add(offset, more, payload).is_err() {
+        let mut buf = match self.bufs6.entry(key) {
+            Entry::Occupied(e) => e,
+            Entry::Vacant(e) => e.insert_entry(IpDefragBuf::new(
+                IpNumber(key.protocol),
+                Vec::new(),
+                Vec::new(),
+            )),
+        };
+        if buf.get_mut().add(offset, more, payload).is_err() {
             return Err(FragmentDrop::Inconsistent);
         }
-        if !buf.is_complete() {
+        if !buf.get().is_complete() {
             return Ok(None);
         }
         self.pending.remove(&key);
-        let Some(buf) = self.bufs6.remove(&key) else {
-            return Err(FragmentDrop::Inconsistent);
-        };
-        let (whole, _) = buf.take_bufs();
-        rebuild(&key, fixed[7], &whole).map(Some)
+        let (whole, _) = buf.remove().take_bufs();
+        rebuild(&key, ip.hop_limit(), &whole).map(Some)
     }
 
     /// Forgets datagrams whose latest fragment is older than [`TIMEOUT`].
