@@ -1261,24 +1261,8 @@ mod tests {
     }
 
     /// A UDP server on loopback that answers every datagram with "echo:" + the datagram.
-    async fn echo_server() -> (u16, tokio::task::JoinHandle<()>) {
-        let sock = tokio::net::UdpSocket::bind((LOCALHOST, 0))
-            .await
-            .expect("bind");
-        let port = sock.local_addr().expect("addr").port();
-        let task = tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
-                let mut reply = b"echo:".to_vec();
-                reply.extend_from_slice(&buf[..n]);
-                let _ = sock.send_to(&reply, peer).await;
-            }
-        });
-        (port, task)
-    }
-
     async fn udp_round_trip() {
-        let (port, server) = echo_server().await;
+        let (port, server) = echo_server_on(LOCALHOST.into()).await;
         // The service's port 7000 maps to the server's port.
         let (dp, m, mut rx) = dataplane(
             vec![service(vec![PortRange::single(7000)], false, Some(port))],
@@ -1797,7 +1781,7 @@ mod tests {
     #[tokio::test]
     async fn name_service_over_ipv6() {
         let run = async {
-            let (port, server) = echo_server().await;
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
             let metrics = Arc::new(Metrics::default());
             let dp = Dataplane::new(vec![], config(IcmpMode::Local), metrics.clone())
                 .expect("data plane");
@@ -1875,7 +1859,7 @@ mod tests {
     #[tokio::test]
     async fn flow_limit_refuses_new_flows() {
         let run = async {
-            let (port, server) = echo_server().await;
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
             let mut cfg = config(IcmpMode::Local);
             cfg.max_flows_per_agent = 2;
             let (dp, m, mut rx) = dataplane(
@@ -1901,7 +1885,7 @@ mod tests {
     #[tokio::test]
     async fn idle_flows_expire() {
         let run = async {
-            let (port, server) = echo_server().await;
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
             let mut cfg = config(IcmpMode::Local);
             cfg.udp_idle_timeout = Duration::from_millis(150);
             let (dp, m, mut rx) = dataplane(
@@ -2029,7 +2013,7 @@ mod tests {
     #[tokio::test]
     async fn flow_caps_count_per_identity_and_globally() {
         let run = async {
-            let (port, server) = echo_server().await;
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
             let mut cfg = config(IcmpMode::Local);
             cfg.max_flows_per_agent = 2;
             cfg.max_flows_total = 3;
@@ -2077,7 +2061,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_dataplane_closes_flows() {
         let run = async {
-            let (port, server) = echo_server().await;
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
             let (dp, m, mut rx) = dataplane(
                 vec![service(vec![PortRange::single(7000)], false, Some(port))],
                 config(IcmpMode::Local),
@@ -2100,7 +2084,7 @@ mod tests {
     #[tokio::test]
     async fn re_adding_an_agent_closes_its_old_flows() {
         let run = async {
-            let (port, server) = echo_server().await;
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
             let (dp, m, mut rx) = dataplane(
                 vec![service(vec![PortRange::single(7000)], false, Some(port))],
                 config(IcmpMode::Local),
@@ -2154,7 +2138,7 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime");
-        let (port, server) = rt.block_on(echo_server());
+        let (port, server) = rt.block_on(echo_server_on(LOCALHOST.into()));
         let (dp, m, mut rx) = {
             let _entered = rt.enter();
             dataplane(

@@ -1212,20 +1212,6 @@ mod tests {
     }
 
     /// A backend on loopback that echoes everything and closes after the client's EOF.
-    async fn echo_backend() -> (u16, tokio::task::JoinHandle<()>) {
-        let (l, port) = listener().await;
-        let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-        (port, task)
-    }
-
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
     }
@@ -1368,7 +1354,7 @@ mod tests {
     #[tokio::test]
     async fn request_response_and_half_close() {
         in_time(async {
-            let (port, server) = echo_backend().await;
+            let (port, server) = echo_backend_on(Ipv4Addr::LOCALHOST.into()).await;
             let mut c = Client::new(port, TcpConfig::default());
             let h = c.connect(80, 65536);
             c.until("established", |c| c.sock(h).may_send()).await;
@@ -1525,7 +1511,7 @@ mod tests {
     }
 
     async fn transfer(len: usize) {
-        let (port, server) = echo_backend().await;
+        let (port, server) = echo_backend_on(Ipv4Addr::LOCALHOST.into()).await;
         let mut c = Client::new(port, TcpConfig::default());
         let h = c.connect(80, 256 * 1024);
         c.until("established", |c| c.sock(h).may_send()).await;
@@ -1725,7 +1711,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_connections_to_one_port_keep_their_own_bytes() {
         in_time(async {
-            let (port, server) = echo_backend().await;
+            let (port, server) = echo_backend_on(Ipv4Addr::LOCALHOST.into()).await;
             let mut c = Client::new(port, TcpConfig::default());
             // All SYNs go out in one poll, so their backend connects finish together.
             let handles: Vec<_> = (0..8).map(|_| c.connect(80, 8192)).collect();
@@ -1758,7 +1744,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_cost_no_cpu() {
         in_time(async {
-            let (port, server) = echo_backend().await;
+            let (port, server) = echo_backend_on(Ipv4Addr::LOCALHOST.into()).await;
             let mut c = Client::new(port, TcpConfig::default());
             let h = c.connect(80, 8192);
             c.until("established", |c| c.sock(h).may_send()).await;
@@ -1785,7 +1771,7 @@ mod tests {
     #[tokio::test]
     async fn per_agent_cap() {
         in_time(async {
-            let (port, server) = echo_backend().await;
+            let (port, server) = echo_backend_on(Ipv4Addr::LOCALHOST.into()).await;
             let cfg = TcpConfig {
                 max_per_agent: 2,
                 ..TcpConfig::default()
@@ -1863,7 +1849,7 @@ mod tests {
     #[tokio::test]
     async fn stray_segments_get_rst_and_agent_removal_closes_connections() {
         in_time(async {
-            let (port, server) = echo_backend().await;
+            let (port, server) = echo_backend_on(Ipv4Addr::LOCALHOST.into()).await;
             let mut c = Client::new(port, TcpConfig::default());
             // An ACK for no connection (one from before a connector restart): RST at once.
             let stray = {
