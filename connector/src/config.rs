@@ -450,11 +450,12 @@ impl ConnectorConfig {
                 "address {} is used by two services",
                 def.address
             );
-            anyhow::ensure!(
-                def.address6.is_none() || !out.iter().any(|o| o.def.address6 == def.address6),
-                "IPv6 address {:?} is used by two services",
-                def.address6
-            );
+            if let Some(a6) = def.address6 {
+                anyhow::ensure!(
+                    !out.iter().any(|o| o.def.address6 == Some(a6)),
+                    "IPv6 address {a6} is used by two services"
+                );
+            }
             out.push(BackendService {
                 def,
                 backend,
@@ -470,16 +471,11 @@ fn parse_backend(s: &str) -> anyhow::Result<(IpAddr, Option<u16>)> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
         return Ok((sa.ip(), Some(sa.port())));
     }
-    let bare = s
-        .strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .map_or(Ok(None), |inner| {
-            inner.parse::<std::net::Ipv6Addr>().map(Some)
-        })?;
-    match bare {
-        Some(v6) => Ok((IpAddr::V6(v6), None)),
-        None => Ok((s.parse::<IpAddr>()?, None)),
-    }
+    let ip = match s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        Some(inner) => IpAddr::V6(inner.parse()?),
+        None => s.parse()?,
+    };
+    Ok((ip, None))
 }
 
 #[cfg(test)]

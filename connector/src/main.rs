@@ -103,7 +103,7 @@ async fn run(cfg: ConnectorConfig) -> anyhow::Result<()> {
             metrics.clone(),
         )?;
         dataplane.set_names(dataplane::NameRoutes {
-            services: name_services,
+            services: name_services.into(),
             resolver,
             max_per_agent: cfg.max_names_per_agent,
         });

@@ -113,7 +113,7 @@ metrics! {
     fragments_reassembled: Counter,
     /// Fragments from agents dropped: malformed, conflicting with their datagram's other fragments, or past the per-agent limit of datagrams in reassembly.
     dropped_fragments: Counter,
-    /// IPv6 packets from agents dropped because they carry a fragment header that reassembly does not take: an atomic fragment, or one behind other extension headers (fragments right after the fixed header are reassembled, their drops counted in dropped_fragments).
+    /// IPv6 packets from agents dropped because their fixed header is followed by a fragment header that reassembly does not take: an atomic fragment (real fragments are reassembled, their drops counted in dropped_fragments; a fragment header behind another extension header counts in dropped_ipv6_extension_headers).
     dropped_ipv6_fragments: Counter,
     /// IPv6 packets from agents dropped because they carry extension headers (hop-by-hop, routing, destination options, AH, ESP, ...) before the transport header.
     dropped_ipv6_extension_headers: Counter,

@@ -240,8 +240,9 @@ impl NameCache {
     }
 }
 
-/// Whether a resolved address may be a backend.
-fn usable(a: &IpAddr) -> bool {
+/// Whether an address may be a backend (a resolved one, or a configured one): not
+/// unspecified, broadcast or multicast.
+pub(crate) fn usable(a: &IpAddr) -> bool {
     match a {
         IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
         IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),

@@ -262,7 +262,7 @@ impl ToAgent for InnerSink {
     }
 }
 
-/// Identification of the IPv6 fragments the connector sends (one per fragmented packet).
+/// Identification of the IPv6 fragments the connector sends (one per fragmented IPv6 packet).
 static NEXT_FRAGMENT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// Sends one IPv4 or IPv6 packet to the agent as a datagram of its inner connection,
@@ -276,7 +276,7 @@ fn send_datagram_to_agent(conn: &quinn::Connection, metrics: &Metrics, packet: B
         }
         return;
     }
-    let ident = NEXT_FRAGMENT_ID.fetch_add(1, Ordering::Relaxed);
+    let ident = || NEXT_FRAGMENT_ID.fetch_add(1, Ordering::Relaxed);
     match fragment(&packet, max, ident) {
         Ok(frags) => {
             metrics.fragmented_to_agents.fetch_add(1, Ordering::Relaxed);
@@ -1066,13 +1066,15 @@ mod tests {
         p[0] = 0x60;
         p[24..40].copy_from_slice(&svc6.octets());
         assert_eq!(policy_destination(&p, map), Some(svc4));
-        // The policy check then refuses it where the IPv4 service is not allowed.
+        // The policy check, given the IPv6 packet's mapped destination as serve_agent gives
+        // it, refuses it where the IPv4 service is not allowed and lets it through where it is.
+        let dst = policy_destination(&p, map).expect("the IPv6 service address maps");
         assert!(!allowed_destination(
             &[Ipv4Addr::new(10, 100, 0, 4)],
             &[],
-            svc4
+            dst
         ));
-        assert!(allowed_destination(&[svc4], &[], svc4));
+        assert!(allowed_destination(&[svc4], &[], dst));
         p[39] ^= 1;
         assert_eq!(policy_destination(&p, map), None);
         assert_eq!(policy_destination(&p[..39], map), None);

@@ -7,11 +7,13 @@
 //! it builds for agents (it ends every flow), so it splits them as a source host does, with a
 //! fragment header (RFC 8200 4.5).
 
+use etherparse::{ip_number, IpNumber, Ipv6Header};
+
 /// Why a packet could not be fragmented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum FragmentError {
-    /// Not a well-formed IPv4 packet.
-    #[error("not a well-formed IPv4 packet")]
+    /// Not a well-formed IPv4 packet, or IPv6 packet without extension headers.
+    #[error("not a well-formed IPv4 or IPv6 packet (IPv6 without extension headers)")]
     Malformed,
     /// The packet has Don't Fragment set.
     #[error("packet has Don't Fragment set")]
@@ -22,23 +24,18 @@ pub(crate) enum FragmentError {
 }
 
 /// Splits `packet` (IPv4, or IPv6 without extension headers) into fragments of at most `max`
-/// bytes; `ident` is the identification of IPv6 fragments (IPv4 keeps the packet's own). A
-/// packet that fits comes back whole.
+/// bytes; `ident` gives the identification of IPv6 fragments, and is called only for an IPv6
+/// packet (IPv4 keeps the packet's own). A packet that fits comes back whole.
 pub(crate) fn fragment(
     packet: &[u8],
     max: usize,
-    ident: u32,
+    ident: impl FnOnce() -> u32,
 ) -> Result<Vec<Vec<u8>>, FragmentError> {
     match packet.first().map(|b| b >> 4) {
-        Some(6) => fragment_ipv6(packet, max, ident),
+        Some(6) => fragment_ipv6(packet, max, ident()),
         _ => fragment_ipv4(packet, max),
     }
 }
-
-/// Length of the fixed IPv6 header.
-const IPV6_HEADER: usize = 40;
-/// Next-header value of an IPv6 fragment header.
-const IPV6_FRAGMENT: u8 = 44;
 
 /// Splits an IPv6 packet without extension headers into fragments of at most `max` bytes, each
 /// with a fragment header carrying `ident`. A packet that fits comes back whole.
@@ -47,10 +44,10 @@ pub(crate) fn fragment_ipv6(
     max: usize,
     ident: u32,
 ) -> Result<Vec<Vec<u8>>, FragmentError> {
-    if packet.len() < IPV6_HEADER || packet[0] >> 4 != 6 {
+    if packet.len() < Ipv6Header::LEN || packet[0] >> 4 != 6 {
         return Err(FragmentError::Malformed);
     }
-    let total = IPV6_HEADER + usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+    let total = Ipv6Header::LEN + usize::from(u16::from_be_bytes([packet[4], packet[5]]));
     if total > packet.len() {
         return Err(FragmentError::Malformed);
     }
@@ -58,28 +55,25 @@ pub(crate) fn fragment_ipv6(
         return Ok(vec![packet[..total].to_vec()]);
     }
     let next = packet[6];
-    if matches!(
-        next,
-        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
-    ) {
+    if IpNumber(next).is_ipv6_ext_header_value() {
         // The connector builds none; finding the unfragmentable part is not worth it here.
         return Err(FragmentError::Malformed);
     }
-    let chunk = max.saturating_sub(IPV6_HEADER + 8) / 8 * 8;
+    let chunk = max.saturating_sub(Ipv6Header::LEN + 8) / 8 * 8;
     if chunk == 0 {
         return Err(FragmentError::TooSmall);
     }
-    let payload = &packet[IPV6_HEADER..total];
+    let payload = &packet[Ipv6Header::LEN..total];
     let mut out = Vec::with_capacity(payload.len().div_ceil(chunk));
     for (i, piece) in payload.chunks(chunk).enumerate() {
         let offset = i * chunk;
         let more = offset + piece.len() < payload.len();
-        let mut f = Vec::with_capacity(IPV6_HEADER + 8 + piece.len());
-        f.extend_from_slice(&packet[..IPV6_HEADER]);
+        let mut f = Vec::with_capacity(Ipv6Header::LEN + 8 + piece.len());
+        f.extend_from_slice(&packet[..Ipv6Header::LEN]);
         // 8 + piece.len() <= max <= what the caller's u16-sized packet had.
         let len = u16::try_from(8 + piece.len()).map_err(|_| FragmentError::TooSmall)?;
         f[4..6].copy_from_slice(&len.to_be_bytes());
-        f[6] = IPV6_FRAGMENT;
+        f[6] = ip_number::IPV6_FRAG.0;
         // offset < 65536, so offset / 8 fits into 13 bits.
         let off_flags = ((offset / 8) as u16) << 3 | u16::from(more);
         f.extend_from_slice(&[next, 0]);
@@ -250,13 +244,16 @@ mod tests {
     #[test]
     fn large_ipv6_reply_is_split_and_reassembles() {
         let p = udp6(4000);
-        let frags = fragment(&p, 1320, 77).unwrap();
+        let frags = fragment(&p, 1320, || 77).unwrap();
         assert_eq!(frags.len(), 4);
         assert_eq!(reassemble6(&frags, 1320, 77), p);
-        assert_eq!(fragment(&udp6(100), 1320, 1).unwrap(), vec![udp6(100)]);
-        assert_eq!(fragment(&udp6(2000), 50, 1), Err(FragmentError::TooSmall));
+        assert_eq!(fragment(&udp6(100), 1320, || 1).unwrap(), vec![udp6(100)]);
         assert_eq!(
-            fragment(&[0x60; 39], 1320, 1),
+            fragment(&udp6(2000), 50, || 1),
+            Err(FragmentError::TooSmall)
+        );
+        assert_eq!(
+            fragment(&[0x60; 39], 1320, || 1),
             Err(FragmentError::Malformed)
         );
     }
@@ -265,7 +262,7 @@ mod tests {
         #[test]
         fn any_ipv6_size_round_trips(len in 0usize..9000, max in 56usize..1500, ident in any::<u32>()) {
             let p = udp6(len);
-            let frags = fragment(&p, max, ident).unwrap();
+            let frags = fragment(&p, max, || ident).unwrap();
             if p.len() <= max {
                 prop_assert_eq!(frags, vec![p]);
             } else {
@@ -279,7 +276,7 @@ mod tests {
             if let Some(first) = b.first_mut() {
                 *first = 0x60 | (*first & 0x0f);
             }
-            let _ = fragment(&b, max, ident);
+            let _ = fragment(&b, max, || ident);
         }
 
         #[test]

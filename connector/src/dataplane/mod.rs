@@ -133,10 +133,9 @@ pub(crate) struct Agent {
     pub(crate) id: u64,
     /// The agent's identity (from its certificate), for logs.
     identity: String,
-    /// The tunnel address the agent was assigned; the only source address accepted from it.
+    /// The tunnel address the agent was assigned; the only source address accepted from it
+    /// (over IPv6: `tunnel_ipv6` of it).
     pub(crate) tunnel_ip: Ipv4Addr,
-    /// Its IPv6 tunnel address (derived from `tunnel_ip`); the only IPv6 source accepted.
-    pub(crate) tunnel_ip6: Ipv6Addr,
     /// Where its packets go.
     sink: Arc<dyn ToAgent>,
     /// Set (under the flow table's lock, before its flows are removed) when the agent is
@@ -160,7 +159,7 @@ impl Agent {
     pub(crate) fn tunnel_addr(&self, like: IpAddr) -> IpAddr {
         match like {
             IpAddr::V4(_) => self.tunnel_ip.into(),
-            IpAddr::V6(_) => self.tunnel_ip6.into(),
+            IpAddr::V6(_) => ztna_proto::service::tunnel_ipv6(self.tunnel_ip).into(),
         }
     }
 }
@@ -339,10 +338,15 @@ pub(crate) struct Dataplane {
     names: OnceLock<NameRoutes>,
 }
 
+/// The IPv4 pool address paired with `a` in the IPv6 pool of one of the name `services`.
+pub(crate) fn pool_v4(services: &[ServiceDef], a: Ipv6Addr) -> Option<Ipv4Addr> {
+    services.iter().find_map(|s| s.to_v4(a))
+}
+
 /// The connector's name services and the resolver of their real names.
 pub(crate) struct NameRoutes {
-    /// This connector's name services.
-    pub(crate) services: Vec<ServiceDef>,
+    /// This connector's name services (shared with every agent's TCP task).
+    pub(crate) services: Arc<[ServiceDef]>,
     /// Resolves the names agents map.
     pub(crate) resolver: Arc<crate::names::Resolver>,
     /// Most mappings one agent tunnel may hold.
@@ -403,8 +407,7 @@ impl Dataplane {
                 bail!("service {}: backend port 0", svc.def.name);
             }
             let b = svc.backend;
-            let broadcast = matches!(b, IpAddr::V4(v4) if v4.is_broadcast());
-            if b.is_unspecified() || broadcast || b.is_multicast() {
+            if !crate::names::usable(&b) {
                 bail!(
                     "service {}: backend {b} is not a unicast address",
                     svc.def.name
@@ -446,14 +449,15 @@ impl Dataplane {
             tcp_buffer_bytes = cfg.tcp.buffer_bytes,
             "data plane ready"
         );
+        // Each service's backend under its address and, if it has one, its IPv6 address.
         let tcp_backends = Arc::new(
             by_address
                 .iter()
-                .map(|(addr, s)| (IpAddr::V4(*addr), (s.backend, s.backend_port)))
-                .chain(services6.iter().filter_map(|(a6, a4)| {
-                    let s = by_address.get(a4)?;
-                    Some((IpAddr::V6(*a6), (s.backend, s.backend_port)))
-                }))
+                .flat_map(|(addr, s)| {
+                    let backend = (s.backend, s.backend_port);
+                    let v6 = s.def.address6.map(|a6| (IpAddr::V6(a6), backend));
+                    std::iter::once((IpAddr::V4(*addr), backend)).chain(v6)
+                })
                 .collect(),
         );
         let caps = Caps {
@@ -496,7 +500,7 @@ impl Dataplane {
 
     /// The connector's name services (empty if none).
     pub(crate) fn name_services(&self) -> &[ServiceDef] {
-        self.names.get().map_or(&[], |n| &n.services)
+        self.names.get().map_or(&[], |n| &*n.services)
     }
 
     /// The resolver of name services, if any.
@@ -526,10 +530,7 @@ impl Dataplane {
         if let Some(a) = self.services6.get(&addr) {
             return Some(*a);
         }
-        self.name_services()
-            .iter()
-            .find(|s| s.covers6(addr))
-            .and_then(|s| s.to_v4(addr))
+        pool_v4(self.name_services(), addr)
     }
 
     /// The IPv4 key of service address `addr` (itself, or its IPv4 equivalent).
@@ -602,7 +603,6 @@ impl Dataplane {
             id,
             identity,
             tunnel_ip,
-            tunnel_ip6: ztna_proto::service::tunnel_ipv6(tunnel_ip),
             sink: to_agent,
             closed: AtomicBool::new(false),
             tcp: Mutex::new(None),
@@ -771,7 +771,7 @@ impl Dataplane {
                 names: self.names.get().map(|n| tcp::AgentNameCtx {
                     names: agent.names.clone(),
                     resolver: n.resolver.clone(),
-                    services: n.services.clone().into(),
+                    services: n.services.clone(),
                 }),
                 cfg: self.tcp_cfg.clone(),
                 limits: agent.limits.clone(),
@@ -1261,24 +1261,8 @@ mod tests {
     }
 
     /// A UDP server on loopback that answers every datagram with "echo:" + the datagram.
-    async fn echo_server() -> (u16, tokio::task::JoinHandle<()>) {
-        let sock = tokio::net::UdpSocket::bind((LOCALHOST, 0))
-            .await
-            .expect("bind");
-        let port = sock.local_addr().expect("addr").port();
-        let task = tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
-                let mut reply = b"echo:".to_vec();
-                reply.extend_from_slice(&buf[..n]);
-                let _ = sock.send_to(&reply, peer).await;
-            }
-        });
-        (port, task)
-    }
-
     async fn udp_round_trip() {
-        let (port, server) = echo_server().await;
+        let (port, server) = echo_server_on(LOCALHOST.into()).await;
         // The service's port 7000 maps to the server's port.
         let (dp, m, mut rx) = dataplane(
             vec![service(vec![PortRange::single(7000)], false, Some(port))],
@@ -1797,7 +1781,7 @@ mod tests {
     #[tokio::test]
     async fn name_service_over_ipv6() {
         let run = async {
-            let (port, server) = echo_server().await;
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
             let metrics = Arc::new(Metrics::default());
             let dp = Dataplane::new(vec![], config(IcmpMode::Local), metrics.clone())
                 .expect("data plane");
@@ -1826,7 +1810,7 @@ mod tests {
                 "localhost resolves"
             );
             assert!(dp.set_names(NameRoutes {
-                services: vec![names.clone()],
+                services: vec![names.clone()].into(),
                 resolver,
                 max_per_agent: 8,
             }));
@@ -1875,7 +1859,7 @@ mod tests {
     #[tokio::test]
     async fn flow_limit_refuses_new_flows() {
         let run = async {
-            let (port, server) = echo_server().await;
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
             let mut cfg = config(IcmpMode::Local);
             cfg.max_flows_per_agent = 2;
             let (dp, m, mut rx) = dataplane(
@@ -1901,7 +1885,7 @@ mod tests {
     #[tokio::test]
     async fn idle_flows_expire() {
         let run = async {
-            let (port, server) = echo_server().await;
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
             let mut cfg = config(IcmpMode::Local);
             cfg.udp_idle_timeout = Duration::from_millis(150);
             let (dp, m, mut rx) = dataplane(
@@ -2029,7 +2013,7 @@ mod tests {
     #[tokio::test]
     async fn flow_caps_count_per_identity_and_globally() {
         let run = async {
-            let (port, server) = echo_server().await;
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
             let mut cfg = config(IcmpMode::Local);
             cfg.max_flows_per_agent = 2;
             cfg.max_flows_total = 3;
@@ -2077,7 +2061,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_dataplane_closes_flows() {
         let run = async {
-            let (port, server) = echo_server().await;
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
             let (dp, m, mut rx) = dataplane(
                 vec![service(vec![PortRange::single(7000)], false, Some(port))],
                 config(IcmpMode::Local),
@@ -2100,7 +2084,7 @@ mod tests {
     #[tokio::test]
     async fn re_adding_an_agent_closes_its_old_flows() {
         let run = async {
-            let (port, server) = echo_server().await;
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
             let (dp, m, mut rx) = dataplane(
                 vec![service(vec![PortRange::single(7000)], false, Some(port))],
                 config(IcmpMode::Local),
@@ -2154,7 +2138,7 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime");
-        let (port, server) = rt.block_on(echo_server());
+        let (port, server) = rt.block_on(echo_server_on(LOCALHOST.into()));
         let (dp, m, mut rx) = {
             let _entered = rt.enter();
             dataplane(

@@ -23,8 +23,8 @@ use etherparse::checksum::Sum16BitWords;
 use etherparse::icmpv4::DestUnreachableHeader;
 use etherparse::icmpv6::DestUnreachableCode;
 use etherparse::{
-    ip_number, Icmpv4Slice, Icmpv4Type, Icmpv6Type, IpNumber, Ipv4HeaderSlice, Ipv6HeaderSlice,
-    PacketBuilder, TcpHeaderSlice, UdpHeaderSlice,
+    ip_number, Icmpv4Slice, Icmpv4Type, Icmpv6Type, IpNumber, Ipv4HeaderSlice, Ipv6Header,
+    Ipv6HeaderSlice, PacketBuilder, TcpHeaderSlice, UdpHeaderSlice,
 };
 use ztna_proto::service::tunnel_ipv6;
 use ztna_proto::ServiceDef;
@@ -46,8 +46,6 @@ const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 /// ICMPv6 type of an echo reply.
 const ICMPV6_ECHO_REPLY: u8 = 129;
-/// Length of the fixed IPv6 header.
-const IPV6_HEADER: usize = 40;
 
 /// Why a packet from an agent was dropped. Each variant maps to one drop counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -213,15 +211,6 @@ pub(crate) fn inspect<'a, 's>(
     }
 }
 
-/// IPv6 next-header values of extension headers (RFC 8200 4, and the IANA list of IPv6
-/// extension header types).
-fn is_extension_header(next: IpNumber) -> bool {
-    matches!(
-        next.0,
-        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
-    )
-}
-
 /// [`inspect`] for a packet whose version nibble is 6; `agent_ip` is the agent's IPv6 tunnel
 /// address.
 fn inspect6<'a, 's>(
@@ -232,7 +221,7 @@ fn inspect6<'a, 's>(
     use DropReason::*;
     let ip = Ipv6HeaderSlice::from_slice(packet).map_err(|_| Malformed("bad IPv6 header"))?;
     // Payload length 0 is a jumbogram (which needs a hop-by-hop header) or an empty packet.
-    let total = IPV6_HEADER + usize::from(ip.payload_length());
+    let total = Ipv6Header::LEN + usize::from(ip.payload_length());
     if total > packet.len() {
         return Err(Malformed("IPv6 payload length does not match"));
     }
@@ -250,12 +239,12 @@ fn inspect6<'a, 's>(
     if next == ip_number::IPV6_FRAG {
         return Err(Ipv6Fragment);
     }
-    if is_extension_header(next) {
+    if next.is_ipv6_ext_header_value() {
         return Err(Ipv6ExtensionHeaders {
             next_header: next.0,
         });
     }
-    let body = &packet[IPV6_HEADER..total];
+    let body = &packet[Ipv6Header::LEN..total];
     let mut pseudo = Sum16BitWords::new()
         .add_16bytes(ip.source())
         .add_16bytes(ip.destination());
@@ -264,7 +253,7 @@ fn inspect6<'a, 's>(
             packet,
             body,
             pseudo,
-            IPV6_HEADER + 8,
+            Ipv6Header::LEN + 8,
             svc,
             src.into(),
             dst.into(),
@@ -411,18 +400,7 @@ fn ip_builder(
                 Default::default(),
             )))
         }
-        (IpAddr::V6(s), IpAddr::V6(d)) => Ok(PacketBuilder::ip(etherparse::IpHeaders::Ipv6(
-            etherparse::Ipv6Header {
-                traffic_class: 0,
-                flow_label: Default::default(),
-                payload_length: 0,
-                next_header: ip_number::UDP,
-                hop_limit: TTL,
-                source: s.octets(),
-                destination: d.octets(),
-            },
-            Default::default(),
-        ))),
+        (IpAddr::V6(s), IpAddr::V6(d)) => Ok(PacketBuilder::ipv6(s.octets(), d.octets(), TTL)),
         _ => Err(BuildError::MixedFamilies),
     }
 }
@@ -490,7 +468,7 @@ fn build_icmp_error(
             })
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let quote = &quote[..quote.len().min(MIN_MTU6 - IPV6_HEADER - 8)];
+            let quote = &quote[..quote.len().min(MIN_MTU6 - Ipv6Header::LEN - 8)];
             let builder = PacketBuilder::ipv6(s.octets(), d.octets(), TTL).icmpv6(v6);
             finish(builder.size(quote.len()), quote.len(), |out| {
                 builder.write(out, quote)
@@ -553,30 +531,42 @@ pub(crate) struct TcpSegment {
     pub(crate) rst: bool,
 }
 
-/// The addresses and the payload (up to the IP length) of an IPv4 or IPv6 packet whose
-/// payload is `protocol` right after the fixed header (IPv6 without extension headers).
-fn ip_parts(packet: &[u8], protocol: IpNumber) -> Option<(IpAddr, IpAddr, &[u8])> {
+/// Source, destination, protocol (IPv6: the next header after the fixed header), header
+/// length and end (the IP length, at most the bytes there are) of an IPv4 or IPv6 packet.
+fn ip_header(packet: &[u8]) -> Option<(IpAddr, IpAddr, IpNumber, usize, usize)> {
     match packet.first()? >> 4 {
         4 => {
             let ip = Ipv4HeaderSlice::from_slice(packet).ok()?;
-            if ip.protocol() != protocol {
-                return None;
-            }
-            let total = usize::from(ip.total_len()).min(packet.len());
-            let body = packet.get(ip.slice().len()..total)?;
-            Some((ip.source_addr().into(), ip.destination_addr().into(), body))
+            Some((
+                ip.source_addr().into(),
+                ip.destination_addr().into(),
+                ip.protocol(),
+                ip.slice().len(),
+                usize::from(ip.total_len()).min(packet.len()),
+            ))
         }
         6 => {
             let ip = Ipv6HeaderSlice::from_slice(packet).ok()?;
-            if ip.next_header() != protocol {
-                return None;
-            }
-            let total = (IPV6_HEADER + usize::from(ip.payload_length())).min(packet.len());
-            let body = packet.get(IPV6_HEADER..total)?;
-            Some((ip.source_addr().into(), ip.destination_addr().into(), body))
+            Some((
+                ip.source_addr().into(),
+                ip.destination_addr().into(),
+                ip.next_header(),
+                Ipv6Header::LEN,
+                (Ipv6Header::LEN + usize::from(ip.payload_length())).min(packet.len()),
+            ))
         }
         _ => None,
     }
+}
+
+/// The addresses and the payload (up to the IP length) of an IPv4 or IPv6 packet whose
+/// payload is `protocol` right after the fixed header (IPv6 without extension headers).
+fn ip_parts(packet: &[u8], protocol: IpNumber) -> Option<(IpAddr, IpAddr, &[u8])> {
+    let (src, dst, proto, header_len, end) = ip_header(packet)?;
+    if proto != protocol {
+        return None;
+    }
+    Some((src, dst, packet.get(header_len..end)?))
 }
 
 /// Reads the key and flags of an IPv4 or IPv6 TCP segment (no checksum check: `inspect` did
@@ -638,38 +628,20 @@ pub(crate) fn build_tcp_reset(packet: &[u8]) -> Option<Vec<u8>> {
 /// UDP port, or a protocol, it doesn't serve. Nothing for other reasons, for an RST, or for
 /// ICMP other than an echo request (never an ICMP error about an ICMP error).
 pub(crate) fn unserved_answer(packet: &[u8], reason: &DropReason) -> Option<Vec<u8>> {
-    let (src, dst, quote) = match packet.first()? >> 4 {
-        4 => {
-            let ip = Ipv4HeaderSlice::from_slice(packet).ok()?;
-            let ihl = ip.slice().len();
-            if ip.protocol() == ip_number::ICMP
-                && packet.get(ihl).copied() != Some(ICMP_ECHO_REQUEST)
-            {
-                return None;
-            }
-            let end = (ihl + 8).min(usize::from(ip.total_len())).min(packet.len());
-            (
-                ip.source_addr().into(),
-                ip.destination_addr().into(),
-                packet.get(..end)?,
-            )
-        }
-        6 => {
-            let ip = Ipv6HeaderSlice::from_slice(packet).ok()?;
-            if ip.next_header() == ip_number::IPV6_ICMP
-                && packet.get(IPV6_HEADER).copied() != Some(ICMPV6_ECHO_REQUEST)
-            {
-                return None;
-            }
-            let end = (IPV6_HEADER + usize::from(ip.payload_length())).min(packet.len());
-            (
-                ip.source_addr().into(),
-                ip.destination_addr().into(),
-                packet.get(..end)?,
-            )
-        }
-        _ => return None,
+    let (src, dst, proto, header_len, end) = ip_header(packet)?;
+    // IPv4 quotes the header and 8 bytes; IPv6 the packet (build_admin_prohibited cuts it).
+    let (icmp, echo_request, end) = match src {
+        IpAddr::V4(_) => (
+            ip_number::ICMP,
+            ICMP_ECHO_REQUEST,
+            (header_len + 8).min(end),
+        ),
+        IpAddr::V6(_) => (ip_number::IPV6_ICMP, ICMPV6_ECHO_REQUEST, end),
     };
+    if proto == icmp && packet.get(header_len).copied() != Some(echo_request) {
+        return None;
+    }
+    let quote = packet.get(..end)?;
     match reason {
         DropReason::PortNotServed {
             protocol: "TCP", ..

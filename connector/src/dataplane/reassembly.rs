@@ -3,31 +3,38 @@
 //! An agent's kernel fragments a datagram larger than the tunnel's MTU (a 4000-byte UDP
 //! datagram leaves as three fragments), and only the whole datagram can be checked against
 //! policy and forwarded to a backend socket. So fragments are collected per agent (etherparse's
-//! `IpDefragPool` places them, and refuses overlaps and lengths past 64 KiB), and the whole
-//! packet is rebuilt with a fresh IPv4 header.
+//! `IpDefragPool` places them: it refuses lengths past 64 KiB and ends that conflict, but merges
+//! overlapping fragments, the later bytes overwriting the earlier), and the whole packet is
+//! rebuilt with a fresh IPv4 header.
 //!
 //! IPv6: a fragment is a packet whose fragment header comes right after the fixed header (what
 //! an agent's kernel sends for a datagram larger than its TUN's MTU) and that really fragments
 //! (offset or M set). The whole packet gets a fresh IPv6 header without extension headers.
 //! The fragment header is read here, not by etherparse: 0.16 decodes its offset and M flag
 //! from the wrong bits (etherparse issue #150, fixed in 0.20); only its reassembly buffer
-//! (`IpDefragBuf`: no overlaps, 64 KiB at most, consistent ends) is used for IPv6.
-//! Anything else with a fragment header (an atomic fragment, one behind other extension
-//! headers) is no fragment here and meets `inspect`, which drops it (`dropped_ipv6_fragments`).
+//! (`IpDefragBuf`: 64 KiB at most, consistent ends, overlaps merged as for IPv4) is used for
+//! IPv6. Anything else with a fragment header is no fragment here and meets `inspect`, which
+//! drops it: an atomic fragment as `dropped_ipv6_fragments`, a fragment header behind another
+//! extension header as `dropped_ipv6_extension_headers` (`inspect` looks only at the header
+//! after the fixed one).
 //!
 //! Memory is bounded: at most [`MAX_PENDING`] datagrams in reassembly per agent (each at most
 //! 64 KiB, so 512 KiB per agent at worst, less than one agent's TCP buffers may hold), each
 //! given [`TIMEOUT`] from its latest fragment; a fragment past the cap, one that
 //! does not fit its datagram, or one of a datagram that timed out is dropped and counted by the
-//! caller. Nothing here trusts the fragments: the rebuilt packet goes through the same checks
-//! (source, service, port) as any other.
+//! caller. Nothing here trusts the fragments: since overlaps are merged, not refused, the
+//! rebuilt datagram may hold bytes of any fragment, so it is checked whole and goes through
+//! the same checks (source, service, port, checksum) as any other packet.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use etherparse::defrag::{IpDefragBuf, IpDefragPool};
-use etherparse::{IpFragOffset, IpNumber, Ipv4Header, Ipv6Header, SlicedPacket};
+use etherparse::{
+    ip_number, IpFragOffset, IpNumber, Ipv4Header, Ipv6Header, Ipv6HeaderSlice, SlicedPacket,
+};
 
 /// Datagrams in reassembly at once, per agent.
 pub(crate) const MAX_PENDING: usize = 8;
@@ -42,7 +49,8 @@ pub(crate) enum FragmentDrop {
     Malformed,
     /// [`MAX_PENDING`] datagrams of this agent are already in reassembly.
     TooMany,
-    /// It overlaps, or extends past 64 KiB or past the end another fragment set.
+    /// It extends past 64 KiB or past the end another fragment set, sets a different end, or
+    /// is not the last yet its length is no multiple of 8. (Overlaps are merged, not refused.)
     Inconsistent,
 }
 
@@ -86,15 +94,12 @@ pub(crate) fn is_fragment(packet: &[u8]) -> bool {
         }
         Some(6) => {
             packet.len() >= 48
-                && packet[6] == IPV6_FRAGMENT
+                && packet[6] == ip_number::IPV6_FRAG.0
                 && u16::from_be_bytes([packet[42], packet[43]]) & 0xfff9 != 0
         }
         _ => false,
     }
 }
-
-/// Next-header value of an IPv6 fragment header.
-const IPV6_FRAGMENT: u8 = 44;
 
 impl Reassembly {
     /// Takes one fragment; returns the whole packet once its last missing fragment arrived.
@@ -141,48 +146,45 @@ impl Reassembly {
     /// [`Self::add`] for an IPv6 fragment (`is_fragment` holds: the fragment header follows
     /// the fixed header).
     fn add6(&mut self, fragment: &[u8], now: Instant) -> Result<Option<Vec<u8>>, FragmentDrop> {
-        let Some(fixed) = fragment.get(..48) else {
+        let ip = Ipv6HeaderSlice::from_slice(fragment).map_err(|_| FragmentDrop::Malformed)?;
+        let Some(frag) = fragment.get(Ipv6Header::LEN..Ipv6Header::LEN + 8) else {
             return Err(FragmentDrop::Malformed);
         };
-        let total = 40 + usize::from(u16::from_be_bytes([fixed[4], fixed[5]]));
-        let Some(payload) = fragment.get(48..total) else {
+        let total = Ipv6Header::LEN + usize::from(ip.payload_length());
+        let Some(payload) = fragment.get(Ipv6Header::LEN + 8..total) else {
             return Err(FragmentDrop::Malformed);
-        };
-        let addr = |at: usize| -> IpAddr {
-            let mut a = [0u8; 16];
-            a.copy_from_slice(&fixed[at..at + 16]);
-            std::net::Ipv6Addr::from(a).into()
         };
         // RFC 8200 4.5: offset in the 13 high bits (8-octet units), M in the lowest bit.
-        let off_flags = u16::from_be_bytes([fixed[42], fixed[43]]);
+        let off_flags = u16::from_be_bytes([frag[2], frag[3]]);
         let offset = IpFragOffset::try_new(off_flags >> 3).map_err(|_| FragmentDrop::Malformed)?;
         let more = off_flags & 1 == 1;
         let key = Key {
-            src: addr(8),
-            dst: addr(24),
-            id: u32::from_be_bytes([fixed[44], fixed[45], fixed[46], fixed[47]]),
-            protocol: fixed[40],
+            src: ip.source_addr().into(),
+            dst: ip.destination_addr().into(),
+            id: u32::from_be_bytes([frag[4], frag[5], frag[6], frag[7]]),
+            protocol: frag[0],
         };
         if !self.pending.contains_key(&key) && self.pending.len() >= MAX_PENDING {
             return Err(FragmentDrop::TooMany);
         }
         self.pending.insert(key, now);
-        let buf = self
-            .bufs6
-            .entry(key)
-            .or_insert_with(|| IpDefragBuf::new(IpNumber(key.protocol), Vec::new(), Vec::new()));
-        if buf.add(offset, more, payload).is_err() {
+        let mut buf = match self.bufs6.entry(key) {
+            Entry::Occupied(e) => e,
+            Entry::Vacant(e) => e.insert_entry(IpDefragBuf::new(
+                IpNumber(key.protocol),
+                Vec::new(),
+                Vec::new(),
+            )),
+        };
+        if buf.get_mut().add(offset, more, payload).is_err() {
             return Err(FragmentDrop::Inconsistent);
         }
-        if !buf.is_complete() {
+        if !buf.get().is_complete() {
             return Ok(None);
         }
         self.pending.remove(&key);
-        let Some(buf) = self.bufs6.remove(&key) else {
-            return Err(FragmentDrop::Inconsistent);
-        };
-        let (whole, _) = buf.take_bufs();
-        rebuild(&key, fixed[7], &whole).map(Some)
+        let (whole, _) = buf.remove().take_bufs();
+        rebuild(&key, ip.hop_limit(), &whole).map(Some)
     }
 
     /// Forgets datagrams whose latest fragment is older than [`TIMEOUT`].

@@ -65,8 +65,9 @@ use crate::metrics::{gauge_dec, gauge_inc, Metrics};
 /// Packets from one agent waiting for its TCP task; more are dropped.
 pub(crate) const QUEUE_PACKETS: usize = 2048;
 
-/// Largest IPv4 packet the connector's TCP sends to an agent (the tunnel's default inner MTU);
-/// smoltcp advertises an MSS of this minus 40 and never sends more than the agent's MSS.
+/// Largest IP packet (IPv4 or IPv6) the connector's TCP sends to an agent (the tunnel's default
+/// inner MTU); smoltcp advertises an MSS of this minus the IP and TCP headers (40 bytes over
+/// IPv4, 60 over IPv6) and never sends more than the agent's MSS.
 const MTU: usize = 1280;
 
 /// How soon the stack is polled again after the tunnel to the agent was full.
@@ -227,7 +228,7 @@ impl AgentNameCtx {
     fn name_of(&self, addr: IpAddr) -> Option<String> {
         let v4 = match addr {
             IpAddr::V4(a) => a,
-            IpAddr::V6(a) => self.services.iter().find_map(|s| s.to_v4(a))?,
+            IpAddr::V6(a) => super::pool_v4(&self.services, a)?,
         };
         self.names.name_of(v4)
     }
@@ -438,7 +439,8 @@ impl Engine {
         let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::ZERO);
         iface.set_any_ip(true);
         iface.update_ip_addrs(|addrs| {
-            // Capacity is at least one address; nothing else is added.
+            // Capacity is two addresses (smoltcp's default IFACE_MAX_ADDR_COUNT), one of each
+            // family; nothing else is added.
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(PLACEHOLDER), 32));
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(PLACEHOLDER6), 128));
         });
@@ -683,10 +685,7 @@ impl Engine {
         socket.set_nagle_enabled(false);
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
         let endpoint = IpListenEndpoint {
-            addr: Some(match key.service {
-                IpAddr::V4(a) => IpAddress::Ipv4(a),
-                IpAddr::V6(a) => IpAddress::Ipv6(a),
-            }),
+            addr: Some(IpAddress::from(key.service)),
             port: key.port,
         };
         if socket.listen(endpoint).is_err() {
@@ -1213,20 +1212,6 @@ mod tests {
     }
 
     /// A backend on loopback that echoes everything and closes after the client's EOF.
-    async fn echo_backend() -> (u16, tokio::task::JoinHandle<()>) {
-        let (l, port) = listener().await;
-        let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-        (port, task)
-    }
-
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
     }
@@ -1369,7 +1354,7 @@ mod tests {
     #[tokio::test]
     async fn request_response_and_half_close() {
         in_time(async {
-            let (port, server) = echo_backend().await;
+            let (port, server) = echo_backend_on(Ipv4Addr::LOCALHOST.into()).await;
             let mut c = Client::new(port, TcpConfig::default());
             let h = c.connect(80, 65536);
             c.until("established", |c| c.sock(h).may_send()).await;
@@ -1526,7 +1511,7 @@ mod tests {
     }
 
     async fn transfer(len: usize) {
-        let (port, server) = echo_backend().await;
+        let (port, server) = echo_backend_on(Ipv4Addr::LOCALHOST.into()).await;
         let mut c = Client::new(port, TcpConfig::default());
         let h = c.connect(80, 256 * 1024);
         c.until("established", |c| c.sock(h).may_send()).await;
@@ -1726,7 +1711,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_connections_to_one_port_keep_their_own_bytes() {
         in_time(async {
-            let (port, server) = echo_backend().await;
+            let (port, server) = echo_backend_on(Ipv4Addr::LOCALHOST.into()).await;
             let mut c = Client::new(port, TcpConfig::default());
             // All SYNs go out in one poll, so their backend connects finish together.
             let handles: Vec<_> = (0..8).map(|_| c.connect(80, 8192)).collect();
@@ -1759,7 +1744,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_cost_no_cpu() {
         in_time(async {
-            let (port, server) = echo_backend().await;
+            let (port, server) = echo_backend_on(Ipv4Addr::LOCALHOST.into()).await;
             let mut c = Client::new(port, TcpConfig::default());
             let h = c.connect(80, 8192);
             c.until("established", |c| c.sock(h).may_send()).await;
@@ -1786,7 +1771,7 @@ mod tests {
     #[tokio::test]
     async fn per_agent_cap() {
         in_time(async {
-            let (port, server) = echo_backend().await;
+            let (port, server) = echo_backend_on(Ipv4Addr::LOCALHOST.into()).await;
             let cfg = TcpConfig {
                 max_per_agent: 2,
                 ..TcpConfig::default()
@@ -1864,7 +1849,7 @@ mod tests {
     #[tokio::test]
     async fn stray_segments_get_rst_and_agent_removal_closes_connections() {
         in_time(async {
-            let (port, server) = echo_backend().await;
+            let (port, server) = echo_backend_on(Ipv4Addr::LOCALHOST.into()).await;
             let mut c = Client::new(port, TcpConfig::default());
             // An ACK for no connection (one from before a connector restart): RST at once.
             let stray = {
