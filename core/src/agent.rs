@@ -484,6 +484,9 @@ struct RouteTable {
     pools: Vec<(ipnet::Ipv4Net, Arc<Link>)>,
     /// Services with IPv6 addresses (one address, or a name service's pool).
     v6: Vec<Route6>,
+    /// The agent's IPv6 tunnel address, the only source IPv6 packets may have; none before
+    /// the relay assigned a tunnel address.
+    own6: Option<Ipv6Addr>,
 }
 
 /// An IPv6 route: a service's IPv6 addresses, its connector, and the service for the
@@ -496,11 +499,11 @@ struct Route6 {
 
 impl RouteTable {
     /// The link a packet from the platform goes to. IPv4: by destination alone (the connector
-    /// checks the rest). IPv6: the checks of [`crate::outbound`], with `own6` the agent's IPv6
-    /// tunnel address.
-    fn pick(&self, packet: &[u8], own6: Option<Ipv6Addr>) -> Result<&Arc<Link>, OutboundDrop> {
+    /// checks the rest). IPv6: the checks of [`crate::outbound`], with [`RouteTable::own6`] the
+    /// agent's IPv6 tunnel address.
+    fn pick(&self, packet: &[u8]) -> Result<&Arc<Link>, OutboundDrop> {
         if packet.first().is_some_and(|b| b >> 4 == 6) {
-            let p = crate::outbound::classify6(packet, own6)?;
+            let p = crate::outbound::classify6(packet, self.own6)?;
             let mut covered = false;
             for r in self.v6.iter().filter(|r| r.net.contains(&p.dst)) {
                 if p.want.allowed_by(&r.service) {
@@ -916,12 +919,8 @@ impl Agent {
     /// connection the agent reset.
     fn route(&self, packet: &[u8]) -> Option<(Arc<Link>, quinn::Connection)> {
         let sh = &self.shared;
-        let own6 = match sh.tunnel_ip.load(Ordering::Relaxed) {
-            0 => None,
-            ip => Some(tunnel_ipv6(Ipv4Addr::from(ip))),
-        };
         // The table's read guard ends with this statement.
-        let picked = read(&sh.routes).pick(packet, own6).cloned();
+        let picked = read(&sh.routes).pick(packet).cloned();
         let link = match picked {
             Ok(link) => link,
             Err(why) => {
@@ -1451,7 +1450,10 @@ impl Driver {
                 });
                 *write(&link.services) = services;
             }
-            let mut table = RouteTable::default();
+            let mut table = RouteTable {
+                own6: state.tunnel_ipv6(),
+                ..RouteTable::default()
+            };
             for s in &state.services {
                 if let Some(l) = links.get(&s.connector) {
                     if s.names.is_some() {
@@ -2114,7 +2116,10 @@ mod tests {
         let (c1, c2) = (link("c1"), link("c2"));
         let web = service6("web", [10, 100, 0, 1], "fd00:9::1", 443, 53, true);
         let db = service6("db", [10, 100, 0, 2], "fd00:9::2", 5432, 5353, false);
-        let mut t = RouteTable::default();
+        let mut t = RouteTable {
+            own6: Some(crate::outbound::tests::OWN),
+            ..RouteTable::default()
+        };
         t.exact.insert(web.address, c1.clone());
         t.exact.insert(db.address, c2.clone());
         t.v6.push(Route6 {
@@ -2136,7 +2141,7 @@ mod tests {
         let t = table6();
         let web: Ipv6Addr = "fd00:9::1".parse().unwrap();
         let db: Ipv6Addr = "fd00:9::2".parse().unwrap();
-        let name = |p: &[u8]| t.pick(p, Some(OWN)).map(|l| l.name.clone());
+        let name = |p: &[u8]| t.pick(p).map(|l| l.name.clone());
         assert_eq!(name(&udp6(OWN, web, 53)), Ok("c1".into()));
         assert_eq!(name(&tcp6(OWN, web, 443)), Ok("c1".into()));
         assert_eq!(name(&icmp6(OWN, web, 128)), Ok("c1".into()));
@@ -2159,7 +2164,7 @@ mod tests {
         let counters = OutboundCounters::default();
         let no_route = AtomicU64::new(0);
         let pick = |p: &[u8]| {
-            let r = t.pick(p, Some(OWN)).map(|l| l.name.clone());
+            let r = t.pick(p).map(|l| l.name.clone());
             if let Err(why) = r {
                 counters.count(why, &no_route);
             }
@@ -2214,8 +2219,9 @@ mod tests {
         );
         assert_eq!(no_route.load(Ordering::Relaxed), 1);
         // Without a tunnel address, nothing goes.
+        let t = RouteTable { own6: None, ..t };
         assert_eq!(
-            t.pick(&udp6(OWN, web, 53), None).map(|_| ()),
+            t.pick(&udp6(OWN, web, 53)).map(|_| ()),
             Err(OutboundDrop::Source)
         );
     }
@@ -2226,7 +2232,7 @@ mod tests {
         let t = table6();
         let web: Ipv6Addr = "fd00:9::1".parse().unwrap();
         let spoofed: Ipv6Addr = "fd7a:7a74:6e61:7475::6440:99".parse().unwrap();
-        let answer = |p: &[u8]| t.pick(p, Some(OWN)).err().and_then(|w| answer_drop(w, p));
+        let answer = |p: &[u8]| t.pick(p).err().and_then(|w| answer_drop(w, p));
         assert!(answer(&tcp6(OWN, web, 22)).is_some());
         assert!(answer(&udp6(OWN, web, 54)).is_some());
         assert!(

@@ -191,6 +191,7 @@ impl TcpFlows {
         self.reset.retain(|_, u| *u > now);
         self.reset_until = Some(until);
         let mut out = Vec::with_capacity(self.flows.len() * 2);
+        let client6 = IpAddr::V6(tunnel_ipv6(client));
         for (k, f) in self.flows.drain() {
             if self.reset.len() < self.capacity || self.reset.contains_key(&k) {
                 self.reset.insert(k, until);
@@ -198,7 +199,7 @@ impl TcpFlows {
             let (src, sport, dport) = (k.server, k.server_port, k.client_port);
             let client = match src {
                 IpAddr::V4(_) => IpAddr::V4(client),
-                IpAddr::V6(_) => IpAddr::V6(tunnel_ipv6(client)),
+                IpAddr::V6(_) => client6,
             };
             out.extend(segment(src, sport, client, dport, f.next_seq, RST, 0));
             let behind = f.next_seq.wrapping_sub(PROBE_BEHIND);
