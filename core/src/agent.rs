@@ -593,6 +593,12 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The IPv6 tunnel address status shows: the one derived from the tunnel IP, but none while
+/// IPv6 is off (the platform then configures no IPv6 address).
+fn shown_tunnel_ipv6(tunnel_ip: Option<Ipv4Addr>, ipv6: bool) -> Option<Ipv6Addr> {
+    tunnel_ip.filter(|_| ipv6).map(tunnel_ipv6)
+}
+
 /// What the platform gets back for a packet dropped for `why`: a refusal for an IPv6 packet to
 /// a port or protocol its service does not offer ([`crate::outbound::refusal6`]), else
 /// nothing (a spoofed source or a packet to a service the agent was not given is never
@@ -1107,7 +1113,7 @@ impl Agent {
             relays,
             identity: sh.cfg.credentials.identity().name.clone(),
             tunnel_ip: info.tunnel_ip,
-            tunnel_ipv6: info.tunnel_ip.map(tunnel_ipv6),
+            tunnel_ipv6: shown_tunnel_ipv6(info.tunnel_ip, sh.cfg.options.ipv6),
             services,
             observed_addr: in_use.and_then(|r| r.observed),
             relay_rtt_ms: in_use_conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
@@ -2241,6 +2247,17 @@ mod tests {
         );
         assert!(answer(&tcp6(spoofed, web, 22)).is_none());
         assert!(answer(&tcp6(OWN, "fd00:9::3".parse().unwrap(), 22)).is_none());
+    }
+
+    #[test]
+    fn status_shows_no_ipv6_tunnel_address_while_ipv6_is_off() {
+        let ip = Some(Ipv4Addr::new(100, 64, 0, 2));
+        assert_eq!(shown_tunnel_ipv6(ip, false), None);
+        assert_eq!(
+            shown_tunnel_ipv6(ip, true),
+            Some("fd7a:7a74:6e61:7475::6440:2".parse().unwrap())
+        );
+        assert_eq!(shown_tunnel_ipv6(None, true), None);
     }
 
     #[test]
