@@ -183,10 +183,6 @@ pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, Outbou
 /// destination unreachable, administratively prohibited, carrying as much of the packet as
 /// fits in 1280 bytes (RFC 4443 3.1). `None` for anything else.
 pub fn refusal6(packet: &[u8]) -> Option<Vec<u8>> {
-    const FIN: u8 = 0x01;
-    const SYN: u8 = 0x02;
-    const RST: u8 = 0x04;
-    const ACK: u8 = 0x10;
     const MAX_ERROR: usize = 1280;
     if packet.len() < IPV6_HEADER || packet[0] >> 4 != 6 {
         return None;
@@ -198,23 +194,8 @@ pub fn refusal6(packet: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     match packet[6] {
         TCP => {
-            let tcp = etherparse::TcpHeaderSlice::from_slice(l4).ok()?;
-            let flags = l4[13];
-            if flags & RST != 0 {
-                return None;
-            }
-            let (sport, dport) = (tcp.destination_port(), tcp.source_port());
-            let b = if flags & ACK != 0 {
-                ip.tcp(sport, dport, tcp.acknowledgment_number(), 0).rst()
-            } else {
-                let len = u32::try_from(l4.len() - tcp.slice().len()).ok()?
-                    + u32::from(flags & SYN != 0)
-                    + u32::from(flags & FIN != 0);
-                ip.tcp(sport, dport, 0, 0)
-                    .rst()
-                    .ack(tcp.sequence_number().wrapping_add(len))
-            };
-            b.write(&mut out, &[]).ok()?;
+            let seg = crate::tcp_flows::Segment::of(src.into(), dst.into(), l4)?;
+            return crate::tcp_flows::reset_answer(&seg);
         }
         UDP | ICMPV6 if packet[6] == UDP || l4.first() == Some(&ECHO_REQUEST) => {
             let room = MAX_ERROR - IPV6_HEADER - 8;

@@ -248,37 +248,41 @@ impl TcpFlows {
         if seg.flags & RST != 0 {
             return Outbound::Drop;
         }
-        // RFC 9293 3.10.7.1: to a segment with ACK, <SEQ=SEG.ACK><CTL=RST>; without,
-        // <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>.
-        let answer = if seg.flags & ACK != 0 {
-            segment(
-                seg.dst,
-                seg.dst_port,
-                seg.src,
-                seg.src_port,
-                seg.ack,
-                RST,
-                0,
-            )
-        } else {
-            let len = seg.payload + u32::from(seg.flags & FIN != 0);
-            let ack = seg.seq.wrapping_add(len);
-            segment(
-                seg.dst,
-                seg.dst_port,
-                seg.src,
-                seg.src_port,
-                0,
-                RST | ACK,
-                ack,
-            )
-        };
+        let answer = reset_answer(&seg);
         answer.map_or(Outbound::Drop, Outbound::Reset)
     }
 }
 
+/// The reset that answers `seg` (RFC 9293 3.10.7.1), from its destination to its source: to a
+/// segment with ACK, `<SEQ=SEG.ACK><CTL=RST>`; without, `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`,
+/// where SEG.LEN counts SYN and FIN. `None` for a reset (never answered) and for a segment whose
+/// addresses are of two families.
+pub(crate) fn reset_answer(seg: &Segment) -> Option<Vec<u8>> {
+    if seg.flags & RST != 0 {
+        return None;
+    }
+    let (seq, flags, ack) = if seg.flags & ACK != 0 {
+        (seg.ack, RST, 0)
+    } else {
+        let len = seg
+            .payload
+            .wrapping_add(u32::from(seg.flags & SYN != 0))
+            .wrapping_add(u32::from(seg.flags & FIN != 0));
+        (0, RST | ACK, seg.seq.wrapping_add(len))
+    };
+    segment(
+        seg.dst,
+        seg.dst_port,
+        seg.src,
+        seg.src_port,
+        seq,
+        flags,
+        ack,
+    )
+}
+
 /// The fields of a TCP segment the table needs.
-struct Segment {
+pub(crate) struct Segment {
     src: IpAddr,
     dst: IpAddr,
     src_port: u16,
@@ -320,6 +324,11 @@ impl Segment {
             }
             _ => return None,
         };
+        Segment::of(src, dst, body)
+    }
+
+    /// The segment `body` (a TCP header and its payload) from `src` to `dst`.
+    pub(crate) fn of(src: IpAddr, dst: IpAddr, body: &[u8]) -> Option<Segment> {
         let tcp = etherparse::TcpHeaderSlice::from_slice(body).ok()?;
         let flags = body[13];
         Some(Segment {

@@ -4,12 +4,18 @@
 //! packet of at most 1280 bytes back to the sender.
 //!
 //! Both checks live in the core's `outbound.rs` and `inbound.rs`, which are pure (etherparse,
-//! serde and ztna-proto only), so they are compiled into this target as modules.
+//! serde and ztna-proto only), so they are compiled into this target as modules, with
+//! `tcp_flows.rs` (also pure), which builds the TCP reset.
 #![no_main]
 
 #[path = "../../core/src/outbound.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod outbound;
+
+// The TCP reset `refusal6` answers with is built by the core's `tcp_flows.rs`.
+#[path = "../../core/src/tcp_flows.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod tcp_flows;
 
 #[path = "../../core/src/inbound.rs"]
 #[allow(dead_code, unreachable_pub)]
