@@ -100,10 +100,32 @@ pub struct Packet6 {
     pub want: Want,
 }
 
-fn addr(b: &[u8]) -> Ipv6Addr {
-    let mut a = [0u8; 16];
-    a.copy_from_slice(&b[..16]);
-    Ipv6Addr::from(a)
+/// The IPv6 fixed header of `p`: source, destination, next header and the payload (as long as
+/// the payload length says). `None` if `p` is shorter than the header, is not version 6, or
+/// is shorter than its payload length.
+pub(crate) fn fixed6(p: &[u8]) -> Option<(Ipv6Addr, Ipv6Addr, u8, &[u8])> {
+    let header: &[u8; IPV6_HEADER] = p.first_chunk()?;
+    if header[0] >> 4 != 6 {
+        return None;
+    }
+    let payload_len = usize::from(u16::from_be_bytes([header[4], header[5]]));
+    let payload = p.get(IPV6_HEADER..IPV6_HEADER + payload_len)?;
+    let addr = |at: usize| {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&header[at..at + 16]);
+        Ipv6Addr::from(a)
+    };
+    Some((addr(8), addr(24), header[6], payload))
+}
+
+/// A fragment header at the start of `payload` (written by hand: etherparse 0.16 reads the
+/// offset and the M flag from the wrong bits): the next header, whether this is a later
+/// fragment (offset not 0), and what follows the fragment header. `None` if it is cut short.
+pub(crate) fn fragment6(payload: &[u8]) -> Option<(u8, bool, &[u8])> {
+    let [next, _, hi, lo, _, _, _, _, ref body @ ..] = *payload else {
+        return None;
+    };
+    Some((next, u16::from_be_bytes([hi, lo]) >> 3 != 0, body))
 }
 
 /// Whether `a` is link-scoped: link-local unicast, or multicast.
@@ -115,36 +137,25 @@ fn link_scoped(a: Ipv6Addr) -> bool {
 /// not the kernel's link chatter, from `own` (the agent's IPv6 tunnel address), no extension
 /// header or fragment, and a protocol a service can offer.
 pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, OutboundDrop> {
-    if packet.len() < IPV6_HEADER || packet[0] >> 4 != 6 {
-        return Err(OutboundDrop::Malformed);
-    }
-    let payload_len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
-    if IPV6_HEADER + payload_len > packet.len() {
-        return Err(OutboundDrop::Malformed);
-    }
-    let next = packet[6];
-    let src = addr(&packet[8..24]);
-    let dst = addr(&packet[24..40]);
+    let (src, dst, next, payload) = fixed6(packet).ok_or(OutboundDrop::Malformed)?;
     if link_scoped(dst) || link_scoped(src) || src.is_unspecified() {
         return Err(OutboundDrop::Local);
     }
     if own != Some(src) {
         return Err(OutboundDrop::Source);
     }
-    let mut l4 = &packet[IPV6_HEADER..IPV6_HEADER + payload_len];
+    let mut l4 = payload;
     let mut next = next;
     let mut short = OutboundDrop::Malformed;
     if next == FRAGMENT {
-        let [inner, _, hi, lo, _, _, _, _, ref body @ ..] = *l4 else {
-            return Err(OutboundDrop::Malformed);
-        };
+        let (inner, later, body) = fragment6(l4).ok_or(OutboundDrop::Malformed)?;
         if EXTENSION_HEADERS.contains(&inner)
             || inner == EXPERIMENTAL_EXTENSION
             || inner == FRAGMENT
         {
             return Err(OutboundDrop::ExtensionHeader);
         }
-        if u16::from_be_bytes([hi, lo]) >> 3 != 0 {
+        if later {
             return match inner {
                 TCP | UDP | ICMPV6 => Ok(Packet6 {
                     dst,
@@ -184,27 +195,24 @@ pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, Outbou
 /// fits in 1280 bytes (RFC 4443 3.1). `None` for anything else.
 pub fn refusal6(packet: &[u8]) -> Option<Vec<u8>> {
     const MAX_ERROR: usize = 1280;
-    if packet.len() < IPV6_HEADER || packet[0] >> 4 != 6 {
-        return None;
-    }
-    let payload_len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
-    let l4 = packet.get(IPV6_HEADER..IPV6_HEADER + payload_len)?;
-    let (src, dst) = (addr(&packet[8..24]), addr(&packet[24..40]));
-    let ip = etherparse::PacketBuilder::ipv6(dst.octets(), src.octets(), 64);
-    let mut out = Vec::new();
-    match packet[6] {
+    let (src, dst, next, l4) = fixed6(packet)?;
+    match next {
         TCP => {
             let seg = crate::tcp_flows::Segment::of(src.into(), dst.into(), l4)?;
-            return crate::tcp_flows::reset_answer(&seg);
+            crate::tcp_flows::reset_answer(&seg)
         }
-        UDP | ICMPV6 if packet[6] == UDP || l4.first() == Some(&ECHO_REQUEST) => {
+        UDP | ICMPV6 if next == UDP || l4.first() == Some(&ECHO_REQUEST) => {
             let room = MAX_ERROR - IPV6_HEADER - 8;
             let quoted = &packet[..packet.len().min(room)];
-            ip.icmpv6_raw(1, 1, [0; 4]).write(&mut out, quoted).ok()?;
+            let mut out = Vec::new();
+            etherparse::PacketBuilder::ipv6(dst.octets(), src.octets(), 64)
+                .icmpv6_raw(1, 1, [0; 4])
+                .write(&mut out, quoted)
+                .ok()?;
+            Some(out)
         }
-        _ => return None,
+        _ => None,
     }
-    Some(out)
 }
 
 /// Counters of IPv6 packets from the platform dropped for a reason that IPv4 packets don't
