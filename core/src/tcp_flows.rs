@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use etherparse::PacketBuilder;
 use ztna_proto::service::tunnel_ipv6;
 
-const TCP: u8 = 6;
 const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
@@ -295,35 +294,7 @@ pub(crate) struct Segment {
 
 impl Segment {
     fn parse(packet: &[u8]) -> Option<Segment> {
-        let (src, dst, body) = match packet.first()? >> 4 {
-            4 => {
-                let ip = etherparse::Ipv4HeaderSlice::from_slice(packet).ok()?;
-                if ip.protocol().0 != TCP || ip.is_fragmenting_payload() {
-                    return None;
-                }
-                let total = usize::from(ip.total_len()).min(packet.len());
-                let body = packet.get(ip.slice().len()..total)?;
-                (
-                    IpAddr::V4(ip.source_addr()),
-                    IpAddr::V4(ip.destination_addr()),
-                    body,
-                )
-            }
-            6 => {
-                let ip = etherparse::Ipv6HeaderSlice::from_slice(packet).ok()?;
-                if ip.next_header().0 != TCP {
-                    return None;
-                }
-                let total = usize::from(ip.payload_length()) + ip.slice().len();
-                let body = packet.get(ip.slice().len()..total.min(packet.len()))?;
-                (
-                    IpAddr::V6(ip.source_addr()),
-                    IpAddr::V6(ip.destination_addr()),
-                    body,
-                )
-            }
-            _ => return None,
-        };
+        let (src, dst, body) = crate::tcp_carriage::tcp_body(packet)?;
         Segment::of(src, dst, body)
     }
 
@@ -382,6 +353,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    const TCP: u8 = 6;
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 4);
     const CLIENT: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);

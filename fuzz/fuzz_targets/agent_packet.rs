@@ -5,17 +5,22 @@
 //!
 //! Both checks live in the core's `outbound.rs` and `inbound.rs`, which are pure (etherparse,
 //! serde and ztna-proto only), so they are compiled into this target as modules, with
-//! `tcp_flows.rs` (also pure), which builds the TCP reset.
+//! `tcp_flows.rs` and `tcp_carriage.rs` (also pure), which build the TCP reset.
 #![no_main]
 
 #[path = "../../core/src/outbound.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod outbound;
 
-// The TCP reset `refusal6` answers with is built by the core's `tcp_flows.rs`.
+// The TCP reset `refusal6` answers with is built by the core's `tcp_flows.rs`, which reads
+// segments with `tcp_carriage.rs`'s `tcp_body`.
 #[path = "../../core/src/tcp_flows.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod tcp_flows;
+
+#[path = "../../core/src/tcp_carriage.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod tcp_carriage;
 
 #[path = "../../core/src/inbound.rs"]
 #[allow(dead_code, unreachable_pub)]
