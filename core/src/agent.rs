@@ -33,7 +33,7 @@ use crate::agent_machine::{AgentMachine, Command, Input, MachineConfig, RelayAdd
 use crate::backoff::jitter_seed;
 use crate::direct::{DirectContext, DirectOptions, DirectPath, DirectStatus};
 use crate::fleet::{Liveness, RelaySpec, Verdict};
-use crate::outbound::{OutboundCounters, OutboundDrop};
+use crate::outbound::{OutboundCounters, OutboundDrop, TCP};
 use crate::session::{Node, RelaySession, RelayTarget, SessionError};
 use crate::tcp_flows::TcpFlows;
 use crate::tls::{Credentials, PeerIdentity};
@@ -391,9 +391,6 @@ struct Link {
 pub const SEND_WAIT: Duration = Duration::from_millis(50);
 /// How long after such a drop the connector's packets go without waiting.
 pub const STALL_HOLDOFF: Duration = Duration::from_millis(500);
-
-/// The IP protocol number of TCP.
-const TCP: u8 = 6;
 
 /// TCP connections remembered per connector, and how long an idle one may hold its place
 /// when the table is full.

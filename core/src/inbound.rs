@@ -24,13 +24,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ztna_proto::service::tunnel_ipv6;
 use ztna_proto::ServiceDef;
 
-use crate::outbound::{fixed6, fragment6};
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
-const ICMPV6: u8 = 58;
-const FRAGMENT: u8 = 44;
+use crate::outbound::{fixed6, fragment6, FRAGMENT, ICMP, ICMPV6, TCP, UDP};
 
 /// Why a packet from a connector was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

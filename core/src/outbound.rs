@@ -31,14 +31,29 @@ use ztna_proto::ServiceDef;
 /// Length of the IPv6 fixed header.
 pub const IPV6_HEADER: usize = 40;
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
+/// The IPv6 minimum link MTU (RFC 8200 5): below it a tunnel carries IPv4 only; an ICMPv6
+/// error fits in it (RFC 4443 2.4).
+pub const IPV6_MIN_MTU: u16 = 1280;
+
+/// The IP protocol (IPv6 next-header) number of TCP.
+pub(crate) const TCP: u8 = 6;
+/// That of UDP.
+pub(crate) const UDP: u8 = 17;
+/// That of ICMP (IPv4).
+pub(crate) const ICMP: u8 = 1;
 /// The IPv6 next-header number of ICMPv6.
 pub const ICMPV6: u8 = 58;
-const FRAGMENT: u8 = 44;
-/// Next-header values that are extension headers (RFC 8200 4, RFC 7045), and No Next Header.
-const EXTENSION_HEADERS: [u8; 10] = [0, 43, 50, 51, 59, 60, 135, 139, 140, 253];
-const EXPERIMENTAL_EXTENSION: u8 = 254;
+/// The IPv6 next-header number of a fragment header.
+pub(crate) const FRAGMENT: u8 = 44;
+/// The IPv6 next-header number "No Next Header" (RFC 8200 4.7).
+const NO_NEXT_HEADER: u8 = 59;
+
+/// Whether next-header value `n` is an extension header (RFC 8200 4, RFC 7045: etherparse's
+/// list, which includes the fragment header and the experimental 253 and 254) or No Next
+/// Header.
+fn extension_header(n: u8) -> bool {
+    n == NO_NEXT_HEADER || etherparse::IpNumber(n).is_ipv6_ext_header_value()
+}
 
 const ECHO_REQUEST: u8 = 128;
 
@@ -149,10 +164,7 @@ pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, Outbou
     let mut short = OutboundDrop::Malformed;
     if next == FRAGMENT {
         let (inner, later, body) = fragment6(l4).ok_or(OutboundDrop::Malformed)?;
-        if EXTENSION_HEADERS.contains(&inner)
-            || inner == EXPERIMENTAL_EXTENSION
-            || inner == FRAGMENT
-        {
+        if extension_header(inner) {
             return Err(OutboundDrop::ExtensionHeader);
         }
         if later {
@@ -180,9 +192,8 @@ pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, Outbou
             Some(_) => return Err(OutboundDrop::PortOrProtocol),
             None => return Err(short),
         },
-        n if EXTENSION_HEADERS.contains(&n) || n == EXPERIMENTAL_EXTENSION => {
-            return Err(OutboundDrop::ExtensionHeader)
-        }
+        // Not a fragment header: that was taken above, and one behind it is refused there.
+        n if extension_header(n) => return Err(OutboundDrop::ExtensionHeader),
         _ => return Err(OutboundDrop::PortOrProtocol),
     };
     Ok(Packet6 { dst, want })
@@ -194,7 +205,6 @@ pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, Outbou
 /// destination unreachable, administratively prohibited, carrying as much of the packet as
 /// fits in 1280 bytes (RFC 4443 3.1). `None` for anything else.
 pub fn refusal6(packet: &[u8]) -> Option<Vec<u8>> {
-    const MAX_ERROR: usize = 1280;
     let (src, dst, next, l4) = fixed6(packet)?;
     match next {
         TCP => {
@@ -202,7 +212,7 @@ pub fn refusal6(packet: &[u8]) -> Option<Vec<u8>> {
             crate::tcp_flows::reset_answer(&seg)
         }
         UDP | ICMPV6 if next == UDP || l4.first() == Some(&ECHO_REQUEST) => {
-            let room = MAX_ERROR - IPV6_HEADER - 8;
+            let room = usize::from(IPV6_MIN_MTU) - IPV6_HEADER - 8;
             let quoted = &packet[..packet.len().min(room)];
             let mut out = Vec::new();
             etherparse::PacketBuilder::ipv6(dst.octets(), src.octets(), 64)

@@ -353,8 +353,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-
-    const TCP: u8 = 6;
+    use crate::outbound::TCP;
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 4);
     const CLIENT: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
