@@ -33,7 +33,7 @@ use crate::agent_machine::{AgentMachine, Command, Input, MachineConfig, RelayAdd
 use crate::backoff::jitter_seed;
 use crate::direct::{DirectContext, DirectOptions, DirectPath, DirectStatus};
 use crate::fleet::{Liveness, RelaySpec, Verdict};
-use crate::outbound::{OutboundCounters, OutboundDrop, TCP};
+use crate::outbound::{OutboundDrop, TCP};
 use crate::session::{Node, RelaySession, RelayTarget, SessionError};
 use crate::tcp_flows::TcpFlows;
 use crate::tls::{Credentials, PeerIdentity};
@@ -145,6 +145,65 @@ pub struct DnsCounters {
     pub dropped: AtomicU64,
     /// Mappings a connector refused.
     pub mappings_refused: AtomicU64,
+}
+
+/// Counters of IPv6 packets from the platform dropped for a reason that IPv4 packets don't
+/// have (packets with no route count with IPv4's `dropped_no_route`).
+#[derive(Debug, Default)]
+pub struct OutboundCounters {
+    /// [`OutboundDrop::Local`].
+    pub local: AtomicU64,
+    /// [`OutboundDrop::Source`].
+    pub source: AtomicU64,
+    /// [`OutboundDrop::ExtensionHeader`].
+    pub extension_header: AtomicU64,
+    /// [`OutboundDrop::Fragment`].
+    pub fragment: AtomicU64,
+    /// [`OutboundDrop::PortOrProtocol`].
+    pub port_or_protocol: AtomicU64,
+}
+
+impl OutboundCounters {
+    /// Counts a drop; `no_route` counts [`OutboundDrop::NoRoute`] and
+    /// [`OutboundDrop::Malformed`].
+    pub fn count(&self, why: OutboundDrop, no_route: &AtomicU64) {
+        let c = match why {
+            OutboundDrop::Malformed | OutboundDrop::NoRoute => no_route,
+            OutboundDrop::Local => &self.local,
+            OutboundDrop::Source => &self.source,
+            OutboundDrop::ExtensionHeader => &self.extension_header,
+            OutboundDrop::Fragment => &self.fragment,
+            OutboundDrop::PortOrProtocol => &self.port_or_protocol,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A snapshot for status.
+    pub fn snapshot(&self) -> Ipv6Drops {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Ipv6Drops {
+            local: get(&self.local),
+            source: get(&self.source),
+            extension_header: get(&self.extension_header),
+            fragment: get(&self.fragment),
+            port_or_protocol: get(&self.port_or_protocol),
+        }
+    }
+}
+
+/// IPv6 packets from the platform dropped, by reason, as status shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv6Drops {
+    /// The kernel's own link traffic (neighbour discovery, MLD, router solicitations).
+    pub local: u64,
+    /// A source other than the agent's IPv6 tunnel address.
+    pub source: u64,
+    /// Extension headers.
+    pub extension_header: u64,
+    /// Fragments.
+    pub fragment: u64,
+    /// A protocol or port the service does not offer.
+    pub port_or_protocol: u64,
 }
 
 /// The name services and DNS counters, as `ztna-agent status` shows them.
@@ -325,7 +384,7 @@ pub struct AgentStatus {
     /// agent's IPv6 tunnel address, a port or protocol the service does not offer, extension
     /// headers, fragments, and the kernel's own link traffic (neighbour discovery, MLD).
     #[serde(default)]
-    pub dropped_ipv6: crate::outbound::Ipv6Drops,
+    pub dropped_ipv6: Ipv6Drops,
     /// Packets to a routed service whose connector tunnel is not up (yet): dropped, never sent
     /// in the clear (fail closed).
     pub dropped_tunnel_down: u64,
@@ -2212,7 +2271,7 @@ mod tests {
         );
         assert_eq!(
             counters.snapshot(),
-            crate::outbound::Ipv6Drops {
+            Ipv6Drops {
                 local: 1,
                 source: 1,
                 extension_header: 1,
@@ -2244,6 +2303,35 @@ mod tests {
         );
         assert!(answer(&tcp6(spoofed, web, 22)).is_none());
         assert!(answer(&tcp6(OWN, "fd00:9::3".parse().unwrap(), 22)).is_none());
+    }
+
+    #[test]
+    fn drops_are_counted_by_reason() {
+        let c = OutboundCounters::default();
+        let no_route = AtomicU64::new(0);
+        for why in [
+            OutboundDrop::Source,
+            OutboundDrop::Source,
+            OutboundDrop::Fragment,
+            OutboundDrop::ExtensionHeader,
+            OutboundDrop::Local,
+            OutboundDrop::PortOrProtocol,
+            OutboundDrop::NoRoute,
+            OutboundDrop::Malformed,
+        ] {
+            c.count(why, &no_route);
+        }
+        assert_eq!(
+            c.snapshot(),
+            Ipv6Drops {
+                local: 1,
+                source: 2,
+                extension_header: 1,
+                fragment: 1,
+                port_or_protocol: 1
+            }
+        );
+        assert_eq!(no_route.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! destination is an IPv6 address of a service policy gave the agent
 //! ([`ztna_proto::ServiceDef::covers6`]), and its protocol and port are ones that service
 //! offers (a TCP or UDP port, or an ICMPv6 echo request where it answers ICMP). Everything else
-//! is dropped and counted here, by reason ([`OutboundDrop`]):
+//! is dropped, by reason ([`OutboundDrop`], which the agent counts):
 //! - what the kernel says to the link itself (neighbour discovery, router solicitations, MLD
 //!   reports, anything to a multicast or link-local address): [`OutboundDrop::Local`], quietly;
 //! - any extension header other than one fragment header ([`OutboundDrop::ExtensionHeader`]);
@@ -24,7 +24,6 @@
 //! allocated (except for a refusal's answer).
 
 use std::net::Ipv6Addr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use ztna_proto::ServiceDef;
 
@@ -225,65 +224,6 @@ pub fn refusal6(packet: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// Counters of IPv6 packets from the platform dropped for a reason that IPv4 packets don't
-/// have (packets with no route count with IPv4's `dropped_no_route`).
-#[derive(Debug, Default)]
-pub struct OutboundCounters {
-    /// [`OutboundDrop::Local`].
-    pub local: AtomicU64,
-    /// [`OutboundDrop::Source`].
-    pub source: AtomicU64,
-    /// [`OutboundDrop::ExtensionHeader`].
-    pub extension_header: AtomicU64,
-    /// [`OutboundDrop::Fragment`].
-    pub fragment: AtomicU64,
-    /// [`OutboundDrop::PortOrProtocol`].
-    pub port_or_protocol: AtomicU64,
-}
-
-impl OutboundCounters {
-    /// Counts a drop; `no_route` counts [`OutboundDrop::NoRoute`] and
-    /// [`OutboundDrop::Malformed`].
-    pub fn count(&self, why: OutboundDrop, no_route: &AtomicU64) {
-        let c = match why {
-            OutboundDrop::Malformed | OutboundDrop::NoRoute => no_route,
-            OutboundDrop::Local => &self.local,
-            OutboundDrop::Source => &self.source,
-            OutboundDrop::ExtensionHeader => &self.extension_header,
-            OutboundDrop::Fragment => &self.fragment,
-            OutboundDrop::PortOrProtocol => &self.port_or_protocol,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A snapshot for status.
-    pub fn snapshot(&self) -> Ipv6Drops {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Ipv6Drops {
-            local: get(&self.local),
-            source: get(&self.source),
-            extension_header: get(&self.extension_header),
-            fragment: get(&self.fragment),
-            port_or_protocol: get(&self.port_or_protocol),
-        }
-    }
-}
-
-/// IPv6 packets from the platform dropped, by reason, as status shows them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Ipv6Drops {
-    /// The kernel's own link traffic (neighbour discovery, MLD, router solicitations).
-    pub local: u64,
-    /// A source other than the agent's IPv6 tunnel address.
-    pub source: u64,
-    /// Extension headers.
-    pub extension_header: u64,
-    /// Fragments.
-    pub fragment: u64,
-    /// A protocol or port the service does not offer.
-    pub port_or_protocol: u64,
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use etherparse::PacketBuilder;
@@ -456,35 +396,6 @@ pub(crate) mod tests {
         let mut v4 = p.clone();
         v4[0] = 0x45;
         assert_eq!(classify6(&v4, Some(OWN)), Err(OutboundDrop::Malformed));
-    }
-
-    #[test]
-    fn drops_are_counted_by_reason() {
-        let c = OutboundCounters::default();
-        let no_route = AtomicU64::new(0);
-        for why in [
-            OutboundDrop::Source,
-            OutboundDrop::Source,
-            OutboundDrop::Fragment,
-            OutboundDrop::ExtensionHeader,
-            OutboundDrop::Local,
-            OutboundDrop::PortOrProtocol,
-            OutboundDrop::NoRoute,
-            OutboundDrop::Malformed,
-        ] {
-            c.count(why, &no_route);
-        }
-        assert_eq!(
-            c.snapshot(),
-            Ipv6Drops {
-                local: 1,
-                source: 2,
-                extension_header: 1,
-                fragment: 1,
-                port_or_protocol: 1
-            }
-        );
-        assert_eq!(no_route.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! and the inbound check (IPv4 and IPv6) never panic, and a refusal is a well-formed IPv6
 //! packet of at most 1280 bytes back to the sender.
 //!
-//! Both checks live in the core's `outbound.rs` and `inbound.rs`, which are pure (etherparse,
-//! serde and ztna-proto only), so they are compiled into this target as modules, with
-//! `tcp_flows.rs` and `tcp_carriage.rs` (also pure), which build the TCP reset.
+//! Both checks live in the core's `outbound.rs` and `inbound.rs`, which are pure (etherparse
+//! and ztna-proto only), so they are compiled into this target as modules, with `tcp_flows.rs`
+//! and `tcp_carriage.rs` (also pure), which build the TCP reset.
 #![no_main]
 
 #[path = "../../core/src/outbound.rs"]
