@@ -6,9 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 use ztna_core::agent::TunnelState;
-
-/// The IPv6 minimum link MTU: below it the tunnel carries IPv4 only.
-pub(crate) const IPV6_MIN_MTU: u16 = 1280;
+use ztna_core::outbound::IPV6_MIN_MTU;
 
 /// One route: `address/prefix` (`subnet_mask` spelled out for IPv4, as `NEIPv4Route` takes it;
 /// `None` for IPv6, which `NEIPv6Route` takes as `networkPrefixLength`).

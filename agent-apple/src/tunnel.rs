@@ -200,7 +200,7 @@ impl Tunnel {
                 .settings
                 .agent_config(self.cfg.credentials.clone(), None);
             // Below the IPv6 minimum MTU the interface gets no IPv6 (crate::settings).
-            agent_cfg.options.ipv6 = self.cfg.settings.mtu >= crate::settings::IPV6_MIN_MTU;
+            agent_cfg.options.ipv6 = self.cfg.settings.mtu >= ztna_core::outbound::IPV6_MIN_MTU;
             let from_tunnel = match Agent::start(agent_cfg) {
                 Ok((agent, rx)) => {
                     let state = agent.state();

@@ -345,9 +345,9 @@ pub(crate) fn render(s: &AgentStatus) -> String {
         for v in &s.services {
             rows.push(vec![
                 v.name.clone(),
-                host_or_net(v.address.prefix_len() == 32, &v.address),
+                host_or_net(v.address.into()),
                 v.address6
-                    .map_or_else(|| "-".into(), |n| host_or_net(n.prefix_len() == 128, &n)),
+                    .map_or_else(|| "-".into(), |n| host_or_net(n.into())),
                 v.connector.clone(),
             ]);
         }
@@ -420,12 +420,11 @@ pub(crate) fn render(s: &AgentStatus) -> String {
 }
 
 /// A network as its address alone when it is one host, else `address/len`.
-fn host_or_net<N: std::fmt::Display>(host: bool, net: &N) -> String {
-    let s = net.to_string();
-    if host {
-        s.split('/').next().unwrap_or(&s).to_owned()
+fn host_or_net(net: ipnet::IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
     } else {
-        s
+        net.to_string()
     }
 }
 

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, DeviceBuilder, Layer};
 use ztna_core::agent::Agent;
+use ztna_core::outbound::IPV6_MIN_MTU;
 
 /// Largest packet read from the device. The device never hands over more than its MTU (no
 /// offloads are enabled), but the MTU can be raised under our feet with `ip link set mtu`.
@@ -61,9 +62,6 @@ pub(crate) fn create(name: &str) -> anyhow::Result<Tun> {
         index,
     })
 }
-
-/// The IPv6 minimum link MTU (RFC 8200 5).
-pub(crate) const IPV6_MIN_MTU: u16 = 1280;
 
 /// Where the kernel keeps the IPv6 settings of every device.
 const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";

@@ -33,7 +33,7 @@ use crate::agent_machine::{AgentMachine, Command, Input, MachineConfig, RelayAdd
 use crate::backoff::jitter_seed;
 use crate::direct::{DirectContext, DirectOptions, DirectPath, DirectStatus};
 use crate::fleet::{Liveness, RelaySpec, Verdict};
-use crate::outbound::{OutboundCounters, OutboundDrop};
+use crate::outbound::{OutboundDrop, TCP};
 use crate::session::{Node, RelaySession, RelayTarget, SessionError};
 use crate::tcp_flows::TcpFlows;
 use crate::tls::{Credentials, PeerIdentity};
@@ -145,6 +145,65 @@ pub struct DnsCounters {
     pub dropped: AtomicU64,
     /// Mappings a connector refused.
     pub mappings_refused: AtomicU64,
+}
+
+/// Counters of IPv6 packets from the platform dropped for a reason that IPv4 packets don't
+/// have (packets with no route count with IPv4's `dropped_no_route`).
+#[derive(Debug, Default)]
+pub struct OutboundCounters {
+    /// [`OutboundDrop::Local`].
+    pub local: AtomicU64,
+    /// [`OutboundDrop::Source`].
+    pub source: AtomicU64,
+    /// [`OutboundDrop::ExtensionHeader`].
+    pub extension_header: AtomicU64,
+    /// [`OutboundDrop::Fragment`].
+    pub fragment: AtomicU64,
+    /// [`OutboundDrop::PortOrProtocol`].
+    pub port_or_protocol: AtomicU64,
+}
+
+impl OutboundCounters {
+    /// Counts a drop; `no_route` counts [`OutboundDrop::NoRoute`] and
+    /// [`OutboundDrop::Malformed`].
+    pub fn count(&self, why: OutboundDrop, no_route: &AtomicU64) {
+        let c = match why {
+            OutboundDrop::Malformed | OutboundDrop::NoRoute => no_route,
+            OutboundDrop::Local => &self.local,
+            OutboundDrop::Source => &self.source,
+            OutboundDrop::ExtensionHeader => &self.extension_header,
+            OutboundDrop::Fragment => &self.fragment,
+            OutboundDrop::PortOrProtocol => &self.port_or_protocol,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A snapshot for status.
+    pub fn snapshot(&self) -> Ipv6Drops {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Ipv6Drops {
+            local: get(&self.local),
+            source: get(&self.source),
+            extension_header: get(&self.extension_header),
+            fragment: get(&self.fragment),
+            port_or_protocol: get(&self.port_or_protocol),
+        }
+    }
+}
+
+/// IPv6 packets from the platform dropped, by reason, as status shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv6Drops {
+    /// The kernel's own link traffic (neighbour discovery, MLD, router solicitations).
+    pub local: u64,
+    /// A source other than the agent's IPv6 tunnel address.
+    pub source: u64,
+    /// Extension headers.
+    pub extension_header: u64,
+    /// Fragments.
+    pub fragment: u64,
+    /// A protocol or port the service does not offer.
+    pub port_or_protocol: u64,
 }
 
 /// The name services and DNS counters, as `ztna-agent status` shows them.
@@ -325,7 +384,7 @@ pub struct AgentStatus {
     /// agent's IPv6 tunnel address, a port or protocol the service does not offer, extension
     /// headers, fragments, and the kernel's own link traffic (neighbour discovery, MLD).
     #[serde(default)]
-    pub dropped_ipv6: crate::outbound::Ipv6Drops,
+    pub dropped_ipv6: Ipv6Drops,
     /// Packets to a routed service whose connector tunnel is not up (yet): dropped, never sent
     /// in the clear (fail closed).
     pub dropped_tunnel_down: u64,
@@ -391,9 +450,6 @@ struct Link {
 pub const SEND_WAIT: Duration = Duration::from_millis(50);
 /// How long after such a drop the connector's packets go without waiting.
 pub const STALL_HOLDOFF: Duration = Duration::from_millis(500);
-
-/// The IP protocol number of TCP.
-const TCP: u8 = 6;
 
 /// TCP connections remembered per connector, and how long an idle one may hold its place
 /// when the table is full.
@@ -484,6 +540,9 @@ struct RouteTable {
     pools: Vec<(ipnet::Ipv4Net, Arc<Link>)>,
     /// Services with IPv6 addresses (one address, or a name service's pool).
     v6: Vec<Route6>,
+    /// The agent's IPv6 tunnel address, the only source IPv6 packets may have; none before
+    /// the relay assigned a tunnel address.
+    own6: Option<Ipv6Addr>,
 }
 
 /// An IPv6 route: a service's IPv6 addresses, its connector, and the service for the
@@ -496,11 +555,11 @@ struct Route6 {
 
 impl RouteTable {
     /// The link a packet from the platform goes to. IPv4: by destination alone (the connector
-    /// checks the rest). IPv6: the checks of [`crate::outbound`], with `own6` the agent's IPv6
-    /// tunnel address.
-    fn pick(&self, packet: &[u8], own6: Option<Ipv6Addr>) -> Result<&Arc<Link>, OutboundDrop> {
+    /// checks the rest). IPv6: the checks of [`crate::outbound`], with [`RouteTable::own6`] the
+    /// agent's IPv6 tunnel address.
+    fn pick(&self, packet: &[u8]) -> Result<&Arc<Link>, OutboundDrop> {
         if packet.first().is_some_and(|b| b >> 4 == 6) {
-            let p = crate::outbound::classify6(packet, own6)?;
+            let p = crate::outbound::classify6(packet, self.own6)?;
             let mut covered = false;
             for r in self.v6.iter().filter(|r| r.net.contains(&p.dst)) {
                 if p.want.allowed_by(&r.service) {
@@ -588,6 +647,12 @@ fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The IPv6 tunnel address status shows: the one derived from the tunnel IP, but none while
+/// IPv6 is off (the platform then configures no IPv6 address).
+fn shown_tunnel_ipv6(tunnel_ip: Option<Ipv4Addr>, ipv6: bool) -> Option<Ipv6Addr> {
+    tunnel_ip.filter(|_| ipv6).map(tunnel_ipv6)
 }
 
 /// What the platform gets back for a packet dropped for `why`: a refusal for an IPv6 packet to
@@ -916,12 +981,8 @@ impl Agent {
     /// connection the agent reset.
     fn route(&self, packet: &[u8]) -> Option<(Arc<Link>, quinn::Connection)> {
         let sh = &self.shared;
-        let own6 = match sh.tunnel_ip.load(Ordering::Relaxed) {
-            0 => None,
-            ip => Some(tunnel_ipv6(Ipv4Addr::from(ip))),
-        };
         // The table's read guard ends with this statement.
-        let picked = read(&sh.routes).pick(packet, own6).cloned();
+        let picked = read(&sh.routes).pick(packet).cloned();
         let link = match picked {
             Ok(link) => link,
             Err(why) => {
@@ -1108,7 +1169,7 @@ impl Agent {
             relays,
             identity: sh.cfg.credentials.identity().name.clone(),
             tunnel_ip: info.tunnel_ip,
-            tunnel_ipv6: info.tunnel_ip.map(tunnel_ipv6),
+            tunnel_ipv6: shown_tunnel_ipv6(info.tunnel_ip, sh.cfg.options.ipv6),
             services,
             observed_addr: in_use.and_then(|r| r.observed),
             relay_rtt_ms: in_use_conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
@@ -1451,7 +1512,10 @@ impl Driver {
                 });
                 *write(&link.services) = services;
             }
-            let mut table = RouteTable::default();
+            let mut table = RouteTable {
+                own6: state.tunnel_ipv6(),
+                ..RouteTable::default()
+            };
             for s in &state.services {
                 if let Some(l) = links.get(&s.connector) {
                     if s.names.is_some() {
@@ -2114,7 +2178,10 @@ mod tests {
         let (c1, c2) = (link("c1"), link("c2"));
         let web = service6("web", [10, 100, 0, 1], "fd00:9::1", 443, 53, true);
         let db = service6("db", [10, 100, 0, 2], "fd00:9::2", 5432, 5353, false);
-        let mut t = RouteTable::default();
+        let mut t = RouteTable {
+            own6: Some(crate::outbound::tests::OWN),
+            ..RouteTable::default()
+        };
         t.exact.insert(web.address, c1.clone());
         t.exact.insert(db.address, c2.clone());
         t.v6.push(Route6 {
@@ -2136,7 +2203,7 @@ mod tests {
         let t = table6();
         let web: Ipv6Addr = "fd00:9::1".parse().unwrap();
         let db: Ipv6Addr = "fd00:9::2".parse().unwrap();
-        let name = |p: &[u8]| t.pick(p, Some(OWN)).map(|l| l.name.clone());
+        let name = |p: &[u8]| t.pick(p).map(|l| l.name.clone());
         assert_eq!(name(&udp6(OWN, web, 53)), Ok("c1".into()));
         assert_eq!(name(&tcp6(OWN, web, 443)), Ok("c1".into()));
         assert_eq!(name(&icmp6(OWN, web, 128)), Ok("c1".into()));
@@ -2159,7 +2226,7 @@ mod tests {
         let counters = OutboundCounters::default();
         let no_route = AtomicU64::new(0);
         let pick = |p: &[u8]| {
-            let r = t.pick(p, Some(OWN)).map(|l| l.name.clone());
+            let r = t.pick(p).map(|l| l.name.clone());
             if let Err(why) = r {
                 counters.count(why, &no_route);
             }
@@ -2204,7 +2271,7 @@ mod tests {
         );
         assert_eq!(
             counters.snapshot(),
-            crate::outbound::Ipv6Drops {
+            Ipv6Drops {
                 local: 1,
                 source: 1,
                 extension_header: 1,
@@ -2214,8 +2281,9 @@ mod tests {
         );
         assert_eq!(no_route.load(Ordering::Relaxed), 1);
         // Without a tunnel address, nothing goes.
+        let t = RouteTable { own6: None, ..t };
         assert_eq!(
-            t.pick(&udp6(OWN, web, 53), None).map(|_| ()),
+            t.pick(&udp6(OWN, web, 53)).map(|_| ()),
             Err(OutboundDrop::Source)
         );
     }
@@ -2226,7 +2294,7 @@ mod tests {
         let t = table6();
         let web: Ipv6Addr = "fd00:9::1".parse().unwrap();
         let spoofed: Ipv6Addr = "fd7a:7a74:6e61:7475::6440:99".parse().unwrap();
-        let answer = |p: &[u8]| t.pick(p, Some(OWN)).err().and_then(|w| answer_drop(w, p));
+        let answer = |p: &[u8]| t.pick(p).err().and_then(|w| answer_drop(w, p));
         assert!(answer(&tcp6(OWN, web, 22)).is_some());
         assert!(answer(&udp6(OWN, web, 54)).is_some());
         assert!(
@@ -2235,6 +2303,46 @@ mod tests {
         );
         assert!(answer(&tcp6(spoofed, web, 22)).is_none());
         assert!(answer(&tcp6(OWN, "fd00:9::3".parse().unwrap(), 22)).is_none());
+    }
+
+    #[test]
+    fn drops_are_counted_by_reason() {
+        let c = OutboundCounters::default();
+        let no_route = AtomicU64::new(0);
+        for why in [
+            OutboundDrop::Source,
+            OutboundDrop::Source,
+            OutboundDrop::Fragment,
+            OutboundDrop::ExtensionHeader,
+            OutboundDrop::Local,
+            OutboundDrop::PortOrProtocol,
+            OutboundDrop::NoRoute,
+            OutboundDrop::Malformed,
+        ] {
+            c.count(why, &no_route);
+        }
+        assert_eq!(
+            c.snapshot(),
+            Ipv6Drops {
+                local: 1,
+                source: 2,
+                extension_header: 1,
+                fragment: 1,
+                port_or_protocol: 1
+            }
+        );
+        assert_eq!(no_route.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn status_shows_no_ipv6_tunnel_address_while_ipv6_is_off() {
+        let ip = Some(Ipv4Addr::new(100, 64, 0, 2));
+        assert_eq!(shown_tunnel_ipv6(ip, false), None);
+        assert_eq!(
+            shown_tunnel_ipv6(ip, true),
+            Some("fd7a:7a74:6e61:7475::6440:2".parse().unwrap())
+        );
+        assert_eq!(shown_tunnel_ipv6(None, true), None);
     }
 
     #[test]

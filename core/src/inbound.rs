@@ -22,14 +22,9 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ztna_proto::service::tunnel_ipv6;
-
 use ztna_proto::ServiceDef;
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
-const ICMPV6: u8 = 58;
-const FRAGMENT: u8 = 44;
+use crate::outbound::{fixed6, fragment6, FRAGMENT, ICMP, ICMPV6, TCP, UDP};
 
 /// Why a packet from a connector was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,36 +101,17 @@ fn check6(
     services: &[ServiceDef],
     own: Option<Ipv6Addr>,
 ) -> Result<(), InboundDrop> {
-    const HEADER: usize = 40;
-    if packet.len() < HEADER {
-        return Err(InboundDrop::Malformed);
-    }
-    let payload_len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
-    let Some(payload) = packet.get(HEADER..HEADER + payload_len) else {
-        return Err(InboundDrop::Malformed);
-    };
-    let addr = |at: usize| {
-        let mut a = [0u8; 16];
-        a.copy_from_slice(&packet[at..at + 16]);
-        Ipv6Addr::from(a)
-    };
-    if own != Some(addr(24)) {
+    let (src, dst, next, payload) = fixed6(packet).ok_or(InboundDrop::Malformed)?;
+    if own != Some(dst) {
         return Err(InboundDrop::Destination);
     }
-    let src = addr(8);
     let mut ours = services.iter().filter(|s| s.covers6(src)).peekable();
     if ours.peek().is_none() {
         return Err(InboundDrop::Source);
     }
-    let (proto, l4, later_fragment) = match packet[6] {
-        FRAGMENT => {
-            let [next, _, o0, o1, _, _, _, _, ref rest @ ..] = *payload else {
-                return Err(InboundDrop::Malformed);
-            };
-            let offset = u16::from_be_bytes([o0, o1]) >> 3;
-            (next, rest, offset != 0)
-        }
-        next => (next, payload, false),
+    let (proto, later_fragment, l4) = match next {
+        FRAGMENT => fragment6(payload).ok_or(InboundDrop::Malformed)?,
+        next => (next, false, payload),
     };
     let src_port = match l4 {
         [a, b, ..] => Some(u16::from_be_bytes([*a, *b])),

@@ -50,14 +50,7 @@ impl NameService {
     /// The IPv6 address at the offset of `v4` in the pool (the pools have the same size,
     /// [`ServiceDef::prefix6`]).
     fn to_v6(&self, v4: Ipv4Addr) -> Option<Ipv6Addr> {
-        let net = self.pool6?;
-        if !self.pool.contains(&v4) {
-            return None;
-        }
-        let offset = u32::from(v4) - u32::from(self.pool.network());
-        Some(Ipv6Addr::from(
-            u128::from(net.network()) + u128::from(offset),
-        ))
+        ztna_proto::service::pair(self.pool, self.pool6?, v4)
     }
 }
 

@@ -5,7 +5,7 @@
 //! destination is an IPv6 address of a service policy gave the agent
 //! ([`ztna_proto::ServiceDef::covers6`]), and its protocol and port are ones that service
 //! offers (a TCP or UDP port, or an ICMPv6 echo request where it answers ICMP). Everything else
-//! is dropped and counted here, by reason ([`OutboundDrop`]):
+//! is dropped, by reason ([`OutboundDrop`], which the agent counts):
 //! - what the kernel says to the link itself (neighbour discovery, router solicitations, MLD
 //!   reports, anything to a multicast or link-local address): [`OutboundDrop::Local`], quietly;
 //! - any extension header other than one fragment header ([`OutboundDrop::ExtensionHeader`]);
@@ -24,21 +24,35 @@
 //! allocated (except for a refusal's answer).
 
 use std::net::Ipv6Addr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use ztna_proto::ServiceDef;
 
 /// Length of the IPv6 fixed header.
 pub const IPV6_HEADER: usize = 40;
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
+/// The IPv6 minimum link MTU (RFC 8200 5): below it a tunnel carries IPv4 only; an ICMPv6
+/// error fits in it (RFC 4443 2.4).
+pub const IPV6_MIN_MTU: u16 = 1280;
+
+/// The IP protocol (IPv6 next-header) number of TCP.
+pub(crate) const TCP: u8 = 6;
+/// That of UDP.
+pub(crate) const UDP: u8 = 17;
+/// That of ICMP (IPv4).
+pub(crate) const ICMP: u8 = 1;
 /// The IPv6 next-header number of ICMPv6.
 pub const ICMPV6: u8 = 58;
-const FRAGMENT: u8 = 44;
-/// Next-header values that are extension headers (RFC 8200 4, RFC 7045), and No Next Header.
-const EXTENSION_HEADERS: [u8; 10] = [0, 43, 50, 51, 59, 60, 135, 139, 140, 253];
-const EXPERIMENTAL_EXTENSION: u8 = 254;
+/// The IPv6 next-header number of a fragment header.
+pub(crate) const FRAGMENT: u8 = 44;
+/// The IPv6 next-header number "No Next Header" (RFC 8200 4.7).
+const NO_NEXT_HEADER: u8 = 59;
+
+/// Whether next-header value `n` is an extension header (RFC 8200 4, RFC 7045: etherparse's
+/// list, which includes the fragment header and the experimental 253 and 254) or No Next
+/// Header.
+fn extension_header(n: u8) -> bool {
+    n == NO_NEXT_HEADER || etherparse::IpNumber(n).is_ipv6_ext_header_value()
+}
 
 const ECHO_REQUEST: u8 = 128;
 
@@ -100,10 +114,32 @@ pub struct Packet6 {
     pub want: Want,
 }
 
-fn addr(b: &[u8]) -> Ipv6Addr {
-    let mut a = [0u8; 16];
-    a.copy_from_slice(&b[..16]);
-    Ipv6Addr::from(a)
+/// The IPv6 fixed header of `p`: source, destination, next header and the payload (as long as
+/// the payload length says). `None` if `p` is shorter than the header, is not version 6, or
+/// is shorter than its payload length.
+pub(crate) fn fixed6(p: &[u8]) -> Option<(Ipv6Addr, Ipv6Addr, u8, &[u8])> {
+    let header: &[u8; IPV6_HEADER] = p.first_chunk()?;
+    if header[0] >> 4 != 6 {
+        return None;
+    }
+    let payload_len = usize::from(u16::from_be_bytes([header[4], header[5]]));
+    let payload = p.get(IPV6_HEADER..IPV6_HEADER + payload_len)?;
+    let addr = |at: usize| {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&header[at..at + 16]);
+        Ipv6Addr::from(a)
+    };
+    Some((addr(8), addr(24), header[6], payload))
+}
+
+/// A fragment header at the start of `payload` (written by hand: etherparse 0.16 reads the
+/// offset and the M flag from the wrong bits): the next header, whether this is a later
+/// fragment (offset not 0), and what follows the fragment header. `None` if it is cut short.
+pub(crate) fn fragment6(payload: &[u8]) -> Option<(u8, bool, &[u8])> {
+    let [next, _, hi, lo, _, _, _, _, ref body @ ..] = *payload else {
+        return None;
+    };
+    Some((next, u16::from_be_bytes([hi, lo]) >> 3 != 0, body))
 }
 
 /// Whether `a` is link-scoped: link-local unicast, or multicast.
@@ -115,36 +151,22 @@ fn link_scoped(a: Ipv6Addr) -> bool {
 /// not the kernel's link chatter, from `own` (the agent's IPv6 tunnel address), no extension
 /// header or fragment, and a protocol a service can offer.
 pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, OutboundDrop> {
-    if packet.len() < IPV6_HEADER || packet[0] >> 4 != 6 {
-        return Err(OutboundDrop::Malformed);
-    }
-    let payload_len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
-    if IPV6_HEADER + payload_len > packet.len() {
-        return Err(OutboundDrop::Malformed);
-    }
-    let next = packet[6];
-    let src = addr(&packet[8..24]);
-    let dst = addr(&packet[24..40]);
+    let (src, dst, next, payload) = fixed6(packet).ok_or(OutboundDrop::Malformed)?;
     if link_scoped(dst) || link_scoped(src) || src.is_unspecified() {
         return Err(OutboundDrop::Local);
     }
     if own != Some(src) {
         return Err(OutboundDrop::Source);
     }
-    let mut l4 = &packet[IPV6_HEADER..IPV6_HEADER + payload_len];
+    let mut l4 = payload;
     let mut next = next;
     let mut short = OutboundDrop::Malformed;
     if next == FRAGMENT {
-        let [inner, _, hi, lo, _, _, _, _, ref body @ ..] = *l4 else {
-            return Err(OutboundDrop::Malformed);
-        };
-        if EXTENSION_HEADERS.contains(&inner)
-            || inner == EXPERIMENTAL_EXTENSION
-            || inner == FRAGMENT
-        {
+        let (inner, later, body) = fragment6(l4).ok_or(OutboundDrop::Malformed)?;
+        if extension_header(inner) {
             return Err(OutboundDrop::ExtensionHeader);
         }
-        if u16::from_be_bytes([hi, lo]) >> 3 != 0 {
+        if later {
             return match inner {
                 TCP | UDP | ICMPV6 => Ok(Packet6 {
                     dst,
@@ -169,9 +191,8 @@ pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, Outbou
             Some(_) => return Err(OutboundDrop::PortOrProtocol),
             None => return Err(short),
         },
-        n if EXTENSION_HEADERS.contains(&n) || n == EXPERIMENTAL_EXTENSION => {
-            return Err(OutboundDrop::ExtensionHeader)
-        }
+        // Not a fragment header: that was taken above, and one behind it is refused there.
+        n if extension_header(n) => return Err(OutboundDrop::ExtensionHeader),
         _ => return Err(OutboundDrop::PortOrProtocol),
     };
     Ok(Packet6 { dst, want })
@@ -183,106 +204,24 @@ pub fn classify6(packet: &[u8], own: Option<Ipv6Addr>) -> Result<Packet6, Outbou
 /// destination unreachable, administratively prohibited, carrying as much of the packet as
 /// fits in 1280 bytes (RFC 4443 3.1). `None` for anything else.
 pub fn refusal6(packet: &[u8]) -> Option<Vec<u8>> {
-    const FIN: u8 = 0x01;
-    const SYN: u8 = 0x02;
-    const RST: u8 = 0x04;
-    const ACK: u8 = 0x10;
-    const MAX_ERROR: usize = 1280;
-    if packet.len() < IPV6_HEADER || packet[0] >> 4 != 6 {
-        return None;
-    }
-    let payload_len = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
-    let l4 = packet.get(IPV6_HEADER..IPV6_HEADER + payload_len)?;
-    let (src, dst) = (addr(&packet[8..24]), addr(&packet[24..40]));
-    let ip = etherparse::PacketBuilder::ipv6(dst.octets(), src.octets(), 64);
-    let mut out = Vec::new();
-    match packet[6] {
+    let (src, dst, next, l4) = fixed6(packet)?;
+    match next {
         TCP => {
-            let tcp = etherparse::TcpHeaderSlice::from_slice(l4).ok()?;
-            let flags = l4[13];
-            if flags & RST != 0 {
-                return None;
-            }
-            let (sport, dport) = (tcp.destination_port(), tcp.source_port());
-            let b = if flags & ACK != 0 {
-                ip.tcp(sport, dport, tcp.acknowledgment_number(), 0).rst()
-            } else {
-                let len = u32::try_from(l4.len() - tcp.slice().len()).ok()?
-                    + u32::from(flags & SYN != 0)
-                    + u32::from(flags & FIN != 0);
-                ip.tcp(sport, dport, 0, 0)
-                    .rst()
-                    .ack(tcp.sequence_number().wrapping_add(len))
-            };
-            b.write(&mut out, &[]).ok()?;
+            let seg = crate::tcp_flows::Segment::of(src.into(), dst.into(), l4)?;
+            crate::tcp_flows::reset_answer(&seg)
         }
-        UDP | ICMPV6 if packet[6] == UDP || l4.first() == Some(&ECHO_REQUEST) => {
-            let room = MAX_ERROR - IPV6_HEADER - 8;
+        UDP | ICMPV6 if next == UDP || l4.first() == Some(&ECHO_REQUEST) => {
+            let room = usize::from(IPV6_MIN_MTU) - IPV6_HEADER - 8;
             let quoted = &packet[..packet.len().min(room)];
-            ip.icmpv6_raw(1, 1, [0; 4]).write(&mut out, quoted).ok()?;
+            let mut out = Vec::new();
+            etherparse::PacketBuilder::ipv6(dst.octets(), src.octets(), 64)
+                .icmpv6_raw(1, 1, [0; 4])
+                .write(&mut out, quoted)
+                .ok()?;
+            Some(out)
         }
-        _ => return None,
+        _ => None,
     }
-    Some(out)
-}
-
-/// Counters of IPv6 packets from the platform dropped for a reason that IPv4 packets don't
-/// have (packets with no route count with IPv4's `dropped_no_route`).
-#[derive(Debug, Default)]
-pub struct OutboundCounters {
-    /// [`OutboundDrop::Local`].
-    pub local: AtomicU64,
-    /// [`OutboundDrop::Source`].
-    pub source: AtomicU64,
-    /// [`OutboundDrop::ExtensionHeader`].
-    pub extension_header: AtomicU64,
-    /// [`OutboundDrop::Fragment`].
-    pub fragment: AtomicU64,
-    /// [`OutboundDrop::PortOrProtocol`].
-    pub port_or_protocol: AtomicU64,
-}
-
-impl OutboundCounters {
-    /// Counts a drop; `no_route` counts [`OutboundDrop::NoRoute`] and
-    /// [`OutboundDrop::Malformed`].
-    pub fn count(&self, why: OutboundDrop, no_route: &AtomicU64) {
-        let c = match why {
-            OutboundDrop::Malformed | OutboundDrop::NoRoute => no_route,
-            OutboundDrop::Local => &self.local,
-            OutboundDrop::Source => &self.source,
-            OutboundDrop::ExtensionHeader => &self.extension_header,
-            OutboundDrop::Fragment => &self.fragment,
-            OutboundDrop::PortOrProtocol => &self.port_or_protocol,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A snapshot for status.
-    pub fn snapshot(&self) -> Ipv6Drops {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Ipv6Drops {
-            local: get(&self.local),
-            source: get(&self.source),
-            extension_header: get(&self.extension_header),
-            fragment: get(&self.fragment),
-            port_or_protocol: get(&self.port_or_protocol),
-        }
-    }
-}
-
-/// IPv6 packets from the platform dropped, by reason, as status shows them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Ipv6Drops {
-    /// The kernel's own link traffic (neighbour discovery, MLD, router solicitations).
-    pub local: u64,
-    /// A source other than the agent's IPv6 tunnel address.
-    pub source: u64,
-    /// Extension headers.
-    pub extension_header: u64,
-    /// Fragments.
-    pub fragment: u64,
-    /// A protocol or port the service does not offer.
-    pub port_or_protocol: u64,
 }
 
 #[cfg(test)]
@@ -457,35 +396,6 @@ pub(crate) mod tests {
         let mut v4 = p.clone();
         v4[0] = 0x45;
         assert_eq!(classify6(&v4, Some(OWN)), Err(OutboundDrop::Malformed));
-    }
-
-    #[test]
-    fn drops_are_counted_by_reason() {
-        let c = OutboundCounters::default();
-        let no_route = AtomicU64::new(0);
-        for why in [
-            OutboundDrop::Source,
-            OutboundDrop::Source,
-            OutboundDrop::Fragment,
-            OutboundDrop::ExtensionHeader,
-            OutboundDrop::Local,
-            OutboundDrop::PortOrProtocol,
-            OutboundDrop::NoRoute,
-            OutboundDrop::Malformed,
-        ] {
-            c.count(why, &no_route);
-        }
-        assert_eq!(
-            c.snapshot(),
-            Ipv6Drops {
-                local: 1,
-                source: 2,
-                extension_header: 1,
-                fragment: 1,
-                port_or_protocol: 1
-            }
-        );
-        assert_eq!(no_route.load(Ordering::Relaxed), 2);
     }
 
     #[test]

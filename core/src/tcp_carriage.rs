@@ -20,6 +20,8 @@
 //! This module is the pure framing ([`frame_header`], [`FrameReader`]); the connector writes,
 //! the agent reads.
 
+use std::net::IpAddr;
+
 use bytes::{Buf, Bytes, BytesMut};
 
 /// Length of the frame header.
@@ -35,35 +37,40 @@ pub fn frame_header(packet: &[u8]) -> Option<[u8; HEADER_LEN]> {
     Some(len.to_be_bytes())
 }
 
+/// The TCP segment an IP packet carries: its source, its destination, and the TCP header with
+/// its payload (cut to the IP length). `None` unless it is an unfragmented IPv4 TCP packet or
+/// an IPv6 one whose fixed header is followed by TCP (no extension headers).
+pub fn tcp_body(packet: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
+    match packet.first()? >> 4 {
+        4 => {
+            let ip = etherparse::Ipv4HeaderSlice::from_slice(packet).ok()?;
+            if ip.protocol() != etherparse::IpNumber::TCP || ip.is_fragmenting_payload() {
+                return None;
+            }
+            let total = usize::from(ip.total_len()).min(packet.len());
+            let body = packet.get(ip.slice().len()..total)?;
+            Some((ip.source_addr().into(), ip.destination_addr().into(), body))
+        }
+        6 => {
+            let ip = etherparse::Ipv6HeaderSlice::from_slice(packet).ok()?;
+            if ip.next_header() != etherparse::IpNumber::TCP {
+                return None;
+            }
+            let total = usize::from(ip.payload_length()) + ip.slice().len();
+            let body = packet.get(ip.slice().len()..total.min(packet.len()))?;
+            Some((ip.source_addr().into(), ip.destination_addr().into(), body))
+        }
+        _ => None,
+    }
+}
+
 /// Whether a TCP segment from the connector's stack needs the reliable carriage: anything but
 /// a pure ACK of an unfragmented IPv4 TCP segment or of an IPv6 TCP segment without extension
 /// headers (which goes as a datagram, see the module documentation). Anything that does not
 /// parse goes on the carriage, as before.
 pub fn needs_carriage(packet: &[u8]) -> bool {
     const SYN_FIN_RST: u8 = 0x07;
-    let body = match packet.first().map(|b| b >> 4) {
-        Some(6) => {
-            let Ok(ip) = etherparse::Ipv6HeaderSlice::from_slice(packet) else {
-                return true;
-            };
-            if ip.next_header() != etherparse::IpNumber::TCP {
-                return true;
-            }
-            let total = usize::from(ip.payload_length()) + ip.slice().len();
-            packet.get(ip.slice().len()..total.min(packet.len()))
-        }
-        _ => {
-            let Ok(ip) = etherparse::Ipv4HeaderSlice::from_slice(packet) else {
-                return true;
-            };
-            if ip.protocol() != etherparse::IpNumber::TCP || ip.is_fragmenting_payload() {
-                return true;
-            }
-            let total = usize::from(ip.total_len()).min(packet.len());
-            packet.get(ip.slice().len()..total)
-        }
-    };
-    let Some(body) = body else {
+    let Some((_, _, body)) = tcp_body(packet) else {
         return true;
     };
     let Ok(tcp) = etherparse::TcpHeaderSlice::from_slice(body) else {

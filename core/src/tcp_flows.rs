@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use etherparse::PacketBuilder;
 use ztna_proto::service::tunnel_ipv6;
 
-const TCP: u8 = 6;
 const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
@@ -191,6 +190,7 @@ impl TcpFlows {
         self.reset.retain(|_, u| *u > now);
         self.reset_until = Some(until);
         let mut out = Vec::with_capacity(self.flows.len() * 2);
+        let client6 = IpAddr::V6(tunnel_ipv6(client));
         for (k, f) in self.flows.drain() {
             if self.reset.len() < self.capacity || self.reset.contains_key(&k) {
                 self.reset.insert(k, until);
@@ -198,7 +198,7 @@ impl TcpFlows {
             let (src, sport, dport) = (k.server, k.server_port, k.client_port);
             let client = match src {
                 IpAddr::V4(_) => IpAddr::V4(client),
-                IpAddr::V6(_) => IpAddr::V6(tunnel_ipv6(client)),
+                IpAddr::V6(_) => client6,
             };
             out.extend(segment(src, sport, client, dport, f.next_seq, RST, 0));
             let behind = f.next_seq.wrapping_sub(PROBE_BEHIND);
@@ -247,37 +247,41 @@ impl TcpFlows {
         if seg.flags & RST != 0 {
             return Outbound::Drop;
         }
-        // RFC 9293 3.10.7.1: to a segment with ACK, <SEQ=SEG.ACK><CTL=RST>; without,
-        // <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>.
-        let answer = if seg.flags & ACK != 0 {
-            segment(
-                seg.dst,
-                seg.dst_port,
-                seg.src,
-                seg.src_port,
-                seg.ack,
-                RST,
-                0,
-            )
-        } else {
-            let len = seg.payload + u32::from(seg.flags & FIN != 0);
-            let ack = seg.seq.wrapping_add(len);
-            segment(
-                seg.dst,
-                seg.dst_port,
-                seg.src,
-                seg.src_port,
-                0,
-                RST | ACK,
-                ack,
-            )
-        };
+        let answer = reset_answer(&seg);
         answer.map_or(Outbound::Drop, Outbound::Reset)
     }
 }
 
+/// The reset that answers `seg` (RFC 9293 3.10.7.1), from its destination to its source: to a
+/// segment with ACK, `<SEQ=SEG.ACK><CTL=RST>`; without, `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`,
+/// where SEG.LEN counts SYN and FIN. `None` for a reset (never answered) and for a segment whose
+/// addresses are of two families.
+pub(crate) fn reset_answer(seg: &Segment) -> Option<Vec<u8>> {
+    if seg.flags & RST != 0 {
+        return None;
+    }
+    let (seq, flags, ack) = if seg.flags & ACK != 0 {
+        (seg.ack, RST, 0)
+    } else {
+        let len = seg
+            .payload
+            .wrapping_add(u32::from(seg.flags & SYN != 0))
+            .wrapping_add(u32::from(seg.flags & FIN != 0));
+        (0, RST | ACK, seg.seq.wrapping_add(len))
+    };
+    segment(
+        seg.dst,
+        seg.dst_port,
+        seg.src,
+        seg.src_port,
+        seq,
+        flags,
+        ack,
+    )
+}
+
 /// The fields of a TCP segment the table needs.
-struct Segment {
+pub(crate) struct Segment {
     src: IpAddr,
     dst: IpAddr,
     src_port: u16,
@@ -290,35 +294,12 @@ struct Segment {
 
 impl Segment {
     fn parse(packet: &[u8]) -> Option<Segment> {
-        let (src, dst, body) = match packet.first()? >> 4 {
-            4 => {
-                let ip = etherparse::Ipv4HeaderSlice::from_slice(packet).ok()?;
-                if ip.protocol().0 != TCP || ip.is_fragmenting_payload() {
-                    return None;
-                }
-                let total = usize::from(ip.total_len()).min(packet.len());
-                let body = packet.get(ip.slice().len()..total)?;
-                (
-                    IpAddr::V4(ip.source_addr()),
-                    IpAddr::V4(ip.destination_addr()),
-                    body,
-                )
-            }
-            6 => {
-                let ip = etherparse::Ipv6HeaderSlice::from_slice(packet).ok()?;
-                if ip.next_header().0 != TCP {
-                    return None;
-                }
-                let total = usize::from(ip.payload_length()) + ip.slice().len();
-                let body = packet.get(ip.slice().len()..total.min(packet.len()))?;
-                (
-                    IpAddr::V6(ip.source_addr()),
-                    IpAddr::V6(ip.destination_addr()),
-                    body,
-                )
-            }
-            _ => return None,
-        };
+        let (src, dst, body) = crate::tcp_carriage::tcp_body(packet)?;
+        Segment::of(src, dst, body)
+    }
+
+    /// The segment `body` (a TCP header and its payload) from `src` to `dst`.
+    pub(crate) fn of(src: IpAddr, dst: IpAddr, body: &[u8]) -> Option<Segment> {
         let tcp = etherparse::TcpHeaderSlice::from_slice(body).ok()?;
         let flags = body[13];
         Some(Segment {
@@ -372,6 +353,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::outbound::TCP;
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 4);
     const CLIENT: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);

@@ -3,13 +3,24 @@
 //! and the inbound check (IPv4 and IPv6) never panic, and a refusal is a well-formed IPv6
 //! packet of at most 1280 bytes back to the sender.
 //!
-//! Both checks live in the core's `outbound.rs` and `inbound.rs`, which are pure (etherparse,
-//! serde and ztna-proto only), so they are compiled into this target as modules.
+//! Both checks live in the core's `outbound.rs` and `inbound.rs`, which are pure (etherparse
+//! and ztna-proto only), so they are compiled into this target as modules, with `tcp_flows.rs`
+//! and `tcp_carriage.rs` (also pure), which build the TCP reset.
 #![no_main]
 
 #[path = "../../core/src/outbound.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod outbound;
+
+// The TCP reset `refusal6` answers with is built by the core's `tcp_flows.rs`, which reads
+// segments with `tcp_carriage.rs`'s `tcp_body`.
+#[path = "../../core/src/tcp_flows.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod tcp_flows;
+
+#[path = "../../core/src/tcp_carriage.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod tcp_carriage;
 
 #[path = "../../core/src/inbound.rs"]
 #[allow(dead_code, unreachable_pub)]
@@ -60,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = x.want.allowed_by(&svc);
     }
     if let Some(answer) = outbound::refusal6(&p) {
-        assert!(answer.len() <= 1280);
+        assert!(answer.len() <= usize::from(outbound::IPV6_MIN_MTU));
         let h = etherparse::Ipv6HeaderSlice::from_slice(&answer).expect("an IPv6 header");
         assert_eq!(h.destination(), <[u8; 16]>::try_from(&p[8..24]).unwrap());
     }

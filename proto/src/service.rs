@@ -153,14 +153,7 @@ impl ServiceDef {
 
     /// The IPv6 address standing for the same thing as `v4` (the same offset in the pools).
     pub fn to_v6(&self, v4: Ipv4Addr) -> Option<Ipv6Addr> {
-        let net = self.prefix6()?;
-        let offset = u32::from(v4).checked_sub(u32::from(self.prefix().network()))?;
-        if !self.covers(v4) {
-            return None;
-        }
-        Some(Ipv6Addr::from(
-            u128::from(net.network()) + u128::from(offset),
-        ))
+        pair(self.prefix(), self.prefix6()?, v4)
     }
 
     /// The IPv4 address standing for the same thing as `v6` (the same offset in the pools).
@@ -259,6 +252,18 @@ pub const TUNNEL_V6_PREFIX: Ipv6Addr = Ipv6Addr::new(0xfd7a, 0x7a74, 0x6e61, 0x7
 /// The IPv6 tunnel address of the agent whose IPv4 tunnel address is `v4`.
 pub fn tunnel_ipv6(v4: Ipv4Addr) -> Ipv6Addr {
     Ipv6Addr::from(u128::from(TUNNEL_V6_PREFIX) | u128::from(u32::from(v4)))
+}
+
+/// The address at the offset of `v4` in `pool` in the IPv6 pool `pool6` (as large as `pool`,
+/// [`pool6`]), or `None` if `v4` is not in `pool`.
+pub fn pair(pool: ipnet::Ipv4Net, pool6: ipnet::Ipv6Net, v4: Ipv4Addr) -> Option<Ipv6Addr> {
+    if !pool.contains(&v4) {
+        return None;
+    }
+    let offset = u32::from(v4) - u32::from(pool.network());
+    Some(Ipv6Addr::from(
+        u128::from(pool6.network()) + u128::from(offset),
+    ))
 }
 
 /// The IPv4 tunnel address inside `v6`, if `v6` is an IPv6 tunnel address.
