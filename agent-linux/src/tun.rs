@@ -1,23 +1,35 @@
 //! The TUN device (`IFF_TUN | IFF_NO_PI`: bare IP packets) and the two packet loops between it
 //! and the tunnel core.
 //!
-//! I/O: `/dev/net/tun` through tun-rs's tokio device. The device's MTU, state, address and
-//! routes are set over netlink (see [`crate::netlink`]); this module only creates it and moves
-//! packets. Per-packet events are logged at TRACE only.
+//! I/O: `/dev/net/tun` through tun-rs's tokio device, with the kernel's offloads on where it
+//! has them (`IFF_VNET_HDR`, TSO and USO): a local TCP sender hands the device 64 KiB segments
+//! that tun-rs splits into packets of the device's MTU, and packets toward the device are
+//! written in batches that tun-rs coalesces (GRO) into fewer, larger ones. The device's MTU,
+//! state, address and routes are set over netlink (see [`crate::netlink`]); this module only
+//! creates it and moves packets. Per-packet events are logged at TRACE only.
 
 use std::io;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context as _};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
-use tun_rs::{AsyncDevice, DeviceBuilder, Layer};
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, Layer, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use ztna_core::agent::Agent;
 use ztna_core::outbound::IPV6_MIN_MTU;
 
-/// Largest packet read from the device. The device never hands over more than its MTU (no
-/// offloads are enabled), but the MTU can be raised under our feet with `ip link set mtu`.
-const READ_BUF: usize = 65536;
+/// Largest packet read from or written to the device: an offloaded TCP segment is at most
+/// 64 KiB, and without offloads the device never hands over more than its MTU, which can be
+/// raised under our feet with `ip link set mtu`.
+const MAX_PACKET: usize = 65535;
+
+/// Packets per batch in either direction: what one offloaded read splits into at most, and
+/// what one batched write coalesces.
+const BATCH: usize = IDEAL_BATCH_SIZE;
+
+/// Bytes of packets copied into one receive arena before a new one is started (see
+/// [`Reader::take`]).
+const ARENA: usize = 256 * 1024;
 
 /// A created TUN device.
 pub(crate) struct Tun {
@@ -27,31 +39,27 @@ pub(crate) struct Tun {
     pub(crate) name: String,
     /// Its interface index.
     pub(crate) index: u32,
+    /// Whether the kernel's offloads are on (`IFF_VNET_HDR`, TSO): reads may be 64 KiB
+    /// segments and writes are coalesced.
+    pub(crate) offload: bool,
 }
 
-/// Creates the TUN device `name` (down; bring it up over netlink). The device is not
+/// Creates the TUN device `name` (down; bring it up over netlink) with the kernel's offloads
+/// on, or without them (said at WARN) when the kernel refuses them. The device is not
 /// persistent: it disappears when the process exits, however it exits.
 pub(crate) fn create(name: &str) -> anyhow::Result<Tun> {
-    let dev = DeviceBuilder::new()
-        .name(name)
-        .layer(Layer::L3)
-        .with(|b| {
-            b.packet_information(false).multi_queue(false);
-        })
-        .enable(false)
-        .build_async()
-        .map_err(|e| {
-            let hint = if e.kind() == io::ErrorKind::PermissionDenied {
-                " (ztna-agent up needs root or CAP_NET_ADMIN)"
-            } else if e.raw_os_error() == Some(libc::EBUSY) {
-                " (a device of that name is in use by another process)"
-            } else if e.kind() == io::ErrorKind::NotFound {
-                " (is the tun kernel module loaded? /dev/net/tun is missing)"
-            } else {
-                ""
-            };
-            anyhow!("creating TUN device {name}: {e}{hint}")
-        })?;
+    let (dev, offload) = match build(name, true) {
+        Ok(dev) => (dev, true),
+        // Refusals that have nothing to do with offloads fail the same way without them.
+        Err(e) if refusal_hint(&e).is_some() => return Err(creation_error(name, &e)),
+        Err(e) => {
+            tracing::warn!(tun = name, error = %e, "the kernel refused the TUN device's offloads (IFF_VNET_HDR, TSO); reading and writing one packet at a time");
+            (
+                build(name, false).map_err(|e| creation_error(name, &e))?,
+                false,
+            )
+        }
+    };
     let real = dev.name().context("reading the TUN device's name")?;
     let index = dev
         .if_index()
@@ -60,7 +68,40 @@ pub(crate) fn create(name: &str) -> anyhow::Result<Tun> {
         dev: Arc::new(dev),
         name: real,
         index,
+        offload,
     })
+}
+
+/// Builds the device, with or without offloads.
+fn build(name: &str, offload: bool) -> io::Result<AsyncDevice> {
+    DeviceBuilder::new()
+        .name(name)
+        .layer(Layer::L3)
+        .with(|b| {
+            b.packet_information(false)
+                .multi_queue(false)
+                .offload(offload);
+        })
+        .enable(false)
+        .build_async()
+}
+
+/// What to tell the user about a refusal to create the device that offloads don't explain.
+fn refusal_hint(e: &io::Error) -> Option<&'static str> {
+    if e.kind() == io::ErrorKind::PermissionDenied {
+        Some(" (ztna-agent up needs root or CAP_NET_ADMIN)")
+    } else if e.raw_os_error() == Some(libc::EBUSY) {
+        Some(" (a device of that name is in use by another process)")
+    } else if e.kind() == io::ErrorKind::NotFound {
+        Some(" (is the tun kernel module loaded? /dev/net/tun is missing)")
+    } else {
+        None
+    }
+}
+
+fn creation_error(name: &str, e: &io::Error) -> anyhow::Error {
+    let hint = refusal_hint(e).unwrap_or("");
+    anyhow!("creating TUN device {name}: {e}{hint}")
 }
 
 /// Where the kernel keeps the IPv6 settings of every device.
@@ -146,39 +187,125 @@ pub(crate) fn prepare_ipv6(name: &str, mtu: u16) -> bool {
     }
 }
 
+/// Buffers of the device reader: the raw read (virtio header and up to 64 KiB), the packets an
+/// offloaded segment splits into, and an arena the packets handed to the tunnel are cut from.
+pub(crate) struct Reader {
+    raw: Vec<u8>,
+    packets: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    arena: BytesMut,
+}
+
+impl Reader {
+    pub(crate) fn new() -> Self {
+        // Zeroed allocations stay untouched until written: a split segment writes one MTU
+        // into each buffer, so the 8 MiB reserved here cost what the traffic uses.
+        Reader {
+            raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
+            packets: (0..BATCH).map(|_| vec![0; MAX_PACKET]).collect(),
+            sizes: vec![0; BATCH],
+            arena: BytesMut::new(),
+        }
+    }
+
+    /// Reads the device once: the number of packets read (an offloaded segment splits into
+    /// many), each available as [`Reader::packet`] until the next read.
+    pub(crate) async fn read(&mut self, dev: &AsyncDevice) -> io::Result<usize> {
+        dev.recv_multiple(&mut self.raw, &mut self.packets, &mut self.sizes, 0)
+            .await
+    }
+
+    /// Packet `i` of the last read (tests look at packets without handing them on).
+    #[cfg(test)]
+    pub(crate) fn packet(&self, i: usize) -> &[u8] {
+        &self.packets[i][..self.sizes[i]]
+    }
+
+    /// Packet `i` of the last read, as the tunnel takes it. The copy goes into a shared
+    /// arena, so a packet costs no allocation of its own: a new arena is allocated once the
+    /// last one is used up, or the old one is reused once every packet cut from it is gone.
+    fn take(&mut self, i: usize) -> Bytes {
+        let packet = &self.packets[i][..self.sizes[i]];
+        if self.arena.capacity() < packet.len() {
+            self.arena.reserve(ARENA.max(packet.len()));
+        }
+        self.arena.extend_from_slice(packet);
+        self.arena.split().freeze()
+    }
+}
+
+/// Whether an error from reading the device means the device is unusable. tun-rs also
+/// returns errors for a read it could not split (a malformed offload header, a segment larger
+/// than a buffer): those carry no OS error code and cost that one read.
+fn device_failed(e: &io::Error) -> bool {
+    e.raw_os_error().is_some()
+}
+
 /// Reads packets from the device into the tunnel until the device fails; stops reading while
 /// the tunnel has no room ([`Agent::send_packet_wait`]).
 pub(crate) async fn device_to_tunnel(
     dev: Arc<AsyncDevice>,
     agent: Arc<Agent>,
 ) -> anyhow::Result<()> {
-    let mut buf = vec![0u8; READ_BUF];
+    let mut r = Reader::new();
+    let mut unsplit = 0u64;
     loop {
-        let n = match dev.recv(&mut buf).await {
-            Ok(0) => continue,
+        let n = match r.read(&dev).await {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(anyhow!("reading from the TUN device: {e}")),
+            Err(e) if device_failed(&e) => return Err(anyhow!("reading from the TUN device: {e}")),
+            Err(e) => {
+                unsplit += 1;
+                if unsplit == 1 {
+                    tracing::warn!(error = %e, "could not split a read from the TUN device; dropping it (further drops are logged at TRACE)");
+                } else {
+                    tracing::trace!(error = %e, unsplit, "could not split a read from the TUN device");
+                }
+                continue;
+            }
         };
-        tracing::trace!(len = n, "packet from the TUN device");
-        // Waits while the tunnel is full: the kernel's queue to the device then holds the
-        // local TCP back (TCP small queues) instead of the tunnel dropping its packets.
-        agent
-            .send_packet_wait(Bytes::copy_from_slice(&buf[..n]))
-            .await;
+        tracing::trace!(packets = n, "read from the TUN device");
+        for i in 0..n {
+            if r.sizes[i] == 0 {
+                continue;
+            }
+            // Waits while the tunnel is full: the kernel's queue to the device then holds
+            // the local TCP back (TCP small queues) instead of the tunnel dropping its
+            // packets.
+            agent.send_packet_wait(r.take(i)).await;
+        }
     }
 }
 
-/// Writes packets from the tunnel to the device until the tunnel stops. A packet the kernel
-/// refuses is dropped (logged once at WARN, then at TRACE); the loop goes on.
+/// Writes packets from the tunnel to the device until the tunnel stops: up to [`BATCH`] of
+/// those waiting at a time, coalesced by tun-rs where the device has offloads. A write the
+/// kernel refuses is dropped (logged once at WARN, then at TRACE); the loop goes on.
 pub(crate) async fn tunnel_to_device(
     dev: Arc<AsyncDevice>,
     mut from_tunnel: mpsc::Receiver<Bytes>,
 ) -> anyhow::Result<()> {
+    let mut gro = GROTable::default();
+    // Each packet is copied behind room for a virtio header; with offloads tun-rs writes the
+    // header there and may grow a buffer to append the packets it coalesces into it (to at
+    // most 64 KiB: the buffers are kept, so they hold at most BATCH times that).
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::new()).collect();
+    let mut batch = Vec::with_capacity(BATCH);
     let mut errors = 0u64;
-    while let Some(pkt) = from_tunnel.recv().await {
-        match dev.send(&pkt).await {
-            Ok(_) => tracing::trace!(len = pkt.len(), "packet to the TUN device"),
+    loop {
+        if from_tunnel.recv_many(&mut batch, BATCH).await == 0 {
+            return Ok(());
+        }
+        let n = batch.len();
+        for (buf, pkt) in bufs.iter_mut().zip(batch.drain(..)) {
+            buf.clear();
+            buf.resize(VIRTIO_NET_HDR_LEN, 0);
+            buf.extend_from_slice(&pkt);
+        }
+        match dev
+            .send_multiple(&mut gro, &mut bufs[..n], VIRTIO_NET_HDR_LEN)
+            .await
+        {
+            Ok(_) => tracing::trace!(packets = n, "written to the TUN device"),
             Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
                 return Err(anyhow!(
                     "writing to the TUN device: {e} (the device is gone)"
@@ -187,19 +314,68 @@ pub(crate) async fn tunnel_to_device(
             Err(e) => {
                 errors += 1;
                 if errors == 1 {
-                    tracing::warn!(error = %e, len = pkt.len(), "the TUN device refused a packet; dropping it (further drops are logged at TRACE)");
+                    tracing::warn!(error = %e, packets = n, "the TUN device refused a write; dropping it (further drops are logged at TRACE)");
                 } else {
-                    tracing::trace!(error = %e, len = pkt.len(), errors, "the TUN device refused a packet");
+                    tracing::trace!(error = %e, packets = n, errors, "the TUN device refused a write");
                 }
             }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packets_are_cut_from_one_arena_which_is_reused_once_they_are_gone() {
+        let mut r = Reader::new();
+        let fill = |r: &mut Reader, i: usize, byte: u8, len: usize| {
+            r.packets[i][..len].fill(byte);
+            r.sizes[i] = len;
+        };
+        fill(&mut r, 0, 1, 1280);
+        fill(&mut r, 1, 2, 60);
+        let a = r.take(0);
+        let b = r.take(1);
+        assert_eq!(&a[..], &[1; 1280][..]);
+        assert_eq!(&b[..], &[2; 60][..]);
+        // One allocation: the second packet follows the first in it.
+        assert_eq!(b.as_ptr(), a.as_ptr().wrapping_add(1280));
+        let first = a.as_ptr();
+        drop((a, b));
+        // Fill the arena to its end; once every packet cut from it is gone, the next packet
+        // goes back to its start instead of a new allocation.
+        let mut held = Vec::new();
+        while r.arena.capacity() >= 1280 {
+            fill(&mut r, 0, 3, 1280);
+            held.push(r.take(0));
+        }
+        assert!(held.len() >= ARENA / 1280 - 1);
+        drop(held);
+        fill(&mut r, 0, 4, 1280);
+        let c = r.take(0);
+        assert_eq!(c.as_ptr(), first);
+        assert_eq!(&c[..], &[4; 1280][..]);
+        // A packet larger than the arena still arrives whole.
+        r.packets[0].fill(5);
+        r.sizes[0] = MAX_PACKET;
+        let big = r.take(0);
+        assert_eq!(big.len(), MAX_PACKET);
+        assert!(big.iter().all(|&x| x == 5));
+    }
+
+    #[test]
+    fn only_errors_with_an_os_code_end_the_reader() {
+        assert!(device_failed(&io::Error::from_raw_os_error(libc::EBADFD)));
+        assert!(!device_failed(&io::Error::other(
+            "read len 9000 overflows bufs element len 1500"
+        )));
+        assert!(!device_failed(&io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "virtioNetHdr.gsoSize must be non-zero"
+        )));
+    }
 
     #[test]
     fn ipv6_runs_only_with_host_support_and_a_large_enough_mtu() {

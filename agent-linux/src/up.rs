@@ -88,7 +88,7 @@ pub(crate) async fn run(cfg: Config) -> anyhow::Result<()> {
     let nl = Netlink::connect(cfg.route_table)?;
     nl.remove_stale_link(&cfg.tun).await?;
     let tun = tun::create(&cfg.tun)?;
-    tracing::info!(tun = %tun.name, index = tun.index, "TUN device created");
+    tracing::info!(tun = %tun.name, index = tun.index, offload = tun.offload, "TUN device created");
     // Before the device is up: IPv6 on but quiet, or off.
     let nl = nl.with_ipv6(tun::prepare_ipv6(&tun.name, cfg.mtu));
 
