@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -531,7 +532,7 @@ impl LinkControl {
     }
 }
 
-/// Where packets from the platform go (read per packet, under one lock).
+/// Where packets from the platform go (read per packet without a lock: `Shared::routes`).
 #[derive(Default)]
 struct RouteTable {
     /// Services at one IPv4 address.
@@ -588,7 +589,9 @@ impl RouteTable {
 
 struct Shared {
     cfg: AgentConfig,
-    routes: RwLock<RouteTable>,
+    /// Read per packet from the platform (a lock-free load); replaced whole when a tunnel
+    /// state is published.
+    routes: ArcSwap<RouteTable>,
     /// Name services: the names answered and the addresses handed out.
     names: Mutex<crate::names::NameBook>,
     /// The DNS server's address, once it listens.
@@ -812,7 +815,7 @@ impl Agent {
         let names = crate::names::NameBook::new(&cfg.dns.domains, cfg.dns.max_names);
         let shared = Arc::new(Shared {
             cfg,
-            routes: RwLock::default(),
+            routes: ArcSwap::default(),
             names: Mutex::new(names),
             dns_server: Mutex::new(None),
             dns: DnsCounters::default(),
@@ -981,8 +984,7 @@ impl Agent {
     /// connection the agent reset.
     fn route(&self, packet: &[u8]) -> Option<(Arc<Link>, quinn::Connection)> {
         let sh = &self.shared;
-        // The table's read guard ends with this statement.
-        let picked = read(&sh.routes).pick(packet).cloned();
+        let picked = sh.routes.load().pick(packet).cloned();
         let link = match picked {
             Ok(link) => link,
             Err(why) => {
@@ -1065,7 +1067,7 @@ impl Agent {
     /// A status snapshot.
     pub fn status(&self) -> AgentStatus {
         let sh = &self.shared;
-        // Lock order everywhere: links, routes, control, info.
+        // Lock order everywhere: links, control, info.
         let links = read(&sh.links);
         let control = lock(&sh.control);
         let info = lock(&sh.info);
@@ -1532,7 +1534,7 @@ impl Driver {
                     }
                 }
             }
-            *write(&self.sh.routes) = table;
+            self.sh.routes.store(Arc::new(table));
         }
         lock(&self.sh.names).set_catalog(&state.services);
         self.sh
