@@ -12,10 +12,11 @@ use std::io;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context as _};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, Layer, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use ztna_core::agent::Agent;
+use ztna_core::arena::PacketArena;
 use ztna_core::outbound::IPV6_MIN_MTU;
 
 /// Largest packet read from or written to the device: an offloaded TCP segment is at most
@@ -26,10 +27,6 @@ const MAX_PACKET: usize = 65535;
 /// Packets per batch in either direction: what one offloaded read splits into at most, and
 /// what one batched write coalesces.
 const BATCH: usize = IDEAL_BATCH_SIZE;
-
-/// Bytes of packets copied into one receive arena before a new one is started (see
-/// [`Reader::take`]).
-const ARENA: usize = 256 * 1024;
 
 /// A created TUN device.
 pub(crate) struct Tun {
@@ -193,7 +190,7 @@ pub(crate) struct Reader {
     raw: Vec<u8>,
     packets: Vec<Vec<u8>>,
     sizes: Vec<usize>,
-    arena: BytesMut,
+    arena: PacketArena,
 }
 
 impl Reader {
@@ -204,7 +201,7 @@ impl Reader {
             raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
             packets: (0..BATCH).map(|_| vec![0; MAX_PACKET]).collect(),
             sizes: vec![0; BATCH],
-            arena: BytesMut::new(),
+            arena: PacketArena::new(),
         }
     }
 
@@ -221,16 +218,10 @@ impl Reader {
         &self.packets[i][..self.sizes[i]]
     }
 
-    /// Packet `i` of the last read, as the tunnel takes it. The copy goes into a shared
-    /// arena, so a packet costs no allocation of its own: a new arena is allocated once the
-    /// last one is used up, or the old one is reused once every packet cut from it is gone.
+    /// Packet `i` of the last read, as the tunnel takes it: copied into the arena, so a
+    /// packet costs no allocation of its own.
     fn take(&mut self, i: usize) -> Bytes {
-        let packet = &self.packets[i][..self.sizes[i]];
-        if self.arena.capacity() < packet.len() {
-            self.arena.reserve(ARENA.max(packet.len()));
-        }
-        self.arena.extend_from_slice(packet);
-        self.arena.split().freeze()
+        self.arena.copy(&self.packets[i][..self.sizes[i]])
     }
 }
 
@@ -328,36 +319,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn packets_are_cut_from_one_arena_which_is_reused_once_they_are_gone() {
+    fn packets_are_taken_whole_and_one_after_another_in_one_buffer() {
         let mut r = Reader::new();
-        let fill = |r: &mut Reader, i: usize, byte: u8, len: usize| {
-            r.packets[i][..len].fill(byte);
-            r.sizes[i] = len;
-        };
-        fill(&mut r, 0, 1, 1280);
-        fill(&mut r, 1, 2, 60);
+        r.packets[0][..1280].fill(1);
+        r.sizes[0] = 1280;
+        r.packets[1][..60].fill(2);
+        r.sizes[1] = 60;
         let a = r.take(0);
         let b = r.take(1);
-        assert_eq!(&a[..], &[1; 1280][..]);
-        assert_eq!(&b[..], &[2; 60][..]);
-        // One allocation: the second packet follows the first in it.
+        assert_eq!((&a[..], &b[..]), (&[1; 1280][..], &[2; 60][..]));
         assert_eq!(b.as_ptr(), a.as_ptr().wrapping_add(1280));
-        let first = a.as_ptr();
-        drop((a, b));
-        // Fill the arena to its end; once every packet cut from it is gone, the next packet
-        // goes back to its start instead of a new allocation.
-        let mut held = Vec::new();
-        while r.arena.capacity() >= 1280 {
-            fill(&mut r, 0, 3, 1280);
-            held.push(r.take(0));
-        }
-        assert!(held.len() >= ARENA / 1280 - 1);
-        drop(held);
-        fill(&mut r, 0, 4, 1280);
-        let c = r.take(0);
-        assert_eq!(c.as_ptr(), first);
-        assert_eq!(&c[..], &[4; 1280][..]);
-        // A packet larger than the arena still arrives whole.
+        // The largest read the device can hand over arrives whole.
         r.packets[0].fill(5);
         r.sizes[0] = MAX_PACKET;
         let big = r.take(0);

@@ -32,6 +32,7 @@
 pub mod agent;
 pub mod agent_config;
 pub mod agent_machine;
+pub mod arena;
 pub mod backoff;
 pub mod birthday;
 pub mod bucket;

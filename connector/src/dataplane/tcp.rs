@@ -56,6 +56,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{debug, trace};
+use ztna_core::arena::PacketArena;
 
 use super::packet::{build_tcp_reset, parse_tcp_segment, TcpSegment};
 use super::quota::{BufferBudget, BufferGrant, Full, Kind, Limits, Permit};
@@ -271,6 +272,9 @@ struct Key {
     port: u16,
 }
 
+/// Bytes of one buffer that an agent's TCP segments to it are built in: about 50 segments.
+const SEGMENT_ARENA: usize = 64 * 1024;
+
 /// The smoltcp device: packets in from the agent's queue, packets out to its sink.
 struct TunnelDevice {
     rx: VecDeque<Bytes>,
@@ -279,6 +283,9 @@ struct TunnelDevice {
     /// Set when a transmit found the tunnel full ([`ToAgent::has_room`]); cleared by the run
     /// loop.
     blocked: bool,
+    /// Where segments to the agent are built: no allocation per segment. One per agent with
+    /// TCP, so in [`SEGMENT_ARENA`] chunks (small next to one connection's buffers).
+    arena: PacketArena,
 }
 
 struct RxTok(Bytes);
@@ -295,6 +302,7 @@ impl phy::RxToken for RxTok {
 struct TxTok<'a> {
     sink: &'a dyn ToAgent,
     metrics: &'a Metrics,
+    arena: &'a mut PacketArena,
 }
 
 impl phy::TxToken for TxTok<'_> {
@@ -302,8 +310,7 @@ impl phy::TxToken for TxTok<'_> {
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        let mut buf = vec![0u8; len];
-        let r = f(&mut buf);
+        let (segment, r) = self.arena.build(len, f);
         self.metrics
             .packets_to_agents
             .fetch_add(1, Ordering::Relaxed);
@@ -311,7 +318,7 @@ impl phy::TxToken for TxTok<'_> {
             .bytes_to_agents
             .fetch_add(len as u64, Ordering::Relaxed);
         trace!(len, "TCP segment to agent");
-        self.sink.send_tcp(Bytes::from(buf));
+        self.sink.send_tcp(segment);
         r
     }
 }
@@ -330,6 +337,7 @@ impl Device for TunnelDevice {
             TxTok {
                 sink: &*self.sink,
                 metrics: &self.metrics,
+                arena: &mut self.arena,
             },
         ))
     }
@@ -344,6 +352,7 @@ impl Device for TunnelDevice {
         Some(TxTok {
             sink: &*self.sink,
             metrics: &self.metrics,
+            arena: &mut self.arena,
         })
     }
 
@@ -432,6 +441,7 @@ impl Engine {
             sink: ctx.sink.clone(),
             metrics: ctx.metrics.clone(),
             blocked: false,
+            arena: PacketArena::with_chunk(SEGMENT_ARENA),
         };
         let mut config = IfaceConfig::new(HardwareAddress::Ip);
         config.random_seed = RandomState::new().build_hasher().finish();
