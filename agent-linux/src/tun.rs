@@ -225,6 +225,29 @@ impl Reader {
     }
 }
 
+/// Reads or writes of one kind that failed and were dropped: the first is logged at WARN, the
+/// rest at TRACE, with how many there have been.
+struct Drops {
+    what: &'static str,
+    count: u64,
+}
+
+impl Drops {
+    fn new(what: &'static str) -> Self {
+        Self { what, count: 0 }
+    }
+
+    /// Counts one failure, of `packets` packets, and logs it.
+    fn count(&mut self, error: &io::Error, packets: usize) {
+        self.count += 1;
+        if self.count == 1 {
+            tracing::warn!(%error, packets, "{}; dropping it (further drops are logged at TRACE)", self.what);
+        } else {
+            tracing::trace!(%error, packets, drops = self.count, "{}", self.what);
+        }
+    }
+}
+
 /// Whether an error from reading the device means the device is unusable. tun-rs also
 /// returns errors for a read it could not split (a malformed offload header, a segment larger
 /// than a buffer): those carry no OS error code and cost that one read.
@@ -239,19 +262,14 @@ pub(crate) async fn device_to_tunnel(
     agent: Arc<Agent>,
 ) -> anyhow::Result<()> {
     let mut r = Reader::new();
-    let mut unsplit = 0u64;
+    let mut unsplit = Drops::new("could not split a read from the TUN device");
     loop {
         let n = match r.read(&dev).await {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if device_failed(&e) => return Err(anyhow!("reading from the TUN device: {e}")),
             Err(e) => {
-                unsplit += 1;
-                if unsplit == 1 {
-                    tracing::warn!(error = %e, "could not split a read from the TUN device; dropping it (further drops are logged at TRACE)");
-                } else {
-                    tracing::trace!(error = %e, unsplit, "could not split a read from the TUN device");
-                }
+                unsplit.count(&e, 1);
                 continue;
             }
         };
@@ -270,7 +288,7 @@ pub(crate) async fn device_to_tunnel(
 
 /// Writes packets from the tunnel to the device until the tunnel stops: up to [`BATCH`] of
 /// those waiting at a time, coalesced by tun-rs where the device has offloads. A write the
-/// kernel refuses is dropped (logged once at WARN, then at TRACE); the loop goes on.
+/// kernel refuses is dropped ([`Drops`]); the loop goes on.
 pub(crate) async fn tunnel_to_device(
     dev: Arc<AsyncDevice>,
     mut from_tunnel: mpsc::Receiver<Bytes>,
@@ -281,7 +299,7 @@ pub(crate) async fn tunnel_to_device(
     // most 64 KiB: the buffers are kept, so they hold at most BATCH times that).
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::new()).collect();
     let mut batch = Vec::with_capacity(BATCH);
-    let mut errors = 0u64;
+    let mut refused = Drops::new("the TUN device refused a write");
     loop {
         if from_tunnel.recv_many(&mut batch, BATCH).await == 0 {
             return Ok(());
@@ -302,14 +320,7 @@ pub(crate) async fn tunnel_to_device(
                     "writing to the TUN device: {e} (the device is gone)"
                 ));
             }
-            Err(e) => {
-                errors += 1;
-                if errors == 1 {
-                    tracing::warn!(error = %e, packets = n, "the TUN device refused a write; dropping it (further drops are logged at TRACE)");
-                } else {
-                    tracing::trace!(error = %e, packets = n, errors, "the TUN device refused a write");
-                }
-            }
+            Err(e) => refused.count(&e, n),
         }
     }
 }

@@ -323,6 +323,17 @@ impl phy::TxToken for TxTok<'_> {
     }
 }
 
+impl TunnelDevice {
+    /// A token that sends one segment to the agent.
+    fn tx(&mut self) -> TxTok<'_> {
+        TxTok {
+            sink: &*self.sink,
+            metrics: &self.metrics,
+            arena: &mut self.arena,
+        }
+    }
+}
+
 impl Device for TunnelDevice {
     type RxToken<'a> = RxTok;
     type TxToken<'a> = TxTok<'a>;
@@ -332,14 +343,7 @@ impl Device for TunnelDevice {
         _timestamp: smoltcp::time::Instant,
     ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         let packet = self.rx.pop_front()?;
-        Some((
-            RxTok(packet),
-            TxTok {
-                sink: &*self.sink,
-                metrics: &self.metrics,
-                arena: &mut self.arena,
-            },
-        ))
+        Some((RxTok(packet), self.tx()))
     }
 
     fn transmit(&mut self, _timestamp: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
@@ -349,11 +353,7 @@ impl Device for TunnelDevice {
             self.blocked = true;
             return None;
         }
-        Some(TxTok {
-            sink: &*self.sink,
-            metrics: &self.metrics,
-            arena: &mut self.arena,
-        })
+        Some(self.tx())
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
