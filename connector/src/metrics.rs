@@ -175,6 +175,8 @@ metrics! {
     xdp_to_agents: Counter,
     /// Rewritten replies whose UDP checksum userspace completed: the sender had left it to checksum offload (a veth peer or a local sender), which XDP can't see.
     xdp_checksums_completed: Counter,
+    /// Replies the kernel could not put on an AF_XDP socket's RX ring, because the ring was full or had no free frame (the connector did not read fast enough), summed over the sockets (their XDP_STATISTICS).
+    xdp_rx_ring_dropped: Counter,
     /// Packets read from AF_XDP sockets that matched no open flow (the flow closed meanwhile) and were dropped.
     xdp_rx_unmatched: Counter,
     /// Local ports of the XDP flow port range in use (one per fast-path UDP flow).

@@ -56,6 +56,15 @@ impl PacketArena {
         self.buf.split().freeze()
     }
 
+    /// `packet`, copied into the arena and then changed in place by `fix`; returns it with
+    /// what `fix` returned.
+    pub fn copy_with<R>(&mut self, packet: &[u8], fix: impl FnOnce(&mut [u8]) -> R) -> (Bytes, R) {
+        self.room(packet.len());
+        self.buf.extend_from_slice(packet);
+        let r = fix(&mut self.buf[..]);
+        (self.buf.split().freeze(), r)
+    }
+
     /// A packet of `len` bytes, zeroed, then written by `fill`; returns it with what `fill`
     /// returned.
     pub fn build<R>(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> R) -> (Bytes, R) {
@@ -69,6 +78,21 @@ impl PacketArena {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_with_changes_only_the_copy() {
+        let mut arena = PacketArena::new();
+        let original = [1u8, 2, 3, 4];
+        let (p, sum) = arena.copy_with(&original, |b| {
+            b[0] = 9;
+            b.iter().map(|&x| u32::from(x)).sum::<u32>()
+        });
+        assert_eq!(&p[..], &[9, 2, 3, 4]);
+        assert_eq!(sum, 18);
+        assert_eq!(original, [1, 2, 3, 4]);
+        let q = arena.copy(&[5]);
+        assert_eq!((&p[..], &q[..]), (&[9, 2, 3, 4][..], &[5][..]));
+    }
 
     #[test]
     fn packets_share_a_buffer_which_is_reused_once_they_are_gone() {

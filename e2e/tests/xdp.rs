@@ -19,6 +19,10 @@ const TO_AGENTS: &str = "ztna_connector_xdp_to_agents_total";
 const UNSOLICITED: &str = "ztna_connector_xdp_dropped_unsolicited_total";
 const DROPPED: &str = "ztna_connector_xdp_dropped_total";
 const PASSED: &str = "ztna_connector_xdp_passed_total";
+const RING_DROPPED: &str = "ztna_connector_xdp_rx_ring_dropped_total";
+/// The iperf3 server's port on the backend (a TCP port of the `web` service; its UDP test
+/// traffic rides the same port, added to the service's UDP ports).
+const IPERF_PORT: &str = "5001";
 const FLOWS_BIN: &str = env!("CARGO_BIN_EXE_ztna-test-udp-flows");
 /// Capabilities the fast path needs, removed from the bounding set to make XDP unavailable.
 const DROP_CAPS: &str = "--bounding-set=-bpf,-net_admin,-sys_admin,-perfmon";
@@ -47,6 +51,59 @@ fn echo_and_dig(t: &Topology) -> Result<()> {
     ensure!(out.success(), "UDP echo through the tunnel failed:\n{out}");
     ztna_e2e::dig_backend(t, 3)?;
     Ok(())
+}
+
+/// The backend floods the agent (`iperf3 -u -R -b 0`, 64-byte datagrams, 2 s: more than the
+/// tunnel carries, so replies queue at the AF_XDP socket), then sends 30 000 datagrams at
+/// 10 000 a second (in the bursts iperf3 sends them in): those must all arrive, so the flood
+/// must have left the socket every frame. (It once lost a few frames whenever its fill ring
+/// offered fewer slots than it asked for; after a flood it had few or none left, and the kernel
+/// dropped the replies that followed.)
+fn burst(t: &Topology, s: &Stack) -> Result<()> {
+    let flood = iperf_down(t, &["-b", "0", "-l", "64", "-t", "2"])?;
+    t.step(&format!(
+        "flood: iperf3 lost {:.1} % (expected: more than the tunnel carries)",
+        flood["end"]["sum"]["lost_percent"].as_f64().unwrap_or(f64::NAN)
+    ));
+    let before = s.conn_metrics()?;
+    let v = iperf_down(t, &["-b", "40M", "-l", "500", "-t", "3"])?;
+    let after = s.conn_metrics()?;
+    let lost = v["end"]["sum"]["lost_percent"].as_f64().unwrap_or(100.0);
+    let handled = delta(&after, &before, HANDLED);
+    let to_agents = delta(&after, &before, TO_AGENTS);
+    let ring = delta(&after, &before, RING_DROPPED);
+    t.step(&format!(
+        "then: xdp_handled +{handled}, xdp_to_agents +{to_agents}, xdp_rx_ring_dropped +{ring}, iperf3 lost {lost:.2} %"
+    ));
+    ensure!(handled >= 25_000.0, "the XDP program handled only {handled} replies");
+    ensure!(
+        to_agents >= handled * 0.98 && ring <= handled * 0.02,
+        "the AF_XDP socket lost replies: {handled} handled, {to_agents} to agents, {ring} dropped at the ring"
+    );
+    ensure!(lost < 5.0, "iperf3 lost {lost:.2} % of the datagrams");
+    Ok(())
+}
+
+/// One `iperf3 -u -R` test from the agent against a one-off server on the backend, with `args`;
+/// its JSON report.
+fn iperf_down(t: &Topology, args: &[&str]) -> Result<serde_json::Value> {
+    let listen = format!("--bind={}", addr::BACKEND);
+    let server = t.spawn(
+        Node::Backend,
+        "iperf3-server",
+        "iperf3",
+        ["-s", "-1", "-p", IPERF_PORT, &listen],
+    )?;
+    let filter = format!("sport = :{IPERF_PORT}");
+    wait_until("iperf3 to listen", Duration::from_secs(10), || {
+        t.run(Node::Backend, 5, ["ss", "-Hltn", &filter])
+            .is_ok_and(|o| !o.stdout.trim().is_empty())
+    })?;
+    let mut cmd = vec!["iperf3", "-c", addr::WEB, "-p", IPERF_PORT, "-u", "-R", "-J"];
+    cmd.extend_from_slice(args);
+    let out = t.run_ok(Node::Agent, 60, cmd);
+    let _ = t.kill(server);
+    serde_json::from_str(&out?.stdout).context("iperf3 -J output")
 }
 
 /// A UDP port of the echo service (added by the tests that call [`check_refused`]) where
@@ -128,6 +185,10 @@ fn xdp_native_same_results_drops_and_clean_exit() {
             let mut s = Stack::new(t)?;
             s.conn_cfg.xdp = "native".to_owned();
             s.conn_cfg.services[0].udp.push(REFUSED_PORT.to_owned());
+            s.enable_web();
+            if let Some(web) = s.conn_cfg.services.iter_mut().find(|v| v.name == "web") {
+                web.udp.push(IPERF_PORT.to_owned());
+            }
             s.start_all()?;
             wait_log(t, &s, "UDP data plane: XDP fast path")?;
             let (attached, link) = xdp_attached(t)?;
@@ -176,6 +237,9 @@ fn xdp_native_same_results_drops_and_clean_exit() {
                 "ztna_connector_icmp_unreachable_sent_total",
             );
             ensure!(sent >= 1.0, "icmp_unreachable_sent rose by {sent}");
+
+            t.step("a flood of replies, then 30 000 more: every frame goes back round");
+            burst(t, &s)?;
 
             t.step("unsolicited UDP from the backend to the flow port range: dropped and counted");
             let before = s.conn_metrics()?;

@@ -1056,14 +1056,15 @@ impl Dataplane {
     }
 
     /// Hands a packet to an agent's sink, counting it.
-    fn send_to_agent(&self, agent: &Agent, packet: Vec<u8>) {
+    fn send_to_agent(&self, agent: &Agent, packet: impl Into<Bytes>) {
+        let packet = packet.into();
         self.metrics
             .packets_to_agents
             .fetch_add(1, Ordering::Relaxed);
         self.metrics
             .bytes_to_agents
             .fetch_add(packet.len() as u64, Ordering::Relaxed);
-        agent.sink.send(Bytes::from(packet));
+        agent.sink.send(packet);
     }
 
     /// Tells an agent that a service port refused its datagram (ICMP port unreachable from the
