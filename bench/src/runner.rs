@@ -50,10 +50,11 @@ pub(crate) struct Run {
     pub(crate) tcp4: Option<Iperf>,
     /// iperf3 UDP with 1200-byte payloads.
     pub(crate) udp: Option<UdpResult>,
-    /// iperf3 UDP backend → agent (`-R`) at `-b 0`, 1200-byte payloads.
-    pub(crate) udp_down: Option<Iperf>,
+    /// iperf3 UDP backend → agent (`-R`), 1200-byte payloads: at `-b 0`, and the highest rate
+    /// with < 1 % loss.
+    pub(crate) udp_down: Option<UdpResult>,
     /// The same with 64-byte payloads (the packet rate).
-    pub(crate) udp_small: Option<Iperf>,
+    pub(crate) udp_small: Option<UdpResult>,
     /// 100 pings.
     pub(crate) ping: Option<Ping>,
     /// Per test (`tcp1`, `tcp4`, `udp`): each daemon's CPU in percent of one core.
@@ -180,11 +181,9 @@ fn measure_path(t: &Topology, spec: &PathSpec, plan: &Plan, run: &mut Run) -> Re
         // A reverse flood at `-b 0` can starve iperf3's own control connection through a
         // tunnel ("unable to read from stream socket"); such a test is tried once more and
         // then recorded as failed without losing the rest of the run.
-        let attempt = || {
-            measure::with_cpu(&daemons, || {
-                measure::iperf(t, target, IperfKind::UdpDown { len }, plan.secs)
-            })
-        };
+        let kind = |mbps| IperfKind::UdpDown { len, mbps };
+        let attempt =
+            || measure::with_cpu(&daemons, || measure::iperf(t, target, kind(0.0), plan.secs));
         let (r, cpu) = match attempt().or_else(|_| attempt()) {
             Ok(v) => v,
             Err(e) => {
@@ -193,11 +192,16 @@ fn measure_path(t: &Topology, spec: &PathSpec, plan: &Plan, run: &mut Run) -> Re
                 continue;
             }
         };
+        let r = measure::sweep(t, target, r, plan.udp_steps, plan.udp_step_secs, kind);
+        let kpps = |mbps: f64| mbps * 1e3 / f64::from(len * 8);
+        let ok = r.max_ok.as_ref().map_or(f64::NAN, |m| m.mbps);
         t.step(&format!(
-            "{test}: {:.0} Mbit/s ({:.0} kpkt/s) backend → agent at -b 0, {:.1} % loss",
-            r.mbps,
-            r.mbps * 1e3 / f64::from(len * 8),
-            r.loss_percent.unwrap_or(f64::NAN)
+            "{test}: {:.0} Mbit/s ({:.0} kpkt/s) backend → agent at -b 0, {:.1} % loss; {:.0} Mbit/s ({:.0} kpkt/s) with < 1 % loss",
+            r.unlimited.mbps,
+            kpps(r.unlimited.mbps),
+            r.unlimited.loss_percent.unwrap_or(f64::NAN),
+            ok,
+            kpps(ok)
         ));
         match len {
             measure::UDP_PAYLOAD => run.udp_down = Some(r),

@@ -63,7 +63,9 @@ fn burst(t: &Topology, s: &Stack) -> Result<()> {
     let flood = iperf_down(t, &["-b", "0", "-l", "64", "-t", "2"])?;
     t.step(&format!(
         "flood: iperf3 lost {:.1} % (expected: more than the tunnel carries)",
-        flood["end"]["sum"]["lost_percent"].as_f64().unwrap_or(f64::NAN)
+        flood["end"]["sum"]["lost_percent"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
     ));
     let before = s.conn_metrics()?;
     let v = iperf_down(t, &["-b", "40M", "-l", "500", "-t", "3"])?;
@@ -75,7 +77,10 @@ fn burst(t: &Topology, s: &Stack) -> Result<()> {
     t.step(&format!(
         "then: xdp_handled +{handled}, xdp_to_agents +{to_agents}, xdp_rx_ring_dropped +{ring}, iperf3 lost {lost:.2} %"
     ));
-    ensure!(handled >= 25_000.0, "the XDP program handled only {handled} replies");
+    ensure!(
+        handled >= 25_000.0,
+        "the XDP program handled only {handled} replies"
+    );
     ensure!(
         to_agents >= handled * 0.98 && ring <= handled * 0.02,
         "the AF_XDP socket lost replies: {handled} handled, {to_agents} to agents, {ring} dropped at the ring"
@@ -99,7 +104,16 @@ fn iperf_down(t: &Topology, args: &[&str]) -> Result<serde_json::Value> {
         t.run(Node::Backend, 5, ["ss", "-Hltn", &filter])
             .is_ok_and(|o| !o.stdout.trim().is_empty())
     })?;
-    let mut cmd = vec!["iperf3", "-c", addr::WEB, "-p", IPERF_PORT, "-u", "-R", "-J"];
+    let mut cmd = vec![
+        "iperf3",
+        "-c",
+        addr::WEB,
+        "-p",
+        IPERF_PORT,
+        "-u",
+        "-R",
+        "-J",
+    ];
     cmd.extend_from_slice(args);
     let out = t.run_ok(Node::Agent, 60, cmd);
     let _ = t.kill(server);

@@ -10,10 +10,55 @@
 //!   When it is at the cap, opening a flow first removes that agent's expired flows; if all are
 //!   live, the new flow is refused. Live flows are never evicted.
 //! - Every removal hands the handles back to the caller, who closes them and counts them.
+//! - A flow is also active at the time its handle's [`Activity`] last recorded: a flow's reply
+//!   task records each reply there without taking the table (or its lock), and the table reads
+//!   it when it decides expiry.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
+
+/// The origin of [`Activity`] stamps.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// When a flow was last active, recorded by its reply path without the table's lock: one atomic
+/// per flow, shared between the table's handle and the task (or fast path) that serves it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Activity(Arc<AtomicU64>);
+
+impl Activity {
+    /// Records activity at `now` (never moving the stamp backwards).
+    pub(crate) fn touch(&self, now: Instant) {
+        let since = now.saturating_duration_since(*EPOCH).as_nanos();
+        // 0 means never; a stamp is the nanoseconds since EPOCH plus one.
+        let stamp = u64::try_from(since).unwrap_or(u64::MAX - 1) + 1;
+        self.0.fetch_max(stamp, Ordering::Relaxed);
+    }
+
+    /// The last recorded activity, if any.
+    fn last(&self) -> Option<Instant> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            stamp => Some(*EPOCH + Duration::from_nanos(stamp - 1)),
+        }
+    }
+
+    /// Starts the clock the stamps count from; call before the first `now` is taken, so that
+    /// no `now` lies before it.
+    pub(crate) fn start_clock() {
+        LazyLock::force(&EPOCH);
+    }
+}
+
+/// What the table needs of a flow's handle: the activity its reply path records, if it has one.
+pub(crate) trait Handle {
+    /// The flow's activity stamp; `None` if only the table's own lookups mark it active.
+    fn activity(&self) -> Option<&Activity> {
+        None
+    }
+}
 
 /// What identifies a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,8 +113,19 @@ pub(crate) enum InsertError<E> {
 /// One flow.
 struct Entry<H> {
     id: FlowId,
+    /// When the table last saw the flow active (opened, looked up, touched).
     last_active: Instant,
     handle: H,
+}
+
+impl<H: Handle> Entry<H> {
+    /// The flow's last activity: the table's own record or its handle's, the later.
+    fn last_active(&self) -> Instant {
+        match self.handle.activity().and_then(Activity::last) {
+            Some(t) => t.max(self.last_active),
+            None => self.last_active,
+        }
+    }
 }
 
 /// Flows with an idle timeout and a per-agent cap. See the module documentation.
@@ -81,7 +137,7 @@ pub(crate) struct FlowTable<H> {
     next_id: u64,
 }
 
-impl<H> FlowTable<H> {
+impl<H: Handle> FlowTable<H> {
     /// An empty table. A zero `max_per_agent` refuses every flow.
     pub(crate) fn new(idle_timeout: Duration, max_per_agent: usize) -> Self {
         Self {
@@ -94,14 +150,14 @@ impl<H> FlowTable<H> {
     }
 
     fn is_expired(&self, e: &Entry<H>, now: Instant) -> bool {
-        now.saturating_duration_since(e.last_active) >= self.idle_timeout
+        now.saturating_duration_since(e.last_active()) >= self.idle_timeout
     }
 
     /// The live flow under `key`, marked active at `now`.
     pub(crate) fn get_mut(&mut self, key: &FlowKey, now: Instant) -> Option<(FlowId, &mut H)> {
         let timeout = self.idle_timeout;
         let e = self.flows.get_mut(key)?;
-        if now.saturating_duration_since(e.last_active) >= timeout {
+        if now.saturating_duration_since(e.last_active()) >= timeout {
             return None;
         }
         e.last_active = e.last_active.max(now);
@@ -117,10 +173,12 @@ impl<H> FlowTable<H> {
     }
 
     /// Marks flow `id` under `key` active at `now`, if it is still live. Returns whether it was.
+    /// (The data plane's reply paths record activity through the flow's [`Activity`] instead.)
+    #[cfg(test)]
     pub(crate) fn touch(&mut self, key: &FlowKey, id: FlowId, now: Instant) -> bool {
         let timeout = self.idle_timeout;
         match self.flows.get_mut(key) {
-            Some(e) if e.id == id && now.saturating_duration_since(e.last_active) < timeout => {
+            Some(e) if e.id == id && now.saturating_duration_since(e.last_active()) < timeout => {
                 e.last_active = e.last_active.max(now);
                 true
             }
@@ -244,6 +302,46 @@ mod tests {
 
     const SVC: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 100, 0, 1));
     const TIMEOUT: Duration = Duration::from_millis(100);
+
+    impl Handle for &'static str {}
+    impl Handle for () {}
+    impl Handle for FlowId {}
+
+    /// A handle with an activity stamp, as the data plane's flows have.
+    struct Stamped(Activity);
+
+    impl Handle for Stamped {
+        fn activity(&self) -> Option<&Activity> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn activity_recorded_outside_the_table_keeps_a_flow_alive() {
+        Activity::start_clock();
+        let t0 = Instant::now();
+        let ns = Duration::from_nanos(1);
+        let mut t = FlowTable::new(TIMEOUT, 10);
+        let activity = Activity::default();
+        let mut closed = Vec::new();
+        let id = t
+            .insert_with(key(1, 1), t0, &mut closed, |_| {
+                Ok::<_, ()>(Stamped(activity.clone()))
+            })
+            .expect("insert");
+        // The reply path records activity at T/2, without the table; a stamp never goes back.
+        activity.touch(t0 + TIMEOUT / 2);
+        activity.touch(t0);
+        assert!(t.expire(t0 + TIMEOUT).is_empty(), "kept alive by its stamp");
+        assert!(t.get_mut(&key(1, 1), t0 + TIMEOUT).is_some());
+        // The lookup at T moved the table's own record past the stamp.
+        assert!(t.expire(t0 + 2 * TIMEOUT - ns).is_empty());
+        activity.touch(t0 + TIMEOUT + TIMEOUT / 2);
+        assert!(t.expire(t0 + 2 * TIMEOUT).is_empty());
+        let gone = t.expire(t0 + TIMEOUT + TIMEOUT / 2 + TIMEOUT);
+        assert_eq!(gone.len(), 1);
+        assert!(t.peek(&key(1, 1), id).is_none());
+    }
 
     fn key(agent: u64, port: u16) -> FlowKey {
         FlowKey::Udp {

@@ -88,9 +88,9 @@ pub(super) async fn echo_replies(
         "ICMP echo",
         None,
         |message| match packet::parse_backend_echo_reply(message, backend_v6) {
-            Some((seq, data)) => Reply::Packet(packet::build_echo_reply(
-                service, agent_ip, ident, seq, data,
-            )),
+            Some((seq, data)) => Reply::Packet(
+                packet::build_echo_reply(service, agent_ip, ident, seq, data).map(Into::into),
+            ),
             None => Reply::Ignore,
         },
     )

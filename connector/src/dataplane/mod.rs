@@ -49,7 +49,7 @@ use tracing::{debug, info, trace, warn};
 use ztna_proto::ServiceDef;
 
 use crate::metrics::{gauge_dec, gauge_inc, Metrics};
-use flows::{FlowId, FlowKey, FlowTable, InsertError};
+use flows::{Activity, FlowId, FlowKey, FlowTable, InsertError};
 use packet::{AgentPacket, DropReason, EchoRequest, Quote, UdpDatagram};
 use quota::{Bucket, Caps, Counts, Full, Kind, Limits, Permit};
 use udp::BackendSocket;
@@ -187,6 +187,8 @@ pub(crate) struct Flow {
     kind: FlowKind,
     route: Route,
     quote: Quote,
+    /// When its replies last went to the agent, recorded by its reply path without the table.
+    activity: Activity,
     task: Option<AbortHandle>,
     metrics: Arc<Metrics>,
     /// The flow's slot in its identity's and the connector's caps (given back on drop).
@@ -198,22 +200,24 @@ impl Flow {
     /// gauge goes down again when the flow is dropped).
     fn start(
         kind: FlowKind,
-        socket: Arc<BackendSocket>,
+        (socket, activity): (Arc<BackendSocket>, Activity),
         quote: &[u8],
         task: impl std::future::Future<Output = ()> + Send + 'static,
         runtime: &tokio::runtime::Handle,
         metrics: &Arc<Metrics>,
     ) -> Self {
         let task = runtime.spawn(task).abort_handle();
-        Self::counted(kind, Route::Socket(socket), quote, Some(task), metrics)
+        let route = Route::Socket(socket);
+        Self::counted(kind, route, activity, quote, Some(task), metrics)
     }
 
     /// A UDP flow on the XDP fast path (no task: replies arrive through AF_XDP), counted as
     /// opened and active.
-    fn xdp(flow: xdp::XdpFlow, quote: &[u8], metrics: &Arc<Metrics>) -> Self {
+    fn xdp(flow: xdp::XdpFlow, activity: Activity, quote: &[u8], metrics: &Arc<Metrics>) -> Self {
         Self::counted(
             FlowKind::Udp,
             Route::Xdp(Arc::new(flow)),
+            activity,
             quote,
             None,
             metrics,
@@ -223,6 +227,7 @@ impl Flow {
     fn counted(
         kind: FlowKind,
         route: Route,
+        activity: Activity,
         quote: &[u8],
         task: Option<AbortHandle>,
         metrics: &Arc<Metrics>,
@@ -236,6 +241,7 @@ impl Flow {
         Flow {
             kind,
             route,
+            activity,
             quote: Quote::new(quote),
             task,
             metrics: metrics.clone(),
@@ -248,6 +254,12 @@ impl Flow {
             FlowKind::Udp => &metrics.udp_flows_active,
             FlowKind::Echo => &metrics.icmp_flows_active,
         }
+    }
+}
+
+impl flows::Handle for Flow {
+    fn activity(&self) -> Option<&Activity> {
+        Some(&self.activity)
     }
 }
 
@@ -393,6 +405,7 @@ impl Dataplane {
     ) -> anyhow::Result<Arc<Self>> {
         let runtime = tokio::runtime::Handle::try_current()
             .context("the data plane must be created inside a tokio runtime")?;
+        Activity::start_clock();
         if cfg.udp_idle_timeout.is_zero() {
             bail!("the UDP idle timeout must be greater than zero");
         }
@@ -792,10 +805,17 @@ impl Dataplane {
     }
 
     /// What a flow's task needs to know about its flow.
-    fn flow_ref(&self, agent: &Arc<Agent>, key: FlowKey, id: FlowId) -> udp::FlowRef {
+    fn flow_ref(
+        &self,
+        agent: &Arc<Agent>,
+        key: FlowKey,
+        id: FlowId,
+        activity: &Activity,
+    ) -> udp::FlowRef {
         udp::FlowRef {
             key,
             id,
+            activity: activity.clone(),
             agent: agent.clone(),
             dataplane: self.me.clone(),
         }
@@ -813,28 +833,29 @@ impl Dataplane {
         };
         let backend = SocketAddr::new(backend_ip, backend_port.unwrap_or(d.dst.port()));
         let route = self.route(agent, key, d.quote, |id| {
+            let activity = Activity::default();
             // The XDP fast path is IPv4 on both sides; other flows use sockets.
             if let (Some(fast), SocketAddr::V4(b4), SocketAddr::V4(dst4), SocketAddr::V4(src4)) =
                 (self.fast_path.get(), backend, d.dst, d.src)
             {
-                let flow = fast.open_flow(agent, key, id, b4, dst4, src4)?;
+                let flow = fast.open_flow(agent, &activity, key, id, (b4, dst4, src4))?;
                 debug!(
                     agent = agent.id, identity = %agent.identity, service = %service,
                     agent_port = d.src.port(), port = d.dst.port(), %backend,
                     local_port = flow.port, "UDP flow opened on the XDP fast path"
                 );
-                return Ok(Flow::xdp(flow, d.quote, &self.metrics));
+                return Ok(Flow::xdp(flow, activity, d.quote, &self.metrics));
             }
             let socket = Arc::new(udp::open(backend)?);
-            let task =
-                udp::udp_replies(socket.clone(), self.flow_ref(agent, key, id), d.dst, d.src);
+            let flow = self.flow_ref(agent, key, id, &activity);
+            let task = udp::udp_replies(socket.clone(), flow, d.dst, d.src);
             debug!(
                 agent = agent.id, identity = %agent.identity, service = %service,
                 agent_port = d.src.port(), port = d.dst.port(), %backend, "UDP flow opened"
             );
             Ok(Flow::start(
                 FlowKind::Udp,
-                socket,
+                (socket, activity),
                 d.quote,
                 task,
                 &self.runtime,
@@ -894,9 +915,10 @@ impl Dataplane {
         };
         let socket = self.route(agent, key, &[], |id| {
             let socket = Arc::new(icmp::open(backend)?);
+            let activity = Activity::default();
             let task = icmp::echo_replies(
                 socket.clone(),
-                self.flow_ref(agent, key, id),
+                self.flow_ref(agent, key, id, &activity),
                 e.dst,
                 e.ident,
                 backend.is_ipv6(),
@@ -907,7 +929,7 @@ impl Dataplane {
             );
             Ok(Flow::start(
                 FlowKind::Echo,
-                socket,
+                (socket, activity),
                 &[],
                 task,
                 &self.runtime,
@@ -1037,10 +1059,6 @@ impl Dataplane {
     }
 
     /// Marks a flow active because of a reply from its backend.
-    fn touch_flow(&self, key: &FlowKey, id: FlowId) {
-        lock(&self.flows).touch(key, id, Instant::now());
-    }
-
     /// The quote of the agent's last datagram on a flow.
     fn flow_quote(&self, key: &FlowKey, id: FlowId) -> Option<Quote> {
         lock(&self.flows).peek(key, id).map(|f| f.quote)

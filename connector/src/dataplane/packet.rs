@@ -405,19 +405,36 @@ fn ip_builder(
     }
 }
 
-/// Builds the UDP packet carrying a backend's reply to an agent: from `src` (the service
-/// address and port) to `dst` (the agent's tunnel address and port), both of one family, TTL
-/// 64, with valid IPv4 header and UDP checksums. IPv4 has DF clear, so a reply larger than the
-/// tunnel carries can be sent as fragments.
+/// [`build_udp_in`] in a `Vec` of its own (for tests).
+#[cfg(test)]
 pub(crate) fn build_udp(
     src: SocketAddr,
     dst: SocketAddr,
     payload: &[u8],
 ) -> Result<Vec<u8>, BuildError> {
+    let mut arena = ztna_core::arena::PacketArena::with_chunk(0);
+    build_udp_in(&mut arena, src, dst, payload).map(|p| p.to_vec())
+}
+
+/// Builds the UDP packet carrying a backend's reply to an agent: from `src` (the service
+/// address and port) to `dst` (the agent's tunnel address and port), both of one family, TTL
+/// 64, with valid IPv4 header and UDP checksums. IPv4 has DF clear, so a reply larger than the
+/// tunnel carries can be sent as fragments. The packet is cut from `arena` (no allocation per
+/// packet).
+pub(crate) fn build_udp_in(
+    arena: &mut ztna_core::arena::PacketArena,
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: &[u8],
+) -> Result<bytes::Bytes, BuildError> {
     let builder = ip_builder(src.ip(), dst.ip())?.udp(src.port(), dst.port());
-    finish(builder.size(payload.len()), payload.len(), |out| {
-        builder.write(out, payload)
-    })
+    let size = builder.size(payload.len());
+    if size > usize::from(u16::MAX) {
+        return Err(BuildError::TooLarge(payload.len()));
+    }
+    let (packet, written) = arena.build(size, |mut out| builder.write(&mut out, payload));
+    written.map_err(|_| BuildError::TooLarge(payload.len()))?;
+    Ok(packet)
 }
 
 /// Builds an ICMP (ICMPv6) echo reply to an agent: from `src` (the service address) to `dst`

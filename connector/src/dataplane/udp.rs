@@ -11,7 +11,10 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::Interest;
 use tracing::{debug, trace};
 
-use super::flows::{FlowId, FlowKey};
+use bytes::Bytes;
+use ztna_core::arena::PacketArena;
+
+use super::flows::{Activity, FlowId, FlowKey};
 use super::packet;
 use super::{Agent, Dataplane};
 
@@ -25,7 +28,13 @@ thread_local! {
     /// One receive buffer per runtime thread rather than one per flow: a flow's task reads a
     /// datagram into it and copies it into the packet for the agent before yielding.
     static RECV_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; RECV_BUF_LEN]);
+    /// Where the UDP flows' tasks on this thread build their replies to agents.
+    static REPLY_ARENA: RefCell<PacketArena> = RefCell::new(PacketArena::with_chunk(REPLY_ARENA_CHUNK));
 }
+
+/// Bytes of each buffer of [`REPLY_ARENA`]: 64 KiB, which a 65 507-byte datagram (the largest)
+/// fits.
+const REPLY_ARENA_CHUNK: usize = 64 * 1024;
 
 /// A connected, non-blocking datagram socket to a backend (UDP, or an unprivileged ICMP
 /// socket), registered with the tokio reactor. Closed when dropped.
@@ -122,6 +131,8 @@ pub(super) struct FlowRef {
     pub(super) key: FlowKey,
     /// The flow's id in the table.
     pub(super) id: FlowId,
+    /// Where the task records the flow's activity (each reply), without the table's lock.
+    pub(super) activity: Activity,
     /// The agent the flow belongs to.
     pub(super) agent: Arc<Agent>,
     /// The data plane, to refresh, report and close the flow. Weak, so flows don't keep it alive.
@@ -131,7 +142,7 @@ pub(super) struct FlowRef {
 /// What one datagram from a backend means for the agent.
 pub(super) enum Reply {
     /// A packet for the agent (or why it could not be built).
-    Packet(Result<Vec<u8>, packet::BuildError>),
+    Packet(Result<Bytes, packet::BuildError>),
     /// Nothing for the agent (say, an ICMP message that is not an echo reply).
     Ignore,
 }
@@ -163,7 +174,7 @@ pub(super) async fn reply_loop(
                     kind,
                     "reply to agent"
                 );
-                dp.touch_flow(&flow.key, flow.id);
+                flow.activity.touch(std::time::Instant::now());
                 dp.send_to_agent(&flow.agent, packet);
             }
             // Can't happen for UDP (65507 bytes fit), but never panic over it.
@@ -204,7 +215,11 @@ pub(super) async fn udp_replies(
     agent_addr: SocketAddr,
 ) {
     reply_loop(socket, flow, "UDP", Some(service.ip()), |datagram| {
-        Reply::Packet(packet::build_udp(service, agent_addr, datagram))
+        Reply::Packet(
+            REPLY_ARENA.with_borrow_mut(|arena| {
+                packet::build_udp_in(arena, service, agent_addr, datagram)
+            }),
+        )
     })
     .await;
 }

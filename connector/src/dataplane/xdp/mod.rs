@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, XskMap};
@@ -31,7 +32,7 @@ use ztna_connector_ebpf_common as common;
 pub(crate) use ztna_xdp_loader::XdpMode;
 use ztna_xdp_loader::{route_interface, take, Attached};
 
-use super::flows::{FlowId, FlowKey as TableKey};
+use super::flows::{Activity, FlowId, FlowKey as TableKey};
 use super::packet::reply_key;
 use super::{lock, Agent, Dataplane};
 use crate::metrics::Metrics;
@@ -66,6 +67,7 @@ type ReplyKey = (Ipv4Addr, u16, Ipv4Addr, u16);
 /// The data-plane flow a reply belongs to.
 struct Target {
     agent: Arc<Agent>,
+    activity: Activity,
     key: TableKey,
     id: FlowId,
     backend: SocketAddrV4,
@@ -336,14 +338,15 @@ impl FastPath {
 
     /// Opens the fast-path side of a UDP flow: a local port and the map entries that make the
     /// kernel rewrite `backend`'s replies into packets from `service` to `agent_addr`.
+    /// `addrs`: (backend, service, agent address). Replies record the flow's activity in
+    /// `activity`.
     pub(crate) fn open_flow(
         self: &Arc<Self>,
         agent: &Arc<Agent>,
+        activity: &Activity,
         key: TableKey,
         id: FlowId,
-        backend: SocketAddrV4,
-        service: SocketAddrV4,
-        agent_addr: SocketAddrV4,
+        (backend, service, agent_addr): (SocketAddrV4, SocketAddrV4, SocketAddrV4),
     ) -> std::io::Result<XdpFlow> {
         let mut st = lock(&self.state);
         let port = st.ports.alloc().ok_or_else(|| {
@@ -388,6 +391,7 @@ impl FastPath {
             reply,
             Target {
                 agent: agent.clone(),
+                activity: activity.clone(),
                 key,
                 id,
                 backend,
@@ -518,7 +522,7 @@ struct ReplyPump {
 struct Batch {
     fast: Arc<FastPath>,
     dataplane: Arc<Dataplane>,
-    last: Option<(ReplyKey, Arc<Agent>, TableKey, FlowId)>,
+    last: Option<(ReplyKey, Arc<Agent>, Activity)>,
 }
 
 impl afxdp::Handler for ReplyPump {
@@ -548,15 +552,15 @@ impl afxdp::Handler for ReplyPump {
             return;
         };
         if last.as_ref().is_none_or(|l| l.0 != key) {
-            if let Some((_, _, flow, id)) = last.take() {
-                dataplane.touch_flow(&flow, id);
+            if let Some((_, _, activity)) = last.take() {
+                activity.touch(Instant::now());
             }
             *last = lock(&fast.state)
                 .replies
                 .get(&key)
-                .map(|t| (key, t.agent.clone(), t.key, t.id));
+                .map(|t| (key, t.agent.clone(), t.activity.clone()));
         }
-        let Some((_, agent, _, _)) = last.as_ref() else {
+        let Some((_, agent, _)) = last.as_ref() else {
             metrics.xdp_rx_unmatched.fetch_add(1, Ordering::Relaxed);
             return;
         };
@@ -580,12 +584,11 @@ impl afxdp::Handler for ReplyPump {
 
     fn batch_done(&mut self) {
         if let Some(Batch {
-            dataplane,
-            last: Some((_, _, flow, id)),
+            last: Some((_, _, activity)),
             ..
         }) = self.batch.take()
         {
-            dataplane.touch_flow(&flow, id);
+            activity.touch(Instant::now());
         }
     }
 }
