@@ -26,6 +26,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, XskMap};
 use aya::Ebpf;
+use etherparse::checksum::Sum16BitWords;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, warn};
 use ztna_connector_ebpf_common as common;
@@ -606,34 +607,28 @@ fn finish_udp_checksum(p: &mut [u8]) -> bool {
     if ihl < 20 || p.len() < ihl + 8 {
         return false;
     }
-    let udp_len = usize::from(u16::from_be_bytes([p[ihl + 4], p[ihl + 5]]));
-    let field = u16::from_be_bytes([p[ihl + 6], p[ihl + 7]]);
-    if field == 0 || udp_len < 8 || ihl + udp_len > p.len() {
+    let udp_len = u16::from_be_bytes([p[ihl + 4], p[ihl + 5]]);
+    let end = ihl + usize::from(udp_len);
+    let field = [p[ihl + 6], p[ihl + 7]];
+    if field == [0, 0] || udp_len < 8 || end > p.len() {
         return false;
     }
-    let sum = |data: &[u8]| -> u32 {
-        data.chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-            .sum()
-    };
-    let pseudo = sum(&p[12..20]) + 17 + udp_len as u32;
-    let mut total = pseudo + sum(&p[ihl..ihl + udp_len]);
-    while total > 0xffff {
-        total = (total & 0xffff) + (total >> 16);
-    }
-    if total == 0xffff {
+    // One pass: the checksum over the pseudo-header and the datagram without its checksum
+    // field (the field sits at an even offset, so skipping it keeps the 16-bit words aligned).
+    let check = Sum16BitWords::new()
+        .add_4bytes([p[12], p[13], p[14], p[15]])
+        .add_4bytes([p[16], p[17], p[18], p[19]])
+        .add_2bytes([0, 17])
+        .add_2bytes(udp_len.to_be_bytes())
+        .add_slice(&p[ihl..ihl + 6])
+        .add_slice(&p[ihl + 8..end])
+        .to_ones_complement_with_no_zero()
+        // etherparse sums native-endian words, so its result is in native byte order.
+        .to_ne_bytes();
+    if check == field {
         return false; // valid
     }
-    p[ihl + 6..ihl + 8].fill(0);
-    let mut total = pseudo + sum(&p[ihl..ihl + udp_len]);
-    while total > 0xffff {
-        total = (total & 0xffff) + (total >> 16);
-    }
-    let check = match !(total as u16) {
-        0 => 0xffff,
-        c => c,
-    };
-    p[ihl + 6..ihl + 8].copy_from_slice(&check.to_be_bytes());
+    p[ihl + 6..ihl + 8].copy_from_slice(&check);
     true
 }
 

@@ -81,6 +81,30 @@ fn udp_checksums_are_completed() {
     assert!(!finish_udp_checksum(&mut packet[..24].to_vec()));
 }
 
+proptest::proptest! {
+    /// Any rewritten reply: a valid checksum is kept, a partial or wrong one is completed to
+    /// the valid one, and the rest of the packet is never touched.
+    #[test]
+    fn udp_checksums_of_any_length_are_completed(
+        payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1400),
+        wrong in 1u16..,
+    ) {
+        let Verdict::Redirect { packet, .. } =
+            classify(&frame(7, 20001, 64, &payload), &CFG, lookup)
+        else {
+            panic!("not redirected")
+        };
+        let mut p = packet.clone();
+        proptest::prop_assert!(!finish_udp_checksum(&mut p));
+        proptest::prop_assert_eq!(&p, &packet);
+        if wrong.to_be_bytes() != [packet[26], packet[27]] {
+            p[26..28].copy_from_slice(&wrong.to_be_bytes());
+            proptest::prop_assert!(finish_udp_checksum(&mut p));
+            proptest::prop_assert_eq!(&p, &packet);
+        }
+    }
+}
+
 #[test]
 fn a_stale_netlink_program_is_replaced() {
     let Some(object) =
