@@ -3,8 +3,16 @@
 //! from what they refuse never panic, and what they build is well-formed.
 //!
 //! The parsers live in the connector binary's `dataplane/packet.rs`, which is pure (no I/O, no
-//! crate-internal imports), so it is compiled into this target as a module.
+//! crate-internal imports), so it is compiled into this target as a module, with the core's
+//! packet arena (`core/src/arena.rs`, bytes only) that its reply builder cuts packets from.
 #![no_main]
+
+// `packet.rs` names the arena `ztna_core::arena::PacketArena`; this target is that crate here.
+extern crate self as ztna_core;
+
+#[path = "../../core/src/arena.rs"]
+#[allow(dead_code, unreachable_pub)]
+pub mod arena;
 
 #[path = "../../connector/src/dataplane/packet.rs"]
 #[allow(dead_code, unreachable_pub)]
@@ -66,4 +74,12 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(src.octets(), data[12..16]);
         let _ = (dport, sport);
     }
+    // The bytes as a backend's reply payload: the packet cut from the arena is well-formed, and
+    // the XDP reply key reads back the addresses and ports it was built with.
+    let mut arena = arena::PacketArena::with_chunk(2048);
+    let src = std::net::SocketAddr::from((SVC, 53));
+    let dst = std::net::SocketAddr::from((AGENT, 40000));
+    let reply = packet::build_udp_in(&mut arena, src, dst, data).expect("fits one datagram");
+    assert_eq!(reply.len(), 20 + 8 + data.len());
+    assert_eq!(packet::reply_key(&reply), Some((AGENT, 40000, SVC, 53)));
 });
