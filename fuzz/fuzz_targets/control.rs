@@ -6,7 +6,9 @@ use libfuzzer_sys::fuzz_target;
 use ztna_proto::frame::{self, FrameDecoder, MAX_FRAME_LEN};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, rest)) = data.split_first() else { return };
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
     let mut dec = FrameDecoder::new();
     for chunk in rest.chunks(usize::from(split).max(1)) {
         dec.feed(chunk);
