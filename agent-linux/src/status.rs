@@ -405,8 +405,8 @@ pub(crate) fn render(s: &AgentStatus) -> String {
     render_names(&mut out, &s.names);
     let _ = writeln!(
         out,
-        "\ndropped:      {} outbound with no service route, {} outbound while the tunnel was not up, {} outbound after waiting on a full tunnel, {} tunnel packets with no path (relay away), {} inbound failing the source check, {} inbound (TUN device not reading)",
-        s.dropped_no_route, s.dropped_tunnel_down, s.dropped_tunnel_full, s.dropped_no_path, s.dropped_inbound, s.dropped_to_platform
+        "\ndropped:      {} outbound with no service route, {} outbound while the tunnel was not up, {} outbound after waiting on a full tunnel, {} outbound from a full fair queue (the busiest flow's oldest), {} tunnel packets with no path (relay away), {} inbound failing the source check, {} inbound (TUN device not reading)",
+        s.dropped_no_route, s.dropped_tunnel_down, s.dropped_tunnel_full, s.dropped_queue_full, s.dropped_no_path, s.dropped_inbound, s.dropped_to_platform
     );
     let d = &s.dropped_ipv6;
     if *d != Default::default() {
@@ -501,6 +501,7 @@ mod tests {
             dropped_ipv6: Default::default(),
             dropped_tunnel_down: 0,
             dropped_tunnel_full: 0,
+            dropped_queue_full: 0,
             dropped_no_path: 0,
             dropped_inbound: 0,
             dropped_to_platform: 0,
@@ -724,7 +725,7 @@ mod tests {
              \n\
              connectors:   none\n\
              \n\
-             dropped:      3 outbound with no service route, 0 outbound while the tunnel was not up, 0 outbound after waiting on a full tunnel, 0 tunnel packets with no path (relay away), 0 inbound failing the source check, 0 inbound (TUN device not reading)\n"
+             dropped:      3 outbound with no service route, 0 outbound while the tunnel was not up, 0 outbound after waiting on a full tunnel, 0 outbound from a full fair queue (the busiest flow's oldest), 0 tunnel packets with no path (relay away), 0 inbound failing the source check, 0 inbound (TUN device not reading)\n"
         );
     }
 

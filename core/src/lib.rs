@@ -40,6 +40,7 @@ pub mod congestion;
 pub mod daemon;
 pub mod direct;
 pub mod dns;
+pub mod fair_queue;
 pub mod fleet;
 pub mod inbound;
 pub mod metrics_http;

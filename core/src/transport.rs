@@ -137,12 +137,15 @@ pub fn inner_agent(mtu: u16, timing: Timing, changes: Option<PathChanges>) -> Ar
     Arc::new(t)
 }
 
-/// The agent's datagram send buffer per inner connection: 128 KiB, 21 ms at 50 Mbit/s and 1 ms
-/// at 1 Gbit/s. The Linux agent waits for room in it instead of letting quinn drop the oldest
-/// (`Agent::send_packet_wait`), so under load it stays full and is the queue the tunnel adds
-/// in front of its pacer: small enough to keep that delay low, large enough to cover the TUN
-/// reader's scheduling gaps.
-pub const AGENT_DATAGRAM_SEND_BUFFER: usize = 128 << 10;
+/// The agent's datagram send buffer per inner connection: 32 KiB, 5 ms at 50 Mbit/s and
+/// 130 us at 2 Gbit/s. Nothing is dropped from it: the Linux agent's TCP packets wait for room
+/// in it (`Agent::send_packet_wait`), and every other packet that finds it full waits in the
+/// connector link's per-flow fair queue in front of it (`core::fair_queue`), which feeds it as
+/// room frees. Under load it stays full, so it is the FIFO delay every packet, a ping too,
+/// sees in front of the pacer: small, because the fair queue (where a sparse flow goes ahead)
+/// holds the standing queue of a flood. It was 128 KiB, 21 ms at 50 Mbit/s, before the fair
+/// queue; 32 KiB moved as much TCP on the clean path (`docs/architecture.md`, "Fair queueing").
+pub const AGENT_DATAGRAM_SEND_BUFFER: usize = 32 << 10;
 
 /// Bytes of the TCP carriage stream in flight or waiting per inner connection (quinn's send
 /// window and the agent's receive windows): 4 MiB, 1.6 Gbit/s at 20 ms, 210 Mbit/s at 150 ms.
