@@ -67,6 +67,9 @@ fn burst(t: &Topology, s: &Stack) -> Result<()> {
             .as_f64()
             .unwrap_or(f64::NAN)
     ));
+    // The connector reads the socket's drop counters every 250 ms, also while idle: wait for
+    // the flood's last drops to be counted before the baseline.
+    std::thread::sleep(std::time::Duration::from_millis(600));
     let before = s.conn_metrics()?;
     let v = iperf_down(t, &["-b", "40M", "-l", "500", "-t", "3"])?;
     let after = s.conn_metrics()?;

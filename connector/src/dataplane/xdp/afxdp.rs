@@ -264,35 +264,38 @@ struct Served {
 }
 
 /// One queue's task: waits until its RX ring has frames, then reads them in batches, yielding
-/// after [`BATCHES_PER_TURN`] so that the datagrams queued go out before more are read.
+/// after [`BATCHES_PER_TURN`] so that the datagrams queued go out before more are read. Reads
+/// the socket's drop counters every [`STATS_EVERY`], also while no frame arrives, so drops at
+/// the end of a burst are counted within that time and not at the next frame.
 async fn serve(mut socket: Served, mut handler: impl Handler, q: u32) {
     let mut dropped = 0u64;
     let mut stats_at = Instant::now();
     loop {
         let Served { ready, queue } = &mut socket;
-        let mut guard = match ready.readable().await {
-            Ok(g) => g,
-            Err(e) => {
+        match tokio::time::timeout(STATS_EVERY, ready.readable()).await {
+            Err(_idle) => {}
+            Ok(Err(e)) => {
                 warn!(
                     queue = q,
                     "AF_XDP socket failed; its replies are no longer read: {e}"
                 );
                 return;
             }
-        };
-        for _ in 0..BATCHES_PER_TURN {
-            let n = queue.drain(&mut |f| handler.packet(f));
-            if n > 0 {
-                handler.batch_done();
-            }
-            if n < BATCH {
-                // The ring was empty at the end of this read. A frame added since then raises a
-                // new event, which clear_ready keeps.
-                guard.clear_ready();
-                break;
+            Ok(Ok(mut guard)) => {
+                for _ in 0..BATCHES_PER_TURN {
+                    let n = queue.drain(&mut |f| handler.packet(f));
+                    if n > 0 {
+                        handler.batch_done();
+                    }
+                    if n < BATCH {
+                        // The ring was empty at the end of this read. A frame added since then
+                        // raises a new event, which clear_ready keeps.
+                        guard.clear_ready();
+                        break;
+                    }
+                }
             }
         }
-        drop(guard);
         if stats_at.elapsed() >= STATS_EVERY {
             stats_at = Instant::now();
             if let Ok(s) = queue.device.statistics_v2() {
