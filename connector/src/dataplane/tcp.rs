@@ -693,7 +693,14 @@ impl Engine {
             tcp::SocketBuffer::new(vec![0u8; size]),
         );
         socket.set_nagle_enabled(false);
-        socket.set_congestion_control(tcp::CongestionControl::Cubic);
+        // No congestion control of smoltcp's own: its segments cross the path on the reliable
+        // carriage stream, paced and bounded by the inner connection's controller
+        // (`core::congestion`), and wait here while the tunnel has no room
+        // (`ToAgent::has_room`), so smoltcp sees neither loss nor a queue to react to. Its
+        // slow start grew the window by one MSS per ACK, and the agent's kernel acknowledges
+        // a GRO-coalesced write of up to 45 segments with one ACK: a download through 150 ms
+        // took most of a 5-s test to open its window (docs/architecture.md, "Throughput").
+        socket.set_congestion_control(tcp::CongestionControl::None);
         let endpoint = IpListenEndpoint {
             addr: Some(IpAddress::from(key.service)),
             port: key.port,
