@@ -44,10 +44,11 @@
 //!   150 ms the tunnel took 1.45 s to fill 100 Mbit/s and dropped the packets of a user's TCP
 //!   whose slow start was faster than that. Startup ends when the delivery rate grew by less
 //!   than a quarter for [`STARTUP_FLAT_INTERVALS`] window-limited intervals, when the path
-//!   queues, or on a loss while it queues; persistent congestion starts it over, and so does
-//!   an interval in which the sender had less to send than the window (from the current
-//!   window: the next flow ramps as fast as the first). Such a sender does not grow the
-//!   startup window, and neither does any sender while the path is congested.
+//!   queues, or on a loss while it queues; persistent congestion and a path found longer start
+//!   it over (a path that got longer reads as a queue and ends it). A sender with
+//!   less to send than the window does not grow the startup window, and neither does any
+//!   sender while the path is congested. A flow after a quiet spell starts from the rate
+//!   estimate the quiet spell kept (above).
 //! - **Loss alone does nothing.** A loss only counts as congestion when the path is queueing:
 //!   when the smallest RTT sample of the last interval exceeds the minimum by
 //!   [`QUEUE_DELAY_THRESHOLD`] (random loss happens at any RTT; a full bottleneck queue comes
@@ -178,6 +179,13 @@ impl Startup {
             flat: 0,
             exits: 0,
         }
+    }
+
+    fn restart(&mut self, window: u64) {
+        self.on = true;
+        self.window = window;
+        self.bw = 0;
+        self.flat = 0;
     }
 
     fn end(&mut self) {
@@ -330,7 +338,7 @@ impl Estimator {
             self.interval_start = now;
             self.interval_acked = 0;
             self.recent_min_rtt = self.interval_min_rtt.take();
-            self.startup_at_interval_end(now, limited);
+            self.startup_at_interval_end(limited);
             self.follow_a_longer_path(now);
         }
         self.update_window(now);
@@ -339,16 +347,16 @@ impl Estimator {
     /// At the end of an interval (`limited`: the window limited the sender during it):
     /// startup ends when the path queues (the smallest RTT sample of the interval above the
     /// minimum by the elevation margin) or when the delivery rate of a window-limited sender
-    /// stopped growing; an interval with the sender below the window starts it again from the
-    /// current window, so a flow that starts after a quiet one ramps as fast as the first.
-    fn startup_at_interval_end(&mut self, now: Instant, limited: bool) {
+    /// stopped growing.
+    ///
+    /// It starts again after persistent congestion and when the path got longer
+    /// ([`Self::follow_a_longer_path`]), but not after a quiet spell: the rate estimate outlives it (see
+    /// [`Self::on_ack`]). Starting it again whenever an interval found the sender below the
+    /// window let a UDP flood, whose sender falls short of the window now and then, overshoot
+    /// a 50 Mbit/s bottleneck at 115 Mbit/s (60 without), since that bottleneck's 10 ms queue
+    /// never showed the delay that ends startup.
+    fn startup_at_interval_end(&mut self, limited: bool) {
         if !self.startup.on {
-            if !limited && !self.congested(now) {
-                self.startup.on = true;
-                self.startup.window = self.window;
-                self.startup.bw = self.bandwidth();
-                self.startup.flat = 0;
-            }
             return;
         }
         if let (Some(min), Some(recent)) = (self.min_rtt, self.recent_min_rtt) {
@@ -416,6 +424,8 @@ impl Estimator {
             self.congested_until = None;
             self.probing = false;
             self.path_longer += 1;
+            // A new path: ramp on it as on a fresh connection, from the current window.
+            self.startup.restart(self.window);
         }
     }
 
@@ -427,9 +437,7 @@ impl Estimator {
             self.congested_until = None;
             self.congestion_events += 1;
             self.window = self.min_window();
-            let exits = self.startup.exits;
-            self.startup = Startup::new(self.window);
-            self.startup.exits = exits;
+            self.startup.restart(self.window);
             return;
         }
         let queueing = match (self.min_rtt, self.latest_min_rtt()) {
@@ -1051,6 +1059,8 @@ mod tests {
         );
         assert!(r > 85.0, "delivered {r:.1} Mbit/s");
         assert_eq!(out.est.path_longer(), 1);
+        // Startup ended on the LAN, started over on the longer path and ended there too.
+        assert_eq!(out.est.startup_exits(), 2);
     }
 
     #[test]
@@ -1170,37 +1180,6 @@ mod tests {
         now += rtt;
         e.on_ack(now, sent, 2_000_000, rtt, true);
         assert!(e.bandwidth() > bw);
-    }
-
-    #[test]
-    fn a_flow_after_a_quiet_spell_ramps_in_startup_again() {
-        let t0 = Instant::now();
-        let rtt = Duration::from_millis(20);
-        let mut e = Estimator::new(t0, MTU);
-        // Startup ends at a low rate: a window-limited sender on a path that delivers 100 kB
-        // per RTT (a bottleneck shared with others).
-        let mut now = t0;
-        for _ in 0..10 {
-            let sent = now;
-            now += rtt;
-            e.on_ack(now, sent, 100_000, rtt, false);
-        }
-        assert!(!e.in_startup());
-        // Then only app-limited traffic for a few intervals: startup is on again ...
-        for _ in 0..3 {
-            let sent = now;
-            now += rtt;
-            e.on_ack(now, sent, 1_000, rtt, true);
-        }
-        assert!(e.in_startup());
-        // ... and a window-limited sender (the other flows are gone) grows the window by
-        // 2.5 × per window acknowledged, not by the delivery rate's 2.5 × per interval
-        // measured a round trip late.
-        let w = e.window();
-        let sent = now;
-        now += rtt / 4;
-        e.on_ack(now, sent, w, rtt, false);
-        assert!(e.window() >= w + w * 3 / 2, "{} after {w}", e.window());
     }
 
     #[test]
