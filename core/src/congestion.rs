@@ -156,7 +156,7 @@ pub struct Estimator {
 
 /// The startup phase (see the module documentation): a window that grows with what is
 /// acknowledged, ack-clocked like TCP's slow start, until the path is full.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Startup {
     /// Whether the controller is in startup.
     on: bool,
@@ -171,16 +171,7 @@ struct Startup {
 }
 
 impl Startup {
-    fn new(window: u64) -> Self {
-        Self {
-            on: true,
-            window,
-            bw: 0,
-            flat: 0,
-            exits: 0,
-        }
-    }
-
+    /// Starts (again) from `window`, keeping the count of exits.
     fn restart(&mut self, window: u64) {
         self.on = true;
         self.window = window;
@@ -217,11 +208,11 @@ impl Estimator {
             path_longer: 0,
             probing: false,
             drain_probes: 0,
-            startup: Startup::new(0),
+            startup: Startup::default(),
             window: 0,
         };
         e.window = e.min_window();
-        e.startup = Startup::new(e.window);
+        e.startup.restart(e.window);
         e
     }
 
@@ -293,7 +284,7 @@ impl Estimator {
         self.smoothed_rtt = smoothed_rtt;
         if !app_limited {
             self.interval_limited = true;
-            if self.startup.on && !self.congested(now) {
+            if self.startup.on {
                 // Only a window-limited sender grows it: a slow flow must not earn a window
                 // it never used (RFC 7661's reasoning).
                 let grow = (bytes as f64 * STARTUP_GROWTH) as u64;
@@ -350,8 +341,8 @@ impl Estimator {
     /// stopped growing.
     ///
     /// It starts again after persistent congestion and when the path got longer
-    /// ([`Self::follow_a_longer_path`]), but not after a quiet spell: the rate estimate outlives it (see
-    /// [`Self::on_ack`]). Starting it again whenever an interval found the sender below the
+    /// ([`Self::follow_a_longer_path`]), but not after a quiet spell: the rate estimate
+    /// outlives it (see [`Self::on_ack`]). Starting it again whenever an interval found the sender below the
     /// window let a UDP flood, whose sender falls short of the window now and then, overshoot
     /// a 50 Mbit/s bottleneck at 115 Mbit/s (60 without), since that bottleneck's 10 ms queue
     /// never showed the delay that ends startup.
@@ -488,7 +479,10 @@ impl Estimator {
         };
         let bdp = self.bandwidth() as f64 * (rtt + QUEUE_ALLOWANCE).as_secs_f64();
         let mut w = (gain * bdp) as u64;
-        if self.startup.on && !self.congested(now) {
+        // Startup ends wherever the congested state begins (a loss while queueing, the drain
+        // that an elevated RTT starts, which first ends startup at the same interval's end).
+        debug_assert!(!(self.startup.on && self.congested(now)));
+        if self.startup.on {
             w = w.max(self.startup.window);
         }
         self.window = w.clamp(self.min_window(), MAX_WINDOW.max(self.min_window()));
@@ -839,6 +833,24 @@ mod tests {
 
     const MBIT: f64 = 1_000_000.0 / 8.0;
 
+    /// `n` round trips of `rtt` from `now`, each acknowledging `bytes` sent one RTT before;
+    /// returns the time after the last.
+    fn round_trips(
+        e: &mut Estimator,
+        mut now: Instant,
+        n: usize,
+        rtt: Duration,
+        bytes: u64,
+        app_limited: bool,
+    ) -> Instant {
+        for _ in 0..n {
+            let sent = now;
+            now += rtt;
+            e.on_ack(now, sent, bytes, rtt, app_limited);
+        }
+        now
+    }
+
     #[test]
     fn starts_at_the_minimum_window_and_grows_with_the_delivery_rate() {
         let t0 = Instant::now();
@@ -1100,12 +1112,7 @@ mod tests {
         let rtt = Duration::from_millis(50);
         // A slow flow: 10 packets per RTT, never window-limited, for 100 round trips.
         let mut e = Estimator::new(t0, MTU);
-        let mut now = t0;
-        for _ in 0..100 {
-            let sent = now;
-            now += rtt;
-            e.on_ack(now, sent, 10 * u64::from(MTU), rtt, true);
-        }
+        round_trips(&mut e, t0, 100, rtt, 10 * u64::from(MTU), true);
         assert_eq!(
             e.window(),
             MIN_WINDOW_PACKETS * u64::from(MTU),
@@ -1159,12 +1166,7 @@ mod tests {
         let t0 = Instant::now();
         let rtt = Duration::from_millis(10);
         let mut e = Estimator::new(t0, MTU);
-        let mut now = t0;
-        for _ in 0..100 {
-            let sent = now;
-            now += rtt;
-            e.on_ack(now, sent, 1_000_000, rtt, false);
-        }
+        let mut now = round_trips(&mut e, t0, 100, rtt, 1_000_000, false);
         let (bw, w) = (e.bandwidth(), e.window());
         assert!(bw > 90_000_000, "{bw}");
         // A minute of keepalives (app-limited, a few bytes a second): the path is the same.

@@ -699,7 +699,7 @@ impl Engine {
         // (`ToAgent::has_room`), so smoltcp sees neither loss nor a queue to react to. Its
         // slow start grew the window by one MSS per ACK, and the agent's kernel acknowledges
         // a GRO-coalesced write of up to 45 segments with one ACK: a download through 150 ms
-        // took most of a 5-s test to open its window (docs/architecture.md, "Throughput").
+        // took most of a 5-s test to open its window (docs/architecture.md, "Long paths").
         socket.set_congestion_control(tcp::CongestionControl::None);
         let endpoint = IpListenEndpoint {
             addr: Some(IpAddress::from(key.service)),
