@@ -62,7 +62,8 @@ struct Args {
     /// (default 5).
     #[arg(long)]
     profiles: bool,
-    /// `--profiles`: only the profiles whose name contains one of these (comma-separated).
+    /// `--profiles`: only the profiles whose name contains one of these (comma-separated), or
+    /// starts with it when it starts with `^` (`^0 ms`: the 0 ms profile alone).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Names the `--profiles` output files (`profiles-LABEL.md`).

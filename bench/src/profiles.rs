@@ -8,7 +8,10 @@
 //! file, so one tunnel session sees every profile in turn. The bottleneck profile also measures
 //! ping under load (ping every 100 ms while iperf3 runs), the tunnel's own send rate into the
 //! bottleneck and the bottleneck's longest queue (from the forwarder's counters), and the same
-//! with an unresponsive sender (a UDP flood at 4 × the bottleneck's rate).
+//! with an unresponsive sender (a UDP flood at 4 × the bottleneck's rate). Beside the ping, a
+//! TCP ping (`ztna-test-tcp rtt`: one byte echoed every 100 ms on its own connection) shows what
+//! another TCP connection waits behind the load, uploads and downloads: on ztna the
+//! connector's TCP segments to the agent share one ordered carriage stream, which ICMP bypasses.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -56,6 +59,10 @@ pub(crate) const BOTTLENECK: Profile = Profile {
     rate_mbit: 50.0,
     queue_kb: 64,
 };
+
+/// The TCP ping's echo server in the backend namespace; port 9000 is among service `web`'s TCP
+/// ports in the test configs.
+const TCP_PROBE_PORT: u16 = 9000;
 
 /// Every profile, in the order they run.
 pub(crate) const PROFILES: &[Profile] = &[
@@ -167,21 +174,27 @@ fn inner_counters(st: &ztna_e2e::AgentStatus) -> Option<InnerCounters> {
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Loaded {
     pub(crate) tunnel: String,
-    /// `cubic`, `bbr`, or `udp-flood`.
+    /// `cubic`, `bbr`, `cubic-down`, `bbr-down`, or `udp-flood`.
     pub(crate) sender: String,
     /// Idle ping through the tunnel, and ping while the test runs: mean and p99, ms.
     pub(crate) idle_ping_ms: Option<f64>,
     pub(crate) loaded_ping_avg_ms: Option<f64>,
     pub(crate) loaded_ping_p99_ms: Option<f64>,
     pub(crate) loaded_ping_lost: Option<u32>,
+    /// The TCP ping under load: mean and p99 of its round trips, ms, and how it ended (`done`,
+    /// or the error that cut it short).
+    pub(crate) loaded_tcp_rtt_avg_ms: Option<f64>,
+    pub(crate) loaded_tcp_rtt_p99_ms: Option<f64>,
+    pub(crate) loaded_tcp_rtt_result: Option<String>,
     /// iperf3's received rate, Mbit/s.
     pub(crate) received_mbps: Option<f64>,
-    /// What the tunnel sent into the bottleneck and what left it (UDP payload), Mbit/s.
+    /// What the tunnel sent into the bottleneck in the load's direction and what left it (UDP
+    /// payload), Mbit/s.
     pub(crate) tunnel_sent_mbps: Option<f64>,
     pub(crate) bottleneck_out_mbps: Option<f64>,
     /// Datagrams the bottleneck's full queue dropped.
     pub(crate) bottleneck_drops: Option<u64>,
-    /// The bottleneck queue's longest delay, ms.
+    /// The bottleneck queue's longest delay in the load's direction, ms.
     pub(crate) max_queue_ms: Option<f64>,
     pub(crate) error: Option<String>,
 }
@@ -200,11 +213,19 @@ pub(crate) struct ProfilesReport {
     pub(crate) machine: crate::report::Machine,
 }
 
+/// Whether `--only` entry `o` selects profile `name`: a substring, or a prefix after `^`.
+fn selects(o: &str, name: &str) -> bool {
+    match o.strip_prefix('^') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name.contains(o),
+    }
+}
+
 /// Runs every profile through every tunnel.
 pub(crate) fn run(tunnels: &[String], secs: u32, label: &str, only: &[String]) -> ProfilesReport {
     let profiles: Vec<Profile> = PROFILES
         .iter()
-        .filter(|p| only.is_empty() || only.iter().any(|o| p.name.contains(o.as_str())))
+        .filter(|p| only.is_empty() || only.iter().any(|o| selects(o, p.name)))
         .copied()
         .collect();
     let started_utc = crate::report::now_utc();
@@ -295,6 +316,13 @@ fn measure_tunnel(
     loaded: &mut Vec<Loaded>,
 ) -> Result<()> {
     crate::runner::start_iperf_server(t)?;
+    let probe_addr = format!("{}:{TCP_PROBE_PORT}", ztna_e2e::addr::BACKEND);
+    let probe_server = t.spawn(
+        Node::Backend,
+        "tcp-echo",
+        &t.helpers().tcp,
+        ["listen", &probe_addr, "--echo", "--exit-after", "3600"],
+    )?;
     let fwd = Forwarder {
         control: t.dir().join("impair.ctl"),
         stats: t.dir().join("impair.stats"),
@@ -322,6 +350,7 @@ fn measure_tunnel(
     )?;
     std::thread::sleep(Duration::from_millis(200));
     t.ensure_running(impair)?;
+    t.ensure_running(probe_server)?;
     let up = paths::impaired(t, tunnel)?;
     for profile in profiles {
         fwd.set(profile)?;
@@ -341,7 +370,7 @@ fn measure_tunnel(
                 inner_congestion_events: None,
             };
             let (algo, down) = sender(cc);
-            if profile.rate_mbit > 0.0 && (*cc == UDP_100 || down) {
+            if profile.rate_mbit > 0.0 && *cc == UDP_100 {
                 continue;
             }
             let status = || {
@@ -353,7 +382,12 @@ fn measure_tunnel(
             if profile.rate_mbit > 0.0 {
                 let idle = measure::ping(t, up.target, 20).ok().map(|p| p.avg_ms);
                 fwd.set(profile)?;
-                let mut l = under_load(t, &fwd, up.target, IperfKind::TcpCc { cc }, secs);
+                let kind = if down {
+                    IperfKind::TcpCcDown { cc: algo }
+                } else {
+                    IperfKind::TcpCc { cc }
+                };
+                let mut l = under_load(t, &fwd, up.target, kind, secs);
                 l.tunnel = tunnel.to_owned();
                 l.sender = (*cc).to_owned();
                 l.idle_ping_ms = idle;
@@ -412,8 +446,8 @@ fn measure_tunnel(
     Ok(())
 }
 
-/// Runs `kind` for `secs` with ping every 100 ms alongside, and reads the forwarder's counters
-/// (reset by the caller just before).
+/// Runs `kind` for `secs` with ping and the TCP ping every 100 ms alongside, and reads the
+/// forwarder's counters (reset by the caller just before) for the load's direction.
 fn under_load(t: &Topology, fwd: &Forwarder, target: &str, kind: IperfKind, secs: u32) -> Loaded {
     let mut l = Loaded::default();
     let count = (secs * 10).saturating_sub(5).max(1).to_string();
@@ -423,28 +457,59 @@ fn under_load(t: &Topology, fwd: &Forwarder, target: &str, kind: IperfKind, secs
         "ping",
         ["-n", "-i", "0.1", "-W", "2", "-c", &count, target],
     );
+    let probe = t.spawn(
+        Node::Agent,
+        "tcp-ping-under-load",
+        &t.helpers().tcp,
+        [
+            "rtt",
+            &format!("{target}:{TCP_PROBE_PORT}"),
+            "--count",
+            &count,
+            "--interval-ms",
+            "100",
+            "--timeout-ms",
+            "3000",
+        ],
+    );
     let started = std::time::Instant::now();
+    let down = matches!(kind, IperfKind::TcpCcDown { .. });
     match measure::iperf(t, target, kind, secs) {
         Ok(r) => l.received_mbps = Some(r.mbps),
         Err(e) => l.error = Some(format!("{e:#}")),
     }
     let elapsed = started.elapsed().as_secs_f64().max(f64::from(secs));
     let s = fwd.stats();
+    let dir = if down { "down" } else { "up" };
     let mbit = |k: &str| s.get(k).map(|b| *b as f64 * 8.0 / 1e6 / elapsed);
-    l.tunnel_sent_mbps = mbit("up_in_bytes");
-    l.bottleneck_out_mbps = mbit("up_out_bytes");
+    l.tunnel_sent_mbps = mbit(&format!("{dir}_in_bytes"));
+    l.bottleneck_out_mbps = mbit(&format!("{dir}_out_bytes"));
     l.bottleneck_drops = s.get("rate_dropped").copied();
-    l.max_queue_ms = s.get("up_max_backlog_us").map(|u| *u as f64 / 1000.0);
+    l.max_queue_ms = s
+        .get(&format!("{dir}_max_backlog_us"))
+        .map(|u| *u as f64 / 1000.0);
+    if let Ok(id) = probe {
+        wait_exit(t, id);
+        let log = t.log(id);
+        let mut rtts: Vec<f64> = log
+            .lines()
+            .filter_map(|l| l.strip_prefix("rtt_ms=")?.trim().parse().ok())
+            .collect();
+        rtts.sort_by(f64::total_cmp);
+        if !rtts.is_empty() {
+            l.loaded_tcp_rtt_avg_ms = Some(rtts.iter().sum::<f64>() / rtts.len() as f64);
+            l.loaded_tcp_rtt_p99_ms = Some(measure::percentile(&rtts, 0.99));
+        }
+        l.loaded_tcp_rtt_result = Some(
+            log.lines()
+                .find_map(|l| l.strip_prefix("result="))
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("no result")
+                .to_owned(),
+        );
+    }
     if let Ok(id) = ping {
-        for _ in 0..50 {
-            if !t.is_running(id) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if t.is_running(id) {
-            let _ = t.kill(id);
-        }
+        wait_exit(t, id);
         let mut rtts = measure::parse_ping(&t.log(id));
         rtts.sort_by(f64::total_cmp);
         if !rtts.is_empty() {
@@ -455,6 +520,19 @@ fn under_load(t: &Topology, fwd: &Forwarder, target: &str, kind: IperfKind, secs
         l.loaded_ping_lost = Some(sent.saturating_sub(rtts.len() as u32));
     }
     l
+}
+
+/// Waits up to 5 s for a probe started beside the load to end, then stops it.
+fn wait_exit(t: &Topology, id: ztna_e2e::DaemonId) {
+    for _ in 0..50 {
+        if !t.is_running(id) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if t.is_running(id) {
+        let _ = t.kill(id);
+    }
 }
 
 fn f1(v: Option<f64>) -> String {
@@ -532,12 +610,19 @@ impl ProfilesReport {
             "#### Under load at the bottleneck ({})\n\n",
             BOTTLENECK.name
         );
-        md += "| tunnel | sender | received (Mbit/s) | tunnel sent into the bottleneck (Mbit/s) | \
-               bottleneck drops | longest queue (ms) | idle ping (ms) | ping under load: mean / p99 (ms) | pings lost |\n\
-               |---|---|---:|---:|---:|---:|---:|---:|---:|\n";
+        md += "The load's direction: from the agent, or to it for `-down` (a download). \
+               TCP ping: one byte echoed every 100 ms on a TCP connection of its own.\n\n\
+               | tunnel | sender | received (Mbit/s) | tunnel sent into the bottleneck (Mbit/s) | \
+               bottleneck drops | longest queue (ms) | idle ping (ms) | ping under load: mean / p99 (ms) | pings lost | \
+               TCP ping under load: mean / p99 (ms) |\n\
+               |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
         for l in &self.loaded {
+            let tcp = match l.loaded_tcp_rtt_result.as_deref() {
+                Some("done") | None => String::new(),
+                Some(r) => format!(" ({r})"),
+            };
             md += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} / {}{tcp} |\n",
                 l.tunnel,
                 l.sender,
                 f1(l.received_mbps),
@@ -548,6 +633,8 @@ impl ProfilesReport {
                 f1(l.loaded_ping_avg_ms),
                 f1(l.loaded_ping_p99_ms),
                 l.loaded_ping_lost.map_or("—".into(), |d| d.to_string()),
+                f1(l.loaded_tcp_rtt_avg_ms),
+                f1(l.loaded_tcp_rtt_p99_ms),
             );
         }
         let errors: Vec<_> = self
@@ -640,6 +727,21 @@ impl ProfilesReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_selects_by_substring_or_prefix() {
+        let names = |o: &str| -> Vec<&str> {
+            PROFILES
+                .iter()
+                .filter(|p| selects(o, p.name))
+                .map(|p| p.name)
+                .collect()
+        };
+        assert_eq!(names("^0 ms"), ["0 ms, no loss"]);
+        assert_eq!(names("bottleneck"), [BOTTLENECK.name]);
+        assert_eq!(names("150 ms").len(), 2);
+        assert!(names("0 ms").len() > 5);
+    }
 
     #[test]
     fn profile_arguments_parse_as_the_forwarder_expects() {

@@ -237,12 +237,14 @@ struct Counters {
     /// Bytes that arrived and left towards the clients.
     down_in_bytes: AtomicU64,
     down_out_bytes: AtomicU64,
-    /// The longest the bottleneck queue towards the target got, in microseconds of its rate.
+    /// The longest the bottleneck queue towards the target got, in microseconds of its rate,
+    /// and towards the clients.
     up_max_backlog_us: AtomicU64,
+    down_max_backlog_us: AtomicU64,
 }
 
 impl Counters {
-    const NAMES: [&'static str; 11] = [
+    const NAMES: [&'static str; 12] = [
         "forwarded",
         "lost",
         "reordered",
@@ -254,9 +256,10 @@ impl Counters {
         "down_in_bytes",
         "down_out_bytes",
         "up_max_backlog_us",
+        "down_max_backlog_us",
     ];
 
-    fn all(&self) -> [&AtomicU64; 11] {
+    fn all(&self) -> [&AtomicU64; 12] {
         [
             &self.forwarded,
             &self.lost,
@@ -269,6 +272,7 @@ impl Counters {
             &self.down_in_bytes,
             &self.down_out_bytes,
             &self.up_max_backlog_us,
+            &self.down_max_backlog_us,
         ]
     }
 
@@ -350,9 +354,11 @@ impl Shared {
                 return;
             }
             if up {
-                c.up_max_backlog_us
-                    .fetch_max(backlog.as_micros() as u64, Ordering::Relaxed);
+                &c.up_max_backlog_us
+            } else {
+                &c.down_max_backlog_us
             }
+            .fetch_max(backlog.as_micros() as u64, Ordering::Relaxed);
             // A 28-byte IPv4 and UDP header on the wire, as on a real link.
             let bits = (len + 28) * 8;
             *free = (*free).max(now) + Duration::from_nanos(bits * 1_000_000_000 / o.rate_bps);

@@ -11,6 +11,11 @@
 //!   `result=eof bytes=N ms=T` (the server closed), or `result=KIND ms=T` on an error.
 //! - `connect ADDR [--timeout-ms MS]`: connects and waits up to MS for the server to send or
 //!   close; prints `result=refused|reset|timeout|connected|eof|error:... ms=T`.
+//! - `rtt ADDR --count N [--interval-ms MS] [--timeout-ms MS]`: one connection to an echoing
+//!   server; every MS (default 100) writes one byte and waits for it to come back, N times; prints
+//!   `rtt_ms=R` per round trip and `result=done sent=N received=M`. A round trip that takes longer
+//!   than the timeout (default 2000) ends the probe (`result=timeout`). A TCP ping: it measures
+//!   what a small request waits behind other traffic on the same path.
 //!
 //! Every mode is bounded in time. Exit status: 0 when the mode ran (its `result=` line says how),
 //! 2 on a usage error, 1 when `hold` or `send` failed.
@@ -23,7 +28,8 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "usage: ztna-test-tcp listen ADDR [--echo] [--exit-after SECS] | \
 hold ADDR --count N [--hold-secs SECS] [--timeout-ms MS] | \
 send ADDR --file F [--timeout-secs SECS] | read ADDR [--timeout-secs SECS] | \
-connect ADDR [--timeout-ms MS]";
+connect ADDR [--timeout-ms MS] | \
+rtt ADDR --count N [--interval-ms MS] [--timeout-ms MS]";
 
 fn main() -> ExitCode {
     raise_nofile();
@@ -74,6 +80,7 @@ struct Args {
     count: usize,
     secs: Option<u64>,
     timeout_ms: Option<u64>,
+    interval_ms: Option<u64>,
     file: Option<String>,
 }
 
@@ -89,6 +96,7 @@ fn run() -> Result<(), Failure> {
         count: 0,
         secs: None,
         timeout_ms: None,
+        interval_ms: None,
         file: None,
     };
     while let Some(opt) = it.next() {
@@ -107,6 +115,7 @@ fn run() -> Result<(), Failure> {
             "--count" => a.count = usize::try_from(num()?).map_err(|e| usage(e.to_string()))?,
             "--exit-after" | "--hold-secs" | "--timeout-secs" => a.secs = Some(num()?),
             "--timeout-ms" => a.timeout_ms = Some(num()?),
+            "--interval-ms" => a.interval_ms = Some(num()?),
             "--file" => a.file = Some(v.clone()),
             _ => return Err(usage(format!("unknown option {opt:?}"))),
         }
@@ -117,6 +126,7 @@ fn run() -> Result<(), Failure> {
         "send" => send(&a),
         "read" => read(&a),
         "connect" => connect(&a),
+        "rtt" => rtt(&a),
         m => Err(usage(format!("unknown mode {m:?}"))),
     }
 }
@@ -344,5 +354,46 @@ fn connect(a: &Args) -> Result<(), Failure> {
             ms(start)
         ),
     }
+    Ok(())
+}
+
+fn rtt(a: &Args) -> Result<(), Failure> {
+    if a.count == 0 {
+        return Err(usage("rtt needs --count N"));
+    }
+    let timeout = Duration::from_millis(a.timeout_ms.unwrap_or(2000).max(1));
+    let interval = Duration::from_millis(a.interval_ms.unwrap_or(100));
+    let mut s = TcpStream::connect_timeout(&a.addr, timeout)
+        .map_err(|e| failed(format!("connect: {}", kind(&e))))?;
+    s.set_nodelay(true)
+        .and_then(|()| s.set_read_timeout(Some(timeout)))
+        .and_then(|()| s.set_write_timeout(Some(timeout)))
+        .map_err(|e| failed(e.to_string()))?;
+    let mut received = 0usize;
+    let mut next = Instant::now();
+    for _ in 0..a.count {
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        next += interval;
+        let sent = Instant::now();
+        let mut b = [b'r'];
+        let round = s.write_all(&b).and_then(|()| s.read_exact(&mut b));
+        match round {
+            Ok(()) => {
+                received += 1;
+                println!("rtt_ms={:.3}", sent.elapsed().as_secs_f64() * 1e3);
+            }
+            Err(e) => {
+                println!(
+                    "result={} sent={} received={received}",
+                    kind(&e),
+                    received + 1
+                );
+                return Ok(());
+            }
+        }
+        // A round trip longer than the interval delays the next one; don't send a burst after.
+        next = next.max(Instant::now());
+    }
+    println!("result=done sent={} received={received}", a.count);
     Ok(())
 }
