@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::{Bytes, BytesMut};
@@ -98,20 +98,40 @@ struct InnerSink {
     metrics: Arc<Metrics>,
     /// Towards the carriage stream's writer.
     tcp: tokio::sync::mpsc::Sender<Bytes>,
-    /// Set when the stream can't be used (the agent allows no stream, or it broke): TCP
-    /// segments then go as datagrams.
-    tcp_on_datagrams: Arc<AtomicBool>,
+    /// What the sink and the writer share.
+    carriage: Arc<CarriageShared>,
 }
 
-/// TCP segments waiting for the carriage stream's writer, per inner connection (about 190 KiB
-/// of full segments); the connector's TCP stack holds back while it is full
-/// ([`ToAgent::has_room`]).
+/// What an [`InnerSink`] and its carriage stream's writer ([`carry_tcp`]) share.
+struct CarriageShared {
+    /// Set when the stream can't be used (the agent allows no stream, or it broke): TCP
+    /// segments then go as datagrams.
+    on_datagrams: AtomicBool,
+    /// Bytes of segments queued for the writer, and how many the connector's TCP stack may
+    /// queue there before it holds back ([`ToAgent::has_room`]): a quarter of the stream's send
+    /// window, between [`TCP_QUEUE_MIN_BYTES`] and the queue's [`TCP_QUEUE_PACKETS`]. The
+    /// queue is one FIFO for every TCP connection to the agent, while segments held back wait
+    /// in their own connection's buffer, from which the stack sends connection by connection.
+    queued: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+/// TCP segments waiting for the carriage stream's writer, per inner connection (at most about
+/// 190 KiB of full segments, fewer by [`CarriageShared::limit`]); the connector's TCP stack
+/// holds back while it is full ([`ToAgent::has_room`]).
 const TCP_QUEUE_PACKETS: usize = 150;
+
+/// See [`CarriageShared::limit`]: 32 KiB, 5 ms at 50 Mbit/s.
+const TCP_QUEUE_MIN_BYTES: usize = 32 << 10;
 
 /// Most bytes of datagrams the connector's TCP stack leaves waiting in an inner connection's
 /// send buffer when TCP goes as datagrams (the buffer holds `DATAGRAM_SEND_BUFFER`, and drops
 /// the oldest beyond): about 20 ms at 50 Mbit/s, 1 ms at 1 Gbit/s.
 const TCP_QUEUE_BYTES: usize = 128 << 10;
+
+/// How often the carriage stream's send window follows the controller
+/// ([`ztna_core::congestion::Estimator::stream_window`]).
+const TCP_SEND_WINDOW_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// How long the connector waits for the agent to allow the carriage stream.
 const TCP_STREAM_OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -121,11 +141,15 @@ impl InnerSink {
     /// sink is dropped or the connection closes).
     fn new(conn: quinn::Connection, metrics: Arc<Metrics>) -> (Self, AbortOnDrop<()>) {
         let (tcp, rx) = tokio::sync::mpsc::channel(TCP_QUEUE_PACKETS);
-        let tcp_on_datagrams = Arc::new(AtomicBool::new(false));
+        let carriage = Arc::new(CarriageShared {
+            on_datagrams: AtomicBool::new(false),
+            queued: AtomicUsize::new(0),
+            limit: AtomicUsize::new(usize::MAX),
+        });
         let writer = tokio::spawn(carry_tcp(
             conn.clone(),
             rx,
-            tcp_on_datagrams.clone(),
+            carriage.clone(),
             metrics.clone(),
         ));
         (
@@ -133,7 +157,7 @@ impl InnerSink {
                 conn,
                 metrics,
                 tcp,
-                tcp_on_datagrams,
+                carriage,
             },
             AbortOnDrop(writer),
         )
@@ -151,9 +175,10 @@ impl InnerSink {
 async fn carry_tcp(
     conn: quinn::Connection,
     mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-    on_datagrams: Arc<AtomicBool>,
+    shared: Arc<CarriageShared>,
     metrics: Arc<Metrics>,
 ) {
+    let on_datagrams = &shared.on_datagrams;
     use ztna_core::tcp_carriage::{frame_header, HEADER_LEN};
     // Nothing to open before the first segment.
     let Some(first) = rx.recv().await else { return };
@@ -171,8 +196,10 @@ async fn carry_tcp(
     };
     let mut packets: Vec<Bytes> = Vec::with_capacity(TCP_QUEUE_PACKETS);
     let mut chunks: Vec<Bytes> = Vec::with_capacity(2 * TCP_QUEUE_PACKETS);
+    let mut window = SendWindow::new();
     let mut next = Some(first);
     while let Some(p) = next.take() {
+        window.follow(&conn, &shared);
         packets.push(p);
         while packets.len() < TCP_QUEUE_PACKETS {
             match rx.try_recv() {
@@ -180,6 +207,8 @@ async fn carry_tcp(
                 Err(_) => break,
             }
         }
+        let bytes = packets.iter().map(Bytes::len).sum();
+        shared.queued.fetch_sub(bytes, Ordering::Relaxed);
         // One allocation for the batch's headers, each chunk a slice of it.
         let mut headers = BytesMut::with_capacity(HEADER_LEN * packets.len());
         packets.retain(|p| match frame_header(p) {
@@ -213,6 +242,49 @@ async fn carry_tcp(
     let _ = stream.finish();
 }
 
+/// The carriage stream's send window, kept at what the controller calls for: about a round
+/// trip and a half of what the path delivers, not the full 4 MiB the agent would accept
+/// ([`ztna_core::congestion::Estimator::stream_window`]), so that a segment written now does
+/// not wait behind seconds of a download.
+struct SendWindow {
+    set: u64,
+    at: Option<tokio::time::Instant>,
+}
+
+impl SendWindow {
+    fn new() -> Self {
+        Self {
+            set: u64::from(ztna_core::transport::TCP_CARRIAGE_WINDOW),
+            at: None,
+        }
+    }
+
+    /// Reads the controller's stream window and moves the send window to it (within the
+    /// agent's receive window), and the writer's queue limit with it, at most every
+    /// [`TCP_SEND_WINDOW_EVERY`].
+    fn follow(&mut self, conn: &quinn::Connection, shared: &CarriageShared) {
+        let now = tokio::time::Instant::now();
+        if self
+            .at
+            .is_some_and(|at| now.duration_since(at) < TCP_SEND_WINDOW_EVERY)
+        {
+            return;
+        }
+        self.at = Some(now);
+        let max = u64::from(ztna_core::transport::TCP_CARRIAGE_WINDOW);
+        let w = ztna_core::congestion::stream_window(conn).map_or(max, |w| w.min(max));
+        if w != self.set {
+            conn.set_send_window(w);
+            self.set = w;
+            let limit = usize::try_from(w / 4).unwrap_or(usize::MAX).clamp(
+                TCP_QUEUE_MIN_BYTES,
+                TCP_QUEUE_PACKETS * usize::from(transport::DEFAULT_TUN_MTU),
+            );
+            shared.limit.store(limit, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Sends what is still queued for a stream that can't be used as datagrams.
 async fn drain_as_datagrams(
     conn: &quinn::Connection,
@@ -229,31 +301,41 @@ async fn drain_as_datagrams(
 
 impl ToAgent for InnerSink {
     fn has_room(&self) -> bool {
-        if self.tcp_on_datagrams.load(Ordering::Relaxed) {
+        let c = &self.carriage;
+        if c.on_datagrams.load(Ordering::Relaxed) {
             self.datagram_room()
         } else {
             self.tcp.capacity() > 0
+                && c.queued.load(Ordering::Relaxed) < c.limit.load(Ordering::Relaxed)
         }
     }
 
     fn send_tcp(&self, packet: Bytes) {
         // Pure ACKs go as datagrams: on the ordered stream one loss would hold every later ACK
         // back for an RTT and stall the agent's upload.
-        if self.tcp_on_datagrams.load(Ordering::Relaxed)
+        if self.carriage.on_datagrams.load(Ordering::Relaxed)
             || !ztna_core::tcp_carriage::needs_carriage(&packet)
         {
             return self.send(packet);
         }
+        // Counted before the writer can take it off the queue (it subtracts what it takes).
+        let len = packet.len();
+        let queued = &self.carriage.queued;
+        queued.fetch_add(len, Ordering::Relaxed);
         match self.tcp.try_send(packet) {
             Ok(()) => {}
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                queued.fetch_sub(len, Ordering::Relaxed);
                 // has_room() said there was room; a segment the stack built without asking
                 // (an immediate reply) found none: lost, the TCP ends recover it.
                 self.metrics
                     .dropped_to_agent
                     .fetch_add(1, Ordering::Relaxed);
             }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(p)) => self.send(p),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(p)) => {
+                queued.fetch_sub(len, Ordering::Relaxed);
+                self.send(p)
+            }
         }
     }
 
