@@ -54,7 +54,12 @@
 //!   [`QUEUE_DELAY_THRESHOLD`] (random loss happens at any RTT; a full bottleneck queue comes
 //!   with its delay). Then, for [`CONGESTED_HOLD_RTTS`] smoothed RTTs, the gain drops to 1: the window is one
 //!   bandwidth-delay product plus the allowance, the rate the path delivers, and the queue the
-//!   tunnel keeps at the bottleneck is bounded by [`QUEUE_ALLOWANCE`] of delay.
+//!   tunnel keeps at the bottleneck is bounded by [`QUEUE_ALLOWANCE`] of delay. After that the
+//!   gain climbs back to [`GAIN`] over [`RECOVERY_RTTS`] smoothed RTTs (the window still
+//!   covering the minimum RTT meanwhile). When it jumped back at once, an unresponsive sender
+//!   (a UDP flood, or the TCP carriage stream, which always has more) refilled the
+//!   bottleneck's queue within a round trip every cycle: 60–65 Mbit/s into a 50 Mbit/s
+//!   bottleneck; climbing, it probes gently, about 49.
 //! - **Persistent congestion** (quinn's: everything lost for several PTOs, a dead path) resets
 //!   the estimates to the initial window.
 //! - **Reliable streams** that always have more to send (the TCP carriage) are held to what the
@@ -82,6 +87,9 @@ pub const GAIN: f64 = 2.5;
 pub const CONGESTED_GAIN: f64 = 1.0;
 /// How many smoothed RTTs the congested state lasts after the last congestion loss.
 pub const CONGESTED_HOLD_RTTS: u32 = 4;
+/// Smoothed RTTs over which the gain climbs back from [`CONGESTED_GAIN`] to [`GAIN`] after the
+/// congested state (see the module documentation).
+pub const RECOVERY_RTTS: u32 = 4;
 /// Extra delay the window allows on top of the minimum RTT (a bottleneck queue of this much is
 /// normal operation, not congestion).
 pub const QUEUE_ALLOWANCE: Duration = Duration::from_millis(5);
@@ -147,6 +155,9 @@ pub struct Estimator {
     next_min_rtt: Option<Duration>,
     smoothed_rtt: Duration,
     congested_until: Option<Instant>,
+    /// When the last congested state after a congestion loss ends: the gain climbs back from
+    /// then ([`RECOVERY_RTTS`]).
+    recover_from: Option<Instant>,
     congestion_events: u64,
     /// Since when every interval's smallest RTT sample stayed above the minimum by the
     /// elevation margin while congested, and the smallest of those samples.
@@ -210,6 +221,7 @@ impl Estimator {
             next_min_rtt: None,
             smoothed_rtt: Duration::from_millis(100),
             congested_until: None,
+            recover_from: None,
             congestion_events: 0,
             elevated: None,
             path_longer: 0,
@@ -417,6 +429,7 @@ impl Estimator {
             if std::mem::take(&mut self.probing) {
                 // The queue was the tunnel's own and has drained: back to the normal gain.
                 self.congested_until = None;
+                self.recover_from = None;
             }
             return;
         }
@@ -448,6 +461,7 @@ impl Estimator {
             self.elevated = None;
             // The losses that made the tunnel drain were measured against the old minimum.
             self.congested_until = None;
+            self.recover_from = None;
             self.probing = false;
             self.path_longer += 1;
             // A new path: ramp on it as on a fresh connection, from the current window.
@@ -461,6 +475,7 @@ impl Estimator {
         if persistent {
             self.bw = [0; BW_INTERVALS];
             self.congested_until = None;
+            self.recover_from = None;
             self.congestion_events += 1;
             self.window = self.min_window();
             self.startup.restart(self.window);
@@ -477,6 +492,7 @@ impl Estimator {
             }
             self.congested_until =
                 Some(now + CONGESTED_HOLD_RTTS * self.smoothed_rtt.max(self.interval()));
+            self.recover_from = self.congested_until;
         }
         self.update_window(now);
     }
@@ -495,11 +511,26 @@ impl Estimator {
         self.update_window(now);
     }
 
-    fn update_window(&mut self, now: Instant) {
-        let gain = if self.congested(now) {
-            CONGESTED_GAIN
+    /// The gain at `now` outside the congested state: back to [`GAIN`] over [`RECOVERY_RTTS`]
+    /// after a congested state that a congestion loss began, and whether it is still climbing.
+    fn recovery_gain(&self, now: Instant) -> (f64, bool) {
+        let Some(from) = self.recover_from.filter(|&f| now >= f) else {
+            return (GAIN, false);
+        };
+        let span = RECOVERY_RTTS * self.smoothed_rtt.max(self.interval());
+        let f = now.duration_since(from).as_secs_f64() / span.as_secs_f64();
+        if f >= 1.0 {
+            (GAIN, false)
         } else {
-            GAIN
+            (CONGESTED_GAIN + (GAIN - CONGESTED_GAIN) * f, true)
+        }
+    }
+
+    fn update_window(&mut self, now: Instant) {
+        let (gain, recovering) = if self.congested(now) {
+            (CONGESTED_GAIN, true)
+        } else {
+            self.recovery_gain(now)
         };
         let min = self.min_rtt.unwrap_or_default();
         // The RTT the window covers: the minimum while congested; otherwise the smoothed RTT,
@@ -507,7 +538,7 @@ impl Estimator {
         // when the path gets longer (a relay path after a direct LAN path) while the minimum
         // still remembers the shorter one; the cap keeps a flood from growing its own queue
         // without bound when nothing drops.
-        let rtt = if self.congested(now) {
+        let rtt = if recovering {
             min
         } else {
             self.smoothed_rtt.clamp(min, min * 3 + RTT_CAP_SLACK)
@@ -1023,7 +1054,8 @@ mod tests {
         // A second loss in the same episode is the same event.
         e.on_loss(now + Duration::from_millis(1), false);
         assert_eq!(e.congestion_events(), 1);
-        // Still congested after two smoothed RTTs; the gain is back after four.
+        // Still congested after two smoothed RTTs; the gain climbs back after four, and is
+        // back four later.
         let soon = now + Duration::from_millis(40);
         e.on_ack(
             soon,
@@ -1042,6 +1074,16 @@ mod tests {
             false,
         );
         assert!(!e.congested(later));
+        let climbing = e.window();
+        assert!(climbing < queued / 2, "{climbing} vs {queued}");
+        let back = later + Duration::from_millis(45);
+        e.on_ack(
+            back,
+            back - Duration::from_millis(10),
+            1,
+            Duration::from_millis(10),
+            false,
+        );
         assert!(e.window() > queued / 2);
     }
 
@@ -1296,8 +1338,9 @@ mod tests {
         let (d, s) = (out.delivered_rate / MBIT, out.sent_rate / MBIT);
         eprintln!("flood into 50 Mbit/s: sent {s:.1}, delivered {d:.1} Mbit/s");
         assert!(d > 40.0, "delivered {d:.1} Mbit/s");
+        // 63.8 before the gain climbed back over RECOVERY_RTTS, when it jumped back at once.
         assert!(
-            s < 1.3 * 50.0,
+            s < 1.15 * 50.0,
             "sent {s:.1} Mbit/s into a 50 Mbit/s bottleneck"
         );
         assert!(out.est.congestion_events() > 0);
@@ -1320,25 +1363,20 @@ mod tests {
             (1000.0 * MBIT, 1, 1 << 20),
         ] {
             let rtt = Duration::from_millis(rtt);
-            let sim = |stream| {
-                Sim {
-                    rate,
-                    rtt,
-                    queue,
-                    loss_every: 0,
-                    rtt_change: None,
-                    stream,
-                }
-                .run(8)
-            };
-            let (flood, out) = (sim(false), sim(true));
+            let out = Sim {
+                rate,
+                rtt,
+                queue,
+                loss_every: 0,
+                rtt_change: None,
+                stream: true,
+            }
+            .run(8);
             let d = out.delivered_rate / rate;
             let wait = out.max_stream_window as f64 / rate;
-            // The stream window as it was: 1.5 × the controller's window.
-            let before = 1.5 * flood.est.window() as f64 / rate;
             eprintln!(
                 "stream at {:.0} Mbit/s, {rtt:?}: delivered {d:.2} of the rate, wait behind \
-                 the stream {wait:.3} s (1.5 windows: {before:.3} s), sent {:.1} Mbit/s",
+                 the stream {wait:.3} s, sent {:.1} Mbit/s",
                 rate / MBIT,
                 out.sent_rate / MBIT
             );
