@@ -103,6 +103,10 @@ pub const QUEUE_DELAY_THRESHOLD: Duration = Duration::from_millis(4);
 pub const MIN_WINDOW_PACKETS: u64 = 32;
 /// Largest window: about 1 Gbit/s over 250 ms.
 pub const MAX_WINDOW: u64 = 32 << 20;
+/// How long app-limited samples below the estimate leave it alone ([`Estimator::on_ack`]):
+/// after that they count again, so an estimate that nothing window-limited has confirmed for
+/// this long ages out of the filter within [`BW_INTERVALS`] intervals.
+pub const BW_KEEP: Duration = Duration::from_secs(10);
 /// Delivery-rate intervals the bandwidth max-filter spans.
 pub const BW_INTERVALS: usize = 10;
 /// Shortest and longest delivery-rate interval (it follows the minimum RTT in between).
@@ -139,6 +143,8 @@ pub struct Estimator {
     /// Delivery-rate samples in bytes per second, newest last.
     bw: [u64; BW_INTERVALS],
     bw_next: usize,
+    /// When each sample was taken.
+    bw_at: [Instant; BW_INTERVALS],
     /// The interval being measured: its start and the bytes acknowledged since.
     interval_start: Instant,
     interval_acked: u64,
@@ -211,6 +217,7 @@ impl Estimator {
             mtu: u64::from(mtu),
             bw: [0; BW_INTERVALS],
             bw_next: 0,
+            bw_at: [now; BW_INTERVALS],
             interval_start: now,
             interval_acked: 0,
             interval_limited: false,
@@ -275,6 +282,18 @@ impl Estimator {
     /// The max-filtered delivery rate, bytes per second.
     pub fn bandwidth(&self) -> u64 {
         self.bw.iter().copied().max().unwrap_or(0)
+    }
+
+    /// When the sample [`Self::bandwidth`] comes from was taken (the newest, if several).
+    fn bandwidth_at(&self) -> Instant {
+        let max = self.bandwidth();
+        self.bw
+            .iter()
+            .zip(&self.bw_at)
+            .filter(|(b, _)| **b == max)
+            .map(|(_, at)| *at)
+            .max()
+            .unwrap_or(self.interval_start)
     }
 
     /// The windowed minimum RTT, once sampled.
@@ -368,9 +387,15 @@ impl Estimator {
             let limited = std::mem::take(&mut self.interval_limited);
             // A sender with less to send than the window measures its own rate, not the
             // path's: such a sample only counts when it is higher (as in BBR), so an idle
-            // connection (keepalives only) keeps what it learnt of the path.
-            if limited || rate >= self.bandwidth() {
+            // connection (keepalives only) keeps what it learnt of the path, for [`BW_KEEP`]
+            // after the estimate's sample. Without that bound an overestimate (a burst of
+            // late ACKs after reordering measured 830 Mbit/s on a path carrying 450) stayed for
+            // good under app-limited traffic, the window with it, and the tunnel later flooded
+            // a 50 Mbit/s bottleneck at 200 Mbit/s.
+            let stale = now.saturating_duration_since(self.bandwidth_at()) >= BW_KEEP;
+            if limited || stale || rate >= self.bandwidth() {
                 self.bw[self.bw_next] = rate;
+                self.bw_at[self.bw_next] = now;
                 self.bw_next = (self.bw_next + 1) % BW_INTERVALS;
             }
             self.interval_start = now;
@@ -1307,19 +1332,33 @@ mod tests {
         let mut now = round_trips(&mut e, t0, 100, rtt, 1_000_000, false);
         let (bw, w) = (e.bandwidth(), e.window());
         assert!(bw > 90_000_000, "{bw}");
-        // A minute of keepalives (app-limited, a few bytes a second): the path is the same.
-        for _ in 0..60 {
-            let sent = now;
-            now += Duration::from_secs(1);
-            e.on_ack(now, sent + Duration::from_millis(990), 60, rtt, true);
-        }
+        // Keepalives (app-limited, a few bytes a second) for a while: the path is the same.
+        let quiet = |e: &mut Estimator, mut now: Instant, secs: u32| {
+            for _ in 0..secs {
+                let sent = now;
+                now += Duration::from_secs(1);
+                e.on_ack(now, sent + Duration::from_millis(990), 60, rtt, true);
+            }
+            now
+        };
+        now = quiet(&mut e, now, BW_KEEP.as_secs() as u32 - 2);
         assert_eq!(e.bandwidth(), bw);
         assert_eq!(e.window(), w, "the next flow starts at the path's rate");
         // A sample above the estimate counts even from an app-limited sender.
         let sent = now;
         now += rtt;
         e.on_ack(now, sent, 2_000_000, rtt, true);
-        assert!(e.bandwidth() > bw);
+        let high = e.bandwidth();
+        assert!(high > bw);
+        // But not for good: after BW_KEEP with nothing window-limited to confirm it, what the
+        // app-limited sender measures ages it out (an overestimate must not stay).
+        quiet(
+            &mut e,
+            now,
+            BW_KEEP.as_secs() as u32 + BW_INTERVALS as u32 + 1,
+        );
+        assert!(e.bandwidth() < bw / 100, "{} kept", e.bandwidth());
+        assert!(e.window() < w / 10);
     }
 
     #[test]
