@@ -1081,34 +1081,15 @@ mod tests {
         assert_eq!(e.congestion_events(), 1);
         // Still congested after two smoothed RTTs; the gain climbs back after four, and is
         // back four later.
-        let soon = now + Duration::from_millis(40);
-        e.on_ack(
-            soon,
-            soon - Duration::from_millis(10),
-            1,
-            Duration::from_millis(10),
-            false,
-        );
+        // One byte acknowledged 10 ms after it left, at each of these times.
+        let rtt = Duration::from_millis(10);
+        let soon = round_trips(&mut e, now + Duration::from_millis(30), 1, rtt, 1, false);
         assert!(e.congested(soon));
-        let later = now + Duration::from_millis(85);
-        e.on_ack(
-            later,
-            later - Duration::from_millis(10),
-            1,
-            Duration::from_millis(10),
-            false,
-        );
+        let later = round_trips(&mut e, now + Duration::from_millis(75), 1, rtt, 1, false);
         assert!(!e.congested(later));
         let climbing = e.window();
         assert!(climbing < queued / 2, "{climbing} vs {queued}");
-        let back = later + Duration::from_millis(45);
-        e.on_ack(
-            back,
-            back - Duration::from_millis(10),
-            1,
-            Duration::from_millis(10),
-            false,
-        );
+        round_trips(&mut e, later + Duration::from_millis(35), 1, rtt, 1, false);
         assert!(e.window() > queued / 2);
     }
 
