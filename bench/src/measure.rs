@@ -159,11 +159,28 @@ pub(crate) fn iperf(t: &Topology, target: &str, kind: IperfKind, secs: u32) -> R
     if !out.success() {
         bail!("{out}");
     }
+    dump_iperf(&args, &out.stdout);
     let mut r = parse_iperf(&out.stdout).with_context(|| format!("parsing the output of {out}"))?;
     if let IperfKind::Udp { mbps } = kind {
         r.target_mbps = Some(mbps);
     }
     Ok(r)
+}
+
+/// With `ZTNA_BENCH_IPERF_DUMP=DIR`, keeps each iperf3 run's JSON (its per-second intervals
+/// show how a flow ramps) as `DIR/<unix ms>.json`, with the command line in `cmd`.
+fn dump_iperf(args: &[String], json: &str) {
+    let Some(dir) = std::env::var_os("ZTNA_BENCH_IPERF_DUMP") else {
+        return;
+    };
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let path = std::path::Path::new(&dir).join(format!("{ms}.json"));
+    let doc = serde_json::json!({ "cmd": args.join(" "), "iperf": serde_json::from_str::<serde_json::Value>(json).ok() });
+    if let Err(e) = std::fs::write(&path, doc.to_string()) {
+        eprintln!("could not keep iperf3's output in {}: {e}", path.display());
+    }
 }
 
 fn parse_iperf(json: &str) -> Result<Iperf> {

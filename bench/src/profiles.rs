@@ -153,6 +153,9 @@ pub(crate) struct Cell {
     pub(crate) path: Option<String>,
     pub(crate) inner_lost: Option<u64>,
     pub(crate) inner_congestion_events: Option<u64>,
+    /// Datagrams the kernel dropped on the impairment forwarder's own sockets during the cell
+    /// (the instrument, not the path, lost them; [`ProfilesReport::markdown`] lists such cells).
+    pub(crate) forwarder_drops: Option<u64>,
 }
 
 /// What a ztna cell reads from `ztna-agent status` before and after it.
@@ -246,6 +249,7 @@ pub(crate) fn run(tunnels: &[String], secs: u32, label: &str, only: &[String]) -
                 path: None,
                 inner_lost: None,
                 inner_congestion_events: None,
+                forwarder_drops: None,
             });
         }
     }
@@ -295,6 +299,13 @@ impl Forwarder {
             .with_context(|| format!("writing {}", self.control.display()))?;
         std::thread::sleep(Duration::from_millis(400));
         Ok(())
+    }
+
+    /// The forwarder's `socket_drops` now (since the last [`Self::set`]), once its stats file
+    /// has been rewritten after this call (every 100 ms).
+    fn socket_drops(&self) -> Option<u64> {
+        std::thread::sleep(Duration::from_millis(150));
+        self.stats().get("socket_drops").copied()
     }
 
     fn stats(&self) -> BTreeMap<String, u64> {
@@ -368,6 +379,7 @@ fn measure_tunnel(
                 path: None,
                 inner_lost: None,
                 inner_congestion_events: None,
+                forwarder_drops: None,
             };
             let (algo, down) = sender(cc);
             if profile.rate_mbit > 0.0 && *cc == UDP_100 {
@@ -379,6 +391,7 @@ fn measure_tunnel(
                     .and_then(|s| ztna_e2e::stack::agent_status(t, s).ok())
             };
             let before = status().as_ref().and_then(inner_counters);
+            let drops_before = fwd.socket_drops();
             if profile.rate_mbit > 0.0 {
                 let idle = measure::ping(t, up.target, 20).ok().map(|p| p.avg_ms);
                 fwd.set(profile)?;
@@ -410,6 +423,16 @@ fn measure_tunnel(
                     Err(e) => cell.error = Some(format!("{e:#}")),
                 }
             }
+            // Under load the forwarder's counters were reset (fwd.set) after `drops_before`.
+            let base = if profile.rate_mbit > 0.0 {
+                Some(0)
+            } else {
+                drops_before
+            };
+            cell.forwarder_drops = fwd
+                .socket_drops()
+                .zip(base)
+                .map(|(a, b)| a.saturating_sub(b));
             if let Some(after) = status() {
                 cell.path = after.connector_path("conn1").map(str::to_owned);
                 if let (Some(b), Some(a)) = (before, inner_counters(&after)) {
@@ -643,6 +666,27 @@ impl ProfilesReport {
             .filter_map(|c| Some((c, c.error.as_deref()?)))
             .collect();
         md += &self.inner_markdown();
+        let spoilt: Vec<_> = self
+            .cells
+            .iter()
+            .filter(|c| c.forwarder_drops.is_some_and(|d| d > 0))
+            .collect();
+        md += "\n#### The impairment forwarder's own drops\n\n";
+        if spoilt.is_empty() {
+            md += "None: the kernel dropped nothing on the forwarder's sockets in any cell.\n";
+        } else {
+            md += "Cells in which the kernel dropped datagrams on the forwarder's own sockets \
+                   (loss the profile did not ask for):\n\n";
+            for c in spoilt {
+                md += &format!(
+                    "- {} / {} / {}: {}\n",
+                    c.tunnel,
+                    c.profile,
+                    c.cc,
+                    c.forwarder_drops.unwrap_or_default()
+                );
+            }
+        }
         if !errors.is_empty() {
             md += "\n#### Failed cells\n\n";
             for (c, e) in errors {
