@@ -274,6 +274,19 @@ impl SendWindow {
         let max = u64::from(ztna_core::transport::TCP_CARRIAGE_WINDOW);
         let w = ztna_core::congestion::stream_window(conn).map_or(max, |w| w.min(max));
         if w != self.set {
+            if tracing::enabled!(tracing::Level::TRACE) {
+                let c = ztna_core::congestion::CarriageStatus::of(conn);
+                tracing::trace!(
+                    stream_window = w,
+                    window = c.window_bytes,
+                    bandwidth_mbit = c.bandwidth_mbit,
+                    min_rtt_ms = c.min_rtt_ms,
+                    rtt_ms = conn.rtt().as_secs_f64() * 1e3,
+                    lost = c.lost_packets,
+                    congestion_events = c.congestion_events,
+                    "carriage stream window"
+                );
+            }
             conn.set_send_window(w);
             self.set = w;
             let limit = usize::try_from(w / 4).unwrap_or(usize::MAX).clamp(

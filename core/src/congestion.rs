@@ -48,7 +48,8 @@
 //!   it over (a path that got longer reads as a queue and ends it). A sender with
 //!   less to send than the window does not grow the startup window, and neither does any
 //!   sender while the path is congested. A flow after a quiet spell starts from the rate
-//!   estimate the quiet spell kept (above).
+//!   estimate the quiet spell kept (above); once that estimate ages out ([`BW_KEEP`]),
+//!   startup begins again from a quarter of the window it had.
 //! - **Loss alone does nothing.** A loss only counts as congestion when the path is queueing:
 //!   when the smallest RTT sample of the last interval exceeds the minimum by
 //!   [`QUEUE_DELAY_THRESHOLD`] (random loss happens at any RTT; a full bottleneck queue comes
@@ -392,11 +393,20 @@ impl Estimator {
             // late ACKs after reordering measured 830 Mbit/s on a path carrying 450) stayed for
             // good under app-limited traffic, the window with it, and the tunnel later flooded
             // a 50 Mbit/s bottleneck at 200 Mbit/s.
+            let estimate = self.bandwidth();
             let stale = now.saturating_duration_since(self.bandwidth_at()) >= BW_KEEP;
-            if limited || stale || rate >= self.bandwidth() {
+            if limited || stale || rate >= estimate {
                 self.bw[self.bw_next] = rate;
                 self.bw_at[self.bw_next] = now;
                 self.bw_next = (self.bw_next + 1) % BW_INTERVALS;
+            }
+            if stale && !limited && rate < estimate && !self.startup.on {
+                // The estimate is ageing out: the next flow ramps in startup (2.5 × per round
+                // trip) from a quarter of the window it kept, not at the delivery rate's pace
+                // (about 1.5 × per round trip), which at 150 ms lost a sixth of a 100 Mbit/s UDP
+                // stream that began 15 s after the last window-limited flow. From the minimum
+                // window, as a fresh connection, it still lost a ninth.
+                self.startup.restart(self.window / 4);
             }
             self.interval_start = now;
             self.interval_acked = 0;
@@ -413,9 +423,10 @@ impl Estimator {
     /// stopped growing.
     ///
     /// It starts again after persistent congestion and when the path got longer
-    /// ([`Self::follow_a_longer_path`]), but not after a quiet spell: the rate estimate
-    /// outlives it (see [`Self::on_ack`]). Starting it again whenever an interval found the sender below the
-    /// window let a UDP flood, whose sender falls short of the window now and then, overshoot
+    /// ([`Self::follow_a_longer_path`]), and when the estimate ages out after [`BW_KEEP`]
+    /// with nothing window-limited, but not after a shorter quiet spell: the rate estimate
+    /// outlives it (see [`Self::on_ack`]). Starting it again whenever an interval found the
+    /// sender below the window let a UDP flood, whose sender falls short of the window now and then, overshoot
     /// a 50 Mbit/s bottleneck at 115 Mbit/s (60 without), since that bottleneck's 10 ms queue
     /// never showed the delay that ends startup.
     fn startup_at_interval_end(&mut self, limited: bool) {
@@ -1329,7 +1340,7 @@ mod tests {
         let sent = now;
         now += rtt;
         e.on_ack(now, sent, 2_000_000, rtt, true);
-        let high = e.bandwidth();
+        let (high, w_high) = (e.bandwidth(), e.window());
         assert!(high > bw);
         // But not for good: after BW_KEEP with nothing window-limited to confirm it, what the
         // app-limited sender measures ages it out (an overestimate must not stay).
@@ -1339,7 +1350,11 @@ mod tests {
             BW_KEEP.as_secs() as u32 + BW_INTERVALS as u32 + 1,
         );
         assert!(e.bandwidth() < bw / 100, "{} kept", e.bandwidth());
-        assert!(e.window() < w / 10);
+        // The next flow ramps in startup (2.5 × per round trip) from a quarter of the window
+        // the estimate had kept.
+        assert!(e.in_startup());
+        assert_eq!(e.window(), w_high / 4);
+        assert!(e.window() < w);
     }
 
     #[test]
