@@ -9,6 +9,8 @@ use ztna_e2e::{Node, Topology};
 
 /// The iperf3 server's port (in the backend namespace).
 pub(crate) const IPERF_PORT: u16 = 5201;
+/// A second iperf3 server's port on the backend, for two flows at once.
+pub(crate) const IPERF_PORT_2: u16 = 5202;
 /// UDP payload of the UDP tests: a 1228-byte IP packet fits the 1280-byte tunnel MTU.
 pub(crate) const UDP_PAYLOAD: u32 = 1200;
 /// UDP payload of the small-packet test (packet rate rather than bytes).
@@ -120,12 +122,22 @@ pub(crate) enum IperfKind {
 
 /// Runs iperf3 from the agent namespace to `target` for `secs` seconds and parses its JSON.
 pub(crate) fn iperf(t: &Topology, target: &str, kind: IperfKind, secs: u32) -> Result<Iperf> {
+    let args = iperf_args(target, IPERF_PORT, kind, secs);
+    let out = t.run(Node::Agent, secs + 20, &args)?;
+    if !out.success() {
+        bail!("{out}");
+    }
+    iperf_result(&args, &out.stdout, kind).with_context(|| format!("parsing the output of {out}"))
+}
+
+/// The iperf3 client's command line for `kind` against the server at `target`:`port`.
+pub(crate) fn iperf_args(target: &str, port: u16, kind: IperfKind, secs: u32) -> Vec<String> {
     let mut args: Vec<String> = [
         "iperf3",
         "-c",
         target,
         "-p",
-        &IPERF_PORT.to_string(),
+        &port.to_string(),
         "-t",
         &secs.to_string(),
         "-J",
@@ -155,12 +167,13 @@ pub(crate) fn iperf(t: &Topology, target: &str, kind: IperfKind, secs: u32) -> R
             format!("{}", (mbps * 1e6) as u64),
         ]),
     }
-    let out = t.run(Node::Agent, secs + 20, &args)?;
-    if !out.success() {
-        bail!("{out}");
-    }
-    dump_iperf(&args, &out.stdout);
-    let mut r = parse_iperf(&out.stdout).with_context(|| format!("parsing the output of {out}"))?;
+    args
+}
+
+/// Parses the JSON that the client run with `args` (from [`iperf_args`]) printed.
+pub(crate) fn iperf_result(args: &[String], json: &str, kind: IperfKind) -> Result<Iperf> {
+    dump_iperf(args, json);
+    let mut r = parse_iperf(json)?;
     if let IperfKind::Udp { mbps } = kind {
         r.target_mbps = Some(mbps);
     }

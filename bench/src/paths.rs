@@ -394,12 +394,15 @@ fn wg_up(t: &Topology, node: Node, ifname: &str, addr: &str) -> Result<()> {
 }
 
 fn wireguard(t: &Topology, wg: Wg) -> Result<PathUp> {
-    wireguard_via(t, wg, &format!("{}:{WG_PORT}", addr::CONN))
+    wireguard_via(t, wg, &format!("{}:{WG_PORT}", addr::CONN), true)
 }
 
 /// The agent's WireGuard peer endpoint when a path is impaired: the impairment forwarder in
 /// the agent namespace.
 pub(crate) const IMPAIR_LISTEN: &str = "127.0.0.1:14433";
+
+/// The second tunnel's forwarder address when two tunnels share the forwarder ([`compete`]).
+pub(crate) const IMPAIR_LISTEN_2: &str = "127.0.0.1:14435";
 
 /// Where the impairment forwarder of `tunnel` sends what the agent sends it: the tunnel's
 /// first UDP hop.
@@ -461,8 +464,8 @@ fn impair_direct_path(t: &Topology) -> Result<()> {
 /// [`IMPAIR_LISTEN`]: `boringtun`, `wireguard-go`, `ztna-relay` (`-256k`) or `ztna-direct`.
 pub(crate) fn impaired(t: &Topology, tunnel: &str) -> Result<PathUp> {
     match tunnel {
-        "boringtun" => wireguard_via(t, Wg::Boringtun, IMPAIR_LISTEN),
-        "wireguard-go" => wireguard_via(t, Wg::Go, IMPAIR_LISTEN),
+        "boringtun" => wireguard_via(t, Wg::Boringtun, IMPAIR_LISTEN, true),
+        "wireguard-go" => wireguard_via(t, Wg::Go, IMPAIR_LISTEN, true),
         "ztna-relay" => ztna(t, "relay", |s| s.agent_cfg.relay = IMPAIR_LISTEN.to_owned()),
         // The connector's TCP buffers at 256 KiB each way (its default before 4 MiB), which
         // bound a TCP connection to 256 KiB per RTT.
@@ -478,10 +481,23 @@ pub(crate) fn impaired(t: &Topology, tunnel: &str) -> Result<PathUp> {
     }
 }
 
-/// A WireGuard tunnel whose agent side sends to `endpoint`.
-fn wireguard_via(t: &Topology, wg: Wg, endpoint: &str) -> Result<PathUp> {
+/// ztna on the relay path through the impairment forwarder at [`IMPAIR_LISTEN`] and boringtun
+/// through [`IMPAIR_LISTEN_2`] (the same forwarder, so the same bottleneck), both up at once in
+/// one topology: (ztna, boringtun).
+pub(crate) fn compete(t: &Topology) -> Result<(PathUp, PathUp)> {
+    let ztna = impaired(t, "ztna-relay")?;
+    // ztna's backends already echo on the backend's port 7.
+    let boringtun = wireguard_via(t, Wg::Boringtun, IMPAIR_LISTEN_2, false)?;
+    Ok((ztna, boringtun))
+}
+
+/// A WireGuard tunnel whose agent side sends to `endpoint`; `echo`: start the backend's UDP
+/// echo server (the first-packet time needs one).
+fn wireguard_via(t: &Topology, wg: Wg, endpoint: &str, echo: bool) -> Result<PathUp> {
     forward_through_conn(t, WG_NET)?;
-    start_udp_echo(t)?;
+    if echo {
+        start_udp_echo(t)?;
+    }
     let (conn_key, conn_pub) = wg_keys(t)?;
     let (agent_key, agent_pub) = wg_keys(t)?;
     let conn_key = t.write_file("wg-conn.key", &conn_key)?;
@@ -570,7 +586,7 @@ fn ztna_direct_xdp(t: &Topology) -> Result<PathUp> {
     })
 }
 
-/// ztna with the demo configs plus the iperf3 port (TCP and UDP 5201) on service `web`
+/// ztna with the demo configs plus the iperf3 ports (TCP and UDP 5201, TCP 5202) on service `web`
 /// (10.100.0.4 → the backend), after `tweak` changed the configs: relay, connector, then the
 /// agent, timed from its start to the first datagram echoed by service `echo`. Then waits until
 /// `ztna-agent status` shows `conn1` on `path` (`relay` or `direct-lan`), so the
@@ -587,6 +603,8 @@ fn ztna(t: &Topology, path: &str, tweak: impl FnOnce(&mut Stack<'_>)) -> Result<
         .context("the demo connector config has no service `web`")?;
     web.tcp.push(port.clone());
     web.udp.push(port);
+    // A second iperf3 server, for two flows at once.
+    web.tcp.push(crate::measure::IPERF_PORT_2.to_string());
     tweak(&mut s);
     s.start_backends()?;
     let relay = s.start_relay()?;

@@ -12,6 +12,9 @@
 //! TCP ping (`ztna-test-tcp rtt`: one byte echoed every 100 ms on its own connection) shows what
 //! another TCP connection waits behind the load, uploads and downloads: on ztna the
 //! connector's TCP segments to the agent share one ordered carriage stream, which ICMP bypasses.
+//! When boringtun and ztna-relay are both measured with the bottleneck, a last topology brings
+//! both up at once through one forwarder (one bottleneck) and runs a flow through each at the
+//! same time: how they share it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -213,7 +216,40 @@ pub(crate) struct ProfilesReport {
     pub(crate) profiles: Vec<Profile>,
     pub(crate) cells: Vec<Cell>,
     pub(crate) loaded: Vec<Loaded>,
+    pub(crate) competing: Vec<Competing>,
     pub(crate) machine: crate::report::Machine,
+}
+
+/// A ztna flow and a boringtun flow through the bottleneck at the same time.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Competing {
+    /// The ztna tunnel (`ztna-relay`).
+    pub(crate) tunnel: String,
+    pub(crate) sender: String,
+    /// How long both flows ran.
+    pub(crate) secs: u32,
+    /// Each flow's received rate, Mbit/s.
+    pub(crate) ztna_mbps: Option<f64>,
+    pub(crate) boringtun_mbps: Option<f64>,
+    /// Datagrams the bottleneck dropped, and the kernel on the forwarder's own sockets.
+    pub(crate) bottleneck_drops: Option<u64>,
+    pub(crate) forwarder_drops: Option<u64>,
+    pub(crate) error: Option<String>,
+}
+
+impl Competing {
+    /// ztna's share of what both flows received.
+    fn share(&self) -> Option<f64> {
+        let (z, b) = (self.ztna_mbps?, self.boringtun_mbps?);
+        (z + b > 0.0).then(|| z / (z + b))
+    }
+
+    /// Jain's fairness index of the two rates: 1 when equal, 0.5 when one gets everything.
+    fn jain(&self) -> Option<f64> {
+        let (z, b) = (self.ztna_mbps?, self.boringtun_mbps?);
+        let sq = z * z + b * b;
+        (sq > 0.0).then(|| (z + b) * (z + b) / (2.0 * sq))
+    }
 }
 
 /// Whether `--only` entry `o` selects profile `name`: a substring, or a prefix after `^`.
@@ -253,6 +289,20 @@ pub(crate) fn run(tunnels: &[String], secs: u32, label: &str, only: &[String]) -
             });
         }
     }
+    let mut competing = Vec::new();
+    let has = |name: &str| tunnels.iter().any(|t| t == name);
+    if has(paths::REFERENCE) && has("ztna-relay") && profiles.iter().any(|p| p.rate_mbit > 0.0) {
+        eprintln!("==> a ztna-relay flow and a boringtun flow through one bottleneck");
+        if let Err(e) = run_competing(secs, &mut competing) {
+            eprintln!("==> competing flows failed: {e:#}");
+            competing.push(Competing {
+                tunnel: "ztna-relay".into(),
+                sender: "setup".into(),
+                error: Some(format!("{e:#}")),
+                ..Competing::default()
+            });
+        }
+    }
     ProfilesReport {
         started_utc,
         finished_utc: crate::report::now_utc(),
@@ -262,6 +312,7 @@ pub(crate) fn run(tunnels: &[String], secs: u32, label: &str, only: &[String]) -
         profiles,
         cells,
         loaded,
+        competing,
         machine: crate::report::Machine::read(),
     }
 }
@@ -286,6 +337,94 @@ fn run_tunnel(
     result
 }
 
+/// One topology with ztna-relay and boringtun up at once through one forwarder, and for each
+/// sender a flow through each at the same time, through [`BOTTLENECK`].
+fn run_competing(secs: u32, out: &mut Vec<Competing>) -> Result<()> {
+    let t = Topology::new("prof-compete", crate::runner::helpers())?;
+    let result = measure_competing(&t, secs, out);
+    if result.is_ok() {
+        t.mark_passed();
+    }
+    let prefix = t.prefix().to_owned();
+    drop(t);
+    for ifname in paths::wg_ifnames(&prefix) {
+        let _ = std::fs::remove_file(paths::wg_socket(&ifname));
+    }
+    result
+}
+
+fn measure_competing(t: &Topology, secs: u32, out: &mut Vec<Competing>) -> Result<()> {
+    // Twice a cell's time: two flows take a while to settle on their shares.
+    let secs = 2 * secs;
+    crate::runner::start_iperf_server_on(t, measure::IPERF_PORT)?;
+    crate::runner::start_iperf_server_on(t, measure::IPERF_PORT_2)?;
+    let (fwd, impair) = Forwarder::spawn(
+        t,
+        &[
+            (paths::IMPAIR_LISTEN, paths::impair_target("ztna-relay")),
+            (
+                paths::IMPAIR_LISTEN_2,
+                paths::impair_target(paths::REFERENCE),
+            ),
+        ],
+    )?;
+    let (ztna, boringtun) = paths::compete(t)?;
+    for (i, cc) in CCS.iter().filter(|cc| **cc != UDP_100).enumerate() {
+        measure::wait_quiet(0.25, Duration::from_secs(3))?;
+        t.step(&format!("ztna-relay and boringtun at once: {cc}"));
+        let (algo, down) = sender(cc);
+        let kind = if down {
+            IperfKind::TcpCcDown { cc: algo }
+        } else {
+            IperfKind::TcpCc { cc }
+        };
+        fwd.set(&BOTTLENECK)?;
+        let mut c = Competing {
+            tunnel: "ztna-relay".into(),
+            sender: (*cc).to_owned(),
+            secs,
+            ..Competing::default()
+        };
+        // boringtun's flow in the background (its JSON to a file), ztna's in the foreground,
+        // started together.
+        let log = t.dir().join(format!("iperf3-boringtun-{i}.json"));
+        let mut bt_args = measure::iperf_args(boringtun.target, measure::IPERF_PORT, kind, secs);
+        bt_args.extend(["--logfile".into(), log.to_string_lossy().into_owned()]);
+        let bt = t.spawn(Node::Agent, "iperf3-boringtun", &bt_args[0], &bt_args[1..])?;
+        let z_args = measure::iperf_args(ztna.target, measure::IPERF_PORT_2, kind, secs);
+        match t.run(Node::Agent, secs + 20, &z_args) {
+            Ok(o) if o.success() => match measure::iperf_result(&z_args, &o.stdout, kind) {
+                Ok(r) => c.ztna_mbps = Some(r.mbps),
+                Err(e) => c.error = Some(format!("ztna: {e:#}")),
+            },
+            Ok(o) => c.error = Some(format!("ztna: {o}")),
+            Err(e) => c.error = Some(format!("ztna: {e:#}")),
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(u64::from(secs) + 20);
+        while t.is_running(bt) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if t.is_running(bt) {
+            let _ = t.kill(bt);
+        }
+        let json = std::fs::read_to_string(&log).unwrap_or_default();
+        match measure::iperf_result(&bt_args, &json, kind) {
+            Ok(r) => c.boringtun_mbps = Some(r.mbps),
+            Err(e) => {
+                let e = format!("boringtun: {e:#}");
+                c.error = Some(c.error.map_or(e.clone(), |z| format!("{z}; {e}")));
+            }
+        }
+        let s = fwd.stats();
+        c.bottleneck_drops = s.get("rate_dropped").copied();
+        c.forwarder_drops = s.get("socket_drops").copied();
+        eprintln!("    competing | {cc}: {c:?}");
+        out.push(c);
+    }
+    t.ensure_running(impair)?;
+    Ok(())
+}
+
 /// The forwarder's control and stats files.
 struct Forwarder {
     control: PathBuf,
@@ -293,6 +432,30 @@ struct Forwarder {
 }
 
 impl Forwarder {
+    /// Starts the forwarder in the agent namespace with these (listen, target) pairs.
+    fn spawn(t: &Topology, pairs: &[(&str, String)]) -> Result<(Self, ztna_e2e::DaemonId)> {
+        let fwd = Forwarder {
+            control: t.dir().join("impair.ctl"),
+            stats: t.dir().join("impair.stats"),
+        };
+        std::fs::write(&fwd.control, "")?;
+        let mut args: Vec<String> = Vec::new();
+        for (listen, target) in pairs {
+            args.extend(["--listen".into(), (*listen).to_owned()]);
+            args.extend(["--target".into(), target.clone()]);
+        }
+        args.extend([
+            "--control-file".into(),
+            fwd.control.to_string_lossy().into(),
+        ]);
+        args.extend(["--stats-file".into(), fwd.stats.to_string_lossy().into()]);
+        args.extend(["--exit-after".into(), "3600".into()]);
+        let impair = t.spawn(Node::Agent, "impair", &t.helpers().impair, &args)?;
+        std::thread::sleep(Duration::from_millis(200));
+        t.ensure_running(impair)?;
+        Ok((fwd, impair))
+    }
+
     /// Applies `profile` (and so resets the counters), and waits until the forwarder has read it.
     fn set(&self, profile: &Profile) -> Result<()> {
         std::fs::write(&self.control, profile.impair_args())
@@ -334,33 +497,8 @@ fn measure_tunnel(
         &t.helpers().tcp,
         ["listen", &probe_addr, "--echo", "--exit-after", "3600"],
     )?;
-    let fwd = Forwarder {
-        control: t.dir().join("impair.ctl"),
-        stats: t.dir().join("impair.stats"),
-    };
-    std::fs::write(&fwd.control, "")?;
-    let control = fwd.control.to_string_lossy().into_owned();
-    let stats = fwd.stats.to_string_lossy().into_owned();
-    let target = paths::impair_target(tunnel);
-    let impair = t.spawn(
-        Node::Agent,
-        "impair",
-        &t.helpers().impair,
-        [
-            "--listen",
-            paths::IMPAIR_LISTEN,
-            "--target",
-            &target,
-            "--control-file",
-            &control,
-            "--stats-file",
-            &stats,
-            "--exit-after",
-            "3600",
-        ],
-    )?;
-    std::thread::sleep(Duration::from_millis(200));
-    t.ensure_running(impair)?;
+    let (fwd, impair) =
+        Forwarder::spawn(t, &[(paths::IMPAIR_LISTEN, paths::impair_target(tunnel))])?;
     t.ensure_running(probe_server)?;
     let up = paths::impaired(t, tunnel)?;
     for profile in profiles {
@@ -665,26 +803,31 @@ impl ProfilesReport {
             .iter()
             .filter_map(|c| Some((c, c.error.as_deref()?)))
             .collect();
+        md += &self.competing_markdown();
         md += &self.inner_markdown();
-        let spoilt: Vec<_> = self
+        let mut spoilt: Vec<(String, u64)> = self
             .cells
             .iter()
-            .filter(|c| c.forwarder_drops.is_some_and(|d| d > 0))
+            .filter_map(|c| {
+                let d = c.forwarder_drops.filter(|d| *d > 0)?;
+                Some((format!("{} / {} / {}", c.tunnel, c.profile, c.cc), d))
+            })
             .collect();
+        spoilt.extend(self.competing.iter().filter_map(|c| {
+            let d = c.forwarder_drops.filter(|d| *d > 0)?;
+            Some((
+                format!("{} and boringtun at once / {}", c.tunnel, c.sender),
+                d,
+            ))
+        }));
         md += "\n#### The impairment forwarder's own drops\n\n";
         if spoilt.is_empty() {
             md += "None: the kernel dropped nothing on the forwarder's sockets in any cell.\n";
         } else {
             md += "Cells in which the kernel dropped datagrams on the forwarder's own sockets \
                    (loss the profile did not ask for):\n\n";
-            for c in spoilt {
-                md += &format!(
-                    "- {} / {} / {}: {}\n",
-                    c.tunnel,
-                    c.profile,
-                    c.cc,
-                    c.forwarder_drops.unwrap_or_default()
-                );
+            for (what, drops) in spoilt {
+                md += &format!("- {what}: {drops}\n");
             }
         }
         if !errors.is_empty() {
@@ -693,6 +836,43 @@ impl ProfilesReport {
                 let first = e.lines().next().unwrap_or_default();
                 md += &format!("- {} / {} / {}: {first}\n", c.tunnel, c.profile, c.cc);
             }
+        }
+        md
+    }
+
+    /// The competing flows, if they ran.
+    fn competing_markdown(&self) -> String {
+        if self.competing.is_empty() {
+            return String::new();
+        }
+        let mut md = format!(
+            "\n#### Sharing the bottleneck: a ztna flow and a boringtun flow at once ({})\n\n\
+             Both tunnels up in one topology, their UDP through one forwarder and so one \
+             bottleneck; one iperf3 flow through each, started together, {} s. Fair: a share \
+             of 0.5, Jain's index 1 (0.5 when one flow gets everything). The senders: the \
+             agent's TCP for uploads; for downloads (`-down`) the backend's, which for ztna \
+             ends at the connector (its TCP stack carries the flow on from there).\n\n\
+             | ztna tunnel | sender | ztna (Mbit/s) | boringtun (Mbit/s) | ztna's share | \
+             Jain's index | bottleneck drops |\n|---|---|---:|---:|---:|---:|---:|\n",
+            BOTTLENECK.name,
+            self.competing.first().map_or(0, |c| c.secs)
+        );
+        for c in &self.competing {
+            let err = c
+                .error
+                .as_deref()
+                .map(|e| format!(" ({})", e.lines().next().unwrap_or_default()))
+                .unwrap_or_default();
+            md += &format!(
+                "| {} | {}{err} | {} | {} | {} | {} | {} |\n",
+                c.tunnel,
+                c.sender,
+                f1(c.ztna_mbps),
+                f1(c.boringtun_mbps),
+                c.share().map_or("—".into(), |v| format!("{v:.2}")),
+                c.jain().map_or("—".into(), |v| format!("{v:.3}")),
+                c.bottleneck_drops.map_or("—".into(), |d| d.to_string()),
+            );
         }
         md
     }
@@ -771,6 +951,26 @@ impl ProfilesReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn competing_flows_share_and_fairness() {
+        let c = |z, b| Competing {
+            ztna_mbps: z,
+            boringtun_mbps: b,
+            ..Competing::default()
+        };
+        let even = c(Some(22.5), Some(22.5));
+        assert_eq!(even.share(), Some(0.5));
+        assert_eq!(even.jain(), Some(1.0));
+        let hog = c(Some(45.0), Some(0.0));
+        assert_eq!(hog.share(), Some(1.0));
+        assert_eq!(hog.jain(), Some(0.5));
+        let uneven = c(Some(30.0), Some(15.0));
+        assert!((uneven.jain().unwrap() - 0.9).abs() < 1e-9);
+        // A failed flow is missing, not 0.
+        assert_eq!(c(Some(30.0), None).share(), None);
+        assert_eq!(c(Some(0.0), Some(0.0)).jain(), None);
+    }
 
     #[test]
     fn only_selects_by_substring_or_prefix() {

@@ -232,10 +232,16 @@ fn record_peak_rss(run: &mut Run, daemons: &[Daemon]) {
 
 /// `iperf3 -s` on the backend (10.10.3.2:5201), waited for until it listens.
 pub(crate) fn start_iperf_server(t: &Topology) -> Result<()> {
-    let port = measure::IPERF_PORT.to_string();
+    start_iperf_server_on(t, measure::IPERF_PORT)
+}
+
+/// `iperf3 -s` on the backend's `port`, waited for until it listens (an iperf3 server runs
+/// one test at a time: two flows at once need two).
+pub(crate) fn start_iperf_server_on(t: &Topology, port: u16) -> Result<()> {
+    let port = port.to_string();
     let id = t.spawn(
         Node::Backend,
-        "iperf3-server",
+        &format!("iperf3-server-{port}"),
         "iperf3",
         ["-s", "-B", addr::BACKEND, "-p", &port],
     )?;

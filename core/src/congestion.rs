@@ -17,7 +17,8 @@
 //!   this, the keepalives of a quiet minute replaced the estimate and the next flow started
 //!   from the minimum window again.
 //! - **Minimum RTT:** the smallest RTT sample (ack time − send time) seen in the last
-//!   [`MIN_RTT_WINDOW`]; it expires so that a path change (relay → direct) is followed. A path
+//!   [`MIN_RTT_WINDOW`]; it expires so that a path change (relay → direct) is followed, and
+//!   the smallest sample of the window's second half takes its place. A path
 //!   that got longer is followed sooner: when every RTT sample stays above the minimum by more
 //!   than a queue the tunnel could have built ([`elevation_margin`]) for [`DRAIN_PROOF_RTTS`]
 //!   smoothed RTTs while the tunnel drains (its congested state, gain 1 over the minimum RTT),
@@ -360,8 +361,16 @@ impl Estimator {
         }
         let sample = now.saturating_duration_since(sent);
         self.interval_min_rtt = Some(self.interval_min_rtt.map_or(sample, |m| m.min(sample)));
-        self.next_min_rtt = Some(self.next_min_rtt.map_or(sample, |m| m.min(sample)));
-        let expired = now.saturating_duration_since(self.min_rtt_at) >= MIN_RTT_WINDOW;
+        let age = now.saturating_duration_since(self.min_rtt_at);
+        // The candidate to replace the minimum when it expires: the smallest sample of the
+        // window's second half only. With every sample since the minimum, the samples taken
+        // just after it on the old path (a few µs above it) replaced it, and a path that got
+        // longer was followed only after a second window: 20 s in which the carriage stream's
+        // window (on the minimum RTT) held a download through 60 ms to a third of the path.
+        if age >= MIN_RTT_WINDOW / 2 {
+            self.next_min_rtt = Some(self.next_min_rtt.map_or(sample, |m| m.min(sample)));
+        }
+        let expired = age >= MIN_RTT_WINDOW;
         match self.min_rtt {
             Some(m) if sample <= m => {
                 self.min_rtt = Some(sample);
@@ -374,8 +383,9 @@ impl Estimator {
                 self.next_min_rtt = None;
             }
             Some(_) if expired => {
-                // The old minimum is stale: the smallest sample since takes its place.
-                self.min_rtt = self.next_min_rtt.take();
+                // The old minimum is stale: the smallest sample of the window's second half
+                // takes its place.
+                self.min_rtt = Some(self.next_min_rtt.take().unwrap_or(sample));
                 self.min_rtt_at = now;
             }
             Some(_) => {}
@@ -1138,6 +1148,27 @@ mod tests {
             e.on_ack(now, sent, 1000, Duration::from_millis(40), false);
         }
         assert_eq!(e.min_rtt(), Some(Duration::from_millis(40)));
+    }
+
+    #[test]
+    fn a_longer_path_is_followed_within_one_minimum_rtt_window() {
+        // 20 ms for 2 s, samples a little above it for 1 s more, then a path of 60 ms: the
+        // minimum must be 60 ms once it expires, 10 s after its last sample, not a sample of
+        // the old path taken just after it (that took a second window, 20 s).
+        let t0 = Instant::now();
+        let mut e = Estimator::new(t0, MTU);
+        let ms = Duration::from_millis;
+        let mut now = round_trips(&mut e, t0, 100, ms(20), 10_000, false);
+        let last_low = now;
+        for _ in 0..50 {
+            let sent = now;
+            now += ms(20) + Duration::from_micros(100);
+            e.on_ack(now, sent, 10_000, ms(20), false);
+        }
+        while now < last_low + MIN_RTT_WINDOW + ms(100) {
+            now = round_trips(&mut e, now, 1, ms(60), 10_000, false);
+        }
+        assert_eq!(e.min_rtt(), Some(ms(60)));
     }
 
     #[test]

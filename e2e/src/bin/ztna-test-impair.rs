@@ -4,12 +4,14 @@
 //!
 //! Datagrams arriving on `--listen` from a client are sent to `--target` from a socket of that
 //! client's own (at most `--max-clients`, default 16), and the target's answers go back to the
-//! client from `--listen`. The impairment, applied to each direction (each destination address)
-//! alike:
+//! client from `--listen`. `--listen` and `--target` may be given again, in pairs (the n-th
+//! `--listen` forwards to the n-th `--target`): two tunnels through one forwarder share its
+//! impairment, its bottleneck included. The impairment, applied to each direction alike:
 //!
 //! - `--loss-pct P` (decimals allowed): the datagram is dropped with probability P %.
-//! - `--rate-mbit R` with `--rate-queue-kb Q` (default 64): a bottleneck link of R Mbit/s with a
-//!   tail-drop FIFO of Q KiB in front of it: each datagram leaves the link when the ones before
+//! - `--rate-mbit R` with `--rate-queue-kb Q` (default 64): a bottleneck link of R Mbit/s each
+//!   way, shared by every datagram going that way (towards the targets, or towards the
+//!   clients), with a tail-drop FIFO of Q KiB in front of it: each datagram leaves the link when the ones before
 //!   it have, plus its own serialisation time; when Q KiB already wait, it is dropped.
 //! - `--delay-ms D` plus a uniform `--jitter-ms J`: held that much longer (one-way), but never
 //!   released before the datagram queued ahead of it towards the same address (jitter alone does
@@ -45,7 +47,7 @@ use std::time::{Duration, Instant};
 /// the forwarder may, as root).
 const SOCKET_BUFFER: usize = 16 << 20;
 
-const USAGE: &str = "usage: ztna-test-impair --listen ADDR --target ADDR [--delay-ms N] \
+const USAGE: &str = "usage: ztna-test-impair --listen ADDR --target ADDR [--listen ADDR --target ADDR ...] [--delay-ms N] \
 [--jitter-ms N] [--reorder-pct P] [--reorder-extra-ms N] [--loss-pct P] [--rate-mbit R] \
 [--rate-queue-kb Q] [--queue N] [--max-clients N] [--seed N] [--exit-after SECS] \
 [--control-file PATH] [--stats-file PATH]";
@@ -61,8 +63,8 @@ fn main() -> ExitCode {
 }
 
 struct Opts {
-    listen: SocketAddr,
-    target: SocketAddr,
+    /// (listen, target) pairs.
+    pairs: Vec<(SocketAddr, SocketAddr)>,
     impair: Impair,
     max_clients: usize,
     seed: u64,
@@ -143,16 +145,16 @@ fn parse_impair(
 }
 
 fn parse() -> Result<Opts, String> {
-    let mut listen = None;
-    let mut target = None;
+    let mut listen = Vec::new();
+    let mut target = Vec::new();
     let (mut max_clients, mut exit_after) = (16usize, 600u64);
     let mut seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
     let (mut control_file, mut stats_file) = (None, None);
     let impair = parse_impair(&mut std::env::args().skip(1), |arg, v| {
         let num = || v.parse::<u64>().map_err(|_| format!("bad {arg} {v:?}"));
         match arg {
-            "--listen" => listen = Some(v.parse().map_err(|_| format!("bad --listen {v:?}"))?),
-            "--target" => target = Some(v.parse().map_err(|_| format!("bad --target {v:?}"))?),
+            "--listen" => listen.push(v.parse().map_err(|_| format!("bad --listen {v:?}"))?),
+            "--target" => target.push(v.parse().map_err(|_| format!("bad --target {v:?}"))?),
             "--max-clients" => max_clients = usize::try_from(num()?).map_err(|e| e.to_string())?,
             "--seed" => seed = num()?,
             "--exit-after" => exit_after = num()?,
@@ -162,9 +164,15 @@ fn parse() -> Result<Opts, String> {
         }
         Ok(())
     })?;
+    if listen.is_empty() || listen.len() != target.len() {
+        return Err(format!(
+            "give --listen and --target in pairs ({} and {})\n{USAGE}",
+            listen.len(),
+            target.len()
+        ));
+    }
     Ok(Opts {
-        listen: listen.ok_or(USAGE)?,
-        target: target.ok_or(USAGE)?,
+        pairs: listen.into_iter().zip(target).collect(),
         impair,
         max_clients: max_clients.max(1),
         seed: seed.max(1),
@@ -211,6 +219,8 @@ struct Held {
     seq: u64,
     via: Arc<UdpSocket>,
     to: SocketAddr,
+    /// Towards a target (else towards a client).
+    up: bool,
     data: Vec<u8>,
 }
 
@@ -315,8 +325,8 @@ struct State {
     seq: u64,
     /// Release time of the last in-order datagram towards each address.
     last_due: HashMap<SocketAddr, Instant>,
-    /// When the bottleneck towards each address is free again.
-    link_free: HashMap<SocketAddr, Instant>,
+    /// When the bottleneck towards the targets, and towards the clients, is free again.
+    link_free: [Option<Instant>; 2],
 }
 
 struct Shared {
@@ -333,8 +343,8 @@ struct Shared {
 
 impl Shared {
     /// Decides the fate of one datagram and queues it.
-    fn submit(&self, via: &Arc<UdpSocket>, to: SocketAddr, data: &[u8]) {
-        let up = to == self.opts.target;
+    /// `up`: towards a target (else towards a client).
+    fn submit(&self, via: &Arc<UdpSocket>, to: SocketAddr, up: bool, data: &[u8]) {
         let c = &self.counters;
         let len = data.len() as u64;
         if up { &c.up_in_bytes } else { &c.down_in_bytes }.fetch_add(len, Ordering::Relaxed);
@@ -360,10 +370,7 @@ impl Shared {
         let now = Instant::now();
         let mut leaves = now;
         if o.rate_bps > 0 {
-            if link_free.len() > 4 * self.opts.max_clients {
-                link_free.retain(|_, t| *t > now);
-            }
-            let free = link_free.entry(to).or_insert(now);
+            let free = link_free[usize::from(up)].get_or_insert(now);
             let backlog = free.saturating_duration_since(now);
             // Bytes waiting in front of the link, at its rate.
             let waiting = (backlog.as_secs_f64() * o.rate_bps as f64 / 8.0) as u64;
@@ -400,6 +407,7 @@ impl Shared {
             seq: *seq,
             via: Arc::clone(via),
             to,
+            up,
             data: data.to_vec(),
         }));
         drop(q);
@@ -437,7 +445,7 @@ impl Shared {
         if let Ok(mut q) = self.queue.lock() {
             eprintln!("ztna-test-impair: now {impair:?}");
             q.impair = impair;
-            q.link_free.clear();
+            q.link_free = [None; 2];
             self.counters.reset();
             self.drops_base
                 .store(self.kernel_drops(), Ordering::Relaxed);
@@ -463,17 +471,17 @@ fn udp_drops(table: &str, inodes: &[u64]) -> u64 {
 
 fn run() -> Result<(), String> {
     let opts = parse()?;
-    let listen =
-        Arc::new(UdpSocket::bind(opts.listen).map_err(|e| format!("bind {}: {e}", opts.listen))?);
-    listen
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .map_err(|e| e.to_string())?;
+    let mut listens = Vec::new();
+    for (listen, target) in &opts.pairs {
+        let s = UdpSocket::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
+        eprintln!("ztna-test-impair: {listen} -> {target}");
+        listens.push((Arc::new(s), *target));
+    }
     let seed = opts.seed;
     let exit_after = opts.exit_after;
-    eprintln!(
-        "ztna-test-impair: {} -> {}, {:?}",
-        opts.listen, opts.target, opts.impair
-    );
+    eprintln!("ztna-test-impair: {:?}", opts.impair);
     let shared = Arc::new(Shared {
         queue: Mutex::new(State {
             impair: opts.impair.clone(),
@@ -481,7 +489,7 @@ fn run() -> Result<(), String> {
             rng: Rng(seed),
             seq: 0,
             last_due: HashMap::new(),
-            link_free: HashMap::new(),
+            link_free: [None; 2],
         }),
         opts,
         ready: Condvar::new(),
@@ -490,17 +498,21 @@ fn run() -> Result<(), String> {
         sockets: Mutex::new(Vec::new()),
         drops_base: AtomicU64::new(0),
     });
-    shared.tune(&listen);
+    for (listen, _) in &listens {
+        shared.tune(listen);
+    }
 
     let sender = {
         let shared = Arc::clone(&shared);
         std::thread::spawn(move || send_loop(&shared))
     };
-    let receiver = {
-        let shared = Arc::clone(&shared);
-        let listen = Arc::clone(&listen);
-        std::thread::spawn(move || client_loop(&shared, &listen))
-    };
+    let receivers: Vec<_> = listens
+        .into_iter()
+        .map(|(listen, target)| {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || client_loop(&shared, &listen, target))
+        })
+        .collect();
 
     let start = Instant::now();
     let mut last_report = start;
@@ -535,7 +547,9 @@ fn run() -> Result<(), String> {
     }
     shared.stop.store(true, Ordering::Relaxed);
     shared.ready.notify_all();
-    let _ = receiver.join();
+    for r in receivers {
+        let _ = r.join();
+    }
     let _ = sender.join();
     report(&shared.counters, "exiting after", exit_after);
     Ok(())
@@ -549,10 +563,10 @@ fn report(c: &Counters, what: &str, t: Duration) {
     );
 }
 
-/// Receives from clients on the listening socket and queues their datagrams towards the
+/// Receives from clients on one listening socket and queues their datagrams towards its
 /// target, through one upstream socket per client (whose answers a thread of its own queues
 /// back).
-fn client_loop(shared: &Arc<Shared>, listen: &Arc<UdpSocket>) {
+fn client_loop(shared: &Arc<Shared>, listen: &Arc<UdpSocket>, target: SocketAddr) {
     let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     while !shared.stop.load(Ordering::Relaxed) {
@@ -578,7 +592,7 @@ fn client_loop(shared: &Arc<Shared>, listen: &Arc<UdpSocket>) {
                 if upstream.len() >= shared.opts.max_clients {
                     continue;
                 }
-                let bind: SocketAddr = if shared.opts.target.is_ipv4() {
+                let bind: SocketAddr = if target.is_ipv4() {
                     ([0, 0, 0, 0], 0).into()
                 } else {
                     (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -598,20 +612,26 @@ fn client_loop(shared: &Arc<Shared>, listen: &Arc<UdpSocket>) {
                 let shared = Arc::clone(shared);
                 let listen = Arc::clone(listen);
                 let up = Arc::clone(&s);
-                std::thread::spawn(move || upstream_loop(&shared, &up, &listen, from));
+                std::thread::spawn(move || upstream_loop(&shared, &up, &listen, from, target));
                 s
             }
         };
-        shared.submit(&up, shared.opts.target, &buf[..n]);
+        shared.submit(&up, target, true, &buf[..n]);
     }
 }
 
 /// Queues the target's answers on one client's upstream socket back to that client.
-fn upstream_loop(shared: &Shared, up: &UdpSocket, listen: &Arc<UdpSocket>, client: SocketAddr) {
+fn upstream_loop(
+    shared: &Shared,
+    up: &UdpSocket,
+    listen: &Arc<UdpSocket>,
+    client: SocketAddr,
+    target: SocketAddr,
+) {
     let mut buf = vec![0u8; 65536];
     while !shared.stop.load(Ordering::Relaxed) {
         match up.recv_from(&mut buf) {
-            Ok((n, from)) if from == shared.opts.target => shared.submit(listen, client, &buf[..n]),
+            Ok((n, from)) if from == target => shared.submit(listen, client, false, &buf[..n]),
             Ok(_) => {}
             Err(e)
                 if matches!(
@@ -650,7 +670,7 @@ fn send_loop(shared: &Shared) {
         match h.via.send_to(&h.data, h.to) {
             Ok(n) => {
                 c.forwarded.fetch_add(1, Ordering::Relaxed);
-                let bytes = if h.to == shared.opts.target {
+                let bytes = if h.up {
                     &c.up_out_bytes
                 } else {
                     &c.down_out_bytes
