@@ -181,8 +181,11 @@ topo_down() {
     _topo_check_prefix "$p" || return
     mapfile -t nss < <(topo_list "$p")
     ((${#nss[@]})) || return 0
+    # A process may exit between `ip netns pids` and the kill: kill then fails, xargs exits
+    # 123, and under `set -eo pipefail` the namespaces were left behind. Nothing here may stop
+    # the deletion below.
     for ns in "${nss[@]}"; do
-        ip netns pids "$ns" 2>/dev/null | xargs -r kill -TERM 2>/dev/null
+        ip netns pids "$ns" 2>/dev/null | xargs -r kill -TERM 2>/dev/null || true
     done
     for ((i = 0; i < 20; i++)); do
         pids=""
@@ -191,7 +194,7 @@ topo_down() {
         sleep 0.1
     done
     for ns in "${nss[@]}"; do
-        ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null
+        ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
     done
     for ns in "${nss[@]}"; do
         ip netns del "$ns" 2>/dev/null || { _topo_err "could not delete namespace $ns"; rc=1; }

@@ -741,3 +741,47 @@ fn choose_prefix(test_name: &str) -> Result<String> {
     }
     bail!("no free namespace prefix found after 64 tries")
 }
+
+#[cfg(test)]
+mod tests {
+    /// `topo.sh down` deletes every namespace of the prefix even when a process listed in one
+    /// is gone before the kill reaches it (kill fails, xargs exits 123). Under the script's
+    /// `set -euo pipefail` that stopped it before the deletions, and a passing test
+    /// (`tcp_close_refused_unreachable`, whose SYN-flood clients exit as it ends) left its five
+    /// namespaces behind. `ip` is a shell function here: nothing is created or deleted.
+    #[test]
+    fn topo_down_deletes_the_namespaces_when_a_listed_process_is_already_gone() {
+        let topo = crate::workspace_root().join("deploy/netns/topo.sh");
+        let script = r#"
+set -euo pipefail
+source "$1"
+deleted=()
+ip() {
+    case "$1 $2" in
+        "netns list") printf '%s\n' zttst0-agent zttst0-relay other-agent ;;
+        "netns pids") echo 2147483647 ;; # no such process: it exited a moment ago
+        "netns del") deleted+=("$3") ;;
+        *) return 1 ;;
+    esac
+}
+sleep() { :; }
+topo_down zttst0
+echo "deleted: ${deleted[*]}"
+"#;
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .arg("topo-test")
+            .arg(&topo)
+            .output()
+            .expect("bash runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "topo_down failed: {}; {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout.trim(), "deleted: zttst0-agent zttst0-relay");
+    }
+}
