@@ -122,7 +122,18 @@ pub(crate) enum IperfKind {
 
 /// Runs iperf3 from the agent namespace to `target` for `secs` seconds and parses its JSON.
 pub(crate) fn iperf(t: &Topology, target: &str, kind: IperfKind, secs: u32) -> Result<Iperf> {
-    let args = iperf_args(target, IPERF_PORT, kind, secs);
+    iperf_on(t, target, IPERF_PORT, kind, secs)
+}
+
+/// [`iperf`] against the server on `port`.
+pub(crate) fn iperf_on(
+    t: &Topology,
+    target: &str,
+    port: u16,
+    kind: IperfKind,
+    secs: u32,
+) -> Result<Iperf> {
+    let args = iperf_args(target, port, kind, secs);
     let out = t.run(Node::Agent, secs + 20, &args)?;
     if !out.success() {
         bail!("{out}");

@@ -391,22 +391,11 @@ fn measure_competing(t: &Topology, secs: u32, out: &mut Vec<Competing>) -> Resul
         let mut bt_args = measure::iperf_args(boringtun.target, measure::IPERF_PORT, kind, secs);
         bt_args.extend(["--logfile".into(), log.to_string_lossy().into_owned()]);
         let bt = t.spawn(Node::Agent, "iperf3-boringtun", &bt_args[0], &bt_args[1..])?;
-        let z_args = measure::iperf_args(ztna.target, measure::IPERF_PORT_2, kind, secs);
-        match t.run(Node::Agent, secs + 20, &z_args) {
-            Ok(o) if o.success() => match measure::iperf_result(&z_args, &o.stdout, kind) {
-                Ok(r) => c.ztna_mbps = Some(r.mbps),
-                Err(e) => c.error = Some(format!("ztna: {e:#}")),
-            },
-            Ok(o) => c.error = Some(format!("ztna: {o}")),
+        match measure::iperf_on(t, ztna.target, measure::IPERF_PORT_2, kind, secs) {
+            Ok(r) => c.ztna_mbps = Some(r.mbps),
             Err(e) => c.error = Some(format!("ztna: {e:#}")),
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(u64::from(secs) + 20);
-        while t.is_running(bt) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if t.is_running(bt) {
-            let _ = t.kill(bt);
-        }
+        wait_exit(t, bt, Duration::from_secs(u64::from(secs) + 20));
         let json = std::fs::read_to_string(&log).unwrap_or_default();
         match measure::iperf_result(&bt_args, &json, kind) {
             Ok(r) => c.boringtun_mbps = Some(r.mbps),
@@ -650,7 +639,7 @@ fn under_load(t: &Topology, fwd: &Forwarder, target: &str, kind: IperfKind, secs
         .get(&format!("{dir}_max_backlog_us"))
         .map(|u| *u as f64 / 1000.0);
     if let Ok(id) = probe {
-        wait_exit(t, id);
+        wait_exit(t, id, PROBE_EXIT);
         let log = t.log(id);
         let mut rtts: Vec<f64> = log
             .lines()
@@ -670,7 +659,7 @@ fn under_load(t: &Topology, fwd: &Forwarder, target: &str, kind: IperfKind, secs
         );
     }
     if let Ok(id) = ping {
-        wait_exit(t, id);
+        wait_exit(t, id, PROBE_EXIT);
         let mut rtts = measure::parse_ping(&t.log(id));
         rtts.sort_by(f64::total_cmp);
         if !rtts.is_empty() {
@@ -683,12 +672,13 @@ fn under_load(t: &Topology, fwd: &Forwarder, target: &str, kind: IperfKind, secs
     l
 }
 
-/// Waits up to 5 s for a probe started beside the load to end, then stops it.
-fn wait_exit(t: &Topology, id: ztna_e2e::DaemonId) {
-    for _ in 0..50 {
-        if !t.is_running(id) {
-            break;
-        }
+/// How long a probe started beside the load may take to end after it.
+const PROBE_EXIT: Duration = Duration::from_secs(5);
+
+/// Waits up to `limit` for a process started beside the load to end, then stops it.
+fn wait_exit(t: &Topology, id: ztna_e2e::DaemonId, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while t.is_running(id) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     if t.is_running(id) {
