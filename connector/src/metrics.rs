@@ -135,7 +135,7 @@ metrics! {
     tcp_handshake_timeouts: Counter,
     /// TCP connections opened with small buffers because the connector's TCP buffer budget was spent (tcp_buffer_budget_bytes).
     tcp_small_buffers: Counter,
-    /// Times the connector's TCP stack found the tunnel to an agent full and held its segments back (backpressure, not loss).
+    /// Times the connector's TCP stack found the tunnel to an agent full, held its segments back or left a bulk flow's bytes at its backend (backpressure, not loss).
     tcp_tunnel_full: Counter,
     /// TCP segments from agents dropped because the agent's TCP queue was full.
     tcp_dropped_queue_full: Counter,

@@ -29,7 +29,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use ztna_core::backoff::{jitter_seed, Backoff};
 use ztna_core::daemon::AbortOnDrop;
 use ztna_core::direct::{DirectContext, DirectOptions, DirectPath};
@@ -92,33 +92,41 @@ impl DirectState {
 type Direct = Arc<Mutex<DirectState>>;
 
 /// Packets to one agent, over its inner connection: datagrams, and the connector's TCP segments
-/// on the TCP carriage stream ([`ztna_core::tcp_carriage`]) through [`carry_tcp`].
+/// on the TCP carriage streams ([`ztna_core::tcp_carriage`]) through [`carry_tcp`].
 struct InnerSink {
     conn: quinn::Connection,
     metrics: Arc<Metrics>,
-    /// Towards the carriage stream's writer.
-    tcp: tokio::sync::mpsc::Sender<Bytes>,
+    /// Towards the carriage streams' writer.
+    tcp: tokio::sync::mpsc::Sender<Segment>,
     /// What the sink and the writer share.
     carriage: Arc<CarriageShared>,
 }
 
-/// What an [`InnerSink`] and its carriage stream's writer ([`carry_tcp`]) share.
+/// One TCP segment for the carriage writer.
+struct Segment {
+    packet: Bytes,
+    /// Of a sparse flow ([`ToAgent::send_tcp`]): on the sparse stream once it is open.
+    sparse: bool,
+}
+
+/// What an [`InnerSink`] and its carriage writer ([`carry_tcp`]) share.
 struct CarriageShared {
-    /// Set when the stream can't be used (the agent allows no stream, or it broke): TCP
+    /// Set when the streams can't be used (the agent allows no stream, or one broke): TCP
     /// segments then go as datagrams.
     on_datagrams: AtomicBool,
-    /// Bytes of segments queued for the writer, and how many the connector's TCP stack may
-    /// queue there before it holds back ([`ToAgent::has_room`]): a quarter of the stream's send
-    /// window, between [`TCP_QUEUE_MIN_BYTES`] and the queue's [`TCP_QUEUE_PACKETS`]. The
-    /// queue is one FIFO for every TCP connection to the agent, while segments held back wait
-    /// in their own connection's buffer, from which the stack sends connection by connection.
+    /// Bytes of framed segments handed to the writer and not yet written into a stream, and
+    /// how many the connector's bulk TCP flows may have there ([`ToAgent::tcp_room`]): a
+    /// quarter of the streams' send window, between [`TCP_QUEUE_MIN_BYTES`] and
+    /// [`TCP_QUEUE_PACKETS`] full segments. Twice the limit is the hard bound at which the TCP
+    /// stack sends nothing ([`ToAgent::has_room`]); sparse flows' segments and what a bulk flow
+    /// sends beyond its room (a retransmission, a flow that just turned bulk) use the margin.
     queued: AtomicUsize,
     limit: AtomicUsize,
 }
 
-/// TCP segments waiting for the carriage stream's writer, per inner connection (at most about
-/// 190 KiB of full segments, fewer by [`CarriageShared::limit`]); the connector's TCP stack
-/// holds back while it is full ([`ToAgent::has_room`]).
+/// See [`CarriageShared::queued`]: full segments (about 190 KiB) the connector's TCP flows to
+/// one agent may have waiting for the writer, fewer by [`CarriageShared::limit`]; also the
+/// bound of the writer's channel, which the writer keeps empty.
 const TCP_QUEUE_PACKETS: usize = 150;
 
 /// See [`CarriageShared::limit`]: 32 KiB, 5 ms at 50 Mbit/s.
@@ -129,22 +137,25 @@ const TCP_QUEUE_MIN_BYTES: usize = 32 << 10;
 /// the oldest beyond): about 20 ms at 50 Mbit/s, 1 ms at 1 Gbit/s.
 const TCP_QUEUE_BYTES: usize = 128 << 10;
 
-/// How often the carriage stream's send window follows the controller
+/// How often the carriage streams' send window follows the controller
 /// ([`ztna_core::congestion::Estimator::stream_window`]).
 const TCP_SEND_WINDOW_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// How long the connector waits for the agent to allow the carriage stream.
+/// How long the connector waits for the agent to allow the bulk carriage stream.
 const TCP_STREAM_OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// quinn's priority of the sparse stream: its data goes out before the bulk stream's.
+const SPARSE_PRIORITY: i32 = 1;
+
 impl InnerSink {
-    /// A sink for `conn` and the task that writes its TCP carriage stream (which ends when the
+    /// A sink for `conn` and the task that writes its TCP carriage streams (which ends when the
     /// sink is dropped or the connection closes).
     fn new(conn: quinn::Connection, metrics: Arc<Metrics>) -> (Self, AbortOnDrop<()>) {
         let (tcp, rx) = tokio::sync::mpsc::channel(TCP_QUEUE_PACKETS);
         let carriage = Arc::new(CarriageShared {
             on_datagrams: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
-            limit: AtomicUsize::new(usize::MAX),
+            limit: AtomicUsize::new(TCP_QUEUE_PACKETS * usize::from(transport::DEFAULT_TUN_MTU)),
         });
         let writer = tokio::spawn(carry_tcp(
             conn.clone(),
@@ -163,26 +174,84 @@ impl InnerSink {
         )
     }
 
-    fn datagram_room(&self) -> bool {
-        self.conn.datagram_send_buffer_space()
-            >= ztna_core::transport::DATAGRAM_SEND_BUFFER.saturating_sub(TCP_QUEUE_BYTES)
+    /// Bytes the datagram send buffer takes before TCP as datagrams would wait past
+    /// [`TCP_QUEUE_BYTES`].
+    fn datagram_room(&self) -> usize {
+        self.conn.datagram_send_buffer_space().saturating_sub(
+            ztna_core::transport::DATAGRAM_SEND_BUFFER.saturating_sub(TCP_QUEUE_BYTES),
+        )
     }
 }
 
-/// Writes the TCP segments queued on `rx` to the inner connection's carriage stream, framed,
-/// in batches. Falls back to datagrams (sets `on_datagrams`) if the agent does not allow the
-/// stream or the stream breaks while the connection lives.
+/// Frame headers of packets up to 4095 bytes, so that framing a segment allocates nothing.
+static FRAME_HEADERS: [u8; 2 * 4096] = {
+    let mut t = [0u8; 2 * 4096];
+    let mut i = 0;
+    while i < 4096 {
+        t[2 * i] = (i >> 8) as u8;
+        t[2 * i + 1] = (i & 0xff) as u8;
+        i += 1;
+    }
+    t
+};
+
+/// The two carriage streams' queues in the writer: frames (a header chunk, then the packet)
+/// not yet written into the stream.
+#[derive(Default)]
+struct Frames {
+    chunks: Vec<Bytes>,
+}
+
+impl Frames {
+    /// Queues `packet` behind its frame header; `false` if it can't be framed.
+    fn push(&mut self, packet: Bytes) -> bool {
+        let Some(h) = ztna_core::tcp_carriage::frame_header(&packet) else {
+            return false;
+        };
+        let header = match FRAME_HEADERS.get(2 * packet.len()..2 * packet.len() + HEADER_LEN) {
+            Some(h) => Bytes::from_static(h),
+            None => Bytes::copy_from_slice(&h),
+        };
+        self.chunks.push(header);
+        self.chunks.push(packet);
+        true
+    }
+
+    /// Writes what the stream takes now; `Pending` until it takes something. Cancel safe
+    /// (quinn's `write_chunks` writes only in the poll that returns).
+    async fn write(&mut self, stream: &mut quinn::SendStream) -> Result<usize, quinn::WriteError> {
+        let written = stream.write_chunks(&mut self.chunks).await?;
+        self.chunks.drain(..written.chunks);
+        Ok(written.bytes)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Frames still queued (half the chunks, a partly written frame counted whole).
+    fn frames(&self) -> usize {
+        self.chunks.len().div_ceil(2)
+    }
+}
+
+/// Writes the TCP segments queued on `rx` to the inner connection's carriage streams, framed:
+/// sparse flows' segments on a stream of their own that quinn sends first, bulk flows' on the
+/// other, so that a request does not wait behind the unsent part of a download. Both share the
+/// connection's send window ([`SendWindow`]); when an acknowledgement frees some, the sparse
+/// stream is written first. Falls back to datagrams (sets `on_datagrams`) if the agent does not
+/// allow the bulk stream or a stream breaks while the connection lives. An agent that allows
+/// one stream only (from before the sparse stream) gets everything on the bulk stream.
 async fn carry_tcp(
     conn: quinn::Connection,
-    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+    mut rx: tokio::sync::mpsc::Receiver<Segment>,
     shared: Arc<CarriageShared>,
     metrics: Arc<Metrics>,
 ) {
     let on_datagrams = &shared.on_datagrams;
-    use ztna_core::tcp_carriage::{frame_header, HEADER_LEN};
     // Nothing to open before the first segment.
     let Some(first) = rx.recv().await else { return };
-    let mut stream = match tokio::time::timeout(TCP_STREAM_OPEN_TIMEOUT, conn.open_uni()).await {
+    let mut bulk = match tokio::time::timeout(TCP_STREAM_OPEN_TIMEOUT, conn.open_uni()).await {
         Ok(Ok(s)) => s,
         Ok(Err(_)) => return, // the connection is gone
         Err(_) => {
@@ -194,53 +263,87 @@ async fn carry_tcp(
             return;
         }
     };
-    let mut packets: Vec<Bytes> = Vec::with_capacity(TCP_QUEUE_PACKETS);
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(2 * TCP_QUEUE_PACKETS);
+    let opening = conn.open_uni();
+    tokio::pin!(opening);
+    let mut opened = false;
+    let mut sparse: Option<quinn::SendStream> = None;
+    let mut sparse_frames = Frames::default();
+    let mut bulk_frames = Frames::default();
     let mut window = SendWindow::new();
     let mut next = Some(first);
-    while let Some(p) = next.take() {
-        window.follow(&conn, &shared);
-        packets.push(p);
-        while packets.len() < TCP_QUEUE_PACKETS {
-            match rx.try_recv() {
-                Ok(p) => packets.push(p),
-                Err(_) => break,
-            }
-        }
-        let bytes = packets.iter().map(Bytes::len).sum();
-        shared.queued.fetch_sub(bytes, Ordering::Relaxed);
-        // One allocation for the batch's headers, each chunk a slice of it.
-        let mut headers = BytesMut::with_capacity(HEADER_LEN * packets.len());
-        packets.retain(|p| match frame_header(p) {
-            Some(h) => {
-                headers.extend_from_slice(&h);
-                true
-            }
-            None => {
+    let broke = loop {
+        // Everything waiting goes into the queues (the channel stays empty, so a sparse
+        // segment never waits behind bulk ones there).
+        while let Some(s) = next.take().or_else(|| rx.try_recv().ok()) {
+            let frames = if s.sparse && sparse.is_some() {
+                &mut sparse_frames
+            } else {
+                &mut bulk_frames
+            };
+            let len = s.packet.len();
+            if !frames.push(s.packet) {
+                shared.queued.fetch_sub(len + HEADER_LEN, Ordering::Relaxed);
                 metrics.dropped_to_agent.fetch_add(1, Ordering::Relaxed);
-                false
             }
-        });
-        let mut headers = headers.freeze();
-        for p in packets.drain(..) {
-            chunks.push(headers.split_to(HEADER_LEN));
-            chunks.push(p);
         }
-        if let Err(e) = stream.write_all_chunks(&mut chunks).await {
+        window.follow(&conn, &shared);
+        let sparse_ready = sparse.is_some() && !sparse_frames.is_empty();
+        tokio::select! {
+            biased;
+            r = async {
+                match sparse.as_mut() {
+                    Some(stream) => sparse_frames.write(stream).await,
+                    None => std::future::pending().await,
+                }
+            }, if sparse_ready => match r {
+                Ok(n) => {
+                    shared.queued.fetch_sub(n, Ordering::Relaxed);
+                }
+                Err(e) => break Some(e),
+            },
+            r = bulk_frames.write(&mut bulk), if !bulk_frames.is_empty() => match r {
+                Ok(n) => {
+                    shared.queued.fetch_sub(n, Ordering::Relaxed);
+                }
+                Err(e) => break Some(e),
+            },
+            r = &mut opening, if !opened => {
+                opened = true;
+                match r {
+                    Ok(s) => {
+                        let _ = s.set_priority(SPARSE_PRIORITY);
+                        sparse = Some(s);
+                    }
+                    Err(_) => return, // the connection is gone
+                }
+            },
+            s = rx.recv() => match s {
+                Some(s) => next = Some(s),
+                None => break None,
+            },
+        }
+    };
+    match broke {
+        None => {
+            let _ = bulk.finish();
+            if let Some(mut s) = sparse {
+                let _ = s.finish();
+            }
+        }
+        Some(e) => {
             tracing::debug!(error = %e, "TCP carriage stream broke; TCP goes as datagrams");
+            on_datagrams.store(true, Ordering::Relaxed);
+            let lost = sparse_frames.frames() + bulk_frames.frames();
             metrics
                 .dropped_to_agent
-                .fetch_add((chunks.len() / 2) as u64, Ordering::Relaxed);
-            on_datagrams.store(true, Ordering::Relaxed);
-            let Some(p) = rx.recv().await else { return };
-            drain_as_datagrams(&conn, p, rx, &metrics).await;
-            return;
+                .fetch_add(lost as u64, Ordering::Relaxed);
+            let Some(s) = rx.recv().await else { return };
+            drain_as_datagrams(&conn, s, rx, &metrics).await;
         }
-        chunks.clear();
-        next = rx.recv().await;
     }
-    let _ = stream.finish();
 }
+
+use ztna_core::tcp_carriage::HEADER_LEN;
 
 /// The carriage stream's send window, kept at what the controller calls for: about a round
 /// trip and a half of what the path delivers, not the full 4 MiB the agent would accept
@@ -298,16 +401,17 @@ impl SendWindow {
     }
 }
 
-/// Sends what is still queued for a stream that can't be used as datagrams.
+/// Sends what is still queued for the streams, which can't be used, as datagrams (`queued` no
+/// longer counts: with `on_datagrams` set, room is the datagram buffer's).
 async fn drain_as_datagrams(
     conn: &quinn::Connection,
-    first: Bytes,
-    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+    first: Segment,
+    mut rx: tokio::sync::mpsc::Receiver<Segment>,
     metrics: &Metrics,
 ) {
     let mut next = Some(first);
-    while let Some(p) = next.take() {
-        send_datagram_to_agent(conn, metrics, p);
+    while let Some(s) = next.take() {
+        send_datagram_to_agent(conn, metrics, s.packet);
         next = rx.recv().await;
     }
 }
@@ -316,14 +420,25 @@ impl ToAgent for InnerSink {
     fn has_room(&self) -> bool {
         let c = &self.carriage;
         if c.on_datagrams.load(Ordering::Relaxed) {
-            self.datagram_room()
+            self.datagram_room() > 0
         } else {
             self.tcp.capacity() > 0
-                && c.queued.load(Ordering::Relaxed) < c.limit.load(Ordering::Relaxed)
+                && c.queued.load(Ordering::Relaxed) < 2 * c.limit.load(Ordering::Relaxed)
         }
     }
 
-    fn send_tcp(&self, packet: Bytes) {
+    fn tcp_room(&self) -> usize {
+        let c = &self.carriage;
+        if c.on_datagrams.load(Ordering::Relaxed) {
+            self.datagram_room()
+        } else {
+            c.limit
+                .load(Ordering::Relaxed)
+                .saturating_sub(c.queued.load(Ordering::Relaxed))
+        }
+    }
+
+    fn send_tcp(&self, packet: Bytes, sparse: bool) {
         // Pure ACKs go as datagrams: on the ordered stream one loss would hold every later ACK
         // back for an RTT and stall the agent's upload.
         if self.carriage.on_datagrams.load(Ordering::Relaxed)
@@ -331,11 +446,11 @@ impl ToAgent for InnerSink {
         {
             return self.send(packet);
         }
-        // Counted before the writer can take it off the queue (it subtracts what it takes).
-        let len = packet.len();
+        // Counted before the writer can take it off the queue (it subtracts what it writes).
+        let len = packet.len() + HEADER_LEN;
         let queued = &self.carriage.queued;
         queued.fetch_add(len, Ordering::Relaxed);
-        match self.tcp.try_send(packet) {
+        match self.tcp.try_send(Segment { packet, sparse }) {
             Ok(()) => {}
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
                 queued.fetch_sub(len, Ordering::Relaxed);
@@ -345,9 +460,9 @@ impl ToAgent for InnerSink {
                     .dropped_to_agent
                     .fetch_add(1, Ordering::Relaxed);
             }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(p)) => {
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(s)) => {
                 queued.fetch_sub(len, Ordering::Relaxed);
-                self.send(p)
+                self.send(s.packet)
             }
         }
     }

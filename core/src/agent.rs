@@ -2275,33 +2275,57 @@ async fn read_inner(
         .await;
 }
 
-/// Reads the connector's TCP segments from the inner connection's carriage stream
-/// ([`crate::tcp_carriage`]) and hands them to the platform like datagrams, except that a full
-/// platform queue makes it wait (the stream's flow control then holds the connector back)
-/// instead of dropping: a segment on the stream is never lost. Ends with the connection (the
-/// datagram reader aborts it).
+/// Reads the connector's TCP segments from the inner connection's carriage streams
+/// ([`crate::tcp_carriage`]; at most [`crate::transport::CARRIAGE_STREAMS`] at once, each read
+/// by a task of its own so that the sparse stream is not read behind the bulk one) and hands
+/// them to the platform like datagrams, except that a full platform queue makes a reader wait
+/// (the stream's flow control then holds the connector back) instead of dropping: a segment on
+/// a stream is never lost. Ends with the connection (the datagram reader aborts it, and with it
+/// the stream readers).
 async fn read_tcp_carriage(sh: Arc<Shared>, link: Arc<Link>, conn: quinn::Connection) {
-    use crate::tcp_carriage::FrameReader;
-    while let Ok(mut stream) = conn.accept_uni().await {
-        let mut frames = FrameReader::new();
-        loop {
-            let chunk = match stream.read_chunk(usize::MAX, true).await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!(connector = %link.name, error = %e, "TCP carriage stream ended");
-                    break;
+    let mut readers = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            stream = conn.accept_uni() => match stream {
+                Ok(stream) => {
+                    readers.spawn(read_carriage_stream(sh.clone(), link.clone(), stream));
                 }
-            };
-            frames.push(&chunk.bytes);
-            while let Some(frame) = frames.next_packet() {
-                let Ok(pkt) = frame else {
-                    sh.dropped_inbound.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                if admit(&sh, &link, &pkt) && sh.to_platform.send(pkt).await.is_err() {
+                Err(_) => return,
+            },
+            Some(done) = readers.join_next(), if !readers.is_empty() => {
+                if matches!(done, Ok(false)) {
                     return; // the platform side is gone
                 }
+            }
+        }
+    }
+}
+
+/// Reads one carriage stream to its end; `false` if the platform side is gone.
+async fn read_carriage_stream(
+    sh: Arc<Shared>,
+    link: Arc<Link>,
+    mut stream: quinn::RecvStream,
+) -> bool {
+    use crate::tcp_carriage::FrameReader;
+    let mut frames = FrameReader::new();
+    loop {
+        let chunk = match stream.read_chunk(usize::MAX, true).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return true,
+            Err(e) => {
+                tracing::debug!(connector = %link.name, error = %e, "TCP carriage stream ended");
+                return true;
+            }
+        };
+        frames.push(&chunk.bytes);
+        while let Some(frame) = frames.next_packet() {
+            let Ok(pkt) = frame else {
+                sh.dropped_inbound.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if admit(&sh, &link, &pkt) && sh.to_platform.send(pkt).await.is_err() {
+                return false;
             }
         }
     }

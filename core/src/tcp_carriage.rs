@@ -1,6 +1,7 @@
-//! The reliable carriage of the connector's TCP segments to the agent: one unidirectional QUIC
-//! stream per inner connection, opened by the connector, carrying IP packets each behind a
-//! two-byte big-endian length.
+//! The reliable carriage of the connector's TCP segments to the agent: two unidirectional QUIC
+//! streams per inner connection, opened by the connector (one for sparse flows, sent first, one
+//! for bulk flows; `docs/architecture.md`, "Sparse and bulk streams"), carrying IP packets each
+//! behind a two-byte big-endian length.
 //!
 //! Why: the connector terminates the agents' TCP in its userspace stack (smoltcp), whose sender
 //! recovers from loss poorly (one retransmission per three duplicate ACKs, no SACK scoreboard,

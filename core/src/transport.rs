@@ -115,7 +115,8 @@ pub fn relay_server_limits(cfg: &mut quinn::ServerConfig) {
 pub const INNER_MTU: u16 = 1358;
 
 /// Transport of the inner connection on the connector's side: IP packets as datagrams, the
-/// connector's TCP segments on one unidirectional stream of its own ([`crate::tcp_carriage`]),
+/// connector's TCP segments on two unidirectional streams of its own, one for sparse flows and
+/// one for bulk flows ([`crate::tcp_carriage`]),
 /// and the agent's name streams (one short bidirectional stream per name mapping, see
 /// [`ztna_proto::names`]), at most [`NAME_STREAMS`] at once.
 pub fn inner(mtu: u16, timing: Timing, changes: Option<PathChanges>) -> Arc<TransportConfig> {
@@ -128,14 +129,19 @@ pub fn inner(mtu: u16, timing: Timing, changes: Option<PathChanges>) -> Arc<Tran
 pub const NAME_STREAMS: u32 = 8;
 
 /// Transport of the inner connection on the agent's side: as [`inner`], the connector may
-/// open the one TCP carriage stream, and the datagram send buffer is
+/// open the [`CARRIAGE_STREAMS`] TCP carriage streams, and the datagram send buffer is
 /// [`AGENT_DATAGRAM_SEND_BUFFER`].
 pub fn inner_agent(mtu: u16, timing: Timing, changes: Option<PathChanges>) -> Arc<TransportConfig> {
     let mut t = inner_base(mtu, timing, changes);
-    t.max_concurrent_uni_streams(VarInt::from_u32(1))
+    t.max_concurrent_uni_streams(VarInt::from_u32(CARRIAGE_STREAMS))
         .datagram_send_buffer_size(AGENT_DATAGRAM_SEND_BUFFER);
     Arc::new(t)
 }
+
+/// TCP carriage streams the connector may have open on one inner connection: the bulk stream
+/// and the sparse one ([`crate::tcp_carriage`]). An agent that allows one gets everything on
+/// the bulk stream.
+pub const CARRIAGE_STREAMS: u32 = 2;
 
 /// The agent's datagram send buffer per inner connection: 32 KiB, 5 ms at 50 Mbit/s and
 /// 130 us at 2 Gbit/s. Nothing is dropped from it: the Linux agent's TCP packets wait for room

@@ -112,17 +112,27 @@ pub(crate) trait ToAgent: Send + Sync + 'static {
     /// Sends one IP packet (IPv4 or IPv6) to the agent, or drops it. Must not block.
     fn send(&self, packet: Bytes);
 
-    /// Whether the way to the agent takes more packets without queueing past its bound: the
-    /// connector's TCP stack sends only while it does, so its senders go at the rate the tunnel
-    /// carries instead of overflowing the tunnel's send buffer (where the oldest would be
-    /// dropped). Datagram traffic (UDP, ICMP) does not ask.
+    /// Whether the way to the agent takes more packets without queueing past its hard bound:
+    /// the connector's TCP stack sends nothing while it does not. Datagram traffic (UDP, ICMP)
+    /// does not ask.
     fn has_room(&self) -> bool {
         true
     }
 
+    /// Bytes of bulk TCP data the way to the agent takes before it is full: the connector's
+    /// TCP stack takes only this much more from the backends of its bulk flows, so its senders
+    /// go at the rate the tunnel carries instead of overflowing the tunnel's send buffer, and
+    /// the segments of a sparse flow (a request, a keystroke) find [`ToAgent::has_room`]
+    /// when a download does not.
+    fn tcp_room(&self) -> usize {
+        usize::MAX
+    }
+
     /// Sends one of the connector's TCP segments to the agent (on the reliable carriage where
-    /// the way to the agent has one).
-    fn send_tcp(&self, packet: Bytes) {
+    /// the way to the agent has one; `sparse`: it belongs to a flow with little in flight,
+    /// whose segments go ahead of bulk flows' where the carriage can keep them apart).
+    fn send_tcp(&self, packet: Bytes, sparse: bool) {
+        let _ = sparse;
         self.send(packet);
     }
 }
