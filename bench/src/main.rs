@@ -62,9 +62,10 @@ struct Args {
     /// (default 5).
     #[arg(long)]
     profiles: bool,
-    /// `--profiles`: only the profiles whose name contains one of these (comma-separated), or
-    /// starts with it when it starts with `^` (`^0 ms`: the 0 ms profile alone).
-    #[arg(long, value_delimiter = ',')]
+    /// `--profiles`: only the profiles whose name contains one of these, or starts with it
+    /// when it starts with `^` (`^0 ms`: the 0 ms profile alone). Separated by commas not
+    /// followed by a space (`bottleneck,^60 ms, 3 % loss`: two), or by giving `--only` again.
+    #[arg(long)]
     only: Vec<String>,
     /// Names the `--profiles` output files (`profiles-LABEL.md`).
     #[arg(long, default_value = "latest")]
@@ -102,7 +103,12 @@ fn main() -> Result<()> {
                 profiles::TUNNELS_ALL.join(", ")
             );
         }
-        let report = profiles::run(&tunnels, args.secs.unwrap_or(5), &args.label, &args.only);
+        let report = profiles::run(
+            &tunnels,
+            args.secs.unwrap_or(5),
+            &args.label,
+            &profiles::selectors(&args.only),
+        );
         let file = report.write(&args.out)?;
         println!("{}", report.markdown());
         eprintln!("==> wrote {}", file.display());

@@ -252,6 +252,26 @@ impl Competing {
     }
 }
 
+/// The `--only` entries in `raw`: each value split at commas not followed by a space (profile
+/// names have ", " in them: "60 ms, 3 % loss").
+pub(crate) fn selectors(raw: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for value in raw {
+        let mut rest = value.as_str();
+        while let Some(i) = rest
+            .char_indices()
+            .find(|&(i, c)| c == ',' && !rest[i + 1..].starts_with(' '))
+            .map(|(i, _)| i)
+        {
+            out.push(rest[..i].to_owned());
+            rest = &rest[i + 1..];
+        }
+        out.push(rest.to_owned());
+    }
+    out.retain(|o| !o.is_empty());
+    out
+}
+
 /// Whether `--only` entry `o` selects profile `name`: a substring, or a prefix after `^`.
 fn selects(o: &str, name: &str) -> bool {
     match o.strip_prefix('^') {
@@ -972,6 +992,15 @@ mod tests {
                 .collect()
         };
         assert_eq!(names("^0 ms"), ["0 ms, no loss"]);
+        assert_eq!(names("^60 ms, 3 % loss"), ["60 ms, 3 % loss"]);
+        let raw = |s: &str| selectors(&[s.to_owned()]);
+        assert_eq!(raw("bottleneck,150 ms"), ["bottleneck", "150 ms"]);
+        assert_eq!(raw("^60 ms, 3 % loss"), ["^60 ms, 3 % loss"]);
+        assert_eq!(
+            raw("^60 ms, 3 % loss,bottleneck,"),
+            ["^60 ms, 3 % loss", "bottleneck"]
+        );
+        assert_eq!(selectors(&["a".into(), "b,c".into()]), ["a", "b", "c"]);
         assert_eq!(names("bottleneck"), [BOTTLENECK.name]);
         assert_eq!(names("150 ms").len(), 2);
         assert!(names("0 ms").len() > 5);
