@@ -36,6 +36,7 @@ use ztna_core::direct::{DirectContext, DirectOptions, DirectPath};
 use ztna_core::fleet::RelaySpec;
 use ztna_core::mux::MuxSocket;
 use ztna_core::session::{ControlSender, Node, RelaySession, RelayTarget, SessionError};
+use ztna_core::tcp_carriage::HEADER_LEN;
 use ztna_core::tls::PeerIdentity;
 use ztna_core::transport;
 use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role};
@@ -342,8 +343,6 @@ async fn carry_tcp(
         }
     }
 }
-
-use ztna_core::tcp_carriage::HEADER_LEN;
 
 /// The carriage stream's send window, kept at what the controller calls for: about a round
 /// trip and a half of what the path delivers, not the full 4 MiB the agent would accept

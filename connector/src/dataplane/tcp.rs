@@ -289,8 +289,8 @@ struct TunnelDevice {
     rx: VecDeque<Bytes>,
     sink: Arc<dyn ToAgent>,
     metrics: Arc<Metrics>,
-    /// Set when a transmit found the tunnel full ([`ToAgent::has_room`]), or a bulk flow had
-    /// no room to take more from its backend ([`ToAgent::tcp_room`]); cleared by the run loop.
+    /// Set when a transmit found the tunnel full ([`ToAgent::has_room`]); cleared by the run
+    /// loop.
     blocked: bool,
     /// The connections that are bulk flows ([`SPARSE_BYTES`]); the pump keeps it.
     bulk: HashSet<Key>,
@@ -330,7 +330,8 @@ impl phy::TxToken for TxTok<'_> {
             .bytes_to_agents
             .fetch_add(len as u64, Ordering::Relaxed);
         trace!(len, "TCP segment to agent");
-        let sparse = egress_key(&segment).is_some_and(|k| !self.bulk.contains(&k));
+        let sparse =
+            self.bulk.is_empty() || egress_key(&segment).is_some_and(|k| !self.bulk.contains(&k));
         self.sink.send_tcp(segment, sparse);
         r
     }
@@ -509,7 +510,7 @@ impl Engine {
                 }
             }
             self.poll(now);
-            self.pump(now);
+            let starved = self.pump(now);
             self.poll(now);
             if now >= sweep_at {
                 self.sweep(now);
@@ -521,6 +522,15 @@ impl Engine {
                 Some(d) => (now + Duration::from_micros(d.total_micros())).min(sweep_at),
                 None => sweep_at,
             };
+            if starved {
+                // A bulk flow left bytes at its backend for want of room: look again when the
+                // writer may have made some.
+                deadline = deadline.min(now + BLOCKED_RETRY);
+                self.ctx
+                    .metrics
+                    .tcp_tunnel_full
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             if std::mem::take(&mut self.device.blocked) {
                 // The stack has segments the tunnel can't take yet: look again shortly rather
                 // than spin (smoltcp asks to be polled at once while it has something to send).
@@ -767,10 +777,11 @@ impl Engine {
     }
 
     /// Moves bytes for every open connection, within the tunnel's room for bulk data, and
-    /// removes finished ones.
-    fn pump(&mut self, now: Instant) {
+    /// removes finished ones; whether a connection left bytes at its backend for want of room.
+    fn pump(&mut self, now: Instant) -> bool {
         let mut finished = Vec::new();
         let mut room = self.ctx.sink.tcp_room();
+        let mut starved = false;
         for (key, slot) in &mut self.conns {
             let Slot::Open(conn) = slot else { continue };
             let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
@@ -783,9 +794,7 @@ impl Engine {
                     self.device.bulk.remove(key);
                 }
             }
-            if conn.starved {
-                self.device.blocked = true;
-            }
+            starved |= conn.starved;
             if let Verdict::Remove = verdict {
                 finished.push(*key);
             }
@@ -801,6 +810,7 @@ impl Engine {
                 );
             }
         }
+        starved
     }
 
     /// Resets connections idle for longer than the idle timeout, and those whose handshake
