@@ -266,7 +266,6 @@ async fn carry_tcp(
     };
     let opening = conn.open_uni();
     tokio::pin!(opening);
-    let mut opened = false;
     let mut sparse: Option<quinn::SendStream> = None;
     let mut sparse_frames = Frames::default();
     let mut bulk_frames = Frames::default();
@@ -308,8 +307,8 @@ async fn carry_tcp(
                 }
                 Err(e) => break Some(e),
             },
-            r = &mut opening, if !opened => {
-                opened = true;
+            // Until it is open (never, for an agent that allows one stream).
+            r = &mut opening, if sparse.is_none() => {
                 match r {
                     Ok(s) => {
                         let _ = s.set_priority(SPARSE_PRIORITY);

@@ -395,8 +395,6 @@ struct Conn {
     want_write: bool,
     /// A bulk flow ([`SPARSE_BYTES`]).
     bulk: bool,
-    /// The last pump left bytes at the backend for want of room in the tunnel.
-    starved: bool,
     last_active: Instant,
     /// When the backend connected and the agent's SYN was taken.
     opened: Instant,
@@ -766,7 +764,6 @@ impl Engine {
                 want_read: false,
                 want_write: false,
                 bulk: false,
-                starved: false,
                 last_active: now,
                 opened: now,
                 metrics: m,
@@ -786,7 +783,7 @@ impl Engine {
             let Slot::Open(conn) = slot else { continue };
             let socket = self.sockets.get_mut::<tcp::Socket>(conn.handle);
             let was_bulk = conn.bulk;
-            let verdict = pump_one(conn, socket, now, &mut room);
+            let verdict = pump_one(conn, socket, now, &mut room, &mut starved);
             if conn.bulk != was_bulk {
                 if conn.bulk {
                     self.device.bulk.insert(*key);
@@ -794,7 +791,6 @@ impl Engine {
                     self.device.bulk.remove(key);
                 }
             }
-            starved |= conn.starved;
             if let Verdict::Remove = verdict {
                 finished.push(*key);
             }
@@ -894,15 +890,17 @@ fn egress_key(packet: &[u8]) -> Option<Key> {
 /// Moves bytes between one socket and its backend stream (see the module docs), taking from
 /// the backend at most `room` bytes (less what it takes) for a bulk flow, and up to
 /// [`SPARSE_BYTES`] in the transmit buffer for a sparse one; then classifies the connection.
+/// Sets `starved` if it left bytes at the backend for want of room.
 fn pump_one(
     conn: &mut Conn,
     socket: &mut tcp::Socket<'_>,
     now: Instant,
     room: &mut usize,
+    starved: &mut bool,
 ) -> Verdict {
     conn.want_read = false;
     conn.want_write = false;
-    conn.starved = false;
+    let mut held = false;
     let Some(stream) = conn.stream.as_ref() else {
         // Reset earlier; its RST has gone out with the last poll.
         return Verdict::Remove;
@@ -959,7 +957,7 @@ fn pump_one(
             (*room).max(SPARSE_BYTES.saturating_sub(socket.send_queue()))
         };
         if allowed == 0 {
-            conn.starved = true; // looked at again shortly (`BLOCKED_RETRY`)
+            held = true; // looked at again shortly (`BLOCKED_RETRY`)
             break;
         }
         let r = socket.send(|buf| {
@@ -1000,10 +998,11 @@ fn pump_one(
     // Bulk from a full allowance on; sparse again once everything was acknowledged and the
     // backend had no more (a download held back for room stays bulk).
     match socket.send_queue() {
-        0 if !conn.starved => conn.bulk = false,
+        0 if !held => conn.bulk = false,
         q if q >= SPARSE_BYTES => conn.bulk = true,
         _ => {}
     }
+    *starved |= held;
 
     if let Some(e) = failed {
         trace!(error = %e, "backend stream failed; resetting the connection");
