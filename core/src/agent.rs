@@ -33,7 +33,7 @@ pub use crate::agent_machine::Refusal;
 use crate::agent_machine::{AgentMachine, Command, Input, MachineConfig, RelayAddr};
 use crate::backoff::jitter_seed;
 use crate::direct::{DirectContext, DirectOptions, DirectPath, DirectStatus};
-use crate::fair_queue::FairQueue;
+use crate::fair_queue::{self, FairQueue};
 use crate::fleet::{Liveness, RelaySpec, Verdict};
 use crate::outbound::{OutboundDrop, TCP};
 use crate::session::{Node, RelaySession, RelayTarget, SessionError};
@@ -470,6 +470,10 @@ struct SendQueue {
     /// is in quinn's buffer, so a flow's packets stay in order.
     active: AtomicBool,
     wake: tokio::sync::Notify,
+    /// Whether a TCP packet waits for its flow to leave `fq` ([`Link::send_wait`]); the pump
+    /// then tells it of each packet it takes off (`popped`).
+    waiting: AtomicBool,
+    popped: tokio::sync::Notify,
 }
 
 /// Bounds of a link's [`SendQueue`]: about 40 ms at 50 Mbit/s in full-size packets.
@@ -482,16 +486,18 @@ impl SendQueue {
             fq: Mutex::new(FairQueue::new(SEND_QUEUE_BYTES, SEND_QUEUE_PACKETS)),
             active: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
+            waiting: AtomicBool::new(false),
+            popped: tokio::sync::Notify::new(),
         }
     }
 
-    /// Queues a packet; how many queued packets the bounds dropped.
-    fn push(&self, packet: Bytes) -> usize {
-        let dropped = lock(&self.fq).push(packet).dropped;
+    /// Queues a packet; how many queued packets the bounds dropped, and the packet's flow.
+    fn push(&self, packet: Bytes) -> fair_queue::Pushed {
+        let pushed = lock(&self.fq).push(packet);
         if !self.active.swap(true, Ordering::AcqRel) {
             self.wake.notify_one();
         }
-        dropped
+        pushed
     }
 
     /// The next packet to hand on; when there is none, packets stop going through the queue.
@@ -501,14 +507,41 @@ impl SendQueue {
         if p.is_none() {
             self.active.store(false, Ordering::Release);
         }
+        drop(fq);
+        // After the lock: a waiter that saw its flow still queued had set `waiting` before.
+        if self.waiting.load(Ordering::Acquire) {
+            self.popped.notify_waiters();
+        }
         p
+    }
+
+    /// Waits (at most `SEND_WAIT`) until nothing of `flow` is queued: a TCP sender is held
+    /// back while its packet waits here, as it is while quinn's buffer is full.
+    async fn wait_flow_sent(&self, flow: usize) {
+        self.waiting.store(true, Ordering::Release);
+        let _ = tokio::time::timeout(SEND_WAIT, async {
+            loop {
+                let popped = self.popped.notified();
+                let mut popped = std::pin::pin!(popped);
+                popped.as_mut().enable();
+                if lock(&self.fq).flow_bytes(flow) == 0 {
+                    return;
+                }
+                popped.await;
+            }
+        })
+        .await;
+        self.waiting.store(false, Ordering::Release);
     }
 
     /// Drops everything queued and stops queueing; how many packets there were.
     fn clear(&self) -> usize {
         let mut fq = lock(&self.fq);
         self.active.store(false, Ordering::Release);
-        fq.clear()
+        let n = fq.clear();
+        drop(fq);
+        self.popped.notify_waiters();
+        n
     }
 }
 
@@ -633,19 +666,33 @@ impl Link {
                 return self.count_send(len, sent);
             }
         }
-        let dropped = self.queue.push(packet);
-        if dropped > 0 {
-            self.drops
-                .queue_full
-                .fetch_add(dropped as u64, Ordering::Relaxed);
-        }
+        self.queue_packet(packet);
     }
 
-    /// Hands a TCP packet to `conn`, waiting for room (see [`Agent::send_packet_wait`]).
+    /// Puts `packet` into the fair queue, counting what its bounds dropped; its flow.
+    fn queue_packet(&self, packet: Bytes) -> usize {
+        let pushed = self.queue.push(packet);
+        if pushed.dropped > 0 {
+            self.drops
+                .queue_full
+                .fetch_add(pushed.dropped as u64, Ordering::Relaxed);
+        }
+        pushed.flow
+    }
+
+    /// Hands a TCP packet to `conn`, waiting for room (see [`Agent::send_packet_wait`]). While
+    /// the fair queue is busy the packet joins it instead, and the wait is for it to leave:
+    /// waiting for room in quinn's buffer would race the queue's pump for every slot that frees,
+    /// and lose until the queue drained (a TCP ping under a UDP flood: 45-55 ms late, 256 KiB
+    /// at 50 Mbit/s); in the queue the packet's flow gets its turn, first if it is sparse.
     async fn send_wait(&self, conn: &quinn::Connection, packet: Bytes) {
         let len = packet.len() as u64;
         if self.stalled() {
             return self.count_send(len, conn.send_datagram(packet));
+        }
+        if self.queue.active.load(Ordering::Acquire) {
+            let flow = self.queue_packet(packet);
+            return self.queue.wait_flow_sent(flow).await;
         }
         match tokio::time::timeout(SEND_WAIT, conn.send_datagram_wait(packet)).await {
             Ok(sent) => self.count_send(len, sent),
@@ -1147,7 +1194,9 @@ impl Agent {
     /// Only TCP waits: a TCP sender slows down when its packets stay in the kernel's queue, a
     /// UDP or ICMP sender does not, and holding the reader for it would only put every other
     /// packet (a ping) behind it in that queue; those go as with [`Agent::send_packet`], into
-    /// the fair queue while the connection is full.
+    /// the fair queue while the connection is full. While that queue is busy a TCP packet
+    /// joins it too, and the wait is for its flow to have left the queue (see
+    /// `Link::send_wait`). One reader calls this.
     pub async fn send_packet_wait(&self, packet: Bytes) {
         if ip_protocol(&packet) != Some(TCP) {
             return self.send_packet(packet);
@@ -2436,6 +2485,74 @@ mod tests {
         assert_eq!(got + dropped, 501, "every packet arrived or was counted");
         assert!(queued > 0 && !link.queue.active.load(Ordering::Relaxed));
         assert_eq!(drops.tunnel_full.load(Ordering::Relaxed), 0);
+    }
+
+    /// The attack from the bench's bottleneck profile: under a local UDP flood the link's fair
+    /// queue is busy, and a TCP segment (a request, a TCP ping) waited for room in quinn's
+    /// buffer itself, racing the queue's pump for every slot that freed. The pump won until
+    /// its queue had drained (the reader, held by the segment, read no more of the flood):
+    /// 256 KiB at 50 Mbit/s, and a TCP ping under the flood took 67-79 ms where an ICMP ping
+    /// took 33 (boringtun: 30). Now a TCP segment that finds the queue busy joins it as a flow
+    /// of its own and goes out ahead of the flood.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_tcp_segment_in_a_udp_flood_goes_ahead_of_it() {
+        const FLOOD: usize = 800;
+        const FLOOD_LEN: usize = 500;
+        let (client, server, _endpoints) = quinn_pair(32 * 1024).await;
+        let drops = Arc::new(SendDrops::default());
+        let link = Link::new("c1", Instant::now(), drops.clone());
+        *write(&link.conn) = Some(client.clone());
+        let flood = || ip_packet(17, [0x13, 0x88, 0, 7], FLOOD_LEN);
+        // Larger than a flood packet: it never fits the room the pump leaves in quinn's buffer.
+        // From a port whose flow does not share the flood's bucket (one in 256 would).
+        let segment = (0x3039u16..)
+            .map(|port| {
+                let [a, b] = port.to_be_bytes();
+                ip_packet(6, [a, b, 0, 80], 2 * FLOOD_LEN)
+            })
+            .find(|s| {
+                let fq = lock(&link.queue.fq);
+                fq.flow(s) != fq.flow(&flood())
+            })
+            .unwrap();
+        // No await in between: quinn's driver can't send meanwhile, so its buffer fills and
+        // the rest of the flood waits in the fair queue.
+        for _ in 0..FLOOD {
+            link.send_fair(&client, flood());
+        }
+        assert!(link.queue.active.load(Ordering::Relaxed));
+        // The pump waits for room first, as it does under a flood that keeps its queue full.
+        tokio::task::yield_now().await;
+        tokio::time::timeout(SEND_WAIT / 2, link.send_wait(&client, segment))
+            .await
+            .expect("a sparse TCP flow does not wait for the flood");
+        let (mut got, mut at) = (0, None);
+        while let Ok(d) =
+            tokio::time::timeout(Duration::from_millis(500), server.read_datagram()).await
+        {
+            if d.unwrap()[9] == 6 {
+                at = Some(got);
+            }
+            got += 1;
+        }
+        let at = at.expect("the segment arrived");
+        // quinn's buffer held 32 KiB of the flood before the segment could be anywhere; the
+        // fair queue holds 256 KiB more.
+        // (Through quinn's buffer it went out last, as packet 585 of 586.)
+        let in_quinn = 32 * 1024 / FLOOD_LEN;
+        assert!(
+            at <= 2 * in_quinn,
+            "the segment went out as packet {at} of {got}"
+        );
+        assert_eq!(drops.tunnel_full.load(Ordering::Relaxed), 0);
+        assert!(!link.stalled());
+        let dropped = drops.queue_full.load(Ordering::Relaxed) as usize;
+        assert!(dropped > 0, "the flood was over the queue's bound");
+        assert_eq!(
+            got + dropped,
+            FLOOD + 1,
+            "every packet arrived or was counted"
+        );
     }
 
     fn service6(name: &str, v4: [u8; 4], v6: &str, tcp: u16, udp: u16, icmp: bool) -> ServiceDef {

@@ -26,6 +26,8 @@ pub const QUANTUM: usize = 1500;
 pub struct Pushed {
     /// Packets dropped to get back under the bounds (the pushed one may be among them).
     pub dropped: usize,
+    /// The pushed packet's flow, for [`FairQueue::flow_bytes`].
+    pub flow: usize,
 }
 
 /// A bounded per-flow fair queue (see the module docs).
@@ -100,6 +102,16 @@ impl<P: AsRef<[u8]>, S: BuildHasher> FairQueue<P, S> {
         self.packets == 0
     }
 
+    /// The flow `packet` would be queued in.
+    pub fn flow(&self, packet: &[u8]) -> usize {
+        self.bucket_of(packet)
+    }
+
+    /// Bytes queued in `flow` (a [`Pushed::flow`]; flows that share a bucket count together).
+    pub fn flow_bytes(&self, flow: usize) -> usize {
+        self.buckets.get(flow).map_or(0, |b| b.bytes)
+    }
+
     /// Queues `packet` behind the earlier packets of its flow, then drops from the head of the
     /// fattest flow while the queue is over a bound.
     pub fn push(&mut self, packet: P) -> Pushed {
@@ -129,7 +141,7 @@ impl<P: AsRef<[u8]>, S: BuildHasher> FairQueue<P, S> {
             self.packets -= 1;
             dropped += 1;
         }
-        Pushed { dropped }
+        Pushed { dropped, flow: b }
     }
 
     /// The next packet to send: sparse flows first, then the busy ones in turn, a quantum of
@@ -281,11 +293,18 @@ mod tests {
         for _ in 0..3 {
             assert!(!is_ping(&q.pop().unwrap()));
         }
-        q.push(ping(1));
+        let pushed = q.push(ping(1));
+        assert_eq!(pushed.flow, q.flow(&ping(2)));
+        assert_eq!(q.flow_bytes(pushed.flow), 84);
         let next = q.pop().unwrap();
         assert!(
             is_ping(&next),
             "the ping waits behind at most one flood packet"
+        );
+        assert_eq!(
+            q.flow_bytes(pushed.flow),
+            0,
+            "the ping's flow is empty again"
         );
         assert_eq!(q.len(), 197);
     }
@@ -393,10 +412,12 @@ mod tests {
                     seq = seq.wrapping_add(1);
                     let mut p = udp(flow, len, 0);
                     p[26..28].copy_from_slice(&seq.to_be_bytes());
-                    dropped += q.push(p).dropped;
+                    let r = q.push(p);
+                    dropped += r.dropped;
                     pushed += 1;
                     prop_assert!(q.len() <= max_packets);
                     prop_assert!(q.bytes() <= max_bytes);
+                    prop_assert!(q.flow_bytes(r.flow) <= q.bytes());
                 } else if let Some(p) = q.pop() {
                     popped += 1;
                     let flow = u16::from_be_bytes([p[20], p[21]]);
@@ -408,6 +429,8 @@ mod tests {
                 }
             }
             prop_assert_eq!(popped + dropped + q.len(), pushed);
+            // Each flow's count adds up to the queue's.
+            prop_assert_eq!((0..BUCKETS).map(|f| q.flow_bytes(f)).sum::<usize>(), q.bytes());
             let rest = std::iter::from_fn(|| q.pop()).count();
             prop_assert_eq!(rest + popped + dropped, pushed);
             prop_assert!(q.is_empty() && q.bytes() == 0);
