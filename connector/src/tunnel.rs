@@ -43,7 +43,7 @@ use ztna_proto::control::{ControlMessage, ErrorCode, Hello, Role};
 use ztna_proto::{Candidate, ChannelId, ServiceDef, ALPN_TUNNEL};
 
 use crate::dataplane::fragment::fragment;
-use crate::dataplane::{Dataplane, ToAgent};
+use crate::dataplane::{Dataplane, TcpClass, ToAgent};
 use crate::metrics::{gauge_dec, gauge_inc, Metrics};
 
 /// What the relay told us to expect on a channel.
@@ -436,14 +436,14 @@ impl ToAgent for InnerSink {
         }
     }
 
-    fn send_tcp(&self, packet: Bytes, sparse: bool) {
-        // Pure ACKs go as datagrams: on the ordered stream one loss would hold every later ACK
-        // back for an RTT and stall the agent's upload.
-        if self.carriage.on_datagrams.load(Ordering::Relaxed)
-            || !ztna_core::tcp_carriage::needs_carriage(&packet)
-        {
+    fn send_tcp(&self, packet: Bytes, class: TcpClass) {
+        // Pure ACKs go as datagrams (but one that reopens a closed window, see `TcpClass`): on
+        // the ordered stream one loss would hold every later ACK back for an RTT and stall the
+        // agent's upload.
+        if self.carriage.on_datagrams.load(Ordering::Relaxed) || !class.reliable {
             return self.send(packet);
         }
+        let sparse = class.sparse;
         // Counted before the writer can take it off the queue (it subtracts what it writes).
         let len = packet.len() + HEADER_LEN;
         let queued = &self.carriage.queued;

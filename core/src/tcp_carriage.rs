@@ -16,7 +16,9 @@
 //! Pure ACKs (no data, no SYN, FIN or RST) stay datagrams too ([`needs_carriage`]): TCP
 //! tolerates a lost ACK (the next one acknowledges as much), while on the ordered stream one lost
 //! packet holds every later ACK back for an RTT, which stalls an upload's sender under random
-//! loss in the direction of the ACKs.
+//! loss in the direction of the ACKs. Except the pure ACK that opens a window its connection had
+//! closed: lost, it would leave the agent's sender waiting for its persist timer, so the
+//! connector sends it on the carriage (it keeps which connections advertised a closed window).
 //!
 //! This module is the pure framing ([`frame_header`], [`FrameReader`]); the connector writes,
 //! the agent reads.
@@ -70,15 +72,23 @@ pub fn tcp_body(packet: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
 /// headers (which goes as a datagram, see the module documentation). Anything that does not
 /// parse goes on the carriage, as before.
 pub fn needs_carriage(packet: &[u8]) -> bool {
+    tcp_body(packet).is_none_or(|(_, _, body)| !is_pure_ack(body))
+}
+
+/// Whether `body` (a TCP header and its payload, as [`tcp_body`] gives it) is a pure ACK: a
+/// valid header with ACK set, no SYN, FIN or RST, and no payload.
+pub fn is_pure_ack(body: &[u8]) -> bool {
     const SYN_FIN_RST: u8 = 0x07;
-    let Some((_, _, body)) = tcp_body(packet) else {
-        return true;
-    };
     let Ok(tcp) = etherparse::TcpHeaderSlice::from_slice(body) else {
-        return true;
+        return false;
     };
-    let flags = body[13];
-    !(body.len() == tcp.slice().len() && flags & SYN_FIN_RST == 0 && tcp.ack())
+    body.len() == tcp.slice().len() && body[13] & SYN_FIN_RST == 0 && tcp.ack()
+}
+
+/// The window field of the TCP header `body` starts with, unscaled (0 is a closed window
+/// whatever the scale); `None` if `body` is shorter than a header.
+pub fn window_field(body: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes([*body.get(14)?, *body.get(15)?])).filter(|_| body.len() >= 20)
 }
 
 /// A frame that can't be a packet.
@@ -153,6 +163,12 @@ mod tests {
         assert!(needs_carriage(&seg(&[], &|b| b)));
         assert!(needs_carriage(&seg(&[], &|b| b.ack(5))[..30]));
         assert!(needs_carriage(&[0x45; 10]));
+        // The window field, raw (the builder's window is 1000).
+        let ack = seg(&[], &|b| b.ack(5));
+        let (_, _, body) = tcp_body(&ack).unwrap();
+        assert_eq!(window_field(body), Some(1000));
+        assert_eq!(window_field(&body[..19]), None);
+        assert!(!is_pure_ack(&body[..19]));
         let mut udp = Vec::new();
         etherparse::PacketBuilder::ipv4([1, 1, 1, 1], [2, 2, 2, 2], 64)
             .udp(1, 2)

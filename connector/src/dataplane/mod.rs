@@ -128,13 +128,24 @@ pub(crate) trait ToAgent: Send + Sync + 'static {
         usize::MAX
     }
 
-    /// Sends one of the connector's TCP segments to the agent (on the reliable carriage where
-    /// the way to the agent has one; `sparse`: it belongs to a flow with little in flight,
-    /// whose segments go ahead of bulk flows' where the carriage can keep them apart).
-    fn send_tcp(&self, packet: Bytes, sparse: bool) {
-        let _ = sparse;
+    /// Sends one of the connector's TCP segments to the agent: on the reliable carriage where
+    /// the way to the agent has one and `class` asks for it, else as [`ToAgent::send`] does.
+    fn send_tcp(&self, packet: Bytes, class: TcpClass) {
+        let _ = class;
         self.send(packet);
     }
+}
+
+/// How one of the connector's TCP segments travels to the agent ([`ToAgent::send_tcp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TcpClass {
+    /// It belongs to a flow with little in flight, whose segments go ahead of bulk flows'
+    /// where the carriage can keep them apart.
+    pub(crate) sparse: bool,
+    /// It needs the reliable carriage: anything but a pure ACK (which TCP can lose: the next
+    /// one acknowledges as much), and a pure ACK that opens the window its connection had
+    /// closed (lost, it would leave the agent's sender waiting for its persist timer).
+    pub(crate) reliable: bool,
 }
 
 /// One connected agent.

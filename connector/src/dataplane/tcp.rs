@@ -60,7 +60,7 @@ use ztna_core::arena::PacketArena;
 
 use super::packet::{build_tcp_reset, parse_tcp_segment, TcpSegment};
 use super::quota::{BufferBudget, BufferGrant, Full, Kind, Limits, Permit};
-use super::ToAgent;
+use super::{TcpClass, ToAgent};
 use crate::metrics::{gauge_dec, gauge_inc, Metrics};
 
 /// Packets from one agent waiting for its TCP task; more are dropped.
@@ -294,6 +294,10 @@ struct TunnelDevice {
     blocked: bool,
     /// The connections that are bulk flows ([`SPARSE_BYTES`]); the pump keeps it.
     bulk: HashSet<Key>,
+    /// The connections whose last segment to the agent advertised a closed window: the pure
+    /// ACK that opens it goes on the reliable carriage ([`TcpClass::reliable`]). Kept by the
+    /// transmit path; the pump removes finished connections.
+    closed: HashSet<Key>,
     /// Where segments to the agent are built: no allocation per segment. One per agent with
     /// TCP, so in [`SEGMENT_ARENA`] chunks (small next to one connection's buffers).
     arena: PacketArena,
@@ -315,6 +319,7 @@ struct TxTok<'a> {
     metrics: &'a Metrics,
     arena: &'a mut PacketArena,
     bulk: &'a HashSet<Key>,
+    closed: &'a mut HashSet<Key>,
 }
 
 impl phy::TxToken for TxTok<'_> {
@@ -330,10 +335,36 @@ impl phy::TxToken for TxTok<'_> {
             .bytes_to_agents
             .fetch_add(len as u64, Ordering::Relaxed);
         trace!(len, "TCP segment to agent");
-        let sparse =
-            self.bulk.is_empty() || egress_key(&segment).is_some_and(|k| !self.bulk.contains(&k));
-        self.sink.send_tcp(segment, sparse);
+        let class = classify(&segment, self.bulk, self.closed);
+        self.sink.send_tcp(segment, class);
         r
+    }
+}
+
+/// How a segment the stack sends to the agent travels ([`TcpClass`]): sparse unless its
+/// connection is in `bulk`; reliable unless it is a pure ACK, or when it opens the window its
+/// connection had closed (the raw window field 0, kept in `closed`). Whatever does not parse
+/// goes reliably, as a sparse flow's.
+fn classify(packet: &[u8], bulk: &HashSet<Key>, closed: &mut HashSet<Key>) -> TcpClass {
+    let Some((service, _, tcp)) = ztna_core::tcp_carriage::tcp_body(packet) else {
+        return TcpClass {
+            sparse: true,
+            reliable: true,
+        };
+    };
+    let key = egress_key_of(service, tcp);
+    let window = ztna_core::tcp_carriage::window_field(tcp);
+    let mut reliable = !ztna_core::tcp_carriage::is_pure_ack(tcp);
+    if let Some(key) = key {
+        if window == Some(0) {
+            closed.insert(key);
+        } else if !closed.is_empty() && closed.remove(&key) {
+            reliable = true;
+        }
+    }
+    TcpClass {
+        sparse: bulk.is_empty() || key.is_some_and(|k| !bulk.contains(&k)),
+        reliable,
     }
 }
 
@@ -345,6 +376,7 @@ impl TunnelDevice {
             metrics: &self.metrics,
             arena: &mut self.arena,
             bulk: &self.bulk,
+            closed: &mut self.closed,
         }
     }
 }
@@ -459,6 +491,7 @@ impl Engine {
             metrics: ctx.metrics.clone(),
             blocked: false,
             bulk: HashSet::new(),
+            closed: HashSet::new(),
             arena: PacketArena::with_chunk(SEGMENT_ARENA),
         };
         let mut config = IfaceConfig::new(HardwareAddress::Ip);
@@ -797,6 +830,7 @@ impl Engine {
         }
         for key in finished {
             self.device.bulk.remove(&key);
+            self.device.closed.remove(&key);
             if let Some(Slot::Open(conn)) = self.conns.remove(&key) {
                 self.sockets.remove(conn.handle);
                 debug!(
@@ -876,9 +910,9 @@ enum Io {
     Err(io::Error),
 }
 
-/// The connection of a segment the stack sends to the agent.
-fn egress_key(packet: &[u8]) -> Option<Key> {
-    let (service, _, tcp) = ztna_core::tcp_carriage::tcp_body(packet)?;
+/// The connection of a segment the stack sends to the agent, from `service`, whose TCP header
+/// and payload are `tcp`.
+fn egress_key_of(service: IpAddr, tcp: &[u8]) -> Option<Key> {
     let port = |i: usize| Some(u16::from_be_bytes([*tcp.get(i)?, *tcp.get(i + 1)?]));
     Some(Key {
         agent_port: port(2)?,
@@ -1074,12 +1108,14 @@ mod tests {
 
     /// The agent's tunnel: packets for the agent go into an unbounded channel; it has room
     /// while the flag says so, and room for bulk data as the second counter says. It records
-    /// each data segment's agent port, length and class.
+    /// each data segment's agent port, length and class (sparse), and each pure ACK's window
+    /// field and class (reliable).
     struct Feed(
         mpsc::UnboundedSender<Bytes>,
         Arc<std::sync::atomic::AtomicBool>,
         Arc<std::sync::atomic::AtomicUsize>,
         Arc<std::sync::Mutex<Vec<(u16, usize, bool)>>>,
+        Arc<std::sync::Mutex<Vec<(u16, bool)>>>,
     );
 
     impl Feed {
@@ -1088,6 +1124,7 @@ mod tests {
                 tx,
                 Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX)),
+                Arc::default(),
                 Arc::default(),
             )
         }
@@ -1106,14 +1143,19 @@ mod tests {
             self.2.load(Ordering::Relaxed)
         }
 
-        fn send_tcp(&self, packet: Bytes, sparse: bool) {
+        fn send_tcp(&self, packet: Bytes, class: TcpClass) {
             if let Some((_, _, body)) = ztna_core::tcp_carriage::tcp_body(&packet) {
                 let header = usize::from(body.get(12).copied().unwrap_or(0) >> 4) * 4;
                 let data = body.len().saturating_sub(header);
                 if data > 0 {
+                    assert!(class.reliable, "a data segment goes on the carriage");
                     let port = u16::from_be_bytes([body[2], body[3]]);
                     let mut segs = self.3.lock().unwrap_or_else(|p| p.into_inner());
-                    segs.push((port, data, sparse));
+                    segs.push((port, data, class.sparse));
+                } else if ztna_core::tcp_carriage::is_pure_ack(body) {
+                    let window = ztna_core::tcp_carriage::window_field(body).expect("header");
+                    let mut acks = self.4.lock().unwrap_or_else(|p| p.into_inner());
+                    acks.push((window, class.reliable));
                 }
             }
             self.send(packet);
@@ -1178,6 +1220,8 @@ mod tests {
         bulk_room: Arc<std::sync::atomic::AtomicUsize>,
         /// The data segments sent to the client: agent port, bytes, sparse.
         segments: Arc<std::sync::Mutex<Vec<(u16, usize, bool)>>>,
+        /// The pure ACKs sent to the client: window field, reliable.
+        acks: Arc<std::sync::Mutex<Vec<(u16, bool)>>>,
         from_dp: mpsc::UnboundedReceiver<Bytes>,
         epoch: Instant,
         next_port: u16,
@@ -1217,6 +1261,7 @@ mod tests {
             let room = feed.1.clone();
             let bulk_room = feed.2.clone();
             let segments = feed.3.clone();
+            let acks = feed.4.clone();
             dp.add_agent(1, "alice".into(), AGENT_IP, Arc::new(feed));
             let mut dev = ClientDevice::default();
             let mut iface = Interface::new(
@@ -1247,6 +1292,7 @@ mod tests {
                 room,
                 bulk_room,
                 segments,
+                acks,
                 from_dp,
                 epoch: Instant::now(),
                 next_port: 40000,
@@ -1903,6 +1949,88 @@ mod tests {
             .await;
             let got = server.await.expect("server");
             assert!(got == data, "content differs");
+        })
+        .await;
+    }
+
+    /// Pure ACKs go as datagrams, which the path may lose: harmless for TCP (the next one
+    /// acknowledges as much) except for the one that opens a window the connection had closed.
+    /// Lost, it left the agent's sender waiting for its persist timer (200 ms or more, backing
+    /// off) before it probed and learnt of the window. That ACK goes on the carriage.
+    #[tokio::test]
+    async fn the_ack_that_reopens_a_closed_window_goes_reliably() {
+        in_time(async {
+            let (l, port) = listener().await;
+            let (go, wait) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.expect("accept");
+                let _ = wait.await;
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.expect("read");
+                got
+            });
+            let cfg = TcpConfig {
+                buffer_bytes: 16 * 1024,
+                ..TcpConfig::default()
+            };
+            let mut c = Client::new(port, cfg);
+            let h = c.connect(80, 64 * 1024);
+            c.until("established", |c| c.sock(h).may_send()).await;
+            let len = 16 << 20;
+            let data = pattern(len);
+            let mut sent = 0;
+            // The backend reads nothing until the connector's window has closed.
+            let acks = c.acks.clone();
+            let closed = |acks: &std::sync::Mutex<Vec<(u16, bool)>>| {
+                acks.lock().unwrap().iter().any(|&(w, _)| w == 0)
+            };
+            c.until("the window closed", |c| {
+                sent += c.sock(h).send_slice(&data[sent..]).expect("send");
+                closed(&acks)
+            })
+            .await;
+            let _ = go.send(());
+            c.until("everything sent", |c| {
+                if sent < len {
+                    sent += c.sock(h).send_slice(&data[sent..]).expect("send");
+                    if sent == len {
+                        c.sock(h).close();
+                    }
+                }
+                sent == len && c.sock(h).send_queue() == 0
+            })
+            .await;
+            let got = server.await.expect("server");
+            assert!(got == data, "content differs");
+            let acks = acks.lock().unwrap().clone();
+            let reopened: Vec<bool> = acks
+                .windows(2)
+                .filter(|w| w[0].0 == 0 && w[1].0 > 0)
+                .map(|w| w[1].1)
+                .collect();
+            assert!(
+                !reopened.is_empty(),
+                "the window reopened with a pure ACK: {acks:?}"
+            );
+            assert!(
+                reopened.iter().all(|&r| r),
+                "a reopening ACK went as a datagram"
+            );
+            let (plain, reliable) =
+                acks.windows(2)
+                    .filter(|w| w[0].0 > 0 && w[1].0 > 0)
+                    .fold(
+                        (0, 0),
+                        |(p, r), w| if w[1].1 { (p, r + 1) } else { (p + 1, r) },
+                    );
+            assert!(
+                plain > 0 && reliable == 0,
+                "other ACKs go as datagrams: {plain} {reliable}"
+            );
+            assert!(
+                acks.iter().filter(|a| a.0 == 0).all(|a| !a.1),
+                "a closing ACK is plain"
+            );
         })
         .await;
     }
