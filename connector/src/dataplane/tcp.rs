@@ -1902,9 +1902,19 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
-    async fn agent_is_stopped_while_the_backend_does_not_read() {
-        in_time(async {
+    /// An upload of `len` bytes from a client with 64 KiB buffers, through a connector with
+    /// 16 KiB ones, into a backend that reads nothing until `go`.
+    struct StalledUpload {
+        c: Client,
+        h: SocketHandle,
+        go: tokio::sync::oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<Vec<u8>>,
+        data: Vec<u8>,
+        sent: usize,
+    }
+
+    impl StalledUpload {
+        async fn new(len: usize) -> Self {
             let (l, port) = listener().await;
             let (go, wait) = tokio::sync::oneshot::channel::<()>();
             let server = tokio::spawn(async move {
@@ -1921,34 +1931,69 @@ mod tests {
             let mut c = Client::new(port, cfg);
             let h = c.connect(80, 64 * 1024);
             c.until("established", |c| c.sock(h).may_send()).await;
-            let len = 64 << 20;
-            let data = pattern(len);
-            let mut sent = 0;
+            Self {
+                c,
+                h,
+                go,
+                server,
+                data: pattern(len),
+                sent: 0,
+            }
+        }
+
+        /// Hands the client's socket what it takes.
+        fn send_more(&mut self) {
+            let Self {
+                c, h, data, sent, ..
+            } = self;
+            *sent += c.sock(*h).send_slice(&data[*sent..]).expect("send");
+        }
+
+        /// Lets the backend read, sends the rest and closes; the backend got every byte.
+        async fn finish(self) -> Client {
+            let Self {
+                mut c,
+                h,
+                go,
+                server,
+                data,
+                mut sent,
+            } = self;
+            let _ = go.send(());
+            c.until("everything sent", |c| {
+                if sent < data.len() {
+                    sent += c.sock(h).send_slice(&data[sent..]).expect("send");
+                    if sent == data.len() {
+                        c.sock(h).close();
+                    }
+                }
+                sent == data.len() && c.sock(h).send_queue() == 0
+            })
+            .await;
+            let got = server.await.expect("server");
+            assert!(got == data, "content differs");
+            c
+        }
+    }
+
+    #[tokio::test]
+    async fn agent_is_stopped_while_the_backend_does_not_read() {
+        in_time(async {
+            let mut u = StalledUpload::new(64 << 20).await;
             // The backend reads nothing: once the kernel's buffers and the connector's receive
             // buffer are full, the window closes and the client cannot send more.
             let until = Instant::now() + Duration::from_millis(500);
             while Instant::now() < until {
-                sent += c.sock(h).send_slice(&data[sent..]).expect("send");
-                c.step().await;
+                u.send_more();
+                u.c.step().await;
             }
+            let sent = u.sent;
             eprintln!("stalled backend: the client got {sent} bytes out before the window closed");
             assert!(
                 sent < 32 << 20,
                 "the client sent {sent} bytes into a stalled backend"
             );
-            let _ = go.send(());
-            c.until("everything sent", |c| {
-                if sent < len {
-                    sent += c.sock(h).send_slice(&data[sent..]).expect("send");
-                    if sent == len {
-                        c.sock(h).close();
-                    }
-                }
-                sent == len && c.sock(h).send_queue() == 0
-            })
-            .await;
-            let got = server.await.expect("server");
-            assert!(got == data, "content differs");
+            u.finish().await;
         })
         .await;
     }
@@ -1960,48 +2005,20 @@ mod tests {
     #[tokio::test]
     async fn the_ack_that_reopens_a_closed_window_goes_reliably() {
         in_time(async {
-            let (l, port) = listener().await;
-            let (go, wait) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(async move {
-                let (mut s, _) = l.accept().await.expect("accept");
-                let _ = wait.await;
-                let mut got = Vec::new();
-                s.read_to_end(&mut got).await.expect("read");
-                got
-            });
-            let cfg = TcpConfig {
-                buffer_bytes: 16 * 1024,
-                ..TcpConfig::default()
-            };
-            let mut c = Client::new(port, cfg);
-            let h = c.connect(80, 64 * 1024);
-            c.until("established", |c| c.sock(h).may_send()).await;
-            let len = 16 << 20;
-            let data = pattern(len);
-            let mut sent = 0;
+            let mut u = StalledUpload::new(16 << 20).await;
             // The backend reads nothing until the connector's window has closed.
-            let acks = c.acks.clone();
-            let closed = |acks: &std::sync::Mutex<Vec<(u16, bool)>>| {
-                acks.lock().unwrap().iter().any(|&(w, _)| w == 0)
-            };
-            c.until("the window closed", |c| {
-                sent += c.sock(h).send_slice(&data[sent..]).expect("send");
-                closed(&acks)
-            })
-            .await;
-            let _ = go.send(());
-            c.until("everything sent", |c| {
-                if sent < len {
-                    sent += c.sock(h).send_slice(&data[sent..]).expect("send");
-                    if sent == len {
-                        c.sock(h).close();
-                    }
-                }
-                sent == len && c.sock(h).send_queue() == 0
-            })
-            .await;
-            let got = server.await.expect("server");
-            assert!(got == data, "content differs");
+            let acks = u.c.acks.clone();
+            let closed = || acks.lock().unwrap().iter().any(|&(w, _)| w == 0);
+            let deadline = Instant::now() + LIMIT;
+            while !closed() {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting for the window to close"
+                );
+                u.send_more();
+                u.c.step().await;
+            }
+            u.finish().await;
             let acks = acks.lock().unwrap().clone();
             let reopened: Vec<bool> = acks
                 .windows(2)
