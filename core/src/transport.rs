@@ -145,9 +145,9 @@ pub const CARRIAGE_STREAMS: u32 = 2;
 
 /// The agent's datagram send buffer per inner connection: 32 KiB, 5 ms at 50 Mbit/s and
 /// 130 us at 2 Gbit/s. Nothing is dropped from it: the Linux agent's TCP packets wait for room
-/// in it (`Agent::send_packet_wait`), and every other packet that finds it full waits in the
-/// connector link's per-flow fair queue in front of it (`core::fair_queue`), which feeds it as
-/// room frees. Under load it stays full, so it is the FIFO delay every packet, a ping too,
+/// in it (`Agent::send_packet_wait`) while nothing else waits, and every other packet that
+/// finds it full (and a TCP packet once others wait) waits in the connector link's per-flow
+/// fair queue in front of it (`core::fair_queue`), which feeds it as room frees. Under load it stays full, so it is the FIFO delay every packet, a ping too,
 /// sees in front of the pacer: small, because the fair queue (where a sparse flow goes ahead)
 /// holds the standing queue of a flood. It was 128 KiB, 21 ms at 50 Mbit/s, before the fair
 /// queue; 32 KiB moved as much TCP on the clean path (`docs/architecture.md`, "Fair queueing").

@@ -343,9 +343,11 @@ impl phy::TxToken for TxTok<'_> {
 
 /// How a segment the stack sends to the agent travels ([`TcpClass`]): sparse unless its
 /// connection is in `bulk`; reliable unless it is a pure ACK, or when it opens the window its
-/// connection had closed (the raw window field 0, kept in `closed`). Whatever does not parse
-/// goes reliably, as a sparse flow's.
+/// connection had closed (the raw window field 0, kept in `closed`; not for a reset, whose
+/// window is 0 and whose connection is gone, so `closed` holds only open connections, which the
+/// pump removes when they finish). Whatever does not parse goes reliably, as a sparse flow's.
 fn classify(packet: &[u8], bulk: &HashSet<Key>, closed: &mut HashSet<Key>) -> TcpClass {
+    const RST: u8 = 0x04;
     let Some((service, _, tcp)) = ztna_core::tcp_carriage::tcp_body(packet) else {
         return TcpClass {
             sparse: true,
@@ -356,7 +358,9 @@ fn classify(packet: &[u8], bulk: &HashSet<Key>, closed: &mut HashSet<Key>) -> Tc
     let window = ztna_core::tcp_carriage::window_field(tcp);
     let mut reliable = !ztna_core::tcp_carriage::is_pure_ack(tcp);
     if let Some(key) = key {
-        if window == Some(0) {
+        if tcp.get(13).is_some_and(|flags| flags & RST != 0) {
+            closed.remove(&key);
+        } else if window == Some(0) {
             closed.insert(key);
         } else if !closed.is_empty() && closed.remove(&key) {
             reliable = true;
@@ -1996,6 +2000,62 @@ mod tests {
             u.finish().await;
         })
         .await;
+    }
+
+    /// The classification alone: which segments need the carriage, which connections count
+    /// as having closed their window, and that a reset or a finished connection leaves nothing
+    /// behind (the set is bounded by the open connections).
+    #[test]
+    fn classify_reopening_acks_resets_and_bulk_flows() {
+        use etherparse::{PacketBuilderStep, TcpHeader};
+        type Step = PacketBuilderStep<TcpHeader>;
+        let seg = |port: u16, window: u16, data: &[u8], f: fn(Step) -> Step| {
+            let b = PacketBuilder::ipv4(SVC_IP.octets(), AGENT_IP.octets(), 64)
+                .tcp(80, port, 1, window)
+                .ack(5);
+            let mut v = Vec::new();
+            f(b).write(&mut v, data).expect("build");
+            v
+        };
+        let plain = |b: Step| b;
+        let (mut bulk, mut closed) = (HashSet::new(), HashSet::new());
+        let mut class = |p: &[u8], bulk: &HashSet<Key>| classify(p, bulk, &mut closed);
+        let c = |sparse, reliable| TcpClass { sparse, reliable };
+        assert_eq!(class(&seg(1, 1000, &[], plain), &bulk), c(true, false));
+        assert_eq!(
+            class(&seg(1, 0, &[], plain), &bulk),
+            c(true, false),
+            "closing"
+        );
+        assert_eq!(
+            class(&seg(1, 1000, &[], plain), &bulk),
+            c(true, true),
+            "reopening"
+        );
+        assert_eq!(class(&seg(1, 1000, &[], plain), &bulk), c(true, false));
+        // Another connection's open window does not count for this one.
+        assert_eq!(
+            class(&seg(1, 0, b"data", plain), &bulk),
+            c(true, true),
+            "data"
+        );
+        assert_eq!(class(&seg(2, 1000, &[], plain), &bulk), c(true, false));
+        assert_eq!(
+            class(&seg(1, 0, &[], |b| b.rst()), &bulk),
+            c(true, true),
+            "reset"
+        );
+        assert_eq!(
+            class(&seg(1, 1000, &[], plain), &bulk),
+            c(true, false),
+            "gone"
+        );
+        let key = egress_key_of(SVC_IP.into(), &seg(3, 0, &[], plain)[20..]).expect("key");
+        bulk.insert(key);
+        assert_eq!(class(&seg(3, 1000, b"data", plain), &bulk), c(false, true));
+        assert_eq!(class(&seg(4, 1000, b"data", plain), &bulk), c(true, true));
+        assert_eq!(class(&[0x45; 12], &bulk), c(true, true), "garbage");
+        assert!(closed.is_empty());
     }
 
     /// Pure ACKs go as datagrams, which the path may lose: harmless for TCP (the next one
