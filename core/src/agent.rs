@@ -2437,6 +2437,22 @@ mod tests {
         (c, s, [client, server])
     }
 
+    /// A link whose inner connection (client side) has the agent's 32 KiB datagram buffer, its
+    /// drop counters, both ends of the connection and their endpoints.
+    async fn link_to_a_connection() -> (
+        Arc<Link>,
+        Arc<SendDrops>,
+        quinn::Connection,
+        quinn::Connection,
+        [quinn::Endpoint; 2],
+    ) {
+        let (client, server, endpoints) = quinn_pair(32 * 1024).await;
+        let drops = Arc::new(SendDrops::default());
+        let link = Link::new("c1", Instant::now(), drops.clone());
+        *write(&link.conn) = Some(client.clone());
+        (link, drops, client, server, endpoints)
+    }
+
     /// An IPv4 packet of protocol `proto` and `len` bytes, `ports` after the header.
     fn ip_packet(proto: u8, ports: [u8; 4], len: usize) -> Bytes {
         let mut p = vec![0u8; len];
@@ -2455,10 +2471,7 @@ mod tests {
     /// what waits stays within the queue's bounds.
     #[tokio::test(flavor = "current_thread")]
     async fn a_ping_in_a_udp_flood_into_a_full_inner_connection_gets_through() {
-        let (client, server, _endpoints) = quinn_pair(32 * 1024).await;
-        let drops = Arc::new(SendDrops::default());
-        let link = Link::new("c1", Instant::now(), drops.clone());
-        *write(&link.conn) = Some(client.clone());
+        let (link, drops, client, server, _endpoints) = link_to_a_connection().await;
         let flood = || ip_packet(17, [0x13, 0x88, 0, 7], 1000);
         let ping = ip_packet(1, [8, 0, 0, 0], 84);
         // No await in between: quinn's driver can't send meanwhile, so its buffer fills.
@@ -2498,10 +2511,7 @@ mod tests {
     async fn a_tcp_segment_in_a_udp_flood_goes_ahead_of_it() {
         const FLOOD: usize = 800;
         const FLOOD_LEN: usize = 500;
-        let (client, server, _endpoints) = quinn_pair(32 * 1024).await;
-        let drops = Arc::new(SendDrops::default());
-        let link = Link::new("c1", Instant::now(), drops.clone());
-        *write(&link.conn) = Some(client.clone());
+        let (link, drops, client, server, _endpoints) = link_to_a_connection().await;
         let flood = || ip_packet(17, [0x13, 0x88, 0, 7], FLOOD_LEN);
         // Larger than a flood packet: it never fits the room the pump leaves in quinn's buffer.
         // From a port whose flow does not share the flood's bucket (one in 256 would).

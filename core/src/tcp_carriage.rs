@@ -13,7 +13,7 @@
 //! Uploads stay on datagrams (the agent's kernel TCP recovers well, and the connector's stack
 //! receives with SACK), and so do UDP and ICMP.
 //!
-//! Pure ACKs (no data, no SYN, FIN or RST) stay datagrams too ([`needs_carriage`]): TCP
+//! Pure ACKs (no data, no SYN, FIN or RST) stay datagrams too ([`Segment::is_pure_ack`]): TCP
 //! tolerates a lost ACK (the next one acknowledges as much), while on the ordered stream one lost
 //! packet holds every later ACK back for an RTT, which stalls an upload's sender under random
 //! loss in the direction of the ACKs. Except the pure ACK that opens a window its connection had
@@ -67,28 +67,38 @@ pub fn tcp_body(packet: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
     }
 }
 
-/// Whether a TCP segment from the connector's stack needs the reliable carriage: anything but
-/// a pure ACK of an unfragmented IPv4 TCP segment or of an IPv6 TCP segment without extension
-/// headers (which goes as a datagram, see the module documentation). Anything that does not
-/// parse goes on the carriage, as before.
-pub fn needs_carriage(packet: &[u8]) -> bool {
-    tcp_body(packet).is_none_or(|(_, _, body)| !is_pure_ack(body))
+/// A TCP segment from the connector's stack as the carriage tells segments apart.
+#[derive(Debug)]
+pub struct Segment<'a> {
+    /// Its source (the service's address).
+    pub source: IpAddr,
+    /// Its TCP header (ports, flags, the raw window: 0 is a closed window whatever the scale).
+    pub tcp: etherparse::TcpHeaderSlice<'a>,
+    /// Bytes of payload.
+    pub payload_len: usize,
 }
 
-/// Whether `body` (a TCP header and its payload, as [`tcp_body`] gives it) is a pure ACK: a
-/// valid header with ACK set, no SYN, FIN or RST, and no payload.
-pub fn is_pure_ack(body: &[u8]) -> bool {
-    const SYN_FIN_RST: u8 = 0x07;
-    let Ok(tcp) = etherparse::TcpHeaderSlice::from_slice(body) else {
-        return false;
-    };
-    body.len() == tcp.slice().len() && body[13] & SYN_FIN_RST == 0 && tcp.ack()
-}
+impl Segment<'_> {
+    /// The segment of an unfragmented IPv4 TCP packet or of an IPv6 one without extension
+    /// headers ([`tcp_body`]) with a valid TCP header.
+    pub fn parse(packet: &[u8]) -> Option<Segment<'_>> {
+        let (source, _, body) = tcp_body(packet)?;
+        let tcp = etherparse::TcpHeaderSlice::from_slice(body).ok()?;
+        let payload_len = body.len() - tcp.slice().len();
+        Some(Segment {
+            source,
+            tcp,
+            payload_len,
+        })
+    }
 
-/// The window field of the TCP header `body` starts with, unscaled (0 is a closed window
-/// whatever the scale); `None` if `body` is shorter than a header.
-pub fn window_field(body: &[u8]) -> Option<u16> {
-    Some(u16::from_be_bytes([*body.get(14)?, *body.get(15)?])).filter(|_| body.len() >= 20)
+    /// Whether it is a pure ACK (ACK set, no SYN, FIN or RST, no payload), which goes as a
+    /// datagram (see the module documentation); everything else, and anything that does not
+    /// parse, needs the reliable carriage.
+    pub fn is_pure_ack(&self) -> bool {
+        let t = &self.tcp;
+        self.payload_len == 0 && t.ack() && !t.syn() && !t.fin() && !t.rst()
+    }
 }
 
 /// A frame that can't be a packet.
@@ -141,6 +151,11 @@ impl FrameReader {
 
 #[cfg(test)]
 mod tests {
+    /// Whether the connector sends `packet` on the carriage (anything but a pure ACK).
+    fn needs_carriage(packet: &[u8]) -> bool {
+        !Segment::parse(packet).is_some_and(|s| s.is_pure_ack())
+    }
+
     #[test]
     fn only_pure_acks_skip_the_carriage() {
         let seg = |data: &[u8],
@@ -163,12 +178,12 @@ mod tests {
         assert!(needs_carriage(&seg(&[], &|b| b)));
         assert!(needs_carriage(&seg(&[], &|b| b.ack(5))[..30]));
         assert!(needs_carriage(&[0x45; 10]));
-        // The window field, raw (the builder's window is 1000).
+        // The window field, raw (the builder's window is 1000), and the source.
         let ack = seg(&[], &|b| b.ack(5));
-        let (_, _, body) = tcp_body(&ack).unwrap();
-        assert_eq!(window_field(body), Some(1000));
-        assert_eq!(window_field(&body[..19]), None);
-        assert!(!is_pure_ack(&body[..19]));
+        let parsed = Segment::parse(&ack).unwrap();
+        assert_eq!(parsed.tcp.window_size(), 1000);
+        assert_eq!(parsed.source, IpAddr::from([10, 100, 0, 4]));
+        assert!(Segment::parse(&ack[..39]).is_none());
         let mut udp = Vec::new();
         etherparse::PacketBuilder::ipv4([1, 1, 1, 1], [2, 2, 2, 2], 64)
             .udp(1, 2)

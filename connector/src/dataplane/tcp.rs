@@ -347,27 +347,27 @@ impl phy::TxToken for TxTok<'_> {
 /// window is 0 and whose connection is gone, so `closed` holds only open connections, which the
 /// pump removes when they finish). Whatever does not parse goes reliably, as a sparse flow's.
 fn classify(packet: &[u8], bulk: &HashSet<Key>, closed: &mut HashSet<Key>) -> TcpClass {
-    const RST: u8 = 0x04;
-    let Some((service, _, tcp)) = ztna_core::tcp_carriage::tcp_body(packet) else {
+    let Some(seg) = ztna_core::tcp_carriage::Segment::parse(packet) else {
         return TcpClass {
             sparse: true,
             reliable: true,
         };
     };
-    let key = egress_key_of(service, tcp);
-    let window = ztna_core::tcp_carriage::window_field(tcp);
-    let mut reliable = !ztna_core::tcp_carriage::is_pure_ack(tcp);
-    if let Some(key) = key {
-        if tcp.get(13).is_some_and(|flags| flags & RST != 0) {
-            closed.remove(&key);
-        } else if window == Some(0) {
-            closed.insert(key);
-        } else if !closed.is_empty() && closed.remove(&key) {
-            reliable = true;
-        }
+    let key = Key {
+        agent_port: seg.tcp.destination_port(),
+        service: seg.source,
+        port: seg.tcp.source_port(),
+    };
+    let mut reliable = !seg.is_pure_ack();
+    if seg.tcp.rst() {
+        closed.remove(&key);
+    } else if seg.tcp.window_size() == 0 {
+        closed.insert(key);
+    } else if !closed.is_empty() && closed.remove(&key) {
+        reliable = true;
     }
     TcpClass {
-        sparse: bulk.is_empty() || key.is_some_and(|k| !bulk.contains(&k)),
+        sparse: bulk.is_empty() || !bulk.contains(&key),
         reliable,
     }
 }
@@ -914,17 +914,6 @@ enum Io {
     Err(io::Error),
 }
 
-/// The connection of a segment the stack sends to the agent, from `service`, whose TCP header
-/// and payload are `tcp`.
-fn egress_key_of(service: IpAddr, tcp: &[u8]) -> Option<Key> {
-    let port = |i: usize| Some(u16::from_be_bytes([*tcp.get(i)?, *tcp.get(i + 1)?]));
-    Some(Key {
-        agent_port: port(2)?,
-        service,
-        port: port(0)?,
-    })
-}
-
 /// Moves bytes between one socket and its backend stream (see the module docs), taking from
 /// the backend at most `room` bytes (less what it takes) for a bulk flow, and up to
 /// [`SPARSE_BYTES`] in the transmit buffer for a sparse one; then classifies the connection.
@@ -1148,18 +1137,16 @@ mod tests {
         }
 
         fn send_tcp(&self, packet: Bytes, class: TcpClass) {
-            if let Some((_, _, body)) = ztna_core::tcp_carriage::tcp_body(&packet) {
-                let header = usize::from(body.get(12).copied().unwrap_or(0) >> 4) * 4;
-                let data = body.len().saturating_sub(header);
+            if let Some(seg) = ztna_core::tcp_carriage::Segment::parse(&packet) {
+                let data = seg.payload_len;
                 if data > 0 {
                     assert!(class.reliable, "a data segment goes on the carriage");
-                    let port = u16::from_be_bytes([body[2], body[3]]);
+                    let port = seg.tcp.destination_port();
                     let mut segs = self.3.lock().unwrap_or_else(|p| p.into_inner());
                     segs.push((port, data, class.sparse));
-                } else if ztna_core::tcp_carriage::is_pure_ack(body) {
-                    let window = ztna_core::tcp_carriage::window_field(body).expect("header");
+                } else if seg.is_pure_ack() {
                     let mut acks = self.4.lock().unwrap_or_else(|p| p.into_inner());
-                    acks.push((window, class.reliable));
+                    acks.push((seg.tcp.window_size(), class.reliable));
                 }
             }
             self.send(packet);
@@ -2050,8 +2037,11 @@ mod tests {
             c(true, false),
             "gone"
         );
-        let key = egress_key_of(SVC_IP.into(), &seg(3, 0, &[], plain)[20..]).expect("key");
-        bulk.insert(key);
+        bulk.insert(Key {
+            agent_port: 3,
+            service: SVC_IP.into(),
+            port: 80,
+        });
         assert_eq!(class(&seg(3, 1000, b"data", plain), &bulk), c(false, true));
         assert_eq!(class(&seg(4, 1000, b"data", plain), &bulk), c(true, true));
         assert_eq!(class(&[0x45; 12], &bulk), c(true, true), "garbage");
