@@ -309,7 +309,13 @@ impl Topology {
     /// Writes `contents` to `name` inside the test's directory and returns the path.
     pub fn write_file(&self, name: &str, contents: &str) -> Result<PathBuf> {
         let path = self.dir.join(name);
-        std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+        // A daemon may be reading the file (the relay polls its policy for reloads): write a
+        // temporary file beside it and rename it over, so a reader sees the old or the new
+        // contents, never half of them.
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(path)
     }
 
