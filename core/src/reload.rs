@@ -73,6 +73,11 @@ impl FileWatch {
     }
 }
 
+/// How long a changed file must stay unchanged before a poll reloads it.
+pub const SETTLE: Duration = Duration::from_millis(250);
+/// How many times [`SETTLE`] is waited for at most, for a file that keeps changing.
+pub const SETTLE_ROUNDS: u32 = 20;
+
 /// Why a reload is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -119,6 +124,23 @@ impl Reloader {
         self.watch.set_paths(paths);
     }
 
+    /// Waits until no watched file has changed for [`SETTLE`] (at most [`SETTLE_ROUNDS`]
+    /// times), so that a file rewritten in place (truncated, then written) is read whole and
+    /// not half-way through the write, which could still parse, as a policy with fewer
+    /// services. Replacing a file by rename is atomic and needs none of this.
+    async fn settle(&mut self) {
+        for _ in 0..SETTLE_ROUNDS {
+            tokio::time::sleep(SETTLE).await;
+            if !self.watch.changed() {
+                return;
+            }
+        }
+        tracing::warn!(
+            "a watched file kept changing for {:?}; reloading it as it is now",
+            SETTLE * SETTLE_ROUNDS
+        );
+    }
+
     /// The next trigger. After it, the watched files' current versions count as seen.
     pub async fn next(&mut self) -> Trigger {
         loop {
@@ -142,6 +164,7 @@ impl Reloader {
                     }
                 } => {
                     if self.watch.changed() {
+                        self.settle().await;
                         return Trigger::FileChanged;
                     }
                 }
@@ -233,5 +256,33 @@ mod tests {
         std::fs::write(&a, "22").unwrap();
         let t = tokio::time::timeout(Duration::from_secs(5), r.next()).await;
         assert_eq!(t.ok(), Some(Trigger::FileChanged));
+    }
+
+    /// A file rewritten in place in two steps (as `echo > f` then `cat >> f` would) is reloaded
+    /// only after the second: a poll that sees the first waits for the file to settle.
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_waits_for_a_file_written_in_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.toml");
+        std::fs::write(&a, "").unwrap();
+        let start = tokio::time::Instant::now();
+        let mut r = Reloader::new(vec![a.clone()], Some(Duration::from_secs(1)));
+        let next = tokio::spawn(async move {
+            let t = r.next().await;
+            (t, tokio::time::Instant::now(), r)
+        });
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        std::fs::write(&a, "[policy]\n").unwrap();
+        // The poll at 1 s sees the first step; the second comes during the settling.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::write(&a, "[policy]\nservices = []\n").unwrap();
+        let (t, at, mut r) = next.await.unwrap();
+        assert_eq!(t, Trigger::FileChanged);
+        assert!(
+            at - start >= Duration::from_secs(1) + SETTLE * 2,
+            "reloaded {:?} after the start, before the second write had settled",
+            at - start
+        );
+        assert!(!r.watch.changed(), "the second write counts as seen");
     }
 }
