@@ -268,7 +268,15 @@ impl Estimator {
     /// send window until the hole is filled, so a window of one round trip stalls the stream
     /// for a round trip per loss), and room to grow 2 × per round trip as the delivery rate
     /// grows. In startup it holds one and a half windows, so that the window, not the stream,
-    /// limits the sender and startup goes on growing. Never more than that either way.
+    /// limits the sender and startup goes on growing.
+    ///
+    /// Outside startup the window does not cap it (it is at most about two windows anyway: the
+    /// window covers at least the bandwidth over the minimum RTT and [`QUEUE_ALLOWANCE`]). A cap
+    /// of one and a half windows bit in the congested state, where the window covers only the
+    /// minimum RTT: beside another flow's standing queue, a loss's repair (two RTTs with that
+    /// queue) no longer fit, the stream stalled on every loss, and against a BBR flow at the
+    /// bench's bottleneck a download kept 0.14 of it in the simulation
+    /// (`shares_a_bottleneck_with_another_flow`; 0.20 in the bench), 0.35 without the cap.
     pub fn stream_window(&self) -> u64 {
         let grow = self.window.saturating_add(self.window / 2);
         if self.startup.on {
@@ -278,7 +286,7 @@ impl Estimator {
         // builds, and the window would grow with its own queue.
         let rtt = self.min_rtt.unwrap_or(self.smoothed_rtt);
         let w = (self.bandwidth() as f64 * (2 * rtt + STREAM_AHEAD).as_secs_f64()) as u64;
-        w.max(2 * self.min_window()).min(grow)
+        w.max(2 * self.min_window())
     }
 
     /// The max-filtered delivery rate, bytes per second.
@@ -856,11 +864,225 @@ mod tests {
         /// the bytes acknowledged beyond a hole until it is filled); a sender held back by it
         /// is app-limited.
         stream: bool,
+        /// Another flow through the same bottleneck, from the start.
+        rival: Option<RivalKind>,
+    }
+
+    /// The flow that competes with the tunnel at the bottleneck, as a user's TCP outside the
+    /// tunnel would (the bench's shared-bottleneck test): it always has data and loses only
+    /// what the bottleneck's queue drops.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum RivalKind {
+        /// BBR (v1, as Linux's): paces at its max-filtered delivery rate with the gain cycle
+        /// 1.25, 0.75, 1 × 6 (one minimum RTT each), in flight at most 2 × its estimated
+        /// bandwidth-delay product, no response to loss. Startup at 2.89 until the rate
+        /// stops growing by a quarter for 3 rounds, then a drain round.
+        Bbr,
+        /// A loss-based TCP: slow start, then one packet per RTT, × 0.7 on a loss (at most
+        /// once per RTT), like CUBIC on a short path (CUBIC's window curve aside).
+        Reno,
+    }
+
+    /// The state of a [`RivalKind`] flow.
+    struct Rival {
+        kind: RivalKind,
+        /// In flight, in send order: (sent, when its ack or loss is seen, lost, bytes,
+        /// delivered bytes when sent, when those were delivered).
+        in_flight: std::collections::VecDeque<(Instant, Instant, bool, u64, u64, Instant)>,
+        in_flight_bytes: u64,
+        delivered: u64,
+        delivered_at: Instant,
+        delivered_half: u64,
+        tokens: f64,
+        srtt: Duration,
+        min_rtt: Duration,
+        /// BBR: delivery-rate samples (bytes/s), the last 10 rounds' worth.
+        bw: std::collections::VecDeque<(Instant, f64)>,
+        startup: bool,
+        full_bw: f64,
+        full_rounds: u32,
+        round_end: Instant,
+        drain_until: Option<Instant>,
+        cycle_at: Instant,
+        phase: usize,
+        /// Reno: window and slow-start threshold (bytes), end of the current recovery.
+        cwnd: f64,
+        ssthresh: f64,
+        recovery_until: Instant,
+    }
+
+    impl Rival {
+        const PKT: u64 = 1400;
+
+        fn new(kind: RivalKind, now: Instant, rtt: Duration) -> Self {
+            Self {
+                kind,
+                in_flight: Default::default(),
+                in_flight_bytes: 0,
+                delivered: 0,
+                delivered_at: now,
+                delivered_half: 0,
+                tokens: 0.0,
+                srtt: rtt,
+                min_rtt: Duration::from_secs(10),
+                bw: Default::default(),
+                startup: true,
+                full_bw: 0.0,
+                full_rounds: 0,
+                round_end: now + rtt,
+                drain_until: None,
+                cycle_at: now,
+                phase: 0,
+                cwnd: (10 * Self::PKT) as f64,
+                ssthresh: f64::MAX,
+                recovery_until: now,
+            }
+        }
+
+        fn bandwidth(&self) -> f64 {
+            self.bw.iter().map(|&(_, b)| b).fold(0.0, f64::max)
+        }
+
+        /// Bytes it may have in flight, and its pacing rate in bytes/s.
+        fn limits(&self, now: Instant) -> (f64, f64) {
+            match self.kind {
+                RivalKind::Reno => (self.cwnd, 2.0 * self.cwnd / self.srtt.as_secs_f64()),
+                RivalKind::Bbr => {
+                    let bw = self.bandwidth();
+                    if bw == 0.0 {
+                        let w = (10 * Self::PKT) as f64;
+                        return (w, 2.89 * w / self.srtt.as_secs_f64());
+                    }
+                    let bdp = bw * self.min_rtt.as_secs_f64();
+                    let (pace, cwnd) = if self.startup {
+                        (2.89, 2.89)
+                    } else if self.drain_until.is_some_and(|d| now < d) {
+                        (1.0 / 2.89, 2.0)
+                    } else {
+                        ([1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0][self.phase], 2.0)
+                    };
+                    ((cwnd * bdp).max((4 * Self::PKT) as f64), pace * bw)
+                }
+            }
+        }
+
+        /// Takes the acks and losses due at `now`.
+        fn on_acks(&mut self, now: Instant, half: Instant) {
+            while let Some(&(sent, fire, lost, bytes, delivered, delivered_at)) =
+                self.in_flight.front()
+            {
+                if fire > now {
+                    break;
+                }
+                self.in_flight.pop_front();
+                self.in_flight_bytes -= bytes;
+                if lost {
+                    if self.kind == RivalKind::Reno && now >= self.recovery_until {
+                        self.cwnd = (self.cwnd * 0.7).max((2 * Self::PKT) as f64);
+                        self.ssthresh = self.cwnd;
+                        self.recovery_until = now + self.srtt;
+                    }
+                    continue;
+                }
+                let sample = now - sent;
+                self.srtt = (self.srtt * 7 + sample) / 8;
+                self.min_rtt = self.min_rtt.min(sample);
+                self.delivered += bytes;
+                self.delivered_at = now;
+                if now >= half {
+                    self.delivered_half += bytes;
+                }
+                match self.kind {
+                    RivalKind::Reno => {
+                        let pkt = Self::PKT as f64;
+                        if self.cwnd < self.ssthresh {
+                            self.cwnd += bytes as f64;
+                        } else {
+                            self.cwnd += pkt * bytes as f64 / self.cwnd;
+                        }
+                    }
+                    RivalKind::Bbr => {
+                        let span = (now - delivered_at).max(sample);
+                        let rate = (self.delivered - delivered) as f64 / span.as_secs_f64();
+                        self.bw.push_back((now, rate));
+                        let keep = 10 * self.min_rtt;
+                        while self.bw.front().is_some_and(|&(t, _)| now - t > keep) {
+                            self.bw.pop_front();
+                        }
+                    }
+                }
+            }
+            if self.kind == RivalKind::Bbr {
+                if now >= self.round_end {
+                    self.round_end = now + self.srtt;
+                    let bw = self.bandwidth();
+                    if self.startup {
+                        if bw >= self.full_bw * 1.25 {
+                            self.full_bw = bw;
+                            self.full_rounds = 0;
+                        } else {
+                            self.full_rounds += 1;
+                            if self.full_rounds >= 3 {
+                                self.startup = false;
+                                self.drain_until = Some(now + self.srtt);
+                                self.cycle_at = now + self.srtt;
+                            }
+                        }
+                    }
+                }
+                if !self.startup && now >= self.cycle_at + self.min_rtt {
+                    self.cycle_at = now;
+                    self.phase = (self.phase + 1) % 8;
+                }
+            }
+        }
+
+        /// Sends what its window and pacing allow at `now` into the bottleneck.
+        fn send(&mut self, now: Instant, step: Duration, link: &mut Link) {
+            let (cwnd, pace) = self.limits(now);
+            let pkt = Self::PKT;
+            self.tokens = (self.tokens + pace * step.as_secs_f64()).min((10 * pkt) as f64);
+            while self.tokens >= pkt as f64 && (self.in_flight_bytes + pkt) as f64 <= cwnd {
+                self.tokens -= pkt as f64;
+                let (fire, lost) = link.enqueue(now, pkt);
+                self.in_flight
+                    .push_back((now, fire, lost, pkt, self.delivered, self.delivered_at));
+                self.in_flight_bytes += pkt;
+            }
+        }
+    }
+
+    /// The bottleneck: a FIFO of at most `queue` bytes in front of a link of `rate` bytes/s,
+    /// then `rtt` of propagation.
+    struct Link {
+        rate: f64,
+        queue: u64,
+        rtt: Duration,
+        free: Instant,
+    }
+
+    impl Link {
+        /// The bytes queued in front of the link at `now`.
+        fn queued(&self, now: Instant) -> u64 {
+            (self.free.saturating_duration_since(now).as_secs_f64() * self.rate) as u64
+        }
+
+        /// A packet of `bytes` arrives at `now`: when its ack (or the loss seen in its
+        /// place) comes back, and whether the queue dropped it.
+        fn enqueue(&mut self, now: Instant, bytes: u64) -> (Instant, bool) {
+            let overflow = self.queued(now) + bytes > self.queue;
+            if !overflow {
+                self.free = self.free.max(now) + Duration::from_secs_f64(bytes as f64 / self.rate);
+            }
+            (self.free.max(now) + self.rtt, overflow)
+        }
     }
 
     struct Outcome {
         /// Bytes delivered per second over the second half.
         delivered_rate: f64,
+        /// Bytes the rival flow delivered per second over the second half.
+        rival_rate: f64,
         /// Bytes sent per second over the second half.
         sent_rate: f64,
         /// Largest bottleneck queue over the second half, bytes.
@@ -892,7 +1114,13 @@ mod tests {
             let mut resend = std::collections::VecDeque::new();
             let mut next_id = 0u64;
             let mut in_flight_bytes = 0u64;
-            let mut link_free = t0;
+            let mut link = Link {
+                rate: self.rate,
+                queue: self.queue,
+                rtt: self.rtt,
+                free: t0,
+            };
+            let mut rival = self.rival.map(|kind| Rival::new(kind, t0, self.rtt));
             let mut tokens = 0.0f64;
             let mut srtt = self.rtt;
             let (mut sent_half, mut delivered_half, mut max_queue) = (0u64, 0u64, 0u64);
@@ -966,30 +1194,28 @@ mod tests {
                     };
                     tokens -= pkt as f64;
                     seq += 1;
-                    let backlog = link_free.saturating_duration_since(now);
-                    let queued = (backlog.as_secs_f64() * self.rate) as u64;
                     if now >= half {
-                        max_queue = max_queue.max(queued);
+                        max_queue = max_queue.max(link.queued(now));
                         sent_half += pkt;
                     }
                     let random_loss = self.loss_every > 0 && seq.is_multiple_of(self.loss_every);
-                    let overflow = queued + pkt > self.queue;
-                    if !overflow {
-                        link_free =
-                            link_free.max(now) + Duration::from_secs_f64(pkt as f64 / self.rate);
-                    }
-                    let rtt = match self.rtt_change {
+                    link.rtt = match self.rtt_change {
                         Some((at, rtt)) if now - t0 >= at => rtt,
                         _ => self.rtt,
                     };
-                    let fire = link_free.max(now) + rtt;
+                    let (fire, overflow) = link.enqueue(now, pkt);
                     in_flight.push_back((now, fire, overflow || random_loss, pkt, id));
                     in_flight_bytes += pkt;
+                }
+                if let Some(r) = &mut rival {
+                    r.on_acks(now, half);
+                    r.send(now, step, &mut link);
                 }
                 now += step;
             }
             let half_secs = (secs - secs / 2) as f64;
             Outcome {
+                rival_rate: rival.map_or(0.0, |r| r.delivered_half as f64 / half_secs),
                 delivered_rate: delivered_half as f64 / half_secs,
                 sent_rate: sent_half as f64 / half_secs,
                 max_queue,
@@ -1001,6 +1227,48 @@ mod tests {
     }
 
     const MBIT: f64 = 1_000_000.0 / 8.0;
+
+    /// The bench's shared bottleneck (50 Mbit/s, 64 KiB queue, 20 ms): the tunnel's share
+    /// against a BBR flow and a loss-based one, for a flood (an upload's datagrams) and for the
+    /// carriage stream (a download).
+    #[test]
+    fn shares_a_bottleneck_with_another_flow() {
+        for rival in [RivalKind::Bbr, RivalKind::Reno] {
+            for stream in [false, true] {
+                let out = Sim {
+                    rate: 50.0 * MBIT,
+                    rtt: Duration::from_millis(20),
+                    queue: 64 << 10,
+                    loss_every: 0,
+                    rtt_change: None,
+                    stream,
+                    rival: Some(rival),
+                }
+                .run(20);
+                let (ours, theirs) = (out.delivered_rate / MBIT, out.rival_rate / MBIT);
+                let share = ours / (ours + theirs);
+                eprintln!(
+                    "against {rival:?}, {}: tunnel {ours:.1} Mbit/s, rival {theirs:.1}, share {share:.2}, queue max {} KiB, {} congestion events",
+                    if stream { "stream" } else { "flood" },
+                    out.max_queue >> 10,
+                    out.est.congestion_events()
+                );
+                // Neither flow starves. (Equal shares are not reached: the tunnel ignores loss
+                // that a loss-based flow backs off from, and BBR keeps a standing queue that
+                // the congested tunnel drains against; see docs/architecture.md, "Sharing a
+                // bottleneck".)
+                assert!(
+                    share >= 0.25,
+                    "the tunnel kept {share:.2} of the bottleneck"
+                );
+                assert!(
+                    share <= 0.9,
+                    "the tunnel left {:.2} to the other flow",
+                    1.0 - share
+                );
+            }
+        }
+    }
 
     /// `n` round trips of `rtt` from `now`, each acknowledging `bytes` sent one RTT before;
     /// returns the time after the last.
@@ -1197,6 +1465,7 @@ mod tests {
             loss_every: 33,
             rtt_change: None,
             stream: false,
+            rival: None,
         }
         .run(6);
         let r = out.delivered_rate / MBIT;
@@ -1215,6 +1484,7 @@ mod tests {
             loss_every: 100,
             rtt_change: Some((Duration::from_secs(1), Duration::from_millis(60))),
             stream: false,
+            rival: None,
         }
         .run(6);
         let r = out.delivered_rate / MBIT;
@@ -1245,6 +1515,7 @@ mod tests {
             loss_every: 0,
             rtt_change: Some((Duration::from_secs(1), Duration::from_millis(150))),
             stream: false,
+            rival: None,
         }
         .run(6);
         let r = out.delivered_rate / MBIT;
@@ -1275,6 +1546,7 @@ mod tests {
                 loss_every: 0,
                 rtt_change: None,
                 stream: false,
+                rival: None,
             }
             .run(6);
             let full = out.full_at.expect("never reached the bottleneck's rate");
@@ -1399,6 +1671,7 @@ mod tests {
             loss_every: 0,
             rtt_change: None,
             stream: false,
+            rival: None,
         }
         .run(6);
         let (d, s) = (out.delivered_rate / MBIT, out.sent_rate / MBIT);
@@ -1436,6 +1709,7 @@ mod tests {
                 loss_every: 0,
                 rtt_change: None,
                 stream: true,
+                rival: None,
             }
             .run(8);
             let d = out.delivered_rate / rate;
@@ -1471,6 +1745,7 @@ mod tests {
             loss_every: 0,
             rtt_change: None,
             stream: false,
+            rival: None,
         }
         .run(6);
         let d = out.delivered_rate / MBIT;
