@@ -1051,7 +1051,7 @@ async fn serve_agent(
     tracing::info!(agent = %peer.name, channel = ?expected.channel.map(|(_, c)| c.get()), "agent tunnel up");
     gauge_inc(&metrics.agents_connected);
     let (sink, _tcp_writer) = InnerSink::new(conn.clone(), metrics.clone());
-    dataplane.add_agent(id, peer.name.clone(), expected.tunnel_ip, Arc::new(sink));
+    let agent = dataplane.add_agent(id, peer.name.clone(), expected.tunnel_ip, Arc::new(sink));
     let _names = dataplane.agent_names(id).map(|names| {
         AbortOnDrop(tokio::spawn(serve_names(
             conn.clone(),
@@ -1075,7 +1075,7 @@ async fn serve_agent(
                     metrics.dropped_not_allowed.fetch_add(1, Ordering::Relaxed);
                     tracing::trace!(agent = %peer.name, "packet to a service policy does not allow; dropped");
                 }
-                _ => dataplane.handle_from_agent(id, &pkt),
+                _ => dataplane.handle_packet(&agent, &pkt),
             },
             Err(e) => break e,
         }

@@ -1095,6 +1095,20 @@ mod tests {
     }
 
     impl Sim {
+        /// The bench's bottleneck profile: 50 Mbit/s, 20 ms, a 64 KiB (10 ms) queue, no random
+        /// loss, a flood alone.
+        fn bench_bottleneck() -> Self {
+            Sim {
+                rate: 50.0 * MBIT,
+                rtt: Duration::from_millis(20),
+                queue: 64 << 10,
+                loss_every: 0,
+                rtt_change: None,
+                stream: false,
+                rival: None,
+            }
+        }
+
         fn run(&self, secs: u64) -> Outcome {
             let t0 = Instant::now();
             let mut est = Estimator::new(t0, MTU);
@@ -1237,13 +1251,9 @@ mod tests {
         for rival in [RivalKind::Bbr, RivalKind::Reno] {
             for stream in [false, true] {
                 let out = Sim {
-                    rate: 50.0 * MBIT,
-                    rtt: Duration::from_millis(20),
-                    queue: 64 << 10,
-                    loss_every: 0,
-                    rtt_change: None,
                     stream,
                     rival: Some(rival),
+                    ..Sim::bench_bottleneck()
                 }
                 .run(20);
                 let (ours, theirs) = (out.delivered_rate / MBIT, out.rival_rate / MBIT);
@@ -1668,16 +1678,7 @@ mod tests {
     fn a_flood_into_a_bottleneck_stays_near_its_rate_with_a_bounded_queue() {
         // 50 Mbit/s, 20 ms RTT, a 64 KiB (10 ms) queue, and a sender that always has data: the
         // tunnel must not send far more than the bottleneck carries.
-        let out = Sim {
-            rate: 50.0 * MBIT,
-            rtt: Duration::from_millis(20),
-            queue: 64 << 10,
-            loss_every: 0,
-            rtt_change: None,
-            stream: false,
-            rival: None,
-        }
-        .run(6);
+        let out = Sim::bench_bottleneck().run(6);
         let (d, s) = (out.delivered_rate / MBIT, out.sent_rate / MBIT);
         eprintln!("flood into 50 Mbit/s: sent {s:.1}, delivered {d:.1} Mbit/s");
         assert!(d > 40.0, "delivered {d:.1} Mbit/s");

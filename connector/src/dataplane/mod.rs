@@ -159,9 +159,12 @@ pub(crate) struct Agent {
     pub(crate) tunnel_ip: Ipv4Addr,
     /// Where its packets go.
     sink: Arc<dyn ToAgent>,
-    /// Set (under the flow table's lock, before its flows are removed) when the agent is
+    /// Set (under its flow table's lock, before its flows are removed) when the agent is
     /// removed, so a packet being handled concurrently can't open a flow that outlives it.
     closed: AtomicBool,
+    /// Its UDP and echo flows. One table per agent: a packet takes its own agent's lock only,
+    /// never one that every agent's packets contend for.
+    flows: Mutex<FlowTable<Flow>>,
     /// The agent's TCP stack and task, started by its first TCP packet; taken (which aborts
     /// the task and closes its connections) when the agent is removed.
     tcp: Mutex<Option<tcp::AgentTcp>>,
@@ -348,7 +351,9 @@ pub(crate) struct Dataplane {
     tcp_backends: Arc<tcp::Backends>,
     tcp_cfg: TcpConfig,
     agents: RwLock<HashMap<u64, Arc<Agent>>>,
-    flows: Mutex<FlowTable<Flow>>,
+    /// The flow tables' idle timeout and per-agent cap (each agent has its own table).
+    udp_idle_timeout: Duration,
+    max_flows_per_agent: usize,
     metrics: Arc<Metrics>,
     /// Whether echo requests go to backends (else they are answered locally).
     icmp_backend: bool,
@@ -392,16 +397,16 @@ const DEFAULT_NAMES_PER_AGENT: usize = 1024;
 impl Drop for Dataplane {
     fn drop(&mut self) {
         self.sweeper.abort();
-        // Abort the agents' TCP tasks now (an agent may outlive this struct in a flow's task).
-        for agent in self
-            .agents
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-        {
-            drop(lock(&agent.tcp).take());
+        // Close every agent's flows and abort its TCP task now: a flow's task holds its agent,
+        // so the agent (and its table) would otherwise outlive this struct.
+        let agents = std::mem::take(
+            self.agents
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for agent in agents.values() {
+            drop(self.detach_agent_flows(agent));
         }
-        // The flow table drops with the struct, aborting every flow's task and closing sockets.
     }
 }
 
@@ -466,7 +471,6 @@ impl Dataplane {
             }
         }
         let icmp_backend = resolve_icmp_mode(cfg.icmp, by_address.values().any(|s| s.def.icmp))?;
-        let table = FlowTable::new(cfg.udp_idle_timeout, cfg.max_flows_per_agent);
         let period =
             (cfg.udp_idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
         info!(
@@ -509,7 +513,8 @@ impl Dataplane {
                 tcp_backends,
                 tcp_cfg: cfg.tcp,
                 agents: RwLock::new(HashMap::new()),
-                flows: Mutex::new(table),
+                udp_idle_timeout: cfg.udp_idle_timeout,
+                max_flows_per_agent: cfg.max_flows_per_agent,
                 metrics,
                 icmp_backend,
                 runtime,
@@ -612,14 +617,15 @@ impl Dataplane {
     }
 
     /// Registers an agent whose tunnel address is `tunnel_ip`; its packets go to `to_agent`.
-    /// Replaces (and closes the flows of) an agent already registered under `id`.
+    /// Replaces (and closes the flows of) an agent already registered under `id`. Returns the
+    /// agent, for [`Dataplane::handle_packet`].
     pub(crate) fn add_agent(
         &self,
         id: u64,
         identity: String,
         tunnel_ip: Ipv4Addr,
         to_agent: Arc<dyn ToAgent>,
-    ) {
+    ) -> Arc<Agent> {
         debug!(agent = id, %identity, %tunnel_ip, "agent added to the data plane");
         let counts = {
             let mut ids = lock(&self.identities);
@@ -639,6 +645,10 @@ impl Dataplane {
             tunnel_ip,
             sink: to_agent,
             closed: AtomicBool::new(false),
+            flows: Mutex::new(FlowTable::new(
+                self.udp_idle_timeout,
+                self.max_flows_per_agent,
+            )),
             tcp: Mutex::new(None),
             limits: Limits {
                 caps: self.caps,
@@ -658,7 +668,7 @@ impl Dataplane {
         let closed = {
             let mut agents = self.agents.write().unwrap_or_else(PoisonError::into_inner);
             agents
-                .insert(id, agent)
+                .insert(id, agent.clone())
                 .map(|old| self.detach_agent_flows(&old))
         };
         if let Some(closed) = closed {
@@ -669,6 +679,7 @@ impl Dataplane {
             );
             self.closed(closed, CloseReason::AgentRemoved);
         }
+        agent
     }
 
     /// Removes an agent and closes all its flows.
@@ -690,40 +701,64 @@ impl Dataplane {
         }
     }
 
-    /// Marks an agent registration closed and takes its flows out of the table (for the caller
+    /// Marks an agent registration closed and takes its flows out of its table (for the caller
     /// to drop outside the locks). Under the table's lock, so a packet from this registration
     /// that is being handled concurrently can't open a flow afterwards.
     fn detach_agent_flows(&self, agent: &Agent) -> Vec<(FlowKey, Flow)> {
-        let mut flows = lock(&self.flows);
+        let mut flows = lock(&agent.flows);
         agent.closed.store(true, Ordering::Relaxed);
         // Aborts the agent's TCP task: its connections close as the task is dropped.
         drop(lock(&agent.tcp).take());
         flows.remove_agent(agent.id)
     }
 
-    /// Called for every packet from agent `id`'s tunnel. Synchronous and non-blocking (use try_send on sockets / spawn), never panics.
+    /// The flows of every agent.
+    #[cfg(test)]
+    fn flow_count(&self) -> usize {
+        let agents = self.agents.read().unwrap_or_else(PoisonError::into_inner);
+        agents.values().map(|a| lock(&a.flows).len()).sum()
+    }
+
+    /// The agent registered under `id`, if any.
+    pub(crate) fn agent(&self, id: u64) -> Option<Arc<Agent>> {
+        self.agents
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+    }
+
+    /// A packet from agent `id`'s tunnel, looked up by id ([`Dataplane::handle_packet`] takes
+    /// the agent itself, without the agents' lock).
+    #[cfg(test)]
     pub(crate) fn handle_from_agent(&self, id: u64, packet: &[u8]) {
+        match self.agent(id) {
+            Some(agent) => self.handle_packet(&agent, packet),
+            None => {
+                let m = &self.metrics;
+                m.packets_from_agents.fetch_add(1, Ordering::Relaxed);
+                m.bytes_from_agents
+                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
+                m.dropped_unknown_agent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Called for every packet from `agent`'s tunnel (the tunnel keeps the agent that
+    /// [`Dataplane::add_agent`] returned, so no shared lock is taken to find it). Synchronous
+    /// and non-blocking (use try_send on sockets / spawn), never panics. A packet of an agent
+    /// already removed opens nothing (`Agent::closed`).
+    pub(crate) fn handle_packet(&self, agent: &Arc<Agent>, packet: &[u8]) {
         let m = &self.metrics;
         m.packets_from_agents.fetch_add(1, Ordering::Relaxed);
         m.bytes_from_agents
             .fetch_add(packet.len() as u64, Ordering::Relaxed);
-        trace!(agent = id, len = packet.len(), "packet from agent");
-        let agent = self
-            .agents
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-            .cloned();
-        let Some(agent) = agent else {
+        trace!(agent = agent.id, len = packet.len(), "packet from agent");
+        if agent.closed.load(Ordering::Relaxed) {
+            // Removed (or replaced) while this packet was on its way: like an unknown agent.
             m.dropped_unknown_agent.fetch_add(1, Ordering::Relaxed);
-            if let Some(suppressed) = lock(&self.drop_log).allow(Instant::now()) {
-                debug!(
-                    agent = id,
-                    suppressed, "dropped packet from an unknown agent"
-                );
-            }
             return;
-        };
+        }
         // A fragment waits for the rest of its datagram; the whole one is checked as usual.
         let whole;
         let packet = if reassembly::is_fragment(packet) {
@@ -745,12 +780,12 @@ impl Dataplane {
         } else {
             packet
         };
-        let verdict = packet::inspect(packet, agent.tunnel_ip, |a| self.service_def(&agent, a));
+        let verdict = packet::inspect(packet, agent.tunnel_ip, |a| self.service_def(agent, a));
         match verdict {
-            Ok(AgentPacket::Udp(d)) => self.udp_from_agent(&agent, d),
-            Ok(AgentPacket::Echo(e)) => self.echo_from_agent(&agent, e),
-            Ok(AgentPacket::Tcp { .. }) => self.tcp_from_agent(&agent, packet),
-            Err(reason) => self.dropped(&agent, reason, packet),
+            Ok(AgentPacket::Udp(d)) => self.udp_from_agent(agent, d),
+            Ok(AgentPacket::Echo(e)) => self.echo_from_agent(agent, e),
+            Ok(AgentPacket::Tcp { .. }) => self.tcp_from_agent(agent, packet),
+            Err(reason) => self.dropped(agent, reason, packet),
         }
     }
 
@@ -989,7 +1024,7 @@ impl Dataplane {
         let now = Instant::now();
         let mut expired = Vec::new();
         let outcome = {
-            let mut flows = lock(&self.flows);
+            let mut flows = lock(&agent.flows);
             if let Some((_, flow)) = flows.get_mut(&key, now) {
                 flow.quote.set(quote);
                 Ok(Ok(flow.route.clone()))
@@ -1068,11 +1103,19 @@ impl Dataplane {
 
     /// Removes idle flows; the sweeper task calls this periodically.
     fn sweep(&self, now: Instant) {
-        let (expired, remaining) = {
-            let mut flows = lock(&self.flows);
-            let expired = flows.expire(now);
-            (expired, flows.len())
-        };
+        let agents: Vec<Arc<Agent>> = self
+            .agents
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let (mut expired, mut remaining) = (Vec::new(), 0);
+        for agent in agents {
+            let mut flows = lock(&agent.flows);
+            expired.extend(flows.expire(now));
+            remaining += flows.len();
+        }
         if !expired.is_empty() {
             debug!(expired = expired.len(), remaining, "closing idle flows");
         }
@@ -1082,12 +1125,16 @@ impl Dataplane {
     /// Marks a flow active because of a reply from its backend.
     /// The quote of the agent's last datagram on a flow.
     fn flow_quote(&self, key: &FlowKey, id: FlowId) -> Option<Quote> {
-        lock(&self.flows).peek(key, id).map(|f| f.quote)
+        let agent = self.agent(key.agent())?;
+        let quote = lock(&agent.flows).peek(key, id).map(|f| f.quote);
+        quote
     }
 
     /// Closes one flow (its task gave up).
     fn close_flow(&self, key: &FlowKey, id: FlowId) {
-        let removed = lock(&self.flows).remove(key, id);
+        let removed = self
+            .agent(key.agent())
+            .and_then(|agent| lock(&agent.flows).remove(key, id));
         self.closed(
             removed.map(|f| (*key, f)).into_iter().collect(),
             CloseReason::Failing,
@@ -1336,7 +1383,7 @@ mod tests {
         assert_eq!(get(&m.udp_flows_active), 2);
         dp.remove_agent(1);
         assert_eq!(get(&m.udp_flows_active), 0);
-        assert_eq!(lock(&dp.flows).len(), 0);
+        assert_eq!(dp.flow_count(), 0);
         server.abort();
     }
 
@@ -1937,7 +1984,7 @@ mod tests {
             assert_eq!(get(&m.udp_flows_active), 1);
             eventually("the flow to expire", || get(&m.udp_flows_expired) == 1).await;
             assert_eq!(get(&m.udp_flows_active), 0);
-            assert_eq!(lock(&dp.flows).len(), 0);
+            assert_eq!(dp.flow_count(), 0);
             dp.handle_from_agent(1, &agent_udp(1000, 7000, b"y"));
             next(&mut rx).await;
             assert_eq!(get(&m.udp_flows_opened), 2);
@@ -2093,6 +2140,37 @@ mod tests {
             dp.handle_from_agent(3, &from_bob(2001));
             assert_eq!(get(&m.udp_flows_active), 3);
             assert_eq!(get(&m.dropped_global_limit), 1);
+            server.abort();
+        };
+        tokio::time::timeout(LIMIT, run).await.expect("in time");
+    }
+
+    /// A tunnel task that still holds its agent after the agent was removed (a packet on its
+    /// way during the teardown) opens nothing with it: no flow, no TCP stack.
+    #[tokio::test]
+    async fn a_removed_agent_opens_nothing() {
+        let run = async {
+            let (port, server) = echo_server_on(LOCALHOST.into()).await;
+            let (dp, m, _rx) = dataplane(
+                vec![service(vec![PortRange::single(7000)], false, Some(port))],
+                config(IcmpMode::Local),
+            );
+            let agent = dp.agent(1).expect("agent 1");
+            dp.remove_agent(1);
+            dp.handle_packet(&agent, &agent_udp(1000, 7000, b"x"));
+            let syn = {
+                let b = PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64)
+                    .tcp(40000, 443, 1, 64240)
+                    .syn();
+                let mut v = Vec::new();
+                b.write(&mut v, &[]).expect("build");
+                v
+            };
+            dp.handle_packet(&agent, &syn);
+            assert_eq!(get(&m.dropped_unknown_agent), 2);
+            assert_eq!(get(&m.udp_flows_opened), 0);
+            assert_eq!(lock(&agent.flows).len(), 0);
+            assert!(lock(&agent.tcp).is_none(), "a TCP stack for a removed agent");
             server.abort();
         };
         tokio::time::timeout(LIMIT, run).await.expect("in time");
