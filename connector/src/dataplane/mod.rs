@@ -2170,7 +2170,10 @@ mod tests {
             assert_eq!(get(&m.dropped_unknown_agent), 2);
             assert_eq!(get(&m.udp_flows_opened), 0);
             assert_eq!(lock(&agent.flows).len(), 0);
-            assert!(lock(&agent.tcp).is_none(), "a TCP stack for a removed agent");
+            assert!(
+                lock(&agent.tcp).is_none(),
+                "a TCP stack for a removed agent"
+            );
             server.abort();
         };
         tokio::time::timeout(LIMIT, run).await.expect("in time");
