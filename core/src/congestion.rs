@@ -912,7 +912,8 @@ mod tests {
     }
 
     impl Rival {
-        const PKT: u64 = 1400;
+        /// The rival's packets are the tunnel's size.
+        const PKT: u64 = MTU as u64;
 
         fn new(kind: RivalKind, now: Instant, rtt: Duration) -> Self {
             Self {

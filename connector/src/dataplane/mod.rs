@@ -1290,6 +1290,16 @@ mod tests {
         v
     }
 
+    /// A SYN from the agent to the service's `dport`, with sequence number `seq` and `window`.
+    fn agent_syn(sport: u16, dport: u16, seq: u32, window: u16) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64)
+            .tcp(sport, dport, seq, window)
+            .syn();
+        let mut v = Vec::new();
+        b.write(&mut v, &[]).expect("build");
+        v
+    }
+
     fn agent_echo(ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
         let b = PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64)
             .icmpv4_echo_request(ident, seq);
@@ -2063,14 +2073,7 @@ mod tests {
             config(IcmpMode::Local),
         );
         // `curl VIP:22`: a SYN to a TCP port the service does not serve gets RST+ACK.
-        let syn = {
-            let b = PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64)
-                .tcp(40000, 22, 777, 100)
-                .syn();
-            let mut v = Vec::new();
-            b.write(&mut v, &[]).expect("build");
-            v
-        };
+        let syn = agent_syn(40000, 22, 777, 100);
         dp.handle_from_agent(1, &syn);
         let rst = rx.try_recv().expect("an answer at once");
         let ip = check_ip(&rst);
@@ -2158,15 +2161,7 @@ mod tests {
             let agent = dp.agent(1).expect("agent 1");
             dp.remove_agent(1);
             dp.handle_packet(&agent, &agent_udp(1000, 7000, b"x"));
-            let syn = {
-                let b = PacketBuilder::ipv4(AGENT_IP.octets(), SVC_IP.octets(), 64)
-                    .tcp(40000, 443, 1, 64240)
-                    .syn();
-                let mut v = Vec::new();
-                b.write(&mut v, &[]).expect("build");
-                v
-            };
-            dp.handle_packet(&agent, &syn);
+            dp.handle_packet(&agent, &agent_syn(40000, 443, 1, 64240));
             assert_eq!(get(&m.dropped_unknown_agent), 2);
             assert_eq!(get(&m.udp_flows_opened), 0);
             assert_eq!(lock(&agent.flows).len(), 0);
