@@ -1286,8 +1286,8 @@ mod tests {
     /// points (with the window on the minimum RTT in the congested state, the stream kept 0.35
     /// at the bench's point and 0.13–0.15 at six of the eight around it), so one point says
     /// little about a change. Covering another flow's standing queue in the congested state
-    /// raised the bench's point to 0.58 but the grid's mean from 0.21 to 0.32, and the bench's
-    /// share about as much as the mean (docs/architecture.md, "Sharing a bottleneck").
+    /// raised the bench's point to 0.58 but the grid's mean from 0.21 to 0.32; in the bench the
+    /// BBR download's share moved less still (docs/architecture.md, "Sharing a bottleneck").
     #[test]
     fn shares_a_bottleneck_with_another_flow() {
         for rival in [RivalKind::Bbr, RivalKind::Reno] {
