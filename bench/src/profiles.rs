@@ -217,6 +217,8 @@ pub(crate) struct ProfilesReport {
     pub(crate) cells: Vec<Cell>,
     pub(crate) loaded: Vec<Loaded>,
     pub(crate) competing: Vec<Competing>,
+    /// Two flows through boringtun alone at once: the yardstick for [`Self::competing`].
+    pub(crate) reference: Vec<ReferencePair>,
     pub(crate) machine: crate::report::Machine,
 }
 
@@ -240,16 +242,61 @@ pub(crate) struct Competing {
 impl Competing {
     /// ztna's share of what both flows received.
     fn share(&self) -> Option<f64> {
-        let (z, b) = (self.ztna_mbps?, self.boringtun_mbps?);
-        (z + b > 0.0).then(|| z / (z + b))
+        share(self.ztna_mbps?, self.boringtun_mbps?)
     }
 
-    /// Jain's fairness index of the two rates: 1 when equal, 0.5 when one gets everything.
+    /// Jain's fairness index of the two rates.
     fn jain(&self) -> Option<f64> {
-        let (z, b) = (self.ztna_mbps?, self.boringtun_mbps?);
-        let sq = z * z + b * b;
-        (sq > 0.0).then(|| (z + b) * (z + b) / (2.0 * sq))
+        jain(self.ztna_mbps?, self.boringtun_mbps?)
     }
+}
+
+/// Two flows through boringtun alone, started together through the same bottleneck: what the
+/// kernel's own TCP gets beside another flow there, the yardstick for ztna's shares. A ztna
+/// download crosses the bottleneck paced by the tunnel's controller, not by the backend's TCP
+/// (that ends at the connector), so its rows compare with a CUBIC flow beside a BBR one.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct ReferencePair {
+    /// The two flows' senders, as in [`CCS`] (`-down`: the backend sends).
+    pub(crate) first: String,
+    pub(crate) second: String,
+    pub(crate) secs: u32,
+    pub(crate) first_mbps: Option<f64>,
+    pub(crate) second_mbps: Option<f64>,
+    pub(crate) bottleneck_drops: Option<u64>,
+    pub(crate) forwarder_drops: Option<u64>,
+    pub(crate) error: Option<String>,
+}
+
+impl ReferencePair {
+    /// The first flow's share of what both received.
+    fn share(&self) -> Option<f64> {
+        share(self.first_mbps?, self.second_mbps?)
+    }
+
+    fn jain(&self) -> Option<f64> {
+        jain(self.first_mbps?, self.second_mbps?)
+    }
+}
+
+/// The reference pairs, uploads and downloads: a loss-based flow beside BBR (the yardstick for
+/// a ztna download beside either), and BBR beside BBR (for a BBR upload through ztna).
+const REFERENCE_PAIRS: &[(&str, &str)] = &[
+    ("cubic", "bbr"),
+    ("bbr", "bbr"),
+    ("cubic-down", "bbr-down"),
+    ("bbr-down", "bbr-down"),
+];
+
+/// `a`'s share of what both flows received.
+fn share(a: f64, b: f64) -> Option<f64> {
+    (a + b > 0.0).then(|| a / (a + b))
+}
+
+/// Jain's fairness index of two rates: 1 when equal, 0.5 when one gets everything.
+fn jain(a: f64, b: f64) -> Option<f64> {
+    let sq = a * a + b * b;
+    (sq > 0.0).then(|| (a + b) * (a + b) / (2.0 * sq))
 }
 
 /// The `--only` entries in `raw`: each value split at commas not followed by a space (profile
@@ -310,10 +357,11 @@ pub(crate) fn run(tunnels: &[String], secs: u32, label: &str, only: &[String]) -
         }
     }
     let mut competing = Vec::new();
+    let mut reference = Vec::new();
     let has = |name: &str| tunnels.iter().any(|t| t == name);
     if has(paths::REFERENCE) && has("ztna-relay") && profiles.iter().any(|p| p.rate_mbit > 0.0) {
         eprintln!("==> a ztna-relay flow and a boringtun flow through one bottleneck");
-        if let Err(e) = run_competing(secs, &mut competing) {
+        if let Err(e) = run_competing(secs, &mut competing, &mut reference) {
             eprintln!("==> competing flows failed: {e:#}");
             competing.push(Competing {
                 tunnel: "ztna-relay".into(),
@@ -333,6 +381,7 @@ pub(crate) fn run(tunnels: &[String], secs: u32, label: &str, only: &[String]) -
         cells,
         loaded,
         competing,
+        reference,
         machine: crate::report::Machine::read(),
     }
 }
@@ -358,10 +407,15 @@ fn run_tunnel(
 }
 
 /// One topology with ztna-relay and boringtun up at once through one forwarder, and for each
-/// sender a flow through each at the same time, through [`BOTTLENECK`].
-fn run_competing(secs: u32, out: &mut Vec<Competing>) -> Result<()> {
+/// sender a flow through each at the same time, through [`BOTTLENECK`]; then the
+/// [`REFERENCE_PAIRS`] through boringtun alone.
+fn run_competing(
+    secs: u32,
+    out: &mut Vec<Competing>,
+    reference: &mut Vec<ReferencePair>,
+) -> Result<()> {
     let t = Topology::new("prof-compete", crate::runner::helpers())?;
-    let result = measure_competing(&t, secs, out);
+    let result = measure_competing(&t, secs, out, reference);
     if result.is_ok() {
         t.mark_passed();
     }
@@ -373,7 +427,58 @@ fn run_competing(secs: u32, out: &mut Vec<Competing>) -> Result<()> {
     result
 }
 
-fn measure_competing(t: &Topology, secs: u32, out: &mut Vec<Competing>) -> Result<()> {
+/// The iperf3 kind of a sender of [`CCS`].
+fn tcp_kind(cc: &'static str) -> IperfKind {
+    match sender(cc) {
+        (algo, true) => IperfKind::TcpCcDown { cc: algo },
+        (algo, false) => IperfKind::TcpCc { cc: algo },
+    }
+}
+
+/// One flow of a pair: its target address, the iperf3 server's port and the test.
+type Flow<'a> = (&'a str, u16, IperfKind);
+
+/// Runs `first` in the foreground and `second` in the background (its JSON to a file named by
+/// `tag`), started together, for `secs`; each one's received rate, Mbit/s.
+fn two_flows(
+    t: &Topology,
+    first: Flow,
+    second: Flow,
+    secs: u32,
+    tag: &str,
+) -> (Result<f64>, Result<f64>) {
+    let log = t.dir().join(format!("iperf3-{tag}.json"));
+    let mut args = measure::iperf_args(second.0, second.1, second.2, secs);
+    args.extend(["--logfile".into(), log.to_string_lossy().into_owned()]);
+    let bg = match t.spawn(Node::Agent, &format!("iperf3-{tag}"), &args[0], &args[1..]) {
+        Ok(id) => id,
+        Err(e) => {
+            let e = format!("{e:#}");
+            return (Err(anyhow::anyhow!("{e}")), Err(anyhow::anyhow!("{e}")));
+        }
+    };
+    let a = measure::iperf_on(t, first.0, first.1, first.2, secs).map(|r| r.mbps);
+    wait_exit(t, bg, Duration::from_secs(u64::from(secs) + 20));
+    let json = std::fs::read_to_string(&log).unwrap_or_default();
+    let b = measure::iperf_result(&args, &json, second.2).map(|r| r.mbps);
+    (a, b)
+}
+
+/// Both errors of a pair, if any, in one line.
+fn pair_error(a: &Result<f64>, b: &Result<f64>, names: (&str, &str)) -> Option<String> {
+    let errs: Vec<String> = [(a, names.0), (b, names.1)]
+        .into_iter()
+        .filter_map(|(r, n)| r.as_ref().err().map(|e| format!("{n}: {e:#}")))
+        .collect();
+    (!errs.is_empty()).then(|| errs.join("; "))
+}
+
+fn measure_competing(
+    t: &Topology,
+    secs: u32,
+    out: &mut Vec<Competing>,
+    reference: &mut Vec<ReferencePair>,
+) -> Result<()> {
     // Twice a cell's time: two flows take a while to settle on their shares.
     let secs = 2 * secs;
     crate::runner::start_iperf_server_on(t, measure::IPERF_PORT)?;
@@ -392,43 +497,55 @@ fn measure_competing(t: &Topology, secs: u32, out: &mut Vec<Competing>) -> Resul
     for (i, cc) in CCS.iter().filter(|cc| **cc != UDP_100).enumerate() {
         measure::wait_quiet(0.25, Duration::from_secs(3))?;
         t.step(&format!("ztna-relay and boringtun at once: {cc}"));
-        let (algo, down) = sender(cc);
-        let kind = if down {
-            IperfKind::TcpCcDown { cc: algo }
-        } else {
-            IperfKind::TcpCc { cc }
-        };
+        let kind = tcp_kind(cc);
         fwd.set(&BOTTLENECK)?;
-        let mut c = Competing {
+        let (z, b) = two_flows(
+            t,
+            (ztna.target, measure::IPERF_PORT_2, kind),
+            (boringtun.target, measure::IPERF_PORT, kind),
+            secs,
+            &format!("boringtun-{i}"),
+        );
+        let s = fwd.stats();
+        let c = Competing {
             tunnel: "ztna-relay".into(),
             sender: (*cc).to_owned(),
             secs,
-            ..Competing::default()
+            error: pair_error(&z, &b, ("ztna", "boringtun")),
+            ztna_mbps: z.ok(),
+            boringtun_mbps: b.ok(),
+            bottleneck_drops: s.get("rate_dropped").copied(),
+            forwarder_drops: s.get("socket_drops").copied(),
         };
-        // boringtun's flow in the background (its JSON to a file), ztna's in the foreground,
-        // started together.
-        let log = t.dir().join(format!("iperf3-boringtun-{i}.json"));
-        let mut bt_args = measure::iperf_args(boringtun.target, measure::IPERF_PORT, kind, secs);
-        bt_args.extend(["--logfile".into(), log.to_string_lossy().into_owned()]);
-        let bt = t.spawn(Node::Agent, "iperf3-boringtun", &bt_args[0], &bt_args[1..])?;
-        match measure::iperf_on(t, ztna.target, measure::IPERF_PORT_2, kind, secs) {
-            Ok(r) => c.ztna_mbps = Some(r.mbps),
-            Err(e) => c.error = Some(format!("ztna: {e:#}")),
-        }
-        wait_exit(t, bt, Duration::from_secs(u64::from(secs) + 20));
-        let json = std::fs::read_to_string(&log).unwrap_or_default();
-        match measure::iperf_result(&bt_args, &json, kind) {
-            Ok(r) => c.boringtun_mbps = Some(r.mbps),
-            Err(e) => {
-                let e = format!("boringtun: {e:#}");
-                c.error = Some(c.error.map_or(e.clone(), |z| format!("{z}; {e}")));
-            }
-        }
-        let s = fwd.stats();
-        c.bottleneck_drops = s.get("rate_dropped").copied();
-        c.forwarder_drops = s.get("socket_drops").copied();
         eprintln!("    competing | {cc}: {c:?}");
         out.push(c);
+    }
+    for (i, (first, second)) in REFERENCE_PAIRS.iter().enumerate() {
+        measure::wait_quiet(0.25, Duration::from_secs(3))?;
+        t.step(&format!(
+            "two boringtun flows at once: {first} and {second}"
+        ));
+        fwd.set(&BOTTLENECK)?;
+        let (a, b) = two_flows(
+            t,
+            (boringtun.target, measure::IPERF_PORT_2, tcp_kind(first)),
+            (boringtun.target, measure::IPERF_PORT, tcp_kind(second)),
+            secs,
+            &format!("reference-{i}"),
+        );
+        let s = fwd.stats();
+        let r = ReferencePair {
+            first: (*first).to_owned(),
+            second: (*second).to_owned(),
+            secs,
+            error: pair_error(&a, &b, ("first", "second")),
+            first_mbps: a.ok(),
+            second_mbps: b.ok(),
+            bottleneck_drops: s.get("rate_dropped").copied(),
+            forwarder_drops: s.get("socket_drops").copied(),
+        };
+        eprintln!("    reference | {first} and {second}: {r:?}");
+        reference.push(r);
     }
     t.ensure_running(impair)?;
     Ok(())
@@ -814,6 +931,7 @@ impl ProfilesReport {
             .filter_map(|c| Some((c, c.error.as_deref()?)))
             .collect();
         md += &self.competing_markdown();
+        md += &self.reference_markdown();
         md += &self.inner_markdown();
         let mut spoilt: Vec<(String, u64)> = self
             .cells
@@ -827,6 +945,13 @@ impl ProfilesReport {
             let d = c.forwarder_drops.filter(|d| *d > 0)?;
             Some((
                 format!("{} and boringtun at once / {}", c.tunnel, c.sender),
+                d,
+            ))
+        }));
+        spoilt.extend(self.reference.iter().filter_map(|r| {
+            let d = r.forwarder_drops.filter(|d| *d > 0)?;
+            Some((
+                format!("two boringtun flows / {} and {}", r.first, r.second),
                 d,
             ))
         }));
@@ -882,6 +1007,43 @@ impl ProfilesReport {
                 c.share().map_or("—".into(), |v| format!("{v:.2}")),
                 c.jain().map_or("—".into(), |v| format!("{v:.3}")),
                 c.bottleneck_drops.map_or("—".into(), |d| d.to_string()),
+            );
+        }
+        md
+    }
+
+    /// The reference pairs, if they ran.
+    fn reference_markdown(&self) -> String {
+        if self.reference.is_empty() {
+            return String::new();
+        }
+        let mut md = format!(
+            "\n#### For reference: two flows through boringtun at once ({})\n\n\
+             The same topology and bottleneck, both iperf3 flows through boringtun, started \
+             together, {} s: what the kernel's own TCP gets beside another flow here. A ztna \
+             download crosses the bottleneck paced by the tunnel's controller, not by the \
+             backend's TCP, so compare its rows above with a CUBIC flow beside a BBR one; a BBR \
+             upload through ztna with a BBR flow beside another.\n\n\
+             | first flow | second flow | first (Mbit/s) | second (Mbit/s) | first's share | \
+             Jain's index | bottleneck drops |\n|---|---|---:|---:|---:|---:|---:|\n",
+            BOTTLENECK.name,
+            self.reference.first().map_or(0, |r| r.secs)
+        );
+        for r in &self.reference {
+            let err = r
+                .error
+                .as_deref()
+                .map(|e| format!(" ({})", e.lines().next().unwrap_or_default()))
+                .unwrap_or_default();
+            md += &format!(
+                "| {} | {}{err} | {} | {} | {} | {} | {} |\n",
+                r.first,
+                r.second,
+                f1(r.first_mbps),
+                f1(r.second_mbps),
+                r.share().map_or("—".into(), |v| format!("{v:.2}")),
+                r.jain().map_or("—".into(), |v| format!("{v:.3}")),
+                r.bottleneck_drops.map_or("—".into(), |d| d.to_string()),
             );
         }
         md
@@ -980,6 +1142,32 @@ mod tests {
         // A failed flow is missing, not 0.
         assert_eq!(c(Some(30.0), None).share(), None);
         assert_eq!(c(Some(0.0), Some(0.0)).jain(), None);
+    }
+
+    #[test]
+    fn reference_pairs_are_tcp_senders_in_one_direction_and_a_failed_flow_is_missing() {
+        for (a, b) in REFERENCE_PAIRS {
+            for cc in [a, b] {
+                assert!(CCS.contains(cc) && *cc != UDP_100, "{cc}");
+            }
+            assert_eq!(sender(a).1, sender(b).1, "{a} and {b}");
+        }
+        let r = ReferencePair {
+            first_mbps: Some(10.0),
+            second_mbps: Some(30.0),
+            ..ReferencePair::default()
+        };
+        assert_eq!(r.share(), Some(0.25));
+        let failed = ReferencePair {
+            second_mbps: None,
+            ..r
+        };
+        assert_eq!(failed.share(), None);
+        assert_eq!(failed.jain(), None);
+        let ok: Result<f64> = Ok(1.0);
+        assert_eq!(pair_error(&ok, &Ok(2.0), ("a", "b")), None);
+        let e = pair_error(&ok, &Err(anyhow::anyhow!("timed out")), ("a", "b"));
+        assert_eq!(e.as_deref(), Some("b: timed out"));
     }
 
     #[test]
