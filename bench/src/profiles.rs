@@ -577,27 +577,62 @@ impl Forwarder {
         args.extend(["--stats-file".into(), fwd.stats.to_string_lossy().into()]);
         args.extend(["--exit-after".into(), "3600".into()]);
         let impair = t.spawn(Node::Agent, "impair", &t.helpers().impair, &args)?;
-        std::thread::sleep(Duration::from_millis(200));
-        t.ensure_running(impair)?;
+        // Up once it has applied the empty control file: a later `set` then counts from there.
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while fwd.read().get("applied").copied().unwrap_or(0) < 1 {
+            t.ensure_running(impair)?;
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!("the impairment forwarder wrote no stats within 3 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Ok((fwd, impair))
     }
 
-    /// Applies `profile` (and so resets the counters), and waits until the forwarder has read it.
+    /// Applies `profile` (and so resets the counters), and waits until the forwarder has read
+    /// it: its stats file counts the impairments it applied. A change it did not take (the
+    /// control file unreadable, or its thread held up) fails the cell instead of measuring the
+    /// previous profile.
     fn set(&self, profile: &Profile) -> Result<()> {
+        let before = self.read().get("applied").copied().unwrap_or(0);
         std::fs::write(&self.control, profile.impair_args())
             .with_context(|| format!("writing {}", self.control.display()))?;
-        std::thread::sleep(Duration::from_millis(400));
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while self.read().get("applied").copied().unwrap_or(0) <= before {
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "the impairment forwarder did not apply `{}` within 3 s",
+                    profile.impair_args()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Ok(())
     }
 
-    /// The forwarder's `socket_drops` now (since the last [`Self::set`]), once its stats file
-    /// has been rewritten after this call (every 100 ms).
+    /// The forwarder's `socket_drops` now (since the last [`Self::set`]).
     fn socket_drops(&self) -> Option<u64> {
-        std::thread::sleep(Duration::from_millis(150));
         self.stats().get("socket_drops").copied()
     }
 
+    /// The forwarder's counters since the last [`Self::set`], from a stats file written after
+    /// this call (every 100 ms); empty, so every figure from it is missing, when none comes
+    /// within a second.
     fn stats(&self) -> BTreeMap<String, u64> {
+        let before = self.read().get("written").copied();
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = self.read();
+            if before.is_some() && now.get("written").copied() > before {
+                return now;
+            }
+        }
+        BTreeMap::new()
+    }
+
+    /// The stats file as it is.
+    fn read(&self) -> BTreeMap<String, u64> {
         std::fs::read_to_string(&self.stats)
             .unwrap_or_default()
             .lines()

@@ -31,7 +31,9 @@
 //! impairment in the same syntax (`--delay-ms 10 --loss-pct 1`; options not given are reset to
 //! their defaults), so a benchmark can change the path under a running tunnel. `--stats-file
 //! PATH`: rewritten every 100 ms with the counters since the last impairment change, one
-//! `key=value` per line. The counters also go to stderr every 10 s; the forwarder exits by
+//! `key=value` per line, then `applied=` (impairments read from the control file so far) and
+//! `written=` (how many times the file was written), so that a reader can tell that a change
+//! took effect and that what it reads is fresh. The counters also go to stderr every 10 s; the forwarder exits by
 //! itself after `--exit-after` seconds (default 600).
 
 use std::cmp::Reverse;
@@ -339,6 +341,8 @@ struct Shared {
     sockets: Mutex<Vec<u64>>,
     /// Their drops when the counters were last reset.
     drops_base: AtomicU64,
+    /// Impairments read from the control file so far (`applied` in the stats file).
+    applied: AtomicU64,
 }
 
 impl Shared {
@@ -449,6 +453,7 @@ impl Shared {
             self.counters.reset();
             self.drops_base
                 .store(self.kernel_drops(), Ordering::Relaxed);
+            self.applied.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -494,6 +499,7 @@ fn run() -> Result<(), String> {
         opts,
         ready: Condvar::new(),
         stop: AtomicBool::new(false),
+        applied: AtomicU64::new(0),
         counters: Counters::default(),
         sockets: Mutex::new(Vec::new()),
         drops_base: AtomicU64::new(0),
@@ -517,6 +523,7 @@ fn run() -> Result<(), String> {
     let start = Instant::now();
     let mut last_report = start;
     let mut control_mtime = None;
+    let mut written = 0u64;
     while start.elapsed() < exit_after {
         std::thread::sleep(Duration::from_millis(100).min(exit_after - start.elapsed()));
         if let Some(path) = &shared.opts.control_file {
@@ -535,7 +542,12 @@ fn run() -> Result<(), String> {
         shared.counters.socket_drops.store(drops, Ordering::Relaxed);
         if let Some(path) = &shared.opts.stats_file {
             let tmp = path.with_extension("tmp");
-            let text = shared.counters.render("\n") + "\n";
+            written += 1;
+            let text = format!(
+                "{}\napplied={}\nwritten={written}\n",
+                shared.counters.render("\n"),
+                shared.applied.load(Ordering::Relaxed)
+            );
             if std::fs::write(&tmp, text).is_ok() {
                 let _ = std::fs::rename(&tmp, path);
             }
