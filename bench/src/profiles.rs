@@ -239,18 +239,6 @@ pub(crate) struct Competing {
     pub(crate) error: Option<String>,
 }
 
-impl Competing {
-    /// ztna's share of what both flows received.
-    fn share(&self) -> Option<f64> {
-        share(self.ztna_mbps?, self.boringtun_mbps?)
-    }
-
-    /// Jain's fairness index of the two rates.
-    fn jain(&self) -> Option<f64> {
-        jain(self.ztna_mbps?, self.boringtun_mbps?)
-    }
-}
-
 /// Two flows through boringtun alone, started together through the same bottleneck: what the
 /// kernel's own TCP gets beside another flow there, the yardstick for ztna's shares. A ztna
 /// download crosses the bottleneck paced by the tunnel's controller, not by the backend's TCP
@@ -268,17 +256,6 @@ pub(crate) struct ReferencePair {
     pub(crate) error: Option<String>,
 }
 
-impl ReferencePair {
-    /// The first flow's share of what both received.
-    fn share(&self) -> Option<f64> {
-        share(self.first_mbps?, self.second_mbps?)
-    }
-
-    fn jain(&self) -> Option<f64> {
-        jain(self.first_mbps?, self.second_mbps?)
-    }
-}
-
 /// The reference pairs, uploads and downloads: a loss-based flow beside BBR (the yardstick for
 /// a ztna download beside either), and BBR beside BBR (for a BBR upload through ztna).
 const REFERENCE_PAIRS: &[(&str, &str)] = &[
@@ -288,15 +265,40 @@ const REFERENCE_PAIRS: &[(&str, &str)] = &[
     ("bbr-down", "bbr-down"),
 ];
 
-/// `a`'s share of what both flows received.
-fn share(a: f64, b: f64) -> Option<f64> {
+/// The first flow's share of what both flows received (missing if either is).
+fn share((a, b): (Option<f64>, Option<f64>)) -> Option<f64> {
+    let (a, b) = (a?, b?);
     (a + b > 0.0).then(|| a / (a + b))
 }
 
 /// Jain's fairness index of two rates: 1 when equal, 0.5 when one gets everything.
-fn jain(a: f64, b: f64) -> Option<f64> {
+fn jain((a, b): (Option<f64>, Option<f64>)) -> Option<f64> {
+    let (a, b) = (a?, b?);
     let sq = a * a + b * b;
     (sq > 0.0).then(|| (a + b) * (a + b) / (2.0 * sq))
+}
+
+/// A table row of two flows at once: their names, rates, the first's share, Jain's index and
+/// the bottleneck's drops; the first line of an error beside the second name.
+fn pair_row(
+    names: (&str, &str),
+    mbps: (Option<f64>, Option<f64>),
+    drops: Option<u64>,
+    error: Option<&str>,
+) -> String {
+    let err = error
+        .map(|e| format!(" ({})", e.lines().next().unwrap_or_default()))
+        .unwrap_or_default();
+    format!(
+        "| {} | {}{err} | {} | {} | {} | {} | {} |\n",
+        names.0,
+        names.1,
+        f1(mbps.0),
+        f1(mbps.1),
+        share(mbps).map_or("—".into(), |v| format!("{v:.2}")),
+        jain(mbps).map_or("—".into(), |v| format!("{v:.3}")),
+        drops.map_or("—".into(), |d| d.to_string()),
+    )
 }
 
 /// The `--only` entries in `raw`: each value split at commas not followed by a space (profile
@@ -1028,20 +1030,11 @@ impl ProfilesReport {
             self.competing.first().map_or(0, |c| c.secs)
         );
         for c in &self.competing {
-            let err = c
-                .error
-                .as_deref()
-                .map(|e| format!(" ({})", e.lines().next().unwrap_or_default()))
-                .unwrap_or_default();
-            md += &format!(
-                "| {} | {}{err} | {} | {} | {} | {} | {} |\n",
-                c.tunnel,
-                c.sender,
-                f1(c.ztna_mbps),
-                f1(c.boringtun_mbps),
-                c.share().map_or("—".into(), |v| format!("{v:.2}")),
-                c.jain().map_or("—".into(), |v| format!("{v:.3}")),
-                c.bottleneck_drops.map_or("—".into(), |d| d.to_string()),
+            md += &pair_row(
+                (&c.tunnel, &c.sender),
+                (c.ztna_mbps, c.boringtun_mbps),
+                c.bottleneck_drops,
+                c.error.as_deref(),
             );
         }
         md
@@ -1065,20 +1058,11 @@ impl ProfilesReport {
             self.reference.first().map_or(0, |r| r.secs)
         );
         for r in &self.reference {
-            let err = r
-                .error
-                .as_deref()
-                .map(|e| format!(" ({})", e.lines().next().unwrap_or_default()))
-                .unwrap_or_default();
-            md += &format!(
-                "| {} | {}{err} | {} | {} | {} | {} | {} |\n",
-                r.first,
-                r.second,
-                f1(r.first_mbps),
-                f1(r.second_mbps),
-                r.share().map_or("—".into(), |v| format!("{v:.2}")),
-                r.jain().map_or("—".into(), |v| format!("{v:.3}")),
-                r.bottleneck_drops.map_or("—".into(), |d| d.to_string()),
+            md += &pair_row(
+                (&r.first, &r.second),
+                (r.first_mbps, r.second_mbps),
+                r.bottleneck_drops,
+                r.error.as_deref(),
             );
         }
         md
@@ -1160,45 +1144,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn competing_flows_share_and_fairness() {
-        let c = |z, b| Competing {
-            ztna_mbps: z,
-            boringtun_mbps: b,
-            ..Competing::default()
-        };
-        let even = c(Some(22.5), Some(22.5));
-        assert_eq!(even.share(), Some(0.5));
-        assert_eq!(even.jain(), Some(1.0));
-        let hog = c(Some(45.0), Some(0.0));
-        assert_eq!(hog.share(), Some(1.0));
-        assert_eq!(hog.jain(), Some(0.5));
-        let uneven = c(Some(30.0), Some(15.0));
-        assert!((uneven.jain().unwrap() - 0.9).abs() < 1e-9);
+    fn two_flows_share_and_fairness() {
+        let even = (Some(22.5), Some(22.5));
+        assert_eq!(share(even), Some(0.5));
+        assert_eq!(jain(even), Some(1.0));
+        let hog = (Some(45.0), Some(0.0));
+        assert_eq!(share(hog), Some(1.0));
+        assert_eq!(jain(hog), Some(0.5));
+        assert_eq!(share((Some(10.0), Some(30.0))), Some(0.25));
+        assert!((jain((Some(30.0), Some(15.0))).unwrap() - 0.9).abs() < 1e-9);
         // A failed flow is missing, not 0.
-        assert_eq!(c(Some(30.0), None).share(), None);
-        assert_eq!(c(Some(0.0), Some(0.0)).jain(), None);
+        assert_eq!(share((Some(30.0), None)), None);
+        assert_eq!(jain((Some(0.0), Some(0.0))), None);
+        assert_eq!(
+            pair_row(
+                ("cubic", "bbr"),
+                (Some(10.0), None),
+                Some(7),
+                Some("second: timed out\nmore")
+            ),
+            "| cubic | bbr (second: timed out) | 10.0 | — | — | — | 7 |\n"
+        );
     }
 
     #[test]
-    fn reference_pairs_are_tcp_senders_in_one_direction_and_a_failed_flow_is_missing() {
+    fn reference_pairs_are_tcp_senders_in_one_direction_with_their_errors_named() {
         for (a, b) in REFERENCE_PAIRS {
             for cc in [a, b] {
                 assert!(CCS.contains(cc) && *cc != UDP_100, "{cc}");
             }
             assert_eq!(sender(a).1, sender(b).1, "{a} and {b}");
         }
-        let r = ReferencePair {
-            first_mbps: Some(10.0),
-            second_mbps: Some(30.0),
-            ..ReferencePair::default()
-        };
-        assert_eq!(r.share(), Some(0.25));
-        let failed = ReferencePair {
-            second_mbps: None,
-            ..r
-        };
-        assert_eq!(failed.share(), None);
-        assert_eq!(failed.jain(), None);
         let ok: Result<f64> = Ok(1.0);
         assert_eq!(pair_error(&ok, &Ok(2.0), ("a", "b")), None);
         let e = pair_error(&ok, &Err(anyhow::anyhow!("timed out")), ("a", "b"));
