@@ -440,30 +440,47 @@ fn tcp_kind(cc: &'static str) -> IperfKind {
 /// One flow of a pair: its target address, the iperf3 server's port and the test.
 type Flow<'a> = (&'a str, u16, IperfKind);
 
-/// Runs `first` in the foreground and `second` in the background (its JSON to a file named by
-/// `tag`), started together, for `secs`; each one's received rate, Mbit/s.
-fn two_flows(
+/// What one pair of flows at the bottleneck measured.
+struct PairRun {
+    /// Each flow's received rate, Mbit/s (missing if it failed).
+    mbps: (Option<f64>, Option<f64>),
+    /// What failed, each flow's error named by `names` of [`pair_at_bottleneck`].
+    error: Option<String>,
+    bottleneck_drops: Option<u64>,
+    forwarder_drops: Option<u64>,
+}
+
+/// One pair of flows through [`BOTTLENECK`] (`what` names the step): once the machine is quiet,
+/// sets the bottleneck, runs `first` in the foreground and `second` in the background (its JSON
+/// to a file named by `tag`), started together, for `secs`, and reads the forwarder's counters
+/// of the pair.
+fn pair_at_bottleneck(
     t: &Topology,
-    first: Flow,
-    second: Flow,
+    fwd: &Forwarder,
+    what: &str,
+    (first, second): (Flow, Flow),
+    names: (&str, &str),
     secs: u32,
     tag: &str,
-) -> (Result<f64>, Result<f64>) {
+) -> Result<PairRun> {
+    measure::wait_quiet(0.25, Duration::from_secs(3))?;
+    t.step(what);
+    fwd.set(&BOTTLENECK)?;
     let log = t.dir().join(format!("iperf3-{tag}.json"));
     let mut args = measure::iperf_args(second.0, second.1, second.2, secs);
     args.extend(["--logfile".into(), log.to_string_lossy().into_owned()]);
-    let bg = match t.spawn(Node::Agent, &format!("iperf3-{tag}"), &args[0], &args[1..]) {
-        Ok(id) => id,
-        Err(e) => {
-            let e = format!("{e:#}");
-            return (Err(anyhow::anyhow!("{e}")), Err(anyhow::anyhow!("{e}")));
-        }
-    };
+    let bg = t.spawn(Node::Agent, &format!("iperf3-{tag}"), &args[0], &args[1..])?;
     let a = measure::iperf_on(t, first.0, first.1, first.2, secs).map(|r| r.mbps);
     wait_exit(t, bg, Duration::from_secs(u64::from(secs) + 20));
     let json = std::fs::read_to_string(&log).unwrap_or_default();
     let b = measure::iperf_result(&args, &json, second.2).map(|r| r.mbps);
-    (a, b)
+    let s = fwd.stats();
+    Ok(PairRun {
+        error: pair_error(&a, &b, names),
+        mbps: (a.ok(), b.ok()),
+        bottleneck_drops: s.get("rate_dropped").copied(),
+        forwarder_drops: s.get("socket_drops").copied(),
+    })
 }
 
 /// Both errors of a pair, if any, in one line.
@@ -497,60 +514,65 @@ fn measure_competing(
     )?;
     let (ztna, boringtun) = paths::compete(t)?;
     for (i, cc) in CCS.iter().filter(|cc| **cc != UDP_100).enumerate() {
-        measure::wait_quiet(0.25, Duration::from_secs(3))?;
-        t.step(&format!("ztna-relay and boringtun at once: {cc}"));
         let kind = tcp_kind(cc);
-        fwd.set(&BOTTLENECK)?;
-        let (z, b) = two_flows(
+        let p = pair_at_bottleneck(
             t,
-            (ztna.target, measure::IPERF_PORT_2, kind),
-            (boringtun.target, measure::IPERF_PORT, kind),
+            &fwd,
+            &format!("ztna-relay and boringtun at once: {cc}"),
+            (
+                (ztna.target, measure::IPERF_PORT_2, kind),
+                (boringtun.target, measure::IPERF_PORT, kind),
+            ),
+            ("ztna", "boringtun"),
             secs,
             &format!("boringtun-{i}"),
-        );
-        let s = fwd.stats();
+        )?;
         let c = Competing {
             tunnel: "ztna-relay".into(),
             sender: (*cc).to_owned(),
             secs,
-            error: pair_error(&z, &b, ("ztna", "boringtun")),
-            ztna_mbps: z.ok(),
-            boringtun_mbps: b.ok(),
-            bottleneck_drops: s.get("rate_dropped").copied(),
-            forwarder_drops: s.get("socket_drops").copied(),
+            ztna_mbps: p.mbps.0,
+            boringtun_mbps: p.mbps.1,
+            bottleneck_drops: p.bottleneck_drops,
+            forwarder_drops: p.forwarder_drops,
+            error: p.error,
         };
         eprintln!("    competing | {cc}: {c:?}");
         out.push(c);
     }
     for (i, (first, second)) in REFERENCE_PAIRS.iter().enumerate() {
-        measure::wait_quiet(0.25, Duration::from_secs(3))?;
-        t.step(&format!(
-            "two boringtun flows at once: {first} and {second}"
-        ));
-        fwd.set(&BOTTLENECK)?;
-        let (a, b) = two_flows(
+        let p = pair_at_bottleneck(
             t,
-            (boringtun.target, measure::IPERF_PORT_2, tcp_kind(first)),
-            (boringtun.target, measure::IPERF_PORT, tcp_kind(second)),
+            &fwd,
+            &format!("two boringtun flows at once: {first} and {second}"),
+            (
+                (boringtun.target, measure::IPERF_PORT_2, tcp_kind(first)),
+                (boringtun.target, measure::IPERF_PORT, tcp_kind(second)),
+            ),
+            ("first", "second"),
             secs,
             &format!("reference-{i}"),
-        );
-        let s = fwd.stats();
+        )?;
         let r = ReferencePair {
             first: (*first).to_owned(),
             second: (*second).to_owned(),
             secs,
-            error: pair_error(&a, &b, ("first", "second")),
-            first_mbps: a.ok(),
-            second_mbps: b.ok(),
-            bottleneck_drops: s.get("rate_dropped").copied(),
-            forwarder_drops: s.get("socket_drops").copied(),
+            first_mbps: p.mbps.0,
+            second_mbps: p.mbps.1,
+            bottleneck_drops: p.bottleneck_drops,
+            forwarder_drops: p.forwarder_drops,
+            error: p.error,
         };
         eprintln!("    reference | {first} and {second}: {r:?}");
         reference.push(r);
     }
     t.ensure_running(impair)?;
     Ok(())
+}
+
+/// The impairments the forwarder applied so far, by its stats file (0 before it wrote one).
+fn applied(stats: &BTreeMap<String, u64>) -> u64 {
+    stats.get("applied").copied().unwrap_or(0)
 }
 
 /// The forwarder's control and stats files.
@@ -580,13 +602,12 @@ impl Forwarder {
         args.extend(["--exit-after".into(), "3600".into()]);
         let impair = t.spawn(Node::Agent, "impair", &t.helpers().impair, &args)?;
         // Up once it has applied the empty control file: a later `set` then counts from there.
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        while fwd.read().get("applied").copied().unwrap_or(0) < 1 {
+        if fwd
+            .poll(Duration::from_secs(3), |m| applied(m) >= 1)
+            .is_none()
+        {
             t.ensure_running(impair)?;
-            if std::time::Instant::now() >= deadline {
-                anyhow::bail!("the impairment forwarder wrote no stats within 3 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            anyhow::bail!("the impairment forwarder wrote no stats within 3 s");
         }
         Ok((fwd, impair))
     }
@@ -596,18 +617,17 @@ impl Forwarder {
     /// control file unreadable, or its thread held up) fails the cell instead of measuring the
     /// previous profile.
     fn set(&self, profile: &Profile) -> Result<()> {
-        let before = self.read().get("applied").copied().unwrap_or(0);
+        let before = applied(&self.read());
         std::fs::write(&self.control, profile.impair_args())
             .with_context(|| format!("writing {}", self.control.display()))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        while self.read().get("applied").copied().unwrap_or(0) <= before {
-            if std::time::Instant::now() >= deadline {
-                anyhow::bail!(
-                    "the impairment forwarder did not apply `{}` within 3 s",
-                    profile.impair_args()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if self
+            .poll(Duration::from_secs(3), |m| applied(m) > before)
+            .is_none()
+        {
+            anyhow::bail!(
+                "the impairment forwarder did not apply `{}` within 3 s",
+                profile.impair_args()
+            );
         }
         Ok(())
     }
@@ -621,16 +641,32 @@ impl Forwarder {
     /// this call (every 100 ms); empty, so every figure from it is missing, when none comes
     /// within a second.
     fn stats(&self) -> BTreeMap<String, u64> {
-        let before = self.read().get("written").copied();
-        let deadline = std::time::Instant::now() + Duration::from_secs(1);
-        while std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
+        let Some(before) = self.read().get("written").copied() else {
+            return BTreeMap::new();
+        };
+        self.poll(Duration::from_secs(1), |m| {
+            m.get("written").is_some_and(|w| *w > before)
+        })
+        .unwrap_or_default()
+    }
+
+    /// The stats file once `ready` holds for it, read every 50 ms for at most `limit`.
+    fn poll(
+        &self,
+        limit: Duration,
+        ready: impl Fn(&BTreeMap<String, u64>) -> bool,
+    ) -> Option<BTreeMap<String, u64>> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
             let now = self.read();
-            if before.is_some() && now.get("written").copied() > before {
-                return now;
+            if ready(&now) {
+                return Some(now);
             }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        BTreeMap::new()
     }
 
     /// The stats file as it is.

@@ -33,8 +33,8 @@
 //! PATH`: rewritten every 100 ms with the counters since the last impairment change, one
 //! `key=value` per line, then `applied=` (impairments read from the control file so far) and
 //! `written=` (how many times the file was written), so that a reader can tell that a change
-//! took effect and that what it reads is fresh. The counters also go to stderr every 10 s; the forwarder exits by
-//! itself after `--exit-after` seconds (default 600).
+//! took effect and that what it reads is fresh. The counters also go to stderr every 10 s; the
+//! forwarder exits by itself after `--exit-after` seconds (default 600).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
