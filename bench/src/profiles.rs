@@ -614,8 +614,8 @@ impl Forwarder {
 
     /// Applies `profile` (and so resets the counters), and waits until the forwarder has read
     /// it: its stats file counts the impairments it applied. A change it did not take (the
-    /// control file unreadable, or its thread held up) fails the cell instead of measuring the
-    /// previous profile.
+    /// control file unreadable, or its thread held up) is an error, which ends the caller's run
+    /// instead of measuring the previous profile.
     fn set(&self, profile: &Profile) -> Result<()> {
         let before = applied(&self.read());
         std::fs::write(&self.control, profile.impair_args())
