@@ -4,11 +4,12 @@
 //! one flow in one buffer). Before quinn sees a batch, every datagram that starts like channel
 //! data ([`ztna_proto::datagram`]) is looked up in the [`ForwardTable`] and sent on from the
 //! buffer it arrived in, then hidden from quinn (length 0, which quinn skips): the single
-//! datagrams of a batch leave together in one `sendmmsg`, and a GRO buffer whose segments go to
-//! one address in one GSO `sendmsg`. So forwarding costs one table lookup per packet, a share of
-//! two system calls per batch, and no task wake, queue, copy or allocation; the control plane's
-//! QUIC packets reach quinn as before. Counters count what the kernel took, and each drop where
-//! it happens.
+//! datagrams of a batch leave together in one `sendmmsg` (one per run of them between GRO
+//! buffers), and a GRO buffer whose segments go to one address in one GSO `sendmsg`, all in the
+//! order they arrived. So forwarding costs one table lookup per packet, a share of two or three
+//! system calls per batch, and no task wake, queue, copy or allocation; the control plane's QUIC
+//! packets reach quinn as before. Counters count what the kernel took, and each drop where it
+//! happens.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -108,6 +109,16 @@ impl Forwarder {
                     Verdict::Drop(why) => self.count_drop(why),
                 }
                 continue;
+            }
+            // The single datagrams before this buffer leave first: a peer's packets keep their
+            // order. Sent after the batch's GRO buffers, a lone datagram (a short packet among
+            // full-size ones) fell up to a batch of buffers behind, thousands of packets; quinn
+            // at the far end discards a packet that far behind as a possible duplicate, or
+            // fails to decode its packet number, and the inner TCP saw a loss (2,400-8,300
+            // retransmits in 10 s of a single stream through the relay, none on a direct path).
+            if !singles.is_empty() {
+                self.send_many(udp, &singles);
+                singles.clear();
             }
             // Runs of segments (GRO) that go to one address leave in one send.
             let mut run: Option<(SocketAddr, usize, usize)> = None;
@@ -217,5 +228,78 @@ impl Forwarder {
                 tracing::trace!(error = %e, "channel data not sent");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ztna_proto::ChannelId;
+
+    use super::*;
+
+    /// Channel data of channel 7 carrying `tag`, padded to `len` bytes.
+    fn pkt(tag: u8, len: usize) -> Vec<u8> {
+        let mut p = datagram::encode(ChannelId::new(7).expect("channel"), &[tag]);
+        p.resize(len, tag);
+        p
+    }
+
+    /// A batch of a single datagram, a GRO buffer of two full-size segments and another single
+    /// datagram, all from the agent: the connector gets them in that order. Before, the singles
+    /// left after every GRO buffer of the batch, `b1 b2 a c`.
+    #[tokio::test]
+    async fn a_batch_leaves_in_the_order_it_arrived() {
+        let relay = UdpIo::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let connector = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        connector
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let agent: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut table = ForwardTable::default();
+        table.bind_session(1, agent);
+        table.bind_session(2, connector.local_addr().unwrap());
+        assert!(table.open(7, 1, 2));
+        let metrics = Arc::new(Metrics::default());
+        let fwd = Forwarder {
+            table: Arc::new(RwLock::new(table)),
+            metrics: metrics.clone(),
+            moved: Arc::default(),
+        };
+
+        const FULL: usize = 1200;
+        let a = pkt(b'a', 300);
+        let gro = [pkt(b'1', FULL), pkt(b'2', FULL)].concat();
+        let c = pkt(b'c', 300);
+        let mut bufs = [a.clone(), gro, c.clone()];
+        let mut meta: Vec<RecvMeta> = bufs
+            .iter()
+            .map(|b| RecvMeta {
+                addr: agent,
+                len: b.len(),
+                stride: if b.len() > FULL { FULL } else { b.len() },
+                ecn: None,
+                dst_ip: None,
+            })
+            .collect();
+        let slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        fwd.filter(&relay, &slices, &mut meta);
+
+        // Hidden from quinn, and forwarded.
+        assert!(meta.iter().all(|m| m.len == 0));
+        assert_eq!(metrics.datagrams_forwarded.load(Ordering::Relaxed), 4);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        for _ in 0..4 {
+            let n = connector.recv(&mut buf).expect("a forwarded datagram");
+            got.push(buf[..n].to_vec());
+        }
+        let order: Vec<char> = got
+            .iter()
+            .map(|p| char::from(p[datagram::HEADER_LEN]))
+            .collect();
+        assert_eq!(order, ['a', '1', '2', 'c']);
+        assert_eq!(got, [a, pkt(b'1', FULL), pkt(b'2', FULL), c]);
     }
 }
