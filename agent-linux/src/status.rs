@@ -408,6 +408,13 @@ pub(crate) fn render(s: &AgentStatus) -> String {
         "\ndropped:      {} outbound with no service route, {} outbound while the tunnel was not up, {} outbound after waiting on a full tunnel, {} outbound from a full fair queue (the busiest flow's oldest), {} tunnel packets with no path (relay away), {} inbound failing the source check, {} inbound (TUN device not reading)",
         s.dropped_no_route, s.dropped_tunnel_down, s.dropped_tunnel_full, s.dropped_queue_full, s.dropped_no_path, s.dropped_inbound, s.dropped_to_platform
     );
+    if s.dropped_relay_send + s.dropped_direct_receive + s.dropped_spoofed > 0 {
+        let _ = writeln!(
+            out,
+            "dropped udp:  {} tunnel packets the socket's send buffer refused (relay channel), {} from a direct path's socket (not read in time), {} with a source claiming a connector's virtual address",
+            s.dropped_relay_send, s.dropped_direct_receive, s.dropped_spoofed
+        );
+    }
     let d = &s.dropped_ipv6;
     if *d != Default::default() {
         let _ = writeln!(
@@ -503,6 +510,9 @@ mod tests {
             dropped_tunnel_full: 0,
             dropped_queue_full: 0,
             dropped_no_path: 0,
+            dropped_relay_send: 0,
+            dropped_direct_receive: 0,
+            dropped_spoofed: 0,
             dropped_inbound: 0,
             dropped_to_platform: 0,
             withdrawing: vec![],

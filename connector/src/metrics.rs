@@ -196,8 +196,8 @@ pub(crate) fn gauge_dec(gauge: &AtomicU64) {
     });
 }
 
-/// The socket's per-path counters: packets through the relay versus on direct paths, and
-/// direct-path probes.
+/// The socket's per-path counters: packets through the relay versus on direct paths, the
+/// socket's drops, and direct-path probes.
 fn path_samples(stats: &MuxStats, out: &mut Vec<Sample>) {
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
     #[rustfmt::skip]
@@ -206,6 +206,10 @@ fn path_samples(stats: &MuxStats, out: &mut Vec<Sample>) {
         Sample::counter("relay_rx_packets", "Tunnel packets received through the relay.", g(&stats.relay_rx_packets)),
         Sample::counter("direct_tx_packets", "Tunnel packets sent on direct paths.", g(&stats.direct_tx_packets)),
         Sample::counter("direct_rx_packets", "Tunnel packets received on direct paths.", g(&stats.direct_rx_packets)),
+        Sample::counter("relay_tx_dropped", "Tunnel packets not sent into a relay channel because the socket's send buffer was full.", g(&stats.relay_tx_dropped)),
+        Sample::counter("direct_rx_dropped", "Tunnel packets from a direct path's own socket dropped because quinn was not reading fast enough.", g(&stats.inbound_dropped)),
+        Sample::counter("unroutable", "Tunnel packets to an agent with neither a relay channel nor a direct path at that moment.", g(&stats.unroutable)),
+        Sample::counter("virtual_source_dropped", "UDP datagrams dropped because their source claimed a tunnel peer's virtual address.", g(&stats.spoofed_dropped)),
         Sample::counter("probes_received", "Direct-path probes received for a known tunnel.", g(&stats.probes_received)),
         Sample::counter("probes_rejected", "Direct-path probes dropped: malformed, unknown tunnel, failed authentication or unexpected.", g(&stats.probes_rejected)),
         Sample::counter("probes_replayed", "Authenticated direct-path probes refused as replays (sequence number seen, or behind the window).", g(&stats.probes_replayed)),
@@ -247,6 +251,7 @@ mod tests {
         gauge_dec(&m.agents_connected); // stays at 0
         let stats = MuxStats::default();
         stats.relay_tx_packets.fetch_add(5, Ordering::Relaxed);
+        stats.relay_tx_dropped.fetch_add(2, Ordering::Relaxed);
         let text = render(&m, &stats);
         assert!(text.contains(
             "# TYPE ztna_connector_packets_from_agents counter\n\
@@ -257,9 +262,10 @@ mod tests {
         ));
         assert!(text.contains("ztna_connector_agents_connected 0\n"));
         assert!(text.contains("ztna_connector_relay_tx_packets_total 5\n"));
+        assert!(text.contains("ztna_connector_relay_tx_dropped_total 2\n"));
         assert!(text.contains("# HELP ztna_connector_relay_connects Connections"));
         // Every sample line is `name value`, every name is prefixed, counters end in _total, and
-        // every field and the 11 path counters are there exactly once.
+        // every field and the 15 socket counters are there exactly once.
         let mut samples = 0;
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.split_once(' ').expect("name value");
@@ -267,7 +273,7 @@ mod tests {
             value.parse::<u64>().expect("numeric value");
             samples += 1;
         }
-        assert_eq!(samples, m.entries().len() + 11);
+        assert_eq!(samples, m.entries().len() + 15);
         for (name, _, kind, _) in m.entries() {
             let full = match kind {
                 Kind::Counter => format!("ztna_connector_{name}_total "),

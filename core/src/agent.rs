@@ -402,6 +402,16 @@ pub struct AgentStatus {
     /// path at that moment (the relay session was down).
     #[serde(default)]
     pub dropped_no_path: u64,
+    /// Tunnel packets the UDP socket's send buffer refused on the way into a relay channel.
+    #[serde(default)]
+    pub dropped_relay_send: u64,
+    /// Tunnel packets from a direct path's own socket dropped because quinn was not reading
+    /// fast enough.
+    #[serde(default)]
+    pub dropped_direct_receive: u64,
+    /// UDP datagrams dropped because their source claimed a connector's virtual address.
+    #[serde(default)]
+    pub dropped_spoofed: u64,
     /// Packets from a connector dropped by the inbound check: a source that is not one of that
     /// connector's services (or a port or protocol it does not serve), or a destination that is
     /// not the tunnel IP.
@@ -1300,6 +1310,7 @@ impl Agent {
         let links = read(&sh.links);
         let control = lock(&sh.control);
         let info = lock(&sh.info);
+        let mux = self.node.mux().stats();
         let mut connectors: Vec<ConnectorStatus> = links
             .values()
             .map(|l| {
@@ -1413,7 +1424,10 @@ impl Agent {
             dropped_tunnel_down: sh.send_drops.tunnel_down.load(Ordering::Relaxed),
             dropped_tunnel_full: sh.send_drops.tunnel_full.load(Ordering::Relaxed),
             dropped_queue_full: sh.send_drops.queue_full.load(Ordering::Relaxed),
-            dropped_no_path: self.node.mux().stats().unroutable.load(Ordering::Relaxed),
+            dropped_no_path: mux.unroutable.load(Ordering::Relaxed),
+            dropped_relay_send: mux.relay_tx_dropped.load(Ordering::Relaxed),
+            dropped_direct_receive: mux.inbound_dropped.load(Ordering::Relaxed),
+            dropped_spoofed: mux.spoofed_dropped.load(Ordering::Relaxed),
             dropped_inbound: sh.dropped_inbound.load(Ordering::Relaxed),
             dropped_to_platform: sh.dropped_to_platform.load(Ordering::Relaxed),
             withdrawing: info.withdrawing.clone(),
