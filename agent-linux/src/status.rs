@@ -408,7 +408,14 @@ pub(crate) fn render(s: &AgentStatus) -> String {
         "\ndropped:      {} outbound with no service route, {} outbound while the tunnel was not up, {} outbound after waiting on a full tunnel, {} outbound from a full fair queue (the busiest flow's oldest), {} tunnel packets with no path (relay away), {} inbound failing the source check, {} inbound (TUN device not reading)",
         s.dropped_no_route, s.dropped_tunnel_down, s.dropped_tunnel_full, s.dropped_queue_full, s.dropped_no_path, s.dropped_inbound, s.dropped_to_platform
     );
-    if s.dropped_relay_send + s.dropped_direct_receive + s.dropped_spoofed > 0 {
+    if [
+        s.dropped_relay_send,
+        s.dropped_direct_receive,
+        s.dropped_spoofed,
+    ]
+    .iter()
+    .any(|&n| n > 0)
+    {
         let _ = writeln!(
             out,
             "dropped udp:  {} tunnel packets the socket's send buffer refused (relay channel), {} from a direct path's socket (not read in time), {} with a source claiming a connector's virtual address",
