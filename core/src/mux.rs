@@ -209,6 +209,9 @@ pub struct MuxSocket {
     inbound_tx: mpsc::Sender<(SocketAddr, Bytes)>,
     inbound_rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
     channel_first: AtomicBool,
+    /// GRO batches received and not yet handed to quinn (`None` where the socket has no GRO:
+    /// quinn's buffers are then received into directly).
+    gro: Option<Mutex<GroRx>>,
     stats: MuxStats,
 }
 
@@ -225,7 +228,7 @@ impl MuxSocket {
     pub fn bind(addr: SocketAddr) -> io::Result<Arc<Self>> {
         let std_sock = crate::daemon::bind_udp(addr, SOCKET_BUFFER)?;
         let udp = UdpIo::new(std_sock)?;
-        disable_gro(&udp.io)?;
+        let gro = (udp.state.gro_segments() > 1).then(|| Mutex::new(GroRx::default()));
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         Ok(Arc::new(Self {
             udp,
@@ -237,6 +240,7 @@ impl MuxSocket {
             inbound_tx,
             inbound_rx: Mutex::new(inbound_rx),
             channel_first: AtomicBool::new(false),
+            gro,
             stats: MuxStats::default(),
         }))
     }
@@ -643,9 +647,105 @@ impl MuxSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let n = ready!(self.udp.poll_recv(cx, bufs, meta))?;
+        let n = match &self.gro {
+            None => ready!(self.udp.poll_recv(cx, bufs, meta))?,
+            Some(_) if bufs.is_empty() || meta.is_empty() => 0,
+            Some(gro) => {
+                let mut rx = gro.lock().unwrap_or_else(|p| p.into_inner());
+                // Ends: each turn hands over a datagram or uses up a batch.
+                loop {
+                    if rx.is_empty() {
+                        ready!(rx.receive(cx, &self.udp))?;
+                    }
+                    let n = rx.split_into(bufs, meta);
+                    if n > 0 {
+                        break n;
+                    }
+                }
+            }
+        };
         self.classify_udp(&mut bufs[..n], &mut meta[..n]);
         Poll::Ready(Ok(n))
+    }
+}
+
+/// Batches received at once on the socket with GRO: the kernel hands over up to this many
+/// coalesced batches per `recvmmsg`.
+const GRO_BATCHES: usize = 16;
+/// Room for one coalesced batch (GRO coalesces at most 64 KiB of UDP payload).
+const GRO_BATCH_BYTES: usize = 64 * 1024;
+
+/// The socket's GRO batches, split into single datagrams before quinn sees them.
+///
+/// With GRO the kernel passes a batch of segments from one sender (up to 64 KiB, sent with GSO)
+/// through the stack as one buffer and hands it over in one message: on a veth or loopback
+/// path, the segments are never split into packets of their own on the way in, nor received
+/// one by one. quinn copies each received buffer into one allocation, which every packet
+/// decrypted from it keeps alive while it waits in quinn's queues (which have no bound): a UDP
+/// flood through a direct path took the connector's RSS to 125-160 MiB when quinn saw the
+/// batches (2026-11). So the batches land here, in buffers of a fixed size, and quinn is given
+/// one datagram per buffer, as without GRO (one copy per datagram; quinn's own copy is then the
+/// datagram's size).
+#[derive(Default)]
+struct GroRx {
+    /// `GRO_BATCHES` buffers of `GRO_BATCH_BYTES`, allocated at the first receive.
+    buf: Vec<u8>,
+    meta: [RecvMeta; GRO_BATCHES],
+    /// Batches in `buf` from the last receive.
+    filled: usize,
+    /// The batch being split, and the offset of its next segment.
+    next: usize,
+    offset: usize,
+}
+
+impl GroRx {
+    fn is_empty(&self) -> bool {
+        self.next >= self.filled
+    }
+
+    /// Receives the next batches (call when empty).
+    fn receive(&mut self, cx: &mut Context<'_>, udp: &UdpIo) -> Poll<io::Result<()>> {
+        if self.buf.is_empty() {
+            self.buf = vec![0; GRO_BATCHES * GRO_BATCH_BYTES];
+        }
+        let mut iovs: [IoSliceMut<'_>; GRO_BATCHES] = {
+            let mut chunks = self.buf.chunks_mut(GRO_BATCH_BYTES).map(IoSliceMut::new);
+            std::array::from_fn(|_| chunks.next().expect("GRO_BATCHES chunks"))
+        };
+        let n = ready!(udp.poll_recv(cx, &mut iovs, &mut self.meta))?;
+        self.filled = n;
+        self.next = 0;
+        self.offset = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Copies the next segments into `bufs`, one each, and returns how many. A segment larger
+    /// than its buffer (impossible with quinn's buffers of 64 KiB) is skipped.
+    fn split_into(&mut self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) && !self.is_empty() {
+            let m = self.meta[self.next];
+            let len = m.len.min(GRO_BATCH_BYTES);
+            let stride = if m.stride == 0 { len } else { m.stride };
+            let start = self.next * GRO_BATCH_BYTES + self.offset;
+            let seg = stride.min(len - self.offset);
+            self.offset += seg;
+            if self.offset >= len {
+                self.next += 1;
+                self.offset = 0;
+            }
+            if seg == 0 || seg > bufs[n].len() {
+                continue;
+            }
+            bufs[n][..seg].copy_from_slice(&self.buf[start..start + seg]);
+            meta[n] = RecvMeta {
+                len: seg,
+                stride: seg,
+                ..m
+            };
+            n += 1;
+        }
+        n
     }
 }
 
@@ -659,7 +759,7 @@ impl MuxSocket {
         for (buf, m) in bufs.iter_mut().zip(meta.iter_mut()) {
             let len = m.len.min(buf.len());
             if datagram::is_channel_data(&buf[..len]) {
-                // GRO is off: one datagram per buffer.
+                // One datagram per buffer (`GroRx` split the batches).
                 let vaddr = datagram::decode(&buf[..len])
                     .ok()
                     .and_then(|(ch, _)| routes.by_channel.get(&(m.addr, ch)))
@@ -687,7 +787,8 @@ impl MuxSocket {
             let data = &buf[..len];
             let stride = m.stride.max(1);
             if probe::is_probe(data) {
-                // GRO only coalesces datagrams of one flow and one size: all are probes.
+                // One datagram per buffer where the socket has GRO; elsewhere `stride` is the
+                // length.
                 for seg in data.chunks(stride) {
                     self.dispatch_probe(m.addr, seg);
                 }
@@ -783,21 +884,6 @@ pub fn send_now(sock: &tokio::net::UdpSocket, pkt: &[u8], to: SocketAddr) -> io:
     socket2::SockRef::from(sock).send_to(pkt, &to.into())
 }
 
-/// Turns UDP GRO off on the socket (quinn-udp turns it on).
-///
-/// quinn copies each received GRO batch (up to 64 packets, about 90 KiB) into one buffer, and
-/// every packet decrypted from it keeps the whole buffer alive while it waits in quinn's
-/// endpoint-to-connection queue, which has no bound. A direct path (and a relay channel, now that
-/// channel data is plain UDP) delivers packets at line rate: an iperf3 UDP flood
-/// (`-b 0`) through a direct path raised the connector's peak RSS to 125-160 MiB with GRO, and
-/// left it at 8 MiB without (e2e measurement, same machine), for about 10% less flood
-/// throughput and the same TCP throughput (2.4 Gbit/s).
-#[cfg(target_os = "linux")]
-fn disable_gro(sock: &impl std::os::fd::AsFd) -> io::Result<()> {
-    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::UdpGroSegment, &false)
-        .map_err(io::Error::from)
-}
-
 /// One datagram to `to` with its own TTL / hop limit (IP_TTL or IPV6_HOPLIMIT in a control
 /// message of `sendmsg`).
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -838,11 +924,6 @@ fn send_with_ttl(
     _ttl: u8,
 ) -> io::Result<()> {
     sock.try_send_to(pkt, to).map(|_| ())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn disable_gro<S>(_sock: &S) -> io::Result<()> {
-    Ok(())
 }
 
 impl AsyncUdpSocket for MuxSocket {
@@ -911,7 +992,7 @@ impl AsyncUdpSocket for MuxSocket {
     }
 
     fn max_receive_segments(&self) -> usize {
-        // GRO is off (see `disable_gro`).
+        // quinn gets one datagram per buffer (see `GroRx`).
         1
     }
 
@@ -1333,5 +1414,114 @@ mod tests {
         if let Ok(s6) = s6 {
             assert!(MuxSocket::is_virtual(&s6.allocate_virtual()));
         }
+    }
+
+    /// Split batches reach quinn one datagram per buffer, in order, with each batch's address;
+    /// a call takes no more than quinn's buffers hold and the next call goes on where it left.
+    #[test]
+    fn gro_batches_are_split_one_datagram_per_buffer() {
+        let a: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:2".parse().unwrap();
+        let mut rx = GroRx {
+            buf: vec![0; GRO_BATCHES * GRO_BATCH_BYTES],
+            ..GroRx::default()
+        };
+        // Batch 0: segments of 4 bytes, the last one of 2; batch 1: one datagram of 5.
+        rx.buf[..10].copy_from_slice(b"aaaabbbbcc");
+        rx.buf[GRO_BATCH_BYTES..GRO_BATCH_BYTES + 5].copy_from_slice(b"ddddd");
+        let meta = |addr, len, stride| RecvMeta {
+            addr,
+            len,
+            stride,
+            ecn: None,
+            dst_ip: None,
+        };
+        rx.meta[0] = meta(a, 10, 4);
+        rx.meta[1] = meta(b, 5, 5);
+        rx.filled = 2;
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let mut store = [[0u8; 8]; 2];
+            let [s0, s1] = &mut store;
+            let mut bufs = [IoSliceMut::new(s0), IoSliceMut::new(s1)];
+            let mut metas = [RecvMeta::default(); 2];
+            let n = rx.split_into(&mut bufs, &mut metas);
+            for (m, buf) in metas.iter().zip(&bufs).take(n) {
+                assert_eq!(m.stride, m.len);
+                got.push((m.addr, buf[..m.len].to_vec()));
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                (a, b"aaaa".to_vec()),
+                (a, b"bbbb".to_vec()),
+                (a, b"cc".to_vec()),
+                (b, b"ddddd".to_vec()),
+            ]
+        );
+        assert!(rx.is_empty());
+    }
+
+    /// A batch sent with GSO arrives coalesced (GRO) and reaches quinn as its datagrams, in
+    /// order, each in a buffer of its own.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_gso_batch_reaches_quinn_as_single_datagrams() {
+        let s = MuxSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(s.gro.is_some(), "this kernel has UDP GRO");
+        let to = s.local_addr().unwrap();
+        let tx = UdpIo::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        tx.io.writable().await.unwrap();
+        // Bytes with QUIC's fixed bit, as quinn's packets have (no probe or channel data).
+        let segments: Vec<Vec<u8>> = (0..10u8).map(|i| vec![0x40 + i; 1200]).collect();
+        let mut contents = segments.concat();
+        contents.extend_from_slice(&[0x4a; 700]); // a shorter last segment
+        tx.send_now(&Transmit {
+            destination: to,
+            ecn: None,
+            contents: &contents,
+            segment_size: Some(1200),
+            src_ip: None,
+        })
+        .unwrap();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut largest_batch = 0;
+        while got.len() < 11 && tokio::time::Instant::now() < deadline {
+            let mut store = vec![[0u8; 2048]; 4];
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                store.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let mut meta = [RecvMeta::default(); 4];
+            let n = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                std::future::poll_fn(|cx| s.poll_recv(cx, &mut bufs, &mut meta)),
+            )
+            .await
+            .expect("a datagram in time")
+            .unwrap();
+            assert!(n <= 4);
+            {
+                let rx = s.gro.as_ref().unwrap().lock().unwrap();
+                largest_batch = largest_batch.max(
+                    rx.meta[..rx.filled]
+                        .iter()
+                        .map(|m| m.len)
+                        .max()
+                        .unwrap_or(0),
+                );
+            }
+            for (m, buf) in meta.iter().zip(&bufs).take(n) {
+                assert_eq!(m.stride, m.len);
+                got.push(buf[..m.len].to_vec());
+            }
+        }
+        let mut want = segments;
+        want.push(vec![0x4a; 700]);
+        assert_eq!(got, want);
+        assert!(
+            largest_batch > 1200,
+            "the kernel coalesced the batch (largest received: {largest_batch} bytes)"
+        );
     }
 }
