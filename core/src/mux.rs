@@ -778,13 +778,13 @@ impl MuxSocket {
     /// Sorts received UDP datagrams before quinn sees them (quinn skips zero-length ones):
     /// probes go to their drivers; packets from a peer's confirmed direct address are relabelled
     /// with its virtual address; a datagram claiming a virtual source address is spoofed
-    /// (those are reachable only through relay channels).
+    /// (those are reachable only through relay channels). One datagram per buffer: quinn-udp
+    /// receives one per buffer without GRO, and [`GroRx`] splits the batches with it.
     fn classify_udp(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
         for (buf, m) in bufs.iter_mut().zip(meta.iter_mut()) {
             let len = m.len.min(buf.len());
             if datagram::is_channel_data(&buf[..len]) {
-                // One datagram per buffer (`GroRx` split the batches).
                 let vaddr = datagram::decode(&buf[..len])
                     .ok()
                     .and_then(|(ch, _)| routes.by_channel.get(&(m.addr, ch)))
@@ -810,27 +810,19 @@ impl MuxSocket {
                 continue;
             }
             let data = &buf[..len];
-            let stride = m.stride.max(1);
             if probe::is_probe(data) {
-                // One datagram per buffer where the socket has GRO; elsewhere `stride` is the
-                // length.
-                for seg in data.chunks(stride) {
-                    self.dispatch_probe(m.addr, seg);
-                }
+                self.dispatch_probe(m.addr, data);
                 m.len = 0;
             } else if observe::is_observe(data) {
                 self.dispatch_observed(m.addr, data);
                 m.len = 0;
             } else if let Some(vaddr) = routes.direct_in.get(&m.addr) {
-                let segments = data.len().div_ceil(stride) as u64;
-                self.stats
-                    .direct_rx_packets
-                    .fetch_add(segments, Ordering::Relaxed);
+                self.stats.direct_rx_packets.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .direct_rx_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
                 if let Some(r) = routes.by_addr.get(vaddr) {
-                    r.counters.direct_rx.fetch_add(segments, Ordering::Relaxed);
+                    r.counters.direct_rx.fetch_add(1, Ordering::Relaxed);
                 }
                 m.addr = *vaddr;
             } else if Self::is_virtual(&m.addr) {
@@ -1488,6 +1480,23 @@ mod tests {
         assert!(rx.is_empty());
     }
 
+    /// Sends each of `batches` to `to` in one GSO send of `segment`-byte segments.
+    #[cfg(target_os = "linux")]
+    async fn send_gso(to: SocketAddr, batches: &[&[u8]], segment: usize) {
+        let tx = UdpIo::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        tx.io.writable().await.unwrap();
+        for contents in batches {
+            tx.send_now(&Transmit {
+                destination: to,
+                ecn: None,
+                contents,
+                segment_size: Some(segment),
+                src_ip: None,
+            })
+            .unwrap();
+        }
+    }
+
     /// A batch sent with GSO arrives coalesced (GRO) and reaches quinn as its datagrams, in
     /// order, each in a buffer of its own.
     #[cfg(target_os = "linux")]
@@ -1496,20 +1505,11 @@ mod tests {
         let s = MuxSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         assert!(s.gro.is_some(), "this kernel has UDP GRO");
         let to = s.local_addr().unwrap();
-        let tx = UdpIo::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
-        tx.io.writable().await.unwrap();
         // Bytes with QUIC's fixed bit, as quinn's packets have (no probe or channel data).
         let segments: Vec<Vec<u8>> = (0..10u8).map(|i| vec![0x40 + i; 1200]).collect();
         let mut contents = segments.concat();
         contents.extend_from_slice(&[0x4a; 700]); // a shorter last segment
-        tx.send_now(&Transmit {
-            destination: to,
-            ecn: None,
-            contents: &contents,
-            segment_size: Some(1200),
-            src_ip: None,
-        })
-        .unwrap();
+        send_gso(to, &[&contents], 1200).await;
         let mut got: Vec<Vec<u8>> = Vec::new();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
         let mut largest_batch = 0;
@@ -1558,19 +1558,8 @@ mod tests {
     async fn a_flood_of_batches_is_handed_over_within_the_task_budget() {
         let s = MuxSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let to = s.local_addr().unwrap();
-        let tx = UdpIo::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
-        tx.io.writable().await.unwrap();
         let contents = vec![0x40u8; 64 * 100];
-        for _ in 0..4 {
-            tx.send_now(&Transmit {
-                destination: to,
-                ecn: None,
-                contents: &contents,
-                segment_size: Some(100),
-                src_ip: None,
-            })
-            .unwrap();
-        }
+        send_gso(to, &[contents.as_slice(); 4], 100).await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let mut store = vec![[0u8; 2048]; 32];
         let mut bufs: Vec<IoSliceMut<'_>> = store.iter_mut().map(|b| IoSliceMut::new(b)).collect();
