@@ -7,7 +7,7 @@
 //! Parsing uses etherparse's checked slices, so no input can make it panic (property-tested
 //! below). Checksums of incoming IPv4 headers, UDP datagrams and ICMP / ICMPv6 messages are
 //! verified; agents' kernels always fill them in, so a bad one means corruption or a forged
-//! packet.
+//! packet. (TCP segments' are not: the TCP stack takes them, `tcp::device_capabilities`.)
 //!
 //! IPv6: the version nibble decides. An IPv6 packet must come from the agent's IPv6 tunnel
 //! address ([`ztna_proto::service::tunnel_ipv6`] of its IPv4 one) and carry UDP, TCP or ICMPv6
@@ -103,7 +103,8 @@ pub(crate) enum AgentPacket<'a> {
     Udp(UdpDatagram<'a>),
     /// An ICMP (or ICMPv6) echo request to a service with ICMP enabled.
     Echo(EchoRequest<'a>),
-    /// A TCP segment to a served port, for the TCP stack (which checks its checksum).
+    /// A TCP segment to a served port, for the TCP stack (its checksum is not checked: see
+    /// `tcp::device_capabilities`).
     Tcp {
         /// Service address and destination port.
         dst: SocketAddr,
