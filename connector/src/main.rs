@@ -287,9 +287,8 @@ const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
 ///   its own, about 1.4 KiB, which glibc serves from its large bins after merging every freed
 ///   small chunk waiting in the fastbins (`malloc_consolidate`): 2.4-3.2 % of the connector's
 ///   time in a single-stream upload, gone without them (glibc's allocator took 5.2 % of it
-///   then, against 7.3-8.1 %)
-///   (`bench/README.md`, "The connector's per-segment costs"). Small chunks still come from the
-///   per-thread cache.
+///   then, against 7.3-8.1 %; `bench/README.md`, "The connector's per-segment costs"). Small
+///   chunks still come from the per-thread cache.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_malloc() {
     // SAFETY: mallopt only changes allocator tuning, and nothing else runs yet.

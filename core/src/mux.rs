@@ -657,16 +657,7 @@ impl MuxSocket {
                     if rx.is_empty() {
                         ready!(rx.receive(cx, &self.udp))?;
                     }
-                    let n = rx.split_into(bufs, meta, || {
-                        match tokio::task::coop::poll_proceed(cx) {
-                            Poll::Ready(unit) => {
-                                unit.made_progress();
-                                true
-                            }
-                            // The task is woken when it has yielded.
-                            Poll::Pending => false,
-                        }
-                    });
+                    let n = rx.split_into(bufs, meta, || take_budget_unit(cx));
                     if n > 0 {
                         break n;
                     }
@@ -678,6 +669,18 @@ impl MuxSocket {
         };
         self.classify_udp(&mut bufs[..n], &mut meta[..n]);
         Poll::Ready(Ok(n))
+    }
+}
+
+/// Takes a unit of the reading task's cooperative budget, or says it is used up (the task is
+/// then woken once it has yielded); see [`GroRx::split_into`].
+fn take_budget_unit(cx: &mut Context<'_>) -> bool {
+    match tokio::task::coop::poll_proceed(cx) {
+        Poll::Ready(unit) => {
+            unit.made_progress();
+            true
+        }
+        Poll::Pending => false,
     }
 }
 
